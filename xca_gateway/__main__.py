@@ -1,0 +1,3 @@
+from xca_gateway.cli import main
+
+raise SystemExit(main())
