@@ -1,0 +1,33 @@
+"""The plain-HTTP admin application: liveness, readiness and Prometheus metrics.
+
+It is bound to loopback only (enforced by the configuration loader): it carries no PHI, but it
+has no authentication either.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from xca_gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from xca_gateway.server import Request, Response
+
+
+class AdminApp:
+    def __init__(self, metrics: GatewayMetrics, readiness: Callable[[], dict[str, bool]]) -> None:
+        self.metrics = metrics
+        self.readiness = readiness
+
+    async def __call__(self, request: Request) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            return Response(405, [("allow", "GET, HEAD"), ("content-type", "text/plain")], b"")
+        if request.path == "/healthz":
+            return Response(200, [("content-type", "text/plain")], b"ok\n")
+        if request.path == "/readyz":
+            checks = self.readiness()
+            ready = all(checks.values())
+            body = json.dumps({"ready": ready, "checks": checks}).encode() + b"\n"
+            return Response(200 if ready else 503, [("content-type", "application/json")], body)
+        if request.path == "/metrics":
+            return Response(200, [("content-type", CONTENT_TYPE)], self.metrics.render())
+        return Response(404, [("content-type", "text/plain")], b"not found\n")

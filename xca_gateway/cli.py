@@ -1,0 +1,166 @@
+"""Command line: ``xca-gateway serve | certs init | demo``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from xca_gateway import __version__
+
+LISTEN_FDS_ENV = "XCA_GATEWAY_LISTEN_FDS"
+
+log = logging.getLogger("xca_gateway")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _inherited_sockets() -> dict[str, socket.socket]:
+    """Listening sockets passed by a launcher, e.g. ``https=3,admin=4`` (socket activation)."""
+    spec = os.environ.pop(LISTEN_FDS_ENV, "")
+    sockets: dict[str, socket.socket] = {}
+    for item in filter(None, spec.split(",")):
+        name, _, fd = item.partition("=")
+        sockets[name.strip()] = socket.socket(fileno=int(fd))
+    return sockets
+
+
+async def _serve(config_path: Path) -> int:
+    from xca_gateway.config import load_config
+    from xca_gateway.gateway import Gateway, ListenSockets
+
+    config = load_config(config_path)
+    gateway = Gateway(config)
+    inherited = _inherited_sockets()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await gateway.start(ListenSockets(https=inherited.get("https"), admin=inherited.get("admin")))
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping gateway %s", config.community.name)
+        await gateway.stop()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from xca_gateway.config import ConfigError
+
+    try:
+        return asyncio.run(_serve(Path(args.config)))
+    except ConfigError as exc:
+        print(f"xca-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"xca-gateway: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_certs_init(args: argparse.Namespace) -> int:
+    from xca_gateway.pki import init_dev_pki
+
+    names = [n.strip() for n in args.communities.split(",") if n.strip()]
+    try:
+        pki = init_dev_pki(Path(args.dir), names, force=args.force)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"xca-gateway: {exc}", file=sys.stderr)
+        return 2
+    print(f"development PKI in {pki.dir}")
+    print(f"  CA (trust anchor): {pki.ca}")
+    for name, pair in pki.communities.items():
+        print(f"  {name}: {pair.cert} (server and client), key {pair.key}")
+    print(f"  consumer client: {pki.client.cert}")
+    print(f"  untrusted client: {pki.untrusted_client.cert} (issued by another CA)")
+    print(f"  expired client: {pki.expired_client.cert}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from xca_gateway.demo import run_demo
+
+    return run_demo(
+        Path(args.workdir),
+        communities=args.communities,
+        base_port=args.base_port,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xca-gateway",
+        description="IHE XCA / XCA-I federation gateway (ITI-38/39, RAD-75 responding; "
+        "ITI-18/43, RAD-69 initiating) with mutual TLS.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--log-level", default="info", help="debug, info, warning or error (default: info)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run one community's gateway",
+        description="Run one community's gateway from a TOML configuration file "
+        "(see conf/gateway.toml for every option). Stops cleanly on SIGINT/SIGTERM.",
+    )
+    serve.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
+    serve.set_defaults(func=cmd_serve)
+
+    certs = sub.add_parser("certs", help="development PKI", description="Development PKI.")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
+    init = certs_sub.add_parser(
+        "init",
+        help="create a development CA and certificates",
+        description="Create a development CA, one server+client certificate per community, a "
+        "consumer client certificate, and an expired and an untrusted client certificate for "
+        "negative tests. Never use these on a live network.",
+    )
+    init.add_argument("--dir", required=True, help="output directory")
+    init.add_argument(
+        "--communities", required=True, help="comma-separated community names, e.g. north,south"
+    )
+    init.add_argument("--force", action="store_true", help="regenerate everything, new CA included")
+    init.set_defaults(func=cmd_certs_init)
+
+    demo = sub.add_parser(
+        "demo",
+        help="start N peered communities on loopback",
+        description="Start N communities on 127.0.0.1, each with its own gateway, development "
+        "certificates and sample imaging studies, peered with each other. Writes "
+        "WORKDIR/endpoints.json once every endpoint accepts connections, then runs until "
+        "SIGINT/SIGTERM and stops every process it started.",
+    )
+    demo.add_argument("--workdir", required=True, help="directory for certificates, data, configs")
+    demo.add_argument(
+        "--communities", type=int, default=3, help="number of communities (default 3)"
+    )
+    demo.add_argument(
+        "--base-port",
+        type=int,
+        default=0,
+        help="first port to use (community i uses base+10*i and base+10*i+1); "
+        "0 (default) lets the OS choose free ports",
+    )
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    result: int = args.func(args)
+    return result

@@ -1,0 +1,185 @@
+"""Outbound SOAP calls to peer communities: one shared httpx client per gateway.
+
+The shared ``httpx.AsyncClient`` carries the gateway's certificate (mutual TLS, ITI-19), pools
+connections per peer, and every call runs under a deadline that bounds the whole exchange
+(connect, send, wait, read), not just each socket operation. Peers are untrusted: their replies
+go through the same safe XML parser and MTOM limits as inbound requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import httpx
+from lxml import etree
+
+from xca_gateway import mtom
+from xca_gateway.config import OutboundConfig
+from xca_gateway.metrics import GatewayMetrics
+from xca_gateway.soap import Fault, build_envelope, read_fault, serialize
+from xca_gateway.xmlsafe import XmlLimits, XmlRejected, parse_xml
+
+
+class PeerError(Exception):
+    """A call to a peer failed; ``kind`` is timeout | connect | tls | http | fault | malformed."""
+
+    def __init__(self, kind: str, message: str, fault: Fault | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.fault = fault
+
+
+@dataclass
+class SoapReply:
+    status_code: int
+    envelope: etree._Element
+    payload: etree._Element
+    attachments: dict[str, mtom.Attachment] = field(default_factory=dict)
+
+    def close(self) -> None:
+        for attachment in self.attachments.values():
+            attachment.file.close()
+
+
+class PeerClient:
+    def __init__(
+        self,
+        ssl_context: ssl.SSLContext,
+        outbound: OutboundConfig,
+        metrics: GatewayMetrics | None = None,
+        *,
+        xml_limits: XmlLimits | None = None,
+        max_response_bytes: int = 4 * 1024 * 1024 * 1024,
+    ) -> None:
+        self.outbound = outbound
+        self.metrics = metrics
+        self.xml_limits = xml_limits or XmlLimits()
+        self.max_response_bytes = max_response_bytes
+        self.http = httpx.AsyncClient(
+            verify=ssl_context,
+            timeout=httpx.Timeout(outbound.request_timeout, connect=outbound.connect_timeout),
+            limits=httpx.Limits(
+                max_connections=outbound.max_connections,
+                max_keepalive_connections=outbound.max_keepalive_connections,
+            ),
+            follow_redirects=False,
+            trust_env=False,
+        )
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def call(
+        self,
+        url: str,
+        payload: etree._Element,
+        action: str,
+        *,
+        peer: str = "",
+        transaction: str = "",
+        deadline: float | None = None,
+        parts: Sequence[mtom.OutgoingPart] = (),
+        use_mtom: bool = False,
+    ) -> SoapReply:
+        """POST ``payload`` to ``url`` and return the parsed reply or raise :class:`PeerError`."""
+        envelope = build_envelope(payload, action=action, to=url, reply_to_anonymous=True)
+        xml = serialize(envelope)
+        headers: dict[str, str]
+        content: bytes | mtom.AsyncIterator[bytes]
+        if use_mtom or parts:
+            writer = mtom.MtomWriter(xml, action=action)
+            for part in parts:
+                writer.add_part(part)
+            headers = {"content-type": writer.content_type}
+            content = writer.aiter_bytes()
+        else:
+            headers = {"content-type": f'application/soap+xml; charset=UTF-8; action="{action}"'}
+            content = xml
+        started = time.monotonic()
+        outcome = "error"
+        try:
+            async with asyncio.timeout(deadline or self.outbound.request_timeout):
+                reply = await self._exchange(url, headers, content)
+            outcome = "success"
+            return reply
+        except TimeoutError:
+            outcome = "timeout"
+            raise PeerError("timeout", f"{peer or url} did not answer in time") from None
+        except PeerError as exc:
+            outcome = exc.kind
+            raise
+        finally:
+            if self.metrics is not None and peer:
+                self.metrics.peer_requests.labels(peer, transaction, outcome).inc()
+                self.metrics.peer_latency.labels(peer, transaction).observe(
+                    time.monotonic() - started
+                )
+
+    async def _exchange(
+        self, url: str, headers: dict[str, str], content: bytes | mtom.AsyncIterator[bytes]
+    ) -> SoapReply:
+        try:
+            async with self.http.stream("POST", url, headers=headers, content=content) as response:
+                return await self._read_reply(response)
+        except httpx.ConnectError as exc:
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, ssl.SSLError):
+                raise PeerError("tls", f"TLS with {url} failed: {cause}") from None
+            raise PeerError("connect", f"cannot connect to {url}: {exc}") from None
+        except httpx.TimeoutException:
+            raise TimeoutError from None
+        except (httpx.TransportError, ssl.SSLError) as exc:
+            raise PeerError("connect", f"transport error with {url}: {exc!r}") from None
+
+    async def _read_reply(self, response: httpx.Response) -> SoapReply:
+        content_type = response.headers.get("content-type", "")
+        attachments: dict[str, mtom.Attachment] = {}
+        if mtom.is_mtom(content_type):
+            try:
+                reader = mtom.MtomRequestReader(
+                    content_type,
+                    max_root_bytes=self.xml_limits.max_bytes,
+                    max_part_bytes=self.max_response_bytes,
+                    max_total_bytes=self.max_response_bytes,
+                    max_parts=100_000,
+                )
+                async for chunk in response.aiter_raw():
+                    reader.feed(chunk)
+                message = reader.close()
+            except mtom.MtomError as exc:
+                raise PeerError("malformed", f"invalid MTOM reply: {exc.reason}") from None
+            root_bytes = message.root
+            attachments = dict(message.attachments)
+        else:
+            data = bytearray()
+            async for chunk in response.aiter_raw():
+                data += chunk
+                if len(data) > self.xml_limits.max_bytes:
+                    raise PeerError("malformed", "reply larger than the XML limit")
+            root_bytes = bytes(data)
+        try:
+            root = parse_xml(root_bytes, self.xml_limits)
+        except XmlRejected as exc:
+            for a in attachments.values():
+                a.file.close()
+            raise PeerError(
+                "malformed" if response.status_code < 400 else "http",
+                f"HTTP {response.status_code}, unreadable reply: {exc.reason}",
+            ) from None
+        fault = read_fault(root)
+        if fault is not None:
+            for a in attachments.values():
+                a.file.close()
+            raise PeerError("fault", f"SOAP fault {fault.code}: {fault.reason}", fault)
+        body = root.find("{http://www.w3.org/2003/05/soap-envelope}Body")
+        payload = next((c for c in body if isinstance(c.tag, str)), None) if body is not None else None
+        if payload is None or response.status_code >= 400:
+            for a in attachments.values():
+                a.file.close()
+            raise PeerError("http", f"HTTP {response.status_code} without a SOAP payload")
+        return SoapReply(response.status_code, root, payload, attachments)

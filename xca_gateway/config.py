@@ -1,0 +1,242 @@
+"""Gateway configuration: one TOML file per community (see ``conf/gateway.toml``).
+
+Relative paths in the file are resolved against the file's own directory, so a configuration
+directory can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# BCP195 (RFC 7525) TLS 1.2 suites, as required at IHE Connectathons (ITI-19); TLS 1.3 suites
+# are OpenSSL's defaults, all of which are AEAD.
+BCP195_CIPHERS = (
+    "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384"
+)
+
+_OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def validate_oid(value: str, what: str) -> str:
+    if not _OID.match(value):
+        raise ConfigError(f"{what}: {value!r} is not an OID")
+    return value
+
+
+def validate_home_community_id(value: str, what: str = "home_community_id") -> str:
+    if not value.startswith("urn:oid:"):
+        raise ConfigError(f"{what}: {value!r} must be of the form urn:oid:<OID>")
+    validate_oid(value[len("urn:oid:") :], what)
+    return value
+
+
+@dataclass(frozen=True)
+class CommunityConfig:
+    name: str
+    home_community_id: str
+    patient_id_assigning_authority: str
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    certificate: Path
+    private_key: Path
+    trust_store: Path
+    minimum_version: str = "1.2"
+    ciphers: str = BCP195_CIPHERS
+    handshake_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8443
+    # Base URL that peers use to reach us (what goes into endpoints and audit records).
+    public_base_url: str | None = None
+    max_connections: int = 1000
+    header_timeout: float = 15.0
+    body_timeout: float = 60.0
+    keepalive_timeout: float = 75.0
+    handler_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_request_bytes: int = 1024 * 1024 * 1024
+    max_xml_bytes: int = 16 * 1024 * 1024
+    max_xml_depth: int = 100
+    max_attribute_bytes: int = 64 * 1024
+    max_mime_parts: int = 1000
+    max_header_bytes: int = 64 * 1024
+    spool_threshold: int = 1024 * 1024
+    spool_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    host: str = "127.0.0.1"
+    port: int = 9090
+
+
+@dataclass(frozen=True)
+class OutboundConfig:
+    connect_timeout: float = 5.0
+    request_timeout: float = 30.0
+    max_connections: int = 100
+    max_keepalive_connections: int = 20
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    name: str
+    home_community_id: str
+    iti38: str | None = None
+    iti39: str | None = None
+    rad75: str | None = None
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    data_dir: Path
+
+
+@dataclass(frozen=True)
+class DiagnosticsConfig:
+    # An echo action for MTOM throughput and memory benchmarks; never enable on a live node.
+    echo: bool = False
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    path: Path | None
+    community: CommunityConfig
+    tls: TlsConfig
+    storage: StorageConfig
+    server: ServerConfig = field(default_factory=ServerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    outbound: OutboundConfig = field(default_factory=OutboundConfig)
+    peers: tuple[PeerConfig, ...] = ()
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+
+    @property
+    def base_url(self) -> str:
+        if self.server.public_base_url:
+            return self.server.public_base_url.rstrip("/")
+        return f"https://{self.server.host}:{self.server.port}"
+
+
+def _table(data: dict[str, Any], name: str) -> dict[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    return value
+
+
+def _build(cls: type[Any], table: dict[str, Any], section: str, **extra: Any) -> Any:
+    known = set(cls.__dataclass_fields__)
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"[{section}] unknown key(s): {', '.join(sorted(unknown))}")
+    try:
+        return cls(**{**table, **extra})
+    except TypeError as exc:
+        raise ConfigError(f"[{section}] {exc}") from None
+
+
+def _path(base: Path, value: Any, what: str) -> Path:
+    if not isinstance(value, str):
+        raise ConfigError(f"{what} must be a path string")
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def _check_loopback(host: str, what: str) -> None:
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        if host == "localhost":
+            return
+    raise ConfigError(f"{what} must bind a loopback address (it is plain HTTP), not {host!r}")
+
+
+def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None) -> GatewayConfig:
+    known_sections = {
+        "community", "tls", "server", "limits", "admin", "outbound", "peers", "storage",
+        "diagnostics",
+    }
+    unknown = set(data) - known_sections
+    if unknown:
+        raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))}")
+
+    community = _build(CommunityConfig, _table(data, "community"), "community")
+    validate_home_community_id(community.home_community_id, "community.home_community_id")
+    validate_oid(community.patient_id_assigning_authority, "community.patient_id_assigning_authority")
+
+    tls_t = dict(_table(data, "tls"))
+    for key in ("certificate", "private_key", "trust_store"):
+        if key not in tls_t:
+            raise ConfigError(f"[tls] {key} is required")
+        tls_t[key] = _path(base_dir, tls_t[key], f"tls.{key}")
+    tls = _build(TlsConfig, tls_t, "tls")
+    if tls.minimum_version not in ("1.2", "1.3"):
+        raise ConfigError("tls.minimum_version must be \"1.2\" or \"1.3\" (BCP195 TLS 1.2 floor)")
+
+    limits_t = dict(_table(data, "limits"))
+    if "spool_dir" in limits_t:
+        limits_t["spool_dir"] = _path(base_dir, limits_t["spool_dir"], "limits.spool_dir")
+    limits = _build(LimitsConfig, limits_t, "limits")
+
+    admin = _build(AdminConfig, _table(data, "admin"), "admin")
+    _check_loopback(admin.host, "admin.host")
+
+    storage_t = dict(_table(data, "storage"))
+    storage_t["data_dir"] = _path(base_dir, storage_t.get("data_dir", "data"), "storage.data_dir")
+    storage = _build(StorageConfig, storage_t, "storage")
+
+    peers_raw = data.get("peers", [])
+    if not isinstance(peers_raw, list):
+        raise ConfigError("[[peers]] must be an array of tables")
+    peers = tuple(_build(PeerConfig, p, "peers") for p in peers_raw)
+    seen: set[str] = {community.home_community_id}
+    for peer in peers:
+        validate_home_community_id(peer.home_community_id, f"peers[{peer.name}].home_community_id")
+        if peer.home_community_id in seen:
+            raise ConfigError(f"duplicate homeCommunityId {peer.home_community_id}")
+        seen.add(peer.home_community_id)
+
+    return GatewayConfig(
+        path=path,
+        community=community,
+        tls=tls,
+        storage=storage,
+        server=_build(ServerConfig, _table(data, "server"), "server"),
+        limits=limits,
+        admin=admin,
+        outbound=_build(OutboundConfig, _table(data, "outbound"), "outbound"),
+        peers=peers,
+        diagnostics=_build(DiagnosticsConfig, _table(data, "diagnostics"), "diagnostics"),
+    )
+
+
+def load_config(path: Path) -> GatewayConfig:
+    path = path.resolve()
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return parse_config(data, path.parent, path)

@@ -1,0 +1,43 @@
+"""A diagnostic echo operation, for MTOM throughput and memory benchmarks.
+
+It returns every attachment of the request as an MTOM attachment of the response, streamed
+from the spool files. Enabled only by ``[diagnostics] echo = true``; never on a live node.
+"""
+
+from __future__ import annotations
+
+from lxml import etree
+
+from xca_gateway import mtom
+from xca_gateway.namespaces import XOP
+from xca_gateway.soap import element_content
+from xca_gateway.soap_service import Operation, SoapEndpoint, SoapRequest, SoapResponse
+
+NS = "urn:xca-gateway:diagnostics"
+ECHO_ACTION = "urn:xca-gateway:diagnostics:Echo"
+ECHO_RESPONSE_ACTION = "urn:xca-gateway:diagnostics:EchoResponse"
+PATH = "/diagnostics/echo"
+
+
+async def echo(request: SoapRequest) -> SoapResponse:
+    response = etree.Element(f"{{{NS}}}EchoResponse", nsmap={"diag": NS, "xop": XOP})
+    parts: list[mtom.OutgoingPart] = []
+    for document in request.payload.iter(f"{{{NS}}}Document"):
+        content = element_content(document, request.attachments)
+        cid = mtom.make_content_id()
+        body = content.iter_chunks() if isinstance(content, mtom.Attachment) else content
+        content_type = (
+            content.content_type
+            if isinstance(content, mtom.Attachment)
+            else "application/octet-stream"
+        )
+        parts.append(mtom.OutgoingPart(cid, content_type, body))
+        out = etree.SubElement(response, f"{{{NS}}}Document")
+        etree.SubElement(out, f"{{{XOP}}}Include").set("href", f"cid:{cid}")
+    return SoapResponse(response, ECHO_RESPONSE_ACTION, parts=parts, mtom=True)
+
+
+def echo_endpoint() -> SoapEndpoint:
+    endpoint = SoapEndpoint(path=PATH, name="echo", operations={})
+    endpoint.add(Operation(ECHO_ACTION, "diagnostics-echo", echo))
+    return endpoint

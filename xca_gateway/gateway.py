@@ -1,0 +1,130 @@
+"""One community's gateway: the HTTPS SOAP server, the admin server and the peer client.
+
+Roles compose transactions: the responding side (ITI-38, ITI-39, RAD-75) serves peer
+communities, the initiating side (ITI-18, ITI-43, RAD-69) serves local consumers. A transaction
+whose back end is not configured answers with a standards-shaped Failure.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from xca_gateway import diagnostics
+from xca_gateway.admin import AdminApp
+from xca_gateway.client import PeerClient
+from xca_gateway.config import GatewayConfig
+from xca_gateway.metrics import GatewayMetrics
+from xca_gateway.server import HttpServer, ServerTimeouts
+from xca_gateway.soap_service import Operation, SoapEndpoint, SoapService
+from xca_gateway.tls import HandshakeFailure, gateway_client_context, server_context
+from xca_gateway.transactions import TRANSACTIONS, unavailable_handler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ListenSockets:
+    """Already-bound listening sockets (socket activation, or the demo launcher)."""
+
+    https: socket.socket | None = None
+    admin: socket.socket | None = None
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.metrics = GatewayMetrics()
+        self.handshake_failures: collections.deque[HandshakeFailure] = collections.deque(
+            maxlen=1000
+        )
+        self._handshake_listeners: list[Callable[[HandshakeFailure], None]] = []
+        self.endpoints = self._build_endpoints()
+        self.soap = SoapService(list(self.endpoints.values()), config.limits, self.metrics)
+        server = config.server
+        self.https = HttpServer(
+            self.soap,
+            ssl_context=server_context(config.tls),
+            on_handshake_failure=self._on_handshake_failure,
+            timeouts=ServerTimeouts(
+                handshake=config.tls.handshake_timeout,
+                header=server.header_timeout,
+                body=server.body_timeout,
+                keepalive=server.keepalive_timeout,
+                handler=server.handler_timeout,
+            ),
+            max_connections=server.max_connections,
+            max_header_bytes=config.limits.max_header_bytes,
+        )
+        self.admin = HttpServer(AdminApp(self.metrics, self.readiness), ssl_context=None)
+        self.peer_client = PeerClient(
+            gateway_client_context(config.tls), config.outbound, self.metrics
+        )
+        self._started = False
+
+    def _build_endpoints(self) -> dict[str, SoapEndpoint]:
+        home = self.config.community.home_community_id
+        endpoints: dict[str, SoapEndpoint] = {}
+        for spec in TRANSACTIONS:
+            endpoint = SoapEndpoint(path=spec.path, name=spec.key, operations={})
+            # Until the transaction's back end exists, answer with a registry-shaped Failure.
+            reason = (
+                "no registry configured for this community"
+                if spec.kind == "query"
+                else "no repository or imaging source configured for this community"
+            )
+            endpoint.add(Operation(spec.action, spec.name, unavailable_handler(spec, home, reason)))
+            endpoints[spec.key] = endpoint
+        if self.config.diagnostics.echo:
+            endpoints["echo"] = diagnostics.echo_endpoint()
+        return endpoints
+
+    def add_handshake_listener(self, listener: Callable[[HandshakeFailure], None]) -> None:
+        self._handshake_listeners.append(listener)
+
+    def _on_handshake_failure(self, failure: HandshakeFailure) -> None:
+        self.handshake_failures.append(failure)
+        self.metrics.handshake_failures.labels(failure.reason).inc()
+        for listener in self._handshake_listeners:
+            listener(failure)
+
+    def readiness(self) -> dict[str, bool]:
+        return {"https": self._started, "admin": self._started}
+
+    async def start(self, sockets: ListenSockets | None = None) -> None:
+        sockets = sockets or ListenSockets()
+        cfg = self.config
+        await self.https.start(cfg.server.host, cfg.server.port, sock=sockets.https)
+        await self.admin.start(cfg.admin.host, cfg.admin.port, sock=sockets.admin)
+        self._started = True
+        log.info(
+            "gateway %s (%s) serving on %s, admin on http://%s:%d",
+            cfg.community.name,
+            cfg.community.home_community_id,
+            self.base_url,
+            cfg.admin.host,
+            self.admin.port,
+        )
+
+    async def stop(self) -> None:
+        self._started = False
+        await self.https.close()
+        await self.admin.close()
+        await self.peer_client.aclose()
+
+    @property
+    def base_url(self) -> str:
+        cfg = self.config
+        if cfg.server.public_base_url:
+            return cfg.server.public_base_url.rstrip("/")
+        return f"https://{cfg.server.host}:{self.https.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.config.admin.host}:{self.admin.port}"
+
+    def endpoint_urls(self) -> dict[str, str]:
+        return {key: self.base_url + ep.path for key, ep in self.endpoints.items()}

@@ -1,0 +1,421 @@
+"""HTTP/1.1 server that owns the TLS accept: asyncio streams + h11.
+
+Why not uvicorn/hypercorn: they neither hand the verified client certificate to the application
+nor tell it about failed handshakes, and the gateway needs both (authorization by peer identity,
+ATNA Security Alert audits for refused nodes). Here every TCP connection is accepted in clear,
+upgraded with ``start_tls`` under our control, and a failed handshake becomes a
+:class:`~xca_gateway.tls.HandshakeFailure` callback.
+
+Bodies stream in both directions: the application reads the request body as an async iterator
+and may answer with an async iterable, sent with chunked transfer encoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import h11
+
+from xca_gateway.tls import HandshakeFailure, describe_handshake_error
+
+log = logging.getLogger(__name__)
+
+_READ_SIZE = 256 * 1024
+_LINGER_SECONDS = 1.0
+_LINGER_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PeerCertificate:
+    subject: str
+    issuer: str
+    serial_number: int
+    fingerprint_sha256: str
+    san_dns: tuple[str, ...] = ()
+    san_ip: tuple[str, ...] = ()
+    san_uri: tuple[str, ...] = ()
+    der: bytes = b""
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    address: str
+    port: int
+    certificate: PeerCertificate | None = None
+    tls_version: str | None = None
+    cipher: str | None = None
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class Request:
+    """One HTTP request; ``body()`` streams the request body exactly once."""
+
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        peer: PeerInfo,
+        body: AsyncIterator[bytes],
+        scheme: str,
+    ) -> None:
+        self.method = method
+        self.target = target
+        path, _, query = target.partition("?")
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.peer = peer
+        self.scheme = scheme
+        self._body = body
+        self.body_consumed = False
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.header("content-length")
+        if value is None:
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            return None
+
+    async def body(self) -> AsyncIterator[bytes]:
+        async for chunk in self._body:
+            yield chunk
+        self.body_consumed = True
+
+    async def read(self, limit: int) -> bytes:
+        data = bytearray()
+        async for chunk in self.body():
+            data += chunk
+            if len(data) > limit:
+                raise BodyTooLarge
+        return bytes(data)
+
+
+@dataclass
+class Response:
+    status: int
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes | AsyncIterable[bytes] = b""
+    close: bool = False
+    # Called once the response has been sent (or failed), e.g. to close temp files.
+    on_complete: Callable[[bool], None] | None = None
+
+
+App = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class ServerTimeouts:
+    handshake: float = 10.0
+    header: float = 15.0
+    body: float = 60.0
+    keepalive: float = 75.0
+    handler: float = 300.0
+
+
+def _peer_certificate(ssl_object: Any) -> PeerCertificate | None:
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        return None
+    from xca_gateway.pki import certificate_info
+
+    info = certificate_info(der)
+    return PeerCertificate(
+        subject=info.subject,
+        issuer=info.issuer,
+        serial_number=info.serial_number,
+        fingerprint_sha256=info.fingerprint_sha256,
+        san_dns=info.san_dns,
+        san_ip=info.san_ip,
+        san_uri=info.san_uri,
+        der=der,
+    )
+
+
+class HttpServer:
+    """Serve ``app`` on one listening socket, with or without TLS."""
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        on_handshake_failure: Callable[[HandshakeFailure], None] | None = None,
+        timeouts: ServerTimeouts | None = None,
+        max_connections: int = 1000,
+        max_header_bytes: int = 64 * 1024,
+        server_header: str = "xca-gateway",
+    ) -> None:
+        self.app = app
+        self.ssl_context = ssl_context
+        self.on_handshake_failure = on_handshake_failure
+        self.timeouts = timeouts or ServerTimeouts()
+        self.max_connections = max_connections
+        self.max_header_bytes = max_header_bytes
+        self.server_header = server_header.encode()
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self.active_connections = 0
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl_context else "http"
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None and self._server.sockets
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0, *, sock: socket.socket | None = None) -> None:
+        if sock is not None:
+            self._server = await asyncio.start_server(self._on_connect, sock=sock, backlog=1024)
+        else:
+            self._server = await asyncio.start_server(
+                self._on_connect, host, port, backlog=1024, reuse_address=True
+            )
+
+    async def close(self, grace: float = 5.0) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._connections:
+            _, pending = await asyncio.wait(self._connections, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        self.active_connections += 1
+        try:
+            if self.active_connections > self.max_connections:
+                writer.transport.abort()
+                return
+            await self._serve_connection(reader, writer)
+        except asyncio.CancelledError:
+            writer.transport.abort()
+        except Exception:  # a connection must never take the server down
+            log.exception("connection handler failed")
+            writer.transport.abort()
+        finally:
+            self.active_connections -= 1
+            self._connections.discard(task)
+
+    async def _handshake(self, writer: asyncio.StreamWriter) -> PeerInfo | None:
+        address, port = writer.get_extra_info("peername")[:2]
+        if self.ssl_context is None:
+            return PeerInfo(address=address, port=port)
+        try:
+            await writer.start_tls(self.ssl_context, ssl_handshake_timeout=self.timeouts.handshake)
+        except (ssl.SSLError, OSError, EOFError, asyncio.TimeoutError) as exc:
+            reason, verify_message = describe_handshake_error(exc)
+            failure = HandshakeFailure(address, port, reason, verify_message)
+            log.warning("TLS handshake from %s:%s refused: %s", address, port, reason)
+            if self.on_handshake_failure is not None:
+                try:
+                    self.on_handshake_failure(failure)
+                except Exception:
+                    log.exception("handshake failure callback failed")
+            writer.transport.abort()
+            return None
+        ssl_object = writer.get_extra_info("ssl_object")
+        cipher = ssl_object.cipher() if ssl_object is not None else None
+        return PeerInfo(
+            address=address,
+            port=port,
+            certificate=_peer_certificate(ssl_object),
+            tls_version=ssl_object.version() if ssl_object is not None else None,
+            cipher=cipher[0] if cipher else None,
+        )
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = await self._handshake(writer)
+        if peer is None:
+            return
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
+        first = True
+        try:
+            while True:
+                timeout = self.timeouts.header if first else self.timeouts.keepalive
+                event = await self._next_event(conn, reader, timeout)
+                first = False
+                if isinstance(event, h11.ConnectionClosed) or event is None:
+                    return
+                if not isinstance(event, h11.Request):
+                    return
+                keep_going = await self._handle_request(conn, event, reader, writer, peer)
+                if not keep_going:
+                    return
+        except h11.RemoteProtocolError as exc:
+            await self._send_simple_error(conn, writer, exc.error_status_hint, str(exc))
+        except (TimeoutError, asyncio.TimeoutError, ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            await self._close(reader, writer, linger=conn.their_state not in (h11.DONE, h11.IDLE))
+
+    async def _next_event(
+        self, conn: h11.Connection, reader: asyncio.StreamReader, timeout: float
+    ) -> Any:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await asyncio.wait_for(reader.read(_READ_SIZE), timeout)
+                conn.receive_data(data)
+                continue
+            if event is h11.PAUSED:
+                return None
+            return event
+
+    async def _handle_request(
+        self,
+        conn: h11.Connection,
+        event: h11.Request,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: PeerInfo,
+    ) -> bool:
+        headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in event.headers]
+        body_done = False
+
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal body_done
+            if conn.they_are_waiting_for_100_continue:
+                writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
+            while True:
+                ev = await self._next_event(conn, reader, self.timeouts.body)
+                if isinstance(ev, h11.Data):
+                    yield bytes(ev.data)
+                elif isinstance(ev, h11.EndOfMessage):
+                    body_done = True
+                    return
+                else:
+                    raise ConnectionError("connection closed while reading the request body")
+
+        request = Request(
+            event.method.decode("ascii", "replace"),
+            event.target.decode("ascii", "replace"),
+            headers,
+            peer,
+            body(),
+            "https" if self.ssl_context else "http",
+        )
+        try:
+            response = await asyncio.wait_for(self.app(request), self.timeouts.handler)
+        except (TimeoutError, asyncio.TimeoutError):
+            response = Response(503, [("content-type", "text/plain")], b"handler timed out\n", close=True)
+        except (ConnectionError, ssl.SSLError):
+            return False
+
+        ok = False
+        try:
+            await self._send_response(conn, writer, response, close=response.close or not body_done)
+            ok = True
+        finally:
+            if response.on_complete is not None:
+                try:
+                    response.on_complete(ok)
+                except Exception:
+                    log.exception("response completion callback failed")
+        if conn.our_state is h11.MUST_CLOSE or response.close or not body_done:
+            return False
+        try:
+            conn.start_next_cycle()
+        except h11.LocalProtocolError:
+            return False
+        return True
+
+    async def _send_response(
+        self, conn: h11.Connection, writer: asyncio.StreamWriter, response: Response, *, close: bool
+    ) -> None:
+        headers = [(k.lower(), v) for k, v in response.headers]
+        headers.append(("server", self.server_header.decode()))
+        if close:
+            headers.append(("connection", "close"))
+        if isinstance(response.body, bytes | bytearray):
+            headers.append(("content-length", str(len(response.body))))
+        writer.write(conn.send(h11.Response(status_code=response.status, headers=headers)) or b"")
+        if isinstance(response.body, bytes | bytearray):
+            if response.body:
+                writer.write(conn.send(h11.Data(data=response.body)) or b"")
+        else:
+            async for chunk in response.body:
+                if chunk:
+                    writer.write(conn.send(h11.Data(data=chunk)) or b"")
+                    # drain() gives backpressure: a slow reader slows the producer down
+                    # instead of the response piling up in memory.
+                    await asyncio.wait_for(writer.drain(), self.timeouts.body)
+        writer.write(conn.send(h11.EndOfMessage()) or b"")
+        await asyncio.wait_for(writer.drain(), self.timeouts.body)
+
+    async def _send_simple_error(
+        self, conn: h11.Connection, writer: asyncio.StreamWriter, status: int, message: str
+    ) -> None:
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = f"{message}\n".encode()
+        with contextlib.suppress(Exception):
+            writer.write(
+                conn.send(
+                    h11.Response(
+                        status_code=status,
+                        headers=[
+                            ("content-type", "text/plain"),
+                            ("content-length", str(len(body))),
+                            ("connection", "close"),
+                        ],
+                    )
+                )
+                or b""
+            )
+            writer.write(conn.send(h11.Data(data=body)) or b"")
+            writer.write(conn.send(h11.EndOfMessage()) or b"")
+            await asyncio.wait_for(writer.drain(), 2.0)
+
+    async def _close(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, linger: bool = False
+    ) -> None:
+        if linger and not writer.transport.is_closing():
+            # The peer may still be sending a body we refused (e.g. over the size limit).
+            # Closing with unread data makes the kernel send RST, and the client would lose
+            # our error response; read and discard for a moment first (bounded).
+            with contextlib.suppress(Exception):
+                deadline = asyncio.get_running_loop().time() + _LINGER_SECONDS
+                discarded = 0
+                while discarded < _LINGER_BYTES:
+                    left = deadline - asyncio.get_running_loop().time()
+                    if left <= 0:
+                        break
+                    chunk = await asyncio.wait_for(reader.read(_READ_SIZE), left)
+                    if not chunk:
+                        break
+                    discarded += len(chunk)
+        with contextlib.suppress(Exception):
+            writer.close()
+            await asyncio.wait_for(writer.wait_closed(), 2.0)
+        if not writer.transport.is_closing():
+            writer.transport.abort()

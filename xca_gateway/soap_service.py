@@ -1,0 +1,260 @@
+"""SOAP 1.2 / MTOM endpoint dispatch: HTTP request in, SOAP response (or fault) out.
+
+The HTTP server hands every request here. This layer enforces the message limits, reads plain
+SOAP or MTOM bodies (attachments spooled to disk above a threshold), parses the XML safely,
+checks the envelope and WS-Addressing, and dispatches on ``wsa:Action`` to the operation
+registered for the endpoint path. Whatever goes wrong becomes a SOAP fault, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+from lxml import etree
+
+from xca_gateway import mtom
+from xca_gateway.config import LimitsConfig
+from xca_gateway.metrics import GatewayMetrics
+from xca_gateway.server import BodyTooLarge, PeerInfo, Request, Response
+from xca_gateway.soap import (
+    Envelope,
+    SoapFault,
+    action_not_supported,
+    build_envelope,
+    build_fault,
+    check_xop_references,
+    parse_envelope,
+    serialize,
+)
+from xca_gateway.xmlsafe import XmlLimits, XmlRejected, parse_xml
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SoapRequest:
+    envelope: Envelope
+    attachments: Mapping[str, mtom.Attachment]
+    peer: PeerInfo
+    endpoint: SoapEndpoint
+    http: Request
+
+    @property
+    def payload(self) -> etree._Element:
+        return self.envelope.payload
+
+
+@dataclass
+class SoapResponse:
+    payload: etree._Element
+    action: str
+    parts: list[mtom.OutgoingPart] = field(default_factory=list)
+    # Retrieve responses are MTOM even when they carry no document (IHE: MTOM both ways).
+    mtom: bool = False
+    # For metrics and audit: success | partial | failure.
+    outcome: str = "success"
+
+
+Handler = Callable[[SoapRequest], Awaitable[SoapResponse]]
+
+
+@dataclass(frozen=True)
+class Operation:
+    action: str
+    transaction: str
+    handler: Handler
+
+
+@dataclass
+class SoapEndpoint:
+    path: str
+    name: str
+    operations: dict[str, Operation]
+
+    def add(self, operation: Operation) -> None:
+        self.operations[operation.action] = operation
+
+
+class SoapService:
+    """The HTTP application serving a set of SOAP endpoints."""
+
+    def __init__(
+        self,
+        endpoints: list[SoapEndpoint],
+        limits: LimitsConfig,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.endpoints = {e.path: e for e in endpoints}
+        self.limits = limits
+        self.metrics = metrics
+        self.xml_limits = XmlLimits(
+            max_bytes=limits.max_xml_bytes,
+            max_depth=limits.max_xml_depth,
+            max_attribute_bytes=limits.max_attribute_bytes,
+        )
+
+    async def __call__(self, request: Request) -> Response:
+        endpoint = self.endpoints.get(request.path.rstrip("/") or "/")
+        if endpoint is None:
+            return Response(404, [("content-type", "text/plain")], b"no SOAP endpoint here\n")
+        if request.method != "POST":
+            return Response(
+                405,
+                [("content-type", "text/plain"), ("allow", "POST")],
+                b"SOAP endpoints accept POST only\n",
+            )
+        started = time.monotonic()
+        transaction = "unknown"
+        relates_to: str | None = None
+        attachments: dict[str, mtom.Attachment] = {}
+        try:
+            envelope, attachments = await self._read(request)
+            relates_to = envelope.addressing.message_id
+            operation = endpoint.operations.get(envelope.addressing.action)
+            if operation is None:
+                raise action_not_supported(envelope.addressing.action)
+            transaction = operation.transaction
+            soap_request = SoapRequest(envelope, attachments, request.peer, endpoint, request)
+            try:
+                result = await operation.handler(soap_request)
+            except SoapFault:
+                raise
+            except Exception:
+                log.exception("%s handler failed", transaction)
+                raise SoapFault.receiver("internal error while processing the request") from None
+        except SoapFault as fault:
+            _close_attachments(attachments)
+            body, content_type = build_fault(fault, relates_to=relates_to)
+            self.metrics.requests.labels(transaction, "fault").inc()
+            self.metrics.latency.labels(transaction).observe(time.monotonic() - started)
+            # A refused body may still be arriving: close instead of reading it to the end.
+            return Response(
+                fault.http_status,
+                [("content-type", content_type)],
+                body,
+                close=not request.body_consumed,
+            )
+        return self._respond(result, relates_to, transaction, started, attachments)
+
+    async def _read(self, request: Request) -> tuple[Envelope, dict[str, mtom.Attachment]]:
+        limits = self.limits
+        length = request.content_length
+        if length is not None and length > limits.max_request_bytes:
+            raise SoapFault.sender(
+                f"request body of {length} bytes exceeds the limit of {limits.max_request_bytes}",
+                http_status=413,
+            )
+        content_type = request.header("content-type") or ""
+        try:
+            media_type, params = mtom.parse_content_type(content_type)
+        except mtom.MtomError:
+            media_type, params = "", {}
+        attachments: dict[str, mtom.Attachment] = {}
+        http_action: str | None = None
+        if media_type == "multipart/related":
+            message = await self._read_mtom(request, content_type)
+            root_bytes = message.root
+            attachments = dict(message.attachments)
+            http_action = message.action
+        elif media_type in ("application/soap+xml", "text/xml"):
+            try:
+                root_bytes = await request.read(limits.max_xml_bytes)
+            except BodyTooLarge:
+                raise SoapFault.sender(
+                    f"SOAP message exceeds the limit of {limits.max_xml_bytes} bytes",
+                    http_status=413,
+                ) from None
+            http_action = params.get("action")
+        else:
+            raise SoapFault.sender(
+                "Content-Type must be application/soap+xml (SOAP 1.2) or multipart/related "
+                "(MTOM/XOP)",
+                http_status=415,
+            )
+        try:
+            root = parse_xml(root_bytes, self.xml_limits)
+            envelope = parse_envelope(root, http_action=http_action or None)
+            if media_type == "text/xml" and envelope is not None:
+                # text/xml is the SOAP 1.1 binding; a SOAP 1.2 envelope must not use it.
+                raise SoapFault("VersionMismatch", "SOAP 1.2 requires application/soap+xml")
+            check_xop_references(envelope.root, attachments)
+        except XmlRejected as exc:
+            _close_attachments(attachments)
+            raise SoapFault.sender(exc.reason) from None
+        except SoapFault:
+            _close_attachments(attachments)
+            raise
+        return envelope, attachments
+
+    async def _read_mtom(self, request: Request, content_type: str) -> mtom.MtomMessage:
+        limits = self.limits
+        try:
+            reader = mtom.MtomRequestReader(
+                content_type,
+                max_root_bytes=limits.max_xml_bytes,
+                max_part_bytes=limits.max_request_bytes,
+                max_total_bytes=limits.max_request_bytes,
+                max_parts=limits.max_mime_parts,
+                spool_threshold=limits.spool_threshold,
+                spool_dir=str(limits.spool_dir) if limits.spool_dir else None,
+            )
+        except mtom.MtomError as exc:
+            raise SoapFault.sender(f"invalid MTOM message: {exc.reason}") from None
+        try:
+            async for chunk in request.body():
+                reader.feed(chunk)
+            return reader.close()
+        except mtom.MtomError as exc:
+            reader.abort()
+            status = 413 if "limit" in exc.reason or "too" in exc.reason else 400
+            raise SoapFault.sender(f"invalid MTOM message: {exc.reason}", http_status=status) from None
+        except BaseException:
+            reader.abort()
+            raise
+
+    def _respond(
+        self,
+        result: SoapResponse,
+        relates_to: str | None,
+        transaction: str,
+        started: float,
+        attachments: dict[str, mtom.Attachment],
+    ) -> Response:
+        envelope = build_envelope(result.payload, action=result.action, relates_to=relates_to)
+        xml = serialize(envelope)
+        metrics = self.metrics
+
+        def complete(ok: bool) -> None:
+            _close_attachments(attachments)
+            outcome = result.outcome if ok else "aborted"
+            metrics.requests.labels(transaction, outcome).inc()
+            metrics.latency.labels(transaction).observe(time.monotonic() - started)
+
+        if result.mtom or result.parts:
+            writer = mtom.MtomWriter(xml, action=result.action)
+            for part in result.parts:
+                writer.add_part(part)
+            counter = metrics.bytes_sent.labels(transaction)
+
+            async def body() -> mtom.AsyncIterator[bytes]:
+                async for chunk in writer.aiter_bytes():
+                    counter.inc(len(chunk))
+                    yield chunk
+
+            return Response(
+                200, [("content-type", writer.content_type)], body(), on_complete=complete
+            )
+        metrics.bytes_sent.labels(transaction).inc(len(xml))
+        content_type = f'application/soap+xml; charset=UTF-8; action="{result.action}"'
+        return Response(200, [("content-type", content_type)], xml, on_complete=complete)
+
+
+def _close_attachments(attachments: Mapping[str, mtom.Attachment]) -> None:
+    for attachment in attachments.values():
+        try:
+            attachment.file.close()
+        except Exception:  # pragma: no cover - closing a temp file
+            log.debug("closing attachment failed", exc_info=True)

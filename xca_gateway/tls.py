@@ -1,0 +1,97 @@
+"""TLS contexts for ATNA Secure Node authentication (ITI-19): mutual TLS, TLS 1.2 floor, BCP195.
+
+Inbound and outbound use the same rules: the peer must present a certificate that chains to the
+configured trust store; TLS 1.0/1.1 and non-AEAD suites are refused.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from xca_gateway.config import BCP195_CIPHERS, TlsConfig
+
+
+def _harden(ctx: ssl.SSLContext, minimum_version: str, ciphers: str) -> None:
+    ctx.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if minimum_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    )
+    ctx.set_ciphers(ciphers)
+    # No renegotiation (client-initiated renegotiation is a DoS vector), no compression (CRIME).
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_SINGLE_ECDH_USE
+
+
+def server_context(cfg: TlsConfig) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(ctx, cfg.minimum_version, cfg.ciphers)
+    ctx.load_cert_chain(str(cfg.certificate), str(cfg.private_key))
+    ctx.load_verify_locations(cafile=str(cfg.trust_store))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def client_context(
+    trust_store: Path,
+    certificate: Path | None = None,
+    private_key: Path | None = None,
+    *,
+    minimum_version: str = "1.2",
+    ciphers: str = BCP195_CIPHERS,
+    check_hostname: bool = True,
+) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    _harden(ctx, minimum_version, ciphers)
+    ctx.load_verify_locations(cafile=str(trust_store))
+    if certificate is not None:
+        ctx.load_cert_chain(str(certificate), str(private_key) if private_key else None)
+    # FQDN Validation of Server Certificate option (RFC 6125).
+    ctx.check_hostname = check_hostname
+    return ctx
+
+
+def gateway_client_context(cfg: TlsConfig) -> ssl.SSLContext:
+    """The context the gateway uses to call peers, with its own certificate."""
+    return client_context(
+        cfg.trust_store,
+        cfg.certificate,
+        cfg.private_key,
+        minimum_version=cfg.minimum_version,
+        ciphers=cfg.ciphers,
+    )
+
+
+@dataclass(frozen=True)
+class HandshakeFailure:
+    """A refused or broken TLS handshake, reported to the application (ATNA Security Alert)."""
+
+    address: str
+    port: int
+    reason: str
+    # OpenSSL's verify message, e.g. "certificate has expired", when the peer's certificate
+    # was the problem.
+    verify_message: str | None = None
+
+
+def describe_handshake_error(exc: BaseException) -> tuple[str, str | None]:
+    """Turn a handshake exception into (reason, verify message)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verification failed: {exc.verify_message}", exc.verify_message
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or str(exc)
+        known = {
+            "PEER_DID_NOT_RETURN_A_CERTIFICATE": "client presented no certificate",
+            "UNSUPPORTED_PROTOCOL": "protocol version refused (TLS 1.2 is the floor)",
+            "NO_SHARED_CIPHER": "no shared cipher suite (BCP195 suites only)",
+            "TLSV1_ALERT_UNKNOWN_CA": "peer does not trust our certificate",
+            "CERTIFICATE_VERIFY_FAILED": "certificate verification failed",
+            "WRONG_VERSION_NUMBER": "not a TLS connection or unsupported version",
+            "HTTP_REQUEST": "plain HTTP sent to the TLS port",
+        }
+        return known.get(reason, reason.lower().replace("_", " ")), None
+    if isinstance(exc, TimeoutError):
+        return "handshake timed out", None
+    if isinstance(exc, ConnectionError | EOFError):
+        return "connection closed during handshake", None
+    return f"handshake failed: {type(exc).__name__}: {exc}", None
