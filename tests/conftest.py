@@ -1,0 +1,107 @@
+"""Shared fixtures: a development PKI and real gateways on loopback TLS sockets.
+
+Gateways run in a background thread with their own event loop, so that synchronous clients
+(zeep, raw ssl sockets) and asynchronous ones can both talk to them from the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xca_gateway.config import GatewayConfig, parse_config
+from xca_gateway.gateway import Gateway
+from xca_gateway.pki import DevPki, init_dev_pki
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
+    return init_dev_pki(tmp_path_factory.mktemp("pki"), ["alpha", "beta", "gamma"])
+
+
+def make_config(pki: DevPki, tmp: Path, name: str = "alpha", **sections: dict[str, Any]) -> GatewayConfig:
+    index = {"alpha": 1, "beta": 2, "gamma": 3}[name]
+    data: dict[str, Any] = {
+        "community": {
+            "name": name,
+            "home_community_id": f"urn:oid:1.3.6.1.4.1.21367.13.70.{index}",
+            "patient_id_assigning_authority": f"1.3.6.1.4.1.21367.13.20.{1000 * index}",
+        },
+        "server": {"host": "127.0.0.1", "port": 0},
+        "admin": {"host": "127.0.0.1", "port": 0},
+        "tls": {
+            "certificate": str(pki.communities[name].cert),
+            "private_key": str(pki.communities[name].key),
+            "trust_store": str(pki.ca),
+            "handshake_timeout": 5.0,
+        },
+        "storage": {"data_dir": str(tmp / name)},
+    }
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.update(
+            {key: value}
+        )
+    return parse_config(data, tmp)
+
+
+class GatewayThread:
+    """Run a :class:`Gateway` on its own loop in a daemon thread."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self.gateway: Gateway | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> Gateway:
+        self._thread.start()
+
+        async def start() -> Gateway:
+            gateway = Gateway(self.config)
+            await gateway.start()
+            return gateway
+
+        self.gateway = asyncio.run_coroutine_threadsafe(start(), self.loop).result(15)
+        return self.gateway
+
+    def __exit__(self, *exc: object) -> None:
+        if self.gateway is not None:
+            asyncio.run_coroutine_threadsafe(self.gateway.stop(), self.loop).result(15)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def gateway_factory(pki: DevPki, tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
+    running: list[GatewayThread] = []
+
+    def start(name: str = "alpha", **sections: dict[str, Any]) -> Gateway:
+        thread = GatewayThread(make_config(pki, tmp_path, name, **sections))
+        running.append(thread)
+        return thread.__enter__()
+
+    yield start
+    for thread in reversed(running):
+        thread.__exit__(None, None, None)
+
+
+@pytest.fixture
+def gateway(gateway_factory: Callable[..., Gateway]) -> Gateway:
+    return gateway_factory("alpha")
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``predicate`` (bounded) for conditions set by the server thread."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
