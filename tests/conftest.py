@@ -73,6 +73,14 @@ class GatewayThread:
     def __exit__(self, *exc: object) -> None:
         if self.gateway is not None:
             asyncio.run_coroutine_threadsafe(self.gateway.stop(), self.loop).result(15)
+
+        async def cancel_leftovers() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=5) if tasks else None
+
+        asyncio.run_coroutine_threadsafe(cancel_leftovers(), self.loop).result(15)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()

@@ -231,7 +231,12 @@ class HttpServer:
         if self.ssl_context is None:
             return PeerInfo(address=address, port=port)
         try:
-            await writer.start_tls(self.ssl_context, ssl_handshake_timeout=self.timeouts.handshake)
+            # Our own deadline (not ssl_handshake_timeout) so that a stalled handshake surfaces
+            # as TimeoutError and is reported like any other refusal.
+            async with asyncio.timeout(self.timeouts.handshake):
+                await writer.start_tls(
+                    self.ssl_context, ssl_handshake_timeout=self.timeouts.handshake + 5
+                )
         except (ssl.SSLError, OSError, EOFError, asyncio.TimeoutError) as exc:
             reason, verify_message = describe_handshake_error(exc)
             failure = HandshakeFailure(address, port, reason, verify_message)

@@ -176,7 +176,7 @@ class SoapService:
             )
         try:
             root = parse_xml(root_bytes, self.xml_limits)
-            envelope = parse_envelope(root, http_action=http_action or None)
+            envelope = parse_envelope(root, http_action=_usable_action(http_action))
             if media_type == "text/xml" and envelope is not None:
                 # text/xml is the SOAP 1.1 binding; a SOAP 1.2 envelope must not use it.
                 raise SoapFault("VersionMismatch", "SOAP 1.2 requires application/soap+xml")
@@ -250,6 +250,17 @@ class SoapService:
         metrics.bytes_sent.labels(transaction).inc(len(xml))
         content_type = f'application/soap+xml; charset=UTF-8; action="{result.action}"'
         return Response(200, [("content-type", content_type)], xml, on_complete=complete)
+
+
+def _usable_action(value: str | None) -> str | None:
+    """The Content-Type action parameter, if it can be compared with wsa:Action.
+
+    Some SOAP stacks send a placeholder (zeep sends ``action="None"`` when the WSDL has no
+    soapAction, as the IHE WSDLs do). Only an absolute URI is taken as a real claim.
+    """
+    if value and ":" in value:
+        return value
+    return None
 
 
 def _close_attachments(attachments: Mapping[str, mtom.Attachment]) -> None:

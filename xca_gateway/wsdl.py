@@ -36,13 +36,11 @@ def _document(key: str) -> Any:
 
 
 def zeep_service(key: str, address: str, *, transport: Any = None, plugins: Any = None) -> Any:
-    """A zeep service proxy for ``key`` bound to ``address`` (WS-Addressing on)."""
-    import zeep
-    from zeep.wsa import WsAddressingPlugin
+    """A zeep service proxy for ``key`` bound to ``address``.
 
-    client = zeep.Client(
-        str(wsdl_path(key)),
-        transport=transport,
-        plugins=[WsAddressingPlugin(), *(plugins or [])],
-    )
+    zeep adds the WS-Addressing headers itself, from the ``wsam:Action`` of the WSDL.
+    """
+    import zeep
+
+    client = zeep.Client(str(wsdl_path(key)), transport=transport, plugins=plugins or [])
     return client.create_service(BINDINGS[key][1], address)

@@ -1,0 +1,698 @@
+"""Tests for the sans-IO MTOM/XOP multipart support."""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+from xca_gateway.mtom import (
+    Attachment,
+    Finished,
+    MtomError,
+    MtomMessage,
+    MtomRequestReader,
+    MtomWriter,
+    MultipartEvent,
+    MultipartParser,
+    OutgoingPart,
+    PartData,
+    PartEnd,
+    PartHeaders,
+    PartStart,
+    cid_from_href,
+    is_mtom,
+    make_content_id,
+    parse_content_type,
+)
+
+ENVELOPE = (
+    b'<?xml version="1.0" encoding="UTF-8"?>'
+    b'<s:Envelope xmlns:s="http://www.w3.org/2003/05/soap-envelope"><s:Body>'
+    b'<Doc><xop:Include xmlns:xop="http://www.w3.org/2004/08/xop/include" href="cid:doc1@x"/>'
+    b"</Doc></s:Body></s:Envelope>"
+)
+ACTION = "urn:ihe:iti:2007:CrossGatewayRetrieveResponse"
+
+LIMITS = {
+    "max_root_bytes": 1 << 20,
+    "max_part_bytes": 64 << 20,
+    "max_total_bytes": 128 << 20,
+    "max_parts": 100,
+}
+
+
+def nasty_payloads(boundary: str) -> dict[str, bytes]:
+    """Binary bodies made of near-delimiters, CR/LF runs and random bytes."""
+    b = boundary.encode()
+    rng = random.Random(1234)
+    return {
+        "doc1@x": b"--" + b + b"\r\n--" + b[:-1] + b"\r\n\r\n--\r\n" + bytes(range(256)),
+        "doc2@x": b"\r\n" * 50 + b"\n--" + b[:-1] + b"\r",  # ends in CR right before delimiter
+        "doc3@x": b"",
+        "doc4@x": rng.randbytes(200_000) + b"--" + b + b"--",
+        "doc5@x": b"\r",
+    }
+
+
+def build(parts: dict[str, bytes], **kw: object) -> tuple[MtomWriter, bytes]:
+    w = MtomWriter(ENVELOPE, action=ACTION, **kw)  # type: ignore[arg-type]
+    for cid, body in parts.items():
+        w.add_part(OutgoingPart(cid, "application/dicom", body))
+    return w, b"".join(w.iter_bytes())
+
+
+def collect(events: Iterable[MultipartEvent]) -> list[tuple[PartHeaders, bytes]]:
+    """Collapse events into (headers, body) pairs; checks event ordering on the way."""
+    out: list[tuple[PartHeaders, bytes]] = []
+    cur: tuple[PartHeaders, bytearray] | None = None
+    finished = False
+    for ev in events:
+        assert not finished
+        if isinstance(ev, PartStart):
+            assert cur is None
+            cur = (ev.headers, bytearray())
+        elif isinstance(ev, PartData):
+            assert cur is not None and ev.data
+            cur[1].extend(ev.data)
+        elif isinstance(ev, PartEnd):
+            assert cur is not None
+            out.append((cur[0], bytes(cur[1])))
+            cur = None
+        elif isinstance(ev, Finished):
+            assert cur is None
+            finished = True
+    assert finished
+    return out
+
+
+def parse_chunked(body: bytes, boundary: str, sizes: Iterable[int]) -> list[MultipartEvent]:
+    p = MultipartParser(boundary)
+    events: list[MultipartEvent] = []
+    pos = 0
+    for size in sizes:
+        if pos >= len(body):
+            break
+        events += p.feed(body[pos : pos + size])
+        pos += size
+    if pos < len(body):
+        events += p.feed(body[pos:])
+    events += p.close()
+    return events
+
+
+def read(
+    content_type: str,
+    body: bytes,
+    chunk: int = 8192,
+    *,
+    max_root_bytes: int = LIMITS["max_root_bytes"],
+    max_part_bytes: int = LIMITS["max_part_bytes"],
+    max_total_bytes: int = LIMITS["max_total_bytes"],
+    max_parts: int = LIMITS["max_parts"],
+) -> MtomMessage:
+    r = MtomRequestReader(
+        content_type,
+        max_root_bytes=max_root_bytes,
+        max_part_bytes=max_part_bytes,
+        max_total_bytes=max_total_bytes,
+        max_parts=max_parts,
+    )
+    for i in range(0, len(body), chunk):
+        r.feed(body[i : i + chunk])
+    return r.close()
+
+
+# --- parse_content_type ---------------------------------------------------------------------
+
+
+def test_parse_content_type_mtom_header() -> None:
+    value = (
+        'Multipart/Related ; type="application/xop+xml";START="<root@x>" ;'
+        ' start-info="application/soap+xml; action=\\"urn:a;b\\"";boundary=MIMEBoundary_1'
+    )
+    mtype, params = parse_content_type(value)
+    assert mtype == "multipart/related"
+    assert params == {
+        "type": "application/xop+xml",
+        "start": "<root@x>",
+        "start-info": 'application/soap+xml; action="urn:a;b"',
+        "boundary": "MIMEBoundary_1",
+    }
+    assert parse_content_type(params["start-info"]) == (
+        "application/soap+xml",
+        {"action": "urn:a;b"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("text/xml", ("text/xml", {})),
+        ("  TEXT/XML  ", ("text/xml", {})),
+        ("text/xml;", ("text/xml", {})),
+        ("text/xml;; charset=utf-8 ;", ("text/xml", {"charset": "utf-8"})),
+        ("text/xml; flag; charset=utf-8", ("text/xml", {"charset": "utf-8"})),
+        ('a/b; x = "q\\\\z"', ("a/b", {"x": "q\\z"})),
+        ('a/b; x=""', ("a/b", {"x": ""})),
+        ('a/b; x="semi;colon" ; y=2', ("a/b", {"x": "semi;colon", "y": "2"})),
+        ("a/b;\r\n\tcharset=UTF-8", ("a/b", {"charset": "UTF-8"})),
+    ],
+)
+def test_parse_content_type_edge_cases(value: str, expected: tuple[str, dict[str, str]]) -> None:
+    assert parse_content_type(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "textxml",
+        "text/",
+        "/xml",
+        "te xt/xml",
+        'a/b; x="unterminated',
+        'a/b; x="v" junk',
+        "a/b; boundary=1; BOUNDARY=2",
+        "a/b; =v",
+    ],
+)
+def test_parse_content_type_rejects(value: str) -> None:
+    with pytest.raises(MtomError) as info:
+        parse_content_type(value)
+    assert info.value.reason
+
+
+def test_is_mtom() -> None:
+    w = MtomWriter(ENVELOPE)
+    assert is_mtom(w.content_type)
+    assert is_mtom('multipart/related; boundary=x; type="application/xop+xml"')
+    assert not is_mtom("application/soap+xml; charset=utf-8")
+    assert not is_mtom("text/xml")
+    assert not is_mtom("garbage")
+
+
+def test_is_mtom_false_for_zeep_soap12_request() -> None:
+    zeep = pytest.importorskip("zeep")
+    wsdl = Path(__file__).resolve().parents[1] / "wsdl" / "iti39.wsdl"
+    client = zeep.Client(str(wsdl))
+    binding = client.service._binding
+    _envelope, headers = binding._create(
+        "RespondingGateway_CrossGatewayRetrieve",
+        (),
+        {
+            "DocumentRequest": [
+                {
+                    "HomeCommunityId": "urn:oid:1.2.3",
+                    "RepositoryUniqueId": "1.2.3",
+                    "DocumentUniqueId": "1.2.3.4",
+                }
+            ]
+        },
+        client=client,
+    )
+    content_type = headers["Content-Type"]
+    assert content_type.startswith("application/soap+xml")
+    assert not is_mtom(content_type)
+
+
+# --- small helpers ----------------------------------------------------------------------------
+
+
+def test_cid_from_href_and_make_content_id() -> None:
+    assert cid_from_href("cid:doc1@x") == "doc1@x"
+    assert cid_from_href("CID:a%20b%40c@x") == "a b@c@x"
+    assert cid_from_href("cid:%C3%A9t%C3%A9@x") == "été@x"
+    a, b = make_content_id(), make_content_id("example.org")
+    assert a != b
+    assert a.endswith("@xca-gateway") and b.endswith("@example.org")
+    assert "<" not in a
+
+
+# --- writer -----------------------------------------------------------------------------------
+
+
+def test_writer_content_type_and_root_part() -> None:
+    w = MtomWriter(ENVELOPE, action=ACTION, root_content_id="<root@x>")
+    mtype, params = parse_content_type(w.content_type)
+    assert mtype == "multipart/related"
+    assert params["type"] == "application/xop+xml"
+    assert params["start"] == "<root@x>"
+    assert params["boundary"] == w.boundary
+    assert w.boundary.startswith("MIMEBoundary_") and len(w.boundary) == 13 + 32
+    assert parse_content_type(params["start-info"]) == ("application/soap+xml", {"action": ACTION})
+    head = next(iter(w.iter_bytes()))
+    assert head.startswith(f"--{w.boundary}\r\n".encode())
+    assert (
+        b'Content-Type: application/xop+xml; charset=UTF-8; type="application/soap+xml"; '
+        b'action="' + ACTION.encode() + b'"\r\n'
+    ) in head
+    assert b"Content-Transfer-Encoding: binary\r\n" in head
+    assert head[head.index(b"Content-ID") :] == b"Content-ID: <root@x>\r\n\r\n" + ENVELOPE
+
+
+def test_writer_without_action() -> None:
+    w = MtomWriter(ENVELOPE)
+    params = parse_content_type(w.content_type)[1]
+    assert params["start-info"] == "application/soap+xml"
+    assert b"action" not in b"".join(w.iter_bytes())
+    assert MtomWriter(ENVELOPE).boundary != w.boundary
+
+
+def test_writer_rejects_bad_input() -> None:
+    w = MtomWriter(ENVELOPE)
+    w.add_part(OutgoingPart("a@x", "application/dicom", b"1"))
+    with pytest.raises(ValueError):
+        w.add_part(OutgoingPart("<a@x>", "application/dicom", b"2"))
+    with pytest.raises(ValueError):
+        w.add_part(OutgoingPart("b@x", "application/dicom\r\nX-Evil: 1", b"2"))
+    with pytest.raises(ValueError):
+        w.add_part(OutgoingPart("c@x", "application/dicom", b"", {"Content-ID": "<d@x>"}))
+    with pytest.raises(ValueError):
+        MtomWriter(ENVELOPE, boundary="x" * 71)
+    with pytest.raises(ValueError):
+        MtomWriter(ENVELOPE, action='urn:"\r\n')
+
+
+def test_writer_streams_chunks_without_concatenation() -> None:
+    chunks = [b"A" * 10, b"", b"B" * 20, b"C" * 30]
+    w = MtomWriter(ENVELOPE)
+    w.add_part(OutgoingPart("a@x", "application/octet-stream", iter(chunks)))
+    w.add_part(OutgoingPart("b@x", "application/octet-stream", b"bytes-body", {"X-Extra": "1"}))
+    out = list(w.iter_bytes())
+    # root, part head, 3 non-empty chunks, part head, body, close delimiter
+    assert out[2:5] == [b"A" * 10, b"B" * 20, b"C" * 30]
+    assert out[-1] == f"\r\n--{w.boundary}--\r\n".encode()
+    assert b"X-Extra: 1\r\n" in out[5]
+    assert w.content_length() is None
+
+
+def test_writer_content_length() -> None:
+    w, body = build({"a@x": b"x" * 1000, "b@x": b"yz"})
+    assert w.content_length() == len(body)
+
+
+async def test_writer_async_bodies() -> None:
+    async def agen() -> AsyncIterator[bytes]:
+        for i in range(5):
+            yield bytes([i]) * 1000
+
+    w = MtomWriter(ENVELOPE, action=ACTION)
+    w.add_part(OutgoingPart("doc1@x", "application/dicom", agen()))
+    w.add_part(OutgoingPart("doc2@x", "application/dicom", [b"sync", b"chunks"]))
+    w.add_part(OutgoingPart("doc3@x", "application/dicom", b"plain"))
+    out = [chunk async for chunk in w.aiter_bytes()]
+    assert out[2:7] == [bytes([i]) * 1000 for i in range(5)]
+    msg = read(w.content_type, b"".join(out))
+    with msg:
+        assert msg.attachments["doc1@x"].read_all() == b"".join(out[2:7])
+        assert msg.attachments["doc2@x"].read_all() == b"syncchunks"
+        assert msg.attachments["doc3@x"].read_all() == b"plain"
+
+
+async def test_writer_sync_iteration_refuses_async_body() -> None:
+    async def agen() -> AsyncIterator[bytes]:
+        yield b"x"
+
+    w = MtomWriter(ENVELOPE)
+    w.add_part(OutgoingPart("a@x", "application/dicom", agen()))
+    with pytest.raises(TypeError):
+        list(w.iter_bytes())
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+
+def test_round_trip_parser_and_reader() -> None:
+    boundary = "MIMEBoundary_0123456789abcdef0123456789abcdef"
+    payloads = nasty_payloads(boundary)
+    w, body = build(payloads, boundary=boundary, root_content_id="root@x")
+    parts = collect(parse_chunked(body, boundary, [1 << 16] * 100))
+    assert [h.content_id for h, _ in parts] == ["root@x", *payloads]
+    assert parts[0][1] == ENVELOPE
+    assert [data for _, data in parts[1:]] == list(payloads.values())
+    assert parts[1][0].headers["content-transfer-encoding"] == "binary"
+    assert parts[1][0].content_type == "application/dicom"
+
+    with read(w.content_type, body) as msg:
+        assert msg.root == ENVELOPE
+        assert msg.action == ACTION
+        assert msg.root_content_id == "root@x"
+        assert msg.root_content_type.startswith("application/xop+xml")
+        assert list(msg.attachments) == list(payloads)
+        for cid, data in payloads.items():
+            att = msg.attachments[cid]
+            assert isinstance(att, Attachment)
+            assert (att.content_id, att.content_type, att.size) == (
+                cid,
+                "application/dicom",
+                len(data),
+            )
+            assert att.file.tell() == 0
+            assert att.read_all() == data
+            assert b"".join(att.iter_chunks(7)) == data
+        assert cid_from_href("cid:doc1%40x") in msg.attachments
+
+
+def test_all_chunkings_give_identical_results() -> None:
+    boundary = "MIMEBoundary_" + "f" * 32
+    payloads = nasty_payloads(boundary)
+    payloads["doc4@x"] = payloads["doc4@x"][:5000]  # keep the 1-byte run quick
+    _, body = build(payloads, boundary=boundary)
+    reference = collect(parse_chunked(body, boundary, [len(body)]))
+    assert len(reference) == 1 + len(payloads)
+    assert collect(parse_chunked(body, boundary, [1] * len(body))) == reference
+    rng = random.Random(42)
+    for _ in range(30):
+        sizes = [rng.randint(1, 200) for _ in range(len(body))]
+        assert collect(parse_chunked(body, boundary, sizes)) == reference
+    for size in (2, 3, len(boundary) - 1, len(boundary) + 3, len(boundary) + 4, 4096):
+        assert collect(parse_chunked(body, boundary, [size] * len(body))) == reference
+
+
+def test_delimiter_split_at_every_offset() -> None:
+    body = b"--b\r\nContent-ID: <x>\r\n\r\nhello\r\r\n--b\r\n\r\nsecond\r\n--b--"
+    expected = [b"hello\r", b"second"]
+    for cut in range(len(body) + 1):
+        p = MultipartParser("b")
+        events = p.feed(body[:cut]) + p.feed(body[cut:]) + p.close()
+        assert [data for _, data in collect(events)] == expected, cut
+
+
+def test_preamble_epilogue_padding_and_bare_lf_headers() -> None:
+    body = (
+        b"This is a preamble, with --b inside but not at line start.\r\n"
+        b"--bX is not a delimiter either\r\n"
+        b"--b \t \r\n"  # transport padding
+        b"Content-Type: application/xop+xml;\n"
+        b"  charset=UTF-8\n"  # folded header line
+        b"content-id:<r@x>\n"
+        b"\n"
+        b"<root/>"
+        b"\r\n--b\t\r\n"
+        b"\r\n"  # no headers at all
+        b"data with\r\n--bogus and \r\n--b- lines"
+        b"\r\n--b--  \r\nepilogue ignored\r\n--b\r\nContent-ID: <z>\r\n\r\n"
+    )
+    p = MultipartParser("b")
+    parts = collect(p.feed(body) + p.close())
+    assert len(parts) == 2
+    root_headers, root = parts[0]
+    assert root == b"<root/>"
+    assert root_headers.content_id == "r@x"
+    assert root_headers.content_type == "application/xop+xml; charset=UTF-8"
+    assert parts[1][0].headers == {}
+    assert parts[1][0].content_type == "text/plain"
+    assert parts[1][1] == b"data with\r\n--bogus and \r\n--b- lines"
+    assert p.finished and p.part_count == 2
+    assert p.feed(b"more epilogue") == []
+
+
+def test_lf_only_message() -> None:
+    body = (
+        b"--MIME_b\nContent-Type: application/xop+xml\nContent-ID: <r@x>\n\n<r/>\n"
+        b"--MIME_b\nContent-ID: <a@x>\n\nbinary\r\n\n--MIME_b--\n"
+    )
+    parts = collect(parse_chunked(body, "MIME_b", [1] * len(body)))
+    assert [data for _, data in parts] == [b"<r/>", b"binary\r\n"]
+
+
+def test_parser_limits_and_errors() -> None:
+    with pytest.raises(MtomError):
+        MultipartParser("")
+    with pytest.raises(MtomError):
+        MultipartParser("x" * 71)
+    MultipartParser("x" * 70)
+    with pytest.raises(MtomError):
+        MultipartParser("bad\r\nboundary")
+
+    p = MultipartParser("b", max_part_header_bytes=100)
+    with pytest.raises(MtomError, match="headers too large"):
+        p.feed(b"--b\r\nX-Long: " + b"a" * 200)
+    with pytest.raises(MtomError):  # errors are sticky
+        p.feed(b"\r\n\r\n")
+    with pytest.raises(MtomError):
+        p.close()
+
+    p = MultipartParser("b", max_preamble_bytes=1000)
+    with pytest.raises(MtomError, match="preamble"):
+        for _ in range(100):
+            p.feed(b"x" * 100)
+
+    p = MultipartParser("b")
+    with pytest.raises(MtomError, match="after multipart boundary"):
+        p.feed(b"--b junk\r\n\r\n")
+
+    p = MultipartParser("b")
+    with pytest.raises(MtomError, match="malformed"):
+        p.feed(b"--b\r\nno colon here\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"no delimiter at all",
+        b"--b\r\n",
+        b"--b\r\nContent-ID: <a>\r\n",
+        b"--b\r\nContent-ID: <a>\r\n\r\nunterminated body",
+        b"--b\r\nContent-ID: <a>\r\n\r\nbody\r\n--b\r\n",
+        b"--b\r\nContent-ID: <a>\r\n\r\nbody\r\n--b",
+        b"--b\r\nContent-ID: <a>\r\n\r\nbody\r\n--b-",
+    ],
+)
+def test_close_raises_when_unfinished(body: bytes) -> None:
+    p = MultipartParser("b")
+    p.feed(body)
+    with pytest.raises(MtomError):
+        p.close()
+
+
+def test_max_parts_refused_early() -> None:
+    tiny = b"".join(b"\r\n--b\r\nContent-ID: <p%d>\r\n\r\nx" % i for i in range(10_000))
+    body = b"--b\r\nContent-ID: <root>\r\n\r\n<r/>" + tiny + b"\r\n--b--\r\n"
+    p = MultipartParser("b", max_parts=100)
+    fed = 0
+    with pytest.raises(MtomError, match="too many MIME parts"):
+        for i in range(0, len(body), 4096):
+            p.feed(body[i : i + 4096])
+            fed += 4096
+    assert fed < len(body) // 20  # stopped within the first ~100 parts
+
+
+# --- reader -----------------------------------------------------------------------------------
+
+
+def test_large_attachment_spooled_to_disk(tmp_path: Path) -> None:
+    big = random.Random(7).randbytes(5 << 20)
+    w, body = build({"big@x": big, "small@x": b"tiny"})
+    r = MtomRequestReader(
+        w.content_type,
+        max_root_bytes=4096,
+        max_part_bytes=LIMITS["max_part_bytes"],
+        max_total_bytes=LIMITS["max_total_bytes"],
+        max_parts=LIMITS["max_parts"],
+        spool_threshold=1 << 20,
+        spool_dir=str(tmp_path),
+    )
+    for i in range(0, len(body), 65536):
+        r.feed(body[i : i + 65536])
+    with r.close() as msg:
+        assert msg.root == ENVELOPE
+        att = msg.attachments["big@x"]
+        assert att.size == len(big)
+        assert att.on_disk and att.file._rolled  # type: ignore[attr-defined]
+        assert not msg.attachments["small@x"].on_disk
+        assert att.read_all() == big
+        assert b"".join(att.iter_chunks()) == big
+    assert att.file.closed
+
+
+@pytest.mark.parametrize(
+    ("limits", "reason"),
+    [
+        ({"max_root_bytes": len(ENVELOPE) - 1}, "root part exceeds"),
+        ({"max_part_bytes": 999}, "exceeds 999 bytes"),
+        ({"max_total_bytes": len(ENVELOPE) + 1500}, "message exceeds"),
+        ({"max_parts": 2}, "too many MIME parts"),
+    ],
+)
+def test_reader_limits(limits: dict[str, int], reason: str) -> None:
+    w, body = build({"a@x": b"a" * 1000, "b@x": b"b" * 1000})
+    read(w.content_type, body)  # fits with default limits
+    with pytest.raises(MtomError, match=reason) as info:
+        read(w.content_type, body, **limits)
+    assert reason in info.value.reason
+
+
+def test_reader_closes_spools_on_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    created: list[IO[bytes]] = []
+    real = tempfile.SpooledTemporaryFile
+
+    def tracking(*args: Any, **kwargs: Any) -> IO[bytes]:
+        f: IO[bytes] = real(*args, **kwargs)
+        created.append(f)
+        return f
+
+    monkeypatch.setattr(tempfile, "SpooledTemporaryFile", tracking)
+    w, body = build({"a@x": b"a" * 1000, "b@x": b"b" * 5000})
+    r = MtomRequestReader(
+        w.content_type,
+        max_root_bytes=1 << 20,
+        max_part_bytes=2000,
+        max_total_bytes=1 << 20,
+        max_parts=9,
+    )
+    with pytest.raises(MtomError):
+        r.feed(body)
+    assert len(created) == 2 and all(f.closed for f in created)
+    with pytest.raises(MtomError):
+        r.feed(b"more")
+
+
+def _message(parts: list[tuple[str, bytes]], boundary: str = "bnd") -> bytes:
+    out = b""
+    for headers, data in parts:
+        out += b"\r\n--" + boundary.encode() + b"\r\n" + headers.encode() + b"\r\n\r\n" + data
+    return out[2:] + b"\r\n--" + boundary.encode() + b"--\r\n"
+
+
+ROOT_HDR = 'Content-ID: <r@x>\r\nContent-Type: application/xop+xml; type="application/soap+xml"'
+CT = 'multipart/related; type="application/xop+xml"; boundary=bnd'
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "reason"),
+    [
+        ('multipart/related; type="application/xop+xml"', b"", "without boundary"),
+        (CT + ";x=" + "y", b"", None),  # valid header, but empty body
+        ('multipart/related; type="text/xml"; boundary=bnd', b"", "unsupported"),
+        ("multipart/mixed; boundary=bnd", b"", "expected multipart/related"),
+        ("application/soap+xml", b"", "not a multipart"),
+        ("multipart/related; boundary=" + "x" * 71, b"", "longer than 70"),
+        (
+            CT + '; start="<other@x>"',
+            _message([(ROOT_HDR, b"<r/>"), ("Content-ID: <a@x>", b"a")]),
+            "start part not found",
+        ),
+        (
+            CT,
+            _message(
+                [(ROOT_HDR, b"<r/>"), ("Content-ID: <a@x>", b"1"), ("Content-ID: <a@x>", b"")]
+            ),
+            "duplicate Content-ID",
+        ),
+        (
+            CT + '; start="<r@x>"',
+            _message([(ROOT_HDR, b"<r/>"), ("Content-ID: <r@x>", b"1")]),
+            "duplicate Content-ID",
+        ),
+        (CT, _message([(ROOT_HDR, b"<r/>"), ("X-No-Id: 1", b"1")]), "without Content-ID"),
+        (
+            CT,
+            _message([(ROOT_HDR, b"<r/>"), ("Content-ID: <a>\r\nContent-ID: <b>", b"1")]),
+            "duplicate content-id header",
+        ),
+        (CT, _message([("Content-Type: image/png", b"<r/>")]), "root part Content-Type"),
+        (
+            CT,
+            _message([(ROOT_HDR + "\r\nContent-Transfer-Encoding: quoted-printable", b"<r/>")]),
+            "Content-Transfer-Encoding",
+        ),
+        (
+            CT,
+            _message([(ROOT_HDR, b"<r/>"), ("Content-ID: <a>", b"unterminated")])[:-10],
+            "without close delimiter",
+        ),
+        (CT, b"--bnd--\r\n", "no MIME parts"),
+    ],
+)
+def test_reader_malformed(content_type: str, body: bytes, reason: str | None) -> None:
+    with pytest.raises(MtomError) as info:
+        read(content_type, body)
+    if reason is not None:
+        assert reason in info.value.reason
+
+
+def test_reader_start_optional_and_root_not_first() -> None:
+    # No start: first part is the root; no type param is tolerated.
+    body = _message([(ROOT_HDR, b"<r/>"), ("Content-ID: <a@x>", b"A")])
+    msg = read("multipart/related; boundary=bnd", body)
+    assert msg.root == b"<r/>" and list(msg.attachments) == ["a@x"]
+    # start pointing at a later part.
+    body = _message([("Content-ID: <a@x>", b"A"), (ROOT_HDR, b"<r/>")])
+    msg = read(CT + '; start="<r@x>"', body, chunk=1)
+    assert msg.root == b"<r/>" and msg.attachments["a@x"].read_all() == b"A"
+    assert msg.action is None
+
+
+def test_reader_action_sources() -> None:
+    body = _message([(ROOT_HDR + '; action="urn:from-part"', b"<r/>")])
+    assert read(CT, body).action == "urn:from-part"
+    ct = CT + '; start-info="application/soap+xml; action=\\"urn:from-start-info\\""'
+    assert read(ct, body).action == "urn:from-start-info"
+    body = _message([(ROOT_HDR, b"<r/>")])
+    assert read(CT + '; action="urn:outer"', body).action == "urn:outer"
+
+
+def test_reader_base64_part() -> None:
+    body = _message(
+        [
+            (ROOT_HDR, b"<r/>"),
+            (
+                "Content-ID: <a@x>\r\nContent-Transfer-Encoding: base64",
+                b"aGVs\r\nbG8g\r\nd29y\nbGQ=",
+            ),
+        ]
+    )
+    assert read(CT, body, chunk=3).attachments["a@x"].read_all() == b"hello world"
+    bad = body.replace(b"bG8g", b"bG8")
+    with pytest.raises(MtomError, match="base64"):
+        read(CT, bad)
+
+
+def test_cxf_style_message() -> None:
+    """Response as Apache CXF writes it (uuid: boundary, root.message@cxf.apache.org)."""
+    boundary = "uuid:8f6c3a2e-1b7d-4c55-9e0a-3f2d1c4b5a69"
+    content_type = (
+        'multipart/related; type="application/xop+xml"; '
+        f'boundary="{boundary}"; start="<root.message@cxf.apache.org>"; '
+        'start-info="application/soap+xml; action=\\"urn:ihe:iti:2007:'
+        'CrossGatewayRetrieveResponse\\""'
+    )
+    envelope = (
+        b'<soap:Envelope xmlns:soap="http://www.w3.org/2003/05/soap-envelope"><soap:Body>'
+        b'<xdsb:RetrieveDocumentSetResponse xmlns:xdsb="urn:ihe:iti:xds-b:2007">'
+        b"<xdsb:DocumentResponse><xdsb:Document>"
+        b'<xop:Include xmlns:xop="http://www.w3.org/2004/08/xop/include" '
+        b'href="cid:2f0a3c1e-5b6d-4e7f-8a9b-0c1d2e3f4a5b-1@urn%3Aihe%3Aiti%3Axds-b%3A2007"/>'
+        b"</xdsb:Document></xdsb:DocumentResponse></xdsb:RetrieveDocumentSetResponse>"
+        b"</soap:Body></soap:Envelope>"
+    )
+    dicom = b"\x00" * 128 + b"DICM" + bytes(range(256)) * 10 + b"\r\n--uuid:"
+    b = boundary.encode()
+    body = (
+        b"\r\n--" + b + b"\r\n"
+        b'Content-Type: application/xop+xml; charset=UTF-8; type="application/soap+xml"; '
+        b'action="urn:ihe:iti:2007:CrossGatewayRetrieveResponse"\r\n'
+        b"Content-Transfer-Encoding: binary\r\n"
+        b"Content-ID: <root.message@cxf.apache.org>\r\n\r\n" + envelope + b"\r\n--" + b + b"\r\n"
+        b"Content-Type: application/dicom\r\n"
+        b"Content-Transfer-Encoding: binary\r\n"
+        b"Content-ID: <2f0a3c1e-5b6d-4e7f-8a9b-0c1d2e3f4a5b-1@urn:ihe:iti:xds-b:2007>\r\n"
+        b"\r\n" + dicom + b"\r\n--" + b + b"--"
+    )
+    assert is_mtom(content_type)
+    for chunk in (1, 7, 1 << 20):
+        with read(content_type, body, chunk=chunk) as msg:
+            assert msg.root == envelope
+            assert msg.action == "urn:ihe:iti:2007:CrossGatewayRetrieveResponse"
+            assert msg.root_content_type.startswith("application/xop+xml")
+            href = "cid:2f0a3c1e-5b6d-4e7f-8a9b-0c1d2e3f4a5b-1@urn%3Aihe%3Aiti%3Axds-b%3A2007"
+            att = msg.attachments[cid_from_href(href)]
+            assert att.content_type == "application/dicom"
+            assert att.read_all() == dicom
