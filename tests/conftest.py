@@ -25,7 +25,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
     return init_dev_pki(tmp_path_factory.mktemp("pki"), ["alpha", "beta", "gamma"])
 
 
-def make_config(pki: DevPki, tmp: Path, name: str = "alpha", **sections: dict[str, Any]) -> GatewayConfig:
+def make_config(
+    pki: DevPki, tmp: Path, name: str = "alpha", **sections: dict[str, Any]
+) -> GatewayConfig:
     index = {"alpha": 1, "beta": 2, "gamma": 3}[name]
     data: dict[str, Any] = {
         "community": {

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import httpx
@@ -90,7 +90,7 @@ class PeerClient:
         envelope = build_envelope(payload, action=action, to=url, reply_to_anonymous=True)
         xml = serialize(envelope)
         headers: dict[str, str]
-        content: bytes | mtom.AsyncIterator[bytes]
+        content: bytes | AsyncIterator[bytes]
         if use_mtom or parts:
             writer = mtom.MtomWriter(xml, action=action)
             for part in parts:
@@ -121,7 +121,7 @@ class PeerClient:
                 )
 
     async def _exchange(
-        self, url: str, headers: dict[str, str], content: bytes | mtom.AsyncIterator[bytes]
+        self, url: str, headers: dict[str, str], content: bytes | AsyncIterator[bytes]
     ) -> SoapReply:
         try:
             async with self.http.stream("POST", url, headers=headers, content=content) as response:
@@ -177,7 +177,9 @@ class PeerClient:
                 a.file.close()
             raise PeerError("fault", f"SOAP fault {fault.code}: {fault.reason}", fault)
         body = root.find("{http://www.w3.org/2003/05/soap-envelope}Body")
-        payload = next((c for c in body if isinstance(c.tag, str)), None) if body is not None else None
+        payload = (
+            next((c for c in body if isinstance(c.tag, str)), None) if body is not None else None
+        )
         if payload is None or response.status_code >= 400:
             for a in attachments.values():
                 a.file.close()

@@ -173,7 +173,14 @@ def _check_loopback(host: str, what: str) -> None:
 
 def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None) -> GatewayConfig:
     known_sections = {
-        "community", "tls", "server", "limits", "admin", "outbound", "peers", "storage",
+        "community",
+        "tls",
+        "server",
+        "limits",
+        "admin",
+        "outbound",
+        "peers",
+        "storage",
         "diagnostics",
     }
     unknown = set(data) - known_sections
@@ -182,7 +189,9 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
 
     community = _build(CommunityConfig, _table(data, "community"), "community")
     validate_home_community_id(community.home_community_id, "community.home_community_id")
-    validate_oid(community.patient_id_assigning_authority, "community.patient_id_assigning_authority")
+    validate_oid(
+        community.patient_id_assigning_authority, "community.patient_id_assigning_authority"
+    )
 
     tls_t = dict(_table(data, "tls"))
     for key in ("certificate", "private_key", "trust_store"):
@@ -191,7 +200,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
         tls_t[key] = _path(base_dir, tls_t[key], f"tls.{key}")
     tls = _build(TlsConfig, tls_t, "tls")
     if tls.minimum_version not in ("1.2", "1.3"):
-        raise ConfigError("tls.minimum_version must be \"1.2\" or \"1.3\" (BCP195 TLS 1.2 floor)")
+        raise ConfigError('tls.minimum_version must be "1.2" or "1.3" (BCP195 TLS 1.2 floor)')
 
     limits_t = dict(_table(data, "limits"))
     if "spool_dir" in limits_t:

@@ -204,7 +204,9 @@ class Demo:
         self.processes: list[subprocess.Popen[bytes]] = []
         self.endpoints_file = self.workdir / "endpoints.json"
 
-    def prepare(self) -> tuple[dict[str, Any], list[tuple[DemoCommunity, socket.socket, socket.socket]]]:
+    def prepare(
+        self,
+    ) -> tuple[dict[str, Any], list[tuple[DemoCommunity, socket.socket, socket.socket]]]:
         from xca_gateway.pki import init_dev_pki
 
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -267,8 +269,12 @@ class Demo:
             log_file = (self.workdir / c.name / "gateway.log").open("ab")
             process = subprocess.Popen(
                 [
-                    sys.executable, "-m", "xca_gateway", "serve",
-                    "--config", str(self.workdir / c.name / "gateway.toml"),
+                    sys.executable,
+                    "-m",
+                    "xca_gateway",
+                    "serve",
+                    "--config",
+                    str(self.workdir / c.name / "gateway.toml"),
                 ],
                 env=env,
                 pass_fds=(https.fileno(), admin.fileno()),
@@ -324,7 +330,10 @@ def run_demo(workdir: Path, *, communities: int = 3, base_port: int = 0) -> int:
         endpoints, bound = demo.prepare()
         demo.start(bound)
         if not demo.wait_ready(endpoints):
-            print("xca-gateway demo: gateways did not become ready; see */gateway.log", file=sys.stderr)
+            print(
+                "xca-gateway demo: gateways did not become ready; see */gateway.log",
+                file=sys.stderr,
+            )
             return 1
         _write_atomic(demo.endpoints_file, json.dumps(endpoints, indent=2) + "\n")
         print(f"xca-gateway demo: {len(demo.communities)} communities ready; {demo.endpoints_file}")
@@ -332,13 +341,10 @@ def run_demo(workdir: Path, *, communities: int = 3, base_port: int = 0) -> int:
         while not stop_requested:
             for process in demo.processes:
                 if process.poll() is not None:
-                    print(
-                        f"xca-gateway demo: a gateway exited unexpectedly (code {process.returncode})",
-                        file=sys.stderr,
-                    )
+                    code = process.returncode
+                    print(f"xca-gateway demo: a gateway exited (code {code})", file=sys.stderr)
                     return 1
             time.sleep(0.2)
         return 0
     finally:
         demo.stop()
-

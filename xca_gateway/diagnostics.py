@@ -25,13 +25,12 @@ async def echo(request: SoapRequest) -> SoapResponse:
     for document in request.payload.iter(f"{{{NS}}}Document"):
         content = element_content(document, request.attachments)
         cid = mtom.make_content_id()
-        body = content.iter_chunks() if isinstance(content, mtom.Attachment) else content
-        content_type = (
-            content.content_type
-            if isinstance(content, mtom.Attachment)
-            else "application/octet-stream"
-        )
-        parts.append(mtom.OutgoingPart(cid, content_type, body))
+        if isinstance(content, bytes):
+            parts.append(mtom.OutgoingPart(cid, "application/octet-stream", content))
+        else:
+            attachment = request.attachments[content.content_id]
+            # Streamed from the spool file: the attachment is never read whole into memory.
+            parts.append(mtom.OutgoingPart(cid, attachment.content_type, attachment.iter_chunks()))
         out = etree.SubElement(response, f"{{{NS}}}Document")
         etree.SubElement(out, f"{{{XOP}}}Include").set("href", f"cid:{cid}")
     return SoapResponse(response, ECHO_RESPONSE_ACTION, parts=parts, mtom=True)

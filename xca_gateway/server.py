@@ -186,7 +186,9 @@ class HttpServer:
         assert self._server is not None and self._server.sockets
         return int(self._server.sockets[0].getsockname()[1])
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0, *, sock: socket.socket | None = None) -> None:
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, *, sock: socket.socket | None = None
+    ) -> None:
         if sock is not None:
             self._server = await asyncio.start_server(self._on_connect, sock=sock, backlog=1024)
         else:
@@ -237,7 +239,7 @@ class HttpServer:
                 await writer.start_tls(
                     self.ssl_context, ssl_handshake_timeout=self.timeouts.handshake + 5
                 )
-        except (ssl.SSLError, OSError, EOFError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ssl.SSLError, OSError, EOFError) as exc:
             reason, verify_message = describe_handshake_error(exc)
             failure = HandshakeFailure(address, port, reason, verify_message)
             log.warning("TLS handshake from %s:%s refused: %s", address, port, reason)
@@ -258,7 +260,9 @@ class HttpServer:
             cipher=cipher[0] if cipher else None,
         )
 
-    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         peer = await self._handshake(writer)
         if peer is None:
             return
@@ -278,7 +282,7 @@ class HttpServer:
                     return
         except h11.RemoteProtocolError as exc:
             await self._send_simple_error(conn, writer, exc.error_status_hint, str(exc))
-        except (TimeoutError, asyncio.TimeoutError, ConnectionError, ssl.SSLError):
+        except (TimeoutError, ConnectionError, ssl.SSLError):
             pass
         finally:
             await self._close(reader, writer, linger=conn.their_state not in (h11.DONE, h11.IDLE))
@@ -310,7 +314,9 @@ class HttpServer:
         async def body() -> AsyncIterator[bytes]:
             nonlocal body_done
             if conn.they_are_waiting_for_100_continue:
-                writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
+                writer.write(
+                    conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+                )
             while True:
                 ev = await self._next_event(conn, reader, self.timeouts.body)
                 if isinstance(ev, h11.Data):
@@ -331,8 +337,10 @@ class HttpServer:
         )
         try:
             response = await asyncio.wait_for(self.app(request), self.timeouts.handler)
-        except (TimeoutError, asyncio.TimeoutError):
-            response = Response(503, [("content-type", "text/plain")], b"handler timed out\n", close=True)
+        except TimeoutError:
+            response = Response(
+                503, [("content-type", "text/plain")], b"handler timed out\n", close=True
+            )
         except (ConnectionError, ssl.SSLError):
             return False
 

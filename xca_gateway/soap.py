@@ -11,7 +11,7 @@ import binascii
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from lxml import etree
 
@@ -30,7 +30,12 @@ from xca_gateway.namespaces import (
 # read by the XUA layer (a receiver that does not require XUA must still not fault on it).
 UNDERSTOOD_HEADER_NAMESPACES = frozenset({WSA, WSSE})
 _ULTIMATE_RECEIVER_ROLES = frozenset(
-    {None, "", f"{SOAP12}/role/ultimateReceiver", "http://www.w3.org/2003/05/soap-envelope/role/next"}
+    {
+        None,
+        "",
+        f"{SOAP12}/role/ultimateReceiver",
+        "http://www.w3.org/2003/05/soap-envelope/role/next",
+    }
 )
 
 
@@ -110,6 +115,12 @@ class Envelope:
         return list(self.header.iterchildren(f"{{{namespace}}}{local_name}"))
 
 
+def _is_element(node: etree._Element) -> bool:
+    # Comments and processing instructions are nodes too; their tag is not a string.
+    tag: Any = node.tag
+    return isinstance(tag, str)
+
+
 def _is_true(value: str | None) -> bool:
     return value is not None and value.strip() in ("1", "true")
 
@@ -132,16 +143,14 @@ def _single_wsa(header: etree._Element, name: str) -> str | None:
 def parse_envelope(root: etree._Element, *, http_action: str | None = None) -> Envelope:
     """Validate the SOAP 1.2 + WS-Addressing structure of a parsed request."""
     if root.tag == f"{{{SOAP11}}}Envelope":
-        raise SoapFault(
-            "VersionMismatch", "SOAP 1.1 is not supported; use SOAP 1.2", soap11=True
-        )
+        raise SoapFault("VersionMismatch", "SOAP 1.1 is not supported; use SOAP 1.2", soap11=True)
     if root.tag != f"{{{SOAP12}}}Envelope":
         raise SoapFault("VersionMismatch", "the document is not a SOAP 1.2 envelope")
     header: etree._Element | None = None
     body: etree._Element | None = None
     for child in root:
-        if not isinstance(child.tag, str):
-            continue  # comments and processing instructions
+        if not _is_element(child):
+            continue
         if child.tag == f"{{{SOAP12}}}Header" and header is None and body is None:
             header = child
         elif child.tag == f"{{{SOAP12}}}Body" and body is None:
@@ -150,7 +159,7 @@ def parse_envelope(root: etree._Element, *, http_action: str | None = None) -> E
             raise SoapFault.sender(f"unexpected element {child.tag} in env:Envelope")
     if body is None:
         raise SoapFault.sender("env:Body is missing")
-    payloads = [c for c in body if isinstance(c.tag, str)]
+    payloads = [c for c in body if _is_element(c)]
     if len(payloads) != 1:
         raise SoapFault.sender("env:Body must contain exactly one element")
     if header is None:
@@ -158,7 +167,7 @@ def parse_envelope(root: etree._Element, *, http_action: str | None = None) -> E
 
     not_understood = []
     for block in header:
-        if not isinstance(block.tag, str):
+        if not _is_element(block):
             continue
         role = block.get(f"{{{SOAP12}}}role")
         if not _is_true(block.get(f"{{{SOAP12}}}mustUnderstand")):
@@ -195,7 +204,9 @@ def parse_envelope(root: etree._Element, *, http_action: str | None = None) -> E
     return Envelope(root=root, header=header, payload=payloads[0], addressing=addressing)
 
 
-def _wsa_header(parent: etree._Element, name: str, text: str, must_understand: bool = False) -> None:
+def _wsa_header(
+    parent: etree._Element, name: str, text: str, must_understand: bool = False
+) -> None:
     el = etree.SubElement(parent, f"{{{WSA}}}{name}")
     el.text = text
     if must_understand:
@@ -303,7 +314,9 @@ def read_fault(root: etree._Element) -> Fault | None:
     if body is None:
         body = root.find(f"{{{SOAP11}}}Body")
         if body is not None and (f11 := body.find(f"{{{SOAP11}}}Fault")) is not None:
-            return Fault(code=(f11.findtext("faultcode") or ""), reason=f11.findtext("faultstring") or "")
+            return Fault(
+                code=(f11.findtext("faultcode") or ""), reason=f11.findtext("faultstring") or ""
+            )
         return None
     f = body.find(f"{{{SOAP12}}}Fault")
     if f is None:

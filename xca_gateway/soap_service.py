@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from lxml import etree
@@ -210,7 +210,9 @@ class SoapService:
         except mtom.MtomError as exc:
             reader.abort()
             status = 413 if "limit" in exc.reason or "too" in exc.reason else 400
-            raise SoapFault.sender(f"invalid MTOM message: {exc.reason}", http_status=status) from None
+            raise SoapFault.sender(
+                f"invalid MTOM message: {exc.reason}", http_status=status
+            ) from None
         except BaseException:
             reader.abort()
             raise
@@ -239,7 +241,7 @@ class SoapService:
                 writer.add_part(part)
             counter = metrics.bytes_sent.labels(transaction)
 
-            async def body() -> mtom.AsyncIterator[bytes]:
+            async def body() -> AsyncIterator[bytes]:
                 async for chunk in writer.aiter_bytes():
                     counter.inc(len(chunk))
                     yield chunk

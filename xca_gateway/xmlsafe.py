@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass
+from typing import Any, cast
 
 from lxml import etree
 
@@ -98,7 +99,8 @@ def parse_xml(data: bytes, limits: XmlLimits | None = None) -> etree._Element:
     try:
         for offset in range(0, len(data), _FEED_CHUNK):
             parser.feed(bytes(view[offset : offset + _FEED_CHUNK]))
-            for event, element in parser.read_events():
+            for event, item in parser.read_events():
+                element = cast(etree._Element, item)
                 if event == "start":
                     depth += 1
                     if depth > limits.max_depth:
@@ -116,7 +118,7 @@ def parse_xml(data: bytes, limits: XmlLimits | None = None) -> etree._Element:
         raise XmlRejected(f"malformed XML: {exc.msg}") from None
     if root is None:  # pragma: no cover - close() raises on empty input
         raise XmlRejected("empty XML document")
-    docinfo = root.getroottree().docinfo
+    docinfo: Any = root.getroottree().docinfo
     if docinfo.internalDTD is not None or docinfo.externalDTD is not None:
         # Belt and braces: the prolog scan should have refused this already.
         raise XmlRejected("document type declarations (DTD) are not accepted")
