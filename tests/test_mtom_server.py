@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import httpx
+import pytest
 from lxml import etree
 
 from tests.conftest import make_config
@@ -142,3 +143,39 @@ def test_config_limits_reach_the_mtom_reader(pki: DevPki, tmp_path) -> None:  # 
     config = make_config(pki, tmp_path, limits={"max_mime_parts": 7, "spool_threshold": 1234})
     assert config.limits.max_mime_parts == 7
     assert config.limits.spool_threshold == 1234
+
+
+def test_a_producer_failing_mid_stream_aborts_the_response(gateway: Gateway, pki: DevPki) -> None:
+    """A truncated MTOM response must never look complete (e.g. a source dying mid-study)."""
+    from xca_gateway.soap_service import Operation, SoapEndpoint, SoapRequest, SoapResponse
+
+    async def dying_source() -> AsyncIterator[bytes]:
+        yield b"x" * 100_000
+        raise RuntimeError("imaging source died")
+
+    async def handler(request: SoapRequest) -> SoapResponse:
+        payload = etree.Element("{urn:test}R")
+        return SoapResponse(
+            payload,
+            "urn:test:R",
+            parts=[mtom.OutgoingPart("a@t", "application/dicom", dying_source())],
+        )
+
+    endpoint = SoapEndpoint("/test/dying", "dying", {})
+    endpoint.add(Operation("urn:test:Q", "TEST", handler))
+    gateway.soap.endpoints[endpoint.path] = endpoint
+    url = gateway.base_url + endpoint.path
+    with consumer(pki) as client:
+        with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+            client.post(
+                url,
+                content=soap12("urn:test:Q", "<q/>"),
+                headers={"content-type": "application/soap+xml"},
+            )
+        # The gateway keeps serving.
+        ok = client.post(
+            gateway.endpoint_urls()["iti38"],
+            content=soap12(Action.ITI38, "<x/>"),
+            headers={"content-type": "application/soap+xml"},
+        )
+        assert ok.status_code == 200

@@ -376,12 +376,23 @@ class HttpServer:
             if response.body:
                 writer.write(conn.send(h11.Data(data=response.body)) or b"")
         else:
-            async for chunk in response.body:
-                if chunk:
-                    writer.write(conn.send(h11.Data(data=chunk)) or b"")
-                    # drain() gives backpressure: a slow reader slows the producer down
-                    # instead of the response piling up in memory.
-                    await asyncio.wait_for(writer.drain(), self.timeouts.body)
+            try:
+                async for chunk in response.body:
+                    if chunk:
+                        writer.write(conn.send(h11.Data(data=chunk)) or b"")
+                        # drain() gives backpressure: a slow reader slows the producer down
+                        # instead of the response piling up in memory.
+                        await asyncio.wait_for(writer.drain(), self.timeouts.body)
+            except (ConnectionError, TimeoutError, ssl.SSLError):
+                writer.transport.abort()
+                raise
+            except Exception as exc:
+                # The producer failed after the status line went out (e.g. an imaging source
+                # died mid-study). Reset the connection without the terminating chunk so the
+                # client cannot mistake a truncated response for a complete one.
+                log.warning("response body failed mid-stream, aborting connection: %r", exc)
+                writer.transport.abort()
+                raise ConnectionAbortedError("response body failed") from exc
         writer.write(conn.send(h11.EndOfMessage()) or b"")
         await asyncio.wait_for(writer.drain(), self.timeouts.body)
 

@@ -1,0 +1,212 @@
+"""The CLI and the demo contract (shared/docs/contract.md): endpoints.json, clean stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from xca_gateway.config import load_config
+from xca_gateway.tls import client_context
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "xca_gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_help_documents_every_command() -> None:
+    top = run_cli("--help")
+    assert top.returncode == 0
+    for command in ("serve", "certs", "demo"):
+        assert command in top.stdout
+    for args in (("serve", "--help"), ("certs", "init", "--help"), ("demo", "--help")):
+        result = run_cli(*args)
+        assert result.returncode == 0, result.stderr
+        assert "--" in result.stdout
+
+
+def test_certs_init_command(tmp_path: Path) -> None:
+    result = run_cli("certs", "init", "--dir", str(tmp_path), "--communities", "north,south")
+    assert result.returncode == 0, result.stderr
+    for name in (
+        "ca.pem",
+        "north.pem",
+        "north.key",
+        "south.pem",
+        "client.pem",
+        "expired-client.pem",
+    ):
+        assert (tmp_path / name).is_file()
+    bad = run_cli("certs", "init", "--dir", str(tmp_path / "x"), "--communities", "Bad Name")
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr
+
+
+def test_serve_reports_configuration_errors_without_traceback(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[community]\nname = "x"\nhome_community_id = "not-an-oid"\n')
+    result = run_cli("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert "configuration error" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["north", "south", "east"])
+def test_example_configurations_load(name: str) -> None:
+    config = load_config(REPO / "conf" / f"{name}.toml")
+    assert config.community.name == name
+    assert len(config.peers) == 2
+    assert config.tls.certificate == (REPO / "certs" / f"{name}.pem")
+
+
+def test_reference_configuration_loads() -> None:
+    config = load_config(REPO / "conf" / "gateway.toml")
+    assert config.admin.host == "127.0.0.1"
+    assert config.limits.max_request_bytes == 1024**3
+
+
+@pytest.fixture(scope="module")
+def demo(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    workdir = tmp_path_factory.mktemp("demo")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xca_gateway", "demo", "--workdir", str(workdir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    endpoints = workdir / "endpoints.json"
+    deadline = time.monotonic() + 60
+    while not endpoints.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    if not endpoints.exists():
+        process.kill()
+        out = process.communicate(timeout=10)[0].decode(errors="replace")
+        pytest.fail(f"demo did not write endpoints.json:\n{out}")
+    yield process, workdir
+    if process.poll() is None:
+        process.kill()
+        process.wait(10)
+
+
+def _endpoints(workdir: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((workdir / "endpoints.json").read_text())
+    return data
+
+
+def test_endpoints_json_follows_the_contract(demo: tuple[subprocess.Popen[bytes], Path]) -> None:
+    _, workdir = demo
+    data = _endpoints(workdir)
+    for key in ("ca",):
+        assert Path(data[key]).is_absolute() and Path(data[key]).is_file()
+    for who in ("client", "untrusted_client", "expired_client"):
+        for part in ("cert", "key"):
+            assert Path(data[who][part]).is_absolute() and Path(data[who][part]).is_file()
+    communities = data["communities"]
+    assert [c["name"] for c in communities] == ["north", "south", "east"]
+    keys_by_community = []
+    for c in communities:
+        assert c["homeCommunityId"].startswith("urn:oid:")
+        authority = c["patientIdAssigningAuthority"]
+        assert authority.replace(".", "").isdigit()
+        assert set(c["endpoints"]) == {"iti38", "iti39", "rad75", "iti18", "iti43", "rad69"}
+        for url in c["endpoints"].values():
+            assert url.startswith("https://127.0.0.1:")
+        assert c["admin"].startswith("http://127.0.0.1:")
+        ids = set()
+        for patient in c["samplePatients"]:
+            pid = patient["id"]
+            assert pid.endswith(f"^^^&{authority}&ISO")
+            ids.add(pid)
+        assert len(ids) == len(c["samplePatients"])
+        keys_by_community.append({p["crossCommunityKey"]: p["id"] for p in c["samplePatients"]})
+    # The same person appears in every community under a different local patient id.
+    shared = set.intersection(*(set(k) for k in keys_by_community))
+    assert shared
+    for key in shared:
+        assert len({k[key] for k in keys_by_community}) == len(communities)
+    assert len({c["homeCommunityId"] for c in communities}) == len(communities)
+    # Keys not built yet are absent, not null (contract.md).
+    assert "auditRepository" not in data or data["auditRepository"] is not None
+
+
+def test_demo_endpoints_use_mutual_tls(demo: tuple[subprocess.Popen[bytes], Path]) -> None:
+    _, workdir = demo
+    data = _endpoints(workdir)
+    ca = Path(data["ca"])
+    good = client_context(ca, Path(data["client"]["cert"]), Path(data["client"]["key"]))
+    untrusted = client_context(
+        ca, Path(data["untrusted_client"]["cert"]), Path(data["untrusted_client"]["key"])
+    )
+    body = b"<hello/>"
+    headers = {"content-type": "application/soap+xml"}
+    for community in data["communities"]:
+        for url in community["endpoints"].values():
+            with httpx.Client(verify=good, timeout=10) as client:
+                # Not SOAP, so a VersionMismatch fault: the point is that we are answered.
+                assert client.post(url, content=body, headers=headers).status_code == 500
+        with (
+            httpx.Client(verify=untrusted, timeout=10) as client,
+            pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)),
+        ):
+            client.post(community["endpoints"]["iti38"], content=body, headers=headers)
+        assert httpx.get(community["admin"] + "/healthz").status_code == 200
+
+
+def test_demo_stops_cleanly_on_sigterm(demo: tuple[subprocess.Popen[bytes], Path]) -> None:
+    process, workdir = demo
+    children = psutil.Process(process.pid).children(recursive=True)
+    assert len(children) == 3
+    os.kill(process.pid, signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    _gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"stray processes: {alive}"
+    assert not (workdir / "endpoints.json").exists()
+
+
+def test_killed_demo_leaves_no_stray_gateways(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "xca_gateway",
+            "demo",
+            "--workdir",
+            str(tmp_path),
+            "--communities",
+            "2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "endpoints.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        children = psutil.Process(process.pid).children(recursive=True)
+        assert len(children) == 2
+        process.kill()  # SIGKILL: no chance to clean up, the kernel must take the children down
+        process.wait(10)
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive
+    finally:
+        if process.poll() is None:
+            process.kill()
