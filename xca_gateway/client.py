@@ -115,6 +115,9 @@ class PeerClient:
             raise
         finally:
             if self.metrics is not None and peer:
+                # A SOAP fault still proves the peer is reachable and speaking SOAP.
+                up = outcome in ("success", "fault")
+                self.metrics.peer_up.labels(peer).set(1 if up else 0)
                 self.metrics.peer_requests.labels(peer, transaction, outcome).inc()
                 self.metrics.peer_latency.labels(peer, transaction).observe(
                     time.monotonic() - started
@@ -126,14 +129,15 @@ class PeerClient:
         try:
             async with self.http.stream("POST", url, headers=headers, content=content) as response:
                 return await self._read_reply(response)
-        except httpx.ConnectError as exc:
-            cause = exc.__cause__ or exc.__context__
-            if isinstance(cause, ssl.SSLError):
-                raise PeerError("tls", f"TLS with {url} failed: {cause}") from None
-            raise PeerError("connect", f"cannot connect to {url}: {exc}") from None
         except httpx.TimeoutException:
             raise TimeoutError from None
         except (httpx.TransportError, ssl.SSLError) as exc:
+            # With TLS 1.3 a refused client certificate surfaces on the first read, not in
+            # connect(): look for the TLS error anywhere in the cause chain.
+            if _ssl_cause(exc) is not None:
+                raise PeerError("tls", f"TLS with {url} failed: {_ssl_cause(exc)}") from None
+            if isinstance(exc, httpx.ConnectError):
+                raise PeerError("connect", f"cannot connect to {url}: {exc}") from None
             raise PeerError("connect", f"transport error with {url}: {exc!r}") from None
 
     async def _read_reply(self, response: httpx.Response) -> SoapReply:
@@ -185,3 +189,14 @@ class PeerClient:
                 a.file.close()
             raise PeerError("http", f"HTTP {response.status_code} without a SOAP payload")
         return SoapReply(response.status_code, root, payload, attachments)
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    seen: BaseException | None = exc
+    for _ in range(10):  # bounded walk of the cause chain
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -57,7 +57,7 @@ class GatewayMetrics:
         self.peer_up = Gauge(
             "xca_gateway_peer_up",
             "1 if the last call to the peer community succeeded, 0 if it failed",
-            ["peer", "home_community_id"],
+            ["peer"],
             registry=self.registry,
         )
         self.peer_requests = Counter(

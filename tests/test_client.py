@@ -1,0 +1,124 @@
+"""The shared outbound client against real gateways and real failure modes."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+from lxml import etree
+
+from tests.test_server import ADHOC_QUERY
+from xca_gateway.client import PeerClient, PeerError
+from xca_gateway.config import OutboundConfig
+from xca_gateway.gateway import Gateway
+from xca_gateway.metrics import GatewayMetrics
+from xca_gateway.namespaces import QUERY, Action, ResponseStatus
+from xca_gateway.pki import DevPki
+from xca_gateway.tls import client_context
+
+
+def _client(pki: DevPki, metrics: GatewayMetrics | None = None) -> PeerClient:
+    ctx = client_context(pki.ca, pki.communities["alpha"].cert, pki.communities["alpha"].key)
+    return PeerClient(ctx, OutboundConfig(connect_timeout=2, request_timeout=5), metrics)
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A TCP port that accepts connections and never says anything (a hung peer)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join(5)
+    for conn in accepted:
+        conn.close()
+    server.close()
+
+
+async def test_call_a_peer_gateway(gateway_factory: Callable[..., Gateway], pki: DevPki) -> None:
+    beta = gateway_factory("beta")
+    metrics = GatewayMetrics()
+    client = _client(pki, metrics)
+    try:
+        reply = await client.call(
+            beta.endpoint_urls()["iti38"],
+            etree.fromstring(ADHOC_QUERY),
+            Action.ITI38,
+            peer="beta",
+            transaction="ITI-38",
+        )
+    finally:
+        await client.aclose()
+    assert reply.payload.tag == f"{{{QUERY}}}AdhocQueryResponse"
+    assert reply.payload.get("status") == ResponseStatus.FAILURE
+    rendered = metrics.render().decode()
+    assert 'xca_gateway_peer_up{peer="beta"} 1.0' in rendered
+    assert 'outcome="success",peer="beta",transaction="ITI-38"' in rendered
+
+
+async def test_peer_fault_is_reported_as_fault(
+    gateway_factory: Callable[..., Gateway], pki: DevPki
+) -> None:
+    beta = gateway_factory("beta")
+    client = _client(pki)
+    try:
+        with pytest.raises(PeerError) as info:
+            await client.call(beta.endpoint_urls()["iti38"], etree.fromstring(ADHOC_QUERY), "urn:x")
+    finally:
+        await client.aclose()
+    assert info.value.kind == "fault"
+    assert info.value.fault is not None and info.value.fault.subcodes[0].endswith(
+        "ActionNotSupported"
+    )
+
+
+async def test_refused_connection_hung_peer_and_tls_refusal(
+    gateway_factory: Callable[..., Gateway], pki: DevPki, silent_port: int
+) -> None:
+    # A peer that does not trust our CA refuses our certificate during the handshake.
+    distrustful = gateway_factory("gamma", tls={"trust_store": str(pki.untrusted_ca)})
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    metrics = GatewayMetrics()
+    client = _client(pki, metrics)
+    payload = etree.fromstring(ADHOC_QUERY)
+    try:
+        kinds = {}
+        for name, url, deadline in (
+            ("closed", f"https://127.0.0.1:{closed_port}/xca/iti38", 5.0),
+            ("hung", f"https://127.0.0.1:{silent_port}/xca/iti38", 0.5),
+            ("tls", distrustful.endpoint_urls()["iti38"], 5.0),
+        ):
+            with pytest.raises(PeerError) as info:
+                await client.call(url, payload, Action.ITI38, peer=name, deadline=deadline)
+            kinds[name] = info.value.kind
+    finally:
+        await client.aclose()
+    assert kinds["closed"] == "connect"
+    assert kinds["hung"] == "timeout"
+    # TLS 1.3: the server verifies our certificate after our side of the handshake is done and
+    # drops the connection, so the client may only see a reset on its first read.
+    assert kinds["tls"] in ("tls", "connect")
+    rendered = metrics.render().decode()
+    for name in ("closed", "hung", "tls"):
+        assert f'xca_gateway_peer_up{{peer="{name}"}} 0.0' in rendered
+    await asyncio.sleep(0)
