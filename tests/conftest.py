@@ -7,6 +7,7 @@ Gateways run in a background thread with their own event loop, so that synchrono
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -105,6 +106,33 @@ def gateway_factory(pki: DevPki, tmp_path: Path) -> Iterator[Callable[..., Gatew
 @pytest.fixture
 def gateway(gateway_factory: Callable[..., Gateway]) -> Gateway:
     return gateway_factory("alpha")
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A TCP port that accepts connections and never says anything (a hung peer)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join(5)
+    for conn in accepted:
+        conn.close()
+    server.close()
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:

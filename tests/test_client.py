@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from lxml import etree
@@ -23,33 +22,6 @@ from xca_gateway.tls import client_context
 def _client(pki: DevPki, metrics: GatewayMetrics | None = None) -> PeerClient:
     ctx = client_context(pki.ca, pki.communities["alpha"].cert, pki.communities["alpha"].key)
     return PeerClient(ctx, OutboundConfig(connect_timeout=2, request_timeout=5), metrics)
-
-
-@pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A TCP port that accepts connections and never says anything (a hung peer)."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                accepted.append(server.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield server.getsockname()[1]
-    stop.set()
-    thread.join(5)
-    for conn in accepted:
-        conn.close()
-    server.close()
 
 
 async def test_call_a_peer_gateway(gateway_factory: Callable[..., Gateway], pki: DevPki) -> None:

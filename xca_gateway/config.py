@@ -20,6 +20,9 @@ BCP195_CIPHERS = (
     "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384"
 )
 
+# Sections whose schema lives with the module that uses them (validated when it starts).
+EXTRA_SECTIONS = ("registry", "repository", "imaging", "audit")
+
 _OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
 
 
@@ -103,6 +106,35 @@ class PeerConfig:
     iti38: str | None = None
     iti39: str | None = None
     rad75: str | None = None
+    # The peer's patient identifier domain; None = it shares ours (affinity-domain MPI).
+    patient_id_assigning_authority: str | None = None
+    # Where to find the peer's id for our patient, in order of preference.
+    patient_id_sources: tuple[str, ...] = ("xref",)
+
+
+PATIENT_ID_SOURCES = frozenset({"xref"})
+
+
+@dataclass(frozen=True)
+class InitiatingConfig:
+    # Per-peer deadline for one ITI-38 exchange, and for the whole fan-out.
+    peer_deadline: float = 10.0
+    overall_deadline: float = 15.0
+    # Ask our own community's registry too, so a consumer sees one merged view.
+    query_local_community: bool = True
+    # Circuit breaker: after this many consecutive failures a peer is skipped for
+    # breaker_open_seconds (answered at once as unavailable) while a background probe checks it.
+    breaker_failures: int = 3
+    breaker_open_seconds: float = 30.0
+    # ObjectRefs returned by a peer to a LeafClass query are fetched with GetDocuments in
+    # batches of this size.
+    follow_up_batch: int = 50
+
+
+@dataclass(frozen=True)
+class PatientMappingConfig:
+    # CSV file of cross-referenced patient ids, loaded into the embedded table at start-up.
+    xref_csv: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +160,10 @@ class GatewayConfig:
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     peers: tuple[PeerConfig, ...] = ()
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    initiating: InitiatingConfig = field(default_factory=InitiatingConfig)
+    patient_mapping: PatientMappingConfig = field(default_factory=PatientMappingConfig)
+    # Sections owned by other modules (registry, repository, imaging, audit), parsed there.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def base_url(self) -> str:
@@ -182,6 +218,9 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
         "peers",
         "storage",
         "diagnostics",
+        "initiating",
+        "patient_mapping",
+        *EXTRA_SECTIONS,
     }
     unknown = set(data) - known_sections
     if unknown:
@@ -217,13 +256,36 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
     peers_raw = data.get("peers", [])
     if not isinstance(peers_raw, list):
         raise ConfigError("[[peers]] must be an array of tables")
-    peers = tuple(_build(PeerConfig, p, "peers") for p in peers_raw)
+    peers = tuple(
+        _build(
+            PeerConfig,
+            {**p, "patient_id_sources": tuple(p.get("patient_id_sources", ["xref"]))},
+            "peers",
+        )
+        for p in peers_raw
+    )
     seen: set[str] = {community.home_community_id}
     for peer in peers:
         validate_home_community_id(peer.home_community_id, f"peers[{peer.name}].home_community_id")
+        if peer.patient_id_assigning_authority is not None:
+            validate_oid(
+                peer.patient_id_assigning_authority, f"peers[{peer.name}] assigning authority"
+            )
+        unsupported = set(peer.patient_id_sources) - PATIENT_ID_SOURCES
+        if unsupported:
+            names = ", ".join(sorted(unsupported))
+            raise ConfigError(f"peers[{peer.name}].patient_id_sources: not supported: {names}")
         if peer.home_community_id in seen:
             raise ConfigError(f"duplicate homeCommunityId {peer.home_community_id}")
         seen.add(peer.home_community_id)
+
+    initiating = _build(InitiatingConfig, _table(data, "initiating"), "initiating")
+    if initiating.peer_deadline <= 0 or initiating.overall_deadline <= 0:
+        raise ConfigError("[initiating] deadlines must be positive")
+    mapping_t = dict(_table(data, "patient_mapping"))
+    if "xref_csv" in mapping_t:
+        mapping_t["xref_csv"] = _path(base_dir, mapping_t["xref_csv"], "patient_mapping.xref_csv")
+    patient_mapping = _build(PatientMappingConfig, mapping_t, "patient_mapping")
 
     return GatewayConfig(
         path=path,
@@ -236,6 +298,9 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
         outbound=_build(OutboundConfig, _table(data, "outbound"), "outbound"),
         peers=peers,
         diagnostics=_build(DiagnosticsConfig, _table(data, "diagnostics"), "diagnostics"),
+        initiating=initiating,
+        patient_mapping=patient_mapping,
+        extra={k: data[k] for k in EXTRA_SECTIONS if k in data},
     )
 
 

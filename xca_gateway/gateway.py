@@ -17,7 +17,10 @@ from xca_gateway import diagnostics
 from xca_gateway.admin import AdminApp
 from xca_gateway.client import PeerClient
 from xca_gateway.config import GatewayConfig
+from xca_gateway.initiating import InitiatingGateway, iti18_handler
 from xca_gateway.metrics import GatewayMetrics
+from xca_gateway.namespaces import Action
+from xca_gateway.patient_mapping import CrossReferenceTable, PatientIdMapper
 from xca_gateway.server import HttpServer, ServerTimeouts
 from xca_gateway.soap_service import Operation, SoapEndpoint, SoapService
 from xca_gateway.tls import HandshakeFailure, gateway_client_context, server_context
@@ -62,6 +65,21 @@ class Gateway:
         self.admin = HttpServer(AdminApp(self.metrics, self.readiness), ssl_context=None)
         self.peer_client = PeerClient(
             gateway_client_context(config.tls), config.outbound, self.metrics
+        )
+        self.xref = CrossReferenceTable(config.storage.data_dir / "xref.sqlite3")
+        if config.patient_mapping.xref_csv is not None:
+            self.xref.load_csv(config.patient_mapping.xref_csv)
+        self.initiating = InitiatingGateway(
+            home_community_id=config.community.home_community_id,
+            patient_id_assigning_authority=config.community.patient_id_assigning_authority,
+            peers=config.peers,
+            peer_client=self.peer_client,
+            mapper=PatientIdMapper(self.xref),
+            config=config.initiating,
+            metrics=self.metrics,
+        )
+        self.endpoints["iti18"].add(
+            Operation(Action.ITI18, "ITI-18", iti18_handler(self.initiating))
         )
         self._started = False
 
@@ -113,7 +131,9 @@ class Gateway:
         self._started = False
         await self.https.close()
         await self.admin.close()
+        await self.initiating.close()
         await self.peer_client.aclose()
+        self.xref.close()
 
     @property
     def base_url(self) -> str:

@@ -1,0 +1,495 @@
+"""The Initiating Gateway role, query side: an ITI-18 from a local consumer fans out as ITI-38.
+
+Every peer community is asked at once (plus, if configured, our own registry); the answers are
+merged into one ITI-18 response. Total time is bounded by the slowest *live* peer and by the
+overall deadline; a peer that is down, slow, refuses TLS or faults becomes an
+``XDSUnavailableCommunity`` error naming it, and the others' results still come back
+(PartialSuccess). The request analysis and the merge are pure functions; only
+:meth:`InitiatingGateway.query` does I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from lxml import etree
+
+from xca_gateway.client import PeerClient, PeerError
+from xca_gateway.config import InitiatingConfig, PeerConfig
+from xca_gateway.ebrim import StoredQueryId
+from xca_gateway.ebrs import RegistryError, adhoc_query_response, parse_registry_errors
+from xca_gateway.metrics import GatewayMetrics
+from xca_gateway.namespaces import QUERY, RIM, Action, ErrorSeverity, ResponseStatus
+from xca_gateway.patient_id import PatientId, PatientIdError, parse_patient_id
+from xca_gateway.patient_mapping import PatientIdMapper
+from xca_gateway.soap_service import Handler, SoapRequest, SoapResponse
+
+log = logging.getLogger(__name__)
+
+# Patient-based stored queries and the parameter that carries the patient id.
+PATIENT_PARAMETER = {
+    StoredQueryId.FIND_DOCUMENTS: "$XDSDocumentEntryPatientId",
+    StoredQueryId.FIND_DOCUMENTS_BY_REFERENCE_ID: "$XDSDocumentEntryPatientId",
+    StoredQueryId.FIND_SUBMISSION_SETS: "$XDSSubmissionSetPatientId",
+    StoredQueryId.FIND_FOLDERS: "$XDSFolderPatientId",
+    StoredQueryId.GET_ALL: "$patientId",
+}
+ID_BASED_QUERIES = frozenset(
+    v for k, v in vars(StoredQueryId).items() if not k.startswith("_")
+) - set(PATIENT_PARAMETER)
+
+
+# ---------------------------------------------------------------------------- request analysis
+
+
+@dataclass
+class QueryRequest:
+    """What the fan-out needs to know about an AdhocQueryRequest."""
+
+    element: etree._Element
+    query_id: str
+    return_type: str
+    home: str | None
+    patient_parameter: str | None
+    patient_id: PatientId | None
+
+
+class QueryRejected(Exception):
+    def __init__(self, error: RegistryError) -> None:
+        super().__init__(error.code_context)
+        self.error = error
+
+
+def _slot_values(adhoc: etree._Element, name: str) -> list[str]:
+    return [
+        (v.text or "").strip()
+        for slot in adhoc.iterfind(f"{{{RIM}}}Slot")
+        if slot.get("name") == name
+        for v in slot.iterfind(f"{{{RIM}}}ValueList/{{{RIM}}}Value")
+    ]
+
+
+def analyse_query(
+    element: etree._Element, *, local_authority: str, known_communities: set[str]
+) -> QueryRequest:
+    """Validate a consumer's ITI-18 request for fan-out; raise :class:`QueryRejected`."""
+    if element.tag != f"{{{QUERY}}}AdhocQueryRequest":
+        raise QueryRejected(RegistryError("XDSRegistryError", "expected query:AdhocQueryRequest"))
+    adhoc = element.find(f"{{{RIM}}}AdhocQuery")
+    option = element.find(f"{{{QUERY}}}ResponseOption")
+    if adhoc is None or not adhoc.get("id"):
+        raise QueryRejected(
+            RegistryError("XDSRegistryError", "rim:AdhocQuery with an id is required")
+        )
+    query_id = adhoc.get("id", "")
+    return_type = option.get("returnType", "ObjectRef") if option is not None else "ObjectRef"
+    if return_type not in ("ObjectRef", "LeafClass"):
+        raise QueryRejected(
+            RegistryError("XDSRegistryError", f"unsupported returnType {return_type!r}")
+        )
+    home = adhoc.get("home") or None
+    if query_id not in PATIENT_PARAMETER and query_id not in ID_BASED_QUERIES:
+        raise QueryRejected(
+            RegistryError("XDSUnknownStoredQuery", f"unknown stored query id {query_id}")
+        )
+    if home is not None and home not in known_communities:
+        raise QueryRejected(
+            RegistryError("XDSUnknownCommunity", f"no route to community {home}", location=home)
+        )
+    parameter = PATIENT_PARAMETER.get(query_id)
+    patient: PatientId | None = None
+    if parameter is not None:
+        values = _slot_values(adhoc, parameter)
+        if not values:
+            raise QueryRejected(
+                RegistryError("XDSStoredQueryMissingParam", f"{parameter} is required")
+            )
+        if len(values) > 1:
+            raise QueryRejected(
+                RegistryError("XDSStoredQueryParamNumber", f"{parameter} takes a single value")
+            )
+        try:
+            patient = parse_patient_id(values[0])
+        except PatientIdError as exc:
+            raise QueryRejected(RegistryError("XDSRegistryError", str(exc))) from None
+        if patient.assigning_authority != local_authority and home is None:
+            # We can only map identifiers of our own patient identifier domain.
+            raise QueryRejected(
+                RegistryError(
+                    "XDSUnknownPatientId",
+                    f"patient id {patient} is not from this community's assigning authority "
+                    f"{local_authority}",
+                )
+            )
+    elif home is None:
+        raise QueryRejected(
+            RegistryError(
+                "XDSMissingHomeCommunityId",
+                "an id-based stored query needs the homeCommunityId (AdhocQuery/@home)",
+            )
+        )
+    return QueryRequest(element, query_id, return_type, home, parameter, patient)
+
+
+def request_for_peer(
+    request: QueryRequest, patient: PatientId | None, home: str | None
+) -> etree._Element:
+    """A copy of the consumer's request with the peer's patient id (and home, if targeted)."""
+    element = copy.deepcopy(request.element)
+    adhoc = element.find(f"{{{RIM}}}AdhocQuery")
+    assert adhoc is not None
+    if home is not None:
+        adhoc.set("home", home)
+    if patient is not None and request.patient_parameter is not None:
+        for slot in adhoc.iterfind(f"{{{RIM}}}Slot"):
+            if slot.get("name") == request.patient_parameter:
+                for value in slot.iterfind(f"{{{RIM}}}ValueList/{{{RIM}}}Value"):
+                    value.text = patient.quoted
+    return element
+
+
+# ---------------------------------------------------------------------------- merge
+
+
+@dataclass
+class CommunityAnswer:
+    home_community_id: str
+    name: str
+    objects: list[etree._Element] = field(default_factory=list)
+    errors: list[RegistryError] = field(default_factory=list)
+    responded: bool = False
+
+
+@dataclass
+class QueryOutcome:
+    status: str
+    errors: list[RegistryError]
+    objects: list[etree._Element]
+
+
+def read_peer_answer(answer: CommunityAnswer, payload: etree._Element) -> None:
+    """Fold a peer's AdhocQueryResponse into ``answer`` (errors keep or get its location)."""
+    if payload.tag != f"{{{QUERY}}}AdhocQueryResponse":
+        answer.errors.append(
+            RegistryError(
+                "XDSUnavailableCommunity",
+                f"{answer.name} answered {etree.QName(payload).localname}, not a query response",
+                location=answer.home_community_id,
+            )
+        )
+        return
+    answer.responded = True
+    for error in parse_registry_errors(payload):
+        if error.location:
+            answer.errors.append(error)
+        else:
+            answer.errors.append(
+                RegistryError(
+                    error.error_code, error.code_context, answer.home_community_id, error.severity
+                )
+            )
+    object_list = payload.find(f"{{{RIM}}}RegistryObjectList")
+    missing_home = 0
+    objects = object_list.iterchildren("{*}*") if object_list is not None else iter(())
+    for obj in objects:  # elements only, not comments
+        if not obj.get("home"):
+            missing_home += 1
+            continue
+        answer.objects.append(obj)
+    if missing_home:
+        # ITI38-019: objects from a Responding Gateway must carry its homeCommunityId.
+        answer.errors.append(
+            RegistryError(
+                "XDSMissingHomeCommunityId",
+                f"{answer.name} returned {missing_home} object(s) without a home attribute",
+                location=answer.home_community_id,
+            )
+        )
+
+
+def merge(
+    answers: Sequence[CommunityAnswer], extra_errors: Sequence[RegistryError] = ()
+) -> QueryOutcome:
+    objects = [o for a in answers for o in a.objects]
+    errors = [*extra_errors, *(e for a in answers for e in a.errors)]
+    hard_errors = [e for e in errors if e.severity == ErrorSeverity.ERROR]
+    if not hard_errors:
+        status = ResponseStatus.SUCCESS
+    elif objects or any(a.responded and not _failed(a) for a in answers):
+        status = ResponseStatus.PARTIAL_SUCCESS
+    else:
+        status = ResponseStatus.FAILURE
+    return QueryOutcome(status, errors, objects)
+
+
+def _failed(answer: CommunityAnswer) -> bool:
+    return any(e.severity == ErrorSeverity.ERROR for e in answer.errors) and not answer.objects
+
+
+# ---------------------------------------------------------------------------- circuit breaker
+
+
+class PeerHealth:
+    """Consecutive-failure circuit breaker for one peer."""
+
+    def __init__(self, failures: int, open_seconds: float) -> None:
+        self.threshold = failures
+        self.open_seconds = open_seconds
+        self.consecutive_failures = 0
+        self.open_until = 0.0
+
+    def is_open(self) -> bool:
+        return time.monotonic() < self.open_until
+
+    def success(self) -> None:
+        self.consecutive_failures = 0
+        self.open_until = 0.0
+
+    def failure(self) -> None:
+        self.consecutive_failures += 1
+        if self.consecutive_failures >= self.threshold:
+            self.open_until = time.monotonic() + self.open_seconds
+
+
+LocalQuery = Callable[
+    [etree._Element], Awaitable[tuple[str, list[RegistryError], list[etree._Element]]]
+]
+
+
+class InitiatingGateway:
+    def __init__(
+        self,
+        *,
+        home_community_id: str,
+        patient_id_assigning_authority: str,
+        peers: Sequence[PeerConfig],
+        peer_client: PeerClient,
+        mapper: PatientIdMapper,
+        config: InitiatingConfig | None = None,
+        local_query: LocalQuery | None = None,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
+        self.home_community_id = home_community_id
+        self.local_authority = patient_id_assigning_authority
+        self.peers = {p.home_community_id: p for p in peers if p.iti38}
+        self.peer_client = peer_client
+        self.mapper = mapper
+        self.config = config or InitiatingConfig()
+        self.local_query = local_query
+        self.metrics = metrics
+        self.health = {
+            home: PeerHealth(self.config.breaker_failures, self.config.breaker_open_seconds)
+            for home in self.peers
+        }
+        self._probes: dict[str, asyncio.Task[None]] = {}
+
+    async def close(self) -> None:
+        for task in self._probes.values():
+            task.cancel()
+        if self._probes:
+            await asyncio.wait(list(self._probes.values()), timeout=2)
+
+    async def query(self, element: etree._Element) -> QueryOutcome:
+        known = set(self.peers)
+        if self.local_query is not None:
+            known.add(self.home_community_id)
+        try:
+            request = analyse_query(
+                element, local_authority=self.local_authority, known_communities=known
+            )
+        except QueryRejected as exc:
+            return QueryOutcome(ResponseStatus.FAILURE, [exc.error], [])
+
+        deadline = time.monotonic() + self.config.overall_deadline
+        targets = [request.home] if request.home else [*self.peers]
+        extra: list[RegistryError] = []
+        jobs: list[Awaitable[CommunityAnswer]] = []
+        if self.local_query is not None and (request.home in (None, self.home_community_id)):
+            jobs.append(self._ask_local(request))
+        for home in targets:
+            if home == self.home_community_id:
+                continue
+            peer = self.peers[home]
+            patient = request.patient_id
+            if patient is not None:
+                mapped = await self.mapper.to_peer(
+                    patient, peer.patient_id_assigning_authority, peer.patient_id_sources
+                )
+                if mapped is None:
+                    # Not an error for the query as a whole: this community does not know the
+                    # patient (or we cannot tell who they are there).
+                    extra.append(
+                        RegistryError(
+                            "XDSUnknownPatientId",
+                            f"no patient id for {patient} known in {peer.name}; not queried",
+                            location=home,
+                            severity=ErrorSeverity.WARNING,
+                        )
+                    )
+                    continue
+                patient = mapped
+            payload = request_for_peer(request, patient, request.home)
+            jobs.append(self._ask_peer(peer, payload, deadline, request.return_type))
+        answers = await asyncio.gather(*jobs)
+        return merge(answers, extra)
+
+    async def _ask_local(self, request: QueryRequest) -> CommunityAnswer:
+        assert self.local_query is not None
+        answer = CommunityAnswer(self.home_community_id, "local")
+        try:
+            _status, errors, objects = await self.local_query(request.element)
+        except Exception:
+            log.exception("local registry query failed")
+            answer.errors.append(
+                RegistryError("XDSRegistryError", "local registry failed", self.home_community_id)
+            )
+            return answer
+        answer.responded = True
+        answer.errors.extend(errors)
+        for obj in objects:
+            obj.set("home", self.home_community_id)
+        answer.objects.extend(objects)
+        return answer
+
+    async def _ask_peer(
+        self, peer: PeerConfig, payload: etree._Element, deadline: float, return_type: str
+    ) -> CommunityAnswer:
+        answer = CommunityAnswer(peer.home_community_id, peer.name)
+        health = self.health[peer.home_community_id]
+        if health.is_open():
+            answer.errors.append(self._unavailable(peer, "marked down after repeated failures"))
+            return answer
+        remaining = deadline - time.monotonic()
+        budget = min(self.config.peer_deadline, remaining)
+        assert peer.iti38 is not None
+        try:
+            if budget <= 0:
+                raise PeerError("timeout", "overall deadline exhausted")
+            reply = await self.peer_client.call(
+                peer.iti38,
+                payload,
+                Action.ITI38,
+                peer=peer.name,
+                transaction="ITI-38",
+                deadline=budget,
+            )
+        except PeerError as exc:
+            health.failure()
+            if health.is_open():
+                self._start_probe(peer)
+            log.warning("ITI-38 to %s failed (%s): %s", peer.name, exc.kind, exc.message)
+            answer.errors.append(self._unavailable(peer, f"{exc.kind}: {exc.message}"))
+            return answer
+        health.success()
+        try:
+            read_peer_answer(answer, reply.payload)
+        finally:
+            reply.close()
+        if return_type == "LeafClass":
+            await self._follow_up_object_refs(peer, answer, deadline)
+        return answer
+
+    async def _follow_up_object_refs(
+        self, peer: PeerConfig, answer: CommunityAnswer, deadline: float
+    ) -> None:
+        """Turn ObjectRefs a peer returned for a LeafClass query into full objects."""
+        refs = [o for o in answer.objects if o.tag == f"{{{RIM}}}ObjectRef"]
+        if not refs:
+            return
+        answer.objects = [o for o in answer.objects if o.tag != f"{{{RIM}}}ObjectRef"]
+        batch = max(1, self.config.follow_up_batch)
+        assert peer.iti38 is not None
+        for start in range(0, len(refs), batch):
+            ids = [r.get("id", "") for r in refs[start : start + batch]]
+            request = get_documents_request(ids, peer.home_community_id)
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise PeerError("timeout", "overall deadline exhausted")
+                reply = await self.peer_client.call(
+                    peer.iti38,
+                    request,
+                    Action.ITI38,
+                    peer=peer.name,
+                    transaction="ITI-38",
+                    deadline=min(self.config.peer_deadline, remaining),
+                )
+            except PeerError as exc:
+                answer.errors.append(
+                    self._unavailable(peer, f"GetDocuments follow-up: {exc.message}")
+                )
+                return
+            try:
+                read_peer_answer(answer, reply.payload)
+            finally:
+                reply.close()
+
+    def _unavailable(self, peer: PeerConfig, why: str) -> RegistryError:
+        return RegistryError(
+            "XDSUnavailableCommunity",
+            f"community {peer.name} ({peer.home_community_id}) unavailable: {why}",
+            location=peer.home_community_id,
+        )
+
+    def _start_probe(self, peer: PeerConfig) -> None:
+        task = self._probes.get(peer.home_community_id)
+        if task is not None and not task.done():
+            return
+        self._probes[peer.home_community_id] = asyncio.create_task(self._probe(peer))
+
+    async def _probe(self, peer: PeerConfig) -> None:
+        """While the breaker is open, check in the background whether the peer is back."""
+        health = self.health[peer.home_community_id]
+        assert peer.iti38 is not None
+        while health.consecutive_failures >= health.threshold:
+            await asyncio.sleep(min(5.0, health.open_seconds / 3))
+            try:
+                # Any HTTP answer over mutual TLS (405 to a GET) shows the node is up again.
+                await asyncio.wait_for(
+                    self.peer_client.http.get(peer.iti38), self.config.peer_deadline
+                )
+            except Exception:
+                health.open_until = time.monotonic() + health.open_seconds
+                if self.metrics is not None:
+                    self.metrics.peer_up.labels(peer.name).set(0)
+                continue
+            health.success()
+            if self.metrics is not None:
+                self.metrics.peer_up.labels(peer.name).set(1)
+
+
+def get_documents_request(entry_uuids: Sequence[str], home: str) -> etree._Element:
+    root = etree.Element(f"{{{QUERY}}}AdhocQueryRequest", nsmap={"query": QUERY, "rim": RIM})
+    etree.SubElement(root, f"{{{QUERY}}}ResponseOption").attrib.update(
+        {"returnType": "LeafClass", "returnComposedObjects": "true"}
+    )
+    adhoc = etree.SubElement(root, f"{{{RIM}}}AdhocQuery")
+    adhoc.set("id", StoredQueryId.GET_DOCUMENTS)
+    adhoc.set("home", home)
+    slot = etree.SubElement(adhoc, f"{{{RIM}}}Slot")
+    slot.set("name", "$XDSDocumentEntryEntryUUID")
+    values = etree.SubElement(slot, f"{{{RIM}}}ValueList")
+    etree.SubElement(values, f"{{{RIM}}}Value").text = (
+        "(" + ",".join(f"'{u}'" for u in entry_uuids) + ")"
+    )
+    return root
+
+
+def iti18_handler(gateway: InitiatingGateway) -> Handler:
+    """ITI-18 at the initiating endpoint: answered by the fan-out."""
+
+    async def handle(request: SoapRequest) -> SoapResponse:
+        outcome = await gateway.query(request.payload)
+        payload = adhoc_query_response(outcome.status, outcome.errors, outcome.objects)
+        label = {
+            ResponseStatus.SUCCESS: "success",
+            ResponseStatus.PARTIAL_SUCCESS: "partial",
+        }.get(outcome.status, "failure")
+        return SoapResponse(payload, Action.ITI18_RESPONSE, outcome=label)
+
+    return handle
