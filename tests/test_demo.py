@@ -171,6 +171,47 @@ def test_demo_endpoints_use_mutual_tls(demo: tuple[subprocess.Popen[bytes], Path
         assert httpx.get(community["admin"] + "/healthz").status_code == 200
 
 
+def test_demo_consumer_query_reaches_every_community(
+    demo: tuple[subprocess.Popen[bytes], Path],
+) -> None:
+    """A consumer's ITI-18 at one community fans out to the others with their patient ids."""
+    from lxml import etree
+
+    from tests.test_initiating import find_documents
+    from tests.test_server import soap12
+    from xca_gateway.namespaces import QUERY, RIM, RS, SOAP12, Action
+
+    _, workdir = demo
+    data = _endpoints(workdir)
+    ctx = client_context(
+        Path(data["ca"]), Path(data["client"]["cert"]), Path(data["client"]["key"])
+    )
+    north = data["communities"][0]
+    alice = next(p["id"] for p in north["samplePatients"] if p["crossCommunityKey"] == "alice")
+    with httpx.Client(verify=ctx, timeout=30) as client:
+        response = client.post(
+            north["endpoints"]["iti18"],
+            content=soap12(Action.ITI18, find_documents(alice)),
+            headers={"content-type": "application/soap+xml"},
+        )
+    assert response.status_code == 200
+    payload = etree.fromstring(response.content).find(
+        f"{{{SOAP12}}}Body/{{{QUERY}}}AdhocQueryResponse"
+    )
+    assert payload is not None
+    answered = {o.get("home") for o in payload.iter(f"{{{RIM}}}ExtrinsicObject")} | {
+        e.get("location") for e in payload.iter(f"{{{RS}}}RegistryError")
+    }
+    others = {c["homeCommunityId"] for c in data["communities"][1:]}
+    assert others <= answered
+    unavailable = [
+        e
+        for e in payload.iter(f"{{{RS}}}RegistryError")
+        if e.get("errorCode") == "XDSUnavailableCommunity"
+    ]
+    assert not unavailable
+
+
 def test_demo_stops_cleanly_on_sigterm(demo: tuple[subprocess.Popen[bytes], Path]) -> None:
     process, workdir = demo
     children = psutil.Process(process.pid).children(recursive=True)

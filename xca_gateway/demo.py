@@ -83,6 +83,7 @@ def community_config_toml(
     admin_port: int,
     peers: list[tuple[DemoCommunity, str]],
     diagnostics_echo: bool = False,
+    xref_csv: str | None = None,
 ) -> str:
     """The TOML configuration of one demo community; ``peers`` gives each peer's base URL."""
     lines = [
@@ -112,6 +113,8 @@ def community_config_toml(
     ]
     if diagnostics_echo:
         lines += ["[diagnostics]", "echo = true", ""]
+    if xref_csv:
+        lines += ["[patient_mapping]", f"xref_csv = {_q(xref_csv)}", ""]
     for peer, base_url in peers:
         lines += [
             "[[peers]]",
@@ -120,6 +123,7 @@ def community_config_toml(
             f"iti38 = {_q(base_url + '/xca/iti38')}",
             f"iti39 = {_q(base_url + '/xca/iti39')}",
             f"rad75 = {_q(base_url + '/xca/rad75')}",
+            f"patient_id_assigning_authority = {_q(peer.assigning_authority)}",
             "",
         ]
     return "\n".join(lines)
@@ -218,6 +222,23 @@ class Demo:
             admin_port = https_port + 1 if self.base_port else 0
             bound.append((c, _bind(https_port), _bind(admin_port)))
         base_urls = {c.name: f"https://127.0.0.1:{h.getsockname()[1]}" for c, h, _ in bound}
+        samples = {}
+        for c in self.communities:
+            (self.workdir / c.name / "data").mkdir(parents=True, exist_ok=True)
+            samples[c.name] = _seed(c, self.workdir / c.name / "data")
+        # The demo's master patient index: the same person's ids in every community.
+        xref = self.workdir / "xref.csv"
+        people: dict[str, list[str]] = {}
+        for c in self.communities:
+            for patient in samples[c.name]:
+                people.setdefault(patient["crossCommunityKey"], []).append(patient["id"])
+        lines = [f"# {key}\n" + ",".join(ids) for key, ids in people.items()]
+        _write_atomic(
+            xref,
+            "# one person per line: their patient id in every community\n"
+            + "\n".join(lines)
+            + "\n",
+        )
         communities_json = []
         for c, https, admin in bound:
             cdir = self.workdir / c.name
@@ -230,17 +251,16 @@ class Demo:
                 https_port=https.getsockname()[1],
                 admin_port=admin.getsockname()[1],
                 peers=peers,
+                xref_csv=str(xref),
             )
             _write_atomic(cdir / "gateway.toml", config)
-            (cdir / "data").mkdir(exist_ok=True)
-            samples = _seed(c, cdir / "data")
             base = base_urls[c.name]
             communities_json.append(
                 {
                     "name": c.name,
                     "homeCommunityId": c.home_community_id,
                     "patientIdAssigningAuthority": c.assigning_authority,
-                    "samplePatients": samples,
+                    "samplePatients": samples[c.name],
                     "endpoints": {
                         "iti38": f"{base}/xca/iti38",
                         "iti39": f"{base}/xca/iti39",
