@@ -1,0 +1,311 @@
+"""Initiating-gateway fan-out: total time vs. the slowest peer, deadlines, throughput.
+
+A "peer farm" process runs N responding endpoints over mutual TLS, each answering ITI-38 after
+its own latency (spread evenly between 10 ms and 500 ms). An ``xca-gateway serve`` process is
+the initiating gateway, peered with all of them. Everything is measured side by side in one run:
+
+* for N = 1, 5, 10, 20: median time of one ITI-18 through the gateway / median time of one
+  direct ITI-38 to the slowest peer (target ≤ 1.05: bounded by the slowest, never the sum);
+* with one black-holed peer and a 2 s deadline: answer time − deadline (target ≤ 100 ms);
+* queries/s of concurrent consumers through the gateway vs. straight to one peer.
+
+    python benchmarks/fanout.py [--repeat 5] [--concurrency 20] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+
+import httpx
+
+from xca_gateway.config import LimitsConfig
+from xca_gateway.pki import init_dev_pki
+from xca_gateway.tls import client_context
+
+HERE = Path(__file__).resolve()
+ARC = "1.3.6.1.4.1.21367.13"
+PATIENT = f"P1^^^&{ARC}.20.1000&ISO"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ------------------------------------------------------------------------------- peer farm
+
+
+async def _farm(certs: Path, latencies: list[float]) -> None:
+    import uuid
+
+    from lxml import etree
+
+    from xca_gateway.config import TlsConfig
+    from xca_gateway.ebrs import adhoc_query_response
+    from xca_gateway.metrics import GatewayMetrics
+    from xca_gateway.namespaces import RIM, Action, ResponseStatus
+    from xca_gateway.server import HttpServer
+    from xca_gateway.soap_service import (
+        Operation,
+        SoapEndpoint,
+        SoapRequest,
+        SoapResponse,
+        SoapService,
+    )
+    from xca_gateway.tls import server_context
+
+    tls = TlsConfig(certs / "peer.pem", certs / "peer.key", certs / "ca.pem")
+    servers = []
+    for index, latency in enumerate(latencies):
+        home = f"urn:oid:{ARC}.70.{100 + index}"
+
+        def make(latency: float, home: str) -> Any:
+            async def handle(request: SoapRequest) -> SoapResponse:
+                await asyncio.sleep(latency)
+                entry = etree.Element(f"{{{RIM}}}ExtrinsicObject", id=f"urn:uuid:{uuid.uuid4()}")
+                entry.set("home", home)
+                payload = adhoc_query_response(ResponseStatus.SUCCESS, [], [entry])
+                return SoapResponse(payload, Action.ITI38_RESPONSE)
+
+            return handle
+
+        endpoint = SoapEndpoint("/xca/iti38", "iti38", {})
+        endpoint.add(Operation(Action.ITI38, "ITI-38", make(latency, home)))
+        server = HttpServer(
+            SoapService([endpoint], LimitsConfig(), GatewayMetrics()),
+            ssl_context=server_context(tls),
+        )
+        await server.start("127.0.0.1", 0)
+        servers.append({"home": home, "port": server.port, "latency": latency})
+    print(json.dumps(servers), flush=True)
+    await asyncio.Event().wait()
+
+
+# ------------------------------------------------------------------------------- driver
+
+
+def _query(action_query: str = "iti18", home: str | None = None) -> bytes:
+    from xca_gateway.namespaces import QUERY, RIM, SOAP12, WSA, Action
+
+    action = Action.ITI18 if action_query == "iti18" else Action.ITI38
+    home_attr = f' home="{home}"' if home else ""
+    return f"""<?xml version="1.0" encoding="UTF-8"?>
+<s:Envelope xmlns:s="{SOAP12}" xmlns:a="{WSA}"><s:Header>
+<a:Action s:mustUnderstand="1">{action}</a:Action><a:MessageID>urn:uuid:1</a:MessageID>
+</s:Header><s:Body><query:AdhocQueryRequest xmlns:query="{QUERY}" xmlns:rim="{RIM}">
+<query:ResponseOption returnType="LeafClass" returnComposedObjects="true"/>
+<rim:AdhocQuery id="urn:uuid:14d4debf-8f97-4251-9a74-a90016b0af0d"{home_attr}>
+<rim:Slot name="$XDSDocumentEntryPatientId"><rim:ValueList>
+<rim:Value>'{escape(PATIENT)}'</rim:Value></rim:ValueList></rim:Slot>
+</rim:AdhocQuery></query:AdhocQueryRequest></s:Body></s:Envelope>""".encode()
+
+
+class Bench:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.pki = init_dev_pki(work / "certs", ["ig", "peer"])
+        self.ctx = client_context(self.pki.ca, self.pki.client.cert, self.pki.client.key)
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    def farm(self, latencies: list[float]) -> list[dict[str, Any]]:
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE), "--farm", str(self.work / "certs"), json.dumps(latencies)],
+            stdout=subprocess.PIPE,
+        )
+        self.procs.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        peers: list[dict[str, Any]] = json.loads(line)
+        return peers
+
+    def gateway(self, peers: list[dict[str, Any]], deadline: float) -> str:
+        port, admin = _free_port(), _free_port()
+        lines = [
+            "[community]",
+            'name = "ig"',
+            f'home_community_id = "urn:oid:{ARC}.70.1"',
+            f'patient_id_assigning_authority = "{ARC}.20.1000"',
+            f"[server]\nport = {port}",
+            f"[admin]\nport = {admin}",
+            "[tls]",
+            f'certificate = "{self.pki.communities["ig"].cert}"',
+            f'private_key = "{self.pki.communities["ig"].key}"',
+            f'trust_store = "{self.pki.ca}"',
+            f'[storage]\ndata_dir = "{self.work / f"ig{port}"}"',
+            f"[initiating]\npeer_deadline = {deadline}\noverall_deadline = {deadline}",
+            f"[outbound]\nmax_keepalive_connections = 100\nrequest_timeout = {deadline}",
+        ]
+        for i, peer in enumerate(peers):
+            lines += [
+                "[[peers]]",
+                f'name = "p{i}"',
+                f'home_community_id = "{peer["home"]}"',
+                f'iti38 = "{peer["url"]}"',
+            ]
+        config = self.work / f"ig{port}.toml"
+        config.write_text("\n".join(lines) + "\n")
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "xca_gateway",
+                "--log-level",
+                "error",
+                "serve",
+                "--config",
+                str(config),
+            ]
+        )
+        self.procs.append(proc)
+        deadline_at = time.monotonic() + 30
+        while time.monotonic() < deadline_at:
+            try:
+                if httpx.get(f"http://127.0.0.1:{admin}/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        return f"https://127.0.0.1:{port}/ig/iti18"
+
+    def timed(self, client: httpx.Client, url: str, body: bytes, repeat: int) -> float:
+        times = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            response = client.post(
+                url, content=body, headers={"content-type": "application/soap+xml"}
+            )
+            times.append(time.perf_counter() - started)
+            assert response.status_code == 200, response.text[:300]
+        return statistics.median(times)
+
+
+async def _throughput(ctx: Any, url: str, body: bytes, concurrency: int, seconds: float) -> float:
+    done = 0
+    stop_at = time.monotonic() + seconds
+    async with httpx.AsyncClient(
+        verify=ctx, timeout=30, limits=httpx.Limits(max_connections=concurrency)
+    ) as client:
+
+        async def worker() -> None:
+            nonlocal done
+            while time.monotonic() < stop_at:
+                r = await client.post(
+                    url, content=body, headers={"content-type": "application/soap+xml"}
+                )
+                assert r.status_code == 200
+                done += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return done / seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--sizes", default="1,5,10,20")
+    parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--farm", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.farm:
+        asyncio.run(_farm(Path(args.farm[0]), json.loads(args.farm[1])))
+        return 0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bench = Bench(Path(tmp))
+        try:
+            print(
+                "fan-out: total time through the initiating gateway / "
+                "direct time to the slowest peer"
+            )
+            print(f"{'peers':>6} {'slowest direct':>15} {'via gateway':>12} {'ratio':>7}")
+            with httpx.Client(verify=bench.ctx, timeout=30) as client:
+                for n in [int(x) for x in args.sizes.split(",")]:
+                    latencies = (
+                        [0.010 + 0.490 * i / max(1, n - 1) for i in range(n)] if n > 1 else [0.5]
+                    )
+                    peers = bench.farm(latencies)
+                    for p in peers:
+                        p["url"] = f"https://127.0.0.1:{p['port']}/xca/iti38"
+                    url = bench.gateway(peers, deadline=5.0)
+                    slowest = max(peers, key=lambda p: p["latency"])
+                    bench.timed(client, url, _query(), 1)  # warm-up: connections to every peer
+                    bench.timed(client, slowest["url"], _query("iti38"), 1)
+                    direct = bench.timed(client, slowest["url"], _query("iti38"), args.repeat)
+                    via = bench.timed(client, url, _query(), args.repeat)
+                    ratio = via / direct
+                    print(f"{n:>6} {direct * 1e3:>13.1f}ms {via * 1e3:>10.1f}ms {ratio:>7.3f}")
+
+                peers = bench.farm([0.010 + 0.1 * i for i in range(4)])
+                for p in peers:
+                    p["url"] = f"https://127.0.0.1:{p['port']}/xca/iti38"
+                hole = {
+                    "home": f"urn:oid:{ARC}.70.999",
+                    "url": f"https://127.0.0.1:{_black_hole()}/xca/iti38",
+                }
+                url = bench.gateway([*peers, hole], deadline=2.0)
+                elapsed = bench.timed(client, url, _query(), args.repeat)
+                print(
+                    f"\nblack-holed peer, 2 s deadline: answer after {elapsed:.3f} s, "
+                    f"{(elapsed - 2.0) * 1000:.0f} ms past the deadline"
+                )
+
+                peers = bench.farm([0.010])
+                peers[0]["url"] = f"https://127.0.0.1:{peers[0]['port']}/xca/iti38"
+                url = bench.gateway(peers, deadline=5.0)
+            via_qps = asyncio.run(
+                _throughput(bench.ctx, url, _query(), args.concurrency, args.seconds)
+            )
+            direct_qps = asyncio.run(
+                _throughput(
+                    bench.ctx, peers[0]["url"], _query("iti38"), args.concurrency, args.seconds
+                )
+            )
+            print(
+                f"\nthroughput, {args.concurrency} concurrent consumers, one 10 ms peer: "
+                f"{via_qps:.0f} q/s via gateway, {direct_qps:.0f} q/s direct, "
+                f"ratio {via_qps / direct_qps:.2f}"
+            )
+        finally:
+            bench.close()
+    return 0
+
+
+_HOLES: list[socket.socket] = []
+
+
+def _black_hole() -> int:
+    """A port that accepts TCP connections and never answers (kept open until exit)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    _HOLES.append(sock)
+    return int(sock.getsockname()[1])
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())
