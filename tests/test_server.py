@@ -10,6 +10,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 import requests
+from cryptography import x509
 from lxml import etree
 
 from tests.conftest import wait_for
@@ -114,7 +115,6 @@ def test_the_handler_sees_the_verified_peer_certificate(gateway: Gateway, pki: D
     assert peer.certificate is not None
     assert "urn:xca-gateway:client:consumer" in peer.certificate.san_uri
     assert peer.tls_version in ("TLSv1.2", "TLSv1.3")
-    from cryptography import x509
 
     expected = x509.load_pem_x509_certificate(pki.client.cert.read_bytes())
     assert (
@@ -220,6 +220,20 @@ def test_refused_handshakes_are_reported_to_the_application(
     failure = gateway.handshake_failures[0]
     assert failure.address == "127.0.0.1"
     assert reason_part in failure.reason
+    # Who tried: the refused certificate itself is reported when the peer sent one.
+    expected = {"untrusted": pki.untrusted_client, "expired": pki.expired_client}.get(who)
+    if expected is None:
+        assert failure.certificate_der is None
+    else:
+        from cryptography import x509
+
+        cert = x509.load_pem_x509_certificate(expected.cert.read_bytes())
+        assert failure.certificate_der == cert.public_bytes(
+            __import__(
+                "cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]
+            ).Encoding.DER
+        )
+        assert failure.certificate_subject == cert.subject.rfc4514_string()
     metrics = httpx.get(gateway.admin_url + "/metrics").text
     assert "xca_gateway_tls_handshake_failures_total{" in metrics
 

@@ -23,7 +23,12 @@ from typing import Any
 
 import h11
 
-from xca_gateway.tls import HandshakeFailure, describe_handshake_error
+from xca_gateway.tls import (
+    HANDSHAKE_CAPTURE,
+    HandshakeCapture,
+    HandshakeFailure,
+    describe_handshake_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +237,8 @@ class HttpServer:
         address, port = writer.get_extra_info("peername")[:2]
         if self.ssl_context is None:
             return PeerInfo(address=address, port=port)
+        capture = HandshakeCapture()
+        HANDSHAKE_CAPTURE.set(capture)  # this connection's task context only
         try:
             # Our own deadline (not ssl_handshake_timeout) so that a stalled handshake surfaces
             # as TimeoutError and is reported like any other refusal.
@@ -241,8 +248,16 @@ class HttpServer:
                 )
         except (TimeoutError, ssl.SSLError, OSError, EOFError) as exc:
             reason, verify_message = describe_handshake_error(exc)
-            failure = HandshakeFailure(address, port, reason, verify_message)
-            log.warning("TLS handshake from %s:%s refused: %s", address, port, reason)
+            failure = HandshakeFailure(
+                address, port, reason, verify_message, capture.certificate_der
+            )
+            log.warning(
+                "TLS handshake from %s:%s refused: %s (certificate: %s)",
+                address,
+                port,
+                reason,
+                failure.certificate_subject or "none",
+            )
             if self.on_handshake_failure is not None:
                 try:
                     self.on_handshake_failure(failure)

@@ -6,9 +6,12 @@ configured trust store; TLS 1.0/1.1 and non-AEAD suites are refused.
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from xca_gateway.config import BCP195_CIPHERS, TlsConfig
 
@@ -29,6 +32,7 @@ def server_context(cfg: TlsConfig) -> ssl.SSLContext:
     ctx.load_cert_chain(str(cfg.certificate), str(cfg.private_key))
     ctx.load_verify_locations(cafile=str(cfg.trust_store))
     ctx.verify_mode = ssl.CERT_REQUIRED
+    enable_certificate_capture(ctx)
     return ctx
 
 
@@ -72,6 +76,85 @@ class HandshakeFailure:
     # OpenSSL's verify message, e.g. "certificate has expired", when the peer's certificate
     # was the problem.
     verify_message: str | None = None
+    # The certificate the peer presented (DER), if it got that far: who tried to connect.
+    certificate_der: bytes | None = None
+
+    @property
+    def certificate_subject(self) -> str | None:
+        if not self.certificate_der:
+            return None
+        from xca_gateway.pki import certificate_info
+
+        try:
+            return certificate_info(self.certificate_der).subject
+        except ValueError:
+            return None
+
+
+# --- Capturing the certificate of a refused peer -------------------------------------------
+# The ssl module offers no verify callback, so when verification fails the peer's certificate is
+# gone with the handshake. OpenSSL's message callback (exposed by CPython as the private
+# ``SSLContext._msg_callback``) still sees the Certificate handshake message, decrypted even in
+# TLS 1.3; a context variable set by the accepting task ties it to the connection, because
+# asyncio creates the SSLObject from within that task's context. Best effort: if a future
+# Python drops these hooks, handshakes work exactly as before, only without the certificate.
+
+log = logging.getLogger(__name__)
+
+
+class HandshakeCapture:
+    __slots__ = ("certificate_der",)
+
+    def __init__(self) -> None:
+        self.certificate_der: bytes | None = None
+
+
+HANDSHAKE_CAPTURE: contextvars.ContextVar[HandshakeCapture | None] = contextvars.ContextVar(
+    "xca_handshake_capture", default=None
+)
+
+
+class _CapturingSSLObject(ssl.SSLObject):
+    @classmethod
+    def _create(cls, *args: Any, **kwargs: Any) -> Any:
+        obj = super()._create(*args, **kwargs)  # type: ignore[misc]
+        obj._xca_capture = HANDSHAKE_CAPTURE.get()
+        return obj
+
+
+def first_certificate(message: bytes, tls13: bool) -> bytes | None:
+    """The leaf certificate (DER) of a TLS Certificate handshake message (RFC 5246 / 8446)."""
+    try:
+        pos = 4  # handshake type (1) + length (3)
+        if tls13:
+            pos += 1 + message[4]  # certificate_request_context
+        pos += 3  # certificate_list length
+        length = int.from_bytes(message[pos : pos + 3], "big")
+        der = message[pos + 3 : pos + 3 + length]
+        return bytes(der) if length and len(der) == length else None
+    except IndexError:
+        return None
+
+
+_CERTIFICATE_MESSAGE = 11  # HandshakeType.certificate (RFC 5246 / RFC 8446)
+
+
+def _on_tls_message(
+    conn: Any, direction: str, version: Any, content_type: Any, msg_type: Any, data: bytes
+) -> None:
+    if direction != "read" or msg_type != ssl._TLSMessageType.CERTIFICATE:
+        return
+    capture = getattr(conn, "_xca_capture", None)
+    if capture is not None and capture.certificate_der is None:
+        capture.certificate_der = first_certificate(data, version == ssl.TLSVersion.TLSv1_3)
+
+
+def enable_certificate_capture(ctx: ssl.SSLContext) -> None:
+    try:
+        ctx.sslobject_class = _CapturingSSLObject
+        ctx._msg_callback = _on_tls_message  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):  # pragma: no cover - depends on the Python build
+        log.info("TLS certificate capture of refused peers is not available on this Python")
 
 
 def describe_handshake_error(exc: BaseException) -> tuple[str, str | None]:
