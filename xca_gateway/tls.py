@@ -142,7 +142,7 @@ _CERTIFICATE_MESSAGE = 11  # HandshakeType.certificate (RFC 5246 / RFC 8446)
 def _on_tls_message(
     conn: Any, direction: str, version: Any, content_type: Any, msg_type: Any, data: bytes
 ) -> None:
-    if direction != "read" or msg_type != ssl._TLSMessageType.CERTIFICATE:
+    if direction != "read" or msg_type != _CERTIFICATE_MESSAGE:
         return
     capture = getattr(conn, "_xca_capture", None)
     if capture is not None and capture.certificate_der is None:
