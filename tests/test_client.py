@@ -94,3 +94,37 @@ async def test_refused_connection_hung_peer_and_tls_refusal(
     for name in ("closed", "hung", "tls"):
         assert f'xca_gateway_peer_up{{peer="{name}"}} 0.0' in rendered
     await asyncio.sleep(0)
+
+
+async def test_header_provider_and_authorizer_see_the_same_header(
+    gateway_factory: Callable[..., Gateway], pki: DevPki
+) -> None:
+    """Outbound header blocks (e.g. WS-Security/XUA) reach the peer's authorizer."""
+    from xca_gateway.soap import SoapFault
+    from xca_gateway.soap_service import Operation, SoapRequest
+
+    beta = gateway_factory("beta")
+    seen: list[str] = []
+
+    async def authorize(request: SoapRequest, operation: Operation) -> None:
+        token = request.envelope.header_blocks("urn:test", "Token")
+        if not token:
+            raise SoapFault.sender("token required")
+        seen.append(token[0].text or "")
+        request.context["user"] = token[0].text
+
+    beta.soap.authorizer = authorize
+    client = _client(pki)
+    payload = etree.fromstring(ADHOC_QUERY)
+    try:
+        with pytest.raises(PeerError) as refused:
+            await client.call(beta.endpoint_urls()["iti38"], payload, Action.ITI38)
+        token = etree.Element("{urn:test}Token")
+        token.text = "dr.smith"
+        client.set_header_provider(lambda url, action, body: [token])
+        reply = await client.call(beta.endpoint_urls()["iti38"], payload, Action.ITI38)
+    finally:
+        await client.aclose()
+    assert refused.value.kind == "fault" and "token required" in refused.value.message
+    assert reply.payload.tag == f"{{{QUERY}}}AdhocQueryResponse"
+    assert seen == ["dr.smith"]

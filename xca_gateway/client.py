@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import httpx
@@ -22,6 +22,9 @@ from xca_gateway.config import OutboundConfig
 from xca_gateway.metrics import GatewayMetrics
 from xca_gateway.soap import Fault, build_envelope, read_fault, serialize
 from xca_gateway.xmlsafe import XmlLimits, XmlRejected, parse_xml
+
+# (url, action, payload) -> SOAP header blocks to add to an outbound request.
+HeaderProvider = Callable[[str, str, etree._Element], Sequence[etree._Element]]
 
 
 class PeerError(Exception):
@@ -60,6 +63,7 @@ class PeerClient:
         self.metrics = metrics
         self.xml_limits = xml_limits or XmlLimits()
         self.max_response_bytes = max_response_bytes
+        self.header_provider: HeaderProvider | None = None
         self.http = httpx.AsyncClient(
             verify=ssl_context,
             timeout=httpx.Timeout(outbound.request_timeout, connect=outbound.connect_timeout),
@@ -70,6 +74,9 @@ class PeerClient:
             follow_redirects=False,
             trust_env=False,
         )
+
+    def set_header_provider(self, provider: HeaderProvider | None) -> None:
+        self.header_provider = provider
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -85,9 +92,20 @@ class PeerClient:
         deadline: float | None = None,
         parts: Sequence[mtom.OutgoingPart] = (),
         use_mtom: bool = False,
+        extra_headers: Sequence[etree._Element] = (),
     ) -> SoapReply:
-        """POST ``payload`` to ``url`` and return the parsed reply or raise :class:`PeerError`."""
-        envelope = build_envelope(payload, action=action, to=url, reply_to_anonymous=True)
+        """POST ``payload`` to ``url`` and return the parsed reply or raise :class:`PeerError`.
+
+        ``extra_headers`` are SOAP header blocks to add, e.g. a WS-Security header with an
+        XUA assertion; a header provider installed with :meth:`set_header_provider` adds its
+        blocks to every call.
+        """
+        headers_out = [*extra_headers]
+        if self.header_provider is not None:
+            headers_out.extend(self.header_provider(url, action, payload))
+        envelope = build_envelope(
+            payload, action=action, to=url, reply_to_anonymous=True, extra_headers=headers_out
+        )
         xml = serialize(envelope)
         headers: dict[str, str]
         content: bytes | AsyncIterator[bytes]

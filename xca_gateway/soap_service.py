@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from lxml import etree
 
@@ -41,6 +42,9 @@ class SoapRequest:
     peer: PeerInfo
     endpoint: SoapEndpoint
     http: Request
+    # Filled by the authorizer and handlers for later layers (e.g. the XUA identity, the
+    # policy decision, audit details).
+    context: dict[str, Any] = field(default_factory=dict)
 
     @property
     def payload(self) -> etree._Element:
@@ -78,6 +82,10 @@ class SoapEndpoint:
         self.operations[operation.action] = operation
 
 
+# Runs after dispatch, before the handler: raise SoapFault to refuse (XUA, access policy).
+Authorizer = Callable[[SoapRequest, Operation], Awaitable[None]]
+
+
 class SoapService:
     """The HTTP application serving a set of SOAP endpoints."""
 
@@ -86,7 +94,9 @@ class SoapService:
         endpoints: list[SoapEndpoint],
         limits: LimitsConfig,
         metrics: GatewayMetrics,
+        authorizer: Authorizer | None = None,
     ) -> None:
+        self.authorizer = authorizer
         self.endpoints = {e.path: e for e in endpoints}
         self.limits = limits
         self.metrics = metrics
@@ -119,6 +129,8 @@ class SoapService:
             transaction = operation.transaction
             soap_request = SoapRequest(envelope, attachments, request.peer, endpoint, request)
             try:
+                if self.authorizer is not None:
+                    await self.authorizer(soap_request, operation)
                 result = await operation.handler(soap_request)
             except SoapFault:
                 raise
