@@ -1,0 +1,84 @@
+"""ITI-39 Cross Gateway Retrieve, responding side.
+
+A peer community's initiating gateway asks for documents of our community. Every
+DocumentRequest must carry our homeCommunityId (ITI39-001/-005: missing is
+XDSMissingHomeCommunityId, another one XDSUnknownCommunity); the documents come from the
+embedded repository or, by repositoryUniqueId, from a remote XDS repository of our community
+via ITI-43 (ITI39-009). Each DocumentResponse carries our homeCommunityId, and every
+RegistryError our homeCommunityId as location, relayed ones included (ITI39-012).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from xca_gateway.ebrs import RegistryError
+from xca_gateway.namespaces import Action
+from xca_gateway.repository import DocumentRepository
+from xca_gateway.soap_service import Handler, SoapRequest, SoapResponse
+from xca_gateway.transactions.iti43 import (
+    XDS_MISSING_HOME_COMMUNITY_ID,
+    XDS_UNKNOWN_COMMUNITY,
+    DocumentRequest,
+    RemoteRepositories,
+    parse_retrieve_document_set_request,
+    retrieve_documents,
+    retrieve_response,
+    same_community,
+)
+
+__all__ = ["check_home_community", "iti39_handler"]
+
+
+def check_home_community(
+    requests: tuple[DocumentRequest, ...], home_community_id: str
+) -> tuple[list[DocumentRequest], list[RegistryError]]:
+    """Split DocumentRequests into ours and RegistryErrors for the rest (sans-IO)."""
+    accepted: list[DocumentRequest] = []
+    errors: list[RegistryError] = []
+    for request in requests:
+        uid = request.document_unique_id or "(no DocumentUniqueId)"
+        if request.home_community_id is None:
+            errors.append(
+                RegistryError(
+                    XDS_MISSING_HOME_COMMUNITY_ID,
+                    f"DocumentRequest for document {uid} has no HomeCommunityId",
+                    home_community_id,
+                )
+            )
+        elif not same_community(request.home_community_id, home_community_id):
+            errors.append(
+                RegistryError(
+                    XDS_UNKNOWN_COMMUNITY,
+                    f"document {uid}: homeCommunityId {request.home_community_id} is not "
+                    f"this community ({home_community_id})",
+                    home_community_id,
+                )
+            )
+        else:
+            accepted.append(request)
+    return accepted, errors
+
+
+def iti39_handler(
+    repositories: Mapping[str, DocumentRepository],
+    *,
+    home_community_id: str,
+    remote: RemoteRepositories | None = None,
+) -> Handler:
+    async def handle(request: SoapRequest) -> SoapResponse:
+        parsed = parse_retrieve_document_set_request(request.payload)
+        accepted, errors = check_home_community(parsed.documents, home_community_id)
+        result = await retrieve_documents(
+            accepted,
+            repositories,
+            remote,
+            location=home_community_id,
+            override_remote_location=True,
+        )
+        result.errors[:0] = errors
+        return retrieve_response(
+            result, action=Action.ITI39_RESPONSE, home_community_id=home_community_id
+        )
+
+    return handle
