@@ -164,6 +164,12 @@ class GatewayConfig:
     patient_mapping: PatientMappingConfig = field(default_factory=PatientMappingConfig)
     # Sections owned by other modules (registry, repository, imaging, audit), parsed there.
     extra: dict[str, Any] = field(default_factory=dict)
+    # [repository] (xca_gateway.repository.RepositoryConfig), None when absent.
+    repository: Any = None
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent if self.path is not None else Path.cwd()
 
     @property
     def base_url(self) -> str:
@@ -287,8 +293,13 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
         mapping_t["xref_csv"] = _path(base_dir, mapping_t["xref_csv"], "patient_mapping.xref_csv")
     patient_mapping = _build(PatientMappingConfig, mapping_t, "patient_mapping")
 
+    from xca_gateway.repository import parse_repository_config  # it imports this module
+
+    repository = parse_repository_config(data.get("repository"), base_dir, storage.data_dir)
+
     return GatewayConfig(
         path=path,
+        repository=repository,
         community=community,
         tls=tls,
         storage=storage,

@@ -12,12 +12,18 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from xca_gateway import diagnostics
 from xca_gateway.admin import AdminApp
 from xca_gateway.client import PeerClient
 from xca_gateway.config import GatewayConfig
-from xca_gateway.initiating import InitiatingGateway, iti18_handler
+from xca_gateway.initiating import (
+    InitiatingGateway,
+    InitiatingRetrieve,
+    iti18_handler,
+)
+from xca_gateway.initiating import iti43_handler as initiating_iti43_handler
 from xca_gateway.metrics import GatewayMetrics
 from xca_gateway.namespaces import Action
 from xca_gateway.patient_mapping import CrossReferenceTable, PatientIdMapper
@@ -81,6 +87,7 @@ class Gateway:
         self.endpoints["iti18"].add(
             Operation(Action.ITI18, "ITI-18", iti18_handler(self.initiating))
         )
+        self._wire_repository()
         self._started = False
 
     def _build_endpoints(self) -> dict[str, SoapEndpoint]:
@@ -99,6 +106,56 @@ class Gateway:
         if self.config.diagnostics.echo:
             endpoints["echo"] = diagnostics.echo_endpoint()
         return endpoints
+
+    def _wire_repository(self) -> None:
+        """The community's document repository: ITI-39 for peers, ITI-43 locally and routed."""
+        from xca_gateway.transactions.iti39 import iti39_handler
+        from xca_gateway.transactions.iti43 import (
+            RemoteRepositories,
+            iti43_handler,
+            retrieve_documents,
+        )
+
+        config = self.config
+        home = config.community.home_community_id
+        rc = config.repository
+        local_retrieve = None
+        local_ids: frozenset[str] = frozenset()
+        if rc is not None:
+            repositories = {rc.repository_unique_id: rc.open()}
+            remote = RemoteRepositories.from_config(rc, self.peer_client) if rc.remote else None
+            local_ids = frozenset([*repositories, *(r.repository_unique_id for r in rc.remote)])
+            self.endpoints["iti39"].add(
+                Operation(
+                    Action.ITI39,
+                    "ITI-39",
+                    iti39_handler(repositories, home_community_id=home, remote=remote),
+                )
+            )
+            # The repository's own ITI-43 endpoint, inside the community.
+            repository_endpoint = SoapEndpoint("/repository/iti43", "repository-iti43", {})
+            repository_endpoint.add(
+                Operation(
+                    Action.ITI43,
+                    "ITI-43",
+                    iti43_handler(repositories, home_community_id=home, remote=remote),
+                )
+            )
+            self.endpoints["repository-iti43"] = repository_endpoint
+            self.soap.endpoints[repository_endpoint.path] = repository_endpoint
+
+            async def local_retrieve_impl(docs: Any) -> Any:
+                return await retrieve_documents(
+                    docs, repositories, remote, location=home, override_remote_location=False
+                )
+
+            local_retrieve = local_retrieve_impl
+        self.retrieving = InitiatingRetrieve(
+            self.initiating, local_retrieve=local_retrieve, local_repositories=local_ids
+        )
+        self.endpoints["iti43"].add(
+            Operation(Action.ITI43, "ITI-43", initiating_iti43_handler(self.retrieving))
+        )
 
     def add_handshake_listener(self, listener: Callable[[HandshakeFailure], None]) -> None:
         self._handshake_listeners.append(listener)

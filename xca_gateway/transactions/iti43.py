@@ -260,6 +260,8 @@ class RetrievedDocument:
     mime_type: str
     body: bytes | AsyncIterator[bytes]
     close: Callable[[], None] = field(default=lambda: None)
+    # The community the document comes from, when it is not the responder's own.
+    home_community_id: str | None = None
 
 
 @dataclass
@@ -331,13 +333,40 @@ async def _retrieve_remote(
     location: str,
     override_location: bool,
 ) -> tuple[dict[tuple[str, str], RetrievedDocument], list[RegistryError]]:
-    url = remote.urls[repository_unique_id]
     # Inside our community: no HomeCommunityId, a plain XDS repository need not know it.
-    payload = build_retrieve_document_set_request(
-        RetrieveDocumentSetRequest(
-            tuple(DocumentRequest(repository_unique_id, r.document_unique_id) for r in requests)
-        )
+    return await retrieve_from(
+        remote.client,
+        remote.urls[repository_unique_id],
+        [DocumentRequest(repository_unique_id, r.document_unique_id) for r in requests],
+        source=f"repository {repository_unique_id}",
+        peer_label=repository_unique_id,
+        deadline=remote.deadline,
+        location=location,
+        override_location=override_location,
     )
+
+
+async def retrieve_from(
+    client: PeerCaller,
+    url: str,
+    requests: Sequence[DocumentRequest],
+    *,
+    source: str,
+    peer_label: str,
+    location: str,
+    override_location: bool,
+    deadline: float | None = None,
+    action: str = Action.ITI43,
+    transaction: str = "ITI-43",
+    unavailable_code: str = XDS_REPOSITORY_ERROR,
+    home_community_id: str | None = None,
+) -> tuple[dict[tuple[str, str], RetrievedDocument], list[RegistryError]]:
+    """Retrieve ``requests`` from one remote endpoint (an XDS repository with ITI-43, or a
+    peer community's responding gateway with ITI-39) and get its documents ready to re-stream.
+
+    ``source`` names the remote in error texts; ``location`` goes on the errors we raise.
+    """
+    payload = build_retrieve_document_set_request(RetrieveDocumentSetRequest(tuple(requests)))
 
     def each(code: str, context: str) -> list[RegistryError]:
         return [
@@ -346,31 +375,26 @@ async def _retrieve_remote(
         ]
 
     try:
-        reply = await remote.client.call(
+        reply = await client.call(
             url,
             payload,
-            Action.ITI43,
-            peer=repository_unique_id,
-            transaction="ITI-43",
-            deadline=remote.deadline,
+            action,
+            peer=peer_label,
+            transaction=transaction,
+            deadline=deadline,
             use_mtom=True,
         )
     except PeerError as exc:
         # Details (URLs, TLS errors) go to our log, not to the peer community.
-        log.warning("ITI-43 to repository %s failed: %s", repository_unique_id, exc.message)
-        return {}, each(
-            XDS_REPOSITORY_ERROR, f"repository {repository_unique_id} is unavailable ({exc.kind})"
-        )
+        log.warning("%s to %s failed: %s", transaction, source, exc.message)
+        return {}, each(unavailable_code, f"{source} is unavailable ({exc.kind})")
     used: set[str] = set()
     try:
         try:
             parsed = parse_retrieve_document_set_response(reply.payload)
         except ValueError as exc:
-            log.warning("bad ITI-43 reply from repository %s: %s", repository_unique_id, exc)
-            return {}, each(
-                XDS_REPOSITORY_ERROR,
-                f"repository {repository_unique_id} sent an unreadable response",
-            )
+            log.warning("bad %s reply from %s: %s", transaction, source, exc)
+            return {}, each(XDS_REPOSITORY_ERROR, f"{source} sent an unreadable response")
         wanted = {r.key for r in requests}
         documents: dict[tuple[str, str], RetrievedDocument] = {}
         errors: list[RegistryError] = []
@@ -385,8 +409,7 @@ async def _retrieve_remote(
                 errors.append(
                     RegistryError(
                         XDS_REPOSITORY_ERROR,
-                        f"document {doc.document_unique_id}: repository "
-                        f"{repository_unique_id} sent no valid mimeType",
+                        f"document {doc.document_unique_id}: {source} sent no valid mimeType",
                         location,
                     )
                 )
@@ -399,14 +422,18 @@ async def _retrieve_remote(
                 errors.append(
                     RegistryError(
                         XDS_REPOSITORY_ERROR,
-                        f"document {doc.document_unique_id}: repository "
-                        f"{repository_unique_id} sent bad content ({fault.reason})",
+                        f"document {doc.document_unique_id}: {source} sent bad content "
+                        f"({fault.reason})",
                         location,
                     )
                 )
                 continue
             retrieved = RetrievedDocument(
-                doc.repository_unique_id, doc.document_unique_id, doc.mime_type, b""
+                doc.repository_unique_id,
+                doc.document_unique_id,
+                doc.mime_type,
+                b"",
+                home_community_id=home_community_id,
             )
             if isinstance(content, bytes):
                 retrieved.body = content
@@ -424,8 +451,7 @@ async def _retrieve_remote(
                     errors.append(
                         RegistryError(
                             XDS_DOCUMENT_UNIQUE_ID_ERROR,
-                            f"document {r.document_unique_id} was not returned by repository "
-                            f"{repository_unique_id}",
+                            f"document {r.document_unique_id} was not returned by {source}",
                             location,
                         )
                     )
@@ -559,7 +585,7 @@ def retrieve_response(
                 repository_unique_id=doc.repository_unique_id,
                 document_unique_id=doc.document_unique_id,
                 mime_type=doc.mime_type,
-                home_community_id=home_community_id,
+                home_community_id=doc.home_community_id or home_community_id,
                 content_id=content_id,
             )
         )
