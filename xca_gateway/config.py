@@ -11,7 +11,10 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from xca_gateway.patient_mapping import PatientMappingConfig
 
 # BCP195 (RFC 7525) TLS 1.2 suites, as required at IHE Connectathons (ITI-19); TLS 1.3 suites
 # are OpenSSL's defaults, all of which are AEAD.
@@ -110,9 +113,11 @@ class PeerConfig:
     patient_id_assigning_authority: str | None = None
     # Where to find the peer's id for our patient, in order of preference.
     patient_id_sources: tuple[str, ...] = ("xref",)
+    # The peer's XCPD (ITI-55) Responding Gateway, for patient_id_sources "xcpd".
+    xcpd: str | None = None
 
 
-PATIENT_ID_SOURCES = frozenset({"xref"})
+PATIENT_ID_SOURCES = frozenset({"xref", "pix", "xcpd"})
 
 
 @dataclass(frozen=True)
@@ -131,10 +136,10 @@ class InitiatingConfig:
     follow_up_batch: int = 50
 
 
-@dataclass(frozen=True)
-class PatientMappingConfig:
-    # CSV file of cross-referenced patient ids, loaded into the embedded table at start-up.
-    xref_csv: Path | None = None
+def _default_patient_mapping() -> PatientMappingConfig:
+    from xca_gateway.patient_mapping import PatientMappingConfig  # local: it imports this module
+
+    return PatientMappingConfig()
 
 
 @dataclass(frozen=True)
@@ -161,7 +166,7 @@ class GatewayConfig:
     peers: tuple[PeerConfig, ...] = ()
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     initiating: InitiatingConfig = field(default_factory=InitiatingConfig)
-    patient_mapping: PatientMappingConfig = field(default_factory=PatientMappingConfig)
+    patient_mapping: PatientMappingConfig = field(default_factory=_default_patient_mapping)
     # Sections owned by other modules (registry, repository, imaging, audit), parsed there.
     extra: dict[str, Any] = field(default_factory=dict)
     # [repository] (xca_gateway.repository.RepositoryConfig), None when absent.
@@ -288,10 +293,11 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
     initiating = _build(InitiatingConfig, _table(data, "initiating"), "initiating")
     if initiating.peer_deadline <= 0 or initiating.overall_deadline <= 0:
         raise ConfigError("[initiating] deadlines must be positive")
-    mapping_t = dict(_table(data, "patient_mapping"))
-    if "xref_csv" in mapping_t:
-        mapping_t["xref_csv"] = _path(base_dir, mapping_t["xref_csv"], "patient_mapping.xref_csv")
-    patient_mapping = _build(PatientMappingConfig, mapping_t, "patient_mapping")
+    from xca_gateway.patient_mapping import parse_patient_mapping_config  # local: avoids a cycle
+
+    patient_mapping = parse_patient_mapping_config(
+        _table(data, "patient_mapping"), base_dir, data_dir=storage.data_dir, peers=peers
+    )
 
     from xca_gateway.repository import parse_repository_config  # it imports this module
 

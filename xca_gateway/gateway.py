@@ -27,10 +27,11 @@ from xca_gateway.initiating import iti43_handler as initiating_iti43_handler
 from xca_gateway.metrics import GatewayMetrics
 from xca_gateway.namespaces import Action
 from xca_gateway.patient_mapping import CrossReferenceTable, PatientIdMapper
+from xca_gateway.patients import PatientDirectory
 from xca_gateway.server import HttpServer, ServerTimeouts
 from xca_gateway.soap_service import Operation, SoapEndpoint, SoapService
 from xca_gateway.tls import HandshakeFailure, gateway_client_context, server_context
-from xca_gateway.transactions import TRANSACTIONS, unavailable_handler
+from xca_gateway.transactions import TRANSACTIONS, iti45, iti55, unavailable_handler
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,26 @@ class Gateway:
             maxlen=1000
         )
         self._handshake_listeners: list[Callable[[HandshakeFailure], None]] = []
+        community = config.community
+        mapping = config.patient_mapping
+        self.xref = CrossReferenceTable(config.storage.data_dir / "xref.sqlite3")
+        if mapping.xref_csv is not None:
+            self.xref.load_csv(mapping.xref_csv)
+        self.patients = PatientDirectory(
+            mapping.directory or config.storage.data_dir / "patients.sqlite3"
+        )
         self.endpoints = self._build_endpoints()
+        if mapping.xcpd_responder:
+            self.endpoints["iti55"] = iti55.endpoint(
+                iti55.iti55_handler(
+                    self.patients,
+                    home_community_id=community.home_community_id,
+                    assigning_authority=community.patient_id_assigning_authority,
+                    xref=self.xref if mapping.xcpd_learn_correlations else None,
+                )
+            )
+        if mapping.pix_responder:
+            self.endpoints["iti45"] = iti45.endpoint(iti45.iti45_handler(self.xref))
         self.soap = SoapService(list(self.endpoints.values()), config.limits, self.metrics)
         server = config.server
         self.https = HttpServer(
@@ -72,15 +92,23 @@ class Gateway:
         self.peer_client = PeerClient(
             gateway_client_context(config.tls), config.outbound, self.metrics
         )
-        self.xref = CrossReferenceTable(config.storage.data_dir / "xref.sqlite3")
-        if config.patient_mapping.xref_csv is not None:
-            self.xref.load_csv(config.patient_mapping.xref_csv)
         self.initiating = InitiatingGateway(
             home_community_id=config.community.home_community_id,
             patient_id_assigning_authority=config.community.patient_id_assigning_authority,
             peers=config.peers,
             peer_client=self.peer_client,
-            mapper=PatientIdMapper(self.xref),
+            mapper=PatientIdMapper(
+                self.xref,
+                peer_client=self.peer_client,
+                pix_manager=mapping.pix_manager,
+                directory=self.patients,
+                xcpd_peers=mapping.xcpd_peers,
+                home_community_id=community.home_community_id,
+                local_authority=community.patient_id_assigning_authority,
+                deadline=mapping.deadline,
+                xcpd_minimum_score=mapping.xcpd_minimum_score,
+                negative_cache_seconds=mapping.negative_cache_seconds,
+            ),
             config=config.initiating,
             metrics=self.metrics,
         )
@@ -191,6 +219,7 @@ class Gateway:
         await self.initiating.close()
         await self.peer_client.aclose()
         self.xref.close()
+        self.patients.close()
 
     @property
     def base_url(self) -> str:
