@@ -318,35 +318,46 @@ class InitiatingGateway:
         deadline = time.monotonic() + self.config.overall_deadline
         targets = [request.home] if request.home else [*self.peers]
         extra: list[RegistryError] = []
-        jobs: list[Awaitable[CommunityAnswer]] = []
+        jobs: list[Awaitable[CommunityAnswer | None]] = []
         if self.local_query is not None and (request.home in (None, self.home_community_id)):
             jobs.append(self._ask_local(request))
         for home in targets:
-            if home == self.home_community_id:
-                continue
-            peer = self.peers[home]
-            patient = request.patient_id
-            if patient is not None:
-                mapped = await self.mapper.to_peer(
-                    patient, peer.patient_id_assigning_authority, peer.patient_id_sources
-                )
-                if mapped is None:
-                    # Not an error for the query as a whole: this community does not know the
-                    # patient (or we cannot tell who they are there).
-                    extra.append(
-                        RegistryError(
-                            "XDSUnknownPatientId",
-                            f"no patient id for {patient} known in {peer.name}; not queried",
-                            location=home,
-                            severity=ErrorSeverity.WARNING,
-                        )
-                    )
-                    continue
-                patient = mapped
-            payload = request_for_peer(request, patient, request.home)
-            jobs.append(self._ask_peer(peer, payload, deadline, request.return_type))
+            if home != self.home_community_id:
+                jobs.append(self._map_and_ask(self.peers[home], request, deadline, extra))
         answers = await asyncio.gather(*jobs)
-        return merge(answers, extra)
+        return merge([a for a in answers if a is not None], extra)
+
+    async def _map_and_ask(
+        self,
+        peer: PeerConfig,
+        request: QueryRequest,
+        deadline: float,
+        warnings: list[RegistryError],
+    ) -> CommunityAnswer | None:
+        """Map the patient for this peer (maybe a PIX or XCPD round trip), then query it.
+
+        Every peer runs this concurrently, so discovery latency does not add up across peers.
+        """
+        patient = request.patient_id
+        if patient is not None:
+            mapping = await self.mapper.resolve(
+                patient, peer.patient_id_assigning_authority, peer.patient_id_sources
+            )
+            if mapping.patient_id is None:
+                # Not an error for the query as a whole: this community does not know the
+                # patient (or we cannot tell who they are there).
+                warnings.append(
+                    RegistryError(
+                        "XDSUnknownPatientId",
+                        f"{peer.name} not queried: no patient id for {patient} ({mapping.reason})",
+                        location=peer.home_community_id,
+                        severity=ErrorSeverity.WARNING,
+                    )
+                )
+                return None
+            patient = mapping.patient_id
+        payload = request_for_peer(request, patient, request.home)
+        return await self._ask_peer(peer, payload, deadline, request.return_type)
 
     async def _ask_local(self, request: QueryRequest) -> CommunityAnswer:
         assert self.local_query is not None
