@@ -171,6 +171,8 @@ class GatewayConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     # [repository] (xca_gateway.repository.RepositoryConfig), None when absent.
     repository: Any = None
+    # [imaging] (xca_gateway.imaging.ImagingConfig).
+    imaging: Any = None
 
     @property
     def base_dir(self) -> Path:
@@ -299,13 +301,16 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
         _table(data, "patient_mapping"), base_dir, data_dir=storage.data_dir, peers=peers
     )
 
+    from xca_gateway.imaging.config import parse_imaging_config
     from xca_gateway.repository import parse_repository_config  # it imports this module
 
     repository = parse_repository_config(data.get("repository"), base_dir, storage.data_dir)
+    imaging = parse_imaging_config(data.get("imaging", {}), base_dir, storage.data_dir)
 
     return GatewayConfig(
         path=path,
         repository=repository,
+        imaging=imaging,
         community=community,
         tls=tls,
         storage=storage,

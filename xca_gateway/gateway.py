@@ -116,6 +116,9 @@ class Gateway:
             Operation(Action.ITI18, "ITI-18", iti18_handler(self.initiating))
         )
         self._wire_repository()
+        from xca_gateway.imaging import install_imaging
+
+        self.imaging = install_imaging(self, config.imaging)
         self._started = False
 
     def _build_endpoints(self) -> dict[str, SoapEndpoint]:
@@ -200,6 +203,7 @@ class Gateway:
     async def start(self, sockets: ListenSockets | None = None) -> None:
         sockets = sockets or ListenSockets()
         cfg = self.config
+        await self.imaging.start()
         await self.https.start(cfg.server.host, cfg.server.port, sock=sockets.https)
         await self.admin.start(cfg.admin.host, cfg.admin.port, sock=sockets.admin)
         self._started = True
@@ -215,6 +219,7 @@ class Gateway:
     async def stop(self) -> None:
         self._started = False
         await self.https.close()
+        await self.imaging.stop()
         await self.admin.close()
         await self.initiating.close()
         await self.peer_client.aclose()

@@ -830,22 +830,27 @@ class MtomWriter:
         yield self._close_delimiter()
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        yield self._root_header
-        for part in self._parts:
-            yield self._head_for(part)
-            body = part.body
-            if isinstance(body, bytes | bytearray | memoryview):
-                if body:
-                    yield bytes(body)
-            elif isinstance(body, AsyncIterable):
-                async for chunk in body:
-                    if chunk:
-                        yield chunk if isinstance(chunk, bytes) else bytes(chunk)
-            else:
-                for chunk in body:
-                    if chunk:
-                        yield chunk if isinstance(chunk, bytes) else bytes(chunk)
-        yield self._close_delimiter()
+        try:
+            yield self._root_header
+            for part in self._parts:
+                yield self._head_for(part)
+                body = part.body
+                if isinstance(body, bytes | bytearray | memoryview):
+                    if body:
+                        yield bytes(body)
+                elif isinstance(body, AsyncIterable):
+                    async for chunk in body:
+                        if chunk:
+                            yield chunk if isinstance(chunk, bytes) else bytes(chunk)
+                else:
+                    for chunk in body:
+                        if chunk:
+                            yield chunk if isinstance(chunk, bytes) else bytes(chunk)
+            yield self._close_delimiter()
+        finally:
+            # Left early (client gone, a part failed): close every part body now, so sources
+            # (files, upstream connections) are released at once rather than by the GC.
+            await _close_bodies(self._parts)
 
     def _close_delimiter(self) -> bytes:
         return b"\r\n--" + self.boundary.encode("ascii") + b"--\r\n"
@@ -866,3 +871,18 @@ class MtomWriter:
         ]
         lines.extend(f"{k}: {v}" for k, v in extra.items())
         return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+
+
+async def _close_bodies(parts: Iterable[OutgoingPart]) -> None:
+    for part in parts:
+        body = part.body
+        try:
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            else:
+                close = getattr(body, "close", None)
+                if close is not None:
+                    close()
+        except Exception:  # closing is best effort; the response is already over
+            continue

@@ -392,24 +392,36 @@ class HttpServer:
                 writer.write(conn.send(h11.Data(data=response.body)) or b"")
         else:
             try:
-                async for chunk in response.body:
-                    if chunk:
-                        writer.write(conn.send(h11.Data(data=chunk)) or b"")
-                        # drain() gives backpressure: a slow reader slows the producer down
-                        # instead of the response piling up in memory.
-                        await asyncio.wait_for(writer.drain(), self.timeouts.body)
-            except (ConnectionError, TimeoutError, ssl.SSLError):
-                writer.transport.abort()
-                raise
-            except Exception as exc:
-                # The producer failed after the status line went out (e.g. an imaging source
-                # died mid-study). Reset the connection without the terminating chunk so the
-                # client cannot mistake a truncated response for a complete one.
-                log.warning("response body failed mid-stream, aborting connection: %r", exc)
-                writer.transport.abort()
-                raise ConnectionAbortedError("response body failed") from exc
+                await self._stream_body(conn, writer, response.body)
+            finally:
+                # Whatever happened, release the producer now (files, upstream connections).
+                aclose = getattr(response.body, "aclose", None)
+                if aclose is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(aclose(), 5.0)
         writer.write(conn.send(h11.EndOfMessage()) or b"")
         await asyncio.wait_for(writer.drain(), self.timeouts.body)
+
+    async def _stream_body(
+        self, conn: h11.Connection, writer: asyncio.StreamWriter, body: AsyncIterable[bytes]
+    ) -> None:
+        try:
+            async for chunk in body:
+                if chunk:
+                    writer.write(conn.send(h11.Data(data=chunk)) or b"")
+                    # drain() gives backpressure: a slow reader slows the producer down
+                    # instead of the response piling up in memory.
+                    await asyncio.wait_for(writer.drain(), self.timeouts.body)
+        except (ConnectionError, TimeoutError, ssl.SSLError):
+            writer.transport.abort()
+            raise
+        except Exception as exc:
+            # The producer failed after the status line went out (e.g. an imaging source
+            # died mid-study). Reset the connection without the terminating chunk so the
+            # client cannot mistake a truncated response for a complete one.
+            log.warning("response body failed mid-stream, aborting connection: %r", exc)
+            writer.transport.abort()
+            raise ConnectionAbortedError("response body failed") from exc
 
     async def _send_simple_error(
         self, conn: h11.Connection, writer: asyncio.StreamWriter, status: int, message: str

@@ -254,9 +254,13 @@ class SoapService:
             counter = metrics.bytes_sent.labels(transaction)
 
             async def body() -> AsyncIterator[bytes]:
-                async for chunk in writer.aiter_bytes():
-                    counter.inc(len(chunk))
-                    yield chunk
+                chunks = writer.aiter_bytes()
+                try:
+                    async for chunk in chunks:
+                        counter.inc(len(chunk))
+                        yield chunk
+                finally:
+                    await chunks.aclose()  # type: ignore[attr-defined]
 
             return Response(
                 200, [("content-type", writer.content_type)], body(), on_complete=complete

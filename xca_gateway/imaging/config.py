@@ -1,0 +1,313 @@
+"""``[imaging]`` configuration: the community's Imaging Document Sources, one per OID.
+
+```toml
+[imaging]
+open_timeout = 30.0          # resolving a request at every source (C-FIND, QIDO-RS, RAD-69 root)
+idle_timeout = 60.0          # a source silent this long mid-instance fails the response
+abandon_timeout = 120.0      # sources of a response nobody reads any more are released
+max_instance_bytes = 1073741824
+
+[[imaging.sources]]          # the embedded demo: files under <data_dir>/images
+repository_unique_id = "1.3.6.1.4.1.21367.13.71.1"
+kind = "filesystem"
+path = "images"              # relative to the data directory; this is the default
+
+[[imaging.sources]]          # a PACS that speaks only DIMSE
+repository_unique_id = "1.3.6.1.4.1.21367.13.71.2"
+kind = "dimse"
+host = "127.0.0.1"
+port = 4242
+called_ae_title = "ORTHANC"
+calling_ae_title = "XCAGW"
+mode = "c-get"               # or "c-move" (then also move_destination_ae_title, storage_scp_port)
+
+[[imaging.sources]]          # a VNA with DICOMweb
+repository_unique_id = "1.3.6.1.4.1.21367.13.71.3"
+kind = "dicomweb"
+base_url = "http://127.0.0.1:8042/dicom-web"
+# ca_file, client_cert, client_key for https; headers = { authorization = "..." }
+
+[[imaging.sources]]          # an XDS-I.b Imaging Document Source (RAD-69 over mTLS)
+repository_unique_id = "1.3.6.1.4.1.21367.13.71.4"
+kind = "rad69"
+url = "https://pacs.example.org/xdsi/rad69"
+```
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xca_gateway.client import PeerClient
+from xca_gateway.config import ConfigError, validate_oid
+from xca_gateway.imaging.dicomweb import DicomwebSource
+from xca_gateway.imaging.dimse import DimseSettings, DimseSource
+from xca_gateway.imaging.filesystem import FilesystemSource
+from xca_gateway.imaging.rad69_source import Rad69Source
+from xca_gateway.imaging.sources import ImagingSource
+
+KINDS = ("filesystem", "dimse", "dicomweb", "rad69")
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    repository_unique_id: str
+    kind: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ImagingConfig:
+    sources: tuple[SourceConfig, ...] = ()
+    open_timeout: float = 30.0
+    idle_timeout: float = 60.0
+    # Release the sources of a response nobody pulls from any more; keep it above the
+    # server's body_timeout (the server resets connections that stall longer than that).
+    abandon_timeout: float = 120.0
+    max_instance_bytes: int = 1024 * 1024 * 1024
+    max_documents: int = 100_000
+
+
+_COMMON = {"repository_unique_id", "kind"}
+_ALLOWED: dict[str, set[str]] = {
+    "filesystem": {"path", "rescan_interval"},
+    "dimse": {
+        "host",
+        "port",
+        "called_ae_title",
+        "calling_ae_title",
+        "mode",
+        "move_destination_ae_title",
+        "storage_scp_host",
+        "storage_scp_port",
+        "acse_timeout",
+        "dimse_timeout",
+        "network_timeout",
+        "max_pdu",
+        "sop_classes",
+    },
+    "dicomweb": {"base_url", "ca_file", "client_cert", "client_key", "headers", "timeout"},
+    "rad69": {"url", "timeout"},
+}
+_REQUIRED: dict[str, set[str]] = {
+    "filesystem": set(),
+    "dimse": {"host", "port", "called_ae_title"},
+    "dicomweb": {"base_url"},
+    "rad69": {"url"},
+}
+
+
+def _path(base: Path, value: Any, what: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{what} must be a path string")
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def _ae(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _AE_TITLE.match(value) or not value.strip():
+        raise ConfigError(f"{what}: {value!r} is not a DICOM AE title (1-16 characters)")
+    return value.strip()
+
+
+def _number(value: Any, what: str, *, integer: bool = False, minimum: float = 0) -> Any:
+    ok = isinstance(value, int) if integer else isinstance(value, int | float)
+    if not ok or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{what} must be a {'whole ' if integer else ''}number >= {minimum}")
+    return value
+
+
+def _source(entry: Any, index: int, base_dir: Path, data_dir: Path) -> SourceConfig:
+    where = f"imaging.sources[{index}]"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where} must be a table")
+    repository = entry.get("repository_unique_id")
+    if not isinstance(repository, str):
+        raise ConfigError(f"{where}.repository_unique_id is required")
+    validate_oid(repository, f"{where}.repository_unique_id")
+    kind = entry.get("kind")
+    if kind not in KINDS:
+        raise ConfigError(f"{where}.kind must be one of {', '.join(KINDS)}")
+    unknown = set(entry) - _COMMON - _ALLOWED[kind]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) for kind {kind}: {', '.join(sorted(unknown))}")
+    missing = _REQUIRED[kind] - set(entry)
+    if missing:
+        raise ConfigError(f"{where}: kind {kind} needs {', '.join(sorted(missing))}")
+    settings: dict[str, Any] = {k: v for k, v in entry.items() if k not in _COMMON}
+    if kind == "filesystem":
+        settings["path"] = (
+            _path(data_dir, settings["path"], f"{where}.path")
+            if "path" in settings
+            else data_dir / "images"
+        )
+    elif kind == "dimse":
+        if not isinstance(settings["host"], str):
+            raise ConfigError(f"{where}.host must be a string")
+        _number(settings["port"], f"{where}.port", integer=True, minimum=1)
+        settings["called_ae_title"] = _ae(settings["called_ae_title"], f"{where}.called_ae_title")
+        for key in ("calling_ae_title", "move_destination_ae_title"):
+            if key in settings:
+                settings[key] = _ae(settings[key], f"{where}.{key}")
+        mode = settings.get("mode", "c-get")
+        if mode not in ("c-get", "c-move"):
+            raise ConfigError(f'{where}.mode must be "c-get" or "c-move"')
+        if mode == "c-move" and "move_destination_ae_title" not in settings:
+            raise ConfigError(f"{where}: c-move needs move_destination_ae_title")
+        for key in ("acse_timeout", "dimse_timeout", "network_timeout"):
+            if key in settings:
+                _number(settings[key], f"{where}.{key}", minimum=0.1)
+        classes = settings.get("sop_classes", [])
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise ConfigError(f"{where}.sop_classes must be a list of SOP Class UIDs")
+        for uid in classes:
+            validate_oid(uid, f"{where}.sop_classes")
+    elif kind == "dicomweb":
+        url = settings["base_url"]
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}.base_url must be an http(s) URL")
+        for key in ("ca_file", "client_cert", "client_key"):
+            if key in settings:
+                settings[key] = _path(base_dir, settings[key], f"{where}.{key}")
+        headers = settings.get("headers", {})
+        if not isinstance(headers, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+        ):
+            raise ConfigError(f"{where}.headers must be a table of strings")
+    elif kind == "rad69":
+        url = settings["url"]
+        if not isinstance(url, str) or not url.startswith("https://"):
+            raise ConfigError(f"{where}.url must be an https URL (RAD-69 runs over mutual TLS)")
+    if "timeout" in settings:
+        _number(settings["timeout"], f"{where}.timeout", minimum=0.1)
+    return SourceConfig(repository, kind, settings)
+
+
+def parse_imaging_config(table: dict[str, Any], base_dir: Path, data_dir: Path) -> ImagingConfig:
+    """Validate the ``[imaging]`` table (relative paths: files against ``base_dir``, the
+    filesystem source's ``path`` against ``data_dir``)."""
+    if not isinstance(table, dict):
+        raise ConfigError("[imaging] must be a table")
+    known = {
+        "sources",
+        "open_timeout",
+        "idle_timeout",
+        "abandon_timeout",
+        "max_instance_bytes",
+        "max_documents",
+    }
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"[imaging] unknown key(s): {', '.join(sorted(unknown))}")
+    raw = table.get("sources", [])
+    if not isinstance(raw, list):
+        raise ConfigError("[[imaging.sources]] must be an array of tables")
+    sources = tuple(_source(entry, i, base_dir, data_dir) for i, entry in enumerate(raw))
+    seen: set[str] = set()
+    for source in sources:
+        if source.repository_unique_id in seen:
+            raise ConfigError(f"duplicate imaging source {source.repository_unique_id}")
+        seen.add(source.repository_unique_id)
+    config = ImagingConfig(sources=sources)
+    values: dict[str, Any] = {}
+    for key in ("open_timeout", "idle_timeout", "abandon_timeout"):
+        if key in table:
+            values[key] = float(_number(table[key], f"imaging.{key}", minimum=0.1))
+    for key in ("max_instance_bytes", "max_documents"):
+        if key in table:
+            values[key] = _number(table[key], f"imaging.{key}", integer=True, minimum=1)
+    return ImagingConfig(sources=config.sources, **values)
+
+
+def build_source(
+    config: SourceConfig,
+    *,
+    max_instance_bytes: int = 1024 * 1024 * 1024,
+    peer_client: PeerClient | None = None,
+    home_community_id: str | None = None,
+) -> ImagingSource:
+    s = dict(config.settings)
+    repo = config.repository_unique_id
+    if config.kind == "filesystem":
+        return FilesystemSource(
+            repo,
+            s["path"],
+            rescan_interval=float(s.get("rescan_interval", 10.0)),
+            max_transcode_bytes=max_instance_bytes,
+        )
+    if config.kind == "dimse":
+        return DimseSource(
+            repo,
+            DimseSettings(
+                host=s["host"],
+                port=int(s["port"]),
+                called_ae_title=s["called_ae_title"],
+                calling_ae_title=s.get("calling_ae_title", "XCAGW"),
+                mode=s.get("mode", "c-get"),
+                move_destination_ae_title=s.get("move_destination_ae_title"),
+                storage_scp_host=s.get("storage_scp_host", "127.0.0.1"),
+                storage_scp_port=int(s.get("storage_scp_port", 0)),
+                acse_timeout=float(s.get("acse_timeout", 30.0)),
+                dimse_timeout=float(s.get("dimse_timeout", 120.0)),
+                network_timeout=float(s.get("network_timeout", 60.0)),
+                max_pdu=int(s.get("max_pdu", 0)),
+                max_instance_bytes=max_instance_bytes,
+                sop_classes=tuple(s.get("sop_classes", ())),
+            ),
+        )
+    if config.kind == "dicomweb":
+        return DicomwebSource(
+            repo,
+            s["base_url"],
+            ca_file=s.get("ca_file"),
+            client_cert=s.get("client_cert"),
+            client_key=s.get("client_key"),
+            headers=s.get("headers"),
+            timeout=float(s.get("timeout", 30.0)),
+            max_transcode_bytes=max_instance_bytes,
+        )
+    if config.kind == "rad69":
+        return Rad69Source(
+            repo,
+            s["url"],
+            peer_client=peer_client,
+            home_community_id=home_community_id,
+            timeout=s.get("timeout"),
+            max_instance_bytes=max_instance_bytes,
+        )
+    raise ConfigError(f"unknown imaging source kind {config.kind!r}")  # pragma: no cover
+
+
+class ImagingService:
+    """The configured sources of one gateway, started and stopped with it."""
+
+    def __init__(
+        self,
+        config: ImagingConfig,
+        *,
+        peer_client: PeerClient | None = None,
+        home_community_id: str | None = None,
+    ) -> None:
+        self.config = config
+        self.sources: dict[str, ImagingSource] = {
+            c.repository_unique_id: build_source(
+                c,
+                max_instance_bytes=config.max_instance_bytes,
+                peer_client=peer_client,
+                home_community_id=home_community_id,
+            )
+            for c in config.sources
+        }
+
+    async def start(self) -> None:
+        for source in self.sources.values():
+            await source.start()
+
+    async def stop(self) -> None:
+        for source in self.sources.values():
+            await source.stop()

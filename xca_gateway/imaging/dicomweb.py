@@ -1,0 +1,278 @@
+"""Imaging Document Source backed by DICOMweb: QIDO-RS to resolve, WADO-RS to retrieve (a VNA).
+
+Resolve: one QIDO-RS query per requested series (``/studies/{st}/series/{se}/instances``, paged)
+tells which SOP instances exist. QIDO-RS does not reliably return the stored transfer syntax
+(Orthanc omits it), so the syntax is settled per instance while streaming:
+
+1. ``GET .../instances/{sop}`` with ``transfer-syntax=*`` (as stored). The file meta at the
+   start of the part names the stored syntax: if it was requested, the bytes are relayed as they
+   arrive (byte-identical); if the gateway can convert it losslessly into a requested syntax
+   (native <-> RLE, see :mod:`.transfer_syntax`), that one instance is converted in memory.
+2. Otherwise the origin server is asked to transcode, one requested syntax at a time, lossless
+   ones first (PS3.18 8.7.3.5: 406/400 when it cannot); the answer is relayed if its file meta
+   really names that syntax.
+3. If nothing works the instance cannot be delivered; as this is only known once the root part
+   is out, the response is aborted (see :mod:`.retrieve`).
+
+The origin server is inside the community, so it has its own client (plain HTTP or TLS with a
+configured CA and optional client certificate), not the gateway's peer client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+import httpx
+
+from xca_gateway import mtom
+from xca_gateway.ebrs import RegistryError
+from xca_gateway.imaging.multipart import MultipartStream, TruncatedMultipart
+from xca_gateway.imaging.request import DocumentRequest, RetrieveImagingDocumentSetRequest
+from xca_gateway.imaging.sources import (
+    DEFAULT_CHUNK,
+    ImagingSource,
+    InstanceStreamError,
+    PlannedInstance,
+    Retrieval,
+    SourceUnavailable,
+    chunked,
+    document_not_found,
+)
+from xca_gateway.imaging.transfer_syntax import (
+    META_SNIFF_LIMIT,
+    NeedMoreData,
+    TranscodeError,
+    choose_target,
+    lossless_first,
+    sniff_transfer_syntax,
+    transcode,
+)
+from xca_gateway.mtom import MtomError, PartData, PartEnd
+
+log = logging.getLogger(__name__)
+
+_SOP_INSTANCE_UID = "00080018"
+_REFUSED = frozenset({400, 406, 415, 500, 501})  # "cannot produce that transfer syntax"
+
+
+def accept_header(transfer_syntax: str) -> str:
+    return f'multipart/related; type="application/dicom"; transfer-syntax={transfer_syntax}'
+
+
+class DicomwebSource(ImagingSource):
+    kind = "dicomweb"
+
+    def __init__(
+        self,
+        repository_unique_id: str,
+        base_url: str,
+        *,
+        ca_file: Path | None = None,
+        client_cert: Path | None = None,
+        client_key: Path | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 30.0,
+        page_size: int = 1000,
+        max_transcode_bytes: int = 512 * 1024 * 1024,
+        max_connections: int = 8,
+    ) -> None:
+        super().__init__(repository_unique_id)
+        self.base_url = base_url.rstrip("/")
+        self.ca_file = ca_file
+        self.client_cert = client_cert
+        self.client_key = client_key
+        self.headers = dict(headers or {})
+        self.timeout = timeout
+        self.page_size = page_size
+        self.max_transcode_bytes = max_transcode_bytes
+        self.max_connections = max_connections
+        self._client: httpx.AsyncClient | None = None
+
+    def describe(self) -> str:
+        return f"DICOMweb imaging source {self.repository_unique_id} at {self.base_url}"
+
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            verify: ssl.SSLContext | bool = True
+            if self.base_url.startswith("https:"):
+                context = ssl.create_default_context(
+                    cafile=str(self.ca_file) if self.ca_file else None
+                )
+                if self.client_cert is not None:
+                    context.load_cert_chain(
+                        str(self.client_cert), str(self.client_key) if self.client_key else None
+                    )
+                verify = context
+            self._client = httpx.AsyncClient(
+                verify=verify,
+                timeout=httpx.Timeout(self.timeout),
+                limits=httpx.Limits(max_connections=self.max_connections),
+                headers={**self.headers, "accept-encoding": "identity"},
+                follow_redirects=False,
+                trust_env=False,
+            )
+        return self._client
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def instance_url(self, doc: DocumentRequest) -> str:
+        return (
+            f"{self.base_url}/studies/{doc.study_instance_uid}/series/"
+            f"{doc.series_instance_uid}/instances/{doc.document_unique_id}"
+        )
+
+    async def series_instances(self, study: str, series: str) -> set[str]:
+        """SOP Instance UIDs of one series (QIDO-RS, paged)."""
+        client = self.client()
+        url = f"{self.base_url}/studies/{study}/series/{series}/instances"
+        found: set[str] = set()
+        offset = 0
+        for _page in range(10_000):  # bounded: 10M instances at the default page size
+            params = {"limit": str(self.page_size), "offset": str(offset)}
+            try:
+                response = await client.get(
+                    url, params=params, headers={"accept": "application/dicom+json"}
+                )
+            except httpx.HTTPError as exc:
+                raise SourceUnavailable(f"QIDO-RS failed: {exc!r}") from None
+            if response.status_code in (204, 404):
+                return found
+            if response.status_code != 200:
+                raise SourceUnavailable(f"QIDO-RS answered HTTP {response.status_code}")
+            try:
+                items = json.loads(response.content or b"[]")
+            except ValueError:
+                raise SourceUnavailable("QIDO-RS answer is not JSON") from None
+            if not isinstance(items, list):
+                raise SourceUnavailable("QIDO-RS answer is not a JSON array")
+            for item in items:
+                element = item.get(_SOP_INSTANCE_UID) if isinstance(item, dict) else None
+                value = element.get("Value") if isinstance(element, dict) else None
+                if isinstance(value, list) and value and isinstance(value[0], str):
+                    found.add(value[0])
+            if len(items) < self.page_size:
+                return found
+            offset += len(items)
+        return found
+
+    async def open(self, request: RetrieveImagingDocumentSetRequest) -> Retrieval:
+        series_keys = list(
+            dict.fromkeys((d.study_instance_uid, d.series_instance_uid) for d in request.documents)
+        )
+        limiter = asyncio.Semaphore(4)
+
+        async def query(key: tuple[str, str]) -> set[str]:
+            async with limiter:
+                return await self.series_instances(*key)
+
+        results = await asyncio.gather(*(query(key) for key in series_keys))
+        present = dict(zip(series_keys, results, strict=True))
+        planned: list[PlannedInstance] = []
+        errors: list[RegistryError] = []
+        for doc in request.documents:
+            if doc.document_unique_id in present[(doc.study_instance_uid, doc.series_instance_uid)]:
+                planned.append(PlannedInstance(doc))
+            else:
+                errors.append(document_not_found(doc))
+        return DicomwebRetrieval(self, planned, errors, request.transfer_syntax_uids)
+
+
+class DicomwebRetrieval(Retrieval):
+    def __init__(
+        self,
+        source: DicomwebSource,
+        planned: list[PlannedInstance],
+        errors: list[RegistryError],
+        requested: tuple[str, ...],
+    ) -> None:
+        super().__init__(planned, errors)
+        self.source = source
+        self.requested = requested
+
+    async def stream(self, instance: PlannedInstance) -> AsyncIterator[bytes]:
+        doc = instance.document
+        url = self.source.instance_url(doc)
+        client = self.source.client()
+        tried: list[str] = []
+        try:
+            for syntax in ["*", *lossless_first(self.requested)]:
+                headers = {"accept": accept_header(syntax)}
+                async with client.stream("GET", url, headers=headers) as r:
+                    if r.status_code == 404:
+                        raise InstanceStreamError(f"WADO-RS: {doc.document_unique_id} is gone")
+                    if r.status_code in _REFUSED and syntax != "*":
+                        tried.append(f"{syntax}: HTTP {r.status_code}")
+                        continue
+                    if r.status_code != 200:
+                        raise InstanceStreamError(
+                            f"WADO-RS answered HTTP {r.status_code} for {doc.document_unique_id}"
+                        )
+                    delivered = False
+                    async for chunk in self._relay(r, syntax):
+                        delivered = True
+                        yield chunk
+                    if delivered:
+                        return
+                    tried.append(f"{syntax}: not usable")
+        except (httpx.HTTPError, ssl.SSLError, OSError) as exc:
+            raise InstanceStreamError(f"WADO-RS of {doc.document_unique_id}: {exc!r}") from None
+        except (MtomError, TruncatedMultipart, TranscodeError) as exc:
+            raise InstanceStreamError(f"WADO-RS of {doc.document_unique_id}: {exc}") from None
+        raise InstanceStreamError(
+            f"{doc.document_unique_id}: no requested transfer syntax available ({'; '.join(tried)})"
+        )
+
+    async def _relay(self, response: httpx.Response, asked: str) -> AsyncIterator[bytes]:
+        """Yield the instance if usable for the request, else nothing."""
+        media_type, params = mtom.parse_content_type(response.headers.get("content-type", ""))
+        if media_type != "multipart/related" or not params.get("boundary"):
+            raise InstanceStreamError(f"WADO-RS answered {media_type!r}, not multipart/related")
+        parts = MultipartStream(response.aiter_bytes(), params["boundary"], max_parts=4)
+        if await parts.next_part() is None:
+            raise InstanceStreamError("WADO-RS answer has no part")
+        prefix = bytearray()
+        stored: str | None = None
+        ended = False
+        while stored is None:
+            event = await parts.next_event()
+            if isinstance(event, PartEnd):
+                ended = True
+            elif isinstance(event, PartData):
+                prefix += event.data
+            else:
+                raise InstanceStreamError("WADO-RS part ended early")
+            try:
+                stored = sniff_transfer_syntax(bytes(prefix[:META_SNIFF_LIMIT]))
+            except NeedMoreData:
+                if ended or len(prefix) > META_SNIFF_LIMIT:
+                    raise InstanceStreamError("WADO-RS part is not a DICOM file") from None
+        if stored in self.requested:
+            yield bytes(prefix)
+            while not ended:
+                event = await parts.next_event()
+                if isinstance(event, PartData):
+                    if event.data:
+                        yield event.data
+                elif isinstance(event, PartEnd):
+                    ended = True
+                else:
+                    raise InstanceStreamError("WADO-RS part did not end")
+            return
+        target = choose_target(stored, self.requested)
+        if asked == "*" and target is not None:
+            limit = self.source.max_transcode_bytes
+            rest = b"" if ended else await parts.read_part(limit)
+            data = bytes(prefix) + rest
+            converted = await asyncio.to_thread(transcode, data, target)
+            del data, rest
+            async for chunk in chunked(converted, DEFAULT_CHUNK):
+                yield chunk
+        # else: the server sent a syntax we cannot use; the caller tries the next one.

@@ -1,0 +1,110 @@
+"""Pull-style reading of a streamed multipart body (MTOM replies, WADO-RS responses).
+
+Wraps the push parser :class:`xca_gateway.mtom.MultipartParser` around an async byte iterator
+(an httpx response): callers pull one event at a time, so nothing is read from the socket before
+it is needed and back-pressure reaches the sender. Part bodies sent base64-encoded (allowed in
+MIME, seen from some SOAP stacks) are decoded on the fly.
+"""
+
+from __future__ import annotations
+
+import binascii
+import collections
+from collections.abc import AsyncIterator
+
+from xca_gateway.mtom import (
+    Finished,
+    MtomError,
+    MultipartEvent,
+    MultipartParser,
+    PartData,
+    PartEnd,
+    PartHeaders,
+    PartStart,
+)
+
+
+class TruncatedMultipart(Exception):
+    """The byte stream ended before the multipart close delimiter."""
+
+
+class _Base64:
+    def __init__(self) -> None:
+        self._rest = b""
+
+    def feed(self, data: bytes) -> bytes:
+        data = self._rest + data.translate(None, b" \t\r\n")
+        cut = len(data) - len(data) % 4
+        self._rest = data[cut:]
+        try:
+            return binascii.a2b_base64(data[:cut], strict_mode=True)
+        except binascii.Error as exc:
+            raise MtomError(f"invalid base64 in MIME part: {exc}") from None
+
+    def close(self) -> None:
+        if self._rest:
+            raise MtomError("truncated base64 in MIME part")
+
+
+class MultipartStream:
+    """Events of a multipart body, pulled from ``chunks`` on demand."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], boundary: str, *, max_parts: int) -> None:
+        self._chunks = chunks
+        self._parser = MultipartParser(boundary, max_parts=max_parts)
+        self._pending: collections.deque[MultipartEvent] = collections.deque()
+        self._b64: _Base64 | None = None
+        self.finished = False
+
+    async def next_event(self) -> MultipartEvent:
+        """The next event; PartData already decoded. Raises MtomError, TruncatedMultipart."""
+        while not self._pending:
+            if self.finished:
+                return Finished()
+            try:
+                chunk = await anext(self._chunks)
+            except StopAsyncIteration:
+                self._parser.close()  # raises MtomError if the close delimiter is missing
+                raise TruncatedMultipart("multipart body ended early") from None
+            self._pending.extend(self._parser.feed(chunk))
+        event = self._pending.popleft()
+        if isinstance(event, PartStart):
+            encoding = event.headers.headers.get("content-transfer-encoding", "binary")
+            encoding = encoding.strip().lower()
+            if encoding == "base64":
+                self._b64 = _Base64()
+            elif encoding not in ("binary", "8bit", "7bit"):
+                raise MtomError(f"unsupported Content-Transfer-Encoding {encoding[:40]!r}")
+            else:
+                self._b64 = None
+        elif isinstance(event, PartData) and self._b64 is not None:
+            return PartData(self._b64.feed(event.data))
+        elif isinstance(event, PartEnd) and self._b64 is not None:
+            self._b64.close()
+            self._b64 = None
+        elif isinstance(event, Finished):
+            self.finished = True
+        return event
+
+    async def read_part(self, limit: int) -> bytes:
+        """The rest of the current part's body (after its PartStart), at most ``limit`` bytes."""
+        data = bytearray()
+        while True:
+            event = await self.next_event()
+            if isinstance(event, PartData):
+                data += event.data
+                if len(data) > limit:
+                    raise MtomError(f"MIME part larger than {limit} bytes")
+            elif isinstance(event, PartEnd):
+                return bytes(data)
+            else:
+                raise TruncatedMultipart("MIME part did not end")
+
+    async def next_part(self) -> PartHeaders | None:
+        """Skip to the next PartStart; None at the close delimiter."""
+        while True:
+            event = await self.next_event()
+            if isinstance(event, PartStart):
+                return event.headers
+            if isinstance(event, Finished):
+                return None

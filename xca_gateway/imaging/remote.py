@@ -1,0 +1,319 @@
+"""Streaming RAD-69 / RAD-75 client: send a retrieve, read the root part, then relay the parts.
+
+``PeerClient.call`` reads a whole reply (spooling attachments); a gateway that must never store
+images instead keeps the reply open: the root part (status, RegistryErrors, DocumentResponses)
+is read and parsed at once, and each instance's MIME part is read from the socket only when the
+gateway's own response is ready to send it. Peers normally send parts in root order; a part
+that arrives before its turn is held in memory up to ``max_reorder_bytes`` (else the retrieve
+fails rather than buffering a study).
+
+Peers are untrusted: the root goes through the safe XML parser and its size limit, part count
+and part size are bounded, and every failure maps either to :class:`SourceUnavailable` (nothing
+sent yet) or to :class:`InstanceStreamError` (mid-stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import AsyncIterator, Sequence
+
+import httpx
+
+from xca_gateway import mtom
+from xca_gateway.client import PeerClient
+from xca_gateway.ebrs import RegistryError
+from xca_gateway.imaging.multipart import MultipartStream, TruncatedMultipart
+from xca_gateway.imaging.request import (
+    DocumentRequest,
+    RetrieveImagingDocumentSetRequest,
+    build_retrieve_imaging_request,
+)
+from xca_gateway.imaging.response import (
+    InvalidImagingResponse,
+    RetrieveResponse,
+    parse_retrieve_response,
+)
+from xca_gateway.imaging.sources import (
+    InstanceStreamError,
+    PlannedInstance,
+    Retrieval,
+    SourceUnavailable,
+    chunked,
+)
+from xca_gateway.mtom import Finished, MtomError, PartData, PartEnd, PartStart
+from xca_gateway.soap import build_envelope, read_fault, serialize
+from xca_gateway.xmlsafe import XmlRejected, parse_xml
+
+log = logging.getLogger(__name__)
+
+SOAP12_BODY = "{http://www.w3.org/2003/05/soap-envelope}Body"
+# Relay in large pieces: per-chunk costs (generators, HTTP framing, TLS records, drain) and
+# not the bytes dominate a relaying gateway's CPU time. Memory: one chunk per open reply.
+RELAY_CHUNK = 1024 * 1024
+
+
+class RemoteRetrieval(Retrieval):
+    def __init__(
+        self,
+        planned: Sequence[PlannedInstance],
+        errors: Sequence[RegistryError],
+        *,
+        response: httpx.Response | None,
+        parts: MultipartStream | None,
+        what: str,
+        max_part_bytes: int,
+        max_reorder_bytes: int,
+    ) -> None:
+        super().__init__(planned, errors)
+        self._response = response
+        self._parts = parts
+        self._what = what
+        self._max_part_bytes = max_part_bytes
+        self._max_reorder_bytes = max_reorder_bytes
+        self._early: dict[str, bytes] = {}  # parts that arrived before their turn
+        self._early_bytes = 0
+        self._wanted = {p.handle for p in planned if isinstance(p.handle, str)}
+        self._closed = False
+
+    async def stream(self, instance: PlannedInstance) -> AsyncIterator[bytes]:
+        handle = instance.handle
+        if isinstance(handle, bytes):  # inline base64 document
+            async for chunk in chunked(handle):
+                yield chunk
+            return
+        assert isinstance(handle, str)
+        try:
+            early = self._early.pop(handle, None)
+            if early is not None:
+                self._early_bytes -= len(early)
+                self._wanted.discard(handle)
+                async for chunk in chunked(early):
+                    yield chunk
+                return
+            async for chunk in self._read_until(handle):
+                yield chunk
+        except (MtomError, TruncatedMultipart) as exc:
+            raise InstanceStreamError(f"{self._what}: broken MTOM reply: {exc}") from None
+        except (httpx.HTTPError, ssl.SSLError, OSError) as exc:
+            raise InstanceStreamError(f"{self._what}: connection failed: {exc!r}") from None
+
+    async def _read_until(self, content_id: str) -> AsyncIterator[bytes]:
+        parts = self._parts
+        if parts is None:
+            raise InstanceStreamError(f"{self._what}: reply has no MIME part <{content_id}>")
+        while True:
+            headers = await parts.next_part()
+            if headers is None:
+                raise InstanceStreamError(f"{self._what}: MIME part <{content_id}> never came")
+            cid = headers.content_id
+            if cid == content_id:
+                break
+            if cid is not None and cid in self._wanted:
+                data = await parts.read_part(self._max_reorder_bytes - self._early_bytes)
+                self._early[cid] = data
+                self._early_bytes += len(data)
+            # Parts nobody referenced are skipped by next_part().
+        self._wanted.discard(content_id)
+        size = 0
+        while True:
+            event = await parts.next_event()
+            if isinstance(event, PartData):
+                size += len(event.data)
+                if size > self._max_part_bytes:
+                    raise InstanceStreamError(
+                        f"{self._what}: part <{content_id}> exceeds {self._max_part_bytes} bytes"
+                    )
+                if event.data:
+                    yield event.data
+            elif isinstance(event, PartEnd):
+                if size == 0:
+                    raise InstanceStreamError(f"{self._what}: part <{content_id}> is empty")
+                return
+            elif isinstance(event, PartStart | Finished):  # pragma: no cover - parser order
+                raise InstanceStreamError(f"{self._what}: part <{content_id}> did not end")
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._early.clear()
+        if self._response is not None:
+            try:
+                await self._response.aclose()
+            except Exception:  # pragma: no cover - closing a broken connection
+                log.debug("closing %s reply failed", self._what, exc_info=True)
+
+
+async def open_remote_retrieve(
+    peer_client: PeerClient,
+    url: str,
+    request: RetrieveImagingDocumentSetRequest,
+    *,
+    action: str,
+    what: str,
+    timeout: float | None = None,
+    max_part_bytes: int = 4 * 1024 * 1024 * 1024,
+    max_reorder_bytes: int = 64 * 1024 * 1024,
+) -> RemoteRetrieval:
+    """Send ``request`` to ``url`` and return once the reply's root part has been read.
+
+    Raises SourceUnavailable when the peer cannot be reached, answers with a fault or HTTP
+    error, or sends an unreadable root part.
+    """
+    envelope = build_envelope(
+        build_retrieve_imaging_request(request), action=action, to=url, reply_to_anonymous=True
+    )
+    writer = mtom.MtomWriter(serialize(envelope), action=action)  # IHE: MTOM both ways
+    body = b"".join(writer.iter_bytes())
+    http_request = peer_client.http.build_request(
+        "POST", url, content=body, headers={"content-type": writer.content_type}
+    )
+    response: httpx.Response | None = None
+    try:
+        async with asyncio.timeout(timeout or peer_client.outbound.request_timeout):
+            response = await peer_client.http.send(http_request, stream=True)
+            return await _read_root(
+                peer_client, response, request, what, max_part_bytes, max_reorder_bytes
+            )
+    except SourceUnavailable:
+        if response is not None:
+            await response.aclose()
+        raise
+    except TimeoutError:
+        if response is not None:
+            await response.aclose()
+        raise SourceUnavailable("no answer in time") from None
+    except httpx.ConnectError as exc:
+        cause = exc.__cause__ or exc.__context__
+        kind = "TLS handshake failed" if isinstance(cause, ssl.SSLError) else "cannot connect"
+        raise SourceUnavailable(f"{kind}: {exc}") from None
+    except (httpx.HTTPError, ssl.SSLError, OSError) as exc:
+        if response is not None:
+            await response.aclose()
+        raise SourceUnavailable(f"transport error: {exc!r}") from None
+    except BaseException:
+        if response is not None:
+            await response.aclose()
+        raise
+
+
+async def _read_root(
+    peer_client: PeerClient,
+    response: httpx.Response,
+    request: RetrieveImagingDocumentSetRequest,
+    what: str,
+    max_part_bytes: int,
+    max_reorder_bytes: int,
+) -> RemoteRetrieval:
+    limits = peer_client.xml_limits
+    content_type = response.headers.get("content-type", "")
+    parts: MultipartStream | None = None
+    early: dict[str, bytes] = {}
+    if mtom.is_mtom(content_type):
+        try:
+            _mtype, params = mtom.parse_content_type(content_type)
+            boundary = params.get("boundary") or ""
+            start = (params.get("start") or "").strip().strip("<>") or None
+            parts = MultipartStream(
+                response.aiter_raw(RELAY_CHUNK), boundary, max_parts=len(request.documents) + 8
+            )
+            root_bytes: bytes | None = None
+            early_total = 0
+            while root_bytes is None:
+                headers = await parts.next_part()
+                if headers is None:
+                    raise SourceUnavailable("MTOM reply without its root part")
+                if start is None or headers.content_id == start:
+                    root_bytes = await parts.read_part(limits.max_bytes)
+                elif headers.content_id is not None:
+                    data = await parts.read_part(max_reorder_bytes - early_total)
+                    early[headers.content_id] = data
+                    early_total += len(data)
+        except (MtomError, TruncatedMultipart) as exc:
+            raise SourceUnavailable(f"malformed MTOM reply: {exc}") from None
+    else:
+        buffer = bytearray()
+        async for chunk in response.aiter_raw():
+            buffer += chunk
+            if len(buffer) > limits.max_bytes:
+                raise SourceUnavailable("reply larger than the XML limit")
+        root_bytes = bytes(buffer)
+    try:
+        envelope = parse_xml(root_bytes, limits)
+    except XmlRejected as exc:
+        raise SourceUnavailable(
+            f"HTTP {response.status_code}, unreadable reply: {exc.reason}"
+        ) from None
+    fault = read_fault(envelope)
+    if fault is not None:
+        raise SourceUnavailable(f"SOAP fault {fault.code}: {fault.reason}")
+    body = envelope.find(SOAP12_BODY)
+    payload = next((c for c in body if isinstance(c.tag, str)), None) if body is not None else None
+    if payload is None or response.status_code >= 400:
+        raise SourceUnavailable(f"HTTP {response.status_code} without a SOAP payload")
+    try:
+        parsed = parse_retrieve_response(payload)
+    except InvalidImagingResponse as exc:
+        raise SourceUnavailable(f"invalid response: {exc.reason}") from None
+    planned = plan_from_response(parsed, request.documents)
+    if not planned:
+        await response.aclose()  # nothing to relay: free the connection now
+        parts = None
+    retrieval = RemoteRetrieval(
+        planned,
+        list(parsed.errors),
+        response=response,
+        parts=parts,
+        what=what,
+        max_part_bytes=max_part_bytes,
+        max_reorder_bytes=max_reorder_bytes,
+    )
+    for cid, data in early.items():
+        if cid in retrieval._wanted:
+            retrieval._early[cid] = data
+            retrieval._early_bytes += len(data)
+    return retrieval
+
+
+def plan_from_response(
+    parsed: RetrieveResponse, requested: Sequence[DocumentRequest]
+) -> list[PlannedInstance]:
+    """One planned instance per DocumentResponse that answers a requested instance.
+
+    Documents nobody asked for, duplicates and documents whose MIME part another response
+    already claimed are dropped; a consumer only ever receives what it requested.
+    """
+    by_uid: dict[str, DocumentRequest] = {}
+    for request in requested:
+        by_uid.setdefault(request.document_unique_id, request)
+    planned: list[PlannedInstance] = []
+    seen_uids: set[str] = set()
+    seen_cids: set[str] = set()
+    for doc in parsed.documents:
+        wanted = by_uid.get(doc.document_unique_id)
+        if wanted is None or doc.document_unique_id in seen_uids:
+            log.warning("ignoring unrequested or duplicate document %s", doc.document_unique_id)
+            continue
+        if wanted.repository_unique_id != doc.repository_unique_id:
+            log.warning(
+                "ignoring %s from unexpected repository %s",
+                doc.document_unique_id,
+                doc.repository_unique_id,
+            )
+            continue
+        handle: str | bytes
+        if doc.content_id is not None:
+            if doc.content_id in seen_cids:
+                continue
+            seen_cids.add(doc.content_id)
+            handle = doc.content_id
+        else:
+            assert doc.inline is not None
+            handle = doc.inline
+        seen_uids.add(doc.document_unique_id)
+        planned.append(
+            PlannedInstance(wanted, None, home_community_id=doc.home_community_id, handle=handle)
+        )
+    return planned

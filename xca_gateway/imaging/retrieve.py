@@ -1,0 +1,275 @@
+"""The streaming retrieve engine shared by the RAD-69 and RAD-75 handlers.
+
+Given the request split into routes (a local Imaging Document Source, or a peer community's
+Responding Imaging Gateway), it opens every route concurrently, builds the SOAP root part from
+what they resolved (DocumentResponses for planned instances, RegistryErrors for the rest, the
+overall status), and returns a SoapResponse whose MTOM parts pull each instance from its route
+only when the HTTP writer gets to it. Memory per response is bounded by one chunk per route
+(plus one instance when the gateway itself converts the transfer syntax); a slow consumer slows
+the reads from the sources through the server's drain() back-pressure.
+
+Per-instance failures found *after* the root part went out cannot be reported in it any more;
+the part body then raises, the server resets the connection without the closing MIME delimiter
+and chunk, and every route is closed. A consumer therefore never gets a truncated response that
+looks complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from xca_gateway import mtom
+from xca_gateway.ebrs import RegistryError, status_for
+from xca_gateway.imaging.request import DocumentRequest, RetrieveImagingDocumentSetRequest
+from xca_gateway.imaging.response import DICOM_MIME_TYPE, DocumentResponse, build_retrieve_response
+from xca_gateway.imaging.sources import (
+    InstanceStreamError,
+    PlannedInstance,
+    Retrieval,
+    SourceUnavailable,
+    with_idle_timeout,
+)
+from xca_gateway.namespaces import ResponseStatus
+from xca_gateway.soap_service import SoapResponse
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPEN_TIMEOUT = 30.0
+DEFAULT_ABANDON_TIMEOUT = 120.0
+DEFAULT_IDLE_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a group of DocumentRequests is retrieved from."""
+
+    name: str
+    open: Callable[[RetrieveImagingDocumentSetRequest], Awaitable[Retrieval]]
+    # RegistryError for when the route cannot be used at all (reason, number of instances).
+    unavailable: Callable[[str, int], RegistryError]
+    # HomeCommunityId to put in DocumentResponses that the route did not label itself.
+    home_community_id: str | None = None
+
+
+class _Streams:
+    """Owns the open retrievals of one response and closes them exactly once.
+
+    A watchdog releases them when the response is abandoned: the HTTP writer stopped pulling
+    for ``abandon_timeout`` seconds (consumer gone, or the response never streamed) while no
+    source read was pending. The server resets a connection whose writes stall beyond its own
+    body timeout, so a live consumer is never cut off by this as long as ``abandon_timeout``
+    is longer than that.
+    """
+
+    def __init__(self, retrievals: Sequence[Retrieval], abandon_timeout: float) -> None:
+        self.retrievals = list(retrievals)
+        self.abandon_timeout = abandon_timeout
+        self._closed = False
+        self._waiting_since: float | None = time.monotonic()
+        self._watchdog: asyncio.Task[None] | None = None
+        # Instance streams in progress (suspended while the writer waits for the consumer).
+        self.active: set[AsyncGenerator[bytes, None]] = set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def start_watchdog(self) -> None:
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+
+    def pulling(self) -> None:
+        """A source read is in progress (its own idle timeout applies)."""
+        self._waiting_since = None
+
+    def handed_over(self) -> None:
+        """A chunk went to the HTTP writer; now waiting for it to ask for more."""
+        self._waiting_since = time.monotonic()
+
+    async def _watch(self) -> None:
+        interval = min(1.0, self.abandon_timeout / 4)
+        while not self._closed:
+            await asyncio.sleep(interval)
+            since = self._waiting_since
+            if since is not None and time.monotonic() - since > self.abandon_timeout:
+                log.warning("imaging response abandoned by its consumer; releasing its sources")
+                await self._close_retrievals()
+                return
+
+    async def aclose(self) -> None:
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None and watchdog is not asyncio.current_task():
+            watchdog.cancel()
+        await self._close_retrievals()
+
+    async def _close_retrievals(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for chunks in list(self.active):
+            try:
+                await chunks.aclose()  # e.g. closes the file or reply it was reading
+            except RuntimeError:  # running right now: it fails on its next read instead
+                log.debug("instance stream busy while closing", exc_info=True)
+            except Exception:
+                log.exception("closing an instance stream failed")
+        self.active.clear()
+        for retrieval in self.retrievals:
+            try:
+                await retrieval.aclose()
+            except Exception:
+                log.exception("closing an imaging retrieval failed")
+
+
+async def _open_route(
+    route: Route,
+    request: RetrieveImagingDocumentSetRequest,
+    timeout: float,
+) -> Retrieval | RegistryError:
+    count = len(request.documents)
+    try:
+        async with asyncio.timeout(timeout):
+            return await route.open(request)
+    except SourceUnavailable as exc:
+        log.warning("%s unavailable: %s", route.name, exc.reason)
+        return route.unavailable(exc.reason, count)
+    except TimeoutError:
+        log.warning("%s did not resolve the request within %g s", route.name, timeout)
+        return route.unavailable(f"no answer within {timeout:g} s", count)
+    except Exception as exc:
+        log.exception("%s failed", route.name)
+        return route.unavailable(f"internal error ({type(exc).__name__})", count)
+
+
+async def _part_body(
+    streams: _Streams,
+    retrieval: Retrieval,
+    instance: PlannedInstance,
+    idle_timeout: float,
+    last_of_retrieval: bool,
+    last_overall: bool,
+) -> AsyncIterator[bytes]:
+    uid = instance.document.document_unique_id
+    size = 0
+    chunks = with_idle_timeout(retrieval.stream(instance), idle_timeout, uid)
+    streams.active.add(chunks)
+    try:
+        if streams.closed:
+            raise InstanceStreamError("the response was abandoned")
+        streams.pulling()
+        async for chunk in chunks:
+            size += len(chunk)
+            streams.handed_over()
+            yield chunk
+            streams.pulling()
+        if streams.closed:  # closed under us: what was sent is not the whole instance
+            raise InstanceStreamError(f"instance {uid}: the response was abandoned")
+        if size == 0:
+            raise InstanceStreamError(f"instance {uid}: the source sent no data")
+    except InstanceStreamError as exc:
+        log.warning("aborting imaging response mid-stream: %s", exc)
+        await streams.aclose()
+        raise
+    except BaseException:
+        # Consumer gone (GeneratorExit/cancellation) or a bug: release every route.
+        await streams.aclose()
+        raise
+    finally:
+        streams.active.discard(chunks)
+        await chunks.aclose()
+    if last_overall:
+        await streams.aclose()
+    elif last_of_retrieval:
+        await retrieval.aclose()
+
+
+async def respond(
+    request: RetrieveImagingDocumentSetRequest,
+    routes: Sequence[tuple[Route, Sequence[DocumentRequest]]],
+    errors: Sequence[RegistryError],
+    *,
+    response_action: str,
+    error_location: str | None = None,
+    open_timeout: float = DEFAULT_OPEN_TIMEOUT,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    abandon_timeout: float = DEFAULT_ABANDON_TIMEOUT,
+) -> SoapResponse:
+    """Open ``routes``, build the root part and return the streaming MTOM response.
+
+    ``errors`` are routing errors found before any route was contacted. ``error_location``, if
+    set, replaces the location of every RegistryError (RAD-75: the Responding Imaging
+    Gateway's homeCommunityId).
+    """
+    tasks = [
+        asyncio.ensure_future(_open_route(route, request.subset(docs), open_timeout))
+        for route, docs in routes
+    ]
+    try:
+        opened = await asyncio.gather(*tasks)
+    except BaseException:  # cancelled (handler timeout): close what did open
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                result = task.result()
+                if isinstance(result, Retrieval):
+                    await result.aclose()
+        raise
+    retrievals = [r for r in opened if isinstance(r, Retrieval)]
+    streams = _Streams(retrievals, abandon_timeout)
+    try:
+        all_errors = list(errors)
+        documents: list[DocumentResponse] = []
+        plan: list[tuple[Retrieval, PlannedInstance, str, bool]] = []
+        for (route, _docs), result in zip(routes, opened, strict=True):
+            if isinstance(result, RegistryError):
+                all_errors.append(result)
+                continue
+            all_errors.extend(result.errors)
+            for index, instance in enumerate(result.planned):
+                doc = instance.document
+                content_id = mtom.make_content_id()
+                documents.append(
+                    DocumentResponse(
+                        home_community_id=instance.home_community_id
+                        or route.home_community_id
+                        or doc.home_community_id,
+                        repository_unique_id=doc.repository_unique_id,
+                        document_unique_id=doc.document_unique_id,
+                        mime_type=DICOM_MIME_TYPE,
+                        content_id=content_id,
+                    )
+                )
+                plan.append((result, instance, content_id, index == len(result.planned) - 1))
+            if not result.planned:
+                await result.aclose()
+        if error_location is not None:
+            all_errors = [dataclasses.replace(e, location=error_location) for e in all_errors]
+        status = status_for(all_errors, results=len(documents))
+        payload = build_retrieve_response(status, all_errors, documents)
+        parts = [
+            mtom.OutgoingPart(
+                content_id,
+                DICOM_MIME_TYPE,
+                # The very last part closes everything when the response completes normally.
+                _part_body(streams, retrieval, instance, idle_timeout, last, i == len(plan) - 1),
+            )
+            for i, (retrieval, instance, content_id, last) in enumerate(plan)
+        ]
+        if parts:
+            streams.start_watchdog()
+        else:
+            await streams.aclose()
+        outcome = {
+            ResponseStatus.SUCCESS: "success",
+            ResponseStatus.PARTIAL_SUCCESS: "partial",
+        }.get(status, "failure")
+        return SoapResponse(payload, response_action, parts=parts, mtom=True, outcome=outcome)
+    except BaseException:
+        await streams.aclose()
+        raise

@@ -1,0 +1,156 @@
+"""RAD-69 Retrieve Imaging Document Set: Initiating Imaging Gateway and Imaging Document Source.
+
+Initiating Imaging Gateway (:func:`rad69_handler`, endpoint ``/ig/rad69``): a local Imaging
+Document Consumer asks for SOP instances anywhere in the federation. DocumentRequests are split
+by HomeCommunityId (imaging.md section 5):
+
+* own community, or none given (RAD69-002: only needed for other communities): by
+  RepositoryUniqueId to the configured local Imaging Document Sources;
+* a known peer: one RAD-75 per community, Study/Series nesting and the TransferSyntaxUIDList
+  kept (RAD75-001), to that community's Responding Imaging Gateway;
+* anything else: ``XDSUnknownCommunity``; a peer that cannot be reached or answers garbage:
+  ``XDSUnavailableCommunity`` (location = that community).
+
+All answers are merged into one streamed MTOM response; the errors relayed from peers keep their
+location. :func:`imaging_document_source_handler` is the plain Imaging Document Source (no
+routing to other communities), e.g. for a community whose gateway also fronts its PACS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from xca_gateway.client import PeerClient
+from xca_gateway.ebrs import RegistryError
+from xca_gateway.imaging.remote import open_remote_retrieve
+from xca_gateway.imaging.request import DocumentRequest, RetrieveImagingDocumentSetRequest
+from xca_gateway.imaging.retrieve import (
+    DEFAULT_ABANDON_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    Route,
+    respond,
+)
+from xca_gateway.imaging.sources import ImagingSource, Retrieval
+from xca_gateway.namespaces import Action
+from xca_gateway.soap_service import Handler, SoapRequest, SoapResponse
+from xca_gateway.transactions.rad75 import local_routes, parse_or_fault
+
+__all__ = ["imaging_document_source_handler", "peer_route", "rad69_handler"]
+
+
+def peer_route(
+    peer_client: PeerClient, home_community_id: str, url: str, *, timeout: float | None = None
+) -> Route:
+    """RAD-75 to the Responding Imaging Gateway of ``home_community_id``."""
+    what = f"community {home_community_id}"
+
+    async def open_(request: RetrieveImagingDocumentSetRequest) -> Retrieval:
+        return await open_remote_retrieve(
+            peer_client, url, request, action=Action.RAD75, what=what, timeout=timeout
+        )
+
+    def unavailable(reason: str, count: int) -> RegistryError:
+        return RegistryError(
+            "XDSUnavailableCommunity",
+            f"community {home_community_id} did not answer the retrieve: {reason} "
+            f"({count} instance(s) not retrieved)",
+            location=home_community_id,
+        )
+
+    return Route(what, open_, unavailable, home_community_id)
+
+
+def rad69_handler(
+    sources: Mapping[str, ImagingSource],
+    *,
+    home_community_id: str,
+    peers: Mapping[str, str],
+    peer_client: PeerClient,
+    open_timeout: float | None = None,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    abandon_timeout: float = DEFAULT_ABANDON_TIMEOUT,
+    max_documents: int = 100_000,
+) -> Handler:
+    """``peers`` maps a peer's homeCommunityId to its RAD-75 endpoint URL."""
+    timeout = open_timeout or peer_client.outbound.request_timeout
+
+    async def handle(request: SoapRequest) -> SoapResponse:
+        parsed = parse_or_fault(request, max_documents)
+        errors: list[RegistryError] = []
+        local: list[DocumentRequest] = []
+        remote: dict[str, list[DocumentRequest]] = {}
+        unknown: dict[str, int] = {}
+        for doc in parsed.documents:
+            community = doc.home_community_id
+            if community is None or community == home_community_id:
+                local.append(doc)
+            elif community in peers:
+                remote.setdefault(community, []).append(doc)
+            else:
+                unknown[community] = unknown.get(community, 0) + 1
+        for community, count in unknown.items():
+            errors.append(
+                RegistryError(
+                    "XDSUnknownCommunity",
+                    f"no Responding Imaging Gateway known for HomeCommunityId {community} "
+                    f"({count} instance(s) not retrieved)",
+                    location=community,
+                )
+            )
+        routes, routing_errors = local_routes(local, sources, home_community_id)
+        for community, docs in remote.items():
+            route = peer_route(peer_client, community, peers[community], timeout=timeout)
+            routes.append((route, docs))
+        return await respond(
+            parsed,
+            routes,
+            errors + routing_errors,
+            response_action=Action.RAD69_RESPONSE,
+            open_timeout=timeout,
+            idle_timeout=idle_timeout,
+            abandon_timeout=abandon_timeout,
+        )
+
+    return handle
+
+
+def imaging_document_source_handler(
+    sources: Mapping[str, ImagingSource],
+    *,
+    home_community_id: str | None = None,
+    open_timeout: float = 30.0,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    abandon_timeout: float = DEFAULT_ABANDON_TIMEOUT,
+    max_documents: int = 100_000,
+) -> Handler:
+    """RAD-69 served straight from the configured sources, without community routing."""
+
+    async def handle(request: SoapRequest) -> SoapResponse:
+        parsed = parse_or_fault(request, max_documents)
+        errors: list[RegistryError] = []
+        ours: list[DocumentRequest] = []
+        for doc in parsed.documents:
+            community = doc.home_community_id
+            if community and home_community_id and community != home_community_id:
+                errors.append(
+                    RegistryError(
+                        "XDSUnknownCommunity",
+                        f"SOP instance {doc.document_unique_id} is requested from community "
+                        f"{community}; this Imaging Document Source is in {home_community_id}",
+                        location=doc.document_unique_id,
+                    )
+                )
+            else:
+                ours.append(doc)
+        routes, routing_errors = local_routes(ours, sources, home_community_id)
+        return await respond(
+            parsed,
+            routes,
+            errors + routing_errors,
+            response_action=Action.RAD69_RESPONSE,
+            open_timeout=open_timeout,
+            idle_timeout=idle_timeout,
+            abandon_timeout=abandon_timeout,
+        )
+
+    return handle

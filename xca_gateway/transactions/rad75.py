@@ -1,0 +1,114 @@
+"""RAD-75 Cross Gateway Retrieve Imaging Document Set, Responding Imaging Gateway side.
+
+A peer community's Initiating Imaging Gateway asks for SOP instances; each DocumentRequest is
+routed by RepositoryUniqueId to the configured Imaging Document Source of this community (RAD-69
+to an XDS-I.b source, C-GET/C-MOVE to a PACS, WADO-RS to a VNA, or local files), and the
+instances are streamed back as one MTOM response (RAD75-002/-003). Every RegistryError carries
+this community's homeCommunityId as location (RAD75-004, as ITI39-012), every DocumentResponse
+its HomeCommunityId (RAD75-005).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from xca_gateway.ebrs import RegistryError
+from xca_gateway.imaging.request import (
+    DocumentRequest,
+    InvalidImagingRequest,
+    RetrieveImagingDocumentSetRequest,
+    parse_retrieve_imaging_request,
+)
+from xca_gateway.imaging.retrieve import (
+    DEFAULT_ABANDON_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_OPEN_TIMEOUT,
+    Route,
+    respond,
+)
+from xca_gateway.imaging.sources import (
+    ImagingSource,
+    source_unavailable_error,
+    unknown_repository_error,
+)
+from xca_gateway.namespaces import Action
+from xca_gateway.soap import SoapFault
+from xca_gateway.soap_service import Handler, SoapRequest, SoapResponse
+
+__all__ = ["local_routes", "parse_or_fault", "rad75_handler", "source_route"]
+
+
+def parse_or_fault(request: SoapRequest, max_documents: int) -> RetrieveImagingDocumentSetRequest:
+    try:
+        return parse_retrieve_imaging_request(request.payload, max_documents=max_documents)
+    except InvalidImagingRequest as exc:
+        raise SoapFault.sender(f"invalid RetrieveImagingDocumentSetRequest: {exc.reason}") from None
+
+
+def source_route(source: ImagingSource, home_community_id: str | None) -> Route:
+    repository = source.repository_unique_id
+
+    def unavailable(reason: str, count: int) -> RegistryError:
+        return source_unavailable_error(repository, reason, count)
+
+    return Route(source.describe(), source.open, unavailable, home_community_id)
+
+
+def local_routes(
+    documents: list[DocumentRequest],
+    sources: Mapping[str, ImagingSource],
+    home_community_id: str | None,
+) -> tuple[list[tuple[Route, list[DocumentRequest]]], list[RegistryError]]:
+    """Group documents by RepositoryUniqueId; unknown repositories become errors."""
+    groups: dict[str, list[DocumentRequest]] = {}
+    for doc in documents:
+        groups.setdefault(doc.repository_unique_id, []).append(doc)
+    routes: list[tuple[Route, list[DocumentRequest]]] = []
+    errors: list[RegistryError] = []
+    for repository, docs in groups.items():
+        source = sources.get(repository)
+        if source is None:
+            errors.append(unknown_repository_error(repository, len(docs)))
+        else:
+            routes.append((source_route(source, home_community_id), docs))
+    return routes, errors
+
+
+def rad75_handler(
+    sources: Mapping[str, ImagingSource],
+    *,
+    home_community_id: str,
+    open_timeout: float = DEFAULT_OPEN_TIMEOUT,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    abandon_timeout: float = DEFAULT_ABANDON_TIMEOUT,
+    max_documents: int = 100_000,
+) -> Handler:
+    async def handle(request: SoapRequest) -> SoapResponse:
+        parsed = parse_or_fault(request, max_documents)
+        errors: list[RegistryError] = []
+        ours: list[DocumentRequest] = []
+        for doc in parsed.documents:
+            # RAD-75 is addressed to this community; an absent HomeCommunityId is taken as ours.
+            if doc.home_community_id and doc.home_community_id != home_community_id:
+                errors.append(
+                    RegistryError(
+                        "XDSUnknownCommunity",
+                        f"HomeCommunityId {doc.home_community_id} of SOP instance "
+                        f"{doc.document_unique_id} is not this community ({home_community_id})",
+                    )
+                )
+            else:
+                ours.append(doc)
+        routes, routing_errors = local_routes(ours, sources, home_community_id)
+        return await respond(
+            parsed,
+            routes,
+            errors + routing_errors,
+            response_action=Action.RAD75_RESPONSE,
+            error_location=home_community_id,
+            open_timeout=open_timeout,
+            idle_timeout=idle_timeout,
+            abandon_timeout=abandon_timeout,
+        )
+
+    return handle
