@@ -212,6 +212,73 @@ def test_demo_consumer_query_reaches_every_community(
     assert not unavailable
 
 
+def test_demo_images_travel_across_communities(
+    demo: tuple[subprocess.Popen[bytes], Path],
+) -> None:
+    """RAD-69 at north for a study held by south's imaging source: RAD-75 across, streamed."""
+    import pydicom
+    from lxml import etree
+
+    from tests.test_mtom_server import read_mtom
+    from tests.test_server import soap12
+    from xca_gateway.demo import DemoCommunity
+    from xca_gateway.namespaces import RS, XDSB, XDSI, Action
+    from xca_gateway.soap import element_content
+
+    _, workdir = demo
+    data = _endpoints(workdir)
+    north, south = data["communities"][0], data["communities"][1]
+    studies = json.loads((workdir / "south" / "data" / "samples.json").read_text())["studies"]
+    files = [Path(f) for f in studies[0]["files"]]
+    source_id = DemoCommunity(1, "south").imaging_source_id
+    series: dict[str, list[str]] = {}
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        series.setdefault(ds.SeriesInstanceUID, []).append(ds.SOPInstanceUID)
+    body = "".join(
+        f'<xdsi:SeriesRequest seriesInstanceUID="{uid}">'
+        + "".join(
+            f"<xdsi:DocumentRequest><xdsb:HomeCommunityId>{south['homeCommunityId']}"
+            f"</xdsb:HomeCommunityId><xdsb:RepositoryUniqueId>{source_id}</xdsb:RepositoryUniqueId>"
+            f"<xdsb:DocumentUniqueId>{sop}</xdsb:DocumentUniqueId></xdsi:DocumentRequest>"
+            for sop in sops
+        )
+        + "</xdsi:SeriesRequest>"
+        for uid, sops in series.items()
+    )
+    request = (
+        f'<xdsi:RetrieveImagingDocumentSetRequest xmlns:xdsi="{XDSI}" xmlns:xdsb="{XDSB}">'
+        f'<xdsi:StudyRequest studyInstanceUID="{studies[0]["studyInstanceUid"]}">{body}'
+        "</xdsi:StudyRequest><xdsi:TransferSyntaxUIDList>"
+        "<xdsi:TransferSyntaxUID>1.2.840.10008.1.2.1</xdsi:TransferSyntaxUID>"
+        "</xdsi:TransferSyntaxUIDList></xdsi:RetrieveImagingDocumentSetRequest>"
+    )
+    ctx = client_context(
+        Path(data["ca"]), Path(data["client"]["cert"]), Path(data["client"]["key"])
+    )
+    with httpx.Client(verify=ctx, timeout=60) as client:
+        response = client.post(
+            north["endpoints"]["rad69"],
+            content=soap12(Action.RAD69, request),
+            headers={"content-type": "application/soap+xml"},
+        )
+    assert response.status_code == 200, response.text[:300]
+    expected = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: f for f in files}
+    with read_mtom(response) as message:
+        root = etree.fromstring(message.root)
+        status = root.find(f".//{{{RS}}}RegistryResponse")
+        assert status is not None and status.get("status", "").endswith("Success")
+        received = 0
+        for doc in root.iter(f"{{{XDSB}}}DocumentResponse"):
+            uid = doc.findtext(f"{{{XDSB}}}DocumentUniqueId") or ""
+            assert doc.findtext(f"{{{XDSB}}}HomeCommunityId") == south["homeCommunityId"]
+            content = element_content(doc.find(f"{{{XDSB}}}Document"), message.attachments)  # type: ignore[arg-type]
+            data_bytes = content if isinstance(content, bytes) else content.read_all()
+            assert data_bytes == expected[uid].read_bytes()  # byte-identical to the source
+            received += 1
+    assert received == len(files)
+
+
 def test_demo_stops_cleanly_on_sigterm(demo: tuple[subprocess.Popen[bytes], Path]) -> None:
     process, workdir = demo
     children = psutil.Process(process.pid).children(recursive=True)

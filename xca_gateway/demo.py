@@ -110,6 +110,17 @@ def community_config_toml(
         "[storage]",
         f"data_dir = {_q(data_dir)}",
         "",
+        "# The community's XDS repository (imaging manifests, KOS) and imaging source.",
+        "[repository]",
+        f"repository_unique_id = {_q(community.repository_unique_id)}",
+        "",
+        "[repository.manifest]",
+        f"imaging_source_id = {_q(community.imaging_source_id)}",
+        "",
+        "[[imaging.sources]]",
+        f"repository_unique_id = {_q(community.imaging_source_id)}",
+        'kind = "filesystem"',
+        "",
     ]
     if diagnostics_echo:
         lines += ["[diagnostics]", "echo = true", ""]
