@@ -9,6 +9,7 @@ go through the same safe XML parser and MTOM limits as inbound requests.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -25,6 +26,8 @@ from xca_gateway.xmlsafe import XmlLimits, XmlRejected, parse_xml
 
 # (url, action, payload) -> SOAP header blocks to add to an outbound request.
 HeaderProvider = Callable[[str, str, etree._Element], Sequence[etree._Element]]
+# (url, action, request payload, reply payload or None, error or None), after every call.
+CallObserver = Callable[[str, str, etree._Element, etree._Element | None, str | None], None]
 
 
 class PeerError(Exception):
@@ -64,6 +67,7 @@ class PeerClient:
         self.xml_limits = xml_limits or XmlLimits()
         self.max_response_bytes = max_response_bytes
         self.header_provider: HeaderProvider | None = None
+        self.observers: list[CallObserver] = []
         self.http = httpx.AsyncClient(
             verify=ssl_context,
             timeout=httpx.Timeout(outbound.request_timeout, connect=outbound.connect_timeout),
@@ -120,6 +124,8 @@ class PeerClient:
             content = xml
         started = time.monotonic()
         outcome = "error"
+        reply: SoapReply | None = None
+        error: str | None = None
         try:
             async with asyncio.timeout(deadline or self.outbound.request_timeout):
                 reply = await self._exchange(url, headers, content)
@@ -127,11 +133,18 @@ class PeerClient:
             return reply
         except TimeoutError:
             outcome = "timeout"
-            raise PeerError("timeout", f"{peer or url} did not answer in time") from None
+            error = f"{peer or url} did not answer in time"
+            raise PeerError("timeout", error) from None
         except PeerError as exc:
             outcome = exc.kind
+            error = f"{exc.kind}: {exc.message}"
             raise
         finally:
+            for observer in self.observers:
+                try:
+                    observer(url, action, payload, reply.payload if reply else None, error)
+                except Exception:  # an observer (audit) must never break the call
+                    logging.getLogger(__name__).exception("outbound call observer failed")
             if self.metrics is not None and peer:
                 # A SOAP fault still proves the peer is reachable and speaking SOAP.
                 up = outcome in ("success", "fault")

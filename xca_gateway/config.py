@@ -173,6 +173,8 @@ class GatewayConfig:
     repository: Any = None
     # [imaging] (xca_gateway.imaging.ImagingConfig).
     imaging: Any = None
+    # [audit] (xca_gateway.audit.config.AuditConfig).
+    audit: Any = None
 
     @property
     def base_dir(self) -> Path:
@@ -301,16 +303,19 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
         _table(data, "patient_mapping"), base_dir, data_dir=storage.data_dir, peers=peers
     )
 
+    from xca_gateway.audit.config import parse_audit_config
     from xca_gateway.imaging.config import parse_imaging_config
     from xca_gateway.repository import parse_repository_config  # it imports this module
 
     repository = parse_repository_config(data.get("repository"), base_dir, storage.data_dir)
     imaging = parse_imaging_config(data.get("imaging", {}), base_dir, storage.data_dir)
+    audit = parse_audit_config(_table(data, "audit"), base_dir, storage.data_dir, tls)
 
     return GatewayConfig(
         path=path,
         repository=repository,
         imaging=imaging,
+        audit=audit,
         community=community,
         tls=tls,
         storage=storage,

@@ -119,6 +119,7 @@ class Gateway:
         from xca_gateway.imaging import install_imaging
 
         self.imaging = install_imaging(self, config.imaging)
+        self._wire_audit()
         self._started = False
 
     def _build_endpoints(self) -> dict[str, SoapEndpoint]:
@@ -137,6 +138,27 @@ class Gateway:
         if self.config.diagnostics.echo:
             endpoints["echo"] = diagnostics.echo_endpoint()
         return endpoints
+
+    def _wire_audit(self) -> None:
+        """ATNA: every served request and every outbound call is audited, both sides."""
+        from xca_gateway.audit import AuditTrail
+        from xca_gateway.auditing import OutboundCall, TransactionAuditor
+
+        self.audit = AuditTrail(self.config.audit, self.metrics)
+        if not self.config.audit.enabled:
+            return
+        self.add_handshake_listener(self.audit.on_handshake_failure)
+        auditor = TransactionAuditor(self.audit, lambda: self.base_url)
+        self.soap.observers.append(
+            lambda request, transaction, payload, fault, delivered: auditor.served(
+                request, transaction, payload, fault=fault, delivered=delivered
+            )
+        )
+        self.peer_client.observers.append(
+            lambda url, action, request, reply, error: auditor.called(
+                OutboundCall(url, action, request, reply, error)
+            )
+        )
 
     def _wire_repository(self) -> None:
         """The community's document repository: ITI-39 for peers, ITI-43 locally and routed."""
@@ -206,6 +228,8 @@ class Gateway:
         await self.imaging.start()
         await self.https.start(cfg.server.host, cfg.server.port, sock=sockets.https)
         await self.admin.start(cfg.admin.host, cfg.admin.port, sock=sockets.admin)
+        self.audit.application_id = self.base_url
+        await self.audit.start()
         self._started = True
         log.info(
             "gateway %s (%s) serving on %s, admin on http://%s:%d",
@@ -225,6 +249,7 @@ class Gateway:
         await self.peer_client.aclose()
         self.xref.close()
         self.patients.close()
+        await self.audit.stop()
 
     @property
     def base_url(self) -> str:

@@ -84,6 +84,9 @@ class SoapEndpoint:
 
 # Runs after dispatch, before the handler: raise SoapFault to refuse (XUA, access policy).
 Authorizer = Callable[[SoapRequest, Operation], Awaitable[None]]
+# Told about every dispatched request once it is over (audit): (request, transaction,
+# response payload or None, fault reason or None, whether the response was fully sent).
+Observer = Callable[[SoapRequest, str, etree._Element | None, str | None, bool], None]
 
 
 class SoapService:
@@ -97,6 +100,7 @@ class SoapService:
         authorizer: Authorizer | None = None,
     ) -> None:
         self.authorizer = authorizer
+        self.observers: list[Observer] = []
         self.endpoints = {e.path: e for e in endpoints}
         self.limits = limits
         self.metrics = metrics
@@ -120,6 +124,7 @@ class SoapService:
         transaction = "unknown"
         relates_to: str | None = None
         attachments: dict[str, mtom.Attachment] = {}
+        soap_request: SoapRequest | None = None
         try:
             envelope, attachments = await self._read(request)
             relates_to = envelope.addressing.message_id
@@ -139,6 +144,8 @@ class SoapService:
                 raise SoapFault.receiver("internal error while processing the request") from None
         except SoapFault as fault:
             _close_attachments(attachments)
+            if soap_request is not None:
+                self._notify(soap_request, transaction, None, fault.reason, False)
             body, content_type = build_fault(fault, relates_to=relates_to)
             self.metrics.requests.labels(transaction, "fault").inc()
             self.metrics.latency.labels(transaction).observe(time.monotonic() - started)
@@ -149,7 +156,17 @@ class SoapService:
                 body,
                 close=not request.body_consumed,
             )
-        return self._respond(result, relates_to, transaction, started, attachments)
+        return self._respond(result, relates_to, transaction, started, attachments, soap_request)
+
+    def _notify(
+        self,
+        request: SoapRequest,
+        transaction: str,
+        payload: etree._Element | None,
+        fault: str | None,
+        delivered: bool,
+    ) -> None:
+        _observe_safely(self.observers, request, transaction, payload, fault, delivered)
 
     async def _read(self, request: Request) -> tuple[Envelope, dict[str, mtom.Attachment]]:
         limits = self.limits
@@ -236,6 +253,7 @@ class SoapService:
         transaction: str,
         started: float,
         attachments: dict[str, mtom.Attachment],
+        soap_request: SoapRequest,
     ) -> Response:
         envelope = build_envelope(result.payload, action=result.action, relates_to=relates_to)
         xml = serialize(envelope)
@@ -243,6 +261,7 @@ class SoapService:
 
         def complete(ok: bool) -> None:
             _close_attachments(attachments)
+            self._notify(soap_request, transaction, result.payload, None, ok)
             outcome = result.outcome if ok else "aborted"
             metrics.requests.labels(transaction, outcome).inc()
             metrics.latency.labels(transaction).observe(time.monotonic() - started)
@@ -268,6 +287,21 @@ class SoapService:
         metrics.bytes_sent.labels(transaction).inc(len(xml))
         content_type = f'application/soap+xml; charset=UTF-8; action="{result.action}"'
         return Response(200, [("content-type", content_type)], xml, on_complete=complete)
+
+
+def _observe_safely(
+    observers: list[Observer],
+    request: SoapRequest,
+    transaction: str,
+    payload: etree._Element | None,
+    fault: str | None,
+    delivered: bool,
+) -> None:
+    for observer in observers:
+        try:
+            observer(request, transaction, payload, fault, delivered)
+        except Exception:  # an observer (audit) must never break the response
+            log.exception("request observer failed")
 
 
 def _usable_action(value: str | None) -> str | None:

@@ -1,0 +1,152 @@
+"""Gateways audit every transaction on both sides to a real rsyslog over mutual TLS."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from tests.test_initiating import find_documents
+from tests.test_server import consumer, soap12
+from xca_gateway.audit.rsyslog import RsyslogRepository, gtls_available, rsyslogd_path
+from xca_gateway.audit.syslog import parse_message
+from xca_gateway.audit.validate import schema_errors
+from xca_gateway.gateway import Gateway
+from xca_gateway.namespaces import Action
+from xca_gateway.pki import DevPki
+from xca_gateway.tls import client_context
+
+
+@pytest.fixture
+def rsyslog(pki: DevPki, tmp_path: Path) -> Iterator[RsyslogRepository]:
+    if rsyslogd_path() is None:
+        pytest.skip("rsyslogd is not installed (Debian package rsyslog)")
+    if not gtls_available():
+        pytest.skip("rsyslog's TLS driver is not installed (Debian package rsyslog-gnutls)")
+    workdir = tmp_path / "arr"
+    workdir.mkdir()
+    repo = RsyslogRepository(
+        workdir, pki.ca, pki.communities["gamma"].cert, pki.communities["gamma"].key
+    )
+    repo.check_config()
+    repo.start()
+    yield repo
+    repo.stop()
+
+
+def audited(
+    gateway_factory: Callable[..., Gateway],
+    rsyslog: RsyslogRepository,
+    tmp: Path,
+    name: str,
+    **extra: object,
+) -> Gateway:
+    return gateway_factory(
+        name,
+        storage={"data_dir": str(tmp / name)},
+        audit={
+            "audit_source_id": f"gw-{name}",
+            "destinations": [
+                {"name": "arr", "transport": "tls", "host": "127.0.0.1", "port": rsyslog.tls_port}
+            ],
+        },
+        **extra,
+    )
+
+
+def records(rsyslog: RsyslogRepository, count: int) -> list[etree._Element]:
+    found = []
+    for raw in rsyslog.wait_for(count, timeout=30):
+        message = parse_message(raw)
+        xml = message.msg[3:] if message.msg.startswith(b"\xef\xbb\xbf") else message.msg
+        root = etree.fromstring(xml)
+        assert not schema_errors(root), schema_errors(root)
+        found.append(root)
+    return found
+
+
+def event(root: etree._Element) -> tuple[str, str, str]:
+    ident = root.find("EventIdentification")
+    assert ident is not None
+    event_id = ident.find("EventID")
+    type_code = ident.find("EventTypeCode")
+    return (
+        event_id.get("csd-code", "") if event_id is not None else "",
+        type_code.get("csd-code", "") if type_code is not None else "",
+        ident.get("EventOutcomeIndicator", ""),
+    )
+
+
+def source_of(root: etree._Element) -> str:
+    for participant in root.iter("ActiveParticipant"):
+        if any(r.get("csd-code") == "110153" for r in participant.iter("RoleIDCode")):
+            return participant.get("UserID", "")
+    return ""
+
+
+def test_both_sides_of_a_cross_gateway_query_are_audited(
+    gateway_factory: Callable[..., Gateway], pki: DevPki, rsyslog: RsyslogRepository, tmp_path: Path
+) -> None:
+    beta = audited(gateway_factory, rsyslog, tmp_path, "beta")
+    alpha = audited(
+        gateway_factory,
+        rsyslog,
+        tmp_path,
+        "alpha",
+        peers=[
+            {
+                "name": "beta",
+                "home_community_id": beta.config.community.home_community_id,
+                "iti38": beta.endpoint_urls()["iti38"],
+            }
+        ],
+    )
+    patient = "P1^^^&1.3.6.1.4.1.21367.13.20.1000&ISO"
+    with consumer(pki) as client:
+        response = client.post(
+            alpha.endpoint_urls()["iti18"],
+            content=soap12(Action.ITI18, find_documents(patient)),
+            headers={"content-type": "application/soap+xml"},
+        )
+    assert response.status_code == 200
+    # Start/stop of each gateway's application plus: ITI-18 (alpha, serving the consumer),
+    # ITI-38 (alpha, initiating) and ITI-38 (beta, responding).
+    roots = records(rsyslog, 5)
+    queries = [r for r in roots if event(r)[0] == "110112"]
+    kinds = sorted(event(r)[1] for r in queries)
+    assert kinds == ["ITI-18", "ITI-38", "ITI-38"]
+    for root in queries:
+        ids = [p.get("ParticipantObjectID") for p in root.iter("ParticipantObjectIdentification")]
+        assert patient in ids  # the patient the query was about
+    responding = next(
+        r
+        for r in queries
+        if event(r)[1] == "ITI-38"
+        and r.find("AuditSourceIdentification").get("AuditSourceID") == "gw-beta"  # type: ignore[union-attr]
+    )
+    # The responding side names the requesting gateway by its TLS certificate subject.
+    assert "alpha.xca-gateway.test" in source_of(responding)
+    # beta has no registry: the answer was a Failure, and the audit says so (8).
+    assert event(responding)[2] == "8"
+    consumer_side = next(r for r in queries if event(r)[1] == "ITI-18")
+    assert "consumer" in source_of(consumer_side)
+
+
+def test_refused_handshake_is_a_security_alert(
+    gateway_factory: Callable[..., Gateway], pki: DevPki, rsyslog: RsyslogRepository, tmp_path: Path
+) -> None:
+    alpha = audited(gateway_factory, rsyslog, tmp_path, "alpha")
+    ctx = client_context(pki.ca, pki.expired_client.cert, pki.expired_client.key)
+    from tests.test_server import _handshake
+
+    with pytest.raises((ssl.SSLError, OSError)):
+        _handshake(alpha.https.port, ctx)
+    roots = records(rsyslog, 2)
+    alerts = [r for r in roots if event(r)[0] == "110113"]
+    assert alerts, [event(r) for r in roots]
+    text = etree.tostring(alerts[0]).decode()
+    assert "expired" in text
+    assert "127.0.0.1" in text
