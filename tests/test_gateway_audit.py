@@ -150,3 +150,80 @@ def test_refused_handshake_is_a_security_alert(
     text = etree.tostring(alerts[0]).decode()
     assert "expired" in text
     assert "127.0.0.1" in text
+
+
+def test_imaging_retrieve_is_audited_on_both_gateways(
+    gateway_factory: Callable[..., Gateway], pki: DevPki, rsyslog: RsyslogRepository, tmp_path: Path
+) -> None:
+    from datetime import date
+
+    import pydicom
+
+    from xca_gateway.dicom_samples import DEFAULT_PATIENTS, generate_study
+    from xca_gateway.namespaces import XDSB, XDSI
+
+    source_id = "1.3.6.1.4.1.21367.13.81.2"
+    study = generate_study(
+        tmp_path / "beta" / "images",
+        patient=DEFAULT_PATIENTS[0],
+        patient_id="C02-2001",
+        issuer_oid="1.3.6.1.4.1.21367.13.20.2000",
+        modality="CT",
+        body_part="HEAD",
+        study_date=date(2024, 5, 1),
+        institution="South",
+        accession_number="SOU1",
+        uid_root="1.2.826.0.1.3680043.10.543",
+        series_count=1,
+        instances_per_series=2,
+        seed=7,
+    )
+    beta = audited(
+        gateway_factory,
+        rsyslog,
+        tmp_path,
+        "beta",
+        imaging={"sources": [{"repository_unique_id": source_id, "kind": "filesystem"}]},
+    )
+    home = beta.config.community.home_community_id
+    alpha = audited(
+        gateway_factory,
+        rsyslog,
+        tmp_path,
+        "alpha",
+        peers=[{"name": "beta", "home_community_id": home, "rad75": beta.endpoint_urls()["rad75"]}],
+    )
+    docs = "".join(
+        f"<xdsi:DocumentRequest><xdsb:HomeCommunityId>{home}</xdsb:HomeCommunityId>"
+        f"<xdsb:RepositoryUniqueId>{source_id}</xdsb:RepositoryUniqueId><xdsb:DocumentUniqueId>"
+        f"{pydicom.dcmread(f).SOPInstanceUID}</xdsb:DocumentUniqueId></xdsi:DocumentRequest>"
+        for f in study.files
+    )
+    request = (
+        f'<xdsi:RetrieveImagingDocumentSetRequest xmlns:xdsi="{XDSI}" xmlns:xdsb="{XDSB}">'
+        f'<xdsi:StudyRequest studyInstanceUID="{study.study_instance_uid}">'
+        f'<xdsi:SeriesRequest seriesInstanceUID="{study.series_instance_uids[0]}">{docs}'
+        "</xdsi:SeriesRequest></xdsi:StudyRequest><xdsi:TransferSyntaxUIDList>"
+        "<xdsi:TransferSyntaxUID>1.2.840.10008.1.2.1</xdsi:TransferSyntaxUID>"
+        "</xdsi:TransferSyntaxUIDList></xdsi:RetrieveImagingDocumentSetRequest>"
+    )
+    with consumer(pki) as client:
+        response = client.post(
+            alpha.endpoint_urls()["rad69"],
+            content=soap12(Action.RAD69, request),
+            headers={"content-type": "application/soap+xml"},
+        )
+    assert response.status_code == 200
+    # Two application starts, then RAD-69 (alpha serving), RAD-75 (alpha initiating) and
+    # RAD-75 (beta responding).
+    roots = records(rsyslog, 5)
+    imaging = sorted((event(r)[1], event(r)[2]) for r in roots if event(r)[1].startswith("RAD-"))
+    assert imaging == [("RAD-69", "0"), ("RAD-75", "0"), ("RAD-75", "0")]
+    for root in roots:
+        if event(root)[1].startswith("RAD-"):
+            studies = [
+                p.get("ParticipantObjectID")
+                for p in root.iter("ParticipantObjectIdentification")
+                if p.find("ParticipantObjectIDTypeCode").get("csd-code") == "110180"  # type: ignore[union-attr]
+            ]
+            assert studies == [study.study_instance_uid]

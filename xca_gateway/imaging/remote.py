@@ -20,6 +20,7 @@ import ssl
 from collections.abc import AsyncIterator, Sequence
 
 import httpx
+from lxml import etree
 
 from xca_gateway import mtom
 from xca_gateway.client import PeerClient
@@ -65,8 +66,11 @@ class RemoteRetrieval(Retrieval):
         what: str,
         max_part_bytes: int,
         max_reorder_bytes: int,
+        reply_payload: etree._Element | None = None,
     ) -> None:
         super().__init__(planned, errors)
+        # The reply's RetrieveDocumentSetResponse (root part), for the audit of this call.
+        self.reply_payload = reply_payload
         self._response = response
         self._parts = parts
         self._what = what
@@ -157,14 +161,46 @@ async def open_remote_retrieve(
     max_part_bytes: int = 4 * 1024 * 1024 * 1024,
     max_reorder_bytes: int = 64 * 1024 * 1024,
 ) -> RemoteRetrieval:
+    """Send ``request`` to ``url`` and return once the reply's root part has been read;
+    the client's observers (audit) hear of the call either way."""
+    request_payload = build_retrieve_imaging_request(request)
+    try:
+        retrieval = await _open_remote_retrieve(
+            peer_client,
+            url,
+            request,
+            request_payload,
+            action=action,
+            what=what,
+            timeout=timeout,
+            max_part_bytes=max_part_bytes,
+            max_reorder_bytes=max_reorder_bytes,
+        )
+    except SourceUnavailable as exc:
+        _observe(peer_client, url, action, request_payload, None, str(exc))
+        raise
+    _observe(peer_client, url, action, request_payload, retrieval.reply_payload, None)
+    return retrieval
+
+
+async def _open_remote_retrieve(
+    peer_client: PeerClient,
+    url: str,
+    request: RetrieveImagingDocumentSetRequest,
+    request_payload: etree._Element,
+    *,
+    action: str,
+    what: str,
+    timeout: float | None,
+    max_part_bytes: int,
+    max_reorder_bytes: int,
+) -> RemoteRetrieval:
     """Send ``request`` to ``url`` and return once the reply's root part has been read.
 
     Raises SourceUnavailable when the peer cannot be reached, answers with a fault or HTTP
     error, or sends an unreadable root part.
     """
-    envelope = build_envelope(
-        build_retrieve_imaging_request(request), action=action, to=url, reply_to_anonymous=True
-    )
+    envelope = build_envelope(request_payload, action=action, to=url, reply_to_anonymous=True)
     writer = mtom.MtomWriter(serialize(envelope), action=action)  # IHE: MTOM both ways
     body = b"".join(writer.iter_bytes())
     http_request = peer_client.http.build_request(
@@ -174,9 +210,10 @@ async def open_remote_retrieve(
     try:
         async with asyncio.timeout(timeout or peer_client.outbound.request_timeout):
             response = await peer_client.http.send(http_request, stream=True)
-            return await _read_root(
+            retrieval = await _read_root(
                 peer_client, response, request, what, max_part_bytes, max_reorder_bytes
             )
+        return retrieval
     except SourceUnavailable:
         if response is not None:
             await response.aclose()
@@ -197,6 +234,22 @@ async def open_remote_retrieve(
         if response is not None:
             await response.aclose()
         raise
+
+
+def _observe(
+    peer_client: PeerClient,
+    url: str,
+    action: str,
+    request: etree._Element,
+    reply: etree._Element | None,
+    error: str | None,
+) -> None:
+    """Tell the client's observers (audit) about this call, as PeerClient.call does."""
+    for observer in peer_client.observers:
+        try:
+            observer(url, action, request, reply, error)
+        except Exception:
+            log.exception("outbound call observer failed")
 
 
 async def _read_root(
@@ -264,6 +317,7 @@ async def _read_root(
     retrieval = RemoteRetrieval(
         planned,
         list(parsed.errors),
+        reply_payload=payload,
         response=response,
         parts=parts,
         what=what,
