@@ -1,0 +1,711 @@
+"""Patient consent to cross-community sharing: an embedded store, the decision, CLI and admin API.
+
+A consent rule says, for one patient, whether documents may be shared (``opt-in``) or not
+(``opt-out``) with one requesting community or all of them (``*``), optionally narrowed to a
+document classCode and/or confidentialityCode. Where no rule applies, the community's default
+mode decides: ``opt-out`` (ELGA: shared unless the patient objected) or ``opt-in`` (HK eHR:
+nothing shared without the patient's consent).
+
+Decision (pure, :func:`evaluate`): among the rules that apply, the most specific wins (the number
+of fields that are not ``*``); between equally specific rules an opt-out wins. So "opt out of
+everything, but share with community B" shares with B, while "share with B" and "never share
+psychiatry" together keep psychiatry from B.
+
+Codes in rules are ``code`` (any coding scheme) or ``scheme|code``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sqlite3
+import sys
+import threading
+import tomllib
+import urllib.parse
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+from xca_gateway.patient_id import PatientIdError, parse_patient_id
+from xca_gateway.server import BodyTooLarge, Request, Response
+
+ConsentMode = Literal["opt-in", "opt-out"]
+MODES: tuple[ConsentMode, ...] = ("opt-in", "opt-out")
+ANY = "*"
+
+
+class ConsentError(ValueError):
+    pass
+
+
+class DocumentCode(NamedTuple):
+    code: str
+    scheme: str | None = None
+
+
+CodeLike = DocumentCode | str
+
+
+def _as_code(value: CodeLike) -> DocumentCode:
+    return value if isinstance(value, DocumentCode) else DocumentCode(value)
+
+
+def code_matches(pattern: str, code: DocumentCode | None) -> bool:
+    if pattern == ANY:
+        return True
+    if code is None:
+        return False
+    scheme, sep, value = pattern.rpartition("|")
+    if not sep:
+        return code.code == pattern
+    return code.code == value and (not scheme or code.scheme == scheme)
+
+
+def normalize_patient_id(value: str) -> str:
+    """``ID^^^&OID&ISO`` in canonical form (quotes and extra components dropped)."""
+    try:
+        return str(parse_patient_id(value))
+    except PatientIdError as exc:
+        raise ConsentError(str(exc)) from None
+
+
+def _check_community(value: str) -> str:
+    value = value.strip()
+    if value != ANY and not value.startswith("urn:oid:"):
+        raise ConsentError(f"community must be '*' or urn:oid:<OID>, not {value!r}")
+    return value
+
+
+def _check_pattern(value: str, what: str) -> str:
+    value = value.strip()
+    if not value or value.endswith("|"):
+        raise ConsentError(f"{what} must be '*', a code or scheme|code")
+    return value
+
+
+@dataclass(frozen=True)
+class ConsentRule:
+    patient_id: str
+    mode: ConsentMode
+    community: str = ANY
+    class_code: str = ANY
+    confidentiality_code: str = ANY
+    created_at: str | None = None
+    updated_at: str | None = None
+    note: str | None = None
+
+    @property
+    def specificity(self) -> int:
+        return sum(v != ANY for v in (self.community, self.class_code, self.confidentiality_code))
+
+    def applies(
+        self,
+        community: str,
+        class_code: DocumentCode | None,
+        confidentiality_codes: Sequence[DocumentCode],
+    ) -> bool:
+        if self.community not in (ANY, community):
+            return False
+        if not code_matches(self.class_code, class_code):
+            return False
+        if self.confidentiality_code == ANY:
+            return True
+        return any(code_matches(self.confidentiality_code, c) for c in confidentiality_codes)
+
+    def describe(self) -> str:
+        scope = [f"community {self.community}" if self.community != ANY else "all communities"]
+        if self.class_code != ANY:
+            scope.append(f"classCode {self.class_code}")
+        if self.confidentiality_code != ANY:
+            scope.append(f"confidentialityCode {self.confidentiality_code}")
+        return f"{self.mode} for {', '.join(scope)}" + (
+            f" (since {self.updated_at})" if self.updated_at else ""
+        )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    reason: str
+    rule: ConsentRule | None = None
+
+
+def evaluate(
+    rules: Iterable[ConsentRule],
+    *,
+    default_mode: ConsentMode,
+    community: str,
+    class_code: CodeLike | None = None,
+    confidentiality_codes: Iterable[CodeLike] = (),
+) -> Verdict:
+    """Whether a document (or, with no codes, the patient's record as such) may be shared."""
+    cls = _as_code(class_code) if class_code is not None else None
+    confs = [_as_code(c) for c in confidentiality_codes]
+    applicable = [r for r in rules if r.applies(community, cls, confs)]
+    if not applicable:
+        allowed = default_mode == "opt-out"
+        return Verdict(
+            allowed,
+            f"no consent rule; community default is {default_mode}",
+        )
+    best = max(r.specificity for r in applicable)
+    winners = [r for r in applicable if r.specificity == best]
+    rule = next((r for r in winners if r.mode == "opt-out"), winners[0])
+    return Verdict(rule.mode == "opt-in", f"patient consent: {rule.describe()}", rule)
+
+
+# --------------------------------------------------------------------------- storage
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS consent_rule (
+    patient_id TEXT NOT NULL,
+    community TEXT NOT NULL,
+    class_code TEXT NOT NULL,
+    confidentiality_code TEXT NOT NULL,
+    mode TEXT NOT NULL CHECK (mode IN ('opt-in', 'opt-out')),
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    note TEXT,
+    PRIMARY KEY (patient_id, community, class_code, confidentiality_code)
+);
+CREATE TABLE IF NOT EXISTS consent_event (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    action TEXT NOT NULL,
+    patient_id TEXT NOT NULL,
+    community TEXT NOT NULL,
+    class_code TEXT NOT NULL,
+    confidentiality_code TEXT NOT NULL,
+    mode TEXT,
+    note TEXT
+);
+"""
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class ConsentStore:
+    """Consent rules in SQLite (WAL), shared safely by the gateway's threads and the CLI."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), timeout=10.0, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        with self._lock, self._db:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def set(
+        self,
+        patient_id: str,
+        mode: str,
+        *,
+        community: str = ANY,
+        class_code: str = ANY,
+        confidentiality_code: str = ANY,
+        note: str | None = None,
+    ) -> ConsentRule:
+        """Record (or replace) the rule for this patient and scope."""
+        if mode not in MODES:
+            raise ConsentError(f"mode must be opt-in or opt-out, not {mode!r}")
+        key = (
+            normalize_patient_id(patient_id),
+            _check_community(community),
+            _check_pattern(class_code, "class_code"),
+            _check_pattern(confidentiality_code, "confidentiality_code"),
+        )
+        now = _now()
+        with self._lock, self._db:
+            self._db.execute(
+                "INSERT INTO consent_rule VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (patient_id, community, class_code, confidentiality_code) "
+                "DO UPDATE SET mode = excluded.mode, updated_at = excluded.updated_at, "
+                "note = excluded.note",
+                (*key, mode, now, now, note),
+            )
+            self._db.execute(
+                "INSERT INTO consent_event (at, action, patient_id, community, class_code, "
+                "confidentiality_code, mode, note) VALUES (?, 'set', ?, ?, ?, ?, ?, ?)",
+                (now, *key, mode, note),
+            )
+            row = self._db.execute(
+                "SELECT * FROM consent_rule WHERE patient_id = ? AND community = ? "
+                "AND class_code = ? AND confidentiality_code = ?",
+                key,
+            ).fetchone()
+        return _rule(row)
+
+    def revoke(
+        self,
+        patient_id: str,
+        *,
+        community: str | None = None,
+        class_code: str | None = None,
+        confidentiality_code: str | None = None,
+    ) -> int:
+        """Delete the patient's rules; scope fields given narrow what is deleted."""
+        clauses = ["patient_id = ?"]
+        params: list[str] = [normalize_patient_id(patient_id)]
+        for column, value in (
+            ("community", community),
+            ("class_code", class_code),
+            ("confidentiality_code", confidentiality_code),
+        ):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value.strip())
+        where = " AND ".join(clauses)
+        now = _now()
+        with self._lock, self._db:
+            rows = self._db.execute(f"SELECT * FROM consent_rule WHERE {where}", params).fetchall()
+            self._db.execute(f"DELETE FROM consent_rule WHERE {where}", params)
+            for row in rows:
+                self._db.execute(
+                    "INSERT INTO consent_event (at, action, patient_id, community, class_code, "
+                    "confidentiality_code, mode, note) VALUES (?, 'revoke', ?, ?, ?, ?, ?, NULL)",
+                    (
+                        now,
+                        row["patient_id"],
+                        row["community"],
+                        row["class_code"],
+                        row["confidentiality_code"],
+                        row["mode"],
+                    ),
+                )
+        return len(rows)
+
+    def rules_for(self, patient_id: str) -> list[ConsentRule]:
+        try:
+            key = normalize_patient_id(patient_id)
+        except ConsentError:
+            return []
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM consent_rule WHERE patient_id = ? "
+                "ORDER BY community, class_code, confidentiality_code",
+                (key,),
+            ).fetchall()
+        return [_rule(r) for r in rows]
+
+    def list_rules(self, limit: int = 1000, offset: int = 0) -> list[ConsentRule]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM consent_rule ORDER BY patient_id, community, class_code, "
+                "confidentiality_code LIMIT ? OFFSET ?",
+                (limit, offset),
+            ).fetchall()
+        return [_rule(r) for r in rows]
+
+    def history(self, patient_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT at, action, community, class_code, confidentiality_code, mode, note "
+                "FROM consent_event WHERE patient_id = ? ORDER BY seq",
+                (normalize_patient_id(patient_id),),
+            ).fetchall()
+        return [dict(r) for r in rows]
+
+
+def _rule(row: sqlite3.Row) -> ConsentRule:
+    return ConsentRule(
+        patient_id=row["patient_id"],
+        mode=row["mode"],
+        community=row["community"],
+        class_code=row["class_code"],
+        confidentiality_code=row["confidentiality_code"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        note=row["note"],
+    )
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class ConsentConfig:
+    """The ``[consent]`` section."""
+
+    enabled: bool = False
+    database: Path | None = None
+    default_mode: ConsentMode = "opt-out"
+    # Default mode per requesting community, overriding default_mode.
+    peer_modes: Mapping[str, ConsentMode] = field(default_factory=dict)
+
+    def mode_for(self, community: str) -> ConsentMode:
+        return self.peer_modes.get(community, self.default_mode)
+
+
+def parse_consent_config(
+    table: dict[str, Any], base_dir: Path, data_dir: Path | None = None
+) -> ConsentConfig:
+    """Parse ``[consent]``; the database defaults to ``<data_dir>/consent.sqlite3``."""
+    unknown = set(table) - {"enabled", "database", "default_mode", "peer_modes"}
+    if unknown:
+        raise ConsentError(f"[consent] unknown key(s): {', '.join(sorted(unknown))}")
+    database: Path | None = None
+    if "database" in table:
+        if not isinstance(table["database"], str):
+            raise ConsentError("consent.database must be a path string")
+        database = Path(table["database"]).expanduser()
+        database = database if database.is_absolute() else (base_dir / database).resolve()
+    elif data_dir is not None:
+        database = data_dir / "consent.sqlite3"
+    default_mode = table.get("default_mode", "opt-out")
+    if default_mode not in MODES:
+        raise ConsentError('consent.default_mode must be "opt-in" or "opt-out"')
+    peer_modes = table.get("peer_modes", {})
+    if not isinstance(peer_modes, dict):
+        raise ConsentError("[consent.peer_modes] must be a table")
+    for community, mode in peer_modes.items():
+        _check_community(community)
+        if mode not in MODES:
+            raise ConsentError(f"consent.peer_modes.{community}: opt-in or opt-out")
+    enabled = table.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise ConsentError("consent.enabled must be true or false")
+    if enabled and database is None:
+        raise ConsentError("consent.database is required (no data directory known)")
+    return ConsentConfig(enabled, database, default_mode, dict(peer_modes))
+
+
+# --------------------------------------------------------------------------- service
+
+
+DocumentClassification = tuple[CodeLike | None, CodeLike | Sequence[CodeLike] | None]
+
+
+class ConsentService:
+    """Store + configured default mode: what the responding handlers ask."""
+
+    def __init__(self, store: ConsentStore, config: ConsentConfig) -> None:
+        self.store = store
+        self.config = config
+
+    @classmethod
+    def open(cls, config: ConsentConfig) -> ConsentService:
+        if config.database is None:
+            raise ConsentError("consent.database is not set")
+        return cls(ConsentStore(config.database), config)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def verdicts_for_documents(
+        self,
+        patient: str | None,
+        requesting_community: str,
+        documents: Sequence[DocumentClassification],
+    ) -> list[Verdict]:
+        """One verdict per (classCode, confidentialityCode(s)) of the patient's documents.
+
+        A document whose patient is unknown or unparseable is withheld: consent cannot be
+        established for it.
+        """
+        if not patient:
+            return [Verdict(False, "document has no patient id")] * len(documents)
+        rules = self.store.rules_for(patient)
+        mode = self.config.mode_for(requesting_community)
+        verdicts = []
+        for class_code, confidentiality in documents:
+            if confidentiality is None:
+                confs: Sequence[CodeLike] = ()
+            elif isinstance(confidentiality, str | DocumentCode):
+                confs = (confidentiality,)
+            else:
+                confs = confidentiality
+            verdicts.append(
+                evaluate(
+                    rules,
+                    default_mode=mode,
+                    community=requesting_community,
+                    class_code=class_code,
+                    confidentiality_codes=confs,
+                )
+            )
+        return verdicts
+
+    def decide_for_documents(
+        self,
+        patient: str | None,
+        requesting_community: str,
+        documents: Sequence[DocumentClassification],
+    ) -> list[bool]:
+        return [
+            v.allowed for v in self.verdicts_for_documents(patient, requesting_community, documents)
+        ]
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _load_from_gateway_config(path: Path) -> ConsentConfig:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConsentError(f"configuration file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConsentError(f"{path}: {exc}") from None
+    base = path.resolve().parent
+    storage = data.get("storage", {})
+    data_dir_value = storage.get("data_dir", "data") if isinstance(storage, dict) else "data"
+    data_dir = Path(str(data_dir_value)).expanduser()
+    data_dir = data_dir if data_dir.is_absolute() else (base / data_dir).resolve()
+    return parse_consent_config(dict(data.get("consent", {})), base, data_dir)
+
+
+def _rule_json(rule: ConsentRule) -> dict[str, Any]:
+    return {k: v for k, v in asdict(rule).items() if v is not None}
+
+
+def cmd_consent(args: argparse.Namespace) -> int:
+    try:
+        config = _load_from_gateway_config(Path(args.config))
+        service = ConsentService.open(config)
+    except (ConsentError, OSError, sqlite3.Error) as exc:
+        print(f"xca-gateway: {exc}", file=sys.stderr)
+        return 2
+    try:
+        action = args.consent_command
+        if action == "set":
+            rule = service.store.set(
+                args.patient,
+                args.mode,
+                community=args.community,
+                class_code=args.class_code,
+                confidentiality_code=args.confidentiality_code,
+                note=args.note,
+            )
+            print(json.dumps(_rule_json(rule)))
+        elif action == "revoke":
+            count = service.store.revoke(
+                args.patient,
+                community=args.community,
+                class_code=args.class_code,
+                confidentiality_code=args.confidentiality_code,
+            )
+            print(f"{count} rule(s) revoked")
+        elif action == "list":
+            rules = (
+                service.store.rules_for(args.patient)
+                if args.patient
+                else service.store.list_rules(limit=args.limit)
+            )
+            if args.json:
+                print(json.dumps([_rule_json(r) for r in rules], indent=2))
+            else:
+                for r in rules:
+                    print(
+                        f"{r.patient_id}\t{r.mode}\t{r.community}\t{r.class_code}\t"
+                        f"{r.confidentiality_code}\t{r.updated_at}\t{r.note or ''}"
+                    )
+        elif action == "check":
+            codes = [args.confidentiality_code] if args.confidentiality_code else []
+            verdict = service.verdicts_for_documents(
+                args.patient, args.community, [(args.class_code, codes)]
+            )[0]
+            print(json.dumps({"allowed": verdict.allowed, "reason": verdict.reason}))
+            return 0 if verdict.allowed else 1
+        return 0
+    except (ConsentError, sqlite3.Error) as exc:
+        print(f"xca-gateway: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        service.close()
+
+
+def add_consent_command(subparsers: Any) -> None:
+    """``xca-gateway consent set|revoke|list|check --config FILE ...``."""
+    consent = subparsers.add_parser(
+        "consent",
+        help="manage patient consent to cross-community sharing",
+        description="Manage the embedded patient consent store of a community's gateway "
+        "(the [consent] section of its configuration). Changes apply to the next request; "
+        "the gateway may keep running.",
+    )
+    actions = consent.add_subparsers(dest="consent_command", required=True, metavar="ACTION")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", required=True, metavar="FILE", help="gateway TOML file")
+
+    set_p = actions.add_parser("set", help="record an opt-in or opt-out")
+    common(set_p)
+    set_p.add_argument("--patient", required=True, help="patient id, ID^^^&OID&ISO")
+    set_p.add_argument("--mode", required=True, choices=MODES)
+    set_p.add_argument(
+        "--community", default=ANY, help="requesting homeCommunityId, or * (default) for all"
+    )
+    set_p.add_argument("--class-code", default=ANY, help="classCode (code or scheme|code), or *")
+    set_p.add_argument(
+        "--confidentiality-code", default=ANY, help="confidentialityCode (code or scheme|code)"
+    )
+    set_p.add_argument("--note", help="free text, e.g. the consent document's id")
+    set_p.set_defaults(func=cmd_consent)
+
+    revoke = actions.add_parser("revoke", help="delete rules (all of the patient's by default)")
+    common(revoke)
+    revoke.add_argument("--patient", required=True)
+    revoke.add_argument("--community")
+    revoke.add_argument("--class-code")
+    revoke.add_argument("--confidentiality-code")
+    revoke.set_defaults(func=cmd_consent)
+
+    list_p = actions.add_parser("list", help="show rules")
+    common(list_p)
+    list_p.add_argument("--patient")
+    list_p.add_argument("--limit", type=int, default=1000)
+    list_p.add_argument("--json", action="store_true")
+    list_p.set_defaults(func=cmd_consent)
+
+    check = actions.add_parser(
+        "check", help="would a document be shared? (exit status 0 yes, 1 no)"
+    )
+    common(check)
+    check.add_argument("--patient", required=True)
+    check.add_argument("--community", required=True, help="requesting homeCommunityId")
+    check.add_argument("--class-code")
+    check.add_argument("--confidentiality-code")
+    check.set_defaults(func=cmd_consent)
+
+
+# --------------------------------------------------------------------------- admin API
+
+
+_MAX_BODY = 64 * 1024
+_PREFIX = "/consent/patients"
+
+
+def _json(status: int, body: Any) -> Response:
+    return Response(
+        status, [("content-type", "application/json")], json.dumps(body).encode() + b"\n"
+    )
+
+
+class ConsentAdminApp:
+    """JSON admin API, an ``xca_gateway.server.App`` for the (loopback-only) admin port.
+
+    * ``GET /consent/patients[?limit=N&offset=M]``: all rules
+    * ``GET /consent/patients/{patient}``: the patient's rules and their history
+    * ``PUT /consent/patients/{patient}``: body ``{"mode", "community"?, "class_code"?,
+      "confidentiality_code"?, "note"?}``, records (or replaces) a rule
+    * ``DELETE /consent/patients/{patient}[?community=&class_code=&confidentiality_code=]``
+    * ``GET /consent/decision?patient=&community=[&class_code=&confidentiality_code=]``
+
+    ``{patient}`` is the CX id, percent-encoded (``^`` and ``&`` included).
+    """
+
+    def __init__(self, service: ConsentService) -> None:
+        self.service = service
+
+    async def __call__(self, request: Request) -> Response:
+        try:
+            return await self._route(request)
+        except BodyTooLarge:
+            return _json(413, {"error": f"body larger than {_MAX_BODY} bytes"})
+        except ValueError as exc:  # ConsentError included: bad input, never a traceback
+            return _json(400, {"error": str(exc)})
+        except sqlite3.Error as exc:
+            return _json(503, {"error": f"consent store unavailable: {exc}"})
+
+    async def _route(self, request: Request) -> Response:
+        path = request.path.rstrip("/")
+        query = urllib.parse.parse_qs(request.query, keep_blank_values=False)
+
+        def param(name: str) -> str | None:
+            values = query.get(name)
+            return values[0] if values else None
+
+        store = self.service.store
+        if path == "/consent/decision":
+            if request.method != "GET":
+                return _json(405, {"error": "GET only"})
+            patient, community = param("patient"), param("community")
+            if not patient or not community:
+                return _json(400, {"error": "patient and community are required"})
+            confs = [c for c in [param("confidentiality_code")] if c]
+            verdict = (
+                await asyncio.to_thread(
+                    self.service.verdicts_for_documents,
+                    patient,
+                    community,
+                    [(param("class_code"), confs)],
+                )
+            )[0]
+            return _json(200, {"allowed": verdict.allowed, "reason": verdict.reason})
+        if path == _PREFIX:
+            if request.method != "GET":
+                return _json(405, {"error": "GET only"})
+            limit = min(int(param("limit") or 1000), 10_000)
+            offset = int(param("offset") or 0)
+            rules = await asyncio.to_thread(store.list_rules, limit, offset)
+            return _json(200, {"rules": [_rule_json(r) for r in rules]})
+        if not path.startswith(_PREFIX + "/"):
+            return _json(404, {"error": "not found"})
+        patient = urllib.parse.unquote(path[len(_PREFIX) + 1 :])
+        if request.method == "GET":
+            rules = await asyncio.to_thread(store.rules_for, patient)
+            history = await asyncio.to_thread(store.history, patient)
+            return _json(
+                200,
+                {
+                    "patient": normalize_patient_id(patient),
+                    "rules": [_rule_json(r) for r in rules],
+                    "history": history,
+                },
+            )
+        if request.method == "PUT":
+            body = await request.read(_MAX_BODY)
+            try:
+                data = json.loads(body or b"{}")
+            except ValueError:
+                return _json(400, {"error": "body is not JSON"})
+            if not isinstance(data, dict) or "mode" not in data:
+                return _json(400, {"error": "body must be an object with mode"})
+            unknown = set(data) - {
+                "mode",
+                "community",
+                "class_code",
+                "confidentiality_code",
+                "note",
+            }
+            if unknown:
+                return _json(400, {"error": f"unknown field(s): {', '.join(sorted(unknown))}"})
+            if not all(isinstance(v, str) for v in data.values()):
+                return _json(400, {"error": "fields must be strings"})
+            rule = await asyncio.to_thread(
+                store.set,
+                patient,
+                data["mode"],
+                community=data.get("community", ANY),
+                class_code=data.get("class_code", ANY),
+                confidentiality_code=data.get("confidentiality_code", ANY),
+                note=data.get("note"),
+            )
+            return _json(200, {"rule": _rule_json(rule)})
+        if request.method == "DELETE":
+            count = await asyncio.to_thread(
+                lambda: store.revoke(
+                    patient,
+                    community=param("community"),
+                    class_code=param("class_code"),
+                    confidentiality_code=param("confidentiality_code"),
+                )
+            )
+            return _json(200, {"revoked": count})
+        return Response(
+            405, [("allow", "GET, PUT, DELETE"), ("content-type", "application/json")], b"{}\n"
+        )
