@@ -24,7 +24,7 @@ BCP195_CIPHERS = (
 )
 
 # Sections whose schema lives with the module that uses them (validated when it starts).
-EXTRA_SECTIONS = ("registry", "repository", "imaging", "audit")
+EXTRA_SECTIONS = ("registry", "repository", "imaging", "audit", "xua", "policy", "consent")
 
 _OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
 
@@ -175,6 +175,11 @@ class GatewayConfig:
     imaging: Any = None
     # [audit] (xca_gateway.audit.config.AuditConfig).
     audit: Any = None
+    # [xua] (xca_gateway.xua.XuaConfig), [policy] (xca_gateway.policy.PolicyConfig, None when
+    # absent: then the trust store alone decides who may call), [consent].
+    xua: Any = None
+    policy: Any = None
+    consent: Any = None
 
     @property
     def base_dir(self) -> Path:
@@ -310,12 +315,27 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
     repository = parse_repository_config(data.get("repository"), base_dir, storage.data_dir)
     imaging = parse_imaging_config(data.get("imaging", {}), base_dir, storage.data_dir)
     audit = parse_audit_config(_table(data, "audit"), base_dir, storage.data_dir, tls)
+    from xca_gateway.consent import parse_consent_config
+    from xca_gateway.policy import parse_policy_config
+    from xca_gateway.xua import parse_xua_config
+
+    try:
+        xua = parse_xua_config(_table(data, "xua"), base_dir)
+        policy = parse_policy_config(_table(data, "policy"), base_dir) if "policy" in data else None
+        consent = parse_consent_config(_table(data, "consent"), base_dir, storage.data_dir)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
     return GatewayConfig(
         path=path,
         repository=repository,
         imaging=imaging,
         audit=audit,
+        xua=xua,
+        policy=policy,
+        consent=consent,
         community=community,
         tls=tls,
         storage=storage,

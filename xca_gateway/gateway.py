@@ -120,6 +120,7 @@ class Gateway:
 
         self.imaging = install_imaging(self, config.imaging)
         self._wire_audit()
+        self._wire_authorization()
         self._started = False
 
     def _build_endpoints(self) -> dict[str, SoapEndpoint]:
@@ -159,6 +160,92 @@ class Gateway:
                 OutboundCall(url, action, request, reply, error)
             )
         )
+
+    def _wire_authorization(self) -> None:
+        """XUA validation and access policy in front of the responding side; XUA outbound.
+
+        Without ``[policy]`` (and without ``[xua] enabled``) the trust store alone decides who
+        may call: every peer with a certificate from it may use every responding transaction.
+        """
+        from xca_gateway.policy import (
+            AuthorizationGate,
+            PolicyStore,
+            parse_access_policy,
+            refusal_audit_message,
+        )
+        from xca_gateway.soap_service import CURRENT_REQUEST
+        from xca_gateway.xua import XuaOutbound, XuaValidator
+
+        cfg = self.config
+        self.gate: AuthorizationGate | None = None
+        if cfg.policy is not None or cfg.xua.enabled:
+            audiences = [
+                url
+                for ep in ("iti38", "iti39", "rad75")
+                if (url := self._configured_url(ep)) is not None
+            ]
+            store = (
+                PolicyStore.from_config(cfg.policy, cfg.path)
+                if cfg.policy is not None
+                else parse_access_policy({"default": "allow"})
+            )
+            audit = self.audit
+
+            def refused(refusal: Any) -> None:
+                if audit.config.enabled:
+                    local = (self._configured_url("") or "") + (refusal.endpoint or "")
+                    audit.record(refusal_audit_message(audit.context, refusal, local_user_id=local))
+
+            self.gate = AuthorizationGate(
+                store,
+                XuaValidator(cfg.xua, default_audiences=audiences) if cfg.xua.enabled else None,
+                home_community_id=cfg.community.home_community_id,
+                on_refusal=refused,
+            )
+            gate = self.gate
+
+            async def authorize(request: Any, operation: Operation) -> Any:
+                # Policy guards the community's edge: the responding side only.
+                if request.endpoint.path.startswith("/xca/"):
+                    return await gate.authorize(request, operation)
+                return None
+
+            self.soap.authorizer = authorize
+        if cfg.xua.outbound.mode != "off":
+            outbound = XuaOutbound.from_config(
+                cfg.xua.outbound,
+                tls_key=cfg.tls.private_key,
+                tls_certificate=cfg.tls.certificate,
+                base_url=cfg.base_url,
+                home_community_id=cfg.community.home_community_id,
+            )
+            by_url = {
+                url: p.home_community_id
+                for p in cfg.peers
+                for url in (p.iti38, p.iti39, p.rad75)
+                if url
+            }
+            cross_community = {Action.ITI38, Action.ITI39, Action.RAD75}
+
+            def headers(url: str, action: str, payload: Any) -> list[Any]:
+                if action not in cross_community:
+                    return []
+                return outbound.security_headers(
+                    CURRENT_REQUEST.get(), endpoint_url=url, peer_home_community_id=by_url.get(url)
+                )
+
+            self.peer_client.set_header_provider(headers)
+
+    def _configured_url(self, endpoint_key: str) -> str | None:
+        """An endpoint URL known from the configuration alone (None while the port is 0)."""
+        server = self.config.server
+        if server.public_base_url:
+            base = server.public_base_url.rstrip("/")
+        elif server.port:
+            base = f"https://{server.host}:{server.port}"
+        else:
+            return None
+        return base + (self.endpoints[endpoint_key].path if endpoint_key else "")
 
     def _wire_repository(self) -> None:
         """The community's document repository: ITI-39 for peers, ITI-43 locally and routed."""

@@ -8,6 +8,7 @@ registered for the endpoint path. Whatever goes wrong becomes a SOAP fault, neve
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -82,8 +83,16 @@ class SoapEndpoint:
         self.operations[operation.action] = operation
 
 
-# Runs after dispatch, before the handler: raise SoapFault to refuse (XUA, access policy).
-Authorizer = Callable[[SoapRequest, Operation], Awaitable[None]]
+# Runs after dispatch, before the handler (XUA, access policy): raise SoapFault to refuse with a
+# fault, return a SoapResponse to answer instead of the handler (a policy refusal shaped as the
+# transaction's own Failure), or None to let the handler run.
+Authorizer = Callable[[SoapRequest, Operation], Awaitable["SoapResponse | None"]]
+
+# The request being handled, for layers below the handler that act on its behalf (e.g. the
+# outbound XUA assertion of the initiating gateway's calls to peers).
+CURRENT_REQUEST: contextvars.ContextVar[SoapRequest | None] = contextvars.ContextVar(
+    "xca_current_soap_request", default=None
+)
 # Told about every dispatched request once it is over (audit): (request, transaction,
 # response payload or None, fault reason or None, whether the response was fully sent).
 Observer = Callable[[SoapRequest, str, etree._Element | None, str | None, bool], None]
@@ -133,10 +142,12 @@ class SoapService:
                 raise action_not_supported(envelope.addressing.action)
             transaction = operation.transaction
             soap_request = SoapRequest(envelope, attachments, request.peer, endpoint, request)
+            CURRENT_REQUEST.set(soap_request)
             try:
+                refusal = None
                 if self.authorizer is not None:
-                    await self.authorizer(soap_request, operation)
-                result = await operation.handler(soap_request)
+                    refusal = await self.authorizer(soap_request, operation)
+                result = refusal if refusal is not None else await operation.handler(soap_request)
             except SoapFault:
                 raise
             except Exception:

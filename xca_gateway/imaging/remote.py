@@ -200,7 +200,11 @@ async def _open_remote_retrieve(
     Raises SourceUnavailable when the peer cannot be reached, answers with a fault or HTTP
     error, or sends an unreadable root part.
     """
-    envelope = build_envelope(request_payload, action=action, to=url, reply_to_anonymous=True)
+    provider = peer_client.header_provider  # e.g. the outbound XUA assertion
+    extra = provider(url, action, request_payload) if provider is not None else ()
+    envelope = build_envelope(
+        request_payload, action=action, to=url, reply_to_anonymous=True, extra_headers=extra
+    )
     writer = mtom.MtomWriter(serialize(envelope), action=action)  # IHE: MTOM both ways
     body = b"".join(writer.iter_bytes())
     http_request = peer_client.http.build_request(
