@@ -177,3 +177,23 @@ async def test_transactions_not_allowed_for_a_peer_are_refused(
         await client.aclose()
     codes = [e.get("errorCode") for e in reply.payload.iter(f"{{{RS}}}RegistryError")]
     assert codes == ["LocalPolicyRestrictionError"]
+
+
+def test_consent_admin_api_on_the_admin_port(
+    gateway_factory: Callable[..., Gateway], tmp_path: Path
+) -> None:
+    import urllib.parse
+
+    import httpx
+
+    gateway = gateway_factory("alpha", consent={"enabled": True})
+    patient = "P1^^^&1.3.6.1.4.1.21367.13.20.1000&ISO"
+    url = f"{gateway.admin_url}/consent/patients/{urllib.parse.quote(patient, safe='')}"
+    r = httpx.put(url, json={"mode": "opt-out"})
+    assert r.status_code == 200, r.text
+    r = httpx.get(url)
+    assert r.status_code == 200 and len(r.json()["rules"]) == 1
+    assert gateway.consent is not None
+    assert gateway.consent.decide_for_documents(patient, "urn:oid:1.2.3", [(None, None)]) == [False]
+    # The rest of the admin port is unchanged.
+    assert httpx.get(gateway.admin_url + "/healthz").status_code == 200

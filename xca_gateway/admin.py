@@ -10,15 +10,23 @@ import json
 from collections.abc import Callable
 
 from xca_gateway.metrics import CONTENT_TYPE, GatewayMetrics
-from xca_gateway.server import Request, Response
+from xca_gateway.server import App, Request, Response
 
 
 class AdminApp:
     def __init__(self, metrics: GatewayMetrics, readiness: Callable[[], dict[str, bool]]) -> None:
         self.metrics = metrics
         self.readiness = readiness
+        self.mounts: dict[str, App] = {}
+
+    def mount(self, prefix: str, app: App) -> None:
+        """Serve ``prefix`` and everything below it with ``app`` (e.g. /consent)."""
+        self.mounts[prefix.rstrip("/")] = app
 
     async def __call__(self, request: Request) -> Response:
+        for prefix, app in self.mounts.items():
+            if request.path == prefix or request.path.startswith(prefix + "/"):
+                return await app(request)
         if request.method not in ("GET", "HEAD"):
             return Response(405, [("allow", "GET, HEAD"), ("content-type", "text/plain")], b"")
         if request.path == "/healthz":

@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
         "0 (default) lets the OS choose free ports",
     )
     demo.set_defaults(func=cmd_demo)
+
+    from xca_gateway.consent import add_consent_command
+
+    add_consent_command(sub)
     return parser
 
 

@@ -88,7 +88,8 @@ class Gateway:
             max_connections=server.max_connections,
             max_header_bytes=config.limits.max_header_bytes,
         )
-        self.admin = HttpServer(AdminApp(self.metrics, self.readiness), ssl_context=None)
+        self.admin_app = AdminApp(self.metrics, self.readiness)
+        self.admin = HttpServer(self.admin_app, ssl_context=None)
         self.peer_client = PeerClient(
             gateway_client_context(config.tls), config.outbound, self.metrics
         )
@@ -121,6 +122,14 @@ class Gateway:
         self.imaging = install_imaging(self, config.imaging)
         self._wire_audit()
         self._wire_authorization()
+        from xca_gateway.consent import ConsentAdminApp, ConsentService
+
+        # Patient consent (opt-in/opt-out), checked by the responding handlers; managed with
+        # `xca-gateway consent ...` and the admin port's /consent API.
+        self.consent: ConsentService | None = None
+        if config.consent.enabled:
+            self.consent = ConsentService.open(config.consent)
+            self.admin_app.mount("/consent", ConsentAdminApp(self.consent))
         self._started = False
 
     def _build_endpoints(self) -> dict[str, SoapEndpoint]:
@@ -336,6 +345,8 @@ class Gateway:
         await self.peer_client.aclose()
         self.xref.close()
         self.patients.close()
+        if self.consent is not None:
+            self.consent.close()
         await self.audit.stop()
 
     @property
