@@ -97,3 +97,49 @@ class StoredQueryId:
     GET_FOLDER_AND_CONTENTS = "urn:uuid:b909a503-523d-4517-8acf-8e5834dfc4c7"
     GET_FOLDERS_FOR_DOCUMENT = "urn:uuid:10cae35a-c7f9-4cf5-b61e-fc3278ffb578"
     GET_RELATED_DOCUMENTS = "urn:uuid:d90e5407-b356-4d91-a89f-873917b4b0e6"
+
+
+# Further association types (ITI TF-3 4.2.2; Metadata Update)
+UPDATE_AVAILABILITY_STATUS = "urn:ihe:iti:2010:AssociationType:UpdateAvailabilityStatus"
+SUBMIT_ASSOCIATION = "urn:ihe:iti:2010:AssociationType:SubmitAssociation"
+
+# Slot names of XDS metadata (ITI TF-3 4.2.3)
+SLOT_CREATION_TIME = "creationTime"
+SLOT_SERVICE_START_TIME = "serviceStartTime"
+SLOT_SERVICE_STOP_TIME = "serviceStopTime"
+SLOT_HASH = "hash"
+SLOT_SIZE = "size"
+SLOT_LANGUAGE_CODE = "languageCode"
+SLOT_SOURCE_PATIENT_ID = "sourcePatientId"
+SLOT_SOURCE_PATIENT_INFO = "sourcePatientInfo"
+SLOT_DOCUMENT_AVAILABILITY = "documentAvailability"
+SLOT_SUBMISSION_TIME = "submissionTime"
+SLOT_LAST_UPDATE_TIME = "lastUpdateTime"
+SLOT_CODING_SCHEME = "codingScheme"
+SLOT_AUTHOR_PERSON = "authorPerson"
+SLOT_SUBMISSION_SET_STATUS = "SubmissionSetStatus"
+
+# referenceIdList identifier types (CXi component 5)
+REFERENCE_ID_STUDY_INSTANCE_UID = "urn:ihe:iti:xds:2016:studyInstanceUID"
+REFERENCE_ID_ACCESSION = "urn:ihe:iti:xds:2013:accession"
+
+
+class ErrorCode:
+    """RegistryError codes of ITI TF-3 Table 4.2.4.1-2 used by the registry and gateways."""
+
+    REGISTRY_ERROR = "XDSRegistryError"
+    REGISTRY_METADATA_ERROR = "XDSRegistryMetadataError"
+    REGISTRY_DUPLICATE_UNIQUE_ID_IN_MESSAGE = "XDSRegistryDuplicateUniqueIdInMessage"
+    DUPLICATE_UNIQUE_ID_IN_REGISTRY = "XDSDuplicateUniqueIdInRegistry"
+    NON_IDENTICAL_HASH = "XDSNonIdenticalHash"
+    PATIENT_ID_DOES_NOT_MATCH = "XDSPatientIdDoesNotMatch"
+    REGISTRY_DEPRECATED_DOCUMENT_ERROR = "XDSRegistryDeprecatedDocumentError"
+    UNKNOWN_PATIENT_ID = "XDSUnknownPatientId"
+    UNKNOWN_STORED_QUERY = "XDSUnknownStoredQuery"
+    STORED_QUERY_MISSING_PARAM = "XDSStoredQueryMissingParam"
+    STORED_QUERY_PARAM_NUMBER = "XDSStoredQueryParamNumber"
+    TOO_MANY_RESULTS = "XDSTooManyResults"
+    RESULT_NOT_SINGLE_PATIENT = "XDSResultNotSinglePatient"
+    UNKNOWN_COMMUNITY = "XDSUnknownCommunity"
+    MISSING_HOME_COMMUNITY_ID = "XDSMissingHomeCommunityId"
+    REGISTRY_BUSY = "XDSRegistryBusy"
