@@ -157,8 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     from xca_gateway.consent import add_consent_command
+    from xca_gateway.consumer import add_retrieve_study_command
 
     add_consent_command(sub)
+    add_retrieve_study_command(sub)
     return parser
 
 

@@ -1,0 +1,434 @@
+"""An imaging document consumer: find a patient's study across communities and fetch it.
+
+The XDS-I.b consumer flow, against an initiating gateway: ITI-18 FindDocuments (KOS manifests of
+the patient, any community) → ITI-43 of the chosen manifest (routed as ITI-39 to the community
+that holds it) → the KOS names each series' imaging source (RetrieveLocationUID) → RAD-69
+(routed as RAD-75) streams the instances, written to disk as they arrive.
+
+``xca-gateway retrieve-study`` is the command line of this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from lxml import etree
+
+from xca_gateway import ebrim, mtom
+from xca_gateway.ebrs import RegistryError, parse_registry_errors
+from xca_gateway.imaging.request import (
+    DocumentRequest,
+    RetrieveImagingDocumentSetRequest,
+    build_retrieve_imaging_request,
+)
+from xca_gateway.kos import kos_from_bytes, kos_references, kos_retrieve_locations
+from xca_gateway.namespaces import QUERY, RIM, SOAP12, XDSB, XOP, Action
+from xca_gateway.patient_id import parse_patient_id
+from xca_gateway.soap import build_envelope, element_content, read_fault, serialize
+from xca_gateway.tls import client_context
+from xca_gateway.xmlsafe import XmlLimits, parse_xml
+
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+
+
+class ConsumerError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A KOS manifest DocumentEntry found for the patient."""
+
+    home_community_id: str
+    repository_unique_id: str
+    document_unique_id: str
+    study_instance_uids: tuple[str, ...]
+    service_start_time: str | None
+
+
+# ----------------------------------------------------------------------------- sans-IO parts
+
+
+def find_manifests_request(patient_id: str) -> etree._Element:
+    """ITI-18 FindDocuments for the patient's approved KOS manifests, LeafClass."""
+    root = etree.Element(f"{{{QUERY}}}AdhocQueryRequest", nsmap={"query": QUERY, "rim": RIM})
+    option = etree.SubElement(root, f"{{{QUERY}}}ResponseOption")
+    option.set("returnType", "LeafClass")
+    option.set("returnComposedObjects", "true")
+    adhoc = etree.SubElement(root, f"{{{RIM}}}AdhocQuery")
+    adhoc.set("id", ebrim.StoredQueryId.FIND_DOCUMENTS)
+    slots = {
+        "$XDSDocumentEntryPatientId": [parse_patient_id(patient_id).quoted],
+        "$XDSDocumentEntryStatus": [f"('{ebrim.STATUS_APPROVED}')"],
+        "$XDSDocumentEntryFormatCode": [f"('{ebrim.KOS_FORMAT_CODE}^^{ebrim.DICOM_UID_REGISTRY}')"],
+    }
+    for name, values in slots.items():
+        slot = etree.SubElement(adhoc, f"{{{RIM}}}Slot")
+        slot.set("name", name)
+        value_list = etree.SubElement(slot, f"{{{RIM}}}ValueList")
+        for value in values:
+            etree.SubElement(value_list, f"{{{RIM}}}Value").text = value
+    return root
+
+
+def _slot(entry: etree._Element, name: str) -> list[str]:
+    return [
+        (v.text or "").strip()
+        for slot in entry.iterfind(f"{{{RIM}}}Slot")
+        if slot.get("name") == name
+        for v in slot.iterfind(f"{{{RIM}}}ValueList/{{{RIM}}}Value")
+    ]
+
+
+def manifests_from_response(payload: etree._Element) -> list[Manifest]:
+    """The KOS DocumentEntries of an AdhocQueryResponse."""
+    found = []
+    for entry in payload.iter(f"{{{RIM}}}ExtrinsicObject"):
+        unique_id = next(
+            (
+                e.get("value", "")
+                for e in entry.iterfind(f"{{{RIM}}}ExternalIdentifier")
+                if e.get("identificationScheme") == ebrim.DE_UNIQUE_ID
+            ),
+            "",
+        )
+        repository = next(iter(_slot(entry, ebrim.SLOT_REPOSITORY_UNIQUE_ID)), "")
+        studies = tuple(
+            ref.split("^")[0]
+            for ref in _slot(entry, ebrim.SLOT_REFERENCE_ID_LIST)
+            if ref.endswith("urn:ihe:iti:xds:2016:studyInstanceUID")
+        )
+        if unique_id and repository and entry.get("home"):
+            found.append(
+                Manifest(
+                    home_community_id=entry.get("home", ""),
+                    repository_unique_id=repository,
+                    document_unique_id=unique_id,
+                    study_instance_uids=studies,
+                    service_start_time=next(iter(_slot(entry, "serviceStartTime")), None),
+                )
+            )
+    return found
+
+
+def retrieve_manifest_request(manifest: Manifest) -> etree._Element:
+    root = etree.Element(f"{{{XDSB}}}RetrieveDocumentSetRequest", nsmap={"xdsb": XDSB})
+    request = etree.SubElement(root, f"{{{XDSB}}}DocumentRequest")
+    etree.SubElement(request, f"{{{XDSB}}}HomeCommunityId").text = manifest.home_community_id
+    etree.SubElement(request, f"{{{XDSB}}}RepositoryUniqueId").text = manifest.repository_unique_id
+    etree.SubElement(request, f"{{{XDSB}}}DocumentUniqueId").text = manifest.document_unique_id
+    return root
+
+
+def imaging_request_from_kos(
+    kos_bytes: bytes, home_community_id: str, transfer_syntaxes: Sequence[str]
+) -> RetrieveImagingDocumentSetRequest:
+    kos = kos_from_bytes(kos_bytes)
+    locations = kos_retrieve_locations(kos)
+    documents = []
+    for ref in kos_references(kos):
+        source = locations.get(ref.series_instance_uid)
+        if not source:
+            raise ConsumerError(
+                f"the manifest names no source for series {ref.series_instance_uid}"
+            )
+        documents.append(
+            DocumentRequest(
+                study_instance_uid=ref.study_instance_uid,
+                series_instance_uid=ref.series_instance_uid,
+                repository_unique_id=source,
+                document_unique_id=ref.sop_instance_uid,
+                home_community_id=home_community_id,
+            )
+        )
+    return RetrieveImagingDocumentSetRequest(tuple(documents), tuple(transfer_syntaxes))
+
+
+# ----------------------------------------------------------------------------- I/O
+
+
+@dataclass
+class RetrieveReport:
+    manifest: Manifest
+    written: list[Path]
+    errors: list[RegistryError]
+
+
+class Consumer:
+    def __init__(self, client: httpx.AsyncClient, gateway: str, *, progress: bool) -> None:
+        self.client = client
+        self.gateway = gateway.rstrip("/")
+        self.progress = progress
+        self.limits = XmlLimits()
+
+    def _envelope(self, payload: etree._Element, action: str) -> bytes:
+        return serialize(build_envelope(payload, action=action, reply_to_anonymous=True))
+
+    async def _soap(self, path: str, payload: etree._Element, action: str) -> Any:
+        response = await self.client.post(
+            self.gateway + path,
+            content=self._envelope(payload, action),
+            headers={"content-type": f'application/soap+xml; charset=UTF-8; action="{action}"'},
+        )
+        content_type = response.headers.get("content-type", "")
+        if mtom.is_mtom(content_type):
+            reader = mtom.MtomRequestReader(
+                content_type,
+                max_root_bytes=self.limits.max_bytes,
+                max_part_bytes=1 << 31,
+                max_total_bytes=1 << 31,
+                max_parts=10,
+            )
+            reader.feed(response.content)
+            message = reader.close()
+            return self._payload(message.root), message
+        return self._payload(response.content), None
+
+    def _payload(self, data: bytes) -> etree._Element:
+        root = parse_xml(data, self.limits)
+        fault = read_fault(root)
+        if fault is not None:
+            raise ConsumerError(f"SOAP fault {fault.code}: {fault.reason}")
+        body = root.find(f"{{{SOAP12}}}Body")
+        if body is None or len(body) == 0:
+            raise ConsumerError("response without a SOAP body")
+        return body[0]
+
+    async def find_manifests(self, patient_id: str) -> tuple[list[Manifest], list[RegistryError]]:
+        payload, _ = await self._soap("/ig/iti18", find_manifests_request(patient_id), Action.ITI18)
+        return manifests_from_response(payload), parse_registry_errors(payload)
+
+    async def fetch_manifest(self, manifest: Manifest) -> bytes:
+        payload, message = await self._soap(
+            "/ig/iti43", retrieve_manifest_request(manifest), Action.ITI43
+        )
+        try:
+            document = payload.find(f"{{{XDSB}}}DocumentResponse/{{{XDSB}}}Document")
+            if document is None:
+                errors = parse_registry_errors(
+                    payload.find("{urn:oasis:names:tc:ebxml-regrep:xsd:rs:3.0}RegistryResponse")
+                    or payload
+                )
+                raise ConsumerError(
+                    "manifest not retrieved: "
+                    + "; ".join(f"{e.error_code} {e.code_context}" for e in errors)
+                )
+            content = element_content(document, message.attachments if message else {})
+            return content if isinstance(content, bytes) else content.read_all()
+        finally:
+            if message is not None:
+                message.close()
+
+    async def retrieve_instances(
+        self, request: RetrieveImagingDocumentSetRequest, out_dir: Path
+    ) -> tuple[list[Path], list[RegistryError]]:
+        """RAD-69, with every instance streamed straight to ``out_dir`` as it arrives."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        body = self._envelope(build_retrieve_imaging_request(request), Action.RAD69)
+        total = len(request.documents)
+        written: list[Path] = []
+        errors: list[RegistryError] = []
+        try:
+            return await self._stream_instances(body, total, out_dir, written, errors)
+        except BaseException:
+            # A truncated or failed stream leaves no half-written file behind.
+            for leftover in out_dir.glob(".*.part"):
+                leftover.unlink(missing_ok=True)
+            raise
+
+    async def _stream_instances(
+        self,
+        body: bytes,
+        total: int,
+        out_dir: Path,
+        written: list[Path],
+        errors: list[RegistryError],
+    ) -> tuple[list[Path], list[RegistryError]]:
+        async with self.client.stream(
+            "POST",
+            self.gateway + "/ig/rad69",
+            content=body,
+            headers={
+                "content-type": f'application/soap+xml; charset=UTF-8; action="{Action.RAD69}"'
+            },
+        ) as response:
+            content_type = response.headers.get("content-type", "")
+            if not mtom.is_mtom(content_type):
+                self._payload(await response.aread())  # raises on a fault
+                raise ConsumerError("RAD-69 answer is not MTOM")
+            boundary = mtom.parse_content_type(content_type)[1]["boundary"]
+            parser = mtom.MultipartParser(boundary, max_parts=total + 2)
+            root = bytearray()
+            names: dict[str, str] = {}  # content id -> SOP Instance UID
+            current: Any = None
+            current_uid = ""
+            temp: Path | None = None
+            part = -1
+            try:
+                async for chunk in response.aiter_raw(1 << 20):
+                    for event in parser.feed(chunk):
+                        if isinstance(event, mtom.PartStart):
+                            part += 1
+                            if part == 0:
+                                continue
+                            if part == 1:
+                                names, errors = _root_index(bytes(root), self.limits)
+                            cid = event.headers.content_id or ""
+                            if cid not in names:
+                                raise ConsumerError(f"unexpected MIME part {cid}")
+                            current_uid = names[cid]
+                            temp = out_dir / f".{current_uid}.{uuid.uuid4().hex}.part"
+                            current = temp.open("wb")
+                        elif isinstance(event, mtom.PartData):
+                            if part == 0:
+                                root += event.data
+                            else:
+                                current.write(event.data)
+                        elif isinstance(event, mtom.PartEnd) and part > 0:
+                            current.close()
+                            assert temp is not None
+                            target = out_dir / f"{current_uid}.dcm"
+                            os.replace(temp, target)
+                            written.append(target)
+                            if self.progress:
+                                print(
+                                    f"\r{len(written)}/{total} instances", end="", file=sys.stderr
+                                )
+            finally:
+                if current is not None and not current.closed:
+                    current.close()
+            parser.close()
+            if part == 0:
+                _, errors = _root_index(bytes(root), self.limits)
+        if self.progress:
+            print(file=sys.stderr)
+        return written, errors
+
+
+def _root_index(root: bytes, limits: XmlLimits) -> tuple[dict[str, str], list[RegistryError]]:
+    envelope = parse_xml(root, limits)
+    fault = read_fault(envelope)
+    if fault is not None:
+        raise ConsumerError(f"SOAP fault {fault.code}: {fault.reason}")
+    names: dict[str, str] = {}
+    for doc in envelope.iter(f"{{{XDSB}}}DocumentResponse"):
+        include = doc.find(f"{{{XDSB}}}Document/{{{XOP}}}Include")
+        uid = doc.findtext(f"{{{XDSB}}}DocumentUniqueId") or ""
+        if include is not None:
+            names[mtom.cid_from_href(include.get("href", ""))] = uid
+    status = envelope.find(".//{urn:oasis:names:tc:ebxml-regrep:xsd:rs:3.0}RegistryResponse")
+    return names, parse_registry_errors(status) if status is not None else []
+
+
+async def retrieve_study(
+    *,
+    gateway: str,
+    ca: Path,
+    cert: Path,
+    key: Path,
+    patient_id: str,
+    study_instance_uid: str | None,
+    out_dir: Path,
+    transfer_syntaxes: Sequence[str] = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN),
+    progress: bool = False,
+) -> list[RetrieveReport]:
+    """The whole consumer flow; one report per manifest fetched."""
+    ctx = client_context(ca, cert, key)
+    async with httpx.AsyncClient(verify=ctx, timeout=httpx.Timeout(300, connect=10)) as client:
+        consumer = Consumer(client, gateway, progress=progress)
+        manifests, _errors = await consumer.find_manifests(patient_id)
+        if study_instance_uid is not None:
+            manifests = [m for m in manifests if study_instance_uid in m.study_instance_uids]
+        if not manifests:
+            raise ConsumerError("no imaging manifest found for the patient (and study)")
+        reports = []
+        for manifest in manifests:
+            kos = await consumer.fetch_manifest(manifest)
+            request = imaging_request_from_kos(kos, manifest.home_community_id, transfer_syntaxes)
+            study_dir = out_dir / (
+                manifest.study_instance_uids[0]
+                if manifest.study_instance_uids
+                else manifest.document_unique_id
+            )
+            written, errors = await consumer.retrieve_instances(request, study_dir)
+            reports.append(RetrieveReport(manifest, written, errors))
+        return reports
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_retrieve_study_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "retrieve-study",
+        help="fetch a patient's study from any community through an initiating gateway",
+        description="Find the patient's imaging manifests across communities (ITI-18), fetch "
+        "the manifest (ITI-43) and then its instances (RAD-69), writing DICOM files to "
+        "OUT/<StudyInstanceUID>/<SOPInstanceUID>.dcm. Give the gateway either with "
+        "--gateway/--ca/--cert/--key or with --endpoints (a demo's endpoints.json) and "
+        "--community.",
+    )
+    parser.add_argument("--patient", required=True, help="local patient id, ID^^^&OID&ISO")
+    parser.add_argument("--study", help="Study Instance UID (default: every study found)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--gateway", help="initiating gateway base URL, e.g. https://host:8443")
+    parser.add_argument("--ca", help="CA certificate (PEM) to trust")
+    parser.add_argument("--cert", help="client certificate (PEM)")
+    parser.add_argument("--key", help="client private key (PEM)")
+    parser.add_argument("--endpoints", help="a demo's endpoints.json instead of the four above")
+    parser.add_argument("--community", help="with --endpoints: the community to ask")
+    parser.add_argument("--no-progress", action="store_true", help="no progress line")
+    parser.set_defaults(func=_cmd_retrieve_study)
+
+
+def _cmd_retrieve_study(args: argparse.Namespace) -> int:
+    try:
+        if args.endpoints:
+            data = json.loads(Path(args.endpoints).read_text())
+            community = next(c for c in data["communities"] if args.community in (None, c["name"]))
+            gateway = community["endpoints"]["iti18"].rsplit("/ig/", 1)[0]
+            ca, cert, key = data["ca"], data["client"]["cert"], data["client"]["key"]
+        else:
+            gateway, ca, cert, key = args.gateway, args.ca, args.cert, args.key
+            if not all((gateway, ca, cert, key)):
+                print(
+                    "xca-gateway: give --gateway, --ca, --cert and --key, or --endpoints",
+                    file=sys.stderr,
+                )
+                return 2
+        reports = asyncio.run(
+            retrieve_study(
+                gateway=gateway,
+                ca=Path(ca),
+                cert=Path(cert),
+                key=Path(key),
+                patient_id=args.patient,
+                study_instance_uid=args.study,
+                out_dir=Path(args.out),
+                progress=not args.no_progress and sys.stderr.isatty(),
+            )
+        )
+    except (ConsumerError, httpx.HTTPError, OSError, ValueError, StopIteration, KeyError) as exc:
+        print(f"xca-gateway: retrieve-study failed: {exc}", file=sys.stderr)
+        return 1
+    failed = 0
+    for report in reports:
+        print(
+            f"{report.manifest.home_community_id} study "
+            f"{','.join(report.manifest.study_instance_uids)}: {len(report.written)} instance(s)"
+        )
+        for error in report.errors:
+            failed += 1
+            print(f"  {error.error_code}: {error.code_context}", file=sys.stderr)
+    return 1 if failed else 0
