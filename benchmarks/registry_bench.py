@@ -1,0 +1,466 @@
+"""Registry benchmark: load synthetic DocumentEntries, then time FindDocuments.
+
+    python benchmarks/registry_bench.py --entries 1000000 --patients 100000 --backend sqlite
+    python benchmarks/registry_bench.py --entries 10000 --backend postgresql   # private server
+    python benchmarks/registry_bench.py --backend postgresql --url postgresql://u@host/db
+
+Every submission is one SubmissionSet with 10 DocumentEntries of one patient (half of them
+XDS-I.b KOS manifests), sent through the registration path a Register Document Set-b takes
+(XML bytes -> safe parse -> ITI-42 validation -> store), in transactions of ``--batch``
+submissions. One probe patient gets 20 entries; FindDocuments for that patient is then timed
+through the full stored query path (parse, plan, SQL, LeafClass XML), as p50/p99 over
+``--queries`` runs, plain and with code and time filters, LeafClass and ObjectRef.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from xca_gateway import ebrim
+from xca_gateway.registry import LocalRegistry, open_registry, parse_registry_config
+from xca_gateway.registry.submit import parse_submission
+from xca_gateway.xmlsafe import XmlLimits, parse_xml
+
+AUTHORITY = "1.3.6.1.4.1.21367.13.20.9999"
+ROOT = "1.2.826.0.1.3680043.10.777"
+FIND_DOCUMENTS = ebrim.StoredQueryId.FIND_DOCUMENTS
+
+
+def _slot(name: str, value: str) -> str:
+    values = f"<rim:ValueList><rim:Value>{value}</rim:Value></rim:ValueList>"
+    return f'<rim:Slot name="{name}">{values}</rim:Slot>'
+
+
+def _code(prefix: str, scheme: str, code: str, coding_scheme: str, owner: str = "Doc{n}") -> str:
+    return (
+        f'<rim:Classification id="{prefix}" classificationScheme="{scheme}" '
+        f'classifiedObject="{owner}" nodeRepresentation="{code}">'
+        f"{_slot('codingScheme', coding_scheme)}"
+        f'<rim:Name><rim:LocalizedString value="{code}"/></rim:Name></rim:Classification>'
+    )
+
+
+def _identifier(prefix: str, scheme: str, value: str, owner: str = "Doc{n}") -> str:
+    return (
+        f'<rim:ExternalIdentifier id="{prefix}" identificationScheme="{scheme}" '
+        f'registryObject="{owner}" value="{value}"/>'
+    )
+
+
+# Templates for str.format: {n} numbers the entry within its submission.
+_DE = "".join(
+    [
+        '<rim:ExtrinsicObject id="Doc{n}" mimeType="{mime}" objectType="',
+        ebrim.DOCUMENT_ENTRY_STABLE,
+        '">',
+        _slot("creationTime", "{created}"),
+        _slot("hash", "{hash}"),
+        _slot("size", "{size}"),
+        _slot("languageCode", "en-US"),
+        _slot("repositoryUniqueId", "1.3.6.1.4.1.21367.13.40.9"),
+        _slot("serviceStartTime", "{created}"),
+        _slot("sourcePatientId", "{pid}"),
+        _slot(ebrim.SLOT_REFERENCE_ID_LIST, "{study}^^^^" + ebrim.REFERENCE_ID_STUDY_INSTANCE_UID),
+        '<rim:Name><rim:LocalizedString value="{title}"/></rim:Name>',
+        f'<rim:Classification id="a{{n}}" classificationScheme="{ebrim.DE_AUTHOR}" '
+        'classifiedObject="Doc{n}" nodeRepresentation="">',
+        _slot("authorPerson", "^Author{author}^Dr"),
+        "</rim:Classification>",
+        _code("c{n}", ebrim.DE_CLASS_CODE, "{klass}", "1.3.6.1.4.1.19376.1.2.6.1"),
+        _code("f{n}", ebrim.DE_CONFIDENTIALITY_CODE, "N", "2.16.840.1.113883.5.25"),
+        _code("e{n}", ebrim.DE_EVENT_CODE, "{modality}", "1.2.840.10008.2.16.4"),
+        _code("o{n}", ebrim.DE_FORMAT_CODE, "{format}", "{format_scheme}"),
+        _code("h{n}", ebrim.DE_HEALTHCARE_FACILITY_TYPE_CODE, "RADDX", "2.16.840.1.113883.5.10588"),
+        _code("p{n}", ebrim.DE_PRACTICE_SETTING_CODE, "394914008", "2.16.840.1.113883.6.96"),
+        _code("t{n}", ebrim.DE_TYPE_CODE, "18748-4", "2.16.840.1.113883.6.1"),
+        _identifier("i{n}", ebrim.DE_PATIENT_ID, "{pid}"),
+        _identifier("u{n}", ebrim.DE_UNIQUE_ID, "{unique}"),
+        "</rim:ExtrinsicObject>",
+        f'<rim:Association id="m{{n}}" associationType="{ebrim.HAS_MEMBER}" sourceObject="SS" ',
+        'targetObject="Doc{n}">',
+        _slot("SubmissionSetStatus", "Original"),
+        "</rim:Association>",
+    ]
+)
+
+_REQUEST = "".join(
+    [
+        '<lcm:SubmitObjectsRequest xmlns:lcm="urn:oasis:names:tc:ebxml-regrep:xsd:lcm:3.0" ',
+        'xmlns:rim="urn:oasis:names:tc:ebxml-regrep:xsd:rim:3.0"><rim:RegistryObjectList>',
+        '<rim:RegistryPackage id="SS">',
+        _slot("submissionTime", "{time}"),
+        _code("ssct", ebrim.SS_CONTENT_TYPE_CODE, "18748-4", "2.16.840.1.113883.6.1", "SS"),
+        _identifier("ssu", ebrim.SS_UNIQUE_ID, "{unique}", "SS"),
+        _identifier("sss", ebrim.SS_SOURCE_ID, "1.3.6.1.4.1.21367.13.40.9", "SS"),
+        _identifier("ssp", ebrim.SS_PATIENT_ID, "{pid}", "SS"),
+        "</rim:RegistryPackage>",
+        '<rim:Classification id="ssn" classifiedObject="SS" classificationNode="',
+        ebrim.SUBMISSION_SET_NODE,
+        '"/>{documents}</rim:RegistryObjectList></lcm:SubmitObjectsRequest>',
+    ]
+)
+
+_MODALITIES = ("CT", "MR", "CR", "US", "MG")
+_LIMITS = XmlLimits(max_bytes=64 * 1024 * 1024)
+
+
+def patient_id(index: int) -> str:
+    return f"P{index:07d}^^^&{AUTHORITY}&ISO"
+
+
+def submission_bytes(index: int, patients: int, per_submission: int) -> bytes:
+    # Submission 1 goes to patient 0 as well: the probe patient has two submissions.
+    patient = 0 if index == 1 else index % patients
+    pid = patient_id(patient).replace("&", "&amp;")
+    documents = []
+    for d in range(per_submission):
+        n = index * per_submission + d
+        kos = d % 2 == 0
+        year = 2015 + n % 10
+        documents.append(
+            _DE.format(
+                n=d,
+                pid=pid,
+                unique=f"{ROOT}.1.{n}",
+                study=f"{ROOT}.2.{n}",
+                mime="application/dicom" if kos else "text/xml",
+                format=ebrim.KOS_FORMAT_CODE if kos else "urn:ihe:rad:TEXT",
+                format_scheme=ebrim.DICOM_UID_REGISTRY if kos else "1.3.6.1.4.1.19376.1.2.3",
+                klass="IMAGES" if kos else "REPORTS",
+                title="Imaging manifest" if kos else "Radiology report",
+                created=f"{year}{1 + n % 12:02d}{1 + n % 28:02d}{n % 24:02d}1500",
+                hash=f"{n:040x}",
+                size=1000 + n % 5000,
+                author=n % 500,
+                modality=_MODALITIES[n % len(_MODALITIES)],
+            )
+        )
+    return _REQUEST.format(
+        time="20250101120000", unique=f"{ROOT}.3.{index}", pid=pid, documents="".join(documents)
+    ).encode()
+
+
+def find_documents(pid: str, *, filtered: bool, return_type: str = "LeafClass") -> Any:
+    from lxml import etree
+
+    from xca_gateway.namespaces import QUERY, RIM
+
+    request = etree.Element(f"{{{QUERY}}}AdhocQueryRequest", nsmap={"query": QUERY, "rim": RIM})
+    etree.SubElement(request, f"{{{QUERY}}}ResponseOption", returnType=return_type)
+    query = etree.SubElement(request, f"{{{RIM}}}AdhocQuery", id=FIND_DOCUMENTS)
+    slots = [
+        ("$XDSDocumentEntryPatientId", f"'{pid}'"),
+        ("$XDSDocumentEntryStatus", f"('{ebrim.STATUS_APPROVED}')"),
+    ]
+    if filtered:
+        slots += [
+            (
+                "$XDSDocumentEntryFormatCode",
+                f"('{ebrim.KOS_FORMAT_CODE}^^{ebrim.DICOM_UID_REGISTRY}')",
+            ),
+            ("$XDSDocumentEntryCreationTimeFrom", "2015"),
+            ("$XDSDocumentEntryCreationTimeTo", "2030"),
+        ]
+    for name, value in slots:
+        slot = etree.SubElement(query, f"{{{RIM}}}Slot", name=name)
+        etree.SubElement(
+            etree.SubElement(slot, f"{{{RIM}}}ValueList"), f"{{{RIM}}}Value"
+        ).text = value
+    return request
+
+
+def percentile(samples: list[float], p: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+async def load(registry: LocalRegistry, args: argparse.Namespace) -> dict[str, float]:
+    per = args.per_submission
+    submissions = args.entries // per
+    started = time.perf_counter()
+    last_report = started
+    batch = []
+    # One batch is written (store thread) while the next is parsed and checked (this thread).
+    pending: asyncio.Task[None] | None = None
+    for index in range(submissions):
+        request = parse_xml(submission_bytes(index, args.patients, per), _LIMITS)
+        batch.append(parse_submission(request, now="20250101120000"))
+        if len(batch) >= args.batch or index == submissions - 1:
+            if pending is not None:
+                await pending
+            pending = asyncio.ensure_future(registry.store.register_many(batch))
+            batch = []
+        await asyncio.sleep(0)  # let the writer task start
+        now = time.perf_counter()
+        if now - last_report > 30:
+            done = (index + 1) * per
+            print(f"  loaded {done} entries, {done / (now - started):.0f}/s", file=sys.stderr)
+            last_report = now
+    if pending is not None:
+        await pending
+    elapsed = time.perf_counter() - started
+    return {"seconds": elapsed, "entries_per_second": submissions * per / elapsed}
+
+
+async def single_submit_rate(
+    registry: LocalRegistry, args: argparse.Namespace, count: int
+) -> float:
+    """ITI-42-style: one submission per transaction through LocalRegistry.submit()."""
+    base = args.entries // args.per_submission + 10
+    started = time.perf_counter()
+    for i in range(count):
+        errors = await registry.submit(
+            parse_xml(submission_bytes(base + i, args.patients, args.per_submission), _LIMITS)
+        )
+        assert errors == [], errors
+    entries: int = count * args.per_submission
+    return entries / (time.perf_counter() - started)
+
+
+async def latency(
+    registry: LocalRegistry, request: Any, runs: int, expected: int
+) -> dict[str, float]:
+    for _ in range(max(5, runs // 10)):
+        await registry.stored_query(request)
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        result = await registry.stored_query(request)
+        samples.append((time.perf_counter() - started) * 1000)
+        assert len(result.objects) == expected, (len(result.objects), result.errors)
+    return {
+        "p50_ms": round(statistics.median(samples), 2),
+        "p99_ms": round(percentile(samples, 99), 2),
+        "results": expected,
+    }
+
+
+async def random_patients(registry: LocalRegistry, args: argparse.Namespace) -> dict[str, float]:
+    """FindDocuments for a different patient each run (10 entries each): less cache-friendly."""
+    rng = random.Random(1)
+    samples = []
+    # Patients 0 and 1 are the probe and the one without entries.
+    candidates = range(2, min(args.patients, args.entries // args.per_submission))
+    for _ in range(args.queries):
+        request = find_documents(patient_id(rng.choice(candidates)), filtered=False)
+        started = time.perf_counter()
+        result = await registry.stored_query(request)
+        samples.append((time.perf_counter() - started) * 1000)
+        assert result.objects, result.errors
+    return {
+        "p50_ms": round(statistics.median(samples), 2),
+        "p99_ms": round(percentile(samples, 99), 2),
+        "results": args.per_submission,
+    }
+
+
+@contextlib.contextmanager
+def temporary_postgres() -> Iterator[str]:
+    """A private PostgreSQL server (initdb in a temp dir) for the run."""
+    bindir = next(
+        (
+            p
+            for p in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+            if (p / "initdb").exists()
+        ),
+        None,
+    )
+    if bindir is None:
+        raise SystemExit("PostgreSQL binaries not found; pass --url")
+    base = Path(tempfile.mkdtemp(prefix="registry-bench-pg-"))
+    data, sockets = base / "data", base / "sockets"
+    data.mkdir()
+    sockets.mkdir()
+    run_as: list[str] = []
+    if os.geteuid() == 0:
+        import pwd
+
+        account = pwd.getpwnam("postgres")
+        os.chmod(base, 0o755)
+        for path in (data, sockets):
+            os.chown(path, account.pw_uid, account.pw_gid)
+        run_as = [
+            "setpriv",
+            f"--reuid={account.pw_uid}",
+            f"--regid={account.pw_gid}",
+            "--clear-groups",
+            "--",
+        ]
+    subprocess.run(
+        [
+            *run_as,
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "bench",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with (base / "log").open("wb") as log:
+        process = subprocess.Popen(
+            [
+                *run_as,
+                str(bindir / "postgres"),
+                "-D",
+                str(data),
+                "-p",
+                str(port),
+                "-h",
+                "127.0.0.1",
+                "-k",
+                str(sockets),
+                "-c",
+                "shared_buffers=512MB",
+                "-c",
+                "max_wal_size=4GB",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        import psycopg
+
+        url = f"postgresql://bench@127.0.0.1:{port}/postgres"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with psycopg.connect(url, connect_timeout=2):
+                    break
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def database_size(registry: LocalRegistry, backend: str, url: str) -> int:
+    if backend == "sqlite":
+        path = Path(url[len("sqlite:///") :])
+        return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+        return int(row[0]) if row else 0
+
+
+async def bench(args: argparse.Namespace, url: str, workdir: Path) -> dict[str, Any]:
+    registry = await open_registry(parse_registry_config({"url": url}, workdir, workdir))
+    assert isinstance(registry, LocalRegistry)
+    try:
+        print(
+            f"loading {args.entries} entries over {args.patients} patients ({args.backend})",
+            file=sys.stderr,
+        )
+        loaded = await load(registry, args)
+        counts = await registry.store.counts()
+        probe = patient_id(0)
+        report: dict[str, Any] = {
+            "backend": args.backend,
+            "entries": counts["DocumentEntry"],
+            "patients": args.patients,
+            "load": {k: round(v, 1) for k, v in loaded.items()},
+        }
+        report["find_documents"] = await latency(
+            registry, find_documents(probe, filtered=False), args.queries, 20
+        )
+        report["find_documents_filtered"] = await latency(
+            registry, find_documents(probe, filtered=True), args.queries, 10
+        )
+        report["find_documents_random_patients"] = await random_patients(registry, args)
+        report["find_documents_object_ref"] = await latency(
+            registry,
+            find_documents(probe, filtered=False, return_type="ObjectRef"),
+            args.queries,
+            20,
+        )
+        report["single_submission_entries_per_second"] = round(
+            await single_submit_rate(registry, args, 50), 1
+        )
+        report["database_bytes"] = database_size(registry, args.backend, url)
+        return report
+    finally:
+        await registry.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--entries", type=int, default=10_000, help="DocumentEntries to load (default 10000)"
+    )
+    parser.add_argument("--patients", type=int, help="patients (default entries/10)")
+    parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument("--url", help="postgresql://... of an existing (empty) database")
+    parser.add_argument("--dir", type=Path, help="directory for the SQLite file (default: temp)")
+    parser.add_argument("--batch", type=int, default=50, help="submissions per load transaction")
+    parser.add_argument("--per-submission", type=int, default=10, help="entries per submission")
+    parser.add_argument("--queries", type=int, default=200, help="timed FindDocuments runs")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON only")
+    args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so a private PostgreSQL server is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    args.patients = args.patients or max(2, args.entries // args.per_submission)
+    if args.entries < 2 * args.per_submission:
+        parser.error("--entries must cover at least two submissions")
+    workdir = args.dir or Path(tempfile.mkdtemp(prefix="registry-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.backend == "sqlite":
+            url = f"sqlite:///{(workdir / 'registry.sqlite3').resolve()}"
+            if Path(url[len("sqlite:///") :]).exists():
+                parser.error(f"{url} exists; use an empty --dir")
+            report = asyncio.run(bench(args, url, workdir))
+        elif args.url:
+            report = asyncio.run(bench(args, args.url, workdir))
+        else:
+            with temporary_postgres() as url:
+                report = asyncio.run(bench(args, url, workdir))
+    finally:
+        if args.dir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(json.dumps(report, indent=2))
+    p50 = report["find_documents"]["p50_ms"]
+    verdict = "meets" if p50 <= 20 else "misses"
+    print(f"FindDocuments p50 {p50} ms: {verdict} the 20 ms target")
+
+
+if __name__ == "__main__":
+    main()

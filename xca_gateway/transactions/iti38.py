@@ -1,0 +1,95 @@
+"""ITI-38 Cross Gateway Query, responding side: a peer community queries our registry.
+
+Before the stored query runs (ITI TF-2 3.38.4.1.3): ``AdhocQuery/@home``, when given, must be
+our homeCommunityId (XDSUnknownCommunity), and the id-based queries, which carry no patient
+id, must give it (XDSMissingHomeCommunityId, ITI38-001/-012). FindX without a patient id is a
+missing parameter of the stored query itself. Every returned object gets ``home`` set to our
+homeCommunityId (3.38.1) and every RegistryError our homeCommunityId as its location. A patient
+the registry does not know gets an empty Success or XDSUnknownPatientId, by local policy
+(ITI38-008).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from lxml import etree
+
+from xca_gateway.ebrim import ErrorCode
+from xca_gateway.ebrs import RegistryError, adhoc_query_response
+from xca_gateway.namespaces import QUERY, RIM, Action, ResponseStatus
+from xca_gateway.registry import QueryResult, Registry
+from xca_gateway.registry.stored_query import (
+    ID_BASED_QUERIES,
+    StoredQueryError,
+    parse_stored_query,
+)
+from xca_gateway.soap_service import Handler, SoapRequest, SoapResponse
+from xca_gateway.transactions.iti18 import outcome_of
+
+__all__ = ["check_cross_gateway_query", "iti38_handler"]
+
+
+def check_cross_gateway_query(
+    request: etree._Element, home_community_id: str
+) -> RegistryError | None:
+    """The homeCommunityId rules of a Cross Gateway Query (pure)."""
+    if request.tag != f"{{{QUERY}}}AdhocQueryRequest":
+        return None  # the stored query parser reports it
+    adhoc = request.find(f"{{{RIM}}}AdhocQuery")
+    if adhoc is None:
+        return None
+    home = (adhoc.get("home") or "").strip()
+    if home and home != home_community_id:
+        return RegistryError(
+            ErrorCode.UNKNOWN_COMMUNITY,
+            f"this Responding Gateway is community {home_community_id}, not {home}",
+        )
+    if not home and (adhoc.get("id") or "").strip() in ID_BASED_QUERIES:
+        return RegistryError(
+            ErrorCode.MISSING_HOME_COMMUNITY_ID,
+            "a Cross Gateway Query without a patient id must give the homeCommunityId "
+            "(AdhocQuery/@home)",
+        )
+    return None
+
+
+def iti38_handler(
+    registry: Registry, *, home_community_id: str, unknown_patient: str = "empty"
+) -> Handler:
+    if unknown_patient not in ("empty", "error"):
+        raise ValueError('unknown_patient must be "empty" or "error"')
+
+    async def handle(request: SoapRequest) -> SoapResponse:
+        payload = request.payload
+        problem = check_cross_gateway_query(payload, home_community_id)
+        if problem is not None:
+            result = QueryResult(ResponseStatus.FAILURE, [problem])
+        else:
+            result = await registry.stored_query(payload)
+            if unknown_patient == "error" and result.status == ResponseStatus.SUCCESS:
+                result = await _unknown_patient(registry, payload, result)
+        for obj in result.objects:
+            obj.set("home", home_community_id)
+        errors = [replace(e, location=home_community_id) for e in result.errors]
+        response = adhoc_query_response(result.status, errors, result.objects)
+        return SoapResponse(response, Action.ITI38_RESPONSE, outcome=outcome_of(result.status))
+
+    return handle
+
+
+async def _unknown_patient(
+    registry: Registry, request: etree._Element, result: QueryResult
+) -> QueryResult:
+    if result.objects:
+        return result
+    try:
+        patient_id = parse_stored_query(request).patient_id
+    except StoredQueryError:  # pragma: no cover - the query just ran
+        return result
+    if patient_id is None or await registry.knows_patient(patient_id) is not False:
+        return result
+    return QueryResult(
+        ResponseStatus.FAILURE,
+        [RegistryError(ErrorCode.UNKNOWN_PATIENT_ID, f"patient {patient_id} is not known here")],
+    )

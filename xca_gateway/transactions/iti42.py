@@ -1,0 +1,53 @@
+"""ITI-42 Register Document Set-b: a Document Repository registers metadata with us.
+
+The request is an ``lcm:SubmitObjectsRequest``, the answer an ``rs:RegistryResponse`` with
+status Success, or Failure and the RegistryErrors (XDSRegistryMetadataError,
+XDSPatientIdDoesNotMatch, XDSDuplicateUniqueIdInRegistry, ...). Registration is all or
+nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from lxml import etree
+
+from xca_gateway.ebrs import RegistryError, status_for
+from xca_gateway.namespaces import RS, ErrorSeverity
+from xca_gateway.registry import Registry, RegistryAction
+from xca_gateway.soap_service import Handler, SoapRequest, SoapResponse
+from xca_gateway.transactions.iti18 import outcome_of
+
+__all__ = ["ITI42_ACTION", "ITI42_RESPONSE_ACTION", "iti42_handler", "registry_response"]
+
+ITI42_ACTION = RegistryAction.ITI42
+ITI42_RESPONSE_ACTION = RegistryAction.ITI42_RESPONSE
+
+
+def registry_response(status: str, errors: Iterable[RegistryError] = ()) -> etree._Element:
+    root = etree.Element(f"{{{RS}}}RegistryResponse", nsmap={"rs": RS})
+    root.set("status", status)
+    errors = list(errors)
+    if errors:
+        error_list = etree.SubElement(root, f"{{{RS}}}RegistryErrorList")
+        worst = ErrorSeverity.ERROR if any(e.is_error for e in errors) else ErrorSeverity.WARNING
+        error_list.set("highestSeverity", worst)
+        for error in errors:
+            el = etree.SubElement(error_list, f"{{{RS}}}RegistryError")
+            el.set("errorCode", error.error_code)
+            el.set("codeContext", error.code_context)
+            el.set("severity", error.severity)
+            if error.location:
+                el.set("location", error.location)
+    return root
+
+
+def iti42_handler(registry: Registry) -> Handler:
+    async def handle(request: SoapRequest) -> SoapResponse:
+        errors = await registry.submit(request.payload)
+        status = status_for(errors, results=0)
+        return SoapResponse(
+            registry_response(status, errors), ITI42_RESPONSE_ACTION, outcome=outcome_of(status)
+        )
+
+    return handle
