@@ -204,6 +204,10 @@ def test_demo_consumer_query_reaches_every_community(
     }
     others = {c["homeCommunityId"] for c in data["communities"][1:]}
     assert others <= answered
+    # alice has imaging manifests in every community: one merged view, each under its home.
+    homes = {o.get("home") for o in payload.iter(f"{{{RIM}}}ExtrinsicObject")}
+    assert homes == {c["homeCommunityId"] for c in data["communities"]}
+    assert payload.get("status", "").endswith(":Success")
     unavailable = [
         e
         for e in payload.iter(f"{{{RS}}}RegistryError")
@@ -277,6 +281,43 @@ def test_demo_images_travel_across_communities(
             assert data_bytes == expected[uid].read_bytes()  # byte-identical to the source
             received += 1
     assert received == len(files)
+
+
+def test_demo_retrieve_study_fetches_a_patients_images_from_every_community(
+    demo: tuple[subprocess.Popen[bytes], Path], tmp_path: Path
+) -> None:
+    """The consumer flow: ITI-18 → ITI-43 (KOS) → RAD-69, across communities, to disk."""
+    _, workdir = demo
+    data = _endpoints(workdir)
+    north = data["communities"][0]
+    alice = next(p["id"] for p in north["samplePatients"] if p["crossCommunityKey"] == "alice")
+    out = tmp_path / "out"
+    result = run_cli(
+        "retrieve-study",
+        "--endpoints",
+        str(workdir / "endpoints.json"),
+        "--community",
+        "north",
+        "--patient",
+        alice,
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    # Every source file of alice's studies, in every community, arrived byte-identical.
+    expected: dict[str, bytes] = {}
+    for community in data["communities"]:
+        studies = json.loads((workdir / community["name"] / "data" / "samples.json").read_text())
+        mine = next(
+            p["id"] for p in community["samplePatients"] if p["crossCommunityKey"] == "alice"
+        )
+        for study in studies["studies"]:
+            if mine.startswith(study["patientId"] + "^"):
+                for f in study["files"]:
+                    expected[Path(f).stem] = Path(f).read_bytes()
+    received = {f.stem: f.read_bytes() for f in out.rglob("*.dcm")}
+    assert expected and received == expected
+    assert not list(out.rglob(".*.part"))
 
 
 def test_demo_stops_cleanly_on_sigterm(demo: tuple[subprocess.Popen[bytes], Path]) -> None:

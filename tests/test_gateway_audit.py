@@ -129,8 +129,8 @@ def test_both_sides_of_a_cross_gateway_query_are_audited(
     )
     # The responding side names the requesting gateway by its TLS certificate subject.
     assert "alpha.xca-gateway.test" in source_of(responding)
-    # beta has no registry: the answer was a Failure, and the audit says so (8).
-    assert event(responding)[2] == "8"
+    # beta answered from its (empty) embedded registry: Success, and the audit says so (0).
+    assert event(responding)[2] == "0"
     consumer_side = next(r for r in queries if event(r)[1] == "ITI-18")
     assert "consumer" in source_of(consumer_side)
 

@@ -305,6 +305,12 @@ patient_id_assigning_authority = "{AFFINITY}"
 
 [storage]
 data_dir = "data"
+
+# The importer reads the gateway's own configuration file; TLS is not used by it.
+[tls]
+certificate = "gateway.pem"
+private_key = "gateway.key"
+trust_store = "ca.pem"
 """
     if repository:
         text += f"""

@@ -207,6 +207,12 @@ def find_documents(
         if patient
         else ""
     )
+    if query_id == StoredQueryId.FIND_DOCUMENTS:
+        slot += (
+            '<rim:Slot name="$XDSDocumentEntryStatus"><rim:ValueList><rim:Value>'
+            "('urn:oasis:names:tc:ebxml-regrep:StatusType:Approved')"
+            "</rim:Value></rim:ValueList></rim:Slot>"
+        )
     home_attr = f' home="{home}"' if home else ""
     return f"""<query:AdhocQueryRequest xmlns:query="{QUERY}" xmlns:rim="{RIM}">
       <query:ResponseOption returnType="LeafClass" returnComposedObjects="true"/>

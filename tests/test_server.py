@@ -89,11 +89,20 @@ def test_consumer_certificate_is_answered_with_ws_addressing(gateway: Gateway, p
     assert (header.findtext(f"{{{WSA}}}MessageID") or "").startswith("urn:uuid:")
     payload = root.find(f"{{{SOAP12}}}Body/{{{QUERY}}}AdhocQueryResponse")
     assert payload is not None
-    # No registry behind this gateway yet: a standards-shaped Failure, not an HTTP error.
-    assert payload.get("status") == ResponseStatus.FAILURE
+    # Answered by the (empty) embedded registry: Success, no objects.
+    assert payload.get("status") == ResponseStatus.SUCCESS
+    assert payload.find(f"{{{RS}}}RegistryErrorList") is None
+    # A query for another community is a standards-shaped Failure located at us.
+    other = ADHOC_QUERY.replace("<rim:AdhocQuery ", '<rim:AdhocQuery home="urn:oid:1.2.3.999" ')
+    with consumer(pki) as client:
+        response = post(client, url, soap12(Action.ITI38, other), Action.ITI38)
+    payload = etree.fromstring(response.content).find(
+        f"{{{SOAP12}}}Body/{{{QUERY}}}AdhocQueryResponse"
+    )
+    assert payload is not None and payload.get("status") == ResponseStatus.FAILURE
     error = payload.find(f"{{{RS}}}RegistryErrorList/{{{RS}}}RegistryError")
     assert error is not None
-    assert error.get("errorCode") == "XDSRegistryError"
+    assert error.get("errorCode") == "XDSUnknownCommunity"
     assert error.get("location") == gateway.config.community.home_community_id
 
 
@@ -157,14 +166,11 @@ def test_zeep_client_from_the_ihe_wsdl_is_answered(gateway: Gateway, pki: DevPki
                 ],
             },
         )
-        if key == "iti38":
-            # No registry behind this community yet.
-            assert result.status == ResponseStatus.FAILURE
-            assert result.RegistryErrorList.RegistryError[0].errorCode == "XDSRegistryError"
-        else:
-            # The initiating side with no peer and no local registry has nobody to ask.
-            assert result.status == ResponseStatus.SUCCESS
-            assert result.RegistryErrorList is None
+        # FindDocuments needs $XDSDocumentEntryStatus too: the registry says so, through
+        # the responding side (ITI-38) and through the initiating side's local query (ITI-18).
+        assert result.status == ResponseStatus.FAILURE
+        codes = [e.errorCode for e in result.RegistryErrorList.RegistryError]
+        assert codes == ["XDSStoredQueryMissingParam"]
 
 
 def test_keep_alive_serves_several_requests_on_one_connection(
@@ -442,6 +448,6 @@ def test_admin_health_readiness_and_metrics(gateway: Gateway, pki: DevPki) -> No
     ready = httpx.get(gateway.admin_url + "/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True
     metrics = httpx.get(gateway.admin_url + "/metrics").text
-    assert 'xca_gateway_requests_total{outcome="failure",transaction="ITI-38"} 1.0' in metrics
+    assert 'xca_gateway_requests_total{outcome="success",transaction="ITI-38"} 1.0' in metrics
     assert 'xca_gateway_requests_total{outcome="fault",transaction="unknown"} 1.0' in metrics
     assert 'xca_gateway_request_duration_seconds_count{transaction="ITI-38"}' in metrics

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from xca_gateway import __version__
 
@@ -24,6 +27,8 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # One INFO line per HTTP request of our own clients is noise for an operator.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def _inherited_sockets() -> dict[str, socket.socket]:
@@ -98,6 +103,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+@contextlib.asynccontextmanager
+async def registry_from_config(config_path: Path) -> AsyncIterator[Any]:
+    """The registry a configuration file names (for `xca-gateway import`)."""
+    from xca_gateway.config import load_config
+    from xca_gateway.registry import open_registry
+
+    registry = await open_registry(load_config(config_path).registry)
+    try:
+        yield registry
+    finally:
+        await registry.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xca-gateway",
@@ -158,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from xca_gateway.consent import add_consent_command
     from xca_gateway.consumer import add_retrieve_study_command
+    from xca_gateway.importer import add_import_command
 
+    add_import_command(sub, open_registry=registry_from_config)
     add_consent_command(sub)
     add_retrieve_study_command(sub)
     return parser

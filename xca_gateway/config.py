@@ -169,6 +169,8 @@ class GatewayConfig:
     patient_mapping: PatientMappingConfig = field(default_factory=_default_patient_mapping)
     # Sections owned by other modules (registry, repository, imaging, audit), parsed there.
     extra: dict[str, Any] = field(default_factory=dict)
+    # [registry] (xca_gateway.registry.RegistryConfig): embedded SQLite by default.
+    registry: Any = None
     # [repository] (xca_gateway.repository.RepositoryConfig), None when absent.
     repository: Any = None
     # [imaging] (xca_gateway.imaging.ImagingConfig).
@@ -310,8 +312,10 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
 
     from xca_gateway.audit.config import parse_audit_config
     from xca_gateway.imaging.config import parse_imaging_config
+    from xca_gateway.registry import parse_registry_config
     from xca_gateway.repository import parse_repository_config  # it imports this module
 
+    registry = parse_registry_config(_table(data, "registry"), base_dir, storage.data_dir)
     repository = parse_repository_config(data.get("repository"), base_dir, storage.data_dir)
     imaging = parse_imaging_config(data.get("imaging", {}), base_dir, storage.data_dir)
     audit = parse_audit_config(_table(data, "audit"), base_dir, storage.data_dir, tls)
@@ -330,6 +334,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
 
     return GatewayConfig(
         path=path,
+        registry=registry,
         repository=repository,
         imaging=imaging,
         audit=audit,

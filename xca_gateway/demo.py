@@ -203,6 +203,19 @@ def _seed(community: DemoCommunity, data_dir: Path) -> list[dict[str, str]]:
     ]
 
 
+def _register_samples(config_path: Path, images: Path) -> None:
+    """Register the sample studies: KOS manifests in the repository, metadata in the registry,
+    patients in the directory (idempotent: a restarted demo skips what is registered)."""
+    import asyncio
+
+    from xca_gateway.cli import registry_from_config
+    from xca_gateway.importer import import_with_config
+
+    report = asyncio.run(import_with_config(config_path, [images], registry_from_config, progress=False))
+    if report.failed:
+        raise RuntimeError(f"sample import failed for {config_path}: {report.summary()}")
+
+
 def _ready(admin_url: str) -> bool:
     try:
         with urllib.request.urlopen(admin_url + "/readyz", timeout=1.0) as response:
@@ -265,6 +278,7 @@ class Demo:
                 xref_csv=str(xref),
             )
             _write_atomic(cdir / "gateway.toml", config)
+            _register_samples(cdir / "gateway.toml", cdir / "data" / "images")
             base = base_urls[c.name]
             communities_json.append(
                 {

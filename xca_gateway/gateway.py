@@ -131,6 +131,7 @@ class Gateway:
             self.consent = ConsentService.open(config.consent)
             self.admin_app.mount("/consent", ConsentAdminApp(self.consent))
         self._started = False
+        self.registry: Any = None
 
     def _build_endpoints(self) -> dict[str, SoapEndpoint]:
         home = self.config.community.home_community_id
@@ -148,6 +149,52 @@ class Gateway:
         if self.config.diagnostics.echo:
             endpoints["echo"] = diagnostics.echo_endpoint()
         return endpoints
+
+    async def _open_registry(self) -> None:
+        """The community's registry answers ITI-38 for peers, ITI-18 locally, takes ITI-42."""
+        from xca_gateway.registry import RegistryAction, open_registry
+        from xca_gateway.transactions.iti18 import iti18_handler as registry_iti18_handler
+        from xca_gateway.transactions.iti38 import iti38_handler
+        from xca_gateway.transactions.iti42 import iti42_handler
+
+        cfg = self.config
+        home = cfg.community.home_community_id
+        registry = await open_registry(cfg.registry, peer_client=self.peer_client)
+        self.registry = registry
+        self.endpoints["iti38"].add(
+            Operation(
+                Action.ITI38,
+                "ITI-38",
+                iti38_handler(
+                    registry, home_community_id=home, unknown_patient=cfg.registry.unknown_patient
+                ),
+            )
+        )
+        for path, name, operation in (
+            (
+                "/registry/iti18",
+                "registry-iti18",
+                Operation(
+                    Action.ITI18, "ITI-18", registry_iti18_handler(registry, home_community_id=home)
+                ),
+            ),
+            (
+                "/registry/iti42",
+                "registry-iti42",
+                Operation(RegistryAction.ITI42, "ITI-42", iti42_handler(registry)),
+            ),
+        ):
+            endpoint = SoapEndpoint(path, name, {})
+            endpoint.add(operation)
+            self.endpoints[name] = endpoint
+            self.soap.endpoints[path] = endpoint
+        if cfg.initiating.query_local_community:
+
+            async def local_query(element: Any) -> Any:
+                result = await registry.stored_query(element)
+                return result.status, result.errors, result.objects
+
+            self.initiating.local_query = local_query
 
     def _wire_audit(self) -> None:
         """ATNA: every served request and every outbound call is audited, both sides."""
@@ -321,6 +368,7 @@ class Gateway:
     async def start(self, sockets: ListenSockets | None = None) -> None:
         sockets = sockets or ListenSockets()
         cfg = self.config
+        await self._open_registry()
         await self.imaging.start()
         await self.https.start(cfg.server.host, cfg.server.port, sock=sockets.https)
         await self.admin.start(cfg.admin.host, cfg.admin.port, sock=sockets.admin)
@@ -342,6 +390,8 @@ class Gateway:
         await self.imaging.stop()
         await self.admin.close()
         await self.initiating.close()
+        if self.registry is not None:
+            await self.registry.close()
         await self.peer_client.aclose()
         self.xref.close()
         self.patients.close()

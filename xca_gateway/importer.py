@@ -21,7 +21,6 @@ import hashlib
 import os
 import sys
 import time
-import tomllib
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -39,8 +38,6 @@ from xca_gateway import ebrim
 from xca_gateway.config import (
     CommunityConfig,
     ConfigError,
-    validate_home_community_id,
-    validate_oid,
 )
 from xca_gateway.ebrs import RegistryError
 from xca_gateway.kos import KOS_SOP_CLASS_UID, build_kos, kos_from_bytes, kos_references
@@ -53,7 +50,7 @@ from xca_gateway.metadata import (
     imaging_study_from_datasets,
     xds_patient_ids,
 )
-from xca_gateway.repository import DocumentExists, DocumentRepository, parse_repository_config
+from xca_gateway.repository import DocumentExists, DocumentRepository
 
 __all__ = [
     "ImportReport",
@@ -386,8 +383,13 @@ async def import_studies(
     progress: bool,
     options: ManifestOptions | None = None,
     progress_stream: TextIO | None = None,
+    on_patient: Callable[[Dataset], None] | None = None,
 ) -> ImportReport:
-    """Import every study under ``paths``; one study failing does not stop the others."""
+    """Import every study under ``paths``; one study failing does not stop the others.
+
+    ``on_patient`` sees the first instance's header of each study (e.g. to record the
+    patient's demographics in the local patient directory that XCPD answers from).
+    """
     report = ImportReport()
     stream = (progress_stream or sys.stderr) if progress else None
     files = await asyncio.to_thread(collect_files, paths)
@@ -402,7 +404,10 @@ async def import_studies(
     registering = _Progress("registering studies", len(studies), stream, "studies")
     try:
         for study_uid, datasets in studies.items():
-            report.studies.append(await _import_study(ctx, study_uid, datasets))
+            outcome = await _import_study(ctx, study_uid, datasets)
+            report.studies.append(outcome)
+            if on_patient is not None and outcome.status != "failed":
+                on_patient(datasets[0])
             registering.advance()
     finally:
         registering.close()
@@ -417,56 +422,65 @@ class ImportSettings:
     community: CommunityConfig
     repository: DocumentRepository
     options: ManifestOptions
+    # The local patient directory (demographics, for XCPD), filled as studies are imported.
+    patients_db: Path | None = None
 
 
 def load_import_settings(config_path: Path) -> ImportSettings:
     """The parts of a gateway configuration file the importer needs."""
-    config_path = config_path.resolve()
-    try:
-        with config_path.open("rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"configuration file not found: {config_path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{config_path}: {exc}") from None
-    base_dir = config_path.parent
-    community_t = data.get("community")
-    if not isinstance(community_t, dict):
-        raise ConfigError("[community] is required")
-    try:
-        community = CommunityConfig(**community_t)
-    except TypeError as exc:
-        raise ConfigError(f"[community] {exc}") from None
-    validate_home_community_id(community.home_community_id, "community.home_community_id")
-    validate_oid(
-        community.patient_id_assigning_authority, "community.patient_id_assigning_authority"
-    )
-    storage_t = data.get("storage", {})
-    data_dir_value = storage_t.get("data_dir", "data") if isinstance(storage_t, dict) else "data"
-    if not isinstance(data_dir_value, str):
-        raise ConfigError("storage.data_dir must be a path string")
-    data_dir = Path(data_dir_value).expanduser()
-    if not data_dir.is_absolute():
-        data_dir = (base_dir / data_dir).resolve()
-    repository_config = parse_repository_config(data.get("repository"), base_dir, data_dir)
-    if repository_config is None:
+    from xca_gateway.config import load_config
+
+    config = load_config(config_path)
+    if config.repository is None:
         raise ConfigError("[repository] with repository_unique_id is required to import studies")
-    return ImportSettings(community, repository_config.open(), repository_config.manifest)
+    mapping = config.patient_mapping
+    return ImportSettings(
+        config.community,
+        config.repository.open(),
+        config.repository.manifest,
+        mapping.directory or config.storage.data_dir / "patients.sqlite3",
+    )
+
+
+async def import_with_config(
+    config_path: Path, paths: Sequence[Path], open_registry: RegistryOpener, *, progress: bool
+) -> ImportReport:
+    """Import ``paths`` into the repository, registry and patient directory a gateway
+    configuration file names (the CLI, and the demo's seeding)."""
+    from xca_gateway.patients import PatientDirectory
+
+    settings = load_import_settings(config_path)
+    patients = PatientDirectory(settings.patients_db) if settings.patients_db else None
+    authority = settings.community.patient_id_assigning_authority
+
+    def remember(ds: Dataset) -> None:
+        if patients is not None:
+            try:
+                patients.register_from_dicom(ds, authority)
+            except ValueError as exc:  # demographics are a help for XCPD, not a condition
+                print(f"patient directory: {exc}", file=sys.stderr)
+
+    try:
+        async with open_registry(config_path) as registry:
+            return await import_studies(
+                list(paths),
+                repository=settings.repository,
+                registry=registry,
+                community=settings.community,
+                progress=progress,
+                options=settings.options,
+                on_patient=remember,
+            )
+    finally:
+        if patients is not None:
+            patients.close()
 
 
 async def _run_import(args: argparse.Namespace, open_registry: RegistryOpener) -> int:
-    config_path = Path(args.config)
-    settings = load_import_settings(config_path)
     show_progress = not args.no_progress and sys.stderr.isatty()
-    async with open_registry(config_path) as registry:
-        report = await import_studies(
-            [Path(p) for p in args.paths],
-            repository=settings.repository,
-            registry=registry,
-            community=settings.community,
-            progress=show_progress,
-            options=settings.options,
-        )
+    report = await import_with_config(
+        Path(args.config), [Path(p) for p in args.paths], open_registry, progress=show_progress
+    )
     for outcome in report.studies:
         if outcome.status in ("failed", "changed"):
             print(
