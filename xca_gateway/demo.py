@@ -211,7 +211,9 @@ def _register_samples(config_path: Path, images: Path) -> None:
     from xca_gateway.cli import registry_from_config
     from xca_gateway.importer import import_with_config
 
-    report = asyncio.run(import_with_config(config_path, [images], registry_from_config, progress=False))
+    report = asyncio.run(
+        import_with_config(config_path, [images], registry_from_config, progress=False)
+    )
     if report.failed:
         raise RuntimeError(f"sample import failed for {config_path}: {report.summary()}")
 
