@@ -322,8 +322,10 @@ def test_demo_retrieve_study_fetches_a_patients_images_from_every_community(
 
 def test_demo_stops_cleanly_on_sigterm(demo: tuple[subprocess.Popen[bytes], Path]) -> None:
     process, workdir = demo
-    children = psutil.Process(process.pid).children(recursive=True)
-    assert len(children) == 3
+    parent = psutil.Process(process.pid)
+    # One gateway per community and the audit record repository (with its workers).
+    assert len(parent.children()) == 3 + 1
+    children = parent.children(recursive=True)
     os.kill(process.pid, signal.SIGTERM)
     assert process.wait(timeout=30) == 0
     _gone, alive = psutil.wait_procs(children, timeout=10)
@@ -350,8 +352,9 @@ def test_killed_demo_leaves_no_stray_gateways(tmp_path: Path) -> None:
         deadline = time.monotonic() + 60
         while not (tmp_path / "endpoints.json").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        children = psutil.Process(process.pid).children(recursive=True)
-        assert len(children) == 2
+        parent = psutil.Process(process.pid)
+        assert len(parent.children()) == 2 + 1  # two gateways and the audit repository
+        children = parent.children(recursive=True)
         process.kill()  # SIGKILL: no chance to clean up, the kernel must take the children down
         process.wait(10)
         _, alive = psutil.wait_procs(children, timeout=10)

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,6 +220,21 @@ def _register_samples(config_path: Path, images: Path) -> None:
 
 
 def _ready(admin_url: str) -> bool:
+    if admin_url.startswith("https://"):
+        # Our own child's UI port: any HTTP answer means it serves (the socket was bound by
+        # us, so a bare TCP connect would succeed before the child even runs).
+        import ssl
+
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        try:
+            with urllib.request.urlopen(admin_url + "/", timeout=1.0, context=ctx):
+                return True
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            return False
     try:
         with urllib.request.urlopen(admin_url + "/readyz", timeout=1.0) as response:
             return bool(response.status == 200)
@@ -233,6 +249,7 @@ class Demo:
         self.base_port = base_port
         self.processes: list[subprocess.Popen[bytes]] = []
         self.endpoints_file = self.workdir / "endpoints.json"
+        self.arr: Any = None  # the demo's Audit Record Repository (xca_gateway.arr)
 
     def prepare(
         self,
@@ -241,7 +258,7 @@ class Demo:
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.endpoints_file.unlink(missing_ok=True)
-        pki = init_dev_pki(self.workdir / "certs", [c.name for c in self.communities])
+        pki = init_dev_pki(self.workdir / "certs", [*(c.name for c in self.communities), "arr"])
         bound = []
         for c in self.communities:
             https_port = self.base_port + 10 * c.index if self.base_port else 0
@@ -265,6 +282,19 @@ class Demo:
             + "\n".join(lines)
             + "\n",
         )
+        # One Audit Record Repository for the region; every community audits to it.
+        from xca_gateway.arr.app import prepare_demo
+
+        arr_pair = pki.communities["arr"]
+        self.arr = prepare_demo(
+            self.workdir / "arr",
+            certificate=arr_pair.cert,
+            private_key=arr_pair.key,
+            trust_store=pki.ca,
+            communities={c.home_community_id: c.name for c in self.communities},
+            xref_csv=xref,
+            base_port=self.base_port + 10 * len(self.communities) if self.base_port else 0,
+        )
         communities_json = []
         for c, https, admin in bound:
             cdir = self.workdir / c.name
@@ -279,6 +309,7 @@ class Demo:
                 peers=peers,
                 xref_csv=str(xref),
             )
+            config += "\n" + self.arr.audit_destinations_toml(f"{c.name}-gateway")
             _write_atomic(cdir / "gateway.toml", config)
             _register_samples(cdir / "gateway.toml", cdir / "data" / "images")
             base = base_urls[c.name]
@@ -306,10 +337,26 @@ class Demo:
             "untrusted_client": pj["untrusted_client"],
             "expired_client": pj["expired_client"],
             "communities": communities_json,
+            "auditRepository": self.arr.endpoints_json(),
         }
         return endpoints, bound
 
     def start(self, bound: list[tuple[DemoCommunity, socket.socket, socket.socket]]) -> None:
+        if self.arr is not None:
+            log_file = (self.workdir / "arr" / "arr.log").open("ab")
+            self.processes.append(
+                subprocess.Popen(
+                    self.arr.command(),
+                    env={**os.environ, **self.arr.environment()},
+                    pass_fds=self.arr.pass_fds(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=_die_with_parent,
+                )
+            )
+            log_file.close()
+            self.arr.close_sockets()
         for c, https, admin in bound:
             env = dict(os.environ)
             env[LISTEN_FDS_ENV] = f"https={https.fileno()},admin={admin.fileno()}"
@@ -339,6 +386,8 @@ class Demo:
     def wait_ready(self, endpoints: dict[str, Any]) -> bool:
         deadline = time.monotonic() + READY_TIMEOUT
         pending = [c["admin"] for c in endpoints["communities"]]
+        if self.arr is not None:
+            pending.append(self.arr.ui_url)
         while pending and time.monotonic() < deadline:
             for process in self.processes:
                 if process.poll() is not None:

@@ -1,0 +1,859 @@
+"""The embedded Audit Record Repository as a service: configuration, composition, CLI.
+
+One process runs the syslog-TLS and syslog-UDP receivers, the ingest thread and store, and one
+HTTPS server with the ITI-81 FHIR API under ``/fhir`` and the officers' review UI elsewhere.
+
+The HTTPS port asks for a client certificate but does not require one (officers' browsers have
+none): the UI authenticates officers itself, while ``/fhir`` (a machine interface, the ATNA Audit
+Consumer) requires a certificate that chains to the trust store, or an officer's session.
+
+Example ``arr.toml``::
+
+    [arr]
+    database = "data/arr.sqlite3"          # or: postgresql = "postgresql://..."
+    audit_source_id = "arr.example.org"
+    xref_csv = "xref.csv"                 # optional: one person's ids across communities
+
+    [arr.tls]                              # the repository's certificate (mutual TLS, ITI-19)
+    certificate = "certs/arr.pem"
+    private_key = "certs/arr.key"
+    trust_store = "certs/ca.pem"
+
+    [arr.syslog]
+    tls_port = 6514                        # 0 = any free port; omit tls_host to disable
+    udp_port = 514
+    max_message_bytes = 262144
+
+    [arr.https]
+    port = 8443
+
+    [arr.communities]                      # display names in the UI
+    "urn:oid:1.3.6.1.4.1.21367.13.70.1" = "north"
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import getpass
+import json
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from xca_gateway.arr.fhir import (
+    FHIR_JSON,
+    FhirError,
+    audit_event,
+    capability_statement,
+    operation_outcome,
+    parse_search,
+    search_bundle,
+)
+from xca_gateway.arr.parse import AuditRecord
+from xca_gateway.arr.receiver import (
+    Counters,
+    Ingestor,
+    ReceiverLimits,
+    SenderLimits,
+    SyslogTlsServer,
+    SyslogUdpServer,
+)
+from xca_gateway.arr.store import AuditStore, open_store
+from xca_gateway.arr.web import (
+    SESSION_COOKIE,
+    PatientXref,
+    ReviewUI,
+    SelfAudit,
+    UiSettings,
+    new_officer,
+)
+from xca_gateway.audit.messages import security_alert_node_authentication
+from xca_gateway.audit.syslog import format_message
+from xca_gateway.config import ConfigError, TlsConfig
+from xca_gateway.server import HttpServer, Request, Response, ServerTimeouts
+from xca_gateway.tls import HandshakeFailure, enable_certificate_capture, server_context
+
+log = logging.getLogger(__name__)
+
+# Same convention as ``xca-gateway serve``: sockets bound by a launcher, e.g.
+# ``https=3,syslog-tls=4,syslog-udp=5``.
+LISTEN_FDS_ENV = "XCA_GATEWAY_LISTEN_FDS"
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str = "127.0.0.1"
+    port: int = 0
+
+
+@dataclass(frozen=True)
+class ArrConfig:
+    tls: TlsConfig
+    database: Path | None
+    postgresql: str | None = None
+    syslog_tls: Listen | None = field(default_factory=lambda: Listen(port=6514))
+    syslog_udp: Listen | None = field(default_factory=lambda: Listen(port=514))
+    https: Listen = field(default_factory=lambda: Listen(port=8443))
+    public_base_url: str | None = None
+    limits: ReceiverLimits = field(default_factory=ReceiverLimits)
+    ui: UiSettings = field(default_factory=UiSettings)
+    xref_csv: Path | None = None
+    audit_source_id: str = field(default_factory=socket.gethostname)
+    enterprise_site_id: str | None = None
+    hostname: str = field(default_factory=socket.gethostname)
+    # Let /fhir be used with an officer's UI session too (handy to look at raw JSON).
+    fhir_allow_officer_session: bool = True
+
+
+def _path(base: Path, value: Any, what: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{what} must be a path string")
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def _check_keys(table: dict[str, Any], known: set[str], section: str) -> None:
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"[{section}] unknown key(s): {', '.join(sorted(unknown))}")
+
+
+def _port(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 65536:
+        raise ConfigError(f"{what} must be a port number (0 = any free port)")
+    return value
+
+
+def _listen(table: dict[str, Any], prefix: str, default_port: int | None) -> Listen | None:
+    host_key, port_key = f"{prefix}_host", f"{prefix}_port"
+    if table.get(f"{prefix}_enabled") is False:
+        return None
+    if port_key not in table and default_port is None:
+        return None
+    host = table.get(host_key, "127.0.0.1")
+    if not isinstance(host, str) or not host:
+        raise ConfigError(f"arr.syslog.{host_key} must be a host")
+    return Listen(host, _port(table.get(port_key, default_port), f"arr.syslog.{port_key}"))
+
+
+def parse_arr_config(table: dict[str, Any], base_dir: Path) -> ArrConfig:
+    """Build the repository's configuration from its TOML ``[arr]`` table."""
+    if not isinstance(table, dict):
+        raise ConfigError("[arr] must be a table")
+    data = dict(table)
+    _check_keys(
+        data,
+        {
+            "tls",
+            "database",
+            "postgresql",
+            "syslog",
+            "https",
+            "ui",
+            "communities",
+            "xref_csv",
+            "audit_source_id",
+            "enterprise_site_id",
+            "hostname",
+            "fhir_allow_officer_session",
+        },
+        "arr",
+    )
+    tls_t = dict(data.get("tls", {}))
+    for key in ("certificate", "private_key", "trust_store"):
+        if key not in tls_t:
+            raise ConfigError(f"[arr.tls] {key} is required")
+        tls_t[key] = _path(base_dir, tls_t[key], f"arr.tls.{key}")
+    _check_keys(tls_t, {f.name for f in fields(TlsConfig)}, "arr.tls")
+    tls = TlsConfig(**tls_t)
+    if tls.minimum_version not in ("1.2", "1.3"):
+        raise ConfigError('arr.tls.minimum_version must be "1.2" or "1.3"')
+
+    postgresql = data.get("postgresql")
+    if postgresql is not None and (not isinstance(postgresql, str) or not postgresql):
+        raise ConfigError("arr.postgresql must be a connection string")
+    database = (
+        _path(base_dir, data.get("database", "data/arr.sqlite3"), "arr.database")
+        if not postgresql
+        else None
+    )
+
+    syslog_t = dict(data.get("syslog", {}))
+    limit_names = {f.name for f in fields(ReceiverLimits)}
+    _check_keys(
+        syslog_t,
+        {"tls_host", "tls_port", "tls_enabled", "udp_host", "udp_port", "udp_enabled"}
+        | limit_names,
+        "arr.syslog",
+    )
+    limits_kw = {k: v for k, v in syslog_t.items() if k in limit_names}
+    for key, value in limits_kw.items():
+        minimum = 0 if key == "parse_workers" else 1e-9
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+            raise ConfigError(f"arr.syslog.{key} must be a positive number")
+    limits = ReceiverLimits(**limits_kw)
+    if limits.max_message_bytes < 32768:
+        raise ConfigError("arr.syslog.max_message_bytes must be at least 32768 (DICOM PS3.15 A.6)")
+    syslog_tls = _listen(syslog_t, "tls", 6514)
+    syslog_udp = _listen(syslog_t, "udp", 514)
+
+    https_t = dict(data.get("https", {}))
+    _check_keys(https_t, {"host", "port", "public_base_url"}, "arr.https")
+    https = Listen(
+        str(https_t.get("host", "127.0.0.1")), _port(https_t.get("port", 8443), "arr.https.port")
+    )
+    public = https_t.get("public_base_url")
+
+    ui_t = dict(data.get("ui", {}))
+    ui_names = {f.name for f in fields(UiSettings)} - {"community_names"}
+    _check_keys(ui_t, ui_names, "arr.ui")
+    communities = data.get("communities", {})
+    if not isinstance(communities, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in communities.items()
+    ):
+        raise ConfigError("[arr.communities] maps homeCommunityId strings to names")
+    try:
+        ui = UiSettings(**ui_t, community_names=dict(communities))
+    except TypeError as exc:
+        raise ConfigError(f"[arr.ui] {exc}") from None
+
+    xref = _path(base_dir, data["xref_csv"], "arr.xref_csv") if "xref_csv" in data else None
+    extra: dict[str, Any] = {}
+    for key in ("audit_source_id", "enterprise_site_id", "hostname"):
+        if key in data:
+            if not isinstance(data[key], str) or not data[key]:
+                raise ConfigError(f"arr.{key} must be a non-empty string")
+            extra[key] = data[key]
+    if "fhir_allow_officer_session" in data:
+        extra["fhir_allow_officer_session"] = bool(data["fhir_allow_officer_session"])
+    return ArrConfig(
+        tls=tls,
+        database=database,
+        postgresql=postgresql,
+        syslog_tls=syslog_tls,
+        syslog_udp=syslog_udp,
+        https=https,
+        public_base_url=public if isinstance(public, str) else None,
+        limits=limits,
+        ui=ui,
+        xref_csv=xref,
+        **extra,
+    )
+
+
+def load_arr_config(path: Path) -> ArrConfig:
+    """A TOML file with an ``[arr]`` table (a gateway's file may carry one too)."""
+    path = path.resolve()
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if "arr" not in data:
+        raise ConfigError(f"{path}: no [arr] table")
+    return parse_arr_config(data["arr"], path.parent)
+
+
+def arr_config_toml(
+    *,
+    certificate: str,
+    private_key: str,
+    trust_store: str,
+    database: str,
+    syslog_tls_port: int = 0,
+    syslog_udp_port: int = 0,
+    https_port: int = 0,
+    audit_source_id: str = "xca-gateway-arr",
+    communities: dict[str, str] | None = None,
+    xref_csv: str | None = None,
+) -> str:
+    """A configuration file for the demo launcher (ports may be inherited sockets instead)."""
+
+    def q(value: str) -> str:
+        return json.dumps(value)
+
+    lines = [
+        "# audit record repository: generated by xca-gateway demo",
+        "[arr]",
+        f"database = {q(database)}",
+        f"audit_source_id = {q(audit_source_id)}",
+    ]
+    if xref_csv:
+        lines.append(f"xref_csv = {q(xref_csv)}")
+    lines += [
+        "",
+        "[arr.tls]",
+        f"certificate = {q(certificate)}",
+        f"private_key = {q(private_key)}",
+        f"trust_store = {q(trust_store)}",
+        "",
+        "[arr.syslog]",
+        f"tls_port = {syslog_tls_port}",
+        f"udp_port = {syslog_udp_port}",
+        "",
+        "[arr.https]",
+        f"port = {https_port}",
+        "",
+    ]
+    if communities:
+        lines.append("[arr.communities]")
+        lines += [f"{q(k)} = {q(v)}" for k, v in communities.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- TLS for the UI
+
+
+def ui_server_context(cfg: TlsConfig) -> ssl.SSLContext:
+    """Like the gateway's server context, but the client certificate is optional: browsers of
+    officers have none; when one is presented it must still chain to the trust store."""
+    ctx = server_context(cfg)
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    enable_certificate_capture(ctx)
+    return ctx
+
+
+def syslog_server_context(cfg: TlsConfig) -> ssl.SSLContext:
+    """The gateway's mutual-TLS server rules, without TLS 1.3 session tickets: a syslog sender
+    never reads, so tickets would sit unread in its socket, and a sender that closes right
+    after writing would then reset the connection - discarding whatever the repository had
+    not read yet."""
+    ctx = server_context(cfg)
+    ctx.num_tickets = 0
+    return ctx
+
+
+# --------------------------------------------------------------------------- the service
+
+
+@dataclass(frozen=True)
+class ArrSockets:
+    """Already-bound sockets (socket activation, or the demo launcher)."""
+
+    https: socket.socket | None = None
+    syslog_tls: socket.socket | None = None
+    syslog_udp: socket.socket | None = None
+
+
+class AuditRecordRepository:
+    def __init__(self, config: ArrConfig, store: AuditStore | None = None) -> None:
+        self.config = config
+        self.store = store or open_store(config.database, config.postgresql)
+        self.counters = Counters()
+        self.senders = SenderLimits(config.limits)
+        self.ingestor = Ingestor(
+            self.store,
+            self.counters,
+            queue_size=config.limits.queue_size,
+            parse_workers=config.limits.parse_workers,
+            # Workers open their own connection, unless the store was handed in (tests).
+            worker_store=(config.database, config.postgresql) if store is None else None,
+        )
+        self.syslog_tls: SyslogTlsServer | None = None
+        self.syslog_udp: SyslogUdpServer | None = None
+        self._initial_total = self.store.total()
+        self.self_audit = SelfAudit(
+            self._submit_local,
+            audit_source_id=config.audit_source_id,
+            enterprise_site_id=config.enterprise_site_id,
+            hostname=config.hostname,
+            application_id="xca-gateway-arr",
+        )
+        xref = PatientXref.load(config.xref_csv) if config.xref_csv else None
+        self.ui = ReviewUI(self.store, config.ui, self.self_audit, xref=xref, status=self.status)
+        self.https = HttpServer(
+            self._app,
+            ssl_context=ui_server_context(config.tls),
+            on_handshake_failure=self._on_ui_handshake_failure,
+            timeouts=ServerTimeouts(handshake=config.tls.handshake_timeout, handler=120.0),
+            max_connections=256,
+        )
+        self._started = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, sockets: ArrSockets | None = None) -> None:
+        sockets = sockets or ArrSockets()
+        cfg = self.config
+        self.ingestor.start()
+        if cfg.syslog_tls is not None or sockets.syslog_tls is not None:
+            self.syslog_tls = SyslogTlsServer(
+                self.ingestor,
+                syslog_server_context(cfg.tls),
+                cfg.limits,
+                self.counters,
+                self.senders,
+                on_handshake_failure=self._on_handshake_failure,
+            )
+            listen = cfg.syslog_tls or Listen()
+            await self.syslog_tls.start(listen.host, listen.port, sock=sockets.syslog_tls)
+        if cfg.syslog_udp is not None or sockets.syslog_udp is not None:
+            self.syslog_udp = SyslogUdpServer(
+                self.ingestor, cfg.limits, self.counters, self.senders
+            )
+            listen = cfg.syslog_udp or Listen()
+            await self.syslog_udp.start(listen.host, listen.port, sock=sockets.syslog_udp)
+        await self.https.start(cfg.https.host, cfg.https.port, sock=sockets.https)
+        self._started = True
+        log.info(
+            "audit record repository: syslog-tls %s, syslog-udp %s, https %s",
+            self.syslog_tls.port if self.syslog_tls else "off",
+            self.syslog_udp.port if self.syslog_udp else "off",
+            self.base_url,
+        )
+
+    async def stop(self) -> None:
+        self._started = False
+        if self.syslog_tls is not None:
+            await self.syslog_tls.close()
+        if self.syslog_udp is not None:
+            await self.syslog_udp.close()
+        await self.https.close()
+        await self.ingestor.flush()
+        await self.ingestor.stop()
+        await asyncio.to_thread(self.store.close)
+
+    async def flush(self) -> None:
+        """Wait until everything received so far is stored (tests, shutdown)."""
+        await self.ingestor.flush()
+
+    @property
+    def base_url(self) -> str:
+        if self.config.public_base_url:
+            return self.config.public_base_url.rstrip("/")
+        return f"https://{self.config.https.host}:{self.https.port}"
+
+    @property
+    def fhir_base(self) -> str:
+        return self.base_url + "/fhir"
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "total": self._initial_total + self.ingestor.stored,
+            "backlog": self.ingestor.backlog,
+            "counters": self.counters.snapshot(),
+        }
+
+    def endpoints(self) -> dict[str, Any]:
+        """The ``auditRepository`` entry of the demo's endpoints.json (without the officer)."""
+        out: dict[str, Any] = {"fhir": self.fhir_base, "ui": self.base_url}
+        if self.syslog_tls is not None:
+            out["syslogTls"] = f"{self.config.https.host}:{self.syslog_tls.port}"
+        if self.syslog_udp is not None:
+            out["syslogUdp"] = f"{self.config.https.host}:{self.syslog_udp.port}"
+        return out
+
+    # ------------------------------------------------------------------ self audit
+
+    def _submit_local(self, raw: bytes) -> None:
+        self.ingestor.submit_record_bytes(raw, "127.0.0.1", "local")
+
+    def _on_ui_handshake_failure(self, failure: HandshakeFailure) -> None:
+        """Browsers open speculative connections and drop them mid-handshake; only refusals
+        that involve a certificate (or a protocol the node tried) are Security Alerts."""
+        self.counters.inc("ui_handshake_failures")
+        benign = failure.reason in ("connection closed during handshake", "handshake timed out")
+        if benign and failure.certificate_der is None and failure.verify_message is None:
+            return
+        self._on_handshake_failure(failure)
+
+    def _on_handshake_failure(self, failure: HandshakeFailure) -> None:
+        """A refused node is a Security Alert (Node Authentication) in our own trail."""
+        reason = failure.reason
+        if failure.verify_message and failure.verify_message not in reason:
+            reason = f"{reason} ({failure.verify_message})"
+        message = security_alert_node_authentication(
+            self.self_audit.ctx,
+            address=failure.address,
+            port=failure.port,
+            reason=reason,
+            certificate_subject=failure.certificate_subject,
+            reporter=self.self_audit.ctx.local_node("xca-gateway-arr"),
+        )
+        self._submit_local(
+            format_message(
+                message.to_xml(),
+                outcome=message.outcome,
+                timestamp=message.event.date_time,
+                hostname=self.config.hostname,
+                app_name="xca-gateway-arr",
+                procid=self.self_audit.ctx.process_id,
+            )
+        )
+
+    # ------------------------------------------------------------------ HTTP
+
+    async def _app(self, request: Request) -> Response:
+        try:
+            if request.path == "/fhir" or request.path.startswith("/fhir/"):
+                return await self._fhir(request)
+            if request.path == "/healthz":
+                return _json(200, {"ready": self._started, **self.status()}, "application/json")
+            return await self.ui(request)
+        except Exception:
+            log.exception("request %s %s failed", request.method, request.path)
+            return Response(500, [("content-type", "text/plain")], b"internal error\n")
+
+    def _fhir_user(self, request: Request) -> tuple[str, str | None] | None:
+        cert = request.peer.certificate
+        if cert is not None:
+            return cert.subject, cert.subject
+        if self.config.fhir_allow_officer_session:
+            from xca_gateway.arr.web import _cookies
+
+            session = self.ui.sessions.get(_cookies(request).get(SESSION_COOKIE))
+            if session is not None:
+                return session.username, None
+        return None
+
+    async def _fhir(self, request: Request) -> Response:
+        user = self._fhir_user(request)
+        if user is None:
+            return _json(
+                401,
+                operation_outcome(
+                    "security", "a client certificate (ATNA secure node) or a session is required"
+                ),
+            )
+        if request.method != "GET":
+            return _json(405, operation_outcome("not-supported", "the audit trail is read-only"))
+        path = request.path[len("/fhir") :].strip("/")
+        address = request.peer.address
+        if path == "metadata":
+            return _json(200, capability_statement(self.fhir_base))
+        if path == "AuditEvent":
+            try:
+                search = parse_search(
+                    request.query, strict="handling=strict" in (request.header("prefer") or "")
+                )
+            except FhirError as exc:
+                return _json(exc.status, operation_outcome(exc.code, exc.diagnostics))
+            rows = await asyncio.to_thread(
+                self.store.search,
+                search.filter,
+                limit=search.count + 1,
+                offset=search.offset,
+                newest_first=search.newest_first,
+            )
+            has_more = len(rows) > search.count
+            rows = rows[: search.count]
+            stored = await asyncio.to_thread(self.store.get_many, [r.id for r in rows])
+            records: list[AuditRecord] = [s.record() for s in stored]
+            total: int | None = None
+            if search.offset == 0 and not has_more:
+                total = len(records)
+            else:
+                counted = await asyncio.to_thread(self.store.count, search.filter, 10000)
+                total = counted if counted < 10000 else None
+            self.self_audit.audit_log_used(
+                user[0], address, f"{self.fhir_base}/AuditEvent", request.query, user_name=user[1]
+            )
+            bundle = search_bundle(
+                search, records, base_url=self.fhir_base, total=total, has_more=has_more
+            )
+            return _json(200, bundle)
+        parts = path.split("/")
+        if len(parts) in (2, 3) and parts[0] == "AuditEvent" and parts[1].isdigit():
+            stored_one = await asyncio.to_thread(self.store.get, int(parts[1]))
+            if stored_one is None:
+                return _json(404, operation_outcome("not-found", f"AuditEvent/{parts[1]} unknown"))
+            self.self_audit.audit_log_used(
+                user[0], address, f"{self.fhir_base}/{path}", "", user_name=user[1]
+            )
+            if len(parts) == 3:
+                if parts[2] != "$raw":
+                    return _json(404, operation_outcome("not-found", f"unknown path {path}"))
+                return Response(
+                    200,
+                    [("content-type", "application/octet-stream"), ("cache-control", "no-store")],
+                    stored_one.raw,
+                )
+            return _json(200, audit_event(stored_one.record(), self.fhir_base))
+        return _json(404, operation_outcome("not-found", f"unknown path /fhir/{path}"))
+
+
+def _json(status: int, body: dict[str, Any], content_type: str = FHIR_JSON) -> Response:
+    return Response(
+        status,
+        [("content-type", f"{content_type}; charset=utf-8"), ("cache-control", "no-store")],
+        json.dumps(body, ensure_ascii=False).encode("utf-8"),
+    )
+
+
+# --------------------------------------------------------------------------- demo support
+
+
+@dataclass
+class DemoRepository:
+    """Everything ``xca-gateway demo`` needs to run one repository (see :func:`prepare_demo`)."""
+
+    config_path: Path
+    https: socket.socket
+    syslog_tls: socket.socket
+    syslog_udp: socket.socket
+    officer_username: str
+    officer_password: str
+    https_port: int
+    syslog_tls_port: int
+    syslog_udp_port: int
+
+    @property
+    def ui_url(self) -> str:
+        return f"https://127.0.0.1:{self.https_port}"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "xca_gateway.arr", "serve", "--config", str(self.config_path)]
+
+    def pass_fds(self) -> tuple[int, int, int]:
+        return (self.https.fileno(), self.syslog_tls.fileno(), self.syslog_udp.fileno())
+
+    def environment(self) -> dict[str, str]:
+        """The variables to add to the child's environment (inherited listening sockets)."""
+        return {
+            LISTEN_FDS_ENV: f"https={self.https.fileno()},syslog-tls={self.syslog_tls.fileno()},"
+            f"syslog-udp={self.syslog_udp.fileno()}"
+        }
+
+    def close_sockets(self) -> None:
+        """Once the child runs, the launcher's copies of the sockets can go."""
+        for sock in (self.https, self.syslog_tls, self.syslog_udp):
+            sock.close()
+
+    def endpoints_json(self) -> dict[str, Any]:
+        """The ``auditRepository`` entry of endpoints.json (contract.md)."""
+        return {
+            "syslogTls": f"127.0.0.1:{self.syslog_tls_port}",
+            "syslogUdp": f"127.0.0.1:{self.syslog_udp_port}",
+            "fhir": f"{self.ui_url}/fhir",
+            "ui": self.ui_url,
+            "officer": {"username": self.officer_username, "password": self.officer_password},
+        }
+
+    def audit_destinations_toml(self, audit_source_id: str | None = None) -> str:
+        """The ``[audit]`` section for a demo gateway's configuration: send to this repository
+        over syslog-TLS with the gateway's own certificate (the [tls] defaults)."""
+        source = [f"audit_source_id = {json.dumps(audit_source_id)}"] if audit_source_id else []
+        return "\n".join(
+            [
+                "[audit]",
+                *source,
+                "[[audit.destinations]]",
+                'name = "arr"',
+                'transport = "tls"',
+                'host = "127.0.0.1"',
+                f"port = {self.syslog_tls_port}",
+                "",
+            ]
+        )
+
+
+def _bind(kind: int, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, kind)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    if kind == socket.SOCK_STREAM:
+        sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+def prepare_demo(
+    workdir: Path,
+    *,
+    certificate: Path,
+    private_key: Path,
+    trust_store: Path,
+    communities: dict[str, str] | None = None,
+    xref_csv: Path | None = None,
+    base_port: int = 0,
+    officer_username: str = "officer",
+) -> DemoRepository:
+    """Bind the repository's sockets (base_port, +1, +2 UDP; 0 = free ports), write its
+    configuration under ``workdir`` and create the demo officer with a fresh password."""
+    import secrets
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    https = _bind(socket.SOCK_STREAM, base_port)
+    tls = _bind(socket.SOCK_STREAM, base_port + 1 if base_port else 0)
+    udp = _bind(socket.SOCK_DGRAM, base_port + 2 if base_port else 0)
+    config_path = workdir / "arr.toml"
+    text = arr_config_toml(
+        certificate=str(certificate),
+        private_key=str(private_key),
+        trust_store=str(trust_store),
+        database=str(workdir / "data" / "arr.sqlite3"),
+        syslog_tls_port=tls.getsockname()[1],
+        syslog_udp_port=udp.getsockname()[1],
+        https_port=https.getsockname()[1],
+        audit_source_id="demo-arr",
+        communities=communities,
+        xref_csv=str(xref_csv) if xref_csv else None,
+    )
+    tmp = config_path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, config_path)
+    password = secrets.token_urlsafe(12)
+    create_officer(load_arr_config(config_path), officer_username, password)
+    return DemoRepository(
+        config_path,
+        https,
+        tls,
+        udp,
+        officer_username,
+        password,
+        https_port=https.getsockname()[1],
+        syslog_tls_port=tls.getsockname()[1],
+        syslog_udp_port=udp.getsockname()[1],
+    )
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _inherited_sockets() -> ArrSockets:
+    spec = os.environ.pop(LISTEN_FDS_ENV, "")
+    found: dict[str, socket.socket] = {}
+    for item in filter(None, spec.split(",")):
+        name, _, fd = item.partition("=")
+        found[name.strip()] = socket.socket(fileno=int(fd))
+    return ArrSockets(
+        https=found.get("https"),
+        syslog_tls=found.get("syslog-tls"),
+        syslog_udp=found.get("syslog-udp"),
+    )
+
+
+async def _serve(config: ArrConfig) -> int:
+    repository = AuditRecordRepository(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await repository.start(_inherited_sockets())
+    # Long-lived objects from start-up need no more scanning, and ingest allocates many
+    # short-lived ones: fewer young collections save CPU (a process of our own, so global).
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+    print(json.dumps(repository.endpoints()), flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await repository.stop()
+    return 0
+
+
+def cmd_arr_serve(args: argparse.Namespace) -> int:
+    try:
+        config = load_arr_config(Path(args.config))
+        return asyncio.run(_serve(config))
+    except ConfigError as exc:
+        print(f"xca-gateway arr: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"xca-gateway arr: {exc}", file=sys.stderr)
+        return 1
+
+
+def create_officer(
+    config: ArrConfig,
+    username: str,
+    password: str | None,
+    *,
+    certificate: Path | None = None,
+    display_name: str | None = None,
+) -> None:
+    """Add (or replace) an officer account in the repository's store."""
+    fingerprint = None
+    if certificate is not None:
+        from xca_gateway.pki import certificate_info
+
+        fingerprint = certificate_info(certificate.read_bytes()).fingerprint_sha256
+    officer = new_officer(username, password, fingerprint, display_name)
+    if officer.password_hash is None and officer.certificate_fingerprint is None:
+        raise ValueError("an officer needs a password or a client certificate")
+    store = open_store(config.database, config.postgresql)
+    try:
+        store.add_officer(officer)
+    finally:
+        store.close()
+
+
+def cmd_arr_add_officer(args: argparse.Namespace) -> int:
+    try:
+        config = load_arr_config(Path(args.config))
+        password: str | None = None
+        if args.password_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        elif args.password_file:
+            password = Path(args.password_file).read_text(encoding="utf-8").strip()
+        elif args.certificate is None:
+            password = getpass.getpass("Password for the new officer: ")
+            if getpass.getpass("Again: ") != password:
+                print("xca-gateway arr: passwords differ", file=sys.stderr)
+                return 2
+        create_officer(
+            config,
+            args.username,
+            password,
+            certificate=Path(args.certificate) if args.certificate else None,
+            display_name=args.display_name,
+        )
+    except ConfigError as exc:
+        print(f"xca-gateway arr: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
+        print(f"xca-gateway arr: {exc}", file=sys.stderr)
+        return 2
+    print(f"officer {args.username} saved")
+    return 0
+
+
+def add_arr_command(subparsers: Any) -> None:
+    """``xca-gateway arr serve | add-officer`` (for ``cli.build_parser``)."""
+    arr = subparsers.add_parser(
+        "arr",
+        help="the embedded audit record repository",
+        description="The embedded ATNA Audit Record Repository: syslog TLS (RFC 5425) and UDP "
+        "(RFC 5426) receivers, ITI-81 FHIR AuditEvent search, and the security officers' "
+        "review UI.",
+    )
+    sub = arr.add_subparsers(dest="arr_command", required=True, metavar="ACTION")
+    serve = sub.add_parser(
+        "serve",
+        help="run the audit record repository",
+        description="Run the audit record repository from the [arr] table of a TOML file. "
+        "Prints its endpoints as JSON once listening; stops cleanly on SIGINT/SIGTERM.",
+    )
+    serve.add_argument("--config", required=True, metavar="FILE", help="TOML file with [arr]")
+    serve.set_defaults(func=cmd_arr_serve)
+    add = sub.add_parser(
+        "add-officer",
+        help="create or update a security officer account",
+        description="Create or update a security officer account (password hashed with scrypt, "
+        "and/or a client certificate registered by its SHA-256 fingerprint).",
+    )
+    add.add_argument("--config", required=True, metavar="FILE", help="TOML file with [arr]")
+    add.add_argument("--username", required=True)
+    add.add_argument("--display-name", default=None)
+    group = add.add_mutually_exclusive_group()
+    group.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    group.add_argument("--password-file", metavar="FILE", help="read the password from a file")
+    add.add_argument(
+        "--certificate", metavar="PEM", help="the officer's client certificate (PEM or DER)"
+    )
+    add.set_defaults(func=cmd_arr_add_officer)
