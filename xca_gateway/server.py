@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 _READ_SIZE = 256 * 1024
 _LINGER_SECONDS = 1.0
+# Bytes queued in the transport before a streamed response waits for the reader.
+_DRAIN_ABOVE = 1024 * 1024
 _LINGER_BYTES = 64 * 1024 * 1024
 
 
@@ -405,13 +407,18 @@ class HttpServer:
     async def _stream_body(
         self, conn: h11.Connection, writer: asyncio.StreamWriter, body: AsyncIterable[bytes]
     ) -> None:
+        transport = writer.transport
         try:
             async for chunk in body:
                 if chunk:
                     writer.write(conn.send(h11.Data(data=chunk)) or b"")
-                    # drain() gives backpressure: a slow reader slows the producer down
-                    # instead of the response piling up in memory.
-                    await asyncio.wait_for(writer.drain(), self.timeouts.body)
+                    # Backpressure: once the socket's buffer passes the high-water mark, wait
+                    # for the reader, so a slow consumer slows the producer instead of the
+                    # response piling up in memory. Checking the buffer first keeps the
+                    # common case (a fast reader) free of a timer per chunk.
+                    if transport.get_write_buffer_size() > _DRAIN_ABOVE:
+                        async with asyncio.timeout(self.timeouts.body):
+                            await writer.drain()
         except (ConnectionError, TimeoutError, ssl.SSLError):
             writer.transport.abort()
             raise
