@@ -128,7 +128,8 @@ class TransactionAuditor:
         common: dict[str, Any] = {
             "requester": requester,
             "responder": responder,
-            "outcome_description": error,
+            # Why something was withheld (consent) when nothing failed outright.
+            "outcome_description": error or request.context.get("audit_outcome_description"),
             **_identity(request),
         }
         if transaction in ("ITI-38", "ITI-18"):
@@ -285,12 +286,15 @@ class TransactionAuditor:
 
 
 def _identity(request: SoapRequest) -> dict[str, Any]:
-    """The human requestor and purposes of use, when an XUA layer put them in the context."""
-    found: dict[str, Any] = {}
-    humans = request.context.get("audit_human_requestors")
-    if humans:
-        found["human_requestors"] = humans
-    purposes = request.context.get("audit_purposes_of_use")
-    if purposes:
-        found["purposes_of_use"] = purposes
-    return found
+    """The human requestor (alias<user@issuer>) and purposes of use of a validated XUA
+    assertion, when the authorization gate established one for this request."""
+    from xca_gateway.policy import current_authorization
+    from xca_gateway.xua import audit_purposes_of_use, audit_requestor
+
+    auth = current_authorization()
+    if auth is None or auth.assertion is None:
+        return {}
+    return {
+        "human_requestors": [audit_requestor(auth.assertion)],
+        "purposes_of_use": audit_purposes_of_use(auth.assertion),
+    }

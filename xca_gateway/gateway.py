@@ -188,6 +188,8 @@ class Gateway:
             endpoint.add(operation)
             self.endpoints[name] = endpoint
             self.soap.endpoints[path] = endpoint
+        if self.consent is not None:
+            self._guard_consent(registry)
         if cfg.initiating.query_local_community:
 
             async def local_query(element: Any) -> Any:
@@ -195,6 +197,21 @@ class Gateway:
                 return result.status, result.errors, result.objects
 
             self.initiating.local_query = local_query
+
+    def _guard_consent(self, registry: Any) -> None:
+        """Patient consent wraps the responding handlers (ITI-38, ITI-39, RAD-75)."""
+        from xca_gateway.consent_guard import ConsentGuard
+
+        assert self.consent is not None
+        guard = ConsentGuard(self.consent, registry, self.config.community.home_community_id)
+        for key, action, wrap in (
+            ("iti38", Action.ITI38, guard.iti38),
+            ("iti39", Action.ITI39, guard.iti39),
+            ("rad75", Action.RAD75, guard.rad75),
+        ):
+            endpoint = self.endpoints[key]
+            operation = endpoint.operations[action]
+            endpoint.add(Operation(action, operation.transaction, wrap(operation.handler)))
 
     def _wire_audit(self) -> None:
         """ATNA: every served request and every outbound call is audited, both sides."""

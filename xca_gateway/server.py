@@ -416,6 +416,10 @@ class HttpServer:
                     # for the reader, so a slow consumer slows the producer instead of the
                     # response piling up in memory. Checking the buffer first keeps the
                     # common case (a fast reader) free of a timer per chunk.
+                    if transport.is_closing():
+                        # The client went away: stop the producer now (write() on a lost
+                        # connection would silently discard the rest of the study).
+                        raise ConnectionResetError("client disconnected during the response")
                     if transport.get_write_buffer_size() > _DRAIN_ABOVE:
                         async with asyncio.timeout(self.timeouts.body):
                             await writer.drain()
