@@ -320,6 +320,50 @@ def test_demo_retrieve_study_fetches_a_patients_images_from_every_community(
     assert not list(out.rglob(".*.part"))
 
 
+def test_demo_dicom_front_door_finds_studies_in_every_community(
+    demo: tuple[subprocess.Popen[bytes], Path],
+) -> None:
+    """A PACS workstation's C-FIND at north lists alice's studies from all communities."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    _, workdir = demo
+    data = _endpoints(workdir)
+    north = data["communities"][0]
+    assert set(north["dicom"]) == {"aeTitle", "host", "port"}
+    alice = next(p["id"] for p in north["samplePatients"] if p["crossCommunityKey"] == "alice")
+    expected = 0
+    for community in data["communities"]:
+        mine = next(
+            p["id"] for p in community["samplePatients"] if p["crossCommunityKey"] == "alice"
+        )
+        studies = json.loads((workdir / community["name"] / "data" / "samples.json").read_text())
+        expected += sum(mine.startswith(s["patientId"] + "^") for s in studies["studies"])
+    ae = AE(ae_title="WORKSTATION")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate(
+        north["dicom"]["host"], north["dicom"]["port"], ae_title=north["dicom"]["aeTitle"]
+    )
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.PatientID = alice.split("^")[0]
+    query.IssuerOfPatientID = north["patientIdAssigningAuthority"]
+    query.StudyInstanceUID = ""
+    try:
+        matches = [
+            identifier
+            for status, identifier in assoc.send_c_find(
+                query, StudyRootQueryRetrieveInformationModelFind
+            )
+            if status is not None and status.Status in (0xFF00, 0xFF01)
+        ]
+    finally:
+        assoc.release()
+    assert len({m.StudyInstanceUID for m in matches}) == expected
+
+
 def test_demo_stops_cleanly_on_sigterm(demo: tuple[subprocess.Popen[bytes], Path]) -> None:
     process, workdir = demo
     parent = psutil.Process(process.pid)

@@ -14,9 +14,15 @@ from xca_gateway.server import App, Request, Response
 
 
 class AdminApp:
-    def __init__(self, metrics: GatewayMetrics, readiness: Callable[[], dict[str, bool]]) -> None:
+    def __init__(
+        self,
+        metrics: GatewayMetrics,
+        readiness: Callable[[], dict[str, bool]],
+        ports: Callable[[], dict[str, int]] | None = None,
+    ) -> None:
         self.metrics = metrics
         self.readiness = readiness
+        self.ports = ports
         self.mounts: dict[str, App] = {}
 
     def mount(self, prefix: str, app: App) -> None:
@@ -34,7 +40,10 @@ class AdminApp:
         if request.path == "/readyz":
             checks = self.readiness()
             ready = all(checks.values())
-            body = json.dumps({"ready": ready, "checks": checks}).encode() + b"\n"
+            report: dict[str, object] = {"ready": ready, "checks": checks}
+            if self.ports is not None and ready:
+                report["ports"] = self.ports()
+            body = json.dumps(report).encode() + b"\n"
             return Response(200 if ready else 503, [("content-type", "application/json")], body)
         if request.path == "/metrics":
             return Response(200, [("content-type", CONTENT_TYPE)], self.metrics.render())

@@ -24,7 +24,16 @@ BCP195_CIPHERS = (
 )
 
 # Sections whose schema lives with the module that uses them (validated when it starts).
-EXTRA_SECTIONS = ("registry", "repository", "imaging", "audit", "xua", "policy", "consent")
+EXTRA_SECTIONS = (
+    "registry",
+    "repository",
+    "imaging",
+    "audit",
+    "xua",
+    "policy",
+    "consent",
+    "dicom",
+)
 
 _OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
 
@@ -182,6 +191,8 @@ class GatewayConfig:
     xua: Any = None
     policy: Any = None
     consent: Any = None
+    # [dicom] (xca_gateway.dicom_front.DicomFrontConfig): the DIMSE front door, when present.
+    dicom: Any = None
 
     @property
     def base_dir(self) -> Path:
@@ -320,10 +331,14 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
     imaging = parse_imaging_config(data.get("imaging", {}), base_dir, storage.data_dir)
     audit = parse_audit_config(_table(data, "audit"), base_dir, storage.data_dir, tls)
     from xca_gateway.consent import parse_consent_config
+    from xca_gateway.dicom_front import parse_dicom_front_config
     from xca_gateway.policy import parse_policy_config
     from xca_gateway.xua import parse_xua_config
 
     try:
+        dicom = (
+            parse_dicom_front_config(_table(data, "dicom"), base_dir) if "dicom" in data else None
+        )
         xua = parse_xua_config(_table(data, "xua"), base_dir)
         policy = parse_policy_config(_table(data, "policy"), base_dir) if "policy" in data else None
         consent = parse_consent_config(_table(data, "consent"), base_dir, storage.data_dir)
@@ -341,6 +356,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
         xua=xua,
         policy=policy,
         consent=consent,
+        dicom=dicom,
         community=community,
         tls=tls,
         storage=storage,

@@ -59,6 +59,10 @@ class DemoCommunity:
         return f"{_ARC}.81.{self.index + 1}"
 
     @property
+    def ae_title(self) -> str:
+        return f"XCA-{self.name.upper()}"[:16]
+
+    @property
     def uid_root(self) -> str:
         return f"{_ARC}.90.{self.index + 1}"
 
@@ -85,6 +89,7 @@ def community_config_toml(
     peers: list[tuple[DemoCommunity, str]],
     diagnostics_echo: bool = False,
     xref_csv: str | None = None,
+    dicom_port: int = 0,
 ) -> str:
     """The TOML configuration of one demo community; ``peers`` gives each peer's base URL."""
     lines = [
@@ -121,6 +126,12 @@ def community_config_toml(
         "[[imaging.sources]]",
         f"repository_unique_id = {_q(community.imaging_source_id)}",
         'kind = "filesystem"',
+        "",
+        "# The DICOM front door: C-FIND / C-GET / C-MOVE over the federation.",
+        "[dicom]",
+        f"ae_title = {_q(community.ae_title)}",
+        'host = "127.0.0.1"',
+        f"port = {dicom_port}",
         "",
     ]
     if diagnostics_echo:
@@ -308,6 +319,7 @@ class Demo:
                 admin_port=admin.getsockname()[1],
                 peers=peers,
                 xref_csv=str(xref),
+                dicom_port=self.base_port + 10 * c.index + 2 if self.base_port else 0,
             )
             config += "\n" + self.arr.audit_destinations_toml(f"{c.name}-gateway")
             _write_atomic(cdir / "gateway.toml", config)
@@ -398,6 +410,18 @@ class Demo:
                 time.sleep(0.1)
         return not pending
 
+    def add_dicom_ports(self, endpoints: dict[str, Any]) -> None:
+        """The DICOM front door's port of each community, as its gateway reports it."""
+        for community in endpoints["communities"]:
+            try:
+                with urllib.request.urlopen(community["admin"] + "/readyz", timeout=5) as r:
+                    ports = json.loads(r.read()).get("ports", {})
+            except (OSError, ValueError):
+                continue
+            if "dicom" in ports:
+                ae = DemoCommunity(0, community["name"]).ae_title
+                community["dicom"] = {"aeTitle": ae, "host": "127.0.0.1", "port": ports["dicom"]}
+
     def stop(self) -> None:
         for process in self.processes:
             if process.poll() is None:
@@ -431,6 +455,7 @@ def run_demo(workdir: Path, *, communities: int = 3, base_port: int = 0) -> int:
                 file=sys.stderr,
             )
             return 1
+        demo.add_dicom_ports(endpoints)
         _write_atomic(demo.endpoints_file, json.dumps(endpoints, indent=2) + "\n")
         print(f"xca-gateway demo: {len(demo.communities)} communities ready; {demo.endpoints_file}")
         sys.stdout.flush()

@@ -88,7 +88,7 @@ class Gateway:
             max_connections=server.max_connections,
             max_header_bytes=config.limits.max_header_bytes,
         )
-        self.admin_app = AdminApp(self.metrics, self.readiness)
+        self.admin_app = AdminApp(self.metrics, self.readiness, lambda: self.listening())
         self.admin = HttpServer(self.admin_app, ssl_context=None)
         self.peer_client = PeerClient(
             gateway_client_context(config.tls), config.outbound, self.metrics
@@ -132,6 +132,10 @@ class Gateway:
             self.admin_app.mount("/consent", ConsentAdminApp(self.consent))
         self._started = False
         self.registry: Any = None
+        from xca_gateway.dicom_front import DicomFrontDoor
+
+        # The DIMSE front door (C-FIND / C-GET / C-MOVE over the federation), when configured.
+        self.dicom_front = DicomFrontDoor(self, config.dicom) if config.dicom is not None else None
 
     def _build_endpoints(self) -> dict[str, SoapEndpoint]:
         home = self.config.community.home_community_id
@@ -382,6 +386,13 @@ class Gateway:
     def readiness(self) -> dict[str, bool]:
         return {"https": self._started, "admin": self._started}
 
+    def listening(self) -> dict[str, int]:
+        """Ports chosen at start-up (the DICOM port may be 0 = any in the configuration)."""
+        ports = {"https": self.https.port, "admin": self.admin.port}
+        if self.dicom_front is not None and self._started:
+            ports["dicom"] = self.dicom_front.port
+        return ports
+
     async def start(self, sockets: ListenSockets | None = None) -> None:
         sockets = sockets or ListenSockets()
         cfg = self.config
@@ -391,6 +402,8 @@ class Gateway:
         await self.admin.start(cfg.admin.host, cfg.admin.port, sock=sockets.admin)
         self.audit.application_id = self.base_url
         await self.audit.start()
+        if self.dicom_front is not None:
+            await self.dicom_front.start()
         self._started = True
         log.info(
             "gateway %s (%s) serving on %s, admin on http://%s:%d",
@@ -403,6 +416,8 @@ class Gateway:
 
     async def stop(self) -> None:
         self._started = False
+        if self.dicom_front is not None:
+            await self.dicom_front.stop()
         await self.https.close()
         await self.imaging.stop()
         await self.admin.close()

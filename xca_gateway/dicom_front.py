@@ -1,0 +1,776 @@
+"""The DICOM front door: DIMSE C-FIND / C-GET / C-MOVE SCP in front of the XCA-I federation.
+
+PACS workstations speak DIMSE, not XDS-I. This module lets them query and retrieve across the
+federation through the community's own initiating gateway, in-process:
+
+* C-FIND (Patient Root and Study Root, PATIENT/STUDY/SERIES/IMAGE): the identifier's Patient ID
+  (with Issuer of Patient ID, or an Other Patient IDs Sequence item of the local issuer) becomes
+  an ITI-18 FindDocuments for KOS manifests through the initiating gateway (fan-out to every
+  community and the local registry); each manifest is fetched (ITI-43 / ITI-39) and its
+  references become the study / series / instance matches.
+* C-GET and C-MOVE: the same manifests give the DocumentRequests of a RAD-69 through the
+  initiating gateway (routed as RAD-75). Instances are sent one by one as they arrive, either
+  on the association (C-GET) or to the move destination from the ``[[dicom.destinations]]``
+  AE table (C-MOVE). An instance is decoded completely before it is sent, so a truncated or
+  malformed one from a source is reported as a failed sub-operation and never half-stored.
+
+pynetdicom runs the associations in its own threads; the federation calls run on the
+gateway's asyncio loop through ``asyncio.run_coroutine_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import io
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Awaitable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from lxml import etree
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels.utils import get_expected_length
+from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from xca_gateway.consumer import (
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    ConsumerError,
+    Manifest,
+    find_manifests_request,
+    imaging_request_from_kos,
+    manifests_from_response,
+    retrieve_manifest_request,
+)
+from xca_gateway.ebrs import adhoc_query_response
+from xca_gateway.imaging.request import DocumentRequest, RetrieveImagingDocumentSetRequest
+from xca_gateway.kos import InstanceRef, kos_from_bytes, kos_references
+from xca_gateway.mtom import cid_from_href
+from xca_gateway.namespaces import XDSB, XOP, Action, ResponseStatus
+
+if TYPE_CHECKING:
+    from xca_gateway.gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DicomDestination",
+    "DicomFrontConfig",
+    "DicomFrontDoor",
+    "FindQuery",
+    "QueryError",
+    "parse_dicom_front_config",
+    "parse_identifier",
+]
+
+# DIMSE statuses (PS3.4 C.4).
+STATUS_SUCCESS = 0x0000
+STATUS_PENDING = 0xFF00
+STATUS_IDENTIFIER_MISMATCH = 0xA900  # Identifier does not match SOP Class
+STATUS_UNABLE_TO_PROCESS = 0xC000
+STATUS_MOVE_DESTINATION_UNKNOWN = 0xA801
+STATUS_SUBOPS_WITH_FAILURES = 0xB000
+
+LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+# Keys the front door can match or return; anything else in an identifier is returned empty
+# (PS3.4 C.2.2.1: unsupported return keys get zero length), except unsupported *matching*.
+_UNIQUE_KEYS = {
+    "PATIENT": "PatientID",
+    "STUDY": "StudyInstanceUID",
+    "SERIES": "SeriesInstanceUID",
+    "IMAGE": "SOPInstanceUID",
+}
+# Identifier keys read by parse_identifier itself.
+_HANDLED_KEYS = frozenset(
+    {
+        "QueryRetrieveLevel",
+        "PatientID",
+        "IssuerOfPatientID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "SpecificCharacterSet",
+        "RetrieveAETitle",
+    }
+)
+# Keys the manifest header answers (patient and study modules), so they can be matched.
+_FILTERABLE_KEYS = frozenset(
+    {
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "StudyID",
+        "StudyDescription",
+        "ReferringPhysicianName",
+    }
+)
+_CALL_TIMEOUT = 120.0
+_MAX_CACHED_STUDIES = 1000
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class DicomDestination:
+    """A C-MOVE destination: the AE title a workstation names and where it listens."""
+
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class DicomFrontConfig:
+    ae_title: str = "XCA-GATEWAY"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    destinations: tuple[DicomDestination, ...] = ()
+
+    def destination(self, ae_title: str) -> DicomDestination | None:
+        wanted = ae_title.strip()
+        return next((d for d in self.destinations if d.ae_title == wanted), None)
+
+
+def _ae_title(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value.strip()) > 16:
+        raise ConfigError(f"{where} must be an AE title of 1-16 characters")
+    if "\\" in value or not value.isascii():
+        raise ConfigError(f"{where} must be ASCII without backslashes")
+    return value.strip()
+
+
+def _port(value: Any, where: str, *, allow_zero: bool) -> int:
+    low = 0 if allow_zero else 1
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 65535:
+        raise ConfigError(f"{where} must be a TCP port number")
+    return value
+
+
+def _host(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where} must be a host name or address")
+    return value
+
+
+def parse_dicom_front_config(
+    table: dict[str, Any], base_dir: Path | None = None
+) -> DicomFrontConfig:
+    """Validate the ``[dicom]`` table (``base_dir`` is unused: no paths in it yet)."""
+    known = {"ae_title", "host", "port", "destinations"}
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"[dicom]: unknown key(s) {', '.join(sorted(unknown))}")
+    destinations = []
+    raw = table.get("destinations", [])
+    if not isinstance(raw, list):
+        raise ConfigError("[[dicom.destinations]] must be an array of tables")
+    seen: set[str] = set()
+    for index, entry in enumerate(raw):
+        where = f"dicom.destinations[{index}]"
+        if not isinstance(entry, dict) or set(entry) - {"ae_title", "host", "port"}:
+            raise ConfigError(f"{where} takes ae_title, host and port")
+        title = _ae_title(entry.get("ae_title"), f"{where}.ae_title")
+        if title in seen:
+            raise ConfigError(f"{where}: AE title {title} is listed twice")
+        seen.add(title)
+        destinations.append(
+            DicomDestination(
+                title,
+                _host(entry.get("host", "127.0.0.1"), f"{where}.host"),
+                _port(entry.get("port"), f"{where}.port", allow_zero=False),
+            )
+        )
+    return DicomFrontConfig(
+        ae_title=_ae_title(table.get("ae_title", "XCA-GATEWAY"), "dicom.ae_title"),
+        host=_host(table.get("host", "127.0.0.1"), "dicom.host"),
+        port=_port(table.get("port", 11112), "dicom.port", allow_zero=True),
+        destinations=tuple(destinations),
+    )
+
+
+# ----------------------------------------------------------------------------- sans-IO
+
+
+class QueryError(Exception):
+    """An identifier the front door cannot serve; ``status`` is the DIMSE status to answer."""
+
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment
+
+
+@dataclass(frozen=True)
+class FindQuery:
+    level: str
+    patient_id: str | None  # CX form ID^^^&issuer&ISO, None when not given
+    study_instance_uids: tuple[str, ...] = ()
+    series_instance_uids: tuple[str, ...] = ()
+    sop_instance_uids: tuple[str, ...] = ()
+    # (keyword, pattern) matched against what the manifests tell (PS3.4 C.2.2.2).
+    filters: tuple[tuple[str, str], ...] = ()
+    identifier: Dataset = field(default_factory=Dataset, compare=False)
+
+
+def _uid_list(ds: Dataset, keyword: str) -> tuple[str, ...]:
+    value = ds.get(keyword)
+    if value in (None, ""):
+        return ()
+    values = [value] if isinstance(value, str) else list(value)  # single or multi-valued
+    uids = tuple(str(v).strip() for v in values if str(v).strip())
+    for uid in uids:
+        if "*" in uid or "?" in uid:
+            raise QueryError(STATUS_IDENTIFIER_MISMATCH, f"{keyword}: no wildcards in UIDs")
+    return uids
+
+
+def _issuer(ds: Dataset) -> str | None:
+    issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
+    if issuer:
+        return issuer
+    for item in ds.get("IssuerOfPatientIDQualifiersSequence", []) or []:
+        uid = str(item.get("UniversalEntityID", "") or "").strip()
+        if uid:
+            return uid
+    return None
+
+
+def _patient_id(ds: Dataset, local_authority: str) -> str | None:
+    """The XDS patient id (CX) for the identifier, in the local assigning authority.
+
+    The primary Patient ID counts when its issuer is the local one (or not given); otherwise an
+    Other Patient IDs Sequence item with the local issuer is used. A foreign id without a local
+    one is passed on as it is: the initiating gateway's patient-ID mapping resolves it.
+    """
+    pid = str(ds.get("PatientID", "") or "").strip()
+    if "*" in pid or "?" in pid or "\\" in pid:
+        raise QueryError(STATUS_IDENTIFIER_MISMATCH, "PatientID: wildcards are not supported")
+    issuer = _issuer(ds)
+    if pid and issuer in (None, local_authority):
+        return f"{pid}^^^&{local_authority}&ISO"
+    for item in ds.get("OtherPatientIDsSequence", []) or []:
+        other = str(item.get("PatientID", "") or "").strip()
+        if other and _issuer(item) == local_authority:
+            return f"{other}^^^&{local_authority}&ISO"
+    if pid and issuer:
+        return f"{pid}^^^&{issuer}&ISO"
+    return None
+
+
+def value_matches(keyword: str, pattern: str, value: str) -> bool:
+    """Single value, wildcard (* ?) and, for dates and times, range matching."""
+    if keyword in ("StudyDate", "PatientBirthDate", "StudyTime") and "-" in pattern:
+        low, _, high = pattern.partition("-")
+        return bool(value) and (not low or value >= low) and (not high or value <= high)
+    if "*" in pattern or "?" in pattern:
+        return fnmatch.fnmatchcase(value, pattern.replace("[", "[[]"))
+    if keyword == "PatientName":
+        return value.upper() == pattern.upper()
+    return value == pattern
+
+
+def parse_identifier(ds: Dataset, *, model: str, local_authority: str) -> FindQuery:
+    """Read a C-FIND/C-GET/C-MOVE identifier; ``model`` is "PATIENT" or "STUDY" root."""
+    level = str(ds.get("QueryRetrieveLevel", "") or "").strip().upper()
+    if level not in LEVELS:
+        raise QueryError(STATUS_IDENTIFIER_MISMATCH, f"unsupported QueryRetrieveLevel {level!r}")
+    if model == "STUDY" and level == "PATIENT":
+        raise QueryError(STATUS_IDENTIFIER_MISMATCH, "the Study Root model has no PATIENT level")
+    filters = []
+    for element in ds:
+        keyword = element.keyword
+        if not keyword or keyword in _HANDLED_KEYS or element.VR == "SQ":
+            continue
+        value = "" if element.value is None else str(element.value).strip()
+        if not value or value == "*":
+            continue  # a return key (or universal match)
+        if keyword not in _FILTERABLE_KEYS:
+            raise QueryError(STATUS_IDENTIFIER_MISMATCH, f"matching on {keyword} is not supported")
+        filters.append((keyword, value))
+    return FindQuery(
+        level=level,
+        filters=tuple(filters),
+        patient_id=_patient_id(ds, local_authority),
+        study_instance_uids=_uid_list(ds, "StudyInstanceUID"),
+        series_instance_uids=_uid_list(ds, "SeriesInstanceUID"),
+        sop_instance_uids=_uid_list(ds, "SOPInstanceUID"),
+        identifier=ds,
+    )
+
+
+@dataclass(frozen=True)
+class StudyManifest:
+    """One fetched KOS manifest: where it came from, its header and its references."""
+
+    manifest: Manifest
+    kos_bytes: bytes
+    header: Dataset
+    references: tuple[InstanceRef, ...]
+
+
+def select_references(query: FindQuery, studies: list[StudyManifest]) -> list[InstanceRef]:
+    refs = [r for s in studies for r in s.references]
+    if query.study_instance_uids:
+        refs = [r for r in refs if r.study_instance_uid in query.study_instance_uids]
+    if query.series_instance_uids:
+        refs = [r for r in refs if r.series_instance_uid in query.series_instance_uids]
+    if query.sop_instance_uids:
+        refs = [r for r in refs if r.sop_instance_uid in query.sop_instance_uids]
+    return refs
+
+
+_PATIENT_KEYS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex")
+_STUDY_KEYS = ("StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID")
+_STUDY_EXTRA = ("StudyDescription", "ReferringPhysicianName")
+
+
+def build_matches(
+    query: FindQuery, studies: list[StudyManifest], *, retrieve_ae_title: str
+) -> list[Dataset]:
+    """The C-FIND responses: one per distinct entity at the query level, requested keys only.
+
+    Manifests from other communities carry their own community's patient id; the caller gets
+    its own Patient ID (and issuer) back, as it asked, so that matches stay one patient.
+    """
+    requested = {element.keyword for element in query.identifier if element.keyword}
+    asked = query.identifier
+    caller_pid = str(asked.get("PatientID", "") or "").strip()
+    matches: list[Dataset] = []
+    seen: set[str] = set()
+    for study in studies:
+        refs = select_references(query, [study])
+        if not refs and (query.study_instance_uids or query.series_instance_uids):
+            continue
+        header = study.header
+        entities: list[tuple[str, InstanceRef | None]]
+        if query.level == "PATIENT":
+            entities = [(caller_pid or str(header.get("PatientID", "")), None)]
+        elif query.level == "STUDY":
+            entities = [(r.study_instance_uid, r) for r in refs[:1]] or [
+                (uid, None) for uid in study.manifest.study_instance_uids[:1]
+            ]
+        elif query.level == "SERIES":
+            entities = [(r.series_instance_uid, r) for r in refs]
+        else:
+            entities = [(r.sop_instance_uid, r) for r in refs]
+        for key, ref in entities:
+            if not key or key in seen:
+                continue
+            seen.add(key)
+            ds = Dataset()
+            ds.QueryRetrieveLevel = query.level
+            for keyword in _PATIENT_KEYS:
+                if keyword in header:
+                    setattr(ds, keyword, header[keyword].value)
+            if caller_pid:
+                ds.PatientID = caller_pid
+                if "IssuerOfPatientID" in asked:
+                    ds.IssuerOfPatientID = asked.IssuerOfPatientID
+            if query.level != "PATIENT":
+                for keyword in (*_STUDY_KEYS, *_STUDY_EXTRA):
+                    if keyword in header:
+                        setattr(ds, keyword, header[keyword].value)
+                if ref is not None:
+                    ds.StudyInstanceUID = ref.study_instance_uid
+            if ref is not None and query.level in ("SERIES", "IMAGE"):
+                ds.SeriesInstanceUID = ref.series_instance_uid
+            if ref is not None and query.level == "IMAGE":
+                ds.SOPInstanceUID = ref.sop_instance_uid
+                ds.SOPClassUID = ref.sop_class_uid
+            ds.RetrieveAETitle = retrieve_ae_title
+            if not all(value_matches(k, p, str(ds.get(k, "") or "")) for k, p in query.filters):
+                continue
+            # Requested keys that the manifest cannot answer come back empty.
+            for keyword in requested - set(ds.dir()):
+                try:
+                    setattr(ds, keyword, None)
+                except (ValueError, TypeError):  # pragma: no cover - odd keyword
+                    continue
+            for keyword in set(ds.dir()) - requested - {"QueryRetrieveLevel"}:
+                if keyword not in _UNIQUE_KEYS.values() and keyword != "RetrieveAETitle":
+                    delattr(ds, keyword)
+            matches.append(ds)
+    return matches
+
+
+def imaging_request(
+    query: FindQuery, studies: list[StudyManifest]
+) -> RetrieveImagingDocumentSetRequest:
+    """The RAD-69 request for the instances the retrieve identifier selects."""
+    wanted = {r.sop_instance_uid for r in select_references(query, studies)}
+    documents: list[DocumentRequest] = []
+    for study in studies:
+        full = imaging_request_from_kos(
+            study.kos_bytes,
+            study.manifest.home_community_id,
+            (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN),
+        )
+        documents.extend(d for d in full.documents if d.document_unique_id in wanted)
+    return RetrieveImagingDocumentSetRequest(
+        tuple(documents), (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN)
+    )
+
+
+def decode_instance(data: bytes, expected_uid: str) -> Dataset:
+    """A complete, well-formed instance with the expected SOP Instance UID, or ValueError."""
+    try:
+        ds = dcmread(io.BytesIO(data))
+        # Decode every element now: a truncated file must fail here, not half-way a C-STORE.
+        for _element in ds.iterall():
+            pass
+        uid = str(ds.SOPInstanceUID)
+        _check_pixel_data(ds)
+    except (InvalidDicomError, AttributeError, EOFError, OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"instance {expected_uid} is not valid DICOM: {exc}") from None
+    if uid != expected_uid:
+        raise ValueError(f"instance {expected_uid}: the source sent {uid}")
+    return ds
+
+
+def _check_pixel_data(ds: Dataset) -> None:
+    """pydicom reads a value cut short by the end of the file without complaint: check it."""
+    if "PixelData" not in ds:
+        return
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is not None and syntax.is_encapsulated:
+        return  # fragments are delimited; a cut shows as a missing Sequence Delimiter
+    expected = get_expected_length(ds, unit="bytes")
+    actual = len(ds.PixelData)
+    # Odd lengths are padded to even (PS3.5 8.1.1).
+    if actual not in (expected, expected + expected % 2):
+        raise ValueError(f"Pixel Data has {actual} bytes, {expected} expected (truncated?)")
+
+
+# ----------------------------------------------------------------------------- I/O
+
+
+class DicomFrontDoor:
+    """pynetdicom's AE serving C-ECHO/C-FIND/C-GET/C-MOVE for ``gateway``."""
+
+    def __init__(self, gateway: Gateway, config: DicomFrontConfig) -> None:
+        self.gateway = gateway
+        self.config = config
+        self.local_authority = gateway.config.community.patient_id_assigning_authority
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: Any = None
+        # Study Instance UID -> manifest, learnt from C-FIND, for Study Root retrieves that
+        # name no patient.
+        self._studies: OrderedDict[str, StudyManifest] = OrderedDict()
+        self._lock = threading.Lock()
+        self.ae = AE(ae_title=config.ae_title)
+        self.ae.maximum_associations = 10
+        self.ae.add_supported_context(Verification)
+        for sop_class in (
+            PatientRootQueryRetrieveInformationModelFind,
+            StudyRootQueryRetrieveInformationModelFind,
+            PatientRootQueryRetrieveInformationModelMove,
+            StudyRootQueryRetrieveInformationModelMove,
+        ):
+            self.ae.add_supported_context(sop_class)
+        for sop_class in (
+            PatientRootQueryRetrieveInformationModelGet,
+            StudyRootQueryRetrieveInformationModelGet,
+        ):
+            self.ae.add_supported_context(sop_class)
+        # C-GET: the SCU proposes storage contexts in which we act as SCU (SCP/SCU role
+        # selection); C-MOVE: we request them towards the destination.
+        for context in StoragePresentationContexts:
+            self.ae.add_supported_context(
+                str(context.abstract_syntax), scu_role=False, scp_role=True
+            )
+        self.ae.requested_contexts = StoragePresentationContexts
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return self.config.port
+        return int(self._server.server_address[1])
+
+    async def start(self) -> None:
+        """Start listening; call from the gateway's event loop."""
+        self._loop = asyncio.get_running_loop()
+        handlers: list[Any] = [
+            (evt.EVT_C_FIND, self._on_find),
+            (evt.EVT_C_GET, self._on_get),
+            (evt.EVT_C_MOVE, self._on_move),
+        ]
+        self._server = await asyncio.to_thread(
+            self.ae.start_server,
+            (self.config.host, self.config.port),
+            block=False,
+            evt_handlers=handlers,
+        )
+        log.info("DICOM front door %s on %s:%d", self.config.ae_title, self.config.host, self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            server, self._server = self._server, None
+            await asyncio.to_thread(server.shutdown)
+
+    # -- bridging to the gateway's loop
+
+    def _call(self, coroutine: Awaitable[T]) -> T:
+        assert self._loop is not None
+        future = asyncio.run_coroutine_threadsafe(_as_coroutine(coroutine), self._loop)
+        try:
+            return future.result(_CALL_TIMEOUT)
+        except BaseException:
+            future.cancel()
+            raise
+
+    # -- federation
+
+    async def _read_body(self, body: Any) -> bytes:
+        if isinstance(body, bytes):
+            return body
+        data = bytearray()
+        async for chunk in body:
+            data += chunk
+        return bytes(data)
+
+    async def _fetch_studies(self, patient_id: str) -> list[StudyManifest]:
+        outcome = await self.gateway.initiating.query(find_manifests_request(patient_id))
+        if outcome.status == ResponseStatus.FAILURE and not outcome.objects:
+            codes = {e.error_code for e in outcome.errors}
+            # An unknown patient is an empty answer, not a failure, to a DICOM workstation.
+            if codes - {"XDSUnknownPatientId"}:
+                raise QueryError(
+                    STATUS_UNABLE_TO_PROCESS,
+                    "federation query failed: " + ", ".join(sorted(codes)),
+                )
+        response = adhoc_query_response(outcome.status, outcome.errors, outcome.objects)
+        studies = []
+        for manifest in manifests_from_response(response):
+            result = await self.gateway.retrieving.retrieve(retrieve_manifest_request(manifest))
+            try:
+                for document in result.documents:
+                    kos_bytes = await self._read_body(document.body)
+                    kos = kos_from_bytes(kos_bytes)
+                    studies.append(
+                        StudyManifest(manifest, kos_bytes, kos, tuple(kos_references(kos)))
+                    )
+            except (ValueError, InvalidDicomError) as exc:
+                log.warning("manifest %s unusable: %s", manifest.document_unique_id, exc)
+            finally:
+                result.close()
+        return studies
+
+    def _studies_for(self, query: FindQuery) -> list[StudyManifest]:
+        if query.patient_id is not None:
+            studies = self._call(self._fetch_studies(query.patient_id))
+            with self._lock:
+                for study in studies:
+                    for uid in study.manifest.study_instance_uids:
+                        self._studies[uid] = study
+                        self._studies.move_to_end(uid)
+                while len(self._studies) > _MAX_CACHED_STUDIES:
+                    self._studies.popitem(last=False)
+            return studies
+        with self._lock:
+            known = [self._studies[u] for u in query.study_instance_uids if u in self._studies]
+        if not known:
+            raise QueryError(
+                STATUS_IDENTIFIER_MISMATCH,
+                "a Patient ID is required (XDS queries are per patient) unless the study "
+                "was found by an earlier C-FIND",
+            )
+        return known
+
+    async def _rad69(self, request: RetrieveImagingDocumentSetRequest) -> tuple[list[str], Any]:
+        """Run the initiating gateway's RAD-69 handler in-process; (uids in order, parts)."""
+        from xca_gateway.imaging.request import build_retrieve_imaging_request
+
+        operation = self.gateway.endpoints["rad69"].operations[Action.RAD69]
+        response = await operation.handler(
+            cast(Any, _InProcessRequest(build_retrieve_imaging_request(request)))
+        )
+        names: dict[str, str] = {}
+        for doc in response.payload.iter(f"{{{XDSB}}}DocumentResponse"):
+            include = doc.find(f"{{{XDSB}}}Document/{{{XOP}}}Include")
+            uid = doc.findtext(f"{{{XDSB}}}DocumentUniqueId") or ""
+            if include is not None:
+                names[cid_from_href(include.get("href", ""))] = uid
+        return [names.get(p.content_id, "") for p in response.parts], response.parts
+
+    def _instances(self, query: FindQuery) -> Iterator[Any]:
+        """The C-GET/C-MOVE generator body after the destination: count, then each instance."""
+        try:
+            studies = self._studies_for(query)
+            request = imaging_request(query, studies)
+        except QueryError as exc:
+            yield from _refuse(exc.status, exc.comment)
+            return
+        except ConsumerError as exc:
+            yield from _refuse(STATUS_UNABLE_TO_PROCESS, str(exc))
+            return
+        except Exception as exc:
+            log.exception("finding the manifests to retrieve failed")
+            yield from _refuse(STATUS_UNABLE_TO_PROCESS, f"query failed: {type(exc).__name__}")
+            return
+        if not request.documents:
+            yield 0
+            yield STATUS_SUCCESS, None
+            return
+        try:
+            uids, parts = self._call(self._rad69(request))
+        except Exception as exc:
+            log.exception("RAD-69 through the gateway failed")
+            yield from _refuse(STATUS_UNABLE_TO_PROCESS, f"retrieve failed: {type(exc).__name__}")
+            return
+        missing = [
+            d.document_unique_id for d in request.documents if d.document_unique_id not in uids
+        ]
+        yield len(parts) + len(missing)
+        failed = list(missing)
+        unread = 0
+        try:
+            for index, (uid, part) in enumerate(zip(uids, parts, strict=True)):
+                unread = index + 1
+                try:
+                    data = self._call(self._read_body(part.body))
+                except Exception as exc:
+                    # A broken stream cannot be resumed: the rest of the response is lost.
+                    log.warning("instance %s not retrieved: %s", uid, exc)
+                    failed.extend(uids[index:])
+                    break
+                try:
+                    ds = decode_instance(data, uid)
+                except ValueError as exc:
+                    # Complete but not valid DICOM: refuse this one, carry on with the rest.
+                    log.warning("instance %s refused: %s", uid, exc)
+                    failed.append(uid)
+                    continue
+                yield STATUS_PENDING, ds
+        finally:
+            # Bodies never read still hold their source (file, peer response) open.
+            for part in parts[unread:]:
+                body = part.body
+                if hasattr(body, "aclose"):
+                    self._call(body.aclose())
+        if failed:
+            ds = Dataset()
+            ds.FailedSOPInstanceUIDList = failed
+            yield STATUS_SUBOPS_WITH_FAILURES, ds
+            return
+        yield STATUS_SUCCESS, None
+
+    # -- DIMSE handlers (pynetdicom threads)
+
+    def _model(self, event: Any) -> str:
+        uid = str(event.request.AffectedSOPClassUID)
+        return "PATIENT" if uid.startswith("1.2.840.10008.5.1.4.1.2.1.") else "STUDY"
+
+    def _on_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        try:
+            query = parse_identifier(
+                event.identifier, model=self._model(event), local_authority=self.local_authority
+            )
+            if query.patient_id is None and not query.study_instance_uids:
+                raise QueryError(
+                    STATUS_IDENTIFIER_MISMATCH,
+                    "a Patient ID is required: XDS queries are per patient",
+                )
+            matches = build_matches(
+                query, self._studies_for(query), retrieve_ae_title=self.config.ae_title
+            )
+        except QueryError as exc:
+            yield _failure(exc.status, exc.comment)
+            return
+        except Exception as exc:
+            log.exception("C-FIND failed")
+            yield _failure(STATUS_UNABLE_TO_PROCESS, f"query failed: {type(exc).__name__}")
+            return
+        for match in matches:
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            yield STATUS_PENDING, match
+        yield STATUS_SUCCESS, None
+
+    def _parse_retrieve(self, event: Any) -> FindQuery:
+        query = parse_identifier(
+            event.identifier, model=self._model(event), local_authority=self.local_authority
+        )
+        if query.level == "PATIENT" and query.patient_id is None:
+            raise QueryError(STATUS_IDENTIFIER_MISMATCH, "PATIENT level needs a Patient ID")
+        if query.level in ("STUDY", "SERIES", "IMAGE") and not query.study_instance_uids:
+            raise QueryError(STATUS_IDENTIFIER_MISMATCH, "StudyInstanceUID is required")
+        if query.level in ("SERIES", "IMAGE") and not query.series_instance_uids:
+            raise QueryError(STATUS_IDENTIFIER_MISMATCH, "SeriesInstanceUID is required")
+        if query.level == "IMAGE" and not query.sop_instance_uids:
+            raise QueryError(STATUS_IDENTIFIER_MISMATCH, "SOPInstanceUID is required")
+        return query
+
+    def _on_get(self, event: Any) -> Iterator[Any]:
+        try:
+            query = self._parse_retrieve(event)
+        except QueryError as exc:
+            yield from _refuse(exc.status, exc.comment)
+            return
+        yield from self._instances(query)
+
+    def _on_move(self, event: Any) -> Iterator[Any]:
+        destination = self.config.destination(str(event.move_destination or ""))
+        if destination is None:
+            yield None, None
+            return
+        yield destination.host, destination.port
+        try:
+            query = self._parse_retrieve(event)
+        except QueryError as exc:
+            yield from _refuse(exc.status, exc.comment)
+            return
+        yield from self._instances(query)
+
+
+class _InProcessRequest:
+    """What the RAD-69 handler reads of a SoapRequest (only the payload)."""
+
+    def __init__(self, payload: etree._Element) -> None:
+        self.payload = payload
+        self.context: dict[str, Any] = {}
+
+
+async def _as_coroutine(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+def _refuse(status: int, comment: str) -> Iterator[Any]:
+    """Fail a C-GET/C-MOVE before any sub-operation.
+
+    pynetdicom answers Success by itself when zero sub-operations are announced, so announce
+    one and fail it.
+    """
+    yield 1
+    yield _failure(status, comment)
+
+
+def _failure(status: int, comment: str) -> tuple[Dataset, None]:
+    """A failure status with its Error Comment (pynetdicom takes a status Dataset)."""
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = comment[:64]
+    return ds, None
