@@ -6,11 +6,14 @@ import socket
 import ssl
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
 import requests
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding
 from lxml import etree
 
 from tests.conftest import wait_for
@@ -126,12 +129,7 @@ def test_the_handler_sees_the_verified_peer_certificate(gateway: Gateway, pki: D
     assert peer.tls_version in ("TLSv1.2", "TLSv1.3")
 
     expected = x509.load_pem_x509_certificate(pki.client.cert.read_bytes())
-    assert (
-        peer.certificate.fingerprint_sha256
-        == expected.fingerprint(
-            __import__("cryptography.hazmat.primitives.hashes", fromlist=["SHA256"]).SHA256()
-        ).hex()
-    )
+    assert peer.certificate.fingerprint_sha256 == expected.fingerprint(hashes.SHA256()).hex()
 
 
 def test_zeep_client_from_the_ihe_wsdl_is_answered(gateway: Gateway, pki: DevPki) -> None:
@@ -234,11 +232,7 @@ def test_refused_handshakes_are_reported_to_the_application(
         from cryptography import x509
 
         cert = x509.load_pem_x509_certificate(expected.cert.read_bytes())
-        assert failure.certificate_der == cert.public_bytes(
-            __import__(
-                "cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]
-            ).Encoding.DER
-        )
+        assert failure.certificate_der == cert.public_bytes(Encoding.DER)
         assert failure.certificate_subject == cert.subject.rfc4514_string()
     metrics = httpx.get(gateway.admin_url + "/metrics").text
     assert "xca_gateway_tls_handshake_failures_total{" in metrics
@@ -451,3 +445,43 @@ def test_admin_health_readiness_and_metrics(gateway: Gateway, pki: DevPki) -> No
     assert 'xca_gateway_requests_total{outcome="success",transaction="ITI-38"} 1.0' in metrics
     assert 'xca_gateway_requests_total{outcome="fault",transaction="unknown"} 1.0' in metrics
     assert 'xca_gateway_request_duration_seconds_count{transaction="ITI-38"}' in metrics
+
+
+def _crl(pki: DevPki, revoked: list[Path], path: Path) -> Path:
+    import datetime as dt
+
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    ca_cert = x509.load_pem_x509_certificate(pki.ca.read_bytes())
+    ca_key = load_pem_private_key((pki.dir / "ca.key").read_bytes(), None)
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(now + dt.timedelta(days=1))
+    )
+    for cert_path in revoked:
+        serial = x509.load_pem_x509_certificate(cert_path.read_bytes()).serial_number
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    path.write_bytes(crl.public_bytes(Encoding.PEM))
+    return path
+
+
+def test_revoked_certificates_are_refused_with_a_crl(
+    gateway_factory: Callable[..., Gateway], pki: DevPki, tmp_path: Path
+) -> None:
+    crl = _crl(pki, [pki.client.cert], tmp_path / "revoked.pem")
+    gateway = gateway_factory("alpha", tls={"crl_file": str(crl)})
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        _handshake(gateway.https.port, client_context(pki.ca, pki.client.cert, pki.client.key))
+    assert wait_for(lambda: len(gateway.handshake_failures) == 1)
+    assert "revoked" in gateway.handshake_failures[0].reason
+    # A certificate the CRL does not list still gets in.
+    beta = pki.communities["beta"]
+    with httpx.Client(verify=client_context(pki.ca, beta.cert, beta.key), timeout=10) as client:
+        response = post(client, gateway.endpoint_urls()["iti38"], soap12(Action.ITI38, ADHOC_QUERY))
+    assert response.status_code == 200

@@ -70,6 +70,9 @@ class TlsConfig:
     minimum_version: str = "1.2"
     ciphers: str = BCP195_CIPHERS
     handshake_timeout: float = 10.0
+    # PEM file of certificate revocation lists of the trust store's CAs: revoked peer
+    # certificates are refused at the handshake, inbound and outbound.
+    crl_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -270,6 +273,8 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
         if key not in tls_t:
             raise ConfigError(f"[tls] {key} is required")
         tls_t[key] = _path(base_dir, tls_t[key], f"tls.{key}")
+    if "crl_file" in tls_t:
+        tls_t["crl_file"] = _path(base_dir, tls_t["crl_file"], "tls.crl_file")
     tls = _build(TlsConfig, tls_t, "tls")
     if tls.minimum_version not in ("1.2", "1.3"):
         raise ConfigError('tls.minimum_version must be "1.2" or "1.3" (BCP195 TLS 1.2 floor)')

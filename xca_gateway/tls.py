@@ -32,8 +32,22 @@ def server_context(cfg: TlsConfig) -> ssl.SSLContext:
     ctx.load_cert_chain(str(cfg.certificate), str(cfg.private_key))
     ctx.load_verify_locations(cafile=str(cfg.trust_store))
     ctx.verify_mode = ssl.CERT_REQUIRED
+    _load_crls(ctx, cfg.crl_file)
     enable_certificate_capture(ctx)
     return ctx
+
+
+def _load_crls(ctx: ssl.SSLContext, crl_file: Path | None) -> None:
+    """Check peer certificates against the CRLs of their issuing CA (ATNA node policy).
+
+    Only the leaf is checked: a missing CRL for an intermediate would otherwise refuse every
+    peer. A CA whose CRL is absent from the file makes its leaves fail verification, which is
+    the safe side when revocation checking was asked for.
+    """
+    if crl_file is None:
+        return
+    ctx.load_verify_locations(cafile=str(crl_file))
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
 def client_context(
@@ -57,13 +71,15 @@ def client_context(
 
 def gateway_client_context(cfg: TlsConfig) -> ssl.SSLContext:
     """The context the gateway uses to call peers, with its own certificate."""
-    return client_context(
+    ctx = client_context(
         cfg.trust_store,
         cfg.certificate,
         cfg.private_key,
         minimum_version=cfg.minimum_version,
         ciphers=cfg.ciphers,
     )
+    _load_crls(ctx, cfg.crl_file)
+    return ctx
 
 
 @dataclass(frozen=True)
