@@ -128,3 +128,31 @@ async def test_header_provider_and_authorizer_see_the_same_header(
     assert refused.value.kind == "fault" and "token required" in refused.value.message
     assert reply.payload.tag == f"{{{QUERY}}}AdhocQueryResponse"
     assert seen == ["dr.smith"]
+
+
+def test_pinned_peer_certificates(gateway_factory: Callable[..., Gateway], pki: DevPki) -> None:
+    """A peer pinned to its certificate is refused when another (trusted) one shows up."""
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from tests.test_initiating import ask, errors, find_documents
+
+    beta = gateway_factory("beta")
+    beta_der = x509.load_pem_x509_certificate(
+        pki.communities["beta"].cert.read_bytes()
+    ).public_bytes(Encoding.DER)
+    right = hashlib.sha256(beta_der).hexdigest()
+    home = beta.config.community.home_community_id
+    peer = {"name": "beta", "home_community_id": home, "iti38": beta.endpoint_urls()["iti38"]}
+    pinned_right = gateway_factory("alpha", peers=[{**peer, "certificate_sha256": right}])
+    patient = f"P1^^^&{pinned_right.config.community.patient_id_assigning_authority}&ISO"
+    payload = ask(pki, pinned_right, find_documents(patient))
+    assert not [e for e in errors(payload) if e.get("location") == home]
+    pinned_wrong = gateway_factory("gamma", peers=[{**peer, "certificate_sha256": "00" * 32}])
+    patient = f"P1^^^&{pinned_wrong.config.community.patient_id_assigning_authority}&ISO"
+    payload = ask(pki, pinned_wrong, find_documents(patient))
+    refused = [e for e in errors(payload) if e.get("location") == home]
+    assert [e["errorCode"] for e in refused] == ["XDSUnavailableCommunity"]
+    assert "pinned" in refused[0]["codeContext"]

@@ -9,11 +9,13 @@ go through the same safe XML parser and MTOM limits as inbound requests.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import httpx
 from lxml import etree
@@ -68,6 +70,8 @@ class PeerClient:
         self.max_response_bytes = max_response_bytes
         self.header_provider: HeaderProvider | None = None
         self.observers: list[CallObserver] = []
+        # host:port -> SHA-256 (hex) of the certificate that peer must present (pinning).
+        self.pins: dict[str, str] = {}
         self.http = httpx.AsyncClient(
             verify=ssl_context,
             timeout=httpx.Timeout(outbound.request_timeout, connect=outbound.connect_timeout),
@@ -78,6 +82,21 @@ class PeerClient:
             follow_redirects=False,
             trust_env=False,
         )
+
+    def pin(self, url: str, sha256_hex: str) -> None:
+        """Accept only this certificate at ``url``'s host and port (on top of the CA check)."""
+        self.pins[urlsplit(url).netloc] = sha256_hex.replace(":", "").lower()
+
+    def check_pin(self, url: str, response: httpx.Response) -> None:
+        """Raise PeerError if the peer at ``url`` is pinned and presented another certificate."""
+        expected = self.pins.get(urlsplit(url).netloc)
+        if expected is None:
+            return
+        stream = response.extensions.get("network_stream")
+        ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der or hashlib.sha256(der).hexdigest() != expected:
+            raise PeerError("tls", f"{url}: the peer's certificate is not the one pinned for it")
 
     def set_header_provider(self, provider: HeaderProvider | None) -> None:
         self.header_provider = provider
@@ -159,6 +178,7 @@ class PeerClient:
     ) -> SoapReply:
         try:
             async with self.http.stream("POST", url, headers=headers, content=content) as response:
+                self.check_pin(url, response)
                 return await self._read_reply(response)
         except httpx.TimeoutException:
             raise TimeoutError from None

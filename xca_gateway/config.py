@@ -125,6 +125,9 @@ class PeerConfig:
     patient_id_assigning_authority: str | None = None
     # Where to find the peer's id for our patient, in order of preference.
     patient_id_sources: tuple[str, ...] = ("xref",)
+    # Pin the peer's TLS certificate (SHA-256 of its DER, hex) to this community: any other
+    # certificate, even from the trust store, is refused on our calls to it.
+    certificate_sha256: str | None = None
     # The peer's XCPD (ITI-55) Responding Gateway, for patient_id_sources "xcpd".
     xcpd: str | None = None
 

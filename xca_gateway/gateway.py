@@ -93,6 +93,12 @@ class Gateway:
         self.peer_client = PeerClient(
             gateway_client_context(config.tls), config.outbound, self.metrics
         )
+        # Certificate pinning per peer community (on top of the trust store).
+        for peer in config.peers:
+            if peer.certificate_sha256:
+                for url in (peer.iti38, peer.iti39, peer.rad75, getattr(peer, "xcpd", None)):
+                    if url:
+                        self.peer_client.pin(url, peer.certificate_sha256)
         self.initiating = InitiatingGateway(
             home_community_id=config.community.home_community_id,
             patient_id_assigning_authority=config.community.patient_id_assigning_authority,

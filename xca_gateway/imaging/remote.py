@@ -23,7 +23,7 @@ import httpx
 from lxml import etree
 
 from xca_gateway import mtom
-from xca_gateway.client import PeerClient
+from xca_gateway.client import PeerClient, PeerError
 from xca_gateway.ebrs import RegistryError
 from xca_gateway.imaging.multipart import MultipartStream, TruncatedMultipart
 from xca_gateway.imaging.request import (
@@ -214,6 +214,10 @@ async def _open_remote_retrieve(
     try:
         async with asyncio.timeout(timeout or peer_client.outbound.request_timeout):
             response = await peer_client.http.send(http_request, stream=True)
+            try:
+                peer_client.check_pin(url, response)
+            except PeerError as exc:
+                raise SourceUnavailable(exc.message) from None
             retrieval = await _read_root(
                 peer_client, response, request, what, max_part_bytes, max_reorder_bytes
             )
