@@ -249,7 +249,9 @@ class SoapService:
             return reader.close()
         except mtom.MtomError as exc:
             reader.abort()
-            status = 413 if "limit" in exc.reason or "too" in exc.reason else 400
+            # Only a size or count limit is "too large"; anything else is a malformed message.
+            size_limits = ("exceeds", "too many", "too large")
+            status = 413 if any(word in exc.reason for word in size_limits) else 400
             raise SoapFault.sender(
                 f"invalid MTOM message: {exc.reason}", http_status=status
             ) from None

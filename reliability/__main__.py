@@ -1,0 +1,3 @@
+from reliability.runner import main
+
+raise SystemExit(main())
