@@ -485,3 +485,33 @@ def test_revoked_certificates_are_refused_with_a_crl(
     with httpx.Client(verify=client_context(pki.ca, beta.cert, beta.key), timeout=10) as client:
         response = post(client, gateway.endpoint_urls()["iti38"], soap12(Action.ITI38, ADHOC_QUERY))
     assert response.status_code == 200
+
+
+def test_slow_request_body_is_cut_off_with_408(
+    gateway_factory: Callable[..., Gateway], pki: DevPki
+) -> None:
+    gateway = gateway_factory("alpha", server={"body_grace": 0.5, "min_body_rate": 1000.0})
+    ctx = client_context(pki.ca, pki.client.cert, pki.client.key)
+    raw = socket.create_connection(("127.0.0.1", gateway.https.port), timeout=10)
+    response = b""
+    with raw, ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(
+            b"POST /xca/iti38 HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Type: application/soap+xml\r\nContent-Length: 100000\r\n\r\n"
+        )
+        tls.settimeout(0.2)
+        for _ in range(50):  # a byte every 0.2 s, far below 1000 bytes/s (bounded: 10 s)
+            try:
+                tls.sendall(b"<")
+                chunk = tls.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            response += chunk
+            if response.rstrip().endswith(b"Envelope>"):
+                break
+    assert response.startswith(b"HTTP/1.1 408"), response[:200]
+    assert b"too slow" in response

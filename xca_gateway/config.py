@@ -86,6 +86,10 @@ class ServerConfig:
     body_timeout: float = 60.0
     keepalive_timeout: float = 75.0
     handler_timeout: float = 300.0
+    # Slow-body defence: after body_grace seconds a request body must average min_body_rate
+    # bytes/s, else 408.
+    min_body_rate: float = 1024.0
+    body_grace: float = 10.0
 
 
 @dataclass(frozen=True)

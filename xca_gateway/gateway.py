@@ -84,6 +84,8 @@ class Gateway:
                 body=server.body_timeout,
                 keepalive=server.keepalive_timeout,
                 handler=server.handler_timeout,
+                min_body_rate=server.min_body_rate,
+                body_grace=server.body_grace,
             ),
             max_connections=server.max_connections,
             max_header_bytes=config.limits.max_header_bytes,

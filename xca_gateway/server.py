@@ -138,6 +138,15 @@ class ServerTimeouts:
     body: float = 60.0
     keepalive: float = 75.0
     handler: float = 300.0
+    # A request body must average at least this many bytes/s once body_grace seconds have
+    # passed: a client dripping a byte at a time (slowloris) is cut off instead of holding a
+    # connection until the handler timeout.
+    min_body_rate: float = 1024.0
+    body_grace: float = 10.0
+
+
+class RequestBodyTooSlow(Exception):
+    pass
 
 
 def _peer_certificate(ssl_object: Any) -> PeerCertificate | None:
@@ -334,9 +343,20 @@ class HttpServer:
                 writer.write(
                     conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
                 )
+            loop = asyncio.get_running_loop()
+            started, received = loop.time(), 0
             while True:
                 ev = await self._next_event(conn, reader, self.timeouts.body)
                 if isinstance(ev, h11.Data):
+                    received += len(ev.data)
+                    elapsed = loop.time() - started
+                    if (
+                        elapsed > self.timeouts.body_grace
+                        and received < self.timeouts.min_body_rate * elapsed
+                    ):
+                        raise RequestBodyTooSlow(
+                            f"request body arrives at {received / elapsed:.0f} bytes/s"
+                        )
                     yield bytes(ev.data)
                 elif isinstance(ev, h11.EndOfMessage):
                     body_done = True

@@ -20,7 +20,7 @@ from lxml import etree
 from xca_gateway import mtom
 from xca_gateway.config import LimitsConfig
 from xca_gateway.metrics import GatewayMetrics
-from xca_gateway.server import BodyTooLarge, PeerInfo, Request, Response
+from xca_gateway.server import BodyTooLarge, PeerInfo, Request, RequestBodyTooSlow, Response
 from xca_gateway.soap import (
     Envelope,
     SoapFault,
@@ -135,7 +135,10 @@ class SoapService:
         attachments: dict[str, mtom.Attachment] = {}
         soap_request: SoapRequest | None = None
         try:
-            envelope, attachments = await self._read(request)
+            try:
+                envelope, attachments = await self._read(request)
+            except RequestBodyTooSlow as exc:
+                raise SoapFault.sender(f"{exc}: too slow", http_status=408) from None
             relates_to = envelope.addressing.message_id
             operation = endpoint.operations.get(envelope.addressing.action)
             if operation is None:
