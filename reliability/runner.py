@@ -94,6 +94,11 @@ COVERED_BY_TESTS: list[tuple[str, str, str]] = [
         "no committed audit record lost after restart",
     ),
     (
+        "SIGKILL of the gateway during a retrieve",
+        "tests/test_reliability_sigkill.py::test_sigkill_during_a_retrieve",
+        "the consumer's stream breaks (never looks complete); the restarted gateway serves it",
+    ),
+    (
         "disk full under the audit spool",
         "tests/test_reliability_faults.py::test_a_full_disk_fails_the_spool_append_without_corrupting_committed_records",
         "append fails (OSError); committed records intact; spool usable again",
