@@ -5,12 +5,7 @@ port); skipped only when the PostgreSQL binaries are absent."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_for
+from tests.postgres import PostgresServer
 from xca_gateway.arr.harness import RepositoryThread, dev_config
 from xca_gateway.arr.parse import parse_record
 from xca_gateway.arr.store import EventFilter, PostgresAuditStore
@@ -29,115 +25,9 @@ from xca_gateway.tls import client_context
 CTX = am.AuditContext(am.AuditSource("pg-gw"), host="pg")
 
 
-def _bindir() -> Path | None:
-    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
-        if (candidate / "initdb").exists() and (candidate / "postgres").exists():
-            return candidate
-    initdb = shutil.which("initdb")
-    return Path(initdb).parent if initdb else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def postgres_dsn() -> Iterator[str]:
-    bindir = _bindir()
-    if bindir is None:
-        pytest.skip("PostgreSQL server binaries (initdb, postgres) are not installed")
-    import psycopg
-
-    base = Path(tempfile.mkdtemp(prefix="xca-arr-pg-"))
-    data, sockets = base / "data", base / "sockets"
-    data.mkdir()
-    sockets.mkdir()
-    run_as: list[str] = []
-    if os.geteuid() == 0:
-        # initdb and postgres refuse to run as root.
-        import pwd
-
-        account = pwd.getpwnam("postgres")
-        os.chmod(base, 0o755)
-        for path in (data, sockets):
-            os.chown(path, account.pw_uid, account.pw_gid)
-        run_as = [
-            "setpriv",
-            f"--reuid={account.pw_uid}",
-            f"--regid={account.pw_gid}",
-            "--clear-groups",
-            "--",
-        ]
-    subprocess.run(
-        [
-            *run_as,
-            str(bindir / "initdb"),
-            "-D",
-            str(data),
-            "-U",
-            "arr",
-            "-A",
-            "trust",
-            "-E",
-            "UTF8",
-            "--locale=C",
-            "--no-sync",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=180,
-    )
-    port = _free_port()
-    log_path = base / "postgres.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                *run_as,
-                str(bindir / "postgres"),
-                "-D",
-                str(data),
-                "-p",
-                str(port),
-                "-h",
-                "127.0.0.1",
-                "-k",
-                str(sockets),
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "shared_buffers=32MB",
-                "-c",
-                "max_connections=40",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    dsn = f"postgresql://arr@127.0.0.1:{port}/postgres"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"postgres exited: {log_path.read_text(errors='replace')[-2000:]}")
-            try:
-                with psycopg.connect(dsn, connect_timeout=2):
-                    break
-            except psycopg.OperationalError:
-                if time.monotonic() > deadline:
-                    pytest.fail("postgres did not accept connections within 60 s")
-                time.sleep(0.2)
-        yield dsn
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-        shutil.rmtree(base, ignore_errors=True)
+def postgres_dsn(postgres_server: PostgresServer) -> str:
+    return postgres_server.url()
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
+from tests.postgres import PostgresServer
 from tests.test_iti18 import POSITIVE, Slots
 from tests.test_iti42 import (
     REGISTRY_ITI18,
@@ -36,7 +37,6 @@ from tests.test_registry_corpus import (
     names,
     quoted,
 )
-from tests.test_registry_postgres import PostgresServer, postgres_server  # noqa: F401
 from xca_gateway.ebrim import ErrorCode, StoredQueryId
 from xca_gateway.namespaces import Action, ResponseStatus
 from xca_gateway.pki import DevPki
@@ -233,7 +233,7 @@ def test_remote_registry_down_is_a_registry_error(pki: DevPki, tmp_path: Path) -
 
 
 def test_responding_side_on_postgresql(
-    postgres_server: PostgresServer,  # noqa: F811
+    postgres_server: PostgresServer,
     pki: DevPki,
     tmp_path: Path,
 ) -> None:

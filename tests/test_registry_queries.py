@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 from lxml import etree
 
+from tests.postgres import PostgresServer
 from tests.test_registry_corpus import (
     ACCESSION,
     APPROVED,
@@ -32,7 +33,6 @@ from tests.test_registry_corpus import (
     names,
     quoted,
 )
-from tests.test_registry_postgres import PostgresServer, postgres_server  # noqa: F401
 from xca_gateway import ebrim
 from xca_gateway.ebrim import ErrorCode, StoredQueryId
 from xca_gateway.ebrs import adhoc_query_response
