@@ -23,6 +23,7 @@ from lxml import etree
 from xca_gateway import mtom
 from xca_gateway.config import OutboundConfig
 from xca_gateway.metrics import GatewayMetrics
+from xca_gateway.relay_client import RelayClient
 from xca_gateway.soap import Fault, build_envelope, read_fault, serialize
 from xca_gateway.xmlsafe import XmlLimits, XmlRejected, parse_xml
 
@@ -72,6 +73,9 @@ class PeerClient:
         self.observers: list[CallObserver] = []
         # host:port -> SHA-256 (hex) of the certificate that peer must present (pinning).
         self.pins: dict[str, str] = {}
+        self.ssl_context = ssl_context
+        # Streamed relays (imaging) use a lean client: see xca_gateway.relay_client.
+        self.relay = RelayClient(ssl_context, connect_timeout=outbound.connect_timeout)
         self.http = httpx.AsyncClient(
             verify=ssl_context,
             timeout=httpx.Timeout(outbound.request_timeout, connect=outbound.connect_timeout),
@@ -89,12 +93,18 @@ class PeerClient:
 
     def check_pin(self, url: str, response: httpx.Response) -> None:
         """Raise PeerError if the peer at ``url`` is pinned and presented another certificate."""
-        expected = self.pins.get(urlsplit(url).netloc)
-        if expected is None:
+        if urlsplit(url).netloc not in self.pins:
             return
         stream = response.extensions.get("network_stream")
         ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        self.check_pin_der(url, der)
+
+    def check_pin_der(self, url: str, der: bytes | None) -> None:
+        """As check_pin, given the DER certificate the peer presented."""
+        expected = self.pins.get(urlsplit(url).netloc)
+        if expected is None:
+            return
         if not der or hashlib.sha256(der).hexdigest() != expected:
             raise PeerError("tls", f"{url}: the peer's certificate is not the one pinned for it")
 
@@ -102,6 +112,7 @@ class PeerClient:
         self.header_provider = provider
 
     async def aclose(self) -> None:
+        await self.relay.aclose()
         await self.http.aclose()
 
     async def call(

@@ -153,12 +153,15 @@ def first_certificate(message: bytes, tls13: bool) -> bytes | None:
 
 
 _CERTIFICATE_MESSAGE = 11  # HandshakeType.certificate (RFC 5246 / RFC 8446)
+_HANDSHAKE = 22  # ContentType.handshake
 
 
 def _on_tls_message(
-    conn: Any, direction: str, version: Any, content_type: Any, msg_type: Any, data: bytes
+    conn: Any, direction: str, version: int, content_type: int, msg_type: int, data: bytes
 ) -> None:
-    if direction != "read" or msg_type != _CERTIFICATE_MESSAGE:
+    # Called by OpenSSL for every TLS record of every connection (a study is ~65,000 records
+    # per GB), so the common case must cost one comparison.
+    if msg_type != _CERTIFICATE_MESSAGE or content_type != _HANDSHAKE or direction != "read":
         return
     capture = getattr(conn, "_xca_capture", None)
     if capture is not None and capture.certificate_der is None:
@@ -168,7 +171,11 @@ def _on_tls_message(
 def enable_certificate_capture(ctx: ssl.SSLContext) -> None:
     try:
         ctx.sslobject_class = _CapturingSSLObject
-        ctx._msg_callback = _on_tls_message  # type: ignore[attr-defined]
+        # The C-level setter, not ssl.SSLContext's property: that one wraps the callback in a
+        # function turning every record's ints into enums, a measurable cost when relaying.
+        super(ssl.SSLContext, ssl.SSLContext)._msg_callback.__set__(  # type: ignore[misc]
+            ctx, _on_tls_message
+        )
     except (AttributeError, TypeError):  # pragma: no cover - depends on the Python build
         log.info("TLS certificate capture of refused peers is not available on this Python")
 

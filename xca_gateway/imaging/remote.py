@@ -19,7 +19,6 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Sequence
 
-import httpx
 from lxml import etree
 
 from xca_gateway import mtom
@@ -44,6 +43,7 @@ from xca_gateway.imaging.sources import (
     chunked,
 )
 from xca_gateway.mtom import Finished, MtomError, PartData, PartEnd, PartStart
+from xca_gateway.relay_client import RelayConnectError, RelayError, RelayResponse
 from xca_gateway.soap import build_envelope, read_fault, serialize
 from xca_gateway.xmlsafe import XmlRejected, parse_xml
 
@@ -61,7 +61,7 @@ class RemoteRetrieval(Retrieval):
         planned: Sequence[PlannedInstance],
         errors: Sequence[RegistryError],
         *,
-        response: httpx.Response | None,
+        response: RelayResponse | None,
         parts: MultipartStream | None,
         what: str,
         max_part_bytes: int,
@@ -100,7 +100,7 @@ class RemoteRetrieval(Retrieval):
                 yield chunk
         except (MtomError, TruncatedMultipart) as exc:
             raise InstanceStreamError(f"{self._what}: broken MTOM reply: {exc}") from None
-        except (httpx.HTTPError, ssl.SSLError, OSError) as exc:
+        except (RelayError, ssl.SSLError, OSError) as exc:
             raise InstanceStreamError(f"{self._what}: connection failed: {exc!r}") from None
 
     async def _read_until(self, content_id: str) -> AsyncIterator[bytes]:
@@ -207,15 +207,14 @@ async def _open_remote_retrieve(
     )
     writer = mtom.MtomWriter(serialize(envelope), action=action)  # IHE: MTOM both ways
     body = b"".join(writer.iter_bytes())
-    http_request = peer_client.http.build_request(
-        "POST", url, content=body, headers={"content-type": writer.content_type}
-    )
-    response: httpx.Response | None = None
+    response: RelayResponse | None = None
     try:
         async with asyncio.timeout(timeout or peer_client.outbound.request_timeout):
-            response = await peer_client.http.send(http_request, stream=True)
+            response = await peer_client.relay.post(
+                url, body, [("content-type", writer.content_type)]
+            )
             try:
-                peer_client.check_pin(url, response)
+                peer_client.check_pin_der(url, response.peer_certificate)
             except PeerError as exc:
                 raise SourceUnavailable(exc.message) from None
             retrieval = await _read_root(
@@ -230,11 +229,9 @@ async def _open_remote_retrieve(
         if response is not None:
             await response.aclose()
         raise SourceUnavailable("no answer in time") from None
-    except httpx.ConnectError as exc:
-        cause = exc.__cause__ or exc.__context__
-        kind = "TLS handshake failed" if isinstance(cause, ssl.SSLError) else "cannot connect"
-        raise SourceUnavailable(f"{kind}: {exc}") from None
-    except (httpx.HTTPError, ssl.SSLError, OSError) as exc:
+    except RelayConnectError as exc:
+        raise SourceUnavailable(str(exc)) from None
+    except (RelayError, ssl.SSLError, OSError) as exc:
         if response is not None:
             await response.aclose()
         raise SourceUnavailable(f"transport error: {exc!r}") from None
@@ -262,7 +259,7 @@ def _observe(
 
 async def _read_root(
     peer_client: PeerClient,
-    response: httpx.Response,
+    response: RelayResponse,
     request: RetrieveImagingDocumentSetRequest,
     what: str,
     max_part_bytes: int,

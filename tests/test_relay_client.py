@@ -1,0 +1,227 @@
+"""The lean relay client: body framing (pure) and real mutual-TLS exchanges on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+from collections.abc import AsyncIterator
+
+import pytest
+
+from xca_gateway.client import PeerClient, PeerError
+from xca_gateway.config import OutboundConfig, TlsConfig
+from xca_gateway.pki import DevPki
+from xca_gateway.relay_client import (
+    RelayClient,
+    RelayConnectError,
+    RelayError,
+    _BodyDecoder,
+)
+from xca_gateway.server import HttpServer, Request, Response, ServerTimeouts
+from xca_gateway.tls import client_context, server_context
+
+# ------------------------------------------------------------------------ body framing (pure)
+
+
+def decode_in_pieces(decoder: _BodyDecoder, wire: bytes, cut: int) -> bytes:
+    out = bytearray()
+    for pos in range(0, len(wire), cut):
+        for piece in decoder.feed(wire[pos : pos + cut]):
+            out += piece
+    return bytes(out)
+
+
+CHUNKED = b"5;ext=1\r\nhello\r\n6\r\n world\r\nA\r\n0123456789\r\n0\r\nTrailer: x\r\n\r\n"
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 7, 16, len(CHUNKED)])
+def test_chunked_body_is_decoded_whatever_the_read_boundaries(cut: int) -> None:
+    decoder = _BodyDecoder(length=None, chunked=True)
+    assert decode_in_pieces(decoder, CHUNKED, cut) == b"hello world0123456789"
+    assert decoder.done
+
+
+def test_bytes_after_the_body_are_kept_as_leftover_not_body() -> None:
+    decoder = _BodyDecoder(length=4, chunked=False)
+    assert b"".join(decoder.feed(b"abcdEXTRA")) == b"abcd"
+    assert decoder.done and decoder.leftover == b"EXTRA"
+
+
+def test_body_pieces_are_views_of_the_received_buffer_not_copies() -> None:
+    data = b"x" * 1000
+    pieces = _BodyDecoder(length=1000, chunked=False).feed(data)
+    assert len(pieces) == 1 and pieces[0].obj is data
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        b"zz\r\nhello\r\n0\r\n\r\n",  # not hex
+        b"-5\r\nhello\r\n0\r\n\r\n",  # negative
+        b"3\r\nhello\r\n0\r\n\r\n",  # data longer than announced
+        b"F" * 5000,  # endless size line
+    ],
+)
+def test_malformed_chunked_bodies_are_refused(wire: bytes) -> None:
+    with pytest.raises(RelayError):
+        _BodyDecoder(length=None, chunked=True).feed(wire)
+
+
+def test_eof_before_the_end_is_an_error_except_for_until_close_bodies() -> None:
+    short = _BodyDecoder(length=10, chunked=False)
+    short.feed(b"12345")
+    with pytest.raises(RelayError, match="before the end"):
+        short.eof()
+    chunked = _BodyDecoder(length=None, chunked=True)
+    chunked.feed(b"5\r\nhel")
+    with pytest.raises(RelayError):
+        chunked.eof()
+    until_close = _BodyDecoder(length=None, chunked=False)
+    assert b"".join(until_close.feed(b"anything")) == b"anything"
+    until_close.eof()
+    assert until_close.done
+
+
+# ------------------------------------------------------------------- over real TLS sockets
+
+
+def server_tls(pki: DevPki) -> ssl.SSLContext:
+    peer = pki.communities["alpha"]
+    return server_context(
+        TlsConfig(certificate=peer.cert, private_key=peer.key, trust_store=pki.ca)
+    )
+
+
+def client_tls(pki: DevPki) -> ssl.SSLContext:
+    peer = pki.communities["beta"]
+    return client_context(pki.ca, peer.cert, peer.key)
+
+
+class StreamingApp:
+    """Answers a POST with its body repeated ``times`` times, streamed (chunked)."""
+
+    def __init__(self) -> None:
+        self.peers: list[tuple[str, int]] = []
+
+    async def __call__(self, request: Request) -> Response:
+        payload = await request.read(1 << 20)
+        self.peers.append((request.peer.address, request.peer.port))
+        times = int(request.header("x-times") or "1")
+
+        async def body() -> AsyncIterator[bytes]:
+            for _ in range(times):
+                yield payload
+
+        return Response(200, [("content-type", "application/octet-stream")], body())
+
+
+async def read_all(client: RelayClient, url: str, payload: bytes, times: int) -> bytes:
+    response = await client.post(url, payload, [("x-times", str(times))])
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/octet-stream"
+    data = bytearray()
+    async for piece in response.aiter_raw():
+        data += piece
+    await response.aclose()
+    return bytes(data)
+
+
+async def test_streamed_replies_arrive_whole_over_one_kept_alive_connection(pki: DevPki) -> None:
+    app = StreamingApp()
+    server = HttpServer(app, ssl_context=server_tls(pki))
+    await server.start()
+    client = RelayClient(client_tls(pki))
+    try:
+        url = f"https://127.0.0.1:{server.port}/echo"
+        payload = bytes(range(256)) * 1024  # 256 KiB
+        for times in (1, 40, 3):
+            assert await read_all(client, url, payload, times) == payload * times
+        # All three exchanges used the same TCP connection (same client port).
+        assert len(set(app.peers)) == 1
+    finally:
+        await client.aclose()
+        await server.close()
+
+
+async def test_connection_closed_while_idle_is_replaced_transparently(pki: DevPki) -> None:
+    app = StreamingApp()
+    server = HttpServer(
+        app, ssl_context=server_tls(pki), timeouts=ServerTimeouts(keepalive=0.2)
+    )
+    await server.start()
+    client = RelayClient(client_tls(pki))
+    try:
+        url = f"https://127.0.0.1:{server.port}/echo"
+        assert await read_all(client, url, b"one", 1) == b"one"
+        await asyncio.sleep(0.6)  # the server drops the idle connection
+        assert await read_all(client, url, b"two", 2) == b"twotwo"
+        assert len(set(app.peers)) == 2
+    finally:
+        await client.aclose()
+        await server.close()
+
+
+async def test_reply_cut_short_is_an_error_never_a_complete_body(pki: DevPki) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n" + b"x" * 5000)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_tls(pki))
+    port = server.sockets[0].getsockname()[1]
+    client = RelayClient(client_tls(pki))
+    try:
+        response = await client.post(f"https://127.0.0.1:{port}/", b"", [])
+        received = 0
+        with pytest.raises(RelayError, match="before the end"):
+            async for piece in response.aiter_raw():
+                received += len(piece)
+        assert received == 5000
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_untrusted_server_and_closed_port_are_connect_errors(
+    pki: DevPki, silent_port: int
+) -> None:
+    app = StreamingApp()
+    server = HttpServer(app, ssl_context=server_tls(pki))
+    await server.start()
+    # A client that trusts nothing we have.
+    untrusting = ssl.create_default_context()
+    client = RelayClient(untrusting, connect_timeout=2.0)
+    try:
+        with pytest.raises(RelayConnectError) as tls_failure:
+            await client.post(f"https://127.0.0.1:{server.port}/", b"", [])
+        assert tls_failure.value.tls
+        with pytest.raises(RelayConnectError) as timeout:
+            await client.post(f"https://127.0.0.1:{silent_port}/", b"", [])
+        assert not timeout.value.tls
+        assert app.peers == []
+    finally:
+        await client.aclose()
+        await server.close()
+
+
+async def test_pinned_certificate_is_checked_on_relay_connections(pki: DevPki) -> None:
+    server = HttpServer(StreamingApp(), ssl_context=server_tls(pki))
+    await server.start()
+    peer_client = PeerClient(client_tls(pki), OutboundConfig())
+    url = f"https://127.0.0.1:{server.port}/echo"
+    try:
+        response = await peer_client.relay.post(url, b"x", [])
+        der = response.peer_certificate
+        await response.aclose()
+        assert der is not None
+        peer_client.pin(url, hashlib.sha256(der).hexdigest())
+        peer_client.check_pin_der(url, der)  # the right certificate passes
+        peer_client.pin(url, "00" * 32)
+        with pytest.raises(PeerError, match="pinned"):
+            peer_client.check_pin_der(url, der)
+    finally:
+        await peer_client.aclose()
+        await server.close()

@@ -1,0 +1,496 @@
+"""A lean HTTP/1.1 client for relaying large streamed replies (RAD-69 / RAD-75 imaging).
+
+httpx is the gateway's client for SOAP calls, but a relaying gateway moves every byte of a study
+through it: with httpx, httpcore and anyio, each 16 KiB TLS record costs a stack of Python calls
+(about 0.7 CPU-seconds per 100 MB on the development machine, more than the TLS itself). This
+client lets h11 parse the status line and headers, then frames the body itself (sans-IO
+``_BodyDecoder``) over the very buffers the asyncio TLS transport produced: no stream buffer,
+no per-record events, no copies, so a relay hop costs little more than decrypting and
+re-encrypting the bytes.
+
+It does only what the relay needs: POST with a body in memory, a streamed reply, keep-alive
+connections pooled per origin (reused only after a reply was read to its end), one retry on a
+fresh connection when a pooled one turns out to be closed before any reply byte arrived (safe:
+retrieves are read-only), and the peer's certificate for pinning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import cast
+from urllib.parse import urlsplit
+
+import h11
+
+__all__ = [
+    "RelayClient",
+    "RelayConnectError",
+    "RelayError",
+    "RelayResponse",
+]
+
+# Large reads: the asyncio TLS transport decrypts up to 256 KiB per socket read, and the
+# stream buffer is allowed to hold READ_SIZE before the transport pauses.
+READ_SIZE = 1024 * 1024
+_MAX_HEADER_BYTES = 64 * 1024
+
+
+class RelayError(Exception):
+    """The exchange with the peer failed after the connection was made."""
+
+
+class RelayConnectError(RelayError):
+    """No connection: refused, unreachable, timed out, or the TLS handshake failed."""
+
+    def __init__(self, message: str, *, tls: bool) -> None:
+        super().__init__(message)
+        self.tls = tls
+
+
+@dataclass(frozen=True)
+class _Origin:
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def netloc(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+
+def _origin(url: str) -> tuple[_Origin, str]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RelayConnectError(f"unsupported URL {url!r}", tls=False)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    return _Origin(parts.scheme, parts.hostname, port), target
+
+
+class _Reader(asyncio.Protocol):
+    """Collects what the (TLS) transport delivers, as the bytes objects it made: no stream
+    buffer to copy through. Reading pauses above HIGH_WATER so a slow downstream consumer
+    slows the peer instead of filling memory."""
+
+    HIGH_WATER = 4 * READ_SIZE
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._eof = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size > self.HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof and not self._chunks
+
+    async def read(self) -> bytes:
+        """Everything received so far (waiting for something); b"" at a clean EOF."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        # Several small pieces are joined: fewer, larger chunks cost less downstream.
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._size = 0
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+
+class _BodyDecoder:
+    """HTTP/1.1 message body framing (RFC 9112 6-7), sans-IO: Content-Length, chunked, or
+    until-close. ``feed`` returns body pieces as memoryviews of the input (no copies)."""
+
+    def __init__(self, *, length: int | None, chunked: bool) -> None:
+        self._chunked = chunked
+        self._remaining = length  # bytes left in the current chunk / the whole body
+        self._until_close = not chunked and length is None
+        self._line = bytearray()  # a chunk-size line or a trailer line being collected
+        self._state = "size" if chunked else "data"
+        self.done = not chunked and length == 0
+        self.leftover = b""
+
+    def feed(self, data: bytes) -> list[memoryview]:
+        out: list[memoryview] = []
+        view = memoryview(data)
+        pos, n = 0, len(data)
+        while pos < n and not self.done:
+            if self._state == "data":
+                if self._until_close:
+                    out.append(view[pos:])
+                    return out
+                assert self._remaining is not None
+                take = min(self._remaining, n - pos)
+                out.append(view[pos : pos + take])
+                pos += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    if self._chunked:
+                        self._state = "crlf"
+                    else:
+                        self.done = True
+            else:
+                nl = data.find(b"\n", pos)
+                end = n if nl < 0 else nl + 1
+                self._line += view[pos:end]
+                pos = end
+                if len(self._line) > 4096:
+                    raise RelayError("malformed chunked body: line too long")
+                if nl < 0:
+                    break
+                line = bytes(self._line).rstrip(b"\r\n")
+                self._line.clear()
+                self._line_done(line)
+        if self.done and pos < n:
+            self.leftover = bytes(view[pos:])
+        return out
+
+    def _line_done(self, line: bytes) -> None:
+        if self._state == "crlf":
+            if line:
+                raise RelayError("malformed chunked body: data longer than its chunk size")
+            self._state = "size"
+        elif self._state == "size":
+            size_text = line.split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise RelayError("malformed chunked body: bad chunk size") from None
+            if size < 0 or not size_text.isalnum():
+                raise RelayError("malformed chunked body: bad chunk size")
+            if size == 0:
+                self._state = "trailers"
+            else:
+                self._remaining = size
+                self._state = "data"
+        elif self._state == "trailers" and not line:
+            self.done = True
+
+    def eof(self) -> None:
+        """The connection ended: fine only for an until-close body."""
+        if not self.done and not self._until_close:
+            raise RelayError("connection closed before the end of the reply body")
+        self.done = True
+
+
+class _Connection:
+    def __init__(self, transport: asyncio.Transport, reader: _Reader) -> None:
+        self.transport = transport
+        self.reader = reader
+        ssl_object = transport.get_extra_info("ssl_object")
+        self.peer_certificate: bytes | None = (
+            ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        )
+        self.buffered = b""  # bytes read past the end of the previous reply
+
+    def reusable(self) -> bool:
+        return not self.reader.at_eof and not self.transport.is_closing()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.transport.close()
+
+
+class RelayResponse:
+    """A reply whose body is read on demand; close it (``aclose``) when done."""
+
+    def __init__(
+        self,
+        client: RelayClient,
+        origin: _Origin,
+        connection: _Connection,
+        status_code: int,
+        headers: dict[str, str],
+        decoder: _BodyDecoder,
+        initial: bytes,
+        keep_alive: bool,
+    ) -> None:
+        self._client = client
+        self._origin = origin
+        self._connection: _Connection | None = connection
+        self.status_code = status_code
+        self.headers = headers
+        self.peer_certificate = connection.peer_certificate
+        self._decoder = decoder
+        self._initial = initial
+        self._keep_alive = keep_alive
+
+    async def aiter_raw(self, chunk_size: int | None = None) -> AsyncIterator[bytes]:
+        """The body as it arrives, in pieces as large as the socket delivers them.
+
+        Pieces are memoryviews of received buffers (bytes-like, not copied)."""
+        del chunk_size
+        connection = self._connection
+        decoder = self._decoder
+        if connection is None:
+            return
+        try:
+            data, self._initial = self._initial, b""
+            while not decoder.done:
+                if not data:
+                    data = await connection.reader.read()
+                    if not data:
+                        decoder.eof()
+                        break
+                for piece in decoder.feed(data):
+                    yield cast(bytes, piece)
+                data = b""
+        except (OSError, ssl.SSLError) as exc:
+            await self.aclose()
+            raise RelayError(f"connection failed: {exc!r}") from None
+        except RelayError:
+            await self.aclose()
+            raise
+        if decoder.done:
+            self._release()
+
+    def _release(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        if not self._keep_alive or self._decoder.leftover:
+            connection.close()  # asked to close, or the peer sent more than one reply
+            return
+        self._client._put(self._origin, connection)
+
+    async def aclose(self) -> None:
+        """Give the connection back if the reply was read to its end, else close it."""
+        if self._decoder.done:
+            self._release()
+            return
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+
+
+class RelayClient:
+    """Pooled keep-alive HTTP/1.1 (over TLS) for streamed relay exchanges."""
+
+    def __init__(
+        self,
+        ssl_context: ssl.SSLContext | None,
+        *,
+        connect_timeout: float = 5.0,
+        max_idle_per_origin: int = 8,
+    ) -> None:
+        self._ssl = ssl_context
+        self._connect_timeout = connect_timeout
+        self._max_idle = max_idle_per_origin
+        self._idle: dict[_Origin, collections.deque[_Connection]] = {}
+        self._closed = False
+
+    def _put(self, origin: _Origin, connection: _Connection) -> None:
+        idle = self._idle.setdefault(origin, collections.deque())
+        if self._closed or len(idle) >= self._max_idle or not connection.reusable():
+            connection.close()
+            return
+        idle.append(connection)
+
+    def _take(self, origin: _Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
+        while idle:
+            connection = idle.pop()
+            if connection.reusable():
+                return connection
+            connection.close()
+        return None
+
+    async def _connect(self, origin: _Origin) -> _Connection:
+        context = self._ssl if origin.scheme == "https" else None
+        if origin.scheme == "https" and context is None:
+            raise RelayConnectError("https URL but no TLS context", tls=True)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                transport, reader = await loop.create_connection(
+                    _Reader,
+                    origin.host,
+                    origin.port,
+                    ssl=context,
+                    server_hostname=origin.host if context is not None else None,
+                )
+        except ssl.SSLError as exc:
+            raise RelayConnectError(f"TLS handshake failed: {exc}", tls=True) from None
+        except TimeoutError:
+            raise RelayConnectError("connect timed out", tls=False) from None
+        except OSError as exc:
+            raise RelayConnectError(f"cannot connect: {exc}", tls=False) from None
+        return _Connection(transport, reader)
+
+    async def post(
+        self, url: str, body: bytes, headers: list[tuple[str, str]]
+    ) -> RelayResponse:
+        """Send a POST and return once the reply's status line and headers have arrived."""
+        origin, target = _origin(url)
+        pooled = self._take(origin)
+        if pooled is not None:
+            try:
+                return await self._exchange(origin, pooled, target, body, headers)
+            except _StaleConnection:
+                pass  # closed while idle: once more on a new connection
+        connection = await self._connect(origin)
+        try:
+            return await self._exchange(origin, connection, target, body, headers)
+        except _StaleConnection as exc:
+            raise RelayError(f"connection closed before the reply: {exc}") from None
+
+    async def _exchange(
+        self,
+        origin: _Origin,
+        connection: _Connection,
+        target: str,
+        body: bytes,
+        headers: list[tuple[str, str]],
+    ) -> RelayResponse:
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEADER_BYTES)
+        request = h11.Request(
+            method="POST",
+            target=target,
+            headers=[
+                ("host", origin.netloc),
+                ("content-length", str(len(body))),
+                ("user-agent", "xca-gateway"),
+                *headers,
+            ],
+        )
+        received_any = False
+        try:
+            connection.transport.write(conn.send(request) or b"")
+            connection.transport.write(body)
+            # h11 parses the status line and headers only; the body is framed by _BodyDecoder
+            # straight from the received buffers.
+            pending = b""
+            while True:
+                data = await connection.reader.read()
+                if not data:
+                    if not received_any:
+                        raise _StaleConnection("EOF")
+                    raise RelayError("connection closed before the reply headers")
+                received_any = True
+                pending += data
+                end = pending.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(pending) > _MAX_HEADER_BYTES:
+                        raise RelayError("reply headers too large")
+                    continue
+                conn.receive_data(pending[: end + 4])
+                event = conn.next_event()
+                if isinstance(event, h11.InformationalResponse):
+                    pending = pending[end + 4 :]  # h11 now waits for the final reply
+                    continue
+                if not isinstance(event, h11.Response):
+                    raise RelayError(f"unexpected HTTP event {type(event).__name__}")
+                response_headers: dict[str, str] = {}
+                for name, value in event.headers:
+                    key = name.decode("latin-1").lower()
+                    text = value.decode("latin-1")
+                    # Repeated fields (RFC 9110 5.3) are combined; content-length duplicates
+                    # have already been refused by h11.
+                    prior = response_headers.get(key)
+                    response_headers[key] = text if prior is None else f"{prior}, {text}"
+                return RelayResponse(
+                    self,
+                    origin,
+                    connection,
+                    event.status_code,
+                    response_headers,
+                    _decoder_for(event, response_headers),
+                    pending[end + 4 :],
+                    keep_alive=_keep_alive(event, response_headers),
+                )
+        except _StaleConnection:
+            connection.close()
+            raise
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            connection.close()
+            if not received_any:
+                raise _StaleConnection(repr(exc)) from None
+            raise RelayError(f"connection failed: {exc!r}") from None
+        except h11.RemoteProtocolError as exc:
+            connection.close()
+            raise RelayError(f"malformed HTTP reply: {exc}") from None
+        except (OSError, ssl.SSLError) as exc:
+            connection.close()
+            raise RelayError(f"connection failed: {exc!r}") from None
+        except BaseException:
+            connection.close()
+            raise
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for idle in self._idle.values():
+            while idle:
+                idle.pop().close()
+        self._idle.clear()
+
+
+class _StaleConnection(Exception):
+    """A pooled connection was closed by the peer before it could carry this request."""
+
+
+def _decoder_for(event: h11.Response, headers: dict[str, str]) -> _BodyDecoder:
+    if event.status_code in (204, 304) or 100 <= event.status_code < 200:
+        return _BodyDecoder(length=0, chunked=False)
+    encoding = headers.get("transfer-encoding", "").strip().lower()
+    if encoding:
+        if encoding != "chunked":
+            raise RelayError(f"unsupported transfer-encoding {encoding[:40]!r}")
+        return _BodyDecoder(length=None, chunked=True)
+    length = headers.get("content-length")
+    if length is not None:
+        return _BodyDecoder(length=int(length), chunked=False)  # h11 validated it
+    return _BodyDecoder(length=None, chunked=False)
+
+
+def _keep_alive(event: h11.Response, headers: dict[str, str]) -> bool:
+    if event.http_version != b"1.1":
+        return False
+    tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+    if "close" in tokens:
+        return False
+    # Without framing the body runs until the connection closes.
+    return "transfer-encoding" in headers or "content-length" in headers
