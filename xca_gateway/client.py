@@ -1,9 +1,11 @@
-"""Outbound SOAP calls to peer communities: one shared httpx client per gateway.
+"""Outbound SOAP calls to peer communities: one shared client per gateway.
 
-The shared ``httpx.AsyncClient`` carries the gateway's certificate (mutual TLS, ITI-19), pools
-connections per peer, and every call runs under a deadline that bounds the whole exchange
-(connect, send, wait, read), not just each socket operation. Peers are untrusted: their replies
-go through the same safe XML parser and MTOM limits as inbound requests.
+The shared client (:class:`xca_gateway.relay_client.RelayClient`: h11 over asyncio TLS, lean
+enough that a fan-out to many peers writes every request within a millisecond or two) carries
+the gateway's certificate (mutual TLS, ITI-19), pools connections per peer, and every call runs
+under a deadline that bounds the whole exchange (connect, send, wait, read), not just each
+socket operation. An httpx client remains for simple GETs (peer probes). Peers are
+untrusted: their replies go through the same safe XML parser and MTOM limits as inbound requests.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import hashlib
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -23,7 +25,7 @@ from lxml import etree
 from xca_gateway import mtom
 from xca_gateway.config import OutboundConfig
 from xca_gateway.metrics import GatewayMetrics
-from xca_gateway.relay_client import RelayClient
+from xca_gateway.relay_client import RelayClient, RelayConnectError, RelayError, RelayResponse
 from xca_gateway.soap import Fault, build_envelope, read_fault, serialize
 from xca_gateway.xmlsafe import XmlLimits, XmlRejected, parse_xml
 
@@ -148,7 +150,10 @@ class PeerClient:
             for part in parts:
                 writer.add_part(part)
             headers = {"content-type": writer.content_type}
-            content = writer.aiter_bytes()
+            if any(isinstance(p.body, AsyncIterable) for p in parts):
+                content = writer.aiter_bytes()  # streamed (chunked)
+            else:
+                content = b"".join(writer.iter_bytes())
         else:
             headers = {"content-type": f'application/soap+xml; charset=UTF-8; action="{action}"'}
             content = xml
@@ -188,21 +193,23 @@ class PeerClient:
         self, url: str, headers: dict[str, str], content: bytes | AsyncIterator[bytes]
     ) -> SoapReply:
         try:
-            async with self.http.stream("POST", url, headers=headers, content=content) as response:
-                self.check_pin(url, response)
+            response = await self.relay.post(url, content, list(headers.items()))
+            try:
+                self.check_pin_der(url, response.peer_certificate)
                 return await self._read_reply(response)
-        except httpx.TimeoutException:
-            raise TimeoutError from None
-        except (httpx.TransportError, ssl.SSLError) as exc:
+            finally:
+                await response.aclose()
+        except RelayConnectError as exc:
+            kind = "tls" if exc.tls else "connect"
+            raise PeerError(kind, f"cannot connect to {url}: {exc}") from None
+        except RelayError as exc:
             # With TLS 1.3 a refused client certificate surfaces on the first read, not in
-            # connect(): look for the TLS error anywhere in the cause chain.
-            if _ssl_cause(exc) is not None:
-                raise PeerError("tls", f"TLS with {url} failed: {_ssl_cause(exc)}") from None
-            if isinstance(exc, httpx.ConnectError):
-                raise PeerError("connect", f"cannot connect to {url}: {exc}") from None
-            raise PeerError("connect", f"transport error with {url}: {exc!r}") from None
+            # the handshake.
+            if exc.tls:
+                raise PeerError("tls", f"TLS with {url} failed: {exc}") from None
+            raise PeerError("connect", f"transport error with {url}: {exc}") from None
 
-    async def _read_reply(self, response: httpx.Response) -> SoapReply:
+    async def _read_reply(self, response: RelayResponse) -> SoapReply:
         content_type = response.headers.get("content-type", "")
         attachments: dict[str, mtom.Attachment] = {}
         if mtom.is_mtom(content_type):
@@ -251,14 +258,3 @@ class PeerClient:
                 a.file.close()
             raise PeerError("http", f"HTTP {response.status_code} without a SOAP payload")
         return SoapReply(response.status_code, root, payload, attachments)
-
-
-def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
-    seen: BaseException | None = exc
-    for _ in range(10):  # bounded walk of the cause chain
-        if seen is None:
-            return None
-        if isinstance(seen, ssl.SSLError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None

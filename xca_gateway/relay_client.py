@@ -41,15 +41,16 @@ _MAX_HEADER_BYTES = 64 * 1024
 
 
 class RelayError(Exception):
-    """The exchange with the peer failed after the connection was made."""
+    """The exchange with the peer failed; ``tls`` when TLS itself failed (e.g. the peer
+    refused our certificate, which TLS 1.3 reports only after the handshake)."""
+
+    def __init__(self, message: str, *, tls: bool = False) -> None:
+        super().__init__(message)
+        self.tls = tls
 
 
 class RelayConnectError(RelayError):
     """No connection: refused, unreachable, timed out, or the TLS handshake failed."""
-
-    def __init__(self, message: str, *, tls: bool) -> None:
-        super().__init__(message)
-        self.tls = tls
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,8 @@ class _Reader(asyncio.Protocol):
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
+        self._can_write = asyncio.Event()
+        self._can_write.set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -110,7 +113,22 @@ class _Reader(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
         self._error = exc
+        self._can_write.set()
         self._wake()
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is above its high-water mark."""
+        await self._can_write.wait()
+        if self._error is not None:
+            raise self._error
+        if self._eof and self.transport is not None and self.transport.is_closing():
+            raise ConnectionResetError("connection closed while sending")
 
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None
@@ -279,7 +297,10 @@ class RelayResponse:
                 for piece in decoder.feed(data):
                     yield cast(bytes, piece)
                 data = b""
-        except (OSError, ssl.SSLError) as exc:
+        except ssl.SSLError as exc:
+            await self.aclose()
+            raise RelayError(f"TLS failed: {exc}", tls=True) from None
+        except OSError as exc:
             await self.aclose()
             raise RelayError(f"connection failed: {exc!r}") from None
         except RelayError:
@@ -362,11 +383,14 @@ class RelayClient:
         return _Connection(transport, reader)
 
     async def post(
-        self, url: str, body: bytes, headers: list[tuple[str, str]]
+        self, url: str, body: bytes | AsyncIterator[bytes], headers: list[tuple[str, str]]
     ) -> RelayResponse:
-        """Send a POST and return once the reply's status line and headers have arrived."""
+        """Send a POST and return once the reply's status line and headers have arrived.
+
+        A streamed ``body`` goes out chunked, on a new connection: it cannot be replayed if
+        a pooled connection turned out to be closed."""
         origin, target = _origin(url)
-        pooled = self._take(origin)
+        pooled = self._take(origin) if isinstance(body, bytes) else None
         if pooled is not None:
             try:
                 return await self._exchange(origin, pooled, target, body, headers)
@@ -383,24 +407,34 @@ class RelayClient:
         origin: _Origin,
         connection: _Connection,
         target: str,
-        body: bytes,
+        body: bytes | AsyncIterator[bytes],
         headers: list[tuple[str, str]],
     ) -> RelayResponse:
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEADER_BYTES)
+        framing = (
+            ("content-length", str(len(body)))
+            if isinstance(body, bytes)
+            else ("transfer-encoding", "chunked")
+        )
         request = h11.Request(
             method="POST",
             target=target,
-            headers=[
-                ("host", origin.netloc),
-                ("content-length", str(len(body))),
-                ("user-agent", "xca-gateway"),
-                *headers,
-            ],
+            headers=[("host", origin.netloc), framing, ("user-agent", "xca-gateway"), *headers],
         )
         received_any = False
+        transport = connection.transport
         try:
-            connection.transport.write(conn.send(request) or b"")
-            connection.transport.write(body)
+            transport.write(conn.send(request) or b"")
+            if isinstance(body, bytes):
+                transport.write(body)
+            else:
+                async for chunk in body:
+                    if chunk:
+                        transport.write(b"%x\r\n" % len(chunk))
+                        transport.write(chunk)
+                        transport.write(b"\r\n")
+                        await connection.reader.drain()
+                transport.write(b"0\r\n\r\n")
             # h11 parses the status line and headers only; the body is framed by _BodyDecoder
             # straight from the received buffers.
             pending = b""
@@ -453,7 +487,10 @@ class RelayClient:
         except h11.RemoteProtocolError as exc:
             connection.close()
             raise RelayError(f"malformed HTTP reply: {exc}") from None
-        except (OSError, ssl.SSLError) as exc:
+        except ssl.SSLError as exc:
+            connection.close()
+            raise RelayError(f"TLS failed: {exc}", tls=True) from None
+        except OSError as exc:
             connection.close()
             raise RelayError(f"connection failed: {exc!r}") from None
         except BaseException:
