@@ -225,3 +225,24 @@ async def test_pinned_certificate_is_checked_on_relay_connections(pki: DevPki) -
     finally:
         await peer_client.aclose()
         await server.close()
+
+
+async def test_connections_in_use_are_capped_and_given_back_on_close(pki: DevPki) -> None:
+    app = StreamingApp()
+    server = HttpServer(app, ssl_context=server_tls(pki))
+    await server.start()
+    client = RelayClient(client_tls(pki), max_connections=1)
+    url = f"https://127.0.0.1:{server.port}/echo"
+    try:
+        first = await client.post(url, b"a", [])
+        second = asyncio.ensure_future(client.post(url, b"b", []))
+        await asyncio.sleep(0.3)
+        assert not second.done()  # waiting for the only slot
+        await first.aclose()  # not read to the end: the connection is closed, the slot freed
+        response = await asyncio.wait_for(second, 5)
+        assert b"".join([bytes(p) async for p in response.aiter_raw()]) == b"b"
+        await response.aclose()
+        assert await read_all(client, url, b"c", 2) == b"cc"  # the slot came back again
+    finally:
+        await client.aclose()
+        await server.close()

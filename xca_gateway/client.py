@@ -77,7 +77,12 @@ class PeerClient:
         self.pins: dict[str, str] = {}
         self.ssl_context = ssl_context
         # Streamed relays (imaging) use a lean client: see xca_gateway.relay_client.
-        self.relay = RelayClient(ssl_context, connect_timeout=outbound.connect_timeout)
+        self.relay = RelayClient(
+            ssl_context,
+            connect_timeout=outbound.connect_timeout,
+            max_idle_per_origin=outbound.max_keepalive_connections,
+            max_connections=outbound.max_connections,
+        )
         self.http = httpx.AsyncClient(
             verify=ssl_context,
             timeout=httpx.Timeout(outbound.request_timeout, connect=outbound.connect_timeout),

@@ -20,7 +20,7 @@ import asyncio
 import collections
 import contextlib
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
@@ -276,6 +276,12 @@ class RelayResponse:
         self._decoder = decoder
         self._initial = initial
         self._keep_alive = keep_alive
+        self._on_done: Callable[[], None] | None = None  # gives the client's slot back
+
+    def _done(self) -> None:
+        on_done, self._on_done = self._on_done, None
+        if on_done is not None:
+            on_done()
 
     async def aiter_raw(self, chunk_size: int | None = None) -> AsyncIterator[bytes]:
         """The body as it arrives, in pieces as large as the socket delivers them.
@@ -310,6 +316,7 @@ class RelayResponse:
             self._release()
 
     def _release(self) -> None:
+        self._done()
         connection, self._connection = self._connection, None
         if connection is None:
             return
@@ -323,6 +330,7 @@ class RelayResponse:
         if self._decoder.done:
             self._release()
             return
+        self._done()
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.close()
@@ -337,8 +345,10 @@ class RelayClient:
         *,
         connect_timeout: float = 5.0,
         max_idle_per_origin: int = 8,
+        max_connections: int = 100,
     ) -> None:
         self._ssl = ssl_context
+        self._slots = asyncio.Semaphore(max_connections)
         self._connect_timeout = connect_timeout
         self._max_idle = max_idle_per_origin
         self._idle: dict[_Origin, collections.deque[_Connection]] = {}
@@ -390,6 +400,24 @@ class RelayClient:
         A streamed ``body`` goes out chunked, on a new connection: it cannot be replayed if
         a pooled connection turned out to be closed."""
         origin, target = _origin(url)
+        # One slot per connection in use, released when its reply is closed or read to the
+        # end: a flood of consumers queues here instead of opening sockets without bound.
+        await self._slots.acquire()
+        try:
+            response = await self._post(origin, target, body, headers)
+        except BaseException:
+            self._slots.release()
+            raise
+        response._on_done = self._slots.release
+        return response
+
+    async def _post(
+        self,
+        origin: _Origin,
+        target: str,
+        body: bytes | AsyncIterator[bytes],
+        headers: list[tuple[str, str]],
+    ) -> RelayResponse:
         pooled = self._take(origin) if isinstance(body, bytes) else None
         if pooled is not None:
             try:
