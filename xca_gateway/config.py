@@ -33,6 +33,8 @@ EXTRA_SECTIONS = (
     "policy",
     "consent",
     "dicom",
+    "prefetch",
+    "dicomweb",
 )
 
 _OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
@@ -203,6 +205,10 @@ class GatewayConfig:
     consent: Any = None
     # [dicom] (xca_gateway.dicom_front.DicomFrontConfig): the DIMSE front door, when present.
     dicom: Any = None
+    # [prefetch] (xca_gateway.prefetch.PrefetchConfig): HL7 v2 auto-prefetch, when present.
+    prefetch: Any = None
+    # [dicomweb] (xca_gateway.dicomweb_front.DicomWebFrontConfig): QIDO-RS/WADO-RS, when present.
+    dicomweb: Any = None
 
     @property
     def base_dir(self) -> Path:
@@ -344,6 +350,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
     audit = parse_audit_config(_table(data, "audit"), base_dir, storage.data_dir, tls)
     from xca_gateway.consent import parse_consent_config
     from xca_gateway.dicom_front import parse_dicom_front_config
+    from xca_gateway.dicomweb_front import parse_dicomweb_front_config
     from xca_gateway.policy import parse_policy_config
     from xca_gateway.xua import parse_xua_config
 
@@ -351,9 +358,21 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
         dicom = (
             parse_dicom_front_config(_table(data, "dicom"), base_dir) if "dicom" in data else None
         )
+        dicomweb = (
+            parse_dicomweb_front_config(_table(data, "dicomweb"), base_dir)
+            if "dicomweb" in data
+            else None
+        )
         xua = parse_xua_config(_table(data, "xua"), base_dir)
         policy = parse_policy_config(_table(data, "policy"), base_dir) if "policy" in data else None
         consent = parse_consent_config(_table(data, "consent"), base_dir, storage.data_dir)
+        from xca_gateway.prefetch import parse_prefetch_config
+
+        prefetch = (
+            parse_prefetch_config(_table(data, "prefetch"), base_dir)
+            if "prefetch" in data
+            else None
+        )
     except ConfigError:
         raise
     except ValueError as exc:
@@ -369,6 +388,8 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
         policy=policy,
         consent=consent,
         dicom=dicom,
+        prefetch=prefetch,
+        dicomweb=dicomweb,
         community=community,
         tls=tls,
         storage=storage,

@@ -90,6 +90,7 @@ def community_config_toml(
     diagnostics_echo: bool = False,
     xref_csv: str | None = None,
     dicom_port: int = 0,
+    dicomweb_port: int = 0,
 ) -> str:
     """The TOML configuration of one demo community; ``peers`` gives each peer's base URL."""
     lines = [
@@ -132,6 +133,11 @@ def community_config_toml(
         f"ae_title = {_q(community.ae_title)}",
         'host = "127.0.0.1"',
         f"port = {dicom_port}",
+        "",
+        "# The DICOMweb front door: QIDO-RS / WADO-RS over the federation (mutual TLS).",
+        "[dicomweb]",
+        'host = "127.0.0.1"',
+        f"port = {dicomweb_port}",
         "",
     ]
     if diagnostics_echo:
@@ -320,6 +326,7 @@ class Demo:
                 peers=peers,
                 xref_csv=str(xref),
                 dicom_port=self.base_port + 10 * c.index + 2 if self.base_port else 0,
+                dicomweb_port=self.base_port + 10 * c.index + 3 if self.base_port else 0,
             )
             config += "\n" + self.arr.audit_destinations_toml(f"{c.name}-gateway")
             _write_atomic(cdir / "gateway.toml", config)
@@ -411,7 +418,8 @@ class Demo:
         return not pending
 
     def add_dicom_ports(self, endpoints: dict[str, Any]) -> None:
-        """The DICOM front door's port of each community, as its gateway reports it."""
+        """The DICOM and DICOMweb front doors' ports of each community, as its gateway
+        reports them."""
         for community in endpoints["communities"]:
             try:
                 with urllib.request.urlopen(community["admin"] + "/readyz", timeout=5) as r:
@@ -421,6 +429,9 @@ class Demo:
             if "dicom" in ports:
                 ae = DemoCommunity(0, community["name"]).ae_title
                 community["dicom"] = {"aeTitle": ae, "host": "127.0.0.1", "port": ports["dicom"]}
+            if "dicomweb" in ports:
+                # contract.md: the QIDO-RS/WADO-RS service root, a URL string.
+                community["dicomweb"] = f"https://127.0.0.1:{ports['dicomweb']}/dicomweb"
 
     def stop(self) -> None:
         for process in self.processes:

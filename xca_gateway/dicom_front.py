@@ -14,8 +14,10 @@ federation through the community's own initiating gateway, in-process:
   AE table (C-MOVE). An instance is decoded completely before it is sent, so a truncated or
   malformed one from a source is reported as a failed sub-operation and never half-stored.
 
-pynetdicom runs the associations in its own threads; the federation calls run on the
-gateway's asyncio loop through ``asyncio.run_coroutine_threadsafe``.
+The federation logic (manifests, the study cache, RAD-69 in-process) is shared with the
+DICOMweb front door in :mod:`xca_gateway.federation_view`. pynetdicom runs the associations in
+its own threads; the federation calls run on the gateway's asyncio loop through
+``asyncio.run_coroutine_threadsafe``.
 """
 
 from __future__ import annotations
@@ -24,14 +26,11 @@ import asyncio
 import fnmatch
 import io
 import logging
-import threading
-from collections import OrderedDict
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from lxml import etree
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -51,17 +50,17 @@ from xca_gateway.consumer import (
     EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
     ConsumerError,
-    Manifest,
-    find_manifests_request,
-    imaging_request_from_kos,
-    manifests_from_response,
-    retrieve_manifest_request,
 )
-from xca_gateway.ebrs import adhoc_query_response
-from xca_gateway.imaging.request import DocumentRequest, RetrieveImagingDocumentSetRequest
-from xca_gateway.kos import InstanceRef, kos_from_bytes, kos_references
-from xca_gateway.mtom import cid_from_href
-from xca_gateway.namespaces import XDSB, XOP, Action, ResponseStatus
+from xca_gateway.federation_view import (
+    FederationError,
+    FederationView,
+    InstanceRetrieval,
+    StudyManifest,
+    imaging_request_for,
+    patient_cx,
+)
+from xca_gateway.imaging.request import RetrieveImagingDocumentSetRequest
+from xca_gateway.kos import InstanceRef
 
 if TYPE_CHECKING:
     from xca_gateway.gateway import Gateway
@@ -74,6 +73,7 @@ __all__ = [
     "DicomFrontDoor",
     "FindQuery",
     "QueryError",
+    "StudyManifest",
     "parse_dicom_front_config",
     "parse_identifier",
 ]
@@ -123,7 +123,6 @@ _FILTERABLE_KEYS = frozenset(
     }
 )
 _CALL_TIMEOUT = 120.0
-_MAX_CACHED_STUDIES = 1000
 
 T = TypeVar("T")
 
@@ -269,13 +268,13 @@ def _patient_id(ds: Dataset, local_authority: str) -> str | None:
         raise QueryError(STATUS_IDENTIFIER_MISMATCH, "PatientID: wildcards are not supported")
     issuer = _issuer(ds)
     if pid and issuer in (None, local_authority):
-        return f"{pid}^^^&{local_authority}&ISO"
+        return patient_cx(pid, None, local_authority)
     for item in ds.get("OtherPatientIDsSequence", []) or []:
         other = str(item.get("PatientID", "") or "").strip()
         if other and _issuer(item) == local_authority:
-            return f"{other}^^^&{local_authority}&ISO"
+            return patient_cx(other, None, local_authority)
     if pid and issuer:
-        return f"{pid}^^^&{issuer}&ISO"
+        return patient_cx(pid, issuer, local_authority)
     return None
 
 
@@ -318,16 +317,6 @@ def parse_identifier(ds: Dataset, *, model: str, local_authority: str) -> FindQu
         sop_instance_uids=_uid_list(ds, "SOPInstanceUID"),
         identifier=ds,
     )
-
-
-@dataclass(frozen=True)
-class StudyManifest:
-    """One fetched KOS manifest: where it came from, its header and its references."""
-
-    manifest: Manifest
-    kos_bytes: bytes
-    header: Dataset
-    references: tuple[InstanceRef, ...]
 
 
 def select_references(query: FindQuery, studies: list[StudyManifest]) -> list[InstanceRef]:
@@ -420,16 +409,8 @@ def imaging_request(
 ) -> RetrieveImagingDocumentSetRequest:
     """The RAD-69 request for the instances the retrieve identifier selects."""
     wanted = {r.sop_instance_uid for r in select_references(query, studies)}
-    documents: list[DocumentRequest] = []
-    for study in studies:
-        full = imaging_request_from_kos(
-            study.kos_bytes,
-            study.manifest.home_community_id,
-            (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN),
-        )
-        documents.extend(d for d in full.documents if d.document_unique_id in wanted)
-    return RetrieveImagingDocumentSetRequest(
-        tuple(documents), (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN)
+    return imaging_request_for(
+        studies, wanted, (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN)
     )
 
 
@@ -476,10 +457,9 @@ class DicomFrontDoor:
         self.local_authority = gateway.config.community.patient_id_assigning_authority
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: Any = None
-        # Study Instance UID -> manifest, learnt from C-FIND, for Study Root retrieves that
-        # name no patient.
-        self._studies: OrderedDict[str, StudyManifest] = OrderedDict()
-        self._lock = threading.Lock()
+        # Manifests and the studies learnt from C-FIND (for Study Root retrieves that name no
+        # patient), shared logic with the DICOMweb door.
+        self.view = FederationView(gateway, timeout=_CALL_TIMEOUT)
         self.ae = AE(ae_title=config.ae_title)
         self.ae.maximum_associations = 10
         self.ae.add_supported_context(Verification)
@@ -543,54 +523,13 @@ class DicomFrontDoor:
 
     # -- federation
 
-    async def _read_body(self, body: Any) -> bytes:
-        if isinstance(body, bytes):
-            return body
-        data = bytearray()
-        async for chunk in body:
-            data += chunk
-        return bytes(data)
-
-    async def _fetch_studies(self, patient_id: str) -> list[StudyManifest]:
-        outcome = await self.gateway.initiating.query(find_manifests_request(patient_id))
-        if outcome.status == ResponseStatus.FAILURE and not outcome.objects:
-            codes = {e.error_code for e in outcome.errors}
-            # An unknown patient is an empty answer, not a failure, to a DICOM workstation.
-            if codes - {"XDSUnknownPatientId"}:
-                raise QueryError(
-                    STATUS_UNABLE_TO_PROCESS,
-                    "federation query failed: " + ", ".join(sorted(codes)),
-                )
-        response = adhoc_query_response(outcome.status, outcome.errors, outcome.objects)
-        studies = []
-        for manifest in manifests_from_response(response):
-            result = await self.gateway.retrieving.retrieve(retrieve_manifest_request(manifest))
-            try:
-                for document in result.documents:
-                    kos_bytes = await self._read_body(document.body)
-                    kos = kos_from_bytes(kos_bytes)
-                    studies.append(
-                        StudyManifest(manifest, kos_bytes, kos, tuple(kos_references(kos)))
-                    )
-            except (ValueError, InvalidDicomError) as exc:
-                log.warning("manifest %s unusable: %s", manifest.document_unique_id, exc)
-            finally:
-                result.close()
-        return studies
-
     def _studies_for(self, query: FindQuery) -> list[StudyManifest]:
         if query.patient_id is not None:
-            studies = self._call(self._fetch_studies(query.patient_id))
-            with self._lock:
-                for study in studies:
-                    for uid in study.manifest.study_instance_uids:
-                        self._studies[uid] = study
-                        self._studies.move_to_end(uid)
-                while len(self._studies) > _MAX_CACHED_STUDIES:
-                    self._studies.popitem(last=False)
-            return studies
-        with self._lock:
-            known = [self._studies[u] for u in query.study_instance_uids if u in self._studies]
+            try:
+                return self._call(self.view.studies_of_patient(query.patient_id)).studies
+            except FederationError as exc:
+                raise QueryError(STATUS_UNABLE_TO_PROCESS, exc.message) from None
+        known = self.view.cached(query.study_instance_uids)
         if not known:
             raise QueryError(
                 STATUS_IDENTIFIER_MISMATCH,
@@ -598,22 +537,6 @@ class DicomFrontDoor:
                 "was found by an earlier C-FIND",
             )
         return known
-
-    async def _rad69(self, request: RetrieveImagingDocumentSetRequest) -> tuple[list[str], Any]:
-        """Run the initiating gateway's RAD-69 handler in-process; (uids in order, parts)."""
-        from xca_gateway.imaging.request import build_retrieve_imaging_request
-
-        operation = self.gateway.endpoints["rad69"].operations[Action.RAD69]
-        response = await operation.handler(
-            cast(Any, _InProcessRequest(build_retrieve_imaging_request(request)))
-        )
-        names: dict[str, str] = {}
-        for doc in response.payload.iter(f"{{{XDSB}}}DocumentResponse"):
-            include = doc.find(f"{{{XDSB}}}Document/{{{XOP}}}Include")
-            uid = doc.findtext(f"{{{XDSB}}}DocumentUniqueId") or ""
-            if include is not None:
-                names[cid_from_href(include.get("href", ""))] = uid
-        return [names.get(p.content_id, "") for p in response.parts], response.parts
 
     def _instances(self, query: FindQuery) -> Iterator[Any]:
         """The C-GET/C-MOVE generator body after the destination: count, then each instance."""
@@ -635,22 +558,19 @@ class DicomFrontDoor:
             yield STATUS_SUCCESS, None
             return
         try:
-            uids, parts = self._call(self._rad69(request))
+            retrieval: InstanceRetrieval = self._call(self.view.retrieve(request))
         except Exception as exc:
             log.exception("RAD-69 through the gateway failed")
             yield from _refuse(STATUS_UNABLE_TO_PROCESS, f"retrieve failed: {type(exc).__name__}")
             return
-        missing = [
-            d.document_unique_id for d in request.documents if d.document_unique_id not in uids
-        ]
-        yield len(parts) + len(missing)
+        uids = retrieval.uids
+        missing = retrieval.missing
+        yield len(uids) + len(missing)
         failed = list(missing)
-        unread = 0
         try:
-            for index, (uid, part) in enumerate(zip(uids, parts, strict=True)):
-                unread = index + 1
+            for index, uid in enumerate(uids):
                 try:
-                    data = self._call(self._read_body(part.body))
+                    data = self._call(retrieval.read(index))
                 except Exception as exc:
                     # A broken stream cannot be resumed: the rest of the response is lost.
                     log.warning("instance %s not retrieved: %s", uid, exc)
@@ -666,10 +586,7 @@ class DicomFrontDoor:
                 yield STATUS_PENDING, ds
         finally:
             # Bodies never read still hold their source (file, peer response) open.
-            for part in parts[unread:]:
-                body = part.body
-                if hasattr(body, "aclose"):
-                    self._call(body.aclose())
+            self._call(retrieval.aclose())
         if failed:
             ds = Dataset()
             ds.FailedSOPInstanceUIDList = failed
@@ -744,14 +661,6 @@ class DicomFrontDoor:
             yield from _refuse(exc.status, exc.comment)
             return
         yield from self._instances(query)
-
-
-class _InProcessRequest:
-    """What the RAD-69 handler reads of a SoapRequest (only the payload)."""
-
-    def __init__(self, payload: etree._Element) -> None:
-        self.payload = payload
-        self.context: dict[str, Any] = {}
 
 
 async def _as_coroutine(awaitable: Awaitable[T]) -> T:

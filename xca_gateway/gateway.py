@@ -144,6 +144,20 @@ class Gateway:
 
         # The DIMSE front door (C-FIND / C-GET / C-MOVE over the federation), when configured.
         self.dicom_front = DicomFrontDoor(self, config.dicom) if config.dicom is not None else None
+        from xca_gateway.prefetch import Prefetcher
+
+        # HL7 v2 orders (MLLP) prefetch the patient's foreign priors into the PACS, in-process.
+        self.prefetch = Prefetcher(self, config.prefetch) if config.prefetch is not None else None
+        from xca_gateway.dicomweb_front import DicomWebFrontDoor
+
+        # The DICOMweb front door (QIDO-RS / WADO-RS over the federation), when configured.
+        self.dicomweb_front = (
+            DicomWebFrontDoor(
+                self, config.dicomweb, on_handshake_failure=self._on_handshake_failure
+            )
+            if config.dicomweb is not None
+            else None
+        )
 
     def _build_endpoints(self) -> dict[str, SoapEndpoint]:
         home = self.config.community.home_community_id
@@ -399,6 +413,10 @@ class Gateway:
         ports = {"https": self.https.port, "admin": self.admin.port}
         if self.dicom_front is not None and self._started:
             ports["dicom"] = self.dicom_front.port
+        if self.prefetch is not None and self._started:
+            ports["mllp"] = self.prefetch.port
+        if self.dicomweb_front is not None and self._started:
+            ports["dicomweb"] = self.dicomweb_front.port
         return ports
 
     async def start(self, sockets: ListenSockets | None = None) -> None:
@@ -412,6 +430,10 @@ class Gateway:
         await self.audit.start()
         if self.dicom_front is not None:
             await self.dicom_front.start()
+        if self.prefetch is not None:
+            await self.prefetch.start()
+        if self.dicomweb_front is not None:
+            await self.dicomweb_front.start()
         self._started = True
         log.info(
             "gateway %s (%s) serving on %s, admin on http://%s:%d",
@@ -424,8 +446,12 @@ class Gateway:
 
     async def stop(self) -> None:
         self._started = False
+        if self.prefetch is not None:
+            await self.prefetch.stop()
         if self.dicom_front is not None:
             await self.dicom_front.stop()
+        if self.dicomweb_front is not None:
+            await self.dicomweb_front.stop()
         await self.https.close()
         await self.imaging.stop()
         await self.admin.close()

@@ -1,0 +1,841 @@
+"""The DICOMweb front door: QIDO-RS / WADO-RS against real gateways with registered studies.
+
+Two communities are seeded as the demo does it (alpha, whose door is tested, and beta, reached
+through ITI-38 / ITI-39 / RAD-75, alice's ids mapped by a cross-reference table), then queried
+and retrieved with the dicomweb-client package over mutual TLS, and with raw requests where
+the bytes on the wire matter. Alpha audits over syslog UDP to a socket the test reads.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import ssl
+import threading
+import tracemalloc
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from lxml import etree
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from tests.conftest import GatewayThread, wait_for
+from tests.test_dicom_front import ARC, AUTHORITY, seed_community
+from xca_gateway.audit.syslog import parse_message
+from xca_gateway.audit.validate import schema_errors
+from xca_gateway.config import load_config
+from xca_gateway.consumer import Manifest
+from xca_gateway.dicom_samples import SamplePatient, SampleStudy, generate_study, local_patient_id
+from xca_gateway.dicomweb_front import (
+    ANY_TRANSFER_SYNTAX,
+    ConfigError,
+    DicomWebError,
+    QidoQuery,
+    Route,
+    metadata_json,
+    negotiate_json,
+    negotiate_transfer_syntaxes,
+    parse_dicomweb_front_config,
+    parse_qido,
+    parse_route,
+    retrieve_failure,
+    search,
+    to_dicom_json,
+)
+from xca_gateway.ebrs import RegistryError
+from xca_gateway.federation_view import StudyManifest
+from xca_gateway.gateway import Gateway
+from xca_gateway.imaging.transfer_syntax import TRANSFER_SYNTAX_ERROR
+from xca_gateway.kos import build_kos, kos_references, kos_to_bytes
+from xca_gateway.pki import DevPki
+
+EXPLICIT = "1.2.840.10008.1.2.1"
+BIG_PATIENT = "BIG-1"
+
+
+# ----------------------------------------------------------------------------- fixture
+
+
+class AuditInbox:
+    """A syslog-over-UDP audit record repository: every datagram's XML, parsed."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = int(self.sock.getsockname()[1])
+        self.records: list[etree._Element] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(70000)
+            except OSError:
+                continue
+            msg = parse_message(data).msg
+            self.records.append(etree.fromstring(msg[3:] if msg[:3] == b"\xef\xbb\xbf" else msg))
+
+    def events(self) -> list[tuple[str, str, str]]:
+        found = []
+        for root in list(self.records):
+            ident = root.find("EventIdentification")
+            assert ident is not None
+            event_id, type_code = ident.find("EventID"), ident.find("EventTypeCode")
+            found.append(
+                (
+                    event_id.get("csd-code", "") if event_id is not None else "",
+                    type_code.get("csd-code", "") if type_code is not None else "",
+                    ident.get("EventOutcomeIndicator", ""),
+                )
+            )
+        return found
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+@dataclass
+class Web:
+    url: str  # the service root, https://127.0.0.1:port/dicomweb
+    pki: DevPki
+    alpha: Gateway
+    studies: list[SampleStudy]  # alpha's own
+    peer_studies: list[SampleStudy]  # beta's
+    big: SampleStudy  # a larger study of BIG_PATIENT at alpha
+    audit: AuditInbox
+    threads: list[GatewayThread] = field(default_factory=list)
+
+    def session(self) -> requests.Session:
+        session = requests.Session()
+        # Environment CA bundles (REQUESTS_CA_BUNDLE) would override the session's trust.
+        session.trust_env = False
+        session.cert = (str(self.pki.client.cert), str(self.pki.client.key))
+        session.verify = str(self.pki.ca)
+        return session
+
+    def client(self) -> DICOMwebClient:
+        return DICOMwebClient(url=self.url, session=self.session())
+
+    def alice_studies(self) -> set[str]:
+        return {
+            s.study_instance_uid
+            for s in [*self.studies, *self.peer_studies]
+            if s.patient_id in (local_patient_id(0, 0), local_patient_id(1, 0))
+        }
+
+
+@pytest.fixture(scope="module")
+def web(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
+    tmp = tmp_path_factory.mktemp("dicomweb-front")
+    audit = AuditInbox()
+    beta_config, beta_studies = seed_community(tmp, pki, "beta", 1)
+    threads = [GatewayThread(load_config(beta_config))]
+    try:
+        beta = threads[0].__enter__()
+        xref = tmp / "xref.csv"
+        xref.write_text(
+            f"{local_patient_id(0, 0)}^^^&{ARC}.20.1000&ISO,"
+            f"{local_patient_id(1, 0)}^^^&{ARC}.20.2000&ISO\n"
+        )
+        # A larger study (about 21 MB) for the memory test, imported with alpha's samples.
+        big = generate_study(
+            tmp / "alpha" / "images" / "big",
+            patient=SamplePatient("eve", "Stor", "Eve", "19700101", "F"),
+            patient_id=BIG_PATIENT,
+            issuer_oid=AUTHORITY,
+            modality="CT",
+            body_part="CHEST",
+            study_date=date(2024, 5, 6),
+            institution="Alpha",
+            accession_number="BIG0001",
+            uid_root=f"{ARC}.90.77",
+            series_count=1,
+            instances_per_series=40,
+            rows=512,
+            columns=512,
+            seed=7,
+        )
+        extra = f"""
+[patient_mapping]
+xref_csv = "{xref}"
+
+[[peers]]
+name = "beta"
+home_community_id = "urn:oid:{ARC}.70.2"
+iti38 = "{beta.base_url}/xca/iti38"
+iti39 = "{beta.base_url}/xca/iti39"
+rad75 = "{beta.base_url}/xca/rad75"
+patient_id_assigning_authority = "{ARC}.20.2000"
+
+[dicomweb]
+host = "127.0.0.1"
+port = 0
+
+[audit]
+audit_source_id = "alpha-dicomweb"
+[[audit.destinations]]
+name = "arr"
+transport = "udp"
+host = "127.0.0.1"
+port = {audit.port}
+"""
+        alpha_config, studies = seed_community(tmp, pki, "alpha", 0, extra)
+        threads.append(GatewayThread(load_config(alpha_config)))
+        alpha = threads[1].__enter__()
+        assert alpha.dicomweb_front is not None
+        port = alpha.listening()["dicomweb"]
+        yield Web(
+            f"https://127.0.0.1:{port}/dicomweb",
+            pki,
+            alpha,
+            studies,
+            beta_studies,
+            big,
+            audit,
+            threads,
+        )
+    finally:
+        for thread in reversed(threads):
+            if thread.gateway is not None:
+                thread.__exit__(None, None, None)
+        audit.close()
+
+
+def multipart_parts(response: requests.Response) -> list[tuple[str, bytes]]:
+    """(part Content-Type, body) of a multipart/related response, parsed strictly."""
+    content_type = response.headers["content-type"]
+    assert content_type.startswith('multipart/related; type="application/dicom"')
+    boundary = content_type.rsplit("boundary=", 1)[1].strip('"').encode()
+    data = response.content
+    assert data.startswith(b"--" + boundary + b"\r\n"), data[:100]
+    segments = (b"\r\n" + data).split(b"\r\n--" + boundary)
+    assert segments[0] == b"" and segments[-1] == b"--\r\n"
+    parts = []
+    for segment in segments[1:-1]:
+        assert segment.startswith(b"\r\n")
+        head, _, body = segment[2:].partition(b"\r\n\r\n")
+        headers = dict(
+            (k.strip().lower(), v.strip())
+            for k, _, v in (line.partition(":") for line in head.decode().split("\r\n"))
+        )
+        parts.append((headers["content-type"], body))
+    return parts
+
+
+def uid_of(path: Path) -> str:
+    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def value(item: dict[str, Any], tag: str) -> Any:
+    return item[tag]["Value"][0]
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+def test_config_parses_and_rejects_bad_tables() -> None:
+    config = parse_dicomweb_front_config({"port": 0})
+    assert (config.host, config.port, config.tls) == ("127.0.0.1", 0, True)
+    assert parse_dicomweb_front_config({"tls": False, "host": "localhost"}).tls is False
+    with pytest.raises(ConfigError, match="loopback"):
+        parse_dicomweb_front_config({"tls": False, "host": "0.0.0.0"})
+    for bad in (
+        {"port": 70000},
+        {"colour": "blue"},
+        {"tls": "yes"},
+        {"max_results": 0},
+        {"public_base_url": "ftp://x"},
+    ):
+        with pytest.raises(ConfigError):
+            parse_dicomweb_front_config(bad)
+
+
+def test_config_section_is_wired_into_the_gateway_configuration(
+    pki: DevPki, tmp_path: Path
+) -> None:
+    from tests.conftest import make_config
+    from xca_gateway.config import ConfigError as GatewayConfigError
+
+    config = make_config(pki, tmp_path, dicomweb={"port": 0})
+    assert config.dicomweb is not None and config.dicomweb.tls
+    with pytest.raises(GatewayConfigError, match="loopback"):
+        make_config(pki, tmp_path, dicomweb={"host": "10.1.2.3", "tls": False})
+
+
+def test_routes() -> None:
+    assert parse_route("/dicomweb/studies") == Route("search", "STUDY")
+    assert parse_route("/dicomweb/studies/1.2/series") == Route("search", "SERIES", "1.2")
+    assert parse_route("/dicomweb/studies/1.2/instances") == Route("search", "IMAGE", "1.2")
+    assert parse_route("/dicomweb/studies/1.2/series/3.4/instances") == Route(
+        "search", "IMAGE", "1.2", "3.4"
+    )
+    assert parse_route("/dicomweb/studies/1.2") == Route("retrieve", "STUDY", "1.2")
+    assert parse_route("/dicomweb/studies/1.2/series/3.4/instances/5.6/metadata") == Route(
+        "metadata", "IMAGE", "1.2", "3.4", "5.6"
+    )
+    assert parse_route("/dicomweb/studies/1.2/rendered") == Route(
+        "unsupported", "STUDY", "1.2", detail="rendered"
+    )
+    for unknown in ("/", "/dicomweb", "/dicomweb/patients", "/dicomweb/studies/1.2/x"):
+        assert parse_route(unknown) is None
+    with pytest.raises(DicomWebError) as caught:
+        parse_route("/dicomweb/studies/1.2.abc")
+    assert caught.value.status == 400
+
+
+def test_accept_negotiation() -> None:
+    assert negotiate_transfer_syntaxes([]) == (EXPLICIT,)
+    assert negotiate_transfer_syntaxes(["*/*"]) == (EXPLICIT,)
+    assert negotiate_transfer_syntaxes(['multipart/related; type="application/dicom"']) == (
+        EXPLICIT,
+    )
+    assert (
+        negotiate_transfer_syntaxes(
+            ['multipart/related; type="application/dicom"; transfer-syntax=*']
+        )
+        == ANY_TRANSFER_SYNTAX
+    )
+    assert negotiate_transfer_syntaxes(
+        [
+            "multipart/related; type=application/dicom; transfer-syntax=1.2.840.10008.1.2.5;q=0.5,"
+            ' multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2',
+            "image/jpeg",
+        ]
+    ) == ("1.2.840.10008.1.2", "1.2.840.10008.1.2.5")
+    for unsupported in (
+        ["image/jpeg"],
+        ['multipart/related; type="application/octet-stream"'],
+        ['multipart/related; type="application/dicom"; q=0'],
+        ["application/dicom"],
+    ):
+        with pytest.raises(DicomWebError) as caught:
+            negotiate_transfer_syntaxes(unsupported)
+        assert caught.value.status == 406, unsupported
+    for malformed in (
+        ['multipart/related; type="application/dicom"; transfer-syntax=abc'],
+        ["multipart/related; q=2"],
+        ['multipart/related; type="application/dicom'],
+        ["not a media type"],
+    ):
+        with pytest.raises(DicomWebError) as caught:
+            negotiate_transfer_syntaxes(malformed)
+        assert caught.value.status == 400, malformed
+    assert negotiate_json([]) == negotiate_json(["application/json"]) == "application/dicom+json"
+    with pytest.raises(DicomWebError) as caught:
+        negotiate_json(['multipart/related; type="application/dicom+xml"'])
+    assert caught.value.status == 406
+
+
+def qido(query: str, route: Route | None = None) -> QidoQuery:
+    from urllib.parse import parse_qsl
+
+    return parse_qido(
+        route or Route("search", "STUDY"),
+        parse_qsl(query, keep_blank_values=True),
+        local_authority=AUTHORITY,
+        max_results=100,
+    )
+
+
+def test_qido_query_parsing() -> None:
+    q = qido("PatientID=MRN1&StudyDate=20200101-20201231&00080050=ACC*&includefield=00081030")
+    assert q.patient_id == f"MRN1^^^&{AUTHORITY}&ISO"
+    assert (q.caller_patient_id, q.caller_issuer) == ("MRN1", AUTHORITY)
+    assert q.filters == (("StudyDate", "20200101-20201231"), ("AccessionNumber", "ACC*"))
+    assert "StudyDescription" in q.include and q.limit == 100 and q.offset == 0
+    foreign = qido("PatientID=X9&IssuerOfPatientID=2.999.7&limit=5&offset=10")
+    assert foreign.patient_id == "X9^^^&2.999.7&ISO"  # left to the patient-ID mapping
+    assert (foreign.limit, foreign.offset) == (5, 10)
+    assert qido("limit=5000").limit == 100  # capped by max_results
+    assert qido("StudyInstanceUID=1.2.3,1.2.4").study_uids == ("1.2.3", "1.2.4")
+    assert qido("StudyDate=-20200101&StudyTime=0800-1200").filters == (
+        ("StudyDate", "-20200101"),
+        ("StudyTime", "0800-1200"),
+    )
+    series = qido("Modality=CT", Route("search", "SERIES", "1.2.3"))
+    assert series.study_uids == ("1.2.3",) and series.study_in_path
+    assert qido("fuzzymatching=true&includefield=all").fuzzy
+    for bad in (
+        "StudyDate=2020-01-01",
+        "StudyDate=20201301",
+        "StudyDate=20201231-20200101",
+        "StudyDate=-",
+        "StudyDate=2020*",
+        "StudyTime=2500",
+        "NoSuchAttribute=1",
+        "00091234=1",  # a private tag: no keyword
+        "limit=-1",
+        "limit=0",
+        "offset=x",
+        "PatientID=A*",
+        "PatientID=A^B",
+        "IssuerOfPatientID=2.999.7",
+        "PatientID=A&IssuerOfPatientID=hospital",
+        "StudyInstanceUID=1.2.*",
+        "BodyPartExamined=CHEST",
+        "SeriesInstanceUID=1.2.3",  # at the study level
+        "fuzzymatching=maybe",
+        "ReferencedStudySequence.StudyInstanceUID=1.2",
+    ):
+        with pytest.raises(DicomWebError) as caught:
+            qido(bad)
+        assert caught.value.status == 400, bad
+
+
+def _study_manifest(tmp: Path, *, home: str, modalities: tuple[str, ...]) -> StudyManifest:
+    """A real KOS of a generated study, as the federation view would hold it."""
+    study = generate_study(
+        tmp,
+        patient=SamplePatient("zed", "Ödegård", "Zoë", "19800202", "F"),
+        patient_id="Z1",
+        issuer_oid="2.999.1",
+        modality="MR",
+        body_part="KNEE",
+        study_date=date(2021, 3, 4),
+        institution="Somewhere",
+        accession_number="ACC42",
+        uid_root="2.999.99",
+        series_count=2,
+        instances_per_series=2,
+        seed=1,
+    )
+    kos = build_kos([dcmread(f) for f in study.files], repository_unique_id="2.999.81")
+    manifest = Manifest(home, "2.999.80", "2.999.5.1", (study.study_instance_uid,), None)
+    return StudyManifest(manifest, kos_to_bytes(kos), kos, tuple(kos_references(kos)), modalities)
+
+
+def test_search_builds_the_dicom_json_model(tmp_path: Path) -> None:
+    sm = _study_manifest(tmp_path, home="urn:oid:2.999.70.1", modalities=("MR",))
+    study_uid = sm.study_instance_uids[0]
+    found = search(qido("PatientID=LOCAL7&StudyDate=20210101-"), [sm], "https://gw:1")
+    assert found.remaining == 0 and len(found.matches) == 1
+    item = to_dicom_json(found.matches[0])
+    assert item["00100010"] == {"vr": "PN", "Value": [{"Alphabetic": "Ödegård^Zoë"}]}
+    # The caller's id and issuer, not the source community's.
+    assert item["00100020"] == {"vr": "LO", "Value": ["LOCAL7"]}
+    assert item["00100021"] == {"vr": "LO", "Value": [AUTHORITY]}
+    assert item["0020000D"] == {"vr": "UI", "Value": [study_uid]}
+    assert item["00080061"] == {"vr": "CS", "Value": ["MR"]}
+    assert item["00201206"] == {"vr": "IS", "Value": [2]}
+    assert item["00201208"] == {"vr": "IS", "Value": [4]}
+    assert item["00081190"] == {
+        "vr": "UR",
+        "Value": [f"https://gw:1/dicomweb/studies/{study_uid}"],
+    }
+    assert list(item) == sorted(item)  # tags in ascending order
+    assert search(qido("StudyDate=-20201231"), [sm], "https://gw:1").matches == []
+    assert search(qido("ModalitiesInStudy=CT,MR"), [sm], "").matches
+    assert not search(qido("ModalitiesInStudy=CT"), [sm], "").matches
+    assert search(qido("PatientName=ödeg*"), [sm], "").matches  # case-insensitive
+    assert search(qido("AccessionNumber=ACC4?"), [sm], "").matches
+    # Asked-for attributes the manifests do not know come back empty.
+    empty = to_dicom_json(search(qido("includefield=StudyDescription"), [sm], "").matches[0])
+    assert empty["00081030"] == {"vr": "LO"}
+    series_route = Route("search", "SERIES", study_uid)
+    series = search(qido("", series_route), [sm], "https://gw:1").matches
+    assert len(series) == 2 and {str(s.Modality) for s in series} == {"MR"}
+    assert all("PatientName" not in s for s in series)  # study attributes stay at the study
+    assert series[0].RetrieveURL.endswith(
+        f"/studies/{study_uid}/series/{series[0].SeriesInstanceUID}"
+    )
+    instances = search(qido("limit=3&offset=1", Route("search", "IMAGE")), [sm], "").matches
+    assert len(instances) == 3
+    everything = search(qido("", Route("search", "IMAGE")), [sm], "")
+    assert [i.SOPInstanceUID for i in everything.matches][1:4] == [
+        i.SOPInstanceUID for i in instances
+    ]
+    paged = search(qido("limit=1", Route("search", "IMAGE")), [sm], "")
+    assert paged.remaining == 3
+    # The cached manifest is never changed by answering.
+    assert str(sm.header.PatientID) == "Z1"
+
+
+def test_metadata_leaves_out_bulk_data() -> None:
+    ds = Dataset()
+    ds.SOPInstanceUID = "1.2.3"
+    ds.PatientName = "Doe^Jane"
+    ds.PixelData = b"\0" * 128
+    ds.add_new(0x00291010, "OB", b"\1" * 200_000)  # a large private binary value
+    ds.add_new(0x00291011, "OB", b"\2" * 16)
+    meta = metadata_json(ds)
+    assert "7FE00010" not in meta and "00291010" not in meta
+    assert meta["00291011"] == {"vr": "OB", "InlineBinary": "AgICAgICAgICAgICAgICAg=="}
+    assert meta["00100010"]["Value"] == [{"Alphabetic": "Doe^Jane"}]
+
+
+def test_retrieve_failure_statuses() -> None:
+    def status(*errors: RegistryError) -> int:
+        return retrieve_failure(errors).status
+
+    ts_error = RegistryError("XDSRepositoryError", f"{TRANSFER_SYNTAX_ERROR} (1.2.3) for X")
+    assert status(ts_error) == 406
+    assert status(RegistryError("XDSDocumentUniqueIdError", "not found")) == 404
+    late = RegistryError(
+        "XDSUnavailableCommunity", "community x did not answer: no answer within 5 s"
+    )
+    assert status(late) == 504
+    assert status(RegistryError("XDSUnavailableCommunity", "connection refused")) == 502
+    assert status() == 502
+
+
+def test_audit_messages_follow_the_imaging_pattern() -> None:
+    from xca_gateway.audit import messages as m
+    from xca_gateway.dicomweb_front import qido_audit, wado_audit
+
+    ctx = m.AuditContext(m.AuditSource("gw"))
+    client = m.remote_node("10.0.0.9", certificate_subject="CN=viewer")
+    us = ctx.local_node("https://gw:8444/dicomweb/studies")
+    query = qido_audit(
+        ctx,
+        requester=client,
+        responder=us,
+        target="/dicomweb/studies?PatientID=P1",
+        patient_id="P1^^^&2.999&ISO",
+        outcome=m.EventOutcome.SUCCESS,
+    )
+    assert not schema_errors(query)
+    root = query.to_element()
+    assert [e.get("csd-code") for e in root.iter("EventID", "EventTypeCode")] == [
+        "110112",
+        "RAD-129",
+    ]
+    refs = [
+        m.ImagingInstanceReference("1.2", "1.2.3", f"1.2.3.{i}", "1.2.840.10008.5.1.4.1.1.2")
+        for i in range(3)
+    ]
+    delivered, failed = wado_audit(
+        ctx,
+        requester=client,
+        responder=us,
+        study_uid="1.2",
+        delivered=refs[:2],
+        failed=refs[2:],
+        patient_ids=["P1^^^&2.999&ISO"],
+    )
+    for message, outcome in ((delivered, "0"), (failed, "8")):
+        assert not schema_errors(message)
+        ident = message.to_element().find("EventIdentification")
+        assert ident is not None
+        assert (ident.get("EventActionCode"), ident.get("EventOutcomeIndicator")) == ("R", outcome)
+        assert [e.get("csd-code") for e in ident.iter("EventID", "EventTypeCode")] == [
+            "110104",
+            "RAD-107",
+        ]
+    # We hand the instances out (Source), the client receives them (Destination, requestor).
+    roles = {
+        p.user_id: (p.role_id_codes[0].code, p.user_is_requestor) for p in delivered.participants
+    }
+    assert roles == {us.user_id: ("110153", False), "CN=viewer": ("110152", True)}
+    [nothing] = wado_audit(
+        ctx,
+        requester=client,
+        responder=us,
+        study_uid="1.2",
+        delivered=[],
+        failed=[],
+        patient_ids=[],
+    )
+    assert not schema_errors(nothing)
+    assert nothing.objects[0].object_id == "1.2"
+
+
+# ----------------------------------------------------------------------------- QIDO-RS
+
+
+def test_search_for_studies_lists_every_community(web: Web) -> None:
+    alice = local_patient_id(0, 0)
+    client = web.client()
+    found = client.search_for_studies(search_filters={"PatientID": alice})
+    uids = {value(s, "0020000D") for s in found}
+    assert uids == web.alice_studies()
+    beta_uids = {s.study_instance_uid for s in web.peer_studies}
+    assert uids & beta_uids, "the peer community's studies are listed too"
+    for study in found:
+        assert value(study, "00100020") == alice
+        assert value(study, "00100010")["Alphabetic"].startswith("Lindqvist")
+        assert value(study, "00081190") == f"{web.url}/studies/{value(study, '0020000D')}"
+        assert study["00080061"]["Value"]  # ModalitiesInStudy from the DocumentEntries
+    by_uid = {s.study_instance_uid: s for s in [*web.studies, *web.peer_studies]}
+    for study in found:
+        sample = by_uid[value(study, "0020000D")]
+        assert value(study, "00080050") == sample.accession_number
+        assert value(study, "00080020") == sample.study_date
+        assert study["00080061"]["Value"] == [sample.modality]
+        assert value(study, "00201208") == len(sample.files)
+
+
+def test_search_filters_by_date_modality_and_accession(web: Web) -> None:
+    alice = local_patient_id(0, 0)
+    everything = [*web.studies, *web.peer_studies]
+    mine = [s for s in everything if s.study_instance_uid in web.alice_studies()]
+    client = web.client()
+    pivot = sorted(s.study_date for s in mine)[len(mine) // 2]
+    found = client.search_for_studies(search_filters={"PatientID": alice, "StudyDate": f"{pivot}-"})
+    assert {value(s, "0020000D") for s in found} == {
+        s.study_instance_uid for s in mine if s.study_date >= pivot
+    }
+    modality = mine[0].modality
+    found = client.search_for_studies(
+        search_filters={"PatientID": alice, "ModalitiesInStudy": modality}
+    )
+    assert {value(s, "0020000D") for s in found} == {
+        s.study_instance_uid for s in mine if s.modality == modality
+    }
+    found = client.search_for_studies(
+        search_filters={"PatientID": alice, "AccessionNumber": mine[-1].accession_number}
+    )
+    assert [value(s, "0020000D") for s in found] == [mine[-1].study_instance_uid]
+    assert client.search_for_studies(search_filters={"PatientID": "NOBODY"}) == []
+
+
+def test_search_for_series_and_instances(web: Web) -> None:
+    study = next(s for s in web.peer_studies if s.patient_id == local_patient_id(1, 0))
+    client = web.client()
+    # Known from the earlier study search, or found now through the patient.
+    series = client.search_for_series(
+        study.study_instance_uid, search_filters={"PatientID": local_patient_id(0, 0)}
+    )
+    assert {value(s, "0020000E") for s in series} == set(study.series_instance_uids)
+    assert {value(s, "00080060") for s in series} == {study.modality}
+    series_uid = study.series_instance_uids[0]
+    instances = client.search_for_instances(study.study_instance_uid, series_uid)
+    expected = {uid_of(f) for f in study.files if str(dcmread(f).SeriesInstanceUID) == series_uid}
+    assert {value(i, "00080018") for i in instances} == expected
+    for instance in instances:
+        assert value(instance, "00081190") == (
+            f"{web.url}/studies/{study.study_instance_uid}/series/{series_uid}"
+            f"/instances/{value(instance, '00080018')}"
+        )
+    all_instances = client.search_for_instances(study.study_instance_uid)
+    assert {value(i, "00080018") for i in all_instances} == {uid_of(f) for f in study.files}
+    assert all(value(i, "0020000E") in study.series_instance_uids for i in all_instances)
+
+
+# ----------------------------------------------------------------------------- WADO-RS
+
+
+def test_retrieve_study_is_byte_identical_to_the_source(web: Web) -> None:
+    # Alice's study in beta: RAD-69 routed as RAD-75, streamed through both gateways.
+    alice = local_patient_id(0, 0)
+    for study in (
+        next(s for s in web.peer_studies if s.patient_id == local_patient_id(1, 0)),
+        next(s for s in web.studies if s.patient_id == alice),
+    ):
+        client = web.client()
+        client.search_for_studies(search_filters={"PatientID": alice})
+        datasets = client.retrieve_study(study.study_instance_uid)
+        assert {str(d.SOPInstanceUID) for d in datasets} == {uid_of(f) for f in study.files}
+        response = web.session().get(f"{web.url}/studies/{study.study_instance_uid}")
+        assert response.status_code == 200
+        assert response.headers.get("transfer-encoding") == "chunked"  # streamed
+        parts = multipart_parts(response)
+        sources = {uid_of(f): f.read_bytes() for f in study.files}
+        assert len(parts) == len(sources)
+        for content_type, body in parts:
+            assert content_type == f"application/dicom; transfer-syntax={EXPLICIT}"
+            uid = str(dcmread(io.BytesIO(body), stop_before_pixels=True).SOPInstanceUID)
+            assert body == sources[uid]
+
+
+def test_retrieve_series_and_instance(web: Web) -> None:
+    study = web.studies[1]
+    client = web.client()
+    client.search_for_studies(search_filters={"PatientID": study.patient_id})
+    series_uid = study.series_instance_uids[0]
+    in_series = [f for f in study.files if str(dcmread(f).SeriesInstanceUID) == series_uid]
+    datasets = client.retrieve_series(study.study_instance_uid, series_uid)
+    assert {str(d.SOPInstanceUID) for d in datasets} == {uid_of(f) for f in in_series}
+    target = in_series[0]
+    instance = client.retrieve_instance(study.study_instance_uid, series_uid, uid_of(target))
+    assert instance.PixelData == dcmread(target).PixelData
+    response = web.session().get(
+        f"{web.url}/studies/{study.study_instance_uid}/series/{series_uid}/instances/{uid_of(target)}",
+        headers={"accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+    )
+    [(content_type, body)] = multipart_parts(response)
+    assert content_type == f"application/dicom; transfer-syntax={EXPLICIT}"  # as stored
+    assert body == target.read_bytes()
+
+
+def test_retrieve_study_metadata(web: Web) -> None:
+    study = web.studies[0]
+    client = web.client()
+    client.search_for_studies(search_filters={"PatientID": study.patient_id})
+    metadata = client.retrieve_study_metadata(study.study_instance_uid)
+    assert {value(m, "00080018") for m in metadata} == {uid_of(f) for f in study.files}
+    for item in metadata:
+        assert "7FE00010" not in item  # no bulk pixel data
+        assert item["00100010"]["Value"][0]["Alphabetic"].startswith("Lindqvist")
+        assert value(item, "00280010") == dcmread(study.files[0]).Rows
+    series_uid = study.series_instance_uids[-1]
+    one = client.retrieve_series_metadata(study.study_instance_uid, series_uid)
+    assert {value(m, "0020000E") for m in one} == {series_uid}
+
+
+def test_retrieve_streams_with_bounded_memory(web: Web) -> None:
+    """A 21 MB study leaves the gateway without the study ever being in memory."""
+    big = web.big
+    session = web.session()
+    found = session.get(f"{web.url}/studies", params={"PatientID": BIG_PATIENT})
+    assert [value(s, "0020000D") for s in found.json()] == [big.study_instance_uid]
+    study_bytes = sum(f.stat().st_size for f in big.files)
+    assert study_bytes > 20_000_000
+    tracemalloc.start()
+    try:
+        received = 0
+        with session.get(f"{web.url}/studies/{big.study_instance_uid}", stream=True) as response:
+            assert response.status_code == 200
+            for chunk in response.iter_content(64 * 1024):
+                received += len(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert received > study_bytes  # every instance, plus the part headers
+    # Everything the test process allocated meanwhile (gateways included) stayed far below
+    # the study: instances pass through in chunks.
+    assert peak < study_bytes / 3, (peak, study_bytes)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_requests_get_clear_statuses(web: Web) -> None:
+    session = web.session()
+    alice = local_patient_id(0, 0)
+    study = web.studies[0]
+    session.get(f"{web.url}/studies", params={"PatientID": alice})
+
+    def get(path: str, **kw: Any) -> requests.Response:
+        return session.get(f"{web.url}{path}", **kw)
+
+    bad_range = get("/studies", params={"PatientID": alice, "StudyDate": "20201231-20200101"})
+    assert bad_range.status_code == 400
+    assert "StudyDate" in bad_range.json()["message"]
+    assert get("/studies", params={"PatientID": alice, "Colour": "blue"}).status_code == 400
+    no_patient = get("/studies")
+    assert no_patient.status_code == 400 and "PatientID" in no_patient.json()["message"]
+    unknown = "2.999.123.456"
+    not_cached = get(f"/studies/{unknown}")
+    assert not_cached.status_code == 400 and "PatientID" in not_cached.json()["message"]
+    assert get(f"/studies/{unknown}/series").status_code == 400
+    assert get(f"/studies/{unknown}", params={"PatientID": alice}).status_code == 404
+    assert get(f"/studies/{study.study_instance_uid}/series/{unknown}").status_code == 404
+    assert (
+        get(
+            f"/studies/{study.study_instance_uid}/series/{study.series_instance_uids[0]}"
+            f"/instances/{unknown}"
+        ).status_code
+        == 404
+    )
+    assert get(f"/studies/{study.study_instance_uid}/rendered").status_code == 406
+    assert (
+        get(f"/studies/{study.study_instance_uid}", headers={"accept": "image/jpeg"}).status_code
+        == 406
+    )
+    dicom_xml = 'multipart/related; type="application/dicom+xml"'
+    assert (
+        get("/studies", params={"PatientID": alice}, headers={"accept": dicom_xml}).status_code
+        == 406
+    )
+    assert get(f"/studies/{study.study_instance_uid}", params={"frame": "1"}).status_code == 400
+    assert get("/studies/not-a-uid").status_code == 400
+    assert get("/nowhere").status_code == 404
+    assert session.post(f"{web.url}/studies", data=b"x").status_code == 405
+    for response in (bad_range, no_patient, not_cached):
+        assert response.headers["content-type"] == "application/json"
+
+
+def test_a_client_without_certificate_is_refused_at_the_handshake(web: Web) -> None:
+    before = len(web.alpha.handshake_failures)
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = str(web.pki.ca)
+    with pytest.raises(requests.exceptions.ConnectionError):
+        session.get(f"{web.url}/studies", params={"PatientID": "X"}, timeout=10)
+    assert wait_for(lambda: len(web.alpha.handshake_failures) > before)
+    # And with raw TLS: no certificate, never an HTTP answer (TLS 1.3 reports the refusal at
+    # the first read, as an alert or a closed connection).
+    context = ssl.create_default_context(cafile=str(web.pki.ca))
+    port = int(web.url.split(":")[2].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(b"GET /dicomweb/studies HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = tls.recv(100)
+        except (ssl.SSLError, ConnectionError):
+            answer = b""
+    assert answer == b""
+
+
+def test_searches_and_retrieves_are_audited(web: Web) -> None:
+    study = web.studies[0]
+    session = web.session()
+    session.get(f"{web.url}/studies", params={"PatientID": study.patient_id}).raise_for_status()
+    session.get(f"{web.url}/studies/{study.study_instance_uid}").raise_for_status()
+    session.get(f"{web.url}/studies", params={"StudyDate": "bad"})
+
+    def seen() -> set[tuple[str, str, str]]:
+        return set(web.audit.events())
+
+    assert wait_for(
+        lambda: (
+            {
+                ("110112", "RAD-129", "0"),
+                ("110104", "RAD-107", "0"),
+                ("110112", "RAD-129", "4"),
+            }
+            <= seen()
+        ),
+        timeout=15,
+    ), seen()
+    retrieve = next(
+        r
+        for r in web.audit.records
+        if (ident := r.find("EventIdentification")) is not None
+        and ident.get("EventActionCode") == "R"
+        and any(
+            o.get("ParticipantObjectID") == study.study_instance_uid
+            for o in r.iter("ParticipantObjectIdentification")
+        )
+    )
+    sources = [
+        p.get("UserID")
+        for p in retrieve.iter("ActiveParticipant")
+        if any(c.get("csd-code") == "110153" for c in p.iter("RoleIDCode"))
+    ]
+    assert sources and str(sources[0]).endswith(f"/dicomweb/studies/{study.study_instance_uid}")
+    instances = {i.get("UID") for i in retrieve.iter("Instance")}
+    assert instances == {uid_of(f) for f in study.files}
+    for record in list(web.audit.records):
+        assert not schema_errors(record), schema_errors(record)
+
+
+def test_federation_failure_gives_502_and_a_partial_search_a_warning(web: Web) -> None:
+    # Runs last in this module: it stops beta.
+    alice = local_patient_id(0, 0)
+    beta_study = next(s for s in web.peer_studies if s.patient_id == local_patient_id(1, 0))
+    session = web.session()
+    session.get(f"{web.url}/studies", params={"PatientID": alice}).raise_for_status()
+    web.threads[0].__exit__(None, None, None)
+    web.threads[0].gateway = None
+    response = session.get(f"{web.url}/studies/{beta_study.study_instance_uid}")
+    assert response.status_code in (502, 504)
+    assert response.headers["content-type"] == "application/json"
+    assert "community" in response.json()["message"]
+    partial = session.get(f"{web.url}/studies", params={"PatientID": alice})
+    assert partial.status_code == 200
+    assert "299" in partial.headers.get("warning", "")
+    own = {s.study_instance_uid for s in web.studies if s.patient_id == alice}
+    assert {value(s, "0020000D") for s in partial.json()} == own

@@ -1,0 +1,430 @@
+"""The federation as the front doors see it: a patient's studies and their instances.
+
+The DIMSE front door (:mod:`xca_gateway.dicom_front`) and the DICOMweb front door
+(:mod:`xca_gateway.dicomweb_front`) answer from the same view of the XCA-I federation, reached
+through the community's own initiating gateway in-process (no HTTP round trip to ourselves):
+
+* a patient's studies are the KOS manifests an ITI-18 FindDocuments finds (fanned out as ITI-38
+  to every community and asked of the local registry), all fetched in one ITI-43 (routed by
+  homeCommunityId as parallel ITI-39 calls);
+* studies found are remembered by Study Instance UID (a bounded LRU), so that a later retrieve
+  naming only the study (Study Root C-GET, WADO-RS) can be served without a patient: XDS has no
+  query by study alone;
+* instances come from the initiating RAD-69 handler (routed as RAD-75), part by part; bodies
+  that are never read are closed, since each holds its source (file, peer response) open.
+
+Everything here is async and runs on the gateway's event loop; the DIMSE door calls it from
+pynetdicom's threads through ``asyncio.run_coroutine_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+from lxml import etree
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from xca_gateway import ebrim
+from xca_gateway.consumer import (
+    Manifest,
+    find_manifests_request,
+    imaging_request_from_kos,
+    manifests_from_response,
+)
+from xca_gateway.ebrs import RegistryError, adhoc_query_response, parse_registry_errors
+from xca_gateway.imaging.request import (
+    DocumentRequest,
+    RetrieveImagingDocumentSetRequest,
+    build_retrieve_imaging_request,
+)
+from xca_gateway.kos import InstanceRef, kos_from_bytes, kos_references
+from xca_gateway.mtom import OutgoingPart, cid_from_href
+from xca_gateway.namespaces import RIM, RS, XDSB, XOP, Action, ResponseStatus
+
+if TYPE_CHECKING:
+    from xca_gateway.gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "FederationError",
+    "FederationView",
+    "InstanceRetrieval",
+    "StudiesFound",
+    "StudyManifest",
+    "event_modalities",
+    "imaging_request_for",
+    "patient_cx",
+]
+
+# DICOM Controlled Terminology, as eventCodeList codes carry it (OID or the DCM designator).
+_DCM_SCHEMES = frozenset({"1.2.840.10008.2.16.4", "DCM"})
+# A KOS lists references only; anything this large is not a manifest we want in memory.
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+DEFAULT_TIMEOUT = 120.0
+DEFAULT_MAX_CACHED_STUDIES = 1000
+
+
+class FederationError(Exception):
+    """The federation could not answer (a failed query, no answer in time)."""
+
+    def __init__(self, message: str, *, timeout: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.timeout = timeout
+
+
+@dataclass(frozen=True)
+class StudyManifest:
+    """One fetched KOS manifest: where it came from, its header and its references."""
+
+    manifest: Manifest
+    kos_bytes: bytes
+    header: Dataset
+    references: tuple[InstanceRef, ...]
+    # Acquisition modalities of the study, from the DocumentEntry's eventCodeList (the KOS
+    # itself says "KO"); empty when the registry did not record any.
+    modalities: tuple[str, ...] = ()
+
+    @property
+    def study_instance_uids(self) -> tuple[str, ...]:
+        uids = dict.fromkeys(r.study_instance_uid for r in self.references)
+        return tuple(uids) or self.manifest.study_instance_uids
+
+
+@dataclass
+class StudiesFound:
+    """A patient's studies, and what the federation said about the parts it could not answer
+    (communities unavailable, manifests that could not be fetched)."""
+
+    studies: list[StudyManifest]
+    warnings: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- sans-IO
+
+
+def patient_cx(patient_id: str, issuer: str | None, local_authority: str) -> str:
+    """The XDS patient id (CX ``id^^^&oid&ISO``) for a DICOM Patient ID and its issuer.
+
+    No issuer means the community's own assigning authority. A foreign issuer is kept: the
+    initiating gateway's patient-ID mapping resolves it (cross-reference table, PIX, XCPD).
+    """
+    return f"{patient_id}^^^&{issuer or local_authority}&ISO"
+
+
+def event_modalities(response: etree._Element) -> dict[str, tuple[str, ...]]:
+    """DocumentEntry uniqueId -> acquisition modalities (DCM eventCodeList codes)."""
+    found: dict[str, tuple[str, ...]] = {}
+    for entry in response.iter(f"{{{RIM}}}ExtrinsicObject"):
+        unique_id = next(
+            (
+                e.get("value", "")
+                for e in entry.iterfind(f"{{{RIM}}}ExternalIdentifier")
+                if e.get("identificationScheme") == ebrim.DE_UNIQUE_ID
+            ),
+            "",
+        )
+        codes: list[str] = []
+        for classification in entry.iterfind(f"{{{RIM}}}Classification"):
+            if classification.get("classificationScheme") != ebrim.DE_EVENT_CODE:
+                continue
+            schemes = {
+                (v.text or "").strip()
+                for slot in classification.iterfind(f"{{{RIM}}}Slot")
+                if slot.get("name") == "codingScheme"
+                for v in slot.iterfind(f"{{{RIM}}}ValueList/{{{RIM}}}Value")
+            }
+            code = (classification.get("nodeRepresentation") or "").strip().upper()
+            if code and schemes & _DCM_SCHEMES and code not in codes:
+                codes.append(code)
+        if unique_id:
+            found[unique_id] = tuple(codes)
+    return found
+
+
+def imaging_request_for(
+    studies: Iterable[StudyManifest],
+    wanted: set[str] | None,
+    transfer_syntaxes: Sequence[str],
+) -> RetrieveImagingDocumentSetRequest:
+    """The RAD-69 request for the instances ``wanted`` (SOP Instance UIDs; None = all) of
+    ``studies``, each instance once even when two manifests reference it.
+
+    Raises :class:`xca_gateway.consumer.ConsumerError` when a manifest names no source."""
+    documents: list[DocumentRequest] = []
+    seen: set[str] = set()
+    for study in studies:
+        full = imaging_request_from_kos(
+            study.kos_bytes, study.manifest.home_community_id, transfer_syntaxes
+        )
+        for doc in full.documents:
+            uid = doc.document_unique_id
+            if (wanted is None or uid in wanted) and uid not in seen:
+                seen.add(uid)
+                documents.append(doc)
+    return RetrieveImagingDocumentSetRequest(tuple(documents), tuple(transfer_syntaxes))
+
+
+async def body_chunks(body: bytes | Iterable[bytes] | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """A part body of any shape as async chunks; closing this closes the underlying stream."""
+    if isinstance(body, bytes | bytearray):
+        if body:
+            yield bytes(body)
+        return
+    if isinstance(body, AsyncIterable):
+        iterator = body.__aiter__()
+        try:
+            async for chunk in iterator:
+                yield chunk
+        finally:
+            await close_body(iterator)
+        return
+    for chunk in body:
+        yield chunk
+
+
+async def close_body(body: object) -> None:
+    aclose = getattr(body, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
+
+
+# ----------------------------------------------------------------------------- I/O
+
+
+@dataclass
+class InstanceRetrieval:
+    """A RAD-69 response run in-process: one part per instance, streamed in order.
+
+    Every part is taken at most once (``take`` or ``read``); ``aclose`` closes the bodies of
+    the parts never taken, which still hold their sources open.
+    """
+
+    request: RetrieveImagingDocumentSetRequest
+    status: str
+    errors: list[RegistryError]
+    uids: list[str]  # the SOP Instance UID of each part, in order
+    parts: list[OutgoingPart]
+    _taken: set[int] = field(default_factory=set)
+
+    @property
+    def missing(self) -> list[str]:
+        """Requested instances the response does not carry (its errors say why)."""
+        present = set(self.uids)
+        requested = (d.document_unique_id for d in self.request.documents)
+        return [uid for uid in requested if uid not in present]
+
+    def take(self, index: int) -> AsyncIterator[bytes]:
+        """The body of part ``index`` as async chunks (the caller closes it)."""
+        if index in self._taken:
+            raise RuntimeError(f"part {index} was already taken")
+        self._taken.add(index)
+        return body_chunks(self.parts[index].body)
+
+    async def read(self, index: int, limit: int | None = None) -> bytes:
+        """Part ``index`` read completely (ValueError past ``limit`` bytes)."""
+        data = bytearray()
+        chunks = self.take(index)
+        try:
+            async for chunk in chunks:
+                data += chunk
+                if limit is not None and len(data) > limit:
+                    raise ValueError(f"part larger than {limit} bytes")
+        finally:
+            await close_body(chunks)
+        return bytes(data)
+
+    async def aclose(self) -> None:
+        for index, part in enumerate(self.parts):
+            if index not in self._taken:
+                self._taken.add(index)
+                await close_body(part.body)
+
+
+class _InProcessRequest:
+    """What the RAD-69 handler reads of a SoapRequest (only the payload)."""
+
+    def __init__(self, payload: etree._Element) -> None:
+        self.payload = payload
+        self.context: dict[str, Any] = {}
+
+
+class FederationView:
+    """A gateway's federation as seen by a front door (one per door)."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        *,
+        max_cached_studies: int = DEFAULT_MAX_CACHED_STUDIES,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.gateway = gateway
+        self.timeout = timeout
+        self.max_cached_studies = max_cached_studies
+        # Study Instance UID -> manifest, learnt from earlier queries. DIMSE handlers read it
+        # from pynetdicom's threads, hence the lock.
+        self._studies: OrderedDict[str, StudyManifest] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # -- the study cache
+
+    def remember(self, studies: Iterable[StudyManifest]) -> None:
+        with self._lock:
+            for study in studies:
+                for uid in study.study_instance_uids:
+                    self._studies[uid] = study
+                    self._studies.move_to_end(uid)
+            while len(self._studies) > self.max_cached_studies:
+                self._studies.popitem(last=False)
+
+    def cached(self, study_instance_uids: Iterable[str]) -> list[StudyManifest]:
+        """Known manifests of these studies (each once), in the order asked."""
+        with self._lock:
+            found = [self._studies[u] for u in study_instance_uids if u in self._studies]
+        unique: dict[int, StudyManifest] = {id(s): s for s in found}
+        return list(unique.values())
+
+    # -- queries
+
+    async def studies_of_patient(self, patient_id: str) -> StudiesFound:
+        """The patient's studies in every community (and remember them).
+
+        ``patient_id`` is a CX in any assigning authority the initiating gateway can map.
+        An unknown patient has no studies; any other failure of the whole query raises
+        :class:`FederationError`."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                found = await self._fetch(patient_id)
+        except TimeoutError:
+            raise FederationError(
+                f"the federation did not answer within {self.timeout:g} s", timeout=True
+            ) from None
+        self.remember(found.studies)
+        return found
+
+    async def _fetch(self, patient_id: str) -> StudiesFound:
+        outcome = await self.gateway.initiating.query(find_manifests_request(patient_id))
+        codes = {e.error_code for e in outcome.errors if e.is_error}
+        if outcome.status == ResponseStatus.FAILURE and not outcome.objects:
+            # An unknown patient is an empty answer, not a failure, to an imaging client.
+            if codes - {"XDSUnknownPatientId"}:
+                detail = "; ".join(
+                    f"{e.error_code}: {e.code_context}" for e in outcome.errors if e.is_error
+                )
+                raise FederationError(f"federation query failed: {detail[:500]}")
+            return StudiesFound([])
+        warnings = [
+            f"{e.error_code} ({e.location or 'unknown'}): {e.code_context}"
+            for e in outcome.errors
+            if e.is_error and e.error_code != "XDSUnknownPatientId"
+        ]
+        response = adhoc_query_response(outcome.status, outcome.errors, outcome.objects)
+        manifests = manifests_from_response(response)
+        if not manifests:
+            return StudiesFound([], warnings)
+        modalities = event_modalities(response)
+        # One ITI-43 for every manifest: the initiating gateway splits it by community into
+        # parallel ITI-39 calls.
+        result = await self.gateway.retrieving.retrieve(_retrieve_manifests_request(manifests))
+        by_key = {(m.repository_unique_id, m.document_unique_id): m for m in manifests}
+        studies: list[StudyManifest] = []
+        try:
+            for document in result.documents:
+                key = (document.repository_unique_id, document.document_unique_id)
+                manifest = by_key.get(key)
+                if manifest is None:  # pragma: no cover - the retrieve returns what was asked
+                    continue
+                try:
+                    kos_bytes = await _read_limited(document.body, MAX_MANIFEST_BYTES)
+                    kos = kos_from_bytes(kos_bytes)
+                    references = tuple(kos_references(kos))
+                except (ValueError, InvalidDicomError) as exc:
+                    log.warning("manifest %s unusable: %s", manifest.document_unique_id, exc)
+                    warnings.append(f"manifest {manifest.document_unique_id} unusable: {exc}")
+                    continue
+                studies.append(
+                    StudyManifest(
+                        manifest,
+                        kos_bytes,
+                        kos,
+                        references,
+                        modalities.get(manifest.document_unique_id, ()),
+                    )
+                )
+        finally:
+            result.close()
+        warnings.extend(
+            f"{e.error_code} ({e.location or 'unknown'}): {e.code_context}"
+            for e in result.errors
+            if e.is_error
+        )
+        return StudiesFound(studies, warnings)
+
+    # -- retrieves
+
+    async def retrieve(self, request: RetrieveImagingDocumentSetRequest) -> InstanceRetrieval:
+        """Run the initiating gateway's RAD-69 handler in-process (routed as RAD-75)."""
+        operation = self.gateway.endpoints["rad69"].operations[Action.RAD69]
+        try:
+            async with asyncio.timeout(self.timeout):
+                response = await operation.handler(
+                    cast(Any, _InProcessRequest(build_retrieve_imaging_request(request)))
+                )
+        except TimeoutError:
+            raise FederationError(
+                f"the imaging retrieve did not start within {self.timeout:g} s", timeout=True
+            ) from None
+        names: dict[str, str] = {}
+        for doc in response.payload.iter(f"{{{XDSB}}}DocumentResponse"):
+            include = doc.find(f"{{{XDSB}}}Document/{{{XOP}}}Include")
+            uid = doc.findtext(f"{{{XDSB}}}DocumentUniqueId") or ""
+            if include is not None:
+                names[cid_from_href(include.get("href", ""))] = uid
+        inner = response.payload.find(f"{{{RS}}}RegistryResponse")
+        status_holder = inner if inner is not None else response.payload
+        return InstanceRetrieval(
+            request=request,
+            status=status_holder.get("status", ""),
+            errors=parse_registry_errors(status_holder),
+            uids=[names.get(p.content_id, "") for p in response.parts],
+            parts=list(response.parts),
+        )
+
+
+def _retrieve_manifests_request(manifests: Sequence[Manifest]) -> etree._Element:
+    root = etree.Element(f"{{{XDSB}}}RetrieveDocumentSetRequest", nsmap={"xdsb": XDSB})
+    for manifest in manifests:
+        request = etree.SubElement(root, f"{{{XDSB}}}DocumentRequest")
+        etree.SubElement(request, f"{{{XDSB}}}HomeCommunityId").text = manifest.home_community_id
+        etree.SubElement(
+            request, f"{{{XDSB}}}RepositoryUniqueId"
+        ).text = manifest.repository_unique_id
+        etree.SubElement(request, f"{{{XDSB}}}DocumentUniqueId").text = manifest.document_unique_id
+    return root
+
+
+async def _read_limited(body: bytes | AsyncIterator[bytes], limit: int) -> bytes:
+    if isinstance(body, bytes):
+        if len(body) > limit:
+            raise ValueError(f"larger than {limit} bytes")
+        return body
+    data = bytearray()
+    try:
+        async for chunk in body:
+            data += chunk
+            if len(data) > limit:
+                raise ValueError(f"larger than {limit} bytes")
+    finally:
+        await close_body(body)
+    return bytes(data)

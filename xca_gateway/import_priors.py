@@ -1,0 +1,1152 @@
+"""Import of priors: a patient's studies from other communities into the local PACS, reconciled.
+
+The flow (IHE RAD IRWF.b Importer, fed by XCA-I): ITI-18 through the initiating gateway finds
+the patient's KOS manifests in every community → the foreign ones are kept (homeCommunityId of
+the manifest ≠ ours) → each manifest is fetched (ITI-43, routed as ITI-39) → RAD-69 (routed as
+RAD-75) streams its instances → each instance is decoded completely, reconciled
+(:mod:`xca_gateway.reconcile`: local patient id, prefixed accession number, previous values in
+the Original Attributes Sequence) and sent by C-STORE to the local PACS. One instance at a time
+is held in memory; one that does not decode, does not reconcile or that the PACS refuses is
+reported and never half-stored.
+
+Two ways to reach the federation: :class:`HttpsFederation` (a consumer over mutual TLS, as
+``xca-gateway retrieve-study`` does) and :class:`InProcessFederation` (inside a gateway, for
+the HL7 auto-prefetch). ``xca-gateway import-priors`` is the command line of this module; an
+ATNA "Import" (110107) audit message per study goes to an audit record repository when one is
+given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import os
+import sys
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+import httpx
+from lxml import etree
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels.utils import get_expected_length
+
+from xca_gateway import ebrim, mtom
+from xca_gateway.consumer import (
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    Consumer,
+    ConsumerError,
+    Manifest,
+    find_manifests_request,
+    imaging_request_from_kos,
+    manifests_from_response,
+    retrieve_manifest_request,
+)
+from xca_gateway.ebrs import RegistryError, adhoc_query_response, parse_registry_errors
+from xca_gateway.imaging.request import (
+    RetrieveImagingDocumentSetRequest,
+    build_retrieve_imaging_request,
+)
+from xca_gateway.imaging.response import parse_retrieve_response
+from xca_gateway.kos import InstanceRef, is_valid_uid, kos_from_bytes, kos_references
+from xca_gateway.namespaces import RIM, SOAP12, Action
+from xca_gateway.patient_id import PatientId, parse_patient_id
+from xca_gateway.reconcile import (
+    Reconciliation,
+    ReconciliationError,
+    accession_prefix_for,
+    reconcile,
+)
+from xca_gateway.soap import read_fault
+from xca_gateway.tls import client_context
+from xca_gateway.transactions.iti43 import same_community
+from xca_gateway.xmlsafe import parse_xml
+
+if TYPE_CHECKING:
+    from xca_gateway.audit import AuditTrail
+    from xca_gateway.audit.messages import AuditContext, AuditMessage, Node
+    from xca_gateway.gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Demographics",
+    "HttpsFederation",
+    "ImportReport",
+    "InProcessFederation",
+    "PacsStore",
+    "PriorManifest",
+    "PriorSelection",
+    "StudyImport",
+    "add_import_priors_command",
+    "decode_instance",
+    "import_audit_messages",
+    "import_priors",
+    "prior_manifests",
+    "select_priors",
+]
+
+DEFAULT_TRANSFER_SYNTAXES = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN)
+# One instance is held in memory while it is decoded, reconciled and stored.
+DEFAULT_MAX_INSTANCE_BYTES = 512 * 1024 * 1024
+# pynetdicom / PS3.8: at most 128 presentation contexts per association.
+_MAX_CONTEXTS = 128
+# C-STORE statuses that mean "stored" (PS3.4 B.2.3: warnings included).
+_STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+# Query errors that only say a community does not know the patient.
+_HARMLESS_QUERY_ERRORS = frozenset({"XDSUnknownPatientId"})
+
+
+# ----------------------------------------------------------------------------- sans-IO
+
+
+@dataclass(frozen=True)
+class PriorManifest:
+    """A KOS manifest DocumentEntry plus the modalities its eventCodeList names (DCM)."""
+
+    manifest: Manifest
+    modalities: tuple[str, ...] = ()
+
+    @property
+    def home_community_id(self) -> str:
+        return self.manifest.home_community_id
+
+
+def prior_manifests(payload: etree._Element) -> list[PriorManifest]:
+    """The KOS DocumentEntries of an AdhocQueryResponse with their modality event codes."""
+    modalities: dict[str, tuple[str, ...]] = {}
+    for entry in payload.iter(f"{{{RIM}}}ExtrinsicObject"):
+        unique_id = next(
+            (
+                e.get("value", "")
+                for e in entry.iterfind(f"{{{RIM}}}ExternalIdentifier")
+                if e.get("identificationScheme") == ebrim.DE_UNIQUE_ID
+            ),
+            "",
+        )
+        codes = []
+        for classification in entry.iterfind(f"{{{RIM}}}Classification"):
+            if classification.get("classificationScheme") != ebrim.DE_EVENT_CODE:
+                continue
+            schemes = [
+                (v.text or "").strip()
+                for slot in classification.iterfind(f"{{{RIM}}}Slot")
+                if slot.get("name") == "codingScheme"
+                for v in slot.iterfind(f"{{{RIM}}}ValueList/{{{RIM}}}Value")
+            ]
+            if "DCM" in schemes:
+                codes.append(classification.get("nodeRepresentation", "").strip().upper())
+        modalities[unique_id] = tuple(c for c in codes if c)
+    return [
+        PriorManifest(m, modalities.get(m.document_unique_id, ()))
+        for m in manifests_from_response(payload)
+    ]
+
+
+@dataclass(frozen=True)
+class PriorSelection:
+    """Which manifests count as priors to import."""
+
+    local_home_community_id: str
+    # Only from these communities (empty: any foreign community).
+    from_communities: frozenset[str] = frozenset()
+    study_instance_uids: frozenset[str] = frozenset()
+    # Only studies with one of these modalities (empty: any).
+    modalities: frozenset[str] = frozenset()
+    # Only studies on or after this date (YYYYMMDD); studies without a date are kept.
+    not_before: str | None = None
+    include_local: bool = False
+
+    @staticmethod
+    def lookback(days: int | None, today: date | None = None) -> str | None:
+        if days is None:
+            return None
+        return ((today or datetime.now(UTC).date()) - timedelta(days=days)).strftime("%Y%m%d")
+
+
+def select_priors(
+    manifests: Iterable[PriorManifest], selection: PriorSelection
+) -> tuple[list[PriorManifest], int]:
+    """(the manifests to import, how many local ones were left out)."""
+    chosen: list[PriorManifest] = []
+    local = 0
+    for prior in manifests:
+        home = prior.home_community_id
+        if same_community(home, selection.local_home_community_id) and not selection.include_local:
+            local += 1
+            continue
+        if selection.from_communities and not any(
+            same_community(home, c) for c in selection.from_communities
+        ):
+            continue
+        studies = set(prior.manifest.study_instance_uids)
+        if selection.study_instance_uids and not studies & selection.study_instance_uids:
+            continue
+        if selection.modalities and not set(prior.modalities) & selection.modalities:
+            continue
+        start = (prior.manifest.service_start_time or "")[:8]
+        if selection.not_before and start and start < selection.not_before:
+            continue
+        chosen.append(prior)
+    return chosen, local
+
+
+def decode_instance(data: bytes, expected_uid: str) -> Dataset:
+    """A complete, well-formed Part 10 instance with the expected SOP Instance UID.
+
+    Raises ValueError otherwise: a truncated or malformed instance must fail here, before any
+    byte of it goes to the PACS.
+    """
+    try:
+        ds = dcmread(io.BytesIO(data))
+        for _element in ds.iterall():  # decode every element now
+            pass
+        uid = str(ds.SOPInstanceUID)
+        str(ds.SOPClassUID)
+        syntax = ds.file_meta.TransferSyntaxUID
+        if not syntax:
+            raise ValueError("no Transfer Syntax UID in the file meta information")
+        _check_pixel_data(ds)
+    except (InvalidDicomError, AttributeError, EOFError, OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"not valid DICOM: {exc}") from None
+    if uid != expected_uid:
+        raise ValueError(f"the source sent {uid} instead")
+    return ds
+
+
+def _check_pixel_data(ds: Dataset) -> None:
+    """pydicom reads a value cut short by the end of the file without complaint: check it."""
+    if "PixelData" not in ds:
+        return
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax.is_encapsulated:
+        return  # fragments are delimited; a cut shows as a missing Sequence Delimiter
+    expected = get_expected_length(ds, unit="bytes")
+    actual = len(ds.PixelData)
+    if actual not in (expected, expected + expected % 2):  # odd lengths are padded
+        raise ValueError(f"Pixel Data has {actual} bytes, {expected} expected (truncated?)")
+
+
+@dataclass(frozen=True)
+class Demographics:
+    """Local demographics to coerce (IRWF: the local record wins), when the caller has them."""
+
+    name: str | None = None  # DICOM PN
+    birth_date: str | None = None  # YYYYMMDD
+    sex: str | None = None
+
+
+@dataclass(frozen=True)
+class InstanceFailure:
+    sop_instance_uid: str
+    reason: str
+
+
+@dataclass
+class StudyImport:
+    """What happened to one manifest's study."""
+
+    manifest: Manifest
+    accession_prefix: str
+    requested: int = 0
+    stored: list[InstanceRef] = field(default_factory=list)
+    failed: list[InstanceFailure] = field(default_factory=list)
+    errors: list[RegistryError] = field(default_factory=list)
+    # The study as the PACS now files it (from the first instance stored).
+    accession_number: str | None = None
+    original_accession_number: str | None = None
+
+    @property
+    def study_instance_uid(self) -> str:
+        uids = self.manifest.study_instance_uids
+        return uids[0] if uids else self.manifest.document_unique_id
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+@dataclass
+class ImportReport:
+    patient_id: str
+    studies: list[StudyImport] = field(default_factory=list)
+    local_studies_skipped: int = 0
+    query_errors: list[RegistryError] = field(default_factory=list)
+
+    @property
+    def stored(self) -> int:
+        return sum(len(s.stored) for s in self.studies)
+
+    @property
+    def failed(self) -> int:
+        return sum(len(s.failed) for s in self.studies)
+
+    @property
+    def blocking_query_errors(self) -> list[RegistryError]:
+        """Query errors that may hide priors (a community down), not "patient unknown"."""
+        return [
+            e
+            for e in self.query_errors
+            if e.is_error and e.error_code not in _HARMLESS_QUERY_ERRORS
+        ]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.blocking_query_errors
+
+    @property
+    def nothing_to_import(self) -> bool:
+        return not self.studies
+
+
+def storage_pairs(
+    refs: Iterable[InstanceRef], transfer_syntaxes: Sequence[str]
+) -> list[tuple[str, str]]:
+    """The (SOP class, transfer syntax) presentation contexts a manifest's instances need."""
+    pairs: dict[tuple[str, str], None] = {}
+    for ref in refs:
+        if not is_valid_uid(ref.sop_class_uid):
+            continue  # the instance itself will tell when it arrives
+        for syntax in transfer_syntaxes:
+            pairs[(ref.sop_class_uid, syntax)] = None
+    return list(pairs)
+
+
+def import_audit_messages(
+    ctx: AuditContext,
+    *,
+    study: StudyImport,
+    patient_id: str,
+    importer: Node,
+    source: Node,
+    pacs: Node,
+    refs: Mapping[str, InstanceRef] | None = None,
+    when: datetime | None = None,
+) -> tuple[AuditMessage, ...]:
+    """DICOM "Import" (110107, action C) for one study (PS3.15 A.5.3.9).
+
+    Participants: the importing process (requestor, Destination), the source community
+    (Source) and the PACS the instances went to (Destination). Objects: the local patient and
+    the study with its SOP classes and instances. As for the other retrieves (A.5.2), stored
+    and failed instances get one message each.
+    """
+    from xca_gateway.audit.messages import (
+        DETAIL_XCA_HOME_COMMUNITY_ID,
+        ActiveParticipant,
+        AuditMessage,
+        EventId,
+        EventIdentification,
+        EventOutcome,
+        ImagingInstanceReference,
+        RoleId,
+        patient_object,
+        study_objects,
+    )
+
+    known = dict(refs or {})
+    home = study.manifest.home_community_id
+
+    def reference(ref: InstanceRef) -> ImagingInstanceReference:
+        return ImagingInstanceReference(
+            ref.study_instance_uid,
+            ref.series_instance_uid,
+            ref.sop_instance_uid,
+            ref.sop_class_uid or None,
+            home_community_id=home,
+        )
+
+    def participant(node: Node, role: Any, requestor: bool) -> ActiveParticipant:
+        return ActiveParticipant(
+            user_id=node.user_id,
+            user_is_requestor=requestor,
+            alternative_user_id=node.alternative_user_id,
+            user_name=node.user_name,
+            network_access_point_id=node.network_access_point,
+            role_id_codes=(role,),
+        )
+
+    participants = (
+        participant(source, RoleId.SOURCE, False),
+        participant(importer, RoleId.DESTINATION, True),
+        participant(pacs, RoleId.DESTINATION, False),
+    )
+    stored = [reference(r) for r in study.stored]
+    failed = [
+        reference(
+            known.get(f.sop_instance_uid)
+            or InstanceRef(study.study_instance_uid, "", "", f.sop_instance_uid)
+        )
+        for f in study.failed
+    ]
+    groups: list[tuple[EventOutcome, list[ImagingInstanceReference], str | None]] = []
+    if stored:
+        groups.append((EventOutcome.SUCCESS, stored, None))
+    if failed:
+        reasons = "; ".join(sorted({f.reason for f in study.failed}))
+        groups.append((EventOutcome.SERIOUS_FAILURE, failed, reasons[:1024]))
+    if not groups:  # nothing could even be asked for (e.g. the manifest was not retrieved)
+        reasons = "; ".join(f"{e.error_code}: {e.code_context}" for e in study.errors)
+        groups.append((EventOutcome.SERIOUS_FAILURE, [], reasons[:1024] or "nothing retrieved"))
+    messages = []
+    for outcome, instances, description in groups:
+        objects = [patient_object(patient_id)]
+        if instances:
+            objects.extend(
+                study_objects(instances, home_community_detail=DETAIL_XCA_HOME_COMMUNITY_ID)
+            )
+        messages.append(
+            AuditMessage(
+                event=EventIdentification(
+                    event_id=EventId.IMPORT,
+                    action="C",
+                    outcome=outcome,
+                    date_time=when or datetime.now(UTC),
+                    outcome_description=description,
+                ),
+                participants=participants,
+                source=ctx.audit_source,
+                objects=tuple(objects),
+            )
+        )
+    return tuple(messages)
+
+
+# ----------------------------------------------------------------------------- federation
+
+
+InstanceSink = Callable[[str, bytes], Awaitable[None]]
+
+
+@dataclass
+class RetrieveOutcome:
+    errors: list[RegistryError] = field(default_factory=list)
+    # Instances the response announced but that were not delivered (broken stream, too big).
+    lost: list[InstanceFailure] = field(default_factory=list)
+
+
+class Federation(Protocol):
+    """The three federation calls of the import, whichever way the gateway is reached."""
+
+    async def find(self, patient_id: str) -> tuple[list[PriorManifest], list[RegistryError]]: ...
+
+    async def fetch_manifest(self, manifest: Manifest) -> bytes: ...
+
+    async def retrieve(
+        self,
+        request: RetrieveImagingDocumentSetRequest,
+        sink: InstanceSink,
+        max_instance_bytes: int,
+    ) -> RetrieveOutcome: ...
+
+
+class HttpsFederation(Consumer):
+    """The initiating gateway over mutual TLS (ITI-18, ITI-43, RAD-69)."""
+
+    async def find(self, patient_id: str) -> tuple[list[PriorManifest], list[RegistryError]]:
+        payload, _ = await self._soap("/ig/iti18", find_manifests_request(patient_id), Action.ITI18)
+        return prior_manifests(payload), parse_registry_errors(payload)
+
+    async def retrieve(
+        self,
+        request: RetrieveImagingDocumentSetRequest,
+        sink: InstanceSink,
+        max_instance_bytes: int,
+    ) -> RetrieveOutcome:
+        body = self._envelope(build_retrieve_imaging_request(request), Action.RAD69)
+        outcome = RetrieveOutcome()
+        async with self.client.stream(
+            "POST",
+            self.gateway + "/ig/rad69",
+            content=body,
+            headers={
+                "content-type": f'application/soap+xml; charset=UTF-8; action="{Action.RAD69}"'
+            },
+        ) as response:
+            content_type = response.headers.get("content-type", "")
+            if not mtom.is_mtom(content_type):
+                self._payload(await response.aread())  # raises on a fault
+                raise ConsumerError("RAD-69 answer is not MTOM")
+            boundary = mtom.parse_content_type(content_type)[1]["boundary"]
+            parser = mtom.MultipartParser(boundary, max_parts=len(request.documents) + 2)
+            root = bytearray()
+            names: dict[str, str] = {}
+            part = -1
+            uid = ""
+            data: bytearray | None = None
+            delivered: set[str] = set()
+            try:
+                async for chunk in response.aiter_raw(1 << 20):
+                    for event in parser.feed(chunk):
+                        if isinstance(event, mtom.PartStart):
+                            part += 1
+                            if part == 0:
+                                continue
+                            if part == 1:
+                                names, outcome.errors = _root_index(bytes(root), self.limits)
+                            cid = event.headers.content_id or ""
+                            if cid not in names:
+                                raise ConsumerError(f"unexpected MIME part {cid}")
+                            uid, data = names[cid], bytearray()
+                        elif isinstance(event, mtom.PartData):
+                            if part == 0:
+                                root += event.data
+                            elif data is not None:
+                                data += event.data
+                                if len(data) > max_instance_bytes:
+                                    outcome.lost.append(
+                                        InstanceFailure(
+                                            uid, f"larger than {max_instance_bytes} bytes"
+                                        )
+                                    )
+                                    data = None
+                        elif isinstance(event, mtom.PartEnd) and part > 0:
+                            delivered.add(uid)
+                            if data is not None:
+                                payload, data = bytes(data), None
+                                await sink(uid, payload)
+                parser.close()
+            except (httpx.HTTPError, mtom.MtomError) as exc:
+                # The stream broke: what was not complete is lost, the rest was handled.
+                reason = f"retrieve stream broken: {exc}"
+                outcome.lost.extend(
+                    InstanceFailure(u, reason) for u in names.values() if u not in delivered
+                )
+                if part < 1:
+                    raise ConsumerError(reason) from None
+            if part == 0:
+                _, outcome.errors = _root_index(bytes(root), self.limits)
+        return outcome
+
+
+def _root_index(root: bytes, limits: Any) -> tuple[dict[str, str], list[RegistryError]]:
+    """Content id → SOP Instance UID, and the RegistryErrors, of a RAD-69 root part."""
+    envelope = parse_xml(root, limits)
+    fault = read_fault(envelope)
+    if fault is not None:
+        raise ConsumerError(f"SOAP fault {fault.code}: {fault.reason}")
+    body = envelope.find(f"{{{SOAP12}}}Body")
+    if body is None or len(body) == 0:
+        raise ConsumerError("RAD-69 response without a SOAP body")
+    parsed = parse_retrieve_response(body[0])
+    names = {d.content_id: d.document_unique_id for d in parsed.documents if d.content_id}
+    return names, list(parsed.errors)
+
+
+class _InProcessRequest:
+    """What the RAD-69 handler reads of a SoapRequest (the payload)."""
+
+    def __init__(self, payload: etree._Element) -> None:
+        self.payload = payload
+        self.context: dict[str, Any] = {}
+
+
+async def _read_body(body: Any, limit: int) -> bytes | None:
+    """A part body (bytes, sync or async iterable) read whole; None when above ``limit``."""
+    if isinstance(body, bytes):
+        return body if len(body) <= limit else None
+    data = bytearray()
+    too_big = False
+    if isinstance(body, AsyncIterable):
+        async for chunk in body:
+            if not too_big:
+                data += chunk
+                too_big = len(data) > limit
+    else:
+        for chunk in body:
+            if not too_big:
+                data += chunk
+                too_big = len(data) > limit
+    return None if too_big else bytes(data)
+
+
+class InProcessFederation:
+    """A gateway's own initiating side, called in-process (no HTTPS round trip)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def find(self, patient_id: str) -> tuple[list[PriorManifest], list[RegistryError]]:
+        outcome = await self.gateway.initiating.query(find_manifests_request(patient_id))
+        response = adhoc_query_response(outcome.status, outcome.errors, outcome.objects)
+        return prior_manifests(response), list(outcome.errors)
+
+    async def fetch_manifest(self, manifest: Manifest) -> bytes:
+        result = await self.gateway.retrieving.retrieve(retrieve_manifest_request(manifest))
+        try:
+            if not result.documents:
+                raise ConsumerError(
+                    "manifest not retrieved: "
+                    + "; ".join(f"{e.error_code} {e.code_context}" for e in result.errors)
+                )
+            data = await _read_body(result.documents[0].body, 64 * 1024 * 1024)
+            if data is None:
+                raise ConsumerError("manifest larger than 64 MiB")
+            return data
+        finally:
+            result.close()
+
+    async def retrieve(
+        self,
+        request: RetrieveImagingDocumentSetRequest,
+        sink: InstanceSink,
+        max_instance_bytes: int,
+    ) -> RetrieveOutcome:
+        operation = self.gateway.endpoints["rad69"].operations[Action.RAD69]
+        response = await operation.handler(
+            cast(Any, _InProcessRequest(build_retrieve_imaging_request(request)))
+        )
+        parsed = parse_retrieve_response(response.payload)
+        names = {d.content_id: d.document_unique_id for d in parsed.documents if d.content_id}
+        outcome = RetrieveOutcome(errors=list(parsed.errors))
+        parts = list(response.parts)
+        unread = 0
+        try:
+            for index, part in enumerate(parts):
+                unread = index + 1
+                uid = names.get(part.content_id, "")
+                try:
+                    data = await _read_body(part.body, max_instance_bytes)
+                except Exception as exc:
+                    # A broken stream cannot be resumed: the rest of the response is lost.
+                    reason = f"retrieve stream broken: {exc}"
+                    outcome.lost.extend(
+                        InstanceFailure(names.get(p.content_id, ""), reason) for p in parts[index:]
+                    )
+                    break
+                if data is None:
+                    outcome.lost.append(
+                        InstanceFailure(uid, f"larger than {max_instance_bytes} bytes")
+                    )
+                    continue
+                await sink(uid, data)
+        finally:
+            # Bodies never read still hold their source (file, peer response) open.
+            for part in parts[unread:]:
+                aclose = getattr(part.body, "aclose", None)
+                if aclose is not None:
+                    with contextlib.suppress(Exception):
+                        await aclose()
+        return outcome
+
+
+# ----------------------------------------------------------------------------- the PACS
+
+
+class StoreError(Exception):
+    pass
+
+
+class PacsStore:
+    """C-STORE SCU towards the local PACS (blocking: call through ``asyncio.to_thread``).
+
+    Presentation contexts are proposed for the (SOP class, transfer syntax) pairs announced
+    with :meth:`propose`; an instance whose pair the association lacks gets a new association
+    that includes it, so each instance is sent in its own transfer syntax, byte for byte.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        called_ae_title: str,
+        calling_ae_title: str = "XCA-IMPORT",
+        *,
+        timeout: float = 30.0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.called_ae_title = called_ae_title
+        self.calling_ae_title = calling_ae_title
+        self.timeout = timeout
+        self._pairs: dict[tuple[str, str], None] = {}
+        self._assoc: Any = None
+        self._accepted: set[tuple[str, str]] = set()
+
+    def propose(self, pairs: Iterable[tuple[str, str]]) -> None:
+        for pair in pairs:
+            self._pairs[pair] = None
+
+    def _associate(self, needed: tuple[str, str]) -> None:
+        from pynetdicom import AE
+
+        self.close()
+        self._pairs.pop(needed, None)
+        self._pairs[needed] = None  # most recent last: kept if the list must be cut
+        pairs = list(self._pairs)[-_MAX_CONTEXTS:]
+        ae = AE(ae_title=self.calling_ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        for sop_class, syntax in pairs:
+            ae.add_requested_context(sop_class, [syntax])
+        assoc = ae.associate(self.host, self.port, ae_title=self.called_ae_title)
+        if not assoc.is_established:
+            raise StoreError(
+                f"the PACS {self.called_ae_title}@{self.host}:{self.port} refused or did not "
+                "answer the association"
+            )
+        self._assoc = assoc
+        self._accepted = {
+            (str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts
+        }
+
+    def store(self, ds: Dataset) -> int:
+        """C-STORE one instance; its status (success or warning), or StoreError."""
+        pair = (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+        if self._assoc is None or not self._assoc.is_established or pair not in self._accepted:
+            self._associate(pair)
+            if pair not in self._accepted:
+                raise StoreError(
+                    f"the PACS does not accept SOP class {pair[0]} in transfer syntax {pair[1]}"
+                )
+        try:
+            status = self._assoc.send_c_store(ds)
+        except (OSError, RuntimeError, ValueError) as exc:
+            self.close()
+            raise StoreError(f"C-STORE failed: {exc}") from None
+        if not status or "Status" not in status:
+            self.close()
+            raise StoreError("no C-STORE response (association aborted or timed out)")
+        code = int(status.Status)
+        if code not in _STORED_STATUSES:
+            comment = str(status.get("ErrorComment", "") or "")
+            raise StoreError(f"C-STORE status 0x{code:04X}{': ' + comment if comment else ''}")
+        return code
+
+    def close(self) -> None:
+        assoc, self._assoc = self._assoc, None
+        self._accepted = set()
+        if assoc is not None and assoc.is_established:
+            with contextlib.suppress(Exception):
+                assoc.release()
+
+
+# ----------------------------------------------------------------------------- the flow
+
+
+async def import_priors(
+    federation: Federation,
+    *,
+    patient_id: str,
+    selection: PriorSelection,
+    store: PacsStore,
+    accession_prefixes: Mapping[str, str] | None = None,
+    community_names: Mapping[str, str] | None = None,
+    demographics: Demographics | None = None,
+    modifying_system: str = "xca-gateway",
+    transfer_syntaxes: Sequence[str] = DEFAULT_TRANSFER_SYNTAXES,
+    max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
+    on_study: Callable[[StudyImport, Mapping[str, InstanceRef]], None] | None = None,
+) -> ImportReport:
+    """Import the patient's priors (``patient_id``: the local CX id, written into each
+    instance) into the PACS behind ``store``; one StudyImport per manifest."""
+    pid: PatientId = parse_patient_id(patient_id)
+    report = ImportReport(str(pid))
+    manifests, report.query_errors = await federation.find(str(pid))
+    priors, report.local_studies_skipped = select_priors(manifests, selection)
+    demographics = demographics or Demographics()
+    try:
+        for prior in priors:
+            manifest = prior.manifest
+            # Our own community's accession numbers are already ours.
+            prefix = (
+                ""
+                if same_community(manifest.home_community_id, selection.local_home_community_id)
+                else accession_prefix_for(
+                    manifest.home_community_id, accession_prefixes, community_names
+                )
+            )
+            study = StudyImport(manifest, prefix)
+            report.studies.append(study)
+            refs: dict[str, InstanceRef] = {}
+            try:
+                await _import_study(
+                    federation,
+                    study,
+                    refs,
+                    Reconciliation(
+                        local_patient_id=pid.id,
+                        local_issuer=pid.assigning_authority,
+                        source_community_id=manifest.home_community_id,
+                        accession_prefix=prefix,
+                        local_patient_name=demographics.name,
+                        local_patient_birth_date=demographics.birth_date,
+                        local_patient_sex=demographics.sex,
+                        modifying_system=modifying_system,
+                    ),
+                    store,
+                    transfer_syntaxes,
+                    max_instance_bytes,
+                )
+            except Exception as exc:  # one study's failure must not stop the others
+                expected = (ConsumerError, httpx.HTTPError, ValueError, mtom.MtomError)
+                log.warning(
+                    "prior %s not imported: %s",
+                    manifest.document_unique_id,
+                    exc,
+                    exc_info=not isinstance(exc, expected),
+                )
+                study.errors.append(RegistryError("XDSRepositoryError", str(exc)))
+                done = {r.sop_instance_uid for r in study.stored} | {
+                    f.sop_instance_uid for f in study.failed
+                }
+                missing = [u for u in refs if u not in done] or [study.study_instance_uid]
+                study.failed.extend(InstanceFailure(u, str(exc)) for u in missing)
+            if on_study is not None:
+                on_study(study, refs)
+    finally:
+        await asyncio.to_thread(store.close)
+    return report
+
+
+async def _import_study(
+    federation: Federation,
+    study: StudyImport,
+    refs: dict[str, InstanceRef],
+    reconciliation: Reconciliation,
+    store: PacsStore,
+    transfer_syntaxes: Sequence[str],
+    max_instance_bytes: int,
+) -> None:
+    kos = await federation.fetch_manifest(study.manifest)
+    request = imaging_request_from_kos(kos, study.manifest.home_community_id, transfer_syntaxes)
+    refs.update((r.sop_instance_uid, r) for r in kos_references(kos_from_bytes(kos)))
+    study.requested = len(request.documents)
+    store.propose(storage_pairs(refs.values(), transfer_syntaxes))
+    handled: set[str] = set()
+
+    async def sink(uid: str, data: bytes) -> None:
+        handled.add(uid)
+        try:
+            ds = decode_instance(data, uid)
+            reconciled = reconcile(ds, reconciliation).dataset
+            await asyncio.to_thread(store.store, reconciled)
+        except (ValueError, ReconciliationError, StoreError) as exc:
+            log.warning("instance %s not imported: %s", uid, exc)
+            study.failed.append(InstanceFailure(uid, str(exc)))
+            return
+        study.stored.append(
+            refs.get(uid)
+            or InstanceRef(
+                str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPClassUID), uid
+            )
+        )
+        if study.accession_number is None:
+            study.accession_number = str(reconciled.get("AccessionNumber", "") or "")
+            study.original_accession_number = str(ds.get("AccessionNumber", "") or "")
+
+    outcome = await federation.retrieve(request, sink, max_instance_bytes)
+    study.errors.extend(outcome.errors)
+    for lost in outcome.lost:
+        if lost.sop_instance_uid not in handled:
+            handled.add(lost.sop_instance_uid)
+            study.failed.append(lost)
+    why = "; ".join(f"{e.error_code}: {e.code_context}" for e in outcome.errors if e.is_error)
+    for document in request.documents:
+        if document.document_unique_id not in handled:
+            study.failed.append(
+                InstanceFailure(document.document_unique_id, f"not retrieved ({why or 'absent'})")
+            )
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_host_port(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{what} must be HOST:PORT, not {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def parse_audit_target(value: str) -> tuple[str, str, int]:
+    """``tls://host:port``, ``udp://host:port`` or ``host:port`` (TLS) → (transport, host, port)."""
+    transport = "tls"
+    for scheme in ("tls", "udp"):
+        if value.lower().startswith(f"{scheme}://"):
+            transport, value = scheme, value[len(scheme) + 3 :]
+    host, port = parse_host_port(value, "--audit")
+    return transport, host, port
+
+
+def parse_accession_prefixes(items: Sequence[str], map_file: str | None) -> dict[str, str]:
+    prefixes: dict[str, str] = {}
+    if map_file:
+        data = json.loads(Path(map_file).read_text())
+        if not isinstance(data, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+        ):
+            raise ValueError(f"{map_file}: expected a JSON object homeCommunityId -> prefix")
+        prefixes.update(data)
+    for item in items:
+        home, sep, prefix = item.partition("=")
+        if not sep or not home.strip():
+            raise ValueError(f"--accession-prefix must be HOMEID=PREFIX, not {item!r}")
+        prefixes[home.strip()] = prefix
+    return prefixes
+
+
+def add_import_priors_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "import-priors",
+        help="import a patient's studies from other communities into the local PACS",
+        description="Find the patient's imaging manifests across communities through the "
+        "initiating gateway (ITI-18), fetch each foreign study (ITI-43, RAD-69) and store its "
+        "instances in the local PACS by C-STORE, reconciled (IHE IRWF.b): the local patient "
+        "id and issuer, the accession number prefixed per source community, the previous "
+        "values kept in the Original Attributes Sequence and the foreign id in Other Patient "
+        "IDs. Studies of the local community are not imported. Exit status 1 when any "
+        "instance failed.",
+    )
+    parser.add_argument(
+        "--patient", required=True, help="the LOCAL patient id, ID^^^&OID&ISO (written as is)"
+    )
+    parser.add_argument(
+        "--study", action="append", default=[], metavar="UID", help="only this study (repeatable)"
+    )
+    parser.add_argument(
+        "--from-community",
+        action="append",
+        default=[],
+        metavar="HOMEID",
+        help="only from this community's homeCommunityId (repeatable; default: every foreign one)",
+    )
+    parser.add_argument("--modality", action="append", default=[], help="only studies with it")
+    parser.add_argument("--lookback-days", type=int, help="only studies at most this many days old")
+    parser.add_argument("--pacs", required=True, metavar="HOST:PORT", help="the local PACS")
+    parser.add_argument("--pacs-ae", required=True, metavar="AE", help="its AE title")
+    parser.add_argument(
+        "--calling-ae", default="XCA-IMPORT", metavar="AE", help="our AE title (XCA-IMPORT)"
+    )
+    parser.add_argument(
+        "--accession-prefix",
+        action="append",
+        default=[],
+        metavar="HOMEID=PREFIX",
+        help="accession prefix for a source community (repeatable); default: its name in "
+        "endpoints.json upper-cased plus '-' (SOUTH-), else the last arc of its OID",
+    )
+    parser.add_argument(
+        "--accession-prefix-map", metavar="FILE", help="JSON object homeCommunityId -> prefix"
+    )
+    parser.add_argument("--patient-name", help="local Patient's Name to write (DICOM PN)")
+    parser.add_argument("--endpoints", help="a demo's endpoints.json")
+    parser.add_argument("--community", help="with --endpoints: the local community's name")
+    parser.add_argument("--gateway", help="initiating gateway base URL (instead of --endpoints)")
+    parser.add_argument("--home-community-id", help="with --gateway: the local homeCommunityId")
+    parser.add_argument("--ca", help="with --gateway: CA certificate (PEM)")
+    parser.add_argument("--cert", help="with --gateway: client certificate (PEM)")
+    parser.add_argument("--key", help="with --gateway: client private key (PEM)")
+    parser.add_argument(
+        "--audit",
+        metavar="TARGET",
+        help="audit record repository, tls://HOST:PORT (default scheme) or udp://HOST:PORT; "
+        "default: endpoints.json auditRepository.syslogTls if present",
+    )
+    parser.add_argument(
+        "--no-audit", action="store_true", help="do not audit even if endpoints.json names an ARR"
+    )
+    parser.add_argument(
+        "--audit-spool",
+        metavar="DIR",
+        help="durable spool for audit records not yet delivered "
+        "(default: ~/.local/state/xca-gateway/import-audit)",
+    )
+    parser.set_defaults(func=_cmd_import_priors)
+
+
+@dataclass
+class _Target:
+    gateway: str
+    ca: Path
+    cert: Path
+    key: Path
+    home_community_id: str
+    names: dict[str, str]
+    audit: str | None
+
+
+def _target(args: argparse.Namespace) -> _Target:
+    if args.endpoints:
+        data = json.loads(Path(args.endpoints).read_text())
+        communities = data["communities"]
+        community = next((c for c in communities if args.community in (None, c["name"])), None)
+        if community is None:
+            raise ValueError(f"no community {args.community!r} in {args.endpoints}")
+        audit = (data.get("auditRepository") or {}).get("syslogTls")
+        return _Target(
+            community["endpoints"]["iti18"].rsplit("/ig/", 1)[0],
+            Path(data["ca"]),
+            Path(data["client"]["cert"]),
+            Path(data["client"]["key"]),
+            community["homeCommunityId"],
+            {c["homeCommunityId"]: c["name"] for c in communities},
+            f"tls://{audit}" if audit else None,
+        )
+    needed = (args.gateway, args.ca, args.cert, args.key, args.home_community_id)
+    if not all(needed):
+        raise ValueError(
+            "give --endpoints and --community, or --gateway, --ca, --cert, --key and "
+            "--home-community-id"
+        )
+    return _Target(
+        args.gateway,
+        Path(args.ca),
+        Path(args.cert),
+        Path(args.key),
+        args.home_community_id,
+        {},
+        None,
+    )
+
+
+async def _open_audit(target: _Target, args: argparse.Namespace) -> AuditTrail | None:
+    spec = None if args.no_audit else (args.audit or target.audit)
+    if spec is None:
+        return None
+    from xca_gateway.audit import AuditTrail
+    from xca_gateway.audit.config import AuditConfig, AuditDestination
+
+    transport, host, port = parse_audit_target(spec)
+    spool = Path(
+        args.audit_spool
+        or Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
+        / "xca-gateway"
+        / "import-audit"
+    )
+    tls = transport == "tls"
+    destination = AuditDestination(
+        name="arr",
+        transport="tls" if tls else "udp",
+        host=host,
+        port=port,
+        certificate=target.cert if tls else None,
+        private_key=target.key if tls else None,
+        trust_store=target.ca if tls else None,
+    )
+    trail = AuditTrail(
+        AuditConfig(
+            enabled=True,
+            spool_dir=spool,
+            destinations=(destination,),
+            audit_source_id="xca-gateway-import",
+            segment_bytes=1024 * 1024,
+        )
+    )
+    await trail.start(application_activity_events=False)
+    return trail
+
+
+async def _run_import(args: argparse.Namespace, target: _Target) -> ImportReport:
+    from xca_gateway.audit.messages import Node
+
+    pacs_host, pacs_port = parse_host_port(args.pacs, "--pacs")
+    prefixes = parse_accession_prefixes(args.accession_prefix, args.accession_prefix_map)
+    selection = PriorSelection(
+        local_home_community_id=target.home_community_id,
+        from_communities=frozenset(args.from_community),
+        study_instance_uids=frozenset(args.study),
+        modalities=frozenset(m.upper() for m in args.modality),
+        not_before=PriorSelection.lookback(args.lookback_days),
+    )
+    store = PacsStore(pacs_host, pacs_port, args.pacs_ae, args.calling_ae)
+    audit = await _open_audit(target, args)
+    ctx = client_context(target.ca, target.cert, target.key)
+    try:
+        async with httpx.AsyncClient(verify=ctx, timeout=httpx.Timeout(300, connect=10)) as client:
+            federation = HttpsFederation(client, target.gateway, progress=False)
+
+            def audited(study: StudyImport, refs: Mapping[str, InstanceRef]) -> None:
+                _print_study(study)
+                if audit is None:
+                    return
+                audit.record(
+                    import_audit_messages(
+                        audit.context,
+                        study=study,
+                        patient_id=args.patient,
+                        importer=audit.context.local_node(args.calling_ae),
+                        source=Node(study.manifest.home_community_id, _host(target.gateway)),
+                        pacs=Node(args.pacs_ae, pacs_host),
+                        refs=refs,
+                    )
+                )
+
+            return await import_priors(
+                federation,
+                patient_id=args.patient,
+                selection=selection,
+                store=store,
+                accession_prefixes=prefixes,
+                community_names=target.names,
+                demographics=Demographics(name=args.patient_name),
+                modifying_system=f"xca-gateway import-priors {args.calling_ae}",
+                on_study=audited,
+            )
+    finally:
+        if audit is not None:
+            try:
+                await audit.wait_delivered(15.0)
+            except TimeoutError:
+                print(
+                    "xca-gateway: audit records not delivered yet; they stay in "
+                    f"{audit.config.spool_dir} for the next run",
+                    file=sys.stderr,
+                )
+            await audit.stop(application_activity_events=False, drain_timeout=0.1)
+
+
+def _host(url: str) -> str | None:
+    return httpx.URL(url).host or None
+
+
+def _print_study(study: StudyImport) -> None:
+    accession = ""
+    if study.accession_number:
+        accession = f" accession {study.original_accession_number} -> {study.accession_number}"
+    print(
+        f"{study.manifest.home_community_id} study {study.study_instance_uid}{accession}: "
+        f"stored {len(study.stored)}, failed {len(study.failed)}",
+        flush=True,
+    )
+    for failure in study.failed:
+        print(f"  {failure.sop_instance_uid}: {failure.reason}", file=sys.stderr)
+
+
+def _cmd_import_priors(args: argparse.Namespace) -> int:
+    if logging.getLogger().level > logging.DEBUG:
+        # One INFO line per DIMSE message drowns the per-study report.
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    try:
+        target = _target(args)
+        parse_patient_id(args.patient)
+        parse_host_port(args.pacs, "--pacs")
+        parse_accession_prefixes(args.accession_prefix, args.accession_prefix_map)
+    except (ValueError, OSError, KeyError, TypeError) as exc:
+        print(f"xca-gateway: import-priors: {exc}", file=sys.stderr)
+        return 2
+    try:
+        report = asyncio.run(_run_import(args, target))
+    except (ConsumerError, httpx.HTTPError, OSError, ValueError, mtom.MtomError) as exc:
+        print(f"xca-gateway: import-priors failed: {exc}", file=sys.stderr)
+        return 1
+    for error in report.query_errors:
+        print(f"  query: {error.error_code}: {error.code_context}", file=sys.stderr)
+    if report.nothing_to_import:
+        print(
+            f"no foreign prior study found for {report.patient_id}"
+            + (
+                f" ({report.local_studies_skipped} local one(s) not imported)"
+                if report.local_studies_skipped
+                else ""
+            )
+        )
+    print(f"stored {report.stored} instance(s), failed {report.failed}")
+    return 0 if report.ok else 1

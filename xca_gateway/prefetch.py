@@ -1,0 +1,946 @@
+"""HL7 v2 auto-prefetch: an order for a patient pulls their priors from other communities.
+
+An order placer or RIS sends ORM^O01 (or OMI^O23, IHE SWF.b) over MLLP; the gateway answers
+with an original-mode ACK at once and schedules an import of the patient's foreign priors into
+the local PACS (:mod:`xca_gateway.import_priors`, in-process through this gateway's initiating
+side), so that they are there when the radiologist reads the new study.
+
+* The ACK never waits for the import: AA when the order is accepted (a job queued, or one for
+  the same patient already queued or run within ``dedupe_seconds``, or an order control that
+  does not call for priors), AE with an ERR segment when the content is wrong (no PID, no
+  usable local patient id, no ORC), AR when the message cannot be processed at all
+  (unparseable, unsupported message type, event or version, queue full: the sender retries).
+  MSA-2 echoes MSH-10 of the order.
+* The patient is PID-3's repetition whose assigning authority is the local one (universal id =
+  our OID, or a namespace listed in ``local_namespaces``; an unqualified id counts as local
+  when ``accept_unqualified_ids``). PID-5/7/8 become the local demographics written into the
+  imported instances (IRWF: the local record wins), when ``reconcile_demographics``.
+* Relevant priors: every foreign study of the patient by default; with ``match_modality`` only
+  those of the ordered modality (IPC-5, OBR-24 or a DICOM modality code in OBR-4); with
+  ``lookback_days`` only recent ones.
+* Jobs are bounded: a queue of ``max_queue`` with ``workers`` workers.
+
+MLLP uses the ``hl7`` package's asyncio server (``hl7.mllp.start_hl7_server``) and its raw
+``readblock()`` / ``writeblock()``: the message is parsed here with ``hl7.parse`` after the
+header was read by hand, so that even a message hl7 cannot parse gets a correct ACK.
+
+Configuration (``[prefetch]``)::
+
+    [prefetch]
+    host = "127.0.0.1"            # MLLP listener
+    port = 2575                   # 0: any free port (see /readyz "ports")
+    pacs_host = "127.0.0.1"       # the local PACS (C-STORE SCP)
+    pacs_port = 4242
+    pacs_ae_title = "ORTHANC"
+    calling_ae_title = "XCA-PREFETCH"
+    lookback_days = 3650          # absent: no limit
+    match_modality = false
+    max_queue = 100
+    workers = 1
+    dedupe_seconds = 300
+    local_namespaces = ["NORTH"]  # PID-3 namespace ids that mean the local domain
+    [prefetch.accession_prefixes] # default: the peer's name upper-cased plus "-"
+    "urn:oid:1.3.6.1.4.1.21367.13.70.2" = "SOUTH-"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from xca_gateway.config import ConfigError
+
+if TYPE_CHECKING:
+    from xca_gateway.gateway import Gateway
+    from xca_gateway.import_priors import ImportReport, StudyImport
+    from xca_gateway.kos import InstanceRef
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "AckError",
+    "OrderMessage",
+    "PrefetchConfig",
+    "Prefetcher",
+    "build_ack",
+    "parse_order",
+    "parse_prefetch_config",
+    "read_header",
+]
+
+# HL7 table 0357 (message error condition codes).
+SEGMENT_SEQUENCE_ERROR = ("100", "Segment sequence error")
+REQUIRED_FIELD_MISSING = ("101", "Required field missing")
+DATA_TYPE_ERROR = ("102", "Data type error")
+UNSUPPORTED_MESSAGE_TYPE = ("200", "Unsupported message type")
+UNSUPPORTED_EVENT_CODE = ("201", "Unsupported event code")
+UNSUPPORTED_VERSION_ID = ("203", "Unsupported version id")
+UNKNOWN_KEY_IDENTIFIER = ("204", "Unknown key identifier")
+APPLICATION_INTERNAL_ERROR = ("207", "Application internal error")
+
+SUPPORTED_MESSAGES = {"ORM": "O01", "OMI": "O23"}
+_DICOM_MODALITIES = frozenset(
+    {
+        "AR",
+        "BI",
+        "BMD",
+        "CR",
+        "CT",
+        "DG",
+        "DX",
+        "ECG",
+        "EPS",
+        "ES",
+        "GM",
+        "HC",
+        "HD",
+        "IO",
+        "IVOCT",
+        "IVUS",
+        "KER",
+        "LS",
+        "MG",
+        "MR",
+        "NM",
+        "OAM",
+        "OCT",
+        "OP",
+        "OPM",
+        "OPT",
+        "OPV",
+        "OSS",
+        "PT",
+        "PX",
+        "RF",
+        "RG",
+        "SM",
+        "SRF",
+        "TG",
+        "US",
+        "XA",
+        "XC",
+    }
+)
+# HL7 table 0074 (diagnostic service section) → DICOM modalities; absent: no filter.
+_SERVICE_SECTIONS = {
+    "CT": ("CT",),
+    "NMR": ("MR",),
+    "MR": ("MR",),
+    "NMS": ("NM", "PT"),
+    "RUS": ("US",),
+    "US": ("US",),
+    "CUS": ("US",),
+    "OUS": ("US",),
+    "VUS": ("US",),
+    "RX": ("CR", "DX"),
+    "XRC": ("XA", "RF"),
+    "MG": ("MG",),
+}
+_DATE = re.compile(r"^\d{8}")
+
+
+class AckError(Exception):
+    """The message is answered with ``ack_code`` (AE or AR) and an ERR segment."""
+
+    def __init__(
+        self, ack_code: str, condition: tuple[str, str], text: str, location: str = ""
+    ) -> None:
+        super().__init__(text)
+        self.ack_code = ack_code
+        self.condition = condition
+        self.text = text
+        self.location = location  # ERL: segment^sequence^field, e.g. PID^1^3
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class PrefetchConfig:
+    pacs_port: int
+    pacs_ae_title: str
+    pacs_host: str = "127.0.0.1"
+    host: str = "127.0.0.1"
+    port: int = 2575
+    calling_ae_title: str = "XCA-PREFETCH"
+    # DIMSE timeouts (association, response) towards the PACS.
+    pacs_timeout: float = 30.0
+    accession_prefixes: Mapping[str, str] = field(default_factory=dict)
+    lookback_days: int | None = None
+    match_modality: bool = False
+    max_queue: int = 100
+    workers: int = 1
+    dedupe_seconds: float = 300.0
+    local_namespaces: tuple[str, ...] = ()
+    accept_unqualified_ids: bool = True
+    reconcile_demographics: bool = True
+    order_controls: tuple[str, ...] = ("NW", "XO")
+    max_message_bytes: int = 1024 * 1024
+    idle_timeout: float = 300.0
+    max_connections: int = 16
+    job_timeout: float = 3600.0
+    # MSH-3 / MSH-4 of our ACKs (facility default: the community's name).
+    application: str = "XCA-GATEWAY"
+    facility: str | None = None
+
+
+def _ae(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value.strip()) <= 16 or "\\" in value:
+        raise ConfigError(f"{where} must be an AE title of 1-16 characters")
+    if not value.isascii():
+        raise ConfigError(f"{where} must be ASCII")
+    return value.strip()
+
+
+def _int(value: Any, where: str, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ConfigError(f"{where} must be an integer from {low} to {high}")
+    return value
+
+
+def _number(value: Any, where: str, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"{where} must be a non-negative number")
+    if positive and value == 0:
+        raise ConfigError(f"{where} must be positive")
+    return float(value)
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false")
+    return value
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where} must be a list of non-empty strings")
+    return tuple(value)
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where} must be a non-empty string")
+    return value
+
+
+def parse_prefetch_config(table: dict[str, Any], base_dir: Path | None = None) -> PrefetchConfig:
+    """Validate ``[prefetch]`` (``base_dir`` is unused: no paths in it)."""
+    known = set(PrefetchConfig.__dataclass_fields__)
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"[prefetch]: unknown key(s) {', '.join(sorted(unknown))}")
+    for key in ("pacs_port", "pacs_ae_title"):
+        if key not in table:
+            raise ConfigError(f"[prefetch] {key} is required")
+    prefixes = table.get("accession_prefixes", {})
+    if not isinstance(prefixes, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and len(v) < 16 and "\\" not in v
+        for k, v in prefixes.items()
+    ):
+        raise ConfigError(
+            "[prefetch.accession_prefixes] maps homeCommunityIds to prefixes (< 16 characters)"
+        )
+    lookback = table.get("lookback_days")
+    return PrefetchConfig(
+        host=_text(table.get("host", "127.0.0.1"), "prefetch.host"),
+        port=_int(table.get("port", 2575), "prefetch.port", 0, 65535),
+        pacs_host=_text(table.get("pacs_host", "127.0.0.1"), "prefetch.pacs_host"),
+        pacs_port=_int(table["pacs_port"], "prefetch.pacs_port", 1, 65535),
+        pacs_ae_title=_ae(table["pacs_ae_title"], "prefetch.pacs_ae_title"),
+        calling_ae_title=_ae(
+            table.get("calling_ae_title", "XCA-PREFETCH"), "prefetch.calling_ae_title"
+        ),
+        pacs_timeout=_number(
+            table.get("pacs_timeout", 30.0), "prefetch.pacs_timeout", positive=True
+        ),
+        accession_prefixes=dict(prefixes),
+        lookback_days=None
+        if lookback is None
+        else _int(lookback, "prefetch.lookback_days", 0, 100_000),
+        match_modality=_bool(table.get("match_modality", False), "prefetch.match_modality"),
+        max_queue=_int(table.get("max_queue", 100), "prefetch.max_queue", 1, 1_000_000),
+        workers=_int(table.get("workers", 1), "prefetch.workers", 1, 64),
+        dedupe_seconds=_number(
+            table.get("dedupe_seconds", 300.0), "prefetch.dedupe_seconds", positive=False
+        ),
+        local_namespaces=_strings(table.get("local_namespaces", []), "prefetch.local_namespaces"),
+        accept_unqualified_ids=_bool(
+            table.get("accept_unqualified_ids", True), "prefetch.accept_unqualified_ids"
+        ),
+        reconcile_demographics=_bool(
+            table.get("reconcile_demographics", True), "prefetch.reconcile_demographics"
+        ),
+        order_controls=tuple(
+            c.upper()
+            for c in _strings(table.get("order_controls", ["NW", "XO"]), "prefetch.order_controls")
+        ),
+        max_message_bytes=_int(
+            table.get("max_message_bytes", 1024 * 1024), "prefetch.max_message_bytes", 1024, 1 << 30
+        ),
+        idle_timeout=_number(
+            table.get("idle_timeout", 300.0), "prefetch.idle_timeout", positive=True
+        ),
+        max_connections=_int(
+            table.get("max_connections", 16), "prefetch.max_connections", 1, 10_000
+        ),
+        job_timeout=_number(
+            table.get("job_timeout", 3600.0), "prefetch.job_timeout", positive=True
+        ),
+        application=_text(table.get("application", "XCA-GATEWAY"), "prefetch.application"),
+        facility=None
+        if table.get("facility") is None
+        else _text(table.get("facility"), "prefetch.facility"),
+    )
+
+
+# ----------------------------------------------------------------------------- HL7 v2 (sans-IO)
+
+
+@dataclass(frozen=True)
+class Header:
+    """MSH as sent (raw, still escaped), read without a full parse so every message gets an
+    ACK; MSH-n is ``fields[n - 1]``."""
+
+    fields: tuple[str, ...]
+
+    def get(self, number: int) -> str:
+        return self.fields[number - 1] if 0 < number <= len(self.fields) else ""
+
+    def component(self, number: int, index: int) -> str:
+        separator = self.get(2)[:1] or "^"
+        parts = self.get(number).split(separator)
+        return parts[index - 1] if index <= len(parts) else ""
+
+    @property
+    def control_id(self) -> str:
+        return self.get(10)
+
+    @property
+    def version(self) -> str:
+        return self.component(12, 1)
+
+
+def decode_message(raw: bytes) -> tuple[str, str]:
+    """(text with CR segment separators, the encoding to answer in)."""
+    for encoding in ("utf-8", "latin-1"):
+        try:
+            text = raw.decode(encoding)
+            break
+        except UnicodeDecodeError:
+            continue
+    text = text.replace("\r\n", "\r").replace("\n", "\r").strip("\r\x00 ")
+    return text, encoding
+
+
+def read_header(text: str) -> Header:
+    first = text.split("\r", 1)[0]
+    if not first.startswith("MSH") or len(first) < 8:
+        raise AckError("AR", SEGMENT_SEQUENCE_ERROR, "the message does not start with MSH", "MSH")
+    separator = first[3]
+    if separator.isalnum() or separator in "\r\n ":
+        raise AckError("AR", DATA_TYPE_ERROR, "invalid field separator in MSH-1", "MSH^1^1")
+    fields = first.split(separator)
+    return Header(("MSH", *fields[1:]) if len(fields) > 1 else ("MSH",))
+
+
+@dataclass(frozen=True)
+class PatientIdentifier:
+    id: str
+    namespace: str
+    universal_id: str
+    universal_id_type: str
+
+
+@dataclass(frozen=True)
+class OrderMessage:
+    header: Header
+    message_type: str
+    trigger_event: str
+    patient_ids: tuple[PatientIdentifier, ...]
+    patient_name: str | None  # DICOM PN
+    birth_date: str | None
+    sex: str | None  # DICOM M/F/O
+    order_control: str
+    modalities: tuple[str, ...]  # what the order is for, as DICOM modalities (may be empty)
+
+
+def _value(segment: Any, number: int, rep: int = 1, comp: int = 1, sub: int = 1) -> str:
+    """One leaf of an hl7 segment, "" when absent (hl7's extract_field raises instead)."""
+    if number >= len(segment):
+        return ""
+    items = list(segment[number])
+    if not items:
+        return ""
+    if isinstance(items[0], str):  # a plain field
+        return items[0] if (rep, comp, sub) == (1, 1, 1) else ""
+    if rep > len(items):
+        return ""
+    repetition = items[rep - 1]
+    if isinstance(repetition, str):
+        return repetition if (comp, sub) == (1, 1) else ""
+    if comp > len(repetition):
+        return ""
+    component = repetition[comp - 1]
+    if isinstance(component, str):
+        return component if sub == 1 else ""
+    return str(component[sub - 1]) if sub <= len(component) else ""
+
+
+def _repetitions(segment: Any, number: int) -> int:
+    if number >= len(segment):
+        return 0
+    items = list(segment[number])
+    if not items:
+        return 0
+    return 1 if isinstance(items[0], str) else len(items)
+
+
+def _segment(message: Any, name: str) -> Any | None:
+    for segment in message:
+        if str(segment[0]) == name:
+            return segment
+    return None
+
+
+def _pn(message: Any, pid: Any) -> str | None:
+    """PID-5 (XPN: family&…^given^second^suffix^prefix) → DICOM PN (family^given^middle^
+    prefix^suffix)."""
+    unescape = message.unescape
+    family = unescape(_value(pid, 5, 1, 1, 1))
+    given = unescape(_value(pid, 5, 1, 2))
+    middle = unescape(_value(pid, 5, 1, 3))
+    suffix = unescape(_value(pid, 5, 1, 4))
+    prefix = unescape(_value(pid, 5, 1, 5))
+    name = "^".join((family, given, middle, prefix, suffix)).rstrip("^")
+    return name or None
+
+
+def _order_modalities(message: Any) -> tuple[str, ...]:
+    ipc = _segment(message, "IPC")
+    if ipc is not None and _value(ipc, 5).strip().upper() in _DICOM_MODALITIES:
+        return (_value(ipc, 5).strip().upper(),)
+    obr = _segment(message, "OBR")
+    if obr is None:
+        return ()
+    section = _value(obr, 24).strip().upper()
+    if section in _SERVICE_SECTIONS:
+        return _SERVICE_SECTIONS[section]
+    code = _value(obr, 4).strip().upper()
+    if code in _DICOM_MODALITIES:
+        return (code,)
+    return ()
+
+
+def parse_order(text: str) -> OrderMessage:
+    """An ORM^O01 / OMI^O23, or AckError saying how to refuse it."""
+    import hl7
+
+    header = read_header(text)
+    if not header.control_id:
+        raise AckError(
+            "AR", REQUIRED_FIELD_MISSING, "MSH-10 (message control id) is empty", "MSH^1^10"
+        )
+    version = header.version
+    if not re.match(r"^2\.[1-9](\.\d+)?$", version):
+        raise AckError(
+            "AR", UNSUPPORTED_VERSION_ID, f"HL7 version {version!r} is not 2.x", "MSH^1^12"
+        )
+    message_type = header.component(9, 1).upper()
+    trigger = header.component(9, 2).upper()
+    if message_type not in SUPPORTED_MESSAGES:
+        raise AckError(
+            "AR",
+            UNSUPPORTED_MESSAGE_TYPE,
+            f"message type {message_type or '(none)'} is not supported (ORM^O01, OMI^O23)",
+            "MSH^1^9",
+        )
+    if trigger != SUPPORTED_MESSAGES[message_type]:
+        raise AckError(
+            "AR",
+            UNSUPPORTED_EVENT_CODE,
+            f"{message_type}^{trigger} is not supported (ORM^O01, OMI^O23)",
+            "MSH^1^9",
+        )
+    try:
+        message = hl7.parse(text)
+    except Exception as exc:  # hl7 raises assorted errors on broken structure
+        raise AckError("AE", SEGMENT_SEQUENCE_ERROR, f"unparseable message: {exc}") from None
+    pid = _segment(message, "PID")
+    if pid is None:
+        raise AckError("AE", SEGMENT_SEQUENCE_ERROR, "no PID segment", "PID")
+    unescape = message.unescape
+    ids = tuple(
+        PatientIdentifier(
+            unescape(_value(pid, 3, rep, 1)).strip(),
+            unescape(_value(pid, 3, rep, 4, 1)).strip(),
+            unescape(_value(pid, 3, rep, 4, 2)).strip(),
+            unescape(_value(pid, 3, rep, 4, 3)).strip().upper(),
+        )
+        for rep in range(1, _repetitions(pid, 3) + 1)
+    )
+    ids = tuple(i for i in ids if i.id)
+    if not ids:
+        raise AckError(
+            "AE", REQUIRED_FIELD_MISSING, "PID-3 (patient identifier list) is empty", "PID^1^3"
+        )
+    orc = _segment(message, "ORC")
+    if orc is None:
+        raise AckError("AE", SEGMENT_SEQUENCE_ERROR, "no ORC segment", "ORC")
+    order_control = _value(orc, 1).strip().upper()
+    if not order_control:
+        raise AckError("AE", REQUIRED_FIELD_MISSING, "ORC-1 (order control) is empty", "ORC^1^1")
+    birth = _value(pid, 7).strip()
+    sex = _value(pid, 8).strip().upper()
+    return OrderMessage(
+        header=header,
+        message_type=message_type,
+        trigger_event=trigger,
+        patient_ids=ids,
+        patient_name=_pn(message, pid),
+        birth_date=birth[:8] if _DATE.match(birth) else None,
+        sex={"M": "M", "F": "F", "O": "O", "A": "O", "N": "O"}.get(sex),
+        order_control=order_control,
+        modalities=_order_modalities(message),
+    )
+
+
+def local_patient_id(
+    order: OrderMessage,
+    local_authority: str,
+    *,
+    local_namespaces: Sequence[str] = (),
+    accept_unqualified: bool = True,
+) -> str | None:
+    """The order's patient in the local domain as an XDS CX (ID^^^&OID&ISO), or None."""
+
+    def is_local(i: PatientIdentifier) -> int:
+        """2: by universal id, 1: by namespace or unqualified, 0: foreign."""
+        if i.universal_id == local_authority and i.universal_id_type in ("", "ISO"):
+            return 2
+        if i.namespace and (i.namespace in local_namespaces or i.namespace == local_authority):
+            return 1
+        if accept_unqualified and not (i.namespace or i.universal_id):
+            return 1
+        return 0
+
+    ranked = sorted(
+        (i for i in order.patient_ids if is_local(i) and not set(i.id) & set("^&~\\")),
+        key=is_local,
+        reverse=True,
+    )
+    return f"{ranked[0].id}^^^&{local_authority}&ISO" if ranked else None
+
+
+def _escape(value: str) -> str:
+    return (
+        value.replace("\\", "\\E\\")
+        .replace("|", "\\F\\")
+        .replace("^", "\\S\\")
+        .replace("&", "\\T\\")
+        .replace("~", "\\R\\")
+        .replace("\r", " ")
+        .replace("\n", " ")
+    )
+
+
+def build_ack(
+    header: Header | None,
+    ack_code: str,
+    *,
+    now: datetime,
+    control_id: str,
+    application: str,
+    facility: str,
+    error: AckError | None = None,
+) -> str:
+    """An original-mode ACK (MSH, MSA, and ERR when ``error``) to the message ``header``."""
+    h = header or Header(("MSH",))
+    version = h.version if re.match(r"^2\.[1-9](\.\d+)?$", h.version) else "2.5.1"
+    trigger = h.component(9, 2) if header is not None else ""
+    msh = "|".join(
+        (
+            "MSH",
+            "^~\\&",
+            _escape(application),
+            _escape(facility),
+            h.get(3),
+            h.get(4),
+            now.strftime("%Y%m%d%H%M%S"),
+            "",
+            f"ACK^{trigger}^ACK" if trigger else "ACK",
+            control_id,
+            h.get(11) or "P",
+            version,
+        )
+    )
+    modern = tuple(int(p) for p in version.split(".")[:2]) >= (2, 5)
+    msa = ["MSA", ack_code, h.control_id]
+    segments = []
+    if error is not None and not modern:
+        msa.append(_escape(error.text)[:80])  # MSA-3 text message (before 2.5)
+    segments.append("|".join(msa))
+    if error is not None:
+        code, text = error.condition
+        if modern:
+            segments.append(
+                "|".join(
+                    (
+                        "ERR",
+                        "",
+                        error.location,
+                        f"{code}^{text}^HL70357",
+                        "E",
+                        "",
+                        "",
+                        "",
+                        _escape(error.text),
+                    )
+                )
+            )
+        else:  # ERR-1 (ELD): segment^sequence^field^code&text&table
+            where = [*error.location.split("^"), "", "", ""][:3]
+            segments.append("ERR|" + "^".join([*where, f"{code}&{text}&HL70357"]))
+    return "\r".join((msh, *segments)) + "\r"
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+@dataclass(frozen=True)
+class PrefetchJob:
+    patient_id: str  # local CX
+    control_id: str
+    demographics_name: str | None = None
+    birth_date: str | None = None
+    sex: str | None = None
+    modalities: tuple[str, ...] = ()
+
+
+@dataclass
+class JobResult:
+    job: PrefetchJob
+    report: ImportReport | None = None
+    error: str | None = None
+    finished: float = field(default_factory=time.time)
+
+    @property
+    def nothing_to_import(self) -> bool:
+        return self.error is None and self.report is not None and self.report.nothing_to_import
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.report is not None and self.report.ok
+
+
+class _PrefetchMetrics:
+    def __init__(self, registry: Any, queue_length: Any) -> None:
+        from prometheus_client import Counter, Gauge
+
+        self.messages = Counter(
+            "xca_gateway_prefetch_messages",
+            "HL7 order messages received, by ACK code",
+            ["ack"],
+            registry=registry,
+        )
+        self.jobs = Counter(
+            "xca_gateway_prefetch_jobs",
+            "Prefetch jobs by outcome (queued, duplicate, queue_full, imported, "
+            "nothing_to_import, failed)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.instances = Counter(
+            "xca_gateway_prefetch_instances",
+            "Prior instances stored in the local PACS by prefetch, by outcome",
+            ["outcome"],
+            registry=registry,
+        )
+        gauge = Gauge(
+            "xca_gateway_prefetch_queue_length", "Prefetch jobs waiting", registry=registry
+        )
+        gauge.set_function(queue_length)
+
+
+class Prefetcher:
+    """The MLLP listener, the job queue and its workers, for one gateway."""
+
+    def __init__(self, gateway: Gateway, config: PrefetchConfig) -> None:
+        self.gateway = gateway
+        self.config = config
+        community = gateway.config.community
+        self.local_authority = community.patient_id_assigning_authority
+        self.home_community_id = community.home_community_id
+        self.facility = config.facility or community.name
+        self.community_names = {p.home_community_id: p.name for p in gateway.config.peers}
+        self.recent: collections.deque[JobResult] = collections.deque(maxlen=100)
+        self._queue: asyncio.Queue[PrefetchJob] = asyncio.Queue(config.max_queue)
+        self._scheduled: dict[str, float] = {}  # patient -> when last queued (monotonic)
+        self._pending: set[str] = set()  # patients queued or running
+        self._server: asyncio.Server | None = None
+        self._workers: list[asyncio.Task[None]] = []
+        self._connections: set[asyncio.Task[Any]] = set()
+        self.metrics = _PrefetchMetrics(gateway.metrics.registry, self._queue.qsize)
+
+    @property
+    def port(self) -> int:
+        if self._server is None or not self._server.sockets:
+            return self.config.port
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        from hl7.mllp import start_hl7_server
+
+        self._server = await start_hl7_server(
+            self._on_connection,
+            self.config.host,
+            self.config.port,
+            limit=self.config.max_message_bytes,
+        )
+        self._workers = [
+            asyncio.create_task(self._worker(), name=f"prefetch-worker-{i}")
+            for i in range(self.config.workers)
+        ]
+        log.info("HL7 prefetch listening (MLLP) on %s:%d", self.config.host, self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        tasks = [*self._connections, *self._workers]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+            self._server = None
+        self._workers.clear()
+
+    # -- MLLP
+
+    async def _on_connection(self, reader: Any, writer: Any) -> None:
+        from hl7.mllp import InvalidBlockError
+
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            if len(self._connections) > self.config.max_connections:
+                log.warning("MLLP connection refused: %d open", len(self._connections) - 1)
+                return
+            while True:
+                try:
+                    block = await asyncio.wait_for(reader.readblock(), self.config.idle_timeout)
+                except InvalidBlockError:
+                    # Bytes before the start block: the block is lost, the framing is intact.
+                    self._send(writer, self._refusal("data outside an MLLP start block"))
+                    continue
+                except ValueError:
+                    # Larger than max_message_bytes: where the next message starts is unknown.
+                    self._send(writer, self._refusal("message larger than the limit"))
+                    break
+                except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                    break
+                self._send(writer, self.handle_message(block))
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 2)
+
+    def _send(self, writer: Any, payload: bytes) -> None:
+        writer.writeblock(payload)
+
+    def _refusal(self, text: str) -> bytes:
+        self.metrics.messages.labels("AR").inc()
+        error = AckError("AR", APPLICATION_INTERNAL_ERROR, text)
+        return self._ack(None, "AR", error).encode("ascii")
+
+    def _ack(self, header: Header | None, code: str, error: AckError | None = None) -> str:
+        return build_ack(
+            header,
+            code,
+            now=datetime.now(UTC),
+            control_id=uuid.uuid4().hex[:20],
+            application=self.config.application,
+            facility=self.facility,
+            error=error,
+        )
+
+    def handle_message(self, raw: bytes) -> bytes:
+        """ACK for one MLLP block; schedules the prefetch job. Never blocks, never raises."""
+        text, encoding = decode_message(raw)
+        header: Header | None = None
+        try:
+            with contextlib.suppress(AckError):
+                header = read_header(text)
+            order = parse_order(text)
+            header = order.header
+            code = self._accept(order)
+            ack = self._ack(header, code)
+        except AckError as exc:
+            log.info("HL7 message refused (%s %s): %s", exc.ack_code, exc.condition[0], exc.text)
+            code, ack = exc.ack_code, self._ack(header, exc.ack_code, exc)
+        except Exception as exc:  # a bug must still answer the sender
+            log.exception("HL7 message handling failed")
+            code = "AE"
+            ack = self._ack(
+                header, code, AckError("AE", APPLICATION_INTERNAL_ERROR, type(exc).__name__)
+            )
+        self.metrics.messages.labels(code).inc()
+        return ack.encode(encoding, errors="replace")
+
+    def _accept(self, order: OrderMessage) -> str:
+        cfg = self.config
+        patient = local_patient_id(
+            order,
+            self.local_authority,
+            local_namespaces=cfg.local_namespaces,
+            accept_unqualified=cfg.accept_unqualified_ids,
+        )
+        if patient is None:
+            raise AckError(
+                "AE",
+                UNKNOWN_KEY_IDENTIFIER,
+                f"no PID-3 identifier in the local domain {self.local_authority}",
+                "PID^1^3",
+            )
+        if order.order_control not in cfg.order_controls:
+            log.info("order control %s for %s: no prefetch", order.order_control, patient)
+            return "AA"
+        demographics = cfg.reconcile_demographics
+        job = PrefetchJob(
+            patient_id=patient,
+            control_id=order.header.control_id,
+            demographics_name=order.patient_name if demographics else None,
+            birth_date=order.birth_date if demographics else None,
+            sex=order.sex if demographics else None,
+            modalities=order.modalities if cfg.match_modality else (),
+        )
+        outcome = self.schedule(job)
+        if outcome == "queue_full":
+            raise AckError("AR", APPLICATION_INTERNAL_ERROR, "prefetch queue full, retry later")
+        return "AA"
+
+    # -- jobs
+
+    def schedule(self, job: PrefetchJob) -> str:
+        """queued, duplicate (same patient queued, running or done within the window) or
+        queue_full."""
+        now = time.monotonic()
+        window = self.config.dedupe_seconds
+        if len(self._scheduled) > 10 * self.config.max_queue:
+            self._scheduled = {p: t for p, t in self._scheduled.items() if now - t < window}
+        last = self._scheduled.get(job.patient_id)
+        if job.patient_id in self._pending or (last is not None and now - last < window):
+            outcome = "duplicate"
+        else:
+            try:
+                self._queue.put_nowait(job)
+            except asyncio.QueueFull:
+                outcome = "queue_full"
+            else:
+                outcome = "queued"
+                self._pending.add(job.patient_id)
+                self._scheduled[job.patient_id] = now
+        self.metrics.jobs.labels(outcome).inc()
+        log.info("prefetch for %s (order %s): %s", job.patient_id, job.control_id, outcome)
+        return outcome
+
+    async def _worker(self) -> None:
+        while True:
+            job = await self._queue.get()
+            try:
+                result = await self.run_job(job)
+            finally:
+                self._pending.discard(job.patient_id)
+                self._queue.task_done()
+            self.recent.append(result)
+
+    async def run_job(self, job: PrefetchJob) -> JobResult:
+        from xca_gateway.import_priors import (
+            Demographics,
+            InProcessFederation,
+            PacsStore,
+            PriorSelection,
+            import_priors,
+        )
+
+        cfg = self.config
+        store = PacsStore(
+            cfg.pacs_host,
+            cfg.pacs_port,
+            cfg.pacs_ae_title,
+            cfg.calling_ae_title,
+            timeout=cfg.pacs_timeout,
+        )
+        try:
+            async with asyncio.timeout(cfg.job_timeout):
+                report = await import_priors(
+                    InProcessFederation(self.gateway),
+                    patient_id=job.patient_id,
+                    selection=PriorSelection(
+                        self.home_community_id,
+                        modalities=frozenset(job.modalities),
+                        not_before=PriorSelection.lookback(cfg.lookback_days),
+                    ),
+                    store=store,
+                    accession_prefixes=cfg.accession_prefixes,
+                    community_names=self.community_names,
+                    demographics=Demographics(job.demographics_name, job.birth_date, job.sex),
+                    modifying_system=f"xca-gateway {self.gateway.config.community.name} prefetch",
+                    on_study=lambda study, refs: self._audit(job, study, refs),
+                )
+        except Exception as exc:
+            log.warning("prefetch for %s failed: %s", job.patient_id, exc)
+            self.metrics.jobs.labels("failed").inc()
+            return JobResult(job, error=f"{type(exc).__name__}: {exc}")
+        self.metrics.instances.labels("stored").inc(report.stored)
+        self.metrics.instances.labels("failed").inc(report.failed)
+        outcome = (
+            "nothing_to_import"
+            if report.nothing_to_import
+            else ("imported" if report.ok else "failed")
+        )
+        self.metrics.jobs.labels(outcome).inc()
+        log.info(
+            "prefetch for %s: %d stud(ies), %d instance(s) stored, %d failed",
+            job.patient_id,
+            len(report.studies),
+            report.stored,
+            report.failed,
+        )
+        return JobResult(job, report)
+
+    def _audit(self, job: PrefetchJob, study: StudyImport, refs: Mapping[str, InstanceRef]) -> None:
+        audit = self.gateway.audit
+        if not audit.config.enabled:
+            return
+        from xca_gateway.audit.messages import Node
+        from xca_gateway.import_priors import import_audit_messages
+
+        audit.record(
+            import_audit_messages(
+                audit.context,
+                study=study,
+                patient_id=job.patient_id,
+                importer=audit.context.local_node(self.config.calling_ae_title),
+                source=Node(study.manifest.home_community_id),
+                pacs=Node(self.config.pacs_ae_title, self.config.pacs_host),
+                refs=refs,
+            )
+        )
