@@ -364,6 +364,44 @@ def test_demo_dicom_front_door_finds_studies_in_every_community(
     assert len({m.StudyInstanceUID for m in matches}) == expected
 
 
+def test_demo_dicomweb_front_door_answers_dicomweb_client(
+    demo: tuple[subprocess.Popen[bytes], Path],
+) -> None:
+    """endpoints.json's "dicomweb" root (contract.md) serves QIDO-RS and WADO-RS to a real
+    DICOMweb client: alice's studies from every community, and one instance retrieved."""
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    _, workdir = demo
+    data = _endpoints(workdir)
+    north = data["communities"][0]
+    assert north["dicomweb"].startswith("https://127.0.0.1:")
+    alice = next(p["id"] for p in north["samplePatients"] if p["crossCommunityKey"] == "alice")
+    session = requests.Session()
+    session.trust_env = False  # no CA bundle from the environment: the demo CA only
+    session.verify = data["ca"]
+    session.cert = (data["client"]["cert"], data["client"]["key"])
+    client = DICOMwebClient(url=north["dicomweb"], session=session)
+    studies = client.search_for_studies(search_filters={"PatientID": alice.split("^")[0]})
+    expected = 0
+    for community in data["communities"]:
+        mine = next(
+            p["id"] for p in community["samplePatients"] if p["crossCommunityKey"] == "alice"
+        )
+        listed = json.loads((workdir / community["name"] / "data" / "samples.json").read_text())
+        expected += sum(mine.startswith(s["patientId"] + "^") for s in listed["studies"])
+    uids = {s["0020000D"]["Value"][0] for s in studies}
+    assert len(uids) == expected > 1
+    study = sorted(uids)[0]
+    instances = client.search_for_instances(study_instance_uid=study)
+    assert instances
+    first = instances[0]
+    series = first["0020000E"]["Value"][0]
+    sop = first["00080018"]["Value"][0]
+    ds = client.retrieve_instance(study, series, sop)
+    assert ds.SOPInstanceUID == sop
+
+
 def test_demo_stops_cleanly_on_sigterm(demo: tuple[subprocess.Popen[bytes], Path]) -> None:
     process, workdir = demo
     parent = psutil.Process(process.pid)
