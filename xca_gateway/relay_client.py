@@ -81,7 +81,7 @@ class _Reader(asyncio.Protocol):
     buffer to copy through. Reading pauses above HIGH_WATER so a slow downstream consumer
     slows the peer instead of filling memory."""
 
-    HIGH_WATER = 4 * READ_SIZE
+    HIGH_WATER = 2 * READ_SIZE
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
