@@ -246,3 +246,23 @@ async def test_connections_in_use_are_capped_and_given_back_on_close(pki: DevPki
     finally:
         await client.aclose()
         await server.close()
+
+
+async def test_requests_that_must_not_run_twice_never_use_a_pooled_connection(
+    pki: DevPki,
+) -> None:
+    app = StreamingApp()
+    server = HttpServer(app, ssl_context=server_tls(pki))
+    await server.start()
+    client = RelayClient(client_tls(pki))
+    url = f"https://127.0.0.1:{server.port}/echo"
+    try:
+        assert await read_all(client, url, b"query", 1) == b"query"
+        response = await client.post(url, b"register", [], idempotent=False)
+        assert b"".join([bytes(p) async for p in response.aiter_raw()]) == b"register"
+        await response.aclose()
+        # The registration went over a connection of its own, not the pooled one.
+        assert len(set(app.peers)) == 2
+    finally:
+        await client.aclose()
+        await server.close()

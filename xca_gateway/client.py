@@ -35,6 +35,16 @@ HeaderProvider = Callable[[str, str, etree._Element], Sequence[etree._Element]]
 CallObserver = Callable[[str, str, etree._Element, etree._Element | None, str | None], None]
 
 
+# Submissions must not be sent twice, so they never go over a pooled connection that might
+# have been closed under them (queries and retrieves may be, and are retried once if so).
+_NOT_IDEMPOTENT = frozenset(
+    {
+        "urn:ihe:iti:2007:RegisterDocumentSet-b",
+        "urn:ihe:iti:2007:ProvideAndRegisterDocumentSet-b",
+    }
+)
+
+
 class PeerError(Exception):
     """A call to a peer failed; ``kind`` is timeout | connect | tls | http | fault | malformed."""
 
@@ -168,7 +178,7 @@ class PeerClient:
         error: str | None = None
         try:
             async with asyncio.timeout(deadline or self.outbound.request_timeout):
-                reply = await self._exchange(url, headers, content)
+                reply = await self._exchange(url, headers, content, action)
             outcome = "success"
             return reply
         except TimeoutError:
@@ -195,10 +205,16 @@ class PeerClient:
                 )
 
     async def _exchange(
-        self, url: str, headers: dict[str, str], content: bytes | AsyncIterator[bytes]
+        self,
+        url: str,
+        headers: dict[str, str],
+        content: bytes | AsyncIterator[bytes],
+        action: str,
     ) -> SoapReply:
         try:
-            response = await self.relay.post(url, content, list(headers.items()))
+            response = await self.relay.post(
+                url, content, list(headers.items()), idempotent=action not in _NOT_IDEMPOTENT
+            )
             try:
                 self.check_pin_der(url, response.peer_certificate)
                 return await self._read_reply(response)

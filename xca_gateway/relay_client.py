@@ -393,18 +393,25 @@ class RelayClient:
         return _Connection(transport, reader)
 
     async def post(
-        self, url: str, body: bytes | AsyncIterator[bytes], headers: list[tuple[str, str]]
+        self,
+        url: str,
+        body: bytes | AsyncIterator[bytes],
+        headers: list[tuple[str, str]],
+        *,
+        idempotent: bool = True,
     ) -> RelayResponse:
         """Send a POST and return once the reply's status line and headers have arrived.
 
         A streamed ``body`` goes out chunked, on a new connection: it cannot be replayed if
-        a pooled connection turned out to be closed."""
+        a pooled connection turned out to be closed. Neither is a request that must not run
+        twice (``idempotent=False``, e.g. a registration): a peer closing a pooled connection
+        may have read it first."""
         origin, target = _origin(url)
         # One slot per connection in use, released when its reply is closed or read to the
         # end: a flood of consumers queues here instead of opening sockets without bound.
         await self._slots.acquire()
         try:
-            response = await self._post(origin, target, body, headers)
+            response = await self._post(origin, target, body, headers, idempotent)
         except BaseException:
             self._slots.release()
             raise
@@ -417,8 +424,10 @@ class RelayClient:
         target: str,
         body: bytes | AsyncIterator[bytes],
         headers: list[tuple[str, str]],
+        idempotent: bool,
     ) -> RelayResponse:
-        pooled = self._take(origin) if isinstance(body, bytes) else None
+        replayable = idempotent and isinstance(body, bytes)
+        pooled = self._take(origin) if replayable else None
         if pooled is not None:
             try:
                 return await self._exchange(origin, pooled, target, body, headers)
