@@ -2,23 +2,29 @@
 
 One community (registry, repository with KOS manifests, filesystem imaging source) is seeded as
 the demo does it, then queried and retrieved over DIMSE with pynetdicom and with dcmtk's
-findscu / getscu / movescu (storescp as the move destination).
+findscu / getscu / movescu (storescp as the move destination). The gateway audits over syslog
+UDP to a socket the test reads; each test that checks records calls with its own AE title.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from lxml import etree
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID
 from pynetdicom import AE, StoragePresentationContexts, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
@@ -27,21 +33,26 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet,
 )
 
-from tests.conftest import GatewayThread
+from tests.audit_inbox import AuditInbox
+from tests.communities import ARC, seed_community
+from tests.conftest import GatewayThread, wait_for
+from xca_gateway.audit import messages as m
+from xca_gateway.audit.validate import schema_errors
 from xca_gateway.config import load_config
 from xca_gateway.dicom_front import (
     ConfigError,
     DicomDestination,
     DicomFrontDoor,
     QueryError,
-    decode_instance,
     parse_dicom_front_config,
     parse_identifier,
+    transfer_audits,
 )
+from xca_gateway.dicom_instance import decode_instance
 from xca_gateway.dicom_samples import SampleStudy, generate_community_samples, local_patient_id
+from xca_gateway.imaging.request import DocumentRequest
 from xca_gateway.pki import DevPki
 
-ARC = "1.3.6.1.4.1.21367.13"
 AUTHORITY = f"{ARC}.20.1000"  # alpha, the community whose front door is tested
 FRONT_AE = "XCA-FRONT"
 STORE_AE = "STORESCP"
@@ -59,6 +70,7 @@ class Front:
     studies: list[SampleStudy]  # alpha's own
     peer_studies: list[SampleStudy]  # beta's, reached through ITI-38 / ITI-39 / RAD-75
     store_dir: Path
+    audit: AuditInbox  # alpha's audit record repository
 
     def of(self, patient_id: str) -> list[SampleStudy]:
         return [s for s in self.studies if s.patient_id == patient_id]
@@ -72,68 +84,10 @@ class Front:
         }
 
 
-def seed_community(
-    tmp: Path, pki: DevPki, name: str, index: int, extra: str = ""
-) -> tuple[Path, list[SampleStudy]]:
-    """A community as the demo builds it: sample studies imported into registry/repository."""
-    from xca_gateway.cli import registry_from_config
-    from xca_gateway.importer import import_with_config
-
-    pair = pki.communities[name]
-    data = tmp / name
-    studies = generate_community_samples(
-        data / "images",
-        community_index=index,
-        community_name=name,
-        issuer_oid=f"{ARC}.20.{1000 * (index + 1)}",
-        uid_root=f"{ARC}.90.{index + 1}",
-    )
-    path = tmp / f"{name}.toml"
-    path.write_text(
-        f"""
-[community]
-name = "{name}"
-home_community_id = "urn:oid:{ARC}.70.{index + 1}"
-patient_id_assigning_authority = "{ARC}.20.{1000 * (index + 1)}"
-
-[server]
-host = "127.0.0.1"
-port = 0
-
-[admin]
-host = "127.0.0.1"
-port = 0
-
-[tls]
-certificate = "{pair.cert}"
-private_key = "{pair.key}"
-trust_store = "{pki.ca}"
-
-[storage]
-data_dir = "{data}"
-
-[repository]
-repository_unique_id = "{ARC}.80.{index + 1}"
-
-[repository.manifest]
-imaging_source_id = "{ARC}.81.{index + 1}"
-
-[[imaging.sources]]
-repository_unique_id = "{ARC}.81.{index + 1}"
-kind = "filesystem"
-{extra}
-"""
-    )
-    report = asyncio.run(
-        import_with_config(path, [data / "images"], registry_from_config, progress=False)
-    )
-    assert not report.failed, report.summary()
-    return path, studies
-
-
 @pytest.fixture(scope="module")
 def front(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
     tmp = tmp_path_factory.mktemp("dicom-front")
+    audit = AuditInbox()
     beta_config, beta_studies = seed_community(tmp, pki, "beta", 1)
     threads = [GatewayThread(load_config(beta_config))]
     storescp: subprocess.Popen[bytes] | None = None
@@ -156,6 +110,8 @@ iti38 = "{beta.base_url}/xca/iti38"
 iti39 = "{beta.base_url}/xca/iti39"
 rad75 = "{beta.base_url}/xca/rad75"
 patient_id_assigning_authority = "{ARC}.20.2000"
+
+{audit.toml("alpha-dicom")}
 """
         alpha_config, studies = seed_community(tmp, pki, "alpha", 0, peer)
         threads.append(GatewayThread(load_config(alpha_config)))
@@ -182,7 +138,7 @@ patient_id_assigning_authority = "{ARC}.20.2000"
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-        yield Front(door.port, studies, beta_studies, store_dir)
+        yield Front(door.port, studies, beta_studies, store_dir, audit)
     finally:
         if storescp is not None:
             storescp.terminate()
@@ -191,10 +147,13 @@ patient_id_assigning_authority = "{ARC}.20.2000"
             asyncio.run_coroutine_threadsafe(door.stop(), threads[-1].loop).result(15)
         for thread in reversed(threads):
             thread.__exit__(None, None, None)
+        audit.close()
 
 
-def associate(front: Front, *contexts: Any, roles: list[Any] | None = None) -> Any:
-    ae = AE(ae_title="TESTSCU")
+def associate(
+    front: Front, *contexts: Any, roles: list[Any] | None = None, ae_title: str = "TESTSCU"
+) -> Any:
+    ae = AE(ae_title=ae_title)
     for context in contexts:
         ae.add_requested_context(context)
     assoc = ae.associate("127.0.0.1", front.port, ae_title=FRONT_AE, ext_neg=roles or [])
@@ -210,8 +169,10 @@ def identifier(level: str, **keys: Any) -> Dataset:
     return ds
 
 
-def c_find(front: Front, ds: Dataset, model: Any) -> tuple[int, list[Dataset]]:
-    assoc = associate(front, model)
+def c_find(
+    front: Front, ds: Dataset, model: Any, ae_title: str = "TESTSCU"
+) -> tuple[int, list[Dataset]]:
+    assoc = associate(front, model, ae_title=ae_title)
     try:
         matches = []
         status = -1
@@ -458,6 +419,8 @@ def test_findscu(front: Front) -> None:
         [
             "findscu",
             "-S",
+            "-aet",
+            "AUDIT-DCMTK",
             "-aec",
             FRONT_AE,
             "-k",
@@ -477,22 +440,35 @@ def test_findscu(front: Front) -> None:
     assert result.returncode == 0, result.stderr
     for study in front.of(alice.patient_id):
         assert study.study_instance_uid in result.stderr + result.stdout
+    [record] = wait_for_records(front, "110112", "AUDIT-DCMTK")
+    assert outcome(record) == "0"
+    [query] = objects(record, "110181")
+    assert query.get("ParticipantObjectID") == str(StudyRootQueryRetrieveInformationModelFind)
 
 
 # ----------------------------------------------------------------------------- C-GET / C-MOVE
 
 
-def test_c_get_with_pynetdicom_returns_identical_instances(front: Front) -> None:
-    study = front.studies[0]
+def c_get(
+    front: Front,
+    ds: Dataset,
+    *,
+    ae_title: str = "TESTSCU",
+    store_status: Callable[[Dataset], int] = lambda ds: 0x0000,
+) -> tuple[list[tuple[Dataset, Dataset | None]], dict[str, Dataset]]:
+    """A Study Root C-GET; (every C-GET response, the instances received by C-STORE).
+    ``store_status`` answers each C-STORE (a failure status: the instance is not kept)."""
     received: dict[str, Dataset] = {}
 
     def on_store(event: Any) -> int:
-        ds = event.dataset
-        ds.file_meta = event.file_meta
-        received[str(ds.SOPInstanceUID)] = ds
-        return 0x0000
+        instance = event.dataset
+        instance.file_meta = event.file_meta
+        status = store_status(instance)
+        if status == 0x0000:
+            received[str(instance.SOPInstanceUID)] = instance
+        return status
 
-    ae = AE(ae_title="TESTSCU")
+    ae = AE(ae_title=ae_title)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     roles: list[Any] = []
     for context in StoragePresentationContexts[:120]:
@@ -507,18 +483,19 @@ def test_c_get_with_pynetdicom_returns_identical_instances(front: Front) -> None
     )
     assert assoc.is_established
     try:
-        statuses = [
-            int(status.Status)
-            for status, _ in assoc.send_c_get(
-                identifier(
-                    "STUDY", PatientID=study.patient_id, StudyInstanceUID=study.study_instance_uid
-                ),
-                StudyRootQueryRetrieveInformationModelGet,
-            )
-        ]
+        results = list(assoc.send_c_get(ds, StudyRootQueryRetrieveInformationModelGet))
     finally:
         assoc.release()
-    assert statuses[-1] == 0x0000
+    return results, received
+
+
+def test_c_get_with_pynetdicom_returns_identical_instances(front: Front) -> None:
+    study = front.studies[0]
+    results, received = c_get(
+        front,
+        identifier("STUDY", PatientID=study.patient_id, StudyInstanceUID=study.study_instance_uid),
+    )
+    assert int(results[-1][0].Status) == 0x0000
     assert len(received) == len(study.files)
     for path in study.files:
         source = dcmread(path)
@@ -572,6 +549,8 @@ def test_movescu_to_storescp(front: Front) -> None:
         [
             "movescu",
             "-S",
+            "-aet",
+            "AUDIT-MOVE",
             "-aec",
             FRONT_AE,
             "-aem",
@@ -595,11 +574,20 @@ def test_movescu_to_storescp(front: Front) -> None:
     for path in study.files:
         uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
         assert pixel_identical(by_uid[uid], path)
+    # Audited from us to the move destination, the requester named beside them.
+    [record] = wait_for_records(front, "110104", "AUDIT-MOVE")
+    assert outcome(record) == "0"
+    assert participant(record, "110153").get("UserID") == FRONT_AE
+    destination = participant(record, "110152")
+    assert (destination.get("UserID"), destination.get("UserIsRequestor")) == (STORE_AE, "false")
+    requester = participant(record, None)
+    assert (requester.get("UserID"), requester.get("UserIsRequestor")) == ("AUDIT-MOVE", "true")
+    assert instance_uids(record) == {uid_of(p) for p in study.files}
 
 
 def test_move_to_an_unknown_destination_is_refused(front: Front) -> None:
     study = front.studies[0]
-    assoc = associate(front, PatientRootQueryRetrieveInformationModelMove)
+    assoc = associate(front, PatientRootQueryRetrieveInformationModelMove, ae_title="AUDIT-NOWHERE")
     try:
         statuses = [
             int(status.Status)
@@ -614,6 +602,21 @@ def test_move_to_an_unknown_destination_is_refused(front: Front) -> None:
     finally:
         assoc.release()
     assert statuses == [0xA801]
+    # Nothing was transferred, so no transfer is audited. A C-FIND from the same AE afterwards
+    # is: had a record been written for the refused move, it would be in by then (the trail
+    # sends in order).
+    c_find(
+        front,
+        identifier("STUDY", PatientID=study.patient_id, StudyInstanceUID=""),
+        PatientRootQueryRetrieveInformationModelFind,
+        ae_title="AUDIT-NOWHERE",
+    )
+    wait_for_records(front, "110112", "AUDIT-NOWHERE")
+    assert not [
+        r
+        for r in front.audit.with_event("110104")
+        if any(p.get("UserID") == "AUDIT-NOWHERE" for p in r.iter("ActiveParticipant"))
+    ]
 
 
 def test_retrieve_without_study_uid_is_refused(front: Front) -> None:
@@ -632,6 +635,192 @@ def test_retrieve_without_study_uid_is_refused(front: Front) -> None:
     assert statuses == [0xA900]
 
 
+# ----------------------------------------------------------------------------- audit
+
+
+def wait_for_records(front: Front, event_id: str, ae_title: str, count: int = 1) -> list[Any]:
+    """The ``event_id`` records naming ``ae_title`` as a participant, once ``count`` are in;
+    each is checked against the DICOM audit schema."""
+
+    def found() -> list[Any]:
+        return [
+            r
+            for r in front.audit.with_event(event_id)
+            if any(p.get("UserID") == ae_title for p in r.iter("ActiveParticipant"))
+        ]
+
+    assert wait_for(lambda: len(found()) >= count, timeout=15), front.audit.events()
+    records = found()
+    for record in records:
+        assert not schema_errors(record), schema_errors(record)
+    return records
+
+
+def outcome(record: Any) -> str:
+    return str(record.find("EventIdentification").get("EventOutcomeIndicator"))
+
+
+def participant(record: Any, role: str | None) -> Any:
+    """The ActiveParticipant with RoleIDCode ``role`` (None: the one without a role)."""
+    for p in record.iter("ActiveParticipant"):
+        roles = [c.get("csd-code") for c in p.iter("RoleIDCode")]
+        if (role in roles) if role is not None else not roles:
+            return p
+    raise AssertionError(f"no participant with role {role}: {etree.tostring(record)[:500]!r}")
+
+
+def objects(record: Any, id_type: str) -> list[Any]:
+    return [
+        o
+        for o in record.iter("ParticipantObjectIdentification")
+        if o.find("ParticipantObjectIDTypeCode").get("csd-code") == id_type
+    ]
+
+
+def instance_uids(record: Any) -> set[str]:
+    return {str(i.get("UID")) for i in record.iter("Instance")}
+
+
+def uid_of(path: Path) -> str:
+    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def test_transfer_audits_give_each_study_its_outcome() -> None:
+    ctx = m.AuditContext(m.AuditSource("alpha-dicom"), host="alpha")
+
+    def doc(study: str, n: int) -> DocumentRequest:
+        return DocumentRequest(study, f"{study}.1", "1.2.9", f"{study}.1.{n}", "urn:oid:1.2.8")
+
+    whole, partial, none = (
+        [doc("1.2.3.1", n) for n in (1, 2)],
+        [doc("1.2.3.2", n) for n in (1, 2)],
+        [doc("1.2.3.3", n) for n in (1, 2)],
+    )
+    messages = transfer_audits(
+        ctx,
+        documents=[*whole, *partial, *none],
+        sop_classes={d.document_unique_id: "1.2.840.10008.5.1.4.1.1.2" for d in whole},
+        delivered={d.document_unique_id for d in [*whole, partial[0]]},
+        failures={partial[1].document_unique_id: "C-STORE status 0xA700"},
+        source=m.Node(FRONT_AE, "alpha"),
+        destination=m.Node(STORE_AE, "10.0.0.5"),
+        requester=m.Node("WS1", "10.0.0.9"),
+        patient_ids=["P1^^^&1.2.7&ISO"],
+        unresolved={"1.2.3.4": "federation query failed", "1.2.3.1": "ignored: it has documents"},
+    )
+    got = {
+        msg.objects[-1].object_id: (msg.outcome, msg.event.outcome_description) for msg in messages
+    }
+    assert got == {
+        "1.2.3.4": (8, "no instance transferred: federation query failed"),
+        "1.2.3.1": (0, None),
+        "1.2.3.2": (4, "1 of 2 instance(s) not transferred: C-STORE status 0xA700"),
+        "1.2.3.3": (8, "no instance transferred: not transferred"),
+    }
+    for message in messages:
+        assert not schema_errors(message), schema_errors(message)
+        assert message.event.event_id == m.EventId.DICOM_INSTANCES_TRANSFERRED
+
+
+def test_c_find_is_audited_as_a_query(front: Front) -> None:
+    alice = front.studies[0].patient_id
+    status, _ = c_find(
+        front,
+        identifier("STUDY", PatientID=alice, IssuerOfPatientID=AUTHORITY, StudyInstanceUID=""),
+        PatientRootQueryRetrieveInformationModelFind,
+        ae_title="AUDIT-FIND",
+    )
+    assert status == 0x0000
+    [record] = wait_for_records(front, "110112", "AUDIT-FIND")
+    ident = record.find("EventIdentification")
+    assert (ident.get("EventActionCode"), outcome(record)) == ("E", "0")
+    assert ident.find("EventTypeCode") is None  # DICOM A.5.3.12 names none
+    source = participant(record, "110153")
+    assert (source.get("UserID"), source.get("UserIsRequestor")) == ("AUDIT-FIND", "true")
+    assert (source.get("NetworkAccessPointID"), source.get("NetworkAccessPointTypeCode")) == (
+        "127.0.0.1",
+        "2",
+    )
+    destination = participant(record, "110152")
+    assert (destination.get("UserID"), destination.get("UserIsRequestor")) == (FRONT_AE, "false")
+    [patient] = objects(record, "2")
+    assert patient.get("ParticipantObjectID") == f"{alice}^^^&{AUTHORITY}&ISO"
+    # The SOP class queried, with the identifier as it came on the wire.
+    [query] = objects(record, "110181")
+    assert query.get("ParticipantObjectID") == str(PatientRootQueryRetrieveInformationModelFind)
+    assert query.get("ParticipantObjectTypeCode") == "2"
+    details = {
+        d.get("type"): base64.b64decode(d.get("value")).decode()
+        for d in query.iter("ParticipantObjectDetail")
+    }
+    syntax = UID(details["TransferSyntax"])
+    sent = read_dataset(
+        io.BytesIO(base64.b64decode(query.findtext("ParticipantObjectQuery") or "")),
+        is_implicit_VR=syntax.is_implicit_VR,
+        is_little_endian=syntax.is_little_endian,
+    )
+    assert (sent.QueryRetrieveLevel, sent.PatientID) == ("STUDY", alice)
+    assert "StudyInstanceUID" in sent
+
+
+def test_refused_c_find_is_audited_as_a_minor_failure(front: Front) -> None:
+    status, _ = c_find(
+        front,
+        identifier("FRAME", PatientID=front.studies[0].patient_id),
+        PatientRootQueryRetrieveInformationModelFind,
+        ae_title="AUDIT-BADFIND",
+    )
+    assert status == 0xA900
+    [record] = wait_for_records(front, "110112", "AUDIT-BADFIND")
+    assert outcome(record) == "4"
+    assert "QueryRetrieveLevel" in (
+        record.findtext("EventIdentification/EventOutcomeDescription") or ""
+    )
+
+
+def test_c_get_is_audited_per_study_from_the_c_store_answers(front: Front) -> None:
+    study = front.studies[3]
+    first = uid_of(study.files[0])
+    ask = identifier("STUDY", PatientID=study.patient_id, StudyInstanceUID=study.study_instance_uid)
+    # Everything stored: success.
+    results, received = c_get(front, ask, ae_title="AUDIT-GET")
+    assert int(results[-1][0].Status) == 0x0000 and len(received) == len(study.files)
+    [record] = wait_for_records(front, "110104", "AUDIT-GET")
+    assert record.find("EventIdentification").get("EventActionCode") == "R"
+    assert outcome(record) == "0"
+    source = participant(record, "110153")
+    assert (source.get("UserID"), source.get("UserIsRequestor")) == (FRONT_AE, "false")
+    destination = participant(record, "110152")
+    assert (destination.get("UserID"), destination.get("UserIsRequestor")) == ("AUDIT-GET", "true")
+    assert destination.get("NetworkAccessPointID") == "127.0.0.1"
+    [patient] = objects(record, "2")
+    assert patient.get("ParticipantObjectID") == f"{study.patient_id}^^^&{AUTHORITY}&ISO"
+    [study_object] = objects(record, "110180")
+    assert study_object.get("ParticipantObjectID") == study.study_instance_uid
+    counts = {c.get("UID"): int(c.get("NumberOfInstances")) for c in study_object.iter("SOPClass")}
+    assert counts == {str(dcmread(study.files[0]).SOPClassUID): len(study.files)}
+    assert instance_uids(record) == {uid_of(p) for p in study.files}
+
+    # The workstation refuses one C-STORE: minor failure, the stored ones listed.
+    results, received = c_get(
+        front,
+        ask,
+        ae_title="AUDIT-GET-SOME",
+        store_status=lambda ds: 0xA700 if str(ds.SOPInstanceUID) == first else 0x0000,
+    )
+    assert int(results[-1][0].Status) == 0xB000
+    [record] = wait_for_records(front, "110104", "AUDIT-GET-SOME")
+    assert outcome(record) == "4"
+    assert instance_uids(record) == {uid_of(p) for p in study.files} - {first}
+    assert "0xA700" in (record.findtext("EventIdentification/EventOutcomeDescription") or "")
+
+    # It refuses them all: serious failure.
+    results, received = c_get(front, ask, ae_title="AUDIT-GET-NONE", store_status=lambda ds: 0xA700)
+    assert int(results[-1][0].Status) == 0xA702 and not received
+    [record] = wait_for_records(front, "110104", "AUDIT-GET-NONE")
+    assert outcome(record) == "8"
+
+
 def test_malformed_instance_from_the_source_is_not_stored(front: Front, tmp_path: Path) -> None:
     # Runs last in this module: it damages one source file.
     study = front.studies[2]
@@ -639,37 +828,15 @@ def test_malformed_instance_from_the_source_is_not_stored(front: Front, tmp_path
     victim_uid = str(dcmread(victim, stop_before_pixels=True).SOPInstanceUID)
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2])  # cut inside the Pixel Data
-    received: dict[str, Dataset] = {}
-
-    def on_store(event: Any) -> int:
-        received[str(event.dataset.SOPInstanceUID)] = event.dataset
-        return 0x0000
-
-    ae = AE(ae_title="TESTSCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    roles: list[Any] = []
-    for context in StoragePresentationContexts[:120]:
-        ae.add_requested_context(str(context.abstract_syntax))
-        roles.append(build_role(str(context.abstract_syntax), scp_role=True))
-    assoc = ae.associate(
-        "127.0.0.1",
-        front.port,
-        ae_title=FRONT_AE,
-        ext_neg=roles,
-        evt_handlers=[(evt.EVT_C_STORE, on_store)],
-    )
-    assert assoc.is_established
     try:
-        results = list(
-            assoc.send_c_get(
-                identifier(
-                    "STUDY", PatientID=study.patient_id, StudyInstanceUID=study.study_instance_uid
-                ),
-                StudyRootQueryRetrieveInformationModelGet,
-            )
+        results, received = c_get(
+            front,
+            identifier(
+                "STUDY", PatientID=study.patient_id, StudyInstanceUID=study.study_instance_uid
+            ),
+            ae_title="AUDIT-CUT",
         )
     finally:
-        assoc.release()
         victim.write_bytes(data)
     final, final_identifier = results[-1]
     assert int(final.Status) == 0xB000  # sub-operations complete, one or more failures
@@ -680,3 +847,8 @@ def test_malformed_instance_from_the_source_is_not_stored(front: Front, tmp_path
         source = dcmread(path)
         assert received[str(source.SOPInstanceUID)].PixelData == source.PixelData
     assert final_identifier is not None and victim_uid in final_identifier.FailedSOPInstanceUIDList
+    # The transfer is audited as partly failed, the refused instance named as not sent.
+    [record] = wait_for_records(front, "110104", "AUDIT-CUT")
+    assert outcome(record) == "4"
+    assert "1 of" in (record.findtext("EventIdentification/EventOutcomeDescription") or "")
+    assert instance_uids(record) == {uid_of(p) for p in study.files[1:]}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import socket
 import ssl
-import threading
 import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,13 +21,13 @@ from typing import Any
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
-from lxml import etree
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from tests.audit_inbox import AuditInbox
+from tests.communities import ARC, seed_community
 from tests.conftest import GatewayThread, wait_for
-from tests.test_dicom_front import ARC, AUTHORITY, seed_community
-from xca_gateway.audit.syslog import parse_message
+from tests.test_dicom_front import AUTHORITY
 from xca_gateway.audit.validate import schema_errors
 from xca_gateway.config import load_config
 from xca_gateway.consumer import Manifest
@@ -61,49 +60,6 @@ BIG_PATIENT = "BIG-1"
 
 
 # ----------------------------------------------------------------------------- fixture
-
-
-class AuditInbox:
-    """A syslog-over-UDP audit record repository: every datagram's XML, parsed."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = int(self.sock.getsockname()[1])
-        self.records: list[etree._Element] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(70000)
-            except OSError:
-                continue
-            msg = parse_message(data).msg
-            self.records.append(etree.fromstring(msg[3:] if msg[:3] == b"\xef\xbb\xbf" else msg))
-
-    def events(self) -> list[tuple[str, str, str]]:
-        found = []
-        for root in list(self.records):
-            ident = root.find("EventIdentification")
-            assert ident is not None
-            event_id, type_code = ident.find("EventID"), ident.find("EventTypeCode")
-            found.append(
-                (
-                    event_id.get("csd-code", "") if event_id is not None else "",
-                    type_code.get("csd-code", "") if type_code is not None else "",
-                    ident.get("EventOutcomeIndicator", ""),
-                )
-            )
-        return found
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
 
 
 @dataclass
@@ -183,13 +139,7 @@ patient_id_assigning_authority = "{ARC}.20.2000"
 host = "127.0.0.1"
 port = 0
 
-[audit]
-audit_source_id = "alpha-dicomweb"
-[[audit.destinations]]
-name = "arr"
-transport = "udp"
-host = "127.0.0.1"
-port = {audit.port}
+{audit.toml("alpha-dicomweb")}
 """
         alpha_config, studies = seed_community(tmp, pki, "alpha", 0, extra)
         threads.append(GatewayThread(load_config(alpha_config)))

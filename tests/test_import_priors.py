@@ -13,10 +13,8 @@ import asyncio
 import contextlib
 import io
 import json
-import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +26,12 @@ import pytest
 from lxml import etree
 from pydicom.dataset import Dataset
 
+from tests.audit_inbox import AuditInbox
+from tests.communities import ARC, seed_community
 from tests.conftest import GatewayThread
 from tests.test_imaging_support import OrthancProcess, free_port, orthanc
-from xca_gateway.audit.syslog import parse_message
 from xca_gateway.config import load_config
-from xca_gateway.dicom_samples import SampleStudy, generate_community_samples, local_patient_id
+from xca_gateway.dicom_samples import SampleStudy, local_patient_id
 from xca_gateway.gateway import Gateway
 from xca_gateway.import_priors import (
     HttpsFederation,
@@ -43,7 +42,6 @@ from xca_gateway.import_priors import (
 from xca_gateway.pki import DevPki
 from xca_gateway.tls import client_context
 
-ARC = "1.3.6.1.4.1.21367.13"
 ALPHA_HOME = f"urn:oid:{ARC}.70.1"
 BETA_HOME = f"urn:oid:{ARC}.70.2"
 ALPHA_OID = f"{ARC}.20.1000"
@@ -54,65 +52,6 @@ ALICE, BOB, CAROL, DAVE = 0, 1, 2, 3
 def cx(community: int, patient: int) -> str:
     oid = f"{ARC}.20.{1000 * (community + 1)}"
     return f"{local_patient_id(community, patient)}^^^&{oid}&ISO"
-
-
-def seed_community(
-    tmp: Path, pki: DevPki, name: str, index: int, extra: str = ""
-) -> tuple[Path, list[SampleStudy]]:
-    """A community as the demo builds it: sample studies imported into registry/repository."""
-    from xca_gateway.cli import registry_from_config
-    from xca_gateway.importer import import_with_config
-
-    pair = pki.communities[name]
-    data = tmp / name
-    studies = generate_community_samples(
-        data / "images",
-        community_index=index,
-        community_name=name,
-        issuer_oid=f"{ARC}.20.{1000 * (index + 1)}",
-        uid_root=f"{ARC}.90.{index + 1}",
-    )
-    path = tmp / f"{name}.toml"
-    path.write_text(
-        f"""
-[community]
-name = "{name}"
-home_community_id = "urn:oid:{ARC}.70.{index + 1}"
-patient_id_assigning_authority = "{ARC}.20.{1000 * (index + 1)}"
-
-[server]
-host = "127.0.0.1"
-port = 0
-
-[admin]
-host = "127.0.0.1"
-port = 0
-
-[tls]
-certificate = "{pair.cert}"
-private_key = "{pair.key}"
-trust_store = "{pki.ca}"
-
-[storage]
-data_dir = "{data}"
-
-[repository]
-repository_unique_id = "{ARC}.80.{index + 1}"
-
-[repository.manifest]
-imaging_source_id = "{ARC}.81.{index + 1}"
-
-[[imaging.sources]]
-repository_unique_id = "{ARC}.81.{index + 1}"
-kind = "filesystem"
-{extra}
-"""
-    )
-    report = asyncio.run(
-        import_with_config(path, [data / "images"], registry_from_config, progress=False)
-    )
-    assert not report.failed, report.summary()
-    return path, studies
 
 
 @dataclass
@@ -257,35 +196,6 @@ def sop_uid(path: Path) -> str:
     return path.stem
 
 
-# ----------------------------------------------------------------------------- audit
-
-
-class UdpCollector:
-    """A syslog-UDP audit record repository stand-in: keeps every datagram."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = int(self.sock.getsockname()[1])
-        self.datagrams: list[bytes] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.datagrams.append(self.sock.recvfrom(65535)[0])
-            except OSError:
-                continue
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
-
-
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "xca_gateway", "import-priors", *args],
@@ -317,7 +227,7 @@ def cli_args(fed: Federation, patient: str, *extra: str) -> list[str]:
 
 def test_cli_imports_foreign_priors_reconciled_and_audits(fed: Federation, tmp_path: Path) -> None:
     clear_orthanc(fed.orthanc)
-    arr = UdpCollector()
+    arr = AuditInbox()
     try:
         result = run_cli(
             *cli_args(fed, cx(0, ALICE)),
@@ -372,11 +282,8 @@ def test_cli_imports_foreign_priors_reconciled_and_audits(fed: Federation, tmp_p
     for study in local:
         assert stored_instance(fed.orthanc, sop_uid(study.files[0])) is None
     # One DICOM "Import" audit message per study, naming the local patient and the study.
-    events = [etree.fromstring(parse_message(d).xml) for d in arr.datagrams]
-    imports = [
-        e for e in events if e.find("EventIdentification/EventID").get("csd-code") == "110107"
-    ]
-    assert len(imports) == len(priors), [etree.tostring(e)[:300] for e in events]
+    imports = arr.with_event("110107")
+    assert len(imports) == len(priors), [etree.tostring(e)[:300] for e in arr.records]
     for event in imports:
         assert event.find("EventIdentification").get("EventActionCode") == "C"
         assert event.find("EventIdentification").get("EventOutcomeIndicator") == "0"

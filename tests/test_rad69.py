@@ -7,16 +7,18 @@ with a filesystem source and an XDS-I.b source reached by RAD-69, played by gate
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -39,12 +41,20 @@ from xca_gateway import mtom
 from xca_gateway.gateway import Gateway
 from xca_gateway.imaging.filesystem import FilesystemSource
 from xca_gateway.imaging.rad69_source import Rad69Source
-from xca_gateway.imaging.request import DocumentRequest
+from xca_gateway.imaging.request import (
+    DocumentRequest,
+    InvalidImagingRequest,
+    RetrieveImagingDocumentSetRequest,
+)
+from xca_gateway.imaging.retrieve import ImagingRetrieval
 from xca_gateway.imaging.sources import PlannedInstance, Retrieval
 from xca_gateway.namespaces import Action, ResponseStatus
 from xca_gateway.pki import DevPki
 from xca_gateway.tls import server_context
-from xca_gateway.transactions.rad69 import imaging_document_source_handler, rad69_handler
+from xca_gateway.transactions.rad69 import (
+    InitiatingImagingGateway,
+    imaging_document_source_handler,
+)
 from xca_gateway.transactions.rad75 import rad75_handler
 
 ALPHA_REPO = "1.3.6.1.4.1.21367.13.71.1.1"
@@ -52,6 +62,7 @@ BETA_FS_REPO = "1.3.6.1.4.1.21367.13.71.2.1"
 BETA_RAD69_REPO = "1.3.6.1.4.1.21367.13.71.2.2"
 # Short, so that responses whose consumer vanished release their sources quickly in tests.
 ABANDON = 3.0
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -122,19 +133,15 @@ def build_federation(
         rad75_handler(beta_sources, home_community_id=beta_home, abandon_timeout=ABANDON),
     )
     peers = {beta_home: beta.endpoint_urls()["rad75"], **(extra_peers or {})}
-    install(
-        alpha,
-        "rad69",
-        Action.RAD69,
-        "RAD-69",
-        rad69_handler(
-            {ALPHA_REPO: FilesystemSource(ALPHA_REPO, alpha_images)},
-            home_community_id=alpha.config.community.home_community_id,
-            peers=peers,
-            peer_client=alpha.peer_client,
-            abandon_timeout=ABANDON,
-        ),
+    # alpha's Initiating Imaging Gateway: /ig/rad69 and gateway.imaging.retrieve (in-process).
+    alpha.imaging.initiating = InitiatingImagingGateway(
+        {ALPHA_REPO: FilesystemSource(ALPHA_REPO, alpha_images)},
+        home_community_id=alpha.config.community.home_community_id,
+        peers=peers,
+        peer_client=alpha.peer_client,
+        abandon_timeout=ABANDON,
     )
+    install(alpha, "rad69", Action.RAD69, "RAD-69", alpha.imaging.initiating.handle)
     return Federation(alpha, beta, gamma, alpha_images, beta_images, gamma_images)
 
 
@@ -221,6 +228,72 @@ def test_unreachable_community_is_reported_and_others_still_answer(
     assert error_codes(got) == ["XDSUnavailableCommunity"]
     assert got.response.errors[0].location == dead
     assert set(got.documents) == {p.stem for p in local.files}
+
+
+def on_loop(gateway: Gateway, coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` on the gateway's own event loop (where its sources live)."""
+    loop = gateway.https._server.get_loop() if gateway.https._server else None
+    assert loop is not None
+    return asyncio.run_coroutine_threadsafe(coroutine, loop).result(60)
+
+
+def test_in_process_retrieve_takes_the_endpoints_path(federation: Federation) -> None:
+    f = federation
+    local = make_study(f.alpha_images, instances=2, seed=21)
+    remote = make_study(f.beta_images, instances=2, seed=22)
+    elsewhere = "urn:oid:1.3.6.1.4.1.21367.13.70.98"
+    stray = DocumentRequest("1.2.3", "1.2.3.4", ALPHA_REPO, "1.2.3.4.5", elsewhere)
+    request = RetrieveImagingDocumentSetRequest(
+        (
+            *documents_for(local, ALPHA_REPO),
+            *documents_for(remote, BETA_FS_REPO, f.beta_home),
+            stray,
+        ),
+        (EXPLICIT,),
+    )
+
+    async def retrieve() -> tuple[ImagingRetrieval, dict[str, bytes]]:
+        retrieval = await f.alpha.imaging.retrieve(request)
+        try:
+            got = {uid: await retrieval.read(i) for i, uid in enumerate(retrieval.uids)}
+            assert retrieval.closed  # the last instance read released every route
+            return retrieval, got
+        finally:
+            await retrieval.aclose()
+
+    retrieval, got = on_loop(f.alpha, retrieve())
+    assert got == {p.stem: p.read_bytes() for s in (local, remote) for p in s.files}
+    homes = {i.document.document_unique_id: i.home_community_id for i in retrieval.instances}
+    assert {homes[p.stem] for p in local.files} == {f.alpha_home}
+    assert {homes[p.stem] for p in remote.files} == {f.beta_home}
+    assert retrieval.status == ResponseStatus.PARTIAL_SUCCESS
+    assert retrieval.missing == ["1.2.3.4.5"]
+    assert [(e.error_code, e.location) for e in retrieval.errors] == [
+        ("XDSUnknownCommunity", elsewhere)
+    ]
+
+    # Instances left unread are released by aclose(), not by the abandon watchdog.
+    async def unread() -> None:
+        retrieval = await f.alpha.imaging.retrieve(request)
+        assert len(retrieval.uids) == 4
+        await retrieval.read(0)
+        assert not retrieval.closed
+        await retrieval.aclose()
+        assert retrieval.closed
+
+    on_loop(f.alpha, unread())
+    assert not _open_fds_under(f.alpha_images), _open_fds_under(f.alpha_images)
+    assert wait_for(lambda: not _open_fds_under(f.beta_images), 15), _open_fds_under(f.beta_images)
+
+    # What the endpoint would refuse as a Sender fault is refused in-process too.
+    for bad in (
+        RetrieveImagingDocumentSetRequest((), (EXPLICIT,)),
+        RetrieveImagingDocumentSetRequest(
+            (dataclasses.replace(stray, document_unique_id="1.2.x"),), (EXPLICIT,)
+        ),
+    ):
+        with pytest.raises(InvalidImagingRequest):
+            on_loop(f.alpha, f.alpha.imaging.retrieve(bad))
 
 
 def _stream_root_then(

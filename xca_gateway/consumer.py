@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,26 +236,50 @@ class Consumer:
     ) -> tuple[list[Path], list[RegistryError]]:
         """RAD-69, with every instance streamed straight to ``out_dir`` as it arrives."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        body = self._envelope(build_retrieve_imaging_request(request), Action.RAD69)
         total = len(request.documents)
         written: list[Path] = []
         errors: list[RegistryError] = []
+        current: Any = None
+        temp: Path | None = None
         try:
-            return await self._stream_instances(body, total, out_dir, written, errors)
+            async with contextlib.aclosing(self.rad69_stream(request)) as events:
+                async for event in events:
+                    if isinstance(event, Rad69Root):
+                        errors = event.errors
+                    elif isinstance(event, InstanceBegins):
+                        temp = out_dir / f".{event.uid}.{uuid.uuid4().hex}.part"
+                        current = temp.open("wb")
+                    elif isinstance(event, InstanceEnds):
+                        current.close()
+                        assert temp is not None
+                        target = out_dir / f"{event.uid}.dcm"
+                        os.replace(temp, target)
+                        written.append(target)
+                        if self.progress:
+                            print(f"\r{len(written)}/{total} instances", end="", file=sys.stderr)
+                    else:
+                        current.write(event)
         except BaseException:
             # A truncated or failed stream leaves no half-written file behind.
+            if current is not None and not current.closed:
+                current.close()
             for leftover in out_dir.glob(".*.part"):
                 leftover.unlink(missing_ok=True)
             raise
+        if self.progress:
+            print(file=sys.stderr)
+        return written, errors
 
-    async def _stream_instances(
-        self,
-        body: bytes,
-        total: int,
-        out_dir: Path,
-        written: list[Path],
-        errors: list[RegistryError],
-    ) -> tuple[list[Path], list[RegistryError]]:
+    async def rad69_stream(
+        self, request: RetrieveImagingDocumentSetRequest
+    ) -> AsyncGenerator[Rad69Event, None]:
+        """RAD-69 through the gateway, streamed: the root part's index and errors
+        (:class:`Rad69Root`, once, before any instance), then per instance
+        :class:`InstanceBegins`, its bytes as they arrive and :class:`InstanceEnds`.
+
+        A response that breaks off raises (httpx.HTTPError, mtom.MtomError); a fault or a
+        response that is not MTOM raises ConsumerError."""
+        body = self._envelope(build_retrieve_imaging_request(request), Action.RAD69)
         async with self.client.stream(
             "POST",
             self.gateway + "/ig/rad69",
@@ -268,55 +293,60 @@ class Consumer:
                 self._payload(await response.aread())  # raises on a fault
                 raise ConsumerError("RAD-69 answer is not MTOM")
             boundary = mtom.parse_content_type(content_type)[1]["boundary"]
-            parser = mtom.MultipartParser(boundary, max_parts=total + 2)
+            parser = mtom.MultipartParser(boundary, max_parts=len(request.documents) + 2)
             root = bytearray()
-            names: dict[str, str] = {}  # content id -> SOP Instance UID
-            current: Any = None
-            current_uid = ""
-            temp: Path | None = None
+            index: Rad69Root | None = None
+            uid = ""
             part = -1
-            try:
-                async for chunk in response.aiter_raw(1 << 20):
-                    for event in parser.feed(chunk):
-                        if isinstance(event, mtom.PartStart):
-                            part += 1
-                            if part == 0:
-                                continue
-                            if part == 1:
-                                names, errors = _root_index(bytes(root), self.limits)
-                            cid = event.headers.content_id or ""
-                            if cid not in names:
-                                raise ConsumerError(f"unexpected MIME part {cid}")
-                            current_uid = names[cid]
-                            temp = out_dir / f".{current_uid}.{uuid.uuid4().hex}.part"
-                            current = temp.open("wb")
-                        elif isinstance(event, mtom.PartData):
-                            if part == 0:
-                                root += event.data
-                            else:
-                                current.write(event.data)
-                        elif isinstance(event, mtom.PartEnd) and part > 0:
-                            current.close()
-                            assert temp is not None
-                            target = out_dir / f"{current_uid}.dcm"
-                            os.replace(temp, target)
-                            written.append(target)
-                            if self.progress:
-                                print(
-                                    f"\r{len(written)}/{total} instances", end="", file=sys.stderr
-                                )
-            finally:
-                if current is not None and not current.closed:
-                    current.close()
+            async for chunk in response.aiter_raw(1 << 20):
+                for event in parser.feed(chunk):
+                    if isinstance(event, mtom.PartStart):
+                        part += 1
+                        if part == 0:
+                            continue
+                        if index is None:
+                            index = root_index(bytes(root), self.limits)
+                            yield index
+                        cid = event.headers.content_id or ""
+                        if cid not in index.names:
+                            raise ConsumerError(f"unexpected MIME part {cid}")
+                        uid = index.names[cid]
+                        yield InstanceBegins(uid)
+                    elif isinstance(event, mtom.PartData):
+                        if part == 0:
+                            root += event.data
+                        else:
+                            yield event.data
+                    elif isinstance(event, mtom.PartEnd) and part > 0:
+                        yield InstanceEnds(uid)
             parser.close()
-            if part == 0:
-                _, errors = _root_index(bytes(root), self.limits)
-        if self.progress:
-            print(file=sys.stderr)
-        return written, errors
+            if index is None:
+                yield root_index(bytes(root), self.limits)
 
 
-def _root_index(root: bytes, limits: XmlLimits) -> tuple[dict[str, str], list[RegistryError]]:
+@dataclass(frozen=True)
+class Rad69Root:
+    """The root part of a RAD-69 response: content id -> SOP Instance UID, and its errors."""
+
+    names: dict[str, str]
+    errors: list[RegistryError]
+
+
+@dataclass(frozen=True)
+class InstanceBegins:
+    uid: str
+
+
+@dataclass(frozen=True)
+class InstanceEnds:
+    uid: str
+
+
+Rad69Event = Rad69Root | InstanceBegins | InstanceEnds | bytes
+
+
+def root_index(root: bytes, limits: XmlLimits) -> Rad69Root:
+    """Index a RAD-69 root part (a SOAP envelope); ConsumerError for a fault."""
     envelope = parse_xml(root, limits)
     fault = read_fault(envelope)
     if fault is not None:
@@ -328,7 +358,7 @@ def _root_index(root: bytes, limits: XmlLimits) -> tuple[dict[str, str], list[Re
         if include is not None:
             names[mtom.cid_from_href(include.get("href", ""))] = uid
     status = envelope.find(".//{urn:oasis:names:tc:ebxml-regrep:xsd:rs:3.0}RegistryResponse")
-    return names, parse_registry_errors(status) if status is not None else []
+    return Rad69Root(names, parse_registry_errors(status) if status is not None else [])
 
 
 async def retrieve_study(

@@ -14,6 +14,12 @@ federation through the community's own initiating gateway, in-process:
   AE table (C-MOVE). An instance is decoded completely before it is sent, so a truncated or
   malformed one from a source is reported as a failed sub-operation and never half-stored.
 
+Audit (DICOM PS3.15 A.5.3, through the gateway's audit trail): each C-FIND is a "Query"
+(110112) with the calling AE as Source, the identifier as ParticipantObjectQuery of the SOP
+class queried; each C-GET / C-MOVE a "DICOM Instances Transferred" (110104) per study, from our
+AE to the requester (C-GET) or the move destination (C-MOVE), its outcome from the C-STORE
+sub-operations as the destination answered them.
+
 The federation logic (manifests, the study cache, RAD-69 in-process) is shared with the
 DICOMweb front door in :mod:`xca_gateway.federation_view`. pynetdicom runs the associations in
 its own threads; the federation calls run on the gateway's asyncio loop through
@@ -24,17 +30,13 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-import io
 import logging
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.pixels.utils import get_expected_length
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
@@ -45,21 +47,26 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
+from pynetdicom.status import STATUS_FAILURE, STORAGE_SERVICE_CLASS_STATUS
+from pynetdicom.status import STATUS_SUCCESS as STATUS_SUCCESS_CATEGORY
+from pynetdicom.status import STATUS_WARNING as STATUS_WARNING_CATEGORY
 
+from xca_gateway.audit import messages as m
 from xca_gateway.consumer import (
     EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
     ConsumerError,
 )
+from xca_gateway.dicom_instance import decode_instance
 from xca_gateway.federation_view import (
     FederationError,
     FederationView,
-    InstanceRetrieval,
     StudyManifest,
+    header_patient_id,
     imaging_request_for,
     patient_cx,
 )
-from xca_gateway.imaging.request import RetrieveImagingDocumentSetRequest
+from xca_gateway.imaging.request import DocumentRequest, RetrieveImagingDocumentSetRequest
 from xca_gateway.kos import InstanceRef
 
 if TYPE_CHECKING:
@@ -85,6 +92,8 @@ STATUS_IDENTIFIER_MISMATCH = 0xA900  # Identifier does not match SOP Class
 STATUS_UNABLE_TO_PROCESS = 0xC000
 STATUS_MOVE_DESTINATION_UNKNOWN = 0xA801
 STATUS_SUBOPS_WITH_FAILURES = 0xB000
+STATUS_CANCEL = 0xFE00
+_C_STORE_RSP = 0x8001  # Command Field (PS3.7 E.1)
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 # Keys the front door can match or return; anything else in an identifier is returned empty
@@ -414,38 +423,206 @@ def imaging_request(
     )
 
 
-def decode_instance(data: bytes, expected_uid: str) -> Dataset:
-    """A complete, well-formed instance with the expected SOP Instance UID, or ValueError."""
-    try:
-        ds = dcmread(io.BytesIO(data))
-        # Decode every element now: a truncated file must fail here, not half-way a C-STORE.
-        for _element in ds.iterall():
-            pass
-        uid = str(ds.SOPInstanceUID)
-        _check_pixel_data(ds)
-    except (InvalidDicomError, AttributeError, EOFError, OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"instance {expected_uid} is not valid DICOM: {exc}") from None
-    if uid != expected_uid:
-        raise ValueError(f"instance {expected_uid}: the source sent {uid}")
-    return ds
+# ----------------------------------------------------------------------------- audit
 
 
-def _check_pixel_data(ds: Dataset) -> None:
-    """pydicom reads a value cut short by the end of the file without complaint: check it."""
-    if "PixelData" not in ds:
-        return
-    meta = getattr(ds, "file_meta", None)
-    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
-    if syntax is not None and syntax.is_encapsulated:
-        return  # fragments are delimited; a cut shows as a missing Sequence Delimiter
-    expected = get_expected_length(ds, unit="bytes")
-    actual = len(ds.PixelData)
-    # Odd lengths are padded to even (PS3.5 8.1.1).
-    if actual not in (expected, expected + expected % 2):
-        raise ValueError(f"Pixel Data has {actual} bytes, {expected} expected (truncated?)")
+def dimse_requester(ae_title: str, address: str | None) -> m.Node:
+    """A DIMSE peer as an audit participant: its AE title, and its IP address."""
+    return m.Node(ae_title.strip() or "unknown", address or None)
+
+
+def find_audit(
+    ctx: m.AuditContext,
+    *,
+    requester: m.Node,
+    responder: m.Node,
+    sop_class_uid: str,
+    identifier: bytes,
+    transfer_syntax: str | None,
+    patient_ids: Sequence[str],
+    status: int,
+    comment: str | None = None,
+) -> m.AuditMessage:
+    """C-FIND as a DICOM "Query" (110112, E); ``status`` the final DIMSE status: a refused
+    identifier is a minor failure, a query the federation could not answer a serious one."""
+    if status in (STATUS_SUCCESS, STATUS_CANCEL):
+        outcome = m.EventOutcome.SUCCESS
+    elif status == STATUS_IDENTIFIER_MISMATCH:
+        outcome = m.EventOutcome.MINOR_FAILURE
+    else:
+        outcome = m.EventOutcome.SERIOUS_FAILURE
+    return m.dicom_query(
+        ctx,
+        requester=requester,
+        responder=responder,
+        sop_class_uid=sop_class_uid,
+        query=identifier,
+        transfer_syntax=transfer_syntax,
+        patient_ids=patient_ids,
+        outcome=outcome,
+        outcome_description=comment if status != STATUS_SUCCESS else None,
+    )
+
+
+def transfer_audits(
+    ctx: m.AuditContext,
+    *,
+    documents: Sequence[DocumentRequest],
+    sop_classes: Mapping[str, str],
+    delivered: Collection[str],
+    failures: Mapping[str, str],
+    source: m.Node,
+    destination: m.Node,
+    requester: m.Node | None,
+    patient_ids: Sequence[str],
+    unresolved: Mapping[str, str] | None = None,
+) -> list[m.AuditMessage]:
+    """C-GET / C-MOVE as "DICOM Instances Transferred" (110104, R), one message per study:
+    outcome 0 when every instance asked for was stored at the destination, 4 when some
+    sub-operations failed, 8 when all did. The study lists the instances transferred (all
+    those asked for when none was); ``failures`` say why the others were not. ``unresolved``
+    studies (uid -> reason) are those whose instances could not even be asked for."""
+    by_study: dict[str, list[DocumentRequest]] = {}
+    for doc in documents:
+        by_study.setdefault(doc.study_instance_uid, []).append(doc)
+    # (study, outcome, description, instances listed)
+    studies: list[tuple[str, m.EventOutcome, str | None, list[DocumentRequest]]] = [
+        (uid, m.EventOutcome.SERIOUS_FAILURE, f"no instance transferred: {reason}", [])
+        for uid, reason in (unresolved or {}).items()
+        if uid not in by_study
+    ]
+    for study_uid, docs in by_study.items():
+        sent = [d for d in docs if d.document_unique_id in delivered]
+        lost = [d.document_unique_id for d in docs if d.document_unique_id not in delivered]
+        reasons = "; ".join(dict.fromkeys(failures.get(u, "not transferred") for u in lost))
+        if not lost:
+            studies.append((study_uid, m.EventOutcome.SUCCESS, None, sent))
+        elif sent:
+            description = f"{len(lost)} of {len(docs)} instance(s) not transferred: {reasons}"
+            studies.append((study_uid, m.EventOutcome.MINOR_FAILURE, description, sent))
+        else:
+            description = f"no instance transferred: {reasons}"
+            studies.append((study_uid, m.EventOutcome.SERIOUS_FAILURE, description, docs))
+    return [
+        m.instances_transferred(
+            ctx,
+            source=source,
+            destination=destination,
+            requester=requester,
+            study_uid=study_uid,
+            instances=[
+                m.ImagingInstanceReference(
+                    d.study_instance_uid,
+                    d.series_instance_uid,
+                    d.document_unique_id,
+                    sop_classes.get(d.document_unique_id) or None,
+                    d.repository_unique_id,
+                    d.home_community_id,
+                )
+                for d in listed
+            ],
+            patient_ids=patient_ids,
+            outcome=outcome,
+            outcome_description=description[:1024] if description else None,
+        )
+        for study_uid, outcome, description, listed in studies
+    ]
 
 
 # ----------------------------------------------------------------------------- I/O
+
+
+class _Transfer:
+    """One C-GET / C-MOVE as the audit sees it: what was asked for, what each C-STORE
+    sub-operation answered (from the C-STORE-RSPs received, EVT_DIMSE_RECV) and why instances
+    were not sent. :meth:`finish` writes the records once, however the retrieve ended."""
+
+    def __init__(
+        self,
+        door: DicomFrontDoor,
+        *,
+        destination: m.Node,
+        requester: m.Node | None,
+        study_uids: Sequence[str],
+        assoc: Any = None,
+    ) -> None:
+        self.door = door
+        self.destination = destination
+        self.requester = requester
+        self.study_uids = tuple(study_uids)
+        self.documents: tuple[DocumentRequest, ...] = ()
+        self.sop_classes: dict[str, str] = {}
+        self.patient_ids: list[str] = []
+        self.failures: dict[str, str] = {}  # SOP Instance UID -> why it was not sent
+        self.sent: set[str] = set()  # C-STORE sub-operations started
+        self.responses: dict[str, int] = {}  # SOP Instance UID -> C-STORE status
+        self.refused: str | None = None
+        self._finished = False
+        # C-GET: the C-STOREs go back on the requester's association.
+        self._assoc = assoc
+        if assoc is not None:
+            assoc.bind(evt.EVT_DIMSE_RECV, self.on_dimse)
+
+    def on_dimse(self, event: Any) -> None:
+        """EVT_DIMSE_RECV on the association that carries the C-STOREs (pynetdicom thread)."""
+        command = getattr(event.message, "command_set", None)
+        if command is None or command.get("CommandField") != _C_STORE_RSP:
+            return
+        uid = str(command.get("AffectedSOPInstanceUID", "") or "")
+        self.responses[uid] = int(command.get("Status", STATUS_UNABLE_TO_PROCESS))
+
+    def describe(self, query: FindQuery, studies: Sequence[StudyManifest]) -> None:
+        if query.patient_id is not None:
+            self.patient_ids = [query.patient_id]
+        else:
+            self.patient_ids = [p for s in studies if (p := header_patient_id(s.header))]
+        self.sop_classes = {
+            r.sop_instance_uid: r.sop_class_uid for s in studies for r in s.references
+        }
+
+    def stored(self, uid: str) -> bool:
+        """Whether the C-STORE of ``uid`` succeeded, as pynetdicom counts sub-operations."""
+        status = self.responses.get(uid)
+        if status is None:
+            return False
+        category = STORAGE_SERVICE_CLASS_STATUS.get(status, (STATUS_FAILURE, ""))[0]
+        return category in (STATUS_SUCCESS_CATEGORY, STATUS_WARNING_CATEGORY)
+
+    def finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if self._assoc is not None:
+            self._assoc.unbind(evt.EVT_DIMSE_RECV, self.on_dimse)
+        trail = self.door.gateway.audit
+        if not trail.config.enabled or not (self.documents or self.refused):
+            return
+        try:
+            delivered = {u for u in self.sent if self.stored(u)}
+            failures = dict(self.failures)
+            for uid in self.sent - delivered:
+                status = self.responses.get(uid)
+                failures.setdefault(
+                    uid,
+                    "no C-STORE response" if status is None else f"C-STORE status 0x{status:04X}",
+                )
+            unresolved = {u: self.refused for u in self.study_uids} if self.refused else {}
+            trail.record(
+                transfer_audits(
+                    trail.context,
+                    documents=self.documents,
+                    sop_classes=self.sop_classes,
+                    delivered=delivered,
+                    failures=failures,
+                    source=trail.local_node(self.door.config.ae_title),
+                    destination=self.destination,
+                    requester=self.requester,
+                    patient_ids=self.patient_ids,
+                    unresolved=unresolved,
+                )
+            )
+        except Exception:  # an audit failure must not touch the transfer
+            log.exception("building the DIMSE retrieve audit record failed")
 
 
 class DicomFrontDoor:
@@ -538,33 +715,46 @@ class DicomFrontDoor:
             )
         return known
 
-    def _instances(self, query: FindQuery) -> Iterator[Any]:
+    def _instances(self, query: FindQuery, transfer: _Transfer) -> Iterator[Any]:
         """The C-GET/C-MOVE generator body after the destination: count, then each instance."""
         try:
             studies = self._studies_for(query)
+            transfer.describe(query, studies)
             request = imaging_request(query, studies)
         except QueryError as exc:
-            yield from _refuse(exc.status, exc.comment)
+            if exc.status != STATUS_IDENTIFIER_MISMATCH:
+                transfer.refused = exc.comment
+            yield from _refuse(exc.status, exc.comment, transfer)
             return
         except ConsumerError as exc:
-            yield from _refuse(STATUS_UNABLE_TO_PROCESS, str(exc))
+            transfer.refused = str(exc)
+            yield from _refuse(STATUS_UNABLE_TO_PROCESS, str(exc), transfer)
             return
         except Exception as exc:
             log.exception("finding the manifests to retrieve failed")
-            yield from _refuse(STATUS_UNABLE_TO_PROCESS, f"query failed: {type(exc).__name__}")
+            transfer.refused = f"query failed: {type(exc).__name__}"
+            yield from _refuse(STATUS_UNABLE_TO_PROCESS, transfer.refused, transfer)
             return
         if not request.documents:
+            transfer.finish()  # nothing matched: nothing to audit
             yield 0
             yield STATUS_SUCCESS, None
             return
+        transfer.documents = request.documents
         try:
-            retrieval: InstanceRetrieval = self._call(self.view.retrieve(request))
+            retrieval = self._call(self.view.retrieve(request))
         except Exception as exc:
             log.exception("RAD-69 through the gateway failed")
-            yield from _refuse(STATUS_UNABLE_TO_PROCESS, f"retrieve failed: {type(exc).__name__}")
+            reason = f"retrieve failed: {type(exc).__name__}"
+            transfer.failures = dict.fromkeys(
+                (d.document_unique_id for d in request.documents), reason
+            )
+            yield from _refuse(STATUS_UNABLE_TO_PROCESS, reason, transfer)
             return
         uids = retrieval.uids
         missing = retrieval.missing
+        why = "; ".join(f"{e.error_code}: {e.code_context}" for e in retrieval.errors if e.is_error)
+        transfer.failures.update(dict.fromkeys(missing, why or "not returned by the federation"))
         yield len(uids) + len(missing)
         failed = list(missing)
         try:
@@ -572,8 +762,9 @@ class DicomFrontDoor:
                 try:
                     data = self._call(retrieval.read(index))
                 except Exception as exc:
-                    # A broken stream cannot be resumed: the rest of the response is lost.
+                    # A broken stream cannot be resumed: the rest of the retrieve is lost.
                     log.warning("instance %s not retrieved: %s", uid, exc)
+                    transfer.failures.update(dict.fromkeys(uids[index:], f"not retrieved: {exc}"))
                     failed.extend(uids[index:])
                     break
                 try:
@@ -581,12 +772,16 @@ class DicomFrontDoor:
                 except ValueError as exc:
                     # Complete but not valid DICOM: refuse this one, carry on with the rest.
                     log.warning("instance %s refused: %s", uid, exc)
+                    transfer.failures[uid] = f"refused: {exc}"
                     failed.append(uid)
                     continue
-                yield STATUS_PENDING, ds
+                transfer.sent.add(uid)
+                yield STATUS_PENDING, ds  # pynetdicom sends the C-STORE, then resumes here
         finally:
-            # Bodies never read still hold their source (file, peer response) open.
+            # Instances never read still hold their sources (file, peer response) open.
             self._call(retrieval.aclose())
+        # Every C-STORE has been answered by now: the records can say what arrived.
+        transfer.finish()
         if failed:
             ds = Dataset()
             ds.FailedSOPInstanceUIDList = failed
@@ -601,31 +796,75 @@ class DicomFrontDoor:
         return "PATIENT" if uid.startswith("1.2.840.10008.5.1.4.1.2.1.") else "STUDY"
 
     def _on_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        patients: list[str] = []
+        audited = False
+
+        def audit(status: int, comment: str | None = None) -> None:
+            nonlocal audited
+            if not audited:
+                audited = True
+                self._audit_find(event, patients, status, comment)
+
         try:
-            query = parse_identifier(
-                event.identifier, model=self._model(event), local_authority=self.local_authority
-            )
-            if query.patient_id is None and not query.study_instance_uids:
-                raise QueryError(
-                    STATUS_IDENTIFIER_MISMATCH,
-                    "a Patient ID is required: XDS queries are per patient",
+            try:
+                query = parse_identifier(
+                    event.identifier, model=self._model(event), local_authority=self.local_authority
                 )
-            matches = build_matches(
-                query, self._studies_for(query), retrieve_ae_title=self.config.ae_title
-            )
-        except QueryError as exc:
-            yield _failure(exc.status, exc.comment)
-            return
-        except Exception as exc:
-            log.exception("C-FIND failed")
-            yield _failure(STATUS_UNABLE_TO_PROCESS, f"query failed: {type(exc).__name__}")
-            return
-        for match in matches:
-            if event.is_cancelled:
-                yield 0xFE00, None
+                if query.patient_id is None and not query.study_instance_uids:
+                    raise QueryError(
+                        STATUS_IDENTIFIER_MISMATCH,
+                        "a Patient ID is required: XDS queries are per patient",
+                    )
+                if query.patient_id is not None:
+                    patients.append(query.patient_id)
+                studies = self._studies_for(query)
+                if not patients:
+                    patients.extend(p for s in studies if (p := header_patient_id(s.header)))
+                matches = build_matches(query, studies, retrieve_ae_title=self.config.ae_title)
+            except QueryError as exc:
+                audit(exc.status, exc.comment)
+                yield _failure(exc.status, exc.comment)
                 return
-            yield STATUS_PENDING, match
-        yield STATUS_SUCCESS, None
+            except Exception as exc:
+                log.exception("C-FIND failed")
+                comment = f"query failed: {type(exc).__name__}"
+                audit(STATUS_UNABLE_TO_PROCESS, comment)
+                yield _failure(STATUS_UNABLE_TO_PROCESS, comment)
+                return
+            for match in matches:
+                if event.is_cancelled:
+                    audit(STATUS_CANCEL, "cancelled by the requester")
+                    yield STATUS_CANCEL, None
+                    return
+                yield STATUS_PENDING, match
+            audit(STATUS_SUCCESS)
+            yield STATUS_SUCCESS, None
+        finally:
+            audit(STATUS_UNABLE_TO_PROCESS, "association ended before the query completed")
+
+    def _audit_find(
+        self, event: Any, patients: Sequence[str], status: int, comment: str | None
+    ) -> None:
+        trail = self.gateway.audit
+        if not trail.config.enabled:
+            return
+        try:
+            identifier = event.request.Identifier
+            trail.record(
+                find_audit(
+                    trail.context,
+                    requester=_requester(event),
+                    responder=trail.local_node(self.config.ae_title),
+                    sop_class_uid=str(event.request.AffectedSOPClassUID),
+                    identifier=identifier.getvalue() if identifier is not None else b"",
+                    transfer_syntax=str(event.context.transfer_syntax),
+                    patient_ids=patients,
+                    status=status,
+                    comment=comment,
+                )
+            )
+        except Exception:  # an audit failure must not touch the query
+            log.exception("building the C-FIND audit record failed")
 
     def _parse_retrieve(self, event: Any) -> FindQuery:
         query = parse_identifier(
@@ -647,32 +886,67 @@ class DicomFrontDoor:
         except QueryError as exc:
             yield from _refuse(exc.status, exc.comment)
             return
-        yield from self._instances(query)
+        # The C-STOREs go back on this association: its C-STORE-RSPs tell what arrived.
+        transfer = _Transfer(
+            self,
+            destination=_requester(event),
+            requester=None,
+            study_uids=query.study_instance_uids,
+            assoc=event.assoc,
+        )
+        try:
+            yield from self._instances(query, transfer)
+        finally:
+            transfer.finish()  # if the association ended the retrieve half-way
 
     def _on_move(self, event: Any) -> Iterator[Any]:
         destination = self.config.destination(str(event.move_destination or ""))
         if destination is None:
             yield None, None
             return
-        yield destination.host, destination.port
         try:
             query = self._parse_retrieve(event)
         except QueryError as exc:
+            yield destination.host, destination.port
             yield from _refuse(exc.status, exc.comment)
             return
-        yield from self._instances(query)
+        transfer = _Transfer(
+            self,
+            destination=dimse_requester(destination.ae_title, destination.host),
+            requester=_requester(event),
+            study_uids=query.study_instance_uids,
+        )
+        try:
+            # pynetdicom opens the association to the destination with these handlers: its
+            # C-STORE-RSPs tell what arrived.
+            yield (
+                destination.host,
+                destination.port,
+                {"evt_handlers": [(evt.EVT_DIMSE_RECV, transfer.on_dimse)]},
+            )
+            yield from self._instances(query, transfer)
+        finally:
+            transfer.finish()  # if the association ended the retrieve half-way
+
+
+def _requester(event: Any) -> m.Node:
+    peer = event.assoc.requestor
+    return dimse_requester(str(peer.ae_title or ""), str(peer.address or "") or None)
 
 
 async def _as_coroutine(awaitable: Awaitable[T]) -> T:
     return await awaitable
 
 
-def _refuse(status: int, comment: str) -> Iterator[Any]:
-    """Fail a C-GET/C-MOVE before any sub-operation.
+def _refuse(status: int, comment: str, transfer: _Transfer | None = None) -> Iterator[Any]:
+    """Fail a C-GET/C-MOVE before any sub-operation (audited first: pynetdicom does not resume
+    the generator after a final status).
 
     pynetdicom answers Success by itself when zero sub-operations are announced, so announce
     one and fail it.
     """
+    if transfer is not None:
+        transfer.finish()
     yield 1
     yield _failure(status, comment)
 

@@ -50,13 +50,14 @@ from xca_gateway.ebrs import RegistryError
 from xca_gateway.federation_view import (
     FederationError,
     FederationView,
-    InstanceRetrieval,
     StudyManifest,
     close_body,
+    header_patient_id,
     imaging_request_for,
     patient_cx,
 )
 from xca_gateway.imaging import transfer_syntax as ts
+from xca_gateway.imaging.retrieve import ImagingRetrieval
 from xca_gateway.kos import InstanceRef, is_valid_uid
 from xca_gateway.server import BodyTooLarge, HttpServer, Request, Response, ServerTimeouts
 from xca_gateway.tls import HandshakeFailure, server_context
@@ -909,8 +910,8 @@ def qido_audit(
             outcome_description=outcome_description,
         ),
         participants=(
-            _participant(requester, m.RoleId.SOURCE, requestor=True),
-            _participant(responder, m.RoleId.DESTINATION, requestor=False),
+            m.system_participant(requester, m.RoleId.SOURCE, True),
+            m.system_participant(responder, m.RoleId.DESTINATION, False),
         ),
         source=ctx.audit_source,
         objects=tuple(objects),
@@ -936,59 +937,20 @@ def wado_audit(
         groups.append((m.EventOutcome.SUCCESS, delivered))
     if failed or not delivered:
         groups.append((failure_outcome, failed))
-    messages = []
-    for outcome, group in groups:
-        objects = [m.patient_object(p) for p in dict.fromkeys(patient_ids)]
-        if group:
-            objects.extend(m.study_objects(group, home_community_detail=m.DETAIL_HOME_COMMUNITY_ID))
-        else:
-            objects.append(
-                m.ParticipantObject(
-                    object_id=study_uid,
-                    id_type_code=m.ParticipantObjectIdType.STUDY_INSTANCE_UID,
-                    type_code=m.ObjectType.SYSTEM_OBJECT,
-                    type_code_role=m.ObjectRole.REPORT,
-                    description=m.DicomObjectDescription(study_uids=(study_uid,)),
-                )
-            )
-        messages.append(
-            m.AuditMessage(
-                event=m.EventIdentification(
-                    event_id=m.EventId.DICOM_INSTANCES_TRANSFERRED,
-                    action="R",
-                    outcome=outcome,
-                    date_time=datetime.now(UTC),
-                    type_codes=(WADO_RS_RETRIEVE,),
-                    outcome_description=outcome_description if outcome else None,
-                ),
-                participants=(
-                    _participant(responder, m.RoleId.SOURCE, requestor=False),
-                    _participant(requester, m.RoleId.DESTINATION, requestor=True),
-                ),
-                source=ctx.audit_source,
-                objects=tuple(objects),
-            )
+    return [
+        m.instances_transferred(
+            ctx,
+            source=responder,
+            destination=requester,
+            study_uid=study_uid,
+            instances=group,
+            patient_ids=patient_ids,
+            outcome=outcome,
+            outcome_description=outcome_description if outcome else None,
+            type_code=WADO_RS_RETRIEVE,
         )
-    return messages
-
-
-def _participant(node: m.Node, role: m.CodedValue, *, requestor: bool) -> m.ActiveParticipant:
-    return m.ActiveParticipant(
-        user_id=node.user_id,
-        user_is_requestor=requestor,
-        alternative_user_id=node.alternative_user_id,
-        user_name=node.user_name,
-        network_access_point_id=node.network_access_point,
-        role_id_codes=(role,),
-    )
-
-
-def _header_patient(header: Dataset) -> str | None:
-    pid = str(header.get("PatientID", "") or "").strip()
-    issuer = str(header.get("IssuerOfPatientID", "") or "").strip()
-    for item in header.get("IssuerOfPatientIDQualifiersSequence", []) or []:
-        issuer = issuer or str(item.get("UniversalEntityID", "") or "").strip()
-    return f"{pid}^^^&{issuer}&ISO" if pid and issuer else pid or None
+        for outcome, group in groups
+    ]
 
 
 # ----------------------------------------------------------------------------- I/O
@@ -1229,7 +1191,7 @@ class DicomWebFrontDoor:
             if not matching:
                 raise DicomWebError(404, f"study {route.study} not found for this patient")
             if not patient:
-                audit.patients = [p for s in matching if (p := _header_patient(s.header))]
+                audit.patients = [p for s in matching if (p := header_patient_id(s.header))]
             refs = [
                 r
                 for s in matching
@@ -1255,7 +1217,7 @@ class DicomWebFrontDoor:
         except DicomWebError as exc:
             audit.failed_before_streaming(exc)
             raise
-        if not retrieval.parts:
+        if not retrieval.instances:
             await retrieval.aclose()
             error = retrieve_failure(retrieval.errors)
             audit.failed_before_streaming(error)
@@ -1296,7 +1258,7 @@ class DicomWebFrontDoor:
         return Response(206 if missing else 200, headers, body, on_complete=complete)
 
     async def _multipart_body(
-        self, retrieval: InstanceRetrieval, boundary: str, delivery: _Delivery
+        self, retrieval: ImagingRetrieval, boundary: str, delivery: _Delivery
     ) -> AsyncIterator[bytes]:
         """Each instance as one part, in arrival order, its header written once the file meta
         told its transfer syntax. A broken instance raises: the server then resets the
@@ -1334,7 +1296,7 @@ class DicomWebFrontDoor:
             await retrieval.aclose()
 
     async def _metadata_body(
-        self, retrieval: InstanceRetrieval, delivery: _Delivery
+        self, retrieval: ImagingRetrieval, delivery: _Delivery
     ) -> AsyncIterator[bytes]:
         """A JSON array, one instance's metadata at a time (each read through a spool)."""
         try:

@@ -10,8 +10,12 @@ through the community's own initiating gateway in-process (no HTTP round trip to
 * studies found are remembered by Study Instance UID (a bounded LRU), so that a later retrieve
   naming only the study (Study Root C-GET, WADO-RS) can be served without a patient: XDS has no
   query by study alone;
-* instances come from the initiating RAD-69 handler (routed as RAD-75), part by part; bodies
-  that are never read are closed, since each holds its source (file, peer response) open.
+* instances come from the gateway's Initiating Imaging Gateway in-process
+  (``gateway.imaging.retrieve``: RAD-69 routed to local sources and as RAD-75 to peers), as an
+  :class:`~xca_gateway.imaging.retrieve.ImagingRetrieval` read instance by instance; closing it
+  releases the sources (files, peer responses) of instances never read.
+
+The import of priors (:mod:`xca_gateway.import_priors`) uses the same view inside a gateway.
 
 Everything here is async and runs on the gateway's event loop; the DIMSE door calls it from
 pynetdicom's threads through ``asyncio.run_coroutine_threadsafe``.
@@ -24,9 +28,9 @@ import contextlib
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING
 
 from lxml import etree
 from pydicom.dataset import Dataset
@@ -39,15 +43,15 @@ from xca_gateway.consumer import (
     imaging_request_from_kos,
     manifests_from_response,
 )
-from xca_gateway.ebrs import RegistryError, adhoc_query_response, parse_registry_errors
+from xca_gateway.ebrs import RegistryError, adhoc_query_response
 from xca_gateway.imaging.request import (
     DocumentRequest,
+    InvalidImagingRequest,
     RetrieveImagingDocumentSetRequest,
-    build_retrieve_imaging_request,
 )
+from xca_gateway.imaging.retrieve import ImagingRetrieval
 from xca_gateway.kos import InstanceRef, kos_from_bytes, kos_references
-from xca_gateway.mtom import OutgoingPart, cid_from_href
-from xca_gateway.namespaces import RIM, RS, XDSB, XOP, Action, ResponseStatus
+from xca_gateway.namespaces import RIM, XDSB, ResponseStatus
 
 if TYPE_CHECKING:
     from xca_gateway.gateway import Gateway
@@ -57,10 +61,12 @@ log = logging.getLogger(__name__)
 __all__ = [
     "FederationError",
     "FederationView",
-    "InstanceRetrieval",
+    "FetchedManifests",
+    "ManifestsFound",
     "StudiesFound",
     "StudyManifest",
     "event_modalities",
+    "header_patient_id",
     "imaging_request_for",
     "patient_cx",
 ]
@@ -109,6 +115,26 @@ class StudiesFound:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass
+class ManifestsFound:
+    """The answer of the federation to a query for a patient's KOS manifests."""
+
+    status: str
+    errors: list[RegistryError]
+    manifests: list[Manifest]
+    # DocumentEntry uniqueId -> acquisition modalities (its DCM eventCodeList codes).
+    modalities: dict[str, tuple[str, ...]]
+
+
+@dataclass
+class FetchedManifests:
+    """KOS objects fetched by one ITI-43: their bytes, those refused, the retrieve's errors."""
+
+    documents: list[tuple[Manifest, bytes]] = field(default_factory=list)
+    unusable: list[tuple[Manifest, str]] = field(default_factory=list)
+    errors: list[RegistryError] = field(default_factory=list)
+
+
 # ----------------------------------------------------------------------------- sans-IO
 
 
@@ -119,6 +145,16 @@ def patient_cx(patient_id: str, issuer: str | None, local_authority: str) -> str
     initiating gateway's patient-ID mapping resolves it (cross-reference table, PIX, XCPD).
     """
     return f"{patient_id}^^^&{issuer or local_authority}&ISO"
+
+
+def header_patient_id(header: Dataset) -> str | None:
+    """The patient of a manifest header as a CX (``id^^^&issuer&ISO``), or the bare id when
+    the header names no issuer."""
+    pid = str(header.get("PatientID", "") or "").strip()
+    issuer = str(header.get("IssuerOfPatientID", "") or "").strip()
+    for item in header.get("IssuerOfPatientIDQualifiersSequence", []) or []:
+        issuer = issuer or str(item.get("UniversalEntityID", "") or "").strip()
+    return f"{pid}^^^&{issuer}&ISO" if pid and issuer else pid or None
 
 
 def event_modalities(response: etree._Element) -> dict[str, tuple[str, ...]]:
@@ -174,24 +210,6 @@ def imaging_request_for(
     return RetrieveImagingDocumentSetRequest(tuple(documents), tuple(transfer_syntaxes))
 
 
-async def body_chunks(body: bytes | Iterable[bytes] | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-    """A part body of any shape as async chunks; closing this closes the underlying stream."""
-    if isinstance(body, bytes | bytearray):
-        if body:
-            yield bytes(body)
-        return
-    if isinstance(body, AsyncIterable):
-        iterator = body.__aiter__()
-        try:
-            async for chunk in iterator:
-                yield chunk
-        finally:
-            await close_body(iterator)
-        return
-    for chunk in body:
-        yield chunk
-
-
 async def close_body(body: object) -> None:
     aclose = getattr(body, "aclose", None)
     if aclose is not None:
@@ -200,63 +218,6 @@ async def close_body(body: object) -> None:
 
 
 # ----------------------------------------------------------------------------- I/O
-
-
-@dataclass
-class InstanceRetrieval:
-    """A RAD-69 response run in-process: one part per instance, streamed in order.
-
-    Every part is taken at most once (``take`` or ``read``); ``aclose`` closes the bodies of
-    the parts never taken, which still hold their sources open.
-    """
-
-    request: RetrieveImagingDocumentSetRequest
-    status: str
-    errors: list[RegistryError]
-    uids: list[str]  # the SOP Instance UID of each part, in order
-    parts: list[OutgoingPart]
-    _taken: set[int] = field(default_factory=set)
-
-    @property
-    def missing(self) -> list[str]:
-        """Requested instances the response does not carry (its errors say why)."""
-        present = set(self.uids)
-        requested = (d.document_unique_id for d in self.request.documents)
-        return [uid for uid in requested if uid not in present]
-
-    def take(self, index: int) -> AsyncIterator[bytes]:
-        """The body of part ``index`` as async chunks (the caller closes it)."""
-        if index in self._taken:
-            raise RuntimeError(f"part {index} was already taken")
-        self._taken.add(index)
-        return body_chunks(self.parts[index].body)
-
-    async def read(self, index: int, limit: int | None = None) -> bytes:
-        """Part ``index`` read completely (ValueError past ``limit`` bytes)."""
-        data = bytearray()
-        chunks = self.take(index)
-        try:
-            async for chunk in chunks:
-                data += chunk
-                if limit is not None and len(data) > limit:
-                    raise ValueError(f"part larger than {limit} bytes")
-        finally:
-            await close_body(chunks)
-        return bytes(data)
-
-    async def aclose(self) -> None:
-        for index, part in enumerate(self.parts):
-            if index not in self._taken:
-                self._taken.add(index)
-                await close_body(part.body)
-
-
-class _InProcessRequest:
-    """What the RAD-69 handler reads of a SoapRequest (only the payload)."""
-
-    def __init__(self, payload: etree._Element) -> None:
-        self.payload = payload
-        self.context: dict[str, Any] = {}
 
 
 class FederationView:
@@ -314,31 +275,69 @@ class FederationView:
         return found
 
     async def _fetch(self, patient_id: str) -> StudiesFound:
-        outcome = await self.gateway.initiating.query(find_manifests_request(patient_id))
-        codes = {e.error_code for e in outcome.errors if e.is_error}
-        if outcome.status == ResponseStatus.FAILURE and not outcome.objects:
+        found = await self.find_manifests(patient_id)
+        codes = {e.error_code for e in found.errors if e.is_error}
+        if found.status == ResponseStatus.FAILURE and not found.manifests:
             # An unknown patient is an empty answer, not a failure, to an imaging client.
             if codes - {"XDSUnknownPatientId"}:
                 detail = "; ".join(
-                    f"{e.error_code}: {e.code_context}" for e in outcome.errors if e.is_error
+                    f"{e.error_code}: {e.code_context}" for e in found.errors if e.is_error
                 )
                 raise FederationError(f"federation query failed: {detail[:500]}")
             return StudiesFound([])
         warnings = [
             f"{e.error_code} ({e.location or 'unknown'}): {e.code_context}"
-            for e in outcome.errors
+            for e in found.errors
             if e.is_error and e.error_code != "XDSUnknownPatientId"
         ]
-        response = adhoc_query_response(outcome.status, outcome.errors, outcome.objects)
-        manifests = manifests_from_response(response)
-        if not manifests:
+        if not found.manifests:
             return StudiesFound([], warnings)
-        modalities = event_modalities(response)
-        # One ITI-43 for every manifest: the initiating gateway splits it by community into
-        # parallel ITI-39 calls.
+        fetched = await self.fetch_manifests(found.manifests)
+        studies: list[StudyManifest] = []
+        for manifest, problem in fetched.unusable:
+            warnings.append(f"manifest {manifest.document_unique_id} unusable: {problem}")
+        for manifest, kos_bytes in fetched.documents:
+            try:
+                kos = kos_from_bytes(kos_bytes)
+                references = tuple(kos_references(kos))
+            except (ValueError, InvalidDicomError) as exc:
+                log.warning("manifest %s unusable: %s", manifest.document_unique_id, exc)
+                warnings.append(f"manifest {manifest.document_unique_id} unusable: {exc}")
+                continue
+            studies.append(
+                StudyManifest(
+                    manifest,
+                    kos_bytes,
+                    kos,
+                    references,
+                    found.modalities.get(manifest.document_unique_id, ()),
+                )
+            )
+        warnings.extend(
+            f"{e.error_code} ({e.location or 'unknown'}): {e.code_context}"
+            for e in fetched.errors
+            if e.is_error
+        )
+        return StudiesFound(studies, warnings)
+
+    async def find_manifests(self, patient_id: str) -> ManifestsFound:
+        """ITI-18 FindDocuments for the patient's KOS manifests, fanned out by the initiating
+        gateway (no deadline of its own: the initiating gateway's apply)."""
+        outcome = await self.gateway.initiating.query(find_manifests_request(patient_id))
+        response = adhoc_query_response(outcome.status, outcome.errors, outcome.objects)
+        return ManifestsFound(
+            outcome.status,
+            list(outcome.errors),
+            manifests_from_response(response),
+            event_modalities(response),
+        )
+
+    async def fetch_manifests(self, manifests: Sequence[Manifest]) -> FetchedManifests:
+        """The KOS objects of ``manifests`` in one ITI-43, which the initiating gateway splits
+        by community into parallel ITI-39 calls."""
         result = await self.gateway.retrieving.retrieve(_retrieve_manifests_request(manifests))
         by_key = {(m.repository_unique_id, m.document_unique_id): m for m in manifests}
-        studies: list[StudyManifest] = []
+        fetched = FetchedManifests(errors=list(result.errors))
         try:
             for document in result.documents:
                 key = (document.repository_unique_id, document.document_unique_id)
@@ -346,60 +345,30 @@ class FederationView:
                 if manifest is None:  # pragma: no cover - the retrieve returns what was asked
                     continue
                 try:
-                    kos_bytes = await _read_limited(document.body, MAX_MANIFEST_BYTES)
-                    kos = kos_from_bytes(kos_bytes)
-                    references = tuple(kos_references(kos))
-                except (ValueError, InvalidDicomError) as exc:
+                    data = await _read_limited(document.body, MAX_MANIFEST_BYTES)
+                except ValueError as exc:
                     log.warning("manifest %s unusable: %s", manifest.document_unique_id, exc)
-                    warnings.append(f"manifest {manifest.document_unique_id} unusable: {exc}")
+                    fetched.unusable.append((manifest, str(exc)))
                     continue
-                studies.append(
-                    StudyManifest(
-                        manifest,
-                        kos_bytes,
-                        kos,
-                        references,
-                        modalities.get(manifest.document_unique_id, ()),
-                    )
-                )
+                fetched.documents.append((manifest, data))
         finally:
             result.close()
-        warnings.extend(
-            f"{e.error_code} ({e.location or 'unknown'}): {e.code_context}"
-            for e in result.errors
-            if e.is_error
-        )
-        return StudiesFound(studies, warnings)
+        return fetched
 
     # -- retrieves
 
-    async def retrieve(self, request: RetrieveImagingDocumentSetRequest) -> InstanceRetrieval:
-        """Run the initiating gateway's RAD-69 handler in-process (routed as RAD-75)."""
-        operation = self.gateway.endpoints["rad69"].operations[Action.RAD69]
+    async def retrieve(self, request: RetrieveImagingDocumentSetRequest) -> ImagingRetrieval:
+        """RAD-69 through the gateway's Initiating Imaging Gateway in-process (routed to local
+        sources and as RAD-75 to peers); the caller reads it and must ``aclose()`` it."""
         try:
             async with asyncio.timeout(self.timeout):
-                response = await operation.handler(
-                    cast(Any, _InProcessRequest(build_retrieve_imaging_request(request)))
-                )
+                return await self.gateway.imaging.retrieve(request)
         except TimeoutError:
             raise FederationError(
                 f"the imaging retrieve did not start within {self.timeout:g} s", timeout=True
             ) from None
-        names: dict[str, str] = {}
-        for doc in response.payload.iter(f"{{{XDSB}}}DocumentResponse"):
-            include = doc.find(f"{{{XDSB}}}Document/{{{XOP}}}Include")
-            uid = doc.findtext(f"{{{XDSB}}}DocumentUniqueId") or ""
-            if include is not None:
-                names[cid_from_href(include.get("href", ""))] = uid
-        inner = response.payload.find(f"{{{RS}}}RegistryResponse")
-        status_holder = inner if inner is not None else response.payload
-        return InstanceRetrieval(
-            request=request,
-            status=status_holder.get("status", ""),
-            errors=parse_registry_errors(status_holder),
-            uids=[names.get(p.content_id, "") for p in response.parts],
-            parts=list(response.parts),
-        )
+        except InvalidImagingRequest as exc:
+            raise FederationError(f"cannot retrieve these instances: {exc.reason}") from None
 
 
 def _retrieve_manifests_request(manifests: Sequence[Manifest]) -> etree._Element:

@@ -21,44 +21,41 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import json
 import logging
 import os
 import sys
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 from lxml import etree
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.pixels.utils import get_expected_length
 
-from xca_gateway import ebrim, mtom
+from xca_gateway import mtom
 from xca_gateway.consumer import (
     EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
     Consumer,
     ConsumerError,
+    InstanceBegins,
+    InstanceEnds,
     Manifest,
+    Rad69Root,
     find_manifests_request,
     imaging_request_from_kos,
     manifests_from_response,
-    retrieve_manifest_request,
 )
-from xca_gateway.ebrs import RegistryError, adhoc_query_response, parse_registry_errors
-from xca_gateway.imaging.request import (
-    RetrieveImagingDocumentSetRequest,
-    build_retrieve_imaging_request,
-)
-from xca_gateway.imaging.response import parse_retrieve_response
+from xca_gateway.dicom_instance import decode_instance
+from xca_gateway.ebrs import RegistryError, parse_registry_errors
+from xca_gateway.federation_view import FederationError, FederationView, event_modalities
+from xca_gateway.imaging.request import RetrieveImagingDocumentSetRequest
+from xca_gateway.imaging.retrieve import InstanceTooLarge
 from xca_gateway.kos import InstanceRef, is_valid_uid, kos_from_bytes, kos_references
-from xca_gateway.namespaces import RIM, SOAP12, Action
+from xca_gateway.namespaces import Action
 from xca_gateway.patient_id import PatientId, parse_patient_id
 from xca_gateway.reconcile import (
     Reconciliation,
@@ -66,10 +63,8 @@ from xca_gateway.reconcile import (
     accession_prefix_for,
     reconcile,
 )
-from xca_gateway.soap import read_fault
 from xca_gateway.tls import client_context
 from xca_gateway.transactions.iti43 import same_community
-from xca_gateway.xmlsafe import parse_xml
 
 if TYPE_CHECKING:
     from xca_gateway.audit import AuditTrail
@@ -123,29 +118,7 @@ class PriorManifest:
 
 def prior_manifests(payload: etree._Element) -> list[PriorManifest]:
     """The KOS DocumentEntries of an AdhocQueryResponse with their modality event codes."""
-    modalities: dict[str, tuple[str, ...]] = {}
-    for entry in payload.iter(f"{{{RIM}}}ExtrinsicObject"):
-        unique_id = next(
-            (
-                e.get("value", "")
-                for e in entry.iterfind(f"{{{RIM}}}ExternalIdentifier")
-                if e.get("identificationScheme") == ebrim.DE_UNIQUE_ID
-            ),
-            "",
-        )
-        codes = []
-        for classification in entry.iterfind(f"{{{RIM}}}Classification"):
-            if classification.get("classificationScheme") != ebrim.DE_EVENT_CODE:
-                continue
-            schemes = [
-                (v.text or "").strip()
-                for slot in classification.iterfind(f"{{{RIM}}}Slot")
-                if slot.get("name") == "codingScheme"
-                for v in slot.iterfind(f"{{{RIM}}}ValueList/{{{RIM}}}Value")
-            ]
-            if "DCM" in schemes:
-                codes.append(classification.get("nodeRepresentation", "").strip().upper())
-        modalities[unique_id] = tuple(c for c in codes if c)
+    modalities = event_modalities(payload)
     return [
         PriorManifest(m, modalities.get(m.document_unique_id, ()))
         for m in manifests_from_response(payload)
@@ -198,42 +171,6 @@ def select_priors(
             continue
         chosen.append(prior)
     return chosen, local
-
-
-def decode_instance(data: bytes, expected_uid: str) -> Dataset:
-    """A complete, well-formed Part 10 instance with the expected SOP Instance UID.
-
-    Raises ValueError otherwise: a truncated or malformed instance must fail here, before any
-    byte of it goes to the PACS.
-    """
-    try:
-        ds = dcmread(io.BytesIO(data))
-        for _element in ds.iterall():  # decode every element now
-            pass
-        uid = str(ds.SOPInstanceUID)
-        str(ds.SOPClassUID)
-        syntax = ds.file_meta.TransferSyntaxUID
-        if not syntax:
-            raise ValueError("no Transfer Syntax UID in the file meta information")
-        _check_pixel_data(ds)
-    except (InvalidDicomError, AttributeError, EOFError, OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"not valid DICOM: {exc}") from None
-    if uid != expected_uid:
-        raise ValueError(f"the source sent {uid} instead")
-    return ds
-
-
-def _check_pixel_data(ds: Dataset) -> None:
-    """pydicom reads a value cut short by the end of the file without complaint: check it."""
-    if "PixelData" not in ds:
-        return
-    syntax = ds.file_meta.TransferSyntaxUID
-    if syntax.is_encapsulated:
-        return  # fragments are delimited; a cut shows as a missing Sequence Delimiter
-    expected = get_expected_length(ds, unit="bytes")
-    actual = len(ds.PixelData)
-    if actual not in (expected, expected + expected % 2):  # odd lengths are padded
-        raise ValueError(f"Pixel Data has {actual} bytes, {expected} expected (truncated?)")
 
 
 @dataclass(frozen=True)
@@ -341,7 +278,6 @@ def import_audit_messages(
     """
     from xca_gateway.audit.messages import (
         DETAIL_XCA_HOME_COMMUNITY_ID,
-        ActiveParticipant,
         AuditMessage,
         EventId,
         EventIdentification,
@@ -350,6 +286,7 @@ def import_audit_messages(
         RoleId,
         patient_object,
         study_objects,
+        system_participant,
     )
 
     known = dict(refs or {})
@@ -364,20 +301,10 @@ def import_audit_messages(
             home_community_id=home,
         )
 
-    def participant(node: Node, role: Any, requestor: bool) -> ActiveParticipant:
-        return ActiveParticipant(
-            user_id=node.user_id,
-            user_is_requestor=requestor,
-            alternative_user_id=node.alternative_user_id,
-            user_name=node.user_name,
-            network_access_point_id=node.network_access_point,
-            role_id_codes=(role,),
-        )
-
     participants = (
-        participant(source, RoleId.SOURCE, False),
-        participant(importer, RoleId.DESTINATION, True),
-        participant(pacs, RoleId.DESTINATION, False),
+        system_participant(source, RoleId.SOURCE, False),
+        system_participant(importer, RoleId.DESTINATION, True),
+        system_participant(pacs, RoleId.DESTINATION, False),
     )
     stored = [reference(r) for r in study.stored]
     failed = [
@@ -461,138 +388,67 @@ class HttpsFederation(Consumer):
         sink: InstanceSink,
         max_instance_bytes: int,
     ) -> RetrieveOutcome:
-        body = self._envelope(build_retrieve_imaging_request(request), Action.RAD69)
         outcome = RetrieveOutcome()
-        async with self.client.stream(
-            "POST",
-            self.gateway + "/ig/rad69",
-            content=body,
-            headers={
-                "content-type": f'application/soap+xml; charset=UTF-8; action="{Action.RAD69}"'
-            },
-        ) as response:
-            content_type = response.headers.get("content-type", "")
-            if not mtom.is_mtom(content_type):
-                self._payload(await response.aread())  # raises on a fault
-                raise ConsumerError("RAD-69 answer is not MTOM")
-            boundary = mtom.parse_content_type(content_type)[1]["boundary"]
-            parser = mtom.MultipartParser(boundary, max_parts=len(request.documents) + 2)
-            root = bytearray()
-            names: dict[str, str] = {}
-            part = -1
-            uid = ""
-            data: bytearray | None = None
-            delivered: set[str] = set()
-            try:
-                async for chunk in response.aiter_raw(1 << 20):
-                    for event in parser.feed(chunk):
-                        if isinstance(event, mtom.PartStart):
-                            part += 1
-                            if part == 0:
-                                continue
-                            if part == 1:
-                                names, outcome.errors = _root_index(bytes(root), self.limits)
-                            cid = event.headers.content_id or ""
-                            if cid not in names:
-                                raise ConsumerError(f"unexpected MIME part {cid}")
-                            uid, data = names[cid], bytearray()
-                        elif isinstance(event, mtom.PartData):
-                            if part == 0:
-                                root += event.data
-                            elif data is not None:
-                                data += event.data
-                                if len(data) > max_instance_bytes:
-                                    outcome.lost.append(
-                                        InstanceFailure(
-                                            uid, f"larger than {max_instance_bytes} bytes"
-                                        )
-                                    )
-                                    data = None
-                        elif isinstance(event, mtom.PartEnd) and part > 0:
-                            delivered.add(uid)
-                            if data is not None:
-                                payload, data = bytes(data), None
-                                await sink(uid, payload)
-                parser.close()
-            except (httpx.HTTPError, mtom.MtomError) as exc:
-                # The stream broke: what was not complete is lost, the rest was handled.
-                reason = f"retrieve stream broken: {exc}"
-                outcome.lost.extend(
-                    InstanceFailure(u, reason) for u in names.values() if u not in delivered
-                )
-                if part < 1:
-                    raise ConsumerError(reason) from None
-            if part == 0:
-                _, outcome.errors = _root_index(bytes(root), self.limits)
+        index: Rad69Root | None = None
+        delivered: set[str] = set()
+        data: bytearray | None = None
+        uid = ""
+        try:
+            async with contextlib.aclosing(self.rad69_stream(request)) as events:
+                async for event in events:
+                    if isinstance(event, Rad69Root):
+                        index = event
+                        outcome.errors = list(event.errors)
+                    elif isinstance(event, InstanceBegins):
+                        uid, data = event.uid, bytearray()
+                    elif isinstance(event, InstanceEnds):
+                        delivered.add(uid)
+                        if data is not None:
+                            payload, data = bytes(data), None
+                            await sink(uid, payload)
+                    elif data is not None:
+                        data += event
+                        if len(data) > max_instance_bytes:
+                            outcome.lost.append(
+                                InstanceFailure(uid, f"larger than {max_instance_bytes} bytes")
+                            )
+                            data = None
+        except (httpx.HTTPError, mtom.MtomError) as exc:
+            # The stream broke: what was not complete is lost, the rest was handled.
+            reason = f"retrieve stream broken: {exc}"
+            if index is None:
+                raise ConsumerError(reason) from None
+            outcome.lost.extend(
+                InstanceFailure(u, reason) for u in index.names.values() if u not in delivered
+            )
         return outcome
 
 
-def _root_index(root: bytes, limits: Any) -> tuple[dict[str, str], list[RegistryError]]:
-    """Content id → SOP Instance UID, and the RegistryErrors, of a RAD-69 root part."""
-    envelope = parse_xml(root, limits)
-    fault = read_fault(envelope)
-    if fault is not None:
-        raise ConsumerError(f"SOAP fault {fault.code}: {fault.reason}")
-    body = envelope.find(f"{{{SOAP12}}}Body")
-    if body is None or len(body) == 0:
-        raise ConsumerError("RAD-69 response without a SOAP body")
-    parsed = parse_retrieve_response(body[0])
-    names = {d.content_id: d.document_unique_id for d in parsed.documents if d.content_id}
-    return names, list(parsed.errors)
-
-
-class _InProcessRequest:
-    """What the RAD-69 handler reads of a SoapRequest (the payload)."""
-
-    def __init__(self, payload: etree._Element) -> None:
-        self.payload = payload
-        self.context: dict[str, Any] = {}
-
-
-async def _read_body(body: Any, limit: int) -> bytes | None:
-    """A part body (bytes, sync or async iterable) read whole; None when above ``limit``."""
-    if isinstance(body, bytes):
-        return body if len(body) <= limit else None
-    data = bytearray()
-    too_big = False
-    if isinstance(body, AsyncIterable):
-        async for chunk in body:
-            if not too_big:
-                data += chunk
-                too_big = len(data) > limit
-    else:
-        for chunk in body:
-            if not too_big:
-                data += chunk
-                too_big = len(data) > limit
-    return None if too_big else bytes(data)
-
-
 class InProcessFederation:
-    """A gateway's own initiating side, called in-process (no HTTPS round trip)."""
+    """A gateway's own initiating side, called in-process (no HTTPS round trip): the
+    :class:`~xca_gateway.federation_view.FederationView` the front doors use."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    def __init__(self, gateway: Gateway, view: FederationView | None = None) -> None:
+        self.view = view or FederationView(gateway)
 
     async def find(self, patient_id: str) -> tuple[list[PriorManifest], list[RegistryError]]:
-        outcome = await self.gateway.initiating.query(find_manifests_request(patient_id))
-        response = adhoc_query_response(outcome.status, outcome.errors, outcome.objects)
-        return prior_manifests(response), list(outcome.errors)
+        found = await self.view.find_manifests(patient_id)
+        priors = [
+            PriorManifest(m, found.modalities.get(m.document_unique_id, ()))
+            for m in found.manifests
+        ]
+        return priors, found.errors
 
     async def fetch_manifest(self, manifest: Manifest) -> bytes:
-        result = await self.gateway.retrieving.retrieve(retrieve_manifest_request(manifest))
-        try:
-            if not result.documents:
-                raise ConsumerError(
-                    "manifest not retrieved: "
-                    + "; ".join(f"{e.error_code} {e.code_context}" for e in result.errors)
-                )
-            data = await _read_body(result.documents[0].body, 64 * 1024 * 1024)
-            if data is None:
-                raise ConsumerError("manifest larger than 64 MiB")
-            return data
-        finally:
-            result.close()
+        fetched = await self.view.fetch_manifests([manifest])
+        if fetched.documents:
+            return fetched.documents[0][1]
+        if fetched.unusable:
+            raise ConsumerError(f"manifest unusable: {fetched.unusable[0][1]}")
+        raise ConsumerError(
+            "manifest not retrieved: "
+            + "; ".join(f"{e.error_code} {e.code_context}" for e in fetched.errors)
+        )
 
     async def retrieve(
         self,
@@ -600,41 +456,30 @@ class InProcessFederation:
         sink: InstanceSink,
         max_instance_bytes: int,
     ) -> RetrieveOutcome:
-        operation = self.gateway.endpoints["rad69"].operations[Action.RAD69]
-        response = await operation.handler(
-            cast(Any, _InProcessRequest(build_retrieve_imaging_request(request)))
-        )
-        parsed = parse_retrieve_response(response.payload)
-        names = {d.content_id: d.document_unique_id for d in parsed.documents if d.content_id}
-        outcome = RetrieveOutcome(errors=list(parsed.errors))
-        parts = list(response.parts)
-        unread = 0
         try:
-            for index, part in enumerate(parts):
-                unread = index + 1
-                uid = names.get(part.content_id, "")
+            retrieval = await self.view.retrieve(request)
+        except FederationError as exc:
+            raise ConsumerError(exc.message) from None
+        outcome = RetrieveOutcome(errors=list(retrieval.errors))
+        uids = retrieval.uids
+        try:
+            for index, uid in enumerate(uids):
                 try:
-                    data = await _read_body(part.body, max_instance_bytes)
-                except Exception as exc:
-                    # A broken stream cannot be resumed: the rest of the response is lost.
-                    reason = f"retrieve stream broken: {exc}"
-                    outcome.lost.extend(
-                        InstanceFailure(names.get(p.content_id, ""), reason) for p in parts[index:]
-                    )
-                    break
-                if data is None:
+                    data = await retrieval.read(index, max_instance_bytes)
+                except InstanceTooLarge:
                     outcome.lost.append(
                         InstanceFailure(uid, f"larger than {max_instance_bytes} bytes")
                     )
                     continue
+                except Exception as exc:
+                    # A broken stream cannot be resumed: the rest of the retrieve is lost.
+                    reason = f"retrieve stream broken: {exc}"
+                    outcome.lost.extend(InstanceFailure(u, reason) for u in uids[index:])
+                    break
                 await sink(uid, data)
         finally:
-            # Bodies never read still hold their source (file, peer response) open.
-            for part in parts[unread:]:
-                aclose = getattr(part.body, "aclose", None)
-                if aclose is not None:
-                    with contextlib.suppress(Exception):
-                        await aclose()
+            # Instances never read still hold their sources (file, peer response) open.
+            await retrieval.aclose()
         return outcome
 
 

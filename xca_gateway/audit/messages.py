@@ -128,6 +128,7 @@ class ParticipantObjectIdType:
     REPORT_NUMBER = _rfc3881("9", "Report Number")
     URI = _rfc3881("12", "URI")
     STUDY_INSTANCE_UID = _dcm("110180", "Study Instance UID")
+    SOP_CLASS_UID = _dcm("110181", "SOP Class UID")
     NODE_ID = _dcm("110182", "Node ID")
     XDS_SUBMISSION_SET = CodedValue(
         "urn:uuid:a54d6aa5-d40d-43f9-88c5-b4633d873bdd",
@@ -180,6 +181,8 @@ _AUDIT_SOURCE_TYPE_TEXT = {
 
 # ParticipantObjectDetail types used by IHE (names as IPF and the Gazelle audit specs use them).
 DETAIL_QUERY_ENCODING = "QueryEncoding"
+# DICOM A.5.3.12: the transfer syntax a DIMSE query identifier is encoded in.
+DETAIL_TRANSFER_SYNTAX = "TransferSyntax"
 DETAIL_XCA_HOME_COMMUNITY_ID = "urn:ihe:iti:xca:2010:homeCommunityId"
 DETAIL_HOME_COMMUNITY_ID = "ihe:homeCommunityID"
 DETAIL_REPOSITORY_UNIQUE_ID = "Repository Unique Id"
@@ -619,14 +622,16 @@ def _now(when: datetime | None) -> datetime:
     return when if when is not None else datetime.now(UTC)
 
 
-def _system_participant(node: Node, role: CodedValue, requestor: bool) -> ActiveParticipant:
+def system_participant(node: Node, role: CodedValue | None, requestor: bool) -> ActiveParticipant:
+    """A machine participant (``role`` None: a third system with no Source/Destination role,
+    e.g. the C-MOVE requester when the instances go elsewhere)."""
     return ActiveParticipant(
         user_id=node.user_id,
         user_is_requestor=requestor,
         alternative_user_id=node.alternative_user_id,
         user_name=node.user_name,
         network_access_point_id=node.network_access_point,
-        role_id_codes=(role,),
+        role_id_codes=(role,) if role is not None else (),
     )
 
 
@@ -648,9 +653,9 @@ def _participants(
     # The requesting machine is "the requestor" only when no human is known (atna.md §4).
     machine_requests = not humans
     return (
-        _system_participant(source, RoleId.SOURCE, machine_requests and source is requester),
+        system_participant(source, RoleId.SOURCE, machine_requests and source is requester),
         *_human_participants(humans),
-        _system_participant(
+        system_participant(
             destination, RoleId.DESTINATION, machine_requests and destination is requester
         ),
     )
@@ -691,7 +696,7 @@ def _message(
     *,
     event_id: CodedValue,
     action: EventAction,
-    type_code: CodedValue,
+    type_code: CodedValue | None,
     outcome: EventOutcome,
     when: datetime | None,
     outcome_description: str | None,
@@ -705,7 +710,7 @@ def _message(
             action=action,
             outcome=EventOutcome(outcome),
             date_time=_now(when),
-            type_codes=(type_code,),
+            type_codes=(type_code,) if type_code is not None else (),
             outcome_description=outcome_description,
             purposes_of_use=tuple(purposes_of_use),
         ),
@@ -1233,6 +1238,102 @@ def rad75_retrieve(
         purposes_of_use=purposes_of_use,
         outcome_description=outcome_description,
         when=when,
+    )
+
+
+# --------------------------------------------------------------------------- DICOM services
+
+
+def dicom_query(
+    ctx: AuditContext,
+    *,
+    requester: Node,
+    responder: Node,
+    sop_class_uid: str,
+    query: bytes,
+    transfer_syntax: str | None,
+    patient_ids: Sequence[str] = (),
+    outcome: EventOutcome = EventOutcome.SUCCESS,
+    outcome_description: str | None = None,
+    type_code: CodedValue | None = None,
+    when: datetime | None = None,
+) -> AuditMessage:
+    """A DIMSE C-FIND as DICOM PS3.15 A.5.3.12 "Query" (110112, E): the requester is the
+    Source, the responder the Destination; the object queried is the SOP class (110181, role
+    Report) with the identifier dataset as ParticipantObjectQuery and its transfer syntax as a
+    detail. DICOM gives no EventTypeCode (``type_code`` for a profile that names one)."""
+    details = [(DETAIL_TRANSFER_SYNTAX, _utf8(transfer_syntax))] if transfer_syntax else []
+    objects = [patient_object(p) for p in _unique(patient_ids)]
+    objects.append(
+        ParticipantObject(
+            object_id=sop_class_uid,
+            id_type_code=ParticipantObjectIdType.SOP_CLASS_UID,
+            type_code=ObjectType.SYSTEM_OBJECT,
+            type_code_role=ObjectRole.REPORT,
+            query=query,
+            details=tuple(details),
+        )
+    )
+    return _message(
+        ctx,
+        event_id=EventId.QUERY,
+        action="E",
+        type_code=type_code,
+        outcome=outcome,
+        when=when,
+        outcome_description=outcome_description,
+        purposes_of_use=(),
+        participants=_participants(requester, responder, requester, ()),
+        objects=objects,
+    )
+
+
+def instances_transferred(
+    ctx: AuditContext,
+    *,
+    source: Node,
+    destination: Node,
+    study_uid: str,
+    instances: Sequence[ImagingInstanceReference],
+    patient_ids: Sequence[str] = (),
+    requester: Node | None = None,
+    outcome: EventOutcome = EventOutcome.SUCCESS,
+    outcome_description: str | None = None,
+    type_code: CodedValue | None = None,
+    home_community_detail: str = DETAIL_HOME_COMMUNITY_ID,
+    when: datetime | None = None,
+) -> AuditMessage:
+    """DICOM PS3.15 A.5.3.4 "DICOM Instances Transferred" (110104, R) by the system that sent
+    them (``source``) to ``destination``, which asked for them unless a third ``requester``
+    did (C-MOVE). Objects: the patients and the study with its SOP classes and instances (the
+    bare study when ``instances`` is empty)."""
+    participants = list(_participants(source, destination, requester or destination, ()))
+    if requester is not None:  # C-MOVE: a third system asked for the transfer
+        participants.append(system_participant(requester, None, True))
+    objects = [patient_object(p) for p in _unique(patient_ids)]
+    if instances:
+        objects.extend(study_objects(instances, home_community_detail=home_community_detail))
+    else:
+        objects.append(
+            ParticipantObject(
+                object_id=study_uid,
+                id_type_code=ParticipantObjectIdType.STUDY_INSTANCE_UID,
+                type_code=ObjectType.SYSTEM_OBJECT,
+                type_code_role=ObjectRole.REPORT,
+                description=DicomObjectDescription(study_uids=(study_uid,)),
+            )
+        )
+    return _message(
+        ctx,
+        event_id=EventId.DICOM_INSTANCES_TRANSFERRED,
+        action="R",
+        type_code=type_code,
+        outcome=outcome,
+        when=when,
+        outcome_description=outcome_description,
+        purposes_of_use=(),
+        participants=tuple(participants),
+        objects=objects,
     )
 
 

@@ -40,7 +40,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xca_gateway.client import PeerClient
 from xca_gateway.config import ConfigError, validate_oid
@@ -49,6 +49,11 @@ from xca_gateway.imaging.dimse import DimseSettings, DimseSource
 from xca_gateway.imaging.filesystem import FilesystemSource
 from xca_gateway.imaging.rad69_source import Rad69Source
 from xca_gateway.imaging.sources import ImagingSource
+
+if TYPE_CHECKING:
+    from xca_gateway.imaging.request import RetrieveImagingDocumentSetRequest
+    from xca_gateway.imaging.retrieve import ImagingRetrieval
+    from xca_gateway.transactions.rad69 import InitiatingImagingGateway
 
 KINDS = ("filesystem", "dimse", "dicomweb", "rad69")
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash
@@ -284,7 +289,10 @@ def build_source(
 
 
 class ImagingService:
-    """The configured sources of one gateway, started and stopped with it."""
+    """The configured sources of one gateway, started and stopped with it, and its Initiating
+    Imaging Gateway (set by :func:`xca_gateway.imaging.install_imaging`)."""
+
+    initiating: InitiatingImagingGateway | None = None
 
     def __init__(
         self,
@@ -303,6 +311,15 @@ class ImagingService:
             )
             for c in config.sources
         }
+
+    async def retrieve(self, request: RetrieveImagingDocumentSetRequest) -> ImagingRetrieval:
+        """RAD-69 in-process, as ``/ig/rad69`` serves it (routed to local sources and as
+        RAD-75 to peers): the planned instances with their streams and the RegistryErrors.
+        The caller reads the instances in order and must ``aclose()`` the result. Raises
+        InvalidImagingRequest for a request the endpoint would refuse."""
+        if self.initiating is None:
+            raise RuntimeError("the imaging service is not installed on a gateway")
+        return await self.initiating.retrieve(request)
 
     async def start(self) -> None:
         for source in self.sources.values():

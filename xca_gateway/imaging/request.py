@@ -23,6 +23,7 @@ __all__ = [
     "InvalidImagingRequest",
     "RetrieveImagingDocumentSetRequest",
     "build_retrieve_imaging_request",
+    "check_retrieve_imaging_request",
     "parse_retrieve_imaging_request",
 ]
 
@@ -152,6 +153,34 @@ def parse_retrieve_imaging_request(
     if not syntaxes:
         raise InvalidImagingRequest("TransferSyntaxUIDList needs at least one TransferSyntaxUID")
     return RetrieveImagingDocumentSetRequest(tuple(documents), tuple(syntaxes))
+
+
+def check_retrieve_imaging_request(
+    request: RetrieveImagingDocumentSetRequest, *, max_documents: int = 100_000
+) -> None:
+    """What :func:`parse_retrieve_imaging_request` enforces, for a request built in-process
+    (from a KOS manifest, which may come from anywhere): raise InvalidImagingRequest if bad."""
+    if not request.documents:
+        raise InvalidImagingRequest("at least one DocumentRequest is required")
+    if len(request.documents) > max_documents:
+        raise InvalidImagingRequest(f"more than {max_documents} DocumentRequests in one request")
+    for doc in request.documents:
+        for name, value in (
+            ("studyInstanceUID", doc.study_instance_uid),
+            ("seriesInstanceUID", doc.series_instance_uid),
+            ("DocumentUniqueId", doc.document_unique_id),
+        ):
+            if not is_uid(value):
+                raise InvalidImagingRequest(f"{name} {value[:80]!r} is not a DICOM UID")
+        if not doc.repository_unique_id.strip():
+            raise InvalidImagingRequest(
+                f"DocumentRequest {doc.document_unique_id}: RepositoryUniqueId is empty"
+            )
+    if not request.transfer_syntax_uids:
+        raise InvalidImagingRequest("TransferSyntaxUIDList needs at least one TransferSyntaxUID")
+    for uid in request.transfer_syntax_uids:
+        if not is_uid(uid):
+            raise InvalidImagingRequest(f"TransferSyntaxUID {uid[:80]!r} is not a UID")
 
 
 def build_retrieve_imaging_request(

@@ -1,12 +1,14 @@
-"""The streaming retrieve engine shared by the RAD-69 and RAD-75 handlers.
+"""The streaming retrieve engine shared by the RAD-69 and RAD-75 handlers and in-process callers.
 
 Given the request split into routes (a local Imaging Document Source, or a peer community's
-Responding Imaging Gateway), it opens every route concurrently, builds the SOAP root part from
-what they resolved (DocumentResponses for planned instances, RegistryErrors for the rest, the
-overall status), and returns a SoapResponse whose MTOM parts pull each instance from its route
-only when the HTTP writer gets to it. Memory per response is bounded by one chunk per route
-(plus one instance when the gateway itself converts the transfer syntax); a slow consumer slows
-the reads from the sources through the server's drain() back-pressure.
+Responding Imaging Gateway), :func:`open_retrieval` opens every route concurrently and returns an
+:class:`ImagingRetrieval`: the planned instances in delivery order, RegistryErrors for the rest,
+and one lazily pulled stream per instance. The SOAP handlers turn it into an MTOM response
+(:func:`soap_response`: the root part from what the routes resolved, one part per instance pulled
+from its route only when the HTTP writer gets to it); the DIMSE and DICOMweb front doors and the
+import of priors read it directly, without a SOAP round trip. Memory per retrieve is bounded by
+one chunk per route (plus one instance when the gateway itself converts the transfer syntax); a
+slow consumer slows the reads from the sources through the server's drain() back-pressure.
 
 Per-instance failures found *after* the root part went out cannot be reported in it any more;
 the part body then raises, the server resets the connection without the closing MIME delimiter
@@ -20,7 +22,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from xca_gateway import mtom
@@ -152,7 +154,7 @@ async def _part_body(
     idle_timeout: float,
     last_of_retrieval: bool,
     last_overall: bool,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     uid = instance.document.document_unique_id
     size = 0
     chunks = with_idle_timeout(retrieval.stream(instance), idle_timeout, uid)
@@ -187,18 +189,115 @@ async def _part_body(
         await retrieval.aclose()
 
 
-async def respond(
+@dataclass(frozen=True)
+class RetrievedInstance:
+    """One instance an open retrieve will deliver: what was asked, and the community holding it
+    (as the DocumentResponse names it)."""
+
+    document: DocumentRequest
+    home_community_id: str | None
+
+
+class InstanceTooLarge(ValueError):
+    """An instance above the reader's limit (it was read to its end, not kept)."""
+
+
+class ImagingRetrieval:
+    """A RAD-69 / RAD-75 retrieve opened in-process: the planned instances in delivery order,
+    each streamed from its route on demand, and RegistryErrors for every instance that will not
+    come (unknown source or community, source unavailable, not found, transfer syntax).
+
+    The SOAP handlers turn it into an MTOM response (:func:`soap_response`); the front doors
+    and the import of priors read it directly. Bodies are taken at most once and in order (the
+    instances of one route share its stream). A body that fails raises
+    :class:`InstanceStreamError` and closes every route: the instances after it are lost.
+    :meth:`aclose` releases whatever is still open; call it when done, read or not.
+    """
+
+    def __init__(
+        self,
+        request: RetrieveImagingDocumentSetRequest,
+        instances: Sequence[RetrievedInstance],
+        bodies: Sequence[AsyncGenerator[bytes, None]],
+        errors: Sequence[RegistryError],
+        streams: _Streams,
+    ) -> None:
+        self.request = request
+        self.instances = list(instances)
+        self.errors = list(errors)
+        self._bodies = list(bodies)
+        self._taken: set[int] = set()
+        self._streams = streams
+
+    @property
+    def status(self) -> str:
+        """The ebRS status of the retrieve as a response would carry it."""
+        return status_for(self.errors, results=len(self.instances))
+
+    @property
+    def closed(self) -> bool:
+        """Every route released (all read, :meth:`aclose`, a failure, or abandoned)."""
+        return self._streams.closed
+
+    @property
+    def uids(self) -> list[str]:
+        """The SOP Instance UID of each instance, in delivery order."""
+        return [i.document.document_unique_id for i in self.instances]
+
+    @property
+    def missing(self) -> list[str]:
+        """Requested instances that will not be delivered (the errors say why)."""
+        present = set(self.uids)
+        return [
+            d.document_unique_id
+            for d in self.request.documents
+            if d.document_unique_id not in present
+        ]
+
+    def take(self, index: int) -> AsyncGenerator[bytes, None]:
+        """The body of instance ``index`` as async chunks (the caller closes it)."""
+        if index in self._taken:
+            raise RuntimeError(f"instance {index} was already taken")
+        self._taken.add(index)
+        return self._bodies[index]
+
+    async def read(self, index: int, limit: int | None = None) -> bytes:
+        """Instance ``index`` read completely. Past ``limit`` bytes the rest is still read (so
+        the instances after it keep coming) and :class:`InstanceTooLarge` is raised."""
+        data = bytearray()
+        too_large = False
+        chunks = self.take(index)
+        try:
+            async for chunk in chunks:
+                if too_large:
+                    continue
+                data += chunk
+                too_large = limit is not None and len(data) > limit
+        finally:
+            await chunks.aclose()
+        if too_large:
+            raise InstanceTooLarge(f"instance {self.uids[index]} is larger than {limit} bytes")
+        return bytes(data)
+
+    async def aclose(self) -> None:
+        for index, body in enumerate(self._bodies):
+            if index not in self._taken:
+                self._taken.add(index)
+                await body.aclose()
+        await self._streams.aclose()
+
+
+async def open_retrieval(
     request: RetrieveImagingDocumentSetRequest,
     routes: Sequence[tuple[Route, Sequence[DocumentRequest]]],
     errors: Sequence[RegistryError],
     *,
-    response_action: str,
     error_location: str | None = None,
     open_timeout: float = DEFAULT_OPEN_TIMEOUT,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     abandon_timeout: float = DEFAULT_ABANDON_TIMEOUT,
-) -> SoapResponse:
-    """Open ``routes``, build the root part and return the streaming MTOM response.
+) -> ImagingRetrieval:
+    """Open ``routes`` concurrently and plan the instances they resolved.
 
     ``errors`` are routing errors found before any route was contacted. ``error_location``, if
     set, replaces the location of every RegistryError (RAD-75: the Responding Imaging
@@ -224,8 +323,8 @@ async def respond(
     streams = _Streams(retrievals, abandon_timeout)
     try:
         all_errors = list(errors)
-        documents: list[DocumentResponse] = []
-        plan: list[tuple[Retrieval, PlannedInstance, str, bool]] = []
+        instances: list[RetrievedInstance] = []
+        plan: list[tuple[Retrieval, PlannedInstance, bool]] = []
         for (route, _docs), result in zip(routes, opened, strict=True):
             if isinstance(result, RegistryError):
                 all_errors.append(result)
@@ -233,43 +332,81 @@ async def respond(
             all_errors.extend(result.errors)
             for index, instance in enumerate(result.planned):
                 doc = instance.document
-                content_id = mtom.make_content_id()
-                documents.append(
-                    DocumentResponse(
-                        home_community_id=instance.home_community_id
-                        or route.home_community_id
-                        or doc.home_community_id,
-                        repository_unique_id=doc.repository_unique_id,
-                        document_unique_id=doc.document_unique_id,
-                        mime_type=DICOM_MIME_TYPE,
-                        content_id=content_id,
-                    )
+                home = (
+                    instance.home_community_id or route.home_community_id or doc.home_community_id
                 )
-                plan.append((result, instance, content_id, index == len(result.planned) - 1))
+                instances.append(RetrievedInstance(doc, home))
+                plan.append((result, instance, index == len(result.planned) - 1))
             if not result.planned:
                 await result.aclose()
         if error_location is not None:
             all_errors = [dataclasses.replace(e, location=error_location) for e in all_errors]
-        status = status_for(all_errors, results=len(documents))
-        payload = build_retrieve_response(status, all_errors, documents)
-        parts = [
-            mtom.OutgoingPart(
-                content_id,
-                DICOM_MIME_TYPE,
-                # The very last part closes everything when the response completes normally.
-                _part_body(streams, retrieval, instance, idle_timeout, last, i == len(plan) - 1),
-            )
-            for i, (retrieval, instance, content_id, last) in enumerate(plan)
+        bodies = [
+            # The very last body closes everything when the retrieve completes normally.
+            _part_body(streams, retrieval, instance, idle_timeout, last, i == len(plan) - 1)
+            for i, (retrieval, instance, last) in enumerate(plan)
         ]
-        if parts:
+        if bodies:
             streams.start_watchdog()
         else:
             await streams.aclose()
-        outcome = {
-            ResponseStatus.SUCCESS: "success",
-            ResponseStatus.PARTIAL_SUCCESS: "partial",
-        }.get(status, "failure")
-        return SoapResponse(payload, response_action, parts=parts, mtom=True, outcome=outcome)
+        return ImagingRetrieval(request, instances, bodies, all_errors, streams)
     except BaseException:
         await streams.aclose()
+        raise
+
+
+def soap_response(retrieval: ImagingRetrieval, *, response_action: str) -> SoapResponse:
+    """The streaming MTOM response of an opened retrieve: the root part (DocumentResponses,
+    RegistryErrors, status), then one part per instance pulled from its route only when the
+    HTTP writer gets to it."""
+    documents: list[DocumentResponse] = []
+    parts: list[mtom.OutgoingPart] = []
+    for index, instance in enumerate(retrieval.instances):
+        doc = instance.document
+        content_id = mtom.make_content_id()
+        documents.append(
+            DocumentResponse(
+                home_community_id=instance.home_community_id,
+                repository_unique_id=doc.repository_unique_id,
+                document_unique_id=doc.document_unique_id,
+                mime_type=DICOM_MIME_TYPE,
+                content_id=content_id,
+            )
+        )
+        parts.append(mtom.OutgoingPart(content_id, DICOM_MIME_TYPE, retrieval.take(index)))
+    status = retrieval.status
+    payload = build_retrieve_response(status, retrieval.errors, documents)
+    outcome = {
+        ResponseStatus.SUCCESS: "success",
+        ResponseStatus.PARTIAL_SUCCESS: "partial",
+    }.get(status, "failure")
+    return SoapResponse(payload, response_action, parts=parts, mtom=True, outcome=outcome)
+
+
+async def respond(
+    request: RetrieveImagingDocumentSetRequest,
+    routes: Sequence[tuple[Route, Sequence[DocumentRequest]]],
+    errors: Sequence[RegistryError],
+    *,
+    response_action: str,
+    error_location: str | None = None,
+    open_timeout: float = DEFAULT_OPEN_TIMEOUT,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    abandon_timeout: float = DEFAULT_ABANDON_TIMEOUT,
+) -> SoapResponse:
+    """Open ``routes`` and return the streaming MTOM response (see :func:`open_retrieval`)."""
+    retrieval = await open_retrieval(
+        request,
+        routes,
+        errors,
+        error_location=error_location,
+        open_timeout=open_timeout,
+        idle_timeout=idle_timeout,
+        abandon_timeout=abandon_timeout,
+    )
+    try:
+        return soap_response(retrieval, response_action=response_action)
+    except BaseException:
+        await retrieval.aclose()
         raise

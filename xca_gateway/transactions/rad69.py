@@ -1,7 +1,8 @@
 """RAD-69 Retrieve Imaging Document Set: Initiating Imaging Gateway and Imaging Document Source.
 
-Initiating Imaging Gateway (:func:`rad69_handler`, endpoint ``/ig/rad69``): a local Imaging
-Document Consumer asks for SOP instances anywhere in the federation. DocumentRequests are split
+Initiating Imaging Gateway (:class:`InitiatingImagingGateway`, endpoint ``/ig/rad69``, and
+in-process through its ``retrieve``): a local Imaging Document Consumer (or a front door of
+this gateway) asks for SOP instances anywhere in the federation. DocumentRequests are split
 by HomeCommunityId (imaging.md section 5):
 
 * own community, or none given (RAD69-002: only needed for other communities): by
@@ -23,19 +24,31 @@ from collections.abc import Mapping
 from xca_gateway.client import PeerClient
 from xca_gateway.ebrs import RegistryError
 from xca_gateway.imaging.remote import open_remote_retrieve
-from xca_gateway.imaging.request import DocumentRequest, RetrieveImagingDocumentSetRequest
+from xca_gateway.imaging.request import (
+    DocumentRequest,
+    RetrieveImagingDocumentSetRequest,
+    check_retrieve_imaging_request,
+)
 from xca_gateway.imaging.retrieve import (
     DEFAULT_ABANDON_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
+    ImagingRetrieval,
     Route,
+    open_retrieval,
     respond,
+    soap_response,
 )
 from xca_gateway.imaging.sources import ImagingSource, Retrieval
 from xca_gateway.namespaces import Action
 from xca_gateway.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.transactions.rad75 import local_routes, parse_or_fault
 
-__all__ = ["imaging_document_source_handler", "peer_route", "rad69_handler"]
+__all__ = [
+    "InitiatingImagingGateway",
+    "imaging_document_source_handler",
+    "peer_route",
+    "rad69_handler",
+]
 
 
 def peer_route(
@@ -60,31 +73,48 @@ def peer_route(
     return Route(what, open_, unavailable, home_community_id)
 
 
-def rad69_handler(
-    sources: Mapping[str, ImagingSource],
-    *,
-    home_community_id: str,
-    peers: Mapping[str, str],
-    peer_client: PeerClient,
-    open_timeout: float | None = None,
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-    abandon_timeout: float = DEFAULT_ABANDON_TIMEOUT,
-    max_documents: int = 100_000,
-) -> Handler:
-    """``peers`` maps a peer's homeCommunityId to its RAD-75 endpoint URL."""
-    timeout = open_timeout or peer_client.outbound.request_timeout
+class InitiatingImagingGateway:
+    """The Initiating Imaging Gateway: RAD-69 routed to local sources and peer communities.
 
-    async def handle(request: SoapRequest) -> SoapResponse:
-        parsed = parse_or_fault(request, max_documents)
+    :meth:`retrieve` is the in-process entry point (front doors, import of priors);
+    :meth:`handle` serves ``/ig/rad69`` through it, so both take the same path. ``peers`` maps a
+    peer's homeCommunityId to its RAD-75 endpoint URL.
+    """
+
+    def __init__(
+        self,
+        sources: Mapping[str, ImagingSource],
+        *,
+        home_community_id: str,
+        peers: Mapping[str, str],
+        peer_client: PeerClient,
+        open_timeout: float | None = None,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        abandon_timeout: float = DEFAULT_ABANDON_TIMEOUT,
+        max_documents: int = 100_000,
+    ) -> None:
+        self.sources = sources
+        self.home_community_id = home_community_id
+        self.peers = dict(peers)
+        self.peer_client = peer_client
+        self.open_timeout = open_timeout or peer_client.outbound.request_timeout
+        self.idle_timeout = idle_timeout
+        self.abandon_timeout = abandon_timeout
+        self.max_documents = max_documents
+
+    def route(
+        self, request: RetrieveImagingDocumentSetRequest
+    ) -> tuple[list[tuple[Route, list[DocumentRequest]]], list[RegistryError]]:
+        """Split the request by HomeCommunityId (then RepositoryUniqueId for our own)."""
         errors: list[RegistryError] = []
         local: list[DocumentRequest] = []
         remote: dict[str, list[DocumentRequest]] = {}
         unknown: dict[str, int] = {}
-        for doc in parsed.documents:
+        for doc in request.documents:
             community = doc.home_community_id
-            if community is None or community == home_community_id:
+            if community is None or community == self.home_community_id:
                 local.append(doc)
-            elif community in peers:
+            elif community in self.peers:
                 remote.setdefault(community, []).append(doc)
             else:
                 unknown[community] = unknown.get(community, 0) + 1
@@ -97,21 +127,59 @@ def rad69_handler(
                     location=community,
                 )
             )
-        routes, routing_errors = local_routes(local, sources, home_community_id)
+        routes, routing_errors = local_routes(local, self.sources, self.home_community_id)
         for community, docs in remote.items():
-            route = peer_route(peer_client, community, peers[community], timeout=timeout)
-            routes.append((route, docs))
-        return await respond(
-            parsed,
+            url = self.peers[community]
+            routes.append(
+                (peer_route(self.peer_client, community, url, timeout=self.open_timeout), docs)
+            )
+        return routes, errors + routing_errors
+
+    async def retrieve(self, request: RetrieveImagingDocumentSetRequest) -> ImagingRetrieval:
+        """RAD-69 in-process; InvalidImagingRequest for a request the SOAP endpoint would refuse
+        (no document, a malformed UID, more than ``max_documents``)."""
+        check_retrieve_imaging_request(request, max_documents=self.max_documents)
+        return await self._open(request)
+
+    async def _open(self, request: RetrieveImagingDocumentSetRequest) -> ImagingRetrieval:
+        routes, errors = self.route(request)
+        return await open_retrieval(
+            request,
             routes,
-            errors + routing_errors,
-            response_action=Action.RAD69_RESPONSE,
-            open_timeout=timeout,
-            idle_timeout=idle_timeout,
-            abandon_timeout=abandon_timeout,
+            errors,
+            open_timeout=self.open_timeout,
+            idle_timeout=self.idle_timeout,
+            abandon_timeout=self.abandon_timeout,
         )
 
-    return handle
+    async def handle(self, request: SoapRequest) -> SoapResponse:
+        parsed = parse_or_fault(request, self.max_documents)
+        retrieval = await self._open(parsed)
+        return soap_response(retrieval, response_action=Action.RAD69_RESPONSE)
+
+
+def rad69_handler(
+    sources: Mapping[str, ImagingSource],
+    *,
+    home_community_id: str,
+    peers: Mapping[str, str],
+    peer_client: PeerClient,
+    open_timeout: float | None = None,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    abandon_timeout: float = DEFAULT_ABANDON_TIMEOUT,
+    max_documents: int = 100_000,
+) -> Handler:
+    """The ``/ig/rad69`` handler of an :class:`InitiatingImagingGateway`."""
+    return InitiatingImagingGateway(
+        sources,
+        home_community_id=home_community_id,
+        peers=peers,
+        peer_client=peer_client,
+        open_timeout=open_timeout,
+        idle_timeout=idle_timeout,
+        abandon_timeout=abandon_timeout,
+        max_documents=max_documents,
+    ).handle
 
 
 def imaging_document_source_handler(
