@@ -266,3 +266,30 @@ async def test_requests_that_must_not_run_twice_never_use_a_pooled_connection(
     finally:
         await client.aclose()
         await server.close()
+
+
+async def test_get_sends_no_body_framing_and_streams_the_reply(pki: DevPki) -> None:
+    seen: list[tuple[str, str | None, str | None]] = []
+
+    async def app(request: Request) -> Response:
+        seen.append(
+            (request.method, request.header("content-length"), request.header("accept"))
+        )
+        return Response(200, [("content-type", "text/plain")], b"x" * 100_000)
+
+    server = HttpServer(app, ssl_context=server_tls(pki))
+    await server.start()
+    client = RelayClient(client_tls(pki))
+    try:
+        response = await client.get(
+            f"https://127.0.0.1:{server.port}/studies?limit=1", [("accept", "text/plain")]
+        )
+        body = b"".join([bytes(p) async for p in response.aiter_raw()])
+        await response.aclose()
+        assert response.status_code == 200 and body == b"x" * 100_000
+        assert seen == [("GET", None, "text/plain")]
+        with pytest.raises(ValueError):
+            await client.request("HEAD", f"https://127.0.0.1:{server.port}/", b"", [])
+    finally:
+        await client.aclose()
+        await server.close()

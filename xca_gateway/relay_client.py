@@ -406,20 +406,39 @@ class RelayClient:
         a pooled connection turned out to be closed. Neither is a request that must not run
         twice (``idempotent=False``, e.g. a registration): a peer closing a pooled connection
         may have read it first."""
+        return await self.request("POST", url, body, headers, idempotent=idempotent)
+
+    async def get(self, url: str, headers: list[tuple[str, str]]) -> RelayResponse:
+        """Send a GET (e.g. WADO-RS, QIDO-RS) and return once the reply's headers arrived."""
+        return await self.request("GET", url, b"", headers)
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        body: bytes | AsyncIterator[bytes],
+        headers: list[tuple[str, str]],
+        *,
+        idempotent: bool = True,
+    ) -> RelayResponse:
+        """Send a request; see :meth:`post`."""
+        if method not in ("GET", "POST", "PUT", "DELETE"):
+            raise ValueError(f"unsupported method {method!r}")  # HEAD has no body to frame
         origin, target = _origin(url)
         # One slot per connection in use, released when its reply is closed or read to the
         # end: a flood of consumers queues here instead of opening sockets without bound.
         await self._slots.acquire()
         try:
-            response = await self._post(origin, target, body, headers, idempotent)
+            response = await self._send(method, origin, target, body, headers, idempotent)
         except BaseException:
             self._slots.release()
             raise
         response._on_done = self._slots.release
         return response
 
-    async def _post(
+    async def _send(
         self,
+        method: str,
         origin: _Origin,
         target: str,
         body: bytes | AsyncIterator[bytes],
@@ -430,17 +449,18 @@ class RelayClient:
         pooled = self._take(origin) if replayable else None
         if pooled is not None:
             try:
-                return await self._exchange(origin, pooled, target, body, headers)
+                return await self._exchange(method, origin, pooled, target, body, headers)
             except _StaleConnection:
                 pass  # closed while idle: once more on a new connection
         connection = await self._connect(origin)
         try:
-            return await self._exchange(origin, connection, target, body, headers)
+            return await self._exchange(method, origin, connection, target, body, headers)
         except _StaleConnection as exc:
             raise RelayError(f"connection closed before the reply: {exc}") from None
 
     async def _exchange(
         self,
+        method: str,
         origin: _Origin,
         connection: _Connection,
         target: str,
@@ -448,22 +468,25 @@ class RelayClient:
         headers: list[tuple[str, str]],
     ) -> RelayResponse:
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEADER_BYTES)
-        framing = (
-            ("content-length", str(len(body)))
-            if isinstance(body, bytes)
-            else ("transfer-encoding", "chunked")
-        )
+        framing: list[tuple[str, str]]
+        if not isinstance(body, bytes):
+            framing = [("transfer-encoding", "chunked")]
+        elif body or method in ("POST", "PUT"):
+            framing = [("content-length", str(len(body)))]
+        else:
+            framing = []  # a GET says nothing of a body it does not have (RFC 9110 8.6)
         request = h11.Request(
-            method="POST",
+            method=method,
             target=target,
-            headers=[("host", origin.netloc), framing, ("user-agent", "xca-gateway"), *headers],
+            headers=[("host", origin.netloc), *framing, ("user-agent", "xca-gateway"), *headers],
         )
         received_any = False
         transport = connection.transport
         try:
             transport.write(conn.send(request) or b"")
             if isinstance(body, bytes):
-                transport.write(body)
+                if body:
+                    transport.write(body)
             else:
                 async for chunk in body:
                     if chunk:

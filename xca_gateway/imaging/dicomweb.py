@@ -15,7 +15,9 @@ tells which SOP instances exist. QIDO-RS does not reliably return the stored tra
    is out, the response is aborted (see :mod:`.retrieve`).
 
 The origin server is inside the community, so it has its own client (plain HTTP or TLS with a
-configured CA and optional client certificate), not the gateway's peer client.
+configured CA and optional client certificate), not the gateway's peer client; it is the same
+lean client as the relays (:mod:`xca_gateway.relay_client`), so instance bytes are not handled
+per TLS record on their way through.
 """
 
 from __future__ import annotations
@@ -26,8 +28,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-
-import httpx
+from urllib.parse import urlencode
 
 from xca_gateway import mtom
 from xca_gateway.ebrs import RegistryError
@@ -53,11 +54,13 @@ from xca_gateway.imaging.transfer_syntax import (
     transcode,
 )
 from xca_gateway.mtom import MtomError, PartData, PartEnd
+from xca_gateway.relay_client import RelayClient, RelayError, RelayResponse
 
 log = logging.getLogger(__name__)
 
 _SOP_INSTANCE_UID = "00080018"
 _REFUSED = frozenset({400, 406, 415, 500, 501})  # "cannot produce that transfer syntax"
+_MAX_QIDO_BYTES = 64 * 1024 * 1024  # one page of QIDO-RS JSON
 
 
 def accept_header(transfer_syntax: str) -> str:
@@ -91,14 +94,14 @@ class DicomwebSource(ImagingSource):
         self.page_size = page_size
         self.max_transcode_bytes = max_transcode_bytes
         self.max_connections = max_connections
-        self._client: httpx.AsyncClient | None = None
+        self._client: RelayClient | None = None
 
     def describe(self) -> str:
         return f"DICOMweb imaging source {self.repository_unique_id} at {self.base_url}"
 
-    def client(self) -> httpx.AsyncClient:
+    def client(self) -> RelayClient:
         if self._client is None:
-            verify: ssl.SSLContext | bool = True
+            context: ssl.SSLContext | None = None
             if self.base_url.startswith("https:"):
                 context = ssl.create_default_context(
                     cafile=str(self.ca_file) if self.ca_file else None
@@ -107,16 +110,24 @@ class DicomwebSource(ImagingSource):
                     context.load_cert_chain(
                         str(self.client_cert), str(self.client_key) if self.client_key else None
                     )
-                verify = context
-            self._client = httpx.AsyncClient(
-                verify=verify,
-                timeout=httpx.Timeout(self.timeout),
-                limits=httpx.Limits(max_connections=self.max_connections),
-                headers={**self.headers, "accept-encoding": "identity"},
-                follow_redirects=False,
-                trust_env=False,
+            self._client = RelayClient(
+                context,
+                connect_timeout=self.timeout,
+                max_connections=self.max_connections,
+                max_idle_per_origin=self.max_connections,
             )
         return self._client
+
+    async def _get(self, url: str, accept: str) -> RelayResponse:
+        """GET with the configured headers; the reply's headers within ``timeout``."""
+        headers = [*self.headers.items(), ("accept", accept), ("accept-encoding", "identity")]
+        async with asyncio.timeout(self.timeout):
+            response = await self.client().get(url, headers)
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            await response.aclose()
+            raise RelayError(f"DICOMweb server sent content-encoding {encoding[:40]!r}")
+        return response
 
     async def stop(self) -> None:
         if self._client is not None:
@@ -131,24 +142,31 @@ class DicomwebSource(ImagingSource):
 
     async def series_instances(self, study: str, series: str) -> set[str]:
         """SOP Instance UIDs of one series (QIDO-RS, paged)."""
-        client = self.client()
         url = f"{self.base_url}/studies/{study}/series/{series}/instances"
         found: set[str] = set()
         offset = 0
         for _page in range(10_000):  # bounded: 10M instances at the default page size
             params = {"limit": str(self.page_size), "offset": str(offset)}
             try:
-                response = await client.get(
-                    url, params=params, headers={"accept": "application/dicom+json"}
-                )
-            except httpx.HTTPError as exc:
+                response = await self._get(f"{url}?{urlencode(params)}", "application/dicom+json")
+                try:
+                    status = response.status_code
+                    content = bytearray()
+                    async with asyncio.timeout(self.timeout):
+                        async for piece in response.aiter_raw():
+                            content += piece
+                            if len(content) > _MAX_QIDO_BYTES:
+                                raise SourceUnavailable("QIDO-RS answer too large")
+                finally:
+                    await response.aclose()
+            except (RelayError, TimeoutError, OSError) as exc:
                 raise SourceUnavailable(f"QIDO-RS failed: {exc!r}") from None
-            if response.status_code in (204, 404):
+            if status in (204, 404):
                 return found
-            if response.status_code != 200:
-                raise SourceUnavailable(f"QIDO-RS answered HTTP {response.status_code}")
+            if status != 200:
+                raise SourceUnavailable(f"QIDO-RS answered HTTP {status}")
             try:
-                items = json.loads(response.content or b"[]")
+                items = json.loads(bytes(content) or b"[]")
             except ValueError:
                 raise SourceUnavailable("QIDO-RS answer is not JSON") from None
             if not isinstance(items, list):
@@ -200,12 +218,11 @@ class DicomwebRetrieval(Retrieval):
     async def stream(self, instance: PlannedInstance) -> AsyncIterator[bytes]:
         doc = instance.document
         url = self.source.instance_url(doc)
-        client = self.source.client()
         tried: list[str] = []
         try:
             for syntax in ["*", *lossless_first(self.requested)]:
-                headers = {"accept": accept_header(syntax)}
-                async with client.stream("GET", url, headers=headers) as r:
+                r = await self.source._get(url, accept_header(syntax))
+                try:
                     if r.status_code == 404:
                         raise InstanceStreamError(f"WADO-RS: {doc.document_unique_id} is gone")
                     if r.status_code in _REFUSED and syntax != "*":
@@ -222,7 +239,9 @@ class DicomwebRetrieval(Retrieval):
                     if delivered:
                         return
                     tried.append(f"{syntax}: not usable")
-        except (httpx.HTTPError, ssl.SSLError, OSError) as exc:
+                finally:
+                    await r.aclose()
+        except (RelayError, TimeoutError, ssl.SSLError, OSError) as exc:
             raise InstanceStreamError(f"WADO-RS of {doc.document_unique_id}: {exc!r}") from None
         except (MtomError, TruncatedMultipart, TranscodeError) as exc:
             raise InstanceStreamError(f"WADO-RS of {doc.document_unique_id}: {exc}") from None
@@ -230,12 +249,12 @@ class DicomwebRetrieval(Retrieval):
             f"{doc.document_unique_id}: no requested transfer syntax available ({'; '.join(tried)})"
         )
 
-    async def _relay(self, response: httpx.Response, asked: str) -> AsyncIterator[bytes]:
+    async def _relay(self, response: RelayResponse, asked: str) -> AsyncIterator[bytes]:
         """Yield the instance if usable for the request, else nothing."""
         media_type, params = mtom.parse_content_type(response.headers.get("content-type", ""))
         if media_type != "multipart/related" or not params.get("boundary"):
             raise InstanceStreamError(f"WADO-RS answered {media_type!r}, not multipart/related")
-        parts = MultipartStream(response.aiter_bytes(), params["boundary"], max_parts=4)
+        parts = MultipartStream(response.aiter_raw(), params["boundary"], max_parts=4)
         if await parts.next_part() is None:
             raise InstanceStreamError("WADO-RS answer has no part")
         prefix = bytearray()
