@@ -308,11 +308,15 @@ def audit_total(target: Target, since: datetime, source: str, subtype: str) -> i
                 "date": "ge" + since.strftime("%Y-%m-%dT%H:%M:%SZ"),
                 "source": source,
                 "subtype": subtype,
-                "_count": "1",
+                # An exact count: ordinary searches stop counting at an estimate cap.
+                "_summary": "count",
             },
         )
     response.raise_for_status()
-    return int(response.json().get("total", 0))
+    total = response.json().get("total")
+    if not isinstance(total, int):
+        raise RuntimeError(f"the audit repository gave no count: {response.text[:200]}")
+    return total
 
 
 def settle_audit(target: Target, since: datetime, wanted: list[AuditCount]) -> None:

@@ -194,6 +194,40 @@ def test_filters_and_paging(loaded: AuditRecordRepository, arr_pki: DevPki) -> N
         assert empty.total == 0 and not empty.entry
 
 
+def test_exact_counts_past_the_estimate_cap(
+    loaded: AuditRecordRepository, arr_pki: DevPki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ordinary searches stop counting at a cap; _summary=count and _total=accurate do not."""
+    import xca_gateway.arr.app as arr_app
+
+    monkeypatch.setattr(arr_app, "_ESTIMATE_CAP", 20)  # 33 stored events: past the cap
+    base = loaded.fhir_base + "/AuditEvent"
+    with fhir_client(arr_pki) as client:
+        page = bundle_of(
+            client.get(base, params={"date": "ge2020", "source": "north-gw", "_count": "5"})
+        )
+        assert page.total is None and len(page.entry) == 5
+        accurate = bundle_of(
+            client.get(
+                base,
+                params={
+                    "date": "ge2020",
+                    "source": "north-gw",
+                    "_count": "5",
+                    "_total": "accurate",
+                },
+            )
+        )
+        assert accurate.total == 33 and len(accurate.entry) == 5
+        counted = bundle_of(
+            client.get(base, params={"date": "ge2020", "source": "north-gw", "_summary": "count"})
+        )
+        assert counted.total == 33 and not counted.entry
+        bad = client.get(base, params={"date": "ge2020", "_summary": "everything"})
+        assert bad.status_code == 400
+        assert OperationOutcome.model_validate(bad.json()).issue[0].code == "invalid"
+
+
 def test_read_and_raw_message(loaded: AuditRecordRepository, arr_pki: DevPki) -> None:
     with fhir_client(arr_pki) as client:
         bundle = bundle_of(client.get(loaded.fhir_base + "/AuditEvent", params={"date": "ge2020"}))

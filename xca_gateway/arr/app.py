@@ -84,6 +84,11 @@ from xca_gateway.tls import HandshakeFailure, enable_certificate_capture, server
 
 log = logging.getLogger(__name__)
 
+# ITI-81 totals: ordinary searches count matches up to _ESTIMATE_CAP (a quick answer for the
+# UI); _summary=count and _total=accurate count exactly (bounded, to keep a query finite).
+_ESTIMATE_CAP = 10_000
+_EXACT_COUNT_CAP = 1_000_000_000
+
 # Same convention as ``xca-gateway serve``: sockets bound by a launcher, e.g.
 # ``https=3,syslog-tls=4,syslog-udp=5``.
 LISTEN_FDS_ENV = "XCA_GATEWAY_LISTEN_FDS"
@@ -543,6 +548,19 @@ class AuditRecordRepository:
                 )
             except FhirError as exc:
                 return _json(exc.status, operation_outcome(exc.code, exc.diagnostics))
+            if search.summary_count:
+                exact = await asyncio.to_thread(self.store.count, search.filter, _EXACT_COUNT_CAP)
+                self.self_audit.audit_log_used(
+                    user[0],
+                    address,
+                    f"{self.fhir_base}/AuditEvent",
+                    request.query,
+                    user_name=user[1],
+                )
+                bundle = search_bundle(
+                    search, [], base_url=self.fhir_base, total=exact, has_more=False
+                )
+                return _json(200, bundle)
             rows = await asyncio.to_thread(
                 self.store.search,
                 search.filter,
@@ -558,8 +576,11 @@ class AuditRecordRepository:
             if search.offset == 0 and not has_more:
                 total = len(records)
             else:
-                counted = await asyncio.to_thread(self.store.count, search.filter, 10000)
-                total = counted if counted < 10000 else None
+                # Ordinary searches count up to a cap (an estimate beyond it is omitted);
+                # _total=accurate asks for the exact number.
+                cap = _EXACT_COUNT_CAP if search.total_accurate else _ESTIMATE_CAP
+                counted = await asyncio.to_thread(self.store.count, search.filter, cap)
+                total = counted if counted < cap else None
             self.self_audit.audit_log_used(
                 user[0], address, f"{self.fhir_base}/AuditEvent", request.query, user_name=user[1]
             )

@@ -14,7 +14,9 @@ to its raw message (``AuditEvent/{id}/$raw``).
 Search parameters (IPF ``Iti81ResourceProvider``): ``date`` (required, with ge/gt/le/lt/eq/sa/eb
 prefixes), ``address``, ``agent`` / ``agent-name`` / ``user``, ``patient.identifier``, ``entity``,
 ``entity-type``, ``entity-role``, ``source``, ``type``, ``subtype``, ``outcome``, ``altid``, and
-``_count`` / ``_offset`` / ``_sort``. Comma-separated values are OR, repeated parameters AND.
+``_count`` / ``_offset`` / ``_sort``, ``_summary=count`` and ``_total=accurate`` (exact totals;
+ordinary searches give a total only up to an estimate cap). Comma-separated values are OR,
+repeated parameters AND.
 """
 
 from __future__ import annotations
@@ -241,6 +243,10 @@ class SearchRequest:
     newest_first: bool = True
     # The query as received (paging links repeat it).
     params: tuple[tuple[str, str], ...] = ()
+    # _summary=count: the number of matches only, exact (FHIR R4 search 3.1.1.5.8).
+    summary_count: bool = False
+    # _total=accurate: an exact total even past the estimate cap of ordinary searches.
+    total_accurate: bool = False
 
 
 _PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
@@ -319,7 +325,7 @@ def _reference_id(value: str) -> str:
     return value
 
 
-_IGNORED = frozenset({"_format", "_pretty", "_summary", "_elements", "_total"})
+_IGNORED = frozenset({"_format", "_pretty", "_elements"})
 
 
 def parse_search(query: str, *, strict: bool = False) -> SearchRequest:
@@ -327,6 +333,7 @@ def parse_search(query: str, *, strict: bool = False) -> SearchRequest:
     params = parse_qsl(query, keep_blank_values=True)
     flt = EventFilter()
     count, offset, newest_first = DEFAULT_COUNT, 0, True
+    summary_count = total_accurate = False
     has_date = False
     adds: dict[str, list[Clause]] = {}
     outcomes: list[tuple[int, ...]] = []
@@ -342,6 +349,16 @@ def parse_search(query: str, *, strict: bool = False) -> SearchRequest:
             if not value.isdigit():
                 raise FhirError(400, "invalid", "_offset must be a non-negative integer")
             offset = int(value)
+        elif name == "_summary":
+            # count is the one summary that changes an AuditEvent search; the others
+            # (true/text/data/false) are served as full resources, which they permit.
+            if value not in ("count", "true", "text", "data", "false"):
+                raise FhirError(400, "invalid", f"unknown _summary {value!r}")
+            summary_count = value == "count"
+        elif name == "_total":
+            if value not in ("none", "estimate", "accurate"):
+                raise FhirError(400, "invalid", "_total must be none, estimate or accurate")
+            total_accurate = value == "accurate"
         elif name == "_sort":
             if value not in ("date", "-date", "_lastUpdated", "-_lastUpdated"):
                 raise FhirError(400, "not-supported", f"cannot sort by {value!r}")
@@ -383,7 +400,9 @@ def parse_search(query: str, *, strict: bool = False) -> SearchRequest:
     if outcomes:
         fields["outcomes"] = tuple(outcomes)
     flt = replace(flt, **fields)
-    return SearchRequest(flt, count, offset, newest_first, tuple(params))
+    return SearchRequest(
+        flt, count, offset, newest_first, tuple(params), summary_count, total_accurate
+    )
 
 
 def _link(base_url: str, params: Sequence[tuple[str, str]], offset: int, count: int) -> str:
