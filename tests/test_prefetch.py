@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import socket
+import ssl
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from xca_gateway.prefetch import (
 from xca_gateway.prefetch import (
     local_patient_id as order_patient,
 )
+from xca_gateway.tls import client_context
 
 VT, FS, CR = b"\x0b", b"\x1c", b"\x0d"
 
@@ -178,6 +180,11 @@ def test_configuration() -> None:
         Path("."),
     )
     assert config.pacs_host == "127.0.0.1" and config.port == 0
+    assert config.tls  # mutual TLS unless turned off (on loopback only)
+    plain = parse_prefetch_config(
+        {"pacs_port": 4242, "pacs_ae_title": "X", "host": "localhost", "tls": False}, Path(".")
+    )
+    assert not plain.tls
     assert config.accession_prefixes == {BETA_HOME: "B-"}
     for bad in (
         {"pacs_ae_title": "ORTHANC"},
@@ -187,6 +194,9 @@ def test_configuration() -> None:
         {"pacs_port": 4242, "pacs_ae_title": "X", "workers": 0},
         {"pacs_port": 4242, "pacs_ae_title": "X", "accession_prefixes": {"x": "Y" * 16}},
         {"pacs_port": 4242, "pacs_ae_title": "X", "lookback_days": "ten"},
+        # Plain MLLP carries patient identity in the clear: loopback only.
+        {"pacs_port": 4242, "pacs_ae_title": "X", "host": "0.0.0.0", "tls": False},
+        {"pacs_port": 4242, "pacs_ae_title": "X", "tls": "yes"},
     ):
         with pytest.raises(ConfigError):
             parse_prefetch_config(bad, Path("."))
@@ -210,6 +220,7 @@ class Setup:
     fed: Federation
     prefetch: Prefetcher
     port: int
+    tls: ssl.SSLContext  # the HIS/RIS side of MLLP over mutual TLS
 
 
 @pytest.fixture(scope="module")
@@ -219,12 +230,17 @@ def setup(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Set
         assert prefetch is not None
         port = fed.alpha.listening()["mllp"]
         assert port == prefetch.port and port != 0
-        yield Setup(fed, prefetch, port)
+        yield Setup(fed, prefetch, port, his_tls(pki))
+
+
+def his_tls(pki: DevPki) -> ssl.SSLContext:
+    return client_context(pki.ca, pki.client.cert, pki.client.key)
 
 
 class MllpClient:
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    def __init__(self, port: int, tls: ssl.SSLContext | None) -> None:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock = tls.wrap_socket(sock, server_hostname="localhost") if tls else sock
         self.buffer = b""
 
     def send_raw(self, data: bytes) -> None:
@@ -246,8 +262,8 @@ class MllpClient:
         self.sock.close()
 
 
-def exchange(port: int, message: str) -> hl7.Message:
-    client = MllpClient(port)
+def exchange(port: int, message: str, tls: ssl.SSLContext | None) -> hl7.Message:
+    client = MllpClient(port, tls)
     try:
         client.send(message)
         return client.receive()
@@ -273,7 +289,7 @@ def jobs(setup: Setup, outcome: str) -> float:
 
 def test_order_prefetches_the_priors_into_orthanc(setup: Setup) -> None:
     text, cid = order(local_cx(ALICE), name="Lindqvist^Alice^Maria")
-    ack = exchange(setup.port, text)
+    ack = exchange(setup.port, text, setup.tls)
     assert msa(ack) == ("AA", cid)
     assert str(ack.segment("MSH")[9]) == "ACK^O01^ACK"
     assert wait_for(lambda: result_for(setup.prefetch, cid) is not None, timeout=120)
@@ -298,7 +314,7 @@ def test_order_prefetches_the_priors_into_orthanc(setup: Setup) -> None:
     # The same patient again within the window: AA, but no second job.
     duplicates = jobs(setup, "duplicate")
     again, cid2 = order(local_cx(ALICE))
-    assert msa(exchange(setup.port, again)) == ("AA", cid2)
+    assert msa(exchange(setup.port, again, setup.tls)) == ("AA", cid2)
     assert jobs(setup, "duplicate") == duplicates + 1
     assert result_for(setup.prefetch, cid2) is None
 
@@ -307,7 +323,7 @@ def test_omi_with_a_namespace_identifier(setup: Setup) -> None:
     text, cid = order(
         f"{local_patient_id(0, BOB)}^^^ALPHA^MR", message_type="OMI^O23^OMI_O23", name="Haugen^Bob"
     )
-    ack = exchange(setup.port, text)
+    ack = exchange(setup.port, text, setup.tls)
     assert msa(ack) == ("AA", cid)
     assert str(ack.segment("MSH")[9]) == "ACK^O23^ACK"
     assert wait_for(lambda: result_for(setup.prefetch, cid) is not None, timeout=120)
@@ -319,7 +335,7 @@ def test_omi_with_a_namespace_identifier(setup: Setup) -> None:
 
 def test_unknown_patient_is_accepted_with_nothing_to_import(setup: Setup) -> None:
     text, cid = order(local_cx(CAROL), name="Berg^Carol")  # no cross-reference to beta
-    assert msa(exchange(setup.port, text)) == ("AA", cid)
+    assert msa(exchange(setup.port, text, setup.tls)) == ("AA", cid)
     assert wait_for(lambda: result_for(setup.prefetch, cid) is not None, timeout=60)
     result = result_for(setup.prefetch, cid)
     assert result is not None
@@ -328,7 +344,7 @@ def test_unknown_patient_is_accepted_with_nothing_to_import(setup: Setup) -> Non
 
 
 def test_malformed_messages_get_ae_or_ar(setup: Setup) -> None:
-    client = MllpClient(setup.port)
+    client = MllpClient(setup.port, setup.tls)
     try:
         # Not HL7 at all: AR, no control id to echo.
         client.send("hello")
@@ -369,6 +385,35 @@ def test_malformed_messages_get_ae_or_ar(setup: Setup) -> None:
     ) >= 3
 
 
+def test_mllp_needs_a_trusted_client_certificate(setup: Setup, pki: DevPki) -> None:
+    """Plain MLLP, or TLS without a certificate, never reaches the HL7 layer; the refusal is
+    reported to the gateway (for its Security Alert audit) like any refused handshake."""
+    before = len(setup.fed.alpha.handshake_failures)
+    text, _cid = order(local_cx(ALICE))
+    plain = socket.create_connection(("127.0.0.1", setup.port), timeout=30)
+    try:
+        plain.sendall(VT + text.encode() + FS + CR)
+        assert plain.recv(65536) == b""  # closed, no ACK
+    finally:
+        plain.close()
+    anonymous = ssl.create_default_context(cafile=str(pki.ca))
+    answer = b""
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", setup.port), timeout=30) as raw,
+            anonymous.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(VT + text.encode() + FS + CR)
+            # TLS 1.3: the refusal of the missing certificate shows here, as an alert or EOF.
+            answer = tls.recv(65536)
+    except (ssl.SSLError, ConnectionError):
+        pass
+    assert answer == b""  # no ACK: the order never reached the HL7 layer
+    assert wait_for(lambda: len(setup.fed.alpha.handshake_failures) >= before + 2, timeout=10)
+    reasons = [f.reason for f in list(setup.fed.alpha.handshake_failures)[before:]]
+    assert any("certificate" in r for r in reasons), reasons
+
+
 def test_full_queue_is_refused_with_ar(pki: DevPki, tmp_path: Path, silent_port: int) -> None:
     """One worker stuck on a PACS that never answers, a queue of one: the third order is AR."""
     stuck = (
@@ -380,13 +425,13 @@ def test_full_queue_is_refused_with_ar(pki: DevPki, tmp_path: Path, silent_port:
         assert prefetch is not None
         port = prefetch.port
         first, cid = order(local_cx(ALICE))
-        assert msa(exchange(port, first)) == ("AA", cid)
+        assert msa(exchange(port, first, his_tls(pki))) == ("AA", cid)
         # The worker took it (and now waits on the silent PACS): the queue is empty again.
         assert wait_for(lambda: prefetch._queue.qsize() == 0, timeout=30)
         second, cid = order(local_cx(BOB), name="Haugen^Bob")
-        assert msa(exchange(port, second)) == ("AA", cid)
+        assert msa(exchange(port, second, his_tls(pki))) == ("AA", cid)
         third, cid = order(local_cx(DAVE), name="Johansen^Dave")
-        ack = exchange(port, third)
+        ack = exchange(port, third, his_tls(pki))
         assert msa(ack) == ("AR", cid)
         assert str(ack.segment("ERR")[3]).startswith("207^")
         registry = fed.alpha.metrics.registry

@@ -29,6 +29,7 @@ Configuration (``[prefetch]``)::
     [prefetch]
     host = "127.0.0.1"            # MLLP listener
     port = 2575                   # 0: any free port (see /readyz "ports")
+    tls = true                    # MLLP over mutual TLS ([tls]); false only on loopback
     pacs_host = "127.0.0.1"       # the local PACS (C-STORE SCP)
     pacs_port = 4242
     pacs_ae_title = "ORTHANC"
@@ -48,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ipaddress
 import logging
 import re
 import time
@@ -59,6 +61,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xca_gateway.config import ConfigError
+from xca_gateway.server import tls_accept
+from xca_gateway.tls import server_context
 
 if TYPE_CHECKING:
     from xca_gateway.gateway import Gateway
@@ -172,6 +176,9 @@ class PrefetchConfig:
     pacs_host: str = "127.0.0.1"
     host: str = "127.0.0.1"
     port: int = 2575
+    # MLLP over mutual TLS with the gateway's [tls] certificate (ITI-19); plain MLLP only on
+    # a loopback address (e.g. behind an interface engine or TLS proxy on the same host).
+    tls: bool = True
     calling_ae_title: str = "XCA-PREFETCH"
     # DIMSE timeouts (association, response) towards the PACS.
     pacs_timeout: float = 30.0
@@ -234,6 +241,15 @@ def _text(value: Any, where: str) -> str:
     return value
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def parse_prefetch_config(table: dict[str, Any], base_dir: Path | None = None) -> PrefetchConfig:
     """Validate ``[prefetch]`` (``base_dir`` is unused: no paths in it)."""
     known = set(PrefetchConfig.__dataclass_fields__)
@@ -252,8 +268,16 @@ def parse_prefetch_config(table: dict[str, Any], base_dir: Path | None = None) -
             "[prefetch.accession_prefixes] maps homeCommunityIds to prefixes (< 16 characters)"
         )
     lookback = table.get("lookback_days")
+    host = _text(table.get("host", "127.0.0.1"), "prefetch.host")
+    tls = _bool(table.get("tls", True), "prefetch.tls")
+    if not tls and not _is_loopback(host):
+        raise ConfigError(
+            f"prefetch.tls = false is only allowed on a loopback host, not {host!r}: "
+            "orders carry patient identity (ITI-19: mutual TLS)"
+        )
     return PrefetchConfig(
-        host=_text(table.get("host", "127.0.0.1"), "prefetch.host"),
+        host=host,
+        tls=tls,
         port=_int(table.get("port", 2575), "prefetch.port", 0, 65535),
         pacs_host=_text(table.get("pacs_host", "127.0.0.1"), "prefetch.pacs_host"),
         pacs_port=_int(table["pacs_port"], "prefetch.pacs_port", 1, 65535),
@@ -688,6 +712,7 @@ class Prefetcher:
         self._scheduled: dict[str, float] = {}  # patient -> when last queued (monotonic)
         self._pending: set[str] = set()  # patients queued or running
         self._server: asyncio.Server | None = None
+        self._ssl = server_context(gateway.config.tls) if config.tls else None
         self._workers: list[asyncio.Task[None]] = []
         self._connections: set[asyncio.Task[Any]] = set()
         self.metrics = _PrefetchMetrics(gateway.metrics.registry, self._queue.qsize)
@@ -739,6 +764,16 @@ class Prefetcher:
             if len(self._connections) > self.config.max_connections:
                 log.warning("MLLP connection refused: %d open", len(self._connections) - 1)
                 return
+            if self._ssl is not None:
+                # Our own handshake, so a refused one reaches the gateway's audit trail.
+                peer = await tls_accept(
+                    writer,
+                    self._ssl,
+                    timeout=self.gateway.config.tls.handshake_timeout,
+                    on_failure=self.gateway._on_handshake_failure,
+                )
+                if peer is None:
+                    return
             while True:
                 try:
                     block = await asyncio.wait_for(reader.readblock(), self.config.idle_timeout)

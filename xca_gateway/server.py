@@ -168,6 +168,56 @@ def _peer_certificate(ssl_object: Any) -> PeerCertificate | None:
     )
 
 
+async def tls_accept(
+    writer: asyncio.StreamWriter,
+    ssl_context: ssl.SSLContext,
+    *,
+    timeout: float,
+    on_failure: Callable[[HandshakeFailure], None] | None,
+) -> PeerInfo | None:
+    """Run the server side of the TLS handshake on an accepted connection.
+
+    Returns the verified peer, or None after reporting the refusal (address, reason and the
+    certificate the peer presented) to ``on_failure`` and aborting the connection. Any TCP
+    server of the gateway (HTTPS, MLLP) accepts plain TCP and calls this, so that refused
+    handshakes reach the audit trail, which a server started with ``ssl=`` never tells.
+    """
+    address, port = writer.get_extra_info("peername")[:2]
+    capture = HandshakeCapture()
+    HANDSHAKE_CAPTURE.set(capture)  # this connection's task context only
+    try:
+        # Our own deadline (not ssl_handshake_timeout) so that a stalled handshake surfaces
+        # as TimeoutError and is reported like any other refusal.
+        async with asyncio.timeout(timeout):
+            await writer.start_tls(ssl_context, ssl_handshake_timeout=timeout + 5)
+    except (TimeoutError, ssl.SSLError, OSError, EOFError) as exc:
+        reason, verify_message = describe_handshake_error(exc)
+        failure = HandshakeFailure(address, port, reason, verify_message, capture.certificate_der)
+        log.warning(
+            "TLS handshake from %s:%s refused: %s (certificate: %s)",
+            address,
+            port,
+            reason,
+            failure.certificate_subject or "none",
+        )
+        if on_failure is not None:
+            try:
+                on_failure(failure)
+            except Exception:
+                log.exception("handshake failure callback failed")
+        writer.transport.abort()
+        return None
+    ssl_object = writer.get_extra_info("ssl_object")
+    cipher = ssl_object.cipher() if ssl_object is not None else None
+    return PeerInfo(
+        address=address,
+        port=port,
+        certificate=_peer_certificate(ssl_object),
+        tls_version=ssl_object.version() if ssl_object is not None else None,
+        cipher=cipher[0] if cipher else None,
+    )
+
+
 class HttpServer:
     """Serve ``app`` on one listening socket, with or without TLS."""
 
@@ -245,45 +295,14 @@ class HttpServer:
             self._connections.discard(task)
 
     async def _handshake(self, writer: asyncio.StreamWriter) -> PeerInfo | None:
-        address, port = writer.get_extra_info("peername")[:2]
         if self.ssl_context is None:
+            address, port = writer.get_extra_info("peername")[:2]
             return PeerInfo(address=address, port=port)
-        capture = HandshakeCapture()
-        HANDSHAKE_CAPTURE.set(capture)  # this connection's task context only
-        try:
-            # Our own deadline (not ssl_handshake_timeout) so that a stalled handshake surfaces
-            # as TimeoutError and is reported like any other refusal.
-            async with asyncio.timeout(self.timeouts.handshake):
-                await writer.start_tls(
-                    self.ssl_context, ssl_handshake_timeout=self.timeouts.handshake + 5
-                )
-        except (TimeoutError, ssl.SSLError, OSError, EOFError) as exc:
-            reason, verify_message = describe_handshake_error(exc)
-            failure = HandshakeFailure(
-                address, port, reason, verify_message, capture.certificate_der
-            )
-            log.warning(
-                "TLS handshake from %s:%s refused: %s (certificate: %s)",
-                address,
-                port,
-                reason,
-                failure.certificate_subject or "none",
-            )
-            if self.on_handshake_failure is not None:
-                try:
-                    self.on_handshake_failure(failure)
-                except Exception:
-                    log.exception("handshake failure callback failed")
-            writer.transport.abort()
-            return None
-        ssl_object = writer.get_extra_info("ssl_object")
-        cipher = ssl_object.cipher() if ssl_object is not None else None
-        return PeerInfo(
-            address=address,
-            port=port,
-            certificate=_peer_certificate(ssl_object),
-            tls_version=ssl_object.version() if ssl_object is not None else None,
-            cipher=cipher[0] if cipher else None,
+        return await tls_accept(
+            writer,
+            self.ssl_context,
+            timeout=self.timeouts.handshake,
+            on_failure=self.on_handshake_failure,
         )
 
     async def _serve_connection(
