@@ -32,7 +32,7 @@ from xca_gateway.audit.validate import schema_errors
 from xca_gateway.config import load_config
 from xca_gateway.consumer import Manifest
 from xca_gateway.dicom_samples import SamplePatient, SampleStudy, generate_study, local_patient_id
-from xca_gateway.dicomweb_front import (
+from xca_gateway.dicomweb import (
     ANY_TRANSFER_SYNTAX,
     ConfigError,
     DicomWebError,
@@ -442,7 +442,7 @@ def test_retrieve_failure_statuses() -> None:
 
 def test_audit_messages_follow_the_imaging_pattern() -> None:
     from xca_gateway.audit import messages as m
-    from xca_gateway.dicomweb_front import qido_audit, wado_audit
+    from xca_gateway.dicomweb import qido_audit, wado_audit
 
     ctx = m.AuditContext(m.AuditSource("gw"))
     client = m.remote_node("10.0.0.9", certificate_subject="CN=viewer")

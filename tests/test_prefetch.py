@@ -34,19 +34,10 @@ from tests.test_import_priors import (
 )
 from xca_gateway.config import ConfigError
 from xca_gateway.dicom_samples import local_patient_id
+from xca_gateway.hl7v2 import AckError, Header, build_ack, parse_order
+from xca_gateway.hl7v2 import local_patient_id as order_patient
 from xca_gateway.pki import DevPki
-from xca_gateway.prefetch import (
-    AckError,
-    Header,
-    JobResult,
-    Prefetcher,
-    build_ack,
-    parse_order,
-    parse_prefetch_config,
-)
-from xca_gateway.prefetch import (
-    local_patient_id as order_patient,
-)
+from xca_gateway.prefetch import JobResult, Prefetcher, parse_prefetch_config
 from xca_gateway.tls import client_context
 
 VT, FS, CR = b"\x0b", b"\x1c", b"\x0d"

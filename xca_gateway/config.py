@@ -207,7 +207,7 @@ class GatewayConfig:
     dicom: Any = None
     # [prefetch] (xca_gateway.prefetch.PrefetchConfig): HL7 v2 auto-prefetch, when present.
     prefetch: Any = None
-    # [dicomweb] (xca_gateway.dicomweb_front.DicomWebFrontConfig): QIDO-RS/WADO-RS, when present.
+    # [dicomweb] (xca_gateway.dicomweb.DicomWebFrontConfig): QIDO-RS/WADO-RS, when present.
     dicomweb: Any = None
 
     @property
@@ -350,7 +350,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
     audit = parse_audit_config(_table(data, "audit"), base_dir, storage.data_dir, tls)
     from xca_gateway.consent import parse_consent_config
     from xca_gateway.dicom_front import parse_dicom_front_config
-    from xca_gateway.dicomweb_front import parse_dicomweb_front_config
+    from xca_gateway.dicomweb import parse_dicomweb_front_config
     from xca_gateway.policy import parse_policy_config
     from xca_gateway.xua import parse_xua_config
 

@@ -1,7 +1,7 @@
 """The federation as the front doors see it: a patient's studies and their instances.
 
 The DIMSE front door (:mod:`xca_gateway.dicom_front`) and the DICOMweb front door
-(:mod:`xca_gateway.dicomweb_front`) answer from the same view of the XCA-I federation, reached
+(:mod:`xca_gateway.dicomweb`) answer from the same view of the XCA-I federation, reached
 through the community's own initiating gateway in-process (no HTTP round trip to ourselves):
 
 * a patient's studies are the KOS manifests an ITI-18 FindDocuments finds (fanned out as ITI-38

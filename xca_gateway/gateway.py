@@ -148,7 +148,7 @@ class Gateway:
 
         # HL7 v2 orders (MLLP) prefetch the patient's foreign priors into the PACS, in-process.
         self.prefetch = Prefetcher(self, config.prefetch) if config.prefetch is not None else None
-        from xca_gateway.dicomweb_front import DicomWebFrontDoor
+        from xca_gateway.dicomweb import DicomWebFrontDoor
 
         # The DICOMweb front door (QIDO-RS / WADO-RS over the federation), when configured.
         self.dicomweb_front = (

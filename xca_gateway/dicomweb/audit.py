@@ -1,0 +1,211 @@
+"""The audit records of the DICOMweb front door (ATNA, DICOM PS3.15 A.5).
+
+:func:`qido_audit` and :func:`wado_audit` build the messages (pure); :func:`audit_query` and
+:class:`RetrieveAudit` write them to the gateway's audit trail when a request ends, and never
+let an audit failure touch the transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from xca_gateway.audit import messages as m
+from xca_gateway.dicomweb.negotiation import DicomWebError
+from xca_gateway.kos import InstanceRef
+from xca_gateway.server import Request
+
+if TYPE_CHECKING:
+    from xca_gateway.dicomweb.door import DicomWebFrontDoor
+
+log = logging.getLogger(__name__)
+
+# Audit event types (IHE Transactions code system). The digest (shared/docs atna.md §4.3)
+# names the imaging retrieve pattern: the serving side of a retrieve audits "DICOM Instances
+# Transferred" (110104, action R), as an Imaging Document Source does for RAD-69; a query is
+# 110112 "Query" (action E). The transactions are IHE WIA's RAD-129 "QIDO-RS Query" and
+# RAD-107 "WADO-RS Retrieve" (imaging.md §7 names RAD-107).
+QIDO_RS_QUERY = m.CodedValue("RAD-129", "IHE Transactions", "QIDO-RS Query")
+WADO_RS_RETRIEVE = m.CodedValue("RAD-107", "IHE Transactions", "WADO-RS Retrieve")
+
+
+def qido_audit(
+    ctx: m.AuditContext,
+    *,
+    requester: m.Node,
+    responder: m.Node,
+    target: str,
+    patient_id: str | None,
+    outcome: m.EventOutcome,
+    outcome_description: str | None = None,
+) -> m.AuditMessage:
+    """QIDO-RS as a Query (110112, E): the requester is the Source, we the Destination; the
+    request target (path and query) is the ParticipantObjectQuery."""
+    objects = [m.patient_object(patient_id)] if patient_id else []
+    objects.append(
+        m.query_object(
+            QIDO_RS_QUERY,
+            target.partition("?")[0],
+            target.encode("utf-8"),
+            [(m.DETAIL_QUERY_ENCODING, b"UTF-8")],
+        )
+    )
+    return m.AuditMessage(
+        event=m.EventIdentification(
+            event_id=m.EventId.QUERY,
+            action="E",
+            outcome=outcome,
+            date_time=datetime.now(UTC),
+            type_codes=(QIDO_RS_QUERY,),
+            outcome_description=outcome_description,
+        ),
+        participants=(
+            m.system_participant(requester, m.RoleId.SOURCE, True),
+            m.system_participant(responder, m.RoleId.DESTINATION, False),
+        ),
+        source=ctx.audit_source,
+        objects=tuple(objects),
+    )
+
+
+def wado_audit(
+    ctx: m.AuditContext,
+    *,
+    requester: m.Node,
+    responder: m.Node,
+    study_uid: str,
+    delivered: Sequence[m.ImagingInstanceReference],
+    failed: Sequence[m.ImagingInstanceReference],
+    patient_ids: Sequence[str],
+    failure_outcome: m.EventOutcome = m.EventOutcome.SERIOUS_FAILURE,
+    outcome_description: str | None = None,
+) -> list[m.AuditMessage]:
+    """WADO-RS as "DICOM Instances Transferred" (110104, R): we are the Source, the requester
+    the Destination. One message for what was delivered, one for what failed (DICOM A.5.2)."""
+    groups: list[tuple[m.EventOutcome, Sequence[m.ImagingInstanceReference]]] = []
+    if delivered:
+        groups.append((m.EventOutcome.SUCCESS, delivered))
+    if failed or not delivered:
+        groups.append((failure_outcome, failed))
+    return [
+        m.instances_transferred(
+            ctx,
+            source=responder,
+            destination=requester,
+            study_uid=study_uid,
+            instances=group,
+            patient_ids=patient_ids,
+            outcome=outcome,
+            outcome_description=outcome_description if outcome else None,
+            type_code=WADO_RS_RETRIEVE,
+        )
+        for outcome, group in groups
+    ]
+
+
+class RetrieveAudit:
+    """The audit record(s) of one WADO-RS request, written when it ends."""
+
+    def __init__(
+        self, door: DicomWebFrontDoor, request: Request, study_uid: str, patients: list[str]
+    ) -> None:
+        self.door = door
+        self.request = request
+        self.study_uid = study_uid
+        self.patients = patients
+        self.references: dict[str, m.ImagingInstanceReference] = {}
+
+    def describe(self, documents: Sequence[Any], refs: Sequence[InstanceRef]) -> None:
+        classes = {r.sop_instance_uid: r.sop_class_uid for r in refs}
+        for doc in documents:
+            self.references[doc.document_unique_id] = m.ImagingInstanceReference(
+                study_instance_uid=doc.study_instance_uid,
+                series_instance_uid=doc.series_instance_uid,
+                sop_instance_uid=doc.document_unique_id,
+                sop_class_uid=classes.get(doc.document_unique_id),
+                repository_unique_id=doc.repository_unique_id,
+                home_community_id=doc.home_community_id,
+            )
+
+    def failed_before_streaming(self, error: DicomWebError) -> None:
+        self._record(
+            [],
+            list(self.references),
+            error.message,
+            m.EventOutcome.MINOR_FAILURE if error.status < 500 else m.EventOutcome.SERIOUS_FAILURE,
+        )
+
+    def completed(self, ok: bool, delivered: list[str], missing: list[str]) -> None:
+        sent = set(delivered)
+        failed = [uid for uid in self.references if uid not in sent]
+        description = None
+        if not ok:
+            description = "response aborted before every instance was sent"
+        elif missing:
+            description = f"{len(missing)} instance(s) not returned by the federation"
+        self._record(delivered, failed, description, m.EventOutcome.SERIOUS_FAILURE)
+
+    def _record(
+        self,
+        delivered: Sequence[str],
+        failed: Sequence[str],
+        description: str | None,
+        failure_outcome: m.EventOutcome,
+    ) -> None:
+        trail = self.door.gateway.audit
+        if not trail.config.enabled:
+            return
+        try:
+
+            def refs(uids: Iterable[str]) -> list[m.ImagingInstanceReference]:
+                return [self.references[u] for u in uids if u in self.references]
+
+            trail.record(
+                wado_audit(
+                    trail.context,
+                    requester=_requester(self.request),
+                    responder=trail.local_node(self.door.base_url + self.request.path),
+                    study_uid=self.study_uid,
+                    delivered=refs(delivered),
+                    failed=refs(failed),
+                    patient_ids=self.patients,
+                    failure_outcome=failure_outcome,
+                    outcome_description=description,
+                )
+            )
+        except Exception:  # an audit failure must not touch the transaction
+            log.exception("building the WADO-RS audit record failed")
+
+
+def _requester(request: Request) -> m.Node:
+    peer = request.peer
+    subject = peer.certificate.subject if peer.certificate is not None else None
+    return m.remote_node(peer.address, certificate_subject=subject)
+
+
+def audit_query(
+    door: DicomWebFrontDoor,
+    request: Request,
+    patient: str | None,
+    outcome: m.EventOutcome,
+    description: str | None,
+) -> None:
+    trail = door.gateway.audit
+    if not trail.config.enabled:
+        return
+    try:
+        trail.record(
+            qido_audit(
+                trail.context,
+                requester=_requester(request),
+                responder=trail.local_node(door.base_url + request.path),
+                target=request.target,
+                patient_id=patient,
+                outcome=outcome,
+                outcome_description=description,
+            )
+        )
+    except Exception:
+        log.exception("building the QIDO-RS audit record failed")
