@@ -44,6 +44,17 @@ class ConfigError(ValueError):
     pass
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a name or address to listen on) is only reachable from this machine:
+    plain-text listeners (no TLS) are allowed there and nowhere else."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def validate_oid(value: str, what: str) -> str:
     if not _OID.match(value):
         raise ConfigError(f"{what}: {value!r} is not an OID")
@@ -247,13 +258,8 @@ def _path(base: Path, value: Any, what: str) -> Path:
 
 
 def _check_loopback(host: str, what: str) -> None:
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return
-    except ValueError:
-        if host == "localhost":
-            return
-    raise ConfigError(f"{what} must bind a loopback address (it is plain HTTP), not {host!r}")
+    if not is_loopback_host(host):
+        raise ConfigError(f"{what} must bind a loopback address (it is plain HTTP), not {host!r}")
 
 
 def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None) -> GatewayConfig:

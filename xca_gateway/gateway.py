@@ -78,15 +78,7 @@ class Gateway:
             self.soap,
             ssl_context=server_context(config.tls),
             on_handshake_failure=self._on_handshake_failure,
-            timeouts=ServerTimeouts(
-                handshake=config.tls.handshake_timeout,
-                header=server.header_timeout,
-                body=server.body_timeout,
-                keepalive=server.keepalive_timeout,
-                handler=server.handler_timeout,
-                min_body_rate=server.min_body_rate,
-                body_grace=server.body_grace,
-            ),
+            timeouts=ServerTimeouts.for_gateway(config),
             max_connections=server.max_connections,
             max_header_bytes=config.limits.max_header_bytes,
         )

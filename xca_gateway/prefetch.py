@@ -50,7 +50,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ipaddress
 import logging
 import time
 import uuid
@@ -60,7 +59,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xca_gateway.config import ConfigError
+from xca_gateway.config import ConfigError, is_loopback_host
 from xca_gateway.hl7v2 import (
     APPLICATION_INTERNAL_ERROR,
     UNKNOWN_KEY_IDENTIFIER,
@@ -164,15 +163,6 @@ def _text(value: Any, where: str) -> str:
     return value
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def parse_prefetch_config(table: dict[str, Any], base_dir: Path | None = None) -> PrefetchConfig:
     """Validate ``[prefetch]`` (``base_dir`` is unused: no paths in it)."""
     known = set(PrefetchConfig.__dataclass_fields__)
@@ -193,7 +183,7 @@ def parse_prefetch_config(table: dict[str, Any], base_dir: Path | None = None) -
     lookback = table.get("lookback_days")
     host = _text(table.get("host", "127.0.0.1"), "prefetch.host")
     tls = _bool(table.get("tls", True), "prefetch.tls")
-    if not tls and not _is_loopback(host):
+    if not tls and not is_loopback_host(host):
         raise ConfigError(
             f"prefetch.tls = false is only allowed on a loopback host, not {host!r}: "
             "orders carry patient identity (ITI-19: mutual TLS)"

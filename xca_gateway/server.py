@@ -19,7 +19,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h11
 
@@ -29,6 +29,9 @@ from xca_gateway.tls import (
     HandshakeFailure,
     describe_handshake_error,
 )
+
+if TYPE_CHECKING:
+    from xca_gateway.config import GatewayConfig
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +146,20 @@ class ServerTimeouts:
     # connection until the handler timeout.
     min_body_rate: float = 1024.0
     body_grace: float = 10.0
+
+    @classmethod
+    def for_gateway(cls, config: GatewayConfig) -> ServerTimeouts:
+        """The timeouts of every HTTPS listener of a gateway, from ``[server]`` and ``[tls]``."""
+        server = config.server
+        return cls(
+            handshake=config.tls.handshake_timeout,
+            header=server.header_timeout,
+            body=server.body_timeout,
+            keepalive=server.keepalive_timeout,
+            handler=server.handler_timeout,
+            min_body_rate=server.min_body_rate,
+            body_grace=server.body_grace,
+        )
 
 
 class RequestBodyTooSlow(Exception):

@@ -6,11 +6,12 @@ Pure: a dict from the TOML file in, a frozen :class:`DicomWebFrontConfig` or a
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from xca_gateway.config import is_loopback_host
 
 DEFAULT_PORT = 8444
 
@@ -33,15 +34,6 @@ class DicomWebFrontConfig:
     max_results: int = 1000
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def parse_dicomweb_front_config(
     table: dict[str, Any], base_dir: Path | None = None
 ) -> DicomWebFrontConfig:
@@ -59,7 +51,7 @@ def parse_dicomweb_front_config(
     tls = table.get("tls", True)
     if not isinstance(tls, bool):
         raise ConfigError("dicomweb.tls must be true or false")
-    if not tls and not _is_loopback(host):
+    if not tls and not is_loopback_host(host):
         raise ConfigError(
             f"dicomweb.tls = false is only allowed on a loopback host (127.0.0.1, localhost), "
             f"not {host!r}: images and patient data need mutual TLS (ATNA ITI-19)"

@@ -103,15 +103,7 @@ class DicomWebFrontDoor:
             self,
             ssl_context=server_context(gateway.config.tls) if config.tls else None,
             on_handshake_failure=on_handshake_failure,
-            timeouts=ServerTimeouts(
-                handshake=gateway.config.tls.handshake_timeout,
-                header=server.header_timeout,
-                body=server.body_timeout,
-                keepalive=server.keepalive_timeout,
-                handler=server.handler_timeout,
-                min_body_rate=server.min_body_rate,
-                body_grace=server.body_grace,
-            ),
+            timeouts=ServerTimeouts.for_gateway(gateway.config),
             max_connections=server.max_connections,
             max_header_bytes=gateway.config.limits.max_header_bytes,
         )
