@@ -11,6 +11,7 @@ import asyncio
 import socket
 import ssl
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -308,3 +309,52 @@ def test_circuit_breaker_skips_a_failing_peer(federation: dict[str, Any], pki: D
     payload = ask(pki, ig, find_documents(f"P1^^^&{LOCAL_AA}&ISO"))
     contexts = [e["codeContext"] for e in errors(payload) if e.get("location") == hung]
     assert contexts and "marked down" in contexts[0]
+
+
+def test_breaker_probe_brings_back_a_peer_only_with_its_pinned_certificate(
+    pki: DevPki, tmp_path: Path
+) -> None:
+    """The background probe of an open breaker closes it once the peer answers over mutual
+    TLS, but not while the peer presents a certificate other than the one pinned for it."""
+    from tests.conftest import GatewayThread, make_config, wait_for
+
+    beta_thread = GatewayThread(make_config(pki, tmp_path, "beta"))
+    beta = beta_thread.__enter__()
+    alpha_thread: GatewayThread | None = None
+    try:
+        home = beta.config.community.home_community_id
+        alpha_thread = GatewayThread(
+            make_config(
+                pki,
+                tmp_path,
+                "alpha",
+                initiating={"breaker_failures": 1, "breaker_open_seconds": 0.3},
+                peers=[
+                    {
+                        "name": "beta",
+                        "home_community_id": home,
+                        "iti38": beta.endpoint_urls()["iti38"],
+                    }
+                ],
+            )
+        )
+        alpha = alpha_thread.__enter__()
+        initiating = alpha.initiating
+        peer = initiating.all_peers[home]
+        health = initiating.health[home]
+
+        def trip() -> None:
+            health.failure()
+            alpha_thread.loop.call_soon_threadsafe(initiating._start_probe, peer)
+
+        alpha.peer_client.pin(peer.iti38, "00" * 32)  # not beta's certificate
+        trip()
+        time.sleep(1.0)  # several probes (every 0.1 s): each reaches beta, none is accepted
+        assert health.consecutive_failures == 1
+        alpha.peer_client.pins.clear()
+        assert wait_for(lambda: health.consecutive_failures == 0, timeout=10)
+        assert not health.is_open()
+    finally:
+        if alpha_thread is not None:
+            alpha_thread.__exit__(None, None, None)
+        beta_thread.__exit__(None, None, None)

@@ -4,8 +4,8 @@ The shared client (:class:`xca_gateway.relay_client.RelayClient`: h11 over async
 enough that a fan-out to many peers writes every request within a millisecond or two) carries
 the gateway's certificate (mutual TLS, ITI-19), pools connections per peer, and every call runs
 under a deadline that bounds the whole exchange (connect, send, wait, read), not just each
-socket operation. An httpx client remains for simple GETs (peer probes). Peers are
-untrusted: their replies go through the same safe XML parser and MTOM limits as inbound requests.
+socket operation. Peers are untrusted: their replies go through the same safe XML parser and
+MTOM limits as inbound requests.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-import httpx
 from lxml import etree
 
 from xca_gateway import mtom
@@ -93,32 +92,14 @@ class PeerClient:
             max_idle_per_origin=outbound.max_keepalive_connections,
             max_connections=outbound.max_connections,
         )
-        self.http = httpx.AsyncClient(
-            verify=ssl_context,
-            timeout=httpx.Timeout(outbound.request_timeout, connect=outbound.connect_timeout),
-            limits=httpx.Limits(
-                max_connections=outbound.max_connections,
-                max_keepalive_connections=outbound.max_keepalive_connections,
-            ),
-            follow_redirects=False,
-            trust_env=False,
-        )
 
     def pin(self, url: str, sha256_hex: str) -> None:
         """Accept only this certificate at ``url``'s host and port (on top of the CA check)."""
         self.pins[urlsplit(url).netloc] = sha256_hex.replace(":", "").lower()
 
-    def check_pin(self, url: str, response: httpx.Response) -> None:
-        """Raise PeerError if the peer at ``url`` is pinned and presented another certificate."""
-        if urlsplit(url).netloc not in self.pins:
-            return
-        stream = response.extensions.get("network_stream")
-        ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        self.check_pin_der(url, der)
-
     def check_pin_der(self, url: str, der: bytes | None) -> None:
-        """As check_pin, given the DER certificate the peer presented."""
+        """Raise PeerError if the peer at ``url`` is pinned and presented another certificate
+        (``der``, as the TLS handshake gave it)."""
         expected = self.pins.get(urlsplit(url).netloc)
         if expected is None:
             return
@@ -130,7 +111,6 @@ class PeerClient:
 
     async def aclose(self) -> None:
         await self.relay.aclose()
-        await self.http.aclose()
 
     async def call(
         self,

@@ -480,10 +480,14 @@ class InitiatingGateway:
         while health.consecutive_failures >= health.threshold:
             await asyncio.sleep(min(5.0, health.open_seconds / 3))
             try:
-                # Any HTTP answer over mutual TLS (405 to a GET) shows the node is up again.
-                await asyncio.wait_for(
-                    self.peer_client.http.get(peer.iti38), self.config.peer_deadline
-                )
+                # Any HTTP answer over mutual TLS (405 to a GET) from the right certificate
+                # shows the node is up again.
+                async with asyncio.timeout(self.config.peer_deadline):
+                    response = await self.peer_client.relay.get(peer.iti38, [])
+                    try:
+                        self.peer_client.check_pin_der(peer.iti38, response.peer_certificate)
+                    finally:
+                        await response.aclose()
             except Exception:
                 health.open_until = time.monotonic() + health.open_seconds
                 if self.metrics is not None:
