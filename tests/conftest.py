@@ -27,6 +27,35 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
     return init_dev_pki(tmp_path_factory.mktemp("pki"), ["alpha", "beta", "gamma"])
 
 
+TEST_COMMUNITIES = {"alpha": 1, "beta": 2, "gamma": 3}
+# Every role a local system can have: the tests' generic client certificate plays them all.
+LOCAL_ROLES = ["local-consumer", "local-repository", "pacs", "interface-engine", "operator"]
+
+
+def policy_for_tests(**extra: Any) -> dict[str, Any]:
+    """The access policy of test gateways: the dev PKI's client as every local system, the
+    three test communities' certificates as peer gateways of their communities."""
+    policy: dict[str, Any] = {
+        "callers": [
+            {
+                "name": "test-client",
+                "roles": LOCAL_ROLES,
+                "certificate_uris": ["urn:xca-gateway:client:consumer"],
+            }
+        ],
+        "peers": [
+            {
+                "name": peer,
+                "home_community_id": f"urn:oid:1.3.6.1.4.1.21367.13.70.{index}",
+                "certificate_dns_names": [f"{peer}.xca-gateway.test"],
+            }
+            for peer, index in TEST_COMMUNITIES.items()
+        ],
+    }
+    policy.update(extra)
+    return policy
+
+
 def make_config(
     pki: DevPki, tmp: Path, name: str = "alpha", **sections: dict[str, Any]
 ) -> GatewayConfig:
@@ -46,6 +75,7 @@ def make_config(
             "handshake_timeout": 5.0,
         },
         "storage": {"data_dir": str(tmp / name)},
+        "policy": policy_for_tests(),
     }
     for key, value in sections.items():
         data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.update(

@@ -37,6 +37,7 @@ from xca_gateway.registry.model import (
     ValueCondition,
     load_element,
 )
+from xca_gateway.security.callers import current_caller
 from xca_gateway.soap_service import Handler, SoapRequest, SoapResponse
 
 log = logging.getLogger(__name__)
@@ -45,18 +46,18 @@ _UNKNOWN_COMMUNITY = "urn:oid:0"  # no identity established: only the default mo
 
 
 def requesting_community(request: SoapRequest) -> str:
-    """Who asks: the policy's peer, else the XUA assertion's community, else the certificate."""
+    """Who asks: the community of the authenticated peer gateway, never a message's claim.
+
+    The principal comes from the TLS certificate through the access policy; an assertion's
+    homeCommunityId is not used (a peer could claim another community's id), and the gate has
+    already refused an assertion whose community is not the peer's.
+    """
+    principal = current_caller()
+    if principal is not None and principal.home_community_id:
+        return principal.home_community_id
     auth = current_authorization()
-    if auth is not None:
-        if auth.decision.home_community_id:
-            return auth.decision.home_community_id
-        if auth.assertion is not None and auth.assertion.home_community_id:
-            return auth.assertion.home_community_id
-    cert = request.peer.certificate
-    if cert is not None:
-        for uri in cert.san_uri:
-            if uri.startswith("urn:oid:"):
-                return uri
+    if auth is not None and auth.decision.home_community_id:
+        return auth.decision.home_community_id
     return _UNKNOWN_COMMUNITY
 
 

@@ -253,55 +253,108 @@ class Gateway:
         )
 
     def _wire_authorization(self) -> None:
-        """XUA validation and access policy in front of the responding side; XUA outbound.
+        """Every door: identity → principal → role allowed? Then, on /xca/*, XUA and policy.
 
-        Without ``[policy]`` (and without ``[xua] enabled``) the trust store alone decides who
-        may call: every peer with a certificate from it may use every responding transaction.
+        The access policy (``[policy]``) names every caller: peer gateways in
+        ``[[policy.peers]]``, the community's own systems and other principals in
+        ``[[policy.callers]]`` with their roles. A certificate from the trust store that no entry
+        names gets nothing (deny-by-default); each door admits only the roles of
+        :data:`xca_gateway.security.callers.ACCESS`.
         """
         from xca_gateway.policy import (
+            AccessPolicy,
             AuthorizationGate,
             PolicyStore,
-            parse_access_policy,
             refusal_audit_message,
         )
+        from xca_gateway.security.callers import AccessDecision, soap_door
+        from xca_gateway.security.guard import DoorGuard, access_denied_message, identity_from_peer
+        from xca_gateway.server import Response
+        from xca_gateway.soap import SoapFault, build_fault
         from xca_gateway.soap_service import CURRENT_REQUEST
         from xca_gateway.xua import XuaOutbound, XuaValidator
 
         cfg = self.config
-        self.gate: AuthorizationGate | None = None
-        if cfg.policy is not None or cfg.xua.enabled:
-            audiences = [
-                url
-                for ep in ("iti38", "iti39", "rad75")
-                if (url := self._configured_url(ep)) is not None
-            ]
-            store = (
-                PolicyStore.from_config(cfg.policy, cfg.path)
-                if cfg.policy is not None
-                else parse_access_policy({"default": "allow"})
+        store = (
+            PolicyStore.from_config(cfg.policy, cfg.path)
+            if cfg.policy is not None
+            else PolicyStore(AccessPolicy())
+        )
+        self.policy_store = store
+        audit = self.audit
+
+        def denied(decision: AccessDecision, resource: str) -> None:
+            if audit.config.enabled:
+                audit.record(
+                    access_denied_message(
+                        audit.context,
+                        decision,
+                        resource=resource,
+                        reporter_user_id=(self._configured_url("") or self.base_url) + resource
+                        if resource.startswith("/")
+                        else audit.application_id,
+                    )
+                )
+
+        self.guard = DoorGuard(lambda: store.policy.caller_directory(), on_refusal=denied)
+        guard = self.guard
+
+        def admission(request: Any, endpoint: SoapEndpoint) -> Response | None:
+            identity = identity_from_peer(request.peer)
+            door = soap_door(endpoint.path)
+            if door is None:
+                decision = AccessDecision(
+                    False, None, identity, None, "no door of the access table serves this path"
+                )
+                guard.refuse(decision, endpoint.path)
+            else:
+                decision = guard.admit(identity, door, resource=endpoint.path)
+                if decision.allowed:
+                    return None
+            body, content_type = build_fault(
+                SoapFault.sender(f"access denied: {decision.reason}", http_status=403)
             )
-            audit = self.audit
+            return Response(403, [("content-type", content_type)], body, close=True)
 
-            def refused(refusal: Any) -> None:
-                if audit.config.enabled:
-                    local = (self._configured_url("") or "") + (refusal.endpoint or "")
-                    audit.record(refusal_audit_message(audit.context, refusal, local_user_id=local))
-
-            self.gate = AuthorizationGate(
-                store,
-                XuaValidator(cfg.xua, default_audiences=audiences) if cfg.xua.enabled else None,
-                home_community_id=cfg.community.home_community_id,
-                on_refusal=refused,
+        self.soap.admission = admission
+        policy = store.policy
+        if policy.default == "allow":
+            log.warning(
+                'policy.default = "allow": any certificate from the trust store may call '
+                "/xca/* as an anonymous peer (development only)"
             )
-            gate = self.gate
+        if not policy.directory.rules:
+            log.warning("the access policy names no caller: every request will be refused")
+        if cfg.xua.enabled:
+            for peer in policy.peers:
+                if peer.xua_exempt:
+                    log.warning("XUA: peer %s is exempt from the assertion requirement", peer.name)
+        audiences = [
+            url
+            for ep in ("iti38", "iti39", "rad75")
+            if (url := self._configured_url(ep)) is not None
+        ]
 
-            async def authorize(request: Any, operation: Operation) -> Any:
-                # Policy guards the community's edge: the responding side only.
-                if request.endpoint.path.startswith("/xca/"):
-                    return await gate.authorize(request, operation)
-                return None
+        def refused(refusal: Any) -> None:
+            if audit.config.enabled:
+                local = (self._configured_url("") or "") + (refusal.endpoint or "")
+                audit.record(refusal_audit_message(audit.context, refusal, local_user_id=local))
 
-            self.soap.authorizer = authorize
+        self.gate: AuthorizationGate | None = AuthorizationGate(
+            store,
+            XuaValidator(cfg.xua, default_audiences=audiences) if cfg.xua.enabled else None,
+            home_community_id=cfg.community.home_community_id,
+            on_refusal=refused,
+        )
+        gate = self.gate
+
+        async def authorize(request: Any, operation: Operation) -> Any:
+            # XUA and the per-peer transaction policy guard the community's edge.
+            if request.endpoint.path.startswith("/xca/"):
+                return await gate.authorize(request, operation)
+            return None
+
+        self.soap.authorizer = authorize
         if cfg.xua.outbound.mode != "off":
             outbound = XuaOutbound.from_config(
                 cfg.xua.outbound,

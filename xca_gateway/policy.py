@@ -17,6 +17,7 @@ file that does not parse leaves the previous policy in force (logged as an error
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import os
 import threading
@@ -33,6 +34,13 @@ from xca_gateway.enforcement import (
     LOCAL_POLICY_RESTRICTION_ERROR as LOCAL_POLICY_RESTRICTION_ERROR,
 )
 from xca_gateway.namespaces import ResponseStatus
+from xca_gateway.security.callers import (
+    CallerDirectory,
+    CallerRule,
+    Identity,
+    Principal,
+    Role,
+)
 from xca_gateway.server import PeerInfo
 from xca_gateway.soap_service import Operation, SoapRequest, SoapResponse
 from xca_gateway.transactions import TRANSACTIONS, TransactionSpec
@@ -118,6 +126,20 @@ class PeerRule:
     purposes_of_use: tuple[str, ...] = ()
     roles: tuple[str, ...] = ()
     require_xua: bool = False
+    # With [xua] enabled an assertion is required from every peer unless it is exempted here
+    # (logged at start-up).
+    xua_exempt: bool = False
+
+    def caller_rule(self) -> CallerRule:
+        """This peer as a principal of the caller model: a peer gateway of its community."""
+        return CallerRule(
+            name=self.name,
+            roles=frozenset({Role.PEER_GATEWAY}),
+            home_community_id=self.home_community_id,
+            certificate_subjects=self.certificate_subjects,
+            certificate_fingerprints=self.certificate_fingerprints,
+            certificate_dns_names=self.certificate_dns_names,
+        )
 
     def matches(self, peer: PeerIdentity) -> bool:
         if peer.certificate_fingerprint and peer.certificate_fingerprint in (
@@ -151,9 +173,31 @@ def _accepts(values: tuple[Ce, ...], patterns: tuple[str, ...]) -> bool:
 @dataclass(frozen=True)
 class AccessPolicy:
     peers: tuple[PeerRule, ...] = ()
+    # "allow" (development only, warned about at start-up): a trusted certificate that no entry
+    # names is taken for a peer gateway of no known community on /xca/* (nowhere else).
     default: Literal["deny", "allow"] = "deny"
     # XUA requirement for peers allowed by ``default = "allow"``.
     require_xua: bool = False
+    # The community's own systems and the people/services of other doors ([[policy.callers]]).
+    callers: tuple[CallerRule, ...] = ()
+
+    @functools.cached_property
+    def directory(self) -> CallerDirectory:
+        """Every principal this policy knows: peers first, then local callers."""
+        rules = [p.caller_rule() for p in self.peers] + list(self.callers)
+        return CallerDirectory(tuple(rules))
+
+    def identify(self, identity: Identity) -> Principal | None:
+        principal = self.directory.identify(identity)
+        if principal is None and self.default == "allow" and identity.has_certificate:
+            return Principal("(default)", frozenset({Role.PEER_GATEWAY}), identity)
+        return principal
+
+    def caller_directory(self) -> CallerDirectory:
+        """The directory the door guard consults (``default = "allow"`` included)."""
+        if self.default != "allow":
+            return self.directory
+        return _AllowUnknownPeers(self.directory.rules)
 
     def match(self, peer: PeerIdentity) -> PeerRule | None:
         return next((rule for rule in self.peers if rule.matches(peer)), None)
@@ -163,8 +207,15 @@ class AccessPolicy:
         return rule.require_xua if rule is not None else self.require_xua
 
     def decide(
-        self, peer: PeerIdentity, transaction: str, assertion: XuaAssertion | None
+        self,
+        peer: PeerIdentity,
+        transaction: str,
+        assertion: XuaAssertion | None,
+        *,
+        xua_enabled: bool = False,
     ) -> Decision:
+        """``xua_enabled``: ``[xua] enabled`` means an assertion is required, unless the peer
+        is exempted (``xua_exempt``)."""
         rule = self.match(peer)
         if rule is None:
             if self.default != "allow":
@@ -187,7 +238,8 @@ class AccessPolicy:
 
         if transaction not in rule.transactions:
             return deny(f"{transaction} is not permitted for this peer")
-        if rule.require_xua and assertion is None:
+        required = rule.require_xua or (xua_enabled and not rule.xua_exempt)
+        if required and assertion is None:
             return deny("an XUA assertion is required", WsseFault.INVALID_SECURITY)
         if (
             assertion is not None
@@ -211,6 +263,16 @@ class AccessPolicy:
         )
 
 
+class _AllowUnknownPeers(CallerDirectory):
+    """``default = "allow"``: an unknown trusted certificate is an anonymous peer gateway."""
+
+    def identify(self, identity: Identity) -> Principal | None:
+        principal = super().identify(identity)
+        if principal is None and identity.has_certificate:
+            return Principal("(default)", frozenset({Role.PEER_GATEWAY}), identity)
+        return principal
+
+
 # --------------------------------------------------------------------------- configuration
 
 
@@ -232,7 +294,72 @@ _RULE_KEYS = {
     "purposes_of_use",
     "roles",
     "require_xua",
+    "xua_exempt",
 }
+
+_CALLER_KEYS = {
+    "name",
+    "roles",
+    "home_community_id",
+    "certificate_subjects",
+    "certificate_fingerprints",
+    "certificate_dns_names",
+    "certificate_uris",
+    "ae_titles",
+    "addresses",
+}
+
+
+def _caller(table: Any, index: int) -> CallerRule:
+    if not isinstance(table, dict):
+        raise PolicyError("[[policy.callers]] must be an array of tables")
+    name = str(table.get("name") or f"caller {index + 1}")
+    what = f"policy.callers[{name}]"
+    unknown = set(table) - _CALLER_KEYS
+    if unknown:
+        raise PolicyError(f"{what}: unknown key(s): {', '.join(sorted(unknown))}")
+    roles: set[Role] = set()
+    for value in _strings(table.get("roles", []), f"{what}.roles"):
+        try:
+            roles.add(Role(value))
+        except ValueError:
+            known = ", ".join(r.value for r in Role)
+            raise PolicyError(f"{what}.roles: unknown role {value!r} (one of {known})") from None
+    if not roles:
+        raise PolicyError(f"{what}.roles: name at least one role")
+    if Role.PEER_GATEWAY in roles:
+        raise PolicyError(f"{what}: peer gateways are listed in [[policy.peers]]")
+    rule = CallerRule(
+        name=name,
+        roles=frozenset(roles),
+        home_community_id=table.get("home_community_id"),
+        certificate_subjects=frozenset(
+            _strings(table.get("certificate_subjects", []), f"{what}.certificate_subjects")
+        ),
+        certificate_fingerprints=frozenset(
+            _fingerprint(f)
+            for f in _strings(
+                table.get("certificate_fingerprints", []), f"{what}.certificate_fingerprints"
+            )
+        ),
+        certificate_dns_names=frozenset(
+            _strings(table.get("certificate_dns_names", []), f"{what}.certificate_dns_names")
+        ),
+        certificate_uris=frozenset(
+            _strings(table.get("certificate_uris", []), f"{what}.certificate_uris")
+        ),
+        ae_titles=frozenset(_strings(table.get("ae_titles", []), f"{what}.ae_titles")),
+        addresses=frozenset(_strings(table.get("addresses", []), f"{what}.addresses")),
+    )
+    if not (
+        rule.certificate_subjects
+        or rule.certificate_fingerprints
+        or rule.certificate_dns_names
+        or rule.certificate_uris
+        or rule.addresses
+    ):
+        raise PolicyError(f"{what}: name the caller by certificate or (loopback) addresses")
+    return rule
 
 
 def _rule(table: Any, index: int, require_xua: bool) -> PeerRule:
@@ -272,9 +399,12 @@ def _rule(table: Any, index: int, require_xua: bool) -> PeerRule:
         purposes_of_use=_strings(table.get("purposes_of_use", []), f"{what}.purposes_of_use"),
         roles=_strings(table.get("roles", []), f"{what}.roles"),
         require_xua=table.get("require_xua", require_xua),
+        xua_exempt=table.get("xua_exempt", False),
     )
     if not isinstance(rule.require_xua, bool):
         raise PolicyError(f"{what}.require_xua must be true or false")
+    if not isinstance(rule.xua_exempt, bool):
+        raise PolicyError(f"{what}.xua_exempt must be true or false")
     if not (
         rule.certificate_subjects
         or rule.certificate_fingerprints
@@ -287,7 +417,14 @@ def _rule(table: Any, index: int, require_xua: bool) -> PeerRule:
 
 def parse_access_policy(table: dict[str, Any]) -> AccessPolicy:
     """The policy rules of a ``[policy]`` table (``file`` is ignored here)."""
-    unknown = set(table) - {"default", "require_xua", "peers", "file", "reload_interval"}
+    unknown = set(table) - {
+        "default",
+        "require_xua",
+        "peers",
+        "callers",
+        "file",
+        "reload_interval",
+    }
     if unknown:
         raise PolicyError(f"[policy] unknown key(s): {', '.join(sorted(unknown))}")
     default = table.get("default", "deny")
@@ -299,10 +436,14 @@ def parse_access_policy(table: dict[str, Any]) -> AccessPolicy:
     peers = table.get("peers", [])
     if not isinstance(peers, list):
         raise PolicyError("[[policy.peers]] must be an array of tables")
+    callers = table.get("callers", [])
+    if not isinstance(callers, list):
+        raise PolicyError("[[policy.callers]] must be an array of tables")
     return AccessPolicy(
         peers=tuple(_rule(p, i, require_xua) for i, p in enumerate(peers)),
         default=default,
         require_xua=require_xua,
+        callers=tuple(_caller(c, i) for i, c in enumerate(callers)),
     )
 
 
@@ -425,9 +566,14 @@ class PolicyStore:
             self._lock.release()
 
     def decide(
-        self, peer: PeerIdentity, transaction: str, assertion: XuaAssertion | None
+        self,
+        peer: PeerIdentity,
+        transaction: str,
+        assertion: XuaAssertion | None,
+        *,
+        xua_enabled: bool = False,
     ) -> Decision:
-        return self.policy.decide(peer, transaction, assertion)
+        return self.policy.decide(peer, transaction, assertion, xua_enabled=xua_enabled)
 
 
 # --------------------------------------------------------------------------- the gate
@@ -572,7 +718,29 @@ class AuthorizationGate:
                 )
             )
             raise to_soap_fault(exc) from None
-        decision = self.policy.decide(peer, transaction, assertion)
+        decision = self.policy.decide(
+            peer, transaction, assertion, xua_enabled=self.validator is not None
+        )
+        if decision.allowed and assertion is not None and self.validator is not None:
+            # A trusted identity provider vouches only for the communities it is bound to.
+            issuer = self.validator.trusted_issuer(assertion.issuer)
+            if issuer is not None and not issuer.may_vouch_for(decision.home_community_id):
+                reason = (
+                    f"identity provider {assertion.issuer} may not vouch for users of "
+                    f"{decision.home_community_id or 'an unknown community'}"
+                )
+                self._report(
+                    Refusal(
+                        "xua",
+                        transaction,
+                        request.peer,
+                        reason,
+                        WsseFault.FAILED_AUTHENTICATION,
+                        assertion,
+                        request.http.path,
+                    )
+                )
+                raise to_soap_fault(XuaError(WsseFault.FAILED_AUTHENTICATION, reason))
         if not decision.allowed:
             if decision.fault_code is not None:
                 error = XuaError(decision.fault_code, decision.reason)

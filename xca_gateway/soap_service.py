@@ -88,6 +88,10 @@ class SoapEndpoint:
 # transaction's own Failure), or None to let the handler run.
 Authorizer = Callable[[SoapRequest, Operation], Awaitable["SoapResponse | None"]]
 
+# Runs before the body is read (the door guard): return a Response to refuse the caller
+# cheaply, or None to go on. It sees only what the connection proved (the peer's certificate).
+Admission = Callable[[Request, "SoapEndpoint"], "Response | None"]
+
 # The request being handled, for layers below the handler that act on its behalf (e.g. the
 # outbound XUA assertion of the initiating gateway's calls to peers).
 CURRENT_REQUEST: contextvars.ContextVar[SoapRequest | None] = contextvars.ContextVar(
@@ -107,8 +111,10 @@ class SoapService:
         limits: LimitsConfig,
         metrics: GatewayMetrics,
         authorizer: Authorizer | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.authorizer = authorizer
+        self.admission = admission
         self.observers: list[Observer] = []
         self.endpoints = {e.path: e for e in endpoints}
         self.limits = limits
@@ -129,6 +135,11 @@ class SoapService:
                 [("content-type", "text/plain"), ("allow", "POST")],
                 b"SOAP endpoints accept POST only\n",
             )
+        if self.admission is not None:
+            refused = self.admission(request, endpoint)
+            if refused is not None:
+                self.metrics.requests.labels(endpoint.name, "refused").inc()
+                return refused
         started = time.monotonic()
         transaction = "unknown"
         relates_to: str | None = None

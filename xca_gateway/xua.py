@@ -1010,6 +1010,12 @@ def validate_assertion(
 class TrustedIssuer:
     issuer: str
     certificates: tuple[Path, ...]
+    # homeCommunityIds of the peers whose users this provider may vouch for; empty = any peer
+    # (one affinity-domain identity provider).
+    communities: tuple[str, ...] = ()
+
+    def may_vouch_for(self, home_community_id: str | None) -> bool:
+        return not self.communities or home_community_id in self.communities
 
 
 @dataclass(frozen=True)
@@ -1138,10 +1144,25 @@ def parse_xua_config(table: dict[str, Any], base_dir: Path) -> XuaConfig:
             certs = [certs]
         if not certs:
             raise XuaConfigError(f"trusted issuer {entry['issuer']}: no certificates")
+        extra = set(entry) - {"issuer", "certificates", "communities"}
+        if extra:
+            raise XuaConfigError(
+                f"trusted issuer {entry['issuer']}: unknown key(s): {', '.join(sorted(extra))}"
+            )
+        communities = entry.get("communities", [])
+        if isinstance(communities, str):
+            communities = [communities]
+        if not isinstance(communities, list) or not all(
+            isinstance(c, str) and c.startswith("urn:oid:") for c in communities
+        ):
+            raise XuaConfigError(
+                f"trusted issuer {entry['issuer']}: communities must be urn:oid: homeCommunityIds"
+            )
         issuers.append(
             TrustedIssuer(
                 entry["issuer"],
                 tuple(_path(base_dir, c, "xua.trusted_issuers.certificates") for c in certs),
+                tuple(communities),
             )
         )
     for key in ("audiences", "required_attributes", "subject_confirmation_methods"):
@@ -1195,6 +1216,18 @@ class XuaValidator:
             for path in issuer.certificates:
                 certs.extend(load_certificates(path))
         self.replay_cache = ReplayCache(config.replay_cache_size) if config.reject_replay else None
+
+    def trusted_issuer(self, issuer: str) -> TrustedIssuer | None:
+        """The configured entry of an identity provider (which communities it may vouch for)."""
+        entries = [t for t in self.config.trusted_issuers if t.issuer == issuer]
+        if not entries:
+            return None
+        if len(entries) == 1:
+            return entries[0]
+        # The same issuer listed twice: it may vouch for the union of what each entry names.
+        if any(not t.communities for t in entries):
+            return TrustedIssuer(issuer, ())
+        return TrustedIssuer(issuer, (), tuple(c for t in entries for c in t.communities))
 
     def validate(
         self,
