@@ -89,7 +89,7 @@ class CaseResult:
 
 
 def envelope(
-    body: str, action: str | None = Action.ITI38, extra_headers: str = "", ns: str = SOAP12
+    body: str, action: str | None = Action.ITI18, extra_headers: str = "", ns: str = SOAP12
 ) -> bytes:
     action_header = f'<a:Action s:mustUnderstand="1">{action}</a:Action>' if action else ""
     return (
@@ -150,12 +150,12 @@ def post(
     return describe(response)
 
 
-def xml_case(name: str, body: bytes, expected: str, key: str = "iti38") -> Case:
+def xml_case(name: str, body: bytes, expected: str, key: str = "iti18") -> Case:
     return Case("hostile XML/SOAP", name, expected, lambda t: post(t, key, body))
 
 
 def mtom_post(target: Target, body: bytes, content_type: str) -> str:
-    return post(target, "iti38", body, content_type)
+    return post(target, "iti18", body, content_type)
 
 
 # ----------------------------------------------------------------------------- hostile XML/SOAP
@@ -183,7 +183,7 @@ def _oversize(target: Target) -> str:
     raw = socket.create_connection((host, port), timeout=IO_TIMEOUT)
     with raw, target.context().wrap_socket(raw, server_hostname="localhost") as tls:
         tls.sendall(
-            b"POST /xca/iti38 HTTP/1.1\r\nHost: localhost\r\n"
+            b"POST /ig/iti18 HTTP/1.1\r\nHost: localhost\r\n"
             b"Content-Type: application/soap+xml; charset=UTF-8\r\n"
             b"Content-Length: 2147483648\r\n\r\n" + b"<" * 4096
         )
@@ -245,7 +245,7 @@ def hostile_xml_cases() -> list[Case]:
         ),
         xml_case(
             "duplicated wsa:Action",
-            envelope(query, extra_headers=f"<a:Action>{Action.ITI38}</a:Action>"),
+            envelope(query, extra_headers=f"<a:Action>{Action.ITI18}</a:Action>"),
             "400 Sender InvalidAddressingHeader",
         ),
     ]
@@ -256,7 +256,7 @@ def hostile_xml_cases() -> list[Case]:
 _B = "rel-boundary"
 _CT = (
     f'multipart/related; boundary="{_B}"; type="application/xop+xml"; start="<root@rel>"; '
-    f'start-info="application/soap+xml"; action="{Action.ITI38}"'
+    f'start-info="application/soap+xml"; action="{Action.ITI18}"'
 )
 
 
@@ -436,7 +436,7 @@ def _slow_body(target: Target) -> str:
     deadline = time.monotonic() + SLOW_BODY_BOUND
     with raw, target.context().wrap_socket(raw, server_hostname="localhost") as tls:
         tls.sendall(
-            b"POST /xca/iti38 HTTP/1.1\r\nHost: localhost\r\n"
+            b"POST /ig/iti18 HTTP/1.1\r\nHost: localhost\r\n"
             b"Content-Type: application/soap+xml\r\nContent-Length: 1000\r\n\r\n<"
         )
         tls.settimeout(5)

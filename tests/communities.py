@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from tests.conftest import policy_toml
 from xca_gateway.dicom_samples import SampleStudy, generate_community_samples
 from xca_gateway.pki import DevPki
 
@@ -61,6 +62,7 @@ imaging_source_id = "{ARC}.81.{index + 1}"
 repository_unique_id = "{ARC}.81.{index + 1}"
 kind = "filesystem"
 {extra}
+{policy_toml() if "[policy]" not in extra else ""}
 """
     )
     report = asyncio.run(

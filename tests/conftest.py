@@ -7,6 +7,7 @@ Gateways run in a background thread with their own event loop, so that synchrono
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -39,9 +40,18 @@ def policy_for_tests(**extra: Any) -> dict[str, Any]:
         "callers": [
             {
                 "name": "test-client",
-                "roles": LOCAL_ROLES,
+                # ... and as a peer gateway of no configured community, for tests that call
+                # the responding side directly.
+                "roles": [*LOCAL_ROLES, "peer-gateway"],
                 "certificate_uris": ["urn:xca-gateway:client:consumer"],
-            }
+            },
+            {
+                # Test gateways also query each other's PIX responder inside one community.
+                "name": "test-gateways-as-local-systems",
+                # ... and use each other's initiating side as a remote repository or source.
+                "roles": ["pacs", "local-consumer", "local-repository"],
+                "certificate_dns_names": [f"{c}.xca-gateway.test" for c in TEST_COMMUNITIES],
+            },
         ],
         "peers": [
             {
@@ -54,6 +64,20 @@ def policy_for_tests(**extra: Any) -> dict[str, Any]:
     }
     policy.update(extra)
     return policy
+
+
+def policy_toml(policy: dict[str, Any] | None = None) -> str:
+    """:func:`policy_for_tests` as TOML, for tests that write a gateway's configuration file."""
+    policy = policy or policy_for_tests()
+    lines = ["[policy]"]
+    for key, value in policy.items():
+        if not isinstance(value, list):
+            lines.append(f"{key} = {json.dumps(value)}")
+    for key in ("callers", "peers"):
+        for entry in policy.get(key, []):
+            lines.append(f"[[policy.{key}]]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in entry.items()]
+    return "\n".join(lines) + "\n"
 
 
 def make_config(

@@ -16,7 +16,7 @@ from lxml import etree
 from tests.test_initiating import find_documents
 from tests.test_server import ADHOC_QUERY, consumer, soap12
 from xca_gateway.gateway import Gateway
-from xca_gateway.namespaces import QUERY, RS, SOAP12, Action, ResponseStatus
+from xca_gateway.namespaces import QUERY, RS, SOAP12, Action
 from xca_gateway.pki import DevPki
 
 IDENTITY = {
@@ -75,6 +75,14 @@ def test_xua_and_policy_from_configuration(
                     "require_xua": True,
                 }
             ],
+            # The test client is only a local consumer here, not a peer gateway.
+            "callers": [
+                {
+                    "name": "consumer",
+                    "roles": ["local-consumer"],
+                    "certificate_uris": ["urn:xca-gateway:client:consumer"],
+                }
+            ],
         },
     )
     alpha = start(
@@ -121,21 +129,18 @@ def test_xua_and_policy_from_configuration(
     codes = {e.get("errorCode") for e in payload.iter(f"{{{RS}}}RegistryError")}
     assert "LocalPolicyRestrictionError" not in codes and "XDSUnavailableCommunity" not in codes
 
-    # A consumer calling beta's responding side directly: TLS-trusted, unknown to the policy.
+    # A local consumer calling beta's responding side directly: TLS-trusted, but not a peer
+    # gateway, so the door refuses it before reading the body.
     with consumer(pki) as client:
         direct = client.post(
             beta.endpoint_urls()["iti38"],
             content=soap12(Action.ITI38, ADHOC_QUERY),
             headers={"content-type": "application/soap+xml"},
         )
-    assert direct.status_code == 200
-    refused = etree.fromstring(direct.content).find(
-        f"{{{SOAP12}}}Body/{{{QUERY}}}AdhocQueryResponse"
-    )
-    assert refused is not None and refused.get("status") == ResponseStatus.FAILURE
-    assert [e.get("errorCode") for e in refused.iter(f"{{{RS}}}RegistryError")] == [
-        "LocalPolicyRestrictionError"
-    ]
+    assert direct.status_code == 403
+    fault = etree.fromstring(direct.content).find(f"{{{SOAP12}}}Body/{{{SOAP12}}}Fault")
+    assert fault is not None
+    assert "may not use the xca endpoints" in "".join(fault.itertext())
     assert len(seen) == 1  # the handler never ran for the refused caller
 
 

@@ -56,7 +56,7 @@ def node(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Regi
         # The same store behind a registry with a small result limit.
         assert isinstance(started.registry, LocalRegistry)
         small = LocalRegistry(started.registry.store, max_results=3)
-        endpoint = SoapEndpoint(SMALL, "small", {})
+        endpoint = SoapEndpoint(SMALL, "small", {}, door="registry-query")
         endpoint.add(
             Operation(Action.ITI18, "ITI-18", iti18_handler(small, home_community_id=started.home))
         )

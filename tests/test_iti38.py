@@ -63,7 +63,7 @@ def alpha(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reg
     node = RegistryNode(pki, tmp_path_factory.mktemp("iti38"), "alpha")
     try:
         register_corpus(node, pki)
-        strict = SoapEndpoint(STRICT, "strict", {})
+        strict = SoapEndpoint(STRICT, "strict", {}, door="xca")
         strict.add(
             Operation(
                 Action.ITI38,

@@ -161,7 +161,7 @@ def test_a_producer_failing_mid_stream_aborts_the_response(gateway: Gateway, pki
             parts=[mtom.OutgoingPart("a@t", "application/dicom", dying_source())],
         )
 
-    endpoint = SoapEndpoint("/test/dying", "dying", {})
+    endpoint = SoapEndpoint("/test/dying", "dying", {}, door="diagnostics")
     endpoint.add(Operation("urn:test:Q", "TEST", handler))
     gateway.soap.endpoints[endpoint.path] = endpoint
     url = gateway.base_url + endpoint.path

@@ -146,9 +146,7 @@ async def test_streamed_replies_arrive_whole_over_one_kept_alive_connection(pki:
 
 async def test_connection_closed_while_idle_is_replaced_transparently(pki: DevPki) -> None:
     app = StreamingApp()
-    server = HttpServer(
-        app, ssl_context=server_tls(pki), timeouts=ServerTimeouts(keepalive=0.2)
-    )
+    server = HttpServer(app, ssl_context=server_tls(pki), timeouts=ServerTimeouts(keepalive=0.2))
     await server.start()
     client = RelayClient(client_tls(pki))
     try:
@@ -272,9 +270,7 @@ async def test_get_sends_no_body_framing_and_streams_the_reply(pki: DevPki) -> N
     seen: list[tuple[str, str | None, str | None]] = []
 
     async def app(request: Request) -> Response:
-        seen.append(
-            (request.method, request.header("content-length"), request.header("accept"))
-        )
+        seen.append((request.method, request.header("content-length"), request.header("accept")))
         return Response(200, [("content-type", "text/plain")], b"x" * 100_000)
 
     server = HttpServer(app, ssl_context=server_tls(pki))

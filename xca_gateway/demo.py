@@ -144,6 +144,26 @@ def community_config_toml(
         lines += ["[diagnostics]", "echo = true", ""]
     if xref_csv:
         lines += ["[patient_mapping]", f"xref_csv = {_q(xref_csv)}", ""]
+    lines += [
+        "# Who may call what (deny-by-default): the demo client is a local consumer of every",
+        "# community; each peer's gateway certificate is a peer gateway of its community.",
+        "[policy]",
+        'default = "deny"',
+        "",
+        "[[policy.callers]]",
+        'name = "demo-client"',
+        'roles = ["local-consumer", "local-repository", "pacs", "interface-engine"]',
+        'certificate_uris = ["urn:xca-gateway:client:consumer"]',
+        "",
+    ]
+    for peer, _ in peers:
+        lines += [
+            "[[policy.peers]]",
+            f"name = {_q(peer.name)}",
+            f"home_community_id = {_q(peer.home_community_id)}",
+            f"certificate_dns_names = [{_q(peer.name + '.xca-gateway.test')}]",
+            "",
+        ]
     for peer, base_url in peers:
         lines += [
             "[[peers]]",

@@ -267,7 +267,7 @@ class Gateway:
             PolicyStore,
             refusal_audit_message,
         )
-        from xca_gateway.security.callers import AccessDecision, soap_door
+        from xca_gateway.security.callers import AccessDecision, Door, soap_door
         from xca_gateway.security.guard import DoorGuard, access_denied_message, identity_from_peer
         from xca_gateway.server import Response
         from xca_gateway.soap import SoapFault, build_fault
@@ -301,7 +301,7 @@ class Gateway:
 
         def admission(request: Any, endpoint: SoapEndpoint) -> Response | None:
             identity = identity_from_peer(request.peer)
-            door = soap_door(endpoint.path)
+            door = soap_door(endpoint.path) or (Door(endpoint.door) if endpoint.door else None)
             if door is None:
                 decision = AccessDecision(
                     False, None, identity, None, "no door of the access table serves this path"

@@ -61,7 +61,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_NAMES = {t.name for t in TRANSACTIONS}
+# ITI-55 (XCPD) sits on the responding side too (/xca/iti55) but is not an XDS transaction.
+_NAMES = {t.name for t in TRANSACTIONS} | {"ITI-55"}
 
 
 class PolicyError(ValueError):
@@ -80,7 +81,9 @@ def normalize_transaction(value: str) -> str:
     return text
 
 
-RESPONDING_TRANSACTIONS = frozenset(t.name for t in TRANSACTIONS if t.side == "responding")
+RESPONDING_TRANSACTIONS = frozenset(
+    {*(t.name for t in TRANSACTIONS if t.side == "responding"), "ITI-55"}
+)
 
 
 def _fingerprint(value: str) -> str:
@@ -200,7 +203,29 @@ class AccessPolicy:
         return _AllowUnknownPeers(self.directory.rules)
 
     def match(self, peer: PeerIdentity) -> PeerRule | None:
-        return next((rule for rule in self.peers if rule.matches(peer)), None)
+        rule = next((rule for rule in self.peers if rule.matches(peer)), None)
+        if rule is not None:
+            return rule
+        # A [[policy.callers]] entry that also holds the peer-gateway role (e.g. a test client
+        # or a system acting for a community that is not a configured peer).
+        identity = Identity(
+            address=peer.address,
+            certificate_subject=peer.certificate_subject,
+            certificate_fingerprint=peer.certificate_fingerprint,
+            san_dns=peer.san_dns,
+            san_uri=peer.san_uri,
+        )
+        for caller in self.callers:
+            if Role.PEER_GATEWAY in caller.roles and caller.matches(identity):
+                return PeerRule(
+                    name=caller.name,
+                    home_community_id=caller.home_community_id,
+                    certificate_fingerprints=caller.certificate_fingerprints,
+                    certificate_subjects=caller.certificate_subjects,
+                    certificate_dns_names=caller.certificate_dns_names,
+                    require_xua=self.require_xua,
+                )
+        return None
 
     def requires_xua(self, peer: PeerIdentity) -> bool:
         rule = self.match(peer)
@@ -327,8 +352,6 @@ def _caller(table: Any, index: int) -> CallerRule:
             raise PolicyError(f"{what}.roles: unknown role {value!r} (one of {known})") from None
     if not roles:
         raise PolicyError(f"{what}.roles: name at least one role")
-    if Role.PEER_GATEWAY in roles:
-        raise PolicyError(f"{what}: peer gateways are listed in [[policy.peers]]")
     rule = CallerRule(
         name=name,
         roles=frozenset(roles),

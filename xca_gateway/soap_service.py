@@ -78,6 +78,9 @@ class SoapEndpoint:
     path: str
     name: str
     operations: dict[str, Operation]
+    # The access-table door of an endpoint at a path of its own (the standard paths are known
+    # to the door guard); None = the path decides.
+    door: str | None = None
 
     def add(self, operation: Operation) -> None:
         self.operations[operation.action] = operation

@@ -208,10 +208,14 @@ class CallerDirectory:
     rules: tuple[CallerRule, ...] = ()
 
     def identify(self, identity: Identity) -> Principal | None:
-        for rule in self.rules:
-            if rule.matches(identity):
-                return Principal(rule.name, rule.roles, identity, rule.home_community_id)
-        return None
+        """The first matching entry names the principal (and its community); every matching
+        entry adds its roles, so one certificate may be listed for several duties."""
+        matching = [rule for rule in self.rules if rule.matches(identity)]
+        if not matching:
+            return None
+        first = matching[0]
+        roles = frozenset(role for rule in matching for role in rule.roles)
+        return Principal(first.name, roles, identity, first.home_community_id)
 
     def with_rules(self, extra: Iterable[CallerRule]) -> CallerDirectory:
         return CallerDirectory((*self.rules, *extra))
