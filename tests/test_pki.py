@@ -454,3 +454,17 @@ def test_tls_client_rejects_wrong_hostname(pki: DevPki, listener: socket.socket)
     ex = _exchange(listener, pki.communities["alpha"], pki.ca, pki.client, "gw.elsewhere.test")
     assert isinstance(ex.client_error, ssl.SSLCertVerificationError)
     assert ex.server.error is not None
+
+
+def test_an_extra_client_certificate_is_issued_once_from_the_dev_ca(tmp_path: Path) -> None:
+    from xca_gateway.pki import certificate_info, init_dev_pki, issue_client_certificate
+
+    pki = init_dev_pki(tmp_path / "pki", ["north"])
+    pair = issue_client_certificate(pki, "north-consumer")
+    info = certificate_info(pair.cert.read_bytes())
+    assert info.subject.startswith("CN=north-consumer,OU=client")
+    assert info.san_uri == ("urn:xca-gateway:client:north-consumer",)
+    assert info.issuer == certificate_info(pki.ca.read_bytes()).subject
+    before = pair.cert.read_bytes()
+    assert issue_client_certificate(pki, "north-consumer") == pair
+    assert pair.cert.read_bytes() == before  # a restarted demo keeps what it handed out

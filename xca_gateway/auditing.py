@@ -19,6 +19,7 @@ from xca_gateway import ebrim
 from xca_gateway.audit import AuditTrail, extract, soap_requester
 from xca_gateway.audit import messages as m
 from xca_gateway.namespaces import RIM, RS, Action
+from xca_gateway.security.callers import Role, current_caller
 from xca_gateway.soap_service import SoapRequest
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,16 @@ class OutboundCall:
     request: etree._Element
     reply: etree._Element | None
     error: str | None = None
+    # The verified local caller the gateway made this call for (None: the gateway's own call).
+    on_behalf_of: m.HumanRequestor | None = None
+
+
+def local_caller_requestor() -> m.HumanRequestor | None:
+    """The current local caller (a system of this community) as an audit requestor."""
+    principal = current_caller()
+    if principal is None or principal.has(Role.PEER_GATEWAY):
+        return None
+    return m.HumanRequestor(user_id=principal.user_id, user_name=principal.name)
 
 
 def response_status(payload: etree._Element | None) -> str | None:
@@ -219,6 +230,9 @@ class TransactionAuditor:
             "responder": responder,
             "outcome_description": call.error,
         }
+        if call.on_behalf_of is not None:
+            # The local system the gateway acts for is a requestor of the outbound call too.
+            common["human_requestors"] = [call.on_behalf_of]
         action = call.action
         if action in (Action.ITI38, Action.ITI18):
             q = extract.stored_query(call.request)

@@ -234,7 +234,11 @@ class Gateway:
     def _wire_audit(self) -> None:
         """ATNA: every served request and every outbound call is audited, both sides."""
         from xca_gateway.audit import AuditTrail
-        from xca_gateway.auditing import OutboundCall, TransactionAuditor
+        from xca_gateway.auditing import (
+            OutboundCall,
+            TransactionAuditor,
+            local_caller_requestor,
+        )
 
         self.audit = AuditTrail(self.config.audit, self.metrics)
         if not self.config.audit.enabled:
@@ -248,7 +252,7 @@ class Gateway:
         )
         self.peer_client.observers.append(
             lambda url, action, request, reply, error: auditor.called(
-                OutboundCall(url, action, request, reply, error)
+                OutboundCall(url, action, request, reply, error, local_caller_requestor())
             )
         )
 

@@ -438,6 +438,27 @@ def load_dev_pki(directory: Path) -> DevPki:
     return pki
 
 
+def issue_client_certificate(
+    pki: DevPki, label: str, *, key_size: int = 2048, stem: str | None = None
+) -> CertPair:
+    """A client certificate (clientAuth, URI SAN ``urn:xca-gateway:client:<label>``, subject
+    ``CN=<label>,OU=client``) from the development CA, for one more identity: a community's
+    local consumer or repository, an audit consumer, a second test caller.
+
+    Idempotent: an existing pair ``<stem>.pem``/``<stem>.key`` (stem defaults to the label) is
+    returned as is, so a restarted demo keeps the certificates it handed out.
+    """
+    label = validate_community_name(label)
+    stem = stem or label
+    existing = CertPair(pki.dir / f"{stem}.pem", pki.dir / f"{stem}.key")
+    if existing.cert.exists() and existing.key.exists():
+        return existing
+    manifest = _load_manifest(pki.dir)
+    issuer = _load_issuer(pki.dir, manifest)
+    not_before, not_after = _leaf_window(issuer, _now())
+    return _issue_client(pki.dir, issuer, stem, label, key_size, not_before, not_after)
+
+
 def init_dev_pki(
     directory: Path,
     communities: Sequence[str],

@@ -56,6 +56,7 @@ from signxml.exceptions import (
 from signxml.verifier import SignatureConfiguration
 
 from xca_gateway.namespaces import SOAP12, WSSE
+from xca_gateway.security.callers import Role, current_caller
 from xca_gateway.soap import SoapFault
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ HL7 = "urn:hl7-org:v3"
 XSI = "http://www.w3.org/2001/XMLSchema-instance"
 
 NAMEID_UNSPECIFIED = "urn:oasis:names:tc:SAML:1.1:nameid-format:unspecified"
+NAMEID_X509_SUBJECT = "urn:oasis:names:tc:SAML:1.1:nameid-format:X509SubjectName"
 CM_BEARER = "urn:oasis:names:tc:SAML:2.0:cm:bearer"
 CM_HOLDER_OF_KEY = "urn:oasis:names:tc:SAML:2.0:cm:holder-of-key"
 CM_SENDER_VOUCHES = "urn:oasis:names:tc:SAML:2.0:cm:sender-vouches"
@@ -1032,9 +1034,11 @@ class XuaOutboundConfig:
     # "endpoint": the peer's endpoint URL; "home_community_id": the peer's homeCommunityId;
     # anything else: that URI (an affinity-domain wide audience).
     audience: str = "endpoint"
-    # Where the identity of issued assertions comes from: the [xua.outbound.identity] table,
-    # or X-XUA-* HTTP headers of a trusted local consumer (falling back to the table).
-    identity_source: Literal["config", "header"] = "config"
+    # Where the identity of issued assertions comes from: the [xua.outbound.identity] table;
+    # X-XUA-* HTTP headers of a trusted local consumer (falling back to the table); or
+    # "caller": the verified local caller the gateway acts for (its certificate subject as the
+    # NameID, its policy name as subject-id; the table gives organization, roles, purpose).
+    identity_source: Literal["config", "header", "caller"] = "config"
     # Local consumers allowed to state the user in HTTP headers: certificate SHA-256
     # fingerprints (hex) or subjects (RFC 4514).
     trusted_header_clients: tuple[str, ...] = ()
@@ -1182,8 +1186,8 @@ def parse_xua_config(table: dict[str, Any], base_dir: Path) -> XuaConfig:
     )
     if outbound.mode not in ("off", "passthrough", "issue", "passthrough_or_issue"):
         raise XuaConfigError(f"xua.outbound.mode: unknown mode {outbound.mode!r}")
-    if outbound.identity_source not in ("config", "header"):
-        raise XuaConfigError("xua.outbound.identity_source must be 'config' or 'header'")
+    if outbound.identity_source not in ("config", "header", "caller"):
+        raise XuaConfigError("xua.outbound.identity_source must be 'config', 'header' or 'caller'")
     if outbound.mode in ("issue", "passthrough_or_issue") and (
         outbound.identity is None and outbound.identity_source == "config"
     ):
@@ -1376,6 +1380,22 @@ class XuaOutbound:
             from_headers = identity_from_headers(request.http.headers, self.identity)
             if from_headers is not None:
                 return from_headers
+        if self.config.identity_source == "caller":
+            # Never a confused deputy: the assertion names the local system the request came
+            # from (verified by TLS and the access policy), not the gateway.
+            principal = current_caller()
+            if principal is not None and not principal.has(Role.PEER_GATEWAY):
+                base = self.identity or XuaIdentity(name_id=principal.user_id)
+                return replace(
+                    base,
+                    name_id=principal.user_id,
+                    name_id_format=(
+                        NAMEID_X509_SUBJECT
+                        if principal.identity.certificate_subject
+                        else NAMEID_UNSPECIFIED
+                    ),
+                    subject_id=principal.name,
+                )
         return self.identity
 
     def security_headers(
