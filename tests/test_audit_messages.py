@@ -236,7 +236,7 @@ def test_query_participants_and_objects() -> None:
     assert source.alternative_user_id == "4711" and source.network_access_point_id == "gw1"
     assert destination.user_name == "CN=beta,O=x"
     assert destination.network_access_point_id == "192.0.2.7"
-    # With a human requestor the machines are not "the requestor" (atna.md §4).
+    # With a human requestor the machines are not "the requestor" (ITI TF-2 3.40.4.2).
     assert (source.user_is_requestor, human.user_is_requestor) == (False, True)
     assert human.user_name == "<dr.smith@https://idp.example>"
     assert msg.event.purposes_of_use == (PURPOSE,)

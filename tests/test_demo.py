@@ -1,4 +1,4 @@
-"""The CLI and the demo contract (shared/docs/contract.md): endpoints.json, clean stop."""
+"""The CLI and the demo contract (docs/contract.md): endpoints.json, clean stop."""
 
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ def test_endpoints_json_follows_the_contract(demo: tuple[subprocess.Popen[bytes]
     for key in shared:
         assert len({k[key] for k in keys_by_community}) == len(communities)
     assert len({c["homeCommunityId"] for c in communities}) == len(communities)
-    # Keys not built yet are absent, not null (contract.md).
+    # Keys not built yet are absent, not null (docs/contract.md).
     assert "auditRepository" not in data or data["auditRepository"] is not None
 
 

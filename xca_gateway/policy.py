@@ -272,7 +272,7 @@ class AccessPolicy:
             and rule.home_community_id
             and assertion.home_community_id != rule.home_community_id
         ):
-            # xua.md §3.8: the user's community must be the one the TLS peer belongs to.
+            # ITI TF-2 3.40.4.1.3: the user's community must be the one the TLS peer belongs to.
             return deny(
                 f"the assertion's homeCommunityId {assertion.home_community_id} is not the "
                 f"peer's community"
@@ -821,7 +821,7 @@ def refusal_audit_message(
 ) -> AuditMessage:
     """The ATNA record of a refusal (an ``xca_gateway.audit.messages.AuditMessage``).
 
-    XUA refusals are a failed User Authentication (110114 / Login, atna.md §4.5) naming the
+    XUA refusals are a failed User Authentication (110114 / Login, DICOM PS3.15 A.5.3.3) naming the
     claimed user; policy refusals a Security Alert (110113) of type "Use of Restricted Function"
     (DICOM CID 401 110132) naming the peer, the XUA user if any, and the reason.
     """

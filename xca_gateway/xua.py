@@ -7,8 +7,9 @@ Both sides of ITI-40 live here:
   XSPA/IHE attributes, :func:`wsse_security_header` wraps it for the SOAP header, and
   :class:`XuaOutbound` decides per call whether to issue one or pass the local consumer's through.
 * X-Service Provider (our responding gateway): :func:`validate_assertion` checks the assertion in
-  a request header against the checklist of ``shared/docs/xua.md`` §3 and raises :class:`XuaError`
-  carrying the WS-Security fault code (WSS 1.1 SOAP Message Security §12) on any failure.
+  a request header as ITI TF-2 3.40.4.1.3 and SAML 2.0 Core §2.5/§2.7 require and raises
+  :class:`XuaError` carrying the WS-Security fault code (WSS 1.1 SOAP Message Security §12) on
+  any failure.
 
 Signature wrapping is defeated by construction: we take the one ``saml:Assertion`` that is a
 direct child of the one ``wsse:Security`` header, require its ``ds:Signature`` to be its direct
@@ -97,7 +98,7 @@ _DIGEST_ALGORITHMS = frozenset(
 
 
 class XuaAttribute:
-    """``saml:Attribute/@Name`` values of XSPA-SAML and IHE (``shared/docs/xua.md`` §2.1)."""
+    """``saml:Attribute/@Name`` values of XSPA-SAML and IHE (ITI TF-2 3.40.4.1.2)."""
 
     SUBJECT_ID = "urn:oasis:names:tc:xspa:1.0:subject:subject-id"
     ORGANIZATION = "urn:oasis:names:tc:xspa:1.0:subject:organization"

@@ -2,8 +2,8 @@
 
 Sans-IO: frozen dataclasses for the message model with a ``to_xml()`` builder, plus one builder
 function per IHE transaction and side. The field values follow ITI TF-2 / RAD TF-3 audit
-sections as summarised in ``shared/docs/atna.md`` §4 (cross-checked against IPF's audit
-strategies): queries are EventID 110112 "Query"; retrieves are 110107 "Import" on the side that
+sections (cross-checked against IPF's audit strategies and dcm4che's audit
+messages): queries are EventID 110112 "Query"; retrieves are 110107 "Import" on the side that
 receives the documents and 110106 "Export" on the side that hands them out; imaging retrieves are
 110104 "DICOM Instances Transferred" (server) and 110103 "DICOM Instances Accessed" (client).
 
@@ -650,7 +650,7 @@ def _participants(
     requester: Node,
     humans: Sequence[HumanRequestor],
 ) -> tuple[ActiveParticipant, ...]:
-    # The requesting machine is "the requestor" only when no human is known (atna.md §4).
+    # The requesting machine is "the requestor" only when no human is known (ITI TF-2 3.40.4.2).
     machine_requests = not humans
     return (
         system_participant(source, RoleId.SOURCE, machine_requests and source is requester),

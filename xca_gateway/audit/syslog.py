@@ -1,8 +1,9 @@
 """Syslog for ATNA (ITI-20): RFC 5424 messages, RFC 5425 octet-counted framing. Sans-IO.
 
 Header values as DICOM PS3.15 A.6/A.7 and the IHE implementations in the field use them
-(``shared/docs/atna.md`` §2.2): facility authpriv (10), severity by event outcome, MSGID
-``IHE+RFC-3881``, no structured data, and the MSG a UTF-8 BOM followed by the XML audit message.
+(IPF ``RFC5424Protocol``, dcm4che ``AuditLogger``): facility authpriv (10), severity by event
+outcome, MSGID ``IHE+RFC-3881``, no structured data, and the MSG a UTF-8 BOM followed by the XML
+audit message.
 """
 
 from __future__ import annotations

@@ -22,11 +22,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Audit event types (IHE Transactions code system). The digest (shared/docs atna.md §4.3)
-# names the imaging retrieve pattern: the serving side of a retrieve audits "DICOM Instances
-# Transferred" (110104, action R), as an Imaging Document Source does for RAD-69; a query is
-# 110112 "Query" (action E). The transactions are IHE WIA's RAD-129 "QIDO-RS Query" and
-# RAD-107 "WADO-RS Retrieve" (imaging.md §7 names RAD-107).
+# Audit event types (IHE Transactions code system). The imaging retrieve pattern (RAD TF-3
+# 4.69.4.1.4, as IPF's Rad69 audit strategies implement it): the serving side of a retrieve
+# audits "DICOM Instances Transferred" (110104, action R), as an Imaging Document Source does
+# for RAD-69; a query is 110112 "Query" (action E). The transactions are IHE WIA's RAD-129
+# "QIDO-RS Query" and RAD-107 "WADO-RS Retrieve" (IHE RAD TF-2 4.107).
 QIDO_RS_QUERY = m.CodedValue("RAD-129", "IHE Transactions", "QIDO-RS Query")
 WADO_RS_RETRIEVE = m.CodedValue("RAD-107", "IHE Transactions", "WADO-RS Retrieve")
 

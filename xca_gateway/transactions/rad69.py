@@ -3,7 +3,7 @@
 Initiating Imaging Gateway (:class:`InitiatingImagingGateway`, endpoint ``/ig/rad69``, and
 in-process through its ``retrieve``): a local Imaging Document Consumer (or a front door of
 this gateway) asks for SOP instances anywhere in the federation. DocumentRequests are split
-by HomeCommunityId (imaging.md section 5):
+by HomeCommunityId (RAD TF-3 4.69.4.1.3, Initiating Imaging Gateway):
 
 * own community, or none given (RAD69-002: only needed for other communities): by
   RepositoryUniqueId to the configured local Imaging Document Sources;
