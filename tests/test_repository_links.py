@@ -49,7 +49,7 @@ def test_no_tracked_file_points_outside_the_repository() -> None:
 
 
 def test_every_markdown_file_named_is_in_the_repository() -> None:
-    """A bare ``something.md`` in a docstring or document names a file we ship."""
+    """A bare markdown file name in a docstring or document names a file we ship."""
     shipped = {path.name for path in _tracked()}
     missing = [
         f"{path.relative_to(REPO)}:{number}: {name}"
