@@ -283,14 +283,32 @@ def reset_current_caller(token: contextvars.Token[Principal | None]) -> None:
     _CURRENT.reset(token)
 
 
+# What each door is, for the README's table.
+DOOR_ENDPOINTS: Mapping[Door, str] = {
+    Door.XCA: "`/xca/iti38`, `/xca/iti39`, `/xca/rad75`, `/xca/iti55`",
+    Door.INITIATING: "`/ig/iti18`, `/ig/iti43`, `/ig/rad69`",
+    Door.REGISTRY_QUERY: "`/registry/iti18`",
+    Door.REGISTRY_REGISTER: "`/registry/iti42`",
+    Door.REPOSITORY: "`/repository/iti43`",
+    Door.PIX: "`/pix/iti45`",
+    Door.DIAGNOSTICS: "`/diagnostics/echo`",
+    Door.DICOMWEB: "DICOMweb port (QIDO-RS, WADO-RS)",
+    Door.DIMSE: "DICOM port (C-FIND, C-GET, C-MOVE)",
+    Door.MLLP: "MLLP port (HL7 v2 orders)",
+    Door.SYSLOG: "ARR syslog (ITI-20)",
+    Door.ITI81: "ARR `/fhir` (ITI-81), raw messages",
+    Door.ADMIN: "admin `/consent/...`",
+}
+
+
 def access_table_markdown() -> str:
     """The README's table of which roles may call which door (generated, tested equal)."""
     roles = list(Role)
-    head = "| door | " + " | ".join(r.value for r in roles) + " |"
-    rule = "|---|" + "---|" * len(roles)
+    head = "| door | endpoints | " + " | ".join(r.value for r in roles) + " |"
+    rule = "|---|---|" + "---|" * len(roles)
     rows = [
-        f"| `{door.value}` | "
-        + " | ".join("allow" if role in ACCESS[door] else "deny" for role in roles)
+        f"| `{door.value}` | {DOOR_ENDPOINTS[door]} | "
+        + " | ".join("allow" if role in ACCESS[door] else "—" for role in roles)
         + " |"
         for door in Door
     ]
