@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 
 from tests.audit_inbox import AuditInbox
 from tests.communities import ARC, seed_community
-from tests.conftest import GatewayThread, wait_for
+from tests.conftest import GatewayThread, policy_for_tests, policy_toml, wait_for
 from tests.test_dicom_front import AUTHORITY
 from xca_gateway.audit.validate import schema_errors
 from xca_gateway.config import load_config
@@ -53,10 +53,32 @@ from xca_gateway.federation_view import StudyManifest
 from xca_gateway.gateway import Gateway
 from xca_gateway.imaging.transfer_syntax import TRANSFER_SYNTAX_ERROR
 from xca_gateway.kos import build_kos, kos_references, kos_to_bytes
-from xca_gateway.pki import DevPki
+from xca_gateway.pki import CertPair, DevPki, issue_client_certificate
 
 EXPLICIT = "1.2.840.10008.1.2.1"
 BIG_PATIENT = "BIG-1"
+# Extra callers (client certificates from the dev PKI's CA): another local consumer, an
+# interface engine (a local system, but not a consumer) and a trusted certificate the access
+# policy does not name.
+OTHER_CONSUMER, ENGINE, STRANGER = "consumer-b", "engine", "stranger"
+
+
+def door_policy() -> str:
+    policy = policy_for_tests()
+    policy["callers"] = [
+        *policy["callers"],
+        {
+            "name": "second-consumer",
+            "roles": ["local-consumer"],
+            "certificate_uris": [f"urn:xca-gateway:client:{OTHER_CONSUMER}"],
+        },
+        {
+            "name": "order-feed",
+            "roles": ["interface-engine"],
+            "certificate_uris": [f"urn:xca-gateway:client:{ENGINE}"],
+        },
+    ]
+    return policy_toml(policy)
 
 
 # ----------------------------------------------------------------------------- fixture
@@ -73,13 +95,18 @@ class Web:
     audit: AuditInbox
     threads: list[GatewayThread] = field(default_factory=list)
 
-    def session(self) -> requests.Session:
+    def session(self, identity: CertPair | None = None) -> requests.Session:
+        """A client with the dev PKI's consumer certificate, or with ``identity``."""
+        pair = identity or self.pki.client
         session = requests.Session()
         # Environment CA bundles (REQUESTS_CA_BUNDLE) would override the session's trust.
         session.trust_env = False
-        session.cert = (str(self.pki.client.cert), str(self.pki.client.key))
+        session.cert = (str(pair.cert), str(pair.key))
         session.verify = str(self.pki.ca)
         return session
+
+    def session_as(self, label: str) -> requests.Session:
+        return self.session(issue_client_certificate(self.pki, label))
 
     def client(self) -> DICOMwebClient:
         return DICOMwebClient(url=self.url, session=self.session())
@@ -140,6 +167,7 @@ host = "127.0.0.1"
 port = 0
 
 {audit.toml("alpha-dicomweb")}
+{door_policy()}
 """
         alpha_config, studies = seed_community(tmp, pki, "alpha", 0, extra)
         threads.append(GatewayThread(load_config(alpha_config)))
@@ -727,6 +755,100 @@ def test_a_client_without_certificate_is_refused_at_the_handshake(web: Web) -> N
         except (ssl.SSLError, ConnectionError):
             answer = b""
     assert answer == b""
+
+
+def alerts_naming(web: Web, label: str) -> list[Any]:
+    """Security Alerts (110113) whose requestor is the client certificate ``label``."""
+    return [
+        r
+        for r in web.audit.with_event("110113")
+        if any(
+            f"CN={label}," in str(p.get("UserID")) and p.get("UserIsRequestor") == "true"
+            for p in r.iter("ActiveParticipant")
+        )
+    ]
+
+
+def test_only_local_consumers_pass_the_door_and_each_refusal_is_audited_once(web: Web) -> None:
+    """A trusted certificate the policy does not name, and a local system that is not a
+    consumer, get 403 before any work (no federation query, no QIDO/WADO audit); the guard
+    records one Security Alert per refused request, naming the verified certificate."""
+    alice = local_patient_id(0, 0)
+    study = web.studies[0]
+    guard = web.alpha.guard
+    for label in (STRANGER, ENGINE):
+        session = web.session_as(label)
+        for path, params in (
+            ("/studies", {"PatientID": alice}),
+            (f"/studies/{study.study_instance_uid}", {"PatientID": alice}),
+        ):
+            refused_before = guard.refused
+            response = session.get(f"{web.url}{path}", params=params)
+            assert response.status_code == 403, (label, path)
+            assert response.headers["content-type"] == "application/json"
+            assert response.json()["message"].startswith("access denied")
+            assert b"DICM" not in response.content
+            assert guard.refused == refused_before + 1
+    for label in (STRANGER, ENGINE):
+        assert wait_for(lambda label=label: len(alerts_naming(web, label)) >= 2, timeout=15)
+    # A marker request after the refusals: once its record is in, every earlier one is too.
+    web.session().get(f"{web.url}/studies", params={"PatientID": "MARKER"}).raise_for_status()
+    assert wait_for(
+        lambda: any(b"MARKER" in etree_bytes(r) for r in web.audit.with_event("110112")),
+        timeout=15,
+    )
+    for label in (STRANGER, ENGINE):
+        alerts = alerts_naming(web, label)
+        assert len(alerts) == 2, label  # one per refused request, never more
+        for alert in alerts:
+            assert not schema_errors(alert), schema_errors(alert)
+            event_type = alert.find("EventIdentification/EventTypeCode")
+            assert event_type is not None and event_type.get("csd-code") == "110132"
+            resource = alert.find("ParticipantObjectIdentification")
+            assert resource is not None
+            assert str(resource.get("ParticipantObjectID")).startswith(f"{web.url}/studies")
+        # Refused before the transaction: no query or transfer record names them.
+        for event in ("110112", "110104"):
+            assert not [
+                r
+                for r in web.audit.with_event(event)
+                if any(f"CN={label}," in str(p.get("UserID")) for p in r.iter("ActiveParticipant"))
+            ]
+
+
+def test_the_admitted_consumer_is_the_current_caller_of_its_request(web: Web) -> None:
+    """The initiating side runs with the door's principal as the current caller (so it can act
+    for it and audit it), not with the gateway's own identity."""
+    from xca_gateway.security.callers import current_caller
+
+    seen: list[str | None] = []
+    initiating = web.alpha.initiating
+    original = initiating.query
+
+    async def spy(element: Any) -> Any:
+        principal = current_caller()
+        seen.append(principal.name if principal is not None else None)
+        return await original(element)
+
+    initiating.query = spy  # type: ignore[method-assign]
+    try:
+        for pair, expected in (
+            (None, "test-client"),
+            (issue_client_certificate(web.pki, OTHER_CONSUMER), "second-consumer"),
+        ):
+            seen.clear()
+            web.session(pair).get(
+                f"{web.url}/studies", params={"PatientID": local_patient_id(0, 0)}
+            ).raise_for_status()
+            assert seen == [expected]
+    finally:
+        initiating.query = original  # type: ignore[method-assign]
+
+
+def etree_bytes(record: Any) -> bytes:
+    from lxml import etree
+
+    return bytes(etree.tostring(record))
 
 
 def test_searches_and_retrieves_are_audited(web: Web) -> None:

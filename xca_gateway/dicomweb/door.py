@@ -61,6 +61,8 @@ from xca_gateway.federation_view import (
 )
 from xca_gateway.imaging import transfer_syntax as ts
 from xca_gateway.imaging.retrieve import ImagingRetrieval
+from xca_gateway.security.callers import Door
+from xca_gateway.security.guard import identity_from_peer
 from xca_gateway.server import BodyTooLarge, HttpServer, Request, Response, ServerTimeouts
 from xca_gateway.tls import HandshakeFailure, server_context
 
@@ -138,6 +140,10 @@ class DicomWebFrontDoor:
     async def __call__(self, request: Request) -> Response:
         started = time.monotonic()
         transaction = "DICOMweb"
+        refused = self._admit(request)
+        if refused is not None:
+            self._count(transaction, refused, started)
+            return refused
         try:
             try:
                 await request.read(_MAX_REQUEST_BODY)  # GET has none; lets keep-alive go on
@@ -169,6 +175,26 @@ class DicomWebFrontDoor:
         except Exception:
             log.exception("DICOMweb request %s failed", request.path[:200])
             response = error_response(DicomWebError(500, "internal error"))
+        self._count(transaction, response, started)
+        return response
+
+    def _admit(self, request: Request) -> Response | None:
+        """The door guard, before the body is read or anything else is done: the verified
+        certificate must name a local consumer. On success the principal is the current caller
+        of this request (its audit records and the initiating side act for it); a refusal is
+        audited once by the guard and answered 403, the connection closed."""
+        decision = self.gateway.guard.admit(
+            identity_from_peer(request.peer),
+            Door.DICOMWEB,
+            resource=self.base_url + request.path[:200],
+        )
+        if decision.allowed:
+            return None
+        refusal = error_response(DicomWebError(403, "access denied: not a local consumer"))
+        refusal.close = True
+        return refusal
+
+    def _count(self, transaction: str, response: Response, started: float) -> None:
         metrics = self.gateway.metrics
         outcome = (
             "success"
@@ -179,7 +205,6 @@ class DicomWebFrontDoor:
         )
         metrics.requests.labels(transaction, outcome).inc()
         metrics.latency.labels(transaction).observe(time.monotonic() - started)
-        return response
 
     def _pairs(self, request: Request) -> list[tuple[str, str]]:
         try:
