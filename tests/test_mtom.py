@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import random
-import tempfile
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
@@ -530,15 +529,17 @@ def test_reader_limits(limits: dict[str, int], reason: str) -> None:
 
 
 def test_reader_closes_spools_on_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    created: list[IO[bytes]] = []
-    real = tempfile.SpooledTemporaryFile
+    from xca_gateway import mtom as mtom_module
+    from xca_gateway.encrypted_spool import EncryptedSpool
 
-    def tracking(*args: Any, **kwargs: Any) -> IO[bytes]:
-        f: IO[bytes] = real(*args, **kwargs)
+    created: list[EncryptedSpool] = []
+
+    def tracking(*args: Any, **kwargs: Any) -> EncryptedSpool:
+        f = EncryptedSpool(*args, **kwargs)
         created.append(f)
         return f
 
-    monkeypatch.setattr(tempfile, "SpooledTemporaryFile", tracking)
+    monkeypatch.setattr(mtom_module, "EncryptedSpool", tracking)
     w, body = build({"a@x": b"a" * 1000, "b@x": b"b" * 5000})
     r = MtomRequestReader(
         w.content_type,

@@ -3,7 +3,7 @@
 Nothing here touches sockets: the parser and reader are push-style state machines fed with
 whatever bytes the transport produced, and the writer is a generator the transport drains.
 Both directions stream, so multi-GB imaging payloads never have to sit whole in memory:
-incoming attachments are spooled to :class:`tempfile.SpooledTemporaryFile` and outgoing
+incoming attachments are spooled encrypted (``encrypted_spool.EncryptedSpool``) and outgoing
 attachment bodies are passed through chunk by chunk.
 
 References: RFC 2045/2046 (MIME, multipart), RFC 2387 (multipart/related), RFC 2392 (cid:),
@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import binascii
 import enum
-import tempfile
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import IO
+from typing import IO, cast
 from urllib.parse import unquote
+
+from xca_gateway.encrypted_spool import EncryptedSpool
 
 __all__ = [
     "Attachment",
@@ -560,9 +561,9 @@ class MtomRequestReader:
     """Assemble an MTOM request body fed in arbitrary chunks.
 
     The root part (the SOAP envelope) is kept in memory up to ``max_root_bytes``; every other
-    part is spooled to a :class:`tempfile.SpooledTemporaryFile` that rolls to disk (in
-    ``spool_dir``) beyond ``spool_threshold`` bytes. Limits raise :class:`MtomError` as soon as
-    they are crossed, and temp files are then closed.
+    part is spooled to an :class:`EncryptedSpool` that rolls to disk (an unnamed, AES-GCM
+    encrypted file in ``spool_dir``) beyond ``spool_threshold`` bytes. Limits raise
+    :class:`MtomError` as soon as they are crossed, and temp files are then closed.
     """
 
     def __init__(
@@ -694,9 +695,8 @@ class MtomRequestReader:
             return
         if cid is None:
             raise MtomError("non-root MIME part without Content-ID")
-        spool: IO[bytes] = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - owned by Attachment
-            max_size=self.spool_threshold, mode="w+b", dir=self.spool_dir
-        )
+        # Patient data: spooled encrypted, on a file with no name (encrypted_spool.py).
+        spool = cast(IO[bytes], EncryptedSpool(max_size=self.spool_threshold, dir=self.spool_dir))
         att = Attachment(
             content_id=cid, content_type=h.content_type, size=0, file=spool, headers=h.headers
         )
