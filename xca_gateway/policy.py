@@ -41,6 +41,7 @@ from xca_gateway.security.callers import (
     Principal,
     Role,
 )
+from xca_gateway.security.config import parse_caller_rule
 from xca_gateway.server import PeerInfo
 from xca_gateway.soap_service import Operation, SoapRequest, SoapResponse
 from xca_gateway.transactions import TRANSACTIONS, TransactionSpec
@@ -322,67 +323,10 @@ _RULE_KEYS = {
     "xua_exempt",
 }
 
-_CALLER_KEYS = {
-    "name",
-    "roles",
-    "home_community_id",
-    "certificate_subjects",
-    "certificate_fingerprints",
-    "certificate_dns_names",
-    "certificate_uris",
-    "ae_titles",
-    "addresses",
-}
-
 
 def _caller(table: Any, index: int) -> CallerRule:
-    if not isinstance(table, dict):
-        raise PolicyError("[[policy.callers]] must be an array of tables")
-    name = str(table.get("name") or f"caller {index + 1}")
-    what = f"policy.callers[{name}]"
-    unknown = set(table) - _CALLER_KEYS
-    if unknown:
-        raise PolicyError(f"{what}: unknown key(s): {', '.join(sorted(unknown))}")
-    roles: set[Role] = set()
-    for value in _strings(table.get("roles", []), f"{what}.roles"):
-        try:
-            roles.add(Role(value))
-        except ValueError:
-            known = ", ".join(r.value for r in Role)
-            raise PolicyError(f"{what}.roles: unknown role {value!r} (one of {known})") from None
-    if not roles:
-        raise PolicyError(f"{what}.roles: name at least one role")
-    rule = CallerRule(
-        name=name,
-        roles=frozenset(roles),
-        home_community_id=table.get("home_community_id"),
-        certificate_subjects=frozenset(
-            _strings(table.get("certificate_subjects", []), f"{what}.certificate_subjects")
-        ),
-        certificate_fingerprints=frozenset(
-            _fingerprint(f)
-            for f in _strings(
-                table.get("certificate_fingerprints", []), f"{what}.certificate_fingerprints"
-            )
-        ),
-        certificate_dns_names=frozenset(
-            _strings(table.get("certificate_dns_names", []), f"{what}.certificate_dns_names")
-        ),
-        certificate_uris=frozenset(
-            _strings(table.get("certificate_uris", []), f"{what}.certificate_uris")
-        ),
-        ae_titles=frozenset(_strings(table.get("ae_titles", []), f"{what}.ae_titles")),
-        addresses=frozenset(_strings(table.get("addresses", []), f"{what}.addresses")),
-    )
-    if not (
-        rule.certificate_subjects
-        or rule.certificate_fingerprints
-        or rule.certificate_dns_names
-        or rule.certificate_uris
-        or rule.addresses
-    ):
-        raise PolicyError(f"{what}: name the caller by certificate or (loopback) addresses")
-    return rule
+    # The same entry keys wherever a caller is configured (the ARR's [[arr.access.callers]] too).
+    return parse_caller_rule(table, index, section="policy.callers", error=PolicyError)
 
 
 def _rule(table: Any, index: int, require_xua: bool) -> PeerRule:

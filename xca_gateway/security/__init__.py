@@ -11,11 +11,13 @@ from xca_gateway.security.callers import (
     Role,
     current_caller,
 )
+from xca_gateway.security.config import CallerConfigError, parse_caller_rule
 from xca_gateway.security.guard import DoorGuard, access_denied_message, identity_from_peer
 
 __all__ = [
     "ACCESS",
     "AccessDecision",
+    "CallerConfigError",
     "CallerDirectory",
     "CallerRule",
     "Door",
@@ -26,4 +28,5 @@ __all__ = [
     "access_denied_message",
     "current_caller",
     "identity_from_peer",
+    "parse_caller_rule",
 ]

@@ -1,0 +1,100 @@
+"""Configuration of the caller model: one ``callers`` entry (TOML table) → :class:`CallerRule`.
+
+The gateway's ``[[policy.callers]]`` and the audit record repository's ``[[arr.access.callers]]``
+use the same keys, parsed here, so that a principal is described the same way wherever it calls.
+A listener that needs more per caller (the repository binds AuditSourceIDs to its audit sources)
+names its extra keys and reads them itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from xca_gateway.security.callers import CallerRule, Role, normalize_fingerprint
+
+CALLER_KEYS = frozenset(
+    {
+        "name",
+        "roles",
+        "home_community_id",
+        "certificate_subjects",
+        "certificate_fingerprints",
+        "certificate_dns_names",
+        "certificate_uris",
+        "ae_titles",
+        "addresses",
+    }
+)
+
+
+class CallerConfigError(ValueError):
+    """A ``callers`` entry that cannot be used."""
+
+
+def config_strings(
+    value: Any, what: str, error: type[ValueError] = CallerConfigError
+) -> tuple[str, ...]:
+    """A string or a list of strings (a lone string is a list of one)."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise error(f"{what} must be a list of strings")
+    return tuple(value)
+
+
+def parse_caller_rule(
+    table: Any,
+    index: int,
+    *,
+    section: str = "policy.callers",
+    extra_keys: Iterable[str] = (),
+    error: type[ValueError] = CallerConfigError,
+) -> CallerRule:
+    """One caller entry; ``section`` names it in messages, ``extra_keys`` are left to the
+    caller, and ``error`` is the exception type raised for a bad entry."""
+    if not isinstance(table, dict):
+        raise error(f"[[{section}]] must be an array of tables")
+    name = str(table.get("name") or f"caller {index + 1}")
+    what = f"{section}[{name}]"
+    unknown = set(table) - CALLER_KEYS - set(extra_keys)
+    if unknown:
+        raise error(f"{what}: unknown key(s): {', '.join(sorted(unknown))}")
+
+    def strings(key: str) -> frozenset[str]:
+        return frozenset(config_strings(table.get(key, []), f"{what}.{key}", error))
+
+    roles: set[Role] = set()
+    for value in config_strings(table.get("roles", []), f"{what}.roles", error):
+        try:
+            roles.add(Role(value))
+        except ValueError:
+            known = ", ".join(r.value for r in Role)
+            raise error(f"{what}.roles: unknown role {value!r} (one of {known})") from None
+    if not roles:
+        raise error(f"{what}.roles: name at least one role")
+    hcid = table.get("home_community_id")
+    if hcid is not None and not isinstance(hcid, str):
+        raise error(f"{what}.home_community_id must be a string")
+    rule = CallerRule(
+        name=name,
+        roles=frozenset(roles),
+        home_community_id=hcid,
+        certificate_subjects=strings("certificate_subjects"),
+        certificate_fingerprints=frozenset(
+            normalize_fingerprint(f) for f in strings("certificate_fingerprints")
+        ),
+        certificate_dns_names=strings("certificate_dns_names"),
+        certificate_uris=strings("certificate_uris"),
+        ae_titles=strings("ae_titles"),
+        addresses=strings("addresses"),
+    )
+    if not (
+        rule.certificate_subjects
+        or rule.certificate_fingerprints
+        or rule.certificate_dns_names
+        or rule.certificate_uris
+        or rule.addresses
+    ):
+        raise error(f"{what}: name the caller by certificate or (loopback) addresses")
+    return rule
