@@ -42,6 +42,7 @@ from typing import Any
 import httpx
 
 from xca_gateway.arr.app import arr_config_toml, create_officer, load_arr_config
+from xca_gateway.arr.harness import dev_access
 from xca_gateway.arr.parse import (
     AuditRecord,
     parse_record,
@@ -152,6 +153,8 @@ def start_repository(workdir: Path, pki: DevPki) -> tuple[subprocess.Popen[bytes
             private_key=str(pki.communities["arr"].key),
             trust_store=str(pki.ca),
             database=str(workdir / "arr.sqlite3"),
+            # alpha sends, the client searches (deny by default otherwise).
+            callers=dev_access(pki)["callers"],
         ),
         encoding="utf-8",
     )

@@ -54,6 +54,11 @@ class Target:
     def ca(self) -> Path:
         return Path(self.endpoints["ca"])
 
+    def audit_consumer_context(self) -> ssl.SSLContext:
+        """The identity that may search the audit trail (ITI-81): only the auditConsumer."""
+        pair = self.endpoints["auditRepository"]["auditConsumer"]
+        return client_context(self.ca, Path(pair["cert"]), Path(pair["key"]))
+
     def context(self, who: str | None = "client") -> ssl.SSLContext:
         if who is None:
             return client_context(self.ca)

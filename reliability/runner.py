@@ -301,7 +301,7 @@ def expected_audit(target: Target, study: Study, queries: int, retrievals: int) 
 
 def audit_total(target: Target, since: datetime, source: str, subtype: str) -> int:
     fhir = target.endpoints["auditRepository"]["fhir"]
-    with httpx.Client(verify=target.context(), timeout=60) as http:
+    with httpx.Client(verify=target.audit_consumer_context(), timeout=60) as http:
         response = http.get(
             fhir + "/AuditEvent",
             params={

@@ -36,6 +36,13 @@ def write_config(pki: DevPki, tmp_path: Path) -> Path:
             trust_store=str(pki.ca),
             database="data/arr.sqlite3",  # relative to the file
             communities={"urn:oid:1.2.3": "north"},
+            callers=[
+                {
+                    "name": "auditor",
+                    "roles": ["audit-consumer"],
+                    "certificate_uris": ["urn:xca-gateway:client:consumer"],
+                }
+            ],
         ),
         encoding="utf-8",
     )
@@ -192,6 +199,7 @@ def test_demo_support_runs_a_repository_the_gateways_audit_to(tmp_path: Path) ->
         private_key=pki.communities["arr"].key,
         trust_store=pki.ca,
         communities={"urn:oid:1.3.6.1.4.1.21367.13.70.1": "north"},
+        pki=pki,
     )
     process = subprocess.Popen(
         plan.command(),
@@ -204,7 +212,9 @@ def test_demo_support_runs_a_repository_the_gateways_audit_to(tmp_path: Path) ->
         assert process.stdout is not None
         assert json.loads(process.stdout.readline())["ui"] == plan.ui_url
         entry = plan.endpoints_json()
-        assert set(entry) == {"syslogTls", "syslogUdp", "fhir", "ui", "officer"}
+        assert set(entry) == {"syslogTls", "syslogUdp", "fhir", "ui", "officer", "auditConsumer"}
+        auditor = entry["auditConsumer"]
+        assert auditor["cert"] == str(pki.dir / "client-audit-consumer.pem")
         north = pki.communities["north"]
         tls = TlsConfig(certificate=north.cert, private_key=north.key, trust_store=pki.ca)
         table = tomllib.loads(plan.audit_destinations_toml("north-gateway"))["audit"]
@@ -218,7 +228,12 @@ def test_demo_support_runs_a_repository_the_gateways_audit_to(tmp_path: Path) ->
             await trail.stop()
 
         asyncio.run(audit())
+        # The demo client is a local consumer, not an audit consumer.
         ctx = client_context(pki.ca, pki.client.cert, pki.client.key)
+        with httpx.Client(verify=ctx, timeout=10) as client:
+            refused = client.get(entry["fhir"] + "/AuditEvent", params={"date": "ge2020"})
+            assert refused.status_code == 403, refused.text
+        ctx = client_context(pki.ca, Path(auditor["cert"]), Path(auditor["key"]))
         with httpx.Client(verify=ctx, timeout=10) as client:
             deadline = time.monotonic() + 20
             total = 0
@@ -247,3 +262,78 @@ def test_demo_support_runs_a_repository_the_gateways_audit_to(tmp_path: Path) ->
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)
+
+
+def test_access_configuration_uses_the_caller_entry_keys(tmp_path: Path) -> None:
+    """[[arr.access.callers]] takes the keys of [[policy.callers]] (one parser) plus
+    audit_source_ids; mistakes are configuration errors, not a repository open to all."""
+    from xca_gateway.arr.access import parse_access
+    from xca_gateway.config import ConfigError
+    from xca_gateway.security.callers import Identity, Role
+
+    access = parse_access(
+        {
+            "callers": [
+                {
+                    "name": "north",
+                    "roles": ["audit-source"],
+                    "certificate_dns_names": ["north.example"],
+                    "audit_source_ids": ["north-gateway"],
+                },
+                {
+                    "name": "relay",
+                    "roles": ["audit-source"],
+                    "certificate_subjects": ["CN=relay"],
+                    "audit_source_ids": ["*"],
+                },
+                {"name": "legacy", "roles": ["audit-source"], "addresses": ["127.0.0.5"]},
+                {
+                    "name": "siem",
+                    "roles": ["audit-consumer"],
+                    "certificate_fingerprints": ["AB:cd"],
+                },
+            ]
+        }
+    )
+    north = Identity("127.0.0.1", "CN=north", "00", san_dns=("north.example",))
+    assert access.bound_source_ids(north) == frozenset({"north-gateway"})
+    assert access.bound_source_ids(Identity("127.0.0.1", "CN=relay", "01")) is None
+    assert access.bound_source_ids(Identity("127.0.0.5")) == frozenset()
+    assert access.udp_senders == frozenset({"127.0.0.5"})
+    siem = access.directory().identify(Identity("127.0.0.1", "CN=x", "abcd"))
+    assert siem is not None and siem.roles == {Role.AUDIT_CONSUMER}
+    for bad in (
+        {
+            "callers": [
+                {
+                    "name": "x",
+                    "roles": ["audit-consumer"],
+                    "addresses": ["127.0.0.1"],
+                    "audit_source_ids": ["x"],
+                }
+            ]
+        },
+        {"callers": [{"name": "x", "roles": ["auditor"], "addresses": ["127.0.0.1"]}]},
+        {"callers": [{"name": "x", "roles": ["audit-source"]}]},
+        {
+            "callers": [
+                {"name": "x", "roles": ["audit-source"], "addresses": "127.0.0.1", "surprise": 1}
+            ]
+        },
+        {"default": "allow"},
+    ):
+        with pytest.raises(ConfigError):
+            parse_access(bad)
+    path = tmp_path / "arr.toml"
+    path.write_text(
+        arr_config_toml(
+            certificate="a.pem",
+            private_key="a.key",
+            trust_store="ca.pem",
+            database="x.sqlite3",
+            callers=[
+                {"name": "siem", "roles": ["audit-consumer"], "certificate_subjects": ["CN=s"]}
+            ],
+        )
+    )
+    assert load_arr_config(path).access.directory().rules[0].name == "siem"

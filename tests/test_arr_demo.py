@@ -71,6 +71,13 @@ def consumer(data: dict[str, Any]) -> httpx.Client:
     return httpx.Client(verify=ctx, timeout=60)
 
 
+def audit_consumer(data: dict[str, Any]) -> httpx.Client:
+    """The identity that may search ITI-81 (contract.md: auditRepository.auditConsumer)."""
+    pair = data["auditRepository"]["auditConsumer"]
+    ctx = client_context(Path(data["ca"]), Path(pair["cert"]), Path(pair["key"]))
+    return httpx.Client(verify=ctx, timeout=60)
+
+
 def alice(data: dict[str, Any], community: int) -> str:
     patients = data["communities"][community]["samplePatients"]
     return str(next(p["id"] for p in patients if p["crossCommunityKey"] == "alice"))
@@ -93,7 +100,7 @@ def run_consumer_query(data: dict[str, Any]) -> None:
 
 def search(data: dict[str, Any], **params: str) -> Bundle:
     arr = data["auditRepository"]
-    with consumer(data) as client:
+    with audit_consumer(data) as client:
         response = client.get(arr["fhir"] + "/AuditEvent", params=params)
     assert response.status_code == 200, response.text
     return Bundle.model_validate(response.json())
@@ -121,6 +128,19 @@ def test_iti81_returns_what_the_demo_gateways_audited(demo: dict[str, Any]) -> N
             break
         time.sleep(1)
     assert seen == {c["name"] for c in demo["communities"]}
+
+
+def test_only_the_audit_consumer_searches_the_demo_trail(demo: dict[str, Any]) -> None:
+    """ITI-81 answered any trusted certificate before; now the demo client (a local consumer
+    every community lists) and a gateway certificate are refused, the auditConsumer is not."""
+    arr = demo["auditRepository"]
+    url = arr["fhir"] + "/AuditEvent"
+    with consumer(demo) as client:
+        refused = client.get(url, params={"date": "ge2020"})
+    assert refused.status_code == 403
+    assert refused.json()["resourceType"] == "OperationOutcome"
+    with audit_consumer(demo) as client:
+        assert client.get(url, params={"date": "ge2020"}).status_code == 200
 
 
 def test_officer_reviews_the_demo_in_chromium(demo: dict[str, Any]) -> None:

@@ -427,3 +427,99 @@ def test_a_gateway_configured_with_audit_reports_its_transactions(
         x.role and x.role.code == "24" and x.query and b"AdhocQueryRequest" in x.query
         for x in event.entity
     )
+
+
+def test_iti81_and_raw_messages_are_for_audit_consumers_and_officers_only(
+    arr_pki: DevPki, tmp_path: Path
+) -> None:
+    """A trusted certificate is not enough: only the listed audit consumer, a listed officer
+    certificate and officers' registered certificates search; everyone else gets a 403
+    OperationOutcome and exactly one Security Alert naming the verified subject."""
+    from xca_gateway.arr.web import new_officer
+    from xca_gateway.pki import certificate_info, issue_client_certificate
+
+    auditor = issue_client_certificate(arr_pki, "audit-consumer")
+    access = {
+        "callers": [
+            {
+                "name": "auditor",
+                "roles": ["audit-consumer"],
+                "certificate_uris": ["urn:xca-gateway:client:audit-consumer"],
+            },
+            {
+                "name": "beta officer workstation",
+                "roles": ["security-officer"],
+                "certificate_dns_names": ["beta.xca-gateway.test"],
+            },
+            {
+                "name": "alpha gateway",
+                "roles": ["audit-source"],
+                "certificate_dns_names": ["alpha.xca-gateway.test"],
+                "audit_source_ids": ["north-gw"],
+            },
+        ]
+    }
+    thread = RepositoryThread(dev_config(arr_pki, tmp_path, name="gamma", access=access))
+    with thread as repo:
+        assert repo.syslog_tls is not None
+        alpha = arr_pki.communities["alpha"]
+        ctx = client_context(arr_pki.ca, alpha.cert, alpha.key)
+        with (
+            socket.create_connection(("127.0.0.1", repo.syslog_tls.port)) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(_message(0))
+        assert wait_for(lambda: (thread.flush(), repo.store.total())[1] >= 1, timeout=20)
+        (first,) = repo.store.search(EventFilter(), limit=1, newest_first=False)
+        search = repo.fhir_base + "/AuditEvent?date=ge2020"
+        raw_url = f"{repo.fhir_base}/AuditEvent/{first.id}/$raw"
+
+        def client_for(cert: Path, key: Path) -> httpx.Client:
+            return httpx.Client(verify=client_context(arr_pki.ca, cert, key), timeout=30)
+
+        refused = 0
+        for pair in (arr_pki.client, alpha):
+            with client_for(pair.cert, pair.key) as client:
+                for url in (search, raw_url, repo.fhir_base + "/metadata"):
+                    response = client.get(url)
+                    assert response.status_code == 403, (url, response.text)
+                    outcome = OperationOutcome.model_validate(response.json())
+                    assert outcome.issue[0].code == "forbidden"
+                    assert b"AuditMessage" not in response.content
+                    refused += 1
+        for pair in (auditor, arr_pki.communities["beta"]):
+            with client_for(pair.cert, pair.key) as client:
+                assert bundle_of(client.get(search)).total is not None
+                assert client.get(raw_url).content == first_raw(repo, first.id)
+        # An officer account with a registered certificate may use the API as well.
+        fingerprint = certificate_info(arr_pki.client.cert.read_bytes()).fingerprint_sha256
+        repo.store.add_officer(new_officer("olga", None, fingerprint))
+        with client_for(arr_pki.client.cert, arr_pki.client.key) as client:
+            assert client.get(raw_url).content == first_raw(repo, first.id)
+
+        alerts = EventFilter(event_codes=(("110113",),), subtypes=(("110132",),))
+        assert wait_for(lambda: (thread.flush(), repo.store.count(alerts))[1] >= refused)
+        thread.flush()
+        assert repo.store.count(alerts) == refused
+        assert repo.counters.get("refused_callers", "iti81") == refused
+        subjects = {certificate_info(p.cert.read_bytes()).subject for p in (arr_pki.client, alpha)}
+        named: set[str] = set()
+        resources: set[str] = set()
+        for row in repo.store.search(alerts, limit=100):
+            stored = repo.store.get(row.id)
+            assert stored is not None
+            record = stored.record()
+            requestor = next(p for p in record.participants if p.user_is_requestor)
+            named.add(requestor.user_id)
+            resources.update(e.object_id for e in record.entities)
+            assert record.outcome == 4
+        assert named == subjects
+        assert {"/fhir/AuditEvent", f"/fhir/AuditEvent/{first.id}/$raw", "/fhir/metadata"} <= (
+            resources
+        )
+
+
+def first_raw(repo: AuditRecordRepository, event_id: int) -> bytes:
+    stored = repo.store.get(event_id)
+    assert stored is not None
+    return stored.raw

@@ -478,6 +478,9 @@ class Demo:
             communities={c.home_community_id: c.name for c in self.communities},
             xref_csv=xref,
             base_port=self.base_port + 10 * len(self.communities) if self.base_port else 0,
+            # Deny by default: the gateways are its audit sources, bound to their
+            # <community>-gateway AuditSourceIDs, and an auditConsumer certificate searches.
+            pki=pki,
         )
         communities_json = []
         for c, https, admin in bound:

@@ -29,6 +29,17 @@ Example ``arr.toml``::
 
     [arr.communities]                      # display names in the UI
     "urn:oid:1.3.6.1.4.1.21367.13.70.1" = "north"
+
+    [[arr.access.callers]]                 # deny by default: who may send and search
+    name = "north gateway"
+    roles = ["audit-source"]
+    certificate_dns_names = ["north.example.org"]
+    audit_source_ids = ["north-gateway"]   # what it may report as (else: flagged)
+
+    [[arr.access.callers]]
+    name = "SIEM"
+    roles = ["audit-consumer"]             # ITI-81 and raw messages
+    certificate_fingerprints = ["3f9a..."]
 """
 
 from __future__ import annotations
@@ -45,10 +56,12 @@ import socket
 import ssl
 import sys
 import tomllib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from xca_gateway.arr.access import ArrAccess, access_toml, parse_access
 from xca_gateway.arr.fhir import (
     FHIR_JSON,
     FhirError,
@@ -75,10 +88,14 @@ from xca_gateway.arr.web import (
     SelfAudit,
     UiSettings,
     new_officer,
+    request_cookies,
 )
 from xca_gateway.audit.messages import security_alert_node_authentication
 from xca_gateway.audit.syslog import format_message
 from xca_gateway.config import ConfigError, TlsConfig
+from xca_gateway.pki import CertPair, DevPki, issue_client_certificate
+from xca_gateway.security.callers import AccessDecision, CallerRule, Door, Role, decide
+from xca_gateway.security.guard import DoorGuard, access_denied_message, identity_from_peer
 from xca_gateway.server import HttpServer, Request, Response, ServerTimeouts
 from xca_gateway.tls import HandshakeFailure, enable_certificate_capture, server_context
 
@@ -120,6 +137,8 @@ class ArrConfig:
     hostname: str = field(default_factory=socket.gethostname)
     # Let /fhir be used with an officer's UI session too (handy to look at raw JSON).
     fhir_allow_officer_session: bool = True
+    # Who may send records and search them ([arr.access]); nobody unless listed.
+    access: ArrAccess = field(default_factory=ArrAccess)
 
 
 def _path(base: Path, value: Any, what: str) -> Path:
@@ -173,6 +192,7 @@ def parse_arr_config(table: dict[str, Any], base_dir: Path) -> ArrConfig:
             "enterprise_site_id",
             "hostname",
             "fhir_allow_officer_session",
+            "access",
         },
         "arr",
     )
@@ -243,6 +263,8 @@ def parse_arr_config(table: dict[str, Any], base_dir: Path) -> ArrConfig:
             extra[key] = data[key]
     if "fhir_allow_officer_session" in data:
         extra["fhir_allow_officer_session"] = bool(data["fhir_allow_officer_session"])
+    if "access" in data:
+        extra["access"] = parse_access(data["access"])
     return ArrConfig(
         tls=tls,
         database=database,
@@ -285,8 +307,10 @@ def arr_config_toml(
     audit_source_id: str = "xca-gateway-arr",
     communities: dict[str, str] | None = None,
     xref_csv: str | None = None,
+    callers: Sequence[Mapping[str, Any]] = (),
 ) -> str:
-    """A configuration file for the demo launcher (ports may be inherited sockets instead)."""
+    """A configuration file for the demo launcher (ports may be inherited sockets instead);
+    ``callers`` become ``[[arr.access.callers]]`` (nobody may send or search otherwise)."""
 
     def q(value: str) -> str:
         return json.dumps(value)
@@ -318,6 +342,8 @@ def arr_config_toml(
         lines.append("[arr.communities]")
         lines += [f"{q(k)} = {q(v)}" for k, v in communities.items()]
         lines.append("")
+    if callers:
+        lines.append(access_toml(callers))
     return "\n".join(lines)
 
 
@@ -379,6 +405,9 @@ class AuditRecordRepository:
             hostname=config.hostname,
             application_id="xca-gateway-arr",
         )
+        # Deny by default: the access list names every audit source and audit consumer.
+        self._directory = config.access.directory()
+        self.guard = DoorGuard(lambda: self._directory, on_refusal=self._on_refusal)
         xref = PatientXref.load(config.xref_csv) if config.xref_csv else None
         self.ui = ReviewUI(self.store, config.ui, self.self_audit, xref=xref, status=self.status)
         self.https = HttpServer(
@@ -468,6 +497,15 @@ class AuditRecordRepository:
     def _submit_local(self, raw: bytes) -> None:
         self.ingestor.submit_record_bytes(raw, "127.0.0.1", "local")
 
+    def _on_refusal(self, decision: AccessDecision, resource: str) -> None:
+        """A caller refused at a door is a Security Alert in our own trail (once)."""
+        self.counters.inc("refused_callers", str(decision.door))
+        self.self_audit.record(
+            access_denied_message(
+                self.self_audit.ctx, decision, resource=resource, reporter_user_id="xca-gateway-arr"
+            )
+        )
+
     def _on_ui_handshake_failure(self, failure: HandshakeFailure) -> None:
         """Browsers open speculative connections and drop them mid-handshake; only refusals
         that involve a certificate (or a protocol the node tried) are Security Alerts."""
@@ -514,27 +552,58 @@ class AuditRecordRepository:
             log.exception("request %s %s failed", request.method, request.path)
             return Response(500, [("content-type", "text/plain")], b"internal error\n")
 
-    def _fhir_user(self, request: Request) -> tuple[str, str | None] | None:
-        cert = request.peer.certificate
-        if cert is not None:
-            return cert.subject, cert.subject
-        if self.config.fhir_allow_officer_session:
-            from xca_gateway.arr.web import _cookies
+    async def _fhir_caller(self, request: Request) -> tuple[str, str | None] | Response:
+        """Admit an ITI-81 caller (audit consumers and security officers only), or refuse.
 
-            session = self.ui.sessions.get(_cookies(request).get(SESSION_COOKIE))
+        A client certificate counts only if the access list (or an officer account) names it;
+        an officer signed in to the UI may use the API too. A refusal is a 401 (nothing
+        presented) or a 403, audited once as a Security Alert naming what was verified.
+        """
+        resource = request.path
+        identity = identity_from_peer(request.peer)
+        directory = self._directory
+        if identity.certificate_fingerprint is not None:
+            officer = await asyncio.to_thread(
+                self.store.officer_by_certificate, identity.certificate_fingerprint
+            )
+            if officer is not None:
+                directory = directory.with_rules(
+                    [
+                        CallerRule(
+                            f"officer {officer.username}",
+                            frozenset({Role.SECURITY_OFFICER}),
+                            certificate_fingerprints=frozenset({identity.certificate_fingerprint}),
+                        )
+                    ]
+                )
+        decision = decide(directory, identity, Door.ITI81)
+        if decision.allowed and decision.principal is not None:
+            return decision.principal.user_id, decision.principal.name
+        if self.config.fhir_allow_officer_session:
+            session = self.ui.sessions.get(request_cookies(request).get(SESSION_COOKIE))
             if session is not None:
                 return session.username, None
-        return None
-
-    async def _fhir(self, request: Request) -> Response:
-        user = self._fhir_user(request)
-        if user is None:
+        self.guard.refuse(decision, resource)
+        if not identity.has_certificate:
             return _json(
                 401,
                 operation_outcome(
                     "security", "a client certificate (ATNA secure node) or a session is required"
                 ),
             )
+        return _json(
+            403,
+            operation_outcome(
+                "forbidden",
+                "this certificate is not an audit consumer or security officer of this "
+                "audit record repository",
+            ),
+        )
+
+    async def _fhir(self, request: Request) -> Response:
+        user = await self._fhir_caller(request)
+        if isinstance(user, Response):
+            return user
         if request.method != "GET":
             return _json(405, operation_outcome("not-supported", "the audit trail is read-only"))
         path = request.path[len("/fhir") :].strip("/")
@@ -626,12 +695,15 @@ class DemoRepository:
     config_path: Path
     https: socket.socket
     syslog_tls: socket.socket
-    syslog_udp: socket.socket
+    # None: UDP syslog is off (the secured default).
+    syslog_udp: socket.socket | None
     officer_username: str
     officer_password: str
     https_port: int
     syslog_tls_port: int
-    syslog_udp_port: int
+    syslog_udp_port: int | None
+    # The client certificate that may search ITI-81 (endpoints.json auditConsumer).
+    audit_consumer: CertPair | None = None
 
     @property
     def ui_url(self) -> str:
@@ -640,30 +712,41 @@ class DemoRepository:
     def command(self) -> list[str]:
         return [sys.executable, "-m", "xca_gateway.arr", "serve", "--config", str(self.config_path)]
 
-    def pass_fds(self) -> tuple[int, int, int]:
-        return (self.https.fileno(), self.syslog_tls.fileno(), self.syslog_udp.fileno())
+    def _sockets(self) -> dict[str, socket.socket]:
+        found = {"https": self.https, "syslog-tls": self.syslog_tls}
+        if self.syslog_udp is not None:
+            found["syslog-udp"] = self.syslog_udp
+        return found
+
+    def pass_fds(self) -> tuple[int, ...]:
+        return tuple(sock.fileno() for sock in self._sockets().values())
 
     def environment(self) -> dict[str, str]:
         """The variables to add to the child's environment (inherited listening sockets)."""
         return {
-            LISTEN_FDS_ENV: f"https={self.https.fileno()},syslog-tls={self.syslog_tls.fileno()},"
-            f"syslog-udp={self.syslog_udp.fileno()}"
+            LISTEN_FDS_ENV: ",".join(
+                f"{name}={sock.fileno()}" for name, sock in self._sockets().items()
+            )
         }
 
     def close_sockets(self) -> None:
         """Once the child runs, the launcher's copies of the sockets can go."""
-        for sock in (self.https, self.syslog_tls, self.syslog_udp):
+        for sock in self._sockets().values():
             sock.close()
 
     def endpoints_json(self) -> dict[str, Any]:
         """The ``auditRepository`` entry of endpoints.json (contract.md)."""
-        return {
-            "syslogTls": f"127.0.0.1:{self.syslog_tls_port}",
-            "syslogUdp": f"127.0.0.1:{self.syslog_udp_port}",
+        out: dict[str, Any] = {"syslogTls": f"127.0.0.1:{self.syslog_tls_port}"}
+        if self.syslog_udp_port is not None:
+            out["syslogUdp"] = f"127.0.0.1:{self.syslog_udp_port}"
+        out |= {
             "fhir": f"{self.ui_url}/fhir",
             "ui": self.ui_url,
             "officer": {"username": self.officer_username, "password": self.officer_password},
         }
+        if self.audit_consumer is not None:
+            out["auditConsumer"] = self.audit_consumer.to_json()
+        return out
 
     def audit_destinations_toml(self, audit_source_id: str | None = None) -> str:
         """The ``[audit]`` section for a demo gateway's configuration: send to this repository
@@ -693,6 +776,40 @@ def _bind(kind: int, port: int) -> socket.socket:
     return sock
 
 
+def demo_callers(
+    audit_sources: Mapping[str, Path], audit_consumer: Path | None
+) -> list[dict[str, Any]]:
+    """The demo's ``[[arr.access.callers]]``: each audit source's certificate (by fingerprint)
+    bound to its AuditSourceIDs, and the audit consumer."""
+    from xca_gateway.pki import certificate_info
+
+    by_cert: dict[str, list[str]] = {}
+    names: dict[str, str] = {}
+    for source_id, cert in audit_sources.items():
+        info = certificate_info(cert.read_bytes())
+        by_cert.setdefault(info.fingerprint_sha256, []).append(source_id)
+        names.setdefault(info.fingerprint_sha256, info.subject)
+    callers: list[dict[str, Any]] = [
+        {
+            "name": names[fingerprint],
+            "roles": ["audit-source"],
+            "certificate_fingerprints": [fingerprint],
+            "audit_source_ids": ids,
+        }
+        for fingerprint, ids in by_cert.items()
+    ]
+    if audit_consumer is not None:
+        info = certificate_info(audit_consumer.read_bytes())
+        callers.append(
+            {
+                "name": "demo audit consumer",
+                "roles": ["audit-consumer"],
+                "certificate_fingerprints": [info.fingerprint_sha256],
+            }
+        )
+    return callers
+
+
 def prepare_demo(
     workdir: Path,
     *,
@@ -703,15 +820,36 @@ def prepare_demo(
     xref_csv: Path | None = None,
     base_port: int = 0,
     officer_username: str = "officer",
+    pki: DevPki | None = None,
+    audit_sources: Mapping[str, Path] | None = None,
+    audit_consumer: CertPair | None = None,
+    udp: bool = True,
 ) -> DemoRepository:
     """Bind the repository's sockets (base_port, +1, +2 UDP; 0 = free ports), write its
-    configuration under ``workdir`` and create the demo officer with a fresh password."""
+    configuration under ``workdir`` and create the demo officer with a fresh password.
+
+    Who may send and search is deny-by-default: ``audit_sources`` maps each AuditSourceID to
+    the certificate (PEM file) that may report as it, and ``audit_consumer`` may search
+    ITI-81. With the demo's ``pki`` they default to each community's gateway certificate bound
+    to ``<community>-gateway``, the demo ``client`` bound to ``xca-gateway-import`` (what
+    ``import-priors --endpoints`` reports as), and a ``client-audit-consumer`` certificate
+    issued from the demo CA. ``udp`` binds a UDP syslog port (no sender is listed for it)."""
     import secrets
 
+    if pki is not None:
+        if audit_sources is None:
+            audit_sources = {
+                f"{name}-gateway": pki.communities[name].cert
+                for name in (communities or {}).values()
+                if name in pki.communities
+            }
+            audit_sources["xca-gateway-import"] = pki.client.cert
+        if audit_consumer is None:
+            audit_consumer = issue_client_certificate(pki, "audit-consumer")
     workdir.mkdir(parents=True, exist_ok=True)
     https = _bind(socket.SOCK_STREAM, base_port)
     tls = _bind(socket.SOCK_STREAM, base_port + 1 if base_port else 0)
-    udp = _bind(socket.SOCK_DGRAM, base_port + 2 if base_port else 0)
+    udp_sock = _bind(socket.SOCK_DGRAM, base_port + 2 if base_port else 0) if udp else None
     config_path = workdir / "arr.toml"
     text = arr_config_toml(
         certificate=str(certificate),
@@ -719,11 +857,12 @@ def prepare_demo(
         trust_store=str(trust_store),
         database=str(workdir / "data" / "arr.sqlite3"),
         syslog_tls_port=tls.getsockname()[1],
-        syslog_udp_port=udp.getsockname()[1],
+        syslog_udp_port=udp_sock.getsockname()[1] if udp_sock else 0,
         https_port=https.getsockname()[1],
         audit_source_id="demo-arr",
         communities=communities,
         xref_csv=str(xref_csv) if xref_csv else None,
+        callers=demo_callers(audit_sources or {}, audit_consumer.cert if audit_consumer else None),
     )
     tmp = config_path.with_suffix(".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -734,12 +873,13 @@ def prepare_demo(
         config_path,
         https,
         tls,
-        udp,
+        udp_sock,
         officer_username,
         password,
         https_port=https.getsockname()[1],
         syslog_tls_port=tls.getsockname()[1],
-        syslog_udp_port=udp.getsockname()[1],
+        syslog_udp_port=udp_sock.getsockname()[1] if udp_sock else None,
+        audit_consumer=audit_consumer,
     )
 
 

@@ -14,13 +14,37 @@ from typing import Any, TypeVar
 
 from xca_gateway.arr.app import ArrConfig, AuditRecordRepository, parse_arr_config
 from xca_gateway.arr.store import AuditStore
-from xca_gateway.pki import DevPki
+from xca_gateway.pki import COMMUNITY_DOMAIN, DevPki
 
 _T = TypeVar("_T")
 
 
+def dev_access(pki: DevPki) -> dict[str, Any]:
+    """An ``[arr.access]`` table for tests: the PKI's ``client`` is an audit consumer, every
+    community certificate an audit source that may report as any AuditSourceID (tests that
+    look at bindings and refusals pass their own)."""
+    callers: list[dict[str, Any]] = [
+        {
+            "name": "development audit consumer",
+            "roles": ["audit-consumer"],
+            "certificate_uris": ["urn:xca-gateway:client:consumer"],
+        }
+    ]
+    if pki.communities:
+        callers.append(
+            {
+                "name": "development audit sources",
+                "roles": ["audit-source"],
+                "certificate_dns_names": [f"{n}.{COMMUNITY_DOMAIN}" for n in pki.communities],
+                "audit_source_ids": ["*"],
+            }
+        )
+    return {"callers": callers}
+
+
 def dev_config(pki: DevPki, workdir: Path, name: str = "arr", **sections: Any) -> ArrConfig:
-    """A loopback configuration on free ports with the development PKI's ``name`` certificate."""
+    """A loopback configuration on free ports with the development PKI's ``name`` certificate
+    and :func:`dev_access` (unless ``access=`` replaces it)."""
     pair = pki.communities[name]
     table: dict[str, Any] = {
         "database": str(workdir / "arr.sqlite3"),
@@ -34,9 +58,10 @@ def dev_config(pki: DevPki, workdir: Path, name: str = "arr", **sections: Any) -
         # Parsing in-process keeps tests light (no worker processes to spawn).
         "syslog": {"tls_port": 0, "udp_port": 0, "parse_workers": 0},
         "https": {"port": 0},
+        "access": dev_access(pki),
     }
     for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(table.get(key), dict):
+        if isinstance(value, dict) and isinstance(table.get(key), dict) and key != "access":
             table[key] = {**table[key], **value}
         else:
             table[key] = value

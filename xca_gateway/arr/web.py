@@ -210,6 +210,10 @@ class SelfAudit:
         self.application_id = application_id
         self.hostname = hostname
 
+    def record(self, message: am.AuditMessage) -> None:
+        """Store one of the repository's own audit messages (e.g. a refused caller)."""
+        self._send(message)
+
     def _send(self, message: am.AuditMessage) -> None:
         self.submit(
             format_message(
@@ -432,7 +436,7 @@ def _redirect(location: str, headers: Sequence[tuple[str, str]] = ()) -> Respons
     return Response(303, [("location", location), *_SECURITY_HEADERS, *headers], b"")
 
 
-def _cookies(request: Request) -> dict[str, str]:
+def request_cookies(request: Request) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, value in request.headers:
         if name == "cookie":
@@ -551,7 +555,7 @@ class ReviewUI:
             if request.method == "POST":
                 return await self._login_post(request)
             return await self._login_get(request)
-        session = self.sessions.get(_cookies(request).get(SESSION_COOKIE))
+        session = self.sessions.get(request_cookies(request).get(SESSION_COOKIE))
         if session is None:
             if request.method == "GET" and path != "/logout":
                 return _redirect("/login")
@@ -592,7 +596,7 @@ class ReviewUI:
                 return self._start_session(request, officer.username, "certificate")
         # Keep the token of an earlier visit: a browser that fetched the page twice must not
         # end up with a cookie from one response and a form from the other.
-        token = _cookies(request).get(LOGIN_COOKIE, "")
+        token = request_cookies(request).get(LOGIN_COOKIE, "")
         if not re.fullmatch(r"[A-Za-z0-9_-]{32}", token):
             token = secrets.token_urlsafe(24)
         message = f'<p class="error" id="login-error">{esc(error)}</p>' if error else ""
@@ -618,7 +622,7 @@ class ReviewUI:
         except ValueError:
             return _html(400, self._page(None, "Bad request", "<p>Bad form.</p>"))
         address = request.peer.address
-        csrf_cookie = _cookies(request).get(LOGIN_COOKIE, "")
+        csrf_cookie = request_cookies(request).get(LOGIN_COOKIE, "")
         csrf = form.get("csrf", "")
         if not csrf_cookie or not hmac.compare_digest(csrf, csrf_cookie):
             return await self._login_get(request, "The sign-in form expired; please try again.")
