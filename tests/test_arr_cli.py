@@ -214,7 +214,7 @@ def test_demo_support_runs_a_repository_the_gateways_audit_to(tmp_path: Path) ->
         entry = plan.endpoints_json()
         assert set(entry) == {"syslogTls", "syslogUdp", "fhir", "ui", "officer", "auditConsumer"}
         auditor = entry["auditConsumer"]
-        assert auditor["cert"] == str(pki.dir / "client-audit-consumer.pem")
+        assert auditor["cert"] == str(pki.dir / "audit-consumer.pem")
         north = pki.communities["north"]
         tls = TlsConfig(certificate=north.cert, private_key=north.key, trust_store=pki.ca)
         table = tomllib.loads(plan.audit_destinations_toml("north-gateway"))["audit"]

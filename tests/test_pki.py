@@ -27,7 +27,6 @@ from xca_gateway.pki import (
     DevPki,
     certificate_info,
     init_dev_pki,
-    issue_client_certificate,
     load_dev_pki,
 )
 
@@ -191,28 +190,6 @@ def test_consumer_client_certificate(pki: DevPki) -> None:
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     assert uris == ["urn:xca-gateway:client:consumer"]
     assert datetime.now(UTC) < cert.not_valid_after_utc
-
-
-def test_extra_client_certificate_for_a_role(tmp_path: Path) -> None:
-    own = init_dev_pki(tmp_path / "certs", ["alpha"])
-    pair = issue_client_certificate(own, "audit-consumer")
-    assert pair.cert == own.dir / "client-audit-consumer.pem"
-    assert stat.S_IMODE(pair.key.stat().st_mode) == 0o600
-    cert = _cert(pair.cert)
-    cert.verify_directly_issued_by(_cert(own.ca))
-    info = certificate_info(pair.cert.read_bytes())
-    assert info.san_uri == ("urn:xca-gateway:client:audit-consumer",)
-    assert (
-        "CN=audit-consumer" in info.subject
-        and info.subject != certificate_info(own.client.cert.read_bytes()).subject
-    )
-    # Asked again: the same certificate, not a new one.
-    assert issue_client_certificate(own, "audit-consumer") == pair
-    assert _cert(pair.cert).serial_number == cert.serial_number
-    # Still a complete PKI (the manifest is untouched).
-    assert load_dev_pki(own.dir) == own
-    with pytest.raises(ValueError):
-        issue_client_certificate(own, "Not A Label")
 
 
 def test_expired_client_is_expired_but_signed_by_ca(pki: DevPki) -> None:

@@ -566,34 +566,6 @@ def init_dev_pki(
     return pki
 
 
-def issue_client_certificate(pki: DevPki, label: str, *, key_size: int = 2048) -> CertPair:
-    """A client certificate for one more role (an audit consumer, a registering repository ...)
-    from the development CA: ``client-<label>.pem``/``.key`` in the PKI directory, subject
-    ``CN=<label>, OU=client`` and URI SAN ``urn:xca-gateway:client:<label>``.
-
-    Reused when it exists, was issued by this CA and is still valid; otherwise (re)issued.
-    """
-    validate_community_name(label)
-    stem = f"client-{label}"
-    if stem in pki.communities:
-        raise ValueError(f"client label {label!r} collides with the community {stem!r}")
-    pair = CertPair(cert=pki.dir / f"{stem}.pem", key=pki.dir / f"{stem}.key")
-    issuer = _load_issuer(pki.dir, _load_manifest(pki.dir))
-    if pair.cert.is_file() and pair.key.is_file():
-        try:
-            existing = x509.load_pem_x509_certificate(pair.cert.read_bytes())
-        except ValueError:
-            existing = None
-        if (
-            existing is not None
-            and existing.issuer == issuer.cert.subject
-            and existing.not_valid_after_utc > _now() + timedelta(days=1)
-        ):
-            return pair
-    not_before, not_after = _leaf_window(issuer, _now())
-    return _issue_client(pki.dir, issuer, stem, label, key_size, not_before, not_after)
-
-
 def certificate_info(der_or_pem: bytes) -> CertificateInfo:
     """Summarise a certificate given as DER (e.g. ``getpeercert(binary_form=True)``) or PEM.
 

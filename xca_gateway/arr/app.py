@@ -832,7 +832,7 @@ def prepare_demo(
     the certificate (PEM file) that may report as it, and ``audit_consumer`` may search
     ITI-81. With the demo's ``pki`` they default to each community's gateway certificate bound
     to ``<community>-gateway``, the demo ``client`` bound to ``xca-gateway-import`` (what
-    ``import-priors --endpoints`` reports as), and a ``client-audit-consumer`` certificate
+    ``import-priors --endpoints`` reports as), and an ``audit-consumer`` certificate
     issued from the demo CA. ``udp`` binds a UDP syslog port (no sender is listed for it)."""
     import secrets
 
