@@ -110,6 +110,8 @@ def _query(action_query: str = "iti18", home: str | None = None) -> bytes:
 <rim:AdhocQuery id="urn:uuid:14d4debf-8f97-4251-9a74-a90016b0af0d"{home_attr}>
 <rim:Slot name="$XDSDocumentEntryPatientId"><rim:ValueList>
 <rim:Value>'{escape(PATIENT)}'</rim:Value></rim:ValueList></rim:Slot>
+<rim:Slot name="$XDSDocumentEntryStatus"><rim:ValueList>
+<rim:Value>('urn:oasis:names:tc:ebxml-regrep:StatusType:Approved')</rim:Value></rim:ValueList></rim:Slot>
 </rim:AdhocQuery></query:AdhocQueryRequest></s:Body></s:Envelope>""".encode()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -21,12 +22,18 @@ from lxml import etree
 
 from xca_gateway.client import PeerClient, PeerError
 from xca_gateway.config import InitiatingConfig, PeerConfig
-from xca_gateway.ebrim import StoredQueryId
+from xca_gateway.ebrim import ErrorCode, StoredQueryId
 from xca_gateway.ebrs import RegistryError, adhoc_query_response, parse_registry_errors
 from xca_gateway.metrics import GatewayMetrics
 from xca_gateway.namespaces import QUERY, RIM, Action, ErrorSeverity, ResponseStatus
 from xca_gateway.patient_id import PatientId, PatientIdError, parse_patient_id
 from xca_gateway.patient_mapping import PatientIdMapper
+from xca_gateway.registry.stored_query import (
+    ID_BASED_QUERIES,
+    QUERIES,
+    StoredQueryError,
+    parse_stored_query,
+)
 from xca_gateway.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.transactions.iti43 import (
     DocumentRequest,
@@ -39,19 +46,6 @@ from xca_gateway.transactions.iti43 import (
 )
 
 log = logging.getLogger(__name__)
-
-# Patient-based stored queries and the parameter that carries the patient id.
-PATIENT_PARAMETER = {
-    StoredQueryId.FIND_DOCUMENTS: "$XDSDocumentEntryPatientId",
-    StoredQueryId.FIND_DOCUMENTS_BY_REFERENCE_ID: "$XDSDocumentEntryPatientId",
-    StoredQueryId.FIND_SUBMISSION_SETS: "$XDSSubmissionSetPatientId",
-    StoredQueryId.FIND_FOLDERS: "$XDSFolderPatientId",
-    StoredQueryId.GET_ALL: "$patientId",
-}
-ID_BASED_QUERIES = frozenset(
-    v for k, v in vars(StoredQueryId).items() if not k.startswith("_")
-) - set(PATIENT_PARAMETER)
-
 
 # ---------------------------------------------------------------------------- request analysis
 
@@ -69,80 +63,72 @@ class QueryRequest:
 
 
 class QueryRejected(Exception):
-    def __init__(self, error: RegistryError) -> None:
-        super().__init__(error.code_context)
-        self.error = error
-
-
-def _slot_values(adhoc: etree._Element, name: str) -> list[str]:
-    return [
-        (v.text or "").strip()
-        for slot in adhoc.iterfind(f"{{{RIM}}}Slot")
-        if slot.get("name") == name
-        for v in slot.iterfind(f"{{{RIM}}}ValueList/{{{RIM}}}Value")
-    ]
+    def __init__(self, errors: Sequence[RegistryError]) -> None:
+        super().__init__("; ".join(e.code_context for e in errors))
+        self.errors = list(errors)
 
 
 def analyse_query(
     element: etree._Element, *, local_authority: str, known_communities: set[str]
 ) -> QueryRequest:
-    """Validate a consumer's ITI-18 request for fan-out; raise :class:`QueryRejected`."""
-    if element.tag != f"{{{QUERY}}}AdhocQueryRequest":
-        raise QueryRejected(RegistryError("XDSRegistryError", "expected query:AdhocQueryRequest"))
-    adhoc = element.find(f"{{{RIM}}}AdhocQuery")
-    option = element.find(f"{{{QUERY}}}ResponseOption")
-    if adhoc is None or not adhoc.get("id"):
-        raise QueryRejected(
-            RegistryError("XDSRegistryError", "rim:AdhocQuery with an id is required")
-        )
-    query_id = adhoc.get("id", "")
-    return_type = option.get("returnType", "ObjectRef") if option is not None else "ObjectRef"
-    if return_type not in ("ObjectRef", "LeafClass"):
-        raise QueryRejected(
-            RegistryError("XDSRegistryError", f"unsupported returnType {return_type!r}")
-        )
-    home = adhoc.get("home") or None
-    if query_id not in PATIENT_PARAMETER and query_id not in ID_BASED_QUERIES:
-        raise QueryRejected(
-            RegistryError("XDSUnknownStoredQuery", f"unknown stored query id {query_id}")
-        )
-    if home is not None and home not in known_communities:
-        raise QueryRejected(
-            RegistryError("XDSUnknownCommunity", f"no route to community {home}", location=home)
-        )
-    parameter = PATIENT_PARAMETER.get(query_id)
+    """Validate a consumer's ITI-18 once, before any community is asked; raise
+    :class:`QueryRejected` with the errors to answer.
+
+    Routing problems come first (they hold whatever the parameters say); then the request
+    goes through the registry's own stored-query validation (:func:`parse_stored_query`), so
+    that the consumer gets exactly the answer our registry would give and no peer ever
+    receives (and audits) an ITI-38 that it would have to refuse.
+    """
+    adhoc = (
+        element.find(f"{{{RIM}}}AdhocQuery")
+        if element.tag == f"{{{QUERY}}}AdhocQueryRequest"
+        else None
+    )
+    query_id = (adhoc.get("id") or "").strip() if adhoc is not None else ""
+    home = ((adhoc.get("home") or "").strip() or None) if adhoc is not None else None
+    if query_id in QUERIES:
+        if home is not None and home not in known_communities:
+            raise QueryRejected(
+                [
+                    RegistryError(
+                        ErrorCode.UNKNOWN_COMMUNITY, f"no route to community {home}", location=home
+                    )
+                ]
+            )
+        if home is None and query_id in ID_BASED_QUERIES:
+            raise QueryRejected(
+                [
+                    RegistryError(
+                        ErrorCode.MISSING_HOME_COMMUNITY_ID,
+                        "an id-based stored query needs the homeCommunityId (AdhocQuery/@home)",
+                    )
+                ]
+            )
+    try:
+        query = parse_stored_query(element)
+    except StoredQueryError as exc:
+        raise QueryRejected(exc.errors) from None
     patient: PatientId | None = None
-    if parameter is not None:
-        values = _slot_values(adhoc, parameter)
-        if not values:
-            raise QueryRejected(
-                RegistryError("XDSStoredQueryMissingParam", f"{parameter} is required")
-            )
-        if len(values) > 1:
-            raise QueryRejected(
-                RegistryError("XDSStoredQueryParamNumber", f"{parameter} takes a single value")
-            )
+    value = query.patient_id
+    if value is not None:
         try:
-            patient = parse_patient_id(values[0])
-        except PatientIdError as exc:
-            raise QueryRejected(RegistryError("XDSRegistryError", str(exc))) from None
+            patient = parse_patient_id(value)
+        except PatientIdError as exc:  # pragma: no cover - parse_stored_query checked the CX
+            raise QueryRejected([RegistryError(ErrorCode.REGISTRY_ERROR, str(exc))]) from None
         if patient.assigning_authority != local_authority and home is None:
             # We can only map identifiers of our own patient identifier domain.
             raise QueryRejected(
-                RegistryError(
-                    "XDSUnknownPatientId",
-                    f"patient id {patient} is not from this community's assigning authority "
-                    f"{local_authority}",
-                )
+                [
+                    RegistryError(
+                        ErrorCode.UNKNOWN_PATIENT_ID,
+                        f"patient id {patient} is not from this community's assigning "
+                        f"authority {local_authority}",
+                    )
+                ]
             )
-    elif home is None:
-        raise QueryRejected(
-            RegistryError(
-                "XDSMissingHomeCommunityId",
-                "an id-based stored query needs the homeCommunityId (AdhocQuery/@home)",
-            )
-        )
-    return QueryRequest(element, query_id, return_type, home, parameter, patient)
+    return QueryRequest(
+        element, query.query_id, query.return_type, home, query.spec.patient_param, patient
+    )
 
 
 def request_for_peer(
@@ -320,7 +306,8 @@ class InitiatingGateway:
                 element, local_authority=self.local_authority, known_communities=known
             )
         except QueryRejected as exc:
-            return QueryOutcome(ResponseStatus.FAILURE, [exc.error], [])
+            # Found here, before any community was asked: our community reports it.
+            return QueryOutcome(ResponseStatus.FAILURE, self._located(exc.errors), [])
 
         deadline = time.monotonic() + self.config.overall_deadline
         targets = [request.home] if request.home else [*self.peers]
@@ -379,7 +366,7 @@ class InitiatingGateway:
             )
             return answer
         answer.responded = True
-        answer.errors.extend(errors)
+        answer.errors.extend(self._located(errors))
         for obj in objects:
             obj.set("home", self.home_community_id)
         answer.objects.extend(objects)
@@ -459,6 +446,14 @@ class InitiatingGateway:
                 read_peer_answer(answer, reply.payload)
             finally:
                 reply.close()
+
+    def _located(self, errors: Sequence[RegistryError]) -> list[RegistryError]:
+        """Errors of our own community carry our homeCommunityId as location, as peers'
+        carry theirs, so that a consumer can tell which community an error came from."""
+        return [
+            e if e.location else dataclasses.replace(e, location=self.home_community_id)
+            for e in errors
+        ]
 
     def _unavailable(self, peer: PeerConfig, why: str) -> RegistryError:
         return RegistryError(
