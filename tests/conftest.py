@@ -31,6 +31,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
 TEST_COMMUNITIES = {"alpha": 1, "beta": 2, "gamma": 3}
 # Every role a local system can have: the tests' generic client certificate plays them all.
 LOCAL_ROLES = ["local-consumer", "local-repository", "pacs", "interface-engine", "operator"]
+# Calling AE titles the test client may use at DIMSE doors (dcmtk's defaults among them).
+TEST_CLIENT_AE_TITLES = ["TESTSCU", "FINDSCU", "GETSCU", "MOVESCU", "ECHOSCU", "WORKSTATION"]
 
 
 def policy_for_tests(**extra: Any) -> dict[str, Any]:
@@ -44,6 +46,7 @@ def policy_for_tests(**extra: Any) -> dict[str, Any]:
                 # the responding side directly.
                 "roles": [*LOCAL_ROLES, "peer-gateway"],
                 "certificate_uris": ["urn:xca-gateway:client:consumer"],
+                "ae_titles": list(TEST_CLIENT_AE_TITLES),
             },
             {
                 # Test gateways also query each other's PIX responder inside one community.

@@ -333,7 +333,8 @@ def test_demo_dicom_front_door_finds_studies_in_every_community(
     _, workdir = demo
     data = _endpoints(workdir)
     north = data["communities"][0]
-    assert set(north["dicom"]) == {"aeTitle", "host", "port"}
+    assert set(north["dicom"]) >= {"aeTitle", "host", "port", "tls", "callingAeTitle"}
+    assert north["dicom"]["tls"] is True
     alice = next(p["id"] for p in north["samplePatients"] if p["crossCommunityKey"] == "alice")
     expected = 0
     for community in data["communities"]:
@@ -342,10 +343,16 @@ def test_demo_dicom_front_door_finds_studies_in_every_community(
         )
         studies = json.loads((workdir / community["name"] / "data" / "samples.json").read_text())
         expected += sum(mine.startswith(s["patientId"] + "^") for s in studies["studies"])
-    ae = AE(ae_title="WORKSTATION")
+    # DICOM TLS as north's local consumer, with the calling AE title north ties to it.
+    consumer = north["identities"]["localConsumer"]
+    tls = client_context(Path(data["ca"]), Path(consumer["cert"]), Path(consumer["key"]))
+    ae = AE(ae_title=north["dicom"]["callingAeTitle"])
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = ae.associate(
-        north["dicom"]["host"], north["dicom"]["port"], ae_title=north["dicom"]["aeTitle"]
+        north["dicom"]["host"],
+        north["dicom"]["port"],
+        ae_title=north["dicom"]["aeTitle"],
+        tls_args=(tls, north["dicom"]["host"]),
     )
     assert assoc.is_established
     query = Dataset()

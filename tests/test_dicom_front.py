@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import shutil
 import socket
+import ssl
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,11 +33,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
 )
 
 from tests.audit_inbox import AuditInbox
 from tests.communities import ARC, seed_community
-from tests.conftest import GatewayThread, wait_for
+from tests.conftest import GatewayThread, policy_for_tests, policy_toml, wait_for
 from xca_gateway.audit import messages as m
 from xca_gateway.audit.validate import schema_errors
 from xca_gateway.config import load_config
@@ -43,6 +46,7 @@ from xca_gateway.dicom_front import (
     ConfigError,
     DicomDestination,
     DicomFrontDoor,
+    DicomFrontServices,
     QueryError,
     parse_dicom_front_config,
     parse_identifier,
@@ -50,12 +54,32 @@ from xca_gateway.dicom_front import (
 )
 from xca_gateway.dicom_instance import decode_instance
 from xca_gateway.dicom_samples import SampleStudy, generate_community_samples, local_patient_id
+from xca_gateway.gateway import Gateway
 from xca_gateway.imaging.request import DocumentRequest
-from xca_gateway.pki import DevPki
+from xca_gateway.pki import CertPair, DevPki
+from xca_gateway.tls import client_context
 
 AUTHORITY = f"{ARC}.20.1000"  # alpha, the community whose front door is tested
 FRONT_AE = "XCA-FRONT"
-STORE_AE = "STORESCP"
+STORE_AE = "STORESCP"  # plain storescp on loopback
+STORE_TLS_AE = "STORESCP-TLS"  # storescp with DICOM TLS
+# Calling AE titles the tests use to tell their audit records apart (the test client's).
+AUDIT_AE_TITLES = [
+    "AUDIT-DCMTK",
+    "AUDIT-MOVE",
+    "AUDIT-MOVE-TLS",
+    "AUDIT-NOWHERE",
+    "AUDIT-FIND",
+    "AUDIT-BADFIND",
+    "AUDIT-GET",
+    "AUDIT-GET-SOME",
+    "AUDIT-GET-NONE",
+    "AUDIT-CUT",
+    "AUDIT-AFTER",
+]
+# Calling AE titles of a workstation on this host that speaks plain DIMSE (no certificate: the
+# AE title is tied to the loopback address).
+PLAIN_AE_TITLES = ["PLAINSCU", "GETSCU", "AUDIT-MOVE"]
 
 
 def free_port() -> int:
@@ -66,11 +90,15 @@ def free_port() -> int:
 
 @dataclass
 class Front:
-    port: int
+    port: int  # the gateway's [dicom] door: DICOM TLS (the default)
+    plain_port: int  # a door of the same gateway with tls = false, on loopback
     studies: list[SampleStudy]  # alpha's own
     peer_studies: list[SampleStudy]  # beta's, reached through ITI-38 / ITI-39 / RAD-75
     store_dir: Path
+    store_tls_dir: Path
     audit: AuditInbox  # alpha's audit record repository
+    pki: DevPki
+    gateway: Gateway
 
     def of(self, patient_id: str) -> list[SampleStudy]:
         return [s for s in self.studies if s.patient_id == patient_id]
@@ -83,6 +111,33 @@ class Front:
             if s.patient_id in (local_patient_id(0, 0), local_patient_id(1, 0))
         }
 
+    def client_tls(self, pair: CertPair | None = None) -> ssl.SSLContext:
+        """The test client's DICOM TLS context (``pair``: another certificate)."""
+        pair = pair or self.pki.client
+        return client_context(self.pki.ca, pair.cert, pair.key)
+
+    def dcmtk_tls(self) -> list[str]:
+        """dcmtk's options for DICOM TLS as the test client."""
+        pki = self.pki
+        return ["+tls", str(pki.client.key), str(pki.client.cert), "-pw", "+cf", str(pki.ca)]
+
+
+def front_policy() -> str:
+    """The test policy, the test client also allowed the AE titles these tests call with, and
+    a plain-DIMSE workstation on loopback."""
+    policy = policy_for_tests()
+    client = next(c for c in policy["callers"] if c["name"] == "test-client")
+    client["ae_titles"] = [*client["ae_titles"], *AUDIT_AE_TITLES]
+    policy["callers"].append(
+        {
+            "name": "loopback-workstation",
+            "roles": ["local-consumer"],
+            "addresses": ["127.0.0.1"],
+            "ae_titles": PLAIN_AE_TITLES,
+        }
+    )
+    return policy_toml(policy)
+
 
 @pytest.fixture(scope="module")
 def front(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
@@ -90,8 +145,8 @@ def front(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fro
     audit = AuditInbox()
     beta_config, beta_studies = seed_community(tmp, pki, "beta", 1)
     threads = [GatewayThread(load_config(beta_config))]
-    storescp: subprocess.Popen[bytes] | None = None
-    door: DicomFrontDoor | None = None
+    storescps: list[subprocess.Popen[bytes]] = []
+    plain: DicomFrontDoor | None = None
     try:
         beta = threads[0].__enter__()
         xref = tmp / "xref.csv"
@@ -99,6 +154,10 @@ def front(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fro
             f"{local_patient_id(0, 0)}^^^&{ARC}.20.1000&ISO,"
             f"{local_patient_id(1, 0)}^^^&{ARC}.20.2000&ISO\n"
         )
+        store_dir, store_tls_dir = tmp / "store", tmp / "store-tls"
+        store_dir.mkdir()
+        store_tls_dir.mkdir()
+        store_port, store_tls_port = free_port(), free_port()
         peer = f"""
 [patient_mapping]
 xref_csv = "{xref}"
@@ -111,54 +170,124 @@ iti39 = "{beta.base_url}/xca/iti39"
 rad75 = "{beta.base_url}/xca/rad75"
 patient_id_assigning_authority = "{ARC}.20.2000"
 
+[dicom]
+ae_title = "{FRONT_AE}"
+port = 0
+
+[[dicom.destinations]]
+ae_title = "{STORE_AE}"
+port = {store_port}
+tls = false
+
+[[dicom.destinations]]
+ae_title = "{STORE_TLS_AE}"
+port = {store_tls_port}
+
 {audit.toml("alpha-dicom")}
+{front_policy()}
 """
         alpha_config, studies = seed_community(tmp, pki, "alpha", 0, peer)
         threads.append(GatewayThread(load_config(alpha_config)))
         alpha = threads[1].__enter__()
-        store_dir = tmp / "store"
-        store_dir.mkdir()
-        store_port = free_port()
-        door = DicomFrontDoor(
-            alpha,
-            parse_dicom_front_config(
-                {
-                    "ae_title": FRONT_AE,
-                    "port": 0,
-                    "destinations": [
-                        {"ae_title": STORE_AE, "host": "127.0.0.1", "port": store_port}
-                    ],
-                }
-            ),
+        assert alpha.dicom_front is not None and alpha.dicom_front.config.tls
+        # The same gateway's door in plain DIMSE, on loopback only.
+        plain = DicomFrontDoor(
+            DicomFrontServices.of(alpha),
+            dataclasses.replace(alpha.dicom_front.config, tls=False),
         )
-        asyncio.run_coroutine_threadsafe(door.start(), threads[1].loop).result(15)
+        asyncio.run_coroutine_threadsafe(plain.start(), threads[1].loop).result(15)
         if shutil.which("storescp"):
-            storescp = subprocess.Popen(
-                ["storescp", "-aet", STORE_AE, "-od", str(store_dir), "-uf", str(store_port)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+            storescps.append(
+                subprocess.Popen(
+                    ["storescp", "-aet", STORE_AE, "-od", str(store_dir), str(store_port)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
             )
-        yield Front(door.port, studies, beta_studies, store_dir, audit)
+            # The move destination over DICOM TLS: beta's certificate (127.0.0.1 in its
+            # SANs) as its own, alpha's verified against the CA.
+            storescps.append(
+                subprocess.Popen(
+                    [
+                        "storescp",
+                        *(
+                            "+tls",
+                            str(pki.communities["beta"].key),
+                            str(pki.communities["beta"].cert),
+                        ),
+                        *("-pw", "+cf", str(pki.ca)),
+                        *("-aet", STORE_TLS_AE, "-od", str(store_tls_dir), str(store_tls_port)),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        yield Front(
+            alpha.dicom_front.port,
+            plain.port,
+            studies,
+            beta_studies,
+            store_dir,
+            store_tls_dir,
+            audit,
+            pki,
+            alpha,
+        )
     finally:
-        if storescp is not None:
+        for storescp in storescps:
             storescp.terminate()
             storescp.wait(10)
-        if door is not None:
-            asyncio.run_coroutine_threadsafe(door.stop(), threads[-1].loop).result(15)
+        if plain is not None:
+            asyncio.run_coroutine_threadsafe(plain.stop(), threads[-1].loop).result(15)
         for thread in reversed(threads):
             thread.__exit__(None, None, None)
         audit.close()
 
 
 def associate(
-    front: Front, *contexts: Any, roles: list[Any] | None = None, ae_title: str = "TESTSCU"
+    front: Front,
+    *contexts: Any,
+    roles: list[Any] | None = None,
+    ae_title: str = "TESTSCU",
+    plain: bool = False,
+    tls: ssl.SSLContext | None = None,
+    evt_handlers: list[Any] | None = None,
+) -> Any:
+    """An association with the DICOM TLS door as the test client (``plain``: with the plain
+    door on loopback); asserts it was accepted."""
+    assoc = request_association(
+        front,
+        *contexts,
+        roles=roles,
+        ae_title=ae_title,
+        plain=plain,
+        tls=tls,
+        evt_handlers=evt_handlers,
+    )
+    assert assoc.is_established
+    return assoc
+
+
+def request_association(
+    front: Front,
+    *contexts: Any,
+    roles: list[Any] | None = None,
+    ae_title: str = "TESTSCU",
+    plain: bool = False,
+    tls: ssl.SSLContext | None = None,
+    evt_handlers: list[Any] | None = None,
 ) -> Any:
     ae = AE(ae_title=ae_title)
     for context in contexts:
         ae.add_requested_context(context)
-    assoc = ae.associate("127.0.0.1", front.port, ae_title=FRONT_AE, ext_neg=roles or [])
-    assert assoc.is_established
-    return assoc
+    return ae.associate(
+        "127.0.0.1",
+        front.plain_port if plain else front.port,
+        ae_title=FRONT_AE,
+        ext_neg=roles or [],
+        tls_args=None if plain else (tls or front.client_tls(), "127.0.0.1"),
+        evt_handlers=evt_handlers or [],
+    )
 
 
 def identifier(level: str, **keys: Any) -> Dataset:
@@ -170,9 +299,9 @@ def identifier(level: str, **keys: Any) -> Dataset:
 
 
 def c_find(
-    front: Front, ds: Dataset, model: Any, ae_title: str = "TESTSCU"
+    front: Front, ds: Dataset, model: Any, ae_title: str = "TESTSCU", *, plain: bool = False
 ) -> tuple[int, list[Dataset]]:
-    assoc = associate(front, model, ae_title=ae_title)
+    assoc = associate(front, model, ae_title=ae_title, plain=plain)
     try:
         matches = []
         status = -1
@@ -202,14 +331,31 @@ def test_config_parses_and_rejects_bad_tables() -> None:
         }
     )
     assert config.host == "127.0.0.1"
-    assert config.destination("WS1") == DicomDestination("WS1", "10.0.0.5", 11112)
+    assert config.tls  # DICOM TLS unless asked otherwise
+    assert config.destination("WS1") == DicomDestination("WS1", "10.0.0.5", 11112, tls=True)
     assert config.destination("WS2") is None
+    # Plain DIMSE is allowed on loopback only, for the door and for a move destination.
+    assert not parse_dicom_front_config({"host": "::1", "tls": False}).tls
+    assert (
+        not parse_dicom_front_config(
+            {"destinations": [{"ae_title": "X", "host": "localhost", "port": 104, "tls": False}]}
+        )
+        .destinations[0]
+        .tls
+    )
+    with pytest.raises(ConfigError, match=r"dicom\.tls = false .* not '0\.0\.0\.0'"):
+        parse_dicom_front_config({"host": "0.0.0.0", "tls": False})
+    with pytest.raises(ConfigError, match=r"dicom\.destinations\[0\]\.tls = false"):
+        parse_dicom_front_config(
+            {"destinations": [{"ae_title": "X", "host": "10.0.0.5", "port": 104, "tls": False}]}
+        )
     for bad in (
         {"ae_title": "A" * 17},
         {"port": 70000},
         {"colour": "blue"},
         {"destinations": [{"ae_title": "X", "port": 0}]},
         {"destinations": [{"ae_title": "X", "port": 1}, {"ae_title": "X", "port": 2}]},
+        {"tls": "yes"},
     ):
         with pytest.raises(ConfigError):
             parse_dicom_front_config(bad)
@@ -418,6 +564,7 @@ def test_findscu(front: Front) -> None:
     result = subprocess.run(
         [
             "findscu",
+            *front.dcmtk_tls(),
             "-S",
             "-aet",
             "AUDIT-DCMTK",
@@ -446,6 +593,166 @@ def test_findscu(front: Front) -> None:
     assert query.get("ParticipantObjectID") == str(StudyRootQueryRetrieveInformationModelFind)
 
 
+# ----------------------------------------------------------------------------- who may call
+
+
+def security_alerts(front: Front, ae_title: str) -> list[Any]:
+    """Security Alerts (110113) about a refused association from calling AE ``ae_title``."""
+    found = []
+    for record in front.audit.with_event("110113"):
+        details = {
+            d.get("type"): base64.b64decode(d.get("value") or "").decode()
+            for d in record.iter("ParticipantObjectDetail")
+        }
+        if details.get("Calling AE Title") == ae_title:
+            found.append(record)
+    return found
+
+
+def assert_audited_once(front: Front, ae_title: str) -> Any:
+    """Exactly one Security Alert for ``ae_title``: a C-FIND audited after it has arrived, so a
+    second alert would have arrived too (the trail sends in order)."""
+    assert wait_for(lambda: security_alerts(front, ae_title), timeout=15), front.audit.events()
+    before = len(
+        [
+            r
+            for r in front.audit.with_event("110112")
+            if any(p.get("UserID") == "AUDIT-AFTER" for p in r.iter("ActiveParticipant"))
+        ]
+    )
+    c_find(
+        front,
+        identifier("STUDY", PatientID=front.studies[0].patient_id, StudyInstanceUID=""),
+        StudyRootQueryRetrieveInformationModelFind,
+        ae_title="AUDIT-AFTER",
+    )
+    wait_for_records(front, "110112", "AUDIT-AFTER", count=before + 1)
+    [alert] = security_alerts(front, ae_title)
+    assert not schema_errors(alert), schema_errors(alert)
+    return alert
+
+
+def rejected_as_unknown_calling_ae(assoc: Any) -> bool:
+    """A-ASSOCIATE-RJ: rejected-permanent, service-user, calling AE title not recognized."""
+    answer = assoc.acceptor.primitive
+    return bool(
+        assoc.is_rejected
+        and (answer.result, answer.result_source, answer.diagnostic) == (0x01, 0x01, 0x03)
+    )
+
+
+def test_unknown_calling_ae_is_rejected_and_audited_once(front: Front) -> None:
+    """A trusted certificate (the test client's) with an AE title the policy does not tie to
+    it: no association, one Security Alert naming the verified certificate and the AE."""
+    assoc = request_association(
+        front, StudyRootQueryRetrieveInformationModelFind, ae_title="INTRUDER"
+    )
+    assert not assoc.is_established and rejected_as_unknown_calling_ae(assoc)
+    alert = assert_audited_once(front, "INTRUDER")
+    ident = alert.find("EventIdentification")
+    assert ident.find("EventTypeCode").get("csd-code") == "110132"  # Use of Restricted Function
+    requester = next(
+        p for p in alert.iter("ActiveParticipant") if p.get("UserIsRequestor") == "true"
+    )
+    assert "consumer" in (requester.get("UserID") or "")  # the client certificate's subject
+    assert requester.get("NetworkAccessPointID") == "127.0.0.1"
+    assert "DIMSE" in (ident.findtext("EventOutcomeDescription") or "")
+
+
+def test_calling_ae_bound_to_another_identity_is_rejected(front: Front) -> None:
+    """AE titles are tied to a certificate or an address: the loopback workstation's AE title
+    over TLS with the client's certificate, and the client's AE title in plain from loopback,
+    are both refused."""
+    over_tls = request_association(
+        front, StudyRootQueryRetrieveInformationModelFind, ae_title="PLAINSCU"
+    )
+    assert not over_tls.is_established and rejected_as_unknown_calling_ae(over_tls)
+    in_plain = request_association(
+        front, StudyRootQueryRetrieveInformationModelFind, ae_title="TESTSCU", plain=True
+    )
+    assert not in_plain.is_established and rejected_as_unknown_calling_ae(in_plain)
+    alert = assert_audited_once(front, "TESTSCU")
+    # No certificate: the claimed AE title is marked as such, the address is what was verified.
+    requester = next(
+        p for p in alert.iter("ActiveParticipant") if p.get("UserIsRequestor") == "true"
+    )
+    assert requester.get("UserID") == "127.0.0.1"
+    assert "unverified" in (requester.get("UserName") or "")
+
+
+def test_untrusted_certificate_is_refused_at_the_handshake(front: Front) -> None:
+    refused_before = len(front.gateway.handshake_failures)
+    assoc = request_association(
+        front,
+        StudyRootQueryRetrieveInformationModelFind,
+        tls=front.client_tls(front.pki.untrusted_client),
+    )
+    assert not assoc.is_established
+    assert wait_for(lambda: len(front.gateway.handshake_failures) > refused_before, timeout=15)
+    failure = front.gateway.handshake_failures[refused_before]
+    assert "certificate verification failed" in failure.reason
+    assert failure.certificate_subject is not None and "untrusted" in failure.certificate_subject
+    # ... reported as a Security Alert (Node Authentication) like refused HTTPS handshakes.
+    assert wait_for(
+        lambda: any(
+            t.get("csd-code") == "110126"
+            for r in front.audit.with_event("110113")
+            for t in r.iter("EventTypeCode")
+        ),
+        timeout=15,
+    )
+
+
+def test_plain_dimse_is_refused_by_the_tls_door(front: Front) -> None:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.acse_timeout = ae.network_timeout = 5
+    assoc = ae.associate("127.0.0.1", front.port, ae_title=FRONT_AE)
+    assert not assoc.is_established
+
+
+def test_plain_dimse_on_loopback_when_configured(front: Front) -> None:
+    """tls = false on a loopback address: a workstation of this host, its AE title tied to
+    the address, queries without a certificate."""
+    alice = front.studies[0]
+    status, matches = c_find(
+        front,
+        identifier("STUDY", PatientID=alice.patient_id, StudyInstanceUID=""),
+        StudyRootQueryRetrieveInformationModelFind,
+        ae_title="PLAINSCU",
+        plain=True,
+    )
+    assert status == 0x0000
+    assert {m.StudyInstanceUID for m in matches} == front.alice_everywhere()
+
+
+def test_the_association_caller_is_the_current_caller_downstream(front: Front) -> None:
+    """While a C-FIND runs on the gateway's loop, the local caller the association was
+    admitted as is the current caller (what the initiating side audits and asserts)."""
+    from xca_gateway.security.callers import current_caller
+
+    door = front.gateway.dicom_front
+    assert door is not None
+    seen: list[str | None] = []
+    original = door.view.find_manifests
+
+    async def spy(patient_id: str) -> Any:
+        caller = current_caller()
+        seen.append(caller.name if caller is not None else None)
+        return await original(patient_id)
+
+    door.view.find_manifests = spy  # type: ignore[method-assign]
+    try:
+        status, _ = c_find(
+            front,
+            identifier("STUDY", PatientID=front.studies[0].patient_id, StudyInstanceUID=""),
+            StudyRootQueryRetrieveInformationModelFind,
+        )
+    finally:
+        del door.view.find_manifests
+    assert status == 0x0000 and seen == ["test-client"]
+
+
 # ----------------------------------------------------------------------------- C-GET / C-MOVE
 
 
@@ -468,20 +775,18 @@ def c_get(
             received[str(instance.SOPInstanceUID)] = instance
         return status
 
-    ae = AE(ae_title=ae_title)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    contexts: list[Any] = [StudyRootQueryRetrieveInformationModelGet]
     roles: list[Any] = []
     for context in StoragePresentationContexts[:120]:
-        ae.add_requested_context(str(context.abstract_syntax))
+        contexts.append(str(context.abstract_syntax))
         roles.append(build_role(str(context.abstract_syntax), scp_role=True))
-    assoc = ae.associate(
-        "127.0.0.1",
-        front.port,
-        ae_title=FRONT_AE,
-        ext_neg=roles,
+    assoc = associate(
+        front,
+        *contexts,
+        roles=roles,
+        ae_title=ae_title,
         evt_handlers=[(evt.EVT_C_STORE, on_store)],
     )
-    assert assoc.is_established
     try:
         results = list(assoc.send_c_get(ds, StudyRootQueryRetrieveInformationModelGet))
     finally:
@@ -525,7 +830,8 @@ def test_getscu(front: Front, tmp_path: Path) -> None:
             "-k",
             f"StudyInstanceUID={study.study_instance_uid}",
             "127.0.0.1",
-            str(front.port),
+            # dcmtk's getscu has no TLS: the plain door on loopback, as GETSCU from this host.
+            str(front.plain_port),
         ],
         capture_output=True,
         text=True,
@@ -562,7 +868,8 @@ def test_movescu_to_storescp(front: Front) -> None:
             "-k",
             f"StudyInstanceUID={study.study_instance_uid}",
             "127.0.0.1",
-            str(front.port),
+            # dcmtk's movescu has no TLS: the plain door on loopback.
+            str(front.plain_port),
         ],
         capture_output=True,
         text=True,
@@ -583,6 +890,34 @@ def test_movescu_to_storescp(front: Front) -> None:
     requester = participant(record, None)
     assert (requester.get("UserID"), requester.get("UserIsRequestor")) == ("AUDIT-MOVE", "true")
     assert instance_uids(record) == {uid_of(p) for p in study.files}
+
+
+def test_c_move_over_dicom_tls_to_a_tls_destination(front: Front) -> None:
+    """DICOM TLS at both ends: the workstation's C-MOVE reaches the door with its certificate,
+    the door opens the association to the destination with the gateway's certificate."""
+    if shutil.which("storescp") is None:
+        pytest.skip("dcmtk storescp is not installed")
+    study = front.studies[3]
+    assoc = associate(front, StudyRootQueryRetrieveInformationModelMove, ae_title="AUDIT-MOVE-TLS")
+    try:
+        results = list(
+            assoc.send_c_move(
+                identifier(
+                    "STUDY", PatientID=study.patient_id, StudyInstanceUID=study.study_instance_uid
+                ),
+                STORE_TLS_AE,
+                StudyRootQueryRetrieveInformationModelMove,
+            )
+        )
+    finally:
+        assoc.release()
+    assert int(results[-1][0].Status) == 0x0000, results[-1]
+    by_uid = {str(dcmread(f).SOPInstanceUID): f for f in front.store_tls_dir.iterdir()}
+    assert set(by_uid) == {uid_of(p) for p in study.files}
+    for path in study.files:
+        assert pixel_identical(by_uid[uid_of(path)], path)
+    [record] = wait_for_records(front, "110104", "AUDIT-MOVE-TLS")
+    assert outcome(record) == "0"
 
 
 def test_move_to_an_unknown_destination_is_refused(front: Front) -> None:

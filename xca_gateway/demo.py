@@ -183,11 +183,12 @@ def community_config_toml(
         f"repository_unique_id = {_q(community.imaging_source_id)}",
         'kind = "filesystem"',
         "",
-        "# The DICOM front door: C-FIND / C-GET / C-MOVE over the federation.",
+        "# The DICOM front door: C-FIND / C-GET / C-MOVE over the federation (DICOM TLS).",
         "[dicom]",
         f"ae_title = {_q(community.ae_title)}",
         'host = "127.0.0.1"',
         f"port = {dicom_port}",
+        "tls = true",
         "",
         "# The DICOMweb front door: QIDO-RS / WADO-RS over the federation (mutual TLS).",
         "[dicomweb]",
@@ -617,6 +618,9 @@ class Demo:
                     "aeTitle": demo_community.ae_title,
                     "host": "127.0.0.1",
                     "port": ports["dicom"],
+                    # contract.md: DICOM TLS, and the AE title the local consumer calls with.
+                    "tls": True,
+                    "callingAeTitle": demo_community.calling_ae_title,
                 }
             if "dicomweb" in ports:
                 # contract.md: the QIDO-RS/WADO-RS service root, a URL string.

@@ -31,7 +31,9 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import logging
-from collections.abc import Awaitable, Collection, Iterator, Mapping, Sequence
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -51,13 +53,16 @@ from pynetdicom.status import STATUS_FAILURE, STORAGE_SERVICE_CLASS_STATUS
 from pynetdicom.status import STATUS_SUCCESS as STATUS_SUCCESS_CATEGORY
 from pynetdicom.status import STATUS_WARNING as STATUS_WARNING_CATEGORY
 
+from xca_gateway.audit import AuditTrail
 from xca_gateway.audit import messages as m
+from xca_gateway.config import TlsConfig, is_loopback_host
 from xca_gateway.consumer import (
     EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
     ConsumerError,
 )
 from xca_gateway.dicom_instance import decode_instance
+from xca_gateway.dicom_tls import TlsAssociationServer, association_identity
 from xca_gateway.federation_view import (
     FederationError,
     FederationView,
@@ -68,6 +73,9 @@ from xca_gateway.federation_view import (
 )
 from xca_gateway.imaging.request import DocumentRequest, RetrieveImagingDocumentSetRequest
 from xca_gateway.kos import InstanceRef
+from xca_gateway.security.callers import Door, Principal, set_current_caller
+from xca_gateway.security.guard import DoorGuard
+from xca_gateway.tls import HandshakeFailure, gateway_client_context, server_context
 
 if TYPE_CHECKING:
     from xca_gateway.gateway import Gateway
@@ -93,6 +101,7 @@ STATUS_UNABLE_TO_PROCESS = 0xC000
 STATUS_MOVE_DESTINATION_UNKNOWN = 0xA801
 STATUS_SUBOPS_WITH_FAILURES = 0xB000
 STATUS_CANCEL = 0xFE00
+STATUS_NOT_AUTHORIZED = 0x0124  # Refused: Not Authorized (PS3.7 C.5.21)
 _C_STORE_RSP = 0x8001  # Command Field (PS3.7 E.1)
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
@@ -142,11 +151,16 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DicomDestination:
-    """A C-MOVE destination: the AE title a workstation names and where it listens."""
+    """A C-MOVE destination: the AE title a workstation names and where it listens.
+
+    ``tls``: the gateway opens the association with DICOM TLS (its own certificate, the
+    destination's checked against the trust store and its host name); plain only to loopback.
+    """
 
     ae_title: str
     host: str
     port: int
+    tls: bool = True
 
 
 @dataclass(frozen=True)
@@ -155,6 +169,9 @@ class DicomFrontConfig:
     host: str = "127.0.0.1"
     port: int = 11112
     destinations: tuple[DicomDestination, ...] = ()
+    # DICOM TLS (PS3.15 Annex B: mutual, the gateway's certificate and trust store, TLS 1.2
+    # floor); plain DIMSE only on a loopback address, like the DICOMweb door and MLLP.
+    tls: bool = True
 
     def destination(self, ae_title: str) -> DicomDestination | None:
         wanted = ae_title.strip()
@@ -182,11 +199,22 @@ def _host(value: Any, where: str) -> str:
     return value
 
 
+def _tls(value: Any, where: str, host: str, host_key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false")
+    if not value and not is_loopback_host(host):
+        raise ConfigError(
+            f"{where} = false is only allowed with a loopback {host_key} (127.0.0.1, ::1, "
+            f"localhost), not {host!r}: patient data over DIMSE needs DICOM TLS"
+        )
+    return value
+
+
 def parse_dicom_front_config(
     table: dict[str, Any], base_dir: Path | None = None
 ) -> DicomFrontConfig:
     """Validate the ``[dicom]`` table (``base_dir`` is unused: no paths in it yet)."""
-    known = {"ae_title", "host", "port", "destinations"}
+    known = {"ae_title", "host", "port", "tls", "destinations"}
     unknown = set(table) - known
     if unknown:
         raise ConfigError(f"[dicom]: unknown key(s) {', '.join(sorted(unknown))}")
@@ -197,24 +225,28 @@ def parse_dicom_front_config(
     seen: set[str] = set()
     for index, entry in enumerate(raw):
         where = f"dicom.destinations[{index}]"
-        if not isinstance(entry, dict) or set(entry) - {"ae_title", "host", "port"}:
-            raise ConfigError(f"{where} takes ae_title, host and port")
+        if not isinstance(entry, dict) or set(entry) - {"ae_title", "host", "port", "tls"}:
+            raise ConfigError(f"{where} takes ae_title, host, port and tls")
         title = _ae_title(entry.get("ae_title"), f"{where}.ae_title")
         if title in seen:
             raise ConfigError(f"{where}: AE title {title} is listed twice")
         seen.add(title)
+        host = _host(entry.get("host", "127.0.0.1"), f"{where}.host")
         destinations.append(
             DicomDestination(
                 title,
-                _host(entry.get("host", "127.0.0.1"), f"{where}.host"),
+                host,
                 _port(entry.get("port"), f"{where}.port", allow_zero=False),
+                _tls(entry.get("tls", True), f"{where}.tls", host, f"{where}.host"),
             )
         )
+    host = _host(table.get("host", "127.0.0.1"), "dicom.host")
     return DicomFrontConfig(
         ae_title=_ae_title(table.get("ae_title", "XCA-GATEWAY"), "dicom.ae_title"),
-        host=_host(table.get("host", "127.0.0.1"), "dicom.host"),
+        host=host,
         port=_port(table.get("port", 11112), "dicom.port", allow_zero=True),
         destinations=tuple(destinations),
+        tls=_tls(table.get("tls", True), "dicom.tls", host, "dicom.host"),
     )
 
 
@@ -594,7 +626,7 @@ class _Transfer:
         self._finished = True
         if self._assoc is not None:
             self._assoc.unbind(evt.EVT_DIMSE_RECV, self.on_dimse)
-        trail = self.door.gateway.audit
+        trail = self.door.audit
         if not trail.config.enabled or not (self.documents or self.refused):
             return
         try:
@@ -625,18 +657,64 @@ class _Transfer:
             log.exception("building the DIMSE retrieve audit record failed")
 
 
-class DicomFrontDoor:
-    """pynetdicom's AE serving C-ECHO/C-FIND/C-GET/C-MOVE for ``gateway``."""
+@dataclass(frozen=True)
+class DicomFrontServices:
+    """What the DIMSE door needs of its gateway, and nothing more: the federation view, the
+    audit trail, the door guard (who may call), the local patient id domain, and the TLS
+    material (``tls``: its certificate and trust store)."""
 
-    def __init__(self, gateway: Gateway, config: DicomFrontConfig) -> None:
-        self.gateway = gateway
+    view: FederationView
+    audit: AuditTrail
+    guard: DoorGuard
+    local_authority: str
+    tls: TlsConfig
+    # Hears each refused DICOM TLS handshake (on the gateway's loop).
+    on_handshake_failure: Callable[[HandshakeFailure], None] | None = None
+
+    @classmethod
+    def of(
+        cls,
+        gateway: Gateway,
+        *,
+        on_handshake_failure: Callable[[HandshakeFailure], None] | None = None,
+    ) -> DicomFrontServices:
+        return cls(
+            view=FederationView(gateway, timeout=_CALL_TIMEOUT),
+            audit=gateway.audit,
+            guard=gateway.guard,
+            local_authority=gateway.config.community.patient_id_assigning_authority,
+            tls=gateway.config.tls,
+            on_handshake_failure=on_handshake_failure,
+        )
+
+
+class DicomFrontDoor:
+    """pynetdicom's AE serving C-ECHO/C-FIND/C-GET/C-MOVE over the federation.
+
+    Every association is admitted by the door guard before it is negotiated: the calling AE
+    title must belong to a ``[[policy.callers]]`` entry that holds the certificate the
+    association proved (DICOM TLS) or, in plain DIMSE on loopback, its address. Others get an
+    A-ASSOCIATE-RJ "calling AE title not recognized", audited once by the guard.
+    """
+
+    def __init__(self, services: DicomFrontServices, config: DicomFrontConfig) -> None:
+        self.services = services
         self.config = config
-        self.local_authority = gateway.config.community.patient_id_assigning_authority
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: Any = None
+        self.audit = services.audit
+        self.local_authority = services.local_authority
         # Manifests and the studies learnt from C-FIND (for Study Root retrieves that name no
         # patient), shared logic with the DICOMweb door.
-        self.view = FederationView(gateway, timeout=_CALL_TIMEOUT)
+        self.view = services.view
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: TlsAssociationServer | None = None
+        self._server_tls = server_context(services.tls) if config.tls else None
+        self._client_tls = (
+            gateway_client_context(services.tls)
+            if any(d.tls for d in config.destinations)
+            else None
+        )
+        # The principal each admitted association acts for (pynetdicom thread -> caller).
+        self._callers: weakref.WeakKeyDictionary[Any, Principal] = weakref.WeakKeyDictionary()
         self.ae = AE(ae_title=config.ae_title)
         self.ae.maximum_associations = 10
         self.ae.add_supported_context(Verification)
@@ -669,29 +747,84 @@ class DicomFrontDoor:
     async def start(self) -> None:
         """Start listening; call from the gateway's event loop."""
         self._loop = asyncio.get_running_loop()
+        self._server = await asyncio.to_thread(self._make_server)
+        threading.Thread(
+            target=self._server.serve_forever, name="dicom-front-accept", daemon=True
+        ).start()
+        log.info(
+            "DICOM front door %s on %s:%d (%s)",
+            self.config.ae_title,
+            self.config.host,
+            self.port,
+            "DICOM TLS" if self._server_tls is not None else "plain DIMSE, loopback only",
+        )
+
+    def _make_server(self) -> TlsAssociationServer:
         handlers: list[Any] = [
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_C_GET, self._on_get),
             (evt.EVT_C_MOVE, self._on_move),
         ]
-        self._server = await asyncio.to_thread(
-            self.ae.start_server,
+        server = self.ae.make_server(
             (self.config.host, self.config.port),
-            block=False,
+            ssl_context=self._server_tls,
             evt_handlers=handlers,
+            server_class=TlsAssociationServer,
         )
-        log.info("DICOM front door %s on %s:%d", self.config.ae_title, self.config.host, self.port)
+        assert isinstance(server, TlsAssociationServer)
+        server.handshake_timeout = self.services.tls.handshake_timeout
+        server.on_handshake_failure = self._handshake_failed
+        return server
 
     async def stop(self) -> None:
         if self._server is not None:
             server, self._server = self._server, None
             await asyncio.to_thread(server.shutdown)
 
+    def _handshake_failed(self, failure: HandshakeFailure) -> None:
+        """From a connection's thread: the gateway hears it on its own loop."""
+        report = self.services.on_handshake_failure
+        if report is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(report, failure)
+
+    # -- admission (EVT_REQUESTED, in the association's thread, before negotiation)
+
+    def _on_requested(self, event: Any) -> None:
+        assoc = event.assoc
+        try:
+            decision = self.services.guard.admit(
+                association_identity(assoc), Door.DIMSE, resource=self._resource()
+            )
+            if decision.allowed and decision.principal is not None:
+                self._callers[assoc] = decision.principal
+                return
+        except Exception:  # fail closed: pynetdicom would negotiate after a failed handler
+            log.exception("admitting a DIMSE association failed")
+        # The guard logged and audited the refusal. Answer as pynetdicom's own calling-AE
+        # check does: rejected-permanent, service-user, calling AE title not recognized.
+        assoc.acse.send_reject(0x01, 0x01, 0x03)
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
+
+    def _resource(self) -> str:
+        return f"DIMSE {self.config.ae_title} (C-FIND/C-GET/C-MOVE)"
+
+    def _caller(self, event: Any) -> Principal | None:
+        """The association's principal, made the current caller of this (pynetdicom) thread
+        for what runs here synchronously."""
+        principal = self._callers.get(event.assoc)
+        set_current_caller(principal)
+        return principal
+
     # -- bridging to the gateway's loop
 
-    def _call(self, coroutine: Awaitable[T]) -> T:
+    def _call(self, coroutine: Awaitable[T], caller: Principal | None) -> T:
+        """Run ``coroutine`` on the gateway's loop as ``caller``: contextvars do not cross
+        from pynetdicom's threads, so the task sets the current caller itself and everything
+        it starts (fan-out, audit, XUA) sees the local caller."""
         assert self._loop is not None
-        future = asyncio.run_coroutine_threadsafe(_as_coroutine(coroutine), self._loop)
+        future = asyncio.run_coroutine_threadsafe(_as_caller(coroutine, caller), self._loop)
         try:
             return future.result(_CALL_TIMEOUT)
         except BaseException:
@@ -700,10 +833,10 @@ class DicomFrontDoor:
 
     # -- federation
 
-    def _studies_for(self, query: FindQuery) -> list[StudyManifest]:
+    def _studies_for(self, query: FindQuery, caller: Principal | None) -> list[StudyManifest]:
         if query.patient_id is not None:
             try:
-                return self._call(self.view.studies_of_patient(query.patient_id)).studies
+                return self._call(self.view.studies_of_patient(query.patient_id), caller).studies
             except FederationError as exc:
                 raise QueryError(STATUS_UNABLE_TO_PROCESS, exc.message) from None
         known = self.view.cached(query.study_instance_uids)
@@ -715,10 +848,12 @@ class DicomFrontDoor:
             )
         return known
 
-    def _instances(self, query: FindQuery, transfer: _Transfer) -> Iterator[Any]:
+    def _instances(
+        self, query: FindQuery, transfer: _Transfer, caller: Principal | None
+    ) -> Iterator[Any]:
         """The C-GET/C-MOVE generator body after the destination: count, then each instance."""
         try:
-            studies = self._studies_for(query)
+            studies = self._studies_for(query, caller)
             transfer.describe(query, studies)
             request = imaging_request(query, studies)
         except QueryError as exc:
@@ -742,7 +877,7 @@ class DicomFrontDoor:
             return
         transfer.documents = request.documents
         try:
-            retrieval = self._call(self.view.retrieve(request))
+            retrieval = self._call(self.view.retrieve(request), caller)
         except Exception as exc:
             log.exception("RAD-69 through the gateway failed")
             reason = f"retrieve failed: {type(exc).__name__}"
@@ -760,7 +895,7 @@ class DicomFrontDoor:
         try:
             for index, uid in enumerate(uids):
                 try:
-                    data = self._call(retrieval.read(index))
+                    data = self._call(retrieval.read(index), caller)
                 except Exception as exc:
                     # A broken stream cannot be resumed: the rest of the retrieve is lost.
                     log.warning("instance %s not retrieved: %s", uid, exc)
@@ -779,7 +914,7 @@ class DicomFrontDoor:
                 yield STATUS_PENDING, ds  # pynetdicom sends the C-STORE, then resumes here
         finally:
             # Instances never read still hold their sources (file, peer response) open.
-            self._call(retrieval.aclose())
+            self._call(retrieval.aclose(), caller)
         # Every C-STORE has been answered by now: the records can say what arrived.
         transfer.finish()
         if failed:
@@ -796,6 +931,10 @@ class DicomFrontDoor:
         return "PATIENT" if uid.startswith("1.2.840.10008.5.1.4.1.2.1.") else "STUDY"
 
     def _on_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        caller = self._caller(event)
+        if caller is None:  # never admitted (fail closed; EVT_REQUESTED rejects these)
+            yield _failure(STATUS_NOT_AUTHORIZED, "the calling AE was not admitted")
+            return
         patients: list[str] = []
         audited = False
 
@@ -817,7 +956,7 @@ class DicomFrontDoor:
                     )
                 if query.patient_id is not None:
                     patients.append(query.patient_id)
-                studies = self._studies_for(query)
+                studies = self._studies_for(query, caller)
                 if not patients:
                     patients.extend(p for s in studies if (p := header_patient_id(s.header)))
                 matches = build_matches(query, studies, retrieve_ae_title=self.config.ae_title)
@@ -845,7 +984,7 @@ class DicomFrontDoor:
     def _audit_find(
         self, event: Any, patients: Sequence[str], status: int, comment: str | None
     ) -> None:
-        trail = self.gateway.audit
+        trail = self.audit
         if not trail.config.enabled:
             return
         try:
@@ -881,6 +1020,10 @@ class DicomFrontDoor:
         return query
 
     def _on_get(self, event: Any) -> Iterator[Any]:
+        caller = self._caller(event)
+        if caller is None:  # never admitted (fail closed; EVT_REQUESTED rejects these)
+            yield from _refuse(STATUS_NOT_AUTHORIZED, "the calling AE was not admitted")
+            return
         try:
             query = self._parse_retrieve(event)
         except QueryError as exc:
@@ -895,14 +1038,19 @@ class DicomFrontDoor:
             assoc=event.assoc,
         )
         try:
-            yield from self._instances(query, transfer)
+            yield from self._instances(query, transfer, caller)
         finally:
             transfer.finish()  # if the association ended the retrieve half-way
 
     def _on_move(self, event: Any) -> Iterator[Any]:
+        caller = self._caller(event)
         destination = self.config.destination(str(event.move_destination or ""))
         if destination is None:
             yield None, None
+            return
+        if caller is None:  # never admitted (fail closed; EVT_REQUESTED rejects these)
+            yield destination.host, destination.port
+            yield from _refuse(STATUS_NOT_AUTHORIZED, "the calling AE was not admitted")
             return
         try:
             query = self._parse_retrieve(event)
@@ -919,12 +1067,12 @@ class DicomFrontDoor:
         try:
             # pynetdicom opens the association to the destination with these handlers: its
             # C-STORE-RSPs tell what arrived.
-            yield (
-                destination.host,
-                destination.port,
-                {"evt_handlers": [(evt.EVT_DIMSE_RECV, transfer.on_dimse)]},
-            )
-            yield from self._instances(query, transfer)
+            options: dict[str, Any] = {"evt_handlers": [(evt.EVT_DIMSE_RECV, transfer.on_dimse)]}
+            if destination.tls:
+                assert self._client_tls is not None
+                options["tls_args"] = (self._client_tls, destination.host)
+            yield destination.host, destination.port, options
+            yield from self._instances(query, transfer, caller)
         finally:
             transfer.finish()  # if the association ended the retrieve half-way
 
@@ -934,7 +1082,8 @@ def _requester(event: Any) -> m.Node:
     return dimse_requester(str(peer.ae_title or ""), str(peer.address or "") or None)
 
 
-async def _as_coroutine(awaitable: Awaitable[T]) -> T:
+async def _as_caller(awaitable: Awaitable[T], caller: Principal | None) -> T:
+    set_current_caller(caller)  # this task's context only
     return await awaitable
 
 

@@ -132,10 +132,17 @@ class Gateway:
             self.admin_app.mount("/consent", ConsentAdminApp(self.consent))
         self._started = False
         self.registry: Any = None
-        from xca_gateway.dicom_front import DicomFrontDoor
+        from xca_gateway.dicom_front import DicomFrontDoor, DicomFrontServices
 
         # The DIMSE front door (C-FIND / C-GET / C-MOVE over the federation), when configured.
-        self.dicom_front = DicomFrontDoor(self, config.dicom) if config.dicom is not None else None
+        self.dicom_front = (
+            DicomFrontDoor(
+                DicomFrontServices.of(self, on_handshake_failure=self._on_handshake_failure),
+                config.dicom,
+            )
+            if config.dicom is not None
+            else None
+        )
         from xca_gateway.prefetch import Prefetcher
 
         # HL7 v2 orders (MLLP) prefetch the patient's foreign priors into the PACS, in-process.

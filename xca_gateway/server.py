@@ -166,7 +166,8 @@ class RequestBodyTooSlow(Exception):
     pass
 
 
-def _peer_certificate(ssl_object: Any) -> PeerCertificate | None:
+def peer_certificate(ssl_object: Any) -> PeerCertificate | None:
+    """The verified client certificate of a TLS connection (SSLObject or SSLSocket)."""
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     if not der:
         return None
@@ -229,7 +230,7 @@ async def tls_accept(
     return PeerInfo(
         address=address,
         port=port,
-        certificate=_peer_certificate(ssl_object),
+        certificate=peer_certificate(ssl_object),
         tls_version=ssl_object.version() if ssl_object is not None else None,
         cipher=cipher[0] if cipher else None,
     )
