@@ -177,12 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     from xca_gateway.arr.app import add_arr_command
     from xca_gateway.consent import add_consent_command
     from xca_gateway.consumer import add_retrieve_study_command
+    from xca_gateway.consumer_cli import add_consumer_commands
     from xca_gateway.import_priors import add_import_priors_command
     from xca_gateway.importer import add_import_command
 
     add_import_command(sub, open_registry=registry_from_config)
     add_arr_command(sub)
     add_consent_command(sub)
+    add_consumer_commands(sub)
     add_retrieve_study_command(sub)
     add_import_priors_command(sub)
     return parser

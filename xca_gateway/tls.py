@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from xca_gateway.config import BCP195_CIPHERS, TlsConfig
+from xca_gateway.credentials import load_cert_chain, load_verify_locations
 
 
 def _harden(ctx: ssl.SSLContext, minimum_version: str, ciphers: str) -> None:
@@ -29,8 +30,8 @@ def _harden(ctx: ssl.SSLContext, minimum_version: str, ciphers: str) -> None:
 def server_context(cfg: TlsConfig) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(ctx, cfg.minimum_version, cfg.ciphers)
-    ctx.load_cert_chain(str(cfg.certificate), str(cfg.private_key))
-    ctx.load_verify_locations(cafile=str(cfg.trust_store))
+    load_cert_chain(ctx, cfg.certificate, cfg.private_key, what="[tls] certificate")
+    load_verify_locations(ctx, cfg.trust_store, what="[tls] trust_store")
     ctx.verify_mode = ssl.CERT_REQUIRED
     _load_crls(ctx, cfg.crl_file)
     enable_certificate_capture(ctx)
@@ -46,7 +47,7 @@ def _load_crls(ctx: ssl.SSLContext, crl_file: Path | None) -> None:
     """
     if crl_file is None:
         return
-    ctx.load_verify_locations(cafile=str(crl_file))
+    load_verify_locations(ctx, crl_file, what="[tls] crl_file")
     ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
@@ -58,12 +59,13 @@ def client_context(
     minimum_version: str = "1.2",
     ciphers: str = BCP195_CIPHERS,
     check_hostname: bool = True,
+    label: str = "client certificate",
 ) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     _harden(ctx, minimum_version, ciphers)
-    ctx.load_verify_locations(cafile=str(trust_store))
+    load_verify_locations(ctx, trust_store, what="trust store (CA)")
     if certificate is not None:
-        ctx.load_cert_chain(str(certificate), str(private_key) if private_key else None)
+        load_cert_chain(ctx, certificate, private_key, what=label)
     # FQDN Validation of Server Certificate option (RFC 6125).
     ctx.check_hostname = check_hostname
     return ctx
@@ -77,6 +79,7 @@ def gateway_client_context(cfg: TlsConfig) -> ssl.SSLContext:
         cfg.private_key,
         minimum_version=cfg.minimum_version,
         ciphers=cfg.ciphers,
+        label="[tls] certificate",
     )
     _load_crls(ctx, cfg.crl_file)
     return ctx
