@@ -10,16 +10,18 @@ import io
 import socket
 import ssl
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import hl7
 import pydicom
 import pytest
 
-from tests.conftest import wait_for
+from tests.audit_inbox import AuditInbox
+from tests.conftest import policy_for_tests, wait_for
 from tests.test_import_priors import (
     ALICE,
     ALPHA_OID,
@@ -32,11 +34,13 @@ from tests.test_import_priors import (
     sop_uid,
     stored_instance,
 )
+from xca_gateway.audit.validate import schema_errors
 from xca_gateway.config import ConfigError
 from xca_gateway.dicom_samples import local_patient_id
+from xca_gateway.gateway import Gateway
 from xca_gateway.hl7v2 import AckError, Header, build_ack, parse_order
 from xca_gateway.hl7v2 import local_patient_id as order_patient
-from xca_gateway.pki import DevPki
+from xca_gateway.pki import DevPki, issue_client_certificate
 from xca_gateway.prefetch import JobResult, Prefetcher, parse_prefetch_config
 from xca_gateway.tls import client_context
 
@@ -403,6 +407,200 @@ def test_mllp_needs_a_trusted_client_certificate(setup: Setup, pki: DevPki) -> N
     assert wait_for(lambda: len(setup.fed.alpha.handshake_failures) >= before + 2, timeout=10)
     reasons = [f.reason for f in list(setup.fed.alpha.handshake_failures)[before:]]
     assert any("certificate" in r for r in reasons), reasons
+
+
+def test_the_job_runs_as_the_interface_engine_that_sent_the_order(setup: Setup) -> None:
+    """The import acts for the admitted sender (the current caller of the worker's task), so
+    the initiating side and its audit records name it, not the gateway itself."""
+    from xca_gateway.security.callers import current_caller
+
+    seen: list[str | None] = []
+    initiating = setup.fed.alpha.initiating
+    original = initiating.query
+
+    async def spy(element: Any) -> Any:
+        principal = current_caller()
+        seen.append(principal.name if principal is not None else None)
+        return await original(element)
+
+    initiating.query = spy  # type: ignore[method-assign]
+    try:
+        text, cid = order(local_cx(DAVE), name="Johansen^Dave")
+        assert msa(exchange(setup.port, text, setup.tls)) == ("AA", cid)
+        assert wait_for(lambda: result_for(setup.prefetch, cid) is not None, timeout=120)
+    finally:
+        initiating.query = original  # type: ignore[method-assign]
+    assert seen and set(seen) == {"test-client"}
+
+
+# ----------------------------------------------------------------------------- who may send
+
+
+def mllp_gateway(
+    gateway_factory: Callable[..., Gateway],
+    name: str,
+    inbox: AuditInbox,
+    pacs_port: int,
+    *,
+    tls: bool = True,
+    callers: Sequence[dict[str, Any]] = (),
+) -> tuple[Gateway, int]:
+    """A gateway with the prefetch door, auditing to ``inbox``; ``callers`` are added to the
+    test policy."""
+    policy = policy_for_tests()
+    policy["callers"] = [*policy["callers"], *callers]
+    gateway = gateway_factory(
+        name,
+        prefetch={
+            "host": "127.0.0.1",
+            "port": 0,
+            "tls": tls,
+            "pacs_port": pacs_port,
+            "pacs_ae_title": "NOWHERE",
+        },
+        policy=policy,
+        audit={
+            "audit_source_id": f"{name}-mllp",
+            "destinations": [
+                {"name": "inbox", "transport": "udp", "host": "127.0.0.1", "port": inbox.port}
+            ],
+        },
+    )
+    assert gateway.prefetch is not None
+    return gateway, gateway.prefetch.port
+
+
+def mllp_alerts(inbox: AuditInbox, who: str) -> list[Any]:
+    """Security Alerts whose requestor's UserID contains ``who``."""
+    return [
+        r
+        for r in inbox.with_event("110113")
+        if any(
+            who in str(p.get("UserID")) and p.get("UserIsRequestor") == "true"
+            for p in r.iter("ActiveParticipant")
+        )
+    ]
+
+
+def test_only_interface_engines_may_send_orders(
+    gateway_factory: Callable[..., Gateway], pki: DevPki, silent_port: int
+) -> None:
+    """Over TLS: an unknown (trusted) certificate is closed before a byte is read; a known
+    system without the interface-engine role gets one AR naming the refusal; each refused
+    connection is audited once; nothing is queued for either."""
+    inbox = AuditInbox()
+    try:
+        alpha, port = mllp_gateway(
+            gateway_factory,
+            "alpha",
+            inbox,
+            silent_port,
+            callers=[
+                {
+                    "name": "ward-viewer",
+                    "roles": ["local-consumer"],
+                    "certificate_uris": ["urn:xca-gateway:client:ward-viewer"],
+                }
+            ],
+        )
+        assert alpha.prefetch is not None
+        stranger = issue_client_certificate(pki, "mllp-stranger")
+        viewer = issue_client_certificate(pki, "ward-viewer")
+        text, cid = order(local_cx(ALICE))
+
+        # Unknown: the TLS handshake succeeds (the CA is trusted), then the door closes.
+        unknown = MllpClient(port, client_context(pki.ca, stranger.cert, stranger.key))
+        try:
+            unknown.send(text)
+            assert unknown.sock.recv(65536) == b""  # no ACK: the HL7 layer never saw it
+        except (ssl.SSLError, ConnectionError):
+            pass
+        finally:
+            unknown.close()
+
+        # Known, wrong role: AR echoing the order's control id, then closed.
+        known = MllpClient(port, client_context(pki.ca, viewer.cert, viewer.key))
+        try:
+            known.send(text)
+            ack = known.receive()
+            assert msa(ack) == ("AR", cid)
+            err = ack.segment("ERR")
+            assert str(err[3]).startswith("207^")
+            assert "not authorized" in str(err)
+            assert known.sock.recv(65536) == b""  # and the connection is closed
+        finally:
+            known.close()
+
+        # The interface engine (the test client) is served on the same door.
+        engine, engine_cid = order(local_cx(BOB), name="Haugen^Bob")
+        assert msa(exchange(port, engine, his_tls(pki))) == ("AA", engine_cid)
+        assert alpha.guard.refused == 2
+        for who in ("CN=mllp-stranger,", "CN=ward-viewer,"):
+            assert wait_for(lambda who=who: len(mllp_alerts(inbox, who)) >= 1, timeout=15)
+        # Both refusals are in; a third connection by the viewer is the marker that nothing
+        # more is on its way for the first two.
+        again = MllpClient(port, client_context(pki.ca, viewer.cert, viewer.key))
+        try:
+            again.send(text)
+            assert msa(again.receive())[0] == "AR"
+        finally:
+            again.close()
+        assert wait_for(lambda: len(mllp_alerts(inbox, "CN=ward-viewer,")) >= 2, timeout=15)
+        assert len(mllp_alerts(inbox, "CN=mllp-stranger,")) == 1
+        assert len(mllp_alerts(inbox, "CN=ward-viewer,")) == 2  # one per connection
+        alert = mllp_alerts(inbox, "CN=ward-viewer,")[0]
+        assert schema_errors(alert) == []
+        resource = alert.find("ParticipantObjectIdentification")
+        assert resource is not None
+        assert resource.get("ParticipantObjectID") == f"mllp://127.0.0.1:{port}"
+        # Only the interface engine's order was queued.
+        queued = alpha.metrics.registry.get_sample_value(
+            "xca_gateway_prefetch_jobs_total", {"outcome": "queued"}
+        )
+        assert queued == 1
+    finally:
+        inbox.close()
+
+
+def test_plain_loopback_mllp_admits_by_address(
+    gateway_factory: Callable[..., Gateway], silent_port: int
+) -> None:
+    """Plain MLLP (loopback only) has no certificate: the interface engine is the caller entry
+    that lists its address; without one, the connection is closed before anything is read."""
+    inbox = AuditInbox()
+    try:
+        _, listed = mllp_gateway(
+            gateway_factory,
+            "alpha",
+            inbox,
+            silent_port,
+            tls=False,
+            callers=[
+                {
+                    "name": "loopback-engine",
+                    "roles": ["interface-engine"],
+                    "addresses": ["127.0.0.1"],
+                }
+            ],
+        )
+        beta, unlisted = mllp_gateway(gateway_factory, "beta", inbox, silent_port, tls=False)
+        text, cid = order(local_cx(ALICE))
+        assert msa(exchange(listed, text, None)) == ("AA", cid)
+        closed = MllpClient(unlisted, None)
+        try:
+            closed.send(text)
+            assert closed.sock.recv(65536) == b""
+        except ConnectionError:
+            pass
+        finally:
+            closed.close()
+        assert beta.guard.refused == 1
+        assert wait_for(lambda: len(mllp_alerts(inbox, "127.0.0.1")) >= 1, timeout=15)
+        [alert] = mllp_alerts(inbox, "127.0.0.1")
+        description = alert.find("EventIdentification/EventOutcomeDescription")
+        assert description is not None and "no certificate" in str(description.text)
+    finally:
+        inbox.close()
 
 
 def test_full_queue_is_refused_with_ar(pki: DevPki, tmp_path: Path, silent_port: int) -> None:

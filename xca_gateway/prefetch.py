@@ -19,6 +19,16 @@ side), so that they are there when the radiologist reads the new study.
   those of the ordered modality (IPC-5, OBR-24 or a DICOM modality code in OBR-4); with
   ``lookback_days`` only recent ones.
 * Jobs are bounded: a queue of ``max_queue`` with ``workers`` workers.
+* Who may send orders: the door guard admits a connection once, before any HL7 is read, as
+  :attr:`~xca_gateway.security.callers.Door.MLLP` (role ``interface-engine``), identified by its
+  client certificate (MLLP over TLS) or, on plain loopback MLLP, by its address
+  (``addresses`` of a ``[[policy.callers]]`` entry). A caller the policy does not know at all is
+  closed before a byte is read: it learns nothing about the HL7 layer. A known system without
+  the role (say a PACS or a consumer) gets one AR ACK naming the refusal (ERR-3 207, so its
+  interface engine's operators see why, instead of retrying a dropped connection forever), and
+  the connection is closed. Either way the guard audits the refusal once per connection (a
+  Security Alert naming the verified identity). The admitted principal is the current caller of
+  the jobs its orders queue: the import acts, and is audited, for it.
 
 MLLP uses the ``hl7`` package's asyncio server (``hl7.mllp.start_hl7_server``) and its raw
 ``readblock()`` / ``writeblock()``: the message is parsed with ``hl7.parse`` after the
@@ -72,7 +82,14 @@ from xca_gateway.hl7v2 import (
     parse_order,
     read_header,
 )
-from xca_gateway.server import tls_accept
+from xca_gateway.security.callers import (
+    Door,
+    Principal,
+    reset_current_caller,
+    set_current_caller,
+)
+from xca_gateway.security.guard import identity_from_peer
+from xca_gateway.server import PeerInfo, tls_accept
 from xca_gateway.tls import server_context
 
 if TYPE_CHECKING:
@@ -81,6 +98,10 @@ if TYPE_CHECKING:
     from xca_gateway.kos import InstanceRef
 
 log = logging.getLogger(__name__)
+
+# How long a refused (known, but not an interface engine) sender has to send the message its
+# AR answers.
+_REFUSAL_READ_TIMEOUT = 30.0
 
 __all__ = [
     "PrefetchConfig",
@@ -252,6 +273,8 @@ class PrefetchJob:
     birth_date: str | None = None
     sex: str | None = None
     modalities: tuple[str, ...] = ()
+    # The interface engine whose order queued the job: the import runs as its caller.
+    requested_by: Principal | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -377,6 +400,12 @@ class Prefetcher:
                 )
                 if peer is None:
                     return
+            else:
+                address, port = writer.get_extra_info("peername")[:2]
+                peer = PeerInfo(address=address, port=port)
+            principal = await self._admit(peer, reader, writer)
+            if principal is None:
+                return
             while True:
                 try:
                     block = await asyncio.wait_for(reader.readblock(), self.config.idle_timeout)
@@ -390,7 +419,7 @@ class Prefetcher:
                     break
                 except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                     break
-                self._send(writer, self.handle_message(block))
+                self._send(writer, self.handle_message(block, principal))
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
             pass
@@ -399,6 +428,40 @@ class Prefetcher:
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 2)
+
+    async def _admit(self, peer: PeerInfo, reader: Any, writer: Any) -> Principal | None:
+        """The door guard, once per connection and before any HL7 is read (see the module
+        docstring); None: refused (audited once by the guard), the caller closes."""
+        decision = self.gateway.guard.admit(
+            identity_from_peer(peer),
+            Door.MLLP,
+            resource=f"mllp://{self.config.host}:{self.port}",
+        )
+        if decision.allowed:
+            return decision.principal
+        if decision.principal is None:
+            return None  # unknown caller: closed before reading
+        # A known system without the role: one AR to its first message, then close.
+        try:
+            block = await asyncio.wait_for(
+                reader.readblock(), min(self.config.idle_timeout, _REFUSAL_READ_TIMEOUT)
+            )
+        except Exception:  # anything unreadable: nothing to answer, just close
+            return None
+        text, encoding = decode_message(block)
+        header: Header | None = None
+        with contextlib.suppress(AckError):
+            header = read_header(text)
+        self.metrics.messages.labels("AR").inc()
+        error = AckError(
+            "AR",
+            APPLICATION_INTERNAL_ERROR,
+            f"{decision.principal.name} is not authorized to send orders to this gateway",
+        )
+        with contextlib.suppress(ConnectionError):
+            self._send(writer, self._ack(header, "AR", error).encode(encoding, errors="replace"))
+            await writer.drain()
+        return None
 
     def _send(self, writer: Any, payload: bytes) -> None:
         writer.writeblock(payload)
@@ -419,8 +482,9 @@ class Prefetcher:
             error=error,
         )
 
-    def handle_message(self, raw: bytes) -> bytes:
-        """ACK for one MLLP block; schedules the prefetch job. Never blocks, never raises."""
+    def handle_message(self, raw: bytes, principal: Principal | None = None) -> bytes:
+        """ACK for one MLLP block from the admitted ``principal``; schedules the prefetch job.
+        Never blocks, never raises."""
         text, encoding = decode_message(raw)
         header: Header | None = None
         try:
@@ -428,7 +492,7 @@ class Prefetcher:
                 header = read_header(text)
             order = parse_order(text)
             header = order.header
-            code = self._accept(order)
+            code = self._accept(order, principal)
             ack = self._ack(header, code)
         except AckError as exc:
             log.info("HL7 message refused (%s %s): %s", exc.ack_code, exc.condition[0], exc.text)
@@ -442,7 +506,7 @@ class Prefetcher:
         self.metrics.messages.labels(code).inc()
         return ack.encode(encoding, errors="replace")
 
-    def _accept(self, order: OrderMessage) -> str:
+    def _accept(self, order: OrderMessage, principal: Principal | None) -> str:
         cfg = self.config
         patient = local_patient_id(
             order,
@@ -468,6 +532,7 @@ class Prefetcher:
             birth_date=order.birth_date if demographics else None,
             sex=order.sex if demographics else None,
             modalities=order.modalities if cfg.match_modality else (),
+            requested_by=principal,
         )
         outcome = self.schedule(job)
         if outcome == "queue_full":
@@ -510,6 +575,14 @@ class Prefetcher:
             self.recent.append(result)
 
     async def run_job(self, job: PrefetchJob) -> JobResult:
+        # The worker task outlives the connection: the caller travels with the job.
+        token = set_current_caller(job.requested_by)
+        try:
+            return await self._run_job(job)
+        finally:
+            reset_current_caller(token)
+
+    async def _run_job(self, job: PrefetchJob) -> JobResult:
         from xca_gateway.import_priors import (
             Demographics,
             InProcessFederation,
