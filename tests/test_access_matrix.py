@@ -49,6 +49,7 @@ IDENTITY_ROLES: dict[str, frozenset[Role] | None] = {
     "local repository (north)": frozenset({Role.LOCAL_REPOSITORY}),
     "demo client": frozenset({Role.LOCAL_CONSUMER}),
     "unknown trusted certificate": None,
+    "audit consumer (ARR)": frozenset({Role.AUDIT_CONSUMER}),
 }
 
 # The SOAP doors of north's gateway: path and the request each caller sends.
@@ -116,6 +117,7 @@ def callers(data: dict[str, Any], workdir: Path) -> dict[str, Caller]:
         "unknown trusted certificate": _pair(
             {"cert": str(stranger.cert), "key": str(stranger.key)}, "stranger"
         ),
+        "audit consumer (ARR)": _pair(data["auditRepository"]["auditConsumer"], "auditor"),
     }
 
 
@@ -257,6 +259,69 @@ def test_every_soap_door_for_every_role(demo: tuple[dict[str, Any], Path]) -> No
             break
         time.sleep(0.5)
     assert counts == {key: 1 for key in counts}
+
+
+def test_dicomweb_and_iti81_for_every_role(demo: tuple[dict[str, Any], Path]) -> None:
+    """The HTTP doors beside SOAP: north's DICOMweb front door and the ARR's ITI-81 search."""
+    data, workdir = demo
+    north = data["communities"][0]
+    alice = next(p["id"] for p in north["samplePatients"] if p["crossCommunityKey"] == "alice")
+    dicomweb = north["dicomweb"]
+    fhir = data["auditRepository"]["fhir"]
+    targets = {
+        Door.DICOMWEB: (f"{dicomweb}/studies", {"PatientID": alice.split("^")[0]}),
+        Door.ITI81: (f"{fhir}/AuditEvent", {"_count": "1", "date": "ge2000-01-01"}),
+    }
+    who = callers(data, workdir)
+    outcomes: dict[tuple[str, Door], bool] = {}
+    for label, caller in who.items():
+        ctx = client_context(Path(data["ca"]), caller.cert, caller.key)
+        with httpx.Client(verify=ctx, timeout=60) as client:
+            for door, (url, params) in targets.items():
+                response = client.get(url, params=params)
+                assert response.status_code in (200, 403), (label, door, response.text[:300])
+                outcomes[(label, door)] = response.status_code == 200
+    expected = {
+        (label, door): expected_allowed(IDENTITY_ROLES[label], door)
+        for label in who
+        for door in targets
+    }
+    assert outcomes == expected
+    # Each DICOMweb refusal is one Security Alert in the ARR naming the verified subject
+    # (north audits it); the ARR audits its own refusals in its own trail.
+    refused = [(who[label], door) for (label, door), ok in expected.items() if not ok]
+    deadline = time.monotonic() + 30
+    while True:
+        alerts = security_alerts(workdir)
+        counts = {
+            (c.label, door): refusals_of_prefix(alerts, c.subject, targets[door][0])
+            for c, door in refused
+        }
+        if all(n >= 1 for n in counts.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert counts == {key: 1 for key in counts}
+
+
+def refusals_of_prefix(alerts: list[etree._Element], subject: str, prefix: str) -> int:
+    """Refusal alerts naming ``subject`` for a resource under ``prefix`` (URL or path)."""
+    path = "/" + prefix.split("//", 1)[1].split("/", 1)[1]
+    count = 0
+    for alert in alerts:
+        if alert.find(".//EventTypeCode[@csd-code='110132']") is None:
+            continue
+        users = {
+            p.get("UserID")
+            for p in alert.iter("ActiveParticipant")
+            if p.get("UserIsRequestor") in ("true", "1")
+        }
+        objects = [
+            o.get("ParticipantObjectID") or ""
+            for o in alert.iter("ParticipantObjectIdentification")
+        ]
+        if subject in users and any(o.startswith((prefix, path)) for o in objects):
+            count += 1
+    return count
 
 
 def test_an_untrusted_certificate_is_refused_at_the_handshake_and_audited(
