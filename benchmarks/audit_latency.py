@@ -3,7 +3,8 @@
 Two `xca-gateway serve` processes with the same data, one auditing every transaction to a real
 rsyslog over mutual TLS, one not; the same ITI-38 is sent to each in turn, and the medians and
 p95 are compared. Recording goes to the durable spool on a writer thread, so the difference
-should be small.
+should be small. The ITI-38s come from a peer gateway (the dev PKI's ``south`` certificate),
+the only caller the gateways' deny-by-default policy names (bench_policy).
 
     python benchmarks/audit_latency.py [--requests 300]
 """
@@ -18,14 +19,21 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
+from bench_policy import peer, policy, policy_toml
 
 from xca_gateway.audit.rsyslog import RsyslogRepository
 from xca_gateway.demo import DemoCommunity, community_config_toml
-from xca_gateway.namespaces import Action
+from xca_gateway.namespaces import Action, ResponseStatus
 from xca_gateway.pki import init_dev_pki
 from xca_gateway.tls import client_context
+
+# Dev PKI communities: the responding gateway, the peer that queries it, the audit repository.
+COMMUNITIES = ["north", "south", "arr"]
+RESPONDER = DemoCommunity(0, "north")
+REQUESTER = DemoCommunity(1, "south")
 
 QUERY = """<?xml version="1.0" encoding="UTF-8"?>
 <s:Envelope xmlns:s="http://www.w3.org/2003/05/soap-envelope"
@@ -49,24 +57,35 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _gateway(work: Path, name: str, audit_port: int | None) -> tuple[subprocess.Popen[bytes], str]:
-    community = DemoCommunity(0, "north")
-    https, admin = _free_port(), _free_port()
+def gateway_policy() -> dict[str, Any]:
+    """north's callers: south as a peer gateway on /xca/*; nobody else."""
+    return policy(peers=[peer(REQUESTER.name, REQUESTER.home_community_id)])
+
+
+def gateway_config_toml(
+    work: Path, name: str, https: int, admin: int, audit_port: int | None
+) -> str:
     text = community_config_toml(
-        community,
+        RESPONDER,
         certs_dir=str(work / "certs"),
         data_dir=str(work / name),
         https_port=https,
         admin_port=admin,
         peers=[],
+        policy=policy_toml(gateway_policy()),
     )
     if audit_port is not None:
         text += (
             '\n[audit]\naudit_source_id = "bench"\n[[audit.destinations]]\nname = "arr"\n'
             f'transport = "tls"\nhost = "127.0.0.1"\nport = {audit_port}\n'
         )
+    return text
+
+
+def _gateway(work: Path, name: str, audit_port: int | None) -> tuple[subprocess.Popen[bytes], str]:
+    https, admin = _free_port(), _free_port()
     config = work / f"{name}.toml"
-    config.write_text(text)
+    config.write_text(gateway_config_toml(work, name, https, admin, audit_port))
     process = subprocess.Popen(
         [
             sys.executable,
@@ -97,7 +116,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        pki = init_dev_pki(work / "certs", ["north", "arr"])
+        pki = init_dev_pki(work / "certs", COMMUNITIES)
         (work / "rsyslog").mkdir()
         arr = pki.communities["arr"]
         rsyslog = RsyslogRepository(work / "rsyslog", pki.ca, arr.cert, arr.key)
@@ -105,12 +124,14 @@ def main() -> int:
         plain, plain_url = _gateway(work, "plain", None)
         audited, audited_url = _gateway(work, "audited", rsyslog.tls_port)
         try:
-            ctx = client_context(pki.ca, pki.client.cert, pki.client.key)
+            south = pki.communities[REQUESTER.name]
+            ctx = client_context(pki.ca, south.cert, south.key)
             headers = {"content-type": f'application/soap+xml; action="{Action.ITI38}"'}
             times: dict[str, list[float]] = {"off": [], "on": []}
             with httpx.Client(verify=ctx, timeout=30) as client:
-                for url in (plain_url, audited_url):  # warm-up
-                    client.post(url, content=QUERY, headers=headers)
+                for url in (plain_url, audited_url):  # warm-up; the peer is admitted
+                    warm = client.post(url, content=QUERY, headers=headers)
+                    assert ResponseStatus.SUCCESS in warm.text, warm.text[:1000]
                 for _ in range(args.requests):
                     for key, url in (("off", plain_url), ("on", audited_url)):
                         started = time.perf_counter()

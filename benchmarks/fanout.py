@@ -2,7 +2,10 @@
 
 A "peer farm" process runs N responding endpoints over mutual TLS, each answering ITI-38 after
 its own latency (spread evenly between 10 ms and 500 ms). An ``xca-gateway serve`` process is
-the initiating gateway, peered with all of them. Everything is measured side by side in one run:
+the initiating gateway, peered with all of them. Both run deny-by-default (bench_policy): the
+gateway admits the consumer (dev PKI ``client``) as a local consumer on /ig/iti18, the farm
+admits the gateway's certificate as a peer gateway on /xca/iti38, and the direct calls to the
+farm are made with that peer certificate. Everything is measured side by side in one run:
 
 * for N = 1, 5, 10, 20: median time of one ITI-18 through the gateway / median time of one
   direct ITI-38 to the slowest peer (target ≤ 1.05: bounded by the slowest, never the sum);
@@ -29,14 +32,59 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 import httpx
+from bench_policy import consumer, peer, policy, policy_toml
 
 from xca_gateway.config import LimitsConfig
-from xca_gateway.pki import init_dev_pki
+from xca_gateway.namespaces import ResponseStatus
+from xca_gateway.pki import DevPki, init_dev_pki
 from xca_gateway.tls import client_context
 
 HERE = Path(__file__).resolve()
 ARC = "1.3.6.1.4.1.21367.13"
 PATIENT = f"P1^^^&{ARC}.20.1000&ISO"
+# Dev PKI communities: the initiating gateway, and the certificate every farm endpoint serves.
+COMMUNITIES = ["ig", "peer"]
+IG_HOME = f"urn:oid:{ARC}.70.1"
+
+
+def gateway_policy() -> dict[str, Any]:
+    """The initiating gateway's callers: the consumer on /ig/*, nobody on /xca/*."""
+    return policy(callers=[consumer()])
+
+
+def farm_policy() -> dict[str, Any]:
+    """The farm's callers: the initiating gateway as a peer gateway of its community."""
+    return policy(peers=[peer("ig", IG_HOME)])
+
+
+def gateway_config_toml(
+    pki: DevPki, work: Path, port: int, admin: int, peers: list[dict[str, Any]], deadline: float
+) -> str:
+    """The initiating gateway's configuration, peered with ``peers`` (home, url)."""
+    lines = [
+        "[community]",
+        'name = "ig"',
+        f'home_community_id = "{IG_HOME}"',
+        f'patient_id_assigning_authority = "{ARC}.20.1000"',
+        f"[server]\nport = {port}",
+        f"[admin]\nport = {admin}",
+        "[tls]",
+        f'certificate = "{pki.communities["ig"].cert}"',
+        f'private_key = "{pki.communities["ig"].key}"',
+        f'trust_store = "{pki.ca}"',
+        f'[storage]\ndata_dir = "{work / f"ig{port}"}"',
+        f"[initiating]\npeer_deadline = {deadline}\noverall_deadline = {deadline}",
+        f"[outbound]\nmax_keepalive_connections = 100\nrequest_timeout = {deadline}",
+        policy_toml(gateway_policy()),
+    ]
+    for i, entry in enumerate(peers):
+        lines += [
+            "[[peers]]",
+            f'name = "p{i}"',
+            f'home_community_id = "{entry["home"]}"',
+            f'iti38 = "{entry["url"]}"',
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def _free_port() -> int:
@@ -56,8 +104,12 @@ async def _farm(certs: Path, latencies: list[float]) -> None:
     from xca_gateway.config import TlsConfig
     from xca_gateway.ebrs import adhoc_query_response
     from xca_gateway.metrics import GatewayMetrics
-    from xca_gateway.namespaces import RIM, Action, ResponseStatus
-    from xca_gateway.server import HttpServer
+    from xca_gateway.namespaces import RIM, Action
+    from xca_gateway.policy import parse_access_policy
+    from xca_gateway.security.callers import Door
+    from xca_gateway.security.guard import DoorGuard, identity_from_peer
+    from xca_gateway.server import HttpServer, Request, Response
+    from xca_gateway.soap import SoapFault, build_fault
     from xca_gateway.soap_service import (
         Operation,
         SoapEndpoint,
@@ -68,6 +120,19 @@ async def _farm(certs: Path, latencies: list[float]) -> None:
     from xca_gateway.tls import server_context
 
     tls = TlsConfig(certs / "peer.pem", certs / "peer.key", certs / "ca.pem")
+    # A responding gateway's door check: peer gateways only, as the gateway's own admission.
+    directory = parse_access_policy(farm_policy()).caller_directory()
+    guard = DoorGuard(lambda: directory)
+
+    def admission(request: Request, endpoint: SoapEndpoint) -> Response | None:
+        decision = guard.admit(identity_from_peer(request.peer), Door.XCA, resource=endpoint.path)
+        if decision.allowed:
+            return None
+        body, content_type = build_fault(
+            SoapFault.sender(f"access denied: {decision.reason}", http_status=403)
+        )
+        return Response(403, [("content-type", content_type)], body, close=True)
+
     servers = []
     for index, latency in enumerate(latencies):
         home = f"urn:oid:{ARC}.70.{100 + index}"
@@ -85,7 +150,7 @@ async def _farm(certs: Path, latencies: list[float]) -> None:
         endpoint = SoapEndpoint("/xca/iti38", "iti38", {})
         endpoint.add(Operation(Action.ITI38, "ITI-38", make(latency, home)))
         server = HttpServer(
-            SoapService([endpoint], LimitsConfig(), GatewayMetrics()),
+            SoapService([endpoint], LimitsConfig(), GatewayMetrics(), admission=admission),
             ssl_context=server_context(tls),
         )
         await server.start("127.0.0.1", 0)
@@ -118,8 +183,11 @@ def _query(action_query: str = "iti18", home: str | None = None) -> bytes:
 class Bench:
     def __init__(self, work: Path) -> None:
         self.work = work
-        self.pki = init_dev_pki(work / "certs", ["ig", "peer"])
+        self.pki = init_dev_pki(work / "certs", COMMUNITIES)
+        # The consumer calls the gateway; direct calls to the farm are a peer gateway's (ig's).
         self.ctx = client_context(self.pki.ca, self.pki.client.cert, self.pki.client.key)
+        ig = self.pki.communities["ig"]
+        self.peer_ctx = client_context(self.pki.ca, ig.cert, ig.key)
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def close(self) -> None:
@@ -144,30 +212,8 @@ class Bench:
 
     def gateway(self, peers: list[dict[str, Any]], deadline: float) -> str:
         port, admin = _free_port(), _free_port()
-        lines = [
-            "[community]",
-            'name = "ig"',
-            f'home_community_id = "urn:oid:{ARC}.70.1"',
-            f'patient_id_assigning_authority = "{ARC}.20.1000"',
-            f"[server]\nport = {port}",
-            f"[admin]\nport = {admin}",
-            "[tls]",
-            f'certificate = "{self.pki.communities["ig"].cert}"',
-            f'private_key = "{self.pki.communities["ig"].key}"',
-            f'trust_store = "{self.pki.ca}"',
-            f'[storage]\ndata_dir = "{self.work / f"ig{port}"}"',
-            f"[initiating]\npeer_deadline = {deadline}\noverall_deadline = {deadline}",
-            f"[outbound]\nmax_keepalive_connections = 100\nrequest_timeout = {deadline}",
-        ]
-        for i, peer in enumerate(peers):
-            lines += [
-                "[[peers]]",
-                f'name = "p{i}"',
-                f'home_community_id = "{peer["home"]}"',
-                f'iti38 = "{peer["url"]}"',
-            ]
         config = self.work / f"ig{port}.toml"
-        config.write_text("\n".join(lines) + "\n")
+        config.write_text(gateway_config_toml(self.pki, self.work, port, admin, peers, deadline))
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -244,7 +290,10 @@ def main() -> int:
                 "direct time to the slowest peer"
             )
             print(f"{'peers':>6} {'slowest direct':>15} {'via gateway':>12} {'ratio':>7}")
-            with httpx.Client(verify=bench.ctx, timeout=30) as client:
+            with (
+                httpx.Client(verify=bench.ctx, timeout=30) as client,
+                httpx.Client(verify=bench.peer_ctx, timeout=30) as direct_client,
+            ):
                 for n in [int(x) for x in args.sizes.split(",")]:
                     latencies = (
                         [0.010 + 0.490 * i / max(1, n - 1) for i in range(n)] if n > 1 else [0.5]
@@ -254,9 +303,15 @@ def main() -> int:
                         p["url"] = f"https://127.0.0.1:{p['port']}/xca/iti38"
                     url = bench.gateway(peers, deadline=5.0)
                     slowest = max(peers, key=lambda p: p["latency"])
-                    bench.timed(client, url, _query(), 1)  # warm-up: connections to every peer
-                    bench.timed(client, slowest["url"], _query("iti38"), 1)
-                    direct = bench.timed(client, slowest["url"], _query("iti38"), args.repeat)
+                    # Warm-up (connections to every peer); every peer admitted the gateway.
+                    warm = client.post(
+                        url, content=_query(), headers={"content-type": "application/soap+xml"}
+                    )
+                    assert ResponseStatus.SUCCESS in warm.text, warm.text[:1000]
+                    bench.timed(direct_client, slowest["url"], _query("iti38"), 1)
+                    direct = bench.timed(
+                        direct_client, slowest["url"], _query("iti38"), args.repeat
+                    )
                     via = bench.timed(client, url, _query(), args.repeat)
                     ratio = via / direct
                     print(f"{n:>6} {direct * 1e3:>13.1f}ms {via * 1e3:>10.1f}ms {ratio:>7.3f}")
@@ -283,7 +338,7 @@ def main() -> int:
             )
             direct_qps = asyncio.run(
                 _throughput(
-                    bench.ctx, peers[0]["url"], _query("iti38"), args.concurrency, args.seconds
+                    bench.peer_ctx, peers[0]["url"], _query("iti38"), args.concurrency, args.seconds
                 )
             )
             print(

@@ -13,6 +13,11 @@ beta), streaming and checking every instance (count and byte total of the MIME p
 prints both throughputs, their ratio (target >= 0.9) and each gateway's peak RSS (VmHWM, target
 flat across sizes and <= 200 MB). Every size runs with fresh gateway processes.
 
+Each gateway is deny-by-default and names exactly its callers (bench_policy): alpha and gamma
+admit the consumer (dev PKI ``client``) as a local consumer on /ig/rad69, beta admits alpha as
+the peer gateway of its community on /xca/rad75, and gamma admits beta's certificate as a local
+consumer (the responding gateway retrieving from its community's imaging source).
+
 Unpaced, every process is CPU-bound: with fewer cores than the 4 busy processes of the
 through path the ratio measures CPU sharing, so the CPU seconds per GB of every process and the
 ratio projected for a core per process are printed too. A second run per size paces the source
@@ -41,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from bench_policy import consumer, local_consumer_gateway, peer, policy
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
@@ -117,6 +123,15 @@ def generate_study(root: Path, total: int, instance_size: int) -> list[DocumentR
 # ------------------------------------------------------------------------ gateway processes
 
 
+# Who calls each gateway: alpha (initiating) and gamma (the source) are called by the consumer,
+# beta (responding) by alpha over /xca/rad75, gamma also by beta retrieving for the federation.
+POLICIES: dict[str, dict[str, Any]] = {
+    "alpha": policy(callers=[consumer()]),
+    "beta": policy(peers=[peer("alpha", HOMES["alpha"])]),
+    "gamma": policy(callers=[consumer(), local_consumer_gateway("beta")]),
+}
+
+
 def gateway_config(pki: DevPki, name: str, port: int, data_dir: Path) -> dict[str, Any]:
     return {
         "community": {
@@ -133,6 +148,7 @@ def gateway_config(pki: DevPki, name: str, port: int, data_dir: Path) -> dict[st
         },
         "storage": {"data_dir": str(data_dir)},
         "outbound": {"request_timeout": 120.0},
+        "policy": POLICIES[name],
     }
 
 
@@ -422,9 +438,7 @@ def main() -> None:
             for name, rss in result["rss"].items():
                 print(f"  peak RSS {name:5s} {rss / 1e6:.1f} MB", flush=True)
             cpu = ", ".join(f"{n} {v:.2f}" for n, v in result["cpu_s_per_gb"].items())
-            direct = ", ".join(
-                f"{n} {v:.2f}" for n, v in result["direct_cpu_s_per_gb"].items()
-            )
+            direct = ", ".join(f"{n} {v:.2f}" for n, v in result["direct_cpu_s_per_gb"].items())
             print(f"  CPU s/GB through the gateways: {cpu}", flush=True)
             print(f"  CPU s/GB direct:               {direct}", flush=True)
             print(

@@ -4,7 +4,8 @@ Starts ``xca-gateway serve`` (diagnostic echo enabled) as its own process, strea
 request carrying one large attachment over mutual TLS, streams the echoed MTOM response back,
 checks it byte for byte (SHA-256), and samples the server's RSS throughout. Several sizes run
 side by side so the ratio of peak RSS between the largest and smallest size shows whether
-memory stays flat while the payload grows.
+memory stays flat while the payload grows. The gateway's deny-by-default policy names the
+consumer (dev PKI ``client``) as a local consumer, admitted at the diagnostics door.
 
     python benchmarks/mtom_roundtrip.py               # 20 MB and 200 MB
     python benchmarks/mtom_roundtrip.py --sizes 200,1000
@@ -22,9 +23,11 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
+from bench_policy import consumer, policy, policy_toml
 from lxml import etree
 
 from xca_gateway import diagnostics, mtom
@@ -35,6 +38,28 @@ from xca_gateway.soap import build_envelope, serialize
 from xca_gateway.tls import client_context
 
 CHUNK = 1024 * 1024
+COMMUNITIES = ["bench"]
+COMMUNITY = DemoCommunity(0, "bench")
+
+
+def gateway_policy() -> dict[str, Any]:
+    """The gateway's only caller: the consumer (local systems may use /diagnostics/echo)."""
+    return policy(callers=[consumer()])
+
+
+def gateway_config_toml(work: Path, https_port: int, admin_port: int, max_size: int) -> str:
+    text = community_config_toml(
+        COMMUNITY,
+        certs_dir=str(work / "certs"),
+        data_dir=str(work / "data"),
+        https_port=https_port,
+        admin_port=admin_port,
+        peers=[],
+        diagnostics_echo=True,
+        policy=policy_toml(gateway_policy()),
+    )
+    # Allow bodies beyond the largest size; attachments spool to disk past 1 MiB.
+    return text + f"\n[limits]\nmax_request_bytes = {max_size * 2}\n"
 
 
 def _free_port() -> int:
@@ -86,6 +111,8 @@ def round_trip(url: str, client: httpx.Client, size: int) -> tuple[float, bool]:
     with client.stream(
         "POST", url, content=writer.iter_bytes(), headers={"content-type": writer.content_type}
     ) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {response.read()[:500]!r}")
         parser = mtom.MultipartParser(
             mtom.parse_content_type(response.headers["content-type"])[1]["boundary"]
         )
@@ -114,22 +141,10 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        pki = init_dev_pki(work / "certs", ["bench"])
-        community = DemoCommunity(0, "bench")
+        pki = init_dev_pki(work / "certs", COMMUNITIES)
         https_port, admin_port = _free_port(), _free_port()
         config = work / "gateway.toml"
-        text = community_config_toml(
-            community,
-            certs_dir=str(work / "certs"),
-            data_dir=str(work / "data"),
-            https_port=https_port,
-            admin_port=admin_port,
-            peers=[],
-            diagnostics_echo=True,
-        )
-        # Allow bodies beyond the largest size; attachments spool to disk past 1 MiB.
-        text += f"\n[limits]\nmax_request_bytes = {max(sizes) * 2}\n"
-        config.write_text(text)
+        config.write_text(gateway_config_toml(work, https_port, admin_port, max(sizes)))
         server = subprocess.Popen(
             [
                 sys.executable,

@@ -1,0 +1,170 @@
+"""The benchmarks' gateways run under the deny-by-default caller model.
+
+Each benchmark that starts a gateway generates its configuration from a function this test
+calls: the configuration must parse, and its ``[policy]`` must admit the benchmark's own
+callers (the real dev PKI certificates the benchmark connects with) at the doors they call,
+while the consumer never gets the peer-gateway role. A gateway without a policy refuses every
+request with 403, which once broke every benchmark silently.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from xca_gateway.config import GatewayConfig, parse_config
+from xca_gateway.pki import DevPki, certificate_info, init_dev_pki
+from xca_gateway.policy import AccessPolicy, PeerIdentity, PolicyStore, parse_access_policy
+from xca_gateway.security.callers import CallerDirectory, Door, decide
+from xca_gateway.security.guard import identity_from_peer
+from xca_gateway.server import PeerCertificate, PeerInfo
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+# The benchmarks whose gateways are checked below (every benchmark that starts one).
+COVERED = {"fanout", "audit_latency", "mtom_roundtrip", "imaging_bench"}
+
+
+@pytest.fixture(scope="module")
+def bench() -> Iterator[dict[str, ModuleType]]:
+    """The benchmark scripts as modules (they import bench_policy from their own directory)."""
+    modules: dict[str, ModuleType] = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(BENCHMARKS))
+        for name in sorted(COVERED):
+            spec = importlib.util.spec_from_file_location(
+                f"benchmark_{name}", BENCHMARKS / f"{name}.py"
+            )
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            # Dataclasses look their module up while the class is created.
+            patch.setitem(sys.modules, spec.name, module)
+            spec.loader.exec_module(module)
+            modules[name] = module
+        yield modules
+
+
+@pytest.fixture(scope="module")
+def bench_pki(bench: dict[str, ModuleType], tmp_path_factory: pytest.TempPathFactory) -> DevPki:
+    """One dev PKI holding every community certificate the benchmarks use, in ``<work>/certs``
+    as the benchmarks lay it out."""
+    communities = [
+        *bench["fanout"].COMMUNITIES,
+        *bench["audit_latency"].COMMUNITIES,
+        *bench["mtom_roundtrip"].COMMUNITIES,
+        *bench["imaging_bench"].HOMES,
+    ]
+    return init_dev_pki(tmp_path_factory.mktemp("bench") / "certs", communities)
+
+
+def _peer(cert: Path) -> PeerInfo:
+    """What a listener learns from a TLS client presenting ``cert``."""
+    info = certificate_info(cert.read_bytes())
+    return PeerInfo(
+        "127.0.0.1",
+        50000,
+        PeerCertificate(
+            subject=info.subject,
+            issuer=info.issuer,
+            serial_number=info.serial_number,
+            fingerprint_sha256=info.fingerprint_sha256,
+            san_dns=info.san_dns,
+            san_ip=info.san_ip,
+            san_uri=info.san_uri,
+        ),
+    )
+
+
+def _policy(config: GatewayConfig) -> AccessPolicy:
+    # The gateway's own certificate is the one the benchmark issued.
+    assert config.tls.certificate.exists() and config.tls.trust_store.exists()
+    assert config.policy is not None, "a benchmark gateway without [policy] refuses everyone"
+    return PolicyStore.from_config(config.policy, config.path).policy
+
+
+def _admitted(directory: CallerDirectory, cert: Path, door: Door) -> bool:
+    return decide(directory, identity_from_peer(_peer(cert)), door).allowed
+
+
+def _from_toml(text: str, base: Path) -> GatewayConfig:
+    return parse_config(tomllib.loads(text), base)
+
+
+def test_every_benchmark_that_starts_a_gateway_is_covered() -> None:
+    starts_gateway = {
+        path.stem
+        for path in BENCHMARKS.glob("*.py")
+        # `python -m xca_gateway serve ...` or a Gateway built in-process.
+        if re.search(r'"xca_gateway",|\bGateway\(', path.read_text(encoding="utf-8"))
+    }
+    assert starts_gateway == COVERED
+
+
+def test_fanout(bench: dict[str, ModuleType], bench_pki: DevPki, tmp_path: Path) -> None:
+    fanout = bench["fanout"]
+    peers = [{"home": "urn:oid:1.3.6.1.4.1.21367.13.70.100", "url": "https://127.0.0.1:1/xca"}]
+    config = _from_toml(fanout.gateway_config_toml(bench_pki, tmp_path, 1, 2, peers, 5.0), tmp_path)
+    gateway = _policy(config).caller_directory()
+    client = bench_pki.client.cert
+    assert _admitted(gateway, client, Door.INITIATING)
+    assert not _admitted(gateway, client, Door.XCA)
+    # The farm plays the peers: it admits the initiating gateway (whose certificate the direct
+    # calls use too) as a peer gateway, and not the consumer.
+    farm = parse_access_policy(fanout.farm_policy()).caller_directory()
+    assert _admitted(farm, bench_pki.communities["ig"].cert, Door.XCA)
+    assert not _admitted(farm, client, Door.XCA)
+
+
+@pytest.mark.parametrize("audit_port", [None, 6514])
+def test_audit_latency(
+    bench: dict[str, ModuleType], bench_pki: DevPki, tmp_path: Path, audit_port: int | None
+) -> None:
+    module = bench["audit_latency"]
+    text = module.gateway_config_toml(bench_pki.dir.parent, "gateway", 1, 2, audit_port)
+    config = _from_toml(text, tmp_path)
+    policy = _policy(config)
+    south = bench_pki.communities[module.REQUESTER.name].cert
+    # The benchmark calls /xca/iti38 as a peer gateway (south), not as the consumer.
+    assert _admitted(policy.caller_directory(), south, Door.XCA)
+    assert policy.decide(PeerIdentity.from_peer(_peer(south)), "ITI-38", None).allowed
+    for door in (Door.XCA, Door.INITIATING):
+        assert not _admitted(policy.caller_directory(), bench_pki.client.cert, door)
+
+
+def test_mtom_roundtrip(bench: dict[str, ModuleType], bench_pki: DevPki, tmp_path: Path) -> None:
+    module = bench["mtom_roundtrip"]
+    text = module.gateway_config_toml(bench_pki.dir.parent, 1, 2, 10**6)
+    config = _from_toml(text, tmp_path)
+    assert config.diagnostics.echo
+    directory = _policy(config).caller_directory()
+    assert _admitted(directory, bench_pki.client.cert, Door.DIAGNOSTICS)
+    assert not _admitted(directory, bench_pki.client.cert, Door.XCA)
+
+
+def test_imaging_bench(bench: dict[str, ModuleType], bench_pki: DevPki, tmp_path: Path) -> None:
+    module = bench["imaging_bench"]
+    policies: dict[str, AccessPolicy] = {}
+    for name in module.HOMES:
+        spec: dict[str, Any] = module.gateway_config(bench_pki, name, 1, tmp_path / name)
+        policies[name] = _policy(parse_config(spec, tmp_path))
+    client, gateways = bench_pki.client.cert, bench_pki.communities
+    # consumer → alpha /ig/rad69 and → gamma /ig/rad69 (direct from the source)
+    assert _admitted(policies["alpha"].caller_directory(), client, Door.INITIATING)
+    assert _admitted(policies["gamma"].caller_directory(), client, Door.INITIATING)
+    # alpha → beta /xca/rad75, as the peer gateway of alpha's community
+    beta = policies["beta"]
+    assert _admitted(beta.caller_directory(), gateways["alpha"].cert, Door.XCA)
+    assert beta.decide(
+        PeerIdentity.from_peer(_peer(gateways["alpha"].cert)), "RAD-75", None
+    ).allowed
+    # beta → gamma /ig/rad69, the responding gateway retrieving from its imaging source
+    assert _admitted(policies["gamma"].caller_directory(), gateways["beta"].cert, Door.INITIATING)
+    for policy in policies.values():
+        assert not _admitted(policy.caller_directory(), client, Door.XCA)
