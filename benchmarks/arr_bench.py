@@ -5,6 +5,8 @@ process pre-builds N realistic audit messages (ITI-38 / ITI-39 / RAD-75 shapes f
 ``xca_gateway.audit.messages``), then C mutual-TLS connections send them as RFC 5425 frames as
 fast as the repository takes them. The rate is N / (time from the first byte to the moment the
 repository reports all N stored). No loss means: stored == sent, and nothing refused or dropped.
+The repository is deny-by-default (bench_policy): alpha's certificate is the one audit source,
+bound to the records' AuditSourceID, and the consumer certificate the one audit consumer.
 
 Search: a store of M events (default 1 million; ``--search-events 10000000`` for the big run)
 is built directly through the store API (same rows and indexes as ingest, without the network),
@@ -40,9 +42,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from bench_policy import audit_consumer, audit_source
 
 from xca_gateway.arr.app import arr_config_toml, create_officer, load_arr_config
-from xca_gateway.arr.harness import dev_access
 from xca_gateway.arr.parse import (
     AuditRecord,
     parse_record,
@@ -54,6 +56,22 @@ from xca_gateway.pki import DevPki, init_dev_pki
 from xca_gateway.tls import client_context
 
 PASSWORD = "benchmark-officer-pw"
+# alpha's certificate sends the records, which report as AuditSourceID bench-gw.
+SOURCE = "alpha"
+COMMUNITIES = [SOURCE, "arr"]
+AUDIT_SOURCE_ID = "bench-gw"
+
+
+def repository_config_toml(workdir: Path, pki: DevPki) -> str:
+    """The repository's configuration: deny by default, alpha may send records as bench-gw,
+    the consumer (dev PKI ``client``) may search them (ITI-81)."""
+    return arr_config_toml(
+        certificate=str(pki.communities["arr"].cert),
+        private_key=str(pki.communities["arr"].key),
+        trust_store=str(pki.ca),
+        database=str(workdir / "arr.sqlite3"),
+        callers=[audit_source(SOURCE, [AUDIT_SOURCE_ID]), audit_consumer()],
+    )
 
 
 # --------------------------------------------------------------------------- messages
@@ -62,7 +80,7 @@ PASSWORD = "benchmark-officer-pw"
 def build_messages(count: int, patients: int, seed: int = 1) -> list[bytes]:
     """Syslog messages of realistic gateway audit events (a few shapes, varied values)."""
     rng = random.Random(seed)
-    ctx = am.AuditContext(am.AuditSource("bench-gw", "1.3.6.1.4.1.21367.13.70.1"), host="gw1")
+    ctx = am.AuditContext(am.AuditSource(AUDIT_SOURCE_ID, "1.3.6.1.4.1.21367.13.70.1"), host="gw1")
     out = []
     now = datetime.now(UTC)
     for i in range(count):
@@ -147,17 +165,7 @@ def _bind(kind: int = socket.SOCK_STREAM) -> socket.socket:
 
 def start_repository(workdir: Path, pki: DevPki) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     config_path = workdir / "arr.toml"
-    config_path.write_text(
-        arr_config_toml(
-            certificate=str(pki.communities["arr"].cert),
-            private_key=str(pki.communities["arr"].key),
-            trust_store=str(pki.ca),
-            database=str(workdir / "arr.sqlite3"),
-            # alpha sends, the client searches (deny by default otherwise).
-            callers=dev_access(pki)["callers"],
-        ),
-        encoding="utf-8",
-    )
+    config_path.write_text(repository_config_toml(workdir, pki), encoding="utf-8")
     create_officer(load_arr_config(config_path), "bench", PASSWORD)
     https, tls, udp = _bind(), _bind(), _bind(socket.SOCK_DGRAM)
     env = dict(os.environ)
@@ -212,7 +220,7 @@ def run_ingest(
     frames = [frame(m) for m in messages]
     size = sum(len(f) for f in frames)
     process, endpoints = start_repository(workdir, pki)
-    ctx = client_context(pki.ca, pki.communities["alpha"].cert, pki.communities["alpha"].key)
+    ctx = client_context(pki.ca, pki.communities[SOURCE].cert, pki.communities[SOURCE].key)
     http = httpx.Client(verify=ctx, timeout=30)
     try:
         base = endpoints["https"]
@@ -476,7 +484,7 @@ def main() -> int:
 
 
 def _run(args: argparse.Namespace, workdir: Path) -> int:
-    pki = init_dev_pki(workdir / "pki", ["alpha", "arr"])
+    pki = init_dev_pki(workdir / "pki", COMMUNITIES)
     results: dict[str, Any] = {"python": sys.version.split()[0], "cpus": os.cpu_count()}
     if args.events:
         ingest_dir = workdir / "ingest"

@@ -9,7 +9,10 @@ deployment would give them:
   DICOMweb or the diagnostics echo;
 * another gateway's certificate (DNS SAN ``<name>.xca-gateway.test``) in ``[[policy.peers]]``
   where it calls ``/xca/*``. A benchmark that calls ``/xca/*`` itself does so with a community
-  certificate listed as a peer, never by giving the consumer the peer-gateway role.
+  certificate listed as a peer, never by giving the consumer the peer-gateway role;
+* at the audit record repository (``[[arr.access.callers]]``), a gateway certificate as an
+  *audit source* bound to the AuditSourceIDs it reports as, and the consumer as an *audit
+  consumer* searching with ITI-81.
 
 Imported by the benchmark scripts (``python benchmarks/<name>.py`` puts this directory on the
 path) and by ``tests/test_benchmarks.py``, which checks each generated configuration.
@@ -72,3 +75,19 @@ def policy_toml(table: dict[str, Any]) -> str:
             # A JSON string or array of strings is valid TOML.
             lines += [f"{k} = {json.dumps(v)}" for k, v in entry.items()]
     return "\n".join(lines) + "\n"
+
+
+def audit_source(community: str, audit_source_ids: Iterable[str]) -> dict[str, Any]:
+    """A gateway sending its audit records (ITI-20), bound to the AuditSourceIDs it reports
+    as; an ``[[arr.access.callers]]`` entry."""
+    return {
+        "name": f"{community}-gateway",
+        "roles": ["audit-source"],
+        "certificate_dns_names": [gateway_dns_name(community)],
+        "audit_source_ids": list(audit_source_ids),
+    }
+
+
+def audit_consumer(name: str = "bench-audit-consumer") -> dict[str, Any]:
+    """The benchmark's consumer (dev PKI ``client``) searching the repository with ITI-81."""
+    return {"name": name, "roles": ["audit-consumer"], "certificate_uris": [CONSUMER_URI]}

@@ -1,10 +1,11 @@
-"""The benchmarks' gateways run under the deny-by-default caller model.
+"""The benchmarks' gateways and audit record repository run under the deny-by-default caller
+model.
 
-Each benchmark that starts a gateway generates its configuration from a function this test
-calls: the configuration must parse, and its ``[policy]`` must admit the benchmark's own
-callers (the real dev PKI certificates the benchmark connects with) at the doors they call,
-while the consumer never gets the peer-gateway role. A gateway without a policy refuses every
-request with 403, which once broke every benchmark silently.
+Each benchmark that starts a gateway (or the ARR) generates its configuration from a function
+this test calls: the configuration must parse, and its ``[policy]`` (``[arr.access]``) must
+admit the benchmark's own callers (the real dev PKI certificates the benchmark connects with)
+at the doors they call, while the consumer never gets the peer-gateway role. A gateway without
+a policy refuses every request with 403, which once broke every benchmark silently.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from xca_gateway.arr.app import parse_arr_config
 from xca_gateway.config import GatewayConfig, parse_config
 from xca_gateway.pki import DevPki, certificate_info, init_dev_pki
 from xca_gateway.policy import AccessPolicy, PeerIdentity, PolicyStore, parse_access_policy
@@ -28,8 +30,8 @@ from xca_gateway.security.guard import identity_from_peer
 from xca_gateway.server import PeerCertificate, PeerInfo
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-# The benchmarks whose gateways are checked below (every benchmark that starts one).
-COVERED = {"fanout", "audit_latency", "mtom_roundtrip", "imaging_bench"}
+# The benchmarks whose gateways / repository are checked below (every one that starts one).
+COVERED = {"fanout", "audit_latency", "mtom_roundtrip", "imaging_bench", "arr_bench"}
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +62,7 @@ def bench_pki(bench: dict[str, ModuleType], tmp_path_factory: pytest.TempPathFac
         *bench["audit_latency"].COMMUNITIES,
         *bench["mtom_roundtrip"].COMMUNITIES,
         *bench["imaging_bench"].HOMES,
+        *bench["arr_bench"].COMMUNITIES,
     ]
     return init_dev_pki(tmp_path_factory.mktemp("bench") / "certs", communities)
 
@@ -101,8 +104,8 @@ def test_every_benchmark_that_starts_a_gateway_is_covered() -> None:
     starts_gateway = {
         path.stem
         for path in BENCHMARKS.glob("*.py")
-        # `python -m xca_gateway serve ...` or a Gateway built in-process.
-        if re.search(r'"xca_gateway",|\bGateway\(', path.read_text(encoding="utf-8"))
+        # `python -m xca_gateway[.arr] serve ...` or a Gateway built in-process.
+        if re.search(r'"xca_gateway(\.arr)?",|\bGateway\(', path.read_text(encoding="utf-8"))
     }
     assert starts_gateway == COVERED
 
@@ -168,3 +171,20 @@ def test_imaging_bench(bench: dict[str, ModuleType], bench_pki: DevPki, tmp_path
     assert _admitted(policies["gamma"].caller_directory(), gateways["beta"].cert, Door.INITIATING)
     for policy in policies.values():
         assert not _admitted(policy.caller_directory(), client, Door.XCA)
+
+
+def test_arr_bench(bench: dict[str, ModuleType], bench_pki: DevPki, tmp_path: Path) -> None:
+    module = bench["arr_bench"]
+    text = module.repository_config_toml(tmp_path, bench_pki)
+    config = parse_arr_config(tomllib.loads(text)["arr"], tmp_path)
+    assert config.tls.certificate.exists()
+    directory = config.access.directory()
+    source, client = bench_pki.communities[module.SOURCE].cert, bench_pki.client.cert
+    # alpha sends (ITI-20) as the records' AuditSourceID; the consumer searches (ITI-81).
+    assert _admitted(directory, source, Door.SYSLOG)
+    assert config.access.bound_source_ids(identity_from_peer(_peer(source))) == {
+        module.AUDIT_SOURCE_ID
+    }
+    assert _admitted(directory, client, Door.ITI81)
+    assert not _admitted(directory, client, Door.SYSLOG)
+    assert not _admitted(directory, source, Door.ITI81)
