@@ -12,6 +12,7 @@ from xca_gateway.imaging.request import (
     InvalidImagingRequest,
     RetrieveImagingDocumentSetRequest,
     build_retrieve_imaging_request,
+    check_retrieve_imaging_request,
     parse_retrieve_imaging_request,
 )
 from xca_gateway.imaging.response import (
@@ -113,11 +114,17 @@ def test_parse_is_lenient_about_namespaces_and_whitespace() -> None:
             "RepositoryUniqueId is missing",
         ),
         (
+            "<x:StudyRequest><x:SeriesRequest seriesInstanceUID='1.2.3'>"
+            "<x:DocumentRequest><b:RepositoryUniqueId>1.2</b:RepositoryUniqueId>"
+            "<b:DocumentUniqueId>1.2.3.4</b:DocumentUniqueId>"
+            "</x:DocumentRequest></x:SeriesRequest></x:StudyRequest>",
+            "attribute studyInstanceUID is missing",
+        ),
+        (
             "<x:StudyRequest studyInstanceUID='1.2'><x:SeriesRequest seriesInstanceUID='1.2.3'>"
             "<x:DocumentRequest><b:RepositoryUniqueId>1.2</b:RepositoryUniqueId>"
-            "<b:DocumentUniqueId>../../etc/passwd</b:DocumentUniqueId>"
             "</x:DocumentRequest></x:SeriesRequest></x:StudyRequest>",
-            "not a SOP Instance UID",
+            "DocumentUniqueId is missing",
         ),
         (
             "<x:StudyRequest studyInstanceUID='1.2'><x:SeriesRequest seriesInstanceUID='1.2.3'>"
@@ -137,6 +144,97 @@ def test_invalid_requests(fragment: str, reason: str) -> None:
     )
     with pytest.raises(InvalidImagingRequest, match=reason):
         parse_retrieve_imaging_request(etree.fromstring(xml))
+
+
+def _request(
+    study: str, docs: str, syntaxes: str = "<x:TransferSyntaxUID>1.2</x:TransferSyntaxUID>"
+) -> etree._Element:
+    return etree.fromstring(
+        f"<x:RetrieveImagingDocumentSetRequest xmlns:x='{XDSI}' xmlns:b='{XDSB}'>"
+        f"<x:StudyRequest studyInstanceUID='{study}'><x:SeriesRequest seriesInstanceUID='1.2.3'>"
+        f"{docs}</x:SeriesRequest></x:StudyRequest>"
+        f"<x:TransferSyntaxUIDList>{syntaxes}</x:TransferSyntaxUIDList>"
+        "</x:RetrieveImagingDocumentSetRequest>"
+    )
+
+
+def _doc(uid: str, repository: str = "1.9") -> str:
+    return (
+        f"<x:DocumentRequest><b:RepositoryUniqueId>{repository}</b:RepositoryUniqueId>"
+        f"<b:DocumentUniqueId>{uid}</b:DocumentUniqueId></x:DocumentRequest>"
+    )
+
+
+def test_bad_identifiers_are_set_aside_per_document_not_refused() -> None:
+    real = "1.2.826.0.1.3680043.10.543.1.1.20240501.123456.1.1.12345678901"
+    assert len(real) <= 64 < len(real + ".999")
+    parsed = parse_retrieve_imaging_request(
+        _request(
+            "1.2",
+            _doc("1.2.3.4")
+            + _doc(real + ".999")
+            + _doc("")
+            + _doc("../../etc/passwd")
+            + _doc("1.2.3.5", repository=""),
+        )
+    )
+    assert [d.document_unique_id for d in parsed.documents] == ["1.2.3.4"]
+    assert [(r.document.document_unique_id, r.error_code) for r in parsed.rejected] == [
+        (real + ".999", "XDSDocumentUniqueIdError"),
+        ("", "XDSDocumentUniqueIdError"),
+        ("../../etc/passwd", "XDSDocumentUniqueIdError"),
+        ("1.2.3.5", "XDSUnknownRepositoryId"),
+    ]
+    assert "at most 64 characters; this one has 66" in parsed.rejected[0].code_context
+    assert "DocumentUniqueId is empty" in parsed.rejected[1].code_context
+    assert [d.document_unique_id for d in parsed.requested] == [
+        "1.2.3.4",
+        real + ".999",
+        "",
+        "../../etc/passwd",
+        "1.2.3.5",
+    ]
+
+    # An empty studyInstanceUID: every instance under it is rejected.
+    empty_study = parse_retrieve_imaging_request(_request("", _doc("1.2.3.4") + _doc("1.2.3.5")))
+    assert empty_study.documents == ()
+    assert {r.reason for r in empty_study.rejected} == {"studyInstanceUID is empty"}
+
+    # Empty TransferSyntaxUIDs name no syntax: dropped; with none left nothing can come back.
+    some = parse_retrieve_imaging_request(
+        _request(
+            "1.2",
+            _doc("1.2.3.4"),
+            "<x:TransferSyntaxUID/><x:TransferSyntaxUID>1.2.840.10008.1.2.1</x:TransferSyntaxUID>",
+        )
+    )
+    assert some.transfer_syntax_uids == ("1.2.840.10008.1.2.1",) and some.rejected == ()
+    none = parse_retrieve_imaging_request(
+        _request("1.2", _doc("1.2.3.4"), "<x:TransferSyntaxUID> </x:TransferSyntaxUID>")
+    )
+    assert none.documents == () and none.transfer_syntax_uids == ()
+    (rejected,) = none.rejected
+    assert rejected.error_code == "XDSDocumentUniqueIdError"
+    assert "TransferSyntaxUID" in rejected.reason
+
+
+def test_in_process_requests_are_screened_the_same_way() -> None:
+    bad = DocumentRequest("1.2.3", "1.2.3.1", "1.9.1", "1.2.x")
+    screened = check_retrieve_imaging_request(
+        RetrieveImagingDocumentSetRequest((DOCS[0], bad), ("1.2.840.10008.1.2.1",))
+    )
+    assert screened.documents == (DOCS[0],)
+    assert [r.document for r in screened.rejected] == [bad]
+    for structural in (
+        RetrieveImagingDocumentSetRequest((), ("1.2.840.10008.1.2.1",)),
+        RetrieveImagingDocumentSetRequest(DOCS, ()),
+    ):
+        with pytest.raises(InvalidImagingRequest):
+            check_retrieve_imaging_request(structural)
+    with pytest.raises(InvalidImagingRequest, match="more than 2"):
+        check_retrieve_imaging_request(
+            RetrieveImagingDocumentSetRequest(DOCS, ("1.2",)), max_documents=2
+        )
 
 
 def test_missing_or_empty_transfer_syntax_list() -> None:

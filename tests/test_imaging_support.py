@@ -141,6 +141,7 @@ class Retrieved:
     response: RetrieveResponse
     documents: dict[str, bytes]  # SOP Instance UID -> Part 10 bytes
     content_types: dict[str, str]
+    payload: etree._Element | None = None  # the xdsb:RetrieveDocumentSetResponse
 
 
 def read_retrieve_reply(status_code: int, content_type: str, body: bytes) -> Retrieved:
@@ -163,7 +164,7 @@ def read_retrieve_reply(status_code: int, content_type: str, body: bytes) -> Ret
             part = message.attachments[doc.content_id]
             docs[doc.document_unique_id] = part.read_all()
             types[doc.document_unique_id] = part.content_type
-    return Retrieved(status_code, parsed, docs, types)
+    return Retrieved(status_code, parsed, docs, types, payload)
 
 
 def post_retrieve(

@@ -91,6 +91,7 @@ def test_retrieve_is_split_by_community_and_merged(
             (home(5), rid + "5", "5.1"),
             ("urn:oid:1.2.3.999", rid + "9", "9.1"),
             (None, rid + "1", "1.1"),  # no home, but a local repository: served locally
+            (home(2), rid + "2", ""),  # no DocumentUniqueId: answered here, not sent to c2
         ]
     )
     writer_body = soap12(Action.ITI43, body)
@@ -124,6 +125,7 @@ def test_retrieve_is_split_by_community_and_merged(
             (e.get("errorCode"), e.get("location")) for e in status.iter(f"{{{RS}}}RegistryError")
         }
     assert ("XDSDocumentUniqueIdError", home(2)) in errors
+    assert ("XDSDocumentUniqueIdError", home(1)) in errors  # ours: never forwarded
     assert ("XDSUnavailableCommunity", home(5)) in errors
     assert ("XDSUnknownCommunity", "urn:oid:1.2.3.999") in errors
 
@@ -140,6 +142,6 @@ def test_retrieve_without_home_for_a_foreign_repository(
         )
     with read_mtom(response) as message:
         root = etree.fromstring(message.root)
-    codes = [e.get("errorCode") for e in root.iter(f"{{{RS}}}RegistryError")]
-    assert codes == ["XDSMissingHomeCommunityId"]
+    found = [(e.get("errorCode"), e.get("location")) for e in root.iter(f"{{{RS}}}RegistryError")]
+    assert found == [("XDSMissingHomeCommunityId", home(1))]
     assert root.find(f".//{{{RS}}}RegistryResponse").get("status") == ResponseStatus.FAILURE  # type: ignore[union-attr]

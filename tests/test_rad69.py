@@ -211,6 +211,48 @@ def test_errors_from_every_hop_are_merged(federation: Federation, pki: DevPki) -
     assert located == {f.beta_home, "1.2.3.998"}
 
 
+def test_bad_identifiers_are_answered_per_instance_and_partial_success_spans_communities(
+    federation: Federation, pki: DevPki
+) -> None:
+    f = federation
+    local = documents_for(make_study(f.alpha_images, instances=2, seed=31), ALPHA_REPO)
+    remote_study = make_study(f.beta_images, instances=2, seed=32)
+    remote = documents_for(remote_study, BETA_FS_REPO, f.beta_home)
+    template = remote[0]
+    # A real SOP Instance UID with ".999" appended, longer than a DICOM UID may be.
+    too_long = (template.document_unique_id + ".999" * 20)[:70]
+    rejected = [
+        dataclasses.replace(template, document_unique_id=too_long),  # for beta
+        dataclasses.replace(template, study_instance_uid="", document_unique_id="1.2.3.4.1"),
+        dataclasses.replace(local[0], document_unique_id=""),  # for alpha's own source
+    ]
+    not_at_beta = dataclasses.replace(template, document_unique_id="1.2.3.4.2")
+    got = post_retrieve(pki, f.rad69_url, Action.RAD69, [*local, *remote, *rejected, not_at_beta])
+    # Not a fault: every good instance of both communities comes back, byte for byte.
+    assert got.response.status == ResponseStatus.PARTIAL_SUCCESS
+    expected = {d.document_unique_id for d in (*local, *remote)}
+    assert set(got.documents) == expected
+    for path in remote_study.files:
+        assert got.documents[path.stem] == path.read_bytes()
+    located = sorted((e.error_code, e.location or "") for e in got.response.errors)
+    # The bad identifiers are answered by alpha (never sent to beta); beta reports its own.
+    assert located == sorted(
+        [("XDSDocumentUniqueIdError", f.alpha_home)] * 3
+        + [("XDSDocumentUniqueIdError", f.beta_home)]
+    )
+    contexts = " ".join(e.code_context for e in got.response.errors)
+    assert too_long in contexts and "studyInstanceUID is empty" in contexts
+    assert "DocumentUniqueId is empty" in contexts and "1.2.3.4.2" in contexts
+
+    # A community none of whose instances can be returned does not fail the others either.
+    got = post_retrieve(pki, f.rad69_url, Action.RAD69, [*local, not_at_beta])
+    assert got.response.status == ResponseStatus.PARTIAL_SUCCESS
+    assert set(got.documents) == {d.document_unique_id for d in local}
+    assert [(e.error_code, e.location) for e in got.response.errors] == [
+        ("XDSDocumentUniqueIdError", f.beta_home)
+    ]
+
+
 def test_unreachable_community_is_reported_and_others_still_answer(
     imaging_gateways: Callable[..., Gateway], tmp_path: Path, pki: DevPki
 ) -> None:
@@ -285,15 +327,30 @@ def test_in_process_retrieve_takes_the_endpoints_path(federation: Federation) ->
     assert not _open_fds_under(f.alpha_images), _open_fds_under(f.alpha_images)
     assert wait_for(lambda: not _open_fds_under(f.beta_images), 15), _open_fds_under(f.beta_images)
 
-    # What the endpoint would refuse as a Sender fault is refused in-process too.
+    # What the endpoint would refuse as a Sender fault is refused in-process too ...
     for bad in (
         RetrieveImagingDocumentSetRequest((), (EXPLICIT,)),
-        RetrieveImagingDocumentSetRequest(
-            (dataclasses.replace(stray, document_unique_id="1.2.x"),), (EXPLICIT,)
-        ),
+        RetrieveImagingDocumentSetRequest((stray,), ()),
     ):
         with pytest.raises(InvalidImagingRequest):
             on_loop(f.alpha, f.alpha.imaging.retrieve(bad))
+
+    # ... and what it answers per DocumentRequest is answered the same way.
+    async def bad_uid() -> ImagingRetrieval:
+        retrieval = await f.alpha.imaging.retrieve(
+            RetrieveImagingDocumentSetRequest(
+                (dataclasses.replace(stray, document_unique_id="1.2.x"),), (EXPLICIT,)
+            )
+        )
+        await retrieval.aclose()
+        return retrieval
+
+    refused = on_loop(f.alpha, bad_uid())
+    assert refused.status == ResponseStatus.FAILURE
+    assert refused.missing == ["1.2.x"]
+    assert [(e.error_code, e.location) for e in refused.errors] == [
+        ("XDSDocumentUniqueIdError", f.alpha_home)
+    ]
 
 
 def _stream_root_then(

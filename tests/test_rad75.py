@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -16,12 +17,14 @@ from tests.test_imaging_support import (
     JPEG_BASELINE,
     JPEG_LOSSLESS,
     RLE,
+    Retrieved,
     documents_for,
     error_codes,
     install,
     make_study,
     pixel_data,
     post_retrieve,
+    read_retrieve_reply,
 )
 from tests.test_server import consumer, fault_of, soap12
 from xca_gateway.gateway import Gateway
@@ -168,6 +171,17 @@ def test_unavailable_transfer_syntax_is_an_error_never_another_syntax(
     assert got.documents == {}
 
 
+XDSI_NS = "xmlns:iherad='urn:ihe:rad:xdsi-b:2009' xmlns:xdsb='urn:ihe:iti:xds-b:2007'"
+ONE_DOCUMENT = (
+    "<iherad:DocumentRequest><xdsb:RepositoryUniqueId>1.2</xdsb:RepositoryUniqueId>"
+    "<xdsb:DocumentUniqueId>1.2.3.4</xdsb:DocumentUniqueId></iherad:DocumentRequest>"
+)
+SYNTAXES = (
+    "<iherad:TransferSyntaxUIDList><iherad:TransferSyntaxUID>1.2.840.10008.1.2.1"
+    "</iherad:TransferSyntaxUID></iherad:TransferSyntaxUIDList>"
+)
+
+
 @pytest.mark.parametrize(
     ("body", "reason"),
     [
@@ -176,23 +190,45 @@ def test_unavailable_transfer_syntax_is_an_error_never_another_syntax(
             "StudyRequest",
         ),
         (
-            "<iherad:RetrieveImagingDocumentSetRequest xmlns:iherad='urn:ihe:rad:xdsi-b:2009' "
-            "xmlns:xdsb='urn:ihe:iti:xds-b:2007'><iherad:StudyRequest studyInstanceUID='1.2'>"
-            "<iherad:SeriesRequest seriesInstanceUID='1.2.3'><iherad:DocumentRequest>"
-            "<xdsb:RepositoryUniqueId>1.2</xdsb:RepositoryUniqueId>"
-            "<xdsb:DocumentUniqueId>1.2.3.4</xdsb:DocumentUniqueId></iherad:DocumentRequest>"
+            f"<iherad:RetrieveImagingDocumentSetRequest {XDSI_NS}>"
+            "<iherad:StudyRequest studyInstanceUID='1.2'>"
+            f"<iherad:SeriesRequest seriesInstanceUID='1.2.3'>{ONE_DOCUMENT}"
             "</iherad:SeriesRequest></iherad:StudyRequest></iherad:RetrieveImagingDocumentSetRequest>",
             "TransferSyntaxUIDList",
         ),
         (
-            "<iherad:RetrieveImagingDocumentSetRequest xmlns:iherad='urn:ihe:rad:xdsi-b:2009' "
-            "xmlns:xdsb='urn:ihe:iti:xds-b:2007'><iherad:StudyRequest studyInstanceUID='../etc'>"
+            f"<iherad:RetrieveImagingDocumentSetRequest {XDSI_NS}>"
+            "<iherad:StudyRequest studyInstanceUID='../etc'>"
             "</iherad:StudyRequest></iherad:RetrieveImagingDocumentSetRequest>",
-            "not a DICOM UID",
+            "has no SeriesRequest",
+        ),
+        (
+            f"<iherad:RetrieveImagingDocumentSetRequest {XDSI_NS}><iherad:StudyRequest>"
+            f"<iherad:SeriesRequest seriesInstanceUID='1.2.3'>{ONE_DOCUMENT}"
+            f"</iherad:SeriesRequest></iherad:StudyRequest>{SYNTAXES}"
+            "</iherad:RetrieveImagingDocumentSetRequest>",
+            "attribute studyInstanceUID is missing",
+        ),
+        (
+            f"<iherad:RetrieveImagingDocumentSetRequest {XDSI_NS}>"
+            "<iherad:StudyRequest studyInstanceUID='1.2'>"
+            "<iherad:SeriesRequest seriesInstanceUID='1.2.3'><iherad:DocumentRequest>"
+            "<xdsb:RepositoryUniqueId>1.2</xdsb:RepositoryUniqueId></iherad:DocumentRequest>"
+            f"</iherad:SeriesRequest></iherad:StudyRequest>{SYNTAXES}"
+            "</iherad:RetrieveImagingDocumentSetRequest>",
+            "DocumentUniqueId is missing",
+        ),
+        (
+            f"<iherad:RetrieveImagingDocumentSetRequest {XDSI_NS}>"
+            "<iherad:StudyRequest studyInstanceUID='1.2'>"
+            f"<iherad:SeriesRequest seriesInstanceUID='1.2.3'>{ONE_DOCUMENT}"
+            "</iherad:SeriesRequest></iherad:StudyRequest><iherad:TransferSyntaxUIDList/>"
+            "</iherad:RetrieveImagingDocumentSetRequest>",
+            "at least one TransferSyntaxUID",
         ),
     ],
 )
-def test_malformed_requests_get_a_sender_fault(
+def test_schema_breakage_gets_a_sender_fault(
     rig: tuple[Gateway, Path], pki: DevPki, body: str, reason: str
 ) -> None:
     gateway, _ = rig
@@ -206,6 +242,102 @@ def test_malformed_requests_get_a_sender_fault(
     code, _subcodes, text = fault_of(response)
     assert code.endswith("Sender")
     assert reason in text
+
+
+def zeep_retrieve(
+    pki: DevPki,
+    url: str,
+    *,
+    wsdl: str,
+    binding: str,
+    action: str,
+    studies: list[dict[str, Any]],
+    syntaxes: list[str],
+) -> tuple[Retrieved, Any]:
+    """A RetrieveImagingDocumentSetRequest serialised by zeep from the IHE WSDL, posted over
+    mTLS; the answer as the tests read it and as zeep reads it (schema-bound)."""
+    client = zeep.Client(str(wsdl_path(wsdl)))
+    service = client.create_service(binding, url)
+    operation = next(iter(service._binding._operations))
+    envelope = client.create_message(
+        service,
+        operation,
+        StudyRequest=studies,
+        TransferSyntaxUIDList={"TransferSyntaxUID": syntaxes},
+    )
+    payload = envelope.find(".//{urn:ihe:rad:xdsi-b:2009}RetrieveImagingDocumentSetRequest")
+    assert payload is not None
+    with consumer(pki) as http:
+        response = http.post(
+            url,
+            content=soap12(action, etree.tostring(payload, encoding="unicode")),
+            headers={"content-type": "application/soap+xml; charset=UTF-8"},
+        )
+    assert response.status_code == 200, response.text[:1000]
+    got = read_retrieve_reply(200, response.headers["content-type"], response.content)
+    # zeep binds the root part by the response schema: a RetrieveDocumentSetResponse.
+    element = client.get_element("{urn:ihe:iti:xds-b:2007}RetrieveDocumentSetResponse")
+    return got, element.parse(got.payload, client.wsdl.types)
+
+
+def _study(uid: str, series: str, documents: list[tuple[str | None, str, str]]) -> dict[str, Any]:
+    return {
+        "studyInstanceUID": uid,
+        "SeriesRequest": [
+            {
+                "seriesInstanceUID": series,
+                "DocumentRequest": [
+                    {"HomeCommunityId": h, "RepositoryUniqueId": r, "DocumentUniqueId": d}
+                    for h, r, d in documents
+                ],
+            }
+        ],
+    }
+
+
+RAD75_BINDING = "{urn:ihe:rad:xdsi-b:2009}RespondingGateway_Binding_Soap12"
+
+
+def test_bad_identifiers_get_a_retrieve_response_never_a_fault(
+    rig: tuple[Gateway, Path], pki: DevPki
+) -> None:
+    gateway, images = rig
+    study = make_study(images, instances=2)
+    home = gateway.config.community.home_community_id
+    url = gateway.endpoint_urls()["rad75"]
+    series = study.series_instance_uids[0]
+    good = [(home, REPO, p.stem) for p in study.files]
+    # A real SOP Instance UID with ".999" appended, made longer than 64 characters.
+    too_long = (study.files[0].stem + ".999" * 20)[:70]
+    assert len(too_long) > 64
+    call = {"wsdl": "rad75", "binding": RAD75_BINDING, "action": Action.RAD75}
+
+    # Nothing can be returned: Failure, one XDSDocumentUniqueIdError per DocumentRequest.
+    for studies, syntaxes, why in (
+        ([_study(study.study_instance_uid, series, [(home, REPO, too_long)])], [EXPLICIT], "64"),
+        ([_study("", series, good)], [EXPLICIT], "studyInstanceUID is empty"),
+        ([_study(study.study_instance_uid, series, good)], [""], "TransferSyntaxUID"),
+    ):
+        got, bound = zeep_retrieve(pki, url, studies=studies, syntaxes=syntaxes, **call)
+        assert got.response.status == ResponseStatus.FAILURE, why
+        assert got.documents == {}
+        requested = sum(len(s["SeriesRequest"][0]["DocumentRequest"]) for s in studies)
+        assert error_codes(got) == ["XDSDocumentUniqueIdError"] * requested, why
+        assert {e.location for e in got.response.errors} == {home}  # RAD75-004
+        assert all(why in e.code_context for e in got.response.errors), got.response.errors
+        assert bound.RegistryResponse.status == ResponseStatus.FAILURE
+
+    # Some can: PartialSuccess with the good instances, byte for byte.
+    mixed = [
+        _study(study.study_instance_uid, series, [*good, (home, REPO, too_long)]),
+        _study("", series, good[:1]),
+    ]
+    got, bound = zeep_retrieve(pki, url, studies=mixed, syntaxes=["", EXPLICIT], **call)
+    assert got.response.status == ResponseStatus.PARTIAL_SUCCESS
+    assert got.documents == {p.stem: p.read_bytes() for p in study.files}
+    assert error_codes(got) == ["XDSDocumentUniqueIdError"] * 2
+    assert {e.location for e in got.response.errors} == {home}
+    assert [d.DocumentUniqueId for d in bound.DocumentResponse] == [p.stem for p in study.files]
 
 
 def test_request_built_by_zeep_from_the_rad75_wsdl_is_understood(

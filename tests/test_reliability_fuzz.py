@@ -24,6 +24,7 @@ from xca_gateway.imaging.request import (
     InvalidImagingRequest,
     RetrieveImagingDocumentSetRequest,
     build_retrieve_imaging_request,
+    is_uid,
     parse_retrieve_imaging_request,
 )
 from xca_gateway.namespaces import SOAP12, WSA, XDSB, XDSI
@@ -186,7 +187,14 @@ def test_rad69_parser_answers_or_rejects(pieces: list[str]) -> None:
     except InvalidImagingRequest as exc:
         assert str(exc)
     else:
-        assert request.documents and request.transfer_syntax_uids
+        # Schema-valid: every DocumentRequest is either retrievable (UIDs that can name an
+        # instance, a transfer syntax to send it in) or rejected with its own error.
+        assert request.requested
+        for doc in request.documents:
+            assert is_uid(doc.document_unique_id) and is_uid(doc.study_instance_uid)
+            assert is_uid(doc.series_instance_uid) and doc.repository_unique_id
+        assert request.transfer_syntax_uids or not request.documents
+        assert all(r.error_code and r.reason for r in request.rejected)
 
 
 # ------------------------------------------------------------------------------- MTOM

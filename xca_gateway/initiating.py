@@ -557,11 +557,25 @@ class InitiatingRetrieve:
         by_peer: dict[str, list[DocumentRequest]] = {}
         for doc in parsed.documents:
             home = doc.home_community_id
-            if home is None and doc.repository_unique_id not in self.local_repositories:
+            if not doc.document_unique_id or not doc.repository_unique_id:
+                # Answered here, never forwarded: no community can serve it.
+                missing = "DocumentUniqueId" if not doc.document_unique_id else "RepositoryUniqueId"
+                errors.append(
+                    RegistryError(
+                        "XDSDocumentUniqueIdError"
+                        if not doc.document_unique_id
+                        else "XDSUnknownRepositoryId",
+                        f"DocumentRequest for document {doc.document_unique_id!r} without "
+                        f"{missing}",
+                        location=home_id,
+                    )
+                )
+            elif home is None and doc.repository_unique_id not in self.local_repositories:
                 errors.append(
                     RegistryError(
                         "XDSMissingHomeCommunityId",
                         f"document {doc.document_unique_id}: HomeCommunityId is required",
+                        location=home_id,
                     )
                 )
             elif home is None or same_community(home, home_id):

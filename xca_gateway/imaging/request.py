@@ -6,10 +6,21 @@ xdsi-b namespace and its children (HomeCommunityId, RepositoryUniqueId, Document
 xds-b namespace; real senders also put ``DocumentRequest`` in xds-b (NIST toolkit) or the
 children in xdsi-b, so parsing accepts either namespace for all of them and building emits the
 schema-valid form. Values are trimmed: test tools send UIDs with line breaks around them.
+
+Two classes of bad request (issue 17): XML/schema breakage (a required element or attribute
+missing, one duplicated, no StudyRequest/SeriesRequest/DocumentRequest/TransferSyntaxUID) raises
+:class:`InvalidImagingRequest`, which the endpoints answer with a SOAP Sender fault. A
+schema-valid request whose *values* cannot name an instance (a DocumentUniqueId that is not a
+<= 64 character DICOM UID, an empty studyInstanceUID, an empty RepositoryUniqueId, no usable
+TransferSyntaxUID) is not refused as a whole: the offending DocumentRequests are set aside as
+:class:`RejectedDocument` and each gets its own RegistryError, while the others are retrieved
+(PartialSuccess), as ITI-43 does. Peers treat a fault as a transport failure and would drop the
+good instances with it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -19,18 +30,25 @@ from lxml import etree
 from xca_gateway.namespaces import XDSB, XDSI
 
 __all__ = [
+    "DOCUMENT_UNIQUE_ID_ERROR",
+    "UNKNOWN_REPOSITORY_ID",
     "DocumentRequest",
     "InvalidImagingRequest",
+    "RejectedDocument",
     "RetrieveImagingDocumentSetRequest",
     "build_retrieve_imaging_request",
     "check_retrieve_imaging_request",
+    "is_uid",
     "parse_retrieve_imaging_request",
+    "screen_documents",
 ]
 
 _NAMESPACES = (XDSI, XDSB)
 # DICOM UIDs and ISO OIDs: dotted decimal, at most 64 characters (PS3.5 9.1).
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MAX_UID_LENGTH = 64
+DOCUMENT_UNIQUE_ID_ERROR = "XDSDocumentUniqueIdError"
+UNKNOWN_REPOSITORY_ID = "XDSUnknownRepositoryId"
 
 
 class InvalidImagingRequest(ValueError):
@@ -53,13 +71,40 @@ class DocumentRequest:
 
 
 @dataclass(frozen=True)
+class RejectedDocument:
+    """A DocumentRequest whose identifiers cannot name an instance, as it was asked for, with
+    the XDS error code and the reason it gets instead of being retrieved."""
+
+    document: DocumentRequest
+    error_code: str
+    reason: str
+
+    @property
+    def code_context(self) -> str:
+        doc = self.document
+        return (
+            f"DocumentRequest for SOP instance {doc.document_unique_id[:80]!r} (study "
+            f"{doc.study_instance_uid[:80]!r}, series {doc.series_instance_uid[:80]!r}, "
+            f"repository {doc.repository_unique_id[:80]!r}) not retrieved: {self.reason}"
+        )
+
+
+@dataclass(frozen=True)
 class RetrieveImagingDocumentSetRequest:
     documents: tuple[DocumentRequest, ...]
     transfer_syntax_uids: tuple[str, ...]
+    # Asked for, but with identifiers that cannot name an instance: never sent anywhere.
+    rejected: tuple[RejectedDocument, ...] = ()
 
     def subset(self, documents: Iterable[DocumentRequest]) -> RetrieveImagingDocumentSetRequest:
-        """The same request restricted to ``documents`` (for splitting by source or community)."""
+        """The same request restricted to ``documents`` (for splitting by source or community);
+        the rejected DocumentRequests stay with the gateway that answers for them."""
         return RetrieveImagingDocumentSetRequest(tuple(documents), self.transfer_syntax_uids)
+
+    @property
+    def requested(self) -> tuple[DocumentRequest, ...]:
+        """Every DocumentRequest asked for, rejected ones included."""
+        return self.documents + tuple(r.document for r in self.rejected)
 
 
 def is_uid(value: str) -> bool:
@@ -78,35 +123,83 @@ def _children(element: etree._Element, name: str) -> list[etree._Element]:
     return [child for child in element if _local(child) == name]
 
 
-def _text(element: etree._Element, name: str, *, required: bool, where: str) -> str | None:
+def _text(element: etree._Element, name: str, *, required: bool, where: str) -> str:
+    """The trimmed text of child ``name``; "" when empty or (optional and) absent. A missing
+    required child or a repeated one breaks the schema."""
     found = _children(element, name)
     if len(found) > 1:
         raise InvalidImagingRequest(f"{where}: more than one {name}")
     if not found:
         if required:
             raise InvalidImagingRequest(f"{where}: {name} is missing")
-        return None
-    value = (found[0].text or "").strip()
-    if not value:
-        if required:
-            raise InvalidImagingRequest(f"{where}: {name} is empty")
-        return None
-    return value
+        return ""
+    return (found[0].text or "").strip()
 
 
-def _uid_attribute(element: etree._Element, name: str, where: str) -> str:
-    value = (element.get(name) or "").strip()
-    if not value:
+def _attribute(element: etree._Element, name: str, where: str) -> str:
+    """A required attribute: absent breaks the schema; its (trimmed) value may be anything."""
+    value = element.get(name)
+    if value is None:
         raise InvalidImagingRequest(f"{where}: attribute {name} is missing")
-    if not is_uid(value):
-        raise InvalidImagingRequest(f"{where}: {name} {value[:80]!r} is not a DICOM UID")
-    return value
+    return value.strip()
+
+
+def _problem(doc: DocumentRequest) -> tuple[str, str] | None:
+    """(XDS error code, reason) when ``doc`` cannot name an instance, else None."""
+    uid = doc.document_unique_id
+    if not uid:
+        return DOCUMENT_UNIQUE_ID_ERROR, "DocumentUniqueId is empty"
+    if not is_uid(uid):
+        return (
+            DOCUMENT_UNIQUE_ID_ERROR,
+            f"DocumentUniqueId is not a SOP Instance UID (digits and dots, at most "
+            f"{MAX_UID_LENGTH} characters; this one has {len(uid)})",
+        )
+    for name, value in (
+        ("studyInstanceUID", doc.study_instance_uid),
+        ("seriesInstanceUID", doc.series_instance_uid),
+    ):
+        if not value:
+            return DOCUMENT_UNIQUE_ID_ERROR, f"{name} is empty"
+        if not is_uid(value):
+            return DOCUMENT_UNIQUE_ID_ERROR, f"{name} is not a DICOM UID"
+    if not doc.repository_unique_id:
+        return UNKNOWN_REPOSITORY_ID, "RepositoryUniqueId is empty"
+    return None
+
+
+def screen_documents(
+    documents: Sequence[DocumentRequest], transfer_syntax_uids: Sequence[str]
+) -> RetrieveImagingDocumentSetRequest:
+    """The request for ``documents``, with every DocumentRequest whose identifiers cannot name
+    an instance set aside as rejected (sans-IO; both the SOAP endpoints and the in-process
+    retrieve use it). TransferSyntaxUIDs that are not UIDs name no syntax and are dropped;
+    with none left, nothing can be returned in a requested syntax and every DocumentRequest
+    is rejected."""
+    syntaxes = tuple(dict.fromkeys(uid for uid in transfer_syntax_uids if is_uid(uid)))
+    accepted: list[DocumentRequest] = []
+    rejected: list[RejectedDocument] = []
+    for doc in documents:
+        problem = _problem(doc)
+        if problem is None and not syntaxes:
+            listed = ", ".join(repr(u[:80]) for u in transfer_syntax_uids)
+            problem = (
+                DOCUMENT_UNIQUE_ID_ERROR,
+                f"no TransferSyntaxUID of the request is a UID ({listed}): the instance "
+                "cannot be returned in a requested transfer syntax",
+            )
+        if problem is None:
+            accepted.append(doc)
+        else:
+            rejected.append(RejectedDocument(doc, *problem))
+    return RetrieveImagingDocumentSetRequest(tuple(accepted), syntaxes, tuple(rejected))
 
 
 def parse_retrieve_imaging_request(
     payload: etree._Element, *, max_documents: int = 100_000
 ) -> RetrieveImagingDocumentSetRequest:
-    """Read a RetrieveImagingDocumentSetRequest element; raise InvalidImagingRequest if bad."""
+    """Read a RetrieveImagingDocumentSetRequest element. Schema breakage raises
+    InvalidImagingRequest; bad identifier values become rejected DocumentRequests."""
     if _local(payload) != "RetrieveImagingDocumentSetRequest":
         raise InvalidImagingRequest(
             f"expected RetrieveImagingDocumentSetRequest, got {etree.QName(payload).localname}"
@@ -116,26 +209,25 @@ def parse_retrieve_imaging_request(
     if not studies:
         raise InvalidImagingRequest("at least one StudyRequest is required")
     for study in studies:
-        study_uid = _uid_attribute(study, "studyInstanceUID", "StudyRequest")
+        study_uid = _attribute(study, "studyInstanceUID", "StudyRequest")
         series_list = _children(study, "SeriesRequest")
         if not series_list:
-            raise InvalidImagingRequest(f"StudyRequest {study_uid} has no SeriesRequest")
+            raise InvalidImagingRequest(f"StudyRequest {study_uid[:80]!r} has no SeriesRequest")
         for series in series_list:
-            series_uid = _uid_attribute(series, "seriesInstanceUID", "SeriesRequest")
+            series_uid = _attribute(series, "seriesInstanceUID", "SeriesRequest")
             requests = _children(series, "DocumentRequest")
             if not requests:
-                raise InvalidImagingRequest(f"SeriesRequest {series_uid} has no DocumentRequest")
+                raise InvalidImagingRequest(
+                    f"SeriesRequest {series_uid[:80]!r} has no DocumentRequest"
+                )
             for request in requests:
-                where = f"DocumentRequest in series {series_uid}"
+                where = f"DocumentRequest in series {series_uid[:80]!r}"
                 repository = _text(request, "RepositoryUniqueId", required=True, where=where)
                 document = _text(request, "DocumentUniqueId", required=True, where=where)
                 home = _text(request, "HomeCommunityId", required=False, where=where)
-                assert repository is not None and document is not None
-                if not is_uid(document):
-                    raise InvalidImagingRequest(
-                        f"DocumentUniqueId {document[:80]!r} is not a SOP Instance UID"
-                    )
-                documents.append(DocumentRequest(study_uid, series_uid, repository, document, home))
+                documents.append(
+                    DocumentRequest(study_uid, series_uid, repository, document, home or None)
+                )
                 if len(documents) > max_documents:
                     raise InvalidImagingRequest(
                         f"more than {max_documents} DocumentRequests in one request"
@@ -143,44 +235,30 @@ def parse_retrieve_imaging_request(
     syntax_lists = _children(payload, "TransferSyntaxUIDList")
     if len(syntax_lists) != 1:
         raise InvalidImagingRequest("exactly one TransferSyntaxUIDList is required")
-    syntaxes: list[str] = []
-    for element in _children(syntax_lists[0], "TransferSyntaxUID"):
-        value = (element.text or "").strip()
-        if not is_uid(value):
-            raise InvalidImagingRequest(f"TransferSyntaxUID {value[:80]!r} is not a UID")
-        if value not in syntaxes:
-            syntaxes.append(value)
+    syntaxes = [(e.text or "").strip() for e in _children(syntax_lists[0], "TransferSyntaxUID")]
     if not syntaxes:
         raise InvalidImagingRequest("TransferSyntaxUIDList needs at least one TransferSyntaxUID")
-    return RetrieveImagingDocumentSetRequest(tuple(documents), tuple(syntaxes))
+    return screen_documents(documents, syntaxes)
 
 
 def check_retrieve_imaging_request(
     request: RetrieveImagingDocumentSetRequest, *, max_documents: int = 100_000
-) -> None:
-    """What :func:`parse_retrieve_imaging_request` enforces, for a request built in-process
-    (from a KOS manifest, which may come from anywhere): raise InvalidImagingRequest if bad."""
-    if not request.documents:
+) -> RetrieveImagingDocumentSetRequest:
+    """What :func:`parse_retrieve_imaging_request` does, for a request built in-process (from a
+    KOS manifest, which may come from anywhere): InvalidImagingRequest for what the endpoint
+    would fault (no DocumentRequest, too many, no TransferSyntaxUID); otherwise the request
+    with the DocumentRequests that cannot name an instance set aside as rejected."""
+    requested = request.requested
+    if not requested:
         raise InvalidImagingRequest("at least one DocumentRequest is required")
-    if len(request.documents) > max_documents:
+    if len(requested) > max_documents:
         raise InvalidImagingRequest(f"more than {max_documents} DocumentRequests in one request")
-    for doc in request.documents:
-        for name, value in (
-            ("studyInstanceUID", doc.study_instance_uid),
-            ("seriesInstanceUID", doc.series_instance_uid),
-            ("DocumentUniqueId", doc.document_unique_id),
-        ):
-            if not is_uid(value):
-                raise InvalidImagingRequest(f"{name} {value[:80]!r} is not a DICOM UID")
-        if not doc.repository_unique_id.strip():
-            raise InvalidImagingRequest(
-                f"DocumentRequest {doc.document_unique_id}: RepositoryUniqueId is empty"
-            )
     if not request.transfer_syntax_uids:
         raise InvalidImagingRequest("TransferSyntaxUIDList needs at least one TransferSyntaxUID")
-    for uid in request.transfer_syntax_uids:
-        if not is_uid(uid):
-            raise InvalidImagingRequest(f"TransferSyntaxUID {uid[:80]!r} is not a UID")
+    screened = screen_documents(request.documents, request.transfer_syntax_uids)
+    if request.rejected:
+        screened = dataclasses.replace(screened, rejected=request.rejected + screened.rejected)
+    return screened
 
 
 def build_retrieve_imaging_request(

@@ -250,7 +250,7 @@ class ImagingRetrieval:
         present = set(self.uids)
         return [
             d.document_unique_id
-            for d in self.request.documents
+            for d in self.request.requested
             if d.document_unique_id not in present
         ]
 

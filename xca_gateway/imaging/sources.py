@@ -36,6 +36,7 @@ __all__ = [
     "Retrieval",
     "SourceUnavailable",
     "document_not_found",
+    "rejected_errors",
     "source_unavailable_error",
     "transfer_syntax_error",
     "unknown_repository_error",
@@ -115,6 +116,19 @@ def document_not_found(doc: DocumentRequest, detail: str = "") -> RegistryError:
         f"{context}: {detail}" if detail else context,
         location=doc.document_unique_id,
     )
+
+
+def rejected_errors(
+    request: RetrieveImagingDocumentSetRequest, location: str | None
+) -> list[RegistryError]:
+    """One RegistryError per DocumentRequest set aside because its identifiers cannot name an
+    instance, located at the community answering for them (or, without one, the instance)."""
+    return [
+        RegistryError(
+            r.error_code, r.code_context, location=location or r.document.document_unique_id
+        )
+        for r in request.rejected
+    ]
 
 
 def transfer_syntax_error(doc: DocumentRequest, requested: Sequence[str]) -> RegistryError:

@@ -38,7 +38,7 @@ from xca_gateway.imaging.retrieve import (
     respond,
     soap_response,
 )
-from xca_gateway.imaging.sources import ImagingSource, Retrieval
+from xca_gateway.imaging.sources import ImagingSource, Retrieval, rejected_errors
 from xca_gateway.namespaces import Action
 from xca_gateway.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.transactions.rad75 import local_routes, parse_or_fault
@@ -105,8 +105,9 @@ class InitiatingImagingGateway:
     def route(
         self, request: RetrieveImagingDocumentSetRequest
     ) -> tuple[list[tuple[Route, list[DocumentRequest]]], list[RegistryError]]:
-        """Split the request by HomeCommunityId (then RepositoryUniqueId for our own)."""
-        errors: list[RegistryError] = []
+        """Split the request by HomeCommunityId (then RepositoryUniqueId for our own). Rejected
+        DocumentRequests are answered here, never forwarded to a source or peer."""
+        errors = rejected_errors(request, self.home_community_id)
         local: list[DocumentRequest] = []
         remote: dict[str, list[DocumentRequest]] = {}
         unknown: dict[str, int] = {}
@@ -136,10 +137,11 @@ class InitiatingImagingGateway:
         return routes, errors + routing_errors
 
     async def retrieve(self, request: RetrieveImagingDocumentSetRequest) -> ImagingRetrieval:
-        """RAD-69 in-process; InvalidImagingRequest for a request the SOAP endpoint would refuse
-        (no document, a malformed UID, more than ``max_documents``)."""
-        check_retrieve_imaging_request(request, max_documents=self.max_documents)
-        return await self._open(request)
+        """RAD-69 in-process; InvalidImagingRequest for a request the SOAP endpoint would fault
+        (no document, more than ``max_documents``, no transfer syntax). A DocumentRequest
+        whose identifiers cannot name an instance gets a RegistryError, as on the endpoint."""
+        screened = check_retrieve_imaging_request(request, max_documents=self.max_documents)
+        return await self._open(screened)
 
     async def _open(self, request: RetrieveImagingDocumentSetRequest) -> ImagingRetrieval:
         routes, errors = self.route(request)
@@ -195,7 +197,7 @@ def imaging_document_source_handler(
 
     async def handle(request: SoapRequest) -> SoapResponse:
         parsed = parse_or_fault(request, max_documents)
-        errors: list[RegistryError] = []
+        errors = rejected_errors(parsed, home_community_id)
         ours: list[DocumentRequest] = []
         for doc in parsed.documents:
             community = doc.home_community_id

@@ -28,6 +28,7 @@ from xca_gateway.imaging.retrieve import (
 )
 from xca_gateway.imaging.sources import (
     ImagingSource,
+    rejected_errors,
     source_unavailable_error,
     unknown_repository_error,
 )
@@ -39,6 +40,7 @@ __all__ = ["local_routes", "parse_or_fault", "rad75_handler", "source_route"]
 
 
 def parse_or_fault(request: SoapRequest, max_documents: int) -> RetrieveImagingDocumentSetRequest:
+    """The parsed request; a SOAP Sender fault only for XML/schema breakage."""
     try:
         return parse_retrieve_imaging_request(request.payload, max_documents=max_documents)
     except InvalidImagingRequest as exc:
@@ -85,7 +87,8 @@ def rad75_handler(
 ) -> Handler:
     async def handle(request: SoapRequest) -> SoapResponse:
         parsed = parse_or_fault(request, max_documents)
-        errors: list[RegistryError] = []
+        # Bad identifiers are reported per DocumentRequest; only schema breakage faults.
+        errors = rejected_errors(parsed, home_community_id)
         ours: list[DocumentRequest] = []
         for doc in parsed.documents:
             # RAD-75 is addressed to this community; an absent HomeCommunityId is taken as ours.
