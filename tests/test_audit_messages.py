@@ -204,9 +204,9 @@ def _roles(msg: m.AuditMessage) -> list[tuple[str, str]]:
         ("iti39-responding-1", ("110106", "R", 8, ["ITI-39"])),
         ("iti43-consumer", ("110107", "C", 0, ["ITI-43"])),
         ("iti43-repository", ("110106", "R", 0, ["ITI-43"])),
-        ("rad69-consumer", ("110103", "C", 0, ["RAD-69"])),
+        ("rad69-consumer", ("110104", "C", 0, ["RAD-69"])),
         ("rad69-imaging_document_source", ("110104", "R", 0, ["RAD-69"])),
-        ("rad75-initiating-0", ("110103", "C", 0, ["RAD-75"])),
+        ("rad75-initiating-0", ("110104", "C", 0, ["RAD-75"])),
         ("rad75-responding-0", ("110104", "R", 0, ["RAD-75"])),
         ("rad75-responding-1", ("110104", "R", 8, ["RAD-75"])),
         ("iti42-repository", ("110106", "R", 0, ["ITI-42"])),
@@ -498,3 +498,53 @@ def test_extract_retrieve_documents_and_split() -> None:
         ["9.1.2"],
         ["9.1.1"],
     )
+
+
+def test_malformed_document_requests_are_still_named_in_the_retrieve_audit() -> None:
+    from xca_gateway.audit import extract
+    from xca_gateway.namespaces import XDSB, XDSI
+
+    request = etree.fromstring(
+        f'<b:RetrieveDocumentSetRequest xmlns:b="{XDSB}">'
+        f"<b:DocumentRequest><b:HomeCommunityId>{HCID}</b:HomeCommunityId>"
+        "<b:RepositoryUniqueId>1.2.3</b:RepositoryUniqueId></b:DocumentRequest>"
+        "<b:DocumentRequest><b:RepositoryUniqueId>1.2.3</b:RepositoryUniqueId>"
+        "<b:DocumentUniqueId> </b:DocumentUniqueId></b:DocumentRequest>"
+        "</b:RetrieveDocumentSetRequest>"
+    )
+    requested = extract.requested_documents(request)
+    assert requested == [
+        m.DocumentReference("", "1.2.3", HCID, "DocumentRequest without DocumentUniqueId"),
+        m.DocumentReference("", "1.2.3", None, "DocumentRequest with an empty DocumentUniqueId"),
+    ]
+    delivered, failed = extract.split_documents(requested, [])
+    assert (delivered, failed) == ([], requested)
+    (message,) = m.iti39_retrieve(
+        CTX, side="responding", requester=IG, responder=RG, documents=[], failed=failed
+    )
+    assert schema_errors(message) == []
+    objects = message.to_element().findall("ParticipantObjectIdentification")
+    assert [
+        (o.get("ParticipantObjectID"), o.findtext("ParticipantObjectName")) for o in objects
+    ] == [
+        ("", "DocumentRequest without DocumentUniqueId"),
+        ("", "DocumentRequest with an empty DocumentUniqueId"),
+    ]
+
+    imaging = etree.fromstring(
+        f'<i:RetrieveImagingDocumentSetRequest xmlns:i="{XDSI}" xmlns:b="{XDSB}">'
+        '<i:StudyRequest studyInstanceUID=""><i:SeriesRequest seriesInstanceUID="9.1">'
+        "<i:DocumentRequest><b:RepositoryUniqueId>1.2.3</b:RepositoryUniqueId>"
+        "</i:DocumentRequest></i:SeriesRequest></i:StudyRequest>"
+        "</i:RetrieveImagingDocumentSetRequest>"
+    )
+    (instance,) = extract.requested_instances(imaging)
+    assert instance.sop_instance_uid == "" and instance.study_instance_uid == ""
+    assert instance.problem == "empty studyInstanceUID; DocumentRequest without DocumentUniqueId"
+    (message,) = m.rad75_retrieve(
+        CTX, side="responding", requester=IG, responder=RG, instances=[], failed=[instance]
+    )
+    assert schema_errors(message) == []
+    (study,) = message.to_element().findall("ParticipantObjectIdentification")
+    assert study.get("ParticipantObjectID") == ""
+    assert study.findtext("ParticipantObjectName") == instance.problem

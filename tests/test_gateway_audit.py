@@ -219,6 +219,23 @@ def test_imaging_retrieve_is_audited_on_both_gateways(
     roots = records(rsyslog, 5)
     imaging = sorted((event(r)[1], event(r)[2]) for r in roots if event(r)[1].startswith("RAD-"))
     assert imaging == [("RAD-69", "0"), ("RAD-75", "0"), ("RAD-75", "0")]
+    # PS3.15 A.5.3.4: one transfer, "DICOM Instances Transferred" (110104) at both ends of each
+    # leg; R from the sender, C from the receiver (alpha holds no copy), so the pair matches.
+    legs = sorted(
+        (
+            event(r)[1],
+            r.find("AuditSourceIdentification").get("AuditSourceID"),  # type: ignore[union-attr]
+            event(r)[0],
+            r.find("EventIdentification").get("EventActionCode"),  # type: ignore[union-attr]
+        )
+        for r in roots
+        if event(r)[1].startswith("RAD-")
+    )
+    assert legs == [
+        ("RAD-69", "gw-alpha", "110104", "R"),
+        ("RAD-75", "gw-alpha", "110104", "C"),
+        ("RAD-75", "gw-beta", "110104", "R"),
+    ]
     for root in roots:
         if event(root)[1].startswith("RAD-"):
             studies = [
@@ -227,3 +244,66 @@ def test_imaging_retrieve_is_audited_on_both_gateways(
                 if p.find("ParticipantObjectIDTypeCode").get("csd-code") == "110180"  # type: ignore[union-attr]
             ]
             assert studies == [study.study_instance_uid]
+
+
+def _named_objects(root: etree._Element) -> list[tuple[str | None, str | None]]:
+    return [
+        (p.get("ParticipantObjectID"), p.findtext("ParticipantObjectName"))
+        for p in root.iter("ParticipantObjectIdentification")
+    ]
+
+
+def test_retrieve_audits_name_malformed_document_requests(
+    gateway_factory: Callable[..., Gateway], pki: DevPki, rsyslog: RsyslogRepository, tmp_path: Path
+) -> None:
+    from xca_gateway.namespaces import XDSB, XDSI
+
+    beta = audited(gateway_factory, rsyslog, tmp_path, "beta")
+    alpha = audited(gateway_factory, rsyslog, tmp_path, "alpha")
+    beta_home = beta.config.community.home_community_id
+    alpha_home = alpha.config.community.home_community_id
+    repository = "1.3.6.1.4.1.21367.13.80.2"
+    no_uid = (
+        f'<b:RetrieveDocumentSetRequest xmlns:b="{XDSB}"><b:DocumentRequest>'
+        "<b:HomeCommunityId>{home}</b:HomeCommunityId>"
+        f"<b:RepositoryUniqueId>{repository}</b:RepositoryUniqueId>"
+        "</b:DocumentRequest></b:RetrieveDocumentSetRequest>"
+    )
+    empty_uid = (
+        f'<i:RetrieveImagingDocumentSetRequest xmlns:i="{XDSI}" xmlns:b="{XDSB}">'
+        '<i:StudyRequest studyInstanceUID="1.2.3"><i:SeriesRequest seriesInstanceUID="1.2.3.4">'
+        f"<i:DocumentRequest><b:HomeCommunityId>{{home}}</b:HomeCommunityId>"
+        f"<b:RepositoryUniqueId>{repository}</b:RepositoryUniqueId>"
+        "<b:DocumentUniqueId></b:DocumentUniqueId></i:DocumentRequest></i:SeriesRequest>"
+        "</i:StudyRequest><i:TransferSyntaxUIDList><i:TransferSyntaxUID>1.2.840.10008.1.2.1"
+        "</i:TransferSyntaxUID></i:TransferSyntaxUIDList></i:RetrieveImagingDocumentSetRequest>"
+    )
+    calls = [
+        (beta.endpoint_urls()["iti39"], Action.ITI39, no_uid.format(home=beta_home)),
+        (alpha.endpoint_urls()["iti43"], Action.ITI43, no_uid.format(home=alpha_home)),
+        (beta.endpoint_urls()["rad75"], Action.RAD75, empty_uid.format(home=beta_home)),
+        (alpha.endpoint_urls()["rad69"], Action.RAD69, empty_uid.format(home=alpha_home)),
+    ]
+    with consumer(pki) as client:
+        for url, action, body in calls:
+            response = client.post(
+                url, content=soap12(action, body), headers={"content-type": "application/soap+xml"}
+            )
+            # Answered per DocumentRequest, never a fault for a schema-valid request.
+            assert response.status_code == 200, (action, response.text[:500])
+    roots = records(rsyslog, 2 + len(calls))
+    retrieves = {
+        event(r)[1]: r for r in roots if event(r)[1] in ("ITI-39", "ITI-43", "RAD-69", "RAD-75")
+    }
+    assert sorted(retrieves) == ["ITI-39", "ITI-43", "RAD-69", "RAD-75"]
+    for kind in ("ITI-39", "ITI-43"):
+        root = retrieves[kind]
+        assert event(root)[2] != "0"  # nothing was retrieved
+        # The Document participant of what was asked for (Export/Import, ITI TF-2 3.39.5).
+        assert ("", "DocumentRequest without DocumentUniqueId") in _named_objects(root), kind
+    for kind in ("RAD-69", "RAD-75"):
+        root = retrieves[kind]
+        assert event(root)[0] == "110104" and event(root)[2] != "0"
+        assert ("1.2.3", "DocumentRequest with an empty DocumentUniqueId") in _named_objects(
+            root
+        ), kind

@@ -90,10 +90,30 @@ def _document(element: etree._Element) -> DocumentReference | None:
     )
 
 
+def _asked(element: etree._Element) -> DocumentReference:
+    """What one DocumentRequest asked for, even when malformed: an audit of a retrieve names
+    every request, so one without a DocumentUniqueId is recorded with an empty id and what
+    was wrong with it, never dropped."""
+    unique_id = _child_text(element, "DocumentUniqueId")
+    present = any(_local(c) == "DocumentUniqueId" for c in element)
+    problem = None
+    if unique_id is None:
+        problem = (
+            "DocumentRequest with an empty DocumentUniqueId"
+            if present
+            else "DocumentRequest without DocumentUniqueId"
+        )
+    return DocumentReference(
+        unique_id or "",
+        _child_text(element, "RepositoryUniqueId"),
+        _child_text(element, "HomeCommunityId"),
+        problem,
+    )
+
+
 def requested_documents(retrieve_request: etree._Element) -> list[DocumentReference]:
-    """The DocumentRequests of an ITI-43 / ITI-39 RetrieveDocumentSetRequest."""
-    docs = (_document(e) for e in retrieve_request.iter() if _local(e) == "DocumentRequest")
-    return [d for d in docs if d is not None]
+    """The DocumentRequests of an ITI-43 / ITI-39 RetrieveDocumentSetRequest, all of them."""
+    return [_asked(e) for e in retrieve_request.iter() if _local(e) == "DocumentRequest"]
 
 
 def returned_documents(retrieve_response: etree._Element) -> list[DocumentReference]:
@@ -108,13 +128,14 @@ def requested_instances(imaging_request: etree._Element) -> list[ImagingInstance
     for study in imaging_request.iter():
         if _local(study) != "StudyRequest":
             continue
-        study_uid = study.get("studyInstanceUID") or ""
+        study_uid = (study.get("studyInstanceUID") or "").strip()
         for series in _children(study, "SeriesRequest"):
-            series_uid = series.get("seriesInstanceUID") or ""
+            series_uid = (series.get("seriesInstanceUID") or "").strip()
             for request in _children(series, "DocumentRequest"):
-                doc = _document(request)
-                if doc is None:
-                    continue
+                doc = _asked(request)
+                problem = doc.problem
+                if not study_uid:
+                    problem = "; ".join(filter(None, ("empty studyInstanceUID", problem)))
                 found.append(
                     ImagingInstanceReference(
                         study_instance_uid=study_uid,
@@ -122,6 +143,7 @@ def requested_instances(imaging_request: etree._Element) -> list[ImagingInstance
                         sop_instance_uid=doc.document_unique_id,
                         repository_unique_id=doc.repository_unique_id,
                         home_community_id=doc.home_community_id,
+                        problem=problem,
                     )
                 )
     return found

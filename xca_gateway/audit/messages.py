@@ -5,7 +5,9 @@ function per IHE transaction and side. The field values follow ITI TF-2 / RAD TF
 sections (cross-checked against IPF's audit strategies and dcm4che's audit
 messages): queries are EventID 110112 "Query"; retrieves are 110107 "Import" on the side that
 receives the documents and 110106 "Export" on the side that hands them out; imaging retrieves are
-110104 "DICOM Instances Transferred" (server) and 110103 "DICOM Instances Accessed" (client).
+110104 "DICOM Instances Transferred" on both ends (PS3.15 A.5.3.4 describes one transfer between
+two Application Entities, reported by each: action R by the sender, C by the receiver, which
+holds no copy before), so that an audit repository can pair the two records.
 
 Participants. Queries name the requester as Source (110153) and the responder as Destination
 (110152). Retrieves name them the other way round: the Source is where the documents come from
@@ -923,6 +925,9 @@ class DocumentReference:
     document_unique_id: str
     repository_unique_id: str | None = None
     home_community_id: str | None = None
+    # What was wrong with the request for it (e.g. no DocumentUniqueId): a retrieve audit
+    # names everything asked for, malformed requests included (ParticipantObjectName).
+    problem: str | None = None
 
 
 def document_object(
@@ -938,6 +943,7 @@ def document_object(
         id_type_code=ParticipantObjectIdType.REPORT_NUMBER,
         type_code=ObjectType.SYSTEM_OBJECT,
         type_code_role=ObjectRole.REPORT,
+        name=doc.problem,
         details=tuple(details),
     )
 
@@ -1076,6 +1082,8 @@ class ImagingInstanceReference:
     sop_class_uid: str | None = None
     repository_unique_id: str | None = None
     home_community_id: str | None = None
+    # What was wrong with the request for it (see DocumentReference.problem).
+    problem: str | None = None
 
 
 # A message lists instance UIDs only up to this many per study; beyond, the SOP class counts
@@ -1110,12 +1118,14 @@ def study_objects(
             details.append((DETAIL_REPOSITORY_UNIQUE_ID, _utf8(repo)))
         for hcid in _unique(i.home_community_id for i in members):
             details.append((home_community_detail, _utf8(hcid)))
+        problems = "; ".join(_unique(i.problem for i in members))
         objects.append(
             ParticipantObject(
                 object_id=study_uid,
                 id_type_code=ParticipantObjectIdType.STUDY_INSTANCE_UID,
                 type_code=ObjectType.SYSTEM_OBJECT,
                 type_code_role=ObjectRole.REPORT,
+                name=problems or None,
                 details=tuple(details),
                 description=DicomObjectDescription(
                     sop_classes=sop_classes, study_uids=(study_uid,)
@@ -1150,11 +1160,9 @@ def _imaging_retrieve(
         messages.append(
             _message(
                 ctx,
-                event_id=(
-                    EventId.DICOM_INSTANCES_TRANSFERRED
-                    if serving
-                    else EventId.DICOM_INSTANCES_ACCESSED
-                ),
+                # Both ends of the transfer (A.5.3.4); the action is the receiver's: C, as it
+                # held no copy, or R when the record comes from the sender.
+                event_id=EventId.DICOM_INSTANCES_TRANSFERRED,
                 action="R" if serving else "C",
                 type_code=transaction,
                 outcome=outcome,
@@ -1183,9 +1191,9 @@ def rad69_retrieve(
     outcome_description: str | None = None,
     when: datetime | None = None,
 ) -> tuple[AuditMessage, ...]:
-    """RAD-69 Retrieve Imaging Document Set: "DICOM Instances Transferred" (R) by the Imaging
-    Document Source (the Initiating Imaging Gateway to its consumers), "DICOM Instances
-    Accessed" (C) by the consumer (a Responding Imaging Gateway calling its local source)."""
+    """RAD-69 Retrieve Imaging Document Set: "DICOM Instances Transferred" by both ends, R by
+    the Imaging Document Source (the Initiating Imaging Gateway to its consumers), C by the
+    consumer (a Responding Imaging Gateway calling its local source)."""
     _check_side(side, ("consumer", "imaging_document_source"))
     return _imaging_retrieve(
         ctx,
@@ -1220,8 +1228,9 @@ def rad75_retrieve(
     outcome_description: str | None = None,
     when: datetime | None = None,
 ) -> tuple[AuditMessage, ...]:
-    """RAD-75 Cross Gateway Retrieve Imaging Document Set: "DICOM Instances Transferred" (R) by
-    the Responding Imaging Gateway, "DICOM Instances Accessed" (C) by the Initiating one."""
+    """RAD-75 Cross Gateway Retrieve Imaging Document Set: "DICOM Instances Transferred" by
+    both gateways (PS3.15 A.5.3.4), R by the Responding Imaging Gateway, C by the Initiating
+    one, so that the two records of one transfer pair up."""
     _check_side(side, ("initiating", "responding"))
     return _imaging_retrieve(
         ctx,
