@@ -43,9 +43,13 @@ def _inherited_sockets() -> dict[str, socket.socket]:
 
 async def _serve(config_path: Path) -> int:
     from xca_gateway.config import load_config
+    from xca_gateway.credentials import check_key_pair
     from xca_gateway.gateway import Gateway, ListenSockets
 
     config = load_config(config_path)
+    # Our own certificate: a missing, mismatched or expired one is said now, in one line,
+    # not as an OpenSSL error (or as every peer refusing us later).
+    check_key_pair(config.tls.certificate, config.tls.private_key, what="[tls] certificate")
     gateway = Gateway(config)
     inherited = _inherited_sockets()
     stop = asyncio.Event()
@@ -63,11 +67,17 @@ async def _serve(config_path: Path) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from xca_gateway.config import ConfigError
+    from xca_gateway.credentials import CredentialError
+    from xca_gateway.server import ListenError
 
     try:
         return asyncio.run(_serve(Path(args.config)))
     except ConfigError as exc:
         print(f"xca-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (CredentialError, ListenError) as exc:
+        # One line: the configuration file, the key and file or port, and what is wrong.
+        print(f"xca-gateway: {Path(args.config).resolve()}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"xca-gateway: {exc}", file=sys.stderr)
@@ -124,7 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
-        "--log-level", default="info", help="debug, info, warning or error (default: info)"
+        "--log-level",
+        default="info",
+        type=str.lower,
+        choices=("debug", "info", "warning", "error"),
+        help="debug, info, warning or error (default: info)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

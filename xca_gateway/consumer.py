@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import sys
 import uuid
@@ -423,34 +422,52 @@ def add_retrieve_study_command(subparsers: Any) -> None:
 
 
 def _cmd_retrieve_study(args: argparse.Namespace) -> int:
+    from xca_gateway.consumer_cli import ExchangeError, check_reachable
+    from xca_gateway.credentials import CredentialError, check_key_pair
+    from xca_gateway.endpoints_file import EndpointsError, EndpointsFile
+
     try:
         if args.endpoints:
-            data = json.loads(Path(args.endpoints).read_text())
-            community = next(c for c in data["communities"] if args.community in (None, c["name"]))
-            gateway = community["endpoints"]["iti18"].rsplit("/ig/", 1)[0]
-            ca, cert, key = data["ca"], data["client"]["cert"], data["client"]["key"]
+            endpoints = EndpointsFile.load(Path(args.endpoints))
+            community = endpoints.community(args.community)
+            gateway = community.base_url
+            ca, cert, key = endpoints.ca, endpoints.client.cert, endpoints.client.key
         else:
-            gateway, ca, cert, key = args.gateway, args.ca, args.cert, args.key
-            if not all((gateway, ca, cert, key)):
+            if not all((args.gateway, args.ca, args.cert, args.key)):
                 print(
-                    "xca-gateway: give --gateway, --ca, --cert and --key, or --endpoints",
+                    "xca-gateway: retrieve-study: give --gateway, --ca, --cert and --key, or "
+                    "--endpoints FILE --community NAME",
                     file=sys.stderr,
                 )
                 return 2
+            gateway = args.gateway.rstrip("/")
+            ca, cert, key = Path(args.ca), Path(args.cert), Path(args.key)
+        parse_patient_id(args.patient)
+        check_key_pair(cert, key, what="client certificate")
+        # Fail fast, before any file is written, when the gateway cannot be reached.
+        check_reachable(gateway + "/ig/rad69", client_context(ca, cert, key))
+    except (EndpointsError, CredentialError, ValueError) as exc:
+        print(f"xca-gateway: retrieve-study: {exc}", file=sys.stderr)
+        return 2
+    except ExchangeError as exc:
+        print(f"xca-gateway: retrieve-study: {exc}", file=sys.stderr)
+        return 1
+    try:
         reports = asyncio.run(
             retrieve_study(
                 gateway=gateway,
-                ca=Path(ca),
-                cert=Path(cert),
-                key=Path(key),
+                ca=ca,
+                cert=cert,
+                key=key,
                 patient_id=args.patient,
                 study_instance_uid=args.study,
                 out_dir=Path(args.out),
                 progress=not args.no_progress and sys.stderr.isatty(),
             )
         )
-    except (ConsumerError, httpx.HTTPError, OSError, ValueError, StopIteration, KeyError) as exc:
-        print(f"xca-gateway: retrieve-study failed: {exc}", file=sys.stderr)
+    except (ConsumerError, httpx.HTTPError, OSError, ValueError, mtom.MtomError) as exc:
+        reason = str(exc) or type(exc).__name__
+        print(f"xca-gateway: retrieve-study failed: {reason}", file=sys.stderr)
         return 1
     failed = 0
     for report in reports:

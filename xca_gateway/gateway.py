@@ -28,7 +28,7 @@ from xca_gateway.metrics import GatewayMetrics
 from xca_gateway.namespaces import Action
 from xca_gateway.patient_mapping import CrossReferenceTable, PatientIdMapper
 from xca_gateway.patients import PatientDirectory
-from xca_gateway.server import HttpServer, ServerTimeouts
+from xca_gateway.server import HttpServer, ServerTimeouts, listen_errors
 from xca_gateway.soap_service import Operation, SoapEndpoint, SoapService
 from xca_gateway.tls import HandshakeFailure, gateway_client_context, server_context
 from xca_gateway.transactions import TRANSACTIONS, iti45, iti55, unavailable_handler
@@ -480,16 +480,21 @@ class Gateway:
         cfg = self.config
         await self._open_registry()
         await self.imaging.start()
-        await self.https.start(cfg.server.host, cfg.server.port, sock=sockets.https)
-        await self.admin.start(cfg.admin.host, cfg.admin.port, sock=sockets.admin)
+        with listen_errors("[server] port", cfg.server.host, cfg.server.port):
+            await self.https.start(cfg.server.host, cfg.server.port, sock=sockets.https)
+        with listen_errors("[admin] port", cfg.admin.host, cfg.admin.port):
+            await self.admin.start(cfg.admin.host, cfg.admin.port, sock=sockets.admin)
         self.audit.application_id = self.base_url
         await self.audit.start()
         if self.dicom_front is not None:
-            await self.dicom_front.start()
+            with listen_errors("[dicom] port", cfg.dicom.host, cfg.dicom.port):
+                await self.dicom_front.start()
         if self.prefetch is not None:
-            await self.prefetch.start()
+            with listen_errors("[prefetch] port", cfg.prefetch.host, cfg.prefetch.port):
+                await self.prefetch.start()
         if self.dicomweb_front is not None:
-            await self.dicomweb_front.start()
+            with listen_errors("[dicomweb] port", cfg.dicomweb.host, cfg.dicomweb.port):
+                await self.dicomweb_front.start()
         self._started = True
         log.info(
             "gateway %s (%s) serving on %s, admin on http://%s:%d",

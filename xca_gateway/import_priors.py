@@ -820,19 +820,18 @@ class _Target:
 
 def _target(args: argparse.Namespace) -> _Target:
     if args.endpoints:
-        data = json.loads(Path(args.endpoints).read_text())
-        communities = data["communities"]
-        community = next((c for c in communities if args.community in (None, c["name"])), None)
-        if community is None:
-            raise ValueError(f"no community {args.community!r} in {args.endpoints}")
-        audit = (data.get("auditRepository") or {}).get("syslogTls")
+        from xca_gateway.endpoints_file import EndpointsFile
+
+        endpoints = EndpointsFile.load(Path(args.endpoints))
+        community = endpoints.community(args.community)
+        audit = (endpoints.data.get("auditRepository") or {}).get("syslogTls")
         return _Target(
-            community["endpoints"]["iti18"].rsplit("/ig/", 1)[0],
-            Path(data["ca"]),
-            Path(data["client"]["cert"]),
-            Path(data["client"]["key"]),
-            community["homeCommunityId"],
-            {c["homeCommunityId"]: c["name"] for c in communities},
+            community.base_url,
+            endpoints.ca,
+            endpoints.client.cert,
+            endpoints.client.key,
+            community.home_community_id,
+            endpoints.community_names_by_home(),
             f"tls://{audit}" if audit else None,
         )
     needed = (args.gateway, args.ca, args.cert, args.key, args.home_community_id)

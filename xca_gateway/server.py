@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -538,3 +539,40 @@ class HttpServer:
             await asyncio.wait_for(writer.wait_closed(), 2.0)
         if not writer.transport.is_closing():
             writer.transport.abort()
+
+
+class ListenError(OSError):
+    """A listener that cannot bind, said in the configuration's words (which key, which port,
+    why) rather than as ``[Errno 98]``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+_BIND_REASONS = {
+    errno.EADDRINUSE: "already in use (another process listens there)",
+    errno.EACCES: "permission denied (ports below 1024 need privileges)",
+}
+
+
+@contextlib.contextmanager
+def listen_errors(what: str, host: str, port: int) -> Iterator[None]:
+    """Turn a failed bind of ``host:port`` (configured as ``what``, e.g. ``[server] port``)
+    into a :class:`ListenError` naming both."""
+    try:
+        yield
+    except ListenError:
+        raise
+    except OSError as exc:
+        reason = _BIND_REASONS.get(exc.errno or 0)
+        if exc.errno == errno.EADDRNOTAVAIL:
+            reason = f"{host} is not an address of this machine"
+        elif isinstance(exc, socket.gaierror):
+            reason = f"unknown host {host!r}"
+        if reason is None:
+            raise
+        raise ListenError(f"{what} = {port}: {host}:{port} {reason}") from None
