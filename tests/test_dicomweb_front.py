@@ -57,10 +57,11 @@ from xca_gateway.pki import CertPair, DevPki, issue_client_certificate
 
 EXPLICIT = "1.2.840.10008.1.2.1"
 BIG_PATIENT = "BIG-1"
-# Extra callers (client certificates from the dev PKI's CA): another local consumer, an
+# Extra callers (client certificates from the dev PKI's CA): two more local consumers, an
 # interface engine (a local system, but not a consumer) and a trusted certificate the access
 # policy does not name.
-OTHER_CONSUMER, ENGINE, STRANGER = "consumer-b", "engine", "stranger"
+OTHER_CONSUMER, THIRD_CONSUMER = "consumer-b", "consumer-c"
+ENGINE, STRANGER = "engine", "stranger"
 
 
 def door_policy() -> str:
@@ -71,6 +72,11 @@ def door_policy() -> str:
             "name": "second-consumer",
             "roles": ["local-consumer"],
             "certificate_uris": [f"urn:xca-gateway:client:{OTHER_CONSUMER}"],
+        },
+        {
+            "name": "third-consumer",
+            "roles": ["local-consumer"],
+            "certificate_uris": [f"urn:xca-gateway:client:{THIRD_CONSUMER}"],
         },
         {
             "name": "order-feed",
@@ -227,6 +233,8 @@ def test_config_parses_and_rejects_bad_tables() -> None:
     config = parse_dicomweb_front_config({"port": 0})
     assert (config.host, config.port, config.tls) == ("127.0.0.1", 0, True)
     assert parse_dicomweb_front_config({"tls": False, "host": "localhost"}).tls is False
+    assert config.study_access_seconds == 3600
+    assert parse_dicomweb_front_config({"study_access_seconds": 60}).study_access_seconds == 60
     with pytest.raises(ConfigError, match="loopback"):
         parse_dicomweb_front_config({"tls": False, "host": "0.0.0.0"})
     for bad in (
@@ -235,6 +243,8 @@ def test_config_parses_and_rejects_bad_tables() -> None:
         {"tls": "yes"},
         {"max_results": 0},
         {"public_base_url": "ftp://x"},
+        {"study_access_seconds": 0},
+        {"study_access_seconds": True},
     ):
         with pytest.raises(ConfigError):
             parse_dicomweb_front_config(bad)
@@ -466,6 +476,32 @@ def test_retrieve_failure_statuses() -> None:
     assert status(late) == 504
     assert status(RegistryError("XDSUnavailableCommunity", "connection refused")) == 502
     assert status() == 502
+
+
+def test_study_access_is_per_principal_and_expires() -> None:
+    from xca_gateway.federation_view import InMemoryStudyAccess, StudyGrant
+
+    store = InMemoryStudyAccess(max_grants=3)
+    store.grant(
+        [
+            StudyGrant("a", "1.1", "P1^^^&1.2&ISO", 100.0),
+            StudyGrant("a", "1.2", "P1^^^&1.2&ISO", 100.0),
+        ]
+    )
+    assert [g.study_instance_uid for g in store.granted("a", ["1.2", "1.1", "1.2"], 50)] == [
+        "1.2",
+        "1.1",
+    ]
+    assert store.granted("b", ["1.1", "1.2"], 50) == []  # never across principals
+    assert store.granted("a", ["1.1"], 100.0) == []  # expired (and dropped)
+    assert len(store) == 1
+    # A later grant renews; the bound drops the oldest.
+    store.grant([StudyGrant("a", "1.2", "P1^^^&1.2&ISO", 200.0)])
+    assert store.granted("a", ["1.2"], 150)[0].expires_at == 200.0
+    store.grant([StudyGrant("b", f"2.{i}", "P2^^^&1.2&ISO", 300.0) for i in range(3)])
+    assert len(store) == 3
+    assert store.granted("a", ["1.2"], 150) == []
+    assert len(store.granted("b", ["2.0", "2.1", "2.2"], 150)) == 3
 
 
 def test_audit_messages_follow_the_imaging_pattern() -> None:
@@ -706,8 +742,10 @@ def test_bad_requests_get_clear_statuses(web: Web) -> None:
     assert no_patient.status_code == 400 and "PatientID" in no_patient.json()["message"]
     unknown = "2.999.123.456"
     not_cached = get(f"/studies/{unknown}")
-    assert not_cached.status_code == 400 and "PatientID" in not_cached.json()["message"]
-    assert get(f"/studies/{unknown}/series").status_code == 400
+    assert not_cached.status_code == 404 and "PatientID" in not_cached.json()["message"]
+    not_cached_search = get(f"/studies/{unknown}/series")
+    assert not_cached_search.status_code == 400
+    assert "PatientID" in not_cached_search.json()["message"]
     assert get(f"/studies/{unknown}", params={"PatientID": alice}).status_code == 404
     assert get(f"/studies/{study.study_instance_uid}/series/{unknown}").status_code == 404
     assert (
@@ -731,7 +769,7 @@ def test_bad_requests_get_clear_statuses(web: Web) -> None:
     assert get("/studies/not-a-uid").status_code == 400
     assert get("/nowhere").status_code == 404
     assert session.post(f"{web.url}/studies", data=b"x").status_code == 405
-    for response in (bad_range, no_patient, not_cached):
+    for response in (bad_range, no_patient, not_cached, not_cached_search):
         assert response.headers["content-type"] == "application/json"
 
 
@@ -834,7 +872,7 @@ def test_the_admitted_consumer_is_the_current_caller_of_its_request(web: Web) ->
     try:
         for pair, expected in (
             (None, "test-client"),
-            (issue_client_certificate(web.pki, OTHER_CONSUMER), "second-consumer"),
+            (issue_client_certificate(web.pki, THIRD_CONSUMER), "third-consumer"),
         ):
             seen.clear()
             web.session(pair).get(
@@ -843,6 +881,93 @@ def test_the_admitted_consumer_is_the_current_caller_of_its_request(web: Web) ->
             assert seen == [expected]
     finally:
         initiating.query = original  # type: ignore[method-assign]
+
+
+def test_a_study_found_by_one_caller_is_not_served_to_another_by_uid_alone(web: Web) -> None:
+    """The issue's reproduction: caller A searches and retrieves; caller B, another local
+    consumer, naming the same study UID alone gets 404 (400 for a search below the study) and
+    no bytes, exactly as for a study that does not exist. B naming the patient is served once
+    the federation confirms the patient owns the study."""
+    alice = local_patient_id(0, 0)
+    study = next(s for s in web.peer_studies if s.patient_id == local_patient_id(1, 0))
+    uid, series = study.study_instance_uid, study.series_instance_uids[0]
+    sop = uid_of(next(f for f in study.files if str(dcmread(f).SeriesInstanceUID) == series))
+    a, b = web.session(), web.session_as(OTHER_CONSUMER)
+
+    a.get(f"{web.url}/studies", params={"PatientID": alice}).raise_for_status()
+    found = a.get(f"{web.url}/studies/{uid}")
+    assert found.status_code == 200
+    assert len(multipart_parts(found)) == len(study.files)
+
+    unknown = "2.999.4242"
+    for path in (
+        f"/studies/{uid}",
+        f"/studies/{uid}/metadata",
+        f"/studies/{uid}/series/{series}",
+        f"/studies/{uid}/series/{series}/instances/{sop}",
+    ):
+        refused = b.get(f"{web.url}{path}")
+        assert refused.status_code == 404, path
+        assert refused.headers["content-type"] == "application/json"
+        assert b"DICM" not in refused.content and sop not in refused.text
+        assert "Lindqvist" not in refused.text
+        # Indistinguishable from a study nobody found.
+        nothing = b.get(f"{web.url}{path.replace(uid, unknown)}")
+        assert nothing.status_code == 404
+        assert nothing.json()["message"] == refused.json()["message"].replace(uid, unknown)
+    for path in (f"/studies/{uid}/series", f"/studies/{uid}/series/{series}/instances"):
+        refused = b.get(f"{web.url}{path}")
+        assert refused.status_code == 400, path
+        assert series not in refused.text.replace(path, "") and sop not in refused.text
+
+    # Naming another patient does not help; naming the study's patient does.
+    bob = local_patient_id(0, 1)
+    assert b.get(f"{web.url}/studies/{uid}", params={"PatientID": bob}).status_code == 404
+    named = b.get(f"{web.url}/studies/{uid}", params={"PatientID": alice})
+    assert named.status_code == 200
+    assert len(multipart_parts(named)) == len(study.files)
+    # That request was B's own search for the patient: now B may name the study alone.
+    assert b.get(f"{web.url}/studies/{uid}/metadata").status_code == 200
+
+
+def test_a_callers_access_to_a_study_expires(web: Web) -> None:
+    """After ``study_access_seconds`` the caller names the patient again (the door's clock is
+    moved, not waited for)."""
+    import time
+
+    alice = local_patient_id(0, 0)
+    study = next(s for s in web.studies if s.patient_id == alice)
+    session = web.session()
+    session.get(f"{web.url}/studies", params={"PatientID": alice}).raise_for_status()
+    assert session.get(f"{web.url}/studies/{study.study_instance_uid}/metadata").status_code == 200
+    door = web.alpha.dicomweb_front
+    assert door is not None
+    door.view.clock = lambda: time.time() + door.config.study_access_seconds + 1
+    try:
+        late = session.get(f"{web.url}/studies/{study.study_instance_uid}/metadata")
+        assert late.status_code == 404
+        again = session.get(
+            f"{web.url}/studies/{study.study_instance_uid}/metadata", params={"PatientID": alice}
+        )
+        assert again.status_code == 200
+    finally:
+        door.view.clock = time.time
+
+
+def test_a_grant_outlives_the_manifest_cache(web: Web) -> None:
+    """A granted study whose manifest left this gateway's cache (evicted, or found through
+    another replica) is looked up again through the patient the grant records."""
+    alice = local_patient_id(0, 0)
+    study = next(s for s in web.studies if s.patient_id == alice)
+    session = web.session()
+    session.get(f"{web.url}/studies", params={"PatientID": alice}).raise_for_status()
+    door = web.alpha.dicomweb_front
+    assert door is not None
+    with door.view._lock:
+        door.view._studies.clear()
+    response = session.get(f"{web.url}/studies/{study.study_instance_uid}/metadata")
+    assert response.status_code == 200
+    assert {value(m, "00080018") for m in response.json()} == {uid_of(f) for f in study.files}
 
 
 def etree_bytes(record: Any) -> bytes:

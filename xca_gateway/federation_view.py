@@ -7,9 +7,15 @@ through the community's own initiating gateway in-process (no HTTP round trip to
 * a patient's studies are the KOS manifests an ITI-18 FindDocuments finds (fanned out as ITI-38
   to every community and asked of the local registry), all fetched in one ITI-43 (routed by
   homeCommunityId as parallel ITI-39 calls);
-* studies found are remembered by Study Instance UID (a bounded LRU), so that a later retrieve
-  naming only the study (Study Root C-GET, WADO-RS) can be served without a patient: XDS has no
-  query by study alone;
+* XDS has no query by study alone, so a later request naming only a study (Study Root C-GET,
+  WADO-RS, QIDO-RS below a study) is served from what a search found, but only to the caller
+  whose search found it: each search grants its caller (the principal's name) access to the
+  studies it found, for ``study_access_seconds``, in a :class:`StudyAccessStore` (in memory
+  here; a store shared by replicas keeps the same small records). Never by UID alone across
+  callers: another caller must name the patient, and the federation must confirm that the
+  patient owns the study. The manifests themselves are a local cache (a bounded LRU) keyed by
+  Study Instance UID; a grant whose manifest is no longer cached is served by asking the
+  federation again for the patient the grant records;
 * instances come from the gateway's Initiating Imaging Gateway in-process
   (``gateway.imaging.retrieve``: RAD-69 routed to local sources and as RAD-75 to peers), as an
   :class:`~xca_gateway.imaging.retrieve.ImagingRetrieval` read instance by instance; closing it
@@ -27,10 +33,11 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from lxml import etree
 from pydicom.dataset import Dataset
@@ -52,6 +59,7 @@ from xca_gateway.imaging.request import (
 from xca_gateway.imaging.retrieve import ImagingRetrieval
 from xca_gateway.kos import InstanceRef, kos_from_bytes, kos_references
 from xca_gateway.namespaces import RIM, XDSB, ResponseStatus
+from xca_gateway.security.callers import Principal, current_caller
 
 if TYPE_CHECKING:
     from xca_gateway.gateway import Gateway
@@ -62,8 +70,11 @@ __all__ = [
     "FederationError",
     "FederationView",
     "FetchedManifests",
+    "InMemoryStudyAccess",
     "ManifestsFound",
     "StudiesFound",
+    "StudyAccessStore",
+    "StudyGrant",
     "StudyManifest",
     "event_modalities",
     "header_patient_id",
@@ -77,6 +88,11 @@ _DCM_SCHEMES = frozenset({"1.2.840.10008.2.16.4", "DCM"})
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 DEFAULT_TIMEOUT = 120.0
 DEFAULT_MAX_CACHED_STUDIES = 1000
+# How long a search lets its caller name a study it found by UID alone (a reading session).
+DEFAULT_STUDY_ACCESS_SECONDS = 3600.0
+# Grants kept in memory at most (oldest first out): a caller whose grant was dropped names the
+# patient again, nothing is served wrongly.
+DEFAULT_MAX_STUDY_GRANTS = 100_000
 
 
 class FederationError(Exception):
@@ -133,6 +149,81 @@ class FetchedManifests:
     documents: list[tuple[Manifest, bytes]] = field(default_factory=list)
     unusable: list[tuple[Manifest, str]] = field(default_factory=list)
     errors: list[RegistryError] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- study access
+
+
+@dataclass(frozen=True)
+class StudyGrant:
+    """One caller's access to one study its own search found.
+
+    ``patient_id`` is the CX the search named: what the federation is asked again with when the
+    manifest is no longer cached (or was found through another replica). ``expires_at`` is POSIX
+    time, a wall clock, so that replicas sharing a store agree on it.
+    """
+
+    principal: str
+    study_instance_uid: str
+    patient_id: str
+    expires_at: float
+
+
+class StudyAccessStore(Protocol):
+    """Where grants live: in memory (:class:`InMemoryStudyAccess`) or a shared database."""
+
+    def grant(self, grants: Sequence[StudyGrant]) -> None:
+        """Record (or renew) each grant; a later grant for the same principal and study
+        replaces the earlier one."""
+        ...
+
+    def granted(
+        self, principal: str, study_instance_uids: Sequence[str], now: float
+    ) -> list[StudyGrant]:
+        """The principal's grants still valid at ``now`` for these studies (in the order
+        asked, each study once)."""
+        ...
+
+
+class InMemoryStudyAccess:
+    """Grants in a bounded, thread-safe LRU (the DIMSE door asks from pynetdicom's threads)."""
+
+    def __init__(self, max_grants: int = DEFAULT_MAX_STUDY_GRANTS) -> None:
+        self.max_grants = max_grants
+        self._grants: OrderedDict[tuple[str, str], StudyGrant] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._grants)
+
+    def grant(self, grants: Sequence[StudyGrant]) -> None:
+        with self._lock:
+            for item in grants:
+                key = (item.principal, item.study_instance_uid)
+                self._grants[key] = item
+                self._grants.move_to_end(key)
+            while len(self._grants) > self.max_grants:
+                self._grants.popitem(last=False)
+
+    def granted(
+        self, principal: str, study_instance_uids: Sequence[str], now: float
+    ) -> list[StudyGrant]:
+        found: list[StudyGrant] = []
+        with self._lock:
+            for uid in dict.fromkeys(study_instance_uids):
+                item = self._grants.get((principal, uid))
+                if item is None:
+                    continue
+                if item.expires_at <= now:
+                    del self._grants[(principal, uid)]
+                    continue
+                found.append(item)
+        return found
+
+
+def _caller_key(caller: Principal | None) -> str | None:
+    """Grants are per principal name; a request without a caller gets none and grants none."""
+    return caller.name if caller is not None else None
 
 
 # ----------------------------------------------------------------------------- sans-IO
@@ -229,16 +320,23 @@ class FederationView:
         *,
         max_cached_studies: int = DEFAULT_MAX_CACHED_STUDIES,
         timeout: float = DEFAULT_TIMEOUT,
+        access: StudyAccessStore | None = None,
+        study_access_seconds: float = DEFAULT_STUDY_ACCESS_SECONDS,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.gateway = gateway
         self.timeout = timeout
         self.max_cached_studies = max_cached_studies
-        # Study Instance UID -> manifest, learnt from earlier queries. DIMSE handlers read it
-        # from pynetdicom's threads, hence the lock.
+        self.access: StudyAccessStore = access if access is not None else InMemoryStudyAccess()
+        self.study_access_seconds = study_access_seconds
+        self.clock = clock
+        # Study Instance UID -> manifest, learnt from earlier queries: a cache, not a right
+        # (the grants decide who may name a study alone). DIMSE handlers read it from
+        # pynetdicom's threads, hence the lock.
         self._studies: OrderedDict[str, StudyManifest] = OrderedDict()
         self._lock = threading.Lock()
 
-    # -- the study cache
+    # -- the study cache and the callers' grants
 
     def remember(self, studies: Iterable[StudyManifest]) -> None:
         with self._lock:
@@ -249,21 +347,76 @@ class FederationView:
             while len(self._studies) > self.max_cached_studies:
                 self._studies.popitem(last=False)
 
-    def cached(self, study_instance_uids: Iterable[str]) -> list[StudyManifest]:
-        """Known manifests of these studies (each once), in the order asked."""
+    def grant(
+        self, caller: Principal | None, patient_id: str, studies: Iterable[StudyManifest]
+    ) -> None:
+        """Let ``caller`` name these studies, found by its search for ``patient_id``, alone."""
+        key = _caller_key(caller)
+        if key is None:
+            return
+        expires = self.clock() + self.study_access_seconds
+        uids = dict.fromkeys(uid for study in studies for uid in study.study_instance_uids)
+        self.access.grant([StudyGrant(key, uid, patient_id, expires) for uid in uids])
+
+    def _granted(self, uids: Sequence[str], caller: Principal | None) -> list[StudyGrant]:
+        key = _caller_key(caller)
+        if key is None:
+            return []
+        return self.access.granted(key, uids, self.clock())
+
+    def _from_cache(self, uids: Iterable[str]) -> list[StudyManifest]:
         with self._lock:
-            found = [self._studies[u] for u in study_instance_uids if u in self._studies]
+            found = [self._studies[u] for u in uids if u in self._studies]
         unique: dict[int, StudyManifest] = {id(s): s for s in found}
+        return list(unique.values())
+
+    def cached(
+        self, study_instance_uids: Iterable[str], caller: Principal | None = None
+    ) -> list[StudyManifest]:
+        """Cached manifests of these studies that ``caller`` (default: the current caller)
+        found by its own search (each once, in the order asked); nothing for studies only
+        another caller found, nor when there is no caller."""
+        caller = caller if caller is not None else current_caller()
+        granted = self._granted(list(study_instance_uids), caller)
+        return self._from_cache(g.study_instance_uid for g in granted)
+
+    async def studies_by_uid(
+        self, study_instance_uids: Sequence[str], caller: Principal | None = None
+    ) -> list[StudyManifest]:
+        """Like :meth:`cached`, but a granted study whose manifest is not cached here (evicted,
+        or found through another replica) is looked up again through the patient its grant
+        records. May raise :class:`FederationError` then."""
+        caller = caller if caller is not None else current_caller()
+        granted = self._granted(study_instance_uids, caller)
+        uids = [g.study_instance_uid for g in granted]
+        studies = self._from_cache(uids)
+        have = {uid for s in studies for uid in s.study_instance_uids}
+        for patient in dict.fromkeys(
+            g.patient_id for g in granted if g.study_instance_uid not in have
+        ):
+            # Not a new search by the caller: the grant keeps its expiry.
+            found = await self._studies_of_patient(patient)
+            studies.extend(s for s in found.studies if set(s.study_instance_uids) & set(uids))
+        unique: dict[int, StudyManifest] = {id(s): s for s in studies}
         return list(unique.values())
 
     # -- queries
 
-    async def studies_of_patient(self, patient_id: str) -> StudiesFound:
-        """The patient's studies in every community (and remember them).
+    async def studies_of_patient(
+        self, patient_id: str, caller: Principal | None = None
+    ) -> StudiesFound:
+        """The patient's studies in every community; remembered, and granted to ``caller``
+        (default: the current caller), whose search this is.
 
         ``patient_id`` is a CX in any assigning authority the initiating gateway can map.
         An unknown patient has no studies; any other failure of the whole query raises
         :class:`FederationError`."""
+        caller = caller if caller is not None else current_caller()
+        found = await self._studies_of_patient(patient_id)
+        self.grant(caller, patient_id, found.studies)
+        return found
+
+    async def _studies_of_patient(self, patient_id: str) -> StudiesFound:
         try:
             async with asyncio.timeout(self.timeout):
                 found = await self._fetch(patient_id)

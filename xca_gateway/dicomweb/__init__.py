@@ -14,8 +14,12 @@ federation logic as the DIMSE door (:mod:`xca_gateway.federation_view`):
   ``.../metadata`` answers the headers as application/dicom+json without pixel data.
 
 XDS is per patient: there is no query by study alone. A request that names only a study
-(every WADO-RS request, QIDO-RS below a study) is served from the studies an earlier QIDO-RS
-found; otherwise it must carry ``PatientID`` (an extension on WADO-RS URLs), else 400.
+(every WADO-RS request, QIDO-RS below a study) is served from the studies the same caller's
+own earlier search found (for ``study_access_seconds``); otherwise it must carry ``PatientID``
+(an extension on WADO-RS URLs) and the federation must confirm that the patient owns the
+study; never by UID alone across callers (404 for a retrieve, 400 for a search, as for a
+study that does not exist). Every request is first admitted by the gateway's door guard
+(local consumers only, 403 otherwise).
 
 Each search is audited as a Query (110112, RAD-129 "QIDO-RS Query") and each retrieve as
 "DICOM Instances Transferred" (110104, RAD-107 "WADO-RS Retrieve"), through the gateway's

@@ -32,13 +32,16 @@ class DicomWebFrontConfig:
     public_base_url: str | None = None
     # Most matches one QIDO-RS answer carries (limit/offset page through the rest).
     max_results: int = 1000
+    # How long a caller may name a study its own search found by UID alone (WADO-RS, QIDO-RS
+    # below a study); other callers, or later, must name the patient.
+    study_access_seconds: float = 3600.0
 
 
 def parse_dicomweb_front_config(
     table: dict[str, Any], base_dir: Path | None = None
 ) -> DicomWebFrontConfig:
     """Validate the ``[dicomweb]`` table (``base_dir`` is unused: no paths in it)."""
-    known = {"host", "port", "tls", "public_base_url", "max_results"}
+    known = {"host", "port", "tls", "public_base_url", "max_results", "study_access_seconds"}
     unknown = set(table) - known
     if unknown:
         raise ConfigError(f"[dicomweb]: unknown key(s) {', '.join(sorted(unknown))}")
@@ -64,10 +67,14 @@ def parse_dicomweb_front_config(
     max_results = table.get("max_results", 1000)
     if not isinstance(max_results, int) or isinstance(max_results, bool) or max_results < 1:
         raise ConfigError("dicomweb.max_results must be a positive integer")
+    access = table.get("study_access_seconds", 3600.0)
+    if isinstance(access, bool) or not isinstance(access, int | float) or access <= 0:
+        raise ConfigError("dicomweb.study_access_seconds must be a positive number of seconds")
     return DicomWebFrontConfig(
         host=host,
         port=port,
         tls=tls,
         public_base_url=base.rstrip("/") if base else None,
         max_results=max_results,
+        study_access_seconds=float(access),
     )

@@ -99,7 +99,7 @@ class DicomWebFrontDoor:
         self.gateway = gateway
         self.config = config
         self.local_authority = gateway.config.community.patient_id_assigning_authority
-        self.view = FederationView(gateway)
+        self.view = FederationView(gateway, study_access_seconds=config.study_access_seconds)
         server = gateway.config.server
         self.server = HttpServer(
             self,
@@ -222,10 +222,13 @@ class DicomWebFrontDoor:
         return [v for k, v in request.headers if k == "accept"]
 
     async def _studies(
-        self, patient_id: str | None, study_uids: Sequence[str]
+        self, patient_id: str | None, study_uids: Sequence[str], *, retrieve: bool
     ) -> tuple[list[StudyManifest], list[str]]:
         """The studies to answer from, and warnings: from the federation when a patient is
-        named, else from those found before (400 if there are none)."""
+        named, else those the current caller's own searches found (nothing found by others).
+
+        A study the caller may not name alone gets the same answer whether it exists or another
+        caller found it: 404 for a retrieve, 400 for a search (which then needs a PatientID)."""
         if patient_id is not None:
             try:
                 found = await self.view.studies_of_patient(patient_id)
@@ -234,13 +237,18 @@ class DicomWebFrontDoor:
             return found.studies, found.warnings
         if not study_uids:
             raise bad_request("a PatientID is required: XDS queries are per patient")
-        known = self.view.cached(study_uids)
+        try:
+            known = await self.view.studies_by_uid(study_uids)
+        except FederationError as exc:
+            raise DicomWebError(504 if exc.timeout else 502, exc.message) from None
         if not known:
-            raise bad_request(
-                f"study {study_uids[0]} is not known to this gateway: a PatientID is required "
-                "(XDS queries are per patient); search for the patient's studies first "
-                "(QIDO-RS with PatientID) or add PatientID to the request"
+            hint = (
+                "search for the patient's studies first (QIDO-RS with PatientID) or add "
+                "PatientID to the request (XDS queries are per patient)"
             )
+            if retrieve:
+                raise DicomWebError(404, f"study {study_uids[0]} not found for this caller: {hint}")
+            raise bad_request(f"study {study_uids[0]} is not known to this caller: {hint}")
         return known, []
 
     # -- QIDO-RS
@@ -257,7 +265,9 @@ class DicomWebFrontDoor:
                 max_results=self.config.max_results,
             )
             patient = query.patient_id
-            studies, warnings = await self._studies(query.patient_id, query.study_uids)
+            studies, warnings = await self._studies(
+                query.patient_id, query.study_uids, retrieve=False
+            )
             result = search(query, studies, self.base_url)
         except DicomWebError as exc:
             audit_query(
@@ -324,7 +334,7 @@ class DicomWebFrontDoor:
         patient = patient_cx(pid, issuer, self.local_authority) if pid else None
         audit = RetrieveAudit(self, request, route.study, [patient] if patient else [])
         try:
-            studies, _ = await self._studies(patient, [route.study])
+            studies, _ = await self._studies(patient, [route.study], retrieve=True)
             matching = [s for s in studies if route.study in s.study_instance_uids]
             if not matching:
                 raise DicomWebError(404, f"study {route.study} not found for this patient")
