@@ -303,6 +303,49 @@ def test_dicomweb_and_iti81_for_every_role(demo: tuple[dict[str, Any], Path]) ->
     assert counts == {key: 1 for key in counts}
 
 
+def test_dimse_door_for_every_role(demo: tuple[dict[str, Any], Path]) -> None:
+    """DICOM TLS associations to north's DIMSE door with each identity and the calling AE title
+    north ties to its local consumer: only that consumer's certificate gets an association."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    data, workdir = demo
+    north = data["communities"][0]
+    dicom = north["dicom"]
+    who = callers(data, workdir)
+    outcomes: dict[str, bool] = {}
+    for label, caller in who.items():
+        ae = AE(ae_title=dicom["callingAeTitle"])
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.acse_timeout = ae.network_timeout = 20
+        tls = client_context(Path(data["ca"]), caller.cert, caller.key)
+        assoc = ae.associate(
+            dicom["host"], dicom["port"], ae_title=dicom["aeTitle"], tls_args=(tls, dicom["host"])
+        )
+        outcomes[label] = bool(assoc.is_established)
+        if assoc.is_established:
+            assoc.release()
+        ae.shutdown()
+    # The demo client is a local consumer of every community, but the calling AE title is tied
+    # to north's own consumer certificate: the client gets no association with it.
+    expected = {
+        label: expected_allowed(IDENTITY_ROLES[label], Door.DIMSE) and label != "demo client"
+        for label in who
+    }
+    assert outcomes == expected
+    # Each refused association: one Security Alert naming the verified certificate subject.
+    resource = f"DIMSE {dicom['aeTitle']} (C-FIND/C-GET/C-MOVE)"
+    refused = [who[label] for label, ok in expected.items() if not ok]
+    deadline = time.monotonic() + 30
+    while True:
+        alerts = security_alerts(workdir)
+        counts = {c.label: refusals_of(alerts, c.subject, resource) for c in refused}
+        if all(n >= 1 for n in counts.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert counts == {c.label: 1 for c in refused}
+
+
 def refusals_of_prefix(alerts: list[etree._Element], subject: str, prefix: str) -> int:
     """Refusal alerts naming ``subject`` for a resource under ``prefix`` (URL or path)."""
     path = "/" + prefix.split("//", 1)[1].split("/", 1)[1]
