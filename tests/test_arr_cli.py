@@ -27,8 +27,14 @@ def cli_pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
     return init_dev_pki(tmp_path_factory.mktemp("arr-cli-pki"), ["arr"])
 
 
-def write_config(pki: DevPki, tmp_path: Path) -> Path:
+def write_config(pki: DevPki, tmp_path: Path, *, udp: bool = False) -> Path:
     path = tmp_path / "arr.toml"
+    udp_sender = {
+        "name": "legacy UDP sender",
+        "roles": ["audit-source"],
+        "addresses": ["127.0.0.1"],
+        "audit_source_ids": ["cli"],
+    }
     path.write_text(
         arr_config_toml(
             certificate=str(pki.communities["arr"].cert),
@@ -41,8 +47,10 @@ def write_config(pki: DevPki, tmp_path: Path) -> Path:
                     "name": "auditor",
                     "roles": ["audit-consumer"],
                     "certificate_uris": ["urn:xca-gateway:client:consumer"],
-                }
+                },
+                *([udp_sender] if udp else []),
             ],
+            syslog_udp_port=0 if udp else None,
         ),
         encoding="utf-8",
     )
@@ -121,7 +129,7 @@ def test_add_officer(cli_pki: DevPki, tmp_path: Path) -> None:
 
 
 def test_serve_runs_until_sigterm(cli_pki: DevPki, tmp_path: Path) -> None:
-    config_path = write_config(cli_pki, tmp_path)
+    config_path = write_config(cli_pki, tmp_path, udp=True)
     assert (
         arr_cli(
             "add-officer",
@@ -145,16 +153,24 @@ def test_serve_runs_until_sigterm(cli_pki: DevPki, tmp_path: Path) -> None:
         endpoints = json.loads(line)
         assert set(endpoints) == {"fhir", "ui", "syslogTls", "syslogUdp"}
         host, port = endpoints["syslogUdp"].rsplit(":", 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+            # Not a listed address: refused (and audited once, not stored).
+            stranger.bind(("127.0.0.3", 0))
+            for _ in range(3):
+                stranger.sendto(b"<85>1 - forged - - - not xml either", (host, int(port)))
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.sendto(b"<85>1 - cli test - - - not xml at all", (host, int(port)))
         anonymous = ssl.create_default_context(cafile=str(cli_pki.ca))
         with httpx.Client(verify=anonymous, timeout=10) as client:
             deadline = time.monotonic() + 20
             health = client.get(endpoints["ui"] + "/healthz").json()
-            while health["counters"].get("stored", 0) < 1 and time.monotonic() < deadline:
+            while health["counters"].get("stored", 0) < 2 and time.monotonic() < deadline:
                 time.sleep(0.1)
                 health = client.get(endpoints["ui"] + "/healthz").json()
+            # The listed sender's garbage (flagged) and one Security Alert for the stranger.
             assert health["counters"]["stored_flagged"] == 1
+            assert health["counters"]["refused{sender}"] == 3
+            assert health["counters"]["refused_callers{syslog}"] == 1
             page = client.get(endpoints["ui"] + "/login")
             token = re.search(r'name="csrf" value="([^"]+)"', page.text)
             assert token is not None
@@ -171,6 +187,7 @@ def test_serve_runs_until_sigterm(cli_pki: DevPki, tmp_path: Path) -> None:
         with httpx.Client(verify=ctx, timeout=10) as client:
             bundle = client.get(endpoints["fhir"] + "/AuditEvent", params={"date": "ge2000"}).json()
             assert any(e["resource"]["type"]["code"] == "unparsed" for e in bundle["entry"])
+            assert not any(b"forged" in str(e).encode() for e in bundle["entry"])
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -212,7 +229,8 @@ def test_demo_support_runs_a_repository_the_gateways_audit_to(tmp_path: Path) ->
         assert process.stdout is not None
         assert json.loads(process.stdout.readline())["ui"] == plan.ui_url
         entry = plan.endpoints_json()
-        assert set(entry) == {"syslogTls", "syslogUdp", "fhir", "ui", "officer", "auditConsumer"}
+        # The secured configuration: no UDP syslog.
+        assert set(entry) == {"syslogTls", "fhir", "ui", "officer", "auditConsumer"}
         auditor = entry["auditConsumer"]
         assert auditor["cert"] == str(pki.dir / "audit-consumer.pem")
         north = pki.communities["north"]

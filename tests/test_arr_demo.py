@@ -31,6 +31,8 @@ from xca_gateway.tls import client_context
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
+FLAGS = "urn:xca-gateway:arr:flags"
+SENDER = "urn:xca-gateway:arr:authenticated-sender"
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +130,15 @@ def test_iti81_returns_what_the_demo_gateways_audited(demo: dict[str, Any]) -> N
             break
         time.sleep(1)
     assert seen == {c["name"] for c in demo["communities"]}
+    # Every gateway reports as <community>-gateway with its own certificate, which the
+    # repository binds: nothing it sent is flagged, and each record names its sender.
+    for community in demo["communities"]:
+        bundle = search(demo, date=f"ge{today}", source=f"{community['name']}-gateway")
+        assert bundle.entry, community["name"]
+        for entry in bundle.entry:
+            extensions = {x.url: x.valueString for x in entry.resource.extension or []}
+            assert "audit-source-unbound" not in (extensions.get(FLAGS) or "")
+            assert f"{community['name']}.xca-gateway.test" in extensions[SENDER]
 
 
 def test_only_the_audit_consumer_searches_the_demo_trail(demo: dict[str, Any]) -> None:

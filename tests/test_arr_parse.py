@@ -16,6 +16,7 @@ from xca_gateway.arr.fhir import FhirError, audit_event, parse_search, search_bu
 from xca_gateway.arr.parse import (
     FLAG_NO_XML,
     FLAG_RFC3164,
+    FLAG_SOURCE_UNBOUND,
     FLAG_SYSLOG_HEADER,
     FLAG_XML_INVALID,
     parse_datetime,
@@ -168,6 +169,28 @@ def test_broken_messages_are_kept_flagged(raw: bytes, flag: str) -> None:
     assert record.raw == raw
     assert record.problem
     assert record.event_time is not None
+
+
+def test_an_audit_source_id_not_bound_to_the_sender_is_flagged() -> None:
+    raw = syslog(dicom_query())
+    source = CTX.audit_source.audit_source_id
+    for bound, flagged in (
+        (None, False),
+        (frozenset({source}), False),
+        (frozenset({"someone-else"}), True),
+        (frozenset(), True),
+    ):
+        record = parse_record(
+            raw, sender="10.0.0.1", transport="tls", sender_identity="CN=s", bound_source_ids=bound
+        )
+        assert (FLAG_SOURCE_UNBOUND in record.flags) is flagged
+        assert record.sender_identity == "CN=s"
+        if flagged:
+            assert record.problem is not None and source in record.problem
+            assert "CN=s" in record.problem
+    # Nothing to check against (not an audit message): flagged too, the bytes kept.
+    junk = parse_record(b"junk", sender="x", transport="udp", bound_source_ids=frozenset({"a"}))
+    assert FLAG_SOURCE_UNBOUND in junk.flags and junk.raw == b"junk"
 
 
 def test_parser_never_raises_on_random_bytes() -> None:
@@ -444,3 +467,59 @@ def test_arr_configuration(tmp_path: Path) -> None:
     ):
         with pytest.raises(ConfigError):
             parse_arr_config(bad, tmp_path)
+
+
+def legacy_schema(schema: str) -> str:
+    """The store's schema as it was before records kept their authenticated sender."""
+    old = schema.replace(",\n    sender_identity TEXT\n);", "\n);", 1)
+    old = "\n".join(line for line in old.splitlines() if "sender_identity" not in line)
+    assert "sender_identity" not in old and old != schema
+    return old
+
+
+def legacy_insert(record_raw: bytes, placeholder: str = "?") -> tuple[str, tuple[object, ...]]:
+    """An INSERT of one record as the earlier version wrote it (no sender_identity)."""
+    from xca_gateway.arr import store as st
+
+    values = st.event_values(parse_record(record_raw, sender="10.0.0.1", transport="tls"), 1)
+    columns = st._INSERT_EVENT_COLUMNS.replace(", sender_identity", "")
+    assert columns.count(",") + 1 == len(values) - 1
+    marks = ", ".join(placeholder for _ in range(len(values) - 1))
+    return f"INSERT INTO events ({columns}) VALUES ({marks})", values[:-1]
+
+
+def test_a_database_from_before_the_sender_column_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    from xca_gateway.arr import store as st
+
+    path = tmp_path / "old.sqlite3"
+    old, new = _records(2)
+    conn = sqlite3.connect(path)
+    conn.executescript(legacy_schema(st._SQLITE_SCHEMA))
+    conn.execute(*legacy_insert(old))
+    conn.commit()
+    conn.close()
+    store = SqliteAuditStore(path)
+    try:
+        kept = store.get(1)
+        assert kept is not None and kept.raw == old and kept.row.sender_identity is None
+        assert kept.record().patient_ids
+        store.add([parse_record(new, sender="10.0.0.2", transport="tls", sender_identity="CN=n")])
+        added = store.get(2)
+        assert added is not None and added.row.sender_identity == "CN=n"
+        assert added.record().sender_identity == "CN=n"
+        assert store.count(EventFilter(sender_identities=(("CN=n",),))) == 1
+        top = store.top(EventFilter(), "sender_identity")
+        assert sorted(top, key=str) == sorted([(None, 1), ("CN=n", 1)], key=str)
+    finally:
+        store.close()
+    # Opening it again is a no-op, and the records stay read-only.
+    again = SqliteAuditStore(path)
+    again.close()
+    conn = sqlite3.connect(path)
+    try:
+        with pytest.raises(sqlite3.DatabaseError, match="read-only"):
+            conn.execute("UPDATE events SET sender_identity = 'CN=forged'")
+    finally:
+        conn.close()

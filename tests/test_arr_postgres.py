@@ -120,3 +120,32 @@ def test_repository_on_postgres_with_parse_workers(database: str, tmp_path: Path
 
         assert wait_for(lambda: count() == 300, timeout=30)
         assert repo.store.count(EventFilter(patients=(("PG3|1.2.3",),))) == 75
+
+
+def test_a_database_from_before_the_sender_column_is_migrated(database: str) -> None:
+    import psycopg
+
+    from tests.test_arr_parse import legacy_insert, legacy_schema
+    from xca_gateway.arr import store as st
+
+    old, new = syslog_message(1), syslog_message(2)
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(legacy_schema(st._PG_SCHEMA))  # type: ignore[arg-type]
+        conn.execute("SELECT nextval('events_id_seq')")
+        sql, values = legacy_insert(old, "%s")
+        conn.execute(sql, values)  # type: ignore[arg-type]
+    store = PostgresAuditStore(database)
+    try:
+        kept = store.get(1)
+        assert kept is not None and kept.raw == old and kept.row.sender_identity is None
+        store.add([parse_record(new, sender="10.0.0.2", transport="tls", sender_identity="CN=n")])
+        (added,) = store.search(EventFilter(sender_identities=(("CN=n",),)))
+        assert added.id == 2 and added.sender_identity == "CN=n"
+    finally:
+        store.close()
+    PostgresAuditStore(database).close()  # again: nothing left to migrate
+    with (
+        psycopg.connect(database, autocommit=True) as conn,
+        pytest.raises(psycopg.errors.RaiseException, match="read-only"),
+    ):
+        conn.execute("UPDATE events SET sender_identity = 'CN=forged'")

@@ -5,6 +5,8 @@ hand-made hostile input (malformed frames, oversize messages, invalid XML, flood
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import shutil
 import signal
 import socket
@@ -26,7 +28,7 @@ from xca_gateway.audit import AuditTrail
 from xca_gateway.audit import messages as am
 from xca_gateway.audit.config import AuditConfig, AuditDestination
 from xca_gateway.audit.syslog import format_message, frame
-from xca_gateway.pki import DevPki, init_dev_pki
+from xca_gateway.pki import DevPki, certificate_info, init_dev_pki
 from xca_gateway.tls import client_context
 
 CTX = am.AuditContext(am.AuditSource("alpha-gw", "1.3.6.1.4.1.21367.13.70.1"), host="alpha")
@@ -34,7 +36,33 @@ CTX = am.AuditContext(am.AuditSource("alpha-gw", "1.3.6.1.4.1.21367.13.70.1"), h
 
 @pytest.fixture(scope="module")
 def arr_pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
-    return init_dev_pki(tmp_path_factory.mktemp("arr-pki"), ["alpha", "arr"])
+    return init_dev_pki(tmp_path_factory.mktemp("arr-pki"), ["alpha", "arr", "north"])
+
+
+def bound_access(alpha_ids: list[str]) -> dict[str, Any]:
+    """alpha and north are audit sources bound to their own AuditSourceIDs; the PKI's client
+    is an audit consumer, not a source."""
+    return {
+        "callers": [
+            {
+                "name": "alpha gateway",
+                "roles": ["audit-source"],
+                "certificate_dns_names": ["alpha.xca-gateway.test"],
+                "audit_source_ids": alpha_ids,
+            },
+            {
+                "name": "north gateway",
+                "roles": ["audit-source"],
+                "certificate_dns_names": ["north.xca-gateway.test"],
+                "audit_source_ids": ["north-gateway"],
+            },
+            {
+                "name": "auditor",
+                "roles": ["audit-consumer"],
+                "certificate_uris": ["urn:xca-gateway:client:consumer"],
+            },
+        ]
+    }
 
 
 Factory = Callable[..., tuple[AuditRecordRepository, RepositoryThread]]
@@ -54,12 +82,13 @@ def arr_factory(arr_pki: DevPki, tmp_path: Path) -> Iterator[Factory]:
         thread.__exit__(None, None, None)
 
 
-def query_message(patient: str, n: int = 0) -> bytes:
+def query_message(patient: str, n: int = 0, *, source: str | None = None) -> bytes:
+    ctx = CTX if source is None else am.AuditContext(am.AuditSource(source), host="forger")
     message = am.iti38_query(
-        CTX,
+        ctx,
         side="responding",
         requester=am.remote_node("10.0.0.7", certificate_subject="CN=beta"),
-        responder=CTX.local_node("https://alpha.example.org/xca/iti38"),
+        responder=ctx.local_node("https://alpha.example.org/xca/iti38"),
         query_id=f"urn:uuid:q{n}",
         query=b"<AdhocQueryRequest/>",
         patient_ids=[patient],
@@ -79,6 +108,8 @@ def tls_socket(pki: DevPki, port: int, *, cert: str = "alpha") -> ssl.SSLSocket:
         pair = pki.untrusted_client
     elif cert == "expired":
         pair = pki.expired_client
+    elif cert == "client":
+        pair = pki.client
     else:
         pair = pki.communities[cert]
     ctx = client_context(pki.ca, pair.cert, pair.key)
@@ -164,6 +195,9 @@ def test_our_audit_trail_delivers_over_tls_and_udp(
     assert {r.transport for r in tls_rows} == {"tls", "udp"}
     assert len(tls_rows) == 20
     assert all(r.flags == () and r.source_id == "alpha-gw" for r in tls_rows)
+    # Each record keeps who sent it: the certificate's subject, or only an address over UDP.
+    alpha_subject = certificate_info(alpha.cert.read_bytes()).subject
+    assert {r.sender_identity for r in tls_rows} == {alpha_subject, "udp:127.0.0.1"}
     starts = repo.store.search(EventFilter(subtypes=(("110120",),)))
     assert len(starts) == 2
     assert repo.counters.get("connections", "tls") >= 1
@@ -226,7 +260,8 @@ def test_rsyslog_relays_to_the_repository_over_mutual_tls(
     binary = rsyslogd_path()
     if binary is None or not gtls_available():
         pytest.skip("rsyslogd with rsyslog-gnutls is not installed")
-    repo, thread = arr_factory()
+    # The relay's certificate (alpha) may report as alpha-gw only.
+    repo, thread = arr_factory(access=bound_access(["alpha-gw"]))
     assert repo.syslog_tls is not None
     work = tmp_path / "rsyslog"
     work.mkdir()
@@ -259,9 +294,18 @@ def test_rsyslog_relays_to_the_repository_over_mutual_tls(
             ):
                 udp.sendto(query_message("RELAY^^^&1.2.3&ISO"), ("127.0.0.1", udp_port))
                 time.sleep(0.5)
+            # Through the same relay, a record claiming to be north's.
+            forged = query_message("FORGED^^^&1.2.3&ISO", source="north-gateway")
+            udp.sendto(forged, ("127.0.0.1", udp_port))
         rows = repo.store.search(EventFilter(patients=(("RELAY|",),)))
         assert rows, (work / "rsyslogd.log").read_text(errors="replace")
         assert rows[0].transport == "tls" and rows[0].flags == ()
+        alpha_subject = certificate_info(alpha.cert.read_bytes()).subject
+        assert rows[0].sender_identity == alpha_subject
+        assert eventually_stored(thread, repo, EventFilter(patients=(("FORGED|",),)), 1)
+        (row,) = repo.store.search(EventFilter(patients=(("FORGED|",),)))
+        assert row.source_id == "north-gateway" and row.sender_identity == alpha_subject
+        assert row.flags == ("audit-source-unbound",) and row.source_unbound
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -425,3 +469,133 @@ def test_parse_workers_store_through_their_own_connection(
     # Two writer processes took turns: every id once, no gaps.
     ids = sorted(r.id for r in repo.store.search(EventFilter(), limit=1000))
     assert ids == list(range(1, 202))
+
+
+# --------------------------------------------------------------------------- who may send
+
+
+def test_a_certificate_that_is_not_an_audit_source_is_refused_at_the_syslog_door(
+    arr_factory: Factory, arr_pki: DevPki
+) -> None:
+    """The CA trusts the consumer certificate, but it is no audit source: its records, even
+    one claiming to be north's gateway, never reach the store; the refusal is one Security
+    Alert naming the verified subject."""
+    repo, thread = arr_factory(access=bound_access(["alpha-gw"]))
+    assert repo.syslog_tls is not None
+    forged = query_message("FORGED^^^&1.2.3&ISO", source="north-gateway")
+    assert refused(arr_pki, repo.syslog_tls.port, "client", forged)
+    alerts = EventFilter(event_codes=(("110113",),), subtypes=(("110132",),))
+    assert eventually_stored(thread, repo, alerts, 1)
+    thread.flush()
+    assert repo.store.count(alerts) == 1
+    assert repo.store.count(EventFilter(patients=(("FORGED|",),))) == 0
+    assert repo.store.count(EventFilter(sources=(("north-gateway",),))) == 0
+    assert repo.counters.get("connections_refused", "not_an_audit_source") == 1
+    stored_alert = repo.store.get(repo.store.search(alerts)[0].id)
+    assert stored_alert is not None
+    record = stored_alert.record()
+    requestor = next(p for p in record.participants if p.user_is_requestor)
+    assert requestor.user_id == certificate_info(arr_pki.client.cert.read_bytes()).subject
+    assert [e.object_id for e in record.entities] == ["syslog-tls"]
+    assert record.sender_identity == "local"
+    # An audit source on the same port is unaffected.
+    with tls_socket(arr_pki, repo.syslog_tls.port) as tls:
+        tls.sendall(frame(query_message("OWN^^^&1.2.3&ISO")))
+    assert eventually_stored(thread, repo, EventFilter(patients=(("OWN|",),)), 1)
+
+
+def test_an_audit_source_reporting_as_another_is_stored_flagged_and_shown(
+    arr_factory: Factory, arr_pki: DevPki
+) -> None:
+    """alpha is an audit source, bound to alpha-gw: what it sends as north-gateway is kept
+    (an audit record is never dropped) but flagged, with alpha's subject as its sender, and
+    the events list, the event page, the patient access report and its CSV say so."""
+    import re
+
+    import httpx
+
+    from xca_gateway.arr.app import create_officer
+
+    repo, thread = arr_factory(access=bound_access(["alpha-gw"]))
+    assert repo.syslog_tls is not None
+    create_officer(repo.config, "olga", "a long enough password")
+    patient = "SHOWN^^^&1.2.3&ISO"
+    with tls_socket(arr_pki, repo.syslog_tls.port, cert="alpha") as tls:
+        tls.sendall(
+            frame(query_message(patient, 1))
+            + frame(query_message(patient, 2, source="north-gateway"))
+        )
+    with tls_socket(arr_pki, repo.syslog_tls.port, cert="north") as tls:
+        tls.sendall(frame(query_message(patient, 3, source="north-gateway")))
+    assert eventually_stored(thread, repo, EventFilter(patients=(("SHOWN|",),)), 3)
+    rows = repo.store.search(EventFilter(patients=(("SHOWN|",),)), newest_first=False)
+    subject = {
+        n: certificate_info(arr_pki.communities[n].cert.read_bytes()).subject
+        for n in ("alpha", "north")
+    }
+    by_sender = {(r.sender_identity, r.source_id): r for r in rows}
+    assert set(by_sender) == {
+        (subject["alpha"], "alpha-gw"),
+        (subject["alpha"], "north-gateway"),
+        (subject["north"], "north-gateway"),
+    }
+    forged = by_sender[(subject["alpha"], "north-gateway")]
+    assert forged.flags == ("audit-source-unbound",)
+    assert not by_sender[(subject["alpha"], "alpha-gw")].flags
+    assert not by_sender[(subject["north"], "north-gateway")].flags
+    assert repo.store.count(EventFilter(flagged=True, patients=(("SHOWN|",),))) == 1
+    stored_forged = repo.store.get(forged.id)
+    assert stored_forged is not None
+    assert "north-gateway" in (stored_forged.record().problem or "")
+    assert "audit-source-unbound" in stored_forged.record().flags
+    from xca_gateway.arr.fhir import EXT_AUTHENTICATED_SENDER, EXT_FLAGS, audit_event
+
+    extensions = {
+        x["url"]: x["valueString"]
+        for x in audit_event(stored_forged.record(), repo.fhir_base)["extension"]
+        if "valueString" in x
+    }
+    assert extensions[EXT_AUTHENTICATED_SENDER] == subject["alpha"]
+    assert extensions[EXT_FLAGS] == "audit-source-unbound"
+
+    anonymous = ssl.create_default_context(cafile=str(arr_pki.ca))
+    with httpx.Client(verify=anonymous, timeout=30, base_url=repo.base_url) as ui:
+        page = ui.get("/login")
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert token is not None
+        ui.post(
+            "/login",
+            data={"csrf": token.group(1), "username": "olga", "password": "a long enough password"},
+        )
+        events = ui.get("/events", params={"patient": patient}).text
+        rows_html = re.findall(r'<tr class="[^"]*" data-id="(\d+)">(.*?)</tr>', events)
+        flagged_rows = {int(i) for i, row in rows_html if "not bound to its sender" in row}
+        assert flagged_rows == {forged.id}
+        assert subject["alpha"] in events and subject["north"] in events
+        detail = ui.get(f"/events/{forged.id}").text
+        assert "north-gateway: NOT bound to this sender" in detail
+        assert subject["alpha"] in detail
+        report = ui.get("/report", params={"patient": patient}).text
+        assert re.search(r'id="r-unbound">1<', report)
+        assert report.count("not bound to its sender") == 1
+        table = ui.get("/report.csv", params={"patient": patient}).text
+        lines = list(csv.DictReader(io.StringIO(table.lstrip("\ufeff"))))
+        assert {(r["audit_source"], r["sender"], r["audit_source_bound"]) for r in lines} == {
+            ("alpha-gw", subject["alpha"], "yes"),
+            ("north-gateway", subject["alpha"], "no"),
+            ("north-gateway", subject["north"], "yes"),
+        }
+
+
+def test_udp_syslog_is_off_unless_enabled(arr_factory: Factory, tmp_path: Path) -> None:
+    from xca_gateway.arr.app import parse_arr_config
+    from xca_gateway.config import ConfigError
+
+    tls = {"certificate": "a.pem", "private_key": "a.key", "trust_store": "ca.pem"}
+    assert parse_arr_config({"tls": tls}, tmp_path).syslog_udp is None
+    with pytest.raises(ConfigError, match="udp_enabled"):
+        parse_arr_config({"tls": tls, "syslog": {"udp_port": 514}}, tmp_path)
+    on = parse_arr_config({"tls": tls, "syslog": {"udp_enabled": True}}, tmp_path)
+    assert on.syslog_udp is not None and on.syslog_udp.port == 514
+    repo, _thread = arr_factory(syslog={"udp_enabled": False})
+    assert repo.syslog_udp is None and "syslogUdp" not in repo.endpoints()

@@ -20,8 +20,9 @@ Example ``arr.toml``::
     trust_store = "certs/ca.pem"
 
     [arr.syslog]
-    tls_port = 6514                        # 0 = any free port; omit tls_host to disable
-    udp_port = 514
+    tls_port = 6514                        # 0 = any free port; tls_enabled = false: off
+    udp_enabled = false                    # RFC 5426 UDP: off unless enabled, and then only
+    udp_port = 514                         #   from addresses listed for an audit source
     max_message_bytes = 262144
 
     [arr.https]
@@ -61,7 +62,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from xca_gateway.arr.access import ArrAccess, access_toml, parse_access
+from xca_gateway.arr.access import (
+    ArrAccess,
+    SenderGrant,
+    access_toml,
+    parse_access,
+    sender_label,
+)
 from xca_gateway.arr.fhir import (
     FHIR_JSON,
     FhirError,
@@ -71,7 +78,7 @@ from xca_gateway.arr.fhir import (
     parse_search,
     search_bundle,
 )
-from xca_gateway.arr.parse import AuditRecord
+from xca_gateway.arr.parse import AuditRecord, Transport
 from xca_gateway.arr.receiver import (
     Counters,
     Ingestor,
@@ -94,7 +101,14 @@ from xca_gateway.audit.messages import security_alert_node_authentication
 from xca_gateway.audit.syslog import format_message
 from xca_gateway.config import ConfigError, TlsConfig
 from xca_gateway.pki import CertPair, DevPki, issue_client_certificate
-from xca_gateway.security.callers import AccessDecision, CallerRule, Door, Role, decide
+from xca_gateway.security.callers import (
+    AccessDecision,
+    CallerRule,
+    Door,
+    Identity,
+    Role,
+    decide,
+)
 from xca_gateway.security.guard import DoorGuard, access_denied_message, identity_from_peer
 from xca_gateway.server import HttpServer, Request, Response, ServerTimeouts
 from xca_gateway.tls import HandshakeFailure, enable_certificate_capture, server_context
@@ -126,7 +140,8 @@ class ArrConfig:
     database: Path | None
     postgresql: str | None = None
     syslog_tls: Listen | None = field(default_factory=lambda: Listen(port=6514))
-    syslog_udp: Listen | None = field(default_factory=lambda: Listen(port=514))
+    # UDP proves nothing about a sender: off unless enabled (then only listed addresses).
+    syslog_udp: Listen | None = None
     https: Listen = field(default_factory=lambda: Listen(port=8443))
     public_base_url: str | None = None
     limits: ReceiverLimits = field(default_factory=ReceiverLimits)
@@ -232,7 +247,19 @@ def parse_arr_config(table: dict[str, Any], base_dir: Path) -> ArrConfig:
     if limits.max_message_bytes < 32768:
         raise ConfigError("arr.syslog.max_message_bytes must be at least 32768 (DICOM PS3.15 A.6)")
     syslog_tls = _listen(syslog_t, "tls", 6514)
-    syslog_udp = _listen(syslog_t, "udp", 514)
+    udp_enabled = syslog_t.get("udp_enabled", False)
+    if not isinstance(udp_enabled, bool):
+        raise ConfigError("arr.syslog.udp_enabled must be true or false")
+    if udp_enabled:
+        syslog_udp = _listen(syslog_t, "udp", 514)
+    elif "udp_enabled" not in syslog_t and ("udp_port" in syslog_t or "udp_host" in syslog_t):
+        # A port without the switch: an older configuration that expects UDP on.
+        raise ConfigError(
+            "arr.syslog: UDP syslog is off unless udp_enabled = true (and then it accepts only "
+            "the addresses listed for an audit source); enable it or remove udp_host/udp_port"
+        )
+    else:
+        syslog_udp = None
 
     https_t = dict(data.get("https", {}))
     _check_keys(https_t, {"host", "port", "public_base_url"}, "arr.https")
@@ -302,7 +329,7 @@ def arr_config_toml(
     trust_store: str,
     database: str,
     syslog_tls_port: int = 0,
-    syslog_udp_port: int = 0,
+    syslog_udp_port: int | None = None,
     https_port: int = 0,
     audit_source_id: str = "xca-gateway-arr",
     communities: dict[str, str] | None = None,
@@ -332,7 +359,11 @@ def arr_config_toml(
         "",
         "[arr.syslog]",
         f"tls_port = {syslog_tls_port}",
-        f"udp_port = {syslog_udp_port}",
+        *(
+            ["udp_enabled = true", f"udp_port = {syslog_udp_port}"]
+            if syslog_udp_port is not None
+            else []
+        ),
         "",
         "[arr.https]",
         f"port = {https_port}",
@@ -433,12 +464,21 @@ class AuditRecordRepository:
                 self.counters,
                 self.senders,
                 on_handshake_failure=self._on_handshake_failure,
+                admit=self._admit_sender,
             )
             listen = cfg.syslog_tls or Listen()
             await self.syslog_tls.start(listen.host, listen.port, sock=sockets.syslog_tls)
-        if cfg.syslog_udp is not None or sockets.syslog_udp is not None:
+        if cfg.syslog_udp is None and sockets.syslog_udp is not None:
+            # Handed a UDP socket while UDP is off: do not listen on it.
+            sockets.syslog_udp.close()
+        elif cfg.syslog_udp is not None:
+            if not cfg.access.udp_senders:
+                log.warning(
+                    "syslog-udp is enabled but no audit source lists an address: every "
+                    "datagram will be refused"
+                )
             self.syslog_udp = SyslogUdpServer(
-                self.ingestor, cfg.limits, self.counters, self.senders
+                self.ingestor, cfg.limits, self.counters, self.senders, admit=self._admit_sender
             )
             listen = cfg.syslog_udp or Listen()
             await self.syslog_udp.start(listen.host, listen.port, sock=sockets.syslog_udp)
@@ -496,6 +536,17 @@ class AuditRecordRepository:
 
     def _submit_local(self, raw: bytes) -> None:
         self.ingestor.submit_record_bytes(raw, "127.0.0.1", "local")
+
+    def _admit_sender(self, identity: Identity, transport: Transport) -> SenderGrant | None:
+        """The syslog door: audit sources only; each is told which AuditSourceIDs it may
+        report as. A refusal is audited once (per connection; per address over UDP)."""
+        decision = self.guard.check(identity, Door.SYSLOG)
+        if not decision.allowed:
+            self.guard.refuse(decision, f"syslog-{transport}")
+            return None
+        return SenderGrant(
+            sender_label(identity, transport), self.config.access.bound_source_ids(identity)
+        )
 
     def _on_refusal(self, decision: AccessDecision, resource: str) -> None:
         """A caller refused at a door is a Security Alert in our own trail (once)."""
@@ -823,7 +874,7 @@ def prepare_demo(
     pki: DevPki | None = None,
     audit_sources: Mapping[str, Path] | None = None,
     audit_consumer: CertPair | None = None,
-    udp: bool = True,
+    udp: bool = False,
 ) -> DemoRepository:
     """Bind the repository's sockets (base_port, +1, +2 UDP; 0 = free ports), write its
     configuration under ``workdir`` and create the demo officer with a fresh password.
@@ -833,7 +884,8 @@ def prepare_demo(
     ITI-81. With the demo's ``pki`` they default to each community's gateway certificate bound
     to ``<community>-gateway``, the demo ``client`` bound to ``xca-gateway-import`` (what
     ``import-priors --endpoints`` reports as), and an ``audit-consumer`` certificate
-    issued from the demo CA. ``udp`` binds a UDP syslog port (no sender is listed for it)."""
+    issued from the demo CA. UDP syslog is off (the secured configuration); ``udp`` binds a
+    UDP port for it, which accepts nothing until an audit source lists its address."""
     import secrets
 
     if pki is not None:
@@ -857,7 +909,7 @@ def prepare_demo(
         trust_store=str(trust_store),
         database=str(workdir / "data" / "arr.sqlite3"),
         syslog_tls_port=tls.getsockname()[1],
-        syslog_udp_port=udp_sock.getsockname()[1] if udp_sock else 0,
+        syslog_udp_port=udp_sock.getsockname()[1] if udp_sock else None,
         https_port=https.getsockname()[1],
         audit_source_id="demo-arr",
         communities=communities,

@@ -42,6 +42,9 @@ ARR_SYSTEM = "urn:xca-gateway:arr"
 EXT_RAW = "urn:xca-gateway:arr:raw-message"
 EXT_FLAGS = "urn:xca-gateway:arr:flags"
 EXT_SENDER = "urn:xca-gateway:arr:syslog-sender"
+# Who sent it as verified (certificate subject, udp:<address>, local); the flag
+# audit-source-unbound says its AuditSourceID is not one that sender may report as.
+EXT_AUTHENTICATED_SENDER = "urn:xca-gateway:arr:authenticated-sender"
 
 FHIR_JSON = "application/fhir+json"
 
@@ -182,6 +185,8 @@ def audit_event(record: AuditRecord, base_url: str) -> dict[str, Any]:
         {"url": EXT_RAW, "valueUrl": f"{base_url}/AuditEvent/{rid}/$raw"},
         {"url": EXT_SENDER, "valueString": f"{record.transport}:{record.sender}"},
     ]
+    if record.sender_identity:
+        extensions.append({"url": EXT_AUTHENTICATED_SENDER, "valueString": record.sender_identity})
     if record.flags:
         extensions.append({"url": EXT_FLAGS, "valueString": ",".join(record.flags)})
     resource["extension"] = extensions

@@ -21,8 +21,8 @@ _T = TypeVar("_T")
 
 def dev_access(pki: DevPki) -> dict[str, Any]:
     """An ``[arr.access]`` table for tests: the PKI's ``client`` is an audit consumer, every
-    community certificate an audit source that may report as any AuditSourceID (tests that
-    look at bindings and refusals pass their own)."""
+    community certificate and (UDP) the loopback addresses 127.0.0.1 and 127.0.0.2 audit sources
+    that may report as any AuditSourceID (tests of bindings and refusals pass their own)."""
     callers: list[dict[str, Any]] = [
         {
             "name": "development audit consumer",
@@ -39,6 +39,14 @@ def dev_access(pki: DevPki) -> dict[str, Any]:
                 "audit_source_ids": ["*"],
             }
         )
+    callers.append(
+        {
+            "name": "development UDP senders",
+            "roles": ["audit-source"],
+            "addresses": ["127.0.0.1", "127.0.0.2"],
+            "audit_source_ids": ["*"],
+        }
+    )
     return {"callers": callers}
 
 
@@ -56,7 +64,7 @@ def dev_config(pki: DevPki, workdir: Path, name: str = "arr", **sections: Any) -
             "handshake_timeout": 5.0,
         },
         # Parsing in-process keeps tests light (no worker processes to spawn).
-        "syslog": {"tls_port": 0, "udp_port": 0, "parse_workers": 0},
+        "syslog": {"tls_port": 0, "udp_enabled": True, "udp_port": 0, "parse_workers": 0},
         "https": {"port": 0},
         "access": dev_access(pki),
     }

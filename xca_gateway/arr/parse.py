@@ -16,7 +16,7 @@ import base64
 import binascii
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from functools import cached_property
@@ -43,6 +43,9 @@ FLAG_NO_PARTICIPANT = "participant-missing"
 FLAG_NO_AUDIT_SOURCE = "audit-source-missing"
 FLAG_FRAMING = "framing-invalid"
 FLAG_TRUNCATED = "truncated"
+# The AuditSourceID is not one the authenticated sender may report as: a node passing its
+# records off as another's, or a misconfigured one. Stored (never dropped), but flagged.
+FLAG_SOURCE_UNBOUND = "audit-source-unbound"
 
 # Detail types that carry a homeCommunityId (IPF and the Gazelle audit specs use both).
 HOME_COMMUNITY_DETAILS = frozenset(
@@ -179,6 +182,9 @@ class AuditRecord:
     audit_sources: tuple[AuditSourceId, ...] = ()
     entities: tuple[Entity, ...] = ()
     sender_port: int | None = None
+    # Who sent it, as verified: the TLS client certificate's subject, ``udp:<address>`` (an
+    # address only: unauthenticated), ``local`` (the repository's own); None when not recorded.
+    sender_identity: str | None = None
     # Set by the store.
     record_id: int | None = field(default=None, compare=False)
 
@@ -638,8 +644,13 @@ def parse_record(
     received_at: datetime | None = None,
     sender_port: int | None = None,
     extra_flags: Iterable[str] = (),
+    sender_identity: str | None = None,
+    bound_source_ids: Collection[str] | None = None,
 ) -> AuditRecord:
-    """Parse one syslog message (or bare audit XML). Never raises."""
+    """Parse one syslog message (or bare audit XML). Never raises.
+
+    ``bound_source_ids`` are the AuditSourceIDs the authenticated sender may report as (None:
+    any); a record claiming another one is flagged :data:`FLAG_SOURCE_UNBOUND`."""
     received = received_at or datetime.now(UTC)
     flags: list[str] = list(extra_flags)
     header: SyslogHeader | None = None
@@ -670,11 +681,25 @@ def parse_record(
         flags.append(FLAG_XML_INVALID)
         problem = f"unexpected parse failure: {type(exc).__name__}: {exc}"
     event_time = parsed.event_time or _syslog_time(header) or received
+    if bound_source_ids is not None and FLAG_SOURCE_UNBOUND not in flags:
+        claimed = [source.source_id for source in parsed.sources]
+        unbound = [c for c in claimed if c not in bound_source_ids]
+        if unbound or not claimed:
+            flags.append(FLAG_SOURCE_UNBOUND)
+            why = (
+                f"AuditSourceID {unbound[0]!r} is not bound to the sender"
+                if unbound
+                else "no AuditSourceID to check against the sender's bindings"
+            )
+            if sender_identity:
+                why += f" ({sender_identity})"
+            problem = f"{problem}; {why}" if problem else why
     return AuditRecord(
         raw=raw,
         received_at=received,
         sender=sender,
         sender_port=sender_port,
+        sender_identity=sender_identity,
         transport=transport,
         event_time=event_time,
         dialect=parsed.dialect,

@@ -13,6 +13,11 @@ flagged (the bytes seen, bounded) and that connection closed, since octet counti
 resynchronise; an oversize frame is skipped and counted without closing; a sender over its
 rate is throttled (TLS) or dropped with a counter (UDP); a sender over its connection quota is
 refused with a counter. Refused TLS handshakes are audited here as Security Alerts.
+
+A sender that completed the handshake is still only admitted if ``admit`` (the repository's
+syslog door) names it an audit source; each admitted connection (or UDP source address) carries
+its grant - the authenticated sender stored with every record, and the AuditSourceIDs it may
+report as, against which each record is checked after parsing.
 """
 
 from __future__ import annotations
@@ -35,8 +40,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
+from xca_gateway.arr.access import SenderGrant, sender_label
 from xca_gateway.arr.parse import FLAG_FRAMING, FLAG_TRUNCATED, Transport, parse_record
 from xca_gateway.arr.store import AuditStore, PreparedBatch, open_store, prepare_batch
+from xca_gateway.pki import certificate_info
+from xca_gateway.security.callers import Identity, normalize_fingerprint
 from xca_gateway.tls import (
     HANDSHAKE_CAPTURE,
     HandshakeCapture,
@@ -266,6 +274,9 @@ class _Item(NamedTuple):
     transport: Transport
     received_at: datetime
     flags: tuple[str, ...] = ()
+    # The authenticated sender and the AuditSourceIDs it may report as (None: any).
+    sender_identity: str | None = None
+    bound: frozenset[str] | None = None
 
 
 @dataclass
@@ -275,8 +286,41 @@ class _Barrier:
 
 _STOP = object()
 
+# Admission of a syslog sender (the caller model's syslog door): its verified identity and
+# transport in, the grant (who it is, what it may report as) out, or None: refused.
+Admit = Callable[[Identity, Transport], SenderGrant | None]
 
-ItemTuple = tuple[bytes, str, int | None, Transport, datetime, tuple[str, ...]]
+
+def _admit_all(identity: Identity, transport: Transport) -> SenderGrant:
+    return SenderGrant(sender_label(identity, transport))
+
+
+def tls_identity(writer: asyncio.StreamWriter, address: str) -> Identity:
+    """What the TLS handshake verified about a syslog sender."""
+    ssl_object = writer.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        return Identity(address=address)
+    info = certificate_info(der)
+    return Identity(
+        address=address,
+        certificate_subject=info.subject,
+        certificate_fingerprint=normalize_fingerprint(info.fingerprint_sha256),
+        san_dns=info.san_dns,
+        san_uri=info.san_uri,
+    )
+
+
+ItemTuple = tuple[
+    bytes,
+    str,
+    int | None,
+    Transport,
+    datetime,
+    tuple[str, ...],
+    str | None,
+    frozenset[str] | None,
+]
 
 
 def parse_batch(items: Sequence[ItemTuple]) -> tuple[PreparedBatch, int]:
@@ -290,8 +334,10 @@ def parse_batch(items: Sequence[ItemTuple]) -> tuple[PreparedBatch, int]:
             transport=transport,
             received_at=received_at,
             extra_flags=flags,
+            sender_identity=identity,
+            bound_source_ids=bound,
         )
-        for raw, sender, port, transport, received_at, flags in items
+        for raw, sender, port, transport, received_at, flags, identity, bound in items
     ]
     return prepare_batch(records), sum(1 for r in records if r.flags)
 
@@ -433,11 +479,17 @@ class Ingestor:
         self._queue.put(items)
 
     def submit_record_bytes(
-        self, raw: bytes, sender: str, transport: Transport, flags: tuple[str, ...] = ()
+        self,
+        raw: bytes,
+        sender: str,
+        transport: Transport,
+        flags: tuple[str, ...] = (),
+        sender_identity: str | None = None,
     ) -> None:
         """Queue a message produced locally (the repository's own audit events); never
         refused, whatever the backlog."""
-        item = _Item(raw, sender, None, transport, datetime.now(UTC), flags)
+        identity = sender_identity or ("local" if transport == "local" else None)
+        item = _Item(raw, sender, None, transport, datetime.now(UTC), flags, identity)
         with self._inflight_lock:
             self._inflight += 1
         self._queue.put(item)
@@ -553,8 +605,10 @@ class SyslogTlsServer:
         counters: Counters,
         senders: SenderLimits,
         on_handshake_failure: Callable[[HandshakeFailure], None] | None = None,
+        admit: Admit = _admit_all,
     ) -> None:
         self.ingestor = ingestor
+        self.admit = admit
         self.ssl_context = ssl_context
         self.limits = limits
         self.counters = counters
@@ -607,8 +661,13 @@ class SyslogTlsServer:
         self.senders.connections[address] += 1
         try:
             if await self._handshake(writer, address, port):
+                # A trusted certificate is not enough: its principal must be an audit source.
+                grant = self.admit(tls_identity(writer, address), "tls")
+                if grant is None:
+                    self.counters.inc("connections_refused", "not_an_audit_source")
+                    return
                 self.counters.inc("connections", "tls")
-                await self._serve(reader, writer, address, port)
+                await self._serve(reader, writer, address, port, grant)
         except asyncio.CancelledError:
             pass
         except Exception:
@@ -646,9 +705,19 @@ class SyslogTlsServer:
         return True
 
     async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: str, port: int
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        address: str,
+        port: int,
+        grant: SenderGrant,
     ) -> None:
         frames = FrameReader(self.limits.max_message_bytes)
+        who, bound = grant.sender, grant.audit_source_ids
+
+        def item(payload: bytes, now: datetime, flags: tuple[str, ...] = ()) -> _Item:
+            return _Item(payload, address, port, "tls", now, flags, who, bound)
+
         bucket = self.senders.bucket(address)
         while True:
             try:
@@ -659,11 +728,14 @@ class SyslogTlsServer:
             if not data:
                 if frames.pending:
                     # The sender closed mid-frame: keep what arrived, flagged.
-                    await self._enqueue(
-                        frames.remainder(),
-                        address,
-                        port,
-                        (FLAG_TRUNCATED, FLAG_FRAMING),
+                    await self.ingestor.put_many(
+                        [
+                            item(
+                                frames.remainder(),
+                                datetime.now(UTC),
+                                (FLAG_TRUNCATED, FLAG_FRAMING),
+                            )
+                        ]
                     )
                     self.counters.inc("frames_invalid", "truncated")
                 return
@@ -690,17 +762,14 @@ class SyslogTlsServer:
                 elif frame.problem is not None:
                     self.counters.inc("frames_invalid", "framing")
                     log.warning("syslog-TLS from %s: %s; connection closed", address, frame.problem)
-                    items.append(_Item(frame.payload, address, port, "tls", now, (FLAG_FRAMING,)))
+                    items.append(item(frame.payload, now, (FLAG_FRAMING,)))
                     close = True
                 else:
-                    items.append(_Item(frame.payload, address, port, "tls", now))
+                    items.append(item(frame.payload, now))
             if items:
                 await self.ingestor.put_many(items)
             if close:
                 return
-
-    async def _enqueue(self, raw: bytes, address: str, port: int, flags: tuple[str, ...]) -> None:
-        await self.ingestor.put_many([_Item(raw, address, port, "tls", datetime.now(UTC), flags)])
 
 
 # --------------------------------------------------------------------------- UDP server
@@ -710,12 +779,21 @@ class SyslogUdpServer(asyncio.DatagramProtocol):
     """RFC 5426 listener: one syslog message per datagram."""
 
     def __init__(
-        self, ingestor: Ingestor, limits: ReceiverLimits, counters: Counters, senders: SenderLimits
+        self,
+        ingestor: Ingestor,
+        limits: ReceiverLimits,
+        counters: Counters,
+        senders: SenderLimits,
+        admit: Admit = _admit_all,
     ) -> None:
         self.ingestor = ingestor
         self.limits = limits
         self.counters = counters
         self.senders = senders
+        self.admit = admit
+        # One decision per source address (the access list does not change while running):
+        # a flood of datagrams costs one lookup, and one refusal audit, per address.
+        self._grants: collections.OrderedDict[str, SenderGrant | None] = collections.OrderedDict()
         self._transport: asyncio.DatagramTransport | None = None
 
     @property
@@ -748,6 +826,11 @@ class SyslogUdpServer(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
         address, port = str(addr[0]), int(addr[1])
         self.counters.inc("received", "udp")
+        grant = self._grant(address)
+        if grant is None:
+            # Not a listed address: UDP proves nothing else about a sender.
+            self.counters.inc("refused", "sender")
+            return
         if len(data) > self.limits.max_message_bytes:
             self.counters.inc("refused", "oversize")
             return
@@ -755,8 +838,28 @@ class SyslogUdpServer(asyncio.DatagramProtocol):
             self.counters.inc("refused", "rate")
             return
         payload = data.rstrip(b"\n\x00") or data
-        if not self.ingestor.offer(_Item(payload, address, port, "udp", datetime.now(UTC))):
+        item = _Item(
+            payload,
+            address,
+            port,
+            "udp",
+            datetime.now(UTC),
+            (),
+            grant.sender,
+            grant.audit_source_ids,
+        )
+        if not self.ingestor.offer(item):
             self.counters.inc("dropped", "queue_full")
+
+    def _grant(self, address: str) -> SenderGrant | None:
+        if address in self._grants:
+            self._grants.move_to_end(address)
+            return self._grants[address]
+        grant = self.admit(Identity(address=address), "udp")
+        self._grants[address] = grant
+        if len(self._grants) > 10000:  # bounded memory under address spoofing
+            self._grants.popitem(last=False)
+        return grant
 
     def error_received(self, exc: Exception) -> None:
         self.counters.inc("udp_errors")

@@ -25,7 +25,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from xca_gateway.arr.parse import AuditRecord, parse_record, patient_key
+from xca_gateway.arr.parse import (
+    FLAG_FRAMING,
+    FLAG_SOURCE_UNBOUND,
+    FLAG_TRUNCATED,
+    AuditRecord,
+    parse_record,
+    patient_key,
+)
 
 # tokens.kind
 KIND_PATIENT = 1
@@ -86,6 +93,8 @@ class EventFilter:
     entity_roles: tuple[Clause, ...] = ()
     altids: tuple[Clause, ...] = ()
     senders: tuple[Clause, ...] = ()
+    # Authenticated senders (certificate subject, udp:<address>, local).
+    sender_identities: tuple[Clause, ...] = ()
     # True: only flagged (not fully understood) records; False: only clean ones.
     flagged: bool | None = None
     # Free-text prefix match on the requesting user (UI convenience).
@@ -119,6 +128,14 @@ class EventRow:
     patient: str | None
     community: str | None
     raw_size: int
+    # The authenticated sender (certificate subject, ``udp:<address>``, ``local``); None for
+    # records stored before the repository kept it.
+    sender_identity: str | None = None
+
+    @property
+    def source_unbound(self) -> bool:
+        """The AuditSourceID is not one this sender may report as."""
+        return FLAG_SOURCE_UNBOUND in self.flags
 
 
 @dataclass(frozen=True)
@@ -134,13 +151,17 @@ class StoredEvent:
             transport=self.row.transport,  # type: ignore[arg-type]
             received_at=self.row.received_at,
             extra_flags=[f for f in self.row.flags if f in _RECEIVE_FLAGS],
+            sender_identity=self.row.sender_identity,
         )
         object.__setattr__(record, "record_id", self.row.id)
+        if FLAG_SOURCE_UNBOUND in self.row.flags and self.row.problem:
+            # Why it was flagged at receipt (the bytes alone do not say).
+            object.__setattr__(record, "problem", self.row.problem)
         return record
 
 
-# Flags set by the receiver (framing), not derivable from the bytes alone.
-_RECEIVE_FLAGS = frozenset({"framing-invalid", "truncated"})
+# Flags set by the receiver (framing, the sender's bindings), not derivable from the bytes.
+_RECEIVE_FLAGS = frozenset({FLAG_FRAMING, FLAG_TRUNCATED, FLAG_SOURCE_UNBOUND})
 
 
 @dataclass(frozen=True)
@@ -192,13 +213,22 @@ class AuditStore(Protocol):
 
 # Columns a histogram may be grouped by and top() may count (never user input in SQL).
 GROUPABLE = frozenset(
-    {"sender", "peer", "requestor", "transaction", "outcome", "event_code", "community"}
+    {
+        "sender",
+        "sender_identity",
+        "peer",
+        "requestor",
+        "transaction",
+        "outcome",
+        "event_code",
+        "community",
+    }
 )
 
 _EVENT_COLUMNS = (
     "id, event_time, received_at, event_code, event_system, event_display, action, outcome, "
     "trans_code, trans_display, subtypes, source_id, sender, transport, dialect, flags, problem, "
-    "requestor, requestor_address, peer, patient, community, raw_size"
+    "requestor, requestor_address, peer, patient, community, raw_size, sender_identity"
 )
 _COLUMN_SQL = {"transaction": "trans_code"}
 
@@ -228,6 +258,7 @@ def _row(values: Sequence[Any]) -> EventRow:
         patient,
         community,
         raw_size,
+        sender_identity,
     ) = values
     return EventRow(
         id=int(id_),
@@ -253,6 +284,7 @@ def _row(values: Sequence[Any]) -> EventRow:
         patient=patient,
         community=community,
         raw_size=int(raw_size),
+        sender_identity=sender_identity,
     )
 
 
@@ -290,13 +322,15 @@ def event_values(record: AuditRecord, event_id: int) -> tuple[Any, ...]:
         _bar(record.alternative_user_ids),
         zlib.compress(record.raw, 1),
         len(record.raw),
+        _cut(record.sender_identity),
     )
 
 
 _INSERT_EVENT_COLUMNS = (
     "id, event_time, received_at, event_code, event_system, event_display, action, outcome, "
     "trans_code, trans_display, subtypes, source_id, sender, transport, dialect, flags, problem, "
-    "requestor, requestor_address, peer, patient, community, entity_types, altids, raw_z, raw_size"
+    "requestor, requestor_address, peer, patient, community, entity_types, altids, raw_z, "
+    "raw_size, sender_identity"
 )
 
 
@@ -432,7 +466,7 @@ class SqlAuditStore:
             return []
         with self._write() as conn:
             ids = self._next_ids(conn, len(batch.events))
-            marks = ", ".join("?" for _ in range(26))
+            marks = ", ".join("?" for _ in range(27))
             cur = conn.cursor()
             cur.executemany(
                 self._sql(f"INSERT INTO events ({_INSERT_EVENT_COLUMNS}) VALUES ({marks})"),
@@ -471,6 +505,7 @@ class SqlAuditStore:
         sql.equals("e.outcome", flt.outcomes)
         sql.equals("e.source_id", flt.sources)
         sql.equals("e.sender", flt.senders)
+        sql.equals("e.sender_identity", flt.sender_identities)
         sql.contains("e.subtypes", flt.subtypes)
         sql.contains("e.altids", flt.altids)
         for clause in flt.entity_types:
@@ -622,7 +657,8 @@ CREATE TABLE IF NOT EXISTS events (
     flags TEXT NOT NULL DEFAULT '', problem TEXT,
     requestor TEXT, requestor_address TEXT, peer TEXT, patient TEXT, community TEXT,
     entity_types TEXT NOT NULL DEFAULT '', altids TEXT NOT NULL DEFAULT '',
-    raw_z BLOB NOT NULL, raw_size INTEGER NOT NULL
+    raw_z BLOB NOT NULL, raw_size INTEGER NOT NULL,
+    sender_identity TEXT
 );
 CREATE INDEX IF NOT EXISTS events_time ON events (event_time);
 CREATE INDEX IF NOT EXISTS events_trans_time ON events (trans_code, event_time);
@@ -656,6 +692,7 @@ class SqliteAuditStore(SqlAuditStore):
         self._cache_kib = cache_mib * 1024
         self._writer = self._connect()
         self._writer.executescript(_SQLITE_SCHEMA)
+        self._migrate()
         self._write_lock = threading.Lock()
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -674,6 +711,17 @@ class SqliteAuditStore(SqlAuditStore):
         conn.execute("PRAGMA temp_store=MEMORY")
         conn.execute("PRAGMA foreign_keys=OFF")
         return conn
+
+    def _migrate(self) -> None:
+        """Bring a database created by an earlier version up to this schema (additive only:
+        new columns stay NULL for old records, which the read-only triggers never see)."""
+        columns = {row[1] for row in self._writer.execute("PRAGMA table_info(events)")}
+        if "sender_identity" not in columns:
+            try:
+                self._writer.execute("ALTER TABLE events ADD COLUMN sender_identity TEXT")
+            except sqlite3.OperationalError as exc:  # another process migrated it first
+                if "duplicate column" not in str(exc):
+                    raise
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -733,8 +781,11 @@ CREATE TABLE IF NOT EXISTS events (
     flags TEXT NOT NULL DEFAULT '', problem TEXT,
     requestor TEXT, requestor_address TEXT, peer TEXT, patient TEXT, community TEXT,
     entity_types TEXT NOT NULL DEFAULT '', altids TEXT NOT NULL DEFAULT '',
-    raw_z BYTEA NOT NULL, raw_size INTEGER NOT NULL
+    raw_z BYTEA NOT NULL, raw_size INTEGER NOT NULL,
+    sender_identity TEXT
 );
+-- Migration: repositories created before the authenticated sender was kept.
+ALTER TABLE events ADD COLUMN IF NOT EXISTS sender_identity TEXT;
 CREATE SEQUENCE IF NOT EXISTS events_id_seq;
 CREATE INDEX IF NOT EXISTS events_time ON events (event_time);
 CREATE INDEX IF NOT EXISTS events_trans_time ON events (trans_code, event_time);

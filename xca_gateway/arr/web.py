@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 from xca_gateway.arr import render
+from xca_gateway.arr.access import is_unauthenticated
 from xca_gateway.arr.parse import patient_key
 from xca_gateway.arr.render import FAILURE, PALETTE, SUCCESS, Series, esc
 from xca_gateway.arr.store import AuditStore, EventFilter, EventRow, Officer, StoredEvent
@@ -798,7 +799,8 @@ class ReviewUI:
         lines = [
             f'<table id="{table_id}"><thead><tr><th>Time (UTC)</th><th>Event</th>'
             "<th>Transaction</th><th>Outcome</th><th>User</th><th>From</th><th>Patient</th>"
-            "<th>Community</th><th>Audit source</th><th>Flags</th></tr></thead><tbody>"
+            "<th>Community</th><th>Audit source</th><th>Sent by</th><th>Flags</th></tr></thead>"
+            "<tbody>"
         ]
         for r in rows:
             css = "fail" if r.outcome not in (None, 0) else ("flagged" if r.flags else "")
@@ -813,7 +815,8 @@ class ReviewUI:
                 f"<td>{esc(r.requestor or '')}</td>"
                 f"<td>{esc(r.requestor_address or r.peer or '')}</td>"
                 f"<td>{esc(r.patient or '')}</td><td>{esc(self._community(r.community))}</td>"
-                f"<td>{esc(r.source_id or r.sender)}</td><td>{flags}</td></tr>"
+                f'<td class="source">{_source_html(r)}</td>'
+                f'<td class="sender">{_sender_html(r.sender_identity)}</td><td>{flags}</td></tr>'
             )
         lines.append("</tbody></table>")
         return "".join(lines)
@@ -911,6 +914,8 @@ class ReviewUI:
                 r.source_id,
                 f"{r.transport}:{r.sender}",
                 ";".join(r.flags),
+                r.sender_identity or "",
+                "" if r.sender_identity is None else ("no" if r.source_unbound else "yes"),
             ]
             for r in rows
         ]
@@ -932,6 +937,8 @@ class ReviewUI:
         "audit_source",
         "received_from",
         "flags",
+        "sender",
+        "audit_source_bound",
     )
 
     async def _events_csv(self, request: Request, session: Session) -> Response:
@@ -967,6 +974,13 @@ class ReviewUI:
             (
                 "Received (UTC)",
                 f"{_fmt_time(record.received_at)} from {row.transport}:{row.sender}",
+            ),
+            ("Sent by", _sender_text(row.sender_identity)),
+            (
+                "Audit source",
+                f"{row.source_id or 'none'}: NOT bound to this sender"
+                if row.source_unbound
+                else (row.source_id or ""),
             ),
             ("Event", record.event_id.label() if record.event_id else "not understood"),
             ("Event types", ", ".join(c.label() for c in record.event_types)),
@@ -1057,6 +1071,7 @@ class ReviewUI:
         systems = {r.requestor_address or r.peer for r in rows if (r.requestor_address or r.peer)}
         communities = {r.community for r in rows if r.community}
         failures = sum(1 for r in rows if r.outcome not in (None, 0))
+        unbound = sum(1 for r in rows if r.source_unbound)
         ids = ", ".join(k.replace("|", " @ ") for k in flt.patients[0]) if flt.patients else ""
         period = (
             f"{_fmt_time(flt.since) if flt.since else 'beginning'} to "
@@ -1067,7 +1082,9 @@ class ReviewUI:
 <div class="card"><b id="r-users">{len(users)}</b>users</div>
 <div class="card"><b id="r-systems">{len(systems)}</b>systems</div>
 <div class="card"><b id="r-communities">{len(communities)}</b>communities</div>
-<div class="card"><b id="r-failures">{failures}</b>failed or denied</div></div>"""
+<div class="card"><b id="r-failures">{failures}</b>failed or denied</div>
+<div class="card"><b id="r-unbound">{unbound}</b>recorded by a sender not bound to its
+audit source</div></div>"""
         q = form.query(page=1)
         body = (
             self._filters_html(form, "/report", patient_required=True)
@@ -1085,7 +1102,7 @@ class ReviewUI:
         lines = [
             '<table id="report"><thead><tr><th>Time (UTC)</th><th>Who</th><th>From</th>'
             "<th>Community</th><th>Transaction</th><th>Event</th><th>Allowed</th>"
-            "<th>Recorded by</th></tr></thead><tbody>"
+            "<th>Recorded by</th><th>Sent by</th></tr></thead><tbody>"
         ]
         for r in rows:
             allowed = _allowed_badge(r.outcome)
@@ -1096,7 +1113,8 @@ class ReviewUI:
                 f"<td>{esc(self._community(r.community))}</td>"
                 f"<td>{esc(r.transaction)} {esc(r.transaction_display or '')}</td>"
                 f"<td>{esc(r.event_display or r.event_code)}</td><td>{allowed}</td>"
-                f"<td>{esc(r.source_id or r.sender)}</td></tr>"
+                f'<td class="source">{_source_html(r)}</td>'
+                f'<td class="sender">{_sender_html(r.sender_identity)}</td></tr>'
             )
         lines.append("</tbody></table>")
         return "".join(lines)
@@ -1147,7 +1165,7 @@ class ReviewUI:
                     r.transaction,
                     r.event_display or r.event_code,
                     "yes" if r.outcome == 0 else "NO",
-                    r.source_id or r.sender,
+                    _source_text(r),
                 )
                 for r in rows[:_MAX_PDF_ROWS]
             ],
@@ -1159,7 +1177,9 @@ class ReviewUI:
             subtitle_lines=[
                 f"Patient: {ids}",
                 f"Period (UTC): {_fmt_time(since)} to {_fmt_time(until)}",
-                f"{len(rows)} accesses, {failures} failed or denied; "
+                f"{len(rows)} accesses, {failures} failed or denied, "
+                f"{sum(1 for r in rows if r.source_unbound)} from a sender not bound to its "
+                "audit source; "
                 f"{len({r.requestor for r in rows if r.requestor})} users."
                 + (
                     f" The table lists the newest {_MAX_PDF_ROWS}; the CSV has all."
@@ -1310,6 +1330,37 @@ unusual means more than three times the average and at least 20 events.</p>
             out.append((user, count, avg, unusual))
         out.sort(key=lambda item: (not item[3], -item[1]))
         return out[:25]
+
+
+def _sender_text(sender_identity: str | None) -> str:
+    if sender_identity is None:
+        return "not recorded"
+    if is_unauthenticated(sender_identity):
+        return f"{sender_identity} (unauthenticated: a source address only)"
+    if sender_identity == "local":
+        return "this repository"
+    return sender_identity
+
+
+def _sender_html(sender_identity: str | None) -> str:
+    if sender_identity is None:
+        return ""
+    if is_unauthenticated(sender_identity):
+        return f'{esc(sender_identity)} <span class="badge warn">unauthenticated</span>'
+    return esc(_sender_text(sender_identity))
+
+
+def _source_html(row: EventRow) -> str:
+    source = esc(row.source_id or row.sender)
+    if row.source_unbound:
+        return f'{source} <span class="badge bad unbound">not bound to its sender</span>'
+    return source
+
+
+def _source_text(row: EventRow) -> str:
+    source = row.source_id or row.sender
+    # The warning first: the PDF cuts long cells at the column's end.
+    return f"NOT BOUND TO SENDER: {source}" if row.source_unbound else source
 
 
 def _outcome_badge(outcome: int | None) -> str:
