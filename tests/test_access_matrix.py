@@ -9,6 +9,7 @@ Audit Record Repository, naming the verified caller.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import ssl
@@ -344,6 +345,103 @@ def test_dimse_door_for_every_role(demo: tuple[dict[str, Any], Path]) -> None:
             break
         time.sleep(0.5)
     assert counts == {c.label: 1 for c in refused}
+
+
+# The ARR's own policy: each demo gateway certificate is an audit source bound to its
+# <community>-gateway AuditSourceID, the demo client one bound to xca-gateway-import (what the
+# import-priors command audits as), the auditConsumer an audit consumer, nobody else anything.
+ARR_ROLES: dict[str, frozenset[Role] | None] = {
+    "peer gateway (south)": frozenset({Role.AUDIT_SOURCE}),
+    "local consumer (north)": None,
+    "local repository (north)": None,
+    "demo client": frozenset({Role.AUDIT_SOURCE}),
+    "unknown trusted certificate": None,
+    "audit consumer (ARR)": frozenset({Role.AUDIT_CONSUMER}),
+}
+
+
+def test_syslog_door_for_every_role(demo: tuple[dict[str, Any], Path]) -> None:
+    """ITI-20 over syslog-TLS to the ARR: only audit sources' records are stored, each with its
+    authenticated sender; every other certificate is refused and audited once."""
+    from datetime import UTC, datetime
+
+    from xca_gateway.arr.store import EventFilter, open_store
+    from xca_gateway.audit.messages import AuditContext, AuditSource, application_activity
+    from xca_gateway.audit.syslog import format_message, frame
+
+    data, workdir = demo
+    host, port = data["auditRepository"]["syslogTls"].rsplit(":", 1)
+    who = callers(data, workdir)
+    markers = {label: f"matrix-{uuid.uuid4()}" for label in who}
+    for label, caller in who.items():
+        ctx = AuditContext(audit_source=AuditSource("south-gateway"), host="matrix")
+        message = application_activity(ctx, event="start", application_id=markers[label])
+        payload = frame(
+            format_message(
+                message.to_xml(),
+                outcome=message.outcome,
+                timestamp=datetime.now(UTC),
+                hostname="matrix",
+                app_name="matrix",
+                procid="1",
+            )
+        )
+        tls = client_context(Path(data["ca"]), caller.cert, caller.key)
+        try:
+            with (
+                socket.create_connection((host, int(port)), timeout=10) as raw,
+                tls.wrap_socket(raw, server_hostname="localhost") as conn,
+            ):
+                conn.sendall(payload)
+                conn.settimeout(2)
+                with contextlib.suppress(TimeoutError, OSError):
+                    conn.recv(1)  # the ARR never answers; a refused sender is closed
+        except (ssl.SSLError, OSError):
+            pass  # TLS 1.3: a refused certificate may surface on the write
+    store = open_store(workdir / "arr" / "data" / "arr.sqlite3")
+    deadline = time.monotonic() + 30
+    stored: dict[str, list[Any]] = {}
+    expected = {label: expected_allowed(ARR_ROLES[label], Door.SYSLOG) for label in who}
+    while time.monotonic() < deadline:
+        rows = store.search(EventFilter(), limit=100_000)
+        events = store.get_many([r.id for r in rows])
+        stored = {label: [e for e in events if markers[label].encode() in e.raw] for label in who}
+        if all(bool(stored[label]) == ok for label, ok in expected.items()):
+            break
+        time.sleep(0.5)
+    assert {label: bool(found) for label, found in stored.items()} == expected
+    for label, ok in expected.items():
+        if ok:
+            [event] = stored[label]
+            assert event.row.sender_identity == who[label].subject
+            # Every record claims AuditSourceID south-gateway: only south's gateway may.
+            unbound = "audit-source-unbound" in event.row.flags
+            assert unbound == (label != "peer gateway (south)"), (label, event.row.flags)
+    refused = [who[label] for label, ok in expected.items() if not ok]
+    while True:
+        alerts = security_alerts(workdir)
+        counts = {c.label: syslog_refusals(alerts, c.subject) for c in refused}
+        if all(n >= 1 for n in counts.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert counts == {c.label: 1 for c in refused}
+
+
+def syslog_refusals(alerts: list[etree._Element], subject: str) -> int:
+    return sum(
+        1
+        for alert in alerts
+        if alert.find(".//EventTypeCode[@csd-code='110132']") is not None
+        and any(
+            p.get("UserID") == subject
+            for p in alert.iter("ActiveParticipant")
+            if p.get("UserIsRequestor") in ("true", "1")
+        )
+        and any(
+            "syslog" in (o.get("ParticipantObjectID") or "").lower()
+            for o in alert.iter("ParticipantObjectIdentification")
+        )
+    )
 
 
 def refusals_of_prefix(alerts: list[etree._Element], subject: str, prefix: str) -> int:
