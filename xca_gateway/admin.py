@@ -24,6 +24,8 @@ class AdminApp:
         self.readiness = readiness
         self.ports = ports
         self.mounts: dict[str, App] = {}
+        # The operator page (xca_gateway.operator_page): GET / (HTML) and /status.json.
+        self.index: App | None = None
 
     def mount(self, prefix: str, app: App) -> None:
         """Serve ``prefix`` and everything below it with ``app`` (e.g. /consent)."""
@@ -47,4 +49,6 @@ class AdminApp:
             return Response(200 if ready else 503, [("content-type", "application/json")], body)
         if request.path == "/metrics":
             return Response(200, [("content-type", CONTENT_TYPE)], self.metrics.render())
+        if self.index is not None and request.path in ("/", "/status.json"):
+            return await self.index(request)
         return Response(404, [("content-type", "text/plain")], b"not found\n")

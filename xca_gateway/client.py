@@ -84,6 +84,9 @@ class PeerClient:
         self.observers: list[CallObserver] = []
         # host:port -> SHA-256 (hex) of the certificate that peer must present (pinning).
         self.pins: dict[str, str] = {}
+        # host:port -> the certificate (DER) that peer presented last: its expiry is shown on
+        # the operator page and exported as a metric.
+        self.peer_certificates: dict[str, bytes] = {}
         self.ssl_context = ssl_context
         # Streamed relays (imaging) use a lean client: see xca_gateway.relay_client.
         self.relay = RelayClient(
@@ -100,7 +103,10 @@ class PeerClient:
     def check_pin_der(self, url: str, der: bytes | None) -> None:
         """Raise PeerError if the peer at ``url`` is pinned and presented another certificate
         (``der``, as the TLS handshake gave it)."""
-        expected = self.pins.get(urlsplit(url).netloc)
+        netloc = urlsplit(url).netloc
+        if der:
+            self.peer_certificates[netloc] = der
+        expected = self.pins.get(netloc)
         if expected is None:
             return
         if not der or hashlib.sha256(der).hexdigest() != expected:

@@ -157,6 +157,10 @@ class Gateway:
             if config.dicomweb is not None
             else None
         )
+        from xca_gateway.operator_page import install_operator_page
+
+        # The operator page on the admin port (/, /status.json) and its metrics.
+        self.operator_page = install_operator_page(self)
 
     def _build_endpoints(self) -> dict[str, SoapEndpoint]:
         home = self.config.community.home_community_id

@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextvars
 import logging
 import ssl
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,8 @@ class HandshakeFailure:
     verify_message: str | None = None
     # The certificate the peer presented (DER), if it got that far: who tried to connect.
     certificate_der: bytes | None = None
+    # When it happened (wall time), for the operator page.
+    at: float = field(default_factory=time.time, compare=False)
 
     @property
     def certificate_subject(self) -> str | None:

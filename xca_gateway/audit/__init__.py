@@ -155,6 +155,11 @@ class AuditTrail:
     # ------------------------------------------------------------------ lifecycle
 
     @property
+    def senders(self) -> tuple[DestinationSender, ...]:
+        """One per destination while started (state, pending, sent: the operator page)."""
+        return tuple(self._senders)
+
+    @property
     def spool(self) -> Spool:
         if self._spool is None:
             raise RuntimeError("audit trail not started")

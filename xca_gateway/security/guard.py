@@ -10,7 +10,9 @@ use, and the caller never reaches a transaction whose own event could carry the 
 
 from __future__ import annotations
 
+import collections
 import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -73,6 +75,10 @@ class DoorGuard:
         self._directory = directory
         self.on_refusal = on_refusal
         self.refused = 0
+        # The latest refusals (wall time, decision, resource), for the operator page.
+        self.recent: collections.deque[tuple[float, AccessDecision, str]] = collections.deque(
+            maxlen=50
+        )
 
     @property
     def directory(self) -> CallerDirectory:
@@ -99,6 +105,7 @@ class DoorGuard:
 
     def refuse(self, decision: AccessDecision, resource: str) -> None:
         self.refused += 1
+        self.recent.append((time.time(), decision, resource))
         log.warning(
             "refused %s at %s (%s): %s", decision.who, resource, decision.door, decision.reason
         )
