@@ -389,7 +389,14 @@ def test_refused_tls_clients_are_audited_as_security_alerts(
     record = repo.store.get(repo.store.search(alerts)[0].id).record()  # type: ignore[union-attr]
     descriptions = record.outcome_description or ""
     assert "certificate" in descriptions
-    assert any("client" in (p.user_id or "") for p in record.participants)
+    # The refused node is named by its address; what its certificate claimed is a detail
+    # marked unverified, not a participant.
+    remote = next(p for p in record.participants if p.user_is_requestor)
+    assert remote.user_id.startswith("127.0.0.1:") and remote.user_name is None
+    assert not any("client" in (p.user_id or "") for p in record.participants)
+    (node,) = record.entities
+    claimed = node.detail_values(["Certificate Subject (unverified)"])
+    assert claimed and "client" in claimed[0]
 
 
 def test_udp_flood_from_one_sender_is_refused_with_a_counter(arr_factory: Factory) -> None:

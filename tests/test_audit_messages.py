@@ -344,12 +344,21 @@ def test_security_alert_names_the_remote_node_and_reason() -> None:
     msg = MESSAGES["security-alert"]
     reporter, remote = msg.participants
     assert (reporter.user_id, reporter.user_is_requestor) == ("alpha-gateway", False)
-    assert remote.user_id == "CN=expired,O=x" and remote.user_is_requestor
+    # The handshake failed: only the node's address is verified, so it names the node; the
+    # subject it presented is a detail marked unverified, never the participant's identity.
+    assert remote.user_id == "192.0.2.99:50123" and remote.user_is_requestor
+    assert remote.user_name is None
     assert remote.network_access_point_id == "192.0.2.99"
     (subject,) = msg.objects
     assert subject.object_id == "192.0.2.99:50123"
     assert subject.id_type_code.code == "110182"
-    assert dict(subject.details)["Alert Description"].startswith(b"certificate verification")
+    details = dict(subject.details)
+    assert details["Alert Description"].startswith(b"certificate verification")
+    assert details["Certificate Subject (unverified)"] == b"CN=expired,O=x"
+    assert "Certificate Subject" not in details
+    assert b"CN=expired" not in b"".join(
+        (p.user_id + (p.user_name or "")).encode() for p in msg.participants
+    )
     nocert = MESSAGES["security-alert-nocert"]
     assert nocert.participants[1].user_id == "::1"
     assert (
@@ -370,8 +379,13 @@ def test_hostile_strings_still_make_valid_xml() -> None:
     assert schema_errors(msg) == []
     el = msg.to_element()
     remote = el.findall("ActiveParticipant")[1]
+    assert remote.get("UserID") == "203.0.113.1"
+    detail = el.find("ParticipantObjectIdentification/ParticipantObjectDetail[2]")
+    assert detail is not None and detail.get("type") == "Certificate Subject (unverified)"
     # Markup characters and whitespace survive; XML-incompatible ones become U+FFFD.
-    assert remote.get("UserID") == 'CN=a"b<c>&d\ufffd\ufffd\ufffd\n\r\t\ufffd end'
+    assert base64.b64decode(detail.get("value") or "").decode() == (
+        'CN=a"b<c>&d\ufffd\ufffd\ufffd\n\r\t\ufffd end'
+    )
     description = el.findtext("EventIdentification/EventOutcomeDescription")
     assert description == 'CN=a"b<c>&d\ufffd\ufffd\ufffd\n\r\t\ufffd end'
 

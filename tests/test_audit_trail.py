@@ -5,8 +5,10 @@ SIGKILLed gateway, refused client certificates, Security Alerts from refused han
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -389,7 +391,13 @@ async def test_refused_handshake_at_the_gateway_becomes_a_security_alert(
     reporter, remote = root.findall("ActiveParticipant")
     assert reporter.get("UserID") == gateway.base_url
     assert remote.get("NetworkAccessPointID") == "127.0.0.1"
-    assert "expired" in (remote.get("UserName") or "").lower()
+    # Named by its address (all that was verified); the expired certificate's subject is a
+    # detail marked unverified.
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", remote.get("UserID") or "")
+    assert remote.get("UserName") is None
+    detail = root.find("ParticipantObjectIdentification/ParticipantObjectDetail[2]")
+    assert detail is not None and detail.get("type") == "Certificate Subject (unverified)"
+    assert b"expired" in base64.b64decode(detail.get("value") or "")
     assert "expired" in (root.findtext("EventIdentification/EventOutcomeDescription") or "")
 
 

@@ -191,6 +191,8 @@ DETAIL_REPOSITORY_UNIQUE_ID = "Repository Unique Id"
 DETAIL_SERIES_INSTANCE_UID = "Series Instance Unique Id"
 DETAIL_ALERT_DESCRIPTION = "Alert Description"
 DETAIL_CERTIFICATE_SUBJECT = "Certificate Subject"
+# What a refused node presented but did not prove (its chain or validity failed): a claim.
+DETAIL_UNVERIFIED_CERTIFICATE_SUBJECT = "Certificate Subject (unverified)"
 
 
 # --------------------------------------------------------------------------- message model
@@ -1458,13 +1460,16 @@ def security_alert_node_authentication(
     The remote node is the performing participant (it asked for the connection); ``reporter``
     (default: this system) detected it. DICOM A.5.3.11: minor/serious failure means the
     mitigation worked (the connection was refused), hence the default outcome 4.
+
+    The handshake failed, so nothing about the node was verified but its address: it is named
+    by ``address:port``, and the certificate subject it presented is kept only as a detail
+    labelled unverified (anyone can put any subject in a certificate the CA never signed).
     """
     reporter = reporter or ctx.local_node(ctx.audit_source.audit_source_id)
     node_id = f"{address}:{port}" if port is not None else address
     remote = ActiveParticipant(
-        user_id=certificate_subject or node_id,
+        user_id=node_id,
         user_is_requestor=True,
-        user_name=certificate_subject,
         network_access_point_id=address,
     )
     local = ActiveParticipant(
@@ -1475,7 +1480,7 @@ def security_alert_node_authentication(
     )
     details: list[tuple[str, bytes]] = [(DETAIL_ALERT_DESCRIPTION, _utf8(reason))]
     if certificate_subject:
-        details.append((DETAIL_CERTIFICATE_SUBJECT, _utf8(certificate_subject)))
+        details.append((DETAIL_UNVERIFIED_CERTIFICATE_SUBJECT, _utf8(certificate_subject)))
     subject = ParticipantObject(
         object_id=node_id,
         id_type_code=ParticipantObjectIdType.NODE_ID,
