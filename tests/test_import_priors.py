@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -368,20 +369,75 @@ def test_unknown_patient_has_nothing_to_import(fed: Federation) -> None:
     assert "stored 0 instance(s), failed 0" in result.stdout
 
 
-def test_unreachable_pacs_fails_every_instance(fed: Federation) -> None:
+def test_unreachable_pacs_fails_fast(fed: Federation) -> None:
+    """A C-ECHO first: a dead PACS is said in one line before anything is fetched."""
+    port = free_port()
     result = run_cli(
         *cli_args(fed, cx(0, BOB))[:-4],
         "--pacs",
-        f"127.0.0.1:{free_port()}",
+        f"127.0.0.1:{port}",
         "--pacs-ae",
         "NOBODY",
         "--no-audit",
     )
     assert result.returncode == 1
-    [study] = fed.beta_of(BOB)
-    assert f"stored 0, failed {len(study.files)}" in result.stdout
-    assert "refused or did not answer" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.stdout == ""  # no study was fetched, none reported
+    assert result.stderr.strip() == (
+        f"xca-gateway: import-priors: the PACS NOBODY@127.0.0.1:{port}: connection refused "
+        "(is it running?)"
+    )
+
+
+def test_pacs_that_is_up_is_echoed_first(fed: Federation) -> None:
+    from xca_gateway.import_priors import PacsStore
+
+    PacsStore("127.0.0.1", fed.orthanc.dicom_port, fed.orthanc.ae_title, timeout=10).echo()
+
+
+def test_progress_on_a_terminal_shows_rate_and_time_left(fed: Federation) -> None:
+    """On a terminal (a pty here) each study has a progress line: instances, rate, MB/s,
+    time left; it is erased when the study's result line is printed."""
+    import pty
+
+    clear_orthanc(fed.orthanc)
+    primary, secondary = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "xca_gateway",
+                "import-priors",
+                *cli_args(fed, cx(0, ALICE)),
+                "--no-audit",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=secondary,
+            text=True,
+            env={**os.environ, "COLUMNS": "120", "TERM": "xterm"},
+        )
+        os.close(secondary)
+        secondary = -1
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        out, _ = process.communicate(timeout=180)
+    finally:
+        os.close(primary)
+        if secondary >= 0:
+            os.close(secondary)
+    assert process.returncode == 0, seen.decode(errors="replace")
+    text = seen.decode(errors="replace")
+    assert "instances" in text and "/s" in text and "MB/s" in text, text
+    assert "beta …" in text  # the source community by name
+    for study in fed.beta_of(ALICE):
+        assert f"stored {len(study.files)}, failed 0" in out
 
 
 @pytest.mark.parametrize(

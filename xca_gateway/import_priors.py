@@ -542,6 +542,41 @@ class PacsStore:
             (str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts
         }
 
+    def echo(self) -> None:
+        """C-ECHO the PACS before anything is fetched for it: a PACS that is down, refuses
+        our AE title or does not answer is said at once, in one line (StoreError)."""
+        import socket
+
+        from pynetdicom import AE
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+        where = f"the PACS {self.called_ae_title}@{self.host}:{self.port}"
+        try:
+            socket.create_connection((self.host, self.port), timeout=self.timeout).close()
+        except ConnectionRefusedError:
+            raise StoreError(f"{where}: connection refused (is it running?)") from None
+        except TimeoutError:
+            raise StoreError(f"{where}: no answer within {self.timeout:g} s") from None
+        except OSError as exc:
+            raise StoreError(f"{where}: cannot connect: {exc.strerror or exc}") from None
+        ae = AE(ae_title=self.calling_ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        ae.add_requested_context(Verification)
+        assoc = ae.associate(self.host, self.port, ae_title=self.called_ae_title)
+        if assoc.is_rejected:
+            raise StoreError(
+                f"{where} rejected the association (does it know the calling AE title "
+                f"{self.calling_ae_title} and its own AE title {self.called_ae_title}?)"
+            )
+        if not assoc.is_established:
+            raise StoreError(f"{where} did not accept a DICOM association")
+        try:
+            status = assoc.send_c_echo()
+        finally:
+            assoc.release()
+        if not status or int(status.get("Status", -1)) != 0:
+            raise StoreError(f"{where} did not answer the C-ECHO")
+
     def store(self, ds: Dataset) -> int:
         """C-STORE one instance; its status (success or warning), or StoreError."""
         pair = (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
@@ -576,6 +611,45 @@ class PacsStore:
 # ----------------------------------------------------------------------------- the flow
 
 
+class PriorsProgress(Protocol):
+    """Told as an import goes (a progress line in the CLI; nothing in-process)."""
+
+    def study_started(self, study: StudyImport) -> None: ...
+
+    def instance(self, nbytes: int) -> None: ...
+
+    def study_finished(self, study: StudyImport) -> None: ...
+
+
+class PriorsProgressLine:
+    """One progress line per study: instances with rate, MB/s and time left; erased when the
+    study is done (its result line follows on stdout)."""
+
+    def __init__(self, stream: Any, names: Mapping[str, str] | None = None) -> None:
+        self.stream = stream
+        self.names = names or {}
+        self._line: Any = None
+
+    def study_started(self, study: StudyImport) -> None:
+        from xca_gateway.progress import ProgressLine
+
+        self.study_finished(study)
+        home = study.manifest.home_community_id
+        label = f"{self.names.get(home, home)} …{study.study_instance_uid[-10:]}"
+        self._line = ProgressLine(
+            label, study.requested, unit="instances", stream=self.stream, transient=True
+        )
+
+    def instance(self, nbytes: int) -> None:
+        if self._line is not None:
+            self._line.advance(nbytes=nbytes)
+
+    def study_finished(self, study: StudyImport) -> None:
+        if self._line is not None:
+            self._line.close()
+            self._line = None
+
+
 async def import_priors(
     federation: Federation,
     *,
@@ -589,6 +663,7 @@ async def import_priors(
     transfer_syntaxes: Sequence[str] = DEFAULT_TRANSFER_SYNTAXES,
     max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
     on_study: Callable[[StudyImport, Mapping[str, InstanceRef]], None] | None = None,
+    progress: PriorsProgress | None = None,
 ) -> ImportReport:
     """Import the patient's priors (``patient_id``: the local CX id, written into each
     instance) into the PACS behind ``store``; one StudyImport per manifest."""
@@ -629,6 +704,7 @@ async def import_priors(
                     store,
                     transfer_syntaxes,
                     max_instance_bytes,
+                    progress,
                 )
             except Exception as exc:  # one study's failure must not stop the others
                 expected = (ConsumerError, httpx.HTTPError, ValueError, mtom.MtomError)
@@ -644,6 +720,8 @@ async def import_priors(
                 }
                 missing = [u for u in refs if u not in done] or [study.study_instance_uid]
                 study.failed.extend(InstanceFailure(u, str(exc)) for u in missing)
+            if progress is not None:
+                progress.study_finished(study)
             if on_study is not None:
                 on_study(study, refs)
     finally:
@@ -659,16 +737,21 @@ async def _import_study(
     store: PacsStore,
     transfer_syntaxes: Sequence[str],
     max_instance_bytes: int,
+    progress: PriorsProgress | None = None,
 ) -> None:
     kos = await federation.fetch_manifest(study.manifest)
     request = imaging_request_from_kos(kos, study.manifest.home_community_id, transfer_syntaxes)
     refs.update((r.sop_instance_uid, r) for r in kos_references(kos_from_bytes(kos)))
     study.requested = len(request.documents)
+    if progress is not None:
+        progress.study_started(study)
     store.propose(storage_pairs(refs.values(), transfer_syntaxes))
     handled: set[str] = set()
 
     async def sink(uid: str, data: bytes) -> None:
         handled.add(uid)
+        if progress is not None:
+            progress.instance(len(data))
         try:
             ds = decode_instance(data, uid)
             reconciled = reconcile(ds, reconciliation).dataset
@@ -797,6 +880,9 @@ def add_import_priors_command(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--no-audit", action="store_true", help="do not audit even if endpoints.json names an ARR"
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress line (shown on a terminal)"
     )
     parser.add_argument(
         "--audit-spool",
@@ -933,6 +1019,11 @@ async def _run_import(args: argparse.Namespace, target: _Target) -> ImportReport
                 demographics=Demographics(name=args.patient_name),
                 modifying_system=f"xca-gateway import-priors {args.calling_ae}",
                 on_study=audited,
+                progress=(
+                    PriorsProgressLine(sys.stderr, target.names)
+                    if not args.no_progress and sys.stderr.isatty()
+                    else None
+                ),
             )
     finally:
         if audit is not None:
@@ -968,14 +1059,27 @@ def _cmd_import_priors(args: argparse.Namespace) -> int:
     if logging.getLogger().level > logging.DEBUG:
         # One INFO line per DIMSE message drowns the per-study report.
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    from xca_gateway.consumer_cli import ExchangeError, check_reachable
+    from xca_gateway.credentials import check_key_pair
+
     try:
         target = _target(args)
         parse_patient_id(args.patient)
-        parse_host_port(args.pacs, "--pacs")
+        pacs_host, pacs_port = parse_host_port(args.pacs, "--pacs")
         parse_accession_prefixes(args.accession_prefix, args.accession_prefix_map)
+        check_key_pair(target.cert, target.key, what="client certificate")
     except (ValueError, OSError, KeyError, TypeError) as exc:
         print(f"xca-gateway: import-priors: {exc}", file=sys.stderr)
         return 2
+    # Fail fast on an unreachable destination or gateway, before anything is fetched.
+    try:
+        PacsStore(pacs_host, pacs_port, args.pacs_ae, args.calling_ae, timeout=10).echo()
+        check_reachable(
+            target.gateway + "/ig/iti18", client_context(target.ca, target.cert, target.key)
+        )
+    except (StoreError, ExchangeError) as exc:
+        print(f"xca-gateway: import-priors: {exc}", file=sys.stderr)
+        return 1
     try:
         report = asyncio.run(_run_import(args, target))
     except (ConsumerError, httpx.HTTPError, OSError, ValueError, mtom.MtomError) as exc:

@@ -20,7 +20,6 @@ import functools
 import hashlib
 import os
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -216,28 +215,22 @@ def _read_batch(paths: Sequence[Path]) -> list[Dataset | str]:
 
 
 class _Progress:
-    """One self-rewriting stderr line (no dependency: tqdm would be the only reason to add one)."""
+    """The import's progress on ``stream`` (count, rate, time left), or nothing without one."""
 
     def __init__(self, label: str, total: int, stream: TextIO | None, unit: str) -> None:
-        self.label, self.total, self.stream, self.unit = label, total, stream, unit
-        self.done = 0
-        self._last = 0.0
+        from xca_gateway.progress import ProgressLine
+
+        self._line = (
+            ProgressLine(label, total, unit=unit, stream=stream) if stream is not None else None
+        )
 
     def advance(self, n: int = 1) -> None:
-        self.done += n
-        if self.stream is None:
-            return
-        now = time.monotonic()
-        if self.done >= self.total or now - self._last >= 0.1:
-            self._last = now
-            percent = 100 * self.done // self.total if self.total else 100
-            self.stream.write(f"\r{self.label}: {self.done}/{self.total} {self.unit} ({percent}%)")
-            self.stream.flush()
+        if self._line is not None:
+            self._line.advance(n)
 
     def close(self) -> None:
-        if self.stream is not None:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self._line is not None:
+            self._line.close()
 
 
 # ------------------------------------------------------------------------------ importing
