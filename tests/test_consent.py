@@ -4,15 +4,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
 
+from xca_gateway.admin import (
+    AdminAccessError,
+    AdminGate,
+    allowed_hosts,
+    bearer_operator,
+    load_operator_tokens,
+    parse_operator_tokens,
+    read_operator_token,
+    write_operator_token_file,
+)
+from xca_gateway.audit.messages import AuditContext, AuditSource
+from xca_gateway.audit.validate import schema_errors
 from xca_gateway.consent import (
     ConsentAdminApp,
+    ConsentChange,
     ConsentConfig,
     ConsentError,
     ConsentRule,
@@ -20,9 +36,11 @@ from xca_gateway.consent import (
     ConsentStore,
     DocumentCode,
     add_consent_command,
+    consent_change_audit,
     evaluate,
     parse_consent_config,
 )
+from xca_gateway.security.callers import AccessDecision, Identity, Principal, Role
 from xca_gateway.server import HttpServer
 
 PATIENT = "P1^^^&1.3.6.1.4.1.21367.13.20.1000&ISO"
@@ -120,6 +138,40 @@ def test_store_set_replace_revoke_and_history(store: ConsentStore) -> None:
     ]
 
 
+def test_store_reports_the_rule_replaced_and_who_changed_it(store: ConsentStore) -> None:
+    before, first = store.change(PATIENT, "opt-out", actor="alice")
+    assert before is None and first.mode == "opt-out"
+    before, second = store.change(PATIENT, "opt-in", actor="bob")
+    assert before == first and second.mode == "opt-in"
+    [gone] = store.revoke_rules(PATIENT, actor="carol")
+    assert gone == second
+    assert [(e["action"], e["mode"], e["actor"]) for e in store.history(PATIENT)] == [
+        ("set", "opt-out", "alice"),
+        ("set", "opt-in", "bob"),
+        ("revoke", "opt-in", "carol"),
+    ]
+
+
+def test_a_store_from_before_actors_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE consent_event (seq INTEGER PRIMARY KEY AUTOINCREMENT, at TEXT NOT NULL, "
+        "action TEXT NOT NULL, patient_id TEXT NOT NULL, community TEXT NOT NULL, "
+        "class_code TEXT NOT NULL, confidentiality_code TEXT NOT NULL, mode TEXT, note TEXT);"
+        f"INSERT INTO consent_event VALUES (1, 'then', 'set', '{PATIENT}', '*', '*', '*', "
+        "'opt-out', NULL);"
+    )
+    db.commit()
+    db.close()
+    upgraded = ConsentStore(path)
+    try:
+        upgraded.set(PATIENT, "opt-in", actor="dave")
+        assert [e["actor"] for e in upgraded.history(PATIENT)] == [None, "dave"]
+    finally:
+        upgraded.close()
+
+
 def test_store_refuses_bad_input(store: ConsentStore) -> None:
     with pytest.raises(ConsentError):
         store.set("not a cx", "opt-out")
@@ -158,6 +210,11 @@ def test_parse_consent_config(tmp_path: Path) -> None:
     )
     assert config.database == tmp_path / "data" / "consent.sqlite3"
     assert config.mode_for(B) == "opt-out" and config.mode_for(C) == "opt-in"
+    assert config.admin_token_file is None
+    with_tokens = parse_consent_config({"admin_token_file": "ops/tokens"}, tmp_path, tmp_path)
+    assert with_tokens.admin_token_file == tmp_path / "ops" / "tokens"
+    with pytest.raises(ConsentError):
+        parse_consent_config({"admin_token_file": 7}, tmp_path, tmp_path)
     with pytest.raises(ConsentError):
         parse_consent_config({"default_mode": "sometimes"}, tmp_path)
     with pytest.raises(ConsentError):
@@ -224,13 +281,46 @@ def test_cli_set_list_check_revoke(tmp_path: Path, capsys: pytest.CaptureFixture
 # --------------------------------------------------------------------------- admin API
 
 
+@dataclass
+class Admin:
+    client: httpx.AsyncClient  # carries the operator's token
+    service: ConsentService
+    port: int
+    token: str
+    refusals: list[tuple[AccessDecision, str]] = field(default_factory=list)
+    changes: list[ConsentChange] = field(default_factory=list)
+
+
 @pytest.fixture
-async def admin(store: ConsentStore) -> AsyncIterator[tuple[httpx.AsyncClient, ConsentService]]:
+async def admin(store: ConsentStore, tmp_path: Path) -> AsyncIterator[Admin]:
+    """The API on a real loopback socket, with one operator (``ops-anna``)."""
+    token = write_operator_token_file(tmp_path / "operators", "ops-anna")
     service = ConsentService(store, ConsentConfig(enabled=True))
-    server = HttpServer(ConsentAdminApp(service), ssl_context=None)
+    refusals: list[tuple[AccessDecision, str]] = []
+    changes: list[ConsentChange] = []
+    port = 0
+    gate = AdminGate(
+        load_operator_tokens(tmp_path / "operators"),
+        lambda: ("127.0.0.1", port),
+        on_refusal=lambda decision, resource: refusals.append((decision, resource)),
+    )
+    server = HttpServer(
+        ConsentAdminApp(
+            service,
+            gate,
+            on_change=changes.append,
+            base_url=lambda: f"http://127.0.0.1:{port}",
+        ),
+        ssl_context=None,
+    )
     await server.start("127.0.0.1", 0)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
-        yield client, service
+    port = server.port
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}",
+        headers={"authorization": f"Bearer {token}"},
+        timeout=10,
+    ) as client:
+        yield Admin(client, service, port, token, refusals, changes)
     await server.close()
 
 
@@ -238,8 +328,8 @@ def _patient_url(patient: str = PATIENT) -> str:
     return "/consent/patients/" + urllib.parse.quote(patient, safe="")
 
 
-async def test_admin_api_manages_consent(admin: tuple[httpx.AsyncClient, ConsentService]) -> None:
-    client, service = admin
+async def test_admin_api_manages_consent(admin: Admin) -> None:
+    client, service = admin.client, admin.service
     r = await client.put(_patient_url(), json={"mode": "opt-out", "class_code": "PSY"})
     assert r.status_code == 200 and r.json()["rule"]["class_code"] == "PSY"
     assert service.decide_for_documents(PATIENT, B, [("PSY", None), ("RAD", None)]) == [False, True]
@@ -261,10 +351,8 @@ async def test_admin_api_manages_consent(admin: tuple[httpx.AsyncClient, Consent
     assert service.decide_for_documents(PATIENT, B, [("PSY", None)]) == [True]
 
 
-async def test_admin_api_answers_bad_input_with_json_errors(
-    admin: tuple[httpx.AsyncClient, ConsentService],
-) -> None:
-    client, _ = admin
+async def test_admin_api_answers_bad_input_with_json_errors(admin: Admin) -> None:
+    client = admin.client
     cases = [
         await client.put(_patient_url(), content=b"{not json"),
         await client.put(_patient_url(), json={"mode": "perhaps"}),
@@ -280,3 +368,155 @@ async def test_admin_api_answers_bad_input_with_json_errors(
     assert (await client.post(_patient_url(), json={})).status_code == 405
     big = await client.put(_patient_url(), content=b"x" * (70 * 1024))
     assert big.status_code == 413
+
+
+async def test_admin_api_reports_each_change_with_the_operator(admin: Admin) -> None:
+    client = admin.client
+    assert (await client.put(_patient_url(), json={"mode": "opt-out"})).status_code == 200
+    assert (await client.put(_patient_url(), json={"mode": "opt-in"})).status_code == 200
+    await client.put(_patient_url(), json={"mode": "opt-out", "community": B})
+    assert (await client.delete(_patient_url())).json() == {"revoked": 2}
+    assert (await client.delete(_patient_url())).json() == {"revoked": 0}  # no change
+    summary = [
+        (
+            c.operator.name,
+            c.action,
+            c.before.mode if c.before else None,
+            c.after.mode if c.after else None,
+        )
+        for c in admin.changes
+    ]
+    assert summary == [
+        ("ops-anna", "C", None, "opt-out"),
+        ("ops-anna", "U", "opt-out", "opt-in"),
+        ("ops-anna", "C", None, "opt-out"),
+        ("ops-anna", "D", "opt-in", None),
+        ("ops-anna", "D", "opt-out", None),
+    ]
+    assert all(c.patient_id == PATIENT for c in admin.changes)
+    assert all(
+        c.resource == f"http://127.0.0.1:{admin.port}{_patient_url()}" for c in admin.changes
+    )
+    history = (await client.get(_patient_url())).json()["history"]
+    assert {e["actor"] for e in history} == {"ops-anna"}
+    assert admin.refusals == []
+
+
+async def test_admin_api_refuses_without_a_valid_token_or_with_a_foreign_host(
+    admin: Admin,
+) -> None:
+    base = f"http://127.0.0.1:{admin.port}"
+    async with httpx.AsyncClient(base_url=base, timeout=10) as anonymous:
+        no_token = await anonymous.put(_patient_url(), json={"mode": "opt-out"})
+        wrong = await anonymous.get(
+            "/consent/patients", headers={"authorization": "Bearer " + "x" * 43}
+        )
+        basic = await anonymous.get("/consent/patients", headers={"authorization": "Basic eDp4"})
+        # DNS rebinding: a page at rebind.example (resolving to 127.0.0.1) reaches the port
+        # with the operator's browser, which sends the page's name as Host. Even with a
+        # token the request is refused.
+        rebound = await anonymous.put(
+            _patient_url(),
+            json={"mode": "opt-in"},
+            headers={
+                "host": f"rebind.example:{admin.port}",
+                "authorization": f"Bearer {admin.token}",
+            },
+        )
+        other_port = await anonymous.get(
+            "/consent/patients",
+            headers={"host": "127.0.0.1:1", "authorization": f"Bearer {admin.token}"},
+        )
+    for response in (no_token, wrong, basic):
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"].startswith("Bearer ")
+        assert "error" in response.json()
+    for response in (rebound, other_port):
+        assert response.status_code == 403 and "Host" in response.json()["error"]
+    assert admin.service.store.rules_for(PATIENT) == []  # nothing changed
+    assert admin.changes == []
+    # Exactly one refusal reported per refused request, naming the address, for the admin door.
+    assert len(admin.refusals) == 5
+    reasons = [d.reason for d, _ in admin.refusals]
+    assert reasons[0].startswith("no operator token")
+    assert reasons[1] == reasons[2] == "no valid operator token"
+    assert all("Host header" in r for r in reasons[3:])
+    for decision, resource in admin.refusals:
+        assert not decision.allowed and decision.door == "admin"
+        assert decision.identity == Identity(address="127.0.0.1")
+        assert resource.startswith(base + "/consent/")
+    # Loopback names with this port are this listener.
+    ok = await admin.client.get("/consent/patients", headers={"host": f"localhost:{admin.port}"})
+    assert ok.status_code == 200
+
+
+def test_operator_token_files(tmp_path: Path) -> None:
+    path = tmp_path / "ops"
+    token = write_operator_token_file(path, "ops-anna")
+    assert len(token) >= 32 and (path.stat().st_mode & 0o777) == 0o600
+    [entry] = load_operator_tokens(path)
+    assert entry.name == "ops-anna" and token not in repr(entry)  # only the digest is kept
+    assert read_operator_token(path) == ("ops-anna", token)
+    path.chmod(0o644)
+    with pytest.raises(AdminAccessError, match="readable by others"):
+        load_operator_tokens(path)
+    with pytest.raises(AdminAccessError):
+        load_operator_tokens(tmp_path / "missing")
+    for bad in ("anna", "anna short", "an na " + "x" * 40, "-anna " + "x" * 40):
+        with pytest.raises(AdminAccessError):
+            parse_operator_tokens(bad)
+    with pytest.raises(AdminAccessError, match="twice"):
+        parse_operator_tokens(f"anna {'x' * 40}\nanna {'y' * 40}\n")
+    both = parse_operator_tokens(f"# ops\nanna {'x' * 40}\n\nbo {'y' * 40}\n")
+    assert bearer_operator(f"Bearer {'y' * 40}", both) == "bo"
+    assert bearer_operator(f"bearer {'x' * 40}", both) == "anna"
+    assert bearer_operator(f"Bearer {'x' * 39}", both) is None
+    assert bearer_operator(f"Token {'x' * 40}", both) is None
+    assert bearer_operator(None, both) is None
+    assert bearer_operator("Bearer ", both) is None
+
+
+def test_allowed_hosts_are_this_listener_only() -> None:
+    hosts = allowed_hosts("127.0.0.1", 9090)
+    assert {"127.0.0.1:9090", "localhost:9090", "[::1]:9090"} <= hosts
+    assert "127.0.0.1" not in hosts and "evil.example:9090" not in hosts
+    assert "[::1]:9090" in allowed_hosts("::1", 9090)
+    assert "localhost" in allowed_hosts("localhost", 80)
+
+
+def test_consent_change_audit_is_a_patient_record_event() -> None:
+    ctx = AuditContext(AuditSource("north-gateway"), host="north", process_id="42")
+    operator = Principal("ops-anna", frozenset({Role.OPERATOR}), Identity(address="127.0.0.1"))
+    old = ConsentRule(PATIENT, "opt-out", B)
+    new = ConsentRule(PATIENT, "opt-in", B, note="form 7")
+    url = "http://127.0.0.1:9090/consent/patients/x"
+    when = datetime(2026, 1, 2, tzinfo=UTC)
+    for before, after, action, cycle in (
+        (None, new, "C", "1"),
+        (old, new, "U", "3"),
+        (old, None, "D", "14"),
+    ):
+        change = ConsentChange(operator, PATIENT, before, after, url)
+        root = consent_change_audit(ctx, change, when=when).to_element()
+        assert not schema_errors(root), schema_errors(root)
+        event = root.find("EventIdentification")
+        assert event is not None and event.get("EventActionCode") == action
+        assert event.find("EventID").get("csd-code") == "110110"  # type: ignore[union-attr]
+        requestor = next(
+            p for p in root.iter("ActiveParticipant") if p.get("UserIsRequestor") == "true"
+        )
+        assert requestor.get("UserID") == "ops-anna"
+        assert requestor.get("NetworkAccessPointID") == "127.0.0.1"
+        [patient] = root.iter("ParticipantObjectIdentification")
+        assert patient.get("ParticipantObjectID") == PATIENT
+        assert patient.get("ParticipantObjectTypeCodeRole") == "1"
+        assert patient.get("ParticipantObjectDataLifeCycle") == cycle
+        import base64
+
+        details = {
+            d.get("type"): base64.b64decode(d.get("value") or "").decode()
+            for d in patient.iter("ParticipantObjectDetail")
+        }
+        assert details["PreviousMode"] == (before.mode if before else "none")
+        assert details["NewMode"] == (after.mode if after else "none")
+        assert details["ConsentScope"] == f"community={B}; class_code=*; confidentiality_code=*"

@@ -411,6 +411,27 @@ def test_demo_dicomweb_front_door_answers_dicomweb_client(
     assert ds.SOPInstanceUID == sop
 
 
+def test_demo_consent_admin_api_takes_the_operator_token(
+    demo: tuple[subprocess.Popen[bytes], Path],
+) -> None:
+    """endpoints.json names each community's consent API, its operator and token file; the
+    token opens it, nothing else does."""
+    import urllib.parse
+
+    from xca_gateway.admin import read_operator_token
+
+    _, workdir = demo
+    for community in _endpoints(workdir)["communities"]:
+        admin = community["consentAdmin"]
+        operator, token = read_operator_token(Path(admin["tokenFile"]), admin["operator"])
+        patient = urllib.parse.quote(community["samplePatients"][0]["id"], safe="")
+        url = f"{admin['url']}/patients/{patient}"
+        assert httpx.get(url, timeout=10).status_code == 401
+        answer = httpx.get(url, headers={"authorization": f"Bearer {token}"}, timeout=10)
+        assert answer.status_code == 200, answer.text
+        assert operator == "demo-operator"
+
+
 def test_demo_stops_cleanly_on_sigterm(demo: tuple[subprocess.Popen[bytes], Path]) -> None:
     process, workdir = demo
     parent = psutil.Process(process.pid)

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import base64
+import urllib.parse
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
+from typing import Any
 from xml.sax.saxutils import escape
 
+import httpx
 import pydicom
+import pytest
 from lxml import etree
 
+from tests.audit_inbox import AuditInbox
+from tests.conftest import wait_for
 from tests.test_client import _client
+from tests.test_consent import _cli
+from xca_gateway.admin import write_operator_token_file
+from xca_gateway.audit.validate import schema_errors
 from xca_gateway.dicom_samples import DEFAULT_PATIENTS, generate_study
 from xca_gateway.gateway import Gateway
 from xca_gateway.importer import import_studies
@@ -143,3 +153,148 @@ async def test_opted_out_patient_documents_never_leave(
         assert codes and set(codes) == {"XDSDocumentUniqueIdError"}
     finally:
         await client.aclose()
+
+
+# ----------------------------------------------------------------------------- the admin API
+
+
+PATIENT = f"C02-2001^^^&{AUTHORITY}&ISO"
+
+
+def _consent_url(patient: str = PATIENT) -> str:
+    return "/consent/patients/" + urllib.parse.quote(patient, safe="")
+
+
+def _requestor(record: Any) -> Any:
+    return next(p for p in record.iter("ActiveParticipant") if p.get("UserIsRequestor") == "true")
+
+
+def _first(record: Any, path: str) -> Any:
+    found = record.find(path)
+    assert found is not None, path
+    return found
+
+
+def _details(record: Any) -> dict[str, str]:
+    return {
+        str(d.get("type")): base64.b64decode(d.get("value") or "").decode()
+        for d in record.iter("ParticipantObjectDetail")
+    }
+
+
+def test_consent_admin_api_is_authenticated_host_checked_and_audited(
+    gateway_factory: Callable[..., Gateway], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Over a real gateway's admin port: the operator's changes (by HTTP and by the CLI with
+    --api) are each one Patient Record (110110) audit record naming the operator, the patient and
+    old → new; a request without a valid token, or with a foreign Host (DNS rebinding), changes
+    nothing and is one Security Alert."""
+    inbox = AuditInbox()
+    try:
+        operators = tmp_path / "operators"
+        token = write_operator_token_file(operators, "ops-anna")
+        gateway = gateway_factory(
+            "beta",
+            consent={
+                "enabled": True,
+                "default_mode": "opt-out",
+                "admin_token_file": str(operators),
+            },
+            audit={
+                "audit_source_id": "beta-consent",
+                "destinations": [
+                    {"name": "inbox", "transport": "udp", "host": "127.0.0.1", "port": inbox.port}
+                ],
+            },
+        )
+        assert gateway.consent is not None
+        port = gateway.admin.port
+        auth = {"authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=gateway.admin_url, timeout=10) as client:
+            assert client.get("/healthz").status_code == 200  # probes need no token
+            assert client.put(_consent_url(), json={"mode": "opt-out"}, headers=auth).is_success
+            assert client.put(_consent_url(), json={"mode": "opt-in"}, headers=auth).is_success
+            refused_before = gateway.guard.refused
+            anonymous = client.put(_consent_url(), json={"mode": "opt-out"})
+            rebound = client.put(
+                _consent_url(),
+                json={"mode": "opt-out"},
+                headers={**auth, "host": f"rebind.example:{port}"},
+            )
+            assert (anonymous.status_code, rebound.status_code) == (401, 403)
+            assert gateway.guard.refused == refused_before + 2
+            assert [r.mode for r in gateway.consent.store.rules_for(PATIENT)] == ["opt-in"]
+
+        # The CLI makes its changes through the API with the operator's token.
+        config = tmp_path / "cli.toml"
+        config.write_text(
+            f'[storage]\ndata_dir = "{tmp_path / "cli-data"}"\n\n'
+            f'[admin]\nhost = "127.0.0.1"\nport = {port}\n\n'
+            f'[consent]\nenabled = true\nadmin_token_file = "{operators}"\n'
+        )
+        cli = ["consent", "revoke", "--config", str(config), "--patient", PATIENT, "--api"]
+        assert _cli(cli) == 0
+        assert "1 rule(s) revoked (by ops-anna)" in capsys.readouterr().out
+        assert _cli([*cli, "--operator", "nobody"]) == 2
+        assert "no operator nobody" in capsys.readouterr().err
+        assert gateway.consent.store.rules_for(PATIENT) == []
+        history = gateway.consent.store.history(PATIENT)
+        assert [(e["action"], e["actor"]) for e in history] == [
+            ("set", "ops-anna"),
+            ("set", "ops-anna"),
+            ("revoke", "ops-anna"),
+        ]
+
+        # The last change's record is in: every earlier record is too.
+        assert wait_for(
+            lambda: any(
+                _first(r, "EventIdentification").get("EventActionCode") == "D"
+                for r in inbox.with_event("110110")
+            ),
+            timeout=15,
+        )
+        changes = inbox.with_event("110110")
+        actions = [_first(r, "EventIdentification").get("EventActionCode") for r in changes]
+        assert actions == ["C", "U", "D"]
+        for record, (old, new) in zip(
+            changes, [("none", "opt-out"), ("opt-out", "opt-in"), ("opt-in", "none")], strict=True
+        ):
+            assert not schema_errors(record), schema_errors(record)
+            assert _requestor(record).get("UserID") == "ops-anna"
+            [patient] = record.iter("ParticipantObjectIdentification")
+            assert patient.get("ParticipantObjectID") == PATIENT
+            details = _details(record)
+            assert (details["PreviousMode"], details["NewMode"]) == (old, new)
+        alerts = [
+            r
+            for r in inbox.with_event("110113")
+            if "/consent/"
+            in str(_first(r, "ParticipantObjectIdentification").get("ParticipantObjectID"))
+        ]
+        assert len(alerts) == 2  # one per refused request
+        descriptions = [
+            str(_first(r, "EventIdentification/EventOutcomeDescription").text) for r in alerts
+        ]
+        assert any("no operator token" in d for d in descriptions)
+        assert any("Host header 'rebind.example" in d for d in descriptions)
+        for alert in alerts:
+            assert _requestor(alert).get("UserID") == "127.0.0.1"
+            assert not schema_errors(alert)
+    finally:
+        inbox.close()
+
+
+def test_a_gateway_refuses_to_start_with_a_token_file_others_can_read(
+    pki: DevPki, tmp_path: Path
+) -> None:
+    from tests.conftest import make_config
+    from xca_gateway.config import ConfigError
+
+    operators = tmp_path / "operators"
+    write_operator_token_file(operators, "ops-anna")
+    operators.chmod(0o644)
+    config = make_config(
+        pki, tmp_path, "beta", consent={"enabled": True, "admin_token_file": str(operators)}
+    )
+    with pytest.raises(ConfigError, match="readable by others"):
+        Gateway(config)

@@ -191,12 +191,19 @@ def test_consent_admin_api_on_the_admin_port(
 
     import httpx
 
-    gateway = gateway_factory("alpha", consent={"enabled": True})
+    from xca_gateway.admin import write_operator_token_file
+
+    token = write_operator_token_file(tmp_path / "operators", "ops-anna")
+    gateway = gateway_factory(
+        "alpha", consent={"enabled": True, "admin_token_file": str(tmp_path / "operators")}
+    )
     patient = "P1^^^&1.3.6.1.4.1.21367.13.20.1000&ISO"
     url = f"{gateway.admin_url}/consent/patients/{urllib.parse.quote(patient, safe='')}"
-    r = httpx.put(url, json={"mode": "opt-out"})
+    assert httpx.put(url, json={"mode": "opt-out"}).status_code == 401  # operators only
+    auth = {"authorization": f"Bearer {token}"}
+    r = httpx.put(url, json={"mode": "opt-out"}, headers=auth)
     assert r.status_code == 200, r.text
-    r = httpx.get(url)
+    r = httpx.get(url, headers=auth)
     assert r.status_code == 200 and len(r.json()["rules"]) == 1
     assert gateway.consent is not None
     assert gateway.consent.decide_for_documents(patient, "urn:oid:1.2.3", [(None, None)]) == [False]

@@ -18,20 +18,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import sqlite3
 import sys
 import threading
 import tomllib
+import urllib.error
 import urllib.parse
-from collections.abc import Iterable, Mapping, Sequence
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from xca_gateway.patient_id import PatientIdError, parse_patient_id
 from xca_gateway.server import BodyTooLarge, Request, Response
+
+if TYPE_CHECKING:
+    from xca_gateway.admin import AdminGate
+    from xca_gateway.audit.messages import AuditContext, AuditMessage
+    from xca_gateway.security.callers import Principal
 
 ConsentMode = Literal["opt-in", "opt-out"]
 MODES: tuple[ConsentMode, ...] = ("opt-in", "opt-out")
@@ -182,7 +190,8 @@ CREATE TABLE IF NOT EXISTS consent_event (
     class_code TEXT NOT NULL,
     confidentiality_code TEXT NOT NULL,
     mode TEXT,
-    note TEXT
+    note TEXT,
+    actor TEXT
 );
 """
 
@@ -203,6 +212,9 @@ class ConsentStore:
         with self._lock, self._db:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
+            columns = {r["name"] for r in self._db.execute("PRAGMA table_info(consent_event)")}
+            if "actor" not in columns:  # a store from before changes named who made them
+                self._db.execute("ALTER TABLE consent_event ADD COLUMN actor TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -217,8 +229,32 @@ class ConsentStore:
         class_code: str = ANY,
         confidentiality_code: str = ANY,
         note: str | None = None,
+        actor: str | None = None,
     ) -> ConsentRule:
         """Record (or replace) the rule for this patient and scope."""
+        return self.change(
+            patient_id,
+            mode,
+            community=community,
+            class_code=class_code,
+            confidentiality_code=confidentiality_code,
+            note=note,
+            actor=actor,
+        )[1]
+
+    def change(
+        self,
+        patient_id: str,
+        mode: str,
+        *,
+        community: str = ANY,
+        class_code: str = ANY,
+        confidentiality_code: str = ANY,
+        note: str | None = None,
+        actor: str | None = None,
+    ) -> tuple[ConsentRule | None, ConsentRule]:
+        """Record (or replace) the rule; (the rule it replaced or None, the rule now), read and
+        written in one transaction. ``actor`` (who made the change) goes into the history."""
         if mode not in MODES:
             raise ConsentError(f"mode must be opt-in or opt-out, not {mode!r}")
         key = (
@@ -227,8 +263,13 @@ class ConsentStore:
             _check_pattern(class_code, "class_code"),
             _check_pattern(confidentiality_code, "confidentiality_code"),
         )
+        where = (
+            "SELECT * FROM consent_rule WHERE patient_id = ? AND community = ? "
+            "AND class_code = ? AND confidentiality_code = ?"
+        )
         now = _now()
         with self._lock, self._db:
+            before = self._db.execute(where, key).fetchone()
             self._db.execute(
                 "INSERT INTO consent_rule VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (patient_id, community, class_code, confidentiality_code) "
@@ -238,15 +279,11 @@ class ConsentStore:
             )
             self._db.execute(
                 "INSERT INTO consent_event (at, action, patient_id, community, class_code, "
-                "confidentiality_code, mode, note) VALUES (?, 'set', ?, ?, ?, ?, ?, ?)",
-                (now, *key, mode, note),
+                "confidentiality_code, mode, note, actor) VALUES (?, 'set', ?, ?, ?, ?, ?, ?, ?)",
+                (now, *key, mode, note, actor),
             )
-            row = self._db.execute(
-                "SELECT * FROM consent_rule WHERE patient_id = ? AND community = ? "
-                "AND class_code = ? AND confidentiality_code = ?",
-                key,
-            ).fetchone()
-        return _rule(row)
+            row = self._db.execute(where, key).fetchone()
+        return (_rule(before) if before is not None else None), _rule(row)
 
     def revoke(
         self,
@@ -255,8 +292,30 @@ class ConsentStore:
         community: str | None = None,
         class_code: str | None = None,
         confidentiality_code: str | None = None,
+        actor: str | None = None,
     ) -> int:
         """Delete the patient's rules; scope fields given narrow what is deleted."""
+        return len(
+            self.revoke_rules(
+                patient_id,
+                community=community,
+                class_code=class_code,
+                confidentiality_code=confidentiality_code,
+                actor=actor,
+            )
+        )
+
+    def revoke_rules(
+        self,
+        patient_id: str,
+        *,
+        community: str | None = None,
+        class_code: str | None = None,
+        confidentiality_code: str | None = None,
+        actor: str | None = None,
+    ) -> list[ConsentRule]:
+        """Delete the patient's rules (scope fields given narrow what is deleted); the rules
+        deleted, as they were."""
         clauses = ["patient_id = ?"]
         params: list[str] = [normalize_patient_id(patient_id)]
         for column, value in (
@@ -275,7 +334,8 @@ class ConsentStore:
             for row in rows:
                 self._db.execute(
                     "INSERT INTO consent_event (at, action, patient_id, community, class_code, "
-                    "confidentiality_code, mode, note) VALUES (?, 'revoke', ?, ?, ?, ?, ?, NULL)",
+                    "confidentiality_code, mode, note, actor) "
+                    "VALUES (?, 'revoke', ?, ?, ?, ?, ?, NULL, ?)",
                     (
                         now,
                         row["patient_id"],
@@ -283,9 +343,10 @@ class ConsentStore:
                         row["class_code"],
                         row["confidentiality_code"],
                         row["mode"],
+                        actor,
                     ),
                 )
-        return len(rows)
+        return [_rule(r) for r in rows]
 
     def rules_for(self, patient_id: str) -> list[ConsentRule]:
         try:
@@ -312,8 +373,8 @@ class ConsentStore:
     def history(self, patient_id: str) -> list[dict[str, Any]]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT at, action, community, class_code, confidentiality_code, mode, note "
-                "FROM consent_event WHERE patient_id = ? ORDER BY seq",
+                "SELECT at, action, community, class_code, confidentiality_code, mode, note, "
+                "actor FROM consent_event WHERE patient_id = ? ORDER BY seq",
                 (normalize_patient_id(patient_id),),
             ).fetchall()
         return [dict(r) for r in rows]
@@ -344,6 +405,9 @@ class ConsentConfig:
     default_mode: ConsentMode = "opt-out"
     # Default mode per requesting community, overriding default_mode.
     peer_modes: Mapping[str, ConsentMode] = field(default_factory=dict)
+    # Operators of the admin port's /consent API: ``name token`` per line, mode 0600
+    # (:mod:`xca_gateway.admin`). Absent: the API refuses every request.
+    admin_token_file: Path | None = None
 
     def mode_for(self, community: str) -> ConsentMode:
         return self.peer_modes.get(community, self.default_mode)
@@ -353,7 +417,7 @@ def parse_consent_config(
     table: dict[str, Any], base_dir: Path, data_dir: Path | None = None
 ) -> ConsentConfig:
     """Parse ``[consent]``; the database defaults to ``<data_dir>/consent.sqlite3``."""
-    unknown = set(table) - {"enabled", "database", "default_mode", "peer_modes"}
+    unknown = set(table) - {"enabled", "database", "default_mode", "peer_modes", "admin_token_file"}
     if unknown:
         raise ConsentError(f"[consent] unknown key(s): {', '.join(sorted(unknown))}")
     database: Path | None = None
@@ -379,7 +443,13 @@ def parse_consent_config(
         raise ConsentError("consent.enabled must be true or false")
     if enabled and database is None:
         raise ConsentError("consent.database is required (no data directory known)")
-    return ConsentConfig(enabled, database, default_mode, dict(peer_modes))
+    token_file: Path | None = None
+    if "admin_token_file" in table:
+        if not isinstance(table["admin_token_file"], str) or not table["admin_token_file"]:
+            raise ConsentError("consent.admin_token_file must be a path string")
+        token_file = Path(table["admin_token_file"]).expanduser()
+        token_file = token_file if token_file.is_absolute() else (base_dir / token_file).resolve()
+    return ConsentConfig(enabled, database, default_mode, dict(peer_modes), token_file)
 
 
 # --------------------------------------------------------------------------- service
@@ -472,7 +542,88 @@ def _rule_json(rule: ConsentRule) -> dict[str, Any]:
     return {k: v for k, v in asdict(rule).items() if v is not None}
 
 
+def _cli_actor() -> str:
+    """Who changed the store directly: the operating-system account (the store's history)."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+def _via_api(args: argparse.Namespace) -> int:
+    """``set`` / ``revoke`` through the running gateway's admin API: authenticated with the
+    operator's token from ``[consent] admin_token_file``, and audited by the gateway (110110)
+    under the operator's name."""
+    from xca_gateway.admin import AdminAccessError, read_operator_token
+
+    path = Path(args.config)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+        config = _load_from_gateway_config(path)
+        if config.admin_token_file is None:
+            raise ConsentError(f"{path}: [consent] admin_token_file is not set")
+        operator, token = read_operator_token(config.admin_token_file, args.operator)
+    except (ConsentError, AdminAccessError, OSError, tomllib.TOMLDecodeError) as exc:
+        print(f"xca-gateway: {exc}", file=sys.stderr)
+        return 2
+    admin = data.get("admin", {}) if isinstance(data.get("admin"), dict) else {}
+    host = str(admin.get("host", "127.0.0.1"))
+    host = f"[{host}]" if ":" in host else host
+    url = f"http://{host}:{admin.get('port', 9090)}{_PREFIX}/" + urllib.parse.quote(
+        args.patient, safe=""
+    )
+    body: bytes | None = None
+    if args.consent_command == "set":
+        method = "PUT"
+        fields = {
+            "mode": args.mode,
+            "community": args.community,
+            "class_code": args.class_code,
+            "confidentiality_code": args.confidentiality_code,
+        }
+        if args.note:
+            fields["note"] = args.note
+        body = json.dumps(fields).encode()
+    else:
+        method = "DELETE"
+        scope = {
+            k: v
+            for k, v in (
+                ("community", args.community),
+                ("class_code", args.class_code),
+                ("confidentiality_code", args.confidentiality_code),
+            )
+            if v is not None
+        }
+        if scope:
+            url += "?" + urllib.parse.urlencode(scope)
+    request = urllib.request.Request(
+        url,
+        data=body,
+        method=method,
+        headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace").strip()
+        print(f"xca-gateway: the admin API answered {exc.code}: {detail}", file=sys.stderr)
+        return 2
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"xca-gateway: cannot reach the admin API at {url}: {exc}", file=sys.stderr)
+        return 2
+    if args.consent_command == "set":
+        print(json.dumps(answer.get("rule", answer)))
+    else:
+        print(f"{answer.get('revoked', 0)} rule(s) revoked (by {operator})")
+    return 0
+
+
 def cmd_consent(args: argparse.Namespace) -> int:
+    if getattr(args, "api", False):
+        return _via_api(args)
     try:
         config = _load_from_gateway_config(Path(args.config))
         service = ConsentService.open(config)
@@ -489,6 +640,7 @@ def cmd_consent(args: argparse.Namespace) -> int:
                 class_code=args.class_code,
                 confidentiality_code=args.confidentiality_code,
                 note=args.note,
+                actor=_cli_actor(),
             )
             print(json.dumps(_rule_json(rule)))
         elif action == "revoke":
@@ -497,6 +649,7 @@ def cmd_consent(args: argparse.Namespace) -> int:
                 community=args.community,
                 class_code=args.class_code,
                 confidentiality_code=args.confidentiality_code,
+                actor=_cli_actor(),
             )
             print(f"{count} rule(s) revoked")
         elif action == "list":
@@ -542,6 +695,18 @@ def add_consent_command(subparsers: Any) -> None:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", required=True, metavar="FILE", help="gateway TOML file")
 
+    def api(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--api",
+            action="store_true",
+            help="make the change through the running gateway's admin API (authenticated with "
+            "the operator token from [consent] admin_token_file, audited by the gateway) "
+            "instead of writing the store directly",
+        )
+        p.add_argument(
+            "--operator", help="the operator in the token file (default: its only entry)"
+        )
+
     set_p = actions.add_parser("set", help="record an opt-in or opt-out")
     common(set_p)
     set_p.add_argument("--patient", required=True, help="patient id, ID^^^&OID&ISO")
@@ -554,6 +719,7 @@ def add_consent_command(subparsers: Any) -> None:
         "--confidentiality-code", default=ANY, help="confidentialityCode (code or scheme|code)"
     )
     set_p.add_argument("--note", help="free text, e.g. the consent document's id")
+    api(set_p)
     set_p.set_defaults(func=cmd_consent)
 
     revoke = actions.add_parser("revoke", help="delete rules (all of the patient's by default)")
@@ -562,6 +728,7 @@ def add_consent_command(subparsers: Any) -> None:
     revoke.add_argument("--community")
     revoke.add_argument("--class-code")
     revoke.add_argument("--confidentiality-code")
+    api(revoke)
     revoke.set_defaults(func=cmd_consent)
 
     list_p = actions.add_parser("list", help="show rules")
@@ -595,6 +762,96 @@ def _json(status: int, body: Any) -> Response:
     )
 
 
+@dataclass(frozen=True)
+class ConsentChange:
+    """One rule changed through the admin API: who, which patient, before → after."""
+
+    operator: Principal
+    patient_id: str
+    before: ConsentRule | None
+    after: ConsentRule | None
+    # The admin URL the change was made at (the reporting application in the audit record).
+    resource: str
+
+    @property
+    def action(self) -> Literal["C", "U", "D"]:
+        return "C" if self.before is None else "D" if self.after is None else "U"
+
+
+# RFC 3881 ParticipantObjectDataLifeCycle: Origination/Creation, Amendment, Logical deletion.
+_LIFE_CYCLE = {"C": 1, "U": 3, "D": 14}
+
+
+def _scope(rule: ConsentRule) -> str:
+    return (
+        f"community={rule.community}; class_code={rule.class_code}; "
+        f"confidentiality_code={rule.confidentiality_code}"
+    )
+
+
+def consent_change_audit(
+    ctx: AuditContext, change: ConsentChange, *, when: datetime | None = None
+) -> AuditMessage:
+    """The ATNA record of one consent change: DICOM "Patient Record" (110110).
+
+    Why 110110: a consent directive is part of what the community keeps about the patient, and
+    PS3.15 A.5.3.9 audits a patient record being created, modified or deleted, the action code
+    (C / U / D) saying which; the patient is the participant object (role Patient, with the
+    rule's scope and the mode before and after as details), the operator named by their token
+    the requestor, the gateway's admin API the application that made the change.
+    """
+    from xca_gateway.audit import messages as m
+
+    rule = change.after or change.before
+    assert rule is not None
+    details: list[tuple[str, bytes]] = [
+        ("ConsentScope", _scope(rule).encode()),
+        ("PreviousMode", (change.before.mode if change.before else "none").encode()),
+        ("NewMode", (change.after.mode if change.after else "none").encode()),
+    ]
+    if change.after is not None and change.after.note:
+        details.append(("Note", change.after.note.encode()))
+    before = change.before.mode if change.before else "no rule"
+    after = change.after.mode if change.after else "no rule"
+    return m.AuditMessage(
+        event=m.EventIdentification(
+            event_id=m.CodedValue("110110", "DCM", "Patient Record"),
+            action=change.action,
+            outcome=m.EventOutcome.SUCCESS,
+            date_time=when or datetime.now(UTC),
+            outcome_description=(
+                f"consent ({_scope(rule)}) {before} -> {after} by {change.operator.name}"
+            ),
+        ),
+        participants=(
+            m.ActiveParticipant(
+                user_id=change.operator.user_id,
+                user_is_requestor=True,
+                user_name=change.operator.name,
+                network_access_point_id=change.operator.identity.address,
+            ),
+            m.ActiveParticipant(
+                user_id=change.resource,
+                user_is_requestor=False,
+                alternative_user_id=ctx.process_id,
+                network_access_point_id=ctx.host,
+                role_id_codes=(m.RoleId.APPLICATION,),
+            ),
+        ),
+        source=ctx.audit_source,
+        objects=(
+            m.ParticipantObject(
+                object_id=change.patient_id,
+                id_type_code=m.ParticipantObjectIdType.PATIENT_NUMBER,
+                type_code=m.ObjectType.PERSON,
+                type_code_role=m.ObjectRole.PATIENT,
+                data_life_cycle=_LIFE_CYCLE[change.action],
+                details=tuple(details),
+            ),
+        ),
+    )
+
+
 class ConsentAdminApp:
     """JSON admin API, an ``xca_gateway.server.App`` for the (loopback-only) admin port.
 
@@ -605,15 +862,32 @@ class ConsentAdminApp:
     * ``DELETE /consent/patients/{patient}[?community=&class_code=&confidentiality_code=]``
     * ``GET /consent/decision?patient=&community=[&class_code=&confidentiality_code=]``
 
-    ``{patient}`` is the CX id, percent-encoded (``^`` and ``&`` included).
+    ``{patient}`` is the CX id, percent-encoded (``^`` and ``&`` included). Every request
+    passes ``gate`` first (Host header, operator token; see :mod:`xca_gateway.admin`); every
+    change is reported to ``on_change`` (the gateway audits it) and kept in the store's history
+    with the operator's name.
     """
 
-    def __init__(self, service: ConsentService) -> None:
+    def __init__(
+        self,
+        service: ConsentService,
+        gate: AdminGate,
+        *,
+        on_change: Callable[[ConsentChange], None] | None = None,
+        base_url: Callable[[], str] = lambda: "",
+    ) -> None:
         self.service = service
+        self.gate = gate
+        self.on_change = on_change
+        self.base_url = base_url
 
     async def __call__(self, request: Request) -> Response:
+        resource = self.base_url() + request.path[:200]
+        admitted = self.gate.admit(request, resource)
+        if isinstance(admitted, Response):
+            return admitted
         try:
-            return await self._route(request)
+            return await self._route(request, admitted, resource)
         except BodyTooLarge:
             return _json(413, {"error": f"body larger than {_MAX_BODY} bytes"})
         except ValueError as exc:  # ConsentError included: bad input, never a traceback
@@ -621,7 +895,17 @@ class ConsentAdminApp:
         except sqlite3.Error as exc:
             return _json(503, {"error": f"consent store unavailable: {exc}"})
 
-    async def _route(self, request: Request) -> Response:
+    def _changed(self, change: ConsentChange) -> None:
+        if self.on_change is None:
+            return
+        try:
+            self.on_change(change)
+        except Exception:  # the change is made: a failing report must not undo the answer
+            import logging
+
+            logging.getLogger(__name__).exception("reporting a consent change failed")
+
+    async def _route(self, request: Request, operator: Principal, resource: str) -> Response:
         path = request.path.rstrip("/")
         query = urllib.parse.parse_qs(request.query, keep_blank_values=False)
 
@@ -686,26 +970,32 @@ class ConsentAdminApp:
                 return _json(400, {"error": f"unknown field(s): {', '.join(sorted(unknown))}"})
             if not all(isinstance(v, str) for v in data.values()):
                 return _json(400, {"error": "fields must be strings"})
-            rule = await asyncio.to_thread(
-                store.set,
-                patient,
-                data["mode"],
-                community=data.get("community", ANY),
-                class_code=data.get("class_code", ANY),
-                confidentiality_code=data.get("confidentiality_code", ANY),
-                note=data.get("note"),
+            before, rule = await asyncio.to_thread(
+                lambda: store.change(
+                    patient,
+                    data["mode"],
+                    community=data.get("community", ANY),
+                    class_code=data.get("class_code", ANY),
+                    confidentiality_code=data.get("confidentiality_code", ANY),
+                    note=data.get("note"),
+                    actor=operator.name,
+                )
             )
+            self._changed(ConsentChange(operator, rule.patient_id, before, rule, resource))
             return _json(200, {"rule": _rule_json(rule)})
         if request.method == "DELETE":
-            count = await asyncio.to_thread(
-                lambda: store.revoke(
+            revoked = await asyncio.to_thread(
+                lambda: store.revoke_rules(
                     patient,
                     community=param("community"),
                     class_code=param("class_code"),
                     confidentiality_code=param("confidentiality_code"),
+                    actor=operator.name,
                 )
             )
-            return _json(200, {"revoked": count})
+            for old in revoked:
+                self._changed(ConsentChange(operator, old.patient_id, old, None, resource))
+            return _json(200, {"revoked": len(revoked)})
         return Response(
             405, [("allow", "GET, PUT, DELETE"), ("content-type", "application/json")], b"{}\n"
         )

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from xca_gateway.admin import write_operator_token_file
 from xca_gateway.cli import LISTEN_FDS_ENV
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class DemoCommunity:
 # The demo's X-Assertion Provider (ITI-40): one identity provider for the demo region, bound
 # to every demo community. Its signing pair is a development certificate like the others.
 XUA_ISSUER = "https://idp.demo.xca-gateway.test"
+# The operator of each community's consent admin API (token in <workdir>/<community>/operators).
+DEMO_OPERATOR = "demo-operator"
 # The attributes every demo assertion carries (the responding gateways require them).
 XUA_PURPOSE_OF_USE = {
     "code": "TREATMENT",
@@ -206,10 +209,12 @@ def community_config_toml(
     if identities is not None:
         lines += _xua_toml(community, peers, identities)
         lines += [
-            "# Patient consent (opt-out by default): `xca-gateway consent` changes it.",
+            "# Patient consent (opt-out by default): `xca-gateway consent` changes it; the",
+            "# admin port's /consent API takes the operator token in `operators` (mode 0600).",
             "[consent]",
             "enabled = true",
             'default_mode = "opt-out"',
+            'admin_token_file = "operators"',
             "",
         ]
     for peer, base_url in peers:
@@ -504,6 +509,9 @@ class Demo:
             )
             config += "\n" + self.arr.audit_destinations_toml(f"{c.name}-gateway")
             _write_atomic(cdir / "gateway.toml", config)
+            operators = cdir / "operators"
+            if not operators.exists():  # a restarted demo keeps the token it handed out
+                write_operator_token_file(operators, DEMO_OPERATOR)
             _register_samples(cdir / "gateway.toml", cdir / "data" / "images")
             base = base_urls[c.name]
             communities_json.append(
@@ -521,6 +529,12 @@ class Demo:
                         "rad69": f"{base}/ig/rad69",
                     },
                     "admin": f"http://127.0.0.1:{admin.getsockname()[1]}",
+                    # The consent admin API: Authorization: Bearer <token from tokenFile>.
+                    "consentAdmin": {
+                        "url": f"http://127.0.0.1:{admin.getsockname()[1]}/consent",
+                        "operator": DEMO_OPERATOR,
+                        "tokenFile": str(operators),
+                    },
                     "identities": identities[c.name].to_json(),
                 }
             )

@@ -122,14 +122,14 @@ class Gateway:
         self.imaging = install_imaging(self, config.imaging)
         self._wire_audit()
         self._wire_authorization()
-        from xca_gateway.consent import ConsentAdminApp, ConsentService
+        from xca_gateway.consent import ConsentService
 
         # Patient consent (opt-in/opt-out), checked by the responding handlers; managed with
-        # `xca-gateway consent ...` and the admin port's /consent API.
+        # `xca-gateway consent ...` and the admin port's /consent API (operators only).
         self.consent: ConsentService | None = None
         if config.consent.enabled:
             self.consent = ConsentService.open(config.consent)
-            self.admin_app.mount("/consent", ConsentAdminApp(self.consent))
+            self.admin_app.mount("/consent", self._consent_admin(self.consent))
         self._started = False
         self.registry: Any = None
         from xca_gateway.dicom_front import DicomFrontDoor, DicomFrontServices
@@ -394,6 +394,33 @@ class Gateway:
                 )
 
             self.peer_client.set_header_provider(headers)
+
+    def _consent_admin(self, consent: Any) -> Any:
+        """The /consent admin API: Host checked and operator tokens (:mod:`xca_gateway.admin`),
+        refusals audited once by the door guard, each change audited as 110110."""
+        from xca_gateway.admin import AdminAccessError, AdminGate, load_operator_tokens
+        from xca_gateway.config import ConfigError
+        from xca_gateway.consent import ConsentAdminApp, ConsentChange, consent_change_audit
+
+        token_file = self.config.consent.admin_token_file
+        try:
+            tokens = load_operator_tokens(token_file) if token_file is not None else ()
+        except AdminAccessError as exc:
+            raise ConfigError(f"[consent] admin_token_file: {exc}") from None
+        if not tokens:
+            log.warning("consent admin API: no operator tokens ([consent] admin_token_file)")
+        audit = self.audit
+
+        def changed(change: ConsentChange) -> None:
+            if audit.config.enabled:
+                audit.record(consent_change_audit(audit.context, change))
+
+        gate = AdminGate(
+            tokens,
+            lambda: (self.config.admin.host, self.admin.port),
+            on_refusal=self.guard.refuse,
+        )
+        return ConsentAdminApp(consent, gate, on_change=changed, base_url=lambda: self.admin_url)
 
     def _configured_url(self, endpoint_key: str) -> str | None:
         """An endpoint URL known from the configuration alone (None while the port is 0)."""
