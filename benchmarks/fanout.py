@@ -10,7 +10,9 @@ farm are made with that peer certificate. Everything is measured side by side in
 * for N = 1, 5, 10, 20: median time of one ITI-18 through the gateway / median time of one
   direct ITI-38 to the slowest peer (target ≤ 1.05: bounded by the slowest, never the sum);
 * with one black-holed peer and a 2 s deadline: answer time − deadline (target ≤ 100 ms);
-* queries/s of concurrent consumers through the gateway vs. straight to one peer.
+* queries/s of concurrent consumers through the gateway vs. straight to one peer, with the CPU
+  milliseconds per query of the gateway and of the peer (wall-clock q/s on a shared machine
+  depends on what else runs; CPU per query says what each hop costs).
 
     python benchmarks/fanout.py [--repeat 5] [--concurrency 20] [--seconds 5]
 """
@@ -248,6 +250,27 @@ class Bench:
         return statistics.median(times)
 
 
+def _cpu_seconds(proc: subprocess.Popen[bytes]) -> float:
+    """User + system CPU time of a child so far (from /proc, in clock ticks)."""
+    fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _measured(
+    procs: list[subprocess.Popen[bytes]],
+    ctx: Any,
+    url: str,
+    body: bytes,
+    concurrency: int,
+    seconds: float,
+) -> tuple[float, list[float]]:
+    """Queries/s, and the CPU milliseconds per query each of ``procs`` spent meanwhile."""
+    before = [_cpu_seconds(p) for p in procs]
+    qps = asyncio.run(_throughput(ctx, url, body, concurrency, seconds))
+    cpu = [_cpu_seconds(p) - b for p, b in zip(procs, before, strict=True)]
+    return qps, [c * 1e3 / (qps * seconds) for c in cpu]
+
+
 async def _throughput(ctx: Any, url: str, body: bytes, concurrency: int, seconds: float) -> float:
     done = 0
     stop_at = time.monotonic() + seconds
@@ -331,20 +354,30 @@ def main() -> int:
                 )
 
                 peers = bench.farm([0.010])
+                farm = bench.procs[-1]
                 peers[0]["url"] = f"https://127.0.0.1:{peers[0]['port']}/xca/iti38"
                 url = bench.gateway(peers, deadline=5.0)
-            via_qps = asyncio.run(
-                _throughput(bench.ctx, url, _query(), args.concurrency, args.seconds)
+                gateway = bench.procs[-1]
+            via_qps, (via_gateway_ms, via_peer_ms) = _measured(
+                [gateway, farm], bench.ctx, url, _query(), args.concurrency, args.seconds
             )
-            direct_qps = asyncio.run(
-                _throughput(
-                    bench.peer_ctx, peers[0]["url"], _query("iti38"), args.concurrency, args.seconds
-                )
+            direct_qps, (direct_peer_ms,) = _measured(
+                [farm],
+                bench.peer_ctx,
+                peers[0]["url"],
+                _query("iti38"),
+                args.concurrency,
+                args.seconds,
             )
             print(
                 f"\nthroughput, {args.concurrency} concurrent consumers, one 10 ms peer: "
                 f"{via_qps:.0f} q/s via gateway, {direct_qps:.0f} q/s direct, "
                 f"ratio {via_qps / direct_qps:.2f}"
+            )
+            print(
+                f"CPU per query: via gateway {via_gateway_ms:.2f} ms in the gateway + "
+                f"{via_peer_ms:.2f} ms in the peer; direct {direct_peer_ms:.2f} ms in the peer "
+                f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
             )
         finally:
             bench.close()

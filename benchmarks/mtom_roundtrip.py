@@ -175,10 +175,14 @@ def main() -> int:
                 round_trip(url, client, 1_000_000)  # warm-up: imports, TLS session
                 for size in sizes:
                     sampler = RssSampler(server.pid)
+                    cpu_before = sum(sampler.process.cpu_times()[:2])
                     sampler.start()
                     elapsed, ok = round_trip(url, client, size)
                     peak = sampler.stop()
-                    rows.append((size, elapsed, ok, peak))
+                    # Server CPU (user + system) per GB: what the echo costs, whatever else
+                    # shares the machine (wall-clock MB/s depends on that).
+                    cpu = sum(sampler.process.cpu_times()[:2]) - cpu_before
+                    rows.append((size, elapsed, ok, peak, cpu / (size / 1e9)))
         finally:
             server.terminate()
             server.wait(10)
@@ -186,12 +190,12 @@ def main() -> int:
     print(f"server RSS before the first request: {baseline / 1e6:.1f} MB")
     print(
         f"{'attachment':>12} {'round trip':>11} {'MB/s (each way)':>16} "
-        f"{'peak RSS':>10} {'intact':>7}"
+        f"{'peak RSS':>10} {'server CPU s/GB':>16} {'intact':>7}"
     )
-    for size, elapsed, ok, peak in rows:
+    for size, elapsed, ok, peak, cpu_per_gb in rows:
         print(
             f"{size / 1e6:>10.0f}MB {elapsed:>10.2f}s {size / 1e6 / elapsed:>16.1f} "
-            f"{peak / 1e6:>8.1f}MB {'yes' if ok else 'NO':>7}"
+            f"{peak / 1e6:>8.1f}MB {cpu_per_gb:>16.2f} {'yes' if ok else 'NO':>7}"
         )
     small, large = rows[0], rows[-1]
     print(
