@@ -432,6 +432,59 @@ def test_demo_consent_admin_api_takes_the_operator_token(
         assert operator == "demo-operator"
 
 
+def _read_until(process: subprocess.Popen[bytes], marker: bytes, timeout: float) -> bytes:
+    """What the demo printed, up to ``marker`` (bounded wait, non-blocking reads)."""
+    import select
+
+    assert process.stdout is not None
+    fd = process.stdout.fileno()
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while marker not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            seen += chunk
+    return seen
+
+
+def test_demo_banner_says_where_to_look_and_what_to_try(
+    demo: tuple[subprocess.Popen[bytes], Path],
+) -> None:
+    process, workdir = demo
+    text = _read_until(process, b"Ctrl-C stops", 30).decode(errors="replace")
+    data = _endpoints(workdir)
+    assert "communities ready" in text, text
+    for community in data["communities"]:
+        assert f"{community['admin']}/" in text
+    arr = data["auditRepository"]
+    assert f"{arr['ui']}/login" in text
+    assert arr["officer"]["username"] in text and arr["officer"]["password"] in text
+    [command] = [line.strip() for line in text.splitlines() if "xca-gateway query" in line]
+    assert command.startswith("xca-gateway query --endpoints ")
+    # The first command to try works as printed.
+    result = run_cli(*command.split()[1:])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "status Success" in result.stdout
+
+
+def test_second_demo_on_a_workdir_in_use_is_refused(
+    demo: tuple[subprocess.Popen[bytes], Path],
+) -> None:
+    process, workdir = demo
+    result = run_cli("demo", "--workdir", str(workdir), timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"xca-gateway demo: {workdir.resolve()} is in use by another demo (pid {process.pid}); "
+        "stop it, or give another --workdir"
+    )
+    # The first demo is untouched: still running, its endpoints.json still there.
+    assert process.poll() is None
+    assert (workdir / "endpoints.json").is_file()
+
+
 def test_demo_stops_cleanly_on_sigterm(demo: tuple[subprocess.Popen[bytes], Path]) -> None:
     process, workdir = demo
     parent = psutil.Process(process.pid)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import json
 import logging
 import os
@@ -656,7 +657,70 @@ class Demo:
         self.endpoints_file.unlink(missing_ok=True)
 
 
+class WorkdirInUse(Exception):
+    """Another demo holds the workdir (its databases, spools and endpoints.json)."""
+
+
+def lock_workdir(workdir: Path) -> int:
+    """An exclusive lock on ``workdir/.demo.lock`` (flock: released by the kernel when this
+    process ends, however it ends); the file records the holder's pid. Returns the open file
+    descriptor, which must stay open while the demo runs."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / ".demo.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise WorkdirInUse(
+            f"{workdir.resolve()} is in use by another demo (pid {holder}); stop it, or give "
+            "another --workdir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def banner(endpoints: dict[str, Any], endpoints_file: Path) -> str:
+    """What to open and what to try first, printed once the demo is ready."""
+    lines = [
+        f"xca-gateway demo: {len(endpoints['communities'])} communities ready; {endpoints_file}"
+    ]
+    lines.append("  operator pages (peers, breakers, audit, certificates):")
+    lines += [f"    {c['name']:<8} {c['admin']}/" for c in endpoints["communities"]]
+    arr = endpoints.get("auditRepository") or {}
+    if arr.get("ui"):
+        officer = arr.get("officer") or {}
+        lines.append(f"  audit review UI (security officer): {arr['ui']}/login")
+        lines.append(
+            f"    officer login: {officer.get('username', '?')} / {officer.get('password', '?')}"
+            ' (endpoints.json "auditRepository.officer")'
+        )
+    first = endpoints["communities"][0]
+    patient = (first.get("samplePatients") or [{}])[0].get("id", "ID")
+    lines.append("  try:")
+    lines.append(
+        f"    xca-gateway query --endpoints {endpoints_file} --community {first['name']} "
+        f"--patient {patient.split('^')[0]}"
+    )
+    lines.append("  Ctrl-C stops every process the demo started.")
+    return "\n".join(lines)
+
+
 def run_demo(workdir: Path, *, communities: int = 3, base_port: int = 0) -> int:
+    try:
+        lock = lock_workdir(workdir)
+    except WorkdirInUse as exc:
+        print(f"xca-gateway demo: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _run_demo(workdir, communities=communities, base_port=base_port)
+    finally:
+        os.close(lock)
+
+
+def _run_demo(workdir: Path, *, communities: int, base_port: int) -> int:
     demo = Demo(workdir, communities, base_port)
     stop_requested = False
 
@@ -677,7 +741,7 @@ def run_demo(workdir: Path, *, communities: int = 3, base_port: int = 0) -> int:
             return 1
         demo.add_dicom_ports(endpoints)
         _write_atomic(demo.endpoints_file, json.dumps(endpoints, indent=2) + "\n")
-        print(f"xca-gateway demo: {len(demo.communities)} communities ready; {demo.endpoints_file}")
+        print(banner(endpoints, demo.endpoints_file))
         sys.stdout.flush()
         while not stop_requested:
             for process in demo.processes:
