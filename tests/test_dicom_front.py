@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from lxml import etree
 from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
@@ -43,19 +45,39 @@ from xca_gateway.audit import messages as m
 from xca_gateway.audit.validate import schema_errors
 from xca_gateway.config import load_config
 from xca_gateway.dicom_front import (
+    STORAGE_SYNTAXES,
     ConfigError,
     DicomDestination,
     DicomFrontDoor,
     DicomFrontServices,
     QueryError,
+    move_contexts,
+    outgoing_syntax,
     parse_dicom_front_config,
     parse_identifier,
+    request_syntaxes,
+    requestor_order,
     transfer_audits,
 )
 from xca_gateway.dicom_instance import decode_instance
-from xca_gateway.dicom_samples import SampleStudy, generate_community_samples, local_patient_id
+from xca_gateway.dicom_samples import (
+    MODALITY_SOP_CLASSES,
+    PRIVATE_CREATOR,
+    PRIVATE_GROUP,
+    SampleStudy,
+    generate_community_samples,
+    local_patient_id,
+)
 from xca_gateway.gateway import Gateway
 from xca_gateway.imaging.request import DocumentRequest
+from xca_gateway.imaging.transfer_syntax import (
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    JPEG_2000_LOSSLESS,
+    RLE_LOSSLESS,
+    split_meta,
+    transcode,
+)
 from xca_gateway.pki import CertPair, DevPki
 from xca_gateway.tls import client_context
 
@@ -174,6 +196,11 @@ patient_id_assigning_authority = "{ARC}.20.2000"
 ae_title = "{FRONT_AE}"
 port = 0
 
+# QIDO-RS on the same gateway: what C-FIND answers is compared with it.
+[dicomweb]
+host = "127.0.0.1"
+port = 0
+
 [[dicom.destinations]]
 ae_title = "{STORE_AE}"
 port = {store_port}
@@ -199,7 +226,10 @@ port = {store_tls_port}
         if shutil.which("storescp"):
             storescps.append(
                 subprocess.Popen(
-                    ["storescp", "-aet", STORE_AE, "-od", str(store_dir), str(store_port)],
+                    [
+                        *("storescp", "+B", "+xa", "-aet", STORE_AE),
+                        *("-od", str(store_dir), str(store_port)),
+                    ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
@@ -216,7 +246,8 @@ port = {store_tls_port}
                             str(pki.communities["beta"].cert),
                         ),
                         *("-pw", "+cf", str(pki.ca)),
-                        *("-aet", STORE_TLS_AE, "-od", str(store_tls_dir), str(store_tls_port)),
+                        *("+B", "+xa", "-aet", STORE_TLS_AE),
+                        *("-od", str(store_tls_dir), str(store_tls_port)),
                     ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
@@ -279,7 +310,10 @@ def request_association(
 ) -> Any:
     ae = AE(ae_title=ae_title)
     for context in contexts:
-        ae.add_requested_context(context)
+        if isinstance(context, tuple):  # (abstract syntax, [transfer syntaxes])
+            ae.add_requested_context(*context)
+        else:
+            ae.add_requested_context(context)
     return ae.associate(
         "127.0.0.1",
         front.plain_port if plain else front.port,
@@ -359,6 +393,41 @@ def test_config_parses_and_rejects_bad_tables() -> None:
     ):
         with pytest.raises(ConfigError):
             parse_dicom_front_config(bad)
+
+
+def test_transfer_syntax_choices() -> None:
+    explicit, implicit, rle, j2k = (
+        EXPLICIT_VR_LITTLE_ENDIAN,
+        IMPLICIT_VR_LITTLE_ENDIAN,
+        RLE_LOSSLESS,
+        JPEG_2000_LOSSLESS,
+    )
+    ct, mr = MODALITY_SOP_CLASSES["CT"], MODALITY_SOP_CLASSES["MR"]
+    # The acceptor takes the requestor's order, per SOP class, over its contexts.
+    order = requestor_order(
+        [(ct, [rle, explicit]), (ct, [implicit, explicit]), (mr, ["1.2.840.10008.1.2.2", j2k])],
+        STORAGE_SYNTAXES,
+    )
+    assert order == {ct: [rle, explicit, implicit], mr: [j2k]}  # big endian is not passed on
+    # The RAD-69 asks for what was accepted for the SOP classes retrieved (else native).
+    accepted = {ct: [explicit, rle], mr: [implicit]}
+    assert request_syntaxes(accepted, [ct]) == (explicit, rle)
+    assert request_syntaxes(accepted, [ct, mr]) == (explicit, rle, implicit)
+    assert request_syntaxes(accepted, ["1.2.3"]) == (explicit, implicit)
+    # As stored when accepted; native to any accepted native; else a lossless conversion.
+    assert outgoing_syntax(rle, [explicit, rle]) == rle
+    assert outgoing_syntax(explicit, [implicit]) == explicit  # pynetdicom re-encodes
+    assert outgoing_syntax(rle, [implicit, explicit]) == implicit  # in the receiver's order
+    assert outgoing_syntax(explicit, [rle]) == rle
+    assert outgoing_syntax(j2k, [explicit, implicit]) is None  # no JPEG 2000 decoder
+    # A C-MOVE proposes native and compressed contexts per SOP class, at most 128.
+    contexts = move_contexts([ct, mr, ct])
+    assert [(c.abstract_syntax, c.transfer_syntax) for c in contexts[:2]] == [
+        (ct, [explicit, implicit]),
+        (mr, [explicit, implicit]),
+    ]
+    assert {(c.abstract_syntax, c.transfer_syntax[0]) for c in contexts} >= {(ct, rle), (mr, j2k)}
+    assert len(move_contexts(f"1.2.3.{n}" for n in range(100))) <= 128
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
@@ -505,10 +574,10 @@ def test_find_matches_attributes_the_manifest_knows(front: Front) -> None:
     }
     status, _ = c_find(
         front,
-        identifier("STUDY", PatientID=alice, ModalitiesInStudy="CT"),
+        identifier("STUDY", PatientID=alice, SeriesDescription="X*"),
         PatientRootQueryRetrieveInformationModelFind,
     )
-    assert status == 0xA900  # not in a manifest: refused rather than ignored
+    assert status == 0xA900  # not known to the federation: refused rather than ignored
 
 
 def test_other_patient_ids_sequence_selects_the_local_id(front: Front) -> None:
@@ -555,6 +624,175 @@ def test_find_rejects_unsupported_identifiers(front: Front) -> None:
         PatientRootQueryRetrieveInformationModelFind,
     )
     assert unknown == 0x0000 and matches == []
+
+
+def qido(front: Front, path: str, **params: str) -> list[dict[str, Any]]:
+    """A QIDO-RS search on the same gateway's DICOMweb door, as the test client."""
+    door = front.gateway.dicomweb_front
+    assert door is not None
+    with httpx.Client(verify=front.client_tls(), timeout=60) as client:
+        response = client.get(
+            f"{door.base_url}/dicomweb/{path}",
+            params=params,
+            headers={"accept": "application/dicom+json"},
+        )
+    assert response.status_code == 200, response.text
+    found: list[dict[str, Any]] = response.json()
+    return found
+
+
+def multi(value: Any) -> list[str]:
+    """A (possibly multi-valued) element value as a list of strings."""
+    return [str(value)] if isinstance(value, str) else [str(v) for v in value]
+
+
+def json_values(match: dict[str, Any], keyword: str) -> list[Any]:
+    element = match.get(f"{tag_for_keyword(keyword):08X}", {})
+    return list(element.get("Value", []))
+
+
+def test_c_find_answers_what_qido_rs_answers(front: Front) -> None:
+    """ModalitiesInStudy, the study, series and instance counts, series Modality: the same
+    federation view gives C-FIND the answers QIDO-RS gives, and both are the samples'."""
+    alice = front.studies[0].patient_id
+    everywhere = {
+        s.study_instance_uid: s
+        for s in [*front.studies, *front.peer_studies]
+        if s.study_instance_uid in front.alice_everywhere()
+    }
+    status, studies = c_find(
+        front,
+        identifier(
+            "STUDY",
+            PatientID=alice,
+            StudyInstanceUID="",
+            ModalitiesInStudy="",
+            NumberOfStudyRelatedSeries="",
+            NumberOfStudyRelatedInstances="",
+            SOPClassesInStudy="",
+        ),
+        StudyRootQueryRetrieveInformationModelFind,
+    )
+    assert status == 0x0000
+    by_uid = {str(m.StudyInstanceUID): m for m in studies}
+    assert set(by_uid) == set(everywhere)
+    answered = {
+        json_values(m, "StudyInstanceUID")[0]: m for m in qido(front, "studies", PatientID=alice)
+    }
+    assert set(answered) == set(by_uid)
+    for uid, match in by_uid.items():
+        sample, other = everywhere[uid], answered[uid]
+        assert multi(match.ModalitiesInStudy) == [sample.modality]
+        assert multi(match.ModalitiesInStudy) == json_values(other, "ModalitiesInStudy")
+        assert int(match.NumberOfStudyRelatedInstances) == len(sample.files)
+        assert int(match.NumberOfStudyRelatedSeries) == len(sample.series_instance_uids)
+        assert [int(match.NumberOfStudyRelatedInstances)] == json_values(
+            other, "NumberOfStudyRelatedInstances"
+        )
+        assert [int(match.NumberOfStudyRelatedSeries)] == json_values(
+            other, "NumberOfStudyRelatedSeries"
+        )
+        assert multi(match.SOPClassesInStudy) == [MODALITY_SOP_CLASSES[sample.modality]]
+    # Series: the Modality and the instance count of each.
+    sample = next(s for s in everywhere.values() if len(s.series_instance_uids) > 1)
+    status, series = c_find(
+        front,
+        identifier(
+            "SERIES",
+            PatientID=alice,
+            StudyInstanceUID=sample.study_instance_uid,
+            SeriesInstanceUID="",
+            Modality="",
+            NumberOfSeriesRelatedInstances="",
+        ),
+        StudyRootQueryRetrieveInformationModelFind,
+    )
+    assert status == 0x0000
+    answered_series = {
+        json_values(m, "SeriesInstanceUID")[0]: m
+        for m in qido(front, f"studies/{sample.study_instance_uid}/series", PatientID=alice)
+    }
+    per_series = {uid: 0 for uid in sample.series_instance_uids}
+    for path in sample.files:
+        per_series[str(dcmread(path, stop_before_pixels=True).SeriesInstanceUID)] += 1
+    assert {str(m.SeriesInstanceUID) for m in series} == set(per_series) == set(answered_series)
+    for match in series:
+        other = answered_series[str(match.SeriesInstanceUID)]
+        assert str(match.Modality) == sample.modality == json_values(other, "Modality")[0]
+        assert int(match.NumberOfSeriesRelatedInstances) == per_series[str(match.SeriesInstanceUID)]
+        assert json_values(other, "NumberOfSeriesRelatedInstances") == [
+            int(match.NumberOfSeriesRelatedInstances)
+        ]
+    # Instances: their SOP class, and the study's attributes when asked for.
+    status, images = c_find(
+        front,
+        identifier(
+            "IMAGE",
+            PatientID=alice,
+            StudyInstanceUID=sample.study_instance_uid,
+            SeriesInstanceUID=sample.series_instance_uids[0],
+            SOPInstanceUID="",
+            SOPClassUID="",
+            ModalitiesInStudy="",
+        ),
+        StudyRootQueryRetrieveInformationModelFind,
+    )
+    assert status == 0x0000 and len(images) == per_series[sample.series_instance_uids[0]]
+    for match in images:
+        assert str(match.SOPClassUID) == MODALITY_SOP_CLASSES[sample.modality]
+        assert multi(match.ModalitiesInStudy) == [sample.modality]
+    # Patient: the counts over every study of the patient in the federation.
+    status, [patient] = c_find(
+        front,
+        identifier(
+            "PATIENT",
+            PatientID=alice,
+            NumberOfPatientRelatedStudies="",
+            NumberOfPatientRelatedSeries="",
+            NumberOfPatientRelatedInstances="",
+        ),
+        PatientRootQueryRetrieveInformationModelFind,
+    )
+    assert status == 0x0000
+    assert int(patient.NumberOfPatientRelatedStudies) == len(everywhere)
+    assert int(patient.NumberOfPatientRelatedSeries) == sum(
+        len(s.series_instance_uids) for s in everywhere.values()
+    )
+    assert int(patient.NumberOfPatientRelatedInstances) == sum(
+        len(s.files) for s in everywhere.values()
+    )
+
+
+def test_c_find_matches_modalities(front: Front) -> None:
+    """A workstation's priors by modality: ModalitiesInStudy at the study level (any of a
+    list), Modality at the series level."""
+    alice = front.studies[0].patient_id
+    everywhere = [
+        s
+        for s in [*front.studies, *front.peer_studies]
+        if s.study_instance_uid in front.alice_everywhere()
+    ]
+    modalities = sorted({s.modality for s in everywhere})
+    assert len(modalities) > 1
+    for wanted in (modalities[0], "\\".join(modalities[:2])):
+        status, matches = c_find(
+            front,
+            identifier("STUDY", PatientID=alice, StudyInstanceUID="", ModalitiesInStudy=wanted),
+            StudyRootQueryRetrieveInformationModelFind,
+        )
+        assert status == 0x0000
+        assert {str(m.StudyInstanceUID) for m in matches} == {
+            s.study_instance_uid for s in everywhere if s.modality in wanted.split("\\")
+        }
+    status, matches = c_find(
+        front,
+        identifier("SERIES", PatientID=alice, SeriesInstanceUID="", Modality=modalities[-1]),
+        PatientRootQueryRetrieveInformationModelFind,
+    )
+    assert status == 0x0000
+    assert {str(m.SeriesInstanceUID) for m in matches} == {
+        uid for s in everywhere if s.modality == modalities[-1] for uid in s.series_instance_uids
+    }
 
 
 def test_findscu(front: Front) -> None:
@@ -918,6 +1156,186 @@ def test_c_move_over_dicom_tls_to_a_tls_destination(front: Front) -> None:
         assert pixel_identical(by_uid[uid_of(path)], path)
     [record] = wait_for_records(front, "110104", "AUDIT-MOVE-TLS")
     assert outcome(record) == "0"
+
+
+# ----------------------------------------------------------------------------- byte for byte
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """A Part 10 file's dataset, as a C-STORE carries it (the file meta left out)."""
+    return split_meta(path.read_bytes())[1]
+
+
+def stored_syntax(path: Path) -> str:
+    return str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+
+
+def compressed_study(studies: list[SampleStudy]) -> SampleStudy:
+    return next(s for s in studies if s.transfer_syntax_uid == RLE_LOSSLESS)
+
+
+def c_get_raw(
+    front: Front, study: SampleStudy, proposals: list[list[str]], *, ae_title: str = "TESTSCU"
+) -> tuple[Dataset, dict[str, tuple[str, bytes]]]:
+    """A Study Root C-GET of ``study`` proposing, for its SOP class, one presentation context
+    per list of transfer syntaxes; the final status and, per instance received, the transfer
+    syntax of its context and the dataset bytes as they came on the wire."""
+    received: dict[str, tuple[str, bytes]] = {}
+
+    def on_store(event: Any) -> int:
+        received[str(event.request.AffectedSOPInstanceUID)] = (
+            str(event.context.transfer_syntax),
+            event.request.DataSet.getvalue(),
+        )
+        return 0x0000
+
+    sop_class = MODALITY_SOP_CLASSES[study.modality]
+    assoc = associate(
+        front,
+        StudyRootQueryRetrieveInformationModelGet,
+        *((sop_class, syntaxes) for syntaxes in proposals),
+        roles=[build_role(sop_class, scp_role=True)],
+        ae_title=ae_title,
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    try:
+        results = list(
+            assoc.send_c_get(
+                # A peer's study is asked for with the patient's id here (alice's).
+                identifier(
+                    "STUDY",
+                    PatientID=study.patient_id
+                    if study in front.studies
+                    else local_patient_id(0, 0),
+                    StudyInstanceUID=study.study_instance_uid,
+                ),
+                StudyRootQueryRetrieveInformationModelGet,
+            )
+        )
+    finally:
+        assoc.release()
+    return results[-1][0], received
+
+
+@pytest.mark.parametrize("where", ["local", "local-compressed", "peer-compressed"])
+def test_c_get_sends_each_instance_as_stored_byte_for_byte(front: Front, where: str) -> None:
+    """The SCU offers native (Explicit VR first) and RLE Lossless: every instance arrives in
+    the syntax it is stored in, its dataset the source's to the byte (private attributes with
+    their VRs), from this community's source and through RAD-75 from the peer's."""
+    study = {
+        "local": front.studies[0],
+        "local-compressed": compressed_study(front.studies),
+        "peer-compressed": compressed_study(front.peer_studies),
+    }[where]
+    final, received = c_get_raw(
+        front, study, [[EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN], [RLE_LOSSLESS]]
+    )
+    assert final.Status == 0x0000
+    assert set(received) == {uid_of(p) for p in study.files}
+    for path in study.files:
+        syntax, data = received[uid_of(path)]
+        assert syntax == stored_syntax(path) == study.transfer_syntax_uid
+        assert data == dataset_bytes(path)
+    # Private attributes kept their VRs (an Implicit VR detour would have made them UN).
+    sample = read_dataset(io.BytesIO(received[uid_of(study.files[0])][1]), False, True)
+    block = sample.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+    assert [block[o].VR for o in (0x10, 0x11, 0x12, 0x13, 0x14)] == ["LO", "DS", "US", "FD", "SQ"]
+
+
+def test_c_get_takes_the_scus_first_proposal_and_converts_losslessly(front: Front) -> None:
+    """One context [Implicit, Explicit]: the SCU's first choice is what the door accepts; an
+    RLE instance it did not offer RLE for arrives decoded, the same pixels."""
+    study = compressed_study(front.studies)
+    final, received = c_get_raw(
+        front, study, [[IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN]]
+    )
+    assert final.Status == 0x0000 and set(received) == {uid_of(p) for p in study.files}
+    for path in study.files:
+        syntax, data = received[uid_of(path)]
+        assert syntax == IMPLICIT_VR_LITTLE_ENDIAN
+        got = read_dataset(io.BytesIO(data), True, True)
+        native = dcmread(io.BytesIO(transcode(path.read_bytes(), EXPLICIT_VR_LITTLE_ENDIAN)))
+        assert got.PixelData == native.PixelData
+    # Explicit VR first: Explicit VR.
+    study = front.studies[0]
+    final, received = c_get_raw(
+        front, study, [[EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN]]
+    )
+    assert final.Status == 0x0000
+    assert {syntax for syntax, _ in received.values()} == {EXPLICIT_VR_LITTLE_ENDIAN}
+
+
+def test_c_get_refuses_an_instance_the_scu_accepted_no_syntax_for(front: Front) -> None:
+    """Only JPEG 2000 offered: the native instances cannot be encoded into it (the gateway
+    has no such encoder): the federation says so, and the C-GET fails with that reason."""
+    study = front.studies[0]
+    final, received = c_get_raw(front, study, [[JPEG_2000_LOSSLESS]])
+    assert final.Status == 0xA702 and not received  # Refused: unable to perform sub-operations
+    assert "cannot encode" in final.ErrorComment
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_getscu_receives_the_source_bytes(front: Front, tmp_path: Path, compressed: bool) -> None:
+    if shutil.which("getscu") is None:
+        pytest.skip("dcmtk getscu is not installed")
+    study = compressed_study(front.peer_studies) if compressed else front.peer_studies[0]
+    out = tmp_path / "get"
+    out.mkdir()
+    result = subprocess.run(
+        [
+            *("getscu", "-S", "+B", *(["+xr"] if compressed else [])),
+            *("-aec", FRONT_AE, "-od", str(out)),
+            *(
+                "-k",
+                "QueryRetrieveLevel=STUDY",
+                "-k",
+                f"StudyInstanceUID={study.study_instance_uid}",
+            ),
+            *("-k", f"PatientID={local_patient_id(0, 0)}"),
+            *("127.0.0.1", str(front.plain_port)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    by_uid = {uid_of(f): f for f in out.iterdir()}
+    assert set(by_uid) == {uid_of(p) for p in study.files}
+    for path in study.files:
+        got = by_uid[uid_of(path)]
+        assert stored_syntax(got) == stored_syntax(path)
+        assert dataset_bytes(got) == dataset_bytes(path)
+
+
+def test_c_move_sends_compressed_instances_as_stored(front: Front) -> None:
+    """The C-MOVE proposes native and compressed contexts for the study's SOP class; the
+    destination (storescp, every syntax, bit-preserving) accepted RLE: the instances arrive
+    compressed, byte for byte, over DICOM TLS."""
+    if shutil.which("storescp") is None:
+        pytest.skip("dcmtk storescp is not installed")
+    study = compressed_study(front.peer_studies)
+    assoc = associate(front, StudyRootQueryRetrieveInformationModelMove, ae_title="AUDIT-MOVE-TLS")
+    try:
+        results = list(
+            assoc.send_c_move(
+                identifier(
+                    "STUDY",
+                    PatientID=local_patient_id(0, 0),
+                    StudyInstanceUID=study.study_instance_uid,
+                ),
+                STORE_TLS_AE,
+                StudyRootQueryRetrieveInformationModelMove,
+            )
+        )
+    finally:
+        assoc.release()
+    assert int(results[-1][0].Status) == 0x0000, results[-1]
+    by_uid = {uid_of(f): f for f in front.store_tls_dir.iterdir()}
+    for path in study.files:
+        got = by_uid[uid_of(path)]
+        assert stored_syntax(got) == RLE_LOSSLESS
+        assert dataset_bytes(got) == dataset_bytes(path)
 
 
 def test_move_to_an_unknown_destination_is_refused(front: Front) -> None:

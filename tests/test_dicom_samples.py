@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import re
 from collections import defaultdict
 from datetime import date
@@ -12,6 +13,8 @@ from xca_gateway.dicom_samples import (
     DEFAULT_PATIENTS,
     MANUFACTURER,
     MODALITY_SOP_CLASSES,
+    PRIVATE_CREATOR,
+    PRIVATE_GROUP,
     SamplePatient,
     SampleStudy,
     community_prefix,
@@ -19,6 +22,8 @@ from xca_gateway.dicom_samples import (
     generate_study,
     local_patient_id,
 )
+from xca_gateway.imaging.transfer_syntax import EXPLICIT_VR_LITTLE_ENDIAN as EXPLICIT
+from xca_gateway.imaging.transfer_syntax import transcode
 
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 COMMUNITIES = (("north", "1.2.3.4.5.1", "1.2.826.0.1.3680043.10.1"),
@@ -206,7 +211,8 @@ def test_every_person_appears_in_every_community_under_different_ids(tmp_path: P
     for community, studies in by_community.items():
         per_patient: dict[str, int] = defaultdict(int)
         for study in studies:
-            per_patient[study.patient_id] += 1
+            if study.transfer_syntax_uid == str(pydicom.uid.ExplicitVRLittleEndian):
+                per_patient[study.patient_id] += 1  # the compressed study is counted apart
             ds = pydicom.dcmread(study.files[0], stop_before_pixels=True)
             key = name_to_key[str(ds.PatientName)]
             seen[key][community].add((ds.PatientID, ds.IssuerOfPatientID))
@@ -278,8 +284,44 @@ def test_custom_patients(tmp_path: Path) -> None:
         uid_root="1.2.826.0.1.3680043.10.1",
         patients=[patient],
     )
-    assert len(studies) == 1
+    # Eve's study, and her compressed one.
+    assert len(studies) == 2
+    assert studies[1].transfer_syntax_uid == pydicom.uid.RLELossless
     ds = pydicom.dcmread(studies[0].files[0])
     assert str(ds.PatientName) == "Strand^Eve"
     assert ds.PatientSex == "O"
     assert ds.PatientID == local_patient_id(0, 0)
+
+
+def test_each_community_has_one_compressed_study_of_its_first_patient(tmp_path: Path) -> None:
+    for index, studies in enumerate(_all_communities(tmp_path).values()):
+        *plain, compressed = studies
+        assert all(s.transfer_syntax_uid == pydicom.uid.ExplicitVRLittleEndian for s in plain)
+        assert compressed.transfer_syntax_uid == pydicom.uid.RLELossless
+        assert compressed.patient_id == local_patient_id(index, 0)
+        # A modality the patient has no other study of.
+        assert compressed.modality not in {
+            s.modality for s in plain if s.patient_id == compressed.patient_id
+        }
+        for path in compressed.files:
+            ds = pydicom.dcmread(path)
+            assert ds.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
+            assert ds["PixelData"].is_undefined_length  # encapsulated fragments
+            # Decodes (pydicom's own codec, as the gateway converts it) to native pixels.
+            native = pydicom.dcmread(io.BytesIO(transcode(path.read_bytes(), EXPLICIT)))
+            assert len(native.PixelData) == ds.Rows * ds.Columns * 2
+            assert native.SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_sample_instances_carry_a_private_block_in_explicit_vr(tmp_path: Path) -> None:
+    study = _study(tmp_path, series_count=1, instances_per_series=1)
+    ds = pydicom.dcmread(study.files[0])
+    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+    assert [block[offset].VR for offset in (0x10, 0x11, 0x12, 0x13, 0x14)] == [
+        "LO",
+        "DS",
+        "US",
+        "FD",
+        "SQ",
+    ]
+    assert block[0x11].value == "1.50"

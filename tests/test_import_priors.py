@@ -14,6 +14,8 @@ import contextlib
 import io
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,11 +31,16 @@ from pydicom.dataset import Dataset
 
 from tests.audit_inbox import AuditInbox
 from tests.communities import ARC, seed_community
-from tests.conftest import GatewayThread
+from tests.conftest import GatewayThread, wait_for
 from tests.test_imaging_support import OrthancProcess, free_port, orthanc
 from xca_gateway.config import load_config
 from xca_gateway.dicom_samples import SampleStudy, local_patient_id
 from xca_gateway.gateway import Gateway
+from xca_gateway.imaging.transfer_syntax import (
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    RLE_LOSSLESS,
+    transcode,
+)
 from xca_gateway.import_priors import (
     HttpsFederation,
     PacsStore,
@@ -316,7 +323,7 @@ def test_malformed_instance_is_reported_and_never_stored(fed: Federation) -> Non
 
 def test_api_filters_by_study_and_community(fed: Federation) -> None:
     clear_orthanc(fed.orthanc)
-    first, second = fed.beta_of(ALICE)
+    first, second = fed.beta_of(ALICE)[:2]
 
     async def run(selection: PriorSelection) -> Any:
         ctx = client_context(fed.pki.ca, fed.pki.client.cert, fed.pki.client.key)
@@ -360,6 +367,60 @@ def test_api_filters_by_study_and_community(fed: Federation) -> None:
     )
     assert ds.PatientID == local_patient_id(0, ALICE)
     assert "OriginalAttributesSequence" not in ds
+
+
+def test_compressed_prior_is_converted_for_a_pacs_that_refuses_it(
+    fed: Federation, tmp_path: Path
+) -> None:
+    """dcmtk's storescp takes native syntaxes only: alice's RLE study at beta comes from the
+    federation as stored, the PACS refuses it compressed, and it is stored native instead,
+    the same pixels (RLE is lossless); Orthanc, which takes RLE, got it as stored (above)."""
+    if shutil.which("storescp") is None:
+        pytest.skip("dcmtk storescp is not installed")
+    compressed = next(s for s in fed.beta_of(ALICE) if s.transfer_syntax_uid == RLE_LOSSLESS)
+    out = tmp_path / "pacs"
+    out.mkdir()
+    port = free_port()
+    pacs = subprocess.Popen(
+        ["storescp", "-aet", "NATIVEPACS", "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert wait_for(lambda: _listening(port), timeout=15)
+
+        async def run() -> Any:
+            ctx = client_context(fed.pki.ca, fed.pki.client.cert, fed.pki.client.key)
+            async with httpx.AsyncClient(verify=ctx, timeout=60) as client:
+                return await import_priors(
+                    HttpsFederation(client, fed.alpha.base_url, progress=False),
+                    patient_id=cx(0, ALICE),
+                    selection=PriorSelection(
+                        ALPHA_HOME,
+                        study_instance_uids=frozenset({compressed.study_instance_uid}),
+                    ),
+                    store=PacsStore("127.0.0.1", port, "NATIVEPACS"),
+                )
+
+        report = asyncio.run(run())
+    finally:
+        pacs.terminate()
+        pacs.wait(10)
+    assert report.ok and report.stored == len(compressed.files), report
+    received = {str(pydicom.dcmread(f).SOPInstanceUID): f for f in out.iterdir()}
+    for path in compressed.files:
+        got = pydicom.dcmread(received[sop_uid(path)])
+        assert got.file_meta.TransferSyntaxUID == EXPLICIT_VR_LITTLE_ENDIAN
+        native = pydicom.dcmread(
+            io.BytesIO(transcode(path.read_bytes(), EXPLICIT_VR_LITTLE_ENDIAN))
+        )
+        assert got.PixelData == native.PixelData
+
+
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
 
 
 def test_unknown_patient_has_nothing_to_import(fed: Federation) -> None:

@@ -371,6 +371,8 @@ def _seed(community: DemoCommunity, data_dir: Path) -> list[dict[str, str]]:
                 "accessionNumber": s.accession_number,
                 "studyDate": s.study_date,
                 "modality": s.modality,
+                # Explicit VR Little Endian, or RLE Lossless for the compressed study.
+                "transferSyntaxUid": s.transfer_syntax_uid,
                 "files": [str(f) for f in s.files],
             }
             for s in studies

@@ -7,12 +7,21 @@ federation through the community's own initiating gateway, in-process:
   (with Issuer of Patient ID, or an Other Patient IDs Sequence item of the local issuer) becomes
   an ITI-18 FindDocuments for KOS manifests through the initiating gateway (fan-out to every
   community and the local registry); each manifest is fetched (ITI-43 / ITI-39) and its
-  references become the study / series / instance matches.
+  references become the study / series / instance matches, with what QIDO-RS answers from the
+  same view (ModalitiesInStudy from the registry, the study / series / patient counts, SOP
+  Classes in Study, series Modality), and can be matched on it (ModalitiesInStudy, Modality).
 * C-GET and C-MOVE: the same manifests give the DocumentRequests of a RAD-69 through the
   initiating gateway (routed as RAD-75). Instances are sent one by one as they arrive, either
   on the association (C-GET) or to the move destination from the ``[[dicom.destinations]]``
-  AE table (C-MOVE). An instance is decoded completely before it is sent, so a truncated or
-  malformed one from a source is reported as a failed sub-operation and never half-stored.
+  AE table (C-MOVE), byte for byte in the syntax they are stored in whenever the receiver
+  accepted it (see "transfer syntaxes" below). An instance is decoded completely before it is
+  sent, so a truncated or malformed one from a source is reported as a failed sub-operation
+  and never half-stored.
+
+Who may call: DICOM TLS by default (:mod:`xca_gateway.dicom_tls`), and every association is
+admitted by the gateway's door guard on its calling AE title tied to the certificate (or, in
+plain DIMSE on loopback, the address); the admitted principal is the current caller of every
+federation call made for it.
 
 Audit (DICOM PS3.15 A.5.3, through the gateway's audit trail): each C-FIND is a "Query"
 (110112) with the calling AE as Source, the identifier as ParticipantObjectQuery of the SOP
@@ -29,17 +38,30 @@ its own threads; the federation calls run on the gateway's asyncio loop through
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fnmatch
+import io
 import logging
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE, StoragePresentationContexts, evt
+from pydicom.uid import AllTransferSyntaxes, ExplicitVRBigEndian
+from pynetdicom import AE, StoragePresentationContexts, build_context, evt
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -63,6 +85,7 @@ from xca_gateway.consumer import (
 )
 from xca_gateway.dicom_instance import decode_instance
 from xca_gateway.dicom_tls import TlsAssociationServer, association_identity
+from xca_gateway.dicomweb.model import StudyEntity, study_entities
 from xca_gateway.federation_view import (
     FederationError,
     FederationView,
@@ -71,6 +94,7 @@ from xca_gateway.federation_view import (
     imaging_request_for,
     patient_cx,
 )
+from xca_gateway.imaging import transfer_syntax as ts
 from xca_gateway.imaging.request import DocumentRequest, RetrieveImagingDocumentSetRequest
 from xca_gateway.kos import InstanceRef
 from xca_gateway.security.callers import Door, Principal, set_current_caller
@@ -100,6 +124,7 @@ STATUS_IDENTIFIER_MISMATCH = 0xA900  # Identifier does not match SOP Class
 STATUS_UNABLE_TO_PROCESS = 0xC000
 STATUS_MOVE_DESTINATION_UNKNOWN = 0xA801
 STATUS_SUBOPS_WITH_FAILURES = 0xB000
+STATUS_SUBOPS_UNPERFORMED = 0xA702  # Refused: unable to perform sub-operations
 STATUS_CANCEL = 0xFE00
 STATUS_NOT_AUTHORIZED = 0x0124  # Refused: Not Authorized (PS3.7 C.5.21)
 _C_STORE_RSP = 0x8001  # Command Field (PS3.7 E.1)
@@ -140,7 +165,16 @@ _FILTERABLE_KEYS = frozenset(
         "ReferringPhysicianName",
     }
 )
+# ... and what the registry (eventCodeList) and the manifests' references answer, by level.
+_FILTERABLE_BY_LEVEL = {
+    "PATIENT": _FILTERABLE_KEYS,
+    "STUDY": _FILTERABLE_KEYS | {"ModalitiesInStudy"},
+    "SERIES": _FILTERABLE_KEYS | {"ModalitiesInStudy", "Modality"},
+    "IMAGE": _FILTERABLE_KEYS | {"ModalitiesInStudy", "Modality", "SOPClassUID"},
+}
 _CALL_TIMEOUT = 120.0
+# What a retrieve asks the federation for when the receiving side's syntaxes are not known.
+NATIVE_SYNTAXES = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN)
 
 T = TypeVar("T")
 
@@ -331,6 +365,15 @@ def value_matches(keyword: str, pattern: str, value: str) -> bool:
     return value == pattern
 
 
+def _text(value: Any) -> str:
+    """An element value as DICOM text: multiple values joined by backslashes."""
+    if value is None:
+        return ""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        return str(value).strip()
+    return "\\".join(str(v).strip() for v in value)
+
+
 def parse_identifier(ds: Dataset, *, model: str, local_authority: str) -> FindQuery:
     """Read a C-FIND/C-GET/C-MOVE identifier; ``model`` is "PATIENT" or "STUDY" root."""
     level = str(ds.get("QueryRetrieveLevel", "") or "").strip().upper()
@@ -343,10 +386,10 @@ def parse_identifier(ds: Dataset, *, model: str, local_authority: str) -> FindQu
         keyword = element.keyword
         if not keyword or keyword in _HANDLED_KEYS or element.VR == "SQ":
             continue
-        value = "" if element.value is None else str(element.value).strip()
+        value = _text(element.value)
         if not value or value == "*":
             continue  # a return key (or universal match)
-        if keyword not in _FILTERABLE_KEYS:
+        if keyword not in _FILTERABLE_BY_LEVEL[level]:
             raise QueryError(STATUS_IDENTIFIER_MISMATCH, f"matching on {keyword} is not supported")
         filters.append((keyword, value))
     return FindQuery(
@@ -374,85 +417,269 @@ def select_references(query: FindQuery, studies: list[StudyManifest]) -> list[In
 _PATIENT_KEYS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex")
 _STUDY_KEYS = ("StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID")
 _STUDY_EXTRA = ("StudyDescription", "ReferringPhysicianName")
+_LIST_KEYS = frozenset({"ModalitiesInStudy", "Modality", "SOPClassUID"})
+
+
+def entity_matches(keyword: str, pattern: str, ds: Dataset, entity: StudyEntity) -> bool:
+    """PS3.4 C.2.2.2 matching of one key against a candidate response; multi-valued keys
+    (ModalitiesInStudy) match when any value does, each pattern value may be a wildcard."""
+    if keyword == "Modality" and "Modality" not in ds:
+        # Series modality unknown (the registry lists a multi-modality study's modalities, not
+        # each series'): the series of a study with the modality match, as in QIDO-RS.
+        return any(
+            value_matches(keyword, p, m) for p in pattern.split("\\") for m in entity.modalities
+        )
+    if keyword in _LIST_KEYS:
+        values = _text(ds.get(keyword)).split("\\")
+        return any(
+            value_matches(keyword, p.upper(), v.upper())
+            for p in pattern.split("\\")
+            for v in values
+            if v
+        )
+    return value_matches(keyword, pattern, _text(ds.get(keyword)))
+
+
+def _study_attributes(entity: StudyEntity, caller_pid: str, caller_issuer: str | None) -> Dataset:
+    """What the federation knows of a study, as QIDO-RS answers it: the manifest header's
+    patient and study attributes, the modalities the registry recorded, the counts."""
+    header = entity.header
+    ds = Dataset()
+    for keyword in ("SpecificCharacterSet", *_PATIENT_KEYS, *_STUDY_KEYS, *_STUDY_EXTRA):
+        if keyword in header:
+            element = header[keyword]  # copied: the cached manifest must stay as it is
+            ds.add_new(element.tag, element.VR, element.value)
+    if caller_pid:
+        # Other communities' manifests carry their own patient id: the caller gets its own
+        # Patient ID (and issuer) back, as it asked, so that matches stay one patient.
+        ds.PatientID = caller_pid
+        if caller_issuer is not None:
+            ds.IssuerOfPatientID = caller_issuer
+    ds.StudyInstanceUID = entity.uid
+    if entity.modalities:
+        ds.ModalitiesInStudy = list(entity.modalities)
+    refs = [r for members in entity.series.values() for r in members]
+    ds.NumberOfStudyRelatedSeries = len(entity.series)
+    ds.NumberOfStudyRelatedInstances = len(refs)
+    ds.SOPClassesInStudy = list(dict.fromkeys(r.sop_class_uid for r in refs))
+    return ds
+
+
+def _copy(ds: Dataset) -> Dataset:
+    """A dataset with new elements (setting a value on a shared element changes both)."""
+    out = Dataset()
+    for element in ds:
+        out.add_new(element.tag, element.VR, element.value)
+    return out
+
+
+def candidates(query: FindQuery, studies: Sequence[StudyManifest]) -> list[Dataset]:
+    """Every entity at the query level with all the attributes the federation knows of it
+    (the study's and those of the levels above), that matches the identifier's keys."""
+    asked = query.identifier
+    caller_pid = str(asked.get("PatientID", "") or "").strip()
+    caller_issuer = str(asked.IssuerOfPatientID) if "IssuerOfPatientID" in asked else None
+    found: list[Dataset] = []
+    for entity in study_entities(studies):
+        if query.study_instance_uids and entity.uid not in query.study_instance_uids:
+            continue
+        study = _study_attributes(entity, caller_pid, caller_issuer)
+        if query.level in ("PATIENT", "STUDY"):
+            if all(entity_matches(k, p, study, entity) for k, p in query.filters):
+                found.append(study)
+            continue
+        modality = entity.modalities[0] if len(entity.modalities) == 1 else None
+        for series_uid, refs in entity.series.items():
+            if query.series_instance_uids and series_uid not in query.series_instance_uids:
+                continue
+            series = _copy(study)
+            series.SeriesInstanceUID = series_uid
+            if modality:
+                series.Modality = modality
+            series.NumberOfSeriesRelatedInstances = len(refs)
+            if query.level == "SERIES":
+                if all(entity_matches(k, p, series, entity) for k, p in query.filters):
+                    found.append(series)
+                continue
+            for ref in refs:
+                if query.sop_instance_uids and ref.sop_instance_uid not in query.sop_instance_uids:
+                    continue
+                instance = _copy(series)
+                instance.SOPInstanceUID = ref.sop_instance_uid
+                instance.SOPClassUID = ref.sop_class_uid
+                if all(entity_matches(k, p, instance, entity) for k, p in query.filters):
+                    found.append(instance)
+    return found
+
+
+def _patients(studies: Sequence[Dataset]) -> list[Dataset]:
+    """PATIENT level: one answer per patient, the counts over the studies that matched."""
+    by_patient: dict[str, Dataset] = {}
+    for study in studies:
+        key = str(study.get("PatientID", "") or "")
+        patient = by_patient.get(key)
+        if patient is None:
+            patient = Dataset()
+            for keyword in ("SpecificCharacterSet", *_PATIENT_KEYS):
+                if keyword in study:
+                    element = study[keyword]
+                    patient.add_new(element.tag, element.VR, element.value)
+            patient.NumberOfPatientRelatedStudies = 0
+            patient.NumberOfPatientRelatedSeries = 0
+            patient.NumberOfPatientRelatedInstances = 0
+            by_patient[key] = patient
+        patient.NumberOfPatientRelatedStudies += 1
+        patient.NumberOfPatientRelatedSeries += int(study.NumberOfStudyRelatedSeries)
+        patient.NumberOfPatientRelatedInstances += int(study.NumberOfStudyRelatedInstances)
+    return list(by_patient.values())
 
 
 def build_matches(
     query: FindQuery, studies: list[StudyManifest], *, retrieve_ae_title: str
 ) -> list[Dataset]:
-    """The C-FIND responses: one per distinct entity at the query level, requested keys only.
-
-    Manifests from other communities carry their own community's patient id; the caller gets
-    its own Patient ID (and issuer) back, as it asked, so that matches stay one patient.
-    """
+    """The C-FIND responses: one per distinct entity at the query level, with every requested
+    key the federation knows (the same as QIDO-RS answers), the others zero-length."""
     requested = {element.keyword for element in query.identifier if element.keyword}
-    asked = query.identifier
-    caller_pid = str(asked.get("PatientID", "") or "").strip()
+    found = candidates(query, studies)
+    if query.level == "PATIENT":
+        found = _patients(found)
+    unique = _UNIQUE_KEYS[query.level]
     matches: list[Dataset] = []
     seen: set[str] = set()
-    for study in studies:
-        refs = select_references(query, [study])
-        if not refs and (query.study_instance_uids or query.series_instance_uids):
+    for ds in found:
+        key = str(ds.get(unique, "") or "")
+        if not key or key in seen:
             continue
-        header = study.header
-        entities: list[tuple[str, InstanceRef | None]]
-        if query.level == "PATIENT":
-            entities = [(caller_pid or str(header.get("PatientID", "")), None)]
-        elif query.level == "STUDY":
-            entities = [(r.study_instance_uid, r) for r in refs[:1]] or [
-                (uid, None) for uid in study.manifest.study_instance_uids[:1]
-            ]
-        elif query.level == "SERIES":
-            entities = [(r.series_instance_uid, r) for r in refs]
-        else:
-            entities = [(r.sop_instance_uid, r) for r in refs]
-        for key, ref in entities:
-            if not key or key in seen:
+        seen.add(key)
+        ds.QueryRetrieveLevel = query.level
+        ds.RetrieveAETitle = retrieve_ae_title
+        # Requested keys that the federation cannot answer come back empty.
+        for keyword in requested - set(ds.dir()):
+            try:
+                setattr(ds, keyword, None)
+            except (ValueError, TypeError):  # pragma: no cover - odd keyword
                 continue
-            seen.add(key)
-            ds = Dataset()
-            ds.QueryRetrieveLevel = query.level
-            for keyword in _PATIENT_KEYS:
-                if keyword in header:
-                    setattr(ds, keyword, header[keyword].value)
-            if caller_pid:
-                ds.PatientID = caller_pid
-                if "IssuerOfPatientID" in asked:
-                    ds.IssuerOfPatientID = asked.IssuerOfPatientID
-            if query.level != "PATIENT":
-                for keyword in (*_STUDY_KEYS, *_STUDY_EXTRA):
-                    if keyword in header:
-                        setattr(ds, keyword, header[keyword].value)
-                if ref is not None:
-                    ds.StudyInstanceUID = ref.study_instance_uid
-            if ref is not None and query.level in ("SERIES", "IMAGE"):
-                ds.SeriesInstanceUID = ref.series_instance_uid
-            if ref is not None and query.level == "IMAGE":
-                ds.SOPInstanceUID = ref.sop_instance_uid
-                ds.SOPClassUID = ref.sop_class_uid
-            ds.RetrieveAETitle = retrieve_ae_title
-            if not all(value_matches(k, p, str(ds.get(k, "") or "")) for k, p in query.filters):
-                continue
-            # Requested keys that the manifest cannot answer come back empty.
-            for keyword in requested - set(ds.dir()):
-                try:
-                    setattr(ds, keyword, None)
-                except (ValueError, TypeError):  # pragma: no cover - odd keyword
-                    continue
-            for keyword in set(ds.dir()) - requested - {"QueryRetrieveLevel"}:
-                if keyword not in _UNIQUE_KEYS.values() and keyword != "RetrieveAETitle":
-                    delattr(ds, keyword)
-            matches.append(ds)
+        keep = {"QueryRetrieveLevel", "RetrieveAETitle", "SpecificCharacterSet"}
+        for keyword in set(ds.dir()) - requested - keep:
+            if keyword not in _UNIQUE_KEYS.values():
+                delattr(ds, keyword)
+        if "SpecificCharacterSet" in ds and all(
+            _text(e.value).isascii() for e in ds if e.VR in ("PN", "LO", "SH", "LT", "ST", "UT")
+        ):
+            del ds.SpecificCharacterSet  # the default repertoire says it all
+        matches.append(ds)
     return matches
 
 
 def imaging_request(
-    query: FindQuery, studies: list[StudyManifest]
+    query: FindQuery,
+    studies: list[StudyManifest],
+    transfer_syntaxes: Sequence[str] = NATIVE_SYNTAXES,
 ) -> RetrieveImagingDocumentSetRequest:
     """The RAD-69 request for the instances the retrieve identifier selects."""
     wanted = {r.sop_instance_uid for r in select_references(query, studies)}
-    return imaging_request_for(
-        studies, wanted, (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN)
-    )
+    return imaging_request_for(studies, wanted, tuple(transfer_syntaxes))
+
+
+# ----------------------------------------------------------------------------- transfer syntaxes
+#
+# C-GET and C-MOVE are byte-faithful where the peer allows it: an instance goes out in the
+# transfer syntax it is stored in when the peer accepted that syntax for its SOP class (the
+# source passes it through untouched and the dataset is sent as read, never re-encoded from
+# decoded values), else in a syntax the peer accepted that it can be converted to losslessly,
+# else that sub-operation fails with the reason. As C-GET acceptor the door accepts, per
+# presentation context, the first syntax the SCU proposes that it can pass on (compressed ones
+# included); as C-MOVE requestor it proposes native and the common compressed syntaxes for each
+# SOP class of the retrieve, and asks the federation for what the destination accepted.
+
+# Every syntax an instance can be passed on in (the retired big endian one aside: pynetdicom
+# cannot convert to it, and nothing stores it), native ones first.
+STORAGE_SYNTAXES: tuple[str, ...] = (
+    *NATIVE_SYNTAXES,
+    *(
+        str(uid)
+        for uid in AllTransferSyntaxes
+        if str(uid) not in (*NATIVE_SYNTAXES, str(ExplicitVRBigEndian))
+    ),
+)
+# Compressed syntaxes a C-MOVE proposes (one presentation context each) beside the native ones.
+MOVE_COMPRESSED_SYNTAXES = (
+    ts.RLE_LOSSLESS,
+    ts.JPEG_LS_LOSSLESS,
+    ts.JPEG_2000_LOSSLESS,
+    ts.JPEG_LOSSLESS_SV1,
+    ts.JPEG_LOSSLESS,
+    ts.HTJ2K_LOSSLESS,
+    ts.JPEG_BASELINE,
+    ts.JPEG_EXTENDED,
+    ts.JPEG_LS_NEAR_LOSSLESS,
+    ts.JPEG_2000,
+)
+MAX_PRESENTATION_CONTEXTS = 128  # PS3.8 9.3.2.2: odd context IDs 1-255
+
+
+def requestor_order(
+    proposed: Iterable[tuple[str, Sequence[str]]], passable: Collection[str]
+) -> dict[str, list[str]]:
+    """Per abstract syntax, the transfer syntaxes a requestor proposed (in its order, the
+    first presentation context first) that can be passed on: the order the acceptor takes
+    them in, so that each context is accepted with the requestor's first choice."""
+    order: dict[str, list[str]] = {}
+    for abstract_syntax, syntaxes in proposed:
+        wanted = order.setdefault(str(abstract_syntax), [])
+        for syntax in syntaxes:
+            if str(syntax) in passable and str(syntax) not in wanted:
+                wanted.append(str(syntax))
+    return order
+
+
+def syntaxes_by_sop_class(contexts: Iterable[Any]) -> dict[str, list[str]]:
+    """SOP Class UID -> the transfer syntaxes of the accepted storage presentation contexts
+    (pynetdicom ``PresentationContext``s) in which we send C-STOREs, in context ID order."""
+    accepted: dict[str, list[str]] = {}
+    for context in sorted(contexts, key=lambda c: c.context_id or 0):
+        if not context.as_scu or not context.transfer_syntax:
+            continue
+        syntaxes = accepted.setdefault(str(context.abstract_syntax), [])
+        if str(context.transfer_syntax[0]) not in syntaxes:
+            syntaxes.append(str(context.transfer_syntax[0]))
+    return accepted
+
+
+def request_syntaxes(
+    accepted: Mapping[str, Sequence[str]], sop_classes: Iterable[str]
+) -> tuple[str, ...]:
+    """The TransferSyntaxUIDList of the RAD-69 for instances of ``sop_classes``: what the peer
+    accepted for them (the source returns an instance as stored when that is listed)."""
+    wanted: list[str] = []
+    for sop_class in sop_classes:
+        for syntax in accepted.get(sop_class, ()):
+            if syntax not in wanted:
+                wanted.append(syntax)
+    return tuple(wanted) or NATIVE_SYNTAXES
+
+
+def outgoing_syntax(stored: str, accepted: Sequence[str]) -> str | None:
+    """The syntax to send an instance stored in ``stored`` in, given what the peer accepted
+    for its SOP class: as stored if accepted (or, native, in another accepted native syntax,
+    which pynetdicom re-encodes losslessly), else a lossless conversion, else None."""
+    if stored in accepted:
+        return stored
+    if stored in ts.NATIVE and any(a in ts.NATIVE for a in accepted):
+        return stored
+    return ts.choose_target(stored, accepted)
+
+
+def move_contexts(sop_classes: Iterable[str]) -> list[PresentationContext]:
+    """The presentation contexts a C-MOVE proposes to its destination: per SOP class one with
+    the native syntaxes and one per common compressed syntax (these while they fit in 128)."""
+    classes = list(dict.fromkeys(sop_classes))
+    contexts = [build_context(c, list(NATIVE_SYNTAXES)) for c in classes]
+    for syntax in MOVE_COMPRESSED_SYNTAXES:
+        if len(contexts) + len(classes) > MAX_PRESENTATION_CONTEXTS:
+            break
+        contexts.extend(build_context(c, [syntax]) for c in classes)
+    return contexts[:MAX_PRESENTATION_CONTEXTS]
 
 
 # ----------------------------------------------------------------------------- audit
@@ -589,6 +816,8 @@ class _Transfer:
         self.sent: set[str] = set()  # C-STORE sub-operations started
         self.responses: dict[str, int] = {}  # SOP Instance UID -> C-STORE status
         self.refused: str | None = None
+        # SOP Class UID -> transfer syntaxes the receiving side accepted (None: not known).
+        self.accepted: dict[str, list[str]] | None = None
         self._finished = False
         # C-GET: the C-STOREs go back on the requester's association.
         self._assoc = assoc
@@ -602,6 +831,10 @@ class _Transfer:
             return
         uid = str(command.get("AffectedSOPInstanceUID", "") or "")
         self.responses[uid] = int(command.get("Status", STATUS_UNABLE_TO_PROCESS))
+
+    def on_accepted(self, event: Any) -> None:
+        """EVT_ACCEPTED on the association to a C-MOVE destination: what it accepted."""
+        self.accepted = syntaxes_by_sop_class(event.assoc.accepted_contexts)
 
     def describe(self, query: FindQuery, studies: Sequence[StudyManifest]) -> None:
         if query.patient_id is not None:
@@ -734,7 +967,10 @@ class DicomFrontDoor:
         # selection); C-MOVE: we request them towards the destination.
         for context in StoragePresentationContexts:
             self.ae.add_supported_context(
-                str(context.abstract_syntax), scu_role=False, scp_role=True
+                str(context.abstract_syntax),
+                list(STORAGE_SYNTAXES),
+                scu_role=False,
+                scp_role=True,
             )
         self.ae.requested_contexts = StoragePresentationContexts
 
@@ -798,6 +1034,7 @@ class DicomFrontDoor:
             )
             if decision.allowed and decision.principal is not None:
                 self._callers[assoc] = decision.principal
+                self._take_requestor_order(assoc)
                 return
         except Exception:  # fail closed: pynetdicom would negotiate after a failed handler
             log.exception("admitting a DIMSE association failed")
@@ -806,6 +1043,19 @@ class DicomFrontDoor:
         assoc.acse.send_reject(0x01, 0x01, 0x03)
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
+
+    def _take_requestor_order(self, assoc: Any) -> None:
+        """Accept each storage context (C-GET) with the first syntax the SCU proposed in it
+        that can be passed on: pynetdicom takes the acceptor's order, so this association's
+        copy of the supported contexts gets the SCU's."""
+        proposed = assoc.requestor.primitive.presentation_context_definition_list or []
+        order = requestor_order(
+            ((c.abstract_syntax, c.transfer_syntax) for c in proposed), STORAGE_SYNTAXES
+        )
+        for context in assoc.acceptor.supported_contexts:
+            wanted = order.get(str(context.abstract_syntax))
+            if wanted and context.scp_role:  # the storage contexts (SCP/SCU role selection)
+                context.transfer_syntax = wanted
 
     def _resource(self) -> str:
         return f"DIMSE {self.config.ae_title} (C-FIND/C-GET/C-MOVE)"
@@ -848,64 +1098,84 @@ class DicomFrontDoor:
             )
         return known
 
-    def _instances(
+    def _plan(
         self, query: FindQuery, transfer: _Transfer, caller: Principal | None
-    ) -> Iterator[Any]:
-        """The C-GET/C-MOVE generator body after the destination: count, then each instance."""
+    ) -> RetrieveImagingDocumentSetRequest:
+        """The instances a C-GET/C-MOVE asks for, as a RAD-69 request (its transfer syntaxes
+        are set once the receiving side is known); raises :class:`_Refused`."""
         try:
             studies = self._studies_for(query, caller)
             transfer.describe(query, studies)
-            request = imaging_request(query, studies)
+            return imaging_request(query, studies)
         except QueryError as exc:
             if exc.status != STATUS_IDENTIFIER_MISMATCH:
                 transfer.refused = exc.comment
-            yield from _refuse(exc.status, exc.comment, transfer)
-            return
+            raise _Refused(exc.status, exc.comment) from None
         except ConsumerError as exc:
             transfer.refused = str(exc)
-            yield from _refuse(STATUS_UNABLE_TO_PROCESS, str(exc), transfer)
-            return
+            raise _Refused(STATUS_UNABLE_TO_PROCESS, str(exc)) from None
         except Exception as exc:
             log.exception("finding the manifests to retrieve failed")
             transfer.refused = f"query failed: {type(exc).__name__}"
-            yield from _refuse(STATUS_UNABLE_TO_PROCESS, transfer.refused, transfer)
-            return
+            raise _Refused(STATUS_UNABLE_TO_PROCESS, transfer.refused) from None
+
+    def _deliver(
+        self,
+        request: RetrieveImagingDocumentSetRequest,
+        transfer: _Transfer,
+        caller: Principal | None,
+    ) -> Iterator[Any]:
+        """The C-GET/C-MOVE generator body after the destination: the count, then each
+        instance as the federation returns it, in a syntax the receiving side accepted.
+
+        The count comes first: pynetdicom opens a C-MOVE's association to the destination
+        right after it, so the RAD-69 can ask for what the destination accepted."""
         if not request.documents:
             transfer.finish()  # nothing matched: nothing to audit
             yield 0
             yield STATUS_SUCCESS, None
             return
         transfer.documents = request.documents
+        requested = [d.document_unique_id for d in request.documents]
+        yield len(requested)
+        accepted = transfer.accepted
+        if accepted is not None:
+            classes = {transfer.sop_classes.get(u, "") for u in requested}
+            request = dataclasses.replace(
+                request, transfer_syntax_uids=request_syntaxes(accepted, sorted(classes))
+            )
         try:
             retrieval = self._call(self.view.retrieve(request), caller)
         except Exception as exc:
             log.exception("RAD-69 through the gateway failed")
             reason = f"retrieve failed: {type(exc).__name__}"
-            transfer.failures = dict.fromkeys(
-                (d.document_unique_id for d in request.documents), reason
-            )
-            yield from _refuse(STATUS_UNABLE_TO_PROCESS, reason, transfer)
+            transfer.failures = dict.fromkeys(requested, reason)
+            transfer.finish()
+            yield _failure(STATUS_UNABLE_TO_PROCESS, reason, failed=requested)
             return
         uids = retrieval.uids
         missing = retrieval.missing
         why = "; ".join(f"{e.error_code}: {e.code_context}" for e in retrieval.errors if e.is_error)
         transfer.failures.update(dict.fromkeys(missing, why or "not returned by the federation"))
-        yield len(uids) + len(missing)
         failed = list(missing)
+        wanted = set(requested)
         try:
             for index, uid in enumerate(uids):
+                if uid not in wanted:  # a source that sent more than asked: not ours to pass on
+                    continue
                 try:
                     data = self._call(retrieval.read(index), caller)
                 except Exception as exc:
                     # A broken stream cannot be resumed: the rest of the retrieve is lost.
                     log.warning("instance %s not retrieved: %s", uid, exc)
                     transfer.failures.update(dict.fromkeys(uids[index:], f"not retrieved: {exc}"))
-                    failed.extend(uids[index:])
+                    failed.extend(u for u in uids[index:] if u in wanted)
                     break
                 try:
-                    ds = decode_instance(data, uid)
+                    ds = self._outgoing(data, uid, accepted)
                 except ValueError as exc:
-                    # Complete but not valid DICOM: refuse this one, carry on with the rest.
+                    # Complete but not valid DICOM, or in no syntax the receiver accepted:
+                    # refuse this one, carry on with the rest.
                     log.warning("instance %s refused: %s", uid, exc)
                     transfer.failures[uid] = f"refused: {exc}"
                     failed.append(uid)
@@ -917,12 +1187,42 @@ class DicomFrontDoor:
             self._call(retrieval.aclose(), caller)
         # Every C-STORE has been answered by now: the records can say what arrived.
         transfer.finish()
+        if failed and not transfer.sent:
+            # Not one sub-operation could be performed (PS3.4 C.4.3.1.4): say why.
+            reason = transfer.failures.get(failed[0], "not retrieved")
+            yield _failure(STATUS_SUBOPS_UNPERFORMED, reason, failed=failed)
+            return
         if failed:
             ds = Dataset()
             ds.FailedSOPInstanceUIDList = failed
             yield STATUS_SUBOPS_WITH_FAILURES, ds
             return
         yield STATUS_SUCCESS, None
+
+    @staticmethod
+    def _outgoing(data: bytes, uid: str, accepted: Mapping[str, Sequence[str]] | None) -> Dataset:
+        """The instance to send: checked whole first, then read afresh and left undecoded, so
+        that pynetdicom writes its elements back byte for byte (a decoded value is re-encoded,
+        not always to the same bytes). Converted losslessly when the receiver did not accept
+        its syntax; ValueError when it cannot be sent."""
+        checked = decode_instance(data, uid)
+        stored = str(checked.file_meta.TransferSyntaxUID)
+        sop_class = str(checked.SOPClassUID)
+        del checked
+        if accepted is not None:
+            allowed = accepted.get(sop_class, [])
+            target = outgoing_syntax(stored, allowed)
+            if target is None:
+                raise ValueError(
+                    f"stored in {stored}; the receiver accepted "
+                    f"{', '.join(allowed) or 'no transfer syntax'} for {sop_class}"
+                )
+            if target != stored:
+                try:
+                    data = ts.transcode(data, target)
+                except ts.TranscodeError as exc:
+                    raise ValueError(str(exc)) from None
+        return dcmread(io.BytesIO(data))
 
     # -- DIMSE handlers (pynetdicom threads)
 
@@ -1037,8 +1337,14 @@ class DicomFrontDoor:
             study_uids=query.study_instance_uids,
             assoc=event.assoc,
         )
+        transfer.accepted = syntaxes_by_sop_class(event.assoc.accepted_contexts)
         try:
-            yield from self._instances(query, transfer, caller)
+            try:
+                request = self._plan(query, transfer, caller)
+            except _Refused as exc:
+                yield from _refuse(exc.status, exc.comment, transfer)
+                return
+            yield from self._deliver(request, transfer, caller)
         finally:
             transfer.finish()  # if the association ended the retrieve half-way
 
@@ -1065,14 +1371,30 @@ class DicomFrontDoor:
             study_uids=query.study_instance_uids,
         )
         try:
-            # pynetdicom opens the association to the destination with these handlers: its
-            # C-STORE-RSPs tell what arrived.
-            options: dict[str, Any] = {"evt_handlers": [(evt.EVT_DIMSE_RECV, transfer.on_dimse)]}
+            try:
+                request = self._plan(query, transfer, caller)
+            except _Refused as exc:
+                yield destination.host, destination.port
+                yield from _refuse(exc.status, exc.comment, transfer)
+                return
+            # pynetdicom opens the association to the destination with these: the SOP classes
+            # to send in native and compressed syntaxes, what the destination accepted, and
+            # its C-STORE-RSPs (what arrived).
+            options: dict[str, Any] = {
+                "evt_handlers": [
+                    (evt.EVT_ACCEPTED, transfer.on_accepted),
+                    (evt.EVT_DIMSE_RECV, transfer.on_dimse),
+                ],
+                "contexts": move_contexts(
+                    transfer.sop_classes.get(d.document_unique_id, "") for d in request.documents
+                )
+                or StoragePresentationContexts,
+            }
             if destination.tls:
                 assert self._client_tls is not None
                 options["tls_args"] = (self._client_tls, destination.host)
             yield destination.host, destination.port, options
-            yield from self._instances(query, transfer, caller)
+            yield from self._deliver(request, transfer, caller)
         finally:
             transfer.finish()  # if the association ended the retrieve half-way
 
@@ -1100,9 +1422,25 @@ def _refuse(status: int, comment: str, transfer: _Transfer | None = None) -> Ite
     yield _failure(status, comment)
 
 
-def _failure(status: int, comment: str) -> tuple[Dataset, None]:
-    """A failure status with its Error Comment (pynetdicom takes a status Dataset)."""
+def _failure(
+    status: int, comment: str, *, failed: Sequence[str] = ()
+) -> tuple[Dataset, Dataset | None]:
+    """A failure status with its Error Comment (pynetdicom takes a status Dataset), and for a
+    retrieve the Failed SOP Instance UID List."""
     ds = Dataset()
     ds.Status = status
     ds.ErrorComment = comment[:64]
-    return ds, None
+    if not failed:
+        return ds, None
+    identifier = Dataset()
+    identifier.FailedSOPInstanceUIDList = list(failed)
+    return ds, identifier
+
+
+class _Refused(Exception):
+    """A C-GET/C-MOVE refused before any sub-operation."""
+
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment

@@ -4,6 +4,11 @@ Each community gets the same people under its own local patient ids and issuer O
 exactly the situation XCA-I patient-id mapping has to handle. Everything is deterministic for
 a given set of indexes so demo data is reproducible; pixel data is generated in pure Python
 to avoid a numpy dependency.
+
+Every instance carries a small private block (explicit VRs that a transcoding to Implicit VR
+would lose), and each community has one study stored RLE Lossless compressed (encoded by
+pydicom's own codec), so that every door can be checked byte for byte against the source,
+compressed instances included.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ from datetime import date, timedelta
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from xca_gateway.kos import is_valid_uid
 
 __all__ = [
     "DEFAULT_PATIENTS",
     "MODALITY_SOP_CLASSES",
+    "PRIVATE_CREATOR",
+    "PRIVATE_GROUP",
     "SamplePatient",
     "SampleStudy",
     "community_prefix",
@@ -33,6 +40,9 @@ __all__ = [
 ]
 
 MANUFACTURER = "xca-gateway synthetic"
+# The private block of every sample instance: group 0x0071, this creator (PS3.5 7.8.1).
+PRIVATE_GROUP = 0x0071
+PRIVATE_CREATOR = "XCA-GATEWAY SYNTHETIC"
 
 MODALITY_SOP_CLASSES: dict[str, str] = {
     "CT": "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
@@ -57,6 +67,8 @@ _REFERRERS = ("Berg^Ingrid", "Dahl^Per", "Lund^Sofie", "Moe^Anders")
 # generate_uid appends a numeric suffix to "<root>." and caps the prefix at 54 characters.
 _MAX_UID_ROOT_LEN = 53
 _BITS_STORED = 12
+# Study index (accession number suffix, seed) of each community's compressed study.
+COMPRESSED_STUDY_INDEX = 9
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,8 @@ class SampleStudy:
     institution: str
     files: tuple[Path, ...]
     series_instance_uids: tuple[str, ...]
+    # How the instances are stored (Explicit VR Little Endian, or RLE Lossless).
+    transfer_syntax_uid: str = str(ExplicitVRLittleEndian)
 
 
 DEFAULT_PATIENTS: tuple[SamplePatient, ...] = (
@@ -212,11 +226,15 @@ def generate_study(
     rows: int = 64,
     columns: int = 64,
     seed: int | None = None,
+    transfer_syntax_uid: str = str(ExplicitVRLittleEndian),
 ) -> SampleStudy:
     """Write one synthetic study as ``<study uid>/<series uid>/<sop uid>.dcm`` under out_dir.
 
     With ``seed`` set, UIDs, times and pixels are reproducible; without it UIDs are random.
+    ``transfer_syntax_uid``: Explicit VR Little Endian or RLE Lossless.
     """
+    if transfer_syntax_uid not in (ExplicitVRLittleEndian, RLELossless):
+        raise ValueError("transfer_syntax_uid must be Explicit VR Little Endian or RLE Lossless")
     modality = modality.upper()
     sop_class_uid = MODALITY_SOP_CLASSES.get(modality)
     if sop_class_uid is None:
@@ -295,6 +313,7 @@ def generate_study(
             ds.HighBit = _BITS_STORED - 1
             ds.PixelRepresentation = 0
             _add_modality_attributes(ds, modality, frame_of_reference_uid, instance_index + 1)
+            _add_private_block(ds, series_index, instance_index)
             ds.PixelData = _pixel_bytes(
                 rows,
                 columns,
@@ -306,6 +325,9 @@ def generate_study(
             meta.MediaStorageSOPInstanceUID = UID(sop_uid)
             meta.TransferSyntaxUID = ExplicitVRLittleEndian
             ds.file_meta = meta
+            if transfer_syntax_uid == RLELossless:
+                # pydicom's own RLE encoder (no numpy needed); same SOP Instance UID.
+                ds.compress(RLELossless, encoding_plugin="pydicom", generate_instance_uid=False)
             path = series_dir / f"{sop_uid}.dcm"
             ds.save_as(path, enforce_file_format=True)
             files.append(path)
@@ -322,7 +344,22 @@ def generate_study(
         institution=institution,
         files=tuple(files),
         series_instance_uids=tuple(series_uids),
+        transfer_syntax_uid=str(transfer_syntax_uid),
     )
+
+
+def _add_private_block(ds: Dataset, series_index: int, instance_index: int) -> None:
+    """Private attributes of several VRs, a sequence among them: in Explicit VR they keep
+    their VR; a detour through Implicit VR turns them into UN."""
+    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+    block.add_new(0x10, "LO", "synthetic sample")
+    block.add_new(0x11, "DS", "1.50")
+    block.add_new(0x12, "US", 100 * series_index + instance_index)
+    block.add_new(0x13, "FD", 0.25)
+    item = Dataset()
+    item.add_new(0x00710010, "LO", PRIVATE_CREATOR)
+    item.add_new(0x00711020, "SH", f"ITEM{instance_index + 1}")
+    block.add_new(0x14, "SQ", [item])
 
 
 def _hhmmss(seconds: int) -> str:
@@ -340,7 +377,8 @@ def generate_community_samples(
     patients: Sequence[SamplePatient] = DEFAULT_PATIENTS,
     institution: str | None = None,
 ) -> list[SampleStudy]:
-    """Write 1-2 studies per patient for one community; reproducible from the indexes.
+    """Write 1-2 studies per patient for one community, and one more for the first patient
+    stored RLE Lossless compressed (last in the list); reproducible from the indexes.
 
     Every patient gets at least one study, so anyone listed in several communities has
     studies in each of them under a different local patient id.
@@ -381,4 +419,26 @@ def generate_community_samples(
                     seed=community_index * 100_000 + patient_index * 100 + study_index,
                 )
             )
+    if patients:
+        # The first patient's compressed study: a modality none of their others has.
+        modality = _MODALITY_CYCLE[(community_index + 2) % len(_MODALITY_CYCLE)]
+        series_count, instances = _STUDY_SHAPE[modality]
+        studies.append(
+            generate_study(
+                out_dir,
+                patient=patients[0],
+                patient_id=local_patient_id(community_index, 0),
+                issuer_oid=issuer_oid,
+                modality=modality,
+                body_part=_BODY_PARTS[modality][community_index % len(_BODY_PARTS[modality])],
+                study_date=date(2016, 1, 4) + timedelta(days=(community_index * 401 + 1777) % 3000),
+                institution=institution,
+                accession_number=f"{prefix}{community_index:02d}{0:03d}{COMPRESSED_STUDY_INDEX}",
+                uid_root=uid_root,
+                series_count=series_count,
+                instances_per_series=instances,
+                seed=community_index * 100_000 + COMPRESSED_STUDY_INDEX,
+                transfer_syntax_uid=str(RLELossless),
+            )
+        )
     return studies

@@ -52,6 +52,7 @@ from xca_gateway.consumer import (
 from xca_gateway.dicom_instance import decode_instance
 from xca_gateway.ebrs import RegistryError, parse_registry_errors
 from xca_gateway.federation_view import FederationError, FederationView, event_modalities
+from xca_gateway.imaging import transfer_syntax as ts
 from xca_gateway.imaging.request import RetrieveImagingDocumentSetRequest
 from xca_gateway.imaging.retrieve import InstanceTooLarge
 from xca_gateway.kos import InstanceRef, is_valid_uid, kos_from_bytes, kos_references
@@ -90,7 +91,18 @@ __all__ = [
     "select_priors",
 ]
 
-DEFAULT_TRANSFER_SYNTAXES = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN)
+# Native, then the lossless compressed syntaxes: an instance stored compressed comes and goes
+# to the PACS as it is; one the PACS does not take compressed is converted if it can be.
+DEFAULT_TRANSFER_SYNTAXES = (
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    ts.RLE_LOSSLESS,
+    ts.JPEG_LS_LOSSLESS,
+    ts.JPEG_2000_LOSSLESS,
+    ts.JPEG_LOSSLESS_SV1,
+    ts.JPEG_LOSSLESS,
+    ts.HTJ2K_LOSSLESS,
+)
 # One instance is held in memory while it is decoded, reconciled and stored.
 DEFAULT_MAX_INSTANCE_BYTES = 512 * 1024 * 1024
 # pynetdicom / PS3.8: at most 128 presentation contexts per association.
@@ -490,6 +502,10 @@ class StoreError(Exception):
     pass
 
 
+class SyntaxNotAccepted(StoreError):
+    """The PACS does not take this SOP class in this transfer syntax."""
+
+
 class PacsStore:
     """C-STORE SCU towards the local PACS (blocking: call through ``asyncio.to_thread``).
 
@@ -583,7 +599,7 @@ class PacsStore:
         if self._assoc is None or not self._assoc.is_established or pair not in self._accepted:
             self._associate(pair)
             if pair not in self._accepted:
-                raise StoreError(
+                raise SyntaxNotAccepted(
                     f"the PACS does not accept SOP class {pair[0]} in transfer syntax {pair[1]}"
                 )
         try:
@@ -755,7 +771,20 @@ async def _import_study(
         try:
             ds = decode_instance(data, uid)
             reconciled = reconcile(ds, reconciliation).dataset
-            await asyncio.to_thread(store.store, reconciled)
+            try:
+                await asyncio.to_thread(store.store, reconciled)
+            except SyntaxNotAccepted:
+                # Stored compressed, refused so by the PACS: native, losslessly, if possible.
+                stored = str(ds.file_meta.TransferSyntaxUID)
+                if stored in ts.NATIVE or not ts.can_convert(stored, EXPLICIT_VR_LITTLE_ENDIAN):
+                    raise
+                try:
+                    data = await asyncio.to_thread(ts.transcode, data, EXPLICIT_VR_LITTLE_ENDIAN)
+                except ts.TranscodeError as exc:
+                    raise ValueError(str(exc)) from None
+                ds = decode_instance(data, uid)
+                reconciled = reconcile(ds, reconciliation).dataset
+                await asyncio.to_thread(store.store, reconciled)
         except (ValueError, ReconciliationError, StoreError) as exc:
             log.warning("instance %s not imported: %s", uid, exc)
             study.failed.append(InstanceFailure(uid, str(exc)))
