@@ -964,6 +964,38 @@ def test_plain_dimse_on_loopback_when_configured(front: Front) -> None:
     assert {m.StudyInstanceUID for m in matches} == front.alice_everywhere()
 
 
+def test_a_study_named_alone_is_served_only_to_the_caller_whose_search_found_it(
+    front: Front,
+) -> None:
+    """The test client's C-FIND found carol's study; another workstation (the loopback one,
+    which never searched for carol) naming it by UID alone gets nothing; naming the patient,
+    it does."""
+    study = next(s for s in front.studies if s.patient_id == local_patient_id(0, 2))
+    status, _ = c_find(
+        front,
+        identifier("STUDY", PatientID=study.patient_id, StudyInstanceUID=""),
+        StudyRootQueryRetrieveInformationModelFind,
+    )
+    assert status == 0x0000
+    alone = identifier("SERIES", StudyInstanceUID=study.study_instance_uid, SeriesInstanceUID="")
+    status, matches = c_find(
+        front, alone, StudyRootQueryRetrieveInformationModelFind, ae_title="PLAINSCU", plain=True
+    )
+    assert status == 0xA900 and not matches
+    status, matches = c_find(front, alone, StudyRootQueryRetrieveInformationModelFind)
+    assert status == 0x0000 and len(matches) == len(study.series_instance_uids)
+    named = identifier(
+        "SERIES",
+        PatientID=study.patient_id,
+        StudyInstanceUID=study.study_instance_uid,
+        SeriesInstanceUID="",
+    )
+    status, matches = c_find(
+        front, named, StudyRootQueryRetrieveInformationModelFind, ae_title="PLAINSCU", plain=True
+    )
+    assert status == 0x0000 and len(matches) == len(study.series_instance_uids)
+
+
 def test_the_association_caller_is_the_current_caller_downstream(front: Front) -> None:
     """While a C-FIND runs on the gateway's loop, the local caller the association was
     admitted as is the current caller (what the initiating side audits and asserts)."""

@@ -1084,17 +1084,20 @@ class DicomFrontDoor:
     # -- federation
 
     def _studies_for(self, query: FindQuery, caller: Principal | None) -> list[StudyManifest]:
-        if query.patient_id is not None:
-            try:
-                return self._call(self.view.studies_of_patient(query.patient_id), caller).studies
-            except FederationError as exc:
-                raise QueryError(STATUS_UNABLE_TO_PROCESS, exc.message) from None
-        known = self.view.cached(query.study_instance_uids)
+        """The patient's studies (a search: its caller may then name them alone), or the
+        studies named alone that this caller's own earlier search found."""
+        try:
+            if query.patient_id is not None:
+                found = self._call(self.view.studies_of_patient(query.patient_id, caller), caller)
+                return found.studies
+            known = self._call(self.view.studies_by_uid(query.study_instance_uids, caller), caller)
+        except FederationError as exc:
+            raise QueryError(STATUS_UNABLE_TO_PROCESS, exc.message) from None
         if not known:
             raise QueryError(
                 STATUS_IDENTIFIER_MISMATCH,
                 "a Patient ID is required (XDS queries are per patient) unless the study "
-                "was found by an earlier C-FIND",
+                "was found by an earlier C-FIND of this caller",
             )
         return known
 
