@@ -31,6 +31,7 @@ from xca_gateway.imaging.request import (
     RetrieveImagingDocumentSetRequest,
     build_retrieve_imaging_request,
 )
+from xca_gateway.imaging.transfer_syntax import LOSSLESS_AS_STORED
 from xca_gateway.kos import kos_from_bytes, kos_references, kos_retrieve_locations
 from xca_gateway.namespaces import QUERY, RIM, SOAP12, XDSB, XOP, Action
 from xca_gateway.patient_id import parse_patient_id
@@ -369,10 +370,11 @@ async def retrieve_study(
     patient_id: str,
     study_instance_uid: str | None,
     out_dir: Path,
-    transfer_syntaxes: Sequence[str] = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN),
+    transfer_syntaxes: Sequence[str] = LOSSLESS_AS_STORED,
     progress: bool = False,
 ) -> list[RetrieveReport]:
-    """The whole consumer flow; one report per manifest fetched."""
+    """The whole consumer flow; one report per manifest fetched. By default the instances
+    are written as stored (native or lossless compressed), else converted to native."""
     ctx = client_context(ca, cert, key)
     async with httpx.AsyncClient(verify=ctx, timeout=httpx.Timeout(300, connect=10)) as client:
         consumer = Consumer(client, gateway, progress=progress)

@@ -38,7 +38,6 @@ from pydicom.dataset import Dataset
 from xca_gateway import mtom
 from xca_gateway.consumer import (
     EXPLICIT_VR_LITTLE_ENDIAN,
-    IMPLICIT_VR_LITTLE_ENDIAN,
     Consumer,
     ConsumerError,
     InstanceBegins,
@@ -93,16 +92,7 @@ __all__ = [
 
 # Native, then the lossless compressed syntaxes: an instance stored compressed comes and goes
 # to the PACS as it is; one the PACS does not take compressed is converted if it can be.
-DEFAULT_TRANSFER_SYNTAXES = (
-    EXPLICIT_VR_LITTLE_ENDIAN,
-    IMPLICIT_VR_LITTLE_ENDIAN,
-    ts.RLE_LOSSLESS,
-    ts.JPEG_LS_LOSSLESS,
-    ts.JPEG_2000_LOSSLESS,
-    ts.JPEG_LOSSLESS_SV1,
-    ts.JPEG_LOSSLESS,
-    ts.HTJ2K_LOSSLESS,
-)
+DEFAULT_TRANSFER_SYNTAXES = ts.LOSSLESS_AS_STORED
 # One instance is held in memory while it is decoded, reconciled and stored.
 DEFAULT_MAX_INSTANCE_BYTES = 512 * 1024 * 1024
 # pynetdicom / PS3.8: at most 128 presentation contexts per association.

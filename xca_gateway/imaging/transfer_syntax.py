@@ -66,6 +66,19 @@ LOSSY: frozenset[str] = frozenset(
 NATIVE: frozenset[str] = frozenset(
     {EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN}
 )
+# What a client that keeps instances as they are stored asks for: native, then the lossless
+# compressed syntaxes (an instance stored in one of them comes as it is, byte for byte; one
+# stored otherwise is converted to native when it can be).
+LOSSLESS_AS_STORED: tuple[str, ...] = (
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    RLE_LOSSLESS,
+    JPEG_LS_LOSSLESS,
+    JPEG_2000_LOSSLESS,
+    JPEG_LOSSLESS_SV1,
+    JPEG_LOSSLESS,
+    HTJ2K_LOSSLESS,
+)
 # What the gateway can decode from and encode into (all lossless).
 CONVERTIBLE: frozenset[str] = NATIVE | {RLE_LOSSLESS}
 
