@@ -45,21 +45,23 @@ from xca_gateway.audit import messages as m
 from xca_gateway.audit.validate import schema_errors
 from xca_gateway.config import load_config
 from xca_gateway.dicom_front import (
-    STORAGE_SYNTAXES,
     ConfigError,
     DicomDestination,
     DicomFrontDoor,
     DicomFrontServices,
     QueryError,
-    move_contexts,
-    outgoing_syntax,
     parse_dicom_front_config,
     parse_identifier,
-    request_syntaxes,
-    requestor_order,
     transfer_audits,
 )
 from xca_gateway.dicom_instance import decode_instance
+from xca_gateway.dicom_negotiation import (
+    STORAGE_SYNTAXES,
+    move_contexts,
+    outgoing_syntax,
+    request_syntaxes,
+    requestor_order,
+)
 from xca_gateway.dicom_samples import (
     MODALITY_SOP_CLASSES,
     PRIVATE_CREATOR,

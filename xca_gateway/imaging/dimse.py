@@ -213,7 +213,12 @@ class DimseSource(ImagingSource):
         for context in AllStoragePresentationContexts:
             if context.abstract_syntax is not None:
                 ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        handlers: list[Any] = [(evt.EVT_C_STORE, self._on_moved_instance)]
+        handlers: list[Any] = [
+            # The PACS's first proposal (the syntax it stores, as a rule), not pynetdicom's
+            # Implicit VR first: an Implicit VR detour loses the private attributes' VRs.
+            (evt.EVT_REQUESTED, _take_requestor_order),
+            (evt.EVT_C_STORE, self._on_moved_instance),
+        ]
         return ae.start_server(
             (s.storage_scp_host, s.storage_scp_port), block=False, evt_handlers=handlers
         )
@@ -483,3 +488,11 @@ class DimseRetrieval(Retrieval):
                         assoc.abort()
 
         await asyncio.to_thread(release)
+
+
+def _take_requestor_order(event: Any) -> None:
+    from pynetdicom._globals import ALL_TRANSFER_SYNTAXES
+
+    from xca_gateway.dicom_negotiation import take_requestor_order
+
+    take_requestor_order(event.assoc, ALL_TRANSFER_SYNTAXES)
