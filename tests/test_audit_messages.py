@@ -275,15 +275,19 @@ def test_retrieve_splits_successes_and_failures() -> None:
         failed=[DOC2],
         outcome_description="XDSDocumentUniqueIdError",
     )
-    assert [o.object_id for o in ok.objects] == [DOC.document_unique_id]
-    assert [o.object_id for o in failed.objects] == [DOC2.document_unique_id]
+    # No patient given: each record says so with a Patient participant without id.
+    assert [o.object_id for o in ok.objects] == [None, DOC.document_unique_id]
+    assert [o.object_id for o in failed.objects] == [None, DOC2.document_unique_id]
+    unknown = ok.objects[0]
+    assert (unknown.type_code, unknown.type_code_role) == (1, 1)
+    assert dict(unknown.details) == {m.DETAIL_PATIENT_NOT_KNOWN: m.PATIENT_NOT_KNOWN.encode()}
     assert (ok.outcome, failed.outcome) == (0, 8)
     assert ok.event.outcome_description is None
     assert failed.event.outcome_description == "XDSDocumentUniqueIdError"
     # Retrieves: the document holder is Source, the requester Destination.
     assert _roles(ok) == [("110153", RG.user_id), ("110152", IG.user_id)]
     assert [p.user_is_requestor for p in ok.participants] == [False, True]
-    doc = ok.objects[0]
+    doc = ok.objects[1]
     assert (doc.type_code, doc.type_code_role, doc.id_type_code.code) == (2, 3, "9")
     assert dict(doc.details) == {
         "Repository Unique Id": DOC.repository_unique_id.encode(),  # type: ignore[union-attr]
@@ -304,7 +308,7 @@ def test_retrieve_splits_successes_and_failures() -> None:
 
 def test_imaging_retrieve_study_objects() -> None:
     msg = MESSAGES["rad69-imaging_document_source"]
-    studies = {o.object_id: o for o in msg.objects}
+    studies = {o.object_id: o for o in msg.objects if o.type_code_role != m.ObjectRole.PATIENT}
     assert list(studies) == ["1.2.3.9", "1.2.3.8"]
     study = studies["1.2.3.9"]
     assert (study.type_code, study.type_code_role, study.id_type_code.code) == (2, 3, "110180")
@@ -335,7 +339,7 @@ def test_large_study_lists_counts_not_every_instance() -> None:
         CTX, side="imaging_document_source", requester=IG, responder=RG, instances=many
     )
     assert schema_errors(msg) == []
-    (sop_class,) = msg.objects[0].description.sop_classes  # type: ignore[union-attr]
+    (sop_class,) = msg.objects[1].description.sop_classes  # type: ignore[union-attr]
     assert (sop_class.number_of_instances, sop_class.instance_uids) == (2000, ())
     assert len(msg.to_xml()) < 4096
 
@@ -541,6 +545,7 @@ def test_malformed_document_requests_are_still_named_in_the_retrieve_audit() -> 
     assert [
         (o.get("ParticipantObjectID"), o.findtext("ParticipantObjectName")) for o in objects
     ] == [
+        (None, None),  # the patient, not known
         ("", "DocumentRequest without DocumentUniqueId"),
         ("", "DocumentRequest with an empty DocumentUniqueId"),
     ]
@@ -559,6 +564,70 @@ def test_malformed_document_requests_are_still_named_in_the_retrieve_audit() -> 
         CTX, side="responding", requester=IG, responder=RG, instances=[], failed=[instance]
     )
     assert schema_errors(message) == []
-    (study,) = message.to_element().findall("ParticipantObjectIdentification")
+    _patient, study = message.to_element().findall("ParticipantObjectIdentification")
     assert study.get("ParticipantObjectID") == ""
     assert study.findtext("ParticipantObjectName") == instance.problem
+
+
+def test_every_retrieve_record_names_its_patient() -> None:
+    """One record per patient and outcome; each with the Patient participant (type 1, role
+    1, IDTypeCode 2) and its name; the default patient for what the mapping does not name."""
+    alice = m.PatientRef("A1^^^&1.2.3&ISO", "Doe^Alice")
+    bob = m.PatientRef("B1^^^&1.2.3&ISO")
+    records = m.rad75_retrieve(
+        CTX,
+        side="initiating",
+        requester=IG,
+        responder=RG,
+        instances=INSTANCES[:3],
+        failed=INSTANCES[3:],
+        patients={"1.2.3.9.1.1": alice, "1.2.3.9.1.2": alice, "1.2.3.8.1.1": bob},
+        patient_id=PATIENT,
+    )
+    summary = []
+    for record in records:
+        assert schema_errors(record) == []
+        el = record.to_element()
+        patients = [
+            p
+            for p in el.iter("ParticipantObjectIdentification")
+            if p.get("ParticipantObjectTypeCodeRole") == "1"
+        ]
+        assert len(patients) == 1
+        (patient,) = patients
+        assert patient.get("ParticipantObjectTypeCode") == "1"
+        assert patient.find("ParticipantObjectIDTypeCode").get("csd-code") == "2"  # type: ignore[union-attr]
+        instances = sum(int(c.get("NumberOfInstances", "0")) for c in el.iter("SOPClass"))
+        summary.append(
+            (
+                record.outcome,
+                patient.get("ParticipantObjectID"),
+                patient.findtext("ParticipantObjectName"),
+                instances,
+            )
+        )
+    assert summary == [
+        (0, alice.patient_id, "Doe^Alice", 2),
+        (0, PATIENT, None, 1),  # the MR instance: not in the mapping, the default patient
+        (8, bob.patient_id, None, 1),
+    ]
+
+
+def test_transfer_without_a_known_patient_says_so() -> None:
+    msg = m.instances_transferred(
+        CTX, source=RG, destination=IG, study_uid="1.2.3.9", instances=INSTANCES[:1]
+    )
+    assert schema_errors(msg) == []
+    patient = msg.objects[0]
+    assert (patient.object_id, patient.type_code, patient.type_code_role) == (None, 1, 1)
+    assert dict(patient.details)[m.DETAIL_PATIENT_NOT_KNOWN] == m.PATIENT_NOT_KNOWN.encode()
+    named = m.instances_transferred(
+        CTX,
+        source=RG,
+        destination=IG,
+        study_uid="1.2.3.9",
+        instances=INSTANCES[:1],
+        patient_ids=[m.PatientRef(PATIENT, "Doe^Alice"), PATIENT],
+    )
+    assert [(o.object_id, o.name) for o in named.objects[:1]] == [(PATIENT, "Doe^Alice")]
+    assert named.objects[1].type_code_role == m.ObjectRole.REPORT

@@ -562,7 +562,10 @@ def test_audit_messages_follow_the_imaging_pattern() -> None:
         patient_ids=[],
     )
     assert not schema_errors(nothing)
-    assert nothing.objects[0].object_id == "1.2"
+    # No patient known: the record says so, then names the bare study.
+    patient, study = nothing.objects
+    assert (patient.object_id, patient.type_code_role) == (None, m.ObjectRole.PATIENT)
+    assert study.object_id == "1.2"
 
 
 # ----------------------------------------------------------------------------- QIDO-RS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -244,6 +245,29 @@ def test_imaging_retrieve_is_audited_on_both_gateways(
                 if p.find("ParticipantObjectIDTypeCode").get("csd-code") == "110180"  # type: ignore[union-attr]
             ]
             assert studies == [study.study_instance_uid]
+    # Each record names the patient: beta's and alpha's RAD-69 from the instances' headers as
+    # they streamed; alpha's RAD-75 went out before any header and after no query of this
+    # patient, so it says the patient is not known to alpha (DICOM A.5.3.4, Patient 1..1).
+    patient_id = "C02-2001^^^&1.3.6.1.4.1.21367.13.20.2000&ISO"
+    for root in roots:
+        if not event(root)[1].startswith("RAD-"):
+            continue
+        (patient,) = [
+            p
+            for p in root.iter("ParticipantObjectIdentification")
+            if p.get("ParticipantObjectTypeCodeRole") == "1"
+        ]
+        assert patient.get("ParticipantObjectTypeCode") == "1"
+        source = root.find("AuditSourceIdentification").get("AuditSourceID")  # type: ignore[union-attr]
+        if (event(root)[1], source) == ("RAD-75", "gw-alpha"):
+            assert patient.get("ParticipantObjectID") is None
+            (detail,) = patient.iter("ParticipantObjectDetail")
+            assert detail.get("type") == "PatientNotKnown"
+            assert base64.b64decode(detail.get("value", "")) == b"patient not known to this node"
+        else:
+            assert patient.get("ParticipantObjectID") == patient_id
+            alice = DEFAULT_PATIENTS[0]
+            assert patient.findtext("ParticipantObjectName") == f"{alice.family}^{alice.given}"
 
 
 def _named_objects(root: etree._Element) -> list[tuple[str | None, str | None]]:

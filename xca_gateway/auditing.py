@@ -8,8 +8,9 @@ framework requires for that transaction and side, and hands them to the non-bloc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +19,16 @@ from lxml import etree
 from xca_gateway import ebrim
 from xca_gateway.audit import AuditTrail, extract, soap_requester
 from xca_gateway.audit import messages as m
+from xca_gateway.audit.patients import (
+    CONTEXT_INSTANCES,
+    CONTEXT_PATIENTS,
+    InstanceObservations,
+    PatientMemory,
+    entry_patients,
+)
 from xca_gateway.namespaces import RIM, RS, Action
 from xca_gateway.security.callers import Role, current_caller
-from xca_gateway.soap_service import SoapRequest
+from xca_gateway.soap_service import Handler, SoapRequest, SoapResponse
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +107,107 @@ def _submission(payload: etree._Element) -> tuple[str, str | None]:
     return unique_id, patient
 
 
+def _context_patients(context: Mapping[str, Any] | None) -> Mapping[str, m.PatientRef]:
+    found = (context or {}).get(CONTEXT_PATIENTS)
+    return found if isinstance(found, Mapping) else {}
+
+
+def _current_request_context() -> Mapping[str, Any] | None:
+    """The context of the SOAP request being served, if an outbound call is made for one."""
+    from xca_gateway.soap_service import CURRENT_REQUEST
+
+    request = CURRENT_REQUEST.get()
+    return request.context if request is not None else None
+
+
 class TransactionAuditor:
-    def __init__(self, trail: AuditTrail, base_url: Callable[[], str]) -> None:
+    """Builds each transaction's records. Every retrieve record names its patient: what the
+    handler put in the request's context (the registry's metadata, the instances' headers as
+    they streamed), else what :attr:`patients` learnt from the query answers and manifests
+    that went through this gateway, else "patient not known to this node"."""
+
+    def __init__(
+        self,
+        trail: AuditTrail,
+        base_url: Callable[[], str],
+        patients: PatientMemory | None = None,
+    ) -> None:
         self.trail = trail
         self.base_url = base_url
+        self.patients = patients if patients is not None else PatientMemory()
+
+    def _document_patients(
+        self, docs: Sequence[m.DocumentReference], context: Mapping[str, Any] | None
+    ) -> dict[str, m.PatientRef]:
+        known = _context_patients(context)
+        found: dict[str, m.PatientRef] = {}
+        for doc in docs:
+            uid = doc.document_unique_id
+            patient = known.get(uid) or self.patients.patient(uid)
+            if patient is not None:
+                found[uid] = patient
+        return found
+
+    def _instances(
+        self, refs: Sequence[m.ImagingInstanceReference], context: Mapping[str, Any] | None
+    ) -> tuple[list[m.ImagingInstanceReference], dict[str, m.PatientRef]]:
+        """The instances with their SOP classes filled in where known, and their patients:
+        the headers seen as they streamed, the handler's, then the memory's (instance, then
+        study)."""
+        observed = (context or {}).get(CONTEXT_INSTANCES)
+        seen: Mapping[str, m.PatientRef] = {}
+        classes: Mapping[str, str] = {}
+        if isinstance(observed, InstanceObservations):
+            seen, classes = observed.patients(), observed.sop_classes
+        known = _context_patients(context)
+        out: list[m.ImagingInstanceReference] = []
+        patients: dict[str, m.PatientRef] = {}
+        for ref in refs:
+            sop, study = ref.sop_instance_uid, ref.study_instance_uid
+            sop_class = ref.sop_class_uid or classes.get(sop) or self.patients.sop_class(sop)
+            out.append(dataclasses.replace(ref, sop_class_uid=sop_class) if sop_class else ref)
+            patient = (
+                seen.get(sop)
+                or known.get(sop)
+                or (known.get(study) if study else None)
+                or self.patients.patient(sop, study)
+            )
+            if patient is not None:
+                patients[sop] = patient
+        return out, patients
+
+    def _retrieve_objects(
+        self,
+        transaction: str,
+        request: etree._Element,
+        reply: etree._Element | None,
+        error: str | None,
+        context: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        """documents/instances, failed and patients of a retrieve, for its builder."""
+        returned = extract.returned_documents(reply) if reply is not None else []
+        if transaction in ("ITI-39", "ITI-43"):
+            delivered, failed = extract.split_documents(
+                extract.requested_documents(request), returned
+            )
+            if error is not None:
+                delivered, failed = [], [*delivered, *failed]
+            return {
+                "documents": delivered,
+                "failed": failed,
+                "patients": self._document_patients([*delivered, *failed], context),
+            }
+        requested, patients = self._instances(extract.requested_instances(request), context)
+        delivered_i, failed_i = extract.split_instances(requested, returned)
+        if error is not None:
+            delivered_i, failed_i = [], [*delivered_i, *failed_i]
+        return {"instances": delivered_i, "failed": failed_i, "patients": patients}
+
+    def _learn(self, reply: etree._Element | None) -> None:
+        """The patients of the DocumentEntries in a query answer, for the retrieves that
+        follow it."""
+        if reply is not None:
+            self.patients.learn_entries(reply)
 
     @property
     def ctx(self) -> m.AuditContext:
@@ -144,6 +249,7 @@ class TransactionAuditor:
             **_identity(request),
         }
         if transaction in ("ITI-38", "ITI-18"):
+            self._learn(response)
             q = extract.stored_query(payload)
             query: dict[str, Any] = {
                 "query_id": q.query_id,
@@ -155,38 +261,15 @@ class TransactionAuditor:
             if transaction == "ITI-38":
                 return [m.iti38_query(self.ctx, side="responding", **query, **common)]
             return [m.iti18_query(self.ctx, side="registry", **query, **common)]
-        if transaction in ("ITI-39", "ITI-43"):
-            returned = extract.returned_documents(response) if response is not None else []
-            delivered, failed = extract.split_documents(
-                extract.requested_documents(payload), returned
-            )
-            if error is not None:
-                delivered, failed = [], [*delivered, *failed]
+        if transaction in ("ITI-39", "ITI-43", "RAD-75", "RAD-69"):
+            objects = self._retrieve_objects(transaction, payload, response, error, request.context)
             if transaction == "ITI-39":
-                return m.iti39_retrieve(
-                    self.ctx, side="responding", documents=delivered, failed=failed, **common
-                )
-            return m.iti43_retrieve(
-                self.ctx, side="repository", documents=delivered, failed=failed, **common
-            )
-        if transaction in ("RAD-75", "RAD-69"):
-            returned = extract.returned_documents(response) if response is not None else []
-            delivered_i, failed_i = extract.split_instances(
-                extract.requested_instances(payload), returned
-            )
-            if error is not None:
-                delivered_i, failed_i = [], [*delivered_i, *failed_i]
+                return m.iti39_retrieve(self.ctx, side="responding", **objects, **common)
+            if transaction == "ITI-43":
+                return m.iti43_retrieve(self.ctx, side="repository", **objects, **common)
             if transaction == "RAD-75":
-                return m.rad75_retrieve(
-                    self.ctx, side="responding", instances=delivered_i, failed=failed_i, **common
-                )
-            return m.rad69_retrieve(
-                self.ctx,
-                side="imaging_document_source",
-                instances=delivered_i,
-                failed=failed_i,
-                **common,
-            )
+                return m.rad75_retrieve(self.ctx, side="responding", **objects, **common)
+            return m.rad69_retrieve(self.ctx, side="imaging_document_source", **objects, **common)
         if transaction in ("ITI-55", "ITI-45"):
             query_id, query_bytes, patients = _hl7_query(payload)
             hl7: dict[str, Any] = {
@@ -235,6 +318,7 @@ class TransactionAuditor:
             common["human_requestors"] = [call.on_behalf_of]
         action = call.action
         if action in (Action.ITI38, Action.ITI18):
+            self._learn(call.reply)
             q = extract.stored_query(call.request)
             query: dict[str, Any] = {
                 "query_id": q.query_id,
@@ -246,30 +330,27 @@ class TransactionAuditor:
             if action == Action.ITI38:
                 return [m.iti38_query(self.ctx, side="initiating", **query, **common)]
             return [m.iti18_query(self.ctx, side="consumer", **query, **common)]
-        if action in (Action.ITI39, Action.ITI43):
-            returned = extract.returned_documents(call.reply) if call.reply is not None else []
-            delivered, failed = extract.split_documents(
-                extract.requested_documents(call.request), returned
+        retrieves = {
+            Action.ITI39: "ITI-39",
+            Action.ITI43: "ITI-43",
+            Action.RAD75: "RAD-75",
+            Action.RAD69: "RAD-69",
+        }
+        if action in retrieves:
+            # Made while serving a request (an RG's ITI-39 relayed as ITI-43, an IG's ITI-43
+            # split into ITI-39s): what that request's handler learnt applies here too.
+            objects = self._retrieve_objects(
+                retrieves[action], call.request, call.reply, call.error, _current_request_context()
             )
+            # Failures of the call itself are in call.error; a reply that came back is judged
+            # document by document.
             if action == Action.ITI39:
-                return m.iti39_retrieve(
-                    self.ctx, side="initiating", documents=delivered, failed=failed, **common
-                )
-            return m.iti43_retrieve(
-                self.ctx, side="consumer", documents=delivered, failed=failed, **common
-            )
-        if action in (Action.RAD75, Action.RAD69):
-            returned = extract.returned_documents(call.reply) if call.reply is not None else []
-            delivered_i, failed_i = extract.split_instances(
-                extract.requested_instances(call.request), returned
-            )
+                return m.iti39_retrieve(self.ctx, side="initiating", **objects, **common)
+            if action == Action.ITI43:
+                return m.iti43_retrieve(self.ctx, side="consumer", **objects, **common)
             if action == Action.RAD75:
-                return m.rad75_retrieve(
-                    self.ctx, side="initiating", instances=delivered_i, failed=failed_i, **common
-                )
-            return m.rad69_retrieve(
-                self.ctx, side="consumer", instances=delivered_i, failed=failed_i, **common
-            )
+                return m.rad75_retrieve(self.ctx, side="initiating", **objects, **common)
+            return m.rad69_retrieve(self.ctx, side="consumer", **objects, **common)
         if action.endswith("PRPA_IN201305UV02:CrossGatewayPatientDiscovery"):
             query_id, query_bytes, patients = _hl7_query(call.request)
             return [
@@ -312,3 +393,91 @@ def _identity(request: SoapRequest) -> dict[str, Any]:
         "human_requestors": [audit_requestor(auth.assertion)],
         "purposes_of_use": audit_purposes_of_use(auth.assertion),
     }
+
+
+# --------------------------------------------------------------------------- registry lookup
+
+# DocumentEntries asked of the store at once (bounded SQL parameter lists).
+_LOOKUP_BATCH = 500
+
+
+class RegistryPatients:
+    """The patients of the documents and studies a retrieve asks for, from the community's own
+    registry: the DocumentEntry's patientId and sourcePatientInfo name, and for a study the
+    KOS manifest entries whose referenceIdList names it. Only an embedded registry is asked (a
+    remote one would be one more audited transaction per retrieve); the instances' headers and
+    the gateway's memory cover the rest."""
+
+    def __init__(self, registry: Any) -> None:
+        self.registry = registry
+
+    async def lookup(
+        self, document_uids: Sequence[str], study_uids: Sequence[str]
+    ) -> dict[str, m.PatientRef]:
+        from xca_gateway.registry.model import (
+            Kind,
+            ObjectFilter,
+            ValueAttribute,
+            ValueCondition,
+            load_element,
+        )
+
+        store = getattr(self.registry, "store", None)
+        if store is None:
+            return {}
+        found: dict[str, m.PatientRef] = {}
+        docs = list(dict.fromkeys(u for u in document_uids if u))
+        for start in range(0, len(docs), _LOOKUP_BATCH):
+            batch = tuple(docs[start : start + _LOOKUP_BATCH])
+            rows = await store.select(
+                ObjectFilter(kind=Kind.DOCUMENT_ENTRY, unique_ids=batch), with_xml=True
+            )
+            for row in rows:
+                for entry in entry_patients(load_element(row.xml)) if row.xml else ():
+                    found.setdefault(entry.document_unique_id, entry.patient)
+        studies = list(dict.fromkeys(u for u in study_uids if u))
+        for start in range(0, len(studies), _LOOKUP_BATCH):
+            references = tuple(
+                f"{uid}^^^^{ebrim.REFERENCE_ID_STUDY_INSTANCE_UID}"
+                for uid in studies[start : start + _LOOKUP_BATCH]
+            )
+            rows = await store.select(
+                ObjectFilter(
+                    kind=Kind.DOCUMENT_ENTRY,
+                    values=(ValueCondition(ValueAttribute.REFERENCE_ID, references),),
+                ),
+                with_xml=True,
+            )
+            wanted = set(studies)
+            for row in rows:
+                for entry in entry_patients(load_element(row.xml)) if row.xml else ():
+                    for study in entry.study_instance_uids:
+                        if study in wanted:
+                            found.setdefault(study, entry.patient)
+        return found
+
+    def wrap(self, handler: Handler, *, imaging: bool) -> Handler:
+        """``handler`` with the patients of what the request asks for in its context."""
+
+        async def handle(request: SoapRequest) -> SoapResponse:
+            try:
+                if imaging:
+                    studies = [
+                        i.study_instance_uid for i in extract.requested_instances(request.payload)
+                    ]
+                    found = await self.lookup((), studies)
+                else:
+                    uids = [
+                        d.document_unique_id for d in extract.requested_documents(request.payload)
+                    ]
+                    found = await self.lookup(uids, ())
+                if found:
+                    request.context[CONTEXT_PATIENTS] = {
+                        **_context_patients(request.context),
+                        **found,
+                    }
+            except Exception:  # the audit's lookup never stops a retrieve
+                log.exception("looking up the patients of a retrieve for its audit failed")
+            return await handler(request)
+
+        return handle

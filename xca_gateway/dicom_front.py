@@ -95,8 +95,10 @@ from xca_gateway.federation_view import (
     FederationError,
     FederationView,
     StudyManifest,
+    audit_patients,
     header_patient_id,
     imaging_request_for,
+    manifest_patient,
     patient_cx,
 )
 from xca_gateway.imaging import transfer_syntax as ts
@@ -635,7 +637,7 @@ def transfer_audits(
     source: m.Node,
     destination: m.Node,
     requester: m.Node | None,
-    patient_ids: Sequence[str],
+    patient_ids: Sequence[str | m.PatientRef],
     unresolved: Mapping[str, str] | None = None,
 ) -> list[m.AuditMessage]:
     """C-GET / C-MOVE as "DICOM Instances Transferred" (110104, R), one message per study:
@@ -713,7 +715,7 @@ class _Transfer:
         self.study_uids = tuple(study_uids)
         self.documents: tuple[DocumentRequest, ...] = ()
         self.sop_classes: dict[str, str] = {}
-        self.patient_ids: list[str] = []
+        self.patient_ids: list[str | m.PatientRef] = []
         self.failures: dict[str, str] = {}  # SOP Instance UID -> why it was not sent
         self.sent: set[str] = set()  # C-STORE sub-operations started
         self.responses: dict[str, int] = {}  # SOP Instance UID -> C-STORE status
@@ -739,10 +741,9 @@ class _Transfer:
         self.accepted = syntaxes_by_sop_class(event.assoc.accepted_contexts)
 
     def describe(self, query: FindQuery, studies: Sequence[StudyManifest]) -> None:
-        if query.patient_id is not None:
-            self.patient_ids = [query.patient_id]
-        else:
-            self.patient_ids = [p for s in studies if (p := header_patient_id(s.header))]
+        found = [p for s in studies if (p := manifest_patient(s.header)) is not None]
+        asked = [query.patient_id] if query.patient_id is not None else []
+        self.patient_ids = [*audit_patients(asked, found)]
         self.sop_classes = {
             r.sop_instance_uid: r.sop_class_uid for s in studies for r in s.references
         }

@@ -44,6 +44,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from xca_gateway import ebrim
+from xca_gateway.audit.messages import PatientRef
+from xca_gateway.audit.patients import PatientMemory
 from xca_gateway.consumer import (
     Manifest,
     find_manifests_request,
@@ -76,9 +78,11 @@ __all__ = [
     "StudyAccessStore",
     "StudyGrant",
     "StudyManifest",
+    "audit_patients",
     "event_modalities",
     "header_patient_id",
     "imaging_request_for",
+    "manifest_patient",
     "patient_cx",
 ]
 
@@ -248,6 +252,28 @@ def header_patient_id(header: Dataset) -> str | None:
     return f"{pid}^^^&{issuer}&ISO" if pid and issuer else pid or None
 
 
+def manifest_patient(header: Dataset) -> PatientRef | None:
+    """The patient of a manifest (or instance) header, with its name, for the audit."""
+    patient_id = header_patient_id(header)
+    if patient_id is None:
+        return None
+    name = str(header.get("PatientName", "") or "").strip()
+    return PatientRef(patient_id, name or None)
+
+
+def audit_patients(asked: Sequence[str], found: Sequence[PatientRef]) -> list[PatientRef]:
+    """The patients a front door's retrieve record names: the id the caller asked with (its
+    own domain's) named as the manifests found for it name the person, else the manifests'
+    own patients (a request that named a study alone)."""
+    if asked:
+        name = next((p.name for p in found if p.name), None)
+        return [PatientRef(asked[0], name)]
+    unique: dict[str, PatientRef] = {}
+    for patient in found:
+        unique.setdefault(patient.patient_id, patient)
+    return list(unique.values())
+
+
 def event_modalities(response: etree._Element) -> dict[str, tuple[str, ...]]:
     """DocumentEntry uniqueId -> acquisition modalities (DCM eventCodeList codes)."""
     found: dict[str, tuple[str, ...]] = {}
@@ -339,6 +365,7 @@ class FederationView:
     # -- the study cache and the callers' grants
 
     def remember(self, studies: Iterable[StudyManifest]) -> None:
+        studies = list(studies)
         with self._lock:
             for study in studies:
                 for uid in study.study_instance_uids:
@@ -346,6 +373,20 @@ class FederationView:
                     self._studies.move_to_end(uid)
             while len(self._studies) > self.max_cached_studies:
                 self._studies.popitem(last=False)
+        # The gateway's audit names the patient of the retrieves that follow (RAD-75 to the
+        # communities holding these studies) from the manifests' headers.
+        memory: PatientMemory | None = getattr(self.gateway, "audit_patients", None)
+        if memory is None:
+            return
+        for study in studies:
+            patient = manifest_patient(study.header)
+            if patient is None:
+                continue
+            memory.learn(study.manifest.document_unique_id, patient)
+            for uid in study.study_instance_uids:
+                memory.learn(uid, patient)
+            for ref in study.references:
+                memory.learn_sop_class(ref.sop_instance_uid, ref.sop_class_uid)
 
     def grant(
         self, caller: Principal | None, patient_id: str, studies: Iterable[StudyManifest]

@@ -117,6 +117,11 @@ class Gateway:
             Operation(Action.ITI18, "ITI-18", iti18_handler(self.initiating))
         )
         self._wire_repository()
+        from xca_gateway.audit.patients import PatientMemory
+
+        # The patients of the documents and studies that went through this gateway (query
+        # answers, manifests read by the front doors), for the retrieve audits that follow.
+        self.audit_patients = PatientMemory()
         from xca_gateway.imaging import install_imaging
 
         self.imaging = install_imaging(self, config.imaging)
@@ -219,6 +224,8 @@ class Gateway:
             self.soap.endpoints[path] = endpoint
         if self.consent is not None:
             self._guard_consent(registry)
+        if cfg.audit.enabled:
+            self._audit_patients_from(registry)
         if cfg.initiating.query_local_community:
 
             async def local_query(element: Any) -> Any:
@@ -226,6 +233,29 @@ class Gateway:
                 return result.status, result.errors, result.objects
 
             self.initiating.local_query = local_query
+
+    def _audit_patients_from(self, registry: Any) -> None:
+        """Retrieves of this community's documents and studies find their patient in its
+        registry (for the audit record), before the handler runs."""
+        from xca_gateway.auditing import RegistryPatients
+
+        lookup = RegistryPatients(registry)
+        for key, action, imaging in (
+            ("iti39", Action.ITI39, False),
+            ("repository-iti43", Action.ITI43, False),
+            ("iti43", Action.ITI43, False),
+            ("rad75", Action.RAD75, True),
+            ("rad69", Action.RAD69, True),
+        ):
+            endpoint = self.endpoints.get(key)
+            operation = endpoint.operations.get(action) if endpoint is not None else None
+            if endpoint is None or operation is None:
+                continue
+            endpoint.add(
+                Operation(
+                    action, operation.transaction, lookup.wrap(operation.handler, imaging=imaging)
+                )
+            )
 
     def _guard_consent(self, registry: Any) -> None:
         """Patient consent wraps the responding handlers (ITI-38, ITI-39, RAD-75)."""
@@ -255,7 +285,7 @@ class Gateway:
         if not self.config.audit.enabled:
             return
         self.add_handshake_listener(self.audit.on_handshake_failure)
-        auditor = TransactionAuditor(self.audit, lambda: self.base_url)
+        auditor = TransactionAuditor(self.audit, lambda: self.base_url, self.audit_patients)
         self.soap.observers.append(
             lambda request, transaction, payload, fault, delivered: auditor.served(
                 request, transaction, payload, fault=fault, delivered=delivered

@@ -270,6 +270,7 @@ def import_audit_messages(
     pacs: Node,
     refs: Mapping[str, InstanceRef] | None = None,
     when: datetime | None = None,
+    patient_name: str | None = None,
 ) -> tuple[AuditMessage, ...]:
     """DICOM "Import" (110107, action C) for one study (PS3.15 A.5.3.9).
 
@@ -327,7 +328,7 @@ def import_audit_messages(
         groups.append((EventOutcome.SERIOUS_FAILURE, [], reasons[:1024] or "nothing retrieved"))
     messages = []
     for outcome, instances, description in groups:
-        objects = [patient_object(patient_id)]
+        objects = [patient_object(patient_id, patient_name)]
         if instances:
             objects.extend(
                 study_objects(instances, home_community_detail=DETAIL_XCA_HOME_COMMUNITY_ID)
@@ -1025,6 +1026,7 @@ async def _run_import(args: argparse.Namespace, target: _Target) -> ImportReport
                         source=Node(study.manifest.home_community_id, _host(target.gateway)),
                         pacs=Node(args.pacs_ae, pacs_host),
                         refs=refs,
+                        patient_name=args.patient_name,
                     )
                 )
 

@@ -653,5 +653,6 @@ class Prefetcher:
                 source=Node(study.manifest.home_community_id),
                 pacs=Node(self.config.pacs_ae_title, self.config.pacs_host),
                 refs=refs,
+                patient_name=job.demographics_name,
             )
         )

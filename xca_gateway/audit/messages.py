@@ -18,6 +18,12 @@ named ``alias<user@issuer>`` (ITI TF-2 3.40.4.2).
 
 A.5.2: when some documents of a retrieve succeed and others fail, the retrieve builders return
 one message for the successes (outcome 0) and one for the failures.
+
+Every retrieve record names its patient (ParticipantObjectTypeCode 1, role 1, the CX id and,
+when seen, the name): A.5.3.4 allows one patient per record, so a retrieve spanning several
+patients gives one record per patient (``patients`` maps each document or SOP instance to
+its patient). A record whose patient the system cannot tell carries a Patient participant
+without id and a ``PatientNotKnown`` detail saying so, rather than silently none.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import ipaddress
 import os
 import re
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal, TypeVar
@@ -193,6 +199,9 @@ DETAIL_ALERT_DESCRIPTION = "Alert Description"
 DETAIL_CERTIFICATE_SUBJECT = "Certificate Subject"
 # What a refused node presented but did not prove (its chain or validity failed): a claim.
 DETAIL_UNVERIFIED_CERTIFICATE_SUBJECT = "Certificate Subject (unverified)"
+# On a Patient participant without ParticipantObjectID: why the patient could not be named.
+DETAIL_PATIENT_NOT_KNOWN = "PatientNotKnown"
+PATIENT_NOT_KNOWN = "patient not known to this node"
 
 
 # --------------------------------------------------------------------------- message model
@@ -665,14 +674,70 @@ def _participants(
     )
 
 
-def patient_object(patient_id: str) -> ParticipantObject:
-    """Patient participant: CX-formatted id (``id^^^&oid&ISO``)."""
+@dataclass(frozen=True)
+class PatientRef:
+    """A patient as an audit record names it: the CX id (``id^^^&oid&ISO``) and, when the
+    system saw it (DICOM header, XDS sourcePatientInfo), the name (DICOM PN, ``Family^Given``)."""
+
+    patient_id: str
+    name: str | None = None
+
+
+def patient_object(patient_id: str, name: str | None = None) -> ParticipantObject:
+    """Patient participant: CX-formatted id (``id^^^&oid&ISO``), the name when known."""
     return ParticipantObject(
         object_id=patient_id,
         id_type_code=ParticipantObjectIdType.PATIENT_NUMBER,
         type_code=ObjectType.PERSON,
         type_code_role=ObjectRole.PATIENT,
+        name=name or None,
     )
+
+
+def as_patient(value: str | PatientRef) -> PatientRef:
+    return value if isinstance(value, PatientRef) else PatientRef(value)
+
+
+def unknown_patient_object(reason: str = PATIENT_NOT_KNOWN) -> ParticipantObject:
+    """The Patient participant of a record whose patient this system cannot tell (no registry
+    entry, no header seen): present, so that the record says so, but without an id."""
+    return ParticipantObject(
+        object_id=None,
+        id_type_code=ParticipantObjectIdType.PATIENT_NUMBER,
+        type_code=ObjectType.PERSON,
+        type_code_role=ObjectRole.PATIENT,
+        details=((DETAIL_PATIENT_NOT_KNOWN, _utf8(reason)),),
+    )
+
+
+def patient_objects(patients: Iterable[PatientRef | None]) -> list[ParticipantObject]:
+    """One Patient participant per distinct patient id (the first name seen for it); the
+    "not known" participant when there is none."""
+    names: dict[str, str | None] = {}
+    for patient in patients:
+        if patient is not None and patient.patient_id and not names.get(patient.patient_id):
+            names[patient.patient_id] = patient.name
+    if not names:
+        return [unknown_patient_object()]
+    return [patient_object(pid, name) for pid, name in names.items()]
+
+
+def _by_patient(
+    items: Sequence[_T],
+    key: Callable[[_T], str],
+    patients: Mapping[str, PatientRef] | None,
+    default: PatientRef | None,
+) -> list[tuple[PatientRef | None, list[_T]]]:
+    """Items grouped by their patient (``patients`` by key, else ``default``), first-seen
+    order; one group with no items when there are none (a record of nothing retrieved)."""
+    groups: dict[str | None, tuple[PatientRef | None, list[_T]]] = {}
+    for item in items:
+        patient = (patients or {}).get(key(item)) or default
+        pid = patient.patient_id if patient is not None else None
+        if pid not in groups:
+            groups[pid] = (patient, [])
+        groups[pid][1].append(item)
+    return list(groups.values()) or [(default, [])]
 
 
 def query_object(
@@ -973,6 +1038,7 @@ def _document_retrieve(
     failed: Sequence[DocumentReference],
     failure_outcome: EventOutcome,
     patient_id: str | None,
+    patients: Mapping[str, PatientRef] | None,
     human_requestors: Sequence[HumanRequestor],
     purposes_of_use: Sequence[CodedValue],
     outcome_description: str | None,
@@ -981,23 +1047,26 @@ def _document_retrieve(
     messages = []
     # Retrieves name the document holder Source and the requester Destination.
     participants = _participants(responder, requester, requester, human_requestors)
-    for outcome, docs in _outcome_groups(documents, failed, failure_outcome):
-        objects = [patient_object(patient_id)] if patient_id else []
-        objects.extend(document_object(d) for d in docs)
-        messages.append(
-            _message(
-                ctx,
-                event_id=EventId.EXPORT if exporting else EventId.IMPORT,
-                action="R" if exporting else "C",
-                type_code=transaction,
-                outcome=outcome,
-                when=when,
-                outcome_description=outcome_description if outcome else None,
-                purposes_of_use=purposes_of_use,
-                participants=participants,
-                objects=objects,
+    default = PatientRef(patient_id) if patient_id else None
+    for outcome, group in _outcome_groups(documents, failed, failure_outcome):
+        # One record per patient (ITI TF-2: Patient 0..1), so that each names its own.
+        for patient, docs in _by_patient(group, lambda d: d.document_unique_id, patients, default):
+            objects = patient_objects([patient])
+            objects.extend(document_object(d) for d in docs)
+            messages.append(
+                _message(
+                    ctx,
+                    event_id=EventId.EXPORT if exporting else EventId.IMPORT,
+                    action="R" if exporting else "C",
+                    type_code=transaction,
+                    outcome=outcome,
+                    when=when,
+                    outcome_description=outcome_description if outcome else None,
+                    purposes_of_use=purposes_of_use,
+                    participants=participants,
+                    objects=objects,
+                )
             )
-        )
     return tuple(messages)
 
 
@@ -1011,6 +1080,7 @@ def iti39_retrieve(
     failed: Sequence[DocumentReference] = (),
     failure_outcome: EventOutcome = EventOutcome.SERIOUS_FAILURE,
     patient_id: str | None = None,
+    patients: Mapping[str, PatientRef] | None = None,
     human_requestors: Sequence[HumanRequestor] = (),
     purposes_of_use: Sequence[CodedValue] = (),
     outcome_description: str | None = None,
@@ -1029,6 +1099,7 @@ def iti39_retrieve(
         failed=failed,
         failure_outcome=failure_outcome,
         patient_id=patient_id,
+        patients=patients,
         human_requestors=human_requestors,
         purposes_of_use=purposes_of_use,
         outcome_description=outcome_description,
@@ -1046,6 +1117,7 @@ def iti43_retrieve(
     failed: Sequence[DocumentReference] = (),
     failure_outcome: EventOutcome = EventOutcome.SERIOUS_FAILURE,
     patient_id: str | None = None,
+    patients: Mapping[str, PatientRef] | None = None,
     human_requestors: Sequence[HumanRequestor] = (),
     purposes_of_use: Sequence[CodedValue] = (),
     outcome_description: str | None = None,
@@ -1064,6 +1136,7 @@ def iti43_retrieve(
         failed=failed,
         failure_outcome=failure_outcome,
         patient_id=patient_id,
+        patients=patients,
         human_requestors=human_requestors,
         purposes_of_use=purposes_of_use,
         outcome_description=outcome_description,
@@ -1149,6 +1222,7 @@ def _imaging_retrieve(
     failed: Sequence[ImagingInstanceReference],
     failure_outcome: EventOutcome,
     patient_id: str | None,
+    patients: Mapping[str, PatientRef] | None,
     human_requestors: Sequence[HumanRequestor],
     purposes_of_use: Sequence[CodedValue],
     outcome_description: str | None,
@@ -1156,25 +1230,28 @@ def _imaging_retrieve(
 ) -> tuple[AuditMessage, ...]:
     messages = []
     participants = _participants(responder, requester, requester, human_requestors)
+    default = PatientRef(patient_id) if patient_id else None
     for outcome, group in _outcome_groups(instances, failed, failure_outcome):
-        objects = [patient_object(patient_id)] if patient_id else []
-        objects.extend(study_objects(group, home_community_detail=home_community_detail))
-        messages.append(
-            _message(
-                ctx,
-                # Both ends of the transfer (A.5.3.4); the action is the receiver's: C, as it
-                # held no copy, or R when the record comes from the sender.
-                event_id=EventId.DICOM_INSTANCES_TRANSFERRED,
-                action="R" if serving else "C",
-                type_code=transaction,
-                outcome=outcome,
-                when=when,
-                outcome_description=outcome_description if outcome else None,
-                purposes_of_use=purposes_of_use,
-                participants=participants,
-                objects=objects,
+        # A.5.3.4 names exactly one patient per record: one record per patient.
+        for patient, members in _by_patient(group, lambda i: i.sop_instance_uid, patients, default):
+            objects = patient_objects([patient])
+            objects.extend(study_objects(members, home_community_detail=home_community_detail))
+            messages.append(
+                _message(
+                    ctx,
+                    # Both ends of the transfer (A.5.3.4); the action is the receiver's: C, as
+                    # it held no copy, or R when the record comes from the sender.
+                    event_id=EventId.DICOM_INSTANCES_TRANSFERRED,
+                    action="R" if serving else "C",
+                    type_code=transaction,
+                    outcome=outcome,
+                    when=when,
+                    outcome_description=outcome_description if outcome else None,
+                    purposes_of_use=purposes_of_use,
+                    participants=participants,
+                    objects=objects,
+                )
             )
-        )
     return tuple(messages)
 
 
@@ -1188,6 +1265,7 @@ def rad69_retrieve(
     failed: Sequence[ImagingInstanceReference] = (),
     failure_outcome: EventOutcome = EventOutcome.SERIOUS_FAILURE,
     patient_id: str | None = None,
+    patients: Mapping[str, PatientRef] | None = None,
     human_requestors: Sequence[HumanRequestor] = (),
     purposes_of_use: Sequence[CodedValue] = (),
     outcome_description: str | None = None,
@@ -1208,6 +1286,7 @@ def rad69_retrieve(
         failed=failed,
         failure_outcome=failure_outcome,
         patient_id=patient_id,
+        patients=patients,
         human_requestors=human_requestors,
         purposes_of_use=purposes_of_use,
         outcome_description=outcome_description,
@@ -1225,6 +1304,7 @@ def rad75_retrieve(
     failed: Sequence[ImagingInstanceReference] = (),
     failure_outcome: EventOutcome = EventOutcome.SERIOUS_FAILURE,
     patient_id: str | None = None,
+    patients: Mapping[str, PatientRef] | None = None,
     human_requestors: Sequence[HumanRequestor] = (),
     purposes_of_use: Sequence[CodedValue] = (),
     outcome_description: str | None = None,
@@ -1245,6 +1325,7 @@ def rad75_retrieve(
         failed=failed,
         failure_outcome=failure_outcome,
         patient_id=patient_id,
+        patients=patients,
         human_requestors=human_requestors,
         purposes_of_use=purposes_of_use,
         outcome_description=outcome_description,
@@ -1306,7 +1387,7 @@ def instances_transferred(
     destination: Node,
     study_uid: str,
     instances: Sequence[ImagingInstanceReference],
-    patient_ids: Sequence[str] = (),
+    patient_ids: Sequence[str | PatientRef] = (),
     requester: Node | None = None,
     outcome: EventOutcome = EventOutcome.SUCCESS,
     outcome_description: str | None = None,
@@ -1316,12 +1397,13 @@ def instances_transferred(
 ) -> AuditMessage:
     """DICOM PS3.15 A.5.3.4 "DICOM Instances Transferred" (110104, R) by the system that sent
     them (``source``) to ``destination``, which asked for them unless a third ``requester``
-    did (C-MOVE). Objects: the patients and the study with its SOP classes and instances (the
-    bare study when ``instances`` is empty)."""
+    did (C-MOVE). Objects: the patients (the "not known" participant when none is known) and
+    the study with its SOP classes and instances (the bare study when ``instances`` is
+    empty)."""
     participants = list(_participants(source, destination, requester or destination, ()))
     if requester is not None:  # C-MOVE: a third system asked for the transfer
         participants.append(system_participant(requester, None, True))
-    objects = [patient_object(p) for p in _unique(patient_ids)]
+    objects = patient_objects(as_patient(p) for p in patient_ids)
     if instances:
         objects.extend(study_objects(instances, home_community_detail=home_community_detail))
     else:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from xca_gateway.audit import messages as m
 from xca_gateway.dicomweb.negotiation import DicomWebError
+from xca_gateway.federation_view import StudyManifest, audit_patients, manifest_patient
 from xca_gateway.kos import InstanceRef
 from xca_gateway.server import Request
 
@@ -78,7 +79,7 @@ def wado_audit(
     study_uid: str,
     delivered: Sequence[m.ImagingInstanceReference],
     failed: Sequence[m.ImagingInstanceReference],
-    patient_ids: Sequence[str],
+    patient_ids: Sequence[str | m.PatientRef],
     failure_outcome: m.EventOutcome = m.EventOutcome.SERIOUS_FAILURE,
     outcome_description: str | None = None,
 ) -> list[m.AuditMessage]:
@@ -114,8 +115,15 @@ class RetrieveAudit:
         self.door = door
         self.request = request
         self.study_uid = study_uid
-        self.patients = patients
+        self.patients: list[str | m.PatientRef] = list(patients)
         self.references: dict[str, m.ImagingInstanceReference] = {}
+
+    def name_patients(self, studies: Sequence[StudyManifest]) -> None:
+        """The patients of the record from the manifests found: the caller's id with the name
+        the manifests give it, or, for a request naming the study alone, the manifests'."""
+        found = [p for s in studies if (p := manifest_patient(s.header)) is not None]
+        asked = [p if isinstance(p, str) else p.patient_id for p in self.patients[:1]]
+        self.patients = [*audit_patients(asked, found)]
 
     def describe(self, documents: Sequence[Any], refs: Sequence[InstanceRef]) -> None:
         classes = {r.sop_instance_uid: r.sop_class_uid for r in refs}

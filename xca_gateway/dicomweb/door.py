@@ -55,7 +55,6 @@ from xca_gateway.federation_view import (
     FederationView,
     StudyManifest,
     close_body,
-    header_patient_id,
     imaging_request_for,
     patient_cx,
 )
@@ -338,8 +337,7 @@ class DicomWebFrontDoor:
             matching = [s for s in studies if route.study in s.study_instance_uids]
             if not matching:
                 raise DicomWebError(404, f"study {route.study} not found for this patient")
-            if not patient:
-                audit.patients = [p for s in matching if (p := header_patient_id(s.header))]
+            audit.name_patients(matching)
             refs = [
                 r
                 for s in matching

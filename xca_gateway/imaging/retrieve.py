@@ -24,8 +24,10 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from xca_gateway import mtom
+from xca_gateway.audit.patients import CONTEXT_INSTANCES, InstanceObservations
 from xca_gateway.ebrs import RegistryError, status_for
 from xca_gateway.imaging.request import DocumentRequest, RetrieveImagingDocumentSetRequest
 from xca_gateway.imaging.response import DICOM_MIME_TYPE, DocumentResponse, build_retrieve_response
@@ -154,17 +156,23 @@ async def _part_body(
     idle_timeout: float,
     last_of_retrieval: bool,
     last_overall: bool,
+    observed: InstanceObservations,
 ) -> AsyncGenerator[bytes, None]:
-    uid = instance.document.document_unique_id
+    doc = instance.document
+    uid = doc.document_unique_id
     size = 0
     chunks = with_idle_timeout(retrieval.stream(instance), idle_timeout, uid)
     streams.active.add(chunks)
+    # The audit names the patient the instance's own header names (read as it passes).
+    sniffer = observed.sniffer(doc.series_instance_uid)
     try:
         if streams.closed:
             raise InstanceStreamError("the response was abandoned")
         streams.pulling()
         async for chunk in chunks:
             size += len(chunk)
+            if not sniffer.done:
+                sniffer.feed(chunk)
             streams.handed_over()
             yield chunk
             streams.pulling()
@@ -183,6 +191,8 @@ async def _part_body(
     finally:
         streams.active.discard(chunks)
         await chunks.aclose()
+        if size:
+            observed.record(uid, doc.series_instance_uid, sniffer.finish())
     if last_overall:
         await streams.aclose()
     elif last_of_retrieval:
@@ -221,10 +231,13 @@ class ImagingRetrieval:
         bodies: Sequence[AsyncGenerator[bytes, None]],
         errors: Sequence[RegistryError],
         streams: _Streams,
+        observed: InstanceObservations | None = None,
     ) -> None:
         self.request = request
         self.instances = list(instances)
         self.errors = list(errors)
+        # Filled as the bodies are read: each series' patient and each instance's SOP class.
+        self.observed = observed if observed is not None else InstanceObservations()
         self._bodies = list(bodies)
         self._taken: set[int] = set()
         self._streams = streams
@@ -341,16 +354,19 @@ async def open_retrieval(
                 await result.aclose()
         if error_location is not None:
             all_errors = [dataclasses.replace(e, location=error_location) for e in all_errors]
+        observed = InstanceObservations()
         bodies = [
             # The very last body closes everything when the retrieve completes normally.
-            _part_body(streams, retrieval, instance, idle_timeout, last, i == len(plan) - 1)
+            _part_body(
+                streams, retrieval, instance, idle_timeout, last, i == len(plan) - 1, observed
+            )
             for i, (retrieval, instance, last) in enumerate(plan)
         ]
         if bodies:
             streams.start_watchdog()
         else:
             await streams.aclose()
-        return ImagingRetrieval(request, instances, bodies, all_errors, streams)
+        return ImagingRetrieval(request, instances, bodies, all_errors, streams, observed)
     except BaseException:
         await streams.aclose()
         raise
@@ -394,8 +410,11 @@ async def respond(
     open_timeout: float = DEFAULT_OPEN_TIMEOUT,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     abandon_timeout: float = DEFAULT_ABANDON_TIMEOUT,
+    context: dict[str, Any] | None = None,
 ) -> SoapResponse:
-    """Open ``routes`` and return the streaming MTOM response (see :func:`open_retrieval`)."""
+    """Open ``routes`` and return the streaming MTOM response (see :func:`open_retrieval`).
+    ``context`` (the SOAP request's) receives what the instances' headers say as they
+    stream, for the transaction's audit record."""
     retrieval = await open_retrieval(
         request,
         routes,
@@ -405,6 +424,8 @@ async def respond(
         idle_timeout=idle_timeout,
         abandon_timeout=abandon_timeout,
     )
+    if context is not None:
+        context[CONTEXT_INSTANCES] = retrieval.observed
     try:
         return soap_response(retrieval, response_action=response_action)
     except BaseException:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from xca_gateway.audit.patients import CONTEXT_INSTANCES
 from xca_gateway.client import PeerClient
 from xca_gateway.ebrs import RegistryError
 from xca_gateway.imaging.remote import open_remote_retrieve
@@ -157,6 +158,8 @@ class InitiatingImagingGateway:
     async def handle(self, request: SoapRequest) -> SoapResponse:
         parsed = parse_or_fault(request, self.max_documents)
         retrieval = await self._open(parsed)
+        # The audit names the patients the instances' headers name as they stream.
+        request.context[CONTEXT_INSTANCES] = retrieval.observed
         return soap_response(retrieval, response_action=Action.RAD69_RESPONSE)
 
 
@@ -221,6 +224,7 @@ def imaging_document_source_handler(
             open_timeout=open_timeout,
             idle_timeout=idle_timeout,
             abandon_timeout=abandon_timeout,
+            context=request.context,
         )
 
     return handle

@@ -112,6 +112,7 @@ def rad75_handler(
             open_timeout=open_timeout,
             idle_timeout=idle_timeout,
             abandon_timeout=abandon_timeout,
+            context=request.context,
         )
 
     return handle
