@@ -311,6 +311,7 @@ def request_association(
     evt_handlers: list[Any] | None = None,
 ) -> Any:
     ae = AE(ae_title=ae_title)
+    ae.connection_timeout = 30  # TCP connect and TLS handshake: a stuck door fails the test
     for context in contexts:
         if isinstance(context, tuple):  # (abstract syntax, [transfer syntaxes])
             ae.add_requested_context(*context)
@@ -941,6 +942,37 @@ def test_untrusted_certificate_is_refused_at_the_handshake(front: Front) -> None
         ),
         timeout=15,
     )
+
+
+@pytest.mark.parametrize("who", ["no certificate", "TLS 1.1"])
+def test_handshakes_below_the_floor_are_refused(front: Front, who: str) -> None:
+    """Mutual TLS, TLS 1.2 floor, as on the HTTPS port: no client certificate, or TLS 1.1."""
+    refused_before = len(front.gateway.handshake_failures)
+    if who == "no certificate":
+        ctx = client_context(front.pki.ca)
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(str(front.pki.ca))
+        ctx.load_cert_chain(str(front.pki.client.cert), str(front.pki.client.key))
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    assoc = request_association(front, StudyRootQueryRetrieveInformationModelFind, tls=ctx)
+    assert not assoc.is_established
+    assert wait_for(lambda: len(front.gateway.handshake_failures) > refused_before, timeout=15)
+    reason = front.gateway.handshake_failures[refused_before].reason
+    assert ("no certificate" if who == "no certificate" else "protocol version") in reason
+
+
+def test_a_silent_connection_does_not_hold_up_other_associations(front: Front) -> None:
+    """The TLS handshake runs in the connection's own thread: a client that connects and
+    never speaks leaves the door answering everyone else."""
+    with socket.create_connection(("127.0.0.1", front.port)):
+        status, matches = c_find(
+            front,
+            identifier("STUDY", PatientID=front.studies[0].patient_id, StudyInstanceUID=""),
+            StudyRootQueryRetrieveInformationModelFind,
+        )
+        assert status == 0x0000 and matches
 
 
 def test_plain_dimse_is_refused_by_the_tls_door(front: Front) -> None:
