@@ -26,7 +26,7 @@ from xca_gateway.config import OutboundConfig
 from xca_gateway.metrics import GatewayMetrics
 from xca_gateway.relay_client import RelayClient, RelayConnectError, RelayError, RelayResponse
 from xca_gateway.soap import Fault, build_envelope, read_fault, serialize
-from xca_gateway.xmlsafe import XmlLimits, XmlRejected, parse_xml
+from xca_gateway.xmlsafe import XmlLimits, XmlRejected, parse_xml_async
 
 # (url, action, payload) -> SOAP header blocks to add to an outbound request.
 HeaderProvider = Callable[[str, str, etree._Element], Sequence[etree._Element]]
@@ -243,7 +243,7 @@ class PeerClient:
                     raise PeerError("malformed", "reply larger than the XML limit")
             root_bytes = bytes(data)
         try:
-            root = parse_xml(root_bytes, self.xml_limits)
+            root = await parse_xml_async(root_bytes, self.xml_limits)
         except XmlRejected as exc:
             for a in attachments.values():
                 a.file.close()

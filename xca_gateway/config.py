@@ -107,9 +107,20 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
+    # Request bodies of retrieves and registrations (MTOM attachments included).
     max_request_bytes: int = 1024 * 1024 * 1024
+    # Request bodies of queries (ITI-18, ITI-38, ITI-45, ITI-55): small by nature, so a caller
+    # cannot make the gateway read and parse megabytes to answer one.
+    max_query_bytes: int = 1024 * 1024
     max_xml_bytes: int = 16 * 1024 * 1024
     max_xml_depth: int = 100
+    # Elements of one SOAP message (counted from its markup before anything is built), and
+    # as many attributes in all.
+    max_xml_elements: int = 1_000_000
+    # Attributes of one element, and distinct namespace declarations of one message.
+    max_xml_attributes: int = 256
+    max_xml_namespaces: int = 256
+    max_xml_text_bytes: int = 8 * 1024 * 1024
     max_attribute_bytes: int = 64 * 1024
     max_mime_parts: int = 1000
     max_header_bytes: int = 64 * 1024

@@ -31,9 +31,13 @@ from xca_gateway.soap import (
     parse_envelope,
     serialize,
 )
-from xca_gateway.xmlsafe import XmlLimits, XmlRejected, parse_xml
+from xca_gateway.xmlsafe import XmlLimits, XmlRejected, parse_xml_async
 
 log = logging.getLogger(__name__)
+
+# Transactions whose requests are queries: their endpoints take bodies up to
+# ``limits.max_query_bytes`` instead of ``limits.max_request_bytes``.
+QUERY_TRANSACTIONS = frozenset({"ITI-18", "ITI-38", "ITI-45", "ITI-55"})
 
 
 @dataclass
@@ -126,7 +130,21 @@ class SoapService:
             max_bytes=limits.max_xml_bytes,
             max_depth=limits.max_xml_depth,
             max_attribute_bytes=limits.max_attribute_bytes,
+            max_text_bytes=limits.max_xml_text_bytes,
+            max_elements=limits.max_xml_elements,
+            max_attributes=limits.max_xml_attributes,
+            max_namespaces=limits.max_xml_namespaces,
         )
+
+    def body_limit(self, endpoint: SoapEndpoint) -> int:
+        """The largest request body ``endpoint`` reads: small for queries, large otherwise.
+
+        Decided from the operations the endpoint serves, before a byte of the body is read.
+        """
+        operations = endpoint.operations.values()
+        if operations and all(op.transaction in QUERY_TRANSACTIONS for op in operations):
+            return min(self.limits.max_query_bytes, self.limits.max_request_bytes)
+        return self.limits.max_request_bytes
 
     async def __call__(self, request: Request) -> Response:
         endpoint = self.endpoints.get(request.path.rstrip("/") or "/")
@@ -150,7 +168,7 @@ class SoapService:
         soap_request: SoapRequest | None = None
         try:
             try:
-                envelope, attachments = await self._read(request)
+                envelope, attachments = await self._read(request, self.body_limit(endpoint))
             except RequestBodyTooSlow as exc:
                 raise SoapFault.sender(f"{exc}: too slow", http_status=408) from None
             relates_to = envelope.addressing.message_id
@@ -196,12 +214,14 @@ class SoapService:
     ) -> None:
         _observe_safely(self.observers, request, transaction, payload, fault, delivered)
 
-    async def _read(self, request: Request) -> tuple[Envelope, dict[str, mtom.Attachment]]:
+    async def _read(
+        self, request: Request, body_limit: int
+    ) -> tuple[Envelope, dict[str, mtom.Attachment]]:
         limits = self.limits
         length = request.content_length
-        if length is not None and length > limits.max_request_bytes:
+        if length is not None and length > body_limit:
             raise SoapFault.sender(
-                f"request body of {length} bytes exceeds the limit of {limits.max_request_bytes}",
+                f"request body of {length} bytes exceeds the limit of {body_limit}",
                 http_status=413,
             )
         content_type = request.header("content-type") or ""
@@ -212,16 +232,17 @@ class SoapService:
         attachments: dict[str, mtom.Attachment] = {}
         http_action: str | None = None
         if media_type == "multipart/related":
-            message = await self._read_mtom(request, content_type)
+            message = await self._read_mtom(request, content_type, body_limit)
             root_bytes = message.root
             attachments = dict(message.attachments)
             http_action = message.action
         elif media_type in ("application/soap+xml", "text/xml"):
+            xml_limit = min(limits.max_xml_bytes, body_limit)
             try:
-                root_bytes = await request.read(limits.max_xml_bytes)
+                root_bytes = await request.read(xml_limit)
             except BodyTooLarge:
                 raise SoapFault.sender(
-                    f"SOAP message exceeds the limit of {limits.max_xml_bytes} bytes",
+                    f"SOAP message exceeds the limit of {xml_limit} bytes",
                     http_status=413,
                 ) from None
             http_action = params.get("action")
@@ -232,7 +253,8 @@ class SoapService:
                 http_status=415,
             )
         try:
-            root = parse_xml(root_bytes, self.xml_limits)
+            # Large messages are parsed off the event loop (xmlsafe), in linear time.
+            root = await parse_xml_async(root_bytes, self.xml_limits)
             envelope = parse_envelope(root, http_action=_usable_action(http_action))
             if media_type == "text/xml" and envelope is not None:
                 # text/xml is the SOAP 1.1 binding; a SOAP 1.2 envelope must not use it.
@@ -246,14 +268,16 @@ class SoapService:
             raise
         return envelope, attachments
 
-    async def _read_mtom(self, request: Request, content_type: str) -> mtom.MtomMessage:
+    async def _read_mtom(
+        self, request: Request, content_type: str, body_limit: int
+    ) -> mtom.MtomMessage:
         limits = self.limits
         try:
             reader = mtom.MtomRequestReader(
                 content_type,
-                max_root_bytes=limits.max_xml_bytes,
-                max_part_bytes=limits.max_request_bytes,
-                max_total_bytes=limits.max_request_bytes,
+                max_root_bytes=min(limits.max_xml_bytes, body_limit),
+                max_part_bytes=body_limit,
+                max_total_bytes=body_limit,
                 max_parts=limits.max_mime_parts,
                 spool_threshold=limits.spool_threshold,
                 spool_dir=str(limits.spool_dir) if limits.spool_dir else None,

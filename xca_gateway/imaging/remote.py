@@ -45,7 +45,7 @@ from xca_gateway.imaging.sources import (
 from xca_gateway.mtom import Finished, MtomError, PartData, PartEnd, PartStart
 from xca_gateway.relay_client import RelayConnectError, RelayError, RelayResponse
 from xca_gateway.soap import build_envelope, read_fault, serialize
-from xca_gateway.xmlsafe import XmlRejected, parse_xml
+from xca_gateway.xmlsafe import XmlRejected, parse_xml_async
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ async def _read_root(
                 raise SourceUnavailable("reply larger than the XML limit")
         root_bytes = bytes(buffer)
     try:
-        envelope = parse_xml(root_bytes, limits)
+        envelope = await parse_xml_async(root_bytes, limits)
     except XmlRejected as exc:
         raise SourceUnavailable(
             f"HTTP {response.status_code}, unreadable reply: {exc.reason}"
