@@ -95,6 +95,15 @@ class ServerConfig:
     # Base URL that peers use to reach us (what goes into endpoints and audit records).
     public_base_url: str | None = None
     max_connections: int = 1000
+    # Connections from one address (IPv6: one /64) at once, counted at accept before TLS.
+    max_connections_per_source: int = 256
+    # Connections accepted and not through the TLS handshake yet; when full, the oldest is
+    # dropped for the newcomer (an idle socket is older than any handshake in progress).
+    max_pending_handshakes: int = 256
+    # Seconds for a new connection's ClientHello to start (tls.handshake_timeout bounds the rest).
+    hello_timeout: float = 5.0
+    # One absolute deadline for a request head (request line and headers), from the end of the
+    # handshake or, on a kept-alive connection, from the head's first byte.
     header_timeout: float = 15.0
     body_timeout: float = 60.0
     keepalive_timeout: float = 75.0

@@ -28,7 +28,7 @@ from xca_gateway.metrics import GatewayMetrics
 from xca_gateway.namespaces import Action
 from xca_gateway.patient_mapping import CrossReferenceTable, PatientIdMapper
 from xca_gateway.patients import PatientDirectory
-from xca_gateway.server import HttpServer, ServerTimeouts, listen_errors
+from xca_gateway.server import ConnectionLimits, HttpServer, ServerTimeouts, listen_errors
 from xca_gateway.soap_service import Operation, SoapEndpoint, SoapService
 from xca_gateway.tls import HandshakeFailure, gateway_client_context, server_context
 from xca_gateway.transactions import TRANSACTIONS, iti45, iti55, unavailable_handler
@@ -73,13 +73,13 @@ class Gateway:
         if mapping.pix_responder:
             self.endpoints["iti45"] = iti45.endpoint(iti45.iti45_handler(self.xref))
         self.soap = SoapService(list(self.endpoints.values()), config.limits, self.metrics)
-        server = config.server
         self.https = HttpServer(
             self.soap,
             ssl_context=server_context(config.tls),
             on_handshake_failure=self._on_handshake_failure,
             timeouts=ServerTimeouts.for_gateway(config),
-            max_connections=server.max_connections,
+            limits=ConnectionLimits.for_gateway(config),
+            on_refused=self.connection_refused,
             max_header_bytes=config.limits.max_header_bytes,
         )
         self.admin_app = AdminApp(self.metrics, self.readiness, lambda: self.listening())
@@ -515,6 +515,10 @@ class Gateway:
 
     def add_handshake_listener(self, listener: Callable[[HandshakeFailure], None]) -> None:
         self._handshake_listeners.append(listener)
+
+    def connection_refused(self, listener: str, reason: str) -> None:
+        """Listeners report connections refused at accept (per-source and global caps)."""
+        self.metrics.connections_refused.labels(listener, reason).inc()
 
     def _on_handshake_failure(self, failure: HandshakeFailure) -> None:
         self.handshake_failures.append(failure)

@@ -54,6 +54,13 @@ class GatewayMetrics:
         self.connections = Gauge(
             "xca_gateway_open_connections", "Open inbound connections", registry=self.registry
         )
+        self.connections_refused = Counter(
+            "xca_gateway_connections_refused",
+            "Inbound connections refused or dropped before their handshake, by listener and "
+            "reason (max_connections, max_connections_per_source, max_pending_handshakes)",
+            ["listener", "reason"],
+            registry=self.registry,
+        )
         self.peer_up = Gauge(
             "xca_gateway_peer_up",
             "1 if the last call to the peer community succeeded, 0 if it failed",

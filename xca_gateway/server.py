@@ -6,6 +6,12 @@ ATNA Security Alert audits for refused nodes). Here every TCP connection is acce
 upgraded with ``start_tls`` under our control, and a failed handshake becomes a
 :class:`~xca_gateway.tls.HandshakeFailure` callback.
 
+No caller can stall the others (:class:`ConnectionLimits`): a connection is admitted at accept,
+before a byte is read, against a global cap and a cap per source address; the ClientHello must
+start within a short ``hello_timeout``; connections still before the end of their handshake are
+a bounded pool in which a newcomer displaces the oldest (an idle socket is always older than a
+handshake in progress); a request head has one absolute deadline, not one per read.
+
 Bodies stream in both directions: the application reads the request body as an async iterator
 and may answer with an async iterable, sent with chunked transfer encoding.
 """
@@ -15,9 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
+import os
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -163,6 +172,163 @@ class ServerTimeouts:
         )
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """Admission of TCP connections, decided at accept before any byte is read."""
+
+    max_connections: int = 1000
+    # Connections from one source address (an IPv6 /64) at once: one host cannot take them all.
+    max_connections_per_source: int = 256
+    # Connections accepted but not through the TLS handshake yet. When the pool is full, the
+    # oldest is dropped for the newcomer: a legitimate handshake takes milliseconds, so the
+    # oldest is an idle or stalled socket.
+    max_pending_handshakes: int = 256
+    # Seconds for the first bytes of the ClientHello to arrive after the TCP accept (the rest of
+    # the handshake has tls.handshake_timeout).
+    hello_timeout: float = 5.0
+
+    @classmethod
+    def for_gateway(cls, config: GatewayConfig) -> ConnectionLimits:
+        server = config.server
+        return cls(
+            max_connections=server.max_connections,
+            max_connections_per_source=server.max_connections_per_source,
+            max_pending_handshakes=server.max_pending_handshakes,
+            hello_timeout=server.hello_timeout,
+        )
+
+
+def source_of(address: str) -> str:
+    """The unit of the per-source cap: the IPv4 address, or the IPv6 /64 (one host's prefix)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+_REFUSAL_LOG_INTERVAL = 10.0
+
+
+class ConnectionGate:
+    """Accounting of one listener's connections by source, and of the pending handshakes.
+
+    Plain bookkeeping (no sockets): :meth:`admit` at accept, :meth:`release` when the
+    connection ends, :meth:`pending` / :meth:`settled` around the handshake. Refusals are
+    counted by reason and reported to ``on_refused`` (metrics), and logged at most every
+    ten seconds, so a flood of connections does not become a flood of log lines.
+    """
+
+    def __init__(
+        self,
+        limits: ConnectionLimits,
+        *,
+        name: str = "https",
+        on_refused: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.limits = limits
+        self.name = name
+        self.on_refused = on_refused
+        self.active = 0
+        self.by_source: dict[str, int] = {}
+        self.refused: dict[str, int] = {}
+        # Insertion-ordered: the first entry is the oldest pending handshake.
+        self._pending: dict[object, Callable[[], None]] = {}
+        self._logged: dict[str, float] = {}
+
+    def admit(self, address: str) -> str | None:
+        """Count a new connection in, or return why it is refused."""
+        source = source_of(address)
+        if self.active >= self.limits.max_connections:
+            reason = "max_connections"
+        elif self.by_source.get(source, 0) >= self.limits.max_connections_per_source:
+            reason = "max_connections_per_source"
+        else:
+            self.active += 1
+            self.by_source[source] = self.by_source.get(source, 0) + 1
+            return None
+        self._refuse(reason, address)
+        return reason
+
+    def release(self, address: str) -> None:
+        source = source_of(address)
+        self.active -= 1
+        left = self.by_source.get(source, 0) - 1
+        if left > 0:
+            self.by_source[source] = left
+        else:
+            self.by_source.pop(source, None)
+
+    def pending(self, key: object, drop: Callable[[], None]) -> None:
+        """``key`` starts waiting for its handshake; ``drop`` ends it if it is displaced."""
+        while len(self._pending) >= self.limits.max_pending_handshakes and self._pending:
+            oldest = next(iter(self._pending))
+            displaced = self._pending.pop(oldest)
+            self._refuse("max_pending_handshakes", "oldest pending handshake")
+            displaced()
+        self._pending[key] = drop
+
+    def settled(self, key: object) -> None:
+        self._pending.pop(key, None)
+
+    @property
+    def pending_handshakes(self) -> int:
+        return len(self._pending)
+
+    def _refuse(self, reason: str, who: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        if self.on_refused is not None:
+            try:
+                self.on_refused(self.name, reason)
+            except Exception:
+                log.exception("connection refusal callback failed")
+        now = time.monotonic()
+        if now - self._logged.get(reason, -_REFUSAL_LOG_INTERVAL) >= _REFUSAL_LOG_INTERVAL:
+            self._logged[reason] = now
+            log.warning(
+                "%s: refused a connection (%s, latest: %s); %d refused so far for this reason",
+                self.name,
+                reason,
+                who,
+                self.refused[reason],
+            )
+
+
+async def wait_readable(transport: asyncio.BaseTransport, timeout: float) -> bool:
+    """Wait until the peer has sent something (or closed), without reading it.
+
+    The transport must not be reading (paused from ``connection_made``). Its socket cannot be
+    watched directly while a transport owns it, so a duplicate of the descriptor is.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None:  # pragma: no cover - every TCP transport has one
+        return True
+    loop = asyncio.get_running_loop()
+    fd = os.dup(sock.fileno())
+    try:
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(fd, readable)
+        try:
+            async with asyncio.timeout(timeout):
+                await ready
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            loop.remove_reader(fd)
+    finally:
+        os.close(fd)
+
+
 class RequestBodyTooSlow(Exception):
     pass
 
@@ -237,6 +403,23 @@ async def tls_accept(
     )
 
 
+class _AcceptProtocol(asyncio.Protocol):
+    """Holds a fresh connection, not reading, until the server has admitted it."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Called before the transport first reads: paused here, nothing is read until the
+        # connection is admitted, and the ClientHello is left in the socket for TLS.
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()
+        self.server._accepted(transport)
+
+    def data_received(self, data: bytes) -> None:  # pragma: no cover - paused until replaced
+        raise AssertionError("read before admission")
+
+
 class HttpServer:
     """Serve ``app`` on one listening socket, with or without TLS."""
 
@@ -250,17 +433,28 @@ class HttpServer:
         max_connections: int = 1000,
         max_header_bytes: int = 64 * 1024,
         server_header: str = "xca-gateway",
+        limits: ConnectionLimits | None = None,
+        on_refused: Callable[[str, str], None] | None = None,
+        name: str = "https",
     ) -> None:
         self.app = app
         self.ssl_context = ssl_context
         self.on_handshake_failure = on_handshake_failure
         self.timeouts = timeouts or ServerTimeouts()
-        self.max_connections = max_connections
+        self.limits = limits or ConnectionLimits(max_connections=max_connections)
+        self.gate = ConnectionGate(self.limits, name=name, on_refused=on_refused)
         self.max_header_bytes = max_header_bytes
         self.server_header = server_header.encode()
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
-        self.active_connections = 0
+
+    @property
+    def max_connections(self) -> int:
+        return self.limits.max_connections
+
+    @property
+    def active_connections(self) -> int:
+        return self.gate.active
 
     @property
     def scheme(self) -> str:
@@ -274,11 +468,14 @@ class HttpServer:
     async def start(
         self, host: str = "127.0.0.1", port: int = 0, *, sock: socket.socket | None = None
     ) -> None:
+        loop = asyncio.get_running_loop()
         if sock is not None:
-            self._server = await asyncio.start_server(self._on_connect, sock=sock, backlog=1024)
+            self._server = await loop.create_server(
+                lambda: _AcceptProtocol(self), sock=sock, backlog=1024
+            )
         else:
-            self._server = await asyncio.start_server(
-                self._on_connect, host, port, backlog=1024, reuse_address=True
+            self._server = await loop.create_server(
+                lambda: _AcceptProtocol(self), host, port, backlog=1024, reuse_address=True
             )
 
     async def close(self, grace: float = 5.0) -> None:
@@ -294,15 +491,32 @@ class HttpServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _accepted(self, transport: asyncio.Transport) -> None:
+        peer = transport.get_extra_info("peername")
+        address = str(peer[0]) if peer else "?"
+        if self.gate.admit(address) is not None:
+            transport.abort()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+            reader = asyncio.StreamReader(loop=loop)
+            protocol = asyncio.StreamReaderProtocol(
+                reader, lambda r, w: self._on_connect(r, w, address), loop=loop
+            )
+            transport.set_protocol(protocol)
+            protocol.connection_made(transport)  # starts _on_connect as a task
+        except Exception:
+            log.exception("accepting a connection failed")
+            self.gate.release(address)
+            transport.abort()
+
+    async def _on_connect(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: str
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
-        self.active_connections += 1
         try:
-            if self.active_connections > self.max_connections:
-                writer.transport.abort()
-                return
             await self._serve_connection(reader, writer)
         except asyncio.CancelledError:
             writer.transport.abort()
@@ -310,19 +524,64 @@ class HttpServer:
             log.exception("connection handler failed")
             writer.transport.abort()
         finally:
-            self.active_connections -= 1
+            self.gate.settled(task)
+            self.gate.release(address)
             self._connections.discard(task)
 
     async def _handshake(self, writer: asyncio.StreamWriter) -> PeerInfo | None:
+        address, port = writer.get_extra_info("peername")[:2]
         if self.ssl_context is None:
-            address, port = writer.get_extra_info("peername")[:2]
+            writer.transport.resume_reading()  # type: ignore[attr-defined]
             return PeerInfo(address=address, port=port)
-        return await tls_accept(
-            writer,
-            self.ssl_context,
-            timeout=self.timeouts.handshake,
-            on_failure=self.on_handshake_failure,
+        task = asyncio.current_task()
+        assert task is not None
+        displaced = False
+
+        def drop() -> None:
+            nonlocal displaced
+            displaced = True
+            task.cancel()
+
+        # Until its handshake is over, the connection is in the bounded pending pool.
+        self.gate.pending(task, drop)
+        try:
+            if not await wait_readable(writer.transport, self.limits.hello_timeout):
+                self._report(
+                    HandshakeFailure(
+                        address, port, f"no TLS ClientHello within {self.limits.hello_timeout:g} s"
+                    )
+                )
+                writer.transport.abort()
+                return None
+            return await tls_accept(
+                writer,
+                self.ssl_context,
+                timeout=self.timeouts.handshake,
+                on_failure=self.on_handshake_failure,
+            )
+        except asyncio.CancelledError:
+            if not displaced:
+                raise
+            task.uncancel()
+            self._report(
+                HandshakeFailure(
+                    address, port, "dropped before its handshake ended: too many pending handshakes"
+                )
+            )
+            writer.transport.abort()
+            return None
+        finally:
+            self.gate.settled(task)
+
+    def _report(self, failure: HandshakeFailure) -> None:
+        log.warning(
+            "TLS handshake from %s:%s refused: %s", failure.address, failure.port, failure.reason
         )
+        if self.on_handshake_failure is not None:
+            try:
+                self.on_handshake_failure(failure)
+            except Exception:
+                log.exception("handshake failure callback failed")
 
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -334,8 +593,7 @@ class HttpServer:
         first = True
         try:
             while True:
-                timeout = self.timeouts.header if first else self.timeouts.keepalive
-                event = await self._next_event(conn, reader, timeout)
+                event = await self._next_head(conn, reader, first=first)
                 first = False
                 if isinstance(event, h11.ConnectionClosed) or event is None:
                     return
@@ -350,6 +608,32 @@ class HttpServer:
             pass
         finally:
             await self._close(reader, writer, linger=conn.their_state not in (h11.DONE, h11.IDLE))
+
+    async def _next_head(
+        self, conn: h11.Connection, reader: asyncio.StreamReader, *, first: bool
+    ) -> Any:
+        """The next request head, within one absolute deadline.
+
+        The deadline runs from the end of the handshake for the first request and from the
+        first byte of the head on a kept-alive connection (which may idle ``keepalive`` until
+        then). A per-read timeout would let a client trickle a header line every few seconds
+        for ever.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeouts.header if first else None
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return None if event is h11.PAUSED else event
+            if deadline is None and conn.trailing_data[0]:
+                deadline = loop.time() + self.timeouts.header
+            timeout = self.timeouts.keepalive if deadline is None else deadline - loop.time()
+            if timeout <= 0:
+                raise TimeoutError("request head not complete in time")
+            data = await asyncio.wait_for(reader.read(_READ_SIZE), timeout)
+            if deadline is None and data:
+                deadline = loop.time() + self.timeouts.header
+            conn.receive_data(data)
 
     async def _next_event(
         self, conn: h11.Connection, reader: asyncio.StreamReader, timeout: float
