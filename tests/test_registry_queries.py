@@ -765,3 +765,40 @@ def test_sql_looking_values_are_just_values(registry: LocalRegistry, slots: Slot
 def test_sql_looking_patient_id_is_a_parameter_error(registry: LocalRegistry) -> None:
     slots = [(f"{DE}PatientId", quoted("x' OR '1'='1")), (f"{DE}Status", listed(APPROVED))]
     assert failure(registry, Q.FIND_DOCUMENTS, slots) == [ErrorCode.REGISTRY_ERROR]
+
+
+# ---------------------------------------------------------------------- many values, one query
+
+
+def test_a_thousand_author_patterns_are_answered(registry: LocalRegistry) -> None:
+    # 1,000 $XDSDocumentEntryAuthorPerson values made SQLite refuse the statement ("Expression
+    # tree is too large") and the consumer got "internal registry error".
+    nobody = [f"%Nobody {i}%" for i in range(998)]
+    slots = find_documents((f"{DE}AuthorPerson", listed(*nobody, "%Smith%", "%Brien%")))
+    assert found(registry, Q.FIND_DOCUMENTS, slots) == ["kos_ct", "kos_mr", "addendum"]
+    assert (
+        found(registry, Q.FIND_DOCUMENTS, find_documents((f"{DE}AuthorPerson", listed(*nobody))))
+        == []
+    )
+
+
+def test_a_thousand_codes_with_and_without_scheme_are_answered(registry: LocalRegistry) -> None:
+    codes = [f"NONE{i}^^1.2.3.{i}" for i in range(900)] + [f"NONE{i}" for i in range(98)]
+    slots = find_documents((f"{DE}ClassCode", listed(*codes, IMAGES, "REPORTS")))
+    assert found(registry, Q.FIND_DOCUMENTS, slots) == APPROVED_A
+    slots = find_documents((f"{DE}ClassCode", listed(*codes, IMAGES)))
+    assert found(registry, Q.FIND_DOCUMENTS, slots) == ["kos_ct", "kos_mr"]
+    # The scheme still counts: the right code in the wrong scheme does not match.
+    slots = find_documents((f"{DE}ClassCode", listed(*codes, "IMAGES^^9.9.9")))
+    assert found(registry, Q.FIND_DOCUMENTS, slots) == []
+
+
+def test_a_thousand_reference_ids_and_entry_uuids_are_answered(registry: LocalRegistry) -> None:
+    references = [f"1.2.3.{i}^^^^urn:ihe:iti:xds:2016:studyInstanceUID" for i in range(999)]
+    slots = find_documents(
+        (f"{DE}ReferenceIdList", listed(*references, study_reference_id(STUDY_CT)))
+    )
+    assert found(registry, Q.FIND_DOCUMENTS_BY_REFERENCE_ID, slots) == ["kos_ct"]
+    uuids = [f"urn:uuid:00000000-0000-4000-8000-{i:012d}" for i in range(999)]
+    slots = [(f"{DE}EntryUUID", listed(*uuids, U("kos_ct")))]
+    assert found(registry, Q.GET_DOCUMENTS, slots) == ["kos_ct"]

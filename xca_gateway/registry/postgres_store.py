@@ -38,6 +38,21 @@ class PostgresDialect(Dialect):
         # No escape character: the TF defines only the % and _ wildcards.
         return f"{column} LIKE ? ESCAPE ''", [pattern]
 
+    def like_any(self, column: str, patterns: Sequence[str]) -> tuple[str, list[Any]]:
+        if len(patterns) == 1:
+            return self.like(column, patterns[0])
+        # LIKE ANY takes no ESCAPE clause and escapes with a backslash: a backslash of the
+        # pattern is doubled to stay a literal one, as with ESCAPE ''.
+        return f"{column} LIKE ANY(?)", [[p.replace("\\", "\\\\") for p in patterns]]
+
+    def pairs_in(
+        self, first: str, second: str, pairs: Sequence[tuple[str, str]]
+    ) -> tuple[str, list[Any]]:
+        return (
+            f"({first}, {second}) IN (SELECT * FROM unnest(?::text[], ?::text[]))",
+            [[a for a, _ in pairs], [b for _, b in pairs]],
+        )
+
 
 class PostgresRegistryStore(SqlRegistryStore):
     dialect = PostgresDialect()

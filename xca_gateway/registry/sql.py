@@ -123,6 +123,16 @@ class Dialect:
     def like(self, column: str, pattern: str) -> tuple[str, list[Any]]:
         raise NotImplementedError
 
+    def like_any(self, column: str, patterns: Sequence[str]) -> tuple[str, list[Any]]:
+        """``column`` matches one of ``patterns``, as one expression whatever their number."""
+        raise NotImplementedError
+
+    def pairs_in(
+        self, first: str, second: str, pairs: Sequence[tuple[str, str]]
+    ) -> tuple[str, list[Any]]:
+        """``(first, second)`` is one of ``pairs``, as one expression whatever their number."""
+        raise NotImplementedError
+
 
 def compress(xml: bytes) -> bytes:
     return zlib.compress(xml, 6)
@@ -191,15 +201,21 @@ def object_query(
             where.add(f"{column} >= ?", time_range.low)
         if time_range.high is not None:
             where.add(f"{column} < ?", time_range.high)
+    # Each condition is one EXISTS with one list expression however many values it has: a
+    # chain of ORs grows the expression tree with the values (SQLite refuses one deeper than
+    # 1,000, "Expression tree is too large").
     for condition in flt.codes:
         alternatives, params = [], []
-        for code in condition.any_of:
-            if code.scheme is None:
-                alternatives.append("c.code = ?")
-                params.append(code.code)
-            else:
-                alternatives.append("(c.code = ? AND c.scheme = ?)")
-                params.extend((code.code, code.scheme))
+        any_scheme = [code.code for code in condition.any_of if code.scheme is None]
+        with_scheme = [(code.code, code.scheme) for code in condition.any_of if code.scheme]
+        if any_scheme:
+            clause, clause_params = dialect.in_list("c.code", any_scheme)
+            alternatives.append(clause)
+            params.extend(clause_params)
+        if with_scheme:
+            clause, clause_params = dialect.pairs_in("c.code", "c.scheme", with_scheme)
+            alternatives.append(clause)
+            params.extend(clause_params)
         where.add(
             "EXISTS (SELECT 1 FROM object_code c WHERE c.seq = o.seq AND c.attr = ? AND ("
             + " OR ".join(alternatives)
@@ -208,19 +224,13 @@ def object_query(
             *params,
         )
     for value_condition in flt.values:
-        alternatives, params = [], []
-        for value in value_condition.any_of:
-            if value_condition.like:
-                clause, clause_params = dialect.like("v.value", value)
-                alternatives.append(clause)
-                params.extend(clause_params)
-            else:
-                alternatives.append("v.value = ?")
-                params.append(value)
+        if value_condition.like:
+            clause, params = dialect.like_any("v.value", value_condition.any_of)
+        else:
+            clause, params = dialect.in_list("v.value", value_condition.any_of)
         where.add(
-            "EXISTS (SELECT 1 FROM object_value v WHERE v.seq = o.seq AND v.attr = ? AND ("
-            + " OR ".join(alternatives)
-            + "))",
+            "EXISTS (SELECT 1 FROM object_value v WHERE v.seq = o.seq AND v.attr = ? AND "
+            f"{clause})",
             value_condition.attribute.value,
             *params,
         )

@@ -9,6 +9,7 @@ of record, a committed registration survives a power cut.
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -20,6 +21,8 @@ from xca_gateway.registry.sql import SCHEMA_VERSION, Dialect, SqlRegistryStore, 
 
 # Above this many values an IN list goes through json_each() as one parameter.
 _INLINE_IN_LIMIT = 50
+# Code-and-scheme pairs written out as ORs up to this many (the common case: a few codes).
+_INLINE_PAIRS = 20
 
 
 class SqliteDialect(Dialect):
@@ -33,6 +36,27 @@ class SqliteDialect(Dialect):
     def like(self, column: str, pattern: str) -> tuple[str, list[Any]]:
         # SQLite's LIKE ignores ASCII case; GLOB is case-sensitive like SQL LIKE elsewhere.
         return f"{column} GLOB ?", [like_to_glob(pattern)]
+
+    def like_any(self, column: str, patterns: Sequence[str]) -> tuple[str, list[Any]]:
+        if len(patterns) == 1:
+            return self.like(column, patterns[0])
+        globs = [like_to_glob(p) for p in patterns]
+        return (
+            f"EXISTS (SELECT 1 FROM json_each(?) p WHERE {column} GLOB p.value)",
+            [json_list(globs)],
+        )
+
+    def pairs_in(
+        self, first: str, second: str, pairs: Sequence[tuple[str, str]]
+    ) -> tuple[str, list[Any]]:
+        if len(pairs) <= _INLINE_PAIRS:
+            clause = " OR ".join(f"({first} = ? AND {second} = ?)" for _ in pairs)
+            return f"({clause})", [v for pair in pairs for v in pair]
+        return (
+            f"({first}, {second}) IN (SELECT json_extract(value, '$[0]'), "
+            "json_extract(value, '$[1]') FROM json_each(?))",
+            [json.dumps([list(pair) for pair in pairs])],
+        )
 
 
 def like_to_glob(pattern: str) -> str:
