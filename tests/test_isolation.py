@@ -7,15 +7,30 @@ legitimate client's latency; here each is a regression test of the defence's beh
 from __future__ import annotations
 
 import asyncio
+import base64
+import socket
 from collections.abc import Callable
 
+import httpx
 import pytest
 from lxml import etree
 
+from tests.conftest import wait_for
+from tests.test_gateway_audit import event, records
+from tests.test_gateway_audit import rsyslog as rsyslog_repository
 from tests.test_server import ADHOC_QUERY, consumer, fault_of, post, soap12
+from xca_gateway.audit.alerts import REPEAT_COUNT, AlertAggregator
+from xca_gateway.audit.messages import (
+    AuditContext,
+    AuditMessage,
+    AuditSource,
+    security_alert_node_authentication,
+)
+from xca_gateway.audit.rsyslog import RsyslogRepository
 from xca_gateway.gateway import Gateway
 from xca_gateway.namespaces import Action
 from xca_gateway.pki import DevPki
+from xca_gateway.tls import client_context
 from xca_gateway.xmlsafe import (
     INLINE_PARSE_BYTES,
     XmlLimits,
@@ -139,3 +154,241 @@ def test_query_endpoints_take_small_bodies_and_retrieves_large_ones(
         response = post(client, urls["iti43"], big)
     assert response.status_code == 400
     assert "ActionNotSupported" in " ".join(fault_of(response)[1])
+
+
+# ------------------------------------------------------------------------ connections
+
+
+def _raw(port: int, source: str = "127.0.0.2") -> socket.socket:
+    """A TCP connection from another loopback address (the per-source unit)."""
+    return socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(10) == b""
+    except ConnectionError:
+        return True
+
+
+def _ask(gateway: Gateway, pki: DevPki) -> int:
+    with consumer(pki) as client:
+        return post(
+            client, gateway.endpoint_urls()["iti18"], soap12(Action.ITI18, ADHOC_QUERY)
+        ).status_code
+
+
+def _refused(gateway: Gateway, reason: str) -> float:
+    metrics = httpx.get(gateway.admin_url + "/metrics").text
+    for line in metrics.splitlines():
+        if (
+            line.startswith("xca_gateway_connections_refused_total{")
+            and f'reason="{reason}"' in line
+        ):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_connections_per_source_are_capped_before_the_handshake(
+    gateway_factory: Callable[..., Gateway], pki: DevPki
+) -> None:
+    gateway = gateway_factory("alpha", server={"max_connections_per_source": 3})
+    port = gateway.https.port
+    held = [_raw(port) for _ in range(3)]
+    try:
+        assert wait_for(lambda: gateway.https.active_connections == 3)
+        with _raw(port) as fourth:
+            assert _closed_by_server(fourth)  # refused at accept: nothing read, no handshake
+        assert _refused(gateway, "max_connections_per_source") == 1
+        assert _ask(gateway, pki) == 200  # another source is served meanwhile
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_a_connection_that_never_says_hello_is_dropped_and_reported(
+    gateway_factory: Callable[..., Gateway], pki: DevPki
+) -> None:
+    gateway = gateway_factory("alpha", server={"hello_timeout": 0.3})
+    with _raw(gateway.https.port) as idle:
+        assert _closed_by_server(idle)
+    assert wait_for(lambda: len(gateway.handshake_failures) == 1)
+    failure = gateway.handshake_failures[0]
+    assert failure.address == "127.0.0.2"
+    assert "no TLS ClientHello within 0.3 s" in failure.reason
+    assert wait_for(lambda: gateway.https.active_connections == 0)
+
+
+def test_a_full_pending_pool_drops_the_oldest_idle_socket_for_a_newcomer(
+    gateway_factory: Callable[..., Gateway], pki: DevPki
+) -> None:
+    gateway = gateway_factory("alpha", server={"max_pending_handshakes": 4})
+    port = gateway.https.port
+    idle = [_raw(port, f"127.0.0.{2 + i}") for i in range(4)]
+    try:
+        assert wait_for(lambda: gateway.https.gate.pending_handshakes == 4)
+        # Every pending slot is taken by a socket that never speaks; a client still gets in.
+        assert _ask(gateway, pki) == 200
+        assert _closed_by_server(idle[0])  # the oldest made room
+        assert _refused(gateway, "max_pending_handshakes") >= 1
+        reasons = [f.reason for f in gateway.handshake_failures]
+        assert any("too many pending handshakes" in r for r in reasons)
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_a_request_head_has_one_deadline_not_one_per_read(
+    gateway_factory: Callable[..., Gateway], pki: DevPki
+) -> None:
+    gateway = gateway_factory("alpha", server={"header_timeout": 1.0})
+    ctx = client_context(pki.ca, pki.client.cert, pki.client.key)
+    raw = socket.create_connection(("127.0.0.1", gateway.https.port), timeout=10)
+    sent = 0
+    with raw, ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(b"POST /ig/iti18 HTTP/1.1\r\nHost: localhost\r\n")
+        tls.settimeout(0.25)
+        closed = False
+        for index in range(40):  # a header line every 0.25 s, each read well within 1 s
+            try:
+                tls.sendall(f"X-Slow-{index}: 1\r\n".encode())
+                sent += 1
+                closed = tls.recv(10) == b""
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = True
+            if closed:
+                break
+    assert closed, "the server kept a trickled head open"
+    assert sent < 40
+
+
+def test_slow_bodies_are_cut_off_while_others_are_served(
+    gateway_factory: Callable[..., Gateway], pki: DevPki
+) -> None:
+    gateway = gateway_factory("alpha", server={"body_grace": 0.5, "min_body_rate": 1000.0})
+    ctx = client_context(pki.ca, pki.client.cert, pki.client.key)
+    slow = []
+    for _ in range(5):
+        raw = socket.create_connection(("127.0.0.1", gateway.https.port), timeout=10)
+        tls = ctx.wrap_socket(raw, server_hostname="localhost")
+        tls.sendall(
+            b"POST /ig/iti18 HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Type: application/soap+xml\r\nContent-Length: 100000\r\n\r\n<"
+        )
+        slow.append(tls)
+    try:
+        assert _ask(gateway, pki) == 200
+        answers = []
+        for tls in slow:
+            tls.settimeout(0.2)
+            response = b""
+            for _ in range(50):  # a byte every 0.2 s, far below 1000 bytes/s (bounded)
+                try:
+                    tls.sendall(b" ")
+                    response += tls.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
+                if response.startswith(b"HTTP/1.1"):
+                    break
+            answers.append(response[:12])
+        assert answers == [b"HTTP/1.1 408"] * 5
+    finally:
+        for tls in slow:
+            tls.close()
+
+
+# ------------------------------------------------------------------------ audit floods
+
+CTX = AuditContext(AuditSource("gw-test"), host="gw.test", process_id="1")
+
+
+def _alert(address: str, reason: str = "handshake timed out", port: int = 1000) -> AuditMessage:
+    return security_alert_node_authentication(CTX, address=address, port=port, reason=reason)
+
+
+def _repeat_count(message: AuditMessage) -> int | None:
+    for key, value in message.objects[0].details:
+        if key == REPEAT_COUNT:
+            return int(value)
+    return None
+
+
+def test_repeated_alerts_of_one_source_become_one_record_and_a_count() -> None:
+    aggregator = AlertAggregator(window=60.0)
+    first = _alert("192.0.2.1", port=1)
+    assert aggregator.offer(first, now=0.0) == [first]  # recorded at once, not delayed
+    for i in range(99):
+        assert aggregator.offer(_alert("192.0.2.1", port=2 + i), now=1.0 + i / 10) == []
+    other = _alert("192.0.2.2")
+    assert aggregator.offer(other, now=20.0) == [other]  # another source: its own record
+    different = _alert("192.0.2.1", reason="client presented no certificate")
+    assert aggregator.offer(different, now=21.0) == [different]  # another kind of refusal
+    assert aggregator.expire(59.9) == []
+    (summary,) = aggregator.expire(60.0)
+    assert _repeat_count(summary) == 99
+    assert summary.event.outcome_description is not None
+    assert "repeated 99 more time(s)" in summary.event.outcome_description
+    assert summary.objects[0].object_id == "192.0.2.1:100"  # the latest of the repeats
+    assert aggregator.aggregated == 99
+    # The window closed: the next alert of that source opens a new one.
+    again = _alert("192.0.2.1")
+    assert aggregator.offer(again, now=61.0) == [again]
+    assert aggregator.flush() == []  # the bursts left have no repeats
+
+
+def test_alerts_from_too_many_sources_share_one_burst() -> None:
+    aggregator = AlertAggregator(window=60.0, max_bursts=3)
+    written = [m for i in range(10) for m in aggregator.offer(_alert(f"192.0.2.{i}"), now=0.0)]
+    assert len(written) == 4  # three sources, then one burst for all the others
+    (summary,) = aggregator.flush()
+    assert _repeat_count(summary) == 6
+
+
+# A real rsyslog over mutual TLS as the audit record repository (test_gateway_audit's fixture).
+arr = rsyslog_repository
+
+
+def test_a_connection_flood_is_audited_as_one_alert_with_a_count(
+    gateway_factory: Callable[..., Gateway], arr: RsyslogRepository
+) -> None:
+    gateway = gateway_factory(
+        "alpha",
+        server={"hello_timeout": 0.2},
+        audit={
+            "audit_source_id": "gw-alpha",
+            "alert_window": 5.0,
+            "destinations": [
+                {"name": "arr", "transport": "tls", "host": "127.0.0.1", "port": arr.tls_port}
+            ],
+        },
+    )
+    idle = [_raw(gateway.https.port) for _ in range(10)]
+    try:
+        assert wait_for(lambda: len(gateway.handshake_failures) == 10, timeout=10)
+    finally:
+        for sock in idle:
+            sock.close()
+    # Application Start, the first alert at once, one more for the nine others.
+    roots = records(arr, 3)
+    alerts = [r for r in roots if event(r)[0] == "110113"]
+    counts = [_detail(r, REPEAT_COUNT) for r in alerts]
+    assert len(alerts) == 2, counts
+    assert counts == [None, "9"]
+    assert sum(int(c) if c else 1 for c in counts) == 10
+    metrics = httpx.get(gateway.admin_url + "/metrics").text
+    assert 'xca_gateway_audit_security_alerts_total{type="110126"} 10.0' in metrics
+    assert (
+        'xca_gateway_tls_handshake_failures_total{reason="no TLS ClientHello within 0.2 s"} 10.0'
+        in metrics
+    )
+
+
+def _detail(root: etree._Element, name: str) -> str | None:
+    for detail in root.iter("ParticipantObjectDetail"):
+        if detail.get("type") == name:
+            return base64.b64decode(detail.get("value", "")).decode()
+    return None

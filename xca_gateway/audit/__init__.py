@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from xca_gateway.audit.alerts import AlertAggregator, is_security_alert
 from xca_gateway.audit.config import AuditConfig, AuditDestination, parse_audit_config
 from xca_gateway.audit.messages import (
     AuditContext,
@@ -107,6 +108,18 @@ class _AuditMetrics:
             "1 while the audit spool is above its warning threshold",
             registry=registry,
         )
+        self.security_alerts = Counter(
+            "xca_gateway_audit_security_alerts",
+            "Security Alerts raised, by event type code (each one, aggregated or not)",
+            ["type"],
+            registry=registry,
+        )
+        self.security_alerts_aggregated = Counter(
+            "xca_gateway_audit_security_alerts_aggregated",
+            "Security Alerts folded into the count of a repeat record instead of a record of "
+            "their own",
+            registry=registry,
+        )
         self.destination_up = Gauge(
             "xca_gateway_audit_destination_up",
             "1 while connected to the audit record repository",
@@ -151,6 +164,10 @@ class AuditTrail:
         self._last_error_log: dict[str, float] = {}
         self._lock = threading.Lock()
         self.spooled = 0
+        # Repeated Security Alerts (one source, one kind) within a window: one record + a count.
+        self._alerts = AlertAggregator(config.alert_window) if config.alert_window > 0 else None
+        self._alerts_lock = threading.Lock()
+        self._alert_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -210,6 +227,8 @@ class AuditTrail:
         self._writer.start()
         for sender in self._senders:
             self._tasks.append(asyncio.create_task(sender.run(), name=f"audit-{sender.name}"))
+        if self._alerts is not None:
+            self._alert_task = asyncio.create_task(self._close_alert_windows(), name="audit-alerts")
         pending = sum(s.pending for s in self._senders)
         log.info(
             "audit trail started: spool %s (%d record(s) pending), destinations %s",
@@ -227,6 +246,12 @@ class AuditTrail:
         to deliver the backlog, then stop. What is left stays in the spool for next time."""
         if self._spool is None:
             return
+        if self._alert_task is not None:
+            self._alert_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._alert_task
+            self._alert_task = None
+        self._record_now(self._flush_alerts())
         if application_activity_events:
             self.record(self.application_activity("stop"))
         self._accepting = False
@@ -257,6 +282,16 @@ class AuditTrail:
         ``queue_block_seconds`` if the writer is that far behind, then drops (counted)."""
         try:
             messages = [message] if isinstance(message, AuditMessage) else list(message)
+            if self._alerts is not None or self._metrics is not None:
+                messages = self._aggregate_alerts(messages)
+            self._record_now(messages)
+        except Exception:
+            log.exception("audit record could not be queued")
+
+    def _record_now(self, messages: list[AuditMessage]) -> None:
+        try:
+            if not messages:
+                return
             if not self._accepting:
                 if self.config.enabled:
                     self._drop("stopped", len(messages))
@@ -269,6 +304,48 @@ class AuditTrail:
                     return
         except Exception:
             log.exception("audit record could not be queued")
+
+    def _aggregate_alerts(self, messages: list[AuditMessage]) -> list[AuditMessage]:
+        """Security Alerts through the aggregator (counted each); other records unchanged."""
+        out: list[AuditMessage] = []
+        for message in messages:
+            if not is_security_alert(message):
+                out.append(message)
+                continue
+            if self._metrics is not None:
+                kind = message.event.type_codes[0].code if message.event.type_codes else ""
+                self._metrics.security_alerts.labels(kind).inc()
+            if self._alerts is None:
+                out.append(message)
+                continue
+            with self._alerts_lock:
+                before = self._alerts.aggregated
+                out.extend(self._alerts.offer(message, time.monotonic()))
+                folded = self._alerts.aggregated - before
+            if folded and self._metrics is not None:
+                self._metrics.security_alerts_aggregated.inc(folded)
+        return out
+
+    async def _close_alert_windows(self) -> None:
+        """Write the repeat record of each burst whose window has closed."""
+        assert self._alerts is not None
+        period = min(1.0, self._alerts.window / 4)
+        while True:
+            await asyncio.sleep(period)
+            with self._alerts_lock:
+                summaries = self._alerts.expire(time.monotonic())
+            self._record_now(summaries)
+
+    def _flush_alerts(self) -> list[AuditMessage]:
+        if self._alerts is None:
+            return []
+        with self._alerts_lock:
+            return self._alerts.flush()
+
+    @property
+    def aggregated_alerts(self) -> int:
+        """Security Alerts folded into repeat records so far."""
+        return self._alerts.aggregated if self._alerts is not None else 0
 
     def application_activity(self, event: str) -> AuditMessage:
         try:

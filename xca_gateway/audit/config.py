@@ -75,6 +75,10 @@ class AuditConfig:
     reconnect_max: float = 30.0
     # On stop, how long to keep sending what is spooled before leaving it for the next start.
     drain_timeout: float = 5.0
+    # Security Alerts of one kind from one source within this many seconds become one record
+    # and, when the window closes, one more carrying the count of the others (0: one record per
+    # alert). A flood of refused connections cannot fill the spool or the repositories.
+    alert_window: float = 60.0
 
     @property
     def effective_warn_bytes(self) -> int:
@@ -182,6 +186,9 @@ def parse_audit_config(
     ):
         if key in data:
             _positive(data[key], f"audit.{key}")
+    window = data.get("alert_window", 0)
+    if isinstance(window, bool) or not isinstance(window, int | float) or window < 0:
+        raise ConfigError("audit.alert_window must be a number of seconds (0: no aggregation)")
     for key in ("app_name", "audit_source_id", "enterprise_site_id", "hostname"):
         if key in data and (not isinstance(data[key], str) or not data[key]):
             raise ConfigError(f"audit.{key} must be a non-empty string")
