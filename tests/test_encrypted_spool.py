@@ -121,7 +121,7 @@ spool_threshold = 65536
     root = (
         f'<s:Envelope xmlns:s="http://www.w3.org/2003/05/soap-envelope" '
         f'xmlns:a="http://www.w3.org/2005/08/addressing"><s:Header>'
-        f"<a:Action>{Action.ITI18}</a:Action></s:Header><s:Body/></s:Envelope>"
+        f"<a:Action>{Action.ITI43}</a:Action></s:Header><s:Body/></s:Envelope>"
     ).encode()
     head = (
         f"--{boundary}\r\nContent-Type: application/xop+xml; charset=UTF-8; "
@@ -141,8 +141,9 @@ spool_threshold = 65536
                 f'multipart/related; boundary="{boundary}"; type="application/xop+xml"; '
                 f'start="<root@x>"; start-info="application/soap+xml"'
             )
+            # A retrieve endpoint: query endpoints take bodies of at most 1 MiB (max_query_bytes).
             tls.sendall(
-                b"POST /ig/iti18 HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
+                b"POST /ig/iti43 HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
                 + f"Content-Type: {content_type}\r\n\r\n".encode()
             )
             body = head + attachment
