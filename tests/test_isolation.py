@@ -33,6 +33,7 @@ from xca_gateway.pki import DevPki
 from xca_gateway.tls import client_context
 from xca_gateway.xmlsafe import (
     INLINE_PARSE_BYTES,
+    MarkupCounter,
     XmlLimits,
     XmlRejected,
     count_markup,
@@ -82,6 +83,15 @@ def test_markup_count_bounds_elements_attributes_and_declarations() -> None:
     assert count.elements == 3  # a, c and the comment: an upper bound of the elements
     assert count.equals == 2
     assert count.xmlns == 1
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 64])
+def test_markup_counted_in_chunks_equals_the_count_of_the_whole(size: int) -> None:
+    data = b'<r xmlns="urn:a"><p:e xmlns:p="urn:p" a="1"/></r><!-- </x --><xmlns/>' * 5
+    counter = MarkupCounter()
+    for start in range(0, len(data), size):
+        counter.feed(data[start : start + size])
+    assert counter.count == count_markup(data)
 
 
 def test_many_distinct_namespace_declarations_are_refused() -> None:
@@ -392,3 +402,74 @@ def _detail(root: etree._Element, name: str) -> str | None:
         if detail.get("type") == name:
             return base64.b64decode(detail.get("value", "")).decode()
     return None
+
+
+def test_callers_behind_one_address_are_separate_sources() -> None:
+    from xca_gateway.audit.alerts import alert_source
+
+    assert alert_source(_alert("192.0.2.1", port=1)) == alert_source(_alert("192.0.2.1", port=2))
+    with_certificate = security_alert_node_authentication(
+        CTX, address="192.0.2.1", port=3, reason="r", certificate_subject="CN=a"
+    )
+    assert alert_source(with_certificate) == "CN=a at 192.0.2.1"
+    assert alert_source(_alert("192.0.2.1")) == "192.0.2.1"
+
+
+def test_large_parses_of_one_source_run_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    import xca_gateway.xmlsafe as xmlsafe
+
+    running: dict[str, int] = {}
+    peak: dict[str, int] = {}
+    real = xmlsafe.parse_xml_async
+
+    async def counted(data: bytes, limits: XmlLimits | None = None, **kw: object) -> etree._Element:
+        source = data[-5:-3].decode()  # the comment after the root element names it
+        running[source] = running.get(source, 0) + 1
+        peak[source] = max(peak.get(source, 0), running[source])
+        try:
+            await asyncio.sleep(0.01)
+            return await real(data, limits, **kw)  # type: ignore[arg-type]
+        finally:
+            running[source] -= 1
+
+    monkeypatch.setattr(xmlsafe, "parse_xml_async", counted)
+    parser = xmlsafe.FairParser()
+    big = element_flood(INLINE_PARSE_BYTES // 4)
+
+    async def main() -> None:
+        jobs = [parser.parse(big + f"<!--{s}-->".encode(), source=s) for s in ("s1", "s2") * 4]
+        assert all(len(root[1]) > 0 for root in await asyncio.gather(*jobs))
+
+    asyncio.run(main())
+    assert peak == {"s1": 1, "s2": 1}
+    assert parser.sources == 0
+
+
+def test_large_bodies_of_one_source_are_read_one_at_a_time(gateway: Gateway, pki: DevPki) -> None:
+    """While one large body of a source is being read, its next one waits unread (it would
+    otherwise get its own turn of the event loop at every round)."""
+    ctx = client_context(pki.ca, pki.client.cert, pki.client.key)
+    gate = gateway.https.gate
+    body = soap12(Action.ITI18, ADHOC_QUERY + " " * 200_000)
+    head = (
+        "POST /ig/iti18 HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/soap+xml\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    connections = []
+    try:
+        for _ in range(2):
+            raw = socket.create_connection(("127.0.0.1", gateway.https.port), timeout=10)
+            connections.append(ctx.wrap_socket(raw, server_hostname="localhost"))
+        first, second = connections
+        first.sendall(head + body[:100_000])  # past the first 64 KiB: it holds the turn
+        assert wait_for(lambda: gate.large_bodies("127.0.0.1") == 1)
+        second.sendall(head + body[:100_000])
+        assert wait_for(lambda: gate.large_bodies("127.0.0.1") == 2)  # waiting, unread
+        first.sendall(body[100_000:])
+        second.sendall(body[100_000:])
+        for tls in (first, second):
+            assert tls.recv(12) == b"HTTP/1.1 200"
+        assert wait_for(lambda: gate.large_bodies("127.0.0.1") == 0)
+    finally:
+        for tls in connections:
+            tls.close()

@@ -34,10 +34,19 @@ def is_security_alert(message: AuditMessage) -> bool:
 
 
 def alert_source(message: AuditMessage) -> str:
-    """The network address of the requesting participant (the one who caused the alert)."""
+    """Who caused the alert: the requesting participant's identity and network address.
+
+    Two callers behind one address (a certificate each) are two sources; the port of a
+    connection without a certificate (its UserID is ``address:port``) is not part of it.
+    """
     for participant in message.participants:
         if participant.user_is_requestor:
-            return participant.network_access_point_id or participant.user_id
+            address = participant.network_access_point_id or ""
+            user = participant.user_id
+            port = user[len(address) + 1 :] if address and user.startswith(f"{address}:") else ""
+            if port.isdigit():
+                user = address
+            return f"{user} at {address}" if address and user != address else user
     return "unknown"
 
 
