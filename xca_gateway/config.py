@@ -102,6 +102,9 @@ class ServerConfig:
     max_pending_handshakes: int = 256
     # Seconds for a new connection's ClientHello to start (tls.handshake_timeout bounds the rest).
     hello_timeout: float = 5.0
+    # Request bodies over 64 KiB read at once per source (the others wait their turn unread), so
+    # one source streaming many large bodies cannot take the event loop from everyone else.
+    max_large_bodies_per_source: int = 1
     # One absolute deadline for a request head (request line and headers), from the end of the
     # handshake or, on a kept-alive connection, from the head's first byte.
     header_timeout: float = 15.0

@@ -49,7 +49,9 @@ _READ_SIZE = 256 * 1024
 _LINGER_SECONDS = 1.0
 # Bytes queued in the transport before a streamed response waits for the reader.
 _DRAIN_ABOVE = 1024 * 1024
-_LINGER_BYTES = 64 * 1024 * 1024
+# What a refused body may still send while our answer reaches its client (then reset): enough
+# for a client to notice the answer, too little to keep the event loop decrypting a flood.
+_LINGER_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,10 @@ class ConnectionLimits:
     # Seconds for the first bytes of the ClientHello to arrive after the TCP accept (the rest of
     # the handshake has tls.handshake_timeout).
     hello_timeout: float = 5.0
+    # Request bodies larger than LARGE_BODY_BYTES read at once per source; the others wait their
+    # turn unread. A source streaming many bodies at once would otherwise get a turn of the
+    # event loop for each of them at every round, and every other caller would wait for them.
+    max_large_bodies_per_source: int = 1
 
     @classmethod
     def for_gateway(cls, config: GatewayConfig) -> ConnectionLimits:
@@ -195,6 +201,7 @@ class ConnectionLimits:
             max_connections_per_source=server.max_connections_per_source,
             max_pending_handshakes=server.max_pending_handshakes,
             hello_timeout=server.hello_timeout,
+            max_large_bodies_per_source=server.max_large_bodies_per_source,
         )
 
 
@@ -212,6 +219,8 @@ def source_of(address: str) -> str:
 
 
 _REFUSAL_LOG_INTERVAL = 10.0
+# Above this many bytes a request body is "large": the rest of it is read in its source's turn.
+LARGE_BODY_BYTES = 64 * 1024
 
 
 class ConnectionGate:
@@ -238,6 +247,8 @@ class ConnectionGate:
         self.refused: dict[str, int] = {}
         # Insertion-ordered: the first entry is the oldest pending handshake.
         self._pending: dict[object, Callable[[], None]] = {}
+        # Per source: [turns to read large bodies, requests holding or waiting for one].
+        self._bodies: dict[str, list[Any]] = {}
         self._logged: dict[str, float] = {}
 
     def admit(self, address: str) -> str | None:
@@ -263,6 +274,32 @@ class ConnectionGate:
         else:
             self.by_source.pop(source, None)
 
+    async def acquire_body(self, source: str) -> None:
+        """Wait for one of ``source``'s turns to read a large request body."""
+        entry = self._bodies.get(source)
+        if entry is None:
+            entry = self._bodies[source] = [
+                asyncio.Semaphore(self.limits.max_large_bodies_per_source),
+                0,
+            ]
+        entry[1] += 1
+        try:
+            await entry[0].acquire()
+        except BaseException:
+            self._forget_body(source, entry)
+            raise
+
+    def release_body(self, source: str) -> None:
+        entry = self._bodies.get(source)
+        if entry is not None:
+            entry[0].release()
+            self._forget_body(source, entry)
+
+    def _forget_body(self, source: str, entry: list[Any]) -> None:
+        entry[1] -= 1
+        if not entry[1]:
+            del self._bodies[source]
+
     def pending(self, key: object, drop: Callable[[], None]) -> None:
         """``key`` starts waiting for its handshake; ``drop`` ends it if it is displaced."""
         while len(self._pending) >= self.limits.max_pending_handshakes and self._pending:
@@ -278,6 +315,11 @@ class ConnectionGate:
     @property
     def pending_handshakes(self) -> int:
         return len(self._pending)
+
+    def large_bodies(self, source: str) -> int:
+        """Requests of ``source`` reading a large body or waiting for their turn to."""
+        entry = self._bodies.get(source)
+        return int(entry[1]) if entry is not None else 0
 
     def _refuse(self, reason: str, who: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
@@ -296,6 +338,24 @@ class ConnectionGate:
                 who,
                 self.refused[reason],
             )
+
+
+class _BodySlot:
+    """One request's turn to read a large body, released once (body read, or request over)."""
+
+    def __init__(self, gate: ConnectionGate, source: str) -> None:
+        self.gate = gate
+        self.source = source
+        self.held = False
+
+    async def acquire(self) -> None:
+        await self.gate.acquire_body(self.source)
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.gate.release_body(self.source)
 
 
 async def wait_readable(transport: asyncio.BaseTransport, timeout: float) -> bool:
@@ -658,6 +718,8 @@ class HttpServer:
     ) -> bool:
         headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in event.headers]
         body_done = False
+        source = source_of(peer.address)
+        slot = _BodySlot(self.gate, source)
 
         async def body() -> AsyncIterator[bytes]:
             nonlocal body_done
@@ -666,22 +728,24 @@ class HttpServer:
                     conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
                 )
             loop = asyncio.get_running_loop()
-            started, received = loop.time(), 0
+            started, received, counted_from = loop.time(), 0, 0
             while True:
+                if received >= LARGE_BODY_BYTES and not slot.held:
+                    # The rest of a large body is read in the source's turn (see ConnectionGate):
+                    # its time in the queue does not count against its rate.
+                    await slot.acquire()
+                    started, counted_from = loop.time(), received
                 ev = await self._next_event(conn, reader, self.timeouts.body)
                 if isinstance(ev, h11.Data):
                     received += len(ev.data)
                     elapsed = loop.time() - started
-                    if (
-                        elapsed > self.timeouts.body_grace
-                        and received < self.timeouts.min_body_rate * elapsed
-                    ):
-                        raise RequestBodyTooSlow(
-                            f"request body arrives at {received / elapsed:.0f} bytes/s"
-                        )
+                    rate = (received - counted_from) / elapsed if elapsed > 0 else 0.0
+                    if elapsed > self.timeouts.body_grace and rate < self.timeouts.min_body_rate:
+                        raise RequestBodyTooSlow(f"request body arrives at {rate:.0f} bytes/s")
                     yield bytes(ev.data)
                 elif isinstance(ev, h11.EndOfMessage):
                     body_done = True
+                    slot.release()
                     return
                 else:
                     raise ConnectionError("connection closed while reading the request body")
@@ -702,6 +766,8 @@ class HttpServer:
             )
         except (ConnectionError, ssl.SSLError):
             return False
+        finally:
+            slot.release()  # a body refused part-way is not read further
 
         ok = False
         try:

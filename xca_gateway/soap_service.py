@@ -20,7 +20,7 @@ from lxml import etree
 from xca_gateway import mtom
 from xca_gateway.config import LimitsConfig
 from xca_gateway.metrics import GatewayMetrics
-from xca_gateway.server import BodyTooLarge, PeerInfo, Request, RequestBodyTooSlow, Response
+from xca_gateway.server import PeerInfo, Request, RequestBodyTooSlow, Response, source_of
 from xca_gateway.soap import (
     Envelope,
     SoapFault,
@@ -31,7 +31,14 @@ from xca_gateway.soap import (
     parse_envelope,
     serialize,
 )
-from xca_gateway.xmlsafe import XmlLimits, XmlRejected, parse_xml_async
+from xca_gateway.xmlsafe import (
+    FairParser,
+    MarkupCount,
+    MarkupCounter,
+    XmlLimits,
+    XmlRejected,
+    check_markup,
+)
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +142,8 @@ class SoapService:
             max_attributes=limits.max_xml_attributes,
             max_namespaces=limits.max_xml_namespaces,
         )
+        # Large messages are parsed off the event loop, one at a time per source address.
+        self.parser = FairParser()
 
     def body_limit(self, endpoint: SoapEndpoint) -> int:
         """The largest request body ``endpoint`` reads: small for queries, large otherwise.
@@ -231,20 +240,14 @@ class SoapService:
             media_type, params = "", {}
         attachments: dict[str, mtom.Attachment] = {}
         http_action: str | None = None
+        count: MarkupCount | None = None
         if media_type == "multipart/related":
             message = await self._read_mtom(request, content_type, body_limit)
             root_bytes = message.root
             attachments = dict(message.attachments)
             http_action = message.action
         elif media_type in ("application/soap+xml", "text/xml"):
-            xml_limit = min(limits.max_xml_bytes, body_limit)
-            try:
-                root_bytes = await request.read(xml_limit)
-            except BodyTooLarge:
-                raise SoapFault.sender(
-                    f"SOAP message exceeds the limit of {xml_limit} bytes",
-                    http_status=413,
-                ) from None
+            root_bytes, count = await self._read_xml(request, min(limits.max_xml_bytes, body_limit))
             http_action = params.get("action")
         else:
             raise SoapFault.sender(
@@ -253,8 +256,9 @@ class SoapService:
                 http_status=415,
             )
         try:
-            # Large messages are parsed off the event loop (xmlsafe), in linear time.
-            root = await parse_xml_async(root_bytes, self.xml_limits)
+            root = await self.parser.parse(
+                root_bytes, self.xml_limits, count=count, source=source_of(request.peer.address)
+            )
             envelope = parse_envelope(root, http_action=_usable_action(http_action))
             if media_type == "text/xml" and envelope is not None:
                 # text/xml is the SOAP 1.1 binding; a SOAP 1.2 envelope must not use it.
@@ -267,6 +271,24 @@ class SoapService:
             _close_attachments(attachments)
             raise
         return envelope, attachments
+
+    async def _read_xml(self, request: Request, limit: int) -> tuple[bytes, MarkupCount]:
+        """The SOAP message, its markup counted as it arrives: a flood of elements is refused
+        as soon as the count passes the limit, without reading (or holding) the rest."""
+        data = bytearray()
+        counter = MarkupCounter()
+        async for chunk in request.body():
+            data += chunk
+            if len(data) > limit:
+                raise SoapFault.sender(
+                    f"SOAP message exceeds the limit of {limit} bytes", http_status=413
+                )
+            counter.feed(chunk)
+            try:
+                check_markup(counter.count, self.xml_limits)
+            except XmlRejected as exc:
+                raise SoapFault.sender(exc.reason) from None
+        return bytes(data), counter.count
 
     async def _read_mtom(
         self, request: Request, content_type: str, body_limit: int

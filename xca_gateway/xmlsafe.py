@@ -135,6 +135,43 @@ class MarkupCount:
         return self.opens - self.closes
 
 
+_STRADDLING = (b"</", b"xmlns")
+
+
+class MarkupCounter:
+    """:class:`MarkupCount` of a document fed in chunks as it arrives (no copy of the chunks).
+
+    Lets a receiver refuse an element flood part-way through the body, before reading the
+    rest of it.
+    """
+
+    def __init__(self) -> None:
+        self.count = MarkupCount()
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        count = self.count
+        count.add(chunk, 0, len(chunk))
+        if self._tail:
+            # Patterns that start in the previous chunk and end in this one (neither pattern
+            # can overlap itself, so counts subtract).
+            head = chunk[:4]
+            joined = self._tail + head
+            count.closes += joined.count(b"</") - self._tail.count(b"</") - head.count(b"</")
+            count.xmlns += (
+                joined.count(b"xmlns") - self._tail.count(b"xmlns") - head.count(b"xmlns")
+            )
+        self._tail = (self._tail + chunk)[-4:] if len(chunk) < 4 else chunk[-4:]
+
+
+def check_markup(count: MarkupCount, limits: XmlLimits) -> None:
+    """Refuse a document whose markup alone exceeds the element or attribute budget."""
+    if count.elements > limits.max_elements:
+        raise XmlRejected(f"XML document has more than {limits.max_elements} elements")
+    if count.equals > limits.max_elements:
+        raise XmlRejected(f"XML document has more than {limits.max_elements} attributes")
+
+
 def _check_size(data: bytes, limits: XmlLimits) -> None:
     if len(data) > limits.max_bytes:
         raise XmlRejected(f"XML document larger than {limits.max_bytes} bytes")
@@ -144,10 +181,7 @@ def _check_size(data: bytes, limits: XmlLimits) -> None:
 
 
 def _check_count(data: bytes, count: MarkupCount, limits: XmlLimits) -> None:
-    if count.elements > limits.max_elements:
-        raise XmlRejected(f"XML document has more than {limits.max_elements} elements")
-    if count.equals > limits.max_elements:
-        raise XmlRejected(f"XML document has more than {limits.max_elements} attributes")
+    check_markup(count, limits)
     if count.xmlns > _FEW_NAMESPACE_DECLARATIONS:
         if count.xmlns > limits.max_elements:
             raise XmlRejected("XML document has too many namespace declarations")
@@ -200,16 +234,26 @@ def _build(data: bytes, limits: XmlLimits) -> etree._Element:
     if docinfo.internalDTD is not None or docinfo.externalDTD is not None:
         # Belt and braces: the prolog scan should have refused this already.
         raise XmlRejected("document type declarations (DTD) are not accepted")
+    reason = _violation(root, limits)
+    if reason is not None:
+        # Freed here, in the worker: a traceback keeping the tree alive would have the event
+        # loop free it (a tree of 200,000 attributes takes milliseconds to free).
+        del root
+        raise XmlRejected(reason)
+    return root
+
+
+def _violation(root: etree._Element, limits: XmlLimits) -> str | None:
     # One absolute path one step deeper than allowed: each step walks one level once.
     if _exists(root, "/*" * (limits.max_depth + 1)):
-        raise XmlRejected(f"XML nesting deeper than {limits.max_depth}")
+        return f"XML nesting deeper than {limits.max_depth}"
     if _exists(root, f"//*[count(@*) > {int(limits.max_attributes)}]"):
-        raise XmlRejected(f"XML element with more than {limits.max_attributes} attributes")
+        return f"XML element with more than {limits.max_attributes} attributes"
     if _exists(root, f"//@*[string-length(.) > {int(limits.max_attribute_bytes)}]"):
-        raise XmlRejected("XML attribute value too large")
+        return "XML attribute value too large"
     if _exists(root, f"//text()[string-length(.) > {int(limits.max_text_bytes)}]"):
-        raise XmlRejected("XML text node too large")
-    return root
+        return "XML text node too large"
+    return None
 
 
 def _exists(root: etree._Element, path: str) -> bool:
@@ -231,14 +275,20 @@ def _parse_executor() -> ThreadPoolExecutor:
     return _executor
 
 
-async def parse_xml_async(data: bytes, limits: XmlLimits | None = None) -> etree._Element:
-    """:func:`parse_xml` for the event loop: counting in slices, large parses off the loop."""
+async def parse_xml_async(
+    data: bytes, limits: XmlLimits | None = None, *, count: MarkupCount | None = None
+) -> etree._Element:
+    """:func:`parse_xml` for the event loop: counting in slices, large parses off the loop.
+
+    ``count`` is the markup count of ``data`` when the caller made it while receiving it.
+    """
     limits = limits or XmlLimits()
     _check_size(data, limits)
     if len(data) <= INLINE_PARSE_BYTES:
-        _check_count(data, count_markup(data), limits)
+        _check_count(data, count or count_markup(data), limits)
         return _build(data, limits)
-    count = await count_markup_async(data)
+    if count is None:
+        count = await count_markup_async(data)
     if count.xmlns > _FEW_NAMESPACE_DECLARATIONS:
         await asyncio.get_running_loop().run_in_executor(
             _parse_executor(), _check_count, data, count, limits
@@ -246,3 +296,40 @@ async def parse_xml_async(data: bytes, limits: XmlLimits | None = None) -> etree
     else:
         _check_count(data, count, limits)
     return await asyncio.get_running_loop().run_in_executor(_parse_executor(), _build, data, limits)
+
+
+class FairParser:
+    """Large parses of one source run one at a time.
+
+    A caller sending many large bodies at once waits for its own parses instead of taking
+    every worker of the pool (and the machine's cores) from the other callers.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._users: dict[str, int] = {}
+
+    async def parse(
+        self,
+        data: bytes,
+        limits: XmlLimits | None = None,
+        *,
+        count: MarkupCount | None = None,
+        source: str | None = None,
+    ) -> etree._Element:
+        if source is None or len(data) <= INLINE_PARSE_BYTES:
+            return await parse_xml_async(data, limits, count=count)
+        lock = self._locks.setdefault(source, asyncio.Lock())
+        self._users[source] = self._users.get(source, 0) + 1
+        try:
+            async with lock:
+                return await parse_xml_async(data, limits, count=count)
+        finally:
+            self._users[source] -= 1
+            if not self._users[source]:
+                del self._users[source], self._locks[source]
+
+    @property
+    def sources(self) -> int:
+        """Sources with a large parse running or waiting."""
+        return len(self._users)
