@@ -8,6 +8,7 @@ report readable when a case fails: it shows what the gateway did instead.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import ssl
@@ -25,7 +26,7 @@ import httpx
 from lxml import etree
 
 from reliability.certs import not_yet_valid_client, server_only_client
-from xca_gateway.namespaces import QUERY, RIM, SOAP11, SOAP12, WSA, XDSB, Action
+from xca_gateway.namespaces import QUERY, RIM, RS, SOAP11, SOAP12, WSA, XDSB, Action
 from xca_gateway.tls import client_context
 
 IO_TIMEOUT = 30.0
@@ -510,6 +511,192 @@ def tls_cases(workdir: Path) -> list[Case]:
 def slow_cases() -> list[Case]:
     """Cases that take minutes with the demo's default timeouts (soak / full runs only)."""
     return [Case("TLS", "slow request body", "closed by server", _slow_body)]
+
+
+# ----------------------------------------------------------------------------- isolation (#16)
+
+
+def _attribute_bomb(attributes: int, action: str) -> bytes:
+    attrs = "".join(f' a{i}="x"' for i in range(attributes))
+    return envelope("", action=action).replace(b"<s:Header>", f"<s:Header{attrs}>".encode())
+
+
+def _stream(target: Target, path: str, body: bytes) -> str:
+    """POST ``body`` in pieces, watching for an early answer (a refusal part-way through)."""
+    host, port = target.host_port()
+    raw = socket.create_connection((host, port), timeout=IO_TIMEOUT)
+    response = b""
+    with raw, target.context().wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: localhost\r\n"
+            "Content-Type: application/soap+xml; charset=UTF-8\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+        )
+        try:
+            for start in range(0, len(body), 256 * 1024):
+                tls.sendall(body[start : start + 256 * 1024])
+                tls.setblocking(False)
+                with contextlib.suppress(ssl.SSLWantReadError, BlockingIOError):
+                    response += tls.recv(65536)
+                tls.settimeout(IO_TIMEOUT)
+                if response:
+                    break
+        except OSError:
+            pass  # the server stopped reading: its answer may already be here
+        tls.settimeout(IO_TIMEOUT)
+        for _ in range(100):  # bounded: the answer is small
+            if response.rstrip().endswith(b"Envelope>"):
+                break
+            try:
+                chunk = tls.recv(65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            response += chunk
+    head, _, rest = response.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 "):
+        return "no answer"
+    status = head.split(b" ")[1].decode()
+    return f"{status} Sender" if b"Sender" in rest else f"{status} ?"
+
+
+def _idle_connections_then_query(target: Target) -> str:
+    """1,000 connections from another address that never send a ClientHello; meanwhile a
+    query from ours is answered (per-source cap at accept, pending handshakes bounded)."""
+    host, port = target.host_port()
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(1000):
+            try:
+                idle.append(
+                    socket.create_connection(
+                        (host, port), timeout=IO_TIMEOUT, source_address=("127.0.0.2", 0)
+                    )
+                )
+            except OSError:
+                continue
+        return post(target, "iti18", envelope(adhoc_query()))
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def _slow_head(target: Target) -> str:
+    """Slowloris on the request head: one header line a second. The head has one deadline
+    (server.header_timeout, 15 s in the demo), not one per read."""
+    host, port = target.host_port()
+    raw = socket.create_connection((host, port), timeout=IO_TIMEOUT)
+    deadline = time.monotonic() + 60
+    with raw, target.context().wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(b"POST /ig/iti18 HTTP/1.1\r\nHost: localhost\r\n")
+        tls.settimeout(1)
+        while time.monotonic() < deadline:
+            try:
+                tls.sendall(b"X-Slow: 1\r\n")
+                data = tls.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return "closed by server"
+            return "closed by server" if not data or data.startswith(b"HTTP/1.1 ") else "?"
+    return "still open"
+
+
+def _slow_body_rate(target: Target) -> str:
+    """Slowloris on the body: one byte a second is far below server.min_body_rate; the request
+    is answered 408 once server.body_grace (10 s in the demo) has passed."""
+    host, port = target.host_port()
+    raw = socket.create_connection((host, port), timeout=IO_TIMEOUT)
+    deadline = time.monotonic() + 60
+    with raw, target.context().wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(
+            b"POST /ig/iti18 HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Type: application/soap+xml\r\nContent-Length: 100000\r\n\r\n<"
+        )
+        tls.settimeout(1)
+        while time.monotonic() < deadline:
+            try:
+                tls.sendall(b" ")
+                data = tls.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return "closed by server"
+            return data[:12].decode(errors="replace") if data else "closed by server"
+    return "still open"
+
+
+def _many_author_values(target: Target) -> str:
+    """A FindDocuments with 1,000 $XDSDocumentEntryAuthorPerson values: answered by every
+    community's registry (SQLite failed on it: "Expression tree is too large")."""
+    authors = ",".join(f"'%Nobody {i}%'" for i in range(1000))
+    query = adhoc_query().replace(
+        "</rim:AdhocQuery>",
+        '<rim:Slot name="$XDSDocumentEntryAuthorPerson"><rim:ValueList>'
+        f"<rim:Value>({authors})</rim:Value></rim:ValueList></rim:Slot></rim:AdhocQuery>",
+    )
+    with httpx.Client(verify=target.context(), timeout=IO_TIMEOUT) as client:
+        response = client.post(
+            target.url("iti18"),
+            content=envelope(query),
+            headers={"content-type": "application/soap+xml; charset=UTF-8"},
+        )
+    try:
+        root = etree.fromstring(response.content)
+    except etree.XMLSyntaxError:
+        return f"{response.status_code} non-XML"
+    answer = root.find(f"{{{SOAP12}}}Body/{{{QUERY}}}AdhocQueryResponse")
+    if answer is None:
+        return describe(response)
+    status = (answer.get("status") or "").rsplit(":", 1)[-1]
+    errors = [e.get("codeContext", "") for e in answer.iter(f"{{{RS}}}RegistryError")]
+    internal = any("internal" in e for e in errors)
+    return f"{response.status_code} {status}" + (" (internal error)" if internal else "")
+
+
+def isolation_cases() -> list[Case]:
+    """The attacks of issue #16 at full size: each refused cheaply, or served while it runs."""
+
+    def case(name: str, expected: str, run: Callable[[Target], str]) -> Case:
+        return Case("isolation", name, expected, run)
+
+    return [
+        case(
+            "attribute bomb: 60,000 attributes (650 KB query)",
+            "400 Sender",
+            lambda t: post(t, "iti18", _attribute_bomb(60_000, Action.ITI18)),
+        ),
+        case(
+            "attribute bomb: 200,000 attributes (2.3 MB retrieve)",
+            "400 Sender",
+            lambda t: post(t, "iti43", _attribute_bomb(200_000, Action.ITI43)),
+        ),
+        case(
+            "element flood: 15.6 MB of empty elements (retrieve)",
+            "400 Sender",
+            lambda t: _stream(t, "/ig/iti43", envelope("<a/>" * 3_900_000, action=Action.ITI43)),
+        ),
+        case(
+            "query body over max_query_bytes (2 MB)",
+            "413 Sender",
+            lambda t: _stream(t, "/ig/iti18", envelope(adhoc_query() + " " * 2_000_000)),
+        ),
+        case(
+            "1,000 idle pre-handshake connections, then a query",
+            "200 AdhocQueryResponse",
+            _idle_connections_then_query,
+        ),
+        case("1,000 AuthorPerson values in one query", "200 Success", _many_author_values),
+    ]
+
+
+def slow_isolation_cases() -> list[Case]:
+    """Isolation cases that wait for a server deadline (seconds): run in threads."""
+    return [
+        Case("isolation", "header slowloris (a line a second)", "closed by server", _slow_head),
+        Case("isolation", "body slowloris (a byte a second)", "HTTP/1.1 408", _slow_body_rate),
+    ]
 
 
 def run_case(case: Case, target: Target) -> CaseResult:

@@ -35,9 +35,11 @@ from reliability.cases import (
     Target,
     hostile_mtom_cases,
     hostile_xml_cases,
+    isolation_cases,
     run_case,
     run_cases_concurrently,
     slow_cases,
+    slow_isolation_cases,
     tls_cases,
 )
 from reliability.load import Study, Tally, prepare_study, run_load
@@ -363,12 +365,14 @@ def run(profile: Profile, workdir: Path, report: Path | None = REPORT) -> Outcom
         tmp = workdir / "tmp"
         # The slowloris cases wait for server timeouts: in threads, alongside the rest.
         slow = [c for c in tls_cases(target.workdir) if c.name == "slowloris handshake"]
+        slow += slow_isolation_cases()
         if profile.slow:
             slow += slow_cases()
         fast = [
             *hostile_xml_cases(),
             *hostile_mtom_cases(),
             *(c for c in tls_cases(target.workdir) if c.name != "slowloris handshake"),
+            *isolation_cases(),
         ]
         slow_results: list[CaseResult] = []
         slow_thread = threading.Thread(

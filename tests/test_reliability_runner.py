@@ -25,10 +25,15 @@ def test_every_case_has_its_expected_outcome(outcome: Outcome) -> None:
     failed = {r.case.name: (r.case.expected, r.observed) for r in outcome.cases if not r.passed}
     assert not failed
     categories = {r.case.category for r in outcome.cases}
-    assert categories == {"hostile XML/SOAP", "hostile MTOM", "TLS"}
+    assert categories == {"hostile XML/SOAP", "hostile MTOM", "TLS", "isolation"}
     names = {r.case.name for r in outcome.cases}
     for required in ("billion laughs", "10,000 parts", "TLS 1.0", "slowloris handshake"):
         assert required in names
+    # The attacks of issue #16, each a case of its own.
+    isolation = {r.case.name for r in outcome.cases if r.case.category == "isolation"}
+    for attack in ("attribute bomb", "element flood", "idle pre-handshake", "header slowloris"):
+        assert any(attack in name for name in isolation), attack
+    assert any("body slowloris" in name for name in isolation)
 
 
 def test_load_completes_without_errors_and_leaks(outcome: Outcome) -> None:
