@@ -192,6 +192,10 @@ class ConnectionLimits:
     # turn unread. A source streaming many bodies at once would otherwise get a turn of the
     # event loop for each of them at every round, and every other caller would wait for them.
     max_large_bodies_per_source: int = 1
+    # TLS handshakes in progress at once per source (the others wait, unread, within
+    # tls.handshake_timeout): a source opening hundreds of connections at once gets a few
+    # turns of the event loop per round for its handshakes, not hundreds.
+    max_handshakes_per_source: int = 8
 
     @classmethod
     def for_gateway(cls, config: GatewayConfig) -> ConnectionLimits:
@@ -219,6 +223,29 @@ def source_of(address: str) -> str:
 
 
 _REFUSAL_LOG_INTERVAL = 10.0
+
+
+class _QuietLog:
+    """At most one warning per key every ten seconds, the next one saying how many were not
+    logged: a flood of refused connections must not become a flood of log lines."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def warning(self, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -_REFUSAL_LOG_INTERVAL) < _REFUSAL_LOG_INTERVAL:
+            self._skipped[key] = self._skipped.get(key, 0) + 1
+            return
+        self._last[key] = now
+        skipped = self._skipped.pop(key, 0)
+        if skipped:
+            message += f" (and {skipped} more like it in the last {_REFUSAL_LOG_INTERVAL:g} s)"
+        log.warning(message, *args)
+
+
+_handshake_log = _QuietLog()
 # Above this many bytes a request body is "large": the rest of it is read in its source's turn.
 LARGE_BODY_BYTES = 64 * 1024
 
@@ -247,8 +274,8 @@ class ConnectionGate:
         self.refused: dict[str, int] = {}
         # Insertion-ordered: the first entry is the oldest pending handshake.
         self._pending: dict[object, Callable[[], None]] = {}
-        # Per source: [turns to read large bodies, requests holding or waiting for one].
-        self._bodies: dict[str, list[Any]] = {}
+        # (kind, source) -> [its turns (a semaphore), connections holding or waiting for one].
+        self._turns: dict[tuple[str, str], list[Any]] = {}
         self._logged: dict[str, float] = {}
 
     def admit(self, address: str) -> str | None:
@@ -274,31 +301,41 @@ class ConnectionGate:
         else:
             self.by_source.pop(source, None)
 
-    async def acquire_body(self, source: str) -> None:
-        """Wait for one of ``source``'s turns to read a large request body."""
-        entry = self._bodies.get(source)
+    async def acquire_turn(self, kind: str, source: str) -> None:
+        """Wait for one of ``source``'s turns at ``kind`` (``body``: reading a large request
+        body; ``handshake``: a TLS handshake), of which it has a fixed number at once."""
+        key = (kind, source)
+        entry = self._turns.get(key)
         if entry is None:
-            entry = self._bodies[source] = [
-                asyncio.Semaphore(self.limits.max_large_bodies_per_source),
-                0,
-            ]
+            turns = (
+                self.limits.max_large_bodies_per_source
+                if kind == "body"
+                else self.limits.max_handshakes_per_source
+            )
+            entry = self._turns[key] = [asyncio.Semaphore(turns), 0]
         entry[1] += 1
         try:
             await entry[0].acquire()
         except BaseException:
-            self._forget_body(source, entry)
+            self._forget_turn(key, entry)
             raise
 
-    def release_body(self, source: str) -> None:
-        entry = self._bodies.get(source)
+    def release_turn(self, kind: str, source: str) -> None:
+        key = (kind, source)
+        entry = self._turns.get(key)
         if entry is not None:
             entry[0].release()
-            self._forget_body(source, entry)
+            self._forget_turn(key, entry)
 
-    def _forget_body(self, source: str, entry: list[Any]) -> None:
+    def _forget_turn(self, key: tuple[str, str], entry: list[Any]) -> None:
         entry[1] -= 1
         if not entry[1]:
-            del self._bodies[source]
+            del self._turns[key]
+
+    def waiting_or_holding(self, kind: str, source: str) -> int:
+        """Connections of ``source`` holding or waiting for a turn at ``kind``."""
+        entry = self._turns.get((kind, source))
+        return int(entry[1]) if entry is not None else 0
 
     def pending(self, key: object, drop: Callable[[], None]) -> None:
         """``key`` starts waiting for its handshake; ``drop`` ends it if it is displaced."""
@@ -318,8 +355,7 @@ class ConnectionGate:
 
     def large_bodies(self, source: str) -> int:
         """Requests of ``source`` reading a large body or waiting for their turn to."""
-        entry = self._bodies.get(source)
-        return int(entry[1]) if entry is not None else 0
+        return self.waiting_or_holding("body", source)
 
     def _refuse(self, reason: str, who: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
@@ -349,13 +385,13 @@ class _BodySlot:
         self.held = False
 
     async def acquire(self) -> None:
-        await self.gate.acquire_body(self.source)
+        await self.gate.acquire_turn("body", self.source)
         self.held = True
 
     def release(self) -> None:
         if self.held:
             self.held = False
-            self.gate.release_body(self.source)
+            self.gate.release_turn("body", self.source)
 
 
 async def wait_readable(transport: asyncio.BaseTransport, timeout: float) -> bool:
@@ -438,7 +474,8 @@ async def tls_accept(
     except (TimeoutError, ssl.SSLError, OSError, EOFError) as exc:
         reason, verify_message = describe_handshake_error(exc)
         failure = HandshakeFailure(address, port, reason, verify_message, capture.certificate_der)
-        log.warning(
+        _handshake_log.warning(
+            reason,
             "TLS handshake from %s:%s refused: %s (certificate: %s)",
             address,
             port,
@@ -613,12 +650,27 @@ class HttpServer:
                 )
                 writer.transport.abort()
                 return None
-            return await tls_accept(
-                writer,
-                self.ssl_context,
-                timeout=self.timeouts.handshake,
-                on_failure=self.on_handshake_failure,
-            )
+            source = source_of(address)
+            try:
+                async with asyncio.timeout(self.timeouts.handshake):
+                    await self.gate.acquire_turn("handshake", source)
+            except TimeoutError:
+                self._report(
+                    HandshakeFailure(
+                        address, port, "too many TLS handshakes from this source at once"
+                    )
+                )
+                writer.transport.abort()
+                return None
+            try:
+                return await tls_accept(
+                    writer,
+                    self.ssl_context,
+                    timeout=self.timeouts.handshake,
+                    on_failure=self.on_handshake_failure,
+                )
+            finally:
+                self.gate.release_turn("handshake", source)
         except asyncio.CancelledError:
             if not displaced:
                 raise
@@ -634,8 +686,12 @@ class HttpServer:
             self.gate.settled(task)
 
     def _report(self, failure: HandshakeFailure) -> None:
-        log.warning(
-            "TLS handshake from %s:%s refused: %s", failure.address, failure.port, failure.reason
+        _handshake_log.warning(
+            failure.reason,
+            "TLS handshake from %s:%s refused: %s",
+            failure.address,
+            failure.port,
+            failure.reason,
         )
         if self.on_handshake_failure is not None:
             try:
