@@ -45,7 +45,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench_policy import consumer, peer, policy, policy_toml
+from registry_bench import AUTHORITY, patient_id, submission_bytes
+
 HERE = Path(__file__).resolve()
+COMMUNITIES = ["alpha", "beta"]
+ALPHA_HOME = "urn:oid:1.3.6.1.4.1.21367.13.70.1"
+BETA_HOME = "urn:oid:1.3.6.1.4.1.21367.13.70.2"
 ATTACKS = ("cpu", "bomb", "flood", "idle", "idle10", "headers", "body", "all")
 LABELS = {
     "cpu": "control: a process burning one core, no traffic",
@@ -256,14 +262,14 @@ def attacker_main(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------- the gateway
 
 
-def gateway_config(work: Path, https: int, admin: int, syslog: int) -> Path:
-    from registry_bench import AUTHORITY  # type: ignore[import-not-found]
-
-    certs = work / "certs"
-    text = f"""
+def gateway_config_toml(certs: Path, data: Path, https: int, admin: int, syslog: int) -> str:
+    """Community alpha; beta's gateway is its peer (/xca/*), the consumer (the attacker's
+    certificate) a local consumer (/ig/*); audit records go to the collector over UDP."""
+    access = policy(callers=[consumer()], peers=[peer("beta", BETA_HOME)])
+    return f"""
 [community]
 name = "alpha"
-home_community_id = "urn:oid:1.3.6.1.4.1.21367.13.70.1"
+home_community_id = "{ALPHA_HOME}"
 patient_id_assigning_authority = "{AUTHORITY}"
 
 [server]
@@ -280,7 +286,7 @@ private_key = "{certs / "alpha.key"}"
 trust_store = "{certs / "ca.pem"}"
 
 [storage]
-data_dir = "{work / "data"}"
+data_dir = "{data}"
 
 [audit]
 audit_source_id = "alpha-gateway"
@@ -290,25 +296,11 @@ transport = "udp"
 host = "127.0.0.1"
 port = {syslog}
 
-[policy]
-[[policy.peers]]
-name = "beta"
-home_community_id = "urn:oid:1.3.6.1.4.1.21367.13.70.2"
-certificate_dns_names = ["beta.xca-gateway.test"]
-[[policy.callers]]
-name = "consumer"
-roles = ["local-consumer"]
-certificate_uris = ["urn:xca-gateway:client:consumer"]
-"""
-    path = work / "alpha.toml"
-    path.write_text(text)
-    return path
+{policy_toml(access)}"""
 
 
 async def preload_registry(work: Path, documents: int) -> str:
     """The patient's documents, registered before the gateway starts (same SQLite file)."""
-    from registry_bench import patient_id, submission_bytes
-
     from xca_gateway.registry import LocalRegistry, open_registry, parse_registry_config
     from xca_gateway.xmlsafe import parse_xml
 
@@ -507,11 +499,14 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        pki = init_dev_pki(work / "certs", ["alpha", "beta"])
+        pki = init_dev_pki(work / "certs", COMMUNITIES)
         patient = asyncio.run(preload_registry(work, args.documents))
         collector = Collector()
         https, admin = _free_port(), _free_port()
-        config = gateway_config(work, https, admin, collector.port)
+        config = work / "alpha.toml"
+        config.write_text(
+            gateway_config_toml(work / "certs", work / "data", https, admin, collector.port)
+        )
         gateway = subprocess.Popen(
             [
                 sys.executable,

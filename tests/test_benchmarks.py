@@ -31,7 +31,7 @@ from xca_gateway.server import PeerCertificate, PeerInfo
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 # The benchmarks whose gateways / repository are checked below (every one that starts one).
-COVERED = {"fanout", "audit_latency", "mtom_roundtrip", "imaging_bench", "arr_bench"}
+COVERED = {"fanout", "audit_latency", "mtom_roundtrip", "imaging_bench", "arr_bench", "isolation"}
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,7 @@ def bench_pki(bench: dict[str, ModuleType], tmp_path_factory: pytest.TempPathFac
         *bench["mtom_roundtrip"].COMMUNITIES,
         *bench["imaging_bench"].HOMES,
         *bench["arr_bench"].COMMUNITIES,
+        *bench["isolation"].COMMUNITIES,
     ]
     return init_dev_pki(tmp_path_factory.mktemp("bench") / "certs", communities)
 
@@ -188,3 +189,17 @@ def test_arr_bench(bench: dict[str, ModuleType], bench_pki: DevPki, tmp_path: Pa
     assert _admitted(directory, client, Door.ITI81)
     assert not _admitted(directory, client, Door.SYSLOG)
     assert not _admitted(directory, source, Door.ITI81)
+
+
+def test_isolation(bench: dict[str, ModuleType], bench_pki: DevPki, tmp_path: Path) -> None:
+    module = bench["isolation"]
+    text = module.gateway_config_toml(bench_pki.dir, tmp_path / "data", 1, 2, 3)
+    policy = _policy(_from_toml(text, tmp_path))
+    directory = policy.caller_directory()
+    beta, client = bench_pki.communities["beta"].cert, bench_pki.client.cert
+    # The legitimate client is beta's gateway on /xca/iti38; the attackers use the consumer's
+    # certificate on /ig/* (a trusted caller), never the peer-gateway role.
+    assert _admitted(directory, beta, Door.XCA)
+    assert policy.decide(PeerIdentity.from_peer(_peer(beta)), "ITI-38", None).allowed
+    assert _admitted(directory, client, Door.INITIATING)
+    assert not _admitted(directory, client, Door.XCA)
