@@ -461,6 +461,9 @@ def mllp_gateway(
         policy=policy,
         audit={
             "audit_source_id": f"{name}-mllp",
+            # A record per Security Alert: these tests count refusals one by one (repeated
+            # alerts of one caller are aggregated by default, see tests/test_isolation.py).
+            "alert_window": 0,
             "destinations": [
                 {"name": "inbox", "transport": "udp", "host": "127.0.0.1", "port": inbox.port}
             ],
