@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import socket
 from collections.abc import Callable
 
@@ -21,6 +22,7 @@ from tests.test_gateway_audit import rsyslog as rsyslog_repository
 from tests.test_server import ADHOC_QUERY, consumer, fault_of, post, soap12
 from xca_gateway.audit.alerts import REPEAT_COUNT, AlertAggregator
 from xca_gateway.audit.messages import (
+    ActiveParticipant,
     AuditContext,
     AuditMessage,
     AuditSource,
@@ -408,11 +410,15 @@ def test_callers_behind_one_address_are_separate_sources() -> None:
     from xca_gateway.audit.alerts import alert_source
 
     assert alert_source(_alert("192.0.2.1", port=1)) == alert_source(_alert("192.0.2.1", port=2))
-    with_certificate = security_alert_node_authentication(
-        CTX, address="192.0.2.1", port=3, reason="r", certificate_subject="CN=a"
-    )
-    assert alert_source(with_certificate) == "CN=a at 192.0.2.1"
     assert alert_source(_alert("192.0.2.1")) == "192.0.2.1"
+    # A verified caller (e.g. refused at a door after its handshake) is its own source.
+    verified = dataclasses.replace(
+        _alert("192.0.2.1"),
+        participants=(
+            ActiveParticipant("CN=a", user_is_requestor=True, network_access_point_id="192.0.2.1"),
+        ),
+    )
+    assert alert_source(verified) == "CN=a at 192.0.2.1"
 
 
 def test_large_parses_of_one_source_run_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
