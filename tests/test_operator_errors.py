@@ -130,6 +130,27 @@ def test_serve_says_which_port_is_in_use(pki: DevPki, tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("written", "reason"),
+    [
+        ('port = "8443"', "expected an integer, got the string '8443'"),
+        ("port = 70000", "must be 0..65535, got 70000"),
+        ("port = true", "expected an integer, got true (a boolean)"),
+    ],
+)
+def test_serve_refuses_a_port_of_the_wrong_type(
+    pki: DevPki, tmp_path: Path, written: str, reason: str
+) -> None:
+    pair = pki.communities["alpha"]
+    config = gateway_toml(tmp_path, pki, cert=pair.cert, key=pair.key)
+    config.write_text(config.read_text().replace("port = 0", written, 1))
+    result = run_cli("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert one_line(result) == (
+        f"xca-gateway: configuration error: {config}: [server] port: {reason}"
+    )
+
+
 def test_log_level_is_checked() -> None:
     result = run_cli("--log-level", "bogus", "serve", "--config", "x.toml")
     assert result.returncode == 2

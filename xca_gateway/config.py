@@ -9,6 +9,8 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -262,11 +264,72 @@ def _table(data: dict[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
+def _describe(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list | tuple):
+        return "an array"
+    return repr(value)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _type_problem(value: Any, expected: Any) -> str | None:
+    """Why ``value`` (from TOML) does not fit the annotation ``expected``; None if it does.
+    TOML has types: a port written "8443" is a string and refused, not silently converted."""
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(expected) if a is not type(None)]
+        problems = [_type_problem(value, a) for a in options]
+        return None if any(p is None for p in problems) else problems[0]
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            return f"expected an array, got {_describe(value)}"
+        inner = next(iter(typing.get_args(expected)), None)
+        for item in value:
+            problem = _type_problem(item, inner) if inner not in (None, Ellipsis) else None
+            if problem is not None:
+                return f"in the array: {problem}"
+        return None
+    if expected is Path:
+        ok = isinstance(value, str | Path)
+        return None if ok else f"expected a path string, got {_describe(value)}"
+    if expected is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected in (bool, str):
+        ok = isinstance(value, expected)
+    else:
+        return None  # a type this check does not know: the section's own code checks it
+    if not ok:
+        return f"expected {_TYPE_NAMES[expected]}, got {_describe(value)}"
+    if expected in (int, float) and value < 0:
+        return f"must not be negative, got {value}"
+    return None
+
+
+def _check_types(cls: type[Any], table: dict[str, Any], section: str) -> None:
+    hints = typing.get_type_hints(cls)
+    for key, value in table.items():
+        problem = _type_problem(value, hints.get(key))
+        if problem is None and key.endswith("port") and isinstance(value, int) and value > 65535:
+            problem = f"must be 0..65535, got {value}"
+        if problem is not None:
+            raise ConfigError(f"[{section}] {key}: {problem}")
+
+
 def _build(cls: type[Any], table: dict[str, Any], section: str, **extra: Any) -> Any:
     known = set(cls.__dataclass_fields__)
     unknown = set(table) - known
     if unknown:
         raise ConfigError(f"[{section}] unknown key(s): {', '.join(sorted(unknown))}")
+    _check_types(cls, table, section)
     try:
         return cls(**{**table, **extra})
     except TypeError as exc:
@@ -443,4 +506,8 @@ def load_config(path: Path) -> GatewayConfig:
         raise ConfigError(f"configuration file not found: {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    return parse_config(data, path.parent, path)
+    try:
+        return parse_config(data, path.parent, path)
+    except ConfigError as exc:
+        # Every error names the file (and, from the sections, the section and key).
+        raise ConfigError(f"{path}: {exc}") from None
