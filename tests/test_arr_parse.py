@@ -420,14 +420,21 @@ def test_xref_expands_a_patient_to_every_community(tmp_path: Path) -> None:
 
 def test_bar_chart_is_plain_svg() -> None:
     since = datetime(2026, 1, 1, tzinfo=UTC)
-    svg = render.bar_chart(
-        [render.Series("ok", "#009E73", [(since, 3)])],
+    chart = render.bar_chart(
+        [render.Series("ok <b>", "#009E73", [(since, 3)])],
         since=since,
         until=since + timedelta(hours=5),
         bucket=3600,
         title="t",
     )
+    assert chart.total == 3 and len(chart.bars) == 1
+    from xca_gateway.arr.web import ReviewUI, UiSettings
+
+    ui = ReviewUI(None, UiSettings(), None)  # type: ignore[arg-type]
+    svg = ui.chart_svg(chart)
     assert svg.startswith("<svg") and 'class="bar"' in svg and "<script" not in svg
+    # Labels go through the template's autoescaping.
+    assert "ok &lt;b&gt;" in svg and "<b>" not in svg
 
 
 # --------------------------------------------------------------------------- configuration

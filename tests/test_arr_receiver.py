@@ -575,7 +575,7 @@ def test_an_audit_source_reporting_as_another_is_stored_flagged_and_shown(
             data={"csrf": token.group(1), "username": "olga", "password": "a long enough password"},
         )
         events = ui.get("/events", params={"patient": patient}).text
-        rows_html = re.findall(r'<tr class="[^"]*" data-id="(\d+)">(.*?)</tr>', events)
+        rows_html = re.findall(r'<tr class="[^"]*" data-id="(\d+)">(.*?)</tr>', events, re.S)
         flagged_rows = {int(i) for i, row in rows_html if "not bound to its sender" in row}
         assert flagged_rows == {forged.id}
         assert subject["alpha"] in events and subject["north"] in events

@@ -292,9 +292,12 @@ def test_officer_reviews_a_patient_in_a_real_browser(
     assert {row["allowed"] for row in table} == {"yes", "no"}
     assert {row["community"] for row in table} == set(COMMUNITIES)
 
-    # The patient access report across communities (via the cross-reference).
+    # The patient access report across communities (via the cross-reference): one row per
+    # access, not per record. Each community recorded 4 queries and 4 retrieves from peers
+    # that do not report here; a retrieve's success and failure records are one access.
     page.goto(base + "/report?patient=" + local_patient_id(0, 0))
-    expect(page.locator("#r-accesses")).to_have_text("27")  # 9 events in each community
+    expect(page.locator("#r-accesses")).to_have_text("24")
+    expect(page.locator("#report tbody tr")).to_have_count(24)
     expect(page.locator("#r-communities")).to_have_text("3")
     expect(page.locator("#r-failures")).to_have_text("3")
     assert page.locator("svg#report-timeline rect.bar").count() > 0
@@ -309,8 +312,10 @@ def test_officer_reviews_a_patient_in_a_real_browser(
     report_csv = report_csv_info.value.path()
     assert report_csv is not None
     rows_csv = list(csv.DictReader(io.StringIO(Path(report_csv).read_text(encoding="utf-8-sig"))))
-    assert len(rows_csv) == 27
+    assert len(rows_csv) == 24
     assert {r["community"] for r in rows_csv} == set(COMMUNITIES)
+    assert {r["access"] for r in rows_csv} == {"query", "study retrieve"}
+    assert {r["allowed"] for r in rows_csv} == {"yes", "partly"}
 
     page.goto(base + "/dashboard?days=90")
     expect(page.locator("#chart-peers")).to_be_visible()
@@ -426,3 +431,69 @@ def test_officer_signs_in_with_a_client_certificate(
             >= 1
         )
     )
+
+
+def test_report_finds_the_person_by_name_in_the_officers_zone(
+    arr: tuple[AuditRecordRepository, RepositoryThread], ui_pki: DevPki
+) -> None:
+    """A name as the records give it finds the person's accesses; a hostile name stays text
+    (Jinja2 autoescaping); times show in the zone the officer picked, UTC on hover."""
+    repo, thread = arr
+    ctx = am.AuditContext(am.AuditSource("north-gateway"), host="north")
+    evil = "O'Brien^<script>alert(1)</script>"
+    when = datetime(2026, 7, 1, 12, 0, tzinfo=UTC)
+    for msg in am.rad69_retrieve(
+        ctx,
+        side="imaging_document_source",
+        requester=am.remote_node("127.0.0.7", certificate_subject="CN=viewer"),
+        responder=ctx.local_node("https://north/ig/rad69"),
+        instances=[
+            am.ImagingInstanceReference("9.1", "9.1.1", f"9.1.1.{i}", "1.2.840.10008.5.1.4.1.1.2")
+            for i in range(3)
+        ],
+        patients={f"9.1.1.{i}": am.PatientRef("EVIL-1^^^&1.2.9&ISO", evil) for i in range(3)},
+        when=when,
+    ):
+        repo.ingestor.submit_record_bytes(_syslog(msg, "north"), "127.0.0.1", "tls")
+    thread.flush()
+    # (Signed in by certificate: an earlier test used up this address's password attempts.)
+    ctx_tls = client_context(ui_pki.ca, ui_pki.client.cert, ui_pki.client.key)
+    with httpx.Client(verify=ctx_tls, timeout=30) as client:
+        base = repo.base_url
+        assert client.get(base + "/login").status_code == 303
+        page = client.get(base + "/report", params={"patient": "brien", "from": "2026-06-01"})
+        assert page.status_code == 200
+        assert "<script>alert" not in page.text
+        assert "O&#39;Brien^&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
+        assert re.search(r'id="r-accesses">1<', page.text)
+        assert "1 study, 1 series, 3 instances" in page.text
+        assert 'datetime="2026-07-01T12:00:00Z" title="2026-07-01 12:00:00 UTC"' in page.text
+        # The officer's zone: every time on the page in it, the CSV with UTC and local.
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert csrf is not None
+        moved = client.post(
+            base + "/settings/timezone",
+            data={"csrf": csrf.group(1), "tz": "Asia/Tokyo", "back": "/report?patient=EVIL-1"},
+        )
+        assert moved.status_code == 303 and moved.headers["location"] == "/report?patient=EVIL-1"
+        assert "arr_tz=Asia/Tokyo" in moved.headers["set-cookie"]
+        page = client.get(base + "/report", params={"patient": "EVIL-1", "from": "2026-06-01"})
+        assert ">2026-07-01 21:00:00 JST</time>" in page.text
+        table = client.get(
+            base + "/report.csv", params={"patient": "EVIL-1", "from": "2026-06-01"}
+        ).text
+        (row,) = csv.DictReader(io.StringIO(table.lstrip("\ufeff")))
+        assert row["access_time_utc"] == "2026-07-01T12:00:00Z"
+        assert row["access_time_local"] == "2026-07-01T21:00:00+09:00"
+        assert (row["studies"], row["series"], row["instances"]) == ("1", "1", "3")
+        assert row["patient_name"] == evil
+        # Somewhere else than this site, or a zone that does not exist: refused.
+        refused = client.post(
+            base + "/settings/timezone", data={"csrf": csrf.group(1), "tz": "Mars/Olympus"}
+        )
+        assert refused.status_code == 400
+        elsewhere = client.post(
+            base + "/settings/timezone",
+            data={"csrf": csrf.group(1), "tz": "UTC", "back": "//evil.example/"},
+        )
+        assert elsewhere.headers["location"] == "/events"

@@ -134,6 +134,12 @@ def test_both_sides_of_a_cross_gateway_query_are_audited(
     assert event(responding)[2] == "0"
     consumer_side = next(r for r in queries if event(r)[1] == "ITI-18")
     assert "consumer" in source_of(consumer_side)
+    # Both records of the cross-gateway query say which community answered it: beta.
+    beta_home = base64.b64encode(beta.config.community.home_community_id.encode()).decode()
+    for root in queries:
+        if event(root)[1] == "ITI-38":
+            details = {d.get("type"): d.get("value") for d in root.iter("ParticipantObjectDetail")}
+            assert details["urn:ihe:iti:xca:2010:homeCommunityId"] == beta_home
 
 
 def test_refused_handshake_is_a_security_alert(

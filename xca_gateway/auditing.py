@@ -131,10 +131,17 @@ class TransactionAuditor:
         trail: AuditTrail,
         base_url: Callable[[], str],
         patients: PatientMemory | None = None,
+        *,
+        home_community_id: str | None = None,
+        peer_communities: Mapping[str, str] | None = None,
     ) -> None:
         self.trail = trail
         self.base_url = base_url
         self.patients = patients if patients is not None else PatientMemory()
+        # Which community a cross-gateway query was answered by, for its record: this one on
+        # the responding side, the peer (by endpoint URL) on the initiating side.
+        self.home_community_id = home_community_id
+        self.peer_communities = dict(peer_communities or {})
 
     def _document_patients(
         self, docs: Sequence[m.DocumentReference], context: Mapping[str, Any] | None
@@ -254,7 +261,8 @@ class TransactionAuditor:
             query: dict[str, Any] = {
                 "query_id": q.query_id,
                 "query": q.query,
-                "home_community_id": q.home_community_id,
+                "home_community_id": q.home_community_id
+                or (self.home_community_id if transaction == "ITI-38" else None),
                 "patient_ids": q.patient_ids,
                 "outcome": outcome,
             }
@@ -323,7 +331,8 @@ class TransactionAuditor:
             query: dict[str, Any] = {
                 "query_id": q.query_id,
                 "query": q.query,
-                "home_community_id": q.home_community_id,
+                "home_community_id": q.home_community_id
+                or (self.peer_communities.get(call.url) if action == Action.ITI38 else None),
                 "patient_ids": q.patient_ids,
                 "outcome": outcome,
             }

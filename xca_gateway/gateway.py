@@ -285,7 +285,13 @@ class Gateway:
         if not self.config.audit.enabled:
             return
         self.add_handshake_listener(self.audit.on_handshake_failure)
-        auditor = TransactionAuditor(self.audit, lambda: self.base_url, self.audit_patients)
+        auditor = TransactionAuditor(
+            self.audit,
+            lambda: self.base_url,
+            self.audit_patients,
+            home_community_id=self.config.community.home_community_id,
+            peer_communities={p.iti38: p.home_community_id for p in self.config.peers if p.iti38},
+        )
         self.soap.observers.append(
             lambda request, transaction, payload, fault, delivered: auditor.served(
                 request, transaction, payload, fault=fault, delivered=delivered

@@ -208,6 +208,11 @@ class AuditRecord:
         return _unique(e.object_id for e in self.entities if e.is_patient)
 
     @cached_property
+    def patient_names(self) -> list[str]:
+        """The patients' names as the records give them (DICOM PN, ``Family^Given``)."""
+        return _unique(e.name for e in self.entities if e.is_patient and e.name)
+
+    @cached_property
     def other_entity_ids(self) -> list[str]:
         return _unique(e.object_id for e in self.entities if not e.is_patient)
 
@@ -739,3 +744,12 @@ def patient_key(value: str) -> str:
             system = system[len("urn:oid:") :]
         return f"{ident}|{system}"
     return f"{text}|"
+
+
+_NAME_WORD = re.compile(r"[^\W_]+")
+
+
+def name_words(value: str) -> list[str]:
+    """Index form of a person's name: its words, lower case (``Lindqvist^Alice`` -> lindqvist,
+    alice); a search for any of them, or all, finds the name whatever its component order."""
+    return _unique(w.casefold() for w in _NAME_WORD.findall(value) if len(w) > 1)

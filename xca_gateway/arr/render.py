@@ -1,13 +1,14 @@
-"""Server-side rendering helpers of the review UI: inline SVG charts, CSV, PDF (sans-IO).
+"""Server-side rendering helpers of the review UI: charts, CSV, PDF (sans-IO).
 
-Charts are plain SVG built here (no JavaScript, nothing fetched from a CDN) and use presentation
-attributes only, so that the page's Content-Security-Policy can forbid inline styles and scripts.
+Charts are computed here as plain data (:class:`Chart`: bars, lines, labels with their
+coordinates); the page templates draw them as inline SVG with presentation attributes only (no
+JavaScript, nothing fetched from a CDN), so that the page's Content-Security-Policy can forbid
+inline styles and scripts, and Jinja2 escapes every label.
 """
 
 from __future__ import annotations
 
 import csv
-import html
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,10 +18,6 @@ from datetime import UTC, datetime, timedelta
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
 SUCCESS = "#009E73"
 FAILURE = "#D55E00"
-
-
-def esc(value: object) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
 
 
 def pick_bucket(since: datetime, until: datetime, target: int = 60) -> int:
@@ -54,6 +51,65 @@ def _buckets(since: datetime, until: datetime, bucket: int) -> list[datetime]:
     return out
 
 
+@dataclass(frozen=True)
+class Bar:
+    x: str
+    y: str
+    w: str
+    h: str
+    color: str
+    tip: str
+
+
+@dataclass(frozen=True)
+class Segment:
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+
+@dataclass(frozen=True)
+class Label:
+    x: str
+    y: str
+    text: str
+    size: str = "10"
+    fill: str = "#444"
+    anchor: str | None = None
+
+
+@dataclass(frozen=True)
+class Swatch:
+    x: str
+    y: str
+    color: str
+
+
+@dataclass(frozen=True)
+class Polyline:
+    points: str
+    color: str
+    tip: str
+
+
+@dataclass(frozen=True)
+class Chart:
+    """An SVG chart as data; the page template draws it (escaping every text)."""
+
+    chart_id: str
+    title: str
+    width: int
+    height: int
+    # What the chart shows in all: a tile beside it can say the same number.
+    total: int
+    lines: tuple[Segment, ...] = ()
+    bars: tuple[Bar, ...] = ()
+    polylines: tuple[Polyline, ...] = ()
+    swatches: tuple[Swatch, ...] = ()
+    texts: tuple[Label, ...] = ()
+
+
 def bar_chart(
     series: Sequence[Series],
     *,
@@ -64,7 +120,7 @@ def bar_chart(
     width: int = 900,
     height: int = 180,
     chart_id: str = "chart",
-) -> str:
+) -> Chart:
     """Stacked bars over time with a legend; each bar has a tooltip."""
     slots = _buckets(since, until, bucket)
     index = {s: i for i, s in enumerate(slots)}
@@ -74,22 +130,16 @@ def bar_chart(
             i = index.get(when)
             if i is not None:
                 stacks[i][n] += count
+    total = sum(sum(col) for col in stacks)
     peak = max((sum(col) for col in stacks), default=0) or 1
     left, bottom, top = 44, 22, 18
     plot_w, plot_h = width - left - 8, height - bottom - top
     bar_w = plot_w / max(1, len(slots))
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" id="{esc(chart_id)}" class="chart" '
-        f'role="img" aria-label="{esc(title)}" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}">',
-        f"<title>{esc(title)}</title>",
-        f'<line x1="{left}" y1="{top + plot_h}" x2="{width - 8}" y2="{top + plot_h}" '
-        'stroke="#888" stroke-width="1"/>',
-        f'<text x="{left - 4}" y="{top + 8}" text-anchor="end" font-size="10" '
-        f'fill="#444">{peak}</text>',
-        f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end" font-size="10" '
-        'fill="#444">0</text>',
+    texts = [
+        Label(str(left - 4), str(top + 8), str(peak), anchor="end"),
+        Label(str(left - 4), str(top + plot_h), "0", anchor="end"),
     ]
+    bars: list[Bar] = []
     for i, (slot, col) in enumerate(zip(slots, stacks, strict=True)):
         y = float(top + plot_h)
         for n, count in enumerate(col):
@@ -97,28 +147,38 @@ def bar_chart(
                 continue
             h = count / peak * plot_h
             y -= h
-            tip = f"{_label(slot, bucket)}: {count} {series[n].name}"
-            parts.append(
-                f'<rect class="bar" x="{left + i * bar_w + 0.5:.1f}" y="{y:.1f}" '
-                f'width="{max(1.0, bar_w - 1):.1f}" height="{h:.1f}" fill="{series[n].color}">'
-                f"<title>{esc(tip)}</title></rect>"
+            bars.append(
+                Bar(
+                    f"{left + i * bar_w + 0.5:.1f}",
+                    f"{y:.1f}",
+                    f"{max(1.0, bar_w - 1):.1f}",
+                    f"{h:.1f}",
+                    series[n].color,
+                    f"{_label(slot, bucket)}: {count} {series[n].name}",
+                )
             )
     if slots:
-        parts.append(
-            f'<text x="{left}" y="{height - 6}" font-size="10" fill="#444">'
-            f"{esc(_label(slots[0], bucket))}</text>"
+        texts.append(Label(str(left), str(height - 6), _label(slots[0], bucket)))
+        texts.append(
+            Label(str(width - 8), str(height - 6), _label(slots[-1], bucket), anchor="end")
         )
-        parts.append(
-            f'<text x="{width - 8}" y="{height - 6}" text-anchor="end" font-size="10" '
-            f'fill="#444">{esc(_label(slots[-1], bucket))}</text>'
-        )
+    swatches: list[Swatch] = []
     x = left
     for s in series:
-        parts.append(f'<rect x="{x}" y="4" width="10" height="10" fill="{s.color}"/>')
-        parts.append(f'<text x="{x + 14}" y="13" font-size="11" fill="#222">{esc(s.name)}</text>')
+        swatches.append(Swatch(str(x), "4", s.color))
+        texts.append(Label(str(x + 14), "13", s.name, size="11", fill="#222"))
         x += 24 + 7 * len(s.name)
-    parts.append("</svg>")
-    return "".join(parts)
+    return Chart(
+        chart_id,
+        title,
+        width,
+        height,
+        total,
+        lines=(Segment(left, top + plot_h, width - 8, top + plot_h),),
+        bars=tuple(bars),
+        swatches=tuple(swatches),
+        texts=tuple(texts),
+    )
 
 
 def line_chart(
@@ -131,7 +191,7 @@ def line_chart(
     width: int = 900,
     height: int = 200,
     chart_id: str = "lines",
-) -> str:
+) -> Chart:
     """One polyline per series (e.g. per peer) over time, with a legend."""
     slots = _buckets(since, until, bucket)
     index = {s: i for i, s in enumerate(slots)}
@@ -143,46 +203,42 @@ def line_chart(
             if i is not None:
                 row[i] += count
         values.append(row)
+    total = sum(sum(r) for r in values)
     peak = max((max(r) for r in values if r), default=0) or 1
     left, bottom, top = 44, 22, 18 + 14 * ((len(series) + 3) // 4)
     plot_w, plot_h = width - left - 8, height - bottom - top
     step = plot_w / max(1, len(slots) - 1)
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" id="{esc(chart_id)}" class="chart" '
-        f'role="img" aria-label="{esc(title)}" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}">',
-        f"<title>{esc(title)}</title>",
-        f'<line x1="{left}" y1="{top + plot_h}" x2="{width - 8}" y2="{top + plot_h}" '
-        'stroke="#888" stroke-width="1"/>',
-        f'<text x="{left - 4}" y="{top + 8}" text-anchor="end" font-size="10" '
-        f'fill="#444">{peak}</text>',
-    ]
+    texts = [Label(str(left - 4), str(top + 8), str(peak), anchor="end")]
+    polylines = []
     for s, row in zip(series, values, strict=True):
         points = " ".join(
             f"{left + i * step:.1f},{top + plot_h - v / peak * plot_h:.1f}"
             for i, v in enumerate(row)
         )
-        parts.append(
-            f'<polyline class="series" points="{points}" fill="none" stroke="{s.color}" '
-            f'stroke-width="2"><title>{esc(s.name)}: {sum(row)}</title></polyline>'
-        )
+        polylines.append(Polyline(points, s.color, f"{s.name}: {sum(row)}"))
+    swatches = []
     for n, s in enumerate(series):
         x = left + (n % 4) * (plot_w / 4)
         y = 4 + 14 * (n // 4)
-        parts.append(f'<rect x="{x:.0f}" y="{y}" width="10" height="10" fill="{s.color}"/>')
+        swatches.append(Swatch(f"{x:.0f}", str(y), s.color))
         label = s.name if len(s.name) <= 40 else s.name[:37] + "..."
-        parts.append(
-            f'<text x="{x + 14:.0f}" y="{y + 9}" font-size="11" fill="#222">{esc(label)}</text>'
-        )
+        texts.append(Label(f"{x + 14:.0f}", str(y + 9), label, size="11", fill="#222"))
     if slots:
-        parts.append(
-            f'<text x="{left}" y="{height - 6}" font-size="10" fill="#444">'
-            f"{esc(_label(slots[0], bucket))}</text>"
-            f'<text x="{width - 8}" y="{height - 6}" text-anchor="end" font-size="10" '
-            f'fill="#444">{esc(_label(slots[-1], bucket))}</text>'
+        texts.append(Label(str(left), str(height - 6), _label(slots[0], bucket)))
+        texts.append(
+            Label(str(width - 8), str(height - 6), _label(slots[-1], bucket), anchor="end")
         )
-    parts.append("</svg>")
-    return "".join(parts)
+    return Chart(
+        chart_id,
+        title,
+        width,
+        height,
+        total,
+        lines=(Segment(left, top + plot_h, width - 8, top + plot_h),),
+        polylines=tuple(polylines),
+        swatches=tuple(swatches),
+        texts=tuple(texts),
+    )
 
 
 # --------------------------------------------------------------------------- CSV

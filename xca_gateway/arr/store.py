@@ -30,6 +30,7 @@ from xca_gateway.arr.parse import (
     FLAG_SOURCE_UNBOUND,
     FLAG_TRUNCATED,
     AuditRecord,
+    name_words,
     parse_record,
     patient_key,
 )
@@ -40,6 +41,8 @@ KIND_USER = 2
 KIND_ADDRESS = 3
 KIND_COMMUNITY = 4
 KIND_ENTITY = 5
+# Words of the patients' names (parse.name_words): search by name.
+KIND_PATIENT_NAME = 6
 
 _US = 1_000_000
 # Longest value kept in an index column; longer ones are cut (the raw message keeps them whole).
@@ -79,6 +82,8 @@ class EventFilter:
     until: datetime | None = None
     # Patient keys as patient_key() makes them; a key ending in "|" matches any authority.
     patients: tuple[Clause, ...] = ()
+    # Words of a patient's name (parse.name_words), each clause one word.
+    patient_names: tuple[Clause, ...] = ()
     users: tuple[Clause, ...] = ()
     addresses: tuple[Clause, ...] = ()
     communities: tuple[Clause, ...] = ()
@@ -350,6 +355,7 @@ def token_values(record: AuditRecord, event_id: int) -> Iterator[tuple[int, str,
     yield from emit(KIND_ADDRESS, record.addresses)
     yield from emit(KIND_COMMUNITY, record.community_ids)
     yield from emit(KIND_ENTITY, record.other_entity_ids)
+    yield from emit(KIND_PATIENT_NAME, (w for n in record.patient_names for w in name_words(n)))
 
 
 @dataclass
@@ -416,6 +422,7 @@ def _token_clauses(flt: EventFilter) -> list[tuple[int, Clause]]:
     out: list[tuple[int, Clause]] = []
     for kind, clauses in (
         (KIND_PATIENT, flt.patients),
+        (KIND_PATIENT_NAME, flt.patient_names),
         (KIND_ENTITY, flt.entities),
         (KIND_COMMUNITY, flt.communities),
         (KIND_ADDRESS, flt.addresses),

@@ -1,5 +1,6 @@
 """The security officer's review UI: login, event search, event detail, patient access report,
-security dashboard; CSV and PDF exports. Server-rendered HTML with inline SVG charts.
+security dashboard; CSV and PDF exports. Server-rendered HTML (Jinja2 templates in
+``templates/``, autoescaping on) with inline SVG charts.
 
 Security. Officers sign in with a password (scrypt-hashed, stdlib) or a client certificate
 registered to their account. Sessions live in memory, behind a random token in a cookie that is
@@ -15,29 +16,45 @@ from __future__ import annotations
 import asyncio
 import base64
 import csv
+import functools
 import hashlib
 import hmac
 import re
 import secrets
 import time
+import zoneinfo
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode
+from zoneinfo import ZoneInfo
+
+from jinja2 import Environment, PackageLoader, select_autoescape
 
 from xca_gateway.arr import render
 from xca_gateway.arr.access import is_unauthenticated
-from xca_gateway.arr.parse import patient_key
-from xca_gateway.arr.render import FAILURE, PALETTE, SUCCESS, Series, esc
-from xca_gateway.arr.store import AuditStore, EventFilter, EventRow, Officer, StoredEvent
+from xca_gateway.arr.accesses import (
+    DOCUMENT_RETRIEVE,
+    IMPORT,
+    QUERY,
+    STUDY_RETRIEVE,
+    Access,
+    AccessRecord,
+    group_accesses,
+)
+from xca_gateway.arr.parse import name_words, patient_key
+from xca_gateway.arr.render import FAILURE, PALETTE, SUCCESS, Chart, Series
+from xca_gateway.arr.store import AuditStore, EventFilter, EventRow, Officer
 from xca_gateway.audit import messages as am
 from xca_gateway.audit.syslog import format_message
 from xca_gateway.server import Request, Response
 
 SESSION_COOKIE = "arr_session"
 LOGIN_COOKIE = "arr_login"
+# The officer's time zone, kept by the browser across sessions.
+TZ_COOKIE = "arr_tz"
 
 # --------------------------------------------------------------------------- passwords
 
@@ -105,6 +122,8 @@ class Session:
     method: str  # "password" | "certificate"
     created: float
     last_seen: float
+    # The officer's time zone (IANA name) for every time shown; exports add UTC.
+    tz: str = "UTC"
 
 
 class Sessions:
@@ -345,50 +364,67 @@ class UiSettings:
     community_names: dict[str, str] = field(default_factory=dict)
     login_attempts: int = 5
     login_window_seconds: float = 900.0
+    # The officers' time zone until one picks another (IANA name); exports keep UTC.
+    timezone: str = "UTC"
+    # Records read to build a report's accesses (beyond, the report says it was cut).
+    max_report_records: int = 20000
 
 
 _CSS = """
+*{box-sizing:border-box}
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1b1b1b;
 background:#f6f7f9}
-header{background:#1f3a5f;color:#fff;padding:.6rem 1.2rem;display:flex;gap:1.4rem;
-align-items:center}
+header{background:#1f3a5f;color:#fff;padding:.5rem 1.2rem;display:flex;flex-wrap:wrap;
+gap:.4rem 1.4rem;align-items:center}
 header a{color:#fff;text-decoration:none;font-weight:600}
 header .who{margin-left:auto;font-size:.9rem}
 header form{display:inline}
-main{padding:1rem 1.4rem;max-width:1400px}
+header form.tz{font-size:.85rem}
+header form.tz select{max-width:14rem}
+header form.tz button{padding:.2rem .6rem}
+main{padding:1rem 1.4rem;max-width:1880px;margin:0 auto}
 h1{font-size:1.35rem;margin:.4rem 0 1rem}
 h2{font-size:1.1rem;margin:1.4rem 0 .5rem}
-table{border-collapse:collapse;width:100%;background:#fff;font-size:.86rem}
+.table-wrap{max-width:100%;overflow-x:auto;background:#fff}
+table{border-collapse:collapse;width:100%;background:#fff;font-size:.84rem}
 th,td{border:1px solid #d5d9e0;padding:.3rem .45rem;text-align:left;vertical-align:top}
 th{background:#eef1f5}
+td.time{white-space:nowrap}
+td.wrap,td.who,td.community,td.what,td.source{overflow-wrap:anywhere;word-break:break-word}
+td.who{max-width:22rem}
+td.source{max-width:16rem}
 tr.fail td{background:#fff1ec}
 tr.flagged td{background:#fffbe6}
+.note{color:#555;font-size:.78rem}
 form.filters{display:flex;flex-wrap:wrap;gap:.6rem;align-items:flex-end;background:#fff;
 padding:.7rem;border:1px solid #d5d9e0;margin-bottom:.8rem}
 form.filters label{display:flex;flex-direction:column;font-size:.8rem;gap:.15rem}
 input,select,button{font:inherit;padding:.25rem .4rem}
 button{background:#1f3a5f;color:#fff;border:0;border-radius:3px;padding:.35rem .9rem;
 cursor:pointer}
+header button{background:#2d5385}
 button.link{background:none;color:#fff;text-decoration:underline;padding:0}
-.pager{margin:.6rem 0;display:flex;gap:1rem;align-items:center}
+.pager{margin:.6rem 0;display:flex;flex-wrap:wrap;gap:1rem;align-items:center}
 .badge{display:inline-block;padding:0 .35rem;border-radius:3px;font-size:.78rem}
 .ok{background:#d9f2e6;color:#0b5d3b}
 .bad{background:#fde0d6;color:#8a2b06}
 .warn{background:#fff3c4;color:#6b5200}
 pre.raw{background:#fff;border:1px solid #d5d9e0;padding:.6rem;white-space:pre-wrap;
 word-break:break-all;font-size:.78rem;max-height:30rem;overflow:auto}
-.chart{background:#fff;border:1px solid #d5d9e0;max-width:100%;height:auto}
-.cards{display:flex;gap:.8rem;flex-wrap:wrap}
-.card{background:#fff;border:1px solid #d5d9e0;padding:.6rem .9rem;min-width:11rem}
+.chart{background:#fff;border:1px solid #d5d9e0;max-width:100%;height:auto;display:block}
+.cards{display:flex;gap:.8rem;flex-wrap:wrap;margin:.6rem 0}
+.card{background:#fff;border:1px solid #d5d9e0;padding:.6rem .9rem;min-width:10rem;
+flex:0 1 13rem}
 .card b{display:block;font-size:1.4rem}
+.person{background:#fff;border:1px solid #d5d9e0;padding:.5rem .9rem}
 .login{max-width:24rem;margin:4rem auto;background:#fff;padding:1.4rem;border:1px solid #d5d9e0}
 .login label{display:block;margin:.6rem 0}
-.login input{width:100%;box-sizing:border-box}
+.login input{width:100%}
 .error{color:#8a2b06}
 dl.kv{display:grid;grid-template-columns:max-content 1fr;gap:.2rem .9rem;background:#fff;
 padding:.6rem;border:1px solid #d5d9e0}
 dl.kv dt{font-weight:600}
-dl.kv dd{margin:0}
+dl.kv dd{margin:0;overflow-wrap:anywhere}
 """
 
 _SECURITY_HEADERS = [
@@ -417,6 +453,8 @@ KNOWN_TRANSACTIONS = (
     "ITI-42",
     "RAD-69",
     "RAD-75",
+    "RAD-107",
+    "RAD-129",
     "110126",
     "110120",
     "110121",
@@ -459,19 +497,39 @@ def _fmt_time(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _parse_time(value: str | None, *, end: bool = False) -> datetime | None:
-    """``YYYY-MM-DD`` or ``YYYY-MM-DDTHH:MM[:SS]`` as UTC; a bare date at ``end`` covers the day."""
+@functools.cache
+def time_zones() -> tuple[str, ...]:
+    """The IANA zones an officer may pick, UTC first."""
+    return ("UTC", *sorted(z for z in zoneinfo.available_timezones() if z != "UTC"))
+
+
+def zone(name: str | None) -> ZoneInfo:
+    try:
+        return ZoneInfo(name or "UTC")
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return ZoneInfo("UTC")
+
+
+def local_time(value: datetime, tz: str) -> str:
+    """``value`` in the officer's zone, with the zone's abbreviation."""
+    local = value.astimezone(zone(tz))
+    return local.strftime("%Y-%m-%d %H:%M:%S ") + (local.tzname() or tz)
+
+
+def _parse_time(value: str | None, *, end: bool = False, tz: str = "UTC") -> datetime | None:
+    """``YYYY-MM-DD`` or ``YYYY-MM-DDTHH:MM[:SS]`` in the officer's zone (an explicit offset or
+    ``Z`` wins); a bare date at ``end`` covers the day."""
     if not value:
         return None
     text = value.strip()
     try:
         if len(text) == 10:
-            day = datetime.fromisoformat(text).replace(tzinfo=UTC)
+            day = datetime.fromisoformat(text).replace(tzinfo=zone(tz))
             return day + timedelta(days=1, microseconds=-1) if end else day
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=zone(tz))
 
 
 @dataclass(frozen=True)
@@ -522,6 +580,99 @@ class SearchForm:
         return urlencode(kept)
 
 
+# --------------------------------------------------------------------------- the report
+
+
+def looks_like_patient_id(text: str) -> bool:
+    """An id (``C01-1001``, a CX, ``system|id``) rather than a name: no blank, a digit."""
+    value = text.strip()
+    return bool(value) and " " not in value and any(c.isdigit() for c in value)
+
+
+def what_text(access: Access) -> str:
+    """What an access touched, in words (the report's "What" column)."""
+
+    def n(count: int, word: str) -> str:
+        return f"{count} {word}{'' if count == 1 else 's'}"
+
+    if access.kind in (STUDY_RETRIEVE, IMPORT):
+        if not access.studies:
+            return "no instance delivered"
+        return ", ".join(
+            (
+                n(len(access.studies), "study"),
+                n(len(access.series), "series").replace("seriess", "series"),
+                n(access.instances, "instance"),
+            )
+        )
+    if access.kind == DOCUMENT_RETRIEVE:
+        return n(len(access.documents), "document") if access.documents else "no document"
+    if access.kind == QUERY:
+        return "query"
+    return access.kind
+
+
+@dataclass
+class PatientReport:
+    """Everything the report page, its CSV and its PDF show (the same rows)."""
+
+    since: datetime
+    until: datetime
+    # (CX id, name) of every id of the person found in the trail, the names it goes by.
+    patients: list[tuple[str, str]]
+    names: list[str]
+    accesses: list[Access]
+    truncated: bool = False
+
+    @property
+    def users(self) -> int:
+        return len({a.user for a in self.accesses if a.user})
+
+    @property
+    def systems(self) -> int:
+        return len({a.node for a in self.accesses if a.node})
+
+    @property
+    def communities(self) -> int:
+        return len({c for a in self.accesses for c in a.communities})
+
+    @property
+    def failures(self) -> int:
+        return sum(1 for a in self.accesses if a.outcome not in (None, 0))
+
+    @property
+    def unbound(self) -> int:
+        return sum(1 for a in self.accesses if a.unbound)
+
+
+_REPORT_CSV_HEADER = (
+    "access_time_utc",
+    "access_time_local",
+    "time_zone",
+    "access",
+    "transaction",
+    "user",
+    "user_address",
+    "community",
+    "community_id",
+    "studies",
+    "series",
+    "instances",
+    "documents",
+    "what",
+    "outcome",
+    "allowed",
+    "outcome_description",
+    "purpose_of_use",
+    "patient",
+    "patient_name",
+    "audit_source",
+    "sender",
+    "audit_source_bound",
+    "event_ids",
+)
+
+
 class ReviewUI:
     """The HTTPS application of the review UI (an ``App`` for :class:`HttpServer`)."""
 
@@ -541,6 +692,52 @@ class ReviewUI:
         self.sessions = Sessions(settings.session_idle_seconds, settings.session_max_seconds)
         self.throttle = LoginThrottle(settings.login_attempts, settings.login_window_seconds)
         self.status = status or (lambda: {})
+        self.env = Environment(
+            loader=PackageLoader("xca_gateway.arr", "templates"),
+            autoescape=select_autoescape(default=True, default_for_string=True),
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        self.env.filters.update(
+            utc=_fmt_time,
+            utc_iso=lambda v: (
+                v.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+            ),
+            local=local_time,
+            community=self._community,
+            community_names=lambda ids: [self._community_name(c) for c in ids],
+            labels=lambda codes: ", ".join(c.label() for c in codes),
+            unauthenticated=is_unauthenticated,
+            what=what_text,
+        )
+
+    # ------------------------------------------------------------------ rendering
+
+    def _render(
+        self,
+        template: str,
+        session: Session | None,
+        title: str,
+        *,
+        back: str = "/events",
+        **context: Any,
+    ) -> str:
+        return self.env.get_template(template).render(
+            session=session,
+            title=title,
+            back=back,
+            zones=time_zones(),
+            transactions=KNOWN_TRANSACTIONS,
+            **context,
+        )
+
+    def _message(self, session: Session | None, status: int, title: str, text: str) -> Response:
+        return _html(status, self._render("base.html", session, title, message=text))
+
+    def chart_svg(self, chart: Chart) -> str:
+        """A chart as the pages draw it (SVG, escaped by the template)."""
+        template = self.env.from_string('{% import "macros.html" as m %}{{ m.chart(c) }}')
+        return template.render(c=chart)
 
     # ------------------------------------------------------------------ dispatch
 
@@ -560,11 +757,13 @@ class ReviewUI:
         if session is None:
             if request.method == "GET" and path != "/logout":
                 return _redirect("/login")
-            return _html(403, self._page(None, "Forbidden", "<p>Please sign in.</p>"))
+            return self._message(None, 403, "Forbidden", "Please sign in.")
         if path == "/logout" and request.method == "POST":
             return await self._logout(request, session)
+        if path == "/settings/timezone" and request.method == "POST":
+            return await self._set_timezone(request, session)
         if request.method != "GET":
-            return _html(405, self._page(session, "Not allowed", "<p>Read-only.</p>"))
+            return self._message(session, 405, "Not allowed", "Read-only.")
         routes: dict[str, Callable[[Request, Session], Any]] = {
             "/": self._events,
             "/events": self._events,
@@ -583,7 +782,7 @@ class ReviewUI:
             ident, _, tail = rest.partition("/")
             if ident.isdigit() and tail in ("", "raw"):
                 return await self._event(request, session, int(ident), raw=tail == "raw")
-        return _html(404, self._page(session, "Not found", "<p>No such page.</p>"))
+        return self._message(session, 404, "Not found", "No such page.")
 
     # ------------------------------------------------------------------ login
 
@@ -600,28 +799,14 @@ class ReviewUI:
         token = request_cookies(request).get(LOGIN_COOKIE, "")
         if not re.fullmatch(r"[A-Za-z0-9_-]{32}", token):
             token = secrets.token_urlsafe(24)
-        message = f'<p class="error" id="login-error">{esc(error)}</p>' if error else ""
-        body = f"""
-<div class="login"><h1>Audit record repository</h1>
-<p>Security officer sign-in</p>{message}
-<form method="post" action="/login">
-<input type="hidden" name="csrf" value="{token}">
-<label>User name <input name="username" id="username" autocomplete="username" required></label>
-<label>Password <input type="password" name="password" id="password"
- autocomplete="current-password" required></label>
-<button type="submit" id="login">Sign in</button>
-</form></div>"""
-        return _html(
-            401 if error else 200,
-            self._page(None, "Sign in", body),
-            [_cookie(LOGIN_COOKIE, token, 600)],
-        )
+        body = self._render("login.html", None, "Sign in", error=error, token=token)
+        return _html(401 if error else 200, body, [_cookie(LOGIN_COOKIE, token, 600)])
 
     async def _login_post(self, request: Request) -> Response:
         try:
             form = await _form(request)
         except ValueError:
-            return _html(400, self._page(None, "Bad request", "<p>Bad form.</p>"))
+            return self._message(None, 400, "Bad request", "Bad form.")
         address = request.peer.address
         csrf_cookie = request_cookies(request).get(LOGIN_COOKIE, "")
         csrf = form.get("csrf", "")
@@ -658,6 +843,9 @@ class ReviewUI:
 
     def _start_session(self, request: Request, username: str, method: str) -> Response:
         session = self.sessions.create(username, request.peer.address, method)
+        # The zone this browser picked before, else the repository's default.
+        chosen = request_cookies(request).get(TZ_COOKIE, "")
+        session.tz = chosen if chosen in time_zones() else self.settings.timezone
         self.audit.user_authentication(
             "login", username, request.peer.address, success=True, method=method
         )
@@ -671,18 +859,35 @@ class ReviewUI:
         except ValueError:
             form = {}
         if not hmac.compare_digest(form.get("csrf", ""), session.csrf):
-            return _html(403, self._page(session, "Forbidden", "<p>Bad CSRF token.</p>"))
+            return self._message(session, 403, "Forbidden", "Bad CSRF token.")
         self.sessions.end(session.token)
         self.audit.user_authentication(
             "logout", session.username, request.peer.address, success=True, method=session.method
         )
         return _redirect("/login", [_cookie(SESSION_COOKIE, "", 0)])
 
+    async def _set_timezone(self, request: Request, session: Session) -> Response:
+        try:
+            form = await _form(request)
+        except ValueError:
+            form = {}
+        if not hmac.compare_digest(form.get("csrf", ""), session.csrf):
+            return self._message(session, 403, "Forbidden", "Bad CSRF token.")
+        chosen = form.get("tz", "")
+        if chosen not in time_zones():
+            return self._message(session, 400, "Bad request", "Unknown time zone.")
+        session.tz = chosen
+        back = form.get("back", "/events")
+        # Only a path of this site (never //host or a scheme).
+        if not re.fullmatch(r"/(?!/)[^\s\\]*", back):
+            back = "/events"
+        return _redirect(back, [_cookie(TZ_COOKIE, chosen, 365 * 86400)])
+
     # ------------------------------------------------------------------ filters
 
-    def _filter(self, form: SearchForm, *, default_days: int | None = None) -> EventFilter:
-        since = _parse_time(form.since)
-        until = _parse_time(form.until, end=True)
+    def _filter(self, form: SearchForm, tz: str, *, default_days: int | None = None) -> EventFilter:
+        since = _parse_time(form.since, tz=tz)
+        until = _parse_time(form.until, end=True, tz=tz)
         if since is None and default_days is not None:
             since = (until or datetime.now(UTC)) - timedelta(days=default_days)
         flt = EventFilter(since=since, until=until)
@@ -721,109 +926,22 @@ class ReviewUI:
             flt = replace(flt, flagged=False)
         return flt
 
+    def _community_name(self, hcid: str | None) -> str:
+        if not hcid:
+            return ""
+        return self.settings.community_names.get(hcid) or hcid
+
     def _community(self, hcid: str | None) -> str:
         if not hcid:
             return ""
         name = self.settings.community_names.get(hcid)
         return f"{name} ({hcid})" if name else hcid
 
-    # ------------------------------------------------------------------ pages
-
-    def _page(self, session: Session | None, title: str, body: str) -> str:
-        nav = ""
-        if session is not None:
-            nav = f"""<header><a href="/events" id="nav-events">Events</a>
-<a href="/report" id="nav-report">Patient access report</a>
-<a href="/dashboard" id="nav-dashboard">Security dashboard</a>
-<span class="who">Signed in as <b id="officer">{esc(session.username)}</b>
-<form method="post" action="/logout"><input type="hidden" name="csrf" value="{esc(session.csrf)}">
-<button class="link" id="logout">Sign out</button></form></span></header>"""
-        return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{esc(title)} - audit record repository</title>
-<link rel="stylesheet" href="/static/app.css"></head>
-<body>{nav}<main><h1>{esc(title)}</h1>{body}</main></body></html>"""
-
-    def _filters_html(
-        self, form: SearchForm, action: str, *, patient_required: bool = False
-    ) -> str:
-        def sel(name: str, value: str, options: Sequence[tuple[str, str]]) -> str:
-            opts = "".join(
-                f'<option value="{esc(v)}"{" selected" if v == value else ""}>{esc(t)}</option>'
-                for v, t in options
-            )
-            return f'<select name="{name}" id="f-{name}">{opts}</select>'
-
-        transactions = "".join(f'<option value="{t}">' for t in KNOWN_TRANSACTIONS)
-        required = " required" if patient_required else ""
-        return f"""<form class="filters" method="get" action="{action}">
-<label>From (UTC) <input name="from" id="f-from" value="{esc(form.since)}"
- placeholder="YYYY-MM-DD[THH:MM]"></label>
-<label>To (UTC) <input name="to" id="f-to" value="{esc(form.until)}"
- placeholder="YYYY-MM-DD[THH:MM]"></label>
-<label>Patient <input name="patient" id="f-patient" value="{esc(form.patient)}"
- placeholder="ID or ID^^^&amp;OID&amp;ISO"{required}></label>
-<label>User <input name="user" id="f-user" value="{
-            esc(form.user)
-        }" placeholder="id, or prefix*"></label>
-<label>Community <input name="community" id="f-community" value="{esc(form.community)}"
- placeholder="name or homeCommunityId"></label>
-<label>Transaction <input name="transaction" id="f-transaction" list="transactions"
- value="{esc(form.transaction)}" placeholder="ITI-38, RAD-75 ..."></label>
-<datalist id="transactions">{transactions}</datalist>
-<label>Outcome {
-            sel(
-                "outcome",
-                form.outcome,
-                [
-                    ("", "any"),
-                    ("success", "success"),
-                    ("failure", "failed or denied"),
-                    ("4", "minor failure"),
-                    ("8", "serious failure"),
-                    ("12", "major failure"),
-                ],
-            )
-        }</label>
-<label>Flagged {
-            sel(
-                "flagged",
-                form.flagged,
-                [("", "any"), ("yes", "flagged only"), ("no", "clean only")],
-            )
-        }</label>
-<button type="submit" id="search">Search</button></form>"""
-
-    def _rows_html(self, rows: Sequence[EventRow], *, table_id: str = "events") -> str:
-        lines = [
-            f'<table id="{table_id}"><thead><tr><th>Time (UTC)</th><th>Event</th>'
-            "<th>Transaction</th><th>Outcome</th><th>User</th><th>From</th><th>Patient</th>"
-            "<th>Community</th><th>Audit source</th><th>Sent by</th><th>Flags</th></tr></thead>"
-            "<tbody>"
-        ]
-        for r in rows:
-            css = "fail" if r.outcome not in (None, 0) else ("flagged" if r.flags else "")
-            outcome = _outcome_badge(r.outcome)
-            flags = f'<span class="badge warn">{esc(", ".join(r.flags))}</span>' if r.flags else ""
-            lines.append(
-                f'<tr class="{css}" data-id="{r.id}">'
-                f'<td><a href="/events/{r.id}" class="event-link">'
-                f"{_fmt_time(r.event_time)}</a></td>"
-                f"<td>{esc(r.event_display or r.event_code or 'unparsed')}</td>"
-                f"<td>{esc(r.transaction or '')}</td><td>{outcome}</td>"
-                f"<td>{esc(r.requestor or '')}</td>"
-                f"<td>{esc(r.requestor_address or r.peer or '')}</td>"
-                f"<td>{esc(r.patient or '')}</td><td>{esc(self._community(r.community))}</td>"
-                f'<td class="source">{_source_html(r)}</td>'
-                f'<td class="sender">{_sender_html(r.sender_identity)}</td><td>{flags}</td></tr>'
-            )
-        lines.append("</tbody></table>")
-        return "".join(lines)
+    # ------------------------------------------------------------------ events
 
     async def _timeline(
         self, flt: EventFilter, title: str, chart_id: str
-    ) -> tuple[str, list[Series], datetime, datetime, int]:
+    ) -> tuple[Chart, list[Series], datetime, datetime, int]:
         until = flt.until or datetime.now(UTC)
         since = flt.since
         if since is None:
@@ -841,14 +959,14 @@ class ReviewUI:
         series = [Series("success", SUCCESS, ok), Series("failed / denied", FAILURE, bad)]
         if unknown:
             series.append(Series("unparsed", "#999999", unknown))
-        svg = render.bar_chart(
+        chart = render.bar_chart(
             series, since=since, until=until, bucket=bucket, title=title, chart_id=chart_id
         )
-        return svg, series, since, until, bucket
+        return chart, series, since, until, bucket
 
     async def _events(self, request: Request, session: Session) -> Response:
         form = SearchForm.from_query(request.query)
-        flt = self._filter(form)
+        flt = self._filter(form, session.tz)
         size = self.settings.page_size
         offset = (form.page - 1) * size
         rows = await asyncio.to_thread(self.store.search, flt, limit=size + 1, offset=offset)
@@ -862,38 +980,39 @@ class ReviewUI:
             chart_flt = replace(flt, since=(flt.until or datetime.now(UTC)) - timedelta(days=30))
         chart, *_ = await self._timeline(chart_flt, "Events over time", "timeline")
         pages = max(1, -(-total // size))
-        total_text = f"{total}" if total < 10000 else "10000+"
-        pager = [f'<div class="pager"><span id="count">{total_text} events</span>']
-        if form.page > 1:
-            pager.append(f'<a href="/events?{form.query(page=form.page - 1)}" id="prev">Newer</a>')
-        pager.append(f"<span>page {form.page} of {pages if total < 10000 else '...'}</span>")
-        if has_more:
-            pager.append(f'<a href="/events?{form.query(page=form.page + 1)}" id="next">Older</a>')
-        pager.append(
-            f'<a href="/events.csv?{form.query(page=1)}" id="export-csv" download>Export CSV</a>'
-        )
-        pager.append("</div>")
         self.audit.audit_log_used(
             session.username, request.peer.address, "/events", form.query(), user_name=None
         )
-        body = (
-            self._filters_html(form, "/events")
-            + chart
-            + "".join(pager)
-            + self._rows_html(rows)
-            + "".join(pager).replace('id="', 'id="b-')
+        body = self._render(
+            "events.html",
+            session,
+            "Audit events",
+            back=f"/events?{form.query()}",
+            form=form,
+            chart=chart,
+            rows=rows,
+            total_text=f"{total}" if total < 10000 else "10000+",
+            page=form.page,
+            pages=pages if total < 10000 else "...",
+            has_more=has_more,
+            prev_query=form.query(page=form.page - 1),
+            next_query=form.query(page=form.page + 1),
+            export_query=form.query(page=1),
         )
-        return _html(200, self._page(session, "Audit events", body))
+        return _html(200, body)
 
-    async def _export_rows(self, flt: EventFilter) -> list[EventRow]:
+    async def _export_rows(self, flt: EventFilter, limit: int | None = None) -> list[EventRow]:
+        cap = limit or self.settings.max_export_rows
         rows: list[EventRow] = []
         step = 5000
-        while len(rows) < self.settings.max_export_rows:
-            chunk = await asyncio.to_thread(self.store.search, flt, limit=step, offset=len(rows))
+        while len(rows) < cap:
+            chunk = await asyncio.to_thread(
+                self.store.search, flt, limit=min(step, cap - len(rows) + 1), offset=len(rows)
+            )
             rows.extend(chunk)
             if len(chunk) < step:
                 break
-        return rows[: self.settings.max_export_rows]
+        return rows[: cap + 1] if limit else rows[:cap]
 
     def _csv_rows(self, rows: Sequence[EventRow]) -> list[list[object]]:
         return [
@@ -943,7 +1062,7 @@ class ReviewUI:
 
     async def _events_csv(self, request: Request, session: Session) -> Response:
         form = SearchForm.from_query(request.query)
-        rows = await self._export_rows(self._filter(form))
+        rows = await self._export_rows(self._filter(form, session.tz))
         self.audit.audit_log_used(
             session.username, request.peer.address, "/events.csv", form.query()
         )
@@ -958,22 +1077,22 @@ class ReviewUI:
     ) -> Response:
         stored = await asyncio.to_thread(self.store.get, ident)
         if stored is None:
-            return _html(404, self._page(session, "Not found", "<p>No such event.</p>"))
+            return self._message(session, 404, "Not found", "No such event.")
         self.audit.audit_log_used(
             session.username, request.peer.address, f"/events/{ident}{'/raw' if raw else ''}", ""
         )
         if raw:
             return _download(stored.raw, "application/octet-stream", f"audit-event-{ident}.syslog")
-        return _html(200, self._page(session, f"Event {ident}", self._event_html(stored)))
-
-    def _event_html(self, stored: StoredEvent) -> str:
         record = stored.record()
         row = stored.row
-        kv = [
-            ("Event time (UTC)", _fmt_time(record.event_time)),
+        summary = [
             (
-                "Received (UTC)",
-                f"{_fmt_time(record.received_at)} from {row.transport}:{row.sender}",
+                "Event time",
+                f"{local_time(record.event_time, session.tz)} ({_fmt_time(record.event_time)} UTC)",
+            ),
+            (
+                "Received",
+                f"{local_time(record.received_at, session.tz)} from {row.transport}:{row.sender}",
             ),
             ("Sent by", _sender_text(row.sender_identity)),
             (
@@ -997,138 +1116,205 @@ class ReviewUI:
         ]
         if record.syslog is not None:
             s = record.syslog
-            kv.append(
+            summary.append(
                 (
                     "Syslog header",
                     f"PRI {s.priority} {s.timestamp or '-'} {s.hostname or '-'} "
                     f"{s.app_name or '-'} {s.procid or '-'} {s.msgid or '-'}",
                 )
             )
-        dl = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in kv if v)
-        parts = [f'<dl class="kv" id="summary">{dl}</dl>', "<h2>Participants</h2>"]
-        parts.append(
-            '<table id="participants"><thead><tr><th>UserID</th><th>Name</th><th>Alt. id</th>'
-            "<th>Requestor</th><th>Network access point</th><th>Roles</th></tr></thead><tbody>"
+        body = self._render(
+            "event.html",
+            session,
+            f"Event {ident}",
+            back=f"/events/{ident}",
+            summary=summary,
+            record=record,
+            event_id=row.id,
+            raw_size=len(stored.raw),
+            raw_text=stored.raw.decode("utf-8", "replace"),
         )
-        for p in record.participants:
-            parts.append(
-                f"<tr><td>{esc(p.user_id)}</td><td>{esc(p.user_name)}</td>"
-                f"<td>{esc(p.alternative_user_id)}</td>"
-                f"<td>{'yes' if p.user_is_requestor else 'no'}</td>"
-                f"<td>{esc(p.network_access_point_id)}</td>"
-                f"<td>{esc(', '.join(r.label() for r in p.roles))}</td></tr>"
-            )
-        parts.append("</tbody></table><h2>Audit source</h2><ul>")
-        for src in record.audit_sources:
-            types = ", ".join(t.label() for t in src.types)
-            parts.append(
-                f"<li>{esc(src.source_id)} {esc(src.enterprise_site_id or '')} {esc(types)}</li>"
-            )
-        parts.append("</ul><h2>Participant objects</h2>")
-        parts.append(
-            '<table id="objects"><thead><tr><th>Id</th><th>Id type</th><th>Type / role</th>'
-            "<th>Details</th></tr></thead><tbody>"
-        )
-        for e in record.entities:
-            details = "<br>".join(f"{esc(d.type)} = {esc(d.text)}" for d in e.details)
-            if e.study_uids:
-                details += "<br>studies: " + esc(", ".join(e.study_uids))
-            if e.query is not None:
-                details += f"<br>query: {len(e.query)} bytes"
-            parts.append(
-                f"<tr><td>{esc(e.object_id)}</td>"
-                f"<td>{esc(e.id_type.label() if e.id_type else '')}</td>"
-                f"<td>{esc(e.type_code)} / {esc(e.role)}</td><td>{details}</td></tr>"
-            )
-        parts.append("</tbody></table>")
-        text = stored.raw.decode("utf-8", "replace")
-        parts.append(
-            f"<h2>Raw message ({len(stored.raw)} bytes, verbatim)</h2>"
-            f'<p><a href="/events/{row.id}/raw" id="raw-download" download>Download raw message</a>'
-            f'</p><pre class="raw" id="raw">{esc(text)}</pre>'
-        )
-        return "".join(parts)
+        return _html(200, body)
 
     # ------------------------------------------------------------------ patient report
 
-    async def _report_data(self, form: SearchForm) -> tuple[EventFilter, list[EventRow]]:
-        flt = self._filter(form, default_days=self.settings.report_days)
-        rows = await self._export_rows(flt)
-        return flt, rows
+    def _person_of(self, key: str) -> str:
+        """One value per person: the first of the ids the cross-reference table joins."""
+        return min(self.xref.expand(key))
+
+    async def _patient_keys(self, text: str) -> list[str]:
+        """The patient keys of what the officer typed: ids (comma-separated, any of the
+        person's), or a name, looked up in the patients' names the records carry; each
+        widened to every id of the person (the cross-reference table)."""
+        keys: list[str] = []
+        if looks_like_patient_id(text):
+            for part in text.split(","):
+                if part.strip():
+                    keys.extend(self.xref.expand(patient_key(part)))
+            return list(dict.fromkeys(keys))
+        words = name_words(text)
+        if not words:
+            return []
+        flt = EventFilter(patient_names=tuple((w,) for w in words))
+        rows = await asyncio.to_thread(self.store.search, flt, limit=500)
+        stored = await asyncio.to_thread(self.store.get_many, [r.id for r in rows])
+        for item in stored:
+            record = item.record()
+            for entity in record.entities:
+                if (
+                    entity.is_patient
+                    and entity.object_id
+                    and entity.name
+                    and set(words) <= set(name_words(entity.name))
+                ):
+                    keys.extend(self.xref.expand(patient_key(entity.object_id)))
+        return list(dict.fromkeys(keys))
+
+    async def _report_data(self, form: SearchForm, tz: str) -> PatientReport:
+        flt = self._filter(replace(form, patient=""), tz, default_days=self.settings.report_days)
+        until = flt.until or datetime.now(UTC)
+        since = flt.since or until - timedelta(days=self.settings.report_days)
+        keys = await self._patient_keys(form.patient)
+        if not keys:
+            return PatientReport(since, until, [], [], [])
+        # Without an explicit end, nothing is cut off (a sender's clock may run ahead).
+        flt = replace(flt, since=since, patients=(tuple(keys),))
+        cap = self.settings.max_report_records
+        rows = await self._export_rows(flt, limit=cap)
+        truncated = len(rows) > cap
+        rows = rows[:cap]
+        records: list[AccessRecord] = []
+        for start in range(0, len(rows), 500):
+            ids = [r.id for r in rows[start : start + 500]]
+            for item in await asyncio.to_thread(self.store.get_many, ids):
+                records.append(AccessRecord(item.row.id, item.record()))
+        accesses = group_accesses(records, person_of=self._person_of)
+        # The person(s) asked for, as the records name them (a bare id matches any authority).
+        prefixes = tuple(k for k in keys if k.endswith("|"))
+        persons = {self._person_of(k) for k in keys}
+        for access_record in records:
+            for pid in access_record.record.patient_ids:
+                key = patient_key(pid)
+                if key in keys or (prefixes and key.startswith(prefixes)):
+                    persons.add(self._person_of(key))
+        accesses = [a for a in accesses if a.persons & persons]
+        # The person's ids as the records name them, with the names they give.
+        seen: dict[str, str] = {}
+        for access in accesses:
+            for pid, name in access.patients.items():
+                if self._person_of(patient_key(pid)) in persons:
+                    seen[pid] = seen.get(pid) or name or ""
+        names = list(dict.fromkeys(n for n in seen.values() if n))
+        if flt.until is None and accesses:
+            until = max(until, max(a.last for a in accesses))
+        return PatientReport(
+            since,
+            until,
+            sorted(seen.items()),
+            names,
+            accesses,
+            truncated,
+        )
+
+    def _report_chart(
+        self, report: PatientReport, chart_id: str
+    ) -> tuple[Chart, list[Series], int]:
+        bucket = render.pick_bucket(report.since, report.until)
+        ok: dict[datetime, int] = {}
+        bad: dict[datetime, int] = {}
+        for access in report.accesses:
+            slot = datetime.fromtimestamp(int(access.time.timestamp()) // bucket * bucket, UTC)
+            target = ok if access.outcome == 0 else bad
+            target[slot] = target.get(slot, 0) + 1
+        series = [
+            Series("allowed", SUCCESS, list(ok.items())),
+            Series("failed / denied", FAILURE, list(bad.items())),
+        ]
+        chart = render.bar_chart(
+            series,
+            since=report.since,
+            until=report.until,
+            bucket=bucket,
+            title="Accesses over time",
+            chart_id=chart_id,
+        )
+        return chart, series, bucket
 
     async def _report(self, request: Request, session: Session) -> Response:
         form = SearchForm.from_query(request.query)
         if not form.patient:
-            body = self._filters_html(form, "/report", patient_required=True) + (
-                "<p>Every access to one patient's records across communities: enter a patient "
-                f"id. The default period is the last {self.settings.report_days} days.</p>"
+            body = self._render(
+                "report.html",
+                session,
+                "Patient access report",
+                back="/report",
+                form=form,
+                report=None,
+                report_days=self.settings.report_days,
             )
-            return _html(200, self._page(session, "Patient access report", body))
-        flt, rows = await self._report_data(form)
+            return _html(200, body)
+        report = await self._report_data(form, session.tz)
         self.audit.audit_log_used(session.username, request.peer.address, "/report", form.query())
-        chart, *_ = await self._timeline(flt, "Accesses over time", "report-timeline")
-        users = {r.requestor for r in rows if r.requestor}
-        systems = {r.requestor_address or r.peer for r in rows if (r.requestor_address or r.peer)}
-        communities = {r.community for r in rows if r.community}
-        failures = sum(1 for r in rows if r.outcome not in (None, 0))
-        unbound = sum(1 for r in rows if r.source_unbound)
-        ids = ", ".join(k.replace("|", " @ ") for k in flt.patients[0]) if flt.patients else ""
-        period = (
-            f"{_fmt_time(flt.since) if flt.since else 'beginning'} to "
-            f"{_fmt_time(flt.until) if flt.until else 'now'}"
+        chart, *_ = self._report_chart(report, "report-timeline")
+        body = self._render(
+            "report.html",
+            session,
+            "Patient access report",
+            back=f"/report?{form.query(page=1)}",
+            form=form,
+            report=report,
+            chart=chart,
+            query=form.query(page=1),
+            report_days=self.settings.report_days,
         )
-        cards = f"""<div class="cards">
-<div class="card"><b id="r-accesses">{len(rows)}</b>accesses</div>
-<div class="card"><b id="r-users">{len(users)}</b>users</div>
-<div class="card"><b id="r-systems">{len(systems)}</b>systems</div>
-<div class="card"><b id="r-communities">{len(communities)}</b>communities</div>
-<div class="card"><b id="r-failures">{failures}</b>failed or denied</div>
-<div class="card"><b id="r-unbound">{unbound}</b>recorded by a sender not bound to its
-audit source</div></div>"""
-        q = form.query(page=1)
-        body = (
-            self._filters_html(form, "/report", patient_required=True)
-            + f"<p>Patient ids: <b id='r-ids'>{esc(ids)}</b>; period {esc(period)} (UTC).</p>"
-            + cards
-            + "<h2>Timeline</h2>"
-            + chart
-            + f'<p class="pager"><a href="/report.csv?{q}" id="report-csv" download>Export CSV</a>'
-            f'<a href="/report.pdf?{q}" id="report-pdf" download>Export PDF</a></p>'
-            + self._report_table(rows)
-        )
-        return _html(200, self._page(session, "Patient access report", body))
+        return _html(200, body)
 
-    def _report_table(self, rows: Sequence[EventRow]) -> str:
-        lines = [
-            '<table id="report"><thead><tr><th>Time (UTC)</th><th>Who</th><th>From</th>'
-            "<th>Community</th><th>Transaction</th><th>Event</th><th>Allowed</th>"
-            "<th>Recorded by</th><th>Sent by</th></tr></thead><tbody>"
-        ]
-        for r in rows:
-            allowed = _allowed_badge(r.outcome)
-            lines.append(
-                f'<tr class="{"fail" if r.outcome not in (None, 0) else ""}">'
-                f'<td><a href="/events/{r.id}">{_fmt_time(r.event_time)}</a></td>'
-                f"<td>{esc(r.requestor)}</td><td>{esc(r.requestor_address or r.peer)}</td>"
-                f"<td>{esc(self._community(r.community))}</td>"
-                f"<td>{esc(r.transaction)} {esc(r.transaction_display or '')}</td>"
-                f"<td>{esc(r.event_display or r.event_code)}</td><td>{allowed}</td>"
-                f'<td class="source">{_source_html(r)}</td>'
-                f'<td class="sender">{_sender_html(r.sender_identity)}</td></tr>'
+    def _report_rows(self, report: PatientReport, tz: str) -> list[list[object]]:
+        rows: list[list[object]] = []
+        for a in report.accesses:
+            outcome = a.outcome
+            rows.append(
+                [
+                    a.time.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+                    a.time.astimezone(zone(tz)).isoformat(timespec="seconds"),
+                    tz,
+                    a.kind,
+                    a.label,
+                    a.user,
+                    a.node,
+                    "; ".join(self._community_name(c) for c in a.communities),
+                    "; ".join(a.communities),
+                    len(a.studies),
+                    len(a.series),
+                    a.instances,
+                    len(a.documents),
+                    what_text(a),
+                    outcome,
+                    ""
+                    if outcome is None
+                    else ("yes" if outcome == 0 else ("partly" if outcome == 4 else "no")),
+                    "; ".join(a.outcome_descriptions),
+                    "; ".join(a.purposes),
+                    "; ".join(a.patients),
+                    "; ".join(n for n in a.patients.values() if n),
+                    "; ".join(a.recorded_by),
+                    "; ".join(a.sender_identities),
+                    "no" if a.unbound else "yes",
+                    " ".join(str(i) for i in [*a.record_ids, *a.leg_ids]),
+                ]
             )
-        lines.append("</tbody></table>")
-        return "".join(lines)
+        return rows
 
     async def _report_csv(self, request: Request, session: Session) -> Response:
         form = SearchForm.from_query(request.query)
         if not form.patient:
-            return _html(400, self._page(session, "Bad request", "<p>A patient is required.</p>"))
-        _flt, rows = await self._report_data(form)
+            return self._message(session, 400, "Bad request", "A patient is required.")
+        report = await self._report_data(form, session.tz)
         self.audit.audit_log_used(
             session.username, request.peer.address, "/report.csv", form.query()
         )
         return _download(
-            render.to_csv(self._CSV_HEADER, self._csv_rows(rows)),
+            render.to_csv(_REPORT_CSV_HEADER, self._report_rows(report, session.tz)),
             "text/csv; charset=utf-8",
             "patient-access-report.csv",
         )
@@ -1136,51 +1322,54 @@ audit source</div></div>"""
     async def _report_pdf(self, request: Request, session: Session) -> Response:
         form = SearchForm.from_query(request.query)
         if not form.patient:
-            return _html(400, self._page(session, "Bad request", "<p>A patient is required.</p>"))
-        flt, rows = await self._report_data(form)
-        _svg, series, since, until, bucket = await self._timeline(flt, "Accesses", "pdf")
+            return self._message(session, 400, "Bad request", "A patient is required.")
+        report = await self._report_data(form, session.tz)
+        _chart, series, bucket = self._report_chart(report, "pdf")
         self.audit.audit_log_used(
             session.username, request.peer.address, "/report.pdf", form.query()
         )
-        ids = ", ".join(k.replace("|", " @ ") for k in flt.patients[0]) if flt.patients else ""
-        failures = sum(1 for r in rows if r.outcome not in (None, 0))
+        tz = session.tz
         table = render.PdfTable(
             header=(
                 "Time (UTC)",
+                f"Local ({tz})"[:24],
+                "Access",
                 "Who",
                 "From",
                 "Community",
-                "Transaction",
-                "Event",
+                "What",
                 "Allowed",
+                "Purpose",
                 "Recorded by",
             ),
-            widths=(30, 52, 30, 38, 22, 40, 16, 49),
+            widths=(27, 27, 32, 46, 20, 28, 42, 14, 17, 24),
             rows=[
                 (
-                    _fmt_time(r.event_time),
-                    r.requestor,
-                    r.requestor_address or r.peer,
-                    self.settings.community_names.get(r.community or "", r.community or ""),
-                    r.transaction,
-                    r.event_display or r.event_code,
-                    "yes" if r.outcome == 0 else "NO",
-                    _source_text(r),
+                    _fmt_time(a.time),
+                    a.time.astimezone(zone(tz)).strftime("%Y-%m-%d %H:%M:%S"),
+                    a.label,
+                    a.user,
+                    a.node,
+                    ", ".join(self._community_name(c) for c in a.communities),
+                    what_text(a),
+                    "yes" if a.outcome == 0 else ("partly" if a.outcome == 4 else "NO"),
+                    ", ".join(a.purposes),
+                    ("NOT BOUND: " if a.unbound else "") + ", ".join(a.recorded_by),
                 )
-                for r in rows[:_MAX_PDF_ROWS]
+                for a in report.accesses[:_MAX_PDF_ROWS]
             ],
         )
-        more = len(rows) - _MAX_PDF_ROWS
+        more = len(report.accesses) - _MAX_PDF_ROWS
+        ids = ", ".join(pid for pid, _ in report.patients)
         pdf = await asyncio.to_thread(
             render.report_pdf,
             title="Patient access report",
             subtitle_lines=[
-                f"Patient: {ids}",
-                f"Period (UTC): {_fmt_time(since)} to {_fmt_time(until)}",
-                f"{len(rows)} accesses, {failures} failed or denied, "
-                f"{sum(1 for r in rows if r.source_unbound)} from a sender not bound to its "
-                "audit source; "
-                f"{len({r.requestor for r in rows if r.requestor})} users."
+                f"Patient: {' / '.join(report.names) or 'name not recorded'}; ids: {ids}",
+                f"Period (UTC): {_fmt_time(report.since)} to {_fmt_time(report.until)}",
+                f"{len(report.accesses)} accesses, {report.failures} failed or denied, "
+                f"{report.unbound} from a sender not bound to its audit source; "
+                f"{report.users} users, {report.communities} communities."
                 + (
                     f" The table lists the newest {_MAX_PDF_ROWS}; the CSV has all."
                     if more > 0
@@ -1188,8 +1377,8 @@ audit source</div></div>"""
                 ),
             ],
             chart=series,
-            since=since,
-            until=until,
+            since=report.since,
+            until=report.until,
             bucket=bucket,
             table=table,
             footer=f"Generated {_fmt_time(datetime.now(UTC))} UTC by {session.username}",
@@ -1259,51 +1448,47 @@ audit source</div></div>"""
         )
         status = self.status()
         counters = status.get("counters", {})
-        cards = "".join(
-            f'<div class="card"><b>{esc(v)}</b>{esc(k)}</div>'
-            for k, v in (
-                ("events stored", status.get("total", "")),
-                ("refused handshakes at this repository", counters.get("handshake_failures", 0)),
-                (
-                    "refused messages (size, rate)",
-                    sum(
-                        v
-                        for k, v in counters.items()
-                        if k.startswith(("refused", "connections_ref"))
-                    ),
-                ),
-                ("flagged messages stored", counters.get("stored_flagged", 0)),
-                ("dropped (UDP queue full)", counters.get("dropped{queue_full}", 0)),
-            )
+        # The tiles say what the charts below them show (same window, same records); what
+        # this repository counted itself since it started is labelled as such.
+        cards = [
+            ("events stored", status.get("total", ""), "c-total"),
+            (
+                f"refused TLS handshakes in {days} day(s) (charted)",
+                sum(n for _b, _g, n in refused),
+                "c-refused",
+            ),
+            (
+                f"failed or denied transactions in {days} day(s) (charted)",
+                sum(n for _b, _g, n in failed),
+                "c-failed",
+            ),
+            (
+                "refused messages at this repository since start (size, rate)",
+                sum(v for k, v in counters.items() if k.startswith(("refused", "connections_ref"))),
+                "c-refused-messages",
+            ),
+            ("flagged messages stored since start", counters.get("stored_flagged", 0), "c-flagged"),
+            (
+                "dropped since start (UDP queue full)",
+                counters.get("dropped{queue_full}", 0),
+                "c-dropped",
+            ),
+        ]
+        body = self._render(
+            "dashboard.html",
+            session,
+            "Security dashboard",
+            back=f"/dashboard?days={days}",
+            days=days,
+            cards=cards,
+            refused=refused_chart,
+            refused_nodes=refused_nodes,
+            failed=failed_chart,
+            failed_top=failed_top,
+            peers=peer_chart,
+            users=users,
         )
-        node_rows = "".join(
-            f"<tr><td>{esc(node or 'unknown')}</td><td>{n}</td></tr>" for node, n in refused_nodes
-        )
-        failed_rows = "".join(
-            f"<tr><td>{esc(t or 'other')}</td><td>{n}</td></tr>" for t, n in failed_top
-        )
-        user_rows = "".join(
-            f'<tr class="{"fail" if unusual else ""}"><td>'
-            f'<a href="/events?{urlencode({"user": u})}">{esc(u)}</a></td><td>{last}</td>'
-            f"<td>{avg:.1f}</td><td>{'UNUSUAL' if unusual else ''}</td></tr>"
-            for u, last, avg, unusual in users
-        )
-        days_links = " ".join(f'<a href="/dashboard?days={d}">{d} days</a>' for d in (1, 7, 30, 90))
-        body = f"""<p>Last {days} day(s), UTC. {days_links}</p>
-<div class="cards" id="counters">{cards}</div>
-<h2>Refused TLS handshakes</h2>{refused_chart}
-<table id="refused-nodes"><thead><tr><th>Node</th><th>Refusals</th></tr></thead>
-<tbody>{node_rows}</tbody></table>
-<h2>Failed or denied transactions</h2>{failed_chart}
-<table id="failed"><thead><tr><th>Transaction</th><th>Failures</th></tr></thead>
-<tbody>{failed_rows}</tbody></table>
-<h2>Volume per peer</h2>{peer_chart}
-<h2>Unusual volumes per user</h2>
-<p>Events in the last 24 hours against the user's daily average over the period before;
-unusual means more than three times the average and at least 20 events.</p>
-<table id="users"><thead><tr><th>User</th><th>Last 24 h</th><th>Daily average before</th>
-<th></th></tr></thead><tbody>{user_rows}</tbody></table>"""
-        return _html(200, self._page(session, "Security dashboard", body))
+        return _html(200, body)
 
     async def _unusual_users(
         self, until: datetime, days: int
@@ -1340,42 +1525,6 @@ def _sender_text(sender_identity: str | None) -> str:
     if sender_identity == "local":
         return "this repository"
     return sender_identity
-
-
-def _sender_html(sender_identity: str | None) -> str:
-    if sender_identity is None:
-        return ""
-    if is_unauthenticated(sender_identity):
-        return f'{esc(sender_identity)} <span class="badge warn">unauthenticated</span>'
-    return esc(_sender_text(sender_identity))
-
-
-def _source_html(row: EventRow) -> str:
-    source = esc(row.source_id or row.sender)
-    if row.source_unbound:
-        return f'{source} <span class="badge bad unbound">not bound to its sender</span>'
-    return source
-
-
-def _source_text(row: EventRow) -> str:
-    source = row.source_id or row.sender
-    # The warning first: the PDF cuts long cells at the column's end.
-    return f"NOT BOUND TO SENDER: {source}" if row.source_unbound else source
-
-
-def _outcome_badge(outcome: int | None) -> str:
-    if outcome is None:
-        return '<span class="badge warn">unknown</span>'
-    css = "ok" if outcome == 0 else "bad"
-    return f'<span class="badge {css}">{esc(OUTCOME_TEXT.get(outcome, outcome))}</span>'
-
-
-def _allowed_badge(outcome: int | None) -> str:
-    if outcome is None:
-        return '<span class="badge warn">?</span>'
-    if outcome == 0:
-        return '<span class="badge ok">yes</span>'
-    return f'<span class="badge bad">no ({esc(OUTCOME_TEXT.get(outcome, outcome))})</span>'
 
 
 def _download(body: bytes, content_type: str, filename: str) -> Response:

@@ -1,0 +1,210 @@
+"""Audit records grouped into accesses for the patient access report (sans-IO)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from xca_gateway.arr.accesses import AccessRecord, group_accesses
+from xca_gateway.arr.parse import parse_record, patient_key
+from xca_gateway.audit import messages as am
+
+ARC = "1.3.6.1.4.1.21367.13"
+NORTH, SOUTH, EAST = (f"urn:oid:{ARC}.70.{i}" for i in (1, 2, 3))
+ALICE_N = f"C01-1001^^^&{ARC}.20.1000&ISO"
+ALICE_S = f"C02-2001^^^&{ARC}.20.2000&ISO"
+ALICE_E = f"C03-3001^^^&{ARC}.20.3000&ISO"
+BOB_N = f"C01-1002^^^&{ARC}.20.1000&ISO"
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def ctx(name: str) -> am.AuditContext:
+    return am.AuditContext(am.AuditSource(f"{name}-gateway"), host=name, process_id="1")
+
+
+VIEWER = am.remote_node("127.0.0.9", certificate_subject="CN=north viewer")
+NORTH_IG = ctx("north").local_node("https://north/ig")
+NORTH_AS_PEER = am.remote_node("127.0.0.1", certificate_subject="CN=north.xca-gateway.test")
+ON_BEHALF = [am.HumanRequestor("CN=north viewer", "north viewer")]
+
+
+def instances(study: str, home: str, count: int) -> list[am.ImagingInstanceReference]:
+    return [
+        am.ImagingInstanceReference(study, f"{study}.1", f"{study}.1.{i}", CT, "1.2.3", home)
+        for i in range(count)
+    ]
+
+
+def seconds(n: float) -> datetime:
+    return T0 + timedelta(seconds=n)
+
+
+def query_flow(at: float, patient: str = ALICE_N) -> list[am.AuditMessage]:
+    """A consumer's ITI-18 at north, fanned out to south and east."""
+    q = {"query_id": "urn:uuid:q", "query": b"<q/>"}
+    out = [
+        am.iti38_query(
+            ctx(name),
+            side="responding",
+            requester=NORTH_AS_PEER,
+            responder=ctx(name).local_node(f"https://{name}/xca/iti38"),
+            patient_ids=[pid],
+            home_community_id=home,
+            when=seconds(at),
+            **q,  # type: ignore[arg-type]
+        )
+        for name, pid, home in (("south", ALICE_S, SOUTH), ("east", ALICE_E, EAST))
+    ]
+    out += [
+        am.iti38_query(
+            ctx("north"),
+            side="initiating",
+            requester=NORTH_IG,
+            responder=am.endpoint_node(f"https://{name}/xca/iti38"),
+            patient_ids=[pid],
+            home_community_id=home,
+            human_requestors=ON_BEHALF,
+            when=seconds(at + 0.1),
+            **q,  # type: ignore[arg-type]
+        )
+        for name, pid, home in (("south", ALICE_S, SOUTH), ("east", ALICE_E, EAST))
+    ]
+    out.append(
+        am.iti18_query(
+            ctx("north"),
+            side="registry",
+            requester=VIEWER,
+            responder=NORTH_IG,
+            patient_ids=[patient],
+            when=seconds(at + 0.2),
+            **q,  # type: ignore[arg-type]
+        )
+    )
+    return out
+
+
+def study_flow(at: float) -> list[am.AuditMessage]:
+    """A consumer's RAD-69 at north for a study in south (4 instances, one lost)."""
+    study = instances(f"{ARC}.90.2.1", SOUTH, 4)
+    out = list(
+        am.rad75_retrieve(
+            ctx("south"),
+            side="responding",
+            requester=NORTH_AS_PEER,
+            responder=ctx("south").local_node("https://south/xca/rad75"),
+            instances=study[:3],
+            failed=study[3:],
+            patient_id=ALICE_S,
+            when=seconds(at),
+        )
+    )
+    out += am.rad75_retrieve(
+        ctx("north"),
+        side="initiating",
+        requester=NORTH_IG,
+        responder=am.endpoint_node("https://south/xca/rad75"),
+        instances=study[:3],
+        failed=study[3:],
+        patient_id=ALICE_S,
+        human_requestors=ON_BEHALF,
+        when=seconds(at + 0.1),
+    )
+    out += am.rad69_retrieve(
+        ctx("north"),
+        side="imaging_document_source",
+        requester=VIEWER,
+        responder=NORTH_IG,
+        instances=study[:3],
+        failed=study[3:],
+        patients={i.sop_instance_uid: am.PatientRef(ALICE_S, "Lindqvist^Alice") for i in study},
+        when=seconds(at + 0.2),
+    )
+    return out
+
+
+def c_get_flow(at: float) -> list[am.AuditMessage]:
+    """A C-GET at north's DIMSE door of Alice's study in east: the door's own query and
+    manifest fetch first, then RAD-75 to east."""
+    out = query_flow(at)[:4]  # the ITI-38 legs, no ITI-18 (in-process)
+    study = instances(f"{ARC}.90.3.1", EAST, 2)
+    out += am.iti39_retrieve(
+        ctx("north"),
+        side="initiating",
+        requester=NORTH_IG,
+        responder=am.endpoint_node("https://east/xca/iti39"),
+        documents=[am.DocumentReference("1.2.3.kos", "1.2.3", EAST)],
+        patient_id=ALICE_E,
+        when=seconds(at + 1),
+    )
+    out += am.rad75_retrieve(
+        ctx("north"),
+        side="initiating",
+        requester=NORTH_IG,
+        responder=am.endpoint_node("https://east/xca/rad75"),
+        instances=study,
+        patient_id=ALICE_E,
+        when=seconds(at + 2),
+    )
+    out.append(
+        am.instances_transferred(
+            ctx("north"),
+            source=ctx("north").local_node("XCA-FRONT"),
+            destination=am.Node("WORKSTATION", "127.0.0.9"),
+            study_uid=study[0].study_instance_uid,
+            instances=study,
+            patient_ids=[am.PatientRef(ALICE_N, "Lindqvist^Alice")],
+            when=seconds(at + 3),
+        )
+    )
+    return out
+
+
+def records(messages: list[am.AuditMessage]) -> list[AccessRecord]:
+    return [
+        AccessRecord(i, parse_record(msg.to_xml(), sender="127.0.0.1", transport="tls"))
+        for i, msg in enumerate(messages, 1)
+    ]
+
+
+def alice(key: str) -> str:
+    """The cross-reference table: Alice's three ids are one person."""
+    return "alice" if key in {patient_key(p) for p in (ALICE_N, ALICE_S, ALICE_E)} else key
+
+
+def test_one_row_per_access_with_its_communities_and_counts() -> None:
+    messages = [*query_flow(0), *study_flow(10), *c_get_flow(20)]
+    # Bob's query a moment before is another person's access, never taking Alice's legs.
+    messages += [query_flow(-0.5, BOB_N)[-1]]
+    accesses = group_accesses(records(messages), person_of=alice)
+    rows = [(a.label, sorted(a.persons), a.outcome) for a in accesses]
+    assert rows == [
+        ("C-GET", ["alice"], 0),
+        ("RAD-69 Retrieve Imaging Document Set", ["alice"], 4),
+        ("ITI-18 Registry Stored Query", ["alice"], 0),
+        ("ITI-18 Registry Stored Query", [patient_key(BOB_N)], 0),
+    ]
+    c_get, rad69, query, _bob = accesses
+    # Every record of an access is in it, once.
+    assert len(query.record_ids) == 1 and len(query.leg_ids) == 4
+    assert sorted(query.communities) == sorted([EAST, SOUTH])
+    assert query.user == "CN=north viewer" and query.node == "127.0.0.9"
+    # The RAD-69's success and failure records are one access; its legs name south.
+    assert len(rad69.record_ids) == 2 and len(rad69.leg_ids) == 4
+    assert rad69.communities == [SOUTH]
+    assert (len(rad69.studies), len(rad69.series), rad69.instances) == (1, 1, 3)
+    assert rad69.patients == {ALICE_S: "Lindqvist^Alice"}
+    # The door's own query and manifest fetch are part of its C-GET, not accesses of their own.
+    assert len(c_get.leg_ids) == 6
+    assert c_get.communities == [EAST]
+    assert (len(c_get.studies), c_get.instances) == (1, 2)
+    assert c_get.user == "WORKSTATION"
+    assert sum(len(a.record_ids) + len(a.leg_ids) for a in accesses) == len(messages)
+
+
+def test_a_leg_without_its_primary_is_an_access_of_its_own() -> None:
+    """East's record of a RAD-75 from a gateway that does not report here."""
+    lone = study_flow(0)[:2]  # south's two RAD-75 records only
+    (access,) = group_accesses(records(lone), person_of=alice)
+    assert access.label == "RAD-75" and access.communities == [SOUTH]
+    assert access.outcome == 4 and access.instances == 3
+    assert access.user == "CN=north.xca-gateway.test"
