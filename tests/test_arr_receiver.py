@@ -606,3 +606,18 @@ def test_udp_syslog_is_off_unless_enabled(arr_factory: Factory, tmp_path: Path) 
     assert on.syslog_udp is not None and on.syslog_udp.port == 514
     repo, _thread = arr_factory(syslog={"udp_enabled": False})
     assert repo.syslog_udp is None and "syslogUdp" not in repo.endpoints()
+
+
+def test_a_frame_trickled_slower_than_frame_timeout_ends_the_connection(
+    arr_factory: Factory, arr_pki: DevPki
+) -> None:
+    """Issue #16: once a frame has begun it must be complete within frame_timeout, however
+    long the connection may idle between frames."""
+    repo, _thread = arr_factory(syslog={"frame_timeout": 0.5})
+    assert repo.syslog_tls is not None
+    with tls_socket(arr_pki, repo.syslog_tls.port) as tls:
+        message = frame(query_message("SLOW^^^&1.2.3&ISO"))
+        tls.sendall(message[:20])  # the length and the first bytes, then nothing more
+        tls.settimeout(10)
+        assert tls.recv(10) == b""  # closed by the repository
+    assert repo.counters.get("frames_invalid", "truncated") == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import io
 import shutil
@@ -1671,3 +1672,37 @@ def test_malformed_instance_from_the_source_is_not_stored(front: Front, tmp_path
     assert outcome(record) == "4"
     assert "1 of" in (record.findtext("EventIdentification/EventOutcomeDescription") or "")
     assert instance_uids(record) == {uid_of(p) for p in study.files[1:]}
+
+
+def test_connections_per_source_are_capped_before_the_handshake(front: Front) -> None:
+    """Issue #16: connections are admitted at accept, before DICOM TLS, per source address;
+    another source is served meanwhile."""
+    door = front.gateway.dicom_front
+    assert door is not None and door._server is not None
+    server = door._server
+    saved = server.max_connections_per_source
+    server.max_connections_per_source = 2
+    held: list[socket.socket] = []
+    try:
+        for _ in range(2):
+            held.append(
+                socket.create_connection(
+                    ("127.0.0.1", front.port), timeout=10, source_address=("127.0.0.2", 0)
+                )
+            )
+        assert wait_for(lambda: sum(server._admitting.values()) == 2)
+        third = socket.create_connection(
+            ("127.0.0.1", front.port), timeout=10, source_address=("127.0.0.2", 0)
+        )
+        with third, contextlib.suppress(ConnectionError):
+            assert third.recv(10) == b""  # closed at once, before any handshake
+        status, _ = c_find(
+            front,
+            identifier("STUDY", PatientID=front.studies[0].patient_id, StudyInstanceUID=""),
+            StudyRootQueryRetrieveInformationModelFind,
+        )
+        assert status == 0x0000
+    finally:
+        server.max_connections_per_source = saved
+        for sock in held:
+            sock.close()

@@ -498,3 +498,73 @@ def test_a_source_has_a_few_handshakes_at_once_and_others_are_served(
         for sock in stalled:
             sock.close()
     assert wait_for(lambda: gate.waiting_or_holding("handshake", "127.0.0.2") == 0)
+
+
+# ------------------------------------------------------------------------ other listeners
+
+
+def test_mllp_connections_per_source_and_the_first_message_deadline(
+    gateway_factory: Callable[..., Gateway], pki: DevPki, silent_port: int
+) -> None:
+    from tests.test_prefetch import ALICE, MllpClient, his_tls, local_cx, msa, order
+
+    gateway = gateway_factory(
+        "alpha",
+        prefetch={
+            "host": "127.0.0.1",
+            "port": 0,
+            "pacs_port": silent_port,
+            "pacs_ae_title": "NOWHERE",
+            "max_connections_per_source": 2,
+            "first_message_timeout": 0.5,
+        },
+    )
+    assert gateway.prefetch is not None
+    port = gateway.prefetch.port
+    held = [_raw(port) for _ in range(2)]
+    try:
+        assert wait_for(lambda: gateway.prefetch is not None and gateway.prefetch.gate.active == 2)
+        with _raw(port) as third:
+            assert _closed_by_server(third)  # refused at accept
+        assert _refused(gateway, "max_connections_per_source") == 1
+        # The interface engine (another address) is served meanwhile.
+        text, control_id = order(local_cx(ALICE))
+        engine = MllpClient(port, his_tls(pki))
+        try:
+            engine.send(text)
+            assert msa(engine.receive()) == ("AA", control_id)
+        finally:
+            engine.close()
+    finally:
+        for sock in held:
+            sock.close()
+    # An admitted connection that never frames a message is closed after first_message_timeout.
+    silent = MllpClient(port, his_tls(pki))
+    try:
+        assert silent.sock.recv(10) == b""
+    finally:
+        silent.close()
+
+
+def test_the_audit_record_repository_aggregates_its_own_alerts() -> None:
+    """The ARR's own trail (refused handshakes and callers at its doors): one record per burst
+    at once, one more with the count when the window closes (here: on stop)."""
+    from xca_gateway.arr.web import SelfAudit
+
+    stored: list[bytes] = []
+    trail = SelfAudit(
+        stored.append,
+        audit_source_id="arr",
+        enterprise_site_id=None,
+        hostname="arr.test",
+        application_id="xca-gateway-arr",
+    )
+    for port in range(10):
+        trail.record(_alert("192.0.2.7", port=port))
+    assert len(stored) == 1
+    trail.close_alert_windows()  # the window is still open: nothing yet
+    assert len(stored) == 1
+    trail.close_alert_windows(all_of_them=True)
+    assert len(stored) == 2
+    assert b'type="Repeat Count"' in stored[1]
+    assert base64.b64encode(b"9") in stored[1]

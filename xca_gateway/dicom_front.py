@@ -806,6 +806,10 @@ class DicomFrontServices:
     tls: TlsConfig
     # Hears each refused DICOM TLS handshake (on the gateway's loop).
     on_handshake_failure: Callable[[HandshakeFailure], None] | None = None
+    # [server] hello_timeout, and who counts connections refused at accept (metrics; called
+    # from the accept thread).
+    hello_timeout: float = 5.0
+    on_refused: Callable[[str, str], None] | None = None
 
     @classmethod
     def of(
@@ -821,6 +825,8 @@ class DicomFrontServices:
             local_authority=gateway.config.community.patient_id_assigning_authority,
             tls=gateway.config.tls,
             on_handshake_failure=on_handshake_failure,
+            hello_timeout=gateway.config.server.hello_timeout,
+            on_refused=gateway.connection_refused,
         )
 
 
@@ -914,6 +920,8 @@ class DicomFrontDoor:
         assert isinstance(server, TlsAssociationServer)
         server.handshake_timeout = self.services.tls.handshake_timeout
         server.on_handshake_failure = self._handshake_failed
+        server.hello_timeout = self.services.hello_timeout
+        server.on_refused = self.services.on_refused
         return server
 
     async def stop(self) -> None:

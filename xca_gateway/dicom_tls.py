@@ -13,10 +13,13 @@ into the :class:`~xca_gateway.security.callers.Identity` the door guard decides 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import select
 import socket
 import socketserver
 import ssl
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +27,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from xca_gateway.security.callers import Identity
 from xca_gateway.security.guard import identity_from_peer
-from xca_gateway.server import PeerInfo, peer_certificate
+from xca_gateway.server import PeerInfo, peer_certificate, source_of
 from xca_gateway.tls import HandshakeCapture, HandshakeFailure, describe_handshake_error
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,42 @@ class TlsAssociationServer(ThreadedAssociationServer):
 
     handshake_timeout: float = 10.0
     on_handshake_failure: Callable[[HandshakeFailure], None] | None = None
+    # Admission at accept, before TLS (one thread per connection): at most this many
+    # connections, this many per source address, and the ClientHello must start within
+    # hello_timeout seconds. pynetdicom's own maximum_associations applies after negotiation.
+    max_connections: int = 64
+    max_connections_per_source: int = 16
+    hello_timeout: float = 5.0
+    on_refused: Callable[[str, str], None] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Connections accepted whose association has not started yet, by source.
+        self._admitting: dict[str, int] = {}
+        self._admission = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Called in the accept thread for every connection: refused (closed at once) when the
+        listener or the source has all the connections it may have."""
+        source = source_of(str(client_address[0]))
+        with self._admission:
+            running = [str(a.requestor.address) for a in self.active_associations]
+            total = len(running) + sum(self._admitting.values())
+            mine = self._admitting.get(source, 0) + sum(
+                1 for address in running if source_of(address) == source
+            )
+            if total >= self.max_connections:
+                reason = "max_connections"
+            elif mine >= self.max_connections_per_source:
+                reason = "max_connections_per_source"
+            else:
+                self._admitting[source] = self._admitting.get(source, 0) + 1
+                return True
+        log.warning("DICOM connection from %s refused (%s)", client_address[0], reason)
+        if self.on_refused is not None:
+            with contextlib.suppress(Exception):
+                self.on_refused("dimse", reason)
+        return False
 
     def shutdown(self) -> None:
         """Stop serving and close the listening socket. (The AE's own ``start_server`` list of
@@ -58,9 +97,19 @@ class TlsAssociationServer(ThreadedAssociationServer):
         return client, address
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        if isinstance(request, ssl.SSLSocket) and not self._handshake(request, client_address):
-            return
-        super().process_request_thread(request, client_address)
+        try:
+            if isinstance(request, ssl.SSLSocket) and not self._handshake(request, client_address):
+                return
+            super().process_request_thread(request, client_address)
+        finally:
+            # From here the association's own thread counts (active_associations).
+            source = source_of(str(client_address[0]))
+            with self._admission:
+                left = self._admitting.get(source, 0) - 1
+                if left > 0:
+                    self._admitting[source] = left
+                else:
+                    self._admitting.pop(source, None)
 
     def _handshake(self, sock: ssl.SSLSocket, client_address: Any) -> bool:
         address, port = str(client_address[0]), int(client_address[1])
@@ -68,6 +117,11 @@ class TlsAssociationServer(ThreadedAssociationServer):
         capture = HandshakeCapture()
         sock._xca_capture = capture  # type: ignore[attr-defined]
         try:
+            # The ClientHello must start soon: a socket that never speaks is not given the
+            # whole handshake deadline (select: wrap_socket did not read anything yet).
+            readable, _, _ = select.select([sock], [], [], self.hello_timeout)
+            if not readable:
+                raise TimeoutError(f"no TLS ClientHello within {self.hello_timeout:g} s")
             sock.settimeout(self.handshake_timeout)
             sock.do_handshake()
             sock.settimeout(None)  # pynetdicom's own timeouts apply from here

@@ -89,7 +89,7 @@ from xca_gateway.security.callers import (
     set_current_caller,
 )
 from xca_gateway.security.guard import identity_from_peer
-from xca_gateway.server import PeerInfo, tls_accept
+from xca_gateway.server import ConnectionGate, ConnectionLimits, PeerInfo, tls_accept
 from xca_gateway.tls import server_context
 
 if TYPE_CHECKING:
@@ -138,6 +138,11 @@ class PrefetchConfig:
     max_message_bytes: int = 1024 * 1024
     idle_timeout: float = 300.0
     max_connections: int = 16
+    # Connections from one address at once (counted at accept, before TLS), so one host cannot
+    # take every MLLP slot; and the seconds a connection has to send its first message (then
+    # idle_timeout between messages): a connection that never frames one is not held for long.
+    max_connections_per_source: int = 4
+    first_message_timeout: float = 30.0
     job_timeout: float = 3600.0
     # MSH-3 / MSH-4 of our ACKs (facility default: the community's name).
     application: str = "XCA-GATEWAY"
@@ -252,6 +257,17 @@ def parse_prefetch_config(table: dict[str, Any], base_dir: Path | None = None) -
         max_connections=_int(
             table.get("max_connections", 16), "prefetch.max_connections", 1, 10_000
         ),
+        max_connections_per_source=_int(
+            table.get("max_connections_per_source", 4),
+            "prefetch.max_connections_per_source",
+            1,
+            10_000,
+        ),
+        first_message_timeout=_number(
+            table.get("first_message_timeout", 30.0),
+            "prefetch.first_message_timeout",
+            positive=True,
+        ),
         job_timeout=_number(
             table.get("job_timeout", 3600.0), "prefetch.job_timeout", positive=True
         ),
@@ -342,6 +358,17 @@ class Prefetcher:
         self._workers: list[asyncio.Task[None]] = []
         self._connections: set[asyncio.Task[Any]] = set()
         self.metrics = _PrefetchMetrics(gateway.metrics.registry, self._queue.qsize)
+        # Admission at accept (global and per-source caps), and a bounded pool of connections
+        # before the end of their handshake in which a newcomer displaces the oldest.
+        self.gate = ConnectionGate(
+            ConnectionLimits(
+                max_connections=config.max_connections,
+                max_connections_per_source=config.max_connections_per_source,
+                max_pending_handshakes=config.max_connections,
+            ),
+            name="mllp",
+            on_refused=gateway.connection_refused,
+        )
 
     @property
     def port(self) -> int:
@@ -385,19 +412,14 @@ class Prefetcher:
 
         task = asyncio.current_task()
         assert task is not None
+        address = str(writer.get_extra_info("peername")[0])
+        if self.gate.admit(address) is not None:
+            writer.transport.abort()  # over a cap: refused before any TLS or HL7
+            return
         self._connections.add(task)
         try:
-            if len(self._connections) > self.config.max_connections:
-                log.warning("MLLP connection refused: %d open", len(self._connections) - 1)
-                return
             if self._ssl is not None:
-                # Our own handshake, so a refused one reaches the gateway's audit trail.
-                peer = await tls_accept(
-                    writer,
-                    self._ssl,
-                    timeout=self.gateway.config.tls.handshake_timeout,
-                    on_failure=self.gateway._on_handshake_failure,
-                )
+                peer = await self._handshake(writer, task)
                 if peer is None:
                     return
             else:
@@ -406,9 +428,12 @@ class Prefetcher:
             principal = await self._admit(peer, reader, writer)
             if principal is None:
                 return
+            # The first message must come soon; then the connection may idle between orders.
+            wait = min(self.config.first_message_timeout, self.config.idle_timeout)
             while True:
                 try:
-                    block = await asyncio.wait_for(reader.readblock(), self.config.idle_timeout)
+                    block = await asyncio.wait_for(reader.readblock(), wait)
+                    wait = self.config.idle_timeout
                 except InvalidBlockError:
                     # Bytes before the start block: the block is lost, the framing is intact.
                     self._send(writer, self._refusal("data outside an MLLP start block"))
@@ -424,10 +449,44 @@ class Prefetcher:
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
+            self.gate.settled(task)
+            self.gate.release(address)
             self._connections.discard(task)
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 2)
+
+    async def _handshake(self, writer: Any, task: asyncio.Task[Any]) -> PeerInfo | None:
+        """Our own handshake, so a refused one reaches the gateway's audit trail; within
+        [server] hello_timeout (orders come from a few known systems on the LAN), and in the
+        bounded pool of pending handshakes."""
+        assert self._ssl is not None
+        displaced = False
+
+        def drop() -> None:
+            nonlocal displaced
+            displaced = True
+            task.cancel()
+
+        self.gate.pending(task, drop)
+        try:
+            return await tls_accept(
+                writer,
+                self._ssl,
+                timeout=min(
+                    self.gateway.config.tls.handshake_timeout,
+                    self.gateway.config.server.hello_timeout,
+                ),
+                on_failure=self.gateway._on_handshake_failure,
+            )
+        except asyncio.CancelledError:
+            if not displaced:
+                raise
+            task.uncancel()
+            writer.transport.abort()
+            return None
+        finally:
+            self.gate.settled(task)
 
     async def _admit(self, peer: PeerInfo, reader: Any, writer: Any) -> Principal | None:
         """The door guard, once per connection and before any HL7 is read (see the module

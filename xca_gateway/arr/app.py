@@ -24,6 +24,8 @@ Example ``arr.toml``::
     udp_enabled = false                    # RFC 5426 UDP: off unless enabled, and then only
     udp_port = 514                         #   from addresses listed for an audit source
     max_message_bytes = 262144
+    max_connections_per_sender = 64        # connections from one address, refused at accept
+    frame_timeout = 30.0                   # a frame, once begun, must be complete within it
 
     [arr.https]
     port = 8443
@@ -47,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import getpass
 import json
@@ -98,7 +101,6 @@ from xca_gateway.arr.web import (
     request_cookies,
 )
 from xca_gateway.audit.messages import security_alert_node_authentication
-from xca_gateway.audit.syslog import format_message
 from xca_gateway.config import ConfigError, TlsConfig
 from xca_gateway.pki import CertPair, DevPki, issue_client_certificate
 from xca_gateway.security.callers import (
@@ -429,6 +431,7 @@ class AuditRecordRepository:
         self.syslog_tls: SyslogTlsServer | None = None
         self.syslog_udp: SyslogUdpServer | None = None
         self._initial_total = self.store.total()
+        self._alert_windows: asyncio.Task[None] | None = None
         self.self_audit = SelfAudit(
             self._submit_local,
             audit_source_id=config.audit_source_id,
@@ -456,6 +459,7 @@ class AuditRecordRepository:
         sockets = sockets or ArrSockets()
         cfg = self.config
         self.ingestor.start()
+        self._alert_windows = asyncio.create_task(self._close_alert_windows())
         if cfg.syslog_tls is not None or sockets.syslog_tls is not None:
             self.syslog_tls = SyslogTlsServer(
                 self.ingestor,
@@ -491,8 +495,19 @@ class AuditRecordRepository:
             self.base_url,
         )
 
+    async def _close_alert_windows(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.self_audit.close_alert_windows()
+
     async def stop(self) -> None:
         self._started = False
+        if self._alert_windows is not None:
+            self._alert_windows.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._alert_windows
+            self._alert_windows = None
+        self.self_audit.close_alert_windows(all_of_them=True)
         if self.syslog_tls is not None:
             await self.syslog_tls.close()
         if self.syslog_udp is not None:
@@ -579,16 +594,8 @@ class AuditRecordRepository:
             certificate_subject=failure.certificate_subject,
             reporter=self.self_audit.ctx.local_node("xca-gateway-arr"),
         )
-        self._submit_local(
-            format_message(
-                message.to_xml(),
-                outcome=message.outcome,
-                timestamp=message.event.date_time,
-                hostname=self.config.hostname,
-                app_name="xca-gateway-arr",
-                procid=self.self_audit.ctx.process_id,
-            )
-        )
+        # Through the self-audit trail: repeated alerts of one node are aggregated.
+        self.self_audit.record(message)
 
     # ------------------------------------------------------------------ HTTP
 

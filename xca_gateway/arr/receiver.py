@@ -73,6 +73,9 @@ class ReceiverLimits:
     handshake_timeout: float = 10.0
     # A syslog connection may stay quiet between events; close it after this long idle.
     idle_timeout: float = 3600.0
+    # Once a frame has begun, the rest of it must arrive within this many seconds: a frame
+    # trickled a byte at a time (slowloris) does not hold a connection for idle_timeout.
+    frame_timeout: float = 30.0
     queue_size: int = 50000
     # Processes that parse received messages (0: parse in a thread of the main process).
     parse_workers: int = 2
@@ -719,11 +722,18 @@ class SyslogTlsServer:
             return _Item(payload, address, port, "tls", now, flags, who, bound)
 
         bucket = self.senders.bucket(address)
+        loop = asyncio.get_running_loop()
+        frame_deadline: float | None = None
         while True:
+            wait = (
+                self.limits.idle_timeout
+                if frame_deadline is None
+                else max(0.0, frame_deadline - loop.time())
+            )
             try:
-                data = await asyncio.wait_for(reader.read(_READ_SIZE), self.limits.idle_timeout)
+                data = await asyncio.wait_for(reader.read(_READ_SIZE), wait)
             except (TimeoutError, ConnectionError, ssl.SSLError, OSError):
-                # Abrupt end (no TLS close_notify, reset, idle): like EOF below.
+                # Abrupt end (no TLS close_notify, reset, idle, a frame too slow): like EOF.
                 data = b""
             if not data:
                 if frames.pending:
@@ -740,6 +750,11 @@ class SyslogTlsServer:
                     self.counters.inc("frames_invalid", "truncated")
                 return
             received = frames.feed(data)
+            # The deadline runs from the start of the frame still incomplete, if any.
+            if not frames.pending:
+                frame_deadline = None
+            elif received or frame_deadline is None:
+                frame_deadline = loop.time() + self.limits.frame_timeout
             good = sum(1 for f in received if f.problem is None)
             pause = bucket.consume(good) if good else 0.0
             if pause > 0:

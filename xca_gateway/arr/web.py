@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
 import time
 import zoneinfo
 from collections.abc import Callable, Sequence
@@ -48,6 +49,7 @@ from xca_gateway.arr.parse import name_words, patient_key
 from xca_gateway.arr.render import FAILURE, PALETTE, SUCCESS, Chart, Series
 from xca_gateway.arr.store import AuditStore, EventFilter, EventRow, Officer
 from xca_gateway.audit import messages as am
+from xca_gateway.audit.alerts import AlertAggregator, is_security_alert
 from xca_gateway.audit.syslog import format_message
 from xca_gateway.server import Request, Response
 
@@ -208,6 +210,10 @@ class LoginThrottle:
 # --------------------------------------------------------------------------- self audit
 
 
+# Seconds within which repeated Security Alerts of one caller become one record and a count.
+ALERT_WINDOW = 60.0
+
+
 class SelfAudit:
     """The repository's own audit trail (officer sign-in, use of the audit log)."""
 
@@ -229,10 +235,29 @@ class SelfAudit:
         )
         self.application_id = application_id
         self.hostname = hostname
+        # Repeated Security Alerts of one caller (refused handshakes, refused doors) within a
+        # minute are one record and one more with the count (issue #16: a flood of refused
+        # connections must not fill the repository with its own alerts).
+        self.alerts = AlertAggregator(ALERT_WINDOW)
+        self._alerts_lock = threading.Lock()
 
     def record(self, message: am.AuditMessage) -> None:
         """Store one of the repository's own audit messages (e.g. a refused caller)."""
-        self._send(message)
+        if not is_security_alert(message):
+            self._send(message)
+            return
+        with self._alerts_lock:
+            out = self.alerts.offer(message, time.monotonic())
+        for item in out:
+            self._send(item)
+
+    def close_alert_windows(self, *, all_of_them: bool = False) -> None:
+        """Store the repeat records of the bursts whose window has closed (``all_of_them``:
+        of every burst, on stop)."""
+        with self._alerts_lock:
+            out = self.alerts.flush() if all_of_them else self.alerts.expire(time.monotonic())
+        for item in out:
+            self._send(item)
 
     def _send(self, message: am.AuditMessage) -> None:
         self.submit(

@@ -62,7 +62,14 @@ from xca_gateway.imaging import transfer_syntax as ts
 from xca_gateway.imaging.retrieve import ImagingRetrieval
 from xca_gateway.security.callers import Door
 from xca_gateway.security.guard import identity_from_peer
-from xca_gateway.server import BodyTooLarge, HttpServer, Request, Response, ServerTimeouts
+from xca_gateway.server import (
+    BodyTooLarge,
+    ConnectionLimits,
+    HttpServer,
+    Request,
+    Response,
+    ServerTimeouts,
+)
 from xca_gateway.tls import HandshakeFailure, server_context
 
 if TYPE_CHECKING:
@@ -99,13 +106,15 @@ class DicomWebFrontDoor:
         self.config = config
         self.local_authority = gateway.config.community.patient_id_assigning_authority
         self.view = FederationView(gateway, study_access_seconds=config.study_access_seconds)
-        server = gateway.config.server
         self.server = HttpServer(
             self,
             ssl_context=server_context(gateway.config.tls) if config.tls else None,
             on_handshake_failure=on_handshake_failure,
             timeouts=ServerTimeouts.for_gateway(gateway.config),
-            max_connections=server.max_connections,
+            # The same per-source caps, pending-handshake pool and deadlines as the SOAP port.
+            limits=ConnectionLimits.for_gateway(gateway.config),
+            on_refused=gateway.connection_refused,
+            name="dicomweb",
             max_header_bytes=gateway.config.limits.max_header_bytes,
         )
         self._started = False
