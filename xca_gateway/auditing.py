@@ -134,6 +134,7 @@ class TransactionAuditor:
         *,
         home_community_id: str | None = None,
         peer_communities: Mapping[str, str] | None = None,
+        queries_local_community: bool = True,
     ) -> None:
         self.trail = trail
         self.base_url = base_url
@@ -142,6 +143,14 @@ class TransactionAuditor:
         # the responding side, the peer (by endpoint URL) on the initiating side.
         self.home_community_id = home_community_id
         self.peer_communities = dict(peer_communities or {})
+        # An ITI-18 served here asks this community's registry too (the registry endpoint,
+        # or the initiating gateway's fan-out when it includes the local community).
+        self.queries_local_community = queries_local_community
+
+    def _own_community(self, request: SoapRequest) -> str | None:
+        if request.endpoint.path.startswith("/ig/") and not self.queries_local_community:
+            return None
+        return self.home_community_id
 
     def _document_patients(
         self, docs: Sequence[m.DocumentReference], context: Mapping[str, Any] | None
@@ -262,7 +271,7 @@ class TransactionAuditor:
                 "query_id": q.query_id,
                 "query": q.query,
                 "home_community_id": q.home_community_id
-                or (self.home_community_id if transaction == "ITI-38" else None),
+                or (self._own_community(request) if transaction in ("ITI-38", "ITI-18") else None),
                 "patient_ids": q.patient_ids,
                 "outcome": outcome,
             }

@@ -699,6 +699,12 @@ def banner(endpoints: dict[str, Any], endpoints_file: Path) -> str:
             f"    officer login: {officer.get('username', '?')} / {officer.get('password', '?')}"
             ' (endpoints.json "auditRepository.officer")'
         )
+        if officer.get("ca"):
+            lines.append(
+                f"    browser: trust the demo CA {officer['ca']}; to sign in by certificate "
+                f"at {arr.get('uiCertificate', arr['ui'])}/login import {officer.get('pkcs12')} "
+                "(password: auditRepository.officer.pkcs12Password)"
+            )
     first = endpoints["communities"][0]
     patient = (first.get("samplePatients") or [{}])[0].get("id", "ID")
     lines.append("  try:")

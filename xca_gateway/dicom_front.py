@@ -54,6 +54,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -666,6 +667,7 @@ def transfer_audits(
         else:
             description = f"no instance transferred: {reasons}"
             studies.append((study_uid, m.EventOutcome.SERIOUS_FAILURE, description, docs))
+    when = datetime.now(UTC)  # one time for the records of one retrieve
     return [
         m.instances_transferred(
             ctx,
@@ -687,6 +689,7 @@ def transfer_audits(
             patient_ids=patient_ids,
             outcome=outcome,
             outcome_description=description[:1024] if description else None,
+            when=when,
         )
         for study_uid, outcome, description, listed in studies
     ]

@@ -291,6 +291,7 @@ class Gateway:
             self.audit_patients,
             home_community_id=self.config.community.home_community_id,
             peer_communities={p.iti38: p.home_community_id for p in self.config.peers if p.iti38},
+            queries_local_community=self.config.initiating.query_local_community,
         )
         self.soap.observers.append(
             lambda request, transaction, payload, fault, delivered: auditor.served(

@@ -327,6 +327,7 @@ def import_audit_messages(
         reasons = "; ".join(f"{e.error_code}: {e.code_context}" for e in study.errors)
         groups.append((EventOutcome.SERIOUS_FAILURE, [], reasons[:1024] or "nothing retrieved"))
     messages = []
+    when = when or datetime.now(UTC)  # one time for the records of one study
     for outcome, instances, description in groups:
         objects = [patient_object(patient_id, patient_name)]
         if instances:

@@ -3,9 +3,14 @@
 One process runs the syslog-TLS and syslog-UDP receivers, the ingest thread and store, and one
 HTTPS server with the ITI-81 FHIR API under ``/fhir`` and the officers' review UI elsewhere.
 
-The HTTPS port asks for a client certificate but does not require one (officers' browsers have
-none): the UI authenticates officers itself, while ``/fhir`` (a machine interface, the ATNA Audit
-Consumer) requires a certificate that chains to the trust store, or an officer's session.
+Officers' browsers and machines are told apart when ``[arr.https] ui_port`` is set: the review
+UI then has a listener of its own that asks for no client certificate (officers sign in; the
+same TLS floor and ciphers), where a browser that drops a handshake (it does not trust the
+certificate yet, or speculates) is counted, not reported as a failed node authentication; the
+``[arr.https] port`` listener then requires a certificate (ITI-19): the ITI-81 API for audit
+consumers, and the UI for officers who sign in with theirs. Without ``ui_port`` one listener
+serves both and asks for a certificate without requiring one. ``[arr.admin]`` (plain HTTP, for
+loopback) serves ``/metrics`` (Prometheus) and ``/healthz``.
 
 Example ``arr.toml``::
 
@@ -28,7 +33,11 @@ Example ``arr.toml``::
     frame_timeout = 30.0                   # a frame, once begun, must be complete within it
 
     [arr.https]
-    port = 8443
+    port = 8443                            # machines (mutual TLS): ITI-81, certificate sign-in
+    ui_port = 8444                         # officers' browsers: no client certificate asked
+
+    [arr.admin]                            # optional: /metrics and /healthz over plain HTTP
+    port = 9464
 
     [arr.communities]                      # display names in the UI
     "urn:oid:1.3.6.1.4.1.21367.13.70.1" = "north"
@@ -49,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import gc
 import getpass
@@ -59,6 +69,7 @@ import signal
 import socket
 import ssl
 import sys
+import time
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -145,6 +156,10 @@ class ArrConfig:
     # UDP proves nothing about a sender: off unless enabled (then only listed addresses).
     syslog_udp: Listen | None = None
     https: Listen = field(default_factory=lambda: Listen(port=8443))
+    # The officers' UI listener (no client certificate asked); None: the UI on ``https``.
+    ui_https: Listen | None = None
+    # /metrics and /healthz over plain HTTP (loopback); None: not served.
+    admin_http: Listen | None = None
     public_base_url: str | None = None
     limits: ReceiverLimits = field(default_factory=ReceiverLimits)
     ui: UiSettings = field(default_factory=UiSettings)
@@ -210,6 +225,7 @@ def parse_arr_config(table: dict[str, Any], base_dir: Path) -> ArrConfig:
             "hostname",
             "fhir_allow_officer_session",
             "access",
+            "admin",
         },
         "arr",
     )
@@ -264,11 +280,26 @@ def parse_arr_config(table: dict[str, Any], base_dir: Path) -> ArrConfig:
         syslog_udp = None
 
     https_t = dict(data.get("https", {}))
-    _check_keys(https_t, {"host", "port", "public_base_url"}, "arr.https")
+    _check_keys(https_t, {"host", "port", "public_base_url", "ui_host", "ui_port"}, "arr.https")
     https = Listen(
         str(https_t.get("host", "127.0.0.1")), _port(https_t.get("port", 8443), "arr.https.port")
     )
+    ui_https = None
+    if "ui_port" in https_t:
+        ui_https = Listen(
+            str(https_t.get("ui_host", https.host)),
+            _port(https_t["ui_port"], "arr.https.ui_port"),
+        )
     public = https_t.get("public_base_url")
+    admin_t = data.get("admin")
+    admin_http = None
+    if admin_t is not None:
+        if not isinstance(admin_t, dict):
+            raise ConfigError("[arr.admin] must be a table")
+        _check_keys(admin_t, {"host", "port"}, "arr.admin")
+        admin_http = Listen(
+            str(admin_t.get("host", "127.0.0.1")), _port(admin_t.get("port", 0), "arr.admin.port")
+        )
 
     ui_t = dict(data.get("ui", {}))
     ui_names = {f.name for f in fields(UiSettings)} - {"community_names"}
@@ -301,6 +332,8 @@ def parse_arr_config(table: dict[str, Any], base_dir: Path) -> ArrConfig:
         syslog_tls=syslog_tls,
         syslog_udp=syslog_udp,
         https=https,
+        ui_https=ui_https,
+        admin_http=admin_http,
         public_base_url=public if isinstance(public, str) else None,
         limits=limits,
         ui=ui,
@@ -333,6 +366,8 @@ def arr_config_toml(
     syslog_tls_port: int = 0,
     syslog_udp_port: int | None = None,
     https_port: int = 0,
+    ui_port: int | None = None,
+    admin_port: int | None = None,
     audit_source_id: str = "xca-gateway-arr",
     communities: dict[str, str] | None = None,
     xref_csv: str | None = None,
@@ -369,7 +404,9 @@ def arr_config_toml(
         "",
         "[arr.https]",
         f"port = {https_port}",
+        *([f"ui_port = {ui_port}"] if ui_port is not None else []),
         "",
+        *(["[arr.admin]", f"port = {admin_port}", ""] if admin_port is not None else []),
     ]
     if communities:
         lines.append("[arr.communities]")
@@ -389,6 +426,14 @@ def ui_server_context(cfg: TlsConfig) -> ssl.SSLContext:
     ctx = server_context(cfg)
     ctx.verify_mode = ssl.CERT_OPTIONAL
     enable_certificate_capture(ctx)
+    return ctx
+
+
+def browser_server_context(cfg: TlsConfig) -> ssl.SSLContext:
+    """The officers' UI listener: the same TLS floor, ciphers and certificate, but no client
+    certificate asked for (officers sign in), so that a browser is never taken for a node."""
+    ctx = server_context(cfg)
+    ctx.verify_mode = ssl.CERT_NONE
     return ctx
 
 
@@ -412,6 +457,8 @@ class ArrSockets:
     https: socket.socket | None = None
     syslog_tls: socket.socket | None = None
     syslog_udp: socket.socket | None = None
+    ui: socket.socket | None = None
+    admin: socket.socket | None = None
 
 
 class AuditRecordRepository:
@@ -444,13 +491,35 @@ class AuditRecordRepository:
         self.guard = DoorGuard(lambda: self._directory, on_refusal=self._on_refusal)
         xref = PatientXref.load(config.xref_csv) if config.xref_csv else None
         self.ui = ReviewUI(self.store, config.ui, self.self_audit, xref=xref, status=self.status)
+        timeouts = ServerTimeouts(handshake=config.tls.handshake_timeout, handler=120.0)
+        split = config.ui_https is not None
+        # Split: machines only here (a certificate is required, every refusal a Security
+        # Alert); officers' browsers on the UI listener. Else one listener for both.
         self.https = HttpServer(
             self._app,
-            ssl_context=ui_server_context(config.tls),
-            on_handshake_failure=self._on_ui_handshake_failure,
-            timeouts=ServerTimeouts(handshake=config.tls.handshake_timeout, handler=120.0),
+            ssl_context=server_context(config.tls) if split else ui_server_context(config.tls),
+            on_handshake_failure=(
+                self._on_handshake_failure if split else self._on_ui_handshake_failure
+            ),
+            timeouts=timeouts,
             max_connections=256,
         )
+        self.ui_https: HttpServer | None = None
+        if split:
+            self.ui_https = HttpServer(
+                self._ui_app,
+                ssl_context=browser_server_context(config.tls),
+                on_handshake_failure=self._on_browser_handshake_failure,
+                timeouts=timeouts,
+                max_connections=256,
+                name="ui",
+            )
+        self.admin_http: HttpServer | None = None
+        if config.admin_http is not None:
+            self.admin_http = HttpServer(self._admin_app, ssl_context=None, name="admin")
+        # (monotonic time, records stored) every few seconds: the ingest rate in /metrics.
+        self._ingest_samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=13)
+        self._sampler: asyncio.Task[None] | None = None
         self._started = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -487,12 +556,23 @@ class AuditRecordRepository:
             listen = cfg.syslog_udp or Listen()
             await self.syslog_udp.start(listen.host, listen.port, sock=sockets.syslog_udp)
         await self.https.start(cfg.https.host, cfg.https.port, sock=sockets.https)
+        if self.ui_https is not None and cfg.ui_https is not None:
+            await self.ui_https.start(cfg.ui_https.host, cfg.ui_https.port, sock=sockets.ui)
+        elif sockets.ui is not None:
+            sockets.ui.close()
+        admin = cfg.admin_http
+        if self.admin_http is not None and admin is not None:
+            await self.admin_http.start(admin.host, admin.port, sock=sockets.admin)
+        elif sockets.admin is not None:
+            sockets.admin.close()
+        self._sampler = asyncio.get_running_loop().create_task(self._sample_ingest())
         self._started = True
         log.info(
-            "audit record repository: syslog-tls %s, syslog-udp %s, https %s",
+            "audit record repository: syslog-tls %s, syslog-udp %s, https %s, ui %s",
             self.syslog_tls.port if self.syslog_tls else "off",
             self.syslog_udp.port if self.syslog_udp else "off",
             self.base_url,
+            self.ui_url,
         )
 
     async def _close_alert_windows(self) -> None:
@@ -502,6 +582,10 @@ class AuditRecordRepository:
 
     async def stop(self) -> None:
         self._started = False
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
         if self._alert_windows is not None:
             self._alert_windows.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -513,6 +597,10 @@ class AuditRecordRepository:
         if self.syslog_udp is not None:
             await self.syslog_udp.close()
         await self.https.close()
+        if self.ui_https is not None:
+            await self.ui_https.close()
+        if self.admin_http is not None:
+            await self.admin_http.close()
         await self.ingestor.flush()
         await self.ingestor.stop()
         await asyncio.to_thread(self.store.close)
@@ -531,6 +619,19 @@ class AuditRecordRepository:
     def fhir_base(self) -> str:
         return self.base_url + "/fhir"
 
+    @property
+    def ui_url(self) -> str:
+        """Where officers' browsers go: the UI listener, else the one HTTPS listener."""
+        if self.ui_https is not None and self.config.ui_https is not None:
+            return f"https://{self.config.ui_https.host}:{self.ui_https.port}"
+        return self.base_url
+
+    @property
+    def admin_url(self) -> str | None:
+        if self.admin_http is None or self.config.admin_http is None:
+            return None
+        return f"http://{self.config.admin_http.host}:{self.admin_http.port}"
+
     def status(self) -> dict[str, Any]:
         return {
             "total": self._initial_total + self.ingestor.stored,
@@ -540,7 +641,11 @@ class AuditRecordRepository:
 
     def endpoints(self) -> dict[str, Any]:
         """The ``auditRepository`` entry of the demo's endpoints.json (without the officer)."""
-        out: dict[str, Any] = {"fhir": self.fhir_base, "ui": self.base_url}
+        out: dict[str, Any] = {"fhir": self.fhir_base, "ui": self.ui_url}
+        if self.ui_https is not None:
+            out["uiCertificate"] = self.base_url
+        if self.admin_url is not None:
+            out["metrics"] = self.admin_url + "/metrics"
         if self.syslog_tls is not None:
             out["syslogTls"] = f"{self.config.https.host}:{self.syslog_tls.port}"
         if self.syslog_udp is not None:
@@ -581,6 +686,12 @@ class AuditRecordRepository:
             return
         self._on_handshake_failure(failure)
 
+    def _on_browser_handshake_failure(self, failure: HandshakeFailure) -> None:
+        """The officers' listener authenticates no node: a browser that does not (yet) trust
+        the repository's certificate, or drops a speculative connection, is counted only."""
+        self.counters.inc("ui_handshake_failures")
+        log.debug("UI handshake from %s dropped: %s", failure.address, failure.reason)
+
     def _on_handshake_failure(self, failure: HandshakeFailure) -> None:
         """A refused node is a Security Alert (Node Authentication) in our own trail."""
         reason = failure.reason
@@ -598,6 +709,92 @@ class AuditRecordRepository:
         self.self_audit.record(message)
 
     # ------------------------------------------------------------------ HTTP
+
+    async def _ui_app(self, request: Request) -> Response:
+        """The officers' listener: the review UI only (the ITI-81 API is for nodes)."""
+        try:
+            if request.path == "/healthz":
+                return _json(200, {"ready": self._started}, "application/json")
+            if request.path == "/fhir" or request.path.startswith("/fhir/"):
+                return _json(
+                    404,
+                    operation_outcome(
+                        "not-found", "the ITI-81 API is on the mutual-TLS listener, not here"
+                    ),
+                )
+            return await self.ui(request)
+        except Exception:
+            log.exception("request %s %s failed", request.method, request.path)
+            return Response(500, [("content-type", "text/plain")], b"internal error\n")
+
+    async def _admin_app(self, request: Request) -> Response:
+        if request.path == "/metrics":
+            text = await asyncio.to_thread(self.metrics_text)
+            return Response(
+                200, [("content-type", "text/plain; version=0.0.4; charset=utf-8")], text.encode()
+            )
+        if request.path == "/healthz":
+            return _json(200, {"ready": self._started, **self.status()}, "application/json")
+        return Response(404, [("content-type", "text/plain")], b"not found\n")
+
+    async def _sample_ingest(self) -> None:
+        while True:
+            self._ingest_samples.append((time.monotonic(), self.ingestor.stored))
+            await asyncio.sleep(5.0)
+
+    def ingest_rate(self) -> float:
+        """Records stored per second over the last minute (or since start)."""
+        samples = [*self._ingest_samples, (time.monotonic(), self.ingestor.stored)]
+        (t0, n0), (t1, n1) = samples[0], samples[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def metrics_text(self) -> str:
+        """Prometheus text exposition: ingest, store, refused senders, flagged records."""
+        counters = self.counters.snapshot()
+        total = self.store.total()
+        size = _store_bytes(self.config.database)
+        refused = {k: v for k, v in counters.items() if k.startswith("refused_callers")}
+        lines = [
+            "# HELP xca_arr_ingest_records_per_second Records stored per second (last minute).",
+            "# TYPE xca_arr_ingest_records_per_second gauge",
+            f"xca_arr_ingest_records_per_second {self.ingest_rate():.3f}",
+            "# HELP xca_arr_ingested_records_total Records stored since this process started.",
+            "# TYPE xca_arr_ingested_records_total counter",
+            f"xca_arr_ingested_records_total {self.ingestor.stored}",
+            "# HELP xca_arr_ingest_backlog Records received, not yet stored.",
+            "# TYPE xca_arr_ingest_backlog gauge",
+            f"xca_arr_ingest_backlog {self.ingestor.backlog}",
+            "# HELP xca_arr_store_records Records in the store.",
+            "# TYPE xca_arr_store_records gauge",
+            f"xca_arr_store_records {total}",
+        ]
+        if size is not None:
+            lines += [
+                "# HELP xca_arr_store_bytes Size of the store's database files.",
+                "# TYPE xca_arr_store_bytes gauge",
+                f"xca_arr_store_bytes {size}",
+            ]
+        lines += [
+            "# HELP xca_arr_refused_senders_total Callers refused at a door (syslog, ITI-81).",
+            "# TYPE xca_arr_refused_senders_total counter",
+        ]
+        for key, value in sorted(refused.items()):
+            door = key.partition("{")[2].rstrip("}") or "unknown"
+            lines.append(f'xca_arr_refused_senders_total{{door="{door}"}} {value}')
+        if not refused:
+            lines.append('xca_arr_refused_senders_total{door="syslog"} 0')
+        lines += [
+            "# HELP xca_arr_flagged_records_total Records stored flagged since start.",
+            "# TYPE xca_arr_flagged_records_total counter",
+            f"xca_arr_flagged_records_total {counters.get('stored_flagged', 0)}",
+            "# HELP xca_arr_handshake_failures_total Refused TLS handshakes (nodes).",
+            "# TYPE xca_arr_handshake_failures_total counter",
+            f"xca_arr_handshake_failures_total {counters.get('handshake_failures', 0)}",
+            "# HELP xca_arr_ui_handshake_failures_total Dropped browser handshakes (UI).",
+            "# TYPE xca_arr_ui_handshake_failures_total counter",
+            f"xca_arr_ui_handshake_failures_total {counters.get('ui_handshake_failures', 0)}",
+        ]
+        return "\n".join(lines) + "\n"
 
     async def _app(self, request: Request) -> Response:
         try:
@@ -735,6 +932,17 @@ class AuditRecordRepository:
         return _json(404, operation_outcome("not-found", f"unknown path /fhir/{path}"))
 
 
+def _store_bytes(database: Path | None) -> int | None:
+    """Bytes of an SQLite store (with its WAL); None for PostgreSQL."""
+    if database is None:
+        return None
+    total = 0
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(OSError):
+            total += Path(str(database) + suffix).stat().st_size
+    return total
+
+
 def _json(status: int, body: dict[str, Any], content_type: str = FHIR_JSON) -> Response:
     return Response(
         status,
@@ -762,9 +970,25 @@ class DemoRepository:
     syslog_udp_port: int | None
     # The client certificate that may search ITI-81 (endpoints.json auditConsumer).
     audit_consumer: CertPair | None = None
+    # The officers' UI listener (no client certificate asked) and /metrics (plain HTTP).
+    ui: socket.socket | None = None
+    admin: socket.socket | None = None
+    # Their ports (the sockets are closed once the child runs).
+    ui_port: int | None = None
+    admin_port: int | None = None
+    # For the officer's browser: the CA to trust, and a PKCS#12 (certificate + key) to import
+    # for certificate sign-in on the mutual-TLS listener.
+    ca: Path | None = None
+    officer_pkcs12: Path | None = None
+    officer_pkcs12_password: str | None = None
 
     @property
     def ui_url(self) -> str:
+        """Where the officer's browser goes (the UI listener when there is one)."""
+        return f"https://127.0.0.1:{self.ui_port or self.https_port}"
+
+    @property
+    def https_url(self) -> str:
         return f"https://127.0.0.1:{self.https_port}"
 
     def command(self) -> list[str]:
@@ -774,6 +998,10 @@ class DemoRepository:
         found = {"https": self.https, "syslog-tls": self.syslog_tls}
         if self.syslog_udp is not None:
             found["syslog-udp"] = self.syslog_udp
+        if self.ui is not None:
+            found["ui"] = self.ui
+        if self.admin is not None:
+            found["admin"] = self.admin
         return found
 
     def pass_fds(self) -> tuple[int, ...]:
@@ -797,11 +1025,21 @@ class DemoRepository:
         out: dict[str, Any] = {"syslogTls": f"127.0.0.1:{self.syslog_tls_port}"}
         if self.syslog_udp_port is not None:
             out["syslogUdp"] = f"127.0.0.1:{self.syslog_udp_port}"
-        out |= {
-            "fhir": f"{self.ui_url}/fhir",
-            "ui": self.ui_url,
-            "officer": {"username": self.officer_username, "password": self.officer_password},
+        officer: dict[str, Any] = {
+            "username": self.officer_username,
+            "password": self.officer_password,
         }
+        if self.ca is not None:
+            officer["ca"] = str(self.ca)
+        if self.officer_pkcs12 is not None:
+            officer["pkcs12"] = str(self.officer_pkcs12)
+            officer["pkcs12Password"] = self.officer_pkcs12_password
+        out |= {"fhir": f"{self.https_url}/fhir", "ui": self.ui_url, "officer": officer}
+        if self.ui_port is not None:
+            # Certificate sign-in (the officer's PKCS#12) on the mutual-TLS listener.
+            out["uiCertificate"] = self.https_url
+        if self.admin_port is not None:
+            out["metrics"] = f"http://127.0.0.1:{self.admin_port}/metrics"
         if self.audit_consumer is not None:
             out["auditConsumer"] = self.audit_consumer.to_json()
         return out
@@ -909,6 +1147,8 @@ def prepare_demo(
     https = _bind(socket.SOCK_STREAM, base_port)
     tls = _bind(socket.SOCK_STREAM, base_port + 1 if base_port else 0)
     udp_sock = _bind(socket.SOCK_DGRAM, base_port + 2 if base_port else 0) if udp else None
+    ui = _bind(socket.SOCK_STREAM, base_port + 3 if base_port else 0)
+    admin = _bind(socket.SOCK_STREAM, base_port + 4 if base_port else 0)
     config_path = workdir / "arr.toml"
     text = arr_config_toml(
         certificate=str(certificate),
@@ -918,6 +1158,8 @@ def prepare_demo(
         syslog_tls_port=tls.getsockname()[1],
         syslog_udp_port=udp_sock.getsockname()[1] if udp_sock else None,
         https_port=https.getsockname()[1],
+        ui_port=ui.getsockname()[1],
+        admin_port=admin.getsockname()[1],
         audit_source_id="demo-arr",
         communities=communities,
         xref_csv=str(xref_csv) if xref_csv else None,
@@ -927,7 +1169,22 @@ def prepare_demo(
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, config_path)
     password = secrets.token_urlsafe(12)
-    create_officer(load_arr_config(config_path), officer_username, password)
+    officer_pair = issue_client_certificate(pki, "officer") if pki is not None else None
+    create_officer(
+        load_arr_config(config_path),
+        officer_username,
+        password,
+        certificate=officer_pair.cert if officer_pair is not None else None,
+    )
+    pkcs12_path: Path | None = None
+    pkcs12_password: str | None = None
+    if officer_pair is not None:
+        pkcs12_password = secrets.token_urlsafe(12)
+        pkcs12_path = workdir / "officer.p12"
+        pkcs12_path.write_bytes(
+            officer_pkcs12(officer_pair, trust_store, pkcs12_password, name=officer_username)
+        )
+        pkcs12_path.chmod(0o600)
     return DemoRepository(
         config_path,
         https,
@@ -939,6 +1196,34 @@ def prepare_demo(
         syslog_tls_port=tls.getsockname()[1],
         syslog_udp_port=udp_sock.getsockname()[1] if udp_sock else None,
         audit_consumer=audit_consumer,
+        ui=ui,
+        admin=admin,
+        ui_port=ui.getsockname()[1],
+        admin_port=admin.getsockname()[1],
+        ca=trust_store,
+        officer_pkcs12=pkcs12_path,
+        officer_pkcs12_password=pkcs12_password,
+    )
+
+
+def officer_pkcs12(pair: CertPair, ca: Path, password: str, *, name: str) -> bytes:
+    """The officer's certificate, key and the CA as one PKCS#12 file (what browsers import),
+    encrypted with ``password``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    key = serialization.load_pem_private_key(pair.key.read_bytes(), password=None)
+    if not isinstance(key, pkcs12.PKCS12PrivateKeyTypes):  # type: ignore[arg-type]
+        raise ValueError("unsupported officer key type")
+    cert = x509.load_pem_x509_certificate(pair.cert.read_bytes())
+    cas = x509.load_pem_x509_certificates(ca.read_bytes())
+    return pkcs12.serialize_key_and_certificates(
+        name.encode("utf-8"),
+        key,  # type: ignore[arg-type]
+        cert,
+        cas,
+        serialization.BestAvailableEncryption(password.encode("utf-8")),
     )
 
 
@@ -955,6 +1240,8 @@ def _inherited_sockets() -> ArrSockets:
         https=found.get("https"),
         syslog_tls=found.get("syslog-tls"),
         syslog_udp=found.get("syslog-udp"),
+        ui=found.get("ui"),
+        admin=found.get("admin"),
     )
 
 

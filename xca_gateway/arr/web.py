@@ -623,10 +623,11 @@ def what_text(access: Access) -> str:
     if access.kind in (STUDY_RETRIEVE, IMPORT):
         if not access.studies:
             return "no instance delivered"
+        studies = len(access.studies)
         return ", ".join(
             (
-                n(len(access.studies), "study"),
-                n(len(access.series), "series").replace("seriess", "series"),
+                f"{studies} {'study' if studies == 1 else 'studies'}",
+                f"{len(access.series)} series",
                 n(access.instances, "instance"),
             )
         )
@@ -1307,8 +1308,8 @@ class ReviewUI:
                     a.label,
                     a.user,
                     a.node,
-                    "; ".join(self._community_name(c) for c in a.communities),
-                    "; ".join(a.communities),
+                    "; ".join(sorted(self._community_name(c) for c in a.communities)),
+                    "; ".join(sorted(a.communities)),
                     len(a.studies),
                     len(a.series),
                     a.instances,
@@ -1375,7 +1376,7 @@ class ReviewUI:
                     a.label,
                     a.user,
                     a.node,
-                    ", ".join(self._community_name(c) for c in a.communities),
+                    ", ".join(sorted(self._community_name(c) for c in a.communities)),
                     what_text(a),
                     "yes" if a.outcome == 0 else ("partly" if a.outcome == 4 else "NO"),
                     ", ".join(a.purposes),

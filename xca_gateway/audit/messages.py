@@ -1045,6 +1045,8 @@ def _document_retrieve(
     when: datetime | None,
 ) -> tuple[AuditMessage, ...]:
     messages = []
+    # One time for every record of the request (A.5.2 splits), so that they read as one.
+    when = _now(when)
     # Retrieves name the document holder Source and the requester Destination.
     participants = _participants(responder, requester, requester, human_requestors)
     default = PatientRef(patient_id) if patient_id else None
@@ -1229,6 +1231,7 @@ def _imaging_retrieve(
     when: datetime | None,
 ) -> tuple[AuditMessage, ...]:
     messages = []
+    when = _now(when)  # one time for every record of the request (A.5.2 splits)
     participants = _participants(responder, requester, requester, human_requestors)
     default = PatientRef(patient_id) if patient_id else None
     for outcome, group in _outcome_groups(instances, failed, failure_outcome):

@@ -90,9 +90,11 @@ def wado_audit(
         groups.append((m.EventOutcome.SUCCESS, delivered))
     if failed or not delivered:
         groups.append((failure_outcome, failed))
+    when = datetime.now(UTC)  # one time for the records of one retrieve (A.5.2)
     return [
         m.instances_transferred(
             ctx,
+            when=when,
             source=responder,
             destination=requester,
             study_uid=study_uid,
