@@ -320,6 +320,9 @@ def test_officer_reviews_a_patient_in_a_real_browser(
     page.goto(base + "/dashboard?days=90")
     expect(page.locator("#chart-peers")).to_be_visible()
     expect(page.locator("#failed")).to_contain_text("RAD-75")
+    # Each tile counts what the chart below it shows.
+    for tile, chart in (("#c-refused", "#chart-refused"), ("#c-failed", "#chart-failed")):
+        assert page.locator(tile).inner_text() == page.locator(chart).get_attribute("data-total")
     page.screenshot(path=str(ARTIFACTS / "arr-ui-06-dashboard.png"), full_page=True)
 
     page.click("#logout")
