@@ -229,8 +229,20 @@ def test_demo_support_runs_a_repository_the_gateways_audit_to(tmp_path: Path) ->
         assert process.stdout is not None
         assert json.loads(process.stdout.readline())["ui"] == plan.ui_url
         entry = plan.endpoints_json()
-        # The secured configuration: no UDP syslog.
-        assert set(entry) == {"syslogTls", "fhir", "ui", "officer", "auditConsumer"}
+        # The secured configuration: no UDP syslog; officers' browsers on their own listener
+        # (certificate sign-in on the mutual-TLS one), metrics beside.
+        assert set(entry) == {
+            "syslogTls",
+            "fhir",
+            "ui",
+            "uiCertificate",
+            "metrics",
+            "officer",
+            "auditConsumer",
+        }
+        assert entry["ui"] != entry["uiCertificate"]
+        assert entry["fhir"] == entry["uiCertificate"] + "/fhir"
+        assert {"ca", "pkcs12", "pkcs12Password"} <= set(entry["officer"])
         auditor = entry["auditConsumer"]
         assert auditor["cert"] == str(pki.dir / "audit-consumer.pem")
         north = pki.communities["north"]
