@@ -568,3 +568,28 @@ def test_the_audit_record_repository_aggregates_its_own_alerts() -> None:
     assert len(stored) == 2
     assert b'type="Repeat Count"' in stored[1]
     assert base64.b64encode(b"9") in stored[1]
+
+
+def test_a_full_pool_displaces_silent_connections_before_handshaking_ones() -> None:
+    from xca_gateway.server import ConnectionGate, ConnectionLimits
+
+    gate = ConnectionGate(ConnectionLimits(max_pending_handshakes=3))
+    dropped: list[str] = []
+
+    def enter(name: str) -> None:
+        gate.pending(name, lambda: dropped.append(name))
+
+    enter("client")
+    gate.speaking("client")  # its ClientHello arrived: it is handshaking (slowly)
+    enter("idle-1")
+    enter("idle-2")
+    enter("idle-3")
+    assert dropped == ["idle-1"]  # not the older client
+    gate.speaking("idle-2")
+    gate.speaking("idle-3")
+    enter("idle-4")
+    assert dropped == ["idle-1", "client"]  # no silent one left: the oldest of all
+    assert gate.pending_handshakes == 3
+    for name in ("idle-2", "idle-3", "idle-4"):
+        gate.settled(name)
+    assert gate.pending_handshakes == 0

@@ -272,8 +272,10 @@ class ConnectionGate:
         self.active = 0
         self.by_source: dict[str, int] = {}
         self.refused: dict[str, int] = {}
-        # Insertion-ordered: the first entry is the oldest pending handshake.
+        # Insertion-ordered (the first entry is the oldest): connections before the end of
+        # their handshake that have sent nothing yet, and those that have.
         self._pending: dict[object, Callable[[], None]] = {}
+        self._speaking: dict[object, Callable[[], None]] = {}
         # (kind, source) -> [its turns (a semaphore), connections holding or waiting for one].
         self._turns: dict[tuple[str, str], list[Any]] = {}
         self._logged: dict[str, float] = {}
@@ -338,20 +340,33 @@ class ConnectionGate:
         return int(entry[1]) if entry is not None else 0
 
     def pending(self, key: object, drop: Callable[[], None]) -> None:
-        """``key`` starts waiting for its handshake; ``drop`` ends it if it is displaced."""
-        while len(self._pending) >= self.limits.max_pending_handshakes and self._pending:
-            oldest = next(iter(self._pending))
-            displaced = self._pending.pop(oldest)
+        """``key`` starts waiting for its handshake; ``drop`` ends it if it is displaced.
+
+        A full pool displaces its oldest *silent* connection (it has sent nothing yet) before
+        any that is handshaking: a client whose handshake is slow on a busy machine is not
+        pushed out by a flood of sockets that never speak.
+        """
+        while self.pending_handshakes >= self.limits.max_pending_handshakes:
+            pool = self._pending if self._pending else self._speaking
+            oldest = next(iter(pool))
+            displaced = pool.pop(oldest)
             self._refuse("max_pending_handshakes", "oldest pending handshake")
             displaced()
         self._pending[key] = drop
 
+    def speaking(self, key: object) -> None:
+        """``key`` has sent its first bytes: displaced only when no silent one is left."""
+        drop = self._pending.pop(key, None)
+        if drop is not None:
+            self._speaking[key] = drop
+
     def settled(self, key: object) -> None:
         self._pending.pop(key, None)
+        self._speaking.pop(key, None)
 
     @property
     def pending_handshakes(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._speaking)
 
     def large_bodies(self, source: str) -> int:
         """Requests of ``source`` reading a large body or waiting for their turn to."""
@@ -642,7 +657,9 @@ class HttpServer:
         # Until its handshake is over, the connection is in the bounded pending pool.
         self.gate.pending(task, drop)
         try:
-            if not await wait_readable(writer.transport, self.limits.hello_timeout):
+            readable = await wait_readable(writer.transport, self.limits.hello_timeout)
+            self.gate.speaking(task)
+            if not readable:
                 self._report(
                     HandshakeFailure(
                         address, port, f"no TLS ClientHello within {self.limits.hello_timeout:g} s"
@@ -929,6 +946,7 @@ class HttpServer:
             # The peer may still be sending a body we refused (e.g. over the size limit).
             # Closing with unread data makes the kernel send RST, and the client would lose
             # our error response; read and discard for a moment first (bounded).
+            ended = False
             with contextlib.suppress(Exception):
                 deadline = asyncio.get_running_loop().time() + _LINGER_SECONDS
                 discarded = 0
@@ -938,13 +956,21 @@ class HttpServer:
                         break
                     chunk = await asyncio.wait_for(reader.read(_READ_SIZE), left)
                     if not chunk:
+                        ended = True
                         break
                     discarded += len(chunk)
+            if not ended:
+                # Still sending: a graceful TLS close would wait (30 s) for a close_notify the
+                # peer never reads, decrypting and discarding what it sends all the while.
+                writer.transport.abort()
+                return
+        closed = False
         with contextlib.suppress(Exception):
             writer.close()
             await asyncio.wait_for(writer.wait_closed(), 2.0)
-        if not writer.transport.is_closing():
-            writer.transport.abort()
+            closed = True
+        if not closed:
+            writer.transport.abort()  # the peer did not finish the TLS close in time
 
 
 class ListenError(OSError):
