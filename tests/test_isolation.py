@@ -593,3 +593,12 @@ def test_a_full_pool_displaces_silent_connections_before_handshaking_ones() -> N
     for name in ("idle-2", "idle-3", "idle-4"):
         gate.settled(name)
     assert gate.pending_handshakes == 0
+
+
+def test_an_attribute_bomb_is_refused_from_its_markup_before_a_tree_is_built() -> None:
+    from xca_gateway.xmlsafe import check_markup
+
+    with pytest.raises(XmlRejected, match="more than 256 attributes per element"):
+        check_markup(count_markup(attribute_bomb(60_000)), XmlLimits())
+    # A real message: a few attributes per element.
+    check_markup(count_markup(soap12(Action.ITI18, ADHOC_QUERY)), XmlLimits())

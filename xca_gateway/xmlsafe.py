@@ -165,11 +165,20 @@ class MarkupCounter:
 
 
 def check_markup(count: MarkupCount, limits: XmlLimits) -> None:
-    """Refuse a document whose markup alone exceeds the element or attribute budget."""
+    """Refuse a document whose markup alone exceeds the element or attribute budget.
+
+    More ``=`` than ``max_attributes`` per element, on average, is an attribute bomb refused
+    before a tree is built (the tree of 200,000 attributes would take some 100 MB); a real
+    message has a few attributes per element and hardly any ``=`` in its text.
+    """
     if count.elements > limits.max_elements:
         raise XmlRejected(f"XML document has more than {limits.max_elements} elements")
     if count.equals > limits.max_elements:
         raise XmlRejected(f"XML document has more than {limits.max_elements} attributes")
+    if count.equals > limits.max_attributes * max(1, count.elements):
+        raise XmlRejected(
+            f"XML markup has more than {limits.max_attributes} attributes per element"
+        )
 
 
 def _check_size(data: bytes, limits: XmlLimits) -> None:
