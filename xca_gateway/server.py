@@ -391,6 +391,21 @@ class ConnectionGate:
             )
 
 
+class _Pending:
+    """A connection in the pool of pending handshakes, from its accept on."""
+
+    __slots__ = ("displaced", "task")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None] | None = None
+        self.displaced = False
+
+    def drop(self) -> None:
+        self.displaced = True
+        if self.task is not None:
+            self.task.cancel()
+
+
 class _BodySlot:
     """One request's turn to read a large body, released once (body read, or request over)."""
 
@@ -609,56 +624,60 @@ class HttpServer:
         if self.gate.admit(address) is not None:
             transport.abort()
             return
+        pending = _Pending()
+        if self.ssl_context is not None:
+            # In the bounded pool from the accept on (a burst of connections displaces older
+            # silent ones at once, before a task has run for any of them).
+            self.gate.pending(pending, pending.drop)
         try:
             loop = asyncio.get_running_loop()
             reader = asyncio.StreamReader(loop=loop)
             protocol = asyncio.StreamReaderProtocol(
-                reader, lambda r, w: self._on_connect(r, w, address), loop=loop
+                reader, lambda r, w: self._on_connect(r, w, address, pending), loop=loop
             )
             transport.set_protocol(protocol)
             protocol.connection_made(transport)  # starts _on_connect as a task
         except Exception:
             log.exception("accepting a connection failed")
+            self.gate.settled(pending)
             self.gate.release(address)
             transport.abort()
 
     async def _on_connect(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: str
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        address: str,
+        pending: _Pending,
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
+        pending.task = task
         self._connections.add(task)
         try:
-            await self._serve_connection(reader, writer)
+            await self._serve_connection(reader, writer, pending)
         except asyncio.CancelledError:
             writer.transport.abort()
         except Exception:  # a connection must never take the server down
             log.exception("connection handler failed")
             writer.transport.abort()
         finally:
-            self.gate.settled(task)
+            self.gate.settled(pending)
             self.gate.release(address)
             self._connections.discard(task)
 
-    async def _handshake(self, writer: asyncio.StreamWriter) -> PeerInfo | None:
+    async def _handshake(self, writer: asyncio.StreamWriter, pending: _Pending) -> PeerInfo | None:
         address, port = writer.get_extra_info("peername")[:2]
         if self.ssl_context is None:
             writer.transport.resume_reading()  # type: ignore[attr-defined]
             return PeerInfo(address=address, port=port)
         task = asyncio.current_task()
         assert task is not None
-        displaced = False
-
-        def drop() -> None:
-            nonlocal displaced
-            displaced = True
-            task.cancel()
-
-        # Until its handshake is over, the connection is in the bounded pending pool.
-        self.gate.pending(task, drop)
         try:
+            if pending.displaced:  # displaced before its task first ran
+                raise asyncio.CancelledError
             readable = await wait_readable(writer.transport, self.limits.hello_timeout)
-            self.gate.speaking(task)
+            self.gate.speaking(pending)
             if not readable:
                 self._report(
                     HandshakeFailure(
@@ -689,9 +708,10 @@ class HttpServer:
             finally:
                 self.gate.release_turn("handshake", source)
         except asyncio.CancelledError:
-            if not displaced:
+            if not pending.displaced:
                 raise
-            task.uncancel()
+            if task.cancelling():
+                task.uncancel()
             self._report(
                 HandshakeFailure(
                     address, port, "dropped before its handshake ended: too many pending handshakes"
@@ -700,7 +720,7 @@ class HttpServer:
             writer.transport.abort()
             return None
         finally:
-            self.gate.settled(task)
+            self.gate.settled(pending)
 
     def _report(self, failure: HandshakeFailure) -> None:
         _handshake_log.warning(
@@ -717,9 +737,9 @@ class HttpServer:
                 log.exception("handshake failure callback failed")
 
     async def _serve_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pending: _Pending
     ) -> None:
-        peer = await self._handshake(writer)
+        peer = await self._handshake(writer, pending)
         if peer is None:
             return
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
