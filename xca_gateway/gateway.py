@@ -28,7 +28,16 @@ from xca_gateway.metrics import GatewayMetrics
 from xca_gateway.namespaces import Action
 from xca_gateway.patient_mapping import CrossReferenceTable, PatientIdMapper
 from xca_gateway.patients import PatientDirectory
-from xca_gateway.server import ConnectionLimits, HttpServer, ServerTimeouts, listen_errors
+from xca_gateway.security.callers import AccessDecision, Door, soap_door
+from xca_gateway.security.guard import DoorGuard, access_denied_message, identity_from_peer
+from xca_gateway.server import (
+    ConnectionLimits,
+    HttpServer,
+    Response,
+    ServerTimeouts,
+    listen_errors,
+)
+from xca_gateway.soap import SoapFault, build_fault
 from xca_gateway.soap_service import Operation, SoapEndpoint, SoapService
 from xca_gateway.tls import HandshakeFailure, gateway_client_context, server_context
 from xca_gateway.transactions import TRANSACTIONS, iti45, iti55, unavailable_handler
@@ -319,10 +328,6 @@ class Gateway:
             PolicyStore,
             refusal_audit_message,
         )
-        from xca_gateway.security.callers import AccessDecision, Door, soap_door
-        from xca_gateway.security.guard import DoorGuard, access_denied_message, identity_from_peer
-        from xca_gateway.server import Response
-        from xca_gateway.soap import SoapFault, build_fault
         from xca_gateway.soap_service import CURRENT_REQUEST
         from xca_gateway.xua import XuaOutbound, XuaValidator
 
