@@ -31,8 +31,8 @@ from typing import Any
 from xca_gateway.audit import AuditTrail, parse_audit_config
 from xca_gateway.audit import messages as m
 from xca_gateway.audit.rsyslog import RsyslogRepository, gtls_available, rsyslogd_path
-from xca_gateway.config import TlsConfig
 from xca_gateway.pki import init_dev_pki
+from xca_gateway.settings import TlsConfig
 
 BASE = datetime(2026, 1, 1, tzinfo=UTC)
 _ID = re.compile(rb'ParticipantObjectID="urn:uuid:bench-(\d+)-(\d{12})"')

@@ -36,9 +36,9 @@ from xml.sax.saxutils import escape
 import httpx
 from bench_policy import consumer, peer, policy, policy_toml
 
-from xca_gateway.config import LimitsConfig
 from xca_gateway.namespaces import ResponseStatus
 from xca_gateway.pki import DevPki, init_dev_pki
+from xca_gateway.settings import LimitsConfig
 from xca_gateway.tls import client_context
 
 HERE = Path(__file__).resolve()
@@ -103,7 +103,6 @@ async def _farm(certs: Path, latencies: list[float]) -> None:
 
     from lxml import etree
 
-    from xca_gateway.config import TlsConfig
     from xca_gateway.ebrs import adhoc_query_response
     from xca_gateway.metrics import GatewayMetrics
     from xca_gateway.namespaces import RIM, Action
@@ -111,6 +110,7 @@ async def _farm(certs: Path, latencies: list[float]) -> None:
     from xca_gateway.security.callers import Door
     from xca_gateway.security.guard import DoorGuard, identity_from_peer
     from xca_gateway.server import HttpServer, Request, Response
+    from xca_gateway.settings import TlsConfig
     from xca_gateway.soap import SoapFault, build_fault
     from xca_gateway.soap_service import (
         Operation,

@@ -156,8 +156,8 @@ async def serve(spec: dict[str, Any]) -> None:
     """Child process: one gateway in the role given by ``spec``, until SIGTERM."""
     import logging
 
-    from xca_gateway.config import parse_config
-    from xca_gateway.gateway import Gateway
+    from xca_gateway.app.config import parse_config
+    from xca_gateway.app.gateway import Gateway
     from xca_gateway.imaging.filesystem import FilesystemSource
     from xca_gateway.imaging.rad69_source import Rad69Source
     from xca_gateway.soap_service import Operation

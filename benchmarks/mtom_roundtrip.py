@@ -30,7 +30,8 @@ import psutil
 from bench_policy import consumer, policy, policy_toml
 from lxml import etree
 
-from xca_gateway import diagnostics, mtom
+from xca_gateway import mtom
+from xca_gateway.app import diagnostics
 from xca_gateway.demo import DemoCommunity, community_config_toml
 from xca_gateway.namespaces import XOP
 from xca_gateway.pki import init_dev_pki

@@ -16,8 +16,7 @@ def seed_community(
     tmp: Path, pki: DevPki, name: str, index: int, extra: str = ""
 ) -> tuple[Path, list[SampleStudy]]:
     """A community as the demo builds it: sample studies imported into registry/repository."""
-    from xca_gateway.cli import registry_from_config
-    from xca_gateway.importer import import_with_config
+    from xca_gateway.importer import import_with_config, registry_from_config
 
     pair = pki.communities[name]
     data = tmp / name

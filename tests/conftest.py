@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from tests.postgres import postgres_server  # noqa: F401  (the shared PostgreSQL fixture)
-from xca_gateway.config import GatewayConfig, parse_config
-from xca_gateway.gateway import Gateway
+from xca_gateway.app.config import GatewayConfig, parse_config
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.pki import DevPki, init_dev_pki
 
 

@@ -207,7 +207,7 @@ def test_demo_support_runs_a_repository_the_gateways_audit_to(tmp_path: Path) ->
 
     from xca_gateway.arr.app import prepare_demo
     from xca_gateway.audit import AuditTrail, parse_audit_config
-    from xca_gateway.config import TlsConfig
+    from xca_gateway.settings import TlsConfig
 
     pki = init_dev_pki(tmp_path / "certs", ["north", "arr"])
     plan = prepare_demo(
@@ -298,8 +298,8 @@ def test_access_configuration_uses_the_caller_entry_keys(tmp_path: Path) -> None
     """[[arr.access.callers]] takes the keys of [[policy.callers]] (one parser) plus
     audit_source_ids; mistakes are configuration errors, not a repository open to all."""
     from xca_gateway.arr.access import parse_access
-    from xca_gateway.config import ConfigError
     from xca_gateway.security.callers import Identity, Role
+    from xca_gateway.settings import ConfigError
 
     access = parse_access(
         {

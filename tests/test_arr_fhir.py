@@ -19,6 +19,7 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 
 from tests.conftest import wait_for
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.arr.app import AuditRecordRepository
 from xca_gateway.arr.harness import RepositoryThread, dev_config
 from xca_gateway.arr.store import EventFilter
@@ -26,7 +27,6 @@ from xca_gateway.audit import AuditTrail
 from xca_gateway.audit import messages as am
 from xca_gateway.audit.config import AuditConfig, AuditDestination
 from xca_gateway.audit.syslog import format_message, frame
-from xca_gateway.gateway import Gateway
 from xca_gateway.pki import DevPki
 from xca_gateway.tls import client_context
 

@@ -442,7 +442,7 @@ def test_bar_chart_is_plain_svg() -> None:
 
 def test_arr_configuration(tmp_path: Path) -> None:
     from xca_gateway.arr.app import parse_arr_config
-    from xca_gateway.config import ConfigError
+    from xca_gateway.settings import ConfigError
 
     tls = {"certificate": "c.pem", "private_key": "k.pem", "trust_store": "ca.pem"}
     config = parse_arr_config(

@@ -596,7 +596,7 @@ def test_an_audit_source_reporting_as_another_is_stored_flagged_and_shown(
 
 def test_udp_syslog_is_off_unless_enabled(arr_factory: Factory, tmp_path: Path) -> None:
     from xca_gateway.arr.app import parse_arr_config
-    from xca_gateway.config import ConfigError
+    from xca_gateway.settings import ConfigError
 
     tls = {"certificate": "a.pem", "private_key": "a.key", "trust_store": "ca.pem"}
     assert parse_arr_config({"tls": tls}, tmp_path).syslog_udp is None

@@ -24,15 +24,15 @@ from lxml import etree
 
 from tests.conftest import wait_for
 from tests.test_audit_messages import MESSAGES
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.audit import AuditConfig, AuditTrail, parse_audit_config
 from xca_gateway.audit import messages as m
 from xca_gateway.audit.rsyslog import RsyslogRepository, gtls_available, rsyslogd_path
 from xca_gateway.audit.syslog import parse_message
 from xca_gateway.audit.validate import schema_errors
-from xca_gateway.config import ConfigError, TlsConfig
-from xca_gateway.gateway import Gateway
 from xca_gateway.metrics import GatewayMetrics
 from xca_gateway.pki import DevPki, certificate_info
+from xca_gateway.settings import ConfigError, TlsConfig
 from xca_gateway.tls import client_context
 
 BASE = datetime(2026, 1, 15, 10, 0, tzinfo=UTC)
@@ -205,7 +205,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from xca_gateway.audit import AuditTrail, parse_audit_config
 from xca_gateway.audit import messages as m
-from xca_gateway.config import TlsConfig
+from xca_gateway.settings import TlsConfig
 
 args = json.loads(sys.argv[1])
 tls = TlsConfig(Path(args["cert"]), Path(args["key"]), Path(args["ca"]))

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from lxml import etree
 
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.dicom_samples import DEFAULT_PATIENTS, generate_study
-from xca_gateway.gateway import Gateway
 from xca_gateway.importer import import_studies
 from xca_gateway.namespaces import QUERY, RIM, RS, SOAP12, WSA, Action
 from xca_gateway.pki import DevPki

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
+from xca_gateway.app.config import GatewayConfig, parse_config
 from xca_gateway.arr.app import parse_arr_config
-from xca_gateway.config import GatewayConfig, parse_config
 from xca_gateway.pki import DevPki, certificate_info, init_dev_pki
 from xca_gateway.policy import AccessPolicy, PeerIdentity, PolicyStore, parse_access_policy
 from xca_gateway.security.callers import CallerDirectory, Door, decide

@@ -10,12 +10,12 @@ import pytest
 from lxml import etree
 
 from tests.test_server import ADHOC_QUERY
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.client import PeerClient, PeerError
-from xca_gateway.config import OutboundConfig
-from xca_gateway.gateway import Gateway
 from xca_gateway.metrics import GatewayMetrics
 from xca_gateway.namespaces import QUERY, Action, ResponseStatus
 from xca_gateway.pki import DevPki
+from xca_gateway.settings import OutboundConfig
 from xca_gateway.tls import client_context
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from xca_gateway.admin import (
+from xca_gateway.app.admin import (
     AdminAccessError,
     AdminGate,
     allowed_hosts,

@@ -18,10 +18,10 @@ from lxml import etree
 from tests.communities import ARC, seed_community
 from tests.conftest import GatewayThread
 from xca_gateway import ebrim
+from xca_gateway.app.config import load_config
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.cli import main
-from xca_gateway.config import load_config
 from xca_gateway.dicom_samples import SampleStudy, local_patient_id
-from xca_gateway.gateway import Gateway
 from xca_gateway.namespaces import Action
 from xca_gateway.patient_id import parse_patient_id
 from xca_gateway.pki import DevPki

@@ -42,9 +42,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from tests.audit_inbox import AuditInbox
 from tests.communities import ARC, seed_community
 from tests.conftest import GatewayThread, policy_for_tests, policy_toml, wait_for
+from xca_gateway.app.config import load_config
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.audit import messages as m
 from xca_gateway.audit.validate import schema_errors
-from xca_gateway.config import load_config
 from xca_gateway.dicom_front import (
     ConfigError,
     DicomDestination,
@@ -71,7 +72,6 @@ from xca_gateway.dicom_samples import (
     generate_community_samples,
     local_patient_id,
 )
-from xca_gateway.gateway import Gateway
 from xca_gateway.imaging.request import DocumentRequest
 from xca_gateway.imaging.transfer_syntax import (
     EXPLICIT_VR_LITTLE_ENDIAN,

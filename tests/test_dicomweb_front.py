@@ -28,8 +28,9 @@ from tests.audit_inbox import AuditInbox
 from tests.communities import ARC, seed_community
 from tests.conftest import GatewayThread, policy_for_tests, policy_toml, wait_for
 from tests.test_dicom_front import AUTHORITY
+from xca_gateway.app.config import load_config
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.audit.validate import schema_errors
-from xca_gateway.config import load_config
 from xca_gateway.consumer import Manifest
 from xca_gateway.dicom_samples import SamplePatient, SampleStudy, generate_study, local_patient_id
 from xca_gateway.dicomweb import (
@@ -50,7 +51,6 @@ from xca_gateway.dicomweb import (
 )
 from xca_gateway.ebrs import RegistryError
 from xca_gateway.federation_view import StudyManifest
-from xca_gateway.gateway import Gateway
 from xca_gateway.imaging.transfer_syntax import TRANSFER_SYNTAX_ERROR
 from xca_gateway.kos import build_kos, kos_references, kos_to_bytes
 from xca_gateway.pki import CertPair, DevPki, issue_client_certificate
@@ -254,7 +254,7 @@ def test_config_section_is_wired_into_the_gateway_configuration(
     pki: DevPki, tmp_path: Path
 ) -> None:
     from tests.conftest import make_config
-    from xca_gateway.config import ConfigError as GatewayConfigError
+    from xca_gateway.settings import ConfigError as GatewayConfigError
 
     config = make_config(pki, tmp_path, dicomweb={"port": 0})
     assert config.dicomweb is not None and config.dicomweb.tls

@@ -12,10 +12,10 @@ from lxml import etree
 
 from tests.test_initiating import find_documents
 from tests.test_server import consumer, soap12
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.audit.rsyslog import RsyslogRepository, gtls_available, rsyslogd_path
 from xca_gateway.audit.syslog import parse_message
 from xca_gateway.audit.validate import schema_errors
-from xca_gateway.gateway import Gateway
 from xca_gateway.namespaces import Action
 from xca_gateway.pki import DevPki
 from xca_gateway.tls import client_context

@@ -19,10 +19,10 @@ from tests.audit_inbox import AuditInbox
 from tests.conftest import wait_for
 from tests.test_client import _client
 from tests.test_consent import _cli
-from xca_gateway.admin import write_operator_token_file
+from xca_gateway.app.admin import write_operator_token_file
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.audit.validate import schema_errors
 from xca_gateway.dicom_samples import DEFAULT_PATIENTS, generate_study
-from xca_gateway.gateway import Gateway
 from xca_gateway.importer import import_studies
 from xca_gateway.namespaces import RIM, RS, XDSB, XDSI, Action, ResponseStatus
 from xca_gateway.pki import DevPki
@@ -288,7 +288,7 @@ def test_a_gateway_refuses_to_start_with_a_token_file_others_can_read(
     pki: DevPki, tmp_path: Path
 ) -> None:
     from tests.conftest import make_config
-    from xca_gateway.config import ConfigError
+    from xca_gateway.settings import ConfigError
 
     operators = tmp_path / "operators"
     write_operator_token_file(operators, "ops-anna")

@@ -15,7 +15,7 @@ from lxml import etree
 
 from tests.test_initiating import find_documents
 from tests.test_server import ADHOC_QUERY, consumer, soap12
-from xca_gateway.gateway import Gateway
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.namespaces import QUERY, RS, SOAP12, Action
 from xca_gateway.pki import DevPki
 
@@ -191,7 +191,7 @@ def test_consent_admin_api_on_the_admin_port(
 
     import httpx
 
-    from xca_gateway.admin import write_operator_token_file
+    from xca_gateway.app.admin import write_operator_token_file
 
     token = write_operator_token_file(tmp_path / "operators", "ops-anna")
     gateway = gateway_factory(

@@ -10,16 +10,16 @@ from typing import Any
 import pytest
 
 from tests.test_imaging_support import documents_for, make_study, post_retrieve
-from xca_gateway.config import ConfigError
-from xca_gateway.gateway import Gateway
-from xca_gateway.imaging import install_imaging, parse_imaging_config
-from xca_gateway.imaging.config import ImagingService
+from xca_gateway.app.gateway import Gateway, install_imaging
+from xca_gateway.imaging import parse_imaging_config
 from xca_gateway.imaging.dicomweb import DicomwebSource
 from xca_gateway.imaging.dimse import DimseSource
 from xca_gateway.imaging.filesystem import FilesystemSource
 from xca_gateway.imaging.rad69_source import Rad69Source
+from xca_gateway.imaging.service import ImagingService
 from xca_gateway.namespaces import Action, ResponseStatus
 from xca_gateway.pki import DevPki
+from xca_gateway.settings import ConfigError
 
 ALL_KINDS: dict[str, Any] = {
     "open_timeout": 5,

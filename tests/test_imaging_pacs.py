@@ -37,8 +37,8 @@ from tests.test_imaging_support import (
 )
 from tests.test_rad69 import _parse_complete, _stream_root_then
 from xca_gateway import mtom
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.dicom_samples import SampleStudy
-from xca_gateway.gateway import Gateway
 from xca_gateway.imaging.dicomweb import DicomwebSource
 from xca_gateway.imaging.dimse import DimseSettings, DimseSource
 from xca_gateway.imaging.sources import ImagingSource

@@ -24,8 +24,8 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from tests.test_server import consumer, soap12
 from xca_gateway import mtom
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.dicom_samples import DEFAULT_PATIENTS, SampleStudy, generate_study
-from xca_gateway.gateway import Gateway
 from xca_gateway.imaging.request import (
     DocumentRequest,
     RetrieveImagingDocumentSetRequest,

@@ -33,9 +33,9 @@ from tests.audit_inbox import AuditInbox
 from tests.communities import ARC, seed_community
 from tests.conftest import GatewayThread, wait_for
 from tests.test_imaging_support import OrthancProcess, free_port, orthanc
-from xca_gateway.config import load_config
+from xca_gateway.app.config import load_config
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.dicom_samples import SampleStudy, local_patient_id
-from xca_gateway.gateway import Gateway
 from xca_gateway.imaging.transfer_syntax import (
     EXPLICIT_VR_LITTLE_ENDIAN,
     RLE_LOSSLESS,

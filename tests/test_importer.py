@@ -22,7 +22,6 @@ from pydicom.uid import generate_uid
 
 from tests.test_metadata import NS, assert_valid, external_id, slot
 from xca_gateway import ebrim
-from xca_gateway.config import CommunityConfig
 from xca_gateway.dicom_samples import DEFAULT_PATIENTS, SampleStudy, generate_study
 from xca_gateway.ebrs import RegistryError
 from xca_gateway.importer import (
@@ -34,6 +33,7 @@ from xca_gateway.importer import (
 )
 from xca_gateway.kos import kos_from_bytes, kos_references, kos_retrieve_locations
 from xca_gateway.repository import DocumentRepository
+from xca_gateway.settings import CommunityConfig
 
 AFFINITY = "1.3.6.1.4.1.21367.13.20.1000"
 REPO_ID = "1.3.6.1.4.1.21367.13.80.1"

@@ -22,9 +22,9 @@ import pytest
 from lxml import etree
 
 from tests.test_server import consumer, soap12
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.ebrim import StoredQueryId
 from xca_gateway.ebrs import adhoc_query_response
-from xca_gateway.gateway import Gateway
 from xca_gateway.namespaces import QUERY, RIM, RS, SOAP12, Action, ErrorSeverity, ResponseStatus
 from xca_gateway.pki import DevPki
 from xca_gateway.soap import SoapFault

@@ -11,7 +11,7 @@ from lxml import etree
 
 from tests.test_mtom_server import read_mtom
 from tests.test_server import consumer, soap12
-from xca_gateway.gateway import Gateway
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.namespaces import RS, SOAP12, XDSB, Action, ResponseStatus
 from xca_gateway.pki import DevPki
 from xca_gateway.repository import DocumentRepository

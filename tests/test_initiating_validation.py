@@ -20,8 +20,8 @@ from tests.audit_inbox import AuditInbox
 from tests.conftest import wait_for
 from tests.test_iti42 import QueryClient, errors_of, objects_of
 from tests.test_registry_corpus import adhoc, listed, quoted
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.ebrim import STATUS_APPROVED, ErrorCode, StoredQueryId
-from xca_gateway.gateway import Gateway
 from xca_gateway.namespaces import ErrorSeverity, ResponseStatus
 from xca_gateway.pki import DevPki
 

@@ -20,6 +20,7 @@ from tests.conftest import wait_for
 from tests.test_gateway_audit import event, records
 from tests.test_gateway_audit import rsyslog as rsyslog_repository
 from tests.test_server import ADHOC_QUERY, consumer, fault_of, post, soap12
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.audit.alerts import REPEAT_COUNT, AlertAggregator
 from xca_gateway.audit.messages import (
     ActiveParticipant,
@@ -29,7 +30,6 @@ from xca_gateway.audit.messages import (
     security_alert_node_authentication,
 )
 from xca_gateway.audit.rsyslog import RsyslogRepository
-from xca_gateway.gateway import Gateway
 from xca_gateway.namespaces import Action
 from xca_gateway.pki import DevPki
 from xca_gateway.tls import client_context

@@ -28,7 +28,7 @@ from tests.test_iti43 import (
     serve_iti43,
 )
 from tests.test_server import soap12
-from xca_gateway.gateway import Gateway
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.namespaces import XDSB, Action, ResponseStatus
 from xca_gateway.pki import DevPki
 from xca_gateway.soap_service import Operation

@@ -34,8 +34,8 @@ from tests.test_registry_corpus import (
     names,
     quoted,
 )
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.ebrim import ErrorCode, StoredQueryId
-from xca_gateway.gateway import Gateway
 from xca_gateway.namespaces import RIM, RS, SOAP12, Action, ResponseStatus
 from xca_gateway.pki import DevPki
 from xca_gateway.registry import Registry, RegistryAction, open_registry, parse_registry_config

@@ -19,9 +19,9 @@ from lxml import etree
 from tests.test_mtom_server import read_mtom
 from tests.test_server import consumer, fault_of, soap12
 from xca_gateway import mtom
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.client import PeerError, SoapReply
 from xca_gateway.ebrs import RegistryError
-from xca_gateway.gateway import Gateway
 from xca_gateway.namespaces import RS, SOAP12, WSA, XDSB, XOP, Action, ErrorSeverity, ResponseStatus
 from xca_gateway.pki import DevPki
 from xca_gateway.repository import DocumentRepository

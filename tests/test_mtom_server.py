@@ -11,8 +11,9 @@ from lxml import etree
 
 from tests.conftest import make_config
 from tests.test_server import consumer, fault_of, soap12
-from xca_gateway import diagnostics, mtom
-from xca_gateway.gateway import Gateway
+from xca_gateway import mtom
+from xca_gateway.app import diagnostics
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.namespaces import RS, SOAP12, XDSB, XOP, Action, ResponseStatus
 from xca_gateway.pki import DevPki
 from xca_gateway.soap import build_envelope, serialize

@@ -24,15 +24,15 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from tests.conftest import wait_for
 from tests.test_initiating import find_documents
 from tests.test_server import soap12
-from xca_gateway.gateway import Gateway
-from xca_gateway.namespaces import Action
-from xca_gateway.operator_page import (
+from xca_gateway.app.gateway import Gateway
+from xca_gateway.app.operator_page import (
     AuditStatus,
     OperatorPage,
     OperatorStatus,
     PeerStatus,
     certificate_status,
 )
+from xca_gateway.namespaces import Action
 from xca_gateway.pki import DevPki, issue_client_certificate
 from xca_gateway.tls import client_context
 

@@ -21,12 +21,12 @@ from tests.conftest import wait_for
 from tests.test_enforcement import PATIENT, document_entry
 from tests.test_server import ADHOC_QUERY, fault_of
 from tests.test_xua import IDENTITY, ISSUER, TREATMENT
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.audit.messages import AuditContext, AuditSource
 from xca_gateway.audit.validate import schema_errors
 from xca_gateway.consent import ConsentConfig, ConsentService, ConsentStore
 from xca_gateway.ebrs import adhoc_query_response
 from xca_gateway.enforcement import filter_query_objects
-from xca_gateway.gateway import Gateway
 from xca_gateway.namespaces import QUERY, RIM, RS, SOAP12, WSSE, Action, ResponseStatus
 from xca_gateway.pki import DevPki
 from xca_gateway.policy import (

@@ -38,7 +38,7 @@ from tests.test_imaging_support import (
 )
 from tests.test_server import consumer, soap12
 from xca_gateway import mtom
-from xca_gateway.gateway import Gateway
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.imaging.filesystem import FilesystemSource
 from xca_gateway.imaging.rad69_source import Rad69Source
 from xca_gateway.imaging.request import (

@@ -27,7 +27,7 @@ from tests.test_imaging_support import (
     read_retrieve_reply,
 )
 from tests.test_server import consumer, fault_of, soap12
-from xca_gateway.gateway import Gateway
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.imaging.filesystem import FilesystemSource
 from xca_gateway.imaging.request import DocumentRequest, parse_retrieve_imaging_request
 from xca_gateway.imaging.transfer_syntax import sniff_transfer_syntax

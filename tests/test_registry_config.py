@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from xca_gateway.config import ConfigError
 from xca_gateway.registry import (
     LocalRegistry,
     RemoteRegistry,
     open_registry,
     parse_registry_config,
 )
+from xca_gateway.settings import ConfigError
 
 
 def test_defaults_to_a_sqlite_file_in_the_data_directory(tmp_path: Path) -> None:

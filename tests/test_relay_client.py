@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 import pytest
 
 from xca_gateway.client import PeerClient, PeerError
-from xca_gateway.config import OutboundConfig, TlsConfig
 from xca_gateway.pki import DevPki
 from xca_gateway.relay_client import (
     RelayClient,
@@ -19,6 +18,7 @@ from xca_gateway.relay_client import (
     _BodyDecoder,
 )
 from xca_gateway.server import HttpServer, Request, Response, ServerTimeouts
+from xca_gateway.settings import OutboundConfig, TlsConfig
 from xca_gateway.tls import client_context, server_context
 
 # ------------------------------------------------------------------------ body framing (pure)

@@ -36,14 +36,14 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from tests.communities import ARC, seed_community
 from tests.conftest import GatewayThread
+from xca_gateway.app.config import load_config
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.audit import messages as m
 from xca_gateway.audit.rsyslog import RsyslogRepository, gtls_available, rsyslogd_path
 from xca_gateway.audit.syslog import parse_message
 from xca_gateway.audit.validate import schema_errors
-from xca_gateway.config import load_config
 from xca_gateway.consumer import Consumer, retrieve_manifest_request, retrieve_study
 from xca_gateway.dicom_samples import SampleStudy, local_patient_id
-from xca_gateway.gateway import Gateway
 from xca_gateway.namespaces import Action
 from xca_gateway.pki import DevPki
 from xca_gateway.tls import client_context

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from lxml import etree
 
 from tests.conftest import wait_for
-from xca_gateway.gateway import Gateway
+from xca_gateway.app.gateway import Gateway
 from xca_gateway.namespaces import QUERY, RIM, RS, SOAP11, SOAP12, WSA, Action, ResponseStatus
 from xca_gateway.pki import DevPki
 from xca_gateway.tls import client_context

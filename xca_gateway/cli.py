@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import os
-import signal
-import socket
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 from xca_gateway import __version__
-
-LISTEN_FDS_ENV = "XCA_GATEWAY_LISTEN_FDS"
-
-log = logging.getLogger("xca_gateway")
+from xca_gateway.app.serve import serve
+from xca_gateway.importer import registry_from_config
 
 
 def _setup_logging(level: str) -> None:
@@ -31,47 +23,13 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
-def _inherited_sockets() -> dict[str, socket.socket]:
-    """Listening sockets passed by a launcher, e.g. ``https=3,admin=4`` (socket activation)."""
-    spec = os.environ.pop(LISTEN_FDS_ENV, "")
-    sockets: dict[str, socket.socket] = {}
-    for item in filter(None, spec.split(",")):
-        name, _, fd = item.partition("=")
-        sockets[name.strip()] = socket.socket(fileno=int(fd))
-    return sockets
-
-
-async def _serve(config_path: Path) -> int:
-    from xca_gateway.config import load_config
-    from xca_gateway.credentials import check_key_pair
-    from xca_gateway.gateway import Gateway, ListenSockets
-
-    config = load_config(config_path)
-    # Our own certificate: a missing, mismatched or expired one is said now, in one line,
-    # not as an OpenSSL error (or as every peer refusing us later).
-    check_key_pair(config.tls.certificate, config.tls.private_key, what="[tls] certificate")
-    gateway = Gateway(config)
-    inherited = _inherited_sockets()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await gateway.start(ListenSockets(https=inherited.get("https"), admin=inherited.get("admin")))
-    try:
-        await stop.wait()
-    finally:
-        log.info("stopping gateway %s", config.community.name)
-        await gateway.stop()
-    return 0
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    from xca_gateway.config import ConfigError
     from xca_gateway.credentials import CredentialError
     from xca_gateway.server import ListenError
+    from xca_gateway.settings import ConfigError
 
     try:
-        return asyncio.run(_serve(Path(args.config)))
+        return asyncio.run(serve(Path(args.config)))
     except ConfigError as exc:
         print(f"xca-gateway: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -111,19 +69,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         communities=args.communities,
         base_port=args.base_port,
     )
-
-
-@contextlib.asynccontextmanager
-async def registry_from_config(config_path: Path) -> AsyncIterator[Any]:
-    """The registry a configuration file names (for `xca-gateway import`)."""
-    from xca_gateway.config import load_config
-    from xca_gateway.registry import open_registry
-
-    registry = await open_registry(load_config(config_path).registry)
-    try:
-        yield registry
-    finally:
-        await registry.close()
 
 
 def build_parser() -> argparse.ArgumentParser:

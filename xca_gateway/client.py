@@ -22,9 +22,9 @@ from urllib.parse import urlsplit
 from lxml import etree
 
 from xca_gateway import mtom
-from xca_gateway.config import OutboundConfig
 from xca_gateway.metrics import GatewayMetrics
 from xca_gateway.relay_client import RelayClient, RelayConnectError, RelayError, RelayResponse
+from xca_gateway.settings import OutboundConfig
 from xca_gateway.soap import Fault, build_envelope, read_fault, serialize
 from xca_gateway.xmlsafe import XmlLimits, XmlRejected, parse_xml_async
 

@@ -37,7 +37,7 @@ from xca_gateway.patient_id import PatientIdError, parse_patient_id
 from xca_gateway.server import BodyTooLarge, Request, Response
 
 if TYPE_CHECKING:
-    from xca_gateway.admin import AdminGate
+    from xca_gateway.app.admin import AdminGate
     from xca_gateway.audit.messages import AuditContext, AuditMessage
     from xca_gateway.security.callers import Principal
 
@@ -406,7 +406,7 @@ class ConsentConfig:
     # Default mode per requesting community, overriding default_mode.
     peer_modes: Mapping[str, ConsentMode] = field(default_factory=dict)
     # Operators of the admin port's /consent API: ``name token`` per line, mode 0600
-    # (:mod:`xca_gateway.admin`). Absent: the API refuses every request.
+    # (:mod:`xca_gateway.app.admin`). Absent: the API refuses every request.
     admin_token_file: Path | None = None
 
     def mode_for(self, community: str) -> ConsentMode:
@@ -554,7 +554,7 @@ def _via_api(args: argparse.Namespace) -> int:
     """``set`` / ``revoke`` through the running gateway's admin API: authenticated with the
     operator's token from ``[consent] admin_token_file``, and audited by the gateway (110110)
     under the operator's name."""
-    from xca_gateway.admin import AdminAccessError, read_operator_token
+    from xca_gateway.app.admin import AdminAccessError, read_operator_token
 
     path = Path(args.config)
     try:
@@ -863,7 +863,7 @@ class ConsentAdminApp:
     * ``GET /consent/decision?patient=&community=[&class_code=&confidentiality_code=]``
 
     ``{patient}`` is the CX id, percent-encoded (``^`` and ``&`` included). Every request
-    passes ``gate`` first (Host header, operator token; see :mod:`xca_gateway.admin`); every
+    passes ``gate`` first (Host header, operator token; see :mod:`xca_gateway.app.admin`); every
     change is reported to ``on_change`` (the gateway audits it) and kept in the store's history
     with the operator's name.
     """

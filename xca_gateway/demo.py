@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xca_gateway.admin import write_operator_token_file
-from xca_gateway.cli import LISTEN_FDS_ENV
+from xca_gateway.app.admin import write_operator_token_file
+from xca_gateway.app.serve import LISTEN_FDS_ENV
 
 log = logging.getLogger(__name__)
 
@@ -392,8 +392,7 @@ def _register_samples(config_path: Path, images: Path) -> None:
     patients in the directory (idempotent: a restarted demo skips what is registered)."""
     import asyncio
 
-    from xca_gateway.cli import registry_from_config
-    from xca_gateway.importer import import_with_config
+    from xca_gateway.importer import import_with_config, registry_from_config
 
     report = asyncio.run(
         import_with_config(config_path, [images], registry_from_config, progress=False)

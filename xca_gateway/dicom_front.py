@@ -76,7 +76,6 @@ from pynetdicom.status import STATUS_WARNING as STATUS_WARNING_CATEGORY
 
 from xca_gateway.audit import AuditTrail
 from xca_gateway.audit import messages as m
-from xca_gateway.config import TlsConfig, is_loopback_host
 from xca_gateway.consumer import (
     ConsumerError,
 )
@@ -107,10 +106,11 @@ from xca_gateway.imaging.request import DocumentRequest, RetrieveImagingDocument
 from xca_gateway.kos import InstanceRef
 from xca_gateway.security.callers import Door, Principal, set_current_caller
 from xca_gateway.security.guard import DoorGuard
+from xca_gateway.settings import TlsConfig, is_loopback_host
 from xca_gateway.tls import HandshakeFailure, gateway_client_context, server_context
 
 if TYPE_CHECKING:
-    from xca_gateway.gateway import Gateway
+    from xca_gateway.app.gateway import Gateway
 
 log = logging.getLogger(__name__)
 

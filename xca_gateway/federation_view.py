@@ -64,7 +64,7 @@ from xca_gateway.namespaces import RIM, XDSB, ResponseStatus
 from xca_gateway.security.callers import Principal, current_caller
 
 if TYPE_CHECKING:
-    from xca_gateway.gateway import Gateway
+    from xca_gateway.app.gateway import Gateway
 
 log = logging.getLogger(__name__)
 

@@ -67,9 +67,9 @@ from xca_gateway.tls import client_context
 from xca_gateway.transactions.iti43 import same_community
 
 if TYPE_CHECKING:
+    from xca_gateway.app.gateway import Gateway
     from xca_gateway.audit import AuditTrail
     from xca_gateway.audit.messages import AuditContext, AuditMessage, Node
-    from xca_gateway.gateway import Gateway
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import hashlib
 import os
@@ -34,10 +35,6 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from xca_gateway import ebrim
-from xca_gateway.config import (
-    CommunityConfig,
-    ConfigError,
-)
 from xca_gateway.ebrs import RegistryError
 from xca_gateway.kos import KOS_SOP_CLASS_UID, build_kos, kos_from_bytes, kos_references
 from xca_gateway.kos import kos_to_bytes as _kos_to_bytes
@@ -50,6 +47,7 @@ from xca_gateway.metadata import (
     xds_patient_ids,
 )
 from xca_gateway.repository import DocumentExists, DocumentRepository
+from xca_gateway.settings import CommunityConfig, ConfigError
 
 __all__ = [
     "ImportReport",
@@ -421,7 +419,7 @@ class ImportSettings:
 
 def load_import_settings(config_path: Path) -> ImportSettings:
     """The parts of a gateway configuration file the importer needs."""
-    from xca_gateway.config import load_config
+    from xca_gateway.app.config import load_config
 
     config = load_config(config_path)
     if config.repository is None:
@@ -519,3 +517,16 @@ def add_import_command(
     parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     parser.set_defaults(func=functools.partial(cmd_import, open_registry=open_registry))
     return parser
+
+
+@contextlib.asynccontextmanager
+async def registry_from_config(config_path: Path) -> AsyncIterator[Any]:
+    """The registry a configuration file names (for `xca-gateway import`)."""
+    from xca_gateway.app.config import load_config
+    from xca_gateway.registry import open_registry
+
+    registry = await open_registry(load_config(config_path).registry)
+    try:
+        yield registry
+    finally:
+        await registry.close()

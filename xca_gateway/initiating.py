@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from lxml import etree
 
 from xca_gateway.client import PeerClient, PeerError
-from xca_gateway.config import InitiatingConfig, PeerConfig
 from xca_gateway.ebrim import ErrorCode, StoredQueryId
 from xca_gateway.ebrs import RegistryError, adhoc_query_response, parse_registry_errors
 from xca_gateway.metrics import GatewayMetrics
@@ -34,6 +33,7 @@ from xca_gateway.registry.stored_query import (
     StoredQueryError,
     parse_stored_query,
 )
+from xca_gateway.settings import InitiatingConfig, PeerConfig
 from xca_gateway.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.transactions.iti43 import (
     DocumentRequest,

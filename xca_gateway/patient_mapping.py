@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from xca_gateway.client import PeerClient, PeerError
-from xca_gateway.config import ConfigError, PeerConfig
 from xca_gateway.patient_id import PatientId, PatientIdError, parse_patient_id
 from xca_gateway.patients import MATCH_THRESHOLD, PatientDirectory
+from xca_gateway.settings import ConfigError, PeerConfig
 from xca_gateway.transactions import iti45, iti55
 
 log = logging.getLogger(__name__)
@@ -409,7 +409,7 @@ def parse_patient_mapping_config(
     """Validate ``[patient_mapping]`` and the peers' mapping sources against it.
 
     A peer's XCPD endpoint is its ``xcpd`` URL (read with getattr, so this works before and
-    after that key exists in :class:`~xca_gateway.config.PeerConfig`).
+    after that key exists in :class:`~xca_gateway.settings.PeerConfig`).
     """
     if not isinstance(table, dict):
         raise ConfigError("[patient_mapping] must be a table")

@@ -69,7 +69,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xca_gateway.config import ConfigError, is_loopback_host
 from xca_gateway.hl7v2 import (
     APPLICATION_INTERNAL_ERROR,
     UNKNOWN_KEY_IDENTIFIER,
@@ -90,10 +89,11 @@ from xca_gateway.security.callers import (
 )
 from xca_gateway.security.guard import identity_from_peer
 from xca_gateway.server import ConnectionGate, ConnectionLimits, PeerInfo, tls_accept
+from xca_gateway.settings import ConfigError, is_loopback_host
 from xca_gateway.tls import server_context
 
 if TYPE_CHECKING:
-    from xca_gateway.gateway import Gateway
+    from xca_gateway.app.gateway import Gateway
     from xca_gateway.import_priors import ImportReport, StudyImport
     from xca_gateway.kos import InstanceRef
 

@@ -41,7 +41,7 @@ from xca_gateway.tls import (
 )
 
 if TYPE_CHECKING:
-    from xca_gateway.config import GatewayConfig
+    from xca_gateway.app.config import GatewayConfig
 
 log = logging.getLogger(__name__)
 

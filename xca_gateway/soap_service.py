@@ -18,9 +18,9 @@ from typing import Any
 from lxml import etree
 
 from xca_gateway import mtom
-from xca_gateway.config import LimitsConfig
 from xca_gateway.metrics import GatewayMetrics
 from xca_gateway.server import PeerInfo, Request, RequestBodyTooSlow, Response, source_of
+from xca_gateway.settings import LimitsConfig
 from xca_gateway.soap import (
     Envelope,
     SoapFault,

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xca_gateway.config import BCP195_CIPHERS, TlsConfig
 from xca_gateway.credentials import load_cert_chain, load_verify_locations
+from xca_gateway.settings import BCP195_CIPHERS, TlsConfig
 
 
 def _harden(ctx: ssl.SSLContext, minimum_version: str, ciphers: str) -> None:

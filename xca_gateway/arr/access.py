@@ -33,9 +33,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from xca_gateway.config import ConfigError
 from xca_gateway.security.callers import CallerDirectory, CallerRule, Identity, Role
 from xca_gateway.security.config import config_strings, parse_caller_rule
+from xca_gateway.settings import ConfigError
 
 # Binds every AuditSourceID (a relay forwarding other nodes' records).
 ANY_SOURCE = "*"

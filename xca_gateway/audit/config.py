@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from xca_gateway.audit.spool import DESTINATION_NAME
-from xca_gateway.config import ConfigError, TlsConfig
+from xca_gateway.settings import ConfigError, TlsConfig
 
 DEFAULT_PORTS = {"tls": 6514, "udp": 514}
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xca_gateway.config import is_loopback_host
+from xca_gateway.settings import is_loopback_host
 
 DEFAULT_PORT = 8444
 

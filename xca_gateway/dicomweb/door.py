@@ -73,7 +73,7 @@ from xca_gateway.server import (
 from xca_gateway.tls import HandshakeFailure, server_context
 
 if TYPE_CHECKING:
-    from xca_gateway.gateway import Gateway
+    from xca_gateway.app.gateway import Gateway
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ from typing import Any, Protocol
 from lxml import etree
 
 from xca_gateway.client import PeerClient
-from xca_gateway.config import ConfigError, validate_oid
 from xca_gateway.ebrs import RegistryError
 from xca_gateway.registry.local import LocalRegistry
 from xca_gateway.registry.model import QueryResult, RegistryAction
 from xca_gateway.registry.remote import RemoteRegistry
+from xca_gateway.settings import ConfigError, validate_oid
 
 __all__ = [
     "LocalRegistry",

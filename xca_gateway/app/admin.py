@@ -264,7 +264,7 @@ class AdminApp:
         self.readiness = readiness
         self.ports = ports
         self.mounts: dict[str, App] = {}
-        # The operator page (xca_gateway.operator_page): GET / (HTML) and /status.json.
+        # The operator page (xca_gateway.app.operator_page): GET / (HTML) and /status.json.
         self.index: App | None = None
 
     def mount(self, prefix: str, app: App) -> None:

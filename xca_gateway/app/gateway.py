@@ -14,10 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from xca_gateway import diagnostics
-from xca_gateway.admin import AdminApp
+from xca_gateway.app import diagnostics
+from xca_gateway.app.admin import AdminApp
+from xca_gateway.app.config import GatewayConfig
 from xca_gateway.client import PeerClient
-from xca_gateway.config import GatewayConfig
+from xca_gateway.imaging.config import ImagingConfig
+from xca_gateway.imaging.service import ImagingService
 from xca_gateway.initiating import (
     InitiatingGateway,
     InitiatingRetrieve,
@@ -131,7 +133,6 @@ class Gateway:
         # The patients of the documents and studies that went through this gateway (query
         # answers, manifests read by the front doors), for the retrieve audits that follow.
         self.audit_patients = PatientMemory()
-        from xca_gateway.imaging import install_imaging
 
         self.imaging = install_imaging(self, config.imaging)
         self._wire_audit()
@@ -171,7 +172,7 @@ class Gateway:
             if config.dicomweb is not None
             else None
         )
-        from xca_gateway.operator_page import install_operator_page
+        from xca_gateway.app.operator_page import install_operator_page
 
         # The operator page on the admin port (/, /status.json) and its metrics.
         self.operator_page = install_operator_page(self)
@@ -246,7 +247,7 @@ class Gateway:
     def _audit_patients_from(self, registry: Any) -> None:
         """Retrieves of this community's documents and studies find their patient in its
         registry (for the audit record), before the handler runs."""
-        from xca_gateway.auditing import RegistryPatients
+        from xca_gateway.app.auditing import RegistryPatients
 
         lookup = RegistryPatients(registry)
         for key, action, imaging in (
@@ -283,12 +284,12 @@ class Gateway:
 
     def _wire_audit(self) -> None:
         """ATNA: every served request and every outbound call is audited, both sides."""
-        from xca_gateway.audit import AuditTrail
-        from xca_gateway.auditing import (
+        from xca_gateway.app.auditing import (
             OutboundCall,
             TransactionAuditor,
             local_caller_requestor,
         )
+        from xca_gateway.audit import AuditTrail
 
         self.audit = AuditTrail(self.config.audit, self.metrics)
         if not self.config.audit.enabled:
@@ -438,11 +439,11 @@ class Gateway:
             self.peer_client.set_header_provider(headers)
 
     def _consent_admin(self, consent: Any) -> Any:
-        """The /consent admin API: Host checked and operator tokens (:mod:`xca_gateway.admin`),
+        """The /consent admin API: Host checked and operator tokens (:mod:`xca_gateway.app.admin`),
         refusals audited once by the door guard, each change audited as 110110."""
-        from xca_gateway.admin import AdminAccessError, AdminGate, load_operator_tokens
-        from xca_gateway.config import ConfigError
+        from xca_gateway.app.admin import AdminAccessError, AdminGate, load_operator_tokens
         from xca_gateway.consent import ConsentAdminApp, ConsentChange, consent_change_audit
+        from xca_gateway.settings import ConfigError
 
         token_file = self.config.consent.admin_token_file
         try:
@@ -616,3 +617,45 @@ class Gateway:
 
     def endpoint_urls(self) -> dict[str, str]:
         return {key: self.base_url + ep.path for key, ep in self.endpoints.items()}
+
+
+def install_imaging(gateway: Gateway, config: ImagingConfig) -> ImagingService:
+    """Register the RAD-75 (responding) and RAD-69 (initiating) handlers on ``gateway``.
+
+    Returns the service whose ``start()``/``stop()`` must run with the gateway's own; its
+    ``retrieve()`` is RAD-69 in-process, the same path ``/ig/rad69`` takes.
+    """
+    from xca_gateway.namespaces import Action
+    from xca_gateway.soap_service import Operation
+    from xca_gateway.transactions.rad69 import InitiatingImagingGateway
+    from xca_gateway.transactions.rad75 import rad75_handler
+
+    home = gateway.config.community.home_community_id
+    service = ImagingService(config, peer_client=gateway.peer_client, home_community_id=home)
+    peers = {p.home_community_id: p.rad75 for p in gateway.config.peers if p.rad75}
+    gateway.endpoints["rad75"].add(
+        Operation(
+            Action.RAD75,
+            "RAD-75",
+            rad75_handler(
+                service.sources,
+                home_community_id=home,
+                open_timeout=config.open_timeout,
+                idle_timeout=config.idle_timeout,
+                abandon_timeout=config.abandon_timeout,
+                max_documents=config.max_documents,
+            ),
+        )
+    )
+    service.initiating = InitiatingImagingGateway(
+        service.sources,
+        home_community_id=home,
+        peers=peers,
+        peer_client=gateway.peer_client,
+        open_timeout=config.open_timeout,
+        idle_timeout=config.idle_timeout,
+        abandon_timeout=config.abandon_timeout,
+        max_documents=config.max_documents,
+    )
+    gateway.endpoints["rad69"].add(Operation(Action.RAD69, "RAD-69", service.initiating.handle))
+    return service

@@ -35,7 +35,7 @@ from xca_gateway import __version__
 from xca_gateway.server import Request, Response
 
 if TYPE_CHECKING:
-    from xca_gateway.gateway import Gateway
+    from xca_gateway.app.gateway import Gateway
 
 WARNING_DAYS = 30
 MAX_ERROR_CHARS = 200
