@@ -53,7 +53,7 @@ from xca_gateway.arr.store import EventFilter, SqliteAuditStore
 from xca_gateway.audit import messages as am
 from xca_gateway.audit.syslog import format_message, frame
 from xca_gateway.pki import DevPki, init_dev_pki
-from xca_gateway.tls import client_context
+from xca_gateway.protocol.tls import client_context
 
 PASSWORD = "benchmark-officer-pw"
 # alpha's certificate sends the records, which report as AuditSourceID bench-gw.

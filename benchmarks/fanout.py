@@ -36,10 +36,10 @@ from xml.sax.saxutils import escape
 import httpx
 from bench_policy import consumer, peer, policy, policy_toml
 
-from xca_gateway.namespaces import ResponseStatus
 from xca_gateway.pki import DevPki, init_dev_pki
+from xca_gateway.protocol.namespaces import ResponseStatus
+from xca_gateway.protocol.tls import client_context
 from xca_gateway.settings import LimitsConfig
-from xca_gateway.tls import client_context
 
 HERE = Path(__file__).resolve()
 ARC = "1.3.6.1.4.1.21367.13"
@@ -105,21 +105,21 @@ async def _farm(certs: Path, latencies: list[float]) -> None:
 
     from xca_gateway.ebrs import adhoc_query_response
     from xca_gateway.metrics import GatewayMetrics
-    from xca_gateway.namespaces import RIM, Action
     from xca_gateway.policy import parse_access_policy
-    from xca_gateway.security.callers import Door
-    from xca_gateway.security.guard import DoorGuard, identity_from_peer
-    from xca_gateway.server import HttpServer, Request, Response
-    from xca_gateway.settings import TlsConfig
-    from xca_gateway.soap import SoapFault, build_fault
-    from xca_gateway.soap_service import (
+    from xca_gateway.protocol.http_server import HttpServer, Request, Response
+    from xca_gateway.protocol.namespaces import RIM, Action
+    from xca_gateway.protocol.soap import SoapFault, build_fault
+    from xca_gateway.protocol.soap_service import (
         Operation,
         SoapEndpoint,
         SoapRequest,
         SoapResponse,
         SoapService,
     )
-    from xca_gateway.tls import server_context
+    from xca_gateway.protocol.tls import server_context
+    from xca_gateway.security.callers import Door
+    from xca_gateway.security.guard import DoorGuard, identity_from_peer
+    from xca_gateway.settings import TlsConfig
 
     tls = TlsConfig(certs / "peer.pem", certs / "peer.key", certs / "ca.pem")
     # A responding gateway's door check: peer gateways only, as the gateway's own admission.
@@ -165,7 +165,7 @@ async def _farm(certs: Path, latencies: list[float]) -> None:
 
 
 def _query(action_query: str = "iti18", home: str | None = None) -> bytes:
-    from xca_gateway.namespaces import QUERY, RIM, SOAP12, WSA, Action
+    from xca_gateway.protocol.namespaces import QUERY, RIM, SOAP12, WSA, Action
 
     action = Action.ITI18 if action_query == "iti18" else Action.ITI38
     home_attr = f' home="{home}"' if home else ""

@@ -50,16 +50,16 @@ from bench_policy import consumer, local_consumer_gateway, peer, policy
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
-from xca_gateway import mtom
 from xca_gateway.imaging.request import (
     DocumentRequest,
     RetrieveImagingDocumentSetRequest,
     build_retrieve_imaging_request,
 )
-from xca_gateway.namespaces import Action
 from xca_gateway.pki import DevPki, init_dev_pki
-from xca_gateway.soap import build_envelope, serialize
-from xca_gateway.tls import client_context
+from xca_gateway.protocol import mtom
+from xca_gateway.protocol.namespaces import Action
+from xca_gateway.protocol.soap import build_envelope, serialize
+from xca_gateway.protocol.tls import client_context
 
 REPOSITORY = "1.3.6.1.4.1.21367.13.71.2.1"
 HOMES = {
@@ -160,7 +160,7 @@ async def serve(spec: dict[str, Any]) -> None:
     from xca_gateway.app.gateway import Gateway
     from xca_gateway.imaging.filesystem import FilesystemSource
     from xca_gateway.imaging.rad69_source import Rad69Source
-    from xca_gateway.soap_service import Operation
+    from xca_gateway.protocol.soap_service import Operation
     from xca_gateway.transactions.rad69 import imaging_document_source_handler, rad69_handler
     from xca_gateway.transactions.rad75 import rad75_handler
 

@@ -93,7 +93,7 @@ def envelope(action: str, body: str, header_attributes: str = "") -> bytes:
 
 
 def query(patient: str) -> bytes:
-    from xca_gateway.namespaces import QUERY, RIM, Action
+    from xca_gateway.protocol.namespaces import QUERY, RIM, Action
 
     return envelope(
         Action.ITI38,
@@ -206,8 +206,8 @@ async def _slow_loop(
 
 
 async def attack(name: str, port: int, certs: Path, seconds: float) -> dict[str, int]:
-    from xca_gateway.namespaces import Action
-    from xca_gateway.tls import client_context
+    from xca_gateway.protocol.namespaces import Action
+    from xca_gateway.protocol.tls import client_context
 
     ctx = client_context(certs / "ca.pem", certs / "client.pem", certs / "client.key")
     deadline = time.monotonic() + seconds
@@ -301,8 +301,8 @@ port = {syslog}
 
 async def preload_registry(work: Path, documents: int) -> str:
     """The patient's documents, registered before the gateway starts (same SQLite file)."""
+    from xca_gateway.protocol.xmlsafe import parse_xml
     from xca_gateway.registry import LocalRegistry, open_registry, parse_registry_config
-    from xca_gateway.xmlsafe import parse_xml
 
     registry = await open_registry(parse_registry_config({}, work, work / "data"))
     assert isinstance(registry, LocalRegistry)
@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     import httpx
 
     from xca_gateway.pki import init_dev_pki
-    from xca_gateway.tls import client_context
+    from xca_gateway.protocol.tls import client_context
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

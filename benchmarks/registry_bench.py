@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from xca_gateway import ebrim
+from xca_gateway.protocol.xmlsafe import XmlLimits, parse_xml
 from xca_gateway.registry import LocalRegistry, open_registry, parse_registry_config
 from xca_gateway.registry.submit import parse_submission
-from xca_gateway.xmlsafe import XmlLimits, parse_xml
 
 AUTHORITY = "1.3.6.1.4.1.21367.13.20.9999"
 ROOT = "1.2.826.0.1.3680043.10.777"
@@ -159,7 +159,7 @@ def submission_bytes(index: int, patients: int, per_submission: int) -> bytes:
 def find_documents(pid: str, *, filtered: bool, return_type: str = "LeafClass") -> Any:
     from lxml import etree
 
-    from xca_gateway.namespaces import QUERY, RIM
+    from xca_gateway.protocol.namespaces import QUERY, RIM
 
     request = etree.Element(f"{{{QUERY}}}AdhocQueryRequest", nsmap={"query": QUERY, "rim": RIM})
     etree.SubElement(request, f"{{{QUERY}}}ResponseOption", returnType=return_type)

@@ -26,8 +26,8 @@ import httpx
 from lxml import etree
 
 from reliability.certs import not_yet_valid_client, server_only_client
-from xca_gateway.namespaces import QUERY, RIM, RS, SOAP11, SOAP12, WSA, XDSB, Action
-from xca_gateway.tls import client_context
+from xca_gateway.protocol.namespaces import QUERY, RIM, RS, SOAP11, SOAP12, WSA, XDSB, Action
+from xca_gateway.protocol.tls import client_context
 
 IO_TIMEOUT = 30.0
 # Longer than the demo's handler_timeout (300 s), the outer bound of any request.

@@ -26,7 +26,7 @@ from xca_gateway.consumer import (
 )
 from xca_gateway.ebrs import parse_registry_errors
 from xca_gateway.imaging.request import RetrieveImagingDocumentSetRequest
-from xca_gateway.namespaces import Action, ResponseStatus
+from xca_gateway.protocol.namespaces import Action, ResponseStatus
 
 TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
 

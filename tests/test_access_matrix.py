@@ -28,10 +28,10 @@ import pytest
 from lxml import etree
 
 from tests.test_initiating import find_documents
-from xca_gateway.namespaces import SOAP12, WSA, Action
-from xca_gateway.pki import certificate_info, issue_client_certificate, load_dev_pki
+from xca_gateway.pki import issue_client_certificate, load_dev_pki
+from xca_gateway.protocol.namespaces import SOAP12, WSA, Action
+from xca_gateway.protocol.tls import certificate_info, client_context
 from xca_gateway.security.callers import ACCESS, Door, Role, access_table_markdown
-from xca_gateway.tls import client_context
 from xca_gateway.xua import (
     Ce,
     XuaIdentity,

@@ -26,7 +26,7 @@ import httpx
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
-from xca_gateway.tls import client_context
+from xca_gateway.protocol.tls import client_context
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -88,7 +88,7 @@ def alice(data: dict[str, Any], community: int) -> str:
 def run_consumer_query(data: dict[str, Any]) -> None:
     from tests.test_initiating import find_documents
     from tests.test_server import soap12
-    from xca_gateway.namespaces import Action
+    from xca_gateway.protocol.namespaces import Action
 
     north = data["communities"][0]
     with consumer(data) as client:

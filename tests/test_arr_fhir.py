@@ -28,7 +28,7 @@ from xca_gateway.audit import messages as am
 from xca_gateway.audit.config import AuditConfig, AuditDestination
 from xca_gateway.audit.syslog import format_message, frame
 from xca_gateway.pki import DevPki
-from xca_gateway.tls import client_context
+from xca_gateway.protocol.tls import client_context
 
 CTX = am.AuditContext(am.AuditSource("north-gw", "1.3.6.1.4.1.21367.13.70.1"), host="north")
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -383,7 +383,7 @@ def test_a_gateway_configured_with_audit_reports_its_transactions(
     """A gateway whose [audit] names the repository: a peer's ITI-38 is audited by the
     gateway and found again by patient through ITI-81."""
     from tests.test_server import ADHOC_QUERY, consumer, post, soap12
-    from xca_gateway.namespaces import Action
+    from xca_gateway.protocol.namespaces import Action
 
     repo, thread = arr
     assert repo.syslog_tls is not None
@@ -436,7 +436,8 @@ def test_iti81_and_raw_messages_are_for_audit_consumers_and_officers_only(
     certificate and officers' registered certificates search; everyone else gets a 403
     OperationOutcome and exactly one Security Alert naming the verified subject."""
     from xca_gateway.arr.web import new_officer
-    from xca_gateway.pki import certificate_info, issue_client_certificate
+    from xca_gateway.pki import issue_client_certificate
+    from xca_gateway.protocol.tls import certificate_info
 
     auditor = issue_client_certificate(arr_pki, "audit-consumer")
     access = {

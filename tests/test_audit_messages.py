@@ -395,7 +395,7 @@ def test_hostile_strings_still_make_valid_xml() -> None:
 
 
 def test_outcome_for_registry_status() -> None:
-    from xca_gateway.namespaces import ResponseStatus
+    from xca_gateway.protocol.namespaces import ResponseStatus
 
     assert m.outcome_for_registry_status(ResponseStatus.SUCCESS) == 0
     assert m.outcome_for_registry_status(ResponseStatus.PARTIAL_SUCCESS) == 4
@@ -444,7 +444,7 @@ def test_requester_and_endpoint_nodes() -> None:
 
 def test_extract_stored_query() -> None:
     from xca_gateway.audit import extract
-    from xca_gateway.namespaces import QUERY, RIM
+    from xca_gateway.protocol.namespaces import QUERY, RIM
 
     request = etree.fromstring(
         f"""<q:AdhocQueryRequest xmlns:q="{QUERY}" xmlns:rim="{RIM}">
@@ -467,7 +467,7 @@ def test_extract_stored_query() -> None:
 
 def test_extract_retrieve_documents_and_split() -> None:
     from xca_gateway.audit import extract
-    from xca_gateway.namespaces import XDSB, XDSI
+    from xca_gateway.protocol.namespaces import XDSB, XDSI
 
     def doc_request(tag: str, uid: str) -> str:
         return (
@@ -520,7 +520,7 @@ def test_extract_retrieve_documents_and_split() -> None:
 
 def test_malformed_document_requests_are_still_named_in_the_retrieve_audit() -> None:
     from xca_gateway.audit import extract
-    from xca_gateway.namespaces import XDSB, XDSI
+    from xca_gateway.protocol.namespaces import XDSB, XDSI
 
     request = etree.fromstring(
         f'<b:RetrieveDocumentSetRequest xmlns:b="{XDSB}">'

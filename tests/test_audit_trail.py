@@ -31,9 +31,9 @@ from xca_gateway.audit.rsyslog import RsyslogRepository, gtls_available, rsyslog
 from xca_gateway.audit.syslog import parse_message
 from xca_gateway.audit.validate import schema_errors
 from xca_gateway.metrics import GatewayMetrics
-from xca_gateway.pki import DevPki, certificate_info
+from xca_gateway.pki import DevPki
+from xca_gateway.protocol.tls import certificate_info, client_context
 from xca_gateway.settings import ConfigError, TlsConfig
-from xca_gateway.tls import client_context
 
 BASE = datetime(2026, 1, 15, 10, 0, tzinfo=UTC)
 
@@ -526,7 +526,7 @@ async def test_a_handler_audits_a_real_iti38_request(
     """The wiring pattern: a responding-side handler audits what it answered, with the
     requester's certificate subject and address, the query and the patient."""
     from xca_gateway.audit import extract, soap_requester
-    from xca_gateway.soap_service import Operation, SoapRequest, SoapResponse
+    from xca_gateway.protocol.soap_service import Operation, SoapRequest, SoapResponse
     from xca_gateway.transactions import TRANSACTIONS, unavailable_handler
 
     gateway = gateway_factory("alpha")
@@ -559,7 +559,7 @@ async def test_a_handler_audits_a_real_iti38_request(
     gateway.endpoints["iti38"].add(Operation(spec.action, spec.name, audited))
 
     from tests.test_server import ADHOC_QUERY, consumer, post, soap12
-    from xca_gateway.namespaces import Action
+    from xca_gateway.protocol.namespaces import Action
 
     def call() -> int:
         with consumer(pki) as client:

@@ -11,12 +11,12 @@ from lxml import etree
 
 from tests.test_server import ADHOC_QUERY
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.client import PeerClient, PeerError
 from xca_gateway.metrics import GatewayMetrics
-from xca_gateway.namespaces import QUERY, Action, ResponseStatus
 from xca_gateway.pki import DevPki
+from xca_gateway.protocol.namespaces import QUERY, Action, ResponseStatus
+from xca_gateway.protocol.peer_client import PeerClient, PeerError
+from xca_gateway.protocol.tls import client_context
 from xca_gateway.settings import OutboundConfig
-from xca_gateway.tls import client_context
 
 
 def _client(pki: DevPki, metrics: GatewayMetrics | None = None) -> PeerClient:
@@ -100,8 +100,8 @@ async def test_header_provider_and_authorizer_see_the_same_header(
     gateway_factory: Callable[..., Gateway], pki: DevPki
 ) -> None:
     """Outbound header blocks (e.g. WS-Security/XUA) reach the peer's authorizer."""
-    from xca_gateway.soap import SoapFault
-    from xca_gateway.soap_service import Operation, SoapRequest
+    from xca_gateway.protocol.soap import SoapFault
+    from xca_gateway.protocol.soap_service import Operation, SoapRequest
 
     beta = gateway_factory("beta")
     seen: list[str] = []

@@ -40,8 +40,8 @@ from xca_gateway.consent import (
     evaluate,
     parse_consent_config,
 )
+from xca_gateway.protocol.http_server import HttpServer
 from xca_gateway.security.callers import AccessDecision, Identity, Principal, Role
-from xca_gateway.server import HttpServer
 
 PATIENT = "P1^^^&1.3.6.1.4.1.21367.13.20.1000&ISO"
 B = "urn:oid:1.3.6.1.4.1.21367.13.70.2"

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from xca_gateway.app.config import load_config
-from xca_gateway.tls import client_context
+from xca_gateway.protocol.tls import client_context
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -181,7 +181,7 @@ def test_demo_consumer_query_reaches_every_community(
 
     from tests.test_initiating import find_documents
     from tests.test_server import soap12
-    from xca_gateway.namespaces import QUERY, RIM, RS, SOAP12, Action
+    from xca_gateway.protocol.namespaces import QUERY, RIM, RS, SOAP12, Action
 
     _, workdir = demo
     data = _endpoints(workdir)
@@ -228,8 +228,8 @@ def test_demo_images_travel_across_communities(
     from tests.test_mtom_server import read_mtom
     from tests.test_server import soap12
     from xca_gateway.demo import DemoCommunity
-    from xca_gateway.namespaces import RS, XDSB, XDSI, Action
-    from xca_gateway.soap import element_content
+    from xca_gateway.protocol.namespaces import RS, XDSB, XDSI, Action
+    from xca_gateway.protocol.soap import element_content
 
     _, workdir = demo
     data = _endpoints(workdir)

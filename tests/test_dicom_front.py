@@ -82,7 +82,7 @@ from xca_gateway.imaging.transfer_syntax import (
     transcode,
 )
 from xca_gateway.pki import CertPair, DevPki
-from xca_gateway.tls import client_context
+from xca_gateway.protocol.tls import client_context
 
 AUTHORITY = f"{ARC}.20.1000"  # alpha, the community whose front door is tested
 FRONT_AE = "XCA-FRONT"

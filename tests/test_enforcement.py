@@ -29,7 +29,7 @@ from xca_gateway.enforcement import (
     study_index,
 )
 from xca_gateway.imaging.request import DocumentRequest as ImagingDocumentRequest
-from xca_gateway.namespaces import RIM, ResponseStatus
+from xca_gateway.protocol.namespaces import RIM, ResponseStatus
 
 HOME = "urn:oid:1.3.6.1.4.1.21367.13.70.1"
 PEER = "urn:oid:1.3.6.1.4.1.21367.13.70.2"

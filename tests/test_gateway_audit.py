@@ -16,9 +16,9 @@ from xca_gateway.app.gateway import Gateway
 from xca_gateway.audit.rsyslog import RsyslogRepository, gtls_available, rsyslogd_path
 from xca_gateway.audit.syslog import parse_message
 from xca_gateway.audit.validate import schema_errors
-from xca_gateway.namespaces import Action
 from xca_gateway.pki import DevPki
-from xca_gateway.tls import client_context
+from xca_gateway.protocol.namespaces import Action
+from xca_gateway.protocol.tls import client_context
 
 
 @pytest.fixture
@@ -167,7 +167,7 @@ def test_imaging_retrieve_is_audited_on_both_gateways(
     import pydicom
 
     from xca_gateway.dicom_samples import DEFAULT_PATIENTS, generate_study
-    from xca_gateway.namespaces import XDSB, XDSI
+    from xca_gateway.protocol.namespaces import XDSB, XDSI
 
     source_id = "1.3.6.1.4.1.21367.13.81.2"
     study = generate_study(
@@ -286,7 +286,7 @@ def _named_objects(root: etree._Element) -> list[tuple[str | None, str | None]]:
 def test_retrieve_audits_name_malformed_document_requests(
     gateway_factory: Callable[..., Gateway], pki: DevPki, rsyslog: RsyslogRepository, tmp_path: Path
 ) -> None:
-    from xca_gateway.namespaces import XDSB, XDSI
+    from xca_gateway.protocol.namespaces import XDSB, XDSI
 
     beta = audited(gateway_factory, rsyslog, tmp_path, "beta")
     alpha = audited(gateway_factory, rsyslog, tmp_path, "alpha")

@@ -24,8 +24,8 @@ from xca_gateway.app.gateway import Gateway
 from xca_gateway.audit.validate import schema_errors
 from xca_gateway.dicom_samples import DEFAULT_PATIENTS, generate_study
 from xca_gateway.importer import import_studies
-from xca_gateway.namespaces import RIM, RS, XDSB, XDSI, Action, ResponseStatus
 from xca_gateway.pki import DevPki
+from xca_gateway.protocol.namespaces import RIM, RS, XDSB, XDSI, Action, ResponseStatus
 from xca_gateway.registry import open_registry
 from xca_gateway.repository import DocumentRepository
 

@@ -16,8 +16,8 @@ from lxml import etree
 from tests.test_initiating import find_documents
 from tests.test_server import ADHOC_QUERY, consumer, soap12
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.namespaces import QUERY, RS, SOAP12, Action
 from xca_gateway.pki import DevPki
+from xca_gateway.protocol.namespaces import QUERY, RS, SOAP12, Action
 
 IDENTITY = {
     "name_id": "dr.smith",
@@ -163,7 +163,7 @@ async def test_transactions_not_allowed_for_a_peer_are_refused(
         },
     )
     from tests.test_client import _client
-    from xca_gateway.namespaces import XDSB
+    from xca_gateway.protocol.namespaces import XDSB
 
     client = _client(pki)
     retrieve = etree.fromstring(

@@ -36,15 +36,15 @@ from tests.test_imaging_support import (
     releasing_peer_pools,
 )
 from tests.test_rad69 import _parse_complete, _stream_root_then
-from xca_gateway import mtom
 from xca_gateway.app.gateway import Gateway
 from xca_gateway.dicom_samples import SampleStudy
 from xca_gateway.imaging.dicomweb import DicomwebSource
 from xca_gateway.imaging.dimse import DimseSettings, DimseSource
 from xca_gateway.imaging.sources import ImagingSource
 from xca_gateway.imaging.transfer_syntax import sniff_transfer_syntax, split_meta
-from xca_gateway.namespaces import Action, ResponseStatus
 from xca_gateway.pki import DevPki
+from xca_gateway.protocol import mtom
+from xca_gateway.protocol.namespaces import Action, ResponseStatus
 from xca_gateway.transactions.rad69 import rad69_handler
 from xca_gateway.transactions.rad75 import rad75_handler
 

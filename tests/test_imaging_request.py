@@ -21,7 +21,7 @@ from xca_gateway.imaging.response import (
     build_retrieve_response,
     parse_retrieve_response,
 )
-from xca_gateway.namespaces import XDSB, XDSI, ResponseStatus
+from xca_gateway.protocol.namespaces import XDSB, XDSI, ResponseStatus
 
 DOCS = (
     DocumentRequest("1.2.3", "1.2.3.1", "1.9.1", "1.2.3.1.1", "urn:oid:1.9"),
@@ -54,7 +54,7 @@ def test_build_is_schema_shaped_and_round_trips() -> None:
 def test_built_request_reads_back_through_the_wsdl_schema() -> None:
     import zeep
 
-    from xca_gateway.wsdl import wsdl_path
+    from xca_gateway.protocol.wsdl import wsdl_path
 
     client = zeep.Client(str(wsdl_path("rad69")))
     request = RetrieveImagingDocumentSetRequest(DOCS, ("1.2.840.10008.1.2.1",))

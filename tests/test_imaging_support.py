@@ -23,7 +23,6 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from tests.test_server import consumer, soap12
-from xca_gateway import mtom
 from xca_gateway.app.gateway import Gateway
 from xca_gateway.dicom_samples import DEFAULT_PATIENTS, SampleStudy, generate_study
 from xca_gateway.imaging.request import (
@@ -32,9 +31,10 @@ from xca_gateway.imaging.request import (
     build_retrieve_imaging_request,
 )
 from xca_gateway.imaging.response import RetrieveResponse, parse_retrieve_response
-from xca_gateway.namespaces import SOAP12
 from xca_gateway.pki import DevPki
-from xca_gateway.soap_service import Handler, Operation
+from xca_gateway.protocol import mtom
+from xca_gateway.protocol.namespaces import SOAP12
+from xca_gateway.protocol.soap_service import Handler, Operation
 
 EXPLICIT = "1.2.840.10008.1.2.1"
 IMPLICIT = "1.2.840.10008.1.2"

@@ -48,7 +48,7 @@ from xca_gateway.import_priors import (
     import_priors,
 )
 from xca_gateway.pki import DevPki
-from xca_gateway.tls import client_context
+from xca_gateway.protocol.tls import client_context
 
 ALPHA_HOME = f"urn:oid:{ARC}.70.1"
 BETA_HOME = f"urn:oid:{ARC}.70.2"

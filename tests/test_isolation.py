@@ -30,10 +30,10 @@ from xca_gateway.audit.messages import (
     security_alert_node_authentication,
 )
 from xca_gateway.audit.rsyslog import RsyslogRepository
-from xca_gateway.namespaces import Action
 from xca_gateway.pki import DevPki
-from xca_gateway.tls import client_context
-from xca_gateway.xmlsafe import (
+from xca_gateway.protocol.namespaces import Action
+from xca_gateway.protocol.tls import client_context
+from xca_gateway.protocol.xmlsafe import (
     INLINE_PARSE_BYTES,
     MarkupCounter,
     XmlLimits,
@@ -422,7 +422,7 @@ def test_callers_behind_one_address_are_separate_sources() -> None:
 
 
 def test_large_parses_of_one_source_run_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    import xca_gateway.xmlsafe as xmlsafe
+    import xca_gateway.protocol.xmlsafe as xmlsafe
 
     running: dict[str, int] = {}
     peak: dict[str, int] = {}
@@ -571,7 +571,7 @@ def test_the_audit_record_repository_aggregates_its_own_alerts() -> None:
 
 
 def test_a_full_pool_displaces_silent_connections_before_handshaking_ones() -> None:
-    from xca_gateway.server import ConnectionGate, ConnectionLimits
+    from xca_gateway.protocol.http_server import ConnectionGate, ConnectionLimits
 
     gate = ConnectionGate(ConnectionLimits(max_pending_handshakes=3))
     dropped: list[str] = []
@@ -596,7 +596,7 @@ def test_a_full_pool_displaces_silent_connections_before_handshaking_ones() -> N
 
 
 def test_an_attribute_bomb_is_refused_from_its_markup_before_a_tree_is_built() -> None:
-    from xca_gateway.xmlsafe import check_markup
+    from xca_gateway.protocol.xmlsafe import check_markup
 
     with pytest.raises(XmlRejected, match="more than 256 attributes per element"):
         check_markup(count_markup(attribute_bomb(60_000)), XmlLimits())

@@ -34,11 +34,11 @@ from tests.test_registry_corpus import (
 )
 from xca_gateway import ebrim
 from xca_gateway.ebrim import ErrorCode, StoredQueryId
-from xca_gateway.namespaces import RIM, Action, ResponseStatus
 from xca_gateway.pki import DevPki
+from xca_gateway.protocol.namespaces import RIM, Action, ResponseStatus
+from xca_gateway.protocol.soap_service import Operation, SoapEndpoint
 from xca_gateway.registry import LocalRegistry
 from xca_gateway.registry.builder import study_reference_id
-from xca_gateway.soap_service import Operation, SoapEndpoint
 from xca_gateway.transactions.iti18 import iti18_handler
 
 Q = StoredQueryId

@@ -36,8 +36,10 @@ from tests.test_registry_corpus import (
 )
 from xca_gateway.app.gateway import Gateway
 from xca_gateway.ebrim import ErrorCode, StoredQueryId
-from xca_gateway.namespaces import RIM, RS, SOAP12, Action, ResponseStatus
 from xca_gateway.pki import DevPki
+from xca_gateway.protocol.namespaces import RIM, RS, SOAP12, Action, ResponseStatus
+from xca_gateway.protocol.soap_service import Operation, SoapEndpoint
+from xca_gateway.protocol.wsdl import BINDINGS, WSDL_DIR, wsdl_path
 from xca_gateway.registry import Registry, RegistryAction, open_registry, parse_registry_config
 from xca_gateway.registry.builder import (
     DocumentEntrySpec,
@@ -45,11 +47,9 @@ from xca_gateway.registry.builder import (
     build_submit_objects_request,
     kos_document_entry,
 )
-from xca_gateway.soap_service import Operation, SoapEndpoint
 from xca_gateway.transactions.iti18 import iti18_handler
 from xca_gateway.transactions.iti38 import iti38_handler
 from xca_gateway.transactions.iti42 import iti42_handler
-from xca_gateway.wsdl import BINDINGS, WSDL_DIR, wsdl_path
 
 T = TypeVar("T")
 

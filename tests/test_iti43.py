@@ -18,15 +18,25 @@ from lxml import etree
 
 from tests.test_mtom_server import read_mtom
 from tests.test_server import consumer, fault_of, soap12
-from xca_gateway import mtom
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.client import PeerError, SoapReply
 from xca_gateway.ebrs import RegistryError
-from xca_gateway.namespaces import RS, SOAP12, WSA, XDSB, XOP, Action, ErrorSeverity, ResponseStatus
 from xca_gateway.pki import DevPki
+from xca_gateway.protocol import mtom
+from xca_gateway.protocol.namespaces import (
+    RS,
+    SOAP12,
+    WSA,
+    XDSB,
+    XOP,
+    Action,
+    ErrorSeverity,
+    ResponseStatus,
+)
+from xca_gateway.protocol.peer_client import PeerError, SoapReply
+from xca_gateway.protocol.soap import SoapFault
+from xca_gateway.protocol.soap_service import Operation
+from xca_gateway.protocol.wsdl import WSDL_DIR, zeep_service
 from xca_gateway.repository import DocumentRepository
-from xca_gateway.soap import SoapFault
-from xca_gateway.soap_service import Operation
 from xca_gateway.transactions.iti43 import (
     DocumentRequest,
     DocumentResponse,
@@ -40,7 +50,6 @@ from xca_gateway.transactions.iti43 import (
     parse_retrieve_document_set_response,
     retrieve_documents,
 )
-from xca_gateway.wsdl import WSDL_DIR, zeep_service
 
 ALPHA_REPO = "1.3.6.1.4.1.21367.13.80.1"
 BETA_REPO = "1.3.6.1.4.1.21367.13.80.2"

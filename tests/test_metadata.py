@@ -32,8 +32,8 @@ from xca_gateway.metadata import (
     xcn_from_pn,
     xpn_from_pn,
 )
-from xca_gateway.namespaces import LCM, RIM
-from xca_gateway.wsdl import WSDL_DIR
+from xca_gateway.protocol.namespaces import LCM, RIM
+from xca_gateway.protocol.wsdl import WSDL_DIR
 
 AFFINITY = "1.3.6.1.4.1.21367.13.20.1000"
 REPO_ID = "1.3.6.1.4.1.21367.13.80.1"

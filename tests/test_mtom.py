@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from xca_gateway.mtom import (
+from xca_gateway.protocol.mtom import (
     Attachment,
     Finished,
     MtomError,
@@ -529,8 +529,8 @@ def test_reader_limits(limits: dict[str, int], reason: str) -> None:
 
 
 def test_reader_closes_spools_on_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from xca_gateway import mtom as mtom_module
-    from xca_gateway.encrypted_spool import EncryptedSpool
+    from xca_gateway.protocol import mtom as mtom_module
+    from xca_gateway.protocol.encrypted_spool import EncryptedSpool
 
     created: list[EncryptedSpool] = []
 

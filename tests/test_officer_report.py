@@ -37,8 +37,7 @@ import pydicom
 import pytest
 
 from xca_gateway.consumer import retrieve_study
-from xca_gateway.pki import certificate_info
-from xca_gateway.tls import client_context
+from xca_gateway.protocol.tls import certificate_info, client_context
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"

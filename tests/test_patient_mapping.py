@@ -17,8 +17,6 @@ from tests.test_initiating import install as install_iti38
 from tests.test_iti55 import install, tls_of
 from tests.test_server import consumer, soap12
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.client import PeerClient
-from xca_gateway.namespaces import QUERY, SOAP12, Action, ErrorSeverity
 from xca_gateway.patient_id import PatientId
 from xca_gateway.patient_mapping import (
     CrossReferenceTable,
@@ -28,10 +26,12 @@ from xca_gateway.patient_mapping import (
 )
 from xca_gateway.patients import Demographics, PatientDirectory
 from xca_gateway.pki import DevPki
+from xca_gateway.protocol.namespaces import QUERY, SOAP12, Action, ErrorSeverity
+from xca_gateway.protocol.peer_client import PeerClient
+from xca_gateway.protocol.soap import SoapFault
+from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
+from xca_gateway.protocol.tls import gateway_client_context
 from xca_gateway.settings import ConfigError, OutboundConfig, PeerConfig
-from xca_gateway.soap import SoapFault
-from xca_gateway.soap_service import Handler, SoapRequest, SoapResponse
-from xca_gateway.tls import gateway_client_context
 from xca_gateway.transactions import iti45, iti55
 
 ALPHA_HOME = "urn:oid:1.3.6.1.4.1.21367.13.70.1"

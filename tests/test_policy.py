@@ -27,7 +27,6 @@ from xca_gateway.audit.validate import schema_errors
 from xca_gateway.consent import ConsentConfig, ConsentService, ConsentStore
 from xca_gateway.ebrs import adhoc_query_response
 from xca_gateway.enforcement import filter_query_objects
-from xca_gateway.namespaces import QUERY, RIM, RS, SOAP12, WSSE, Action, ResponseStatus
 from xca_gateway.pki import DevPki
 from xca_gateway.policy import (
     LOCAL_POLICY_RESTRICTION_ERROR,
@@ -43,10 +42,11 @@ from xca_gateway.policy import (
     parse_policy_config,
     refusal_audit_message,
 )
-from xca_gateway.server import PeerCertificate, PeerInfo
-from xca_gateway.soap import build_envelope, serialize
-from xca_gateway.soap_service import Operation, SoapRequest, SoapResponse
-from xca_gateway.tls import client_context
+from xca_gateway.protocol.http_server import PeerCertificate, PeerInfo
+from xca_gateway.protocol.namespaces import QUERY, RIM, RS, SOAP12, WSSE, Action, ResponseStatus
+from xca_gateway.protocol.soap import build_envelope, serialize
+from xca_gateway.protocol.soap_service import Operation, SoapRequest, SoapResponse
+from xca_gateway.protocol.tls import client_context
 from xca_gateway.xua import (
     Ce,
     WsseFault,

@@ -37,7 +37,6 @@ from tests.test_imaging_support import (
     retrieve_body,
 )
 from tests.test_server import consumer, soap12
-from xca_gateway import mtom
 from xca_gateway.app.gateway import Gateway
 from xca_gateway.imaging.filesystem import FilesystemSource
 from xca_gateway.imaging.rad69_source import Rad69Source
@@ -48,9 +47,10 @@ from xca_gateway.imaging.request import (
 )
 from xca_gateway.imaging.retrieve import ImagingRetrieval
 from xca_gateway.imaging.sources import PlannedInstance, Retrieval
-from xca_gateway.namespaces import Action, ResponseStatus
 from xca_gateway.pki import DevPki
-from xca_gateway.tls import server_context
+from xca_gateway.protocol import mtom
+from xca_gateway.protocol.namespaces import Action, ResponseStatus
+from xca_gateway.protocol.tls import server_context
 from xca_gateway.transactions.rad69 import (
     InitiatingImagingGateway,
     imaging_document_source_handler,

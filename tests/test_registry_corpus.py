@@ -27,7 +27,8 @@ import pytest
 from lxml import etree
 
 from xca_gateway import ebrim
-from xca_gateway.namespaces import QUERY, RIM, ResponseStatus
+from xca_gateway.protocol.namespaces import QUERY, RIM, ResponseStatus
+from xca_gateway.protocol.wsdl import WSDL_DIR
 from xca_gateway.registry import LocalRegistry, QueryResult, open_registry, parse_registry_config
 from xca_gateway.registry.builder import (
     CONFIDENTIALITY,
@@ -42,7 +43,6 @@ from xca_gateway.registry.builder import (
     study_reference_id,
 )
 from xca_gateway.registry.model import Code, load_element
-from xca_gateway.wsdl import WSDL_DIR
 
 AUTHORITY = "1.3.6.1.4.1.21367.13.20.1000"
 PID_A = f"A-1^^^&{AUTHORITY}&ISO"

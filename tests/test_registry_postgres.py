@@ -27,7 +27,7 @@ from tests.test_registry_corpus import (
 )
 from xca_gateway import ebrim
 from xca_gateway.ebrim import ErrorCode, StoredQueryId
-from xca_gateway.namespaces import ResponseStatus
+from xca_gateway.protocol.namespaces import ResponseStatus
 from xca_gateway.registry import LocalRegistry, open_registry, parse_registry_config
 from xca_gateway.registry.builder import (
     AssociationSpec,

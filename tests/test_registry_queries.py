@@ -36,7 +36,7 @@ from tests.test_registry_corpus import (
 from xca_gateway import ebrim
 from xca_gateway.ebrim import ErrorCode, StoredQueryId
 from xca_gateway.ebrs import adhoc_query_response
-from xca_gateway.namespaces import RIM, ErrorSeverity, ResponseStatus
+from xca_gateway.protocol.namespaces import RIM, ErrorSeverity, ResponseStatus
 from xca_gateway.registry import LocalRegistry, QueryResult, open_registry, parse_registry_config
 from xca_gateway.registry.builder import (
     CONFIDENTIALITY,

@@ -7,7 +7,7 @@ import pytest
 from tests.test_registry_corpus import APPROVED, PID_A, adhoc, listed, quoted
 from xca_gateway import ebrim
 from xca_gateway.ebrim import ErrorCode, StoredQueryId
-from xca_gateway.namespaces import ErrorSeverity
+from xca_gateway.protocol.namespaces import ErrorSeverity
 from xca_gateway.registry.model import (
     Code,
     CodeAttribute,
@@ -209,7 +209,7 @@ def test_plans_of_composite_queries() -> None:
 def test_request_shape_errors() -> None:
     from lxml import etree
 
-    from xca_gateway.namespaces import QUERY
+    from xca_gateway.protocol.namespaces import QUERY
 
     with pytest.raises(StoredQueryError) as caught:
         parse_stored_query(etree.Element(f"{{{QUERY}}}SomethingElse"))

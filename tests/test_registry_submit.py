@@ -30,7 +30,7 @@ from tests.test_registry_corpus import (
 from xca_gateway import ebrim
 from xca_gateway.ebrim import ErrorCode, StoredQueryId
 from xca_gateway.ebrs import RegistryError
-from xca_gateway.namespaces import LCM, RIM
+from xca_gateway.protocol.namespaces import LCM, RIM
 from xca_gateway.registry import LocalRegistry
 from xca_gateway.registry.builder import (
     AssociationSpec,

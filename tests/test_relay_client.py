@@ -9,17 +9,17 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from xca_gateway.client import PeerClient, PeerError
 from xca_gateway.pki import DevPki
-from xca_gateway.relay_client import (
+from xca_gateway.protocol.http_client import (
     RelayClient,
     RelayConnectError,
     RelayError,
     _BodyDecoder,
 )
-from xca_gateway.server import HttpServer, Request, Response, ServerTimeouts
+from xca_gateway.protocol.http_server import HttpServer, Request, Response, ServerTimeouts
+from xca_gateway.protocol.peer_client import PeerClient, PeerError
+from xca_gateway.protocol.tls import client_context, server_context
 from xca_gateway.settings import OutboundConfig, TlsConfig
-from xca_gateway.tls import client_context, server_context
 
 # ------------------------------------------------------------------------ body framing (pure)
 

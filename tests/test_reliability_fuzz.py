@@ -15,7 +15,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
-from xca_gateway import mtom
 from xca_gateway.arr.parse import parse_record
 from xca_gateway.arr.receiver import FrameReader
 from xca_gateway.audit.syslog import OctetCountingParser, SyslogError, frame, parse_message
@@ -27,9 +26,10 @@ from xca_gateway.imaging.request import (
     is_uid,
     parse_retrieve_imaging_request,
 )
-from xca_gateway.namespaces import SOAP12, WSA, XDSB, XDSI
-from xca_gateway.soap import SoapFault, parse_envelope
-from xca_gateway.xmlsafe import XmlLimits, XmlRejected, parse_xml
+from xca_gateway.protocol import mtom
+from xca_gateway.protocol.namespaces import SOAP12, WSA, XDSB, XDSI
+from xca_gateway.protocol.soap import SoapFault, parse_envelope
+from xca_gateway.protocol.xmlsafe import XmlLimits, XmlRejected, parse_xml
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SMALL_LIMITS = XmlLimits(max_bytes=4096, max_depth=8, max_attribute_bytes=64, max_text_bytes=256)

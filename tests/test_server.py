@@ -18,10 +18,19 @@ from lxml import etree
 
 from tests.conftest import wait_for
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.namespaces import QUERY, RIM, RS, SOAP11, SOAP12, WSA, Action, ResponseStatus
 from xca_gateway.pki import DevPki
-from xca_gateway.tls import client_context
-from xca_gateway.wsdl import zeep_service
+from xca_gateway.protocol.namespaces import (
+    QUERY,
+    RIM,
+    RS,
+    SOAP11,
+    SOAP12,
+    WSA,
+    Action,
+    ResponseStatus,
+)
+from xca_gateway.protocol.tls import client_context
+from xca_gateway.protocol.wsdl import zeep_service
 
 FIND_DOCUMENTS = "urn:uuid:14d4debf-8f97-4251-9a74-a90016b0af0d"
 

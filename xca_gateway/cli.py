@@ -24,8 +24,8 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from xca_gateway.credentials import CredentialError
-    from xca_gateway.server import ListenError
+    from xca_gateway.protocol.credentials import CredentialError
+    from xca_gateway.protocol.http_server import ListenError
     from xca_gateway.settings import ConfigError
 
     try:

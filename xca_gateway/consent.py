@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from xca_gateway.patient_id import PatientIdError, parse_patient_id
-from xca_gateway.server import BodyTooLarge, Request, Response
+from xca_gateway.protocol.http_server import BodyTooLarge, Request, Response
 
 if TYPE_CHECKING:
     from xca_gateway.app.admin import AdminGate
@@ -853,7 +853,8 @@ def consent_change_audit(
 
 
 class ConsentAdminApp:
-    """JSON admin API, an ``xca_gateway.server.App`` for the (loopback-only) admin port.
+    """JSON admin API, an ``xca_gateway.protocol.http_server.App`` for the (loopback-only) admin
+    port.
 
     * ``GET /consent/patients[?limit=N&offset=M]``: all rules
     * ``GET /consent/patients/{patient}``: the patient's rules and their history

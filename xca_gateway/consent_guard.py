@@ -28,8 +28,9 @@ from xca_gateway.enforcement import (
     filter_imaging_requests,
     filter_query_objects,
 )
-from xca_gateway.namespaces import QUERY, RIM, RS, XDSB, XDSI, ErrorSeverity
 from xca_gateway.policy import current_authorization
+from xca_gateway.protocol.namespaces import QUERY, RIM, RS, XDSB, XDSI, ErrorSeverity
+from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.registry.model import (
     Kind,
     ObjectFilter,
@@ -38,7 +39,6 @@ from xca_gateway.registry.model import (
     load_element,
 )
 from xca_gateway.security.callers import current_caller
-from xca_gateway.soap_service import Handler, SoapRequest, SoapResponse
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 from lxml import etree
 
-from xca_gateway import ebrim, mtom
+from xca_gateway import ebrim
 from xca_gateway.ebrs import RegistryError, parse_registry_errors
 from xca_gateway.imaging.request import (
     DocumentRequest,
@@ -33,11 +33,12 @@ from xca_gateway.imaging.request import (
 )
 from xca_gateway.imaging.transfer_syntax import LOSSLESS_AS_STORED
 from xca_gateway.kos import kos_from_bytes, kos_references, kos_retrieve_locations
-from xca_gateway.namespaces import QUERY, RIM, SOAP12, XDSB, XOP, Action
 from xca_gateway.patient_id import parse_patient_id
-from xca_gateway.soap import build_envelope, element_content, read_fault, serialize
-from xca_gateway.tls import client_context
-from xca_gateway.xmlsafe import XmlLimits, parse_xml
+from xca_gateway.protocol import mtom
+from xca_gateway.protocol.namespaces import QUERY, RIM, SOAP12, XDSB, XOP, Action
+from xca_gateway.protocol.soap import build_envelope, element_content, read_fault, serialize
+from xca_gateway.protocol.tls import client_context
+from xca_gateway.protocol.xmlsafe import XmlLimits, parse_xml
 
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
@@ -425,8 +426,8 @@ def add_retrieve_study_command(subparsers: Any) -> None:
 
 def _cmd_retrieve_study(args: argparse.Namespace) -> int:
     from xca_gateway.consumer_cli import ExchangeError, check_reachable
-    from xca_gateway.credentials import CredentialError, check_key_pair
     from xca_gateway.endpoints_file import EndpointsError, EndpointsFile
+    from xca_gateway.protocol.credentials import CredentialError, check_key_pair
 
     try:
         if args.endpoints:

@@ -28,20 +28,21 @@ from urllib.parse import urlsplit
 import httpx
 from lxml import etree
 
-from xca_gateway import mtom, xds_query
-from xca_gateway.credentials import CredentialError, check_key_pair
+from xca_gateway import xds_query
 from xca_gateway.endpoints_file import EndpointsError, EndpointsFile
-from xca_gateway.namespaces import SOAP12, Action
 from xca_gateway.patient_id import PatientIdError
-from xca_gateway.soap import build_envelope, element_content, read_fault, serialize
-from xca_gateway.tls import client_context
+from xca_gateway.protocol import mtom
+from xca_gateway.protocol.credentials import CredentialError, check_key_pair
+from xca_gateway.protocol.namespaces import SOAP12, Action
+from xca_gateway.protocol.soap import build_envelope, element_content, read_fault, serialize
+from xca_gateway.protocol.tls import client_context
+from xca_gateway.protocol.xmlsafe import XmlLimits, parse_xml
 from xca_gateway.transactions.iti43 import (
     DocumentRequest,
     RetrieveDocumentSetRequest,
     build_retrieve_document_set_request,
     parse_retrieve_document_set_response,
 )
-from xca_gateway.xmlsafe import XmlLimits, parse_xml
 
 CONNECT_TIMEOUT = 10.0
 
@@ -256,7 +257,7 @@ def describe_connection_error(exc: BaseException, host: str, port: int) -> str:
                     "the gateway refused our client certificate in the TLS handshake "
                     f"({reason.lower().replace('_', ' ')})"
                 )
-            from xca_gateway.tls import describe_handshake_error
+            from xca_gateway.protocol.tls import describe_handshake_error
 
             return f"TLS handshake failed: {describe_handshake_error(error)[0]}"
         if isinstance(error, ConnectionRefusedError):

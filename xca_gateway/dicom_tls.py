@@ -25,10 +25,10 @@ from typing import Any
 
 from pynetdicom.transport import ThreadedAssociationServer
 
+from xca_gateway.protocol.http_server import PeerInfo, peer_certificate, source_of
+from xca_gateway.protocol.tls import HandshakeCapture, HandshakeFailure, describe_handshake_error
 from xca_gateway.security.callers import Identity
 from xca_gateway.security.guard import identity_from_peer
-from xca_gateway.server import PeerInfo, peer_certificate, source_of
-from xca_gateway.tls import HandshakeCapture, HandshakeFailure, describe_handshake_error
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,8 @@ class TlsAssociationServer(ThreadedAssociationServer):
 
     def _handshake(self, sock: ssl.SSLSocket, client_address: Any) -> bool:
         address, port = str(client_address[0]), int(client_address[1])
-        # xca_gateway.tls's message callback keeps the certificate a refused peer presented.
+        # xca_gateway.protocol.tls's message callback keeps the certificate a refused peer
+        # presented.
         capture = HandshakeCapture()
         sock._xca_capture = capture  # type: ignore[attr-defined]
         try:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
-from xca_gateway.namespaces import QUERY, RIM, RS, XDSB, ErrorSeverity, ResponseStatus
+from xca_gateway.protocol.namespaces import QUERY, RIM, RS, XDSB, ErrorSeverity, ResponseStatus
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from lxml import etree
 from xca_gateway import ebrim
 from xca_gateway.consent import DocumentClassification, DocumentCode
 from xca_gateway.ebrs import RegistryError, status_for
-from xca_gateway.namespaces import RIM
+from xca_gateway.protocol.namespaces import RIM
 
 LOCAL_POLICY_RESTRICTION_ERROR = "LocalPolicyRestrictionError"
 XDS_DOCUMENT_UNIQUE_ID_ERROR = "XDSDocumentUniqueIdError"

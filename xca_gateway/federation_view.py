@@ -60,7 +60,7 @@ from xca_gateway.imaging.request import (
 )
 from xca_gateway.imaging.retrieve import ImagingRetrieval
 from xca_gateway.kos import InstanceRef, kos_from_bytes, kos_references
-from xca_gateway.namespaces import RIM, XDSB, ResponseStatus
+from xca_gateway.protocol.namespaces import RIM, XDSB, ResponseStatus
 from xca_gateway.security.callers import Principal, current_caller
 
 if TYPE_CHECKING:

@@ -35,7 +35,6 @@ import httpx
 from lxml import etree
 from pydicom.dataset import Dataset
 
-from xca_gateway import mtom
 from xca_gateway.consumer import (
     EXPLICIT_VR_LITTLE_ENDIAN,
     Consumer,
@@ -55,15 +54,16 @@ from xca_gateway.imaging import transfer_syntax as ts
 from xca_gateway.imaging.request import RetrieveImagingDocumentSetRequest
 from xca_gateway.imaging.retrieve import InstanceTooLarge
 from xca_gateway.kos import InstanceRef, is_valid_uid, kos_from_bytes, kos_references
-from xca_gateway.namespaces import Action
 from xca_gateway.patient_id import PatientId, parse_patient_id
+from xca_gateway.protocol import mtom
+from xca_gateway.protocol.namespaces import Action
+from xca_gateway.protocol.tls import client_context
 from xca_gateway.reconcile import (
     Reconciliation,
     ReconciliationError,
     accession_prefix_for,
     reconcile,
 )
-from xca_gateway.tls import client_context
 from xca_gateway.transactions.iti43 import same_community
 
 if TYPE_CHECKING:
@@ -1082,7 +1082,7 @@ def _cmd_import_priors(args: argparse.Namespace) -> int:
         # One INFO line per DIMSE message drowns the per-study report.
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     from xca_gateway.consumer_cli import ExchangeError, check_reachable
-    from xca_gateway.credentials import check_key_pair
+    from xca_gateway.protocol.credentials import check_key_pair
 
     try:
         target = _target(args)

@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 
 from lxml import etree
 
-from xca_gateway.client import PeerClient, PeerError
 from xca_gateway.ebrim import ErrorCode, StoredQueryId
 from xca_gateway.ebrs import RegistryError, adhoc_query_response, parse_registry_errors
 from xca_gateway.metrics import GatewayMetrics
-from xca_gateway.namespaces import QUERY, RIM, Action, ErrorSeverity, ResponseStatus
 from xca_gateway.patient_id import PatientId, PatientIdError, parse_patient_id
 from xca_gateway.patient_mapping import PatientIdMapper
+from xca_gateway.protocol.namespaces import QUERY, RIM, Action, ErrorSeverity, ResponseStatus
+from xca_gateway.protocol.peer_client import PeerClient, PeerError
+from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.registry.stored_query import (
     ID_BASED_QUERIES,
     QUERIES,
@@ -34,7 +35,6 @@ from xca_gateway.registry.stored_query import (
     parse_stored_query,
 )
 from xca_gateway.settings import InitiatingConfig, PeerConfig
-from xca_gateway.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.transactions.iti43 import (
     DocumentRequest,
     RetrievedDocument,

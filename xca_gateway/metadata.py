@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from xca_gateway import ebrim
-from xca_gateway.namespaces import LCM, RIM
+from xca_gateway.protocol.namespaces import LCM, RIM
 
 __all__ = [
     "CONFIDENTIALITY_SYSTEM",

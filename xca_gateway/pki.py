@@ -28,15 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = [
-    "CertPair",
-    "CertificateInfo",
-    "DevPki",
-    "certificate_info",
-    "init_dev_pki",
-    "issue_client_certificate",
-    "load_dev_pki",
-]
+__all__ = ["CertPair", "DevPki", "init_dev_pki", "issue_client_certificate", "load_dev_pki"]
 
 MANIFEST_NAME = "pki.json"
 MANIFEST_VERSION = 1
@@ -98,21 +90,6 @@ class DevPki:
             "untrusted_client": self.untrusted_client.to_json(),
             "expired_client": self.expired_client.to_json(),
         }
-
-
-@dataclass(frozen=True)
-class CertificateInfo:
-    """A printable summary of an X.509 certificate (e.g. a TLS peer's)."""
-
-    subject: str
-    issuer: str
-    serial_number: int
-    not_before: datetime
-    not_after: datetime
-    san_dns: tuple[str, ...]
-    san_ip: tuple[str, ...]
-    san_uri: tuple[str, ...]
-    fingerprint_sha256: str
 
 
 def validate_community_name(name: str) -> str:
@@ -564,37 +541,3 @@ def init_dev_pki(
     # The manifest is written last: its presence means the PKI is complete.
     _write_manifest(pki, hostnames, ip_addresses, now)
     return pki
-
-
-def certificate_info(der_or_pem: bytes) -> CertificateInfo:
-    """Summarise a certificate given as DER (e.g. ``getpeercert(binary_form=True)``) or PEM.
-
-    Raises ValueError if the bytes are not a parseable certificate.
-    """
-    data = bytes(der_or_pem)
-    try:
-        if data.lstrip().startswith(b"-----BEGIN"):
-            cert = x509.load_pem_x509_certificate(data)
-        else:
-            cert = x509.load_der_x509_certificate(data)
-        try:
-            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        except x509.ExtensionNotFound:
-            san = x509.SubjectAlternativeName([])
-        dns = tuple(san.get_values_for_type(x509.DNSName))
-        ips = tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
-        uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
-        return CertificateInfo(
-            subject=cert.subject.rfc4514_string(),
-            issuer=cert.issuer.rfc4514_string(),
-            serial_number=cert.serial_number,
-            not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc,
-            san_dns=dns,
-            san_ip=ips,
-            san_uri=uris,
-            fingerprint_sha256=cert.fingerprint(hashes.SHA256()).hex(),
-        )
-    except (x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
-        # Peer certificates are untrusted input; normalise parse failures to ValueError.
-        raise ValueError(f"unparseable certificate: {exc}") from exc

@@ -33,7 +33,9 @@ from xca_gateway.ebrs import RegistryError, adhoc_query_response, retrieve_docum
 from xca_gateway.enforcement import (
     LOCAL_POLICY_RESTRICTION_ERROR as LOCAL_POLICY_RESTRICTION_ERROR,
 )
-from xca_gateway.namespaces import ResponseStatus
+from xca_gateway.protocol.http_server import PeerInfo
+from xca_gateway.protocol.namespaces import ResponseStatus
+from xca_gateway.protocol.soap_service import Operation, SoapRequest, SoapResponse
 from xca_gateway.security.callers import (
     CallerDirectory,
     CallerRule,
@@ -42,8 +44,6 @@ from xca_gateway.security.callers import (
     Role,
 )
 from xca_gateway.security.config import parse_caller_rule
-from xca_gateway.server import PeerInfo
-from xca_gateway.soap_service import Operation, SoapRequest, SoapResponse
 from xca_gateway.transactions import TRANSACTIONS, TransactionSpec
 from xca_gateway.xua import (
     Ce,
@@ -607,7 +607,7 @@ def refusal_response(
 class AuthorizationGate:
     """XUA validation + access policy in front of the responding gateway's operations.
 
-    ``authorize`` raises a :class:`~xca_gateway.soap.SoapFault` for WS-Security failures,
+    ``authorize`` raises a :class:`~xca_gateway.protocol.soap.SoapFault` for WS-Security failures,
     returns a refusal response for policy denials, and returns None (after recording the
     :class:`Authorization` for :func:`current_authorization`) when the handler may run.
     """

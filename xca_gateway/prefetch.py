@@ -81,6 +81,8 @@ from xca_gateway.hl7v2 import (
     parse_order,
     read_header,
 )
+from xca_gateway.protocol.http_server import ConnectionGate, ConnectionLimits, PeerInfo, tls_accept
+from xca_gateway.protocol.tls import server_context
 from xca_gateway.security.callers import (
     Door,
     Principal,
@@ -88,9 +90,7 @@ from xca_gateway.security.callers import (
     set_current_caller,
 )
 from xca_gateway.security.guard import identity_from_peer
-from xca_gateway.server import ConnectionGate, ConnectionLimits, PeerInfo, tls_accept
 from xca_gateway.settings import ConfigError, is_loopback_host
-from xca_gateway.tls import server_context
 
 if TYPE_CHECKING:
     from xca_gateway.app.gateway import Gateway

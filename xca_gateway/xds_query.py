@@ -25,8 +25,8 @@ from xca_gateway import ebrim
 from xca_gateway.ebrim import StoredQueryId
 from xca_gateway.ebrs import RegistryError, parse_registry_errors
 from xca_gateway.metadata import DCM_SYSTEM, LOINC
-from xca_gateway.namespaces import QUERY, RIM
 from xca_gateway.patient_id import PatientId, parse_patient_id
+from xca_gateway.protocol.namespaces import QUERY, RIM
 from xca_gateway.registry.stored_query import QUERIES, ParamType, QuerySpec
 
 DE = "$XDSDocumentEntry"

@@ -56,13 +56,13 @@ from signxml.exceptions import (
 )
 from signxml.verifier import SignatureConfiguration
 
-from xca_gateway.namespaces import SOAP12, WSSE
+from xca_gateway.protocol.namespaces import SOAP12, WSSE
+from xca_gateway.protocol.soap import SoapFault
 from xca_gateway.security.callers import Role, current_caller
-from xca_gateway.soap import SoapFault
 
 if TYPE_CHECKING:
     from xca_gateway.audit.messages import CodedValue, HumanRequestor
-    from xca_gateway.soap_service import SoapRequest
+    from xca_gateway.protocol.soap_service import SoapRequest
 
 log = logging.getLogger(__name__)
 

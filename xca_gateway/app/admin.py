@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xca_gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from xca_gateway.protocol.http_server import App, Request, Response
 from xca_gateway.security.callers import (
     AccessDecision,
     Door,
@@ -44,7 +45,6 @@ from xca_gateway.security.callers import (
     Role,
     set_current_caller,
 )
-from xca_gateway.server import App, Request, Response
 
 # A token shorter than this is refused: guessing must stay out of reach (32 characters of
 # token_urlsafe carry 192 bits).

@@ -26,9 +26,9 @@ from xca_gateway.audit.patients import (
     PatientMemory,
     entry_patients,
 )
-from xca_gateway.namespaces import RIM, RS, Action
+from xca_gateway.protocol.namespaces import RIM, RS, Action
+from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.security.callers import Role, current_caller
-from xca_gateway.soap_service import Handler, SoapRequest, SoapResponse
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def _context_patients(context: Mapping[str, Any] | None) -> Mapping[str, m.Patie
 
 def _current_request_context() -> Mapping[str, Any] | None:
     """The context of the SOAP request being served, if an outbound call is made for one."""
-    from xca_gateway.soap_service import CURRENT_REQUEST
+    from xca_gateway.protocol.soap_service import CURRENT_REQUEST
 
     request = CURRENT_REQUEST.get()
     return request.context if request is not None else None

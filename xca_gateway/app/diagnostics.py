@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from lxml import etree
 
-from xca_gateway import mtom
-from xca_gateway.namespaces import XOP
-from xca_gateway.soap import element_content
-from xca_gateway.soap_service import Operation, SoapEndpoint, SoapRequest, SoapResponse
+from xca_gateway.protocol import mtom
+from xca_gateway.protocol.namespaces import XOP
+from xca_gateway.protocol.soap import element_content
+from xca_gateway.protocol.soap_service import Operation, SoapEndpoint, SoapRequest, SoapResponse
 
 NS = "urn:xca-gateway:diagnostics"
 ECHO_ACTION = "urn:xca-gateway:diagnostics:Echo"

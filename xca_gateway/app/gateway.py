@@ -17,7 +17,6 @@ from typing import Any
 from xca_gateway.app import diagnostics
 from xca_gateway.app.admin import AdminApp
 from xca_gateway.app.config import GatewayConfig
-from xca_gateway.client import PeerClient
 from xca_gateway.imaging.config import ImagingConfig
 from xca_gateway.imaging.service import ImagingService
 from xca_gateway.initiating import (
@@ -27,21 +26,22 @@ from xca_gateway.initiating import (
 )
 from xca_gateway.initiating import iti43_handler as initiating_iti43_handler
 from xca_gateway.metrics import GatewayMetrics
-from xca_gateway.namespaces import Action
 from xca_gateway.patient_mapping import CrossReferenceTable, PatientIdMapper
 from xca_gateway.patients import PatientDirectory
-from xca_gateway.security.callers import AccessDecision, Door, soap_door
-from xca_gateway.security.guard import DoorGuard, access_denied_message, identity_from_peer
-from xca_gateway.server import (
+from xca_gateway.protocol.http_server import (
     ConnectionLimits,
     HttpServer,
     Response,
     ServerTimeouts,
     listen_errors,
 )
-from xca_gateway.soap import SoapFault, build_fault
-from xca_gateway.soap_service import Operation, SoapEndpoint, SoapService
-from xca_gateway.tls import HandshakeFailure, gateway_client_context, server_context
+from xca_gateway.protocol.namespaces import Action
+from xca_gateway.protocol.peer_client import PeerClient
+from xca_gateway.protocol.soap import SoapFault, build_fault
+from xca_gateway.protocol.soap_service import Operation, SoapEndpoint, SoapService
+from xca_gateway.protocol.tls import HandshakeFailure, gateway_client_context, server_context
+from xca_gateway.security.callers import AccessDecision, Door, soap_door
+from xca_gateway.security.guard import DoorGuard, access_denied_message, identity_from_peer
 from xca_gateway.transactions import TRANSACTIONS, iti45, iti55, unavailable_handler
 
 log = logging.getLogger(__name__)
@@ -329,7 +329,7 @@ class Gateway:
             PolicyStore,
             refusal_audit_message,
         )
-        from xca_gateway.soap_service import CURRENT_REQUEST
+        from xca_gateway.protocol.soap_service import CURRENT_REQUEST
         from xca_gateway.xua import XuaOutbound, XuaValidator
 
         cfg = self.config
@@ -625,8 +625,8 @@ def install_imaging(gateway: Gateway, config: ImagingConfig) -> ImagingService:
     Returns the service whose ``start()``/``stop()`` must run with the gateway's own; its
     ``retrieve()`` is RAD-69 in-process, the same path ``/ig/rad69`` takes.
     """
-    from xca_gateway.namespaces import Action
-    from xca_gateway.soap_service import Operation
+    from xca_gateway.protocol.namespaces import Action
+    from xca_gateway.protocol.soap_service import Operation
     from xca_gateway.transactions.rad69 import InitiatingImagingGateway
     from xca_gateway.transactions.rad75 import rad75_handler
 

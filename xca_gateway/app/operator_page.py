@@ -32,7 +32,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
 from xca_gateway import __version__
-from xca_gateway.server import Request, Response
+from xca_gateway.protocol.http_server import Request, Response
 
 if TYPE_CHECKING:
     from xca_gateway.app.gateway import Gateway

@@ -27,7 +27,7 @@ def _inherited_sockets() -> dict[str, socket.socket]:
 async def serve(config_path: Path) -> int:
     from xca_gateway.app.config import load_config
     from xca_gateway.app.gateway import Gateway, ListenSockets
-    from xca_gateway.credentials import check_key_pair
+    from xca_gateway.protocol.credentials import check_key_pair
 
     config = load_config(config_path)
     # Our own certificate: a missing, mismatched or expired one is said now, in one line,

@@ -113,6 +113,8 @@ from xca_gateway.arr.web import (
 )
 from xca_gateway.audit.messages import security_alert_node_authentication
 from xca_gateway.pki import CertPair, DevPki, issue_client_certificate
+from xca_gateway.protocol.http_server import HttpServer, Request, Response, ServerTimeouts
+from xca_gateway.protocol.tls import HandshakeFailure, enable_certificate_capture, server_context
 from xca_gateway.security.callers import (
     AccessDecision,
     CallerRule,
@@ -122,9 +124,7 @@ from xca_gateway.security.callers import (
     decide,
 )
 from xca_gateway.security.guard import DoorGuard, access_denied_message, identity_from_peer
-from xca_gateway.server import HttpServer, Request, Response, ServerTimeouts
 from xca_gateway.settings import ConfigError, TlsConfig
-from xca_gateway.tls import HandshakeFailure, enable_certificate_capture, server_context
 
 log = logging.getLogger(__name__)
 
@@ -1077,7 +1077,7 @@ def demo_callers(
 ) -> list[dict[str, Any]]:
     """The demo's ``[[arr.access.callers]]``: each audit source's certificate (by fingerprint)
     bound to its AuditSourceIDs, and the audit consumer."""
-    from xca_gateway.pki import certificate_info
+    from xca_gateway.protocol.tls import certificate_info
 
     by_cert: dict[str, list[str]] = {}
     names: dict[str, str] = {}
@@ -1287,7 +1287,7 @@ def create_officer(
     """Add (or replace) an officer account in the repository's store."""
     fingerprint = None
     if certificate is not None:
-        from xca_gateway.pki import certificate_info
+        from xca_gateway.protocol.tls import certificate_info
 
         fingerprint = certificate_info(certificate.read_bytes()).fingerprint_sha256
     officer = new_officer(username, password, fingerprint, display_name)

@@ -25,7 +25,7 @@ from typing import Any, Literal, NamedTuple
 from lxml import etree
 
 from xca_gateway.audit.syslog import BOM, SyslogError, parse_message
-from xca_gateway.xmlsafe import XmlLimits, XmlRejected, check_no_dtd
+from xca_gateway.protocol.xmlsafe import XmlLimits, XmlRejected, check_no_dtd
 
 Transport = Literal["tls", "udp", "local"]
 Dialect = Literal["dicom", "rfc3881", "unknown"]
@@ -376,7 +376,8 @@ def _parser() -> etree.XMLParser:
 def parse_audit_xml(xml: bytes) -> etree._Element:
     """Parse an audit message from the network (raises :class:`XmlRejected`).
 
-    The same defences as :func:`xca_gateway.xmlsafe.parse_xml` - a size bound first, any DTD
+    The same defences as :func:`xca_gateway.protocol.xmlsafe.parse_xml` - a size bound first, any
+    DTD
     refused before libxml2 sees the document (so no entity can be declared), no entity
     resolution, no network - but in one libxml2 call instead of a pull-parser loop: audit
     messages arrive by the thousand per second and are small (bounded by the syslog frame

@@ -43,14 +43,14 @@ from typing import Any, NamedTuple, cast
 from xca_gateway.arr.access import SenderGrant, sender_label
 from xca_gateway.arr.parse import FLAG_FRAMING, FLAG_TRUNCATED, Transport, parse_record
 from xca_gateway.arr.store import AuditStore, PreparedBatch, open_store, prepare_batch
-from xca_gateway.pki import certificate_info
-from xca_gateway.security.callers import Identity, normalize_fingerprint
-from xca_gateway.tls import (
+from xca_gateway.protocol.tls import (
     HANDSHAKE_CAPTURE,
     HandshakeCapture,
     HandshakeFailure,
+    certificate_info,
     describe_handshake_error,
 )
+from xca_gateway.security.callers import Identity, normalize_fingerprint
 
 log = logging.getLogger(__name__)
 

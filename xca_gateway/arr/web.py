@@ -51,7 +51,7 @@ from xca_gateway.arr.store import AuditStore, EventFilter, EventRow, Officer
 from xca_gateway.audit import messages as am
 from xca_gateway.audit.alerts import AlertAggregator, is_security_alert
 from xca_gateway.audit.syslog import format_message
-from xca_gateway.server import Request, Response
+from xca_gateway.protocol.http_server import Request, Response
 
 SESSION_COOKIE = "arr_session"
 LOGIN_COOKIE = "arr_login"

@@ -37,8 +37,8 @@ from xca_gateway.audit.sender import DestinationSender, destination_ssl_context
 from xca_gateway.audit.spool import Spool
 from xca_gateway.audit.syslog import format_message
 from xca_gateway.metrics import GatewayMetrics
-from xca_gateway.soap_service import SoapRequest
-from xca_gateway.tls import HandshakeFailure
+from xca_gateway.protocol.soap_service import SoapRequest
+from xca_gateway.protocol.tls import HandshakeFailure
 
 __all__ = [
     "AuditConfig",

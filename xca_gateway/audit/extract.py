@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from lxml import etree
 
 from xca_gateway.audit.messages import DocumentReference, ImagingInstanceReference
-from xca_gateway.namespaces import RIM
+from xca_gateway.protocol.namespaces import RIM
 
 # Stored query parameters that carry a patient id (ITI TF-2a 3.18.4.1.2.3.7).
 PATIENT_ID_PARAMETERS = (

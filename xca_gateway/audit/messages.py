@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 
 from lxml import etree
 
-from xca_gateway.namespaces import WSA_ANONYMOUS, ResponseStatus
+from xca_gateway.protocol.namespaces import WSA_ANONYMOUS, ResponseStatus
 
 _T = TypeVar("_T")
 

@@ -35,8 +35,8 @@ from typing import Protocol, cast
 from xca_gateway.audit.config import AuditDestination
 from xca_gateway.audit.spool import Record, Spool, SpoolReader
 from xca_gateway.audit.syslog import frame
+from xca_gateway.protocol.tls import client_context
 from xca_gateway.settings import BCP195_CIPHERS
-from xca_gateway.tls import client_context
 
 log = logging.getLogger(__name__)
 

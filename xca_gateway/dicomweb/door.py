@@ -60,9 +60,7 @@ from xca_gateway.federation_view import (
 )
 from xca_gateway.imaging import transfer_syntax as ts
 from xca_gateway.imaging.retrieve import ImagingRetrieval
-from xca_gateway.security.callers import Door
-from xca_gateway.security.guard import identity_from_peer
-from xca_gateway.server import (
+from xca_gateway.protocol.http_server import (
     BodyTooLarge,
     ConnectionLimits,
     HttpServer,
@@ -70,7 +68,9 @@ from xca_gateway.server import (
     Response,
     ServerTimeouts,
 )
-from xca_gateway.tls import HandshakeFailure, server_context
+from xca_gateway.protocol.tls import HandshakeFailure, server_context
+from xca_gateway.security.callers import Door
+from xca_gateway.security.guard import identity_from_peer
 
 if TYPE_CHECKING:
     from xca_gateway.app.gateway import Gateway

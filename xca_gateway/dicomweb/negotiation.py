@@ -18,7 +18,7 @@ from urllib.parse import unquote
 from xca_gateway.ebrs import RegistryError
 from xca_gateway.imaging import transfer_syntax as ts
 from xca_gateway.kos import is_valid_uid
-from xca_gateway.server import Response
+from xca_gateway.protocol.http_server import Response
 
 PREFIX = "/dicomweb"
 DICOM_JSON = "application/dicom+json"

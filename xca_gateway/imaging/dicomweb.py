@@ -16,7 +16,8 @@ tells which SOP instances exist. QIDO-RS does not reliably return the stored tra
 
 The origin server is inside the community, so it has its own client (plain HTTP or TLS with a
 configured CA and optional client certificate), not the gateway's peer client; it is the same
-lean client as the relays (:mod:`xca_gateway.relay_client`), so instance bytes are not handled
+lean client as the relays (:mod:`xca_gateway.protocol.http_client`), so instance bytes are not
+handled
 per TLS record on their way through.
 """
 
@@ -30,9 +31,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from urllib.parse import urlencode
 
-from xca_gateway import mtom
 from xca_gateway.ebrs import RegistryError
-from xca_gateway.imaging.multipart import MultipartStream, TruncatedMultipart
 from xca_gateway.imaging.request import DocumentRequest, RetrieveImagingDocumentSetRequest
 from xca_gateway.imaging.sources import (
     DEFAULT_CHUNK,
@@ -53,8 +52,10 @@ from xca_gateway.imaging.transfer_syntax import (
     sniff_transfer_syntax,
     transcode,
 )
-from xca_gateway.mtom import MtomError, PartData, PartEnd
-from xca_gateway.relay_client import RelayClient, RelayError, RelayResponse
+from xca_gateway.protocol import mtom
+from xca_gateway.protocol.http_client import RelayClient, RelayError, RelayResponse
+from xca_gateway.protocol.mtom import MtomError, PartData, PartEnd
+from xca_gateway.protocol.multipart import MultipartStream, TruncatedMultipart
 
 log = logging.getLogger(__name__)
 

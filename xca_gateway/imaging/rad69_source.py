@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from xca_gateway.client import PeerClient
 from xca_gateway.imaging.remote import open_remote_retrieve
 from xca_gateway.imaging.request import RetrieveImagingDocumentSetRequest
 from xca_gateway.imaging.sources import ImagingSource, Retrieval, SourceUnavailable
-from xca_gateway.namespaces import Action
+from xca_gateway.protocol.namespaces import Action
+from xca_gateway.protocol.peer_client import PeerClient
 
 
 class Rad69Source(ImagingSource):

@@ -21,10 +21,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from lxml import etree
 
-from xca_gateway import mtom
-from xca_gateway.client import PeerClient, PeerError
 from xca_gateway.ebrs import RegistryError
-from xca_gateway.imaging.multipart import MultipartStream, TruncatedMultipart
 from xca_gateway.imaging.request import (
     DocumentRequest,
     RetrieveImagingDocumentSetRequest,
@@ -42,10 +39,13 @@ from xca_gateway.imaging.sources import (
     SourceUnavailable,
     chunked,
 )
-from xca_gateway.mtom import Finished, MtomError, PartData, PartEnd, PartStart
-from xca_gateway.relay_client import RelayConnectError, RelayError, RelayResponse
-from xca_gateway.soap import build_envelope, read_fault, serialize
-from xca_gateway.xmlsafe import XmlRejected, parse_xml_async
+from xca_gateway.protocol import mtom
+from xca_gateway.protocol.http_client import RelayConnectError, RelayError, RelayResponse
+from xca_gateway.protocol.mtom import Finished, MtomError, PartData, PartEnd, PartStart
+from xca_gateway.protocol.multipart import MultipartStream, TruncatedMultipart
+from xca_gateway.protocol.peer_client import PeerClient, PeerError
+from xca_gateway.protocol.soap import build_envelope, read_fault, serialize
+from xca_gateway.protocol.xmlsafe import XmlRejected, parse_xml_async
 
 log = logging.getLogger(__name__)
 

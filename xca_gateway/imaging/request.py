@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
-from xca_gateway.namespaces import XDSB, XDSI
+from xca_gateway.protocol.namespaces import XDSB, XDSI
 
 __all__ = [
     "DOCUMENT_UNIQUE_ID_ERROR",

@@ -26,7 +26,6 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from xca_gateway import mtom
 from xca_gateway.audit.patients import CONTEXT_INSTANCES, InstanceObservations
 from xca_gateway.ebrs import RegistryError, status_for
 from xca_gateway.imaging.request import DocumentRequest, RetrieveImagingDocumentSetRequest
@@ -38,8 +37,9 @@ from xca_gateway.imaging.sources import (
     SourceUnavailable,
     with_idle_timeout,
 )
-from xca_gateway.namespaces import ResponseStatus
-from xca_gateway.soap_service import SoapResponse
+from xca_gateway.protocol import mtom
+from xca_gateway.protocol.namespaces import ResponseStatus
+from xca_gateway.protocol.soap_service import SoapResponse
 
 log = logging.getLogger(__name__)
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from xca_gateway.client import PeerClient
 from xca_gateway.imaging.config import ImagingConfig, SourceConfig
 from xca_gateway.imaging.dicomweb import DicomwebSource
 from xca_gateway.imaging.dimse import DimseSettings, DimseSource
 from xca_gateway.imaging.filesystem import FilesystemSource
 from xca_gateway.imaging.rad69_source import Rad69Source
 from xca_gateway.imaging.sources import ImagingSource
+from xca_gateway.protocol.peer_client import PeerClient
 from xca_gateway.settings import ConfigError
 
 if TYPE_CHECKING:

@@ -22,8 +22,8 @@ from typing import Any, Protocol
 
 from lxml import etree
 
-from xca_gateway.client import PeerClient
 from xca_gateway.ebrs import RegistryError
+from xca_gateway.protocol.peer_client import PeerClient
 from xca_gateway.registry.local import LocalRegistry
 from xca_gateway.registry.model import QueryResult, RegistryAction
 from xca_gateway.registry.remote import RemoteRegistry

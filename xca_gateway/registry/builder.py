@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from lxml import etree
 
 from xca_gateway import ebrim
-from xca_gateway.namespaces import LCM, RIM
+from xca_gateway.protocol.namespaces import LCM, RIM
 from xca_gateway.registry.model import Code
 
 LOINC = "2.16.840.1.113883.6.1"

@@ -19,7 +19,7 @@ from lxml import etree
 from xca_gateway import ebrim
 from xca_gateway.ebrim import ErrorCode
 from xca_gateway.ebrs import RegistryError, status_for
-from xca_gateway.namespaces import RIM, ResponseStatus
+from xca_gateway.protocol.namespaces import RIM, ResponseStatus
 from xca_gateway.registry.model import (
     AssociationFilter,
     Kind,

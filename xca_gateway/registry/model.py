@@ -16,7 +16,7 @@ from lxml import etree
 
 from xca_gateway import ebrim
 from xca_gateway.ebrs import RegistryError
-from xca_gateway.namespaces import RIM
+from xca_gateway.protocol.namespaces import RIM
 
 
 class Kind(enum.StrEnum):

@@ -40,7 +40,7 @@ from lxml import etree
 from xca_gateway import ebrim
 from xca_gateway.ebrim import ErrorCode, StoredQueryId
 from xca_gateway.ebrs import RegistryError
-from xca_gateway.namespaces import QUERY, RIM, ErrorSeverity
+from xca_gateway.protocol.namespaces import QUERY, RIM, ErrorSeverity
 from xca_gateway.registry.model import (
     ASSOCIATION_TYPES,
     DOCUMENT_ENTRY_TYPES,

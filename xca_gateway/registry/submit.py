@@ -29,7 +29,7 @@ from lxml import etree
 from xca_gateway import ebrim
 from xca_gateway.ebrim import ErrorCode
 from xca_gateway.ebrs import RegistryError
-from xca_gateway.namespaces import LCM, RIM
+from xca_gateway.protocol.namespaces import LCM, RIM
 from xca_gateway.registry.model import (
     ASSOCIATION_TYPES,
     CODE_SCHEMES,

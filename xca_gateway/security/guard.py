@@ -29,6 +29,7 @@ from xca_gateway.audit.messages import (
     ParticipantObject,
     ParticipantObjectIdType,
 )
+from xca_gateway.protocol.http_server import PeerInfo
 from xca_gateway.security.callers import (
     AccessDecision,
     CallerDirectory,
@@ -39,7 +40,6 @@ from xca_gateway.security.callers import (
     normalize_fingerprint,
     set_current_caller,
 )
-from xca_gateway.server import PeerInfo
 
 log = logging.getLogger(__name__)
 

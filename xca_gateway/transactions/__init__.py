@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from xca_gateway.ebrs import RegistryError, adhoc_query_response, retrieve_document_set_response
-from xca_gateway.namespaces import Action, ResponseStatus
-from xca_gateway.soap_service import Handler, SoapRequest, SoapResponse
+from xca_gateway.protocol.namespaces import Action, ResponseStatus
+from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,14 @@ from lxml import etree
 
 from xca_gateway.ebrim import ErrorCode
 from xca_gateway.ebrs import RegistryError, adhoc_query_response
-from xca_gateway.namespaces import QUERY, RIM, Action, ResponseStatus
+from xca_gateway.protocol.namespaces import QUERY, RIM, Action, ResponseStatus
+from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.registry import QueryResult, Registry
 from xca_gateway.registry.stored_query import (
     ID_BASED_QUERIES,
     StoredQueryError,
     parse_stored_query,
 )
-from xca_gateway.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.transactions.iti18 import outcome_of
 
 __all__ = ["check_cross_gateway_query", "iti38_handler"]

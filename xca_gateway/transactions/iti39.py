@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from xca_gateway.ebrs import RegistryError
-from xca_gateway.namespaces import Action
+from xca_gateway.protocol.namespaces import Action
+from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.repository import DocumentRepository
-from xca_gateway.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.transactions.iti43 import (
     XDS_MISSING_HOME_COMMUNITY_ID,
     XDS_UNKNOWN_COMMUNITY,

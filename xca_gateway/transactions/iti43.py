@@ -21,15 +21,17 @@ from typing import Protocol
 
 from lxml import etree
 
-from xca_gateway import mtom
-from xca_gateway.client import PeerError, SoapReply
 from xca_gateway.ebrs import (
     RegistryError,
     parse_registry_errors,
     retrieve_document_set_response,
     status_for,
 )
-from xca_gateway.namespaces import RS, XDSB, XOP, Action, ResponseStatus
+from xca_gateway.protocol import mtom
+from xca_gateway.protocol.namespaces import RS, XDSB, XOP, Action, ResponseStatus
+from xca_gateway.protocol.peer_client import PeerError, SoapReply
+from xca_gateway.protocol.soap import SoapFault, element_content
+from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.repository import (
     CHUNK_SIZE,
     DocumentRepository,
@@ -37,8 +39,6 @@ from xca_gateway.repository import (
     StoredDocument,
     valid_mime_type,
 )
-from xca_gateway.soap import SoapFault, element_content
-from xca_gateway.soap_service import Handler, SoapRequest, SoapResponse
 
 __all__ = [
     "DocumentRequest",
@@ -220,7 +220,7 @@ def parse_retrieve_document_set_response(payload: etree._Element) -> RetrieveDoc
 
 
 class PeerCaller(Protocol):
-    """What the engine needs of :class:`xca_gateway.client.PeerClient`."""
+    """What the engine needs of :class:`xca_gateway.protocol.peer_client.PeerClient`."""
 
     async def call(
         self,

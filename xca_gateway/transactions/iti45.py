@@ -29,8 +29,14 @@ from typing import TYPE_CHECKING
 from lxml import etree
 
 from xca_gateway.patient_id import PatientId
-from xca_gateway.soap import SoapFault
-from xca_gateway.soap_service import Handler, Operation, SoapEndpoint, SoapRequest, SoapResponse
+from xca_gateway.protocol.soap import SoapFault
+from xca_gateway.protocol.soap_service import (
+    Handler,
+    Operation,
+    SoapEndpoint,
+    SoapRequest,
+    SoapResponse,
+)
 from xca_gateway.transactions.hl7v3 import (
     HL7,
     II,
@@ -53,8 +59,8 @@ from xca_gateway.transactions.hl7v3 import (
 )
 
 if TYPE_CHECKING:
-    from xca_gateway.client import PeerClient
     from xca_gateway.patient_mapping import CrossReferenceTable
+    from xca_gateway.protocol.peer_client import PeerClient
 
 log = logging.getLogger(__name__)
 

@@ -43,8 +43,14 @@ from xca_gateway.patients import (
     normalize_birth_date,
     normalize_gender,
 )
-from xca_gateway.soap import SoapFault
-from xca_gateway.soap_service import Handler, Operation, SoapEndpoint, SoapRequest, SoapResponse
+from xca_gateway.protocol.soap import SoapFault
+from xca_gateway.protocol.soap_service import (
+    Handler,
+    Operation,
+    SoapEndpoint,
+    SoapRequest,
+    SoapResponse,
+)
 from xca_gateway.transactions.hl7v3 import (
     HL7,
     II,
@@ -76,8 +82,8 @@ from xca_gateway.transactions.hl7v3 import (
 )
 
 if TYPE_CHECKING:
-    from xca_gateway.client import PeerClient
     from xca_gateway.patient_mapping import CrossReferenceTable
+    from xca_gateway.protocol.peer_client import PeerClient
 
 log = logging.getLogger(__name__)
 

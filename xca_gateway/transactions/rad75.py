@@ -32,9 +32,9 @@ from xca_gateway.imaging.sources import (
     source_unavailable_error,
     unknown_repository_error,
 )
-from xca_gateway.namespaces import Action
-from xca_gateway.soap import SoapFault
-from xca_gateway.soap_service import Handler, SoapRequest, SoapResponse
+from xca_gateway.protocol.namespaces import Action
+from xca_gateway.protocol.soap import SoapFault
+from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 
 __all__ = ["local_routes", "parse_or_fault", "rad75_handler", "source_route"]
 

@@ -11,10 +11,14 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from xca_gateway.credentials import load_cert_chain, load_verify_locations
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from xca_gateway.protocol.credentials import load_cert_chain, load_verify_locations
 from xca_gateway.settings import BCP195_CIPHERS, TlsConfig
 
 
@@ -105,7 +109,6 @@ class HandshakeFailure:
     def certificate_subject(self) -> str | None:
         if not self.certificate_der:
             return None
-        from xca_gateway.pki import certificate_info
 
         try:
             return certificate_info(self.certificate_der).subject
@@ -207,3 +210,52 @@ def describe_handshake_error(exc: BaseException) -> tuple[str, str | None]:
     if isinstance(exc, ConnectionError | EOFError):
         return "connection closed during handshake", None
     return f"handshake failed: {type(exc).__name__}: {exc}", None
+
+
+@dataclass(frozen=True)
+class CertificateInfo:
+    """A printable summary of an X.509 certificate (e.g. a TLS peer's)."""
+
+    subject: str
+    issuer: str
+    serial_number: int
+    not_before: datetime
+    not_after: datetime
+    san_dns: tuple[str, ...]
+    san_ip: tuple[str, ...]
+    san_uri: tuple[str, ...]
+    fingerprint_sha256: str
+
+
+def certificate_info(der_or_pem: bytes) -> CertificateInfo:
+    """Summarise a certificate given as DER (e.g. ``getpeercert(binary_form=True)``) or PEM.
+
+    Raises ValueError if the bytes are not a parseable certificate.
+    """
+    data = bytes(der_or_pem)
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            cert = x509.load_pem_x509_certificate(data)
+        else:
+            cert = x509.load_der_x509_certificate(data)
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            san = x509.SubjectAlternativeName([])
+        dns = tuple(san.get_values_for_type(x509.DNSName))
+        ips = tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
+        uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
+        return CertificateInfo(
+            subject=cert.subject.rfc4514_string(),
+            issuer=cert.issuer.rfc4514_string(),
+            serial_number=cert.serial_number,
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            san_dns=dns,
+            san_ip=ips,
+            san_uri=uris,
+            fingerprint_sha256=cert.fingerprint(hashes.SHA256()).hex(),
+        )
+    except (x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        # Peer certificates are untrusted input; normalise parse failures to ValueError.
+        raise ValueError(f"unparseable certificate: {exc}") from exc

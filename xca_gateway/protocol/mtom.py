@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import IO, cast
 from urllib.parse import unquote
 
-from xca_gateway.encrypted_spool import EncryptedSpool
+from xca_gateway.protocol.encrypted_spool import EncryptedSpool
 
 __all__ = [
     "Attachment",

@@ -17,11 +17,16 @@ from typing import Any
 
 from lxml import etree
 
-from xca_gateway import mtom
 from xca_gateway.metrics import GatewayMetrics
-from xca_gateway.server import PeerInfo, Request, RequestBodyTooSlow, Response, source_of
-from xca_gateway.settings import LimitsConfig
-from xca_gateway.soap import (
+from xca_gateway.protocol import mtom
+from xca_gateway.protocol.http_server import (
+    PeerInfo,
+    Request,
+    RequestBodyTooSlow,
+    Response,
+    source_of,
+)
+from xca_gateway.protocol.soap import (
     Envelope,
     SoapFault,
     action_not_supported,
@@ -31,7 +36,7 @@ from xca_gateway.soap import (
     parse_envelope,
     serialize,
 )
-from xca_gateway.xmlsafe import (
+from xca_gateway.protocol.xmlsafe import (
     FairParser,
     MarkupCount,
     MarkupCounter,
@@ -39,6 +44,7 @@ from xca_gateway.xmlsafe import (
     XmlRejected,
     check_markup,
 )
+from xca_gateway.settings import LimitsConfig
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Why not uvicorn/hypercorn: they neither hand the verified client certificate to 
 nor tell it about failed handshakes, and the gateway needs both (authorization by peer identity,
 ATNA Security Alert audits for refused nodes). Here every TCP connection is accepted in clear,
 upgraded with ``start_tls`` under our control, and a failed handshake becomes a
-:class:`~xca_gateway.tls.HandshakeFailure` callback.
+:class:`~xca_gateway.protocol.tls.HandshakeFailure` callback.
 
 No caller can stall the others (:class:`ConnectionLimits`): a connection is admitted at accept,
 before a byte is read, against a global cap and a cap per source address; the ClientHello must
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import h11
 
-from xca_gateway.tls import (
+from xca_gateway.protocol.tls import (
     HANDSHAKE_CAPTURE,
     HandshakeCapture,
     HandshakeFailure,
@@ -464,7 +464,7 @@ def peer_certificate(ssl_object: Any) -> PeerCertificate | None:
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     if not der:
         return None
-    from xca_gateway.pki import certificate_info
+    from xca_gateway.protocol.tls import certificate_info
 
     info = certificate_info(der)
     return PeerCertificate(

@@ -1,6 +1,7 @@
 """Pull-style reading of a streamed multipart body (MTOM replies, WADO-RS responses).
 
-Wraps the push parser :class:`xca_gateway.mtom.MultipartParser` around an async byte iterator
+Wraps the push parser :class:`xca_gateway.protocol.mtom.MultipartParser` around an async byte
+iterator
 (an httpx response): callers pull one event at a time, so nothing is read from the socket before
 it is needed and back-pressure reaches the sender. Part bodies sent base64-encoded (allowed in
 MIME, seen from some SOAP stacks) are decoded on the fly.
@@ -12,7 +13,7 @@ import binascii
 import collections
 from collections.abc import AsyncIterator
 
-from xca_gateway.mtom import (
+from xca_gateway.protocol.mtom import (
     Finished,
     MtomError,
     MultipartEvent,

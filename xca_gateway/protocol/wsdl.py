@@ -11,7 +11,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-WSDL_DIR = Path(__file__).with_name("wsdl")
+WSDL_DIR = Path(__file__).parent.parent / "wsdl"
 
 # key -> (wsdl file, binding QName) for the SOAP 1.2 bindings of each transaction.
 BINDINGS: dict[str, tuple[str, str]] = {

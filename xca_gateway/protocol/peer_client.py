@@ -1,6 +1,6 @@
 """Outbound SOAP calls to peer communities: one shared client per gateway.
 
-The shared client (:class:`xca_gateway.relay_client.RelayClient`: h11 over asyncio TLS, lean
+The shared client (:class:`xca_gateway.protocol.http_client.RelayClient`: h11 over asyncio TLS, lean
 enough that a fan-out to many peers writes every request within a millisecond or two) carries
 the gateway's certificate (mutual TLS, ITI-19), pools connections per peer, and every call runs
 under a deadline that bounds the whole exchange (connect, send, wait, read), not just each
@@ -21,12 +21,17 @@ from urllib.parse import urlsplit
 
 from lxml import etree
 
-from xca_gateway import mtom
 from xca_gateway.metrics import GatewayMetrics
-from xca_gateway.relay_client import RelayClient, RelayConnectError, RelayError, RelayResponse
+from xca_gateway.protocol import mtom
+from xca_gateway.protocol.http_client import (
+    RelayClient,
+    RelayConnectError,
+    RelayError,
+    RelayResponse,
+)
+from xca_gateway.protocol.soap import Fault, build_envelope, read_fault, serialize
+from xca_gateway.protocol.xmlsafe import XmlLimits, XmlRejected, parse_xml_async
 from xca_gateway.settings import OutboundConfig
-from xca_gateway.soap import Fault, build_envelope, read_fault, serialize
-from xca_gateway.xmlsafe import XmlLimits, XmlRejected, parse_xml_async
 
 # (url, action, payload) -> SOAP header blocks to add to an outbound request.
 HeaderProvider = Callable[[str, str, etree._Element], Sequence[etree._Element]]
@@ -88,7 +93,7 @@ class PeerClient:
         # the operator page and exported as a metric.
         self.peer_certificates: dict[str, bytes] = {}
         self.ssl_context = ssl_context
-        # Streamed relays (imaging) use a lean client: see xca_gateway.relay_client.
+        # Streamed relays (imaging) use a lean client: see xca_gateway.protocol.http_client.
         self.relay = RelayClient(
             ssl_context,
             connect_timeout=outbound.connect_timeout,
