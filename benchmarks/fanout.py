@@ -103,7 +103,6 @@ async def _farm(certs: Path, latencies: list[float]) -> None:
 
     from lxml import etree
 
-    from xca_gateway.ebrs import adhoc_query_response
     from xca_gateway.metrics import GatewayMetrics
     from xca_gateway.policy import parse_access_policy
     from xca_gateway.protocol.http_server import HttpServer, Request, Response
@@ -120,6 +119,7 @@ async def _farm(certs: Path, latencies: list[float]) -> None:
     from xca_gateway.security.callers import Door
     from xca_gateway.security.guard import DoorGuard, identity_from_peer
     from xca_gateway.settings import TlsConfig
+    from xca_gateway.xds.ebrs import adhoc_query_response
 
     tls = TlsConfig(certs / "peer.pem", certs / "peer.key", certs / "ca.pem")
     # A responding gateway's door check: peer gateways only, as the gateway's own admission.

@@ -32,10 +32,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from xca_gateway import ebrim
 from xca_gateway.protocol.xmlsafe import XmlLimits, parse_xml
 from xca_gateway.registry import LocalRegistry, open_registry, parse_registry_config
 from xca_gateway.registry.submit import parse_submission
+from xca_gateway.xds import ebrim
 
 AUTHORITY = "1.3.6.1.4.1.21367.13.20.9999"
 ROOT = "1.2.826.0.1.3680043.10.777"

@@ -24,9 +24,9 @@ from xca_gateway.consumer import (
     find_manifests_request,
     imaging_request_from_kos,
 )
-from xca_gateway.ebrs import parse_registry_errors
 from xca_gateway.imaging.request import RetrieveImagingDocumentSetRequest
 from xca_gateway.protocol.namespaces import Action, ResponseStatus
+from xca_gateway.xds.ebrs import parse_registry_errors
 
 TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
 

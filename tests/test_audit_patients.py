@@ -7,7 +7,6 @@ from pathlib import Path
 
 from lxml import etree
 
-from xca_gateway import ebrim
 from xca_gateway.audit.messages import PatientRef
 from xca_gateway.audit.patients import (
     HeaderSniffer,
@@ -19,6 +18,7 @@ from xca_gateway.audit.patients import (
 )
 from xca_gateway.dicom_samples import DEFAULT_PATIENTS, generate_study
 from xca_gateway.protocol.namespaces import RIM
+from xca_gateway.xds import ebrim
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 

@@ -17,12 +17,10 @@ from lxml import etree
 
 from tests.communities import ARC, seed_community
 from tests.conftest import GatewayThread
-from xca_gateway import ebrim
 from xca_gateway.app.config import load_config
 from xca_gateway.app.gateway import Gateway
 from xca_gateway.cli import main
 from xca_gateway.dicom_samples import SampleStudy, local_patient_id
-from xca_gateway.patient_id import parse_patient_id
 from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.soap import build_envelope
@@ -32,6 +30,8 @@ from xca_gateway.transactions.iti43 import (
     RetrieveDocumentSetRequest,
     build_retrieve_document_set_request,
 )
+from xca_gateway.xds import ebrim
+from xca_gateway.xds.patient_id import parse_patient_id
 from xca_gateway.xds_query import (
     QueryOptionError,
     QueryOptions,

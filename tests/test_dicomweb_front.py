@@ -49,11 +49,11 @@ from xca_gateway.dicomweb import (
     search,
     to_dicom_json,
 )
-from xca_gateway.ebrs import RegistryError
 from xca_gateway.federation_view import StudyManifest
 from xca_gateway.imaging.transfer_syntax import TRANSFER_SYNTAX_ERROR
-from xca_gateway.kos import build_kos, kos_references, kos_to_bytes
 from xca_gateway.pki import CertPair, DevPki, issue_client_certificate
+from xca_gateway.xds.ebrs import RegistryError
+from xca_gateway.xds.kos import build_kos, kos_references, kos_to_bytes
 
 EXPLICIT = "1.2.840.10008.1.2.1"
 BIG_PATIENT = "BIG-1"

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from xca_gateway import ebrim
 from xca_gateway.consent import (
     ConsentConfig,
     ConsentService,
@@ -18,7 +17,6 @@ from xca_gateway.consent import (
     DocumentClassification,
     DocumentCode,
 )
-from xca_gateway.ebrs import adhoc_query_response, retrieve_document_set_response
 from xca_gateway.enforcement import (
     LOCAL_POLICY_RESTRICTION_ERROR,
     XDS_DOCUMENT_UNIQUE_ID_ERROR,
@@ -30,6 +28,8 @@ from xca_gateway.enforcement import (
 )
 from xca_gateway.imaging.request import DocumentRequest as ImagingDocumentRequest
 from xca_gateway.protocol.namespaces import RIM, ResponseStatus
+from xca_gateway.xds import ebrim
+from xca_gateway.xds.ebrs import adhoc_query_response, retrieve_document_set_response
 
 HOME = "urn:oid:1.3.6.1.4.1.21367.13.70.1"
 PEER = "urn:oid:1.3.6.1.4.1.21367.13.70.2"

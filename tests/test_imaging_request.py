@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from lxml import etree
 
-from xca_gateway.ebrs import RegistryError
 from xca_gateway.imaging.remote import plan_from_response
 from xca_gateway.imaging.request import (
     DocumentRequest,
@@ -22,6 +21,7 @@ from xca_gateway.imaging.response import (
     parse_retrieve_response,
 )
 from xca_gateway.protocol.namespaces import XDSB, XDSI, ResponseStatus
+from xca_gateway.xds.ebrs import RegistryError
 
 DOCS = (
     DocumentRequest("1.2.3", "1.2.3.1", "1.9.1", "1.2.3.1.1", "urn:oid:1.9"),

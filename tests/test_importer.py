@@ -21,9 +21,7 @@ from lxml import etree
 from pydicom.uid import generate_uid
 
 from tests.test_metadata import NS, assert_valid, external_id, slot
-from xca_gateway import ebrim
 from xca_gateway.dicom_samples import DEFAULT_PATIENTS, SampleStudy, generate_study
-from xca_gateway.ebrs import RegistryError
 from xca_gateway.importer import (
     ImportReport,
     add_import_command,
@@ -31,9 +29,11 @@ from xca_gateway.importer import (
     import_studies,
     manifest_uid,
 )
-from xca_gateway.kos import kos_from_bytes, kos_references, kos_retrieve_locations
 from xca_gateway.repository import DocumentRepository
 from xca_gateway.settings import CommunityConfig
+from xca_gateway.xds import ebrim
+from xca_gateway.xds.ebrs import RegistryError
+from xca_gateway.xds.kos import kos_from_bytes, kos_references, kos_retrieve_locations
 
 AFFINITY = "1.3.6.1.4.1.21367.13.20.1000"
 REPO_ID = "1.3.6.1.4.1.21367.13.80.1"

@@ -23,8 +23,6 @@ from lxml import etree
 
 from tests.test_server import consumer, soap12
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.ebrim import StoredQueryId
-from xca_gateway.ebrs import adhoc_query_response
 from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import (
     QUERY,
@@ -37,6 +35,8 @@ from xca_gateway.protocol.namespaces import (
 )
 from xca_gateway.protocol.soap import SoapFault
 from xca_gateway.protocol.soap_service import Operation, SoapRequest, SoapResponse
+from xca_gateway.xds.ebrim import StoredQueryId
+from xca_gateway.xds.ebrs import adhoc_query_response
 
 LOCAL_AA = "1.3.6.1.4.1.21367.13.20.1000"
 

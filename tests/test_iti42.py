@@ -35,7 +35,6 @@ from tests.test_registry_corpus import (
     quoted,
 )
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.ebrim import ErrorCode, StoredQueryId
 from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import RIM, RS, SOAP12, Action, ResponseStatus
 from xca_gateway.protocol.soap_service import Operation, SoapEndpoint
@@ -50,6 +49,7 @@ from xca_gateway.registry.builder import (
 from xca_gateway.transactions.iti18 import iti18_handler
 from xca_gateway.transactions.iti38 import iti38_handler
 from xca_gateway.transactions.iti42 import iti42_handler
+from xca_gateway.xds.ebrim import ErrorCode, StoredQueryId
 
 T = TypeVar("T")
 

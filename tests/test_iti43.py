@@ -19,7 +19,6 @@ from lxml import etree
 from tests.test_mtom_server import read_mtom
 from tests.test_server import consumer, fault_of, soap12
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.ebrs import RegistryError
 from xca_gateway.pki import DevPki
 from xca_gateway.protocol import mtom
 from xca_gateway.protocol.namespaces import (
@@ -50,6 +49,7 @@ from xca_gateway.transactions.iti43 import (
     parse_retrieve_document_set_response,
     retrieve_documents,
 )
+from xca_gateway.xds.ebrs import RegistryError
 
 ALPHA_REPO = "1.3.6.1.4.1.21367.13.80.1"
 BETA_REPO = "1.3.6.1.4.1.21367.13.80.2"

@@ -13,7 +13,6 @@ from lxml import etree
 from tests.test_iti55 import attrs, children, in_schema_order, install, tls_of
 from tests.test_server import consumer, fault_of, soap12
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.patient_id import PatientId
 from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import SOAP12, WSA
 from xca_gateway.protocol.peer_client import PeerClient
@@ -22,6 +21,7 @@ from xca_gateway.protocol.tls import gateway_client_context
 from xca_gateway.settings import OutboundConfig
 from xca_gateway.transactions import iti45
 from xca_gateway.transactions.hl7v3 import HL7, II, Device, Hl7v3Error
+from xca_gateway.xds.patient_id import PatientId
 
 AA1 = "1.3.6.1.4.1.21367.13.20.1000"
 AA2 = "1.3.6.1.4.1.21367.13.20.2000"

@@ -13,7 +13,6 @@ from lxml import etree
 
 from tests.test_server import consumer, fault_of, soap12
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.patient_id import PatientId
 from xca_gateway.patients import Address, Demographics, PatientDirectory, PatientRecord
 from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import QUERY, SOAP12, WSA
@@ -23,6 +22,7 @@ from xca_gateway.protocol.tls import gateway_client_context
 from xca_gateway.settings import OutboundConfig, TlsConfig
 from xca_gateway.transactions import iti55
 from xca_gateway.transactions.hl7v3 import HL7, II, XSI, Device, Hl7v3Error
+from xca_gateway.xds.patient_id import PatientId
 
 ALPHA_HOME = "urn:oid:1.3.6.1.4.1.21367.13.70.1"
 ALPHA_AA = "1.3.6.1.4.1.21367.13.20.1000"

@@ -9,7 +9,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from xca_gateway.dicom_samples import DEFAULT_PATIENTS, SampleStudy, generate_study
-from xca_gateway.kos import (
+from xca_gateway.xds.kos import (
     KOS_SOP_CLASS_UID,
     InstanceRef,
     build_kos,

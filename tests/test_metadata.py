@@ -12,10 +12,12 @@ import pytest
 from lxml import etree
 from pydicom.dataset import Dataset
 
-from xca_gateway import ebrim
 from xca_gateway.dicom_samples import DEFAULT_PATIENTS, generate_study
-from xca_gateway.kos import is_valid_uid
-from xca_gateway.metadata import (
+from xca_gateway.protocol.namespaces import LCM, RIM
+from xca_gateway.protocol.wsdl import WSDL_DIR
+from xca_gateway.xds import ebrim
+from xca_gateway.xds.kos import is_valid_uid
+from xca_gateway.xds.metadata import (
     DCM_SYSTEM,
     LOINC,
     SNOMED_CT,
@@ -32,8 +34,6 @@ from xca_gateway.metadata import (
     xcn_from_pn,
     xpn_from_pn,
 )
-from xca_gateway.protocol.namespaces import LCM, RIM
-from xca_gateway.protocol.wsdl import WSDL_DIR
 
 AFFINITY = "1.3.6.1.4.1.21367.13.20.1000"
 REPO_ID = "1.3.6.1.4.1.21367.13.80.1"

@@ -17,7 +17,6 @@ from tests.test_initiating import install as install_iti38
 from tests.test_iti55 import install, tls_of
 from tests.test_server import consumer, soap12
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.patient_id import PatientId
 from xca_gateway.patient_mapping import (
     CrossReferenceTable,
     PatientIdMapper,
@@ -33,6 +32,7 @@ from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.protocol.tls import gateway_client_context
 from xca_gateway.settings import ConfigError, OutboundConfig, PeerConfig
 from xca_gateway.transactions import iti45, iti55
+from xca_gateway.xds.patient_id import PatientId
 
 ALPHA_HOME = "urn:oid:1.3.6.1.4.1.21367.13.70.1"
 ALPHA_AA = "1.3.6.1.4.1.21367.13.20.1000"

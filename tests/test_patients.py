@@ -11,7 +11,6 @@ import pytest
 from pydicom.dataset import Dataset
 
 from xca_gateway.dicom_samples import SamplePatient, generate_study
-from xca_gateway.patient_id import PatientId
 from xca_gateway.patients import (
     MATCH_THRESHOLD,
     SCORE_WITHOUT_GENDER,
@@ -22,6 +21,7 @@ from xca_gateway.patients import (
     name_key,
     normalize_gender,
 )
+from xca_gateway.xds.patient_id import PatientId
 
 AA = "1.3.6.1.4.1.21367.13.20.1000"
 OTHER_AA = "1.3.6.1.4.1.21367.13.20.2000"

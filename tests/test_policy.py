@@ -25,7 +25,6 @@ from xca_gateway.app.gateway import Gateway
 from xca_gateway.audit.messages import AuditContext, AuditSource
 from xca_gateway.audit.validate import schema_errors
 from xca_gateway.consent import ConsentConfig, ConsentService, ConsentStore
-from xca_gateway.ebrs import adhoc_query_response
 from xca_gateway.enforcement import filter_query_objects
 from xca_gateway.pki import DevPki
 from xca_gateway.policy import (
@@ -47,6 +46,7 @@ from xca_gateway.protocol.namespaces import QUERY, RIM, RS, SOAP12, WSSE, Action
 from xca_gateway.protocol.soap import build_envelope, serialize
 from xca_gateway.protocol.soap_service import Operation, SoapRequest, SoapResponse
 from xca_gateway.protocol.tls import client_context
+from xca_gateway.xds.ebrs import adhoc_query_response
 from xca_gateway.xua import (
     Ce,
     WsseFault,

@@ -26,7 +26,6 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from xca_gateway import ebrim
 from xca_gateway.protocol.namespaces import QUERY, RIM, ResponseStatus
 from xca_gateway.protocol.wsdl import WSDL_DIR
 from xca_gateway.registry import LocalRegistry, QueryResult, open_registry, parse_registry_config
@@ -43,6 +42,7 @@ from xca_gateway.registry.builder import (
     study_reference_id,
 )
 from xca_gateway.registry.model import Code, load_element
+from xca_gateway.xds import ebrim
 
 AUTHORITY = "1.3.6.1.4.1.21367.13.20.1000"
 PID_A = f"A-1^^^&{AUTHORITY}&ISO"
@@ -394,6 +394,6 @@ def test_symbolic_ids_get_uuids_and_top_level_classifications_are_nested(tmp_pat
 
 
 def _response(result: QueryResult) -> etree._Element:
-    from xca_gateway.ebrs import adhoc_query_response
+    from xca_gateway.xds.ebrs import adhoc_query_response
 
     return adhoc_query_response(result.status, result.errors, result.objects)

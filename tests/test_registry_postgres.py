@@ -25,8 +25,6 @@ from tests.test_registry_corpus import (
     names,
     quoted,
 )
-from xca_gateway import ebrim
-from xca_gateway.ebrim import ErrorCode, StoredQueryId
 from xca_gateway.protocol.namespaces import ResponseStatus
 from xca_gateway.registry import LocalRegistry, open_registry, parse_registry_config
 from xca_gateway.registry.builder import (
@@ -35,6 +33,8 @@ from xca_gateway.registry.builder import (
     SubmissionSetSpec,
     build_submit_objects_request,
 )
+from xca_gateway.xds import ebrim
+from xca_gateway.xds.ebrim import ErrorCode, StoredQueryId
 
 
 @pytest.fixture

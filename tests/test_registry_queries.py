@@ -33,9 +33,6 @@ from tests.test_registry_corpus import (
     names,
     quoted,
 )
-from xca_gateway import ebrim
-from xca_gateway.ebrim import ErrorCode, StoredQueryId
-from xca_gateway.ebrs import adhoc_query_response
 from xca_gateway.protocol.namespaces import RIM, ErrorSeverity, ResponseStatus
 from xca_gateway.registry import LocalRegistry, QueryResult, open_registry, parse_registry_config
 from xca_gateway.registry.builder import (
@@ -44,6 +41,9 @@ from xca_gateway.registry.builder import (
     accession_reference_id,
     study_reference_id,
 )
+from xca_gateway.xds import ebrim
+from xca_gateway.xds.ebrim import ErrorCode, StoredQueryId
+from xca_gateway.xds.ebrs import adhoc_query_response
 
 Q = StoredQueryId
 DE = "$XDSDocumentEntry"

@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 
 from tests.test_registry_corpus import APPROVED, PID_A, adhoc, listed, quoted
-from xca_gateway import ebrim
-from xca_gateway.ebrim import ErrorCode, StoredQueryId
 from xca_gateway.protocol.namespaces import ErrorSeverity
 from xca_gateway.registry.model import (
     Code,
@@ -36,6 +34,8 @@ from xca_gateway.registry.stored_query import (
     validate_dtm,
     validate_patient_id,
 )
+from xca_gateway.xds import ebrim
+from xca_gateway.xds.ebrim import ErrorCode, StoredQueryId
 
 DE = "$XDSDocumentEntry"
 

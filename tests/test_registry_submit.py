@@ -27,9 +27,6 @@ from tests.test_registry_corpus import (
     quoted,
     sqlite_registry,
 )
-from xca_gateway import ebrim
-from xca_gateway.ebrim import ErrorCode, StoredQueryId
-from xca_gateway.ebrs import RegistryError
 from xca_gateway.protocol.namespaces import LCM, RIM
 from xca_gateway.registry import LocalRegistry
 from xca_gateway.registry.builder import (
@@ -42,6 +39,9 @@ from xca_gateway.registry.builder import (
 )
 from xca_gateway.registry.model import Code
 from xca_gateway.registry.submit import SubmissionRejected, parse_submission
+from xca_gateway.xds import ebrim
+from xca_gateway.xds.ebrim import ErrorCode, StoredQueryId
+from xca_gateway.xds.ebrs import RegistryError
 
 
 @pytest.fixture

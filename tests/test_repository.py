@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from xca_gateway.metadata import LOINC, Code
 from xca_gateway.repository import (
     DocumentCorrupted,
     DocumentExists,
@@ -19,6 +18,7 @@ from xca_gateway.repository import (
     parse_repository_config,
 )
 from xca_gateway.settings import ConfigError
+from xca_gateway.xds.metadata import LOINC, Code
 
 REPO_ID = "1.3.6.1.4.1.21367.13.80.1"
 

@@ -33,8 +33,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-from xca_gateway.patient_id import PatientIdError, parse_patient_id
 from xca_gateway.protocol.http_server import BodyTooLarge, Request, Response
+from xca_gateway.xds.patient_id import PatientIdError, parse_patient_id
 
 if TYPE_CHECKING:
     from xca_gateway.app.admin import AdminGate

@@ -17,9 +17,7 @@ from typing import Any
 
 from lxml import etree
 
-from xca_gateway import ebrim
 from xca_gateway.consent import ConsentService
-from xca_gateway.ebrs import RegistryError, adhoc_query_response, status_for
 from xca_gateway.enforcement import (
     DecisionFn,
     DocumentFacts,
@@ -39,6 +37,8 @@ from xca_gateway.registry.model import (
     load_element,
 )
 from xca_gateway.security.callers import current_caller
+from xca_gateway.xds import ebrim
+from xca_gateway.xds.ebrs import RegistryError, adhoc_query_response, status_for
 
 log = logging.getLogger(__name__)
 

@@ -24,21 +24,21 @@ from typing import Any
 import httpx
 from lxml import etree
 
-from xca_gateway import ebrim
-from xca_gateway.ebrs import RegistryError, parse_registry_errors
 from xca_gateway.imaging.request import (
     DocumentRequest,
     RetrieveImagingDocumentSetRequest,
     build_retrieve_imaging_request,
 )
 from xca_gateway.imaging.transfer_syntax import LOSSLESS_AS_STORED
-from xca_gateway.kos import kos_from_bytes, kos_references, kos_retrieve_locations
-from xca_gateway.patient_id import parse_patient_id
 from xca_gateway.protocol import mtom
 from xca_gateway.protocol.namespaces import QUERY, RIM, SOAP12, XDSB, XOP, Action
 from xca_gateway.protocol.soap import build_envelope, element_content, read_fault, serialize
 from xca_gateway.protocol.tls import client_context
 from xca_gateway.protocol.xmlsafe import XmlLimits, parse_xml
+from xca_gateway.xds import ebrim
+from xca_gateway.xds.ebrs import RegistryError, parse_registry_errors
+from xca_gateway.xds.kos import kos_from_bytes, kos_references, kos_retrieve_locations
+from xca_gateway.xds.patient_id import parse_patient_id
 
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"

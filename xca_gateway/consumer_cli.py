@@ -30,7 +30,6 @@ from lxml import etree
 
 from xca_gateway import xds_query
 from xca_gateway.endpoints_file import EndpointsError, EndpointsFile
-from xca_gateway.patient_id import PatientIdError
 from xca_gateway.protocol import mtom
 from xca_gateway.protocol.credentials import CredentialError, check_key_pair
 from xca_gateway.protocol.namespaces import SOAP12, Action
@@ -43,6 +42,7 @@ from xca_gateway.transactions.iti43 import (
     build_retrieve_document_set_request,
     parse_retrieve_document_set_response,
 )
+from xca_gateway.xds.patient_id import PatientIdError
 
 CONNECT_TIMEOUT = 10.0
 

@@ -103,11 +103,11 @@ from xca_gateway.federation_view import (
 )
 from xca_gateway.imaging import transfer_syntax as ts
 from xca_gateway.imaging.request import DocumentRequest, RetrieveImagingDocumentSetRequest
-from xca_gateway.kos import InstanceRef
 from xca_gateway.protocol.tls import HandshakeFailure, gateway_client_context, server_context
 from xca_gateway.security.callers import Door, Principal, set_current_caller
 from xca_gateway.security.guard import DoorGuard
 from xca_gateway.settings import TlsConfig, is_loopback_host
+from xca_gateway.xds.kos import InstanceRef
 
 if TYPE_CHECKING:
     from xca_gateway.app.gateway import Gateway

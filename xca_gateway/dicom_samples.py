@@ -24,7 +24,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless, generate_uid
 
-from xca_gateway.kos import is_valid_uid
+from xca_gateway.xds.kos import is_valid_uid
 
 __all__ = [
     "DEFAULT_PATIENTS",

@@ -32,10 +32,10 @@ from typing import Generic, Protocol, TypeVar
 
 from lxml import etree
 
-from xca_gateway import ebrim
 from xca_gateway.consent import DocumentClassification, DocumentCode
-from xca_gateway.ebrs import RegistryError, status_for
 from xca_gateway.protocol.namespaces import RIM
+from xca_gateway.xds import ebrim
+from xca_gateway.xds.ebrs import RegistryError, status_for
 
 LOCAL_POLICY_RESTRICTION_ERROR = "LocalPolicyRestrictionError"
 XDS_DOCUMENT_UNIQUE_ID_ERROR = "XDSDocumentUniqueIdError"

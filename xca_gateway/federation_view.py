@@ -43,7 +43,6 @@ from lxml import etree
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from xca_gateway import ebrim
 from xca_gateway.audit.messages import PatientRef
 from xca_gateway.audit.patients import PatientMemory
 from xca_gateway.consumer import (
@@ -52,16 +51,17 @@ from xca_gateway.consumer import (
     imaging_request_from_kos,
     manifests_from_response,
 )
-from xca_gateway.ebrs import RegistryError, adhoc_query_response
 from xca_gateway.imaging.request import (
     DocumentRequest,
     InvalidImagingRequest,
     RetrieveImagingDocumentSetRequest,
 )
 from xca_gateway.imaging.retrieve import ImagingRetrieval
-from xca_gateway.kos import InstanceRef, kos_from_bytes, kos_references
 from xca_gateway.protocol.namespaces import RIM, XDSB, ResponseStatus
 from xca_gateway.security.callers import Principal, current_caller
+from xca_gateway.xds import ebrim
+from xca_gateway.xds.ebrs import RegistryError, adhoc_query_response
+from xca_gateway.xds.kos import InstanceRef, kos_from_bytes, kos_references
 
 if TYPE_CHECKING:
     from xca_gateway.app.gateway import Gateway

@@ -48,13 +48,10 @@ from xca_gateway.consumer import (
     manifests_from_response,
 )
 from xca_gateway.dicom_instance import decode_instance
-from xca_gateway.ebrs import RegistryError, parse_registry_errors
 from xca_gateway.federation_view import FederationError, FederationView, event_modalities
 from xca_gateway.imaging import transfer_syntax as ts
 from xca_gateway.imaging.request import RetrieveImagingDocumentSetRequest
 from xca_gateway.imaging.retrieve import InstanceTooLarge
-from xca_gateway.kos import InstanceRef, is_valid_uid, kos_from_bytes, kos_references
-from xca_gateway.patient_id import PatientId, parse_patient_id
 from xca_gateway.protocol import mtom
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.tls import client_context
@@ -65,6 +62,9 @@ from xca_gateway.reconcile import (
     reconcile,
 )
 from xca_gateway.transactions.iti43 import same_community
+from xca_gateway.xds.ebrs import RegistryError, parse_registry_errors
+from xca_gateway.xds.kos import InstanceRef, is_valid_uid, kos_from_bytes, kos_references
+from xca_gateway.xds.patient_id import PatientId, parse_patient_id
 
 if TYPE_CHECKING:
     from xca_gateway.app.gateway import Gateway

@@ -1,9 +1,9 @@
 """``xca-gateway import``: register DICOM studies as XDS-I.b imaging manifests.
 
 For every study found under the given files and directories: read the DICOM headers (never
-the pixel data), build a KOS manifest (:func:`xca_gateway.kos.build_kos`), store its Part-10
+the pixel data), build a KOS manifest (:func:`xca_gateway.xds.kos.build_kos`), store its Part-10
 bytes in the local repository, and register its DocumentEntry (ITI-42 payload, built by
-:mod:`xca_gateway.metadata`) with the registry.
+:mod:`xca_gateway.xds.metadata`) with the registry.
 
 Re-import is idempotent: the manifest's SOP Instance UID is derived from the repository's
 uniqueId and the Study Instance UID (a name-based UUID under ``2.25``), so a study seen
@@ -34,11 +34,13 @@ from lxml import etree
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from xca_gateway import ebrim
-from xca_gateway.ebrs import RegistryError
-from xca_gateway.kos import KOS_SOP_CLASS_UID, build_kos, kos_from_bytes, kos_references
-from xca_gateway.kos import kos_to_bytes as _kos_to_bytes
-from xca_gateway.metadata import (
+from xca_gateway.repository import DocumentExists, DocumentRepository
+from xca_gateway.settings import CommunityConfig, ConfigError
+from xca_gateway.xds import ebrim
+from xca_gateway.xds.ebrs import RegistryError
+from xca_gateway.xds.kos import KOS_SOP_CLASS_UID, build_kos, kos_from_bytes, kos_references
+from xca_gateway.xds.kos import kos_to_bytes as _kos_to_bytes
+from xca_gateway.xds.metadata import (
     ManifestDocument,
     ManifestMetadataError,
     ManifestOptions,
@@ -46,8 +48,6 @@ from xca_gateway.metadata import (
     imaging_study_from_datasets,
     xds_patient_ids,
 )
-from xca_gateway.repository import DocumentExists, DocumentRepository
-from xca_gateway.settings import CommunityConfig, ConfigError
 
 __all__ = [
     "ImportReport",

@@ -20,10 +20,7 @@ from dataclasses import dataclass, field
 
 from lxml import etree
 
-from xca_gateway.ebrim import ErrorCode, StoredQueryId
-from xca_gateway.ebrs import RegistryError, adhoc_query_response, parse_registry_errors
 from xca_gateway.metrics import GatewayMetrics
-from xca_gateway.patient_id import PatientId, PatientIdError, parse_patient_id
 from xca_gateway.patient_mapping import PatientIdMapper
 from xca_gateway.protocol.namespaces import QUERY, RIM, Action, ErrorSeverity, ResponseStatus
 from xca_gateway.protocol.peer_client import PeerClient, PeerError
@@ -44,6 +41,9 @@ from xca_gateway.transactions.iti43 import (
     retrieve_response,
     same_community,
 )
+from xca_gateway.xds.ebrim import ErrorCode, StoredQueryId
+from xca_gateway.xds.ebrs import RegistryError, adhoc_query_response, parse_registry_errors
+from xca_gateway.xds.patient_id import PatientId, PatientIdError, parse_patient_id
 
 log = logging.getLogger(__name__)
 

@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xca_gateway.patient_id import PatientId, PatientIdError, parse_patient_id
 from xca_gateway.patients import MATCH_THRESHOLD, PatientDirectory
 from xca_gateway.protocol.peer_client import PeerClient, PeerError
 from xca_gateway.settings import ConfigError, PeerConfig
 from xca_gateway.transactions import iti45, iti55
+from xca_gateway.xds.patient_id import PatientId, PatientIdError, parse_patient_id
 
 log = logging.getLogger(__name__)
 

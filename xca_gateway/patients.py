@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from xca_gateway.patient_id import PatientId
+from xca_gateway.xds.patient_id import PatientId
 
 SCORE_IDENTIFIER = 100
 SCORE_DEMOGRAPHICS = 100

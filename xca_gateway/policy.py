@@ -29,7 +29,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from xca_gateway.ebrs import RegistryError, adhoc_query_response, retrieve_document_set_response
 from xca_gateway.enforcement import (
     LOCAL_POLICY_RESTRICTION_ERROR as LOCAL_POLICY_RESTRICTION_ERROR,
 )
@@ -45,6 +44,7 @@ from xca_gateway.security.callers import (
 )
 from xca_gateway.security.config import parse_caller_rule
 from xca_gateway.transactions import TRANSACTIONS, TransactionSpec
+from xca_gateway.xds.ebrs import RegistryError, adhoc_query_response, retrieve_document_set_response
 from xca_gateway.xua import (
     Ce,
     WsseFault,

@@ -95,7 +95,7 @@ from xca_gateway.settings import ConfigError, is_loopback_host
 if TYPE_CHECKING:
     from xca_gateway.app.gateway import Gateway
     from xca_gateway.import_priors import ImportReport, StudyImport
-    from xca_gateway.kos import InstanceRef
+    from xca_gateway.xds.kos import InstanceRef
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from xca_gateway.metadata import ManifestOptions, parse_manifest_options
 from xca_gateway.settings import ConfigError, validate_oid
+from xca_gateway.xds.metadata import ManifestOptions, parse_manifest_options
 
 __all__ = [
     "CHUNK_SIZE",

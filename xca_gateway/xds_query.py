@@ -21,13 +21,13 @@ from typing import Any
 
 from lxml import etree
 
-from xca_gateway import ebrim
-from xca_gateway.ebrim import StoredQueryId
-from xca_gateway.ebrs import RegistryError, parse_registry_errors
-from xca_gateway.metadata import DCM_SYSTEM, LOINC
-from xca_gateway.patient_id import PatientId, parse_patient_id
 from xca_gateway.protocol.namespaces import QUERY, RIM
 from xca_gateway.registry.stored_query import QUERIES, ParamType, QuerySpec
+from xca_gateway.xds import ebrim
+from xca_gateway.xds.ebrim import StoredQueryId
+from xca_gateway.xds.ebrs import RegistryError, parse_registry_errors
+from xca_gateway.xds.metadata import DCM_SYSTEM, LOINC
+from xca_gateway.xds.patient_id import PatientId, parse_patient_id
 
 DE = "$XDSDocumentEntry"
 

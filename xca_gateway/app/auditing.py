@@ -16,7 +16,6 @@ from typing import Any
 
 from lxml import etree
 
-from xca_gateway import ebrim
 from xca_gateway.audit import AuditTrail, extract, soap_requester
 from xca_gateway.audit import messages as m
 from xca_gateway.audit.patients import (
@@ -29,6 +28,7 @@ from xca_gateway.audit.patients import (
 from xca_gateway.protocol.namespaces import RIM, RS, Action
 from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.security.callers import Role, current_caller
+from xca_gateway.xds import ebrim
 
 log = logging.getLogger(__name__)
 

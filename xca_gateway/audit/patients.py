@@ -28,9 +28,9 @@ from typing import TypeVar
 
 from lxml import etree
 
-from xca_gateway import ebrim
 from xca_gateway.audit.messages import PatientRef
 from xca_gateway.protocol.namespaces import RIM
+from xca_gateway.xds import ebrim
 
 # request.context keys through which handlers tell the auditor what they know: uid (document
 # uniqueId, Study or SOP Instance UID) -> PatientRef, and a retrieve's InstanceObservations.

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from xca_gateway.dicomweb.negotiation import PREFIX
 from xca_gateway.dicomweb.qido import RANGE_KEYS, QidoQuery, split_values
 from xca_gateway.federation_view import StudyManifest
-from xca_gateway.kos import InstanceRef
+from xca_gateway.xds.kos import InstanceRef
 
 # Binary values above this size are left out of metadata (no bulk data resource is served).
 METADATA_INLINE_LIMIT = 64 * 1024

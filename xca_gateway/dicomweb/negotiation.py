@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import unquote
 
-from xca_gateway.ebrs import RegistryError
 from xca_gateway.imaging import transfer_syntax as ts
-from xca_gateway.kos import is_valid_uid
 from xca_gateway.protocol.http_server import Response
+from xca_gateway.xds.ebrs import RegistryError
+from xca_gateway.xds.kos import is_valid_uid
 
 PREFIX = "/dicomweb"
 DICOM_JSON = "application/dicom+json"

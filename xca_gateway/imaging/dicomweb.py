@@ -31,7 +31,6 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from urllib.parse import urlencode
 
-from xca_gateway.ebrs import RegistryError
 from xca_gateway.imaging.request import DocumentRequest, RetrieveImagingDocumentSetRequest
 from xca_gateway.imaging.sources import (
     DEFAULT_CHUNK,
@@ -56,6 +55,7 @@ from xca_gateway.protocol import mtom
 from xca_gateway.protocol.http_client import RelayClient, RelayError, RelayResponse
 from xca_gateway.protocol.mtom import MtomError, PartData, PartEnd
 from xca_gateway.protocol.multipart import MultipartStream, TruncatedMultipart
+from xca_gateway.xds.ebrs import RegistryError
 
 log = logging.getLogger(__name__)
 

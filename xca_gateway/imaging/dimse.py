@@ -36,7 +36,6 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from xca_gateway.ebrs import RegistryError
 from xca_gateway.imaging.request import RetrieveImagingDocumentSetRequest
 from xca_gateway.imaging.sources import (
     DEFAULT_CHUNK,
@@ -56,6 +55,7 @@ from xca_gateway.imaging.transfer_syntax import (
     sniff_transfer_syntax,
     transcode,
 )
+from xca_gateway.xds.ebrs import RegistryError
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from xca_gateway.ebrs import RegistryError
 from xca_gateway.imaging.request import RetrieveImagingDocumentSetRequest, is_uid
 from xca_gateway.imaging.sources import (
     DEFAULT_CHUNK,
@@ -32,6 +31,7 @@ from xca_gateway.imaging.sources import (
     transfer_syntax_error,
 )
 from xca_gateway.imaging.transfer_syntax import TranscodeError, choose_target, transcode
+from xca_gateway.xds.ebrs import RegistryError
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Sequence
 
 from lxml import etree
 
-from xca_gateway.ebrs import RegistryError
 from xca_gateway.imaging.request import (
     DocumentRequest,
     RetrieveImagingDocumentSetRequest,
@@ -46,6 +45,7 @@ from xca_gateway.protocol.multipart import MultipartStream, TruncatedMultipart
 from xca_gateway.protocol.peer_client import PeerClient, PeerError
 from xca_gateway.protocol.soap import build_envelope, read_fault, serialize
 from xca_gateway.protocol.xmlsafe import XmlRejected, parse_xml_async
+from xca_gateway.xds.ebrs import RegistryError
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,13 @@ from dataclasses import dataclass
 
 from lxml import etree
 
-from xca_gateway.ebrs import RegistryError, parse_registry_errors, retrieve_document_set_response
 from xca_gateway.protocol.mtom import cid_from_href
 from xca_gateway.protocol.namespaces import RS, XDSB, XOP
+from xca_gateway.xds.ebrs import (
+    RegistryError,
+    parse_registry_errors,
+    retrieve_document_set_response,
+)
 
 DICOM_MIME_TYPE = "application/dicom"
 

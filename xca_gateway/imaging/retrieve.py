@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from xca_gateway.audit.patients import CONTEXT_INSTANCES, InstanceObservations
-from xca_gateway.ebrs import RegistryError, status_for
 from xca_gateway.imaging.request import DocumentRequest, RetrieveImagingDocumentSetRequest
 from xca_gateway.imaging.response import DICOM_MIME_TYPE, DocumentResponse, build_retrieve_response
 from xca_gateway.imaging.sources import (
@@ -40,6 +39,7 @@ from xca_gateway.imaging.sources import (
 from xca_gateway.protocol import mtom
 from xca_gateway.protocol.namespaces import ResponseStatus
 from xca_gateway.protocol.soap_service import SoapResponse
+from xca_gateway.xds.ebrs import RegistryError, status_for
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from xca_gateway.ebrs import RegistryError
 from xca_gateway.imaging.request import DocumentRequest, RetrieveImagingDocumentSetRequest
 from xca_gateway.imaging.transfer_syntax import TRANSFER_SYNTAX_ERROR
+from xca_gateway.xds.ebrs import RegistryError
 
 __all__ = [
     "ImagingSource",

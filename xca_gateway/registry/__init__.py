@@ -22,12 +22,12 @@ from typing import Any, Protocol
 
 from lxml import etree
 
-from xca_gateway.ebrs import RegistryError
 from xca_gateway.protocol.peer_client import PeerClient
 from xca_gateway.registry.local import LocalRegistry
 from xca_gateway.registry.model import QueryResult, RegistryAction
 from xca_gateway.registry.remote import RemoteRegistry
 from xca_gateway.settings import ConfigError, validate_oid
+from xca_gateway.xds.ebrs import RegistryError
 
 __all__ = [
     "LocalRegistry",

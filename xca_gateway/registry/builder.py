@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 from lxml import etree
 
-from xca_gateway import ebrim
 from xca_gateway.protocol.namespaces import LCM, RIM
 from xca_gateway.registry.model import Code
+from xca_gateway.xds import ebrim
 
 LOINC = "2.16.840.1.113883.6.1"
 DCM = "1.2.840.10008.2.16.4"

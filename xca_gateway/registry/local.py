@@ -16,9 +16,6 @@ from dataclasses import replace
 
 from lxml import etree
 
-from xca_gateway import ebrim
-from xca_gateway.ebrim import ErrorCode
-from xca_gateway.ebrs import RegistryError, status_for
 from xca_gateway.protocol.namespaces import RIM, ResponseStatus
 from xca_gateway.registry.model import (
     AssociationFilter,
@@ -44,6 +41,9 @@ from xca_gateway.registry.stored_query import (
     plan_query,
 )
 from xca_gateway.registry.submit import SubmissionRejected, parse_submission
+from xca_gateway.xds import ebrim
+from xca_gateway.xds.ebrim import ErrorCode
+from xca_gateway.xds.ebrs import RegistryError, status_for
 
 log = logging.getLogger(__name__)
 

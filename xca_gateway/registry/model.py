@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 from lxml import etree
 
-from xca_gateway import ebrim
-from xca_gateway.ebrs import RegistryError
 from xca_gateway.protocol.namespaces import RIM
+from xca_gateway.xds import ebrim
+from xca_gateway.xds.ebrs import RegistryError
 
 
 class Kind(enum.StrEnum):

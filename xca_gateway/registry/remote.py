@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from lxml import etree
 
-from xca_gateway.ebrim import ErrorCode
-from xca_gateway.ebrs import RegistryError, parse_registry_errors
 from xca_gateway.protocol.namespaces import QUERY, RIM, RS, Action, ResponseStatus
 from xca_gateway.protocol.peer_client import PeerClient, PeerError
 from xca_gateway.registry.model import QueryResult, RegistryAction
+from xca_gateway.xds.ebrim import ErrorCode
+from xca_gateway.xds.ebrs import RegistryError, parse_registry_errors
 
 _STATUSES = (ResponseStatus.SUCCESS, ResponseStatus.PARTIAL_SUCCESS, ResponseStatus.FAILURE)
 

@@ -23,9 +23,6 @@ from typing import Any, TypeVar
 
 from lxml import etree
 
-from xca_gateway import ebrim
-from xca_gateway.ebrim import ErrorCode
-from xca_gateway.ebrs import RegistryError
 from xca_gateway.registry.model import (
     AssociationFilter,
     Kind,
@@ -41,6 +38,9 @@ from xca_gateway.registry.submit import (
     SubmissionRejected,
     plan_registration,
 )
+from xca_gateway.xds import ebrim
+from xca_gateway.xds.ebrim import ErrorCode
+from xca_gateway.xds.ebrs import RegistryError
 
 T = TypeVar("T")
 Cursor = Any

@@ -37,9 +37,6 @@ from typing import Literal
 
 from lxml import etree
 
-from xca_gateway import ebrim
-from xca_gateway.ebrim import ErrorCode, StoredQueryId
-from xca_gateway.ebrs import RegistryError
 from xca_gateway.protocol.namespaces import QUERY, RIM, ErrorSeverity
 from xca_gateway.registry.model import (
     ASSOCIATION_TYPES,
@@ -56,6 +53,9 @@ from xca_gateway.registry.model import (
     ValueAttribute,
     ValueCondition,
 )
+from xca_gateway.xds import ebrim
+from xca_gateway.xds.ebrim import ErrorCode, StoredQueryId
+from xca_gateway.xds.ebrs import RegistryError
 
 ReturnType = Literal["LeafClass", "ObjectRef"]
 

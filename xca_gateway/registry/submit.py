@@ -26,9 +26,6 @@ from datetime import UTC, datetime
 
 from lxml import etree
 
-from xca_gateway import ebrim
-from xca_gateway.ebrim import ErrorCode
-from xca_gateway.ebrs import RegistryError
 from xca_gateway.protocol.namespaces import LCM, RIM
 from xca_gateway.registry.model import (
     ASSOCIATION_TYPES,
@@ -45,6 +42,9 @@ from xca_gateway.registry.model import (
     set_slot,
 )
 from xca_gateway.registry.stored_query import ValueSyntaxError, validate_dtm, validate_patient_id
+from xca_gateway.xds import ebrim
+from xca_gateway.xds.ebrim import ErrorCode
+from xca_gateway.xds.ebrs import RegistryError
 
 _UUID_URN = re.compile(
     r"^urn:uuid:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from xca_gateway.ebrs import RegistryError, adhoc_query_response, retrieve_document_set_response
 from xca_gateway.protocol.namespaces import Action, ResponseStatus
 from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
+from xca_gateway.xds.ebrs import RegistryError, adhoc_query_response, retrieve_document_set_response
 
 
 @dataclass(frozen=True)

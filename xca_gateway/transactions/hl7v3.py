@@ -18,8 +18,8 @@ from typing import Any
 
 from lxml import etree
 
-from xca_gateway.patient_id import PatientId
 from xca_gateway.patients import Address, Demographics, normalize_birth_date, normalize_gender
+from xca_gateway.xds.patient_id import PatientId
 
 HL7 = "urn:hl7-org:v3"
 XSI = "http://www.w3.org/2001/XMLSchema-instance"

@@ -8,10 +8,10 @@ route follow-up queries and retrieves through an Initiating Gateway.
 
 from __future__ import annotations
 
-from xca_gateway.ebrs import adhoc_query_response
 from xca_gateway.protocol.namespaces import Action, ResponseStatus
 from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.registry import Registry
+from xca_gateway.xds.ebrs import adhoc_query_response
 
 __all__ = ["iti18_handler", "outcome_of"]
 

@@ -15,8 +15,6 @@ from dataclasses import replace
 
 from lxml import etree
 
-from xca_gateway.ebrim import ErrorCode
-from xca_gateway.ebrs import RegistryError, adhoc_query_response
 from xca_gateway.protocol.namespaces import QUERY, RIM, Action, ResponseStatus
 from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.registry import QueryResult, Registry
@@ -26,6 +24,8 @@ from xca_gateway.registry.stored_query import (
     parse_stored_query,
 )
 from xca_gateway.transactions.iti18 import outcome_of
+from xca_gateway.xds.ebrim import ErrorCode
+from xca_gateway.xds.ebrs import RegistryError, adhoc_query_response
 
 __all__ = ["check_cross_gateway_query", "iti38_handler"]
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from xca_gateway.ebrs import RegistryError
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.repository import DocumentRepository
@@ -26,6 +25,7 @@ from xca_gateway.transactions.iti43 import (
     retrieve_response,
     same_community,
 )
+from xca_gateway.xds.ebrs import RegistryError
 
 __all__ = ["check_home_community", "iti39_handler"]
 

@@ -12,11 +12,11 @@ from collections.abc import Iterable
 
 from lxml import etree
 
-from xca_gateway.ebrs import RegistryError, status_for
 from xca_gateway.protocol.namespaces import RS, ErrorSeverity
 from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.registry import Registry, RegistryAction
 from xca_gateway.transactions.iti18 import outcome_of
+from xca_gateway.xds.ebrs import RegistryError, status_for
 
 __all__ = ["ITI42_ACTION", "ITI42_RESPONSE_ACTION", "iti42_handler", "registry_response"]
 

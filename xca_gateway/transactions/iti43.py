@@ -21,12 +21,6 @@ from typing import Protocol
 
 from lxml import etree
 
-from xca_gateway.ebrs import (
-    RegistryError,
-    parse_registry_errors,
-    retrieve_document_set_response,
-    status_for,
-)
 from xca_gateway.protocol import mtom
 from xca_gateway.protocol.namespaces import RS, XDSB, XOP, Action, ResponseStatus
 from xca_gateway.protocol.peer_client import PeerError, SoapReply
@@ -38,6 +32,12 @@ from xca_gateway.repository import (
     RepositoryConfig,
     StoredDocument,
     valid_mime_type,
+)
+from xca_gateway.xds.ebrs import (
+    RegistryError,
+    parse_registry_errors,
+    retrieve_document_set_response,
+    status_for,
 )
 
 __all__ = [

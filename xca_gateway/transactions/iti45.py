@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 
 from lxml import etree
 
-from xca_gateway.patient_id import PatientId
 from xca_gateway.protocol.soap import SoapFault
 from xca_gateway.protocol.soap_service import (
     Handler,
@@ -57,6 +56,7 @@ from xca_gateway.transactions.hl7v3 import (
     sub,
     transmission_wrapper,
 )
+from xca_gateway.xds.patient_id import PatientId
 
 if TYPE_CHECKING:
     from xca_gateway.patient_mapping import CrossReferenceTable

@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING
 
 from lxml import etree
 
-from xca_gateway.patient_id import PatientId
 from xca_gateway.patients import (
     MATCH_THRESHOLD,
     Demographics,
@@ -80,6 +79,7 @@ from xca_gateway.transactions.hl7v3 import (
     telecom_value,
     transmission_wrapper,
 )
+from xca_gateway.xds.patient_id import PatientId
 
 if TYPE_CHECKING:
     from xca_gateway.patient_mapping import CrossReferenceTable

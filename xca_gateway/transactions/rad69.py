@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from xca_gateway.audit.patients import CONTEXT_INSTANCES
-from xca_gateway.ebrs import RegistryError
 from xca_gateway.imaging.remote import open_remote_retrieve
 from xca_gateway.imaging.request import (
     DocumentRequest,
@@ -43,6 +42,7 @@ from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.peer_client import PeerClient
 from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.transactions.rad75 import local_routes, parse_or_fault
+from xca_gateway.xds.ebrs import RegistryError
 
 __all__ = [
     "InitiatingImagingGateway",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from xca_gateway.ebrs import RegistryError
 from xca_gateway.imaging.request import (
     DocumentRequest,
     InvalidImagingRequest,
@@ -35,6 +34,7 @@ from xca_gateway.imaging.sources import (
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.soap import SoapFault
 from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
+from xca_gateway.xds.ebrs import RegistryError
 
 __all__ = ["local_routes", "parse_or_fault", "rad75_handler", "source_route"]
 

@@ -24,8 +24,8 @@ from lxml import etree
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from xca_gateway import ebrim
 from xca_gateway.protocol.namespaces import LCM, RIM
+from xca_gateway.xds import ebrim
 
 __all__ = [
     "CONFIDENTIALITY_SYSTEM",
