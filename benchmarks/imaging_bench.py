@@ -160,8 +160,9 @@ async def serve(spec: dict[str, Any]) -> None:
     from xca_gateway.app.gateway import Gateway
     from xca_gateway.imaging.filesystem import FilesystemSource
     from xca_gateway.imaging.rad69_source import Rad69Source
+    from xca_gateway.initiating.imaging import rad69_handler
     from xca_gateway.protocol.soap_service import Operation
-    from xca_gateway.transactions.rad69 import imaging_document_source_handler, rad69_handler
+    from xca_gateway.transactions.rad69 import imaging_document_source_handler
     from xca_gateway.transactions.rad75 import rad75_handler
 
     logging.basicConfig(level=logging.WARNING)

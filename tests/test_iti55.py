@@ -13,7 +13,7 @@ from lxml import etree
 
 from tests.test_server import consumer, fault_of, soap12
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.patients import Address, Demographics, PatientDirectory, PatientRecord
+from xca_gateway.patients.directory import Address, Demographics, PatientDirectory, PatientRecord
 from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import QUERY, SOAP12, WSA
 from xca_gateway.protocol.peer_client import PeerClient

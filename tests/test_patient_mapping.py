@@ -17,13 +17,13 @@ from tests.test_initiating import install as install_iti38
 from tests.test_iti55 import install, tls_of
 from tests.test_server import consumer, soap12
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.patient_mapping import (
-    CrossReferenceTable,
+from xca_gateway.initiating.patient_mapping import (
     PatientIdMapper,
     XcpdPeer,
     parse_patient_mapping_config,
 )
-from xca_gateway.patients import Demographics, PatientDirectory
+from xca_gateway.patients.directory import Demographics, PatientDirectory
+from xca_gateway.patients.xref import CrossReferenceTable
 from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import QUERY, SOAP12, Action, ErrorSeverity
 from xca_gateway.protocol.peer_client import PeerClient

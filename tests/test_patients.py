@@ -11,7 +11,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from xca_gateway.dicom_samples import SamplePatient, generate_study
-from xca_gateway.patients import (
+from xca_gateway.patients.directory import (
     MATCH_THRESHOLD,
     SCORE_WITHOUT_GENDER,
     Address,

@@ -438,7 +438,7 @@ async def import_with_config(
 ) -> ImportReport:
     """Import ``paths`` into the repository, registry and patient directory a gateway
     configuration file names (the CLI, and the demo's seeding)."""
-    from xca_gateway.patients import PatientDirectory
+    from xca_gateway.patients.directory import PatientDirectory
 
     settings = load_import_settings(config_path)
     patients = PatientDirectory(settings.patients_db) if settings.patients_db else None

@@ -32,7 +32,7 @@ from xca_gateway.settings import (
 )
 
 if TYPE_CHECKING:
-    from xca_gateway.patient_mapping import PatientMappingConfig
+    from xca_gateway.initiating.patient_mapping import PatientMappingConfig
 
 
 # Sections whose schema lives with the module that uses them (validated when it starts).
@@ -51,7 +51,7 @@ EXTRA_SECTIONS = (
 
 
 def _default_patient_mapping() -> PatientMappingConfig:
-    from xca_gateway.patient_mapping import PatientMappingConfig  # local: it imports this module
+    from xca_gateway.initiating.patient_mapping import PatientMappingConfig
 
     return PatientMappingConfig()
 
@@ -271,7 +271,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
     initiating = _build(InitiatingConfig, _table(data, "initiating"), "initiating")
     if initiating.peer_deadline <= 0 or initiating.overall_deadline <= 0:
         raise ConfigError("[initiating] deadlines must be positive")
-    from xca_gateway.patient_mapping import parse_patient_mapping_config  # local: avoids a cycle
+    from xca_gateway.initiating.patient_mapping import parse_patient_mapping_config
 
     patient_mapping = parse_patient_mapping_config(
         _table(data, "patient_mapping"), base_dir, data_dir=storage.data_dir, peers=peers

@@ -19,15 +19,13 @@ from xca_gateway.app.admin import AdminApp
 from xca_gateway.app.config import GatewayConfig
 from xca_gateway.imaging.config import ImagingConfig
 from xca_gateway.imaging.service import ImagingService
-from xca_gateway.initiating import (
-    InitiatingGateway,
-    InitiatingRetrieve,
-    iti18_handler,
-)
-from xca_gateway.initiating import iti43_handler as initiating_iti43_handler
+from xca_gateway.initiating.patient_mapping import PatientIdMapper
+from xca_gateway.initiating.query import InitiatingGateway, iti18_handler
+from xca_gateway.initiating.retrieve import InitiatingRetrieve
+from xca_gateway.initiating.retrieve import iti43_handler as initiating_iti43_handler
 from xca_gateway.metrics import GatewayMetrics
-from xca_gateway.patient_mapping import CrossReferenceTable, PatientIdMapper
-from xca_gateway.patients import PatientDirectory
+from xca_gateway.patients.directory import PatientDirectory
+from xca_gateway.patients.xref import CrossReferenceTable
 from xca_gateway.protocol.http_server import (
     ConnectionLimits,
     HttpServer,
@@ -625,9 +623,9 @@ def install_imaging(gateway: Gateway, config: ImagingConfig) -> ImagingService:
     Returns the service whose ``start()``/``stop()`` must run with the gateway's own; its
     ``retrieve()`` is RAD-69 in-process, the same path ``/ig/rad69`` takes.
     """
+    from xca_gateway.initiating.imaging import InitiatingImagingGateway
     from xca_gateway.protocol.namespaces import Action
     from xca_gateway.protocol.soap_service import Operation
-    from xca_gateway.transactions.rad69 import InitiatingImagingGateway
     from xca_gateway.transactions.rad75 import rad75_handler
 
     home = gateway.config.community.home_community_id

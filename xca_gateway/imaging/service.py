@@ -16,7 +16,7 @@ from xca_gateway.settings import ConfigError
 if TYPE_CHECKING:
     from xca_gateway.imaging.request import RetrieveImagingDocumentSetRequest
     from xca_gateway.imaging.retrieve import ImagingRetrieval
-    from xca_gateway.transactions.rad69 import InitiatingImagingGateway
+    from xca_gateway.initiating.imaging import InitiatingImagingGateway
 
 
 def build_source(

@@ -18,7 +18,12 @@ from typing import Any
 
 from lxml import etree
 
-from xca_gateway.patients import Address, Demographics, normalize_birth_date, normalize_gender
+from xca_gateway.patients.directory import (
+    Address,
+    Demographics,
+    normalize_birth_date,
+    normalize_gender,
+)
 from xca_gateway.xds.patient_id import PatientId
 
 HL7 = "urn:hl7-org:v3"

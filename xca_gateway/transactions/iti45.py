@@ -59,7 +59,7 @@ from xca_gateway.transactions.hl7v3 import (
 from xca_gateway.xds.patient_id import PatientId
 
 if TYPE_CHECKING:
-    from xca_gateway.patient_mapping import CrossReferenceTable
+    from xca_gateway.patients.xref import CrossReferenceTable
     from xca_gateway.protocol.peer_client import PeerClient
 
 log = logging.getLogger(__name__)
