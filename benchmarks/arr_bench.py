@@ -52,8 +52,8 @@ from xca_gateway.arr.parse import (
 from xca_gateway.arr.store import EventFilter, SqliteAuditStore
 from xca_gateway.audit import messages as am
 from xca_gateway.audit.syslog import format_message, frame
-from xca_gateway.pki import DevPki, init_dev_pki
 from xca_gateway.protocol.tls import client_context
+from xca_gateway.security.dev_pki import DevPki, init_dev_pki
 
 PASSWORD = "benchmark-officer-pw"
 # alpha's certificate sends the records, which report as AuditSourceID bench-gw.

@@ -31,7 +31,7 @@ from typing import Any
 from xca_gateway.audit import AuditTrail, parse_audit_config
 from xca_gateway.audit import messages as m
 from xca_gateway.audit.rsyslog import RsyslogRepository, gtls_available, rsyslogd_path
-from xca_gateway.pki import init_dev_pki
+from xca_gateway.security.dev_pki import init_dev_pki
 from xca_gateway.settings import TlsConfig
 
 BASE = datetime(2026, 1, 1, tzinfo=UTC)

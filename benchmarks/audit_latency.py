@@ -26,9 +26,9 @@ from bench_policy import peer, policy, policy_toml
 
 from xca_gateway.audit.rsyslog import RsyslogRepository
 from xca_gateway.demo import DemoCommunity, community_config_toml
-from xca_gateway.pki import init_dev_pki
 from xca_gateway.protocol.namespaces import Action, ResponseStatus
 from xca_gateway.protocol.tls import client_context
+from xca_gateway.security.dev_pki import init_dev_pki
 
 # Dev PKI communities: the responding gateway, the peer that queries it, the audit repository.
 COMMUNITIES = ["north", "south", "arr"]

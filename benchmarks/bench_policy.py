@@ -24,9 +24,9 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from xca_gateway.pki import COMMUNITY_DOMAIN
+from xca_gateway.security.dev_pki import COMMUNITY_DOMAIN
 
-# The URI SAN of the development PKI's client certificate (xca_gateway.pki).
+# The URI SAN of the development PKI's client certificate (xca_gateway.security.dev_pki).
 CONSUMER_URI = "urn:xca-gateway:client:consumer"
 
 

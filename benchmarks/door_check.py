@@ -17,12 +17,12 @@ from pathlib import Path
 
 from bench_policy import consumer, peer, policy
 
-from xca_gateway.pki import init_dev_pki
-from xca_gateway.policy import PeerIdentity, parse_access_policy
 from xca_gateway.protocol.http_server import PeerCertificate, PeerInfo
 from xca_gateway.protocol.tls import certificate_info
 from xca_gateway.security.callers import Door
+from xca_gateway.security.dev_pki import init_dev_pki
 from xca_gateway.security.guard import DoorGuard, identity_from_peer
+from xca_gateway.security.policy import PeerIdentity, parse_access_policy
 
 HOME = "urn:oid:1.3.6.1.4.1.21367.13.70.1"
 

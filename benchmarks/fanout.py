@@ -36,9 +36,9 @@ from xml.sax.saxutils import escape
 import httpx
 from bench_policy import consumer, peer, policy, policy_toml
 
-from xca_gateway.pki import DevPki, init_dev_pki
 from xca_gateway.protocol.namespaces import ResponseStatus
 from xca_gateway.protocol.tls import client_context
+from xca_gateway.security.dev_pki import DevPki, init_dev_pki
 from xca_gateway.settings import LimitsConfig
 
 HERE = Path(__file__).resolve()
@@ -104,7 +104,6 @@ async def _farm(certs: Path, latencies: list[float]) -> None:
     from lxml import etree
 
     from xca_gateway.metrics import GatewayMetrics
-    from xca_gateway.policy import parse_access_policy
     from xca_gateway.protocol.http_server import HttpServer, Request, Response
     from xca_gateway.protocol.namespaces import RIM, Action
     from xca_gateway.protocol.soap import SoapFault, build_fault
@@ -118,6 +117,7 @@ async def _farm(certs: Path, latencies: list[float]) -> None:
     from xca_gateway.protocol.tls import server_context
     from xca_gateway.security.callers import Door
     from xca_gateway.security.guard import DoorGuard, identity_from_peer
+    from xca_gateway.security.policy import parse_access_policy
     from xca_gateway.settings import TlsConfig
     from xca_gateway.xds.ebrs import adhoc_query_response
 

@@ -55,11 +55,11 @@ from xca_gateway.imaging.request import (
     RetrieveImagingDocumentSetRequest,
     build_retrieve_imaging_request,
 )
-from xca_gateway.pki import DevPki, init_dev_pki
 from xca_gateway.protocol import mtom
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.soap import build_envelope, serialize
 from xca_gateway.protocol.tls import client_context
+from xca_gateway.security.dev_pki import DevPki, init_dev_pki
 
 REPOSITORY = "1.3.6.1.4.1.21367.13.71.2.1"
 HOMES = {

@@ -494,8 +494,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown attack(s): {', '.join(sorted(unknown))}")
     import httpx
 
-    from xca_gateway.pki import init_dev_pki
     from xca_gateway.protocol.tls import client_context
+    from xca_gateway.security.dev_pki import init_dev_pki
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

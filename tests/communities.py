@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tests.conftest import policy_toml
 from xca_gateway.dicom_samples import SampleStudy, generate_community_samples
-from xca_gateway.pki import DevPki
+from xca_gateway.security.dev_pki import DevPki
 
 ARC = "1.3.6.1.4.1.21367.13"
 

@@ -20,7 +20,7 @@ import pytest
 from tests.postgres import postgres_server  # noqa: F401  (the shared PostgreSQL fixture)
 from xca_gateway.app.config import GatewayConfig, parse_config
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.pki import DevPki, init_dev_pki
+from xca_gateway.security.dev_pki import DevPki, init_dev_pki
 
 
 @pytest.fixture(scope="session")

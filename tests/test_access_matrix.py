@@ -28,11 +28,11 @@ import pytest
 from lxml import etree
 
 from tests.test_initiating import find_documents
-from xca_gateway.pki import issue_client_certificate, load_dev_pki
 from xca_gateway.protocol.namespaces import SOAP12, WSA, Action
 from xca_gateway.protocol.tls import certificate_info, client_context
 from xca_gateway.security.callers import ACCESS, Door, Role, access_table_markdown
-from xca_gateway.xua import (
+from xca_gateway.security.dev_pki import issue_client_certificate, load_dev_pki
+from xca_gateway.security.xua import (
     Ce,
     XuaIdentity,
     issue_assertion,

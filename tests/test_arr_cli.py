@@ -18,8 +18,8 @@ import pytest
 
 from xca_gateway.arr.app import arr_config_toml, load_arr_config
 from xca_gateway.arr.store import SqliteAuditStore
-from xca_gateway.pki import DevPki, init_dev_pki
 from xca_gateway.protocol.tls import client_context
+from xca_gateway.security.dev_pki import DevPki, init_dev_pki
 
 
 @pytest.fixture(scope="module")

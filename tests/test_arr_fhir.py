@@ -27,8 +27,8 @@ from xca_gateway.audit import AuditTrail
 from xca_gateway.audit import messages as am
 from xca_gateway.audit.config import AuditConfig, AuditDestination
 from xca_gateway.audit.syslog import format_message, frame
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol.tls import client_context
+from xca_gateway.security.dev_pki import DevPki
 
 CTX = am.AuditContext(am.AuditSource("north-gw", "1.3.6.1.4.1.21367.13.70.1"), host="north")
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -436,8 +436,8 @@ def test_iti81_and_raw_messages_are_for_audit_consumers_and_officers_only(
     certificate and officers' registered certificates search; everyone else gets a 403
     OperationOutcome and exactly one Security Alert naming the verified subject."""
     from xca_gateway.arr.web import new_officer
-    from xca_gateway.pki import issue_client_certificate
     from xca_gateway.protocol.tls import certificate_info
+    from xca_gateway.security.dev_pki import issue_client_certificate
 
     auditor = issue_client_certificate(arr_pki, "audit-consumer")
     access = {

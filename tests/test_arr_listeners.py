@@ -24,8 +24,8 @@ from xca_gateway.arr.app import AuditRecordRepository, create_officer, parse_arr
 from xca_gateway.arr.harness import RepositoryThread, dev_config
 from xca_gateway.arr.store import EventFilter
 from xca_gateway.audit.syslog import frame
-from xca_gateway.pki import DevPki, init_dev_pki
 from xca_gateway.protocol.tls import client_context
+from xca_gateway.security.dev_pki import DevPki, init_dev_pki
 from xca_gateway.settings import ConfigError
 
 ALERTS = EventFilter(event_codes=(("110113",),), subtypes=(("110126",),))

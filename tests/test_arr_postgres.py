@@ -19,8 +19,8 @@ from xca_gateway.arr.parse import parse_record
 from xca_gateway.arr.store import EventFilter, PostgresAuditStore
 from xca_gateway.audit import messages as am
 from xca_gateway.audit.syslog import format_message, frame
-from xca_gateway.pki import init_dev_pki
 from xca_gateway.protocol.tls import client_context
+from xca_gateway.security.dev_pki import init_dev_pki
 
 CTX = am.AuditContext(am.AuditSource("pg-gw"), host="pg")
 

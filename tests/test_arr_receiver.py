@@ -28,8 +28,8 @@ from xca_gateway.audit import AuditTrail
 from xca_gateway.audit import messages as am
 from xca_gateway.audit.config import AuditConfig, AuditDestination
 from xca_gateway.audit.syslog import format_message, frame
-from xca_gateway.pki import DevPki, init_dev_pki
 from xca_gateway.protocol.tls import certificate_info, client_context
+from xca_gateway.security.dev_pki import DevPki, init_dev_pki
 
 CTX = am.AuditContext(am.AuditSource("alpha-gw", "1.3.6.1.4.1.21367.13.70.1"), host="alpha")
 

@@ -24,8 +24,8 @@ from xca_gateway.arr.store import EventFilter
 from xca_gateway.audit import messages as am
 from xca_gateway.audit.syslog import format_message
 from xca_gateway.dicom_samples import local_patient_id
-from xca_gateway.pki import DevPki, init_dev_pki
 from xca_gateway.protocol.tls import client_context
+from xca_gateway.security.dev_pki import DevPki, init_dev_pki
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"

@@ -31,8 +31,8 @@ from xca_gateway.audit.rsyslog import RsyslogRepository, gtls_available, rsyslog
 from xca_gateway.audit.syslog import parse_message
 from xca_gateway.audit.validate import schema_errors
 from xca_gateway.metrics import GatewayMetrics
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol.tls import certificate_info, client_context
+from xca_gateway.security.dev_pki import DevPki
 from xca_gateway.settings import ConfigError, TlsConfig
 
 BASE = datetime(2026, 1, 15, 10, 0, tzinfo=UTC)

@@ -18,12 +18,12 @@ from lxml import etree
 from xca_gateway.app.gateway import Gateway
 from xca_gateway.dicom_samples import DEFAULT_PATIENTS, generate_study
 from xca_gateway.importer import import_studies
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import QUERY, RIM, RS, SOAP12, WSA, Action
 from xca_gateway.protocol.tls import client_context
 from xca_gateway.registry import open_registry
 from xca_gateway.repository import DocumentRepository
-from xca_gateway.xua import (
+from xca_gateway.security.dev_pki import DevPki
+from xca_gateway.security.xua import (
     Ce,
     XuaIdentity,
     issue_assertion,

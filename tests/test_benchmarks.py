@@ -23,12 +23,12 @@ import pytest
 
 from xca_gateway.app.config import GatewayConfig, parse_config
 from xca_gateway.arr.app import parse_arr_config
-from xca_gateway.pki import DevPki, init_dev_pki
-from xca_gateway.policy import AccessPolicy, PeerIdentity, PolicyStore, parse_access_policy
 from xca_gateway.protocol.http_server import PeerCertificate, PeerInfo
 from xca_gateway.protocol.tls import certificate_info
 from xca_gateway.security.callers import CallerDirectory, Door, decide
+from xca_gateway.security.dev_pki import DevPki, init_dev_pki
 from xca_gateway.security.guard import identity_from_peer
+from xca_gateway.security.policy import AccessPolicy, PeerIdentity, PolicyStore, parse_access_policy
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 # The benchmarks whose gateways / repository are checked below (every one that starts one).

@@ -12,10 +12,10 @@ from lxml import etree
 from tests.test_server import ADHOC_QUERY
 from xca_gateway.app.gateway import Gateway
 from xca_gateway.metrics import GatewayMetrics
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import QUERY, Action, ResponseStatus
 from xca_gateway.protocol.peer_client import PeerClient, PeerError
 from xca_gateway.protocol.tls import client_context
+from xca_gateway.security.dev_pki import DevPki
 from xca_gateway.settings import OutboundConfig
 
 

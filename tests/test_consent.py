@@ -14,7 +14,27 @@ from pathlib import Path
 import httpx
 import pytest
 
-from xca_gateway.app.admin import (
+from xca_gateway.audit.messages import AuditContext, AuditSource
+from xca_gateway.audit.validate import schema_errors
+from xca_gateway.protocol.http_server import HttpServer
+from xca_gateway.security.callers import AccessDecision, Identity, Principal, Role
+from xca_gateway.security.consent.admin import (
+    ConsentAdminApp,
+    ConsentChange,
+    add_consent_command,
+    consent_change_audit,
+)
+from xca_gateway.security.consent.service import (
+    ConsentConfig,
+    ConsentError,
+    ConsentRule,
+    ConsentService,
+    ConsentStore,
+    DocumentCode,
+    evaluate,
+    parse_consent_config,
+)
+from xca_gateway.security.operators import (
     AdminAccessError,
     AdminGate,
     allowed_hosts,
@@ -24,24 +44,6 @@ from xca_gateway.app.admin import (
     read_operator_token,
     write_operator_token_file,
 )
-from xca_gateway.audit.messages import AuditContext, AuditSource
-from xca_gateway.audit.validate import schema_errors
-from xca_gateway.consent import (
-    ConsentAdminApp,
-    ConsentChange,
-    ConsentConfig,
-    ConsentError,
-    ConsentRule,
-    ConsentService,
-    ConsentStore,
-    DocumentCode,
-    add_consent_command,
-    consent_change_audit,
-    evaluate,
-    parse_consent_config,
-)
-from xca_gateway.protocol.http_server import HttpServer
-from xca_gateway.security.callers import AccessDecision, Identity, Principal, Role
 
 PATIENT = "P1^^^&1.3.6.1.4.1.21367.13.20.1000&ISO"
 B = "urn:oid:1.3.6.1.4.1.21367.13.70.2"

@@ -21,10 +21,10 @@ from xca_gateway.app.config import load_config
 from xca_gateway.app.gateway import Gateway
 from xca_gateway.cli import main
 from xca_gateway.dicom_samples import SampleStudy, local_patient_id
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.soap import build_envelope
 from xca_gateway.registry.stored_query import parse_stored_query
+from xca_gateway.security.dev_pki import DevPki
 from xca_gateway.transactions.iti43 import (
     DocumentRequest,
     RetrieveDocumentSetRequest,

@@ -418,7 +418,7 @@ def test_demo_consent_admin_api_takes_the_operator_token(
     token opens it, nothing else does."""
     import urllib.parse
 
-    from xca_gateway.app.admin import read_operator_token
+    from xca_gateway.security.operators import read_operator_token
 
     _, workdir = demo
     for community in _endpoints(workdir)["communities"]:

@@ -81,8 +81,8 @@ from xca_gateway.imaging.transfer_syntax import (
     split_meta,
     transcode,
 )
-from xca_gateway.pki import CertPair, DevPki
 from xca_gateway.protocol.tls import client_context
+from xca_gateway.security.dev_pki import CertPair, DevPki
 
 AUTHORITY = f"{ARC}.20.1000"  # alpha, the community whose front door is tested
 FRONT_AE = "XCA-FRONT"

@@ -51,7 +51,7 @@ from xca_gateway.dicomweb import (
 )
 from xca_gateway.federation_view import StudyManifest
 from xca_gateway.imaging.transfer_syntax import TRANSFER_SYNTAX_ERROR
-from xca_gateway.pki import CertPair, DevPki, issue_client_certificate
+from xca_gateway.security.dev_pki import CertPair, DevPki, issue_client_certificate
 from xca_gateway.xds.ebrs import RegistryError
 from xca_gateway.xds.kos import build_kos, kos_references, kos_to_bytes
 

@@ -15,10 +15,10 @@ from cryptography.exceptions import InvalidTag
 
 from tests.conftest import policy_toml
 from tests.test_reliability_sigkill import _free_port, _start
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol.encrypted_spool import BLOCK, EncryptedSpool
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.tls import client_context
+from xca_gateway.security.dev_pki import DevPki
 
 
 def _disk_bytes(directory: Path) -> bytes:

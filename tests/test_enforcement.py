@@ -10,15 +10,9 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from xca_gateway.consent import (
-    ConsentConfig,
-    ConsentService,
-    ConsentStore,
-    DocumentClassification,
-    DocumentCode,
-)
-from xca_gateway.enforcement import (
-    LOCAL_POLICY_RESTRICTION_ERROR,
+from xca_gateway.imaging.request import DocumentRequest as ImagingDocumentRequest
+from xca_gateway.protocol.namespaces import RIM, ResponseStatus
+from xca_gateway.security.consent.enforcement import (
     XDS_DOCUMENT_UNIQUE_ID_ERROR,
     document_facts,
     filter_document_requests,
@@ -26,10 +20,19 @@ from xca_gateway.enforcement import (
     filter_query_objects,
     study_index,
 )
-from xca_gateway.imaging.request import DocumentRequest as ImagingDocumentRequest
-from xca_gateway.protocol.namespaces import RIM, ResponseStatus
+from xca_gateway.security.consent.service import (
+    ConsentConfig,
+    ConsentService,
+    ConsentStore,
+    DocumentClassification,
+    DocumentCode,
+)
 from xca_gateway.xds import ebrim
-from xca_gateway.xds.ebrs import adhoc_query_response, retrieve_document_set_response
+from xca_gateway.xds.ebrs import (
+    LOCAL_POLICY_RESTRICTION_ERROR,
+    adhoc_query_response,
+    retrieve_document_set_response,
+)
 
 HOME = "urn:oid:1.3.6.1.4.1.21367.13.70.1"
 PEER = "urn:oid:1.3.6.1.4.1.21367.13.70.2"

@@ -16,9 +16,9 @@ from xca_gateway.app.gateway import Gateway
 from xca_gateway.audit.rsyslog import RsyslogRepository, gtls_available, rsyslogd_path
 from xca_gateway.audit.syslog import parse_message
 from xca_gateway.audit.validate import schema_errors
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.tls import client_context
+from xca_gateway.security.dev_pki import DevPki
 
 
 @pytest.fixture

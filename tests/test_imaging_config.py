@@ -17,8 +17,8 @@ from xca_gateway.imaging.dimse import DimseSource
 from xca_gateway.imaging.filesystem import FilesystemSource
 from xca_gateway.imaging.rad69_source import Rad69Source
 from xca_gateway.imaging.service import ImagingService
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import Action, ResponseStatus
+from xca_gateway.security.dev_pki import DevPki
 from xca_gateway.settings import ConfigError
 
 ALL_KINDS: dict[str, Any] = {

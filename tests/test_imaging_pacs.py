@@ -43,9 +43,9 @@ from xca_gateway.imaging.dimse import DimseSettings, DimseSource
 from xca_gateway.imaging.sources import ImagingSource
 from xca_gateway.imaging.transfer_syntax import sniff_transfer_syntax, split_meta
 from xca_gateway.initiating.imaging import rad69_handler
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol import mtom
 from xca_gateway.protocol.namespaces import Action, ResponseStatus
+from xca_gateway.security.dev_pki import DevPki
 from xca_gateway.transactions.rad75 import rad75_handler
 
 ORTHANC_WEB = "1.3.6.1.4.1.21367.13.71.2.10"

@@ -31,10 +31,10 @@ from xca_gateway.imaging.request import (
     build_retrieve_imaging_request,
 )
 from xca_gateway.imaging.response import RetrieveResponse, parse_retrieve_response
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol import mtom
 from xca_gateway.protocol.namespaces import SOAP12
 from xca_gateway.protocol.soap_service import Handler, Operation
+from xca_gateway.security.dev_pki import DevPki
 
 EXPLICIT = "1.2.840.10008.1.2.1"
 IMPLICIT = "1.2.840.10008.1.2"

@@ -47,8 +47,8 @@ from xca_gateway.import_priors import (
     PriorSelection,
     import_priors,
 )
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol.tls import client_context
+from xca_gateway.security.dev_pki import DevPki
 
 ALPHA_HOME = f"urn:oid:{ARC}.70.1"
 BETA_HOME = f"urn:oid:{ARC}.70.2"

@@ -23,7 +23,6 @@ from lxml import etree
 
 from tests.test_server import consumer, soap12
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import (
     QUERY,
     RIM,
@@ -35,6 +34,7 @@ from xca_gateway.protocol.namespaces import (
 )
 from xca_gateway.protocol.soap import SoapFault
 from xca_gateway.protocol.soap_service import Operation, SoapRequest, SoapResponse
+from xca_gateway.security.dev_pki import DevPki
 from xca_gateway.xds.ebrim import StoredQueryId
 from xca_gateway.xds.ebrs import adhoc_query_response
 

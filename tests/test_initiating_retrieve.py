@@ -12,10 +12,10 @@ from lxml import etree
 from tests.test_mtom_server import read_mtom
 from tests.test_server import consumer, soap12
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import RS, SOAP12, XDSB, Action, ResponseStatus
 from xca_gateway.protocol.soap import element_content
 from xca_gateway.repository import DocumentRepository
+from xca_gateway.security.dev_pki import DevPki
 
 
 def home(index: int) -> str:

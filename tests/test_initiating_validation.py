@@ -21,8 +21,8 @@ from tests.conftest import wait_for
 from tests.test_iti42 import QueryClient, errors_of, objects_of
 from tests.test_registry_corpus import adhoc, listed, quoted
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import ErrorSeverity, ResponseStatus
+from xca_gateway.security.dev_pki import DevPki
 from xca_gateway.xds.ebrim import STATUS_APPROVED, ErrorCode, StoredQueryId
 
 DE = "$XDSDocumentEntry"

@@ -30,7 +30,6 @@ from xca_gateway.audit.messages import (
     security_alert_node_authentication,
 )
 from xca_gateway.audit.rsyslog import RsyslogRepository
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.tls import client_context
 from xca_gateway.protocol.xmlsafe import (
@@ -42,6 +41,7 @@ from xca_gateway.protocol.xmlsafe import (
     parse_xml,
     parse_xml_async,
 )
+from xca_gateway.security.dev_pki import DevPki
 
 # ------------------------------------------------------------------------ XML, linear time
 

@@ -32,11 +32,11 @@ from tests.test_registry_corpus import (
     names,
     quoted,
 )
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import RIM, Action, ResponseStatus
 from xca_gateway.protocol.soap_service import Operation, SoapEndpoint
 from xca_gateway.registry import LocalRegistry
 from xca_gateway.registry.builder import study_reference_id
+from xca_gateway.security.dev_pki import DevPki
 from xca_gateway.transactions.iti18 import iti18_handler
 from xca_gateway.xds import ebrim
 from xca_gateway.xds.ebrim import ErrorCode, StoredQueryId

@@ -37,10 +37,10 @@ from tests.test_registry_corpus import (
     names,
     quoted,
 )
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import Action, ResponseStatus
 from xca_gateway.protocol.soap_service import Operation, SoapEndpoint
 from xca_gateway.registry.stored_query import ID_BASED_QUERIES
+from xca_gateway.security.dev_pki import DevPki
 from xca_gateway.transactions.iti38 import check_cross_gateway_query, iti38_handler
 from xca_gateway.xds.ebrim import ErrorCode, StoredQueryId
 

@@ -29,10 +29,10 @@ from tests.test_iti43 import (
 )
 from tests.test_server import soap12
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import XDSB, Action, ResponseStatus
 from xca_gateway.protocol.soap_service import Operation
 from xca_gateway.protocol.wsdl import BINDINGS, wsdl_path, zeep_service
+from xca_gateway.security.dev_pki import DevPki
 from xca_gateway.transactions.iti39 import check_home_community, iti39_handler
 from xca_gateway.transactions.iti43 import DocumentRequest, RemoteRepositories
 

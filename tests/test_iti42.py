@@ -35,7 +35,6 @@ from tests.test_registry_corpus import (
     quoted,
 )
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import RIM, RS, SOAP12, Action, ResponseStatus
 from xca_gateway.protocol.soap_service import Operation, SoapEndpoint
 from xca_gateway.protocol.wsdl import BINDINGS, WSDL_DIR, wsdl_path
@@ -46,6 +45,7 @@ from xca_gateway.registry.builder import (
     build_submit_objects_request,
     kos_document_entry,
 )
+from xca_gateway.security.dev_pki import DevPki
 from xca_gateway.transactions.iti18 import iti18_handler
 from xca_gateway.transactions.iti38 import iti38_handler
 from xca_gateway.transactions.iti42 import iti42_handler

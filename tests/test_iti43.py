@@ -19,7 +19,6 @@ from lxml import etree
 from tests.test_mtom_server import read_mtom
 from tests.test_server import consumer, fault_of, soap12
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol import mtom
 from xca_gateway.protocol.namespaces import (
     RS,
@@ -36,6 +35,7 @@ from xca_gateway.protocol.soap import SoapFault
 from xca_gateway.protocol.soap_service import Operation
 from xca_gateway.protocol.wsdl import WSDL_DIR, zeep_service
 from xca_gateway.repository import DocumentRepository
+from xca_gateway.security.dev_pki import DevPki
 from xca_gateway.transactions.iti43 import (
     DocumentRequest,
     DocumentResponse,

@@ -14,11 +14,11 @@ from lxml import etree
 from tests.test_server import consumer, fault_of, soap12
 from xca_gateway.app.gateway import Gateway
 from xca_gateway.patients.directory import Address, Demographics, PatientDirectory, PatientRecord
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import QUERY, SOAP12, WSA
 from xca_gateway.protocol.peer_client import PeerClient
 from xca_gateway.protocol.soap_service import Handler, SoapEndpoint, SoapRequest, SoapResponse
 from xca_gateway.protocol.tls import gateway_client_context
+from xca_gateway.security.dev_pki import DevPki
 from xca_gateway.settings import OutboundConfig, TlsConfig
 from xca_gateway.transactions import iti55
 from xca_gateway.transactions.hl7v3 import HL7, II, XSI, Device, Hl7v3Error

@@ -13,10 +13,10 @@ from tests.conftest import make_config
 from tests.test_server import consumer, fault_of, soap12
 from xca_gateway.app import diagnostics
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol import mtom
 from xca_gateway.protocol.namespaces import RS, SOAP12, XDSB, XOP, Action, ResponseStatus
 from xca_gateway.protocol.soap import build_envelope, serialize
+from xca_gateway.security.dev_pki import DevPki
 
 
 def echo_request(documents: int) -> bytes:

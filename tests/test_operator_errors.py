@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import policy_toml
-from xca_gateway.pki import DevPki
+from xca_gateway.security.dev_pki import DevPki
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

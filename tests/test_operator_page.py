@@ -32,9 +32,9 @@ from xca_gateway.app.operator_page import (
     PeerStatus,
     certificate_status,
 )
-from xca_gateway.pki import DevPki, issue_client_certificate
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.tls import client_context
+from xca_gateway.security.dev_pki import DevPki, issue_client_certificate
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -24,12 +24,12 @@ from xca_gateway.initiating.patient_mapping import (
 )
 from xca_gateway.patients.directory import Demographics, PatientDirectory
 from xca_gateway.patients.xref import CrossReferenceTable
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import QUERY, SOAP12, Action, ErrorSeverity
 from xca_gateway.protocol.peer_client import PeerClient
 from xca_gateway.protocol.soap import SoapFault
 from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.protocol.tls import gateway_client_context
+from xca_gateway.security.dev_pki import DevPki
 from xca_gateway.settings import ConfigError, OutboundConfig, PeerConfig
 from xca_gateway.transactions import iti45, iti55
 from xca_gateway.xds.patient_id import PatientId

@@ -24,11 +24,15 @@ from tests.test_xua import IDENTITY, ISSUER, TREATMENT
 from xca_gateway.app.gateway import Gateway
 from xca_gateway.audit.messages import AuditContext, AuditSource
 from xca_gateway.audit.validate import schema_errors
-from xca_gateway.consent import ConsentConfig, ConsentService, ConsentStore
-from xca_gateway.enforcement import filter_query_objects
-from xca_gateway.pki import DevPki
-from xca_gateway.policy import (
-    LOCAL_POLICY_RESTRICTION_ERROR,
+from xca_gateway.protocol.http_server import PeerCertificate, PeerInfo
+from xca_gateway.protocol.namespaces import QUERY, RIM, RS, SOAP12, WSSE, Action, ResponseStatus
+from xca_gateway.protocol.soap import build_envelope, serialize
+from xca_gateway.protocol.soap_service import Operation, SoapRequest, SoapResponse
+from xca_gateway.protocol.tls import client_context
+from xca_gateway.security.consent.enforcement import filter_query_objects
+from xca_gateway.security.consent.service import ConsentConfig, ConsentService, ConsentStore
+from xca_gateway.security.dev_pki import DevPki
+from xca_gateway.security.policy import (
     AuthorizationGate,
     PeerIdentity,
     PolicyError,
@@ -41,13 +45,7 @@ from xca_gateway.policy import (
     parse_policy_config,
     refusal_audit_message,
 )
-from xca_gateway.protocol.http_server import PeerCertificate, PeerInfo
-from xca_gateway.protocol.namespaces import QUERY, RIM, RS, SOAP12, WSSE, Action, ResponseStatus
-from xca_gateway.protocol.soap import build_envelope, serialize
-from xca_gateway.protocol.soap_service import Operation, SoapRequest, SoapResponse
-from xca_gateway.protocol.tls import client_context
-from xca_gateway.xds.ebrs import adhoc_query_response
-from xca_gateway.xua import (
+from xca_gateway.security.xua import (
     Ce,
     WsseFault,
     XuaAssertion,
@@ -57,6 +55,7 @@ from xca_gateway.xua import (
     parse_xua_config,
     wsse_security_header,
 )
+from xca_gateway.xds.ebrs import LOCAL_POLICY_RESTRICTION_ERROR, adhoc_query_response
 
 BETA = "urn:oid:1.3.6.1.4.1.21367.13.70.2"
 GAMMA = "urn:oid:1.3.6.1.4.1.21367.13.70.3"

@@ -48,10 +48,10 @@ from xca_gateway.imaging.request import (
 from xca_gateway.imaging.retrieve import ImagingRetrieval
 from xca_gateway.imaging.sources import PlannedInstance, Retrieval
 from xca_gateway.initiating.imaging import InitiatingImagingGateway
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol import mtom
 from xca_gateway.protocol.namespaces import Action, ResponseStatus
 from xca_gateway.protocol.tls import server_context
+from xca_gateway.security.dev_pki import DevPki
 from xca_gateway.transactions.rad69 import imaging_document_source_handler
 from xca_gateway.transactions.rad75 import rad75_handler
 

@@ -31,9 +31,9 @@ from xca_gateway.app.gateway import Gateway
 from xca_gateway.imaging.filesystem import FilesystemSource
 from xca_gateway.imaging.request import DocumentRequest, parse_retrieve_imaging_request
 from xca_gateway.imaging.transfer_syntax import sniff_transfer_syntax
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import Action, ResponseStatus
 from xca_gateway.protocol.wsdl import wsdl_path
+from xca_gateway.security.dev_pki import DevPki
 from xca_gateway.transactions.rad75 import rad75_handler
 
 REPO = "1.3.6.1.4.1.21367.13.71.2.1"

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol.http_client import (
     RelayClient,
     RelayConnectError,
@@ -19,6 +18,7 @@ from xca_gateway.protocol.http_client import (
 from xca_gateway.protocol.http_server import HttpServer, Request, Response, ServerTimeouts
 from xca_gateway.protocol.peer_client import PeerClient, PeerError
 from xca_gateway.protocol.tls import client_context, server_context
+from xca_gateway.security.dev_pki import DevPki
 from xca_gateway.settings import OutboundConfig, TlsConfig
 
 # ------------------------------------------------------------------------ body framing (pure)

@@ -28,12 +28,12 @@ from tests.test_registry_submit import request
 from tests.test_server import ADHOC_QUERY, consumer, fault_of, soap12
 from xca_gateway.app.gateway import Gateway
 from xca_gateway.audit.spool import Spool
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import SOAP12, WSA, Action
 from xca_gateway.protocol.peer_client import PeerClient, PeerError
 from xca_gateway.protocol.tls import client_context, server_context
 from xca_gateway.registry import LocalRegistry
 from xca_gateway.registry.sqlite_store import SqliteRegistryStore
+from xca_gateway.security.dev_pki import DevPki
 from xca_gateway.settings import OutboundConfig, TlsConfig
 from xca_gateway.xds.ebrim import ErrorCode, StoredQueryId
 

@@ -44,9 +44,9 @@ from xca_gateway.audit.syslog import parse_message
 from xca_gateway.audit.validate import schema_errors
 from xca_gateway.consumer import Consumer, retrieve_manifest_request, retrieve_study
 from xca_gateway.dicom_samples import SampleStudy, local_patient_id
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.tls import client_context
+from xca_gateway.security.dev_pki import DevPki
 
 FRONT_AE = "XCA-FRONT"
 STORE_AE = "STORESCP"

@@ -18,7 +18,6 @@ from lxml import etree
 
 from tests.conftest import wait_for
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol.namespaces import (
     QUERY,
     RIM,
@@ -31,6 +30,7 @@ from xca_gateway.protocol.namespaces import (
 )
 from xca_gateway.protocol.tls import client_context
 from xca_gateway.protocol.wsdl import zeep_service
+from xca_gateway.security.dev_pki import DevPki
 
 FIND_DOCUMENTS = "urn:uuid:14d4debf-8f97-4251-9a74-a90016b0af0d"
 

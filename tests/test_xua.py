@@ -18,13 +18,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from lxml import etree
 
-from xca_gateway.pki import DevPki
 from xca_gateway.protocol.http_server import PeerCertificate, PeerInfo, Request
 from xca_gateway.protocol.namespaces import SOAP12, WSSE
 from xca_gateway.protocol.soap import build_envelope, build_fault, parse_envelope, serialize
 from xca_gateway.protocol.soap_service import SoapEndpoint, SoapRequest
 from xca_gateway.protocol.xmlsafe import parse_xml
-from xca_gateway.xua import (
+from xca_gateway.security.dev_pki import DevPki
+from xca_gateway.security.xua import (
     CM_HOLDER_OF_KEY,
     DEFAULT_REQUIRED_ATTRIBUTES,
     DS,

@@ -43,7 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_certs_init(args: argparse.Namespace) -> int:
-    from xca_gateway.pki import init_dev_pki
+    from xca_gateway.security.dev_pki import init_dev_pki
 
     names = [n.strip() for n in args.communities.split(",") if n.strip()]
     try:
@@ -134,11 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     from xca_gateway.arr.app import add_arr_command
-    from xca_gateway.consent import add_consent_command
     from xca_gateway.consumer import add_retrieve_study_command
     from xca_gateway.consumer_cli import add_consumer_commands
     from xca_gateway.import_priors import add_import_priors_command
     from xca_gateway.importer import add_import_command
+    from xca_gateway.security.consent.admin import add_consent_command
 
     add_import_command(sub, open_registry=registry_from_config)
     add_arr_command(sub)

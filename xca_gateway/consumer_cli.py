@@ -186,7 +186,7 @@ def resolve_target(args: argparse.Namespace, kind: str) -> Target:
 def _xua_header(endpoints: EndpointsFile, caller: Any, audience: str) -> etree._Element:
     """A WS-Security header with an assertion from the demo's identity provider for a user of
     the calling community (the attributes endpoints.json names)."""
-    from xca_gateway.xua import Ce, XuaIdentity, issue_assertion, wsse_security_header
+    from xca_gateway.security.xua import Ce, XuaIdentity, issue_assertion, wsse_security_header
 
     xua = endpoints.data["xua"]
     attributes = xua.get("attributes") or {}

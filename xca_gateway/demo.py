@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xca_gateway.app.admin import write_operator_token_file
 from xca_gateway.app.serve import LISTEN_FDS_ENV
+from xca_gateway.security.operators import write_operator_token_file
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +436,7 @@ class Demo:
     def prepare(
         self,
     ) -> tuple[dict[str, Any], list[tuple[DemoCommunity, socket.socket, socket.socket]]]:
-        from xca_gateway.pki import init_dev_pki, issue_client_certificate
+        from xca_gateway.security.dev_pki import init_dev_pki, issue_client_certificate
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.endpoints_file.unlink(missing_ok=True)

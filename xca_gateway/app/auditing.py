@@ -401,8 +401,8 @@ class TransactionAuditor:
 def _identity(request: SoapRequest) -> dict[str, Any]:
     """The human requestor (alias<user@issuer>) and purposes of use of a validated XUA
     assertion, when the authorization gate established one for this request."""
-    from xca_gateway.policy import current_authorization
-    from xca_gateway.xua import audit_purposes_of_use, audit_requestor
+    from xca_gateway.security.policy import current_authorization
+    from xca_gateway.security.xua import audit_purposes_of_use, audit_requestor
 
     auth = current_authorization()
     if auth is None or auth.assertion is None:

@@ -80,7 +80,8 @@ class GatewayConfig:
     imaging: Any = None
     # [audit] (xca_gateway.audit.config.AuditConfig).
     audit: Any = None
-    # [xua] (xca_gateway.xua.XuaConfig), [policy] (xca_gateway.policy.PolicyConfig, None when
+    # [xua] (xca_gateway.security.xua.XuaConfig), [policy]
+    # (xca_gateway.security.policy.PolicyConfig, None when
     # absent: then the trust store alone decides who may call), [consent].
     xua: Any = None
     policy: Any = None
@@ -286,11 +287,11 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
     repository = parse_repository_config(data.get("repository"), base_dir, storage.data_dir)
     imaging = parse_imaging_config(data.get("imaging", {}), base_dir, storage.data_dir)
     audit = parse_audit_config(_table(data, "audit"), base_dir, storage.data_dir, tls)
-    from xca_gateway.consent import parse_consent_config
     from xca_gateway.dicom_front import parse_dicom_front_config
     from xca_gateway.dicomweb import parse_dicomweb_front_config
-    from xca_gateway.policy import parse_policy_config
-    from xca_gateway.xua import parse_xua_config
+    from xca_gateway.security.consent.service import parse_consent_config
+    from xca_gateway.security.policy import parse_policy_config
+    from xca_gateway.security.xua import parse_xua_config
 
     try:
         dicom = (

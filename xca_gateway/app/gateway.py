@@ -135,7 +135,7 @@ class Gateway:
         self.imaging = install_imaging(self, config.imaging)
         self._wire_audit()
         self._wire_authorization()
-        from xca_gateway.consent import ConsentService
+        from xca_gateway.security.consent.service import ConsentService
 
         # Patient consent (opt-in/opt-out), checked by the responding handlers; managed with
         # `xca-gateway consent ...` and the admin port's /consent API (operators only).
@@ -267,7 +267,7 @@ class Gateway:
 
     def _guard_consent(self, registry: Any) -> None:
         """Patient consent wraps the responding handlers (ITI-38, ITI-39, RAD-75)."""
-        from xca_gateway.consent_guard import ConsentGuard
+        from xca_gateway.security.consent.guard import ConsentGuard
 
         assert self.consent is not None
         guard = ConsentGuard(self.consent, registry, self.config.community.home_community_id)
@@ -321,14 +321,14 @@ class Gateway:
         names gets nothing (deny-by-default); each door admits only the roles of
         :data:`xca_gateway.security.callers.ACCESS`.
         """
-        from xca_gateway.policy import (
+        from xca_gateway.protocol.soap_service import CURRENT_REQUEST
+        from xca_gateway.security.policy import (
             AccessPolicy,
             AuthorizationGate,
             PolicyStore,
             refusal_audit_message,
         )
-        from xca_gateway.protocol.soap_service import CURRENT_REQUEST
-        from xca_gateway.xua import XuaOutbound, XuaValidator
+        from xca_gateway.security.xua import XuaOutbound, XuaValidator
 
         cfg = self.config
         store = (
@@ -439,8 +439,12 @@ class Gateway:
     def _consent_admin(self, consent: Any) -> Any:
         """The /consent admin API: Host checked and operator tokens (:mod:`xca_gateway.app.admin`),
         refusals audited once by the door guard, each change audited as 110110."""
-        from xca_gateway.app.admin import AdminAccessError, AdminGate, load_operator_tokens
-        from xca_gateway.consent import ConsentAdminApp, ConsentChange, consent_change_audit
+        from xca_gateway.security.consent.admin import (
+            ConsentAdminApp,
+            ConsentChange,
+            consent_change_audit,
+        )
+        from xca_gateway.security.operators import AdminAccessError, AdminGate, load_operator_tokens
         from xca_gateway.settings import ConfigError
 
         token_file = self.config.consent.admin_token_file

@@ -112,7 +112,6 @@ from xca_gateway.arr.web import (
     request_cookies,
 )
 from xca_gateway.audit.messages import security_alert_node_authentication
-from xca_gateway.pki import CertPair, DevPki, issue_client_certificate
 from xca_gateway.protocol.http_server import HttpServer, Request, Response, ServerTimeouts
 from xca_gateway.protocol.tls import HandshakeFailure, enable_certificate_capture, server_context
 from xca_gateway.security.callers import (
@@ -123,6 +122,7 @@ from xca_gateway.security.callers import (
     Role,
     decide,
 )
+from xca_gateway.security.dev_pki import CertPair, DevPki, issue_client_certificate
 from xca_gateway.security.guard import DoorGuard, access_denied_message, identity_from_peer
 from xca_gateway.settings import ConfigError, TlsConfig
 

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from xca_gateway.arr.app import ArrConfig, AuditRecordRepository, parse_arr_config
 from xca_gateway.arr.store import AuditStore
-from xca_gateway.pki import COMMUNITY_DOMAIN, DevPki
+from xca_gateway.security.dev_pki import COMMUNITY_DOMAIN, DevPki
 
 _T = TypeVar("_T")
 

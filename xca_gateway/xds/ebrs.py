@@ -15,6 +15,10 @@ from lxml import etree
 
 from xca_gateway.protocol.namespaces import QUERY, RIM, RS, XDSB, ErrorSeverity, ResponseStatus
 
+# The responder's policy forbids the request (ITI TF-3 Table 4.2.4.1-2); IPF
+# ``ErrorCode.LOCAL_POLICY_RESTRICTION_ERROR``.
+LOCAL_POLICY_RESTRICTION_ERROR = "LocalPolicyRestrictionError"
+
 
 @dataclass(frozen=True)
 class RegistryError:

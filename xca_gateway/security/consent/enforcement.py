@@ -1,7 +1,8 @@
 """Consent enforcement on the responding side: what may leave the community (sans-IO).
 
 The ITI-38 / ITI-39 / RAD-75 handlers call these pure functions with the metadata they have and
-a decision function (normally :meth:`xca_gateway.consent.ConsentService.verdicts_for_documents`
+a decision function (normally
+:meth:`xca_gateway.security.consent.service.ConsentService.verdicts_for_documents`
 bound to the requesting community). Nothing here does I/O.
 
 Error codes, and why:
@@ -32,12 +33,11 @@ from typing import Generic, Protocol, TypeVar
 
 from lxml import etree
 
-from xca_gateway.consent import DocumentClassification, DocumentCode
 from xca_gateway.protocol.namespaces import RIM
+from xca_gateway.security.consent.service import DocumentClassification, DocumentCode
 from xca_gateway.xds import ebrim
-from xca_gateway.xds.ebrs import RegistryError, status_for
+from xca_gateway.xds.ebrs import LOCAL_POLICY_RESTRICTION_ERROR, RegistryError, status_for
 
-LOCAL_POLICY_RESTRICTION_ERROR = "LocalPolicyRestrictionError"
 XDS_DOCUMENT_UNIQUE_ID_ERROR = "XDSDocumentUniqueIdError"
 
 _EXTRINSIC_OBJECT = f"{{{RIM}}}ExtrinsicObject"

@@ -5,7 +5,8 @@ before they are answered (ObjectRef requests are reduced afterwards, so ids of w
 never leak); retrieves are checked against the registered metadata of what they ask for (the
 DocumentEntry of an ITI-39 document, the KOS manifests of a RAD-75 study) and only permitted
 requests reach the repository or imaging source. The decisions themselves are the pure
-functions of :mod:`xca_gateway.enforcement`; the reason goes into the transaction's audit record.
+functions of :mod:`xca_gateway.security.consent.enforcement`; the reason goes into the
+transaction's audit record.
 """
 
 from __future__ import annotations
@@ -17,16 +18,6 @@ from typing import Any
 
 from lxml import etree
 
-from xca_gateway.consent import ConsentService
-from xca_gateway.enforcement import (
-    DecisionFn,
-    DocumentFacts,
-    document_facts,
-    filter_document_requests,
-    filter_imaging_requests,
-    filter_query_objects,
-)
-from xca_gateway.policy import current_authorization
 from xca_gateway.protocol.namespaces import QUERY, RIM, RS, XDSB, XDSI, ErrorSeverity
 from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.registry.model import (
@@ -37,6 +28,16 @@ from xca_gateway.registry.model import (
     load_element,
 )
 from xca_gateway.security.callers import current_caller
+from xca_gateway.security.consent.enforcement import (
+    DecisionFn,
+    DocumentFacts,
+    document_facts,
+    filter_document_requests,
+    filter_imaging_requests,
+    filter_query_objects,
+)
+from xca_gateway.security.consent.service import ConsentService
+from xca_gateway.security.policy import current_authorization
 from xca_gateway.xds import ebrim
 from xca_gateway.xds.ebrs import RegistryError, adhoc_query_response, status_for
 

@@ -29,9 +29,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from xca_gateway.enforcement import (
-    LOCAL_POLICY_RESTRICTION_ERROR as LOCAL_POLICY_RESTRICTION_ERROR,
-)
 from xca_gateway.protocol.http_server import PeerInfo
 from xca_gateway.protocol.namespaces import ResponseStatus
 from xca_gateway.protocol.soap_service import Operation, SoapRequest, SoapResponse
@@ -43,9 +40,7 @@ from xca_gateway.security.callers import (
     Role,
 )
 from xca_gateway.security.config import parse_caller_rule
-from xca_gateway.transactions import TRANSACTIONS, TransactionSpec
-from xca_gateway.xds.ebrs import RegistryError, adhoc_query_response, retrieve_document_set_response
-from xca_gateway.xua import (
+from xca_gateway.security.xua import (
     Ce,
     WsseFault,
     XuaAssertion,
@@ -55,6 +50,13 @@ from xca_gateway.xua import (
     audit_requestor,
     find_assertion,
     to_soap_fault,
+)
+from xca_gateway.transactions import TRANSACTIONS, TransactionSpec
+from xca_gateway.xds.ebrs import (
+    LOCAL_POLICY_RESTRICTION_ERROR,
+    RegistryError,
+    adhoc_query_response,
+    retrieve_document_set_response,
 )
 
 if TYPE_CHECKING:
