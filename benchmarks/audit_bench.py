@@ -2,7 +2,8 @@
 
 A private rsyslogd (Debian rsyslog + rsyslog-gnutls) is the Audit Record Repository, receiving
 RFC 5425 syslog over mutual TLS on loopback and writing every raw message to a file. The audit
-trail is the gateway's own (:class:`xca_gateway.audit.AuditTrail`: writer thread, fsync'd spool,
+trail is the gateway's own (:class:`xca_gateway.audit.trail.AuditTrail`: writer thread, fsync'd
+spool,
 TLS sender). Two measurements:
 
 * throughput: ``--events`` ITI-38 audit messages recorded as fast as the loop can build them;
@@ -28,9 +29,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from xca_gateway.audit import AuditTrail, parse_audit_config
 from xca_gateway.audit import messages as m
+from xca_gateway.audit import parse_audit_config
 from xca_gateway.audit.rsyslog import RsyslogRepository, gtls_available, rsyslogd_path
+from xca_gateway.audit.trail import AuditTrail
 from xca_gateway.security.dev_pki import init_dev_pki
 from xca_gateway.settings import TlsConfig
 

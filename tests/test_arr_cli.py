@@ -206,7 +206,8 @@ def test_demo_support_runs_a_repository_the_gateways_audit_to(tmp_path: Path) ->
     import tomllib
 
     from xca_gateway.arr.app import prepare_demo
-    from xca_gateway.audit import AuditTrail, parse_audit_config
+    from xca_gateway.audit import parse_audit_config
+    from xca_gateway.audit.trail import AuditTrail
     from xca_gateway.settings import TlsConfig
 
     pki = init_dev_pki(tmp_path / "certs", ["north", "arr"])

@@ -24,10 +24,10 @@ from tests.conftest import wait_for
 from xca_gateway.arr.app import AuditRecordRepository
 from xca_gateway.arr.harness import RepositoryThread, dev_config
 from xca_gateway.arr.store import EventFilter
-from xca_gateway.audit import AuditTrail
 from xca_gateway.audit import messages as am
 from xca_gateway.audit.config import AuditConfig, AuditDestination
 from xca_gateway.audit.syslog import format_message, frame
+from xca_gateway.audit.trail import AuditTrail
 from xca_gateway.protocol.tls import certificate_info, client_context
 from xca_gateway.security.dev_pki import DevPki, init_dev_pki
 

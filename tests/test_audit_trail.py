@@ -25,10 +25,11 @@ from lxml import etree
 from tests.conftest import wait_for
 from tests.test_audit_messages import MESSAGES
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.audit import AuditConfig, AuditTrail, parse_audit_config
+from xca_gateway.audit import AuditConfig, parse_audit_config
 from xca_gateway.audit import messages as m
 from xca_gateway.audit.rsyslog import RsyslogRepository, gtls_available, rsyslogd_path
 from xca_gateway.audit.syslog import parse_message
+from xca_gateway.audit.trail import AuditTrail
 from xca_gateway.audit.validate import schema_errors
 from xca_gateway.metrics import GatewayMetrics
 from xca_gateway.protocol.tls import certificate_info, client_context
@@ -525,7 +526,8 @@ async def test_a_handler_audits_a_real_iti38_request(
 ) -> None:
     """The wiring pattern: a responding-side handler audits what it answered, with the
     requester's certificate subject and address, the query and the patient."""
-    from xca_gateway.audit import extract, soap_requester
+    from xca_gateway.audit import extract
+    from xca_gateway.audit.trail import soap_requester
     from xca_gateway.protocol.soap_service import Operation, SoapRequest, SoapResponse
     from xca_gateway.transactions import TRANSACTIONS, unavailable_handler
 

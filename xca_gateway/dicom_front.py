@@ -74,8 +74,8 @@ from pynetdicom.status import STATUS_FAILURE, STORAGE_SERVICE_CLASS_STATUS
 from pynetdicom.status import STATUS_SUCCESS as STATUS_SUCCESS_CATEGORY
 from pynetdicom.status import STATUS_WARNING as STATUS_WARNING_CATEGORY
 
-from xca_gateway.audit import AuditTrail
 from xca_gateway.audit import messages as m
+from xca_gateway.audit.trail import AuditTrail
 from xca_gateway.consumer import (
     ConsumerError,
 )

@@ -68,8 +68,8 @@ from xca_gateway.xds.patient_id import PatientId, parse_patient_id
 
 if TYPE_CHECKING:
     from xca_gateway.app.gateway import Gateway
-    from xca_gateway.audit import AuditTrail
     from xca_gateway.audit.messages import AuditContext, AuditMessage, Node
+    from xca_gateway.audit.trail import AuditTrail
 
 log = logging.getLogger(__name__)
 
@@ -962,8 +962,8 @@ async def _open_audit(target: _Target, args: argparse.Namespace) -> AuditTrail |
     spec = None if args.no_audit else (args.audit or target.audit)
     if spec is None:
         return None
-    from xca_gateway.audit import AuditTrail
     from xca_gateway.audit.config import AuditConfig, AuditDestination
+    from xca_gateway.audit.trail import AuditTrail
 
     transport, host, port = parse_audit_target(spec)
     spool = Path(

@@ -3,7 +3,7 @@
 The SOAP layer reports every served request (after the response went out, or failed) and the
 peer client every outbound call; this module turns each into the DICOM audit messages the IHE
 framework requires for that transaction and side, and hands them to the non-blocking
-:class:`~xca_gateway.audit.AuditTrail`. Recording never raises into a clinical transaction.
+:class:`~xca_gateway.audit.trail.AuditTrail`. Recording never raises into a clinical transaction.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from lxml import etree
 
-from xca_gateway.audit import AuditTrail, extract, soap_requester
+from xca_gateway.audit import extract
 from xca_gateway.audit import messages as m
 from xca_gateway.audit.patients import (
     CONTEXT_INSTANCES,
@@ -25,6 +25,7 @@ from xca_gateway.audit.patients import (
     PatientMemory,
     entry_patients,
 )
+from xca_gateway.audit.trail import AuditTrail, soap_requester
 from xca_gateway.protocol.namespaces import RIM, RS, Action
 from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.security.callers import Role, current_caller

@@ -287,7 +287,7 @@ class Gateway:
             TransactionAuditor,
             local_caller_requestor,
         )
-        from xca_gateway.audit import AuditTrail
+        from xca_gateway.audit.trail import AuditTrail
 
         self.audit = AuditTrail(self.config.audit, self.metrics)
         if not self.config.audit.enabled:
