@@ -25,10 +25,10 @@ import httpx
 from bench_policy import peer, policy, policy_toml
 
 from xca_gateway.audit.rsyslog import RsyslogRepository
-from xca_gateway.demo import DemoCommunity, community_config_toml
 from xca_gateway.protocol.namespaces import Action, ResponseStatus
 from xca_gateway.protocol.tls import client_context
 from xca_gateway.security.dev_pki import init_dev_pki
+from xca_gateway.tools.demo import DemoCommunity, community_config_toml
 
 # Dev PKI communities: the responding gateway, the peer that queries it, the audit repository.
 COMMUNITIES = ["north", "south", "arr"]

@@ -31,12 +31,12 @@ from bench_policy import consumer, policy, policy_toml
 from lxml import etree
 
 from xca_gateway.app import diagnostics
-from xca_gateway.demo import DemoCommunity, community_config_toml
 from xca_gateway.protocol import mtom
 from xca_gateway.protocol.namespaces import XOP
 from xca_gateway.protocol.soap import build_envelope, serialize
 from xca_gateway.protocol.tls import client_context
 from xca_gateway.security.dev_pki import init_dev_pki
+from xca_gateway.tools.demo import DemoCommunity, community_config_toml
 
 CHUNK = 1024 * 1024
 COMMUNITIES = ["bench"]

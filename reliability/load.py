@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 
 from reliability.cases import Target
-from xca_gateway.consumer import (
+from xca_gateway.consumer.imaging import (
     Consumer,
     Manifest,
     find_manifests_request,

@@ -23,9 +23,9 @@ from xca_gateway.arr.harness import RepositoryThread, dev_config
 from xca_gateway.arr.store import EventFilter
 from xca_gateway.audit import messages as am
 from xca_gateway.audit.syslog import format_message
-from xca_gateway.dicom_samples import local_patient_id
 from xca_gateway.protocol.tls import client_context
 from xca_gateway.security.dev_pki import DevPki, init_dev_pki
+from xca_gateway.tools.dicom_samples import local_patient_id
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"

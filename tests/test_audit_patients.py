@@ -16,8 +16,8 @@ from xca_gateway.audit.patients import (
     header_facts,
     meta_sop_class,
 )
-from xca_gateway.dicom_samples import DEFAULT_PATIENTS, generate_study
 from xca_gateway.protocol.namespaces import RIM
+from xca_gateway.tools.dicom_samples import DEFAULT_PATIENTS, generate_study
 from xca_gateway.xds import ebrim
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

@@ -16,8 +16,6 @@ import pytest
 from lxml import etree
 
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.dicom_samples import DEFAULT_PATIENTS, generate_study
-from xca_gateway.importer import import_studies
 from xca_gateway.protocol.namespaces import QUERY, RIM, RS, SOAP12, WSA, Action
 from xca_gateway.protocol.tls import client_context
 from xca_gateway.registry import open_registry
@@ -30,6 +28,8 @@ from xca_gateway.security.xua import (
     load_signing_key,
     wsse_security_header,
 )
+from xca_gateway.tools.dicom_samples import DEFAULT_PATIENTS, generate_study
+from xca_gateway.tools.import_manifests import import_studies
 
 ARC = "1.3.6.1.4.1.21367.13"
 ALPHA, BETA, GAMMA = (f"urn:oid:{ARC}.70.{i}" for i in (1, 2, 3))

@@ -20,11 +20,18 @@ from tests.conftest import GatewayThread
 from xca_gateway.app.config import load_config
 from xca_gateway.app.gateway import Gateway
 from xca_gateway.cli import main
-from xca_gateway.dicom_samples import SampleStudy, local_patient_id
+from xca_gateway.consumer.xds_query import (
+    QueryOptionError,
+    QueryOptions,
+    build_query_request,
+    complete_patient_id,
+    dtm,
+)
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.soap import build_envelope
 from xca_gateway.registry.stored_query import parse_stored_query
 from xca_gateway.security.dev_pki import DevPki
+from xca_gateway.tools.dicom_samples import SampleStudy, local_patient_id
 from xca_gateway.transactions.iti43 import (
     DocumentRequest,
     RetrieveDocumentSetRequest,
@@ -32,18 +39,11 @@ from xca_gateway.transactions.iti43 import (
 )
 from xca_gateway.xds import ebrim
 from xca_gateway.xds.patient_id import parse_patient_id
-from xca_gateway.xds_query import (
-    QueryOptionError,
-    QueryOptions,
-    build_query_request,
-    complete_patient_id,
-    dtm,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 ALPHA_HOME, BETA_HOME = f"urn:oid:{ARC}.70.1", f"urn:oid:{ARC}.70.2"
 ALPHA_OID, BETA_OID = f"{ARC}.20.1000", f"{ARC}.20.2000"
-# The demo's first two communities (xca_gateway.demo: same arcs as the test communities).
+# The demo's first two communities (xca_gateway.tools.demo: same arcs as the test communities).
 NORTH_ALICE = parse_patient_id(f"C01-1001^^^&{ARC}.20.1000&ISO")
 SOUTH_ALICE = parse_patient_id(f"C02-2001^^^&{ARC}.20.2000&ISO")
 

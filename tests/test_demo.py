@@ -227,9 +227,9 @@ def test_demo_images_travel_across_communities(
 
     from tests.test_mtom_server import read_mtom
     from tests.test_server import soap12
-    from xca_gateway.demo import DemoCommunity
     from xca_gateway.protocol.namespaces import RS, XDSB, XDSI, Action
     from xca_gateway.protocol.soap import element_content
+    from xca_gateway.tools.demo import DemoCommunity
 
     _, workdir = demo
     data = _endpoints(workdir)

@@ -46,7 +46,7 @@ from xca_gateway.app.config import load_config
 from xca_gateway.app.gateway import Gateway
 from xca_gateway.audit import messages as m
 from xca_gateway.audit.validate import schema_errors
-from xca_gateway.dicom_front import (
+from xca_gateway.doors.dimse import (
     ConfigError,
     DicomDestination,
     DicomFrontDoor,
@@ -56,22 +56,14 @@ from xca_gateway.dicom_front import (
     parse_identifier,
     transfer_audits,
 )
-from xca_gateway.dicom_instance import decode_instance
-from xca_gateway.dicom_negotiation import (
+from xca_gateway.imaging.dicom_negotiation import (
     STORAGE_SYNTAXES,
     move_contexts,
     outgoing_syntax,
     request_syntaxes,
     requestor_order,
 )
-from xca_gateway.dicom_samples import (
-    MODALITY_SOP_CLASSES,
-    PRIVATE_CREATOR,
-    PRIVATE_GROUP,
-    SampleStudy,
-    generate_community_samples,
-    local_patient_id,
-)
+from xca_gateway.imaging.instance import decode_instance
 from xca_gateway.imaging.request import DocumentRequest
 from xca_gateway.imaging.transfer_syntax import (
     EXPLICIT_VR_LITTLE_ENDIAN,
@@ -83,6 +75,14 @@ from xca_gateway.imaging.transfer_syntax import (
 )
 from xca_gateway.protocol.tls import client_context
 from xca_gateway.security.dev_pki import CertPair, DevPki
+from xca_gateway.tools.dicom_samples import (
+    MODALITY_SOP_CLASSES,
+    PRIVATE_CREATOR,
+    PRIVATE_GROUP,
+    SampleStudy,
+    generate_community_samples,
+    local_patient_id,
+)
 
 AUTHORITY = f"{ARC}.20.1000"  # alpha, the community whose front door is tested
 FRONT_AE = "XCA-FRONT"

@@ -9,7 +9,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from xca_gateway.dicom_samples import (
+from xca_gateway.imaging.transfer_syntax import EXPLICIT_VR_LITTLE_ENDIAN as EXPLICIT
+from xca_gateway.imaging.transfer_syntax import transcode
+from xca_gateway.tools.dicom_samples import (
     DEFAULT_PATIENTS,
     MANUFACTURER,
     MODALITY_SOP_CLASSES,
@@ -22,8 +24,6 @@ from xca_gateway.dicom_samples import (
     generate_study,
     local_patient_id,
 )
-from xca_gateway.imaging.transfer_syntax import EXPLICIT_VR_LITTLE_ENDIAN as EXPLICIT
-from xca_gateway.imaging.transfer_syntax import transcode
 
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 COMMUNITIES = (("north", "1.2.3.4.5.1", "1.2.826.0.1.3680043.10.1"),

@@ -31,9 +31,8 @@ from tests.test_dicom_front import AUTHORITY
 from xca_gateway.app.config import load_config
 from xca_gateway.app.gateway import Gateway
 from xca_gateway.audit.validate import schema_errors
-from xca_gateway.consumer import Manifest
-from xca_gateway.dicom_samples import SamplePatient, SampleStudy, generate_study, local_patient_id
-from xca_gateway.dicomweb import (
+from xca_gateway.consumer.imaging import Manifest
+from xca_gateway.doors.dicomweb import (
     ANY_TRANSFER_SYNTAX,
     ConfigError,
     DicomWebError,
@@ -49,9 +48,15 @@ from xca_gateway.dicomweb import (
     search,
     to_dicom_json,
 )
-from xca_gateway.federation_view import StudyManifest
+from xca_gateway.doors.federation import StudyManifest
 from xca_gateway.imaging.transfer_syntax import TRANSFER_SYNTAX_ERROR
 from xca_gateway.security.dev_pki import CertPair, DevPki, issue_client_certificate
+from xca_gateway.tools.dicom_samples import (
+    SamplePatient,
+    SampleStudy,
+    generate_study,
+    local_patient_id,
+)
 from xca_gateway.xds.ebrs import RegistryError
 from xca_gateway.xds.kos import build_kos, kos_references, kos_to_bytes
 
@@ -479,7 +484,7 @@ def test_retrieve_failure_statuses() -> None:
 
 
 def test_study_access_is_per_principal_and_expires() -> None:
-    from xca_gateway.federation_view import InMemoryStudyAccess, StudyGrant
+    from xca_gateway.doors.federation import InMemoryStudyAccess, StudyGrant
 
     store = InMemoryStudyAccess(max_grants=3)
     store.grant(
@@ -506,7 +511,7 @@ def test_study_access_is_per_principal_and_expires() -> None:
 
 def test_audit_messages_follow_the_imaging_pattern() -> None:
     from xca_gateway.audit import messages as m
-    from xca_gateway.dicomweb import qido_audit, wado_audit
+    from xca_gateway.doors.dicomweb import qido_audit, wado_audit
 
     ctx = m.AuditContext(m.AuditSource("gw"))
     client = m.remote_node("10.0.0.9", certificate_subject="CN=viewer")

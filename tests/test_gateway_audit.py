@@ -166,8 +166,8 @@ def test_imaging_retrieve_is_audited_on_both_gateways(
 
     import pydicom
 
-    from xca_gateway.dicom_samples import DEFAULT_PATIENTS, generate_study
     from xca_gateway.protocol.namespaces import XDSB, XDSI
+    from xca_gateway.tools.dicom_samples import DEFAULT_PATIENTS, generate_study
 
     source_id = "1.3.6.1.4.1.21367.13.81.2"
     study = generate_study(

@@ -21,13 +21,13 @@ from tests.test_client import _client
 from tests.test_consent import _cli
 from xca_gateway.app.gateway import Gateway
 from xca_gateway.audit.validate import schema_errors
-from xca_gateway.dicom_samples import DEFAULT_PATIENTS, generate_study
-from xca_gateway.importer import import_studies
 from xca_gateway.protocol.namespaces import RIM, RS, XDSB, XDSI, Action, ResponseStatus
 from xca_gateway.registry import open_registry
 from xca_gateway.repository import DocumentRepository
 from xca_gateway.security.dev_pki import DevPki
 from xca_gateway.security.operators import write_operator_token_file
+from xca_gateway.tools.dicom_samples import DEFAULT_PATIENTS, generate_study
+from xca_gateway.tools.import_manifests import import_studies
 
 AUTHORITY = "1.3.6.1.4.1.21367.13.20.2000"
 REPOSITORY = "1.3.6.1.4.1.21367.13.80.2"

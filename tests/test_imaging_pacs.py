@@ -37,7 +37,6 @@ from tests.test_imaging_support import (
 )
 from tests.test_rad69 import _parse_complete, _stream_root_then
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.dicom_samples import SampleStudy
 from xca_gateway.imaging.dicomweb import DicomwebSource
 from xca_gateway.imaging.dimse import DimseSettings, DimseSource
 from xca_gateway.imaging.sources import ImagingSource
@@ -46,6 +45,7 @@ from xca_gateway.initiating.imaging import rad69_handler
 from xca_gateway.protocol import mtom
 from xca_gateway.protocol.namespaces import Action, ResponseStatus
 from xca_gateway.security.dev_pki import DevPki
+from xca_gateway.tools.dicom_samples import SampleStudy
 from xca_gateway.transactions.rad75 import rad75_handler
 
 ORTHANC_WEB = "1.3.6.1.4.1.21367.13.71.2.10"

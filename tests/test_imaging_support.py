@@ -24,7 +24,6 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from tests.test_server import consumer, soap12
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.dicom_samples import DEFAULT_PATIENTS, SampleStudy, generate_study
 from xca_gateway.imaging.request import (
     DocumentRequest,
     RetrieveImagingDocumentSetRequest,
@@ -35,6 +34,7 @@ from xca_gateway.protocol import mtom
 from xca_gateway.protocol.namespaces import SOAP12
 from xca_gateway.protocol.soap_service import Handler, Operation
 from xca_gateway.security.dev_pki import DevPki
+from xca_gateway.tools.dicom_samples import DEFAULT_PATIENTS, SampleStudy, generate_study
 
 EXPLICIT = "1.2.840.10008.1.2.1"
 IMPLICIT = "1.2.840.10008.1.2"

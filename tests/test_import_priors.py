@@ -35,20 +35,20 @@ from tests.conftest import GatewayThread, wait_for
 from tests.test_imaging_support import OrthancProcess, free_port, orthanc
 from xca_gateway.app.config import load_config
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.dicom_samples import SampleStudy, local_patient_id
-from xca_gateway.imaging.transfer_syntax import (
-    EXPLICIT_VR_LITTLE_ENDIAN,
-    RLE_LOSSLESS,
-    transcode,
-)
-from xca_gateway.import_priors import (
+from xca_gateway.doors.import_priors import (
     HttpsFederation,
     PacsStore,
     PriorSelection,
     import_priors,
 )
+from xca_gateway.imaging.transfer_syntax import (
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    RLE_LOSSLESS,
+    transcode,
+)
 from xca_gateway.protocol.tls import client_context
 from xca_gateway.security.dev_pki import DevPki
+from xca_gateway.tools.dicom_samples import SampleStudy, local_patient_id
 
 ALPHA_HOME = f"urn:oid:{ARC}.70.1"
 BETA_HOME = f"urn:oid:{ARC}.70.2"
@@ -450,7 +450,7 @@ def test_unreachable_pacs_fails_fast(fed: Federation) -> None:
 
 
 def test_pacs_that_is_up_is_echoed_first(fed: Federation) -> None:
-    from xca_gateway.import_priors import PacsStore
+    from xca_gateway.doors.import_priors import PacsStore
 
     PacsStore("127.0.0.1", fed.orthanc.dicom_port, fed.orthanc.ae_title, timeout=10).echo()
 

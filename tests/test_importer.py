@@ -21,16 +21,16 @@ from lxml import etree
 from pydicom.uid import generate_uid
 
 from tests.test_metadata import NS, assert_valid, external_id, slot
-from xca_gateway.dicom_samples import DEFAULT_PATIENTS, SampleStudy, generate_study
-from xca_gateway.importer import (
+from xca_gateway.repository import DocumentRepository
+from xca_gateway.settings import CommunityConfig
+from xca_gateway.tools.dicom_samples import DEFAULT_PATIENTS, SampleStudy, generate_study
+from xca_gateway.tools.import_manifests import (
     ImportReport,
     add_import_command,
     collect_files,
     import_studies,
     manifest_uid,
 )
-from xca_gateway.repository import DocumentRepository
-from xca_gateway.settings import CommunityConfig
 from xca_gateway.xds import ebrim
 from xca_gateway.xds.ebrs import RegistryError
 from xca_gateway.xds.kos import kos_from_bytes, kos_references, kos_retrieve_locations

@@ -8,7 +8,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from xca_gateway.dicom_samples import DEFAULT_PATIENTS, SampleStudy, generate_study
+from xca_gateway.tools.dicom_samples import DEFAULT_PATIENTS, SampleStudy, generate_study
 from xca_gateway.xds.kos import (
     KOS_SOP_CLASS_UID,
     InstanceRef,

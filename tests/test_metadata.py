@@ -12,9 +12,9 @@ import pytest
 from lxml import etree
 from pydicom.dataset import Dataset
 
-from xca_gateway.dicom_samples import DEFAULT_PATIENTS, generate_study
 from xca_gateway.protocol.namespaces import LCM, RIM
 from xca_gateway.protocol.wsdl import WSDL_DIR
+from xca_gateway.tools.dicom_samples import DEFAULT_PATIENTS, generate_study
 from xca_gateway.xds import ebrim
 from xca_gateway.xds.kos import is_valid_uid
 from xca_gateway.xds.metadata import (

@@ -36,7 +36,7 @@ import httpx
 import pydicom
 import pytest
 
-from xca_gateway.consumer import retrieve_study
+from xca_gateway.consumer.imaging import retrieve_study
 from xca_gateway.protocol.tls import certificate_info, client_context
 
 REPO = Path(__file__).resolve().parents[1]

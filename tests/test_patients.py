@@ -10,7 +10,6 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from xca_gateway.dicom_samples import SamplePatient, generate_study
 from xca_gateway.patients.directory import (
     MATCH_THRESHOLD,
     SCORE_WITHOUT_GENDER,
@@ -21,6 +20,7 @@ from xca_gateway.patients.directory import (
     name_key,
     normalize_gender,
 )
+from xca_gateway.tools.dicom_samples import SamplePatient, generate_study
 from xca_gateway.xds.patient_id import PatientId
 
 AA = "1.3.6.1.4.1.21367.13.20.1000"

@@ -36,13 +36,13 @@ from tests.test_import_priors import (
 )
 from xca_gateway.app.gateway import Gateway
 from xca_gateway.audit.validate import schema_errors
-from xca_gateway.dicom_samples import local_patient_id
-from xca_gateway.hl7v2 import AckError, Header, build_ack, parse_order
-from xca_gateway.hl7v2 import local_patient_id as order_patient
-from xca_gateway.prefetch import JobResult, Prefetcher, parse_prefetch_config
+from xca_gateway.doors.hl7_prefetch import JobResult, Prefetcher, parse_prefetch_config
+from xca_gateway.doors.hl7v2 import AckError, Header, build_ack, parse_order
+from xca_gateway.doors.hl7v2 import local_patient_id as order_patient
 from xca_gateway.protocol.tls import client_context
 from xca_gateway.security.dev_pki import DevPki, issue_client_certificate
 from xca_gateway.settings import ConfigError
+from xca_gateway.tools.dicom_samples import local_patient_id
 
 VT, FS, CR = b"\x0b", b"\x1c", b"\x0d"
 

@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from xca_gateway.reconcile import (
+from xca_gateway.doors.reconcile import (
     Reconciliation,
     ReconciliationError,
     accession_prefix_for,

@@ -17,11 +17,11 @@ import pydicom
 import pytest
 
 from tests.test_server import soap12
-from xca_gateway.demo import DemoCommunity, community_config_toml
-from xca_gateway.dicom_samples import DEFAULT_PATIENTS, generate_study
 from xca_gateway.protocol.namespaces import XDSB, XDSI, Action
 from xca_gateway.protocol.tls import client_context
 from xca_gateway.security.dev_pki import DevPki
+from xca_gateway.tools.demo import DemoCommunity, community_config_toml
+from xca_gateway.tools.dicom_samples import DEFAULT_PATIENTS, generate_study
 
 
 def _free_port() -> int:

@@ -42,11 +42,11 @@ from xca_gateway.audit import messages as m
 from xca_gateway.audit.rsyslog import RsyslogRepository, gtls_available, rsyslogd_path
 from xca_gateway.audit.syslog import parse_message
 from xca_gateway.audit.validate import schema_errors
-from xca_gateway.consumer import Consumer, retrieve_manifest_request, retrieve_study
-from xca_gateway.dicom_samples import SampleStudy, local_patient_id
+from xca_gateway.consumer.imaging import Consumer, retrieve_manifest_request, retrieve_study
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.tls import client_context
 from xca_gateway.security.dev_pki import DevPki
+from xca_gateway.tools.dicom_samples import SampleStudy, local_patient_id
 
 FRONT_AE = "XCA-FRONT"
 STORE_AE = "STORESCP"

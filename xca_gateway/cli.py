@@ -10,7 +10,7 @@ from pathlib import Path
 
 from xca_gateway import __version__
 from xca_gateway.app.serve import serve
-from xca_gateway.importer import registry_from_config
+from xca_gateway.tools.import_manifests import registry_from_config
 
 
 def _setup_logging(level: str) -> None:
@@ -62,7 +62,7 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from xca_gateway.demo import run_demo
+    from xca_gateway.tools.demo import run_demo
 
     return run_demo(
         Path(args.workdir),
@@ -134,11 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     from xca_gateway.arr.app import add_arr_command
-    from xca_gateway.consumer import add_retrieve_study_command
-    from xca_gateway.consumer_cli import add_consumer_commands
-    from xca_gateway.import_priors import add_import_priors_command
-    from xca_gateway.importer import add_import_command
+    from xca_gateway.consumer.commands import add_consumer_commands
+    from xca_gateway.consumer.imaging import add_retrieve_study_command
+    from xca_gateway.doors.import_priors import add_import_priors_command
     from xca_gateway.security.consent.admin import add_consent_command
+    from xca_gateway.tools.import_manifests import add_import_command
 
     add_import_command(sub, open_registry=registry_from_config)
     add_arr_command(sub)

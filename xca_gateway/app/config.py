@@ -86,11 +86,12 @@ class GatewayConfig:
     xua: Any = None
     policy: Any = None
     consent: Any = None
-    # [dicom] (xca_gateway.dicom_front.DicomFrontConfig): the DIMSE front door, when present.
+    # [dicom] (xca_gateway.doors.dimse.DicomFrontConfig): the DIMSE front door, when present.
     dicom: Any = None
-    # [prefetch] (xca_gateway.prefetch.PrefetchConfig): HL7 v2 auto-prefetch, when present.
+    # [prefetch] (xca_gateway.doors.hl7_prefetch.PrefetchConfig): HL7 v2 auto-prefetch, when
+    # present.
     prefetch: Any = None
-    # [dicomweb] (xca_gateway.dicomweb.DicomWebFrontConfig): QIDO-RS/WADO-RS, when present.
+    # [dicomweb] (xca_gateway.doors.dicomweb.DicomWebFrontConfig): QIDO-RS/WADO-RS, when present.
     dicomweb: Any = None
 
     @property
@@ -287,8 +288,8 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
     repository = parse_repository_config(data.get("repository"), base_dir, storage.data_dir)
     imaging = parse_imaging_config(data.get("imaging", {}), base_dir, storage.data_dir)
     audit = parse_audit_config(_table(data, "audit"), base_dir, storage.data_dir, tls)
-    from xca_gateway.dicom_front import parse_dicom_front_config
-    from xca_gateway.dicomweb import parse_dicomweb_front_config
+    from xca_gateway.doors.dicomweb import parse_dicomweb_front_config
+    from xca_gateway.doors.dimse import parse_dicom_front_config
     from xca_gateway.security.consent.service import parse_consent_config
     from xca_gateway.security.policy import parse_policy_config
     from xca_gateway.security.xua import parse_xua_config
@@ -305,7 +306,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
         xua = parse_xua_config(_table(data, "xua"), base_dir)
         policy = parse_policy_config(_table(data, "policy"), base_dir) if "policy" in data else None
         consent = parse_consent_config(_table(data, "consent"), base_dir, storage.data_dir)
-        from xca_gateway.prefetch import parse_prefetch_config
+        from xca_gateway.doors.hl7_prefetch import parse_prefetch_config
 
         prefetch = (
             parse_prefetch_config(_table(data, "prefetch"), base_dir)

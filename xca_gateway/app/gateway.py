@@ -145,7 +145,7 @@ class Gateway:
             self.admin_app.mount("/consent", self._consent_admin(self.consent))
         self._started = False
         self.registry: Any = None
-        from xca_gateway.dicom_front import DicomFrontDoor, DicomFrontServices
+        from xca_gateway.doors.dimse import DicomFrontDoor, DicomFrontServices
 
         # The DIMSE front door (C-FIND / C-GET / C-MOVE over the federation), when configured.
         self.dicom_front = (
@@ -156,11 +156,11 @@ class Gateway:
             if config.dicom is not None
             else None
         )
-        from xca_gateway.prefetch import Prefetcher
+        from xca_gateway.doors.hl7_prefetch import Prefetcher
 
         # HL7 v2 orders (MLLP) prefetch the patient's foreign priors into the PACS, in-process.
         self.prefetch = Prefetcher(self, config.prefetch) if config.prefetch is not None else None
-        from xca_gateway.dicomweb import DicomWebFrontDoor
+        from xca_gateway.doors.dicomweb import DicomWebFrontDoor
 
         # The DICOMweb front door (QIDO-RS / WADO-RS over the federation), when configured.
         self.dicomweb_front = (

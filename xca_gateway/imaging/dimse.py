@@ -493,6 +493,6 @@ class DimseRetrieval(Retrieval):
 def _take_requestor_order(event: Any) -> None:
     from pynetdicom._globals import ALL_TRANSFER_SYNTAXES
 
-    from xca_gateway.dicom_negotiation import take_requestor_order
+    from xca_gateway.imaging.dicom_negotiation import take_requestor_order
 
     take_requestor_order(event.assoc, ALL_TRANSFER_SYNTAXES)

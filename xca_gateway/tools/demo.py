@@ -347,7 +347,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _seed(community: DemoCommunity, data_dir: Path) -> list[dict[str, str]]:
     """Sample studies at the community's imaging source; returns samplePatients entries."""
-    from xca_gateway.dicom_samples import (
+    from xca_gateway.tools.dicom_samples import (
         DEFAULT_PATIENTS,
         generate_community_samples,
         local_patient_id,
@@ -392,7 +392,7 @@ def _register_samples(config_path: Path, images: Path) -> None:
     patients in the directory (idempotent: a restarted demo skips what is registered)."""
     import asyncio
 
-    from xca_gateway.importer import import_with_config, registry_from_config
+    from xca_gateway.tools.import_manifests import import_with_config, registry_from_config
 
     report = asyncio.run(
         import_with_config(config_path, [images], registry_from_config, progress=False)

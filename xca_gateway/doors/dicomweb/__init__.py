@@ -2,7 +2,7 @@
 
 Web viewers and VNAs speak DICOMweb, not XDS-I. This door lets them search and retrieve across
 the federation through the community's own initiating gateway, in-process, with the same
-federation logic as the DIMSE door (:mod:`xca_gateway.federation_view`):
+federation logic as the DIMSE door (:mod:`xca_gateway.doors.federation`):
 
 * QIDO-RS (``GET /dicomweb/studies``, ``/series``, ``/instances`` and the study/series-scoped
   forms): the PatientID (with IssuerOfPatientID, default the community's assigning authority)
@@ -26,15 +26,15 @@ Each search is audited as a Query (110112, RAD-129 "QIDO-RS Query") and each ret
 audit trail when one is configured.
 """
 
-from xca_gateway.dicomweb.audit import qido_audit, wado_audit
-from xca_gateway.dicomweb.config import (
+from xca_gateway.doors.dicomweb.audit import qido_audit, wado_audit
+from xca_gateway.doors.dicomweb.config import (
     ConfigError,
     DicomWebFrontConfig,
     parse_dicomweb_front_config,
 )
-from xca_gateway.dicomweb.door import DicomWebFrontDoor
-from xca_gateway.dicomweb.model import metadata_json, search, to_dicom_json
-from xca_gateway.dicomweb.negotiation import (
+from xca_gateway.doors.dicomweb.door import DicomWebFrontDoor
+from xca_gateway.doors.dicomweb.model import metadata_json, search, to_dicom_json
+from xca_gateway.doors.dicomweb.negotiation import (
     ANY_TRANSFER_SYNTAX,
     DicomWebError,
     Route,
@@ -44,7 +44,7 @@ from xca_gateway.dicomweb.negotiation import (
     parse_route,
     retrieve_failure,
 )
-from xca_gateway.dicomweb.qido import QidoQuery, parse_qido
+from xca_gateway.doors.dicomweb.qido import QidoQuery, parse_qido
 
 __all__ = [
     "ANY_TRANSFER_SYNTAX",

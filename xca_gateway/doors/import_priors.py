@@ -4,7 +4,7 @@ The flow (IHE RAD IRWF.b Importer, fed by XCA-I): ITI-18 through the initiating 
 the patient's KOS manifests in every community → the foreign ones are kept (homeCommunityId of
 the manifest ≠ ours) → each manifest is fetched (ITI-43, routed as ITI-39) → RAD-69 (routed as
 RAD-75) streams its instances → each instance is decoded completely, reconciled
-(:mod:`xca_gateway.reconcile`: local patient id, prefixed accession number, previous values in
+(:mod:`xca_gateway.doors.reconcile`: local patient id, prefixed accession number, previous values in
 the Original Attributes Sequence) and sent by C-STORE to the local PACS. One instance at a time
 is held in memory; one that does not decode, does not reconcile or that the PACS refuses is
 reported and never half-stored.
@@ -35,7 +35,7 @@ import httpx
 from lxml import etree
 from pydicom.dataset import Dataset
 
-from xca_gateway.consumer import (
+from xca_gateway.consumer.imaging import (
     EXPLICIT_VR_LITTLE_ENDIAN,
     Consumer,
     ConsumerError,
@@ -47,20 +47,20 @@ from xca_gateway.consumer import (
     imaging_request_from_kos,
     manifests_from_response,
 )
-from xca_gateway.dicom_instance import decode_instance
-from xca_gateway.federation_view import FederationError, FederationView, event_modalities
-from xca_gateway.imaging import transfer_syntax as ts
-from xca_gateway.imaging.request import RetrieveImagingDocumentSetRequest
-from xca_gateway.imaging.retrieve import InstanceTooLarge
-from xca_gateway.protocol import mtom
-from xca_gateway.protocol.namespaces import Action
-from xca_gateway.protocol.tls import client_context
-from xca_gateway.reconcile import (
+from xca_gateway.doors.federation import FederationError, FederationView, event_modalities
+from xca_gateway.doors.reconcile import (
     Reconciliation,
     ReconciliationError,
     accession_prefix_for,
     reconcile,
 )
+from xca_gateway.imaging import transfer_syntax as ts
+from xca_gateway.imaging.instance import decode_instance
+from xca_gateway.imaging.request import RetrieveImagingDocumentSetRequest
+from xca_gateway.imaging.retrieve import InstanceTooLarge
+from xca_gateway.protocol import mtom
+from xca_gateway.protocol.namespaces import Action
+from xca_gateway.protocol.tls import client_context
 from xca_gateway.transactions.iti43 import same_community
 from xca_gateway.xds.ebrs import RegistryError, parse_registry_errors
 from xca_gateway.xds.kos import InstanceRef, is_valid_uid, kos_from_bytes, kos_references
@@ -430,7 +430,7 @@ class HttpsFederation(Consumer):
 
 class InProcessFederation:
     """A gateway's own initiating side, called in-process (no HTTPS round trip): the
-    :class:`~xca_gateway.federation_view.FederationView` the front doors use."""
+    :class:`~xca_gateway.doors.federation.FederationView` the front doors use."""
 
     def __init__(self, gateway: Gateway, view: FederationView | None = None) -> None:
         self.view = view or FederationView(gateway)
@@ -927,7 +927,7 @@ class _Target:
 
 def _target(args: argparse.Namespace) -> _Target:
     if args.endpoints:
-        from xca_gateway.endpoints_file import EndpointsFile
+        from xca_gateway.consumer.endpoints_file import EndpointsFile
 
         endpoints = EndpointsFile.load(Path(args.endpoints))
         community = endpoints.community(args.community)
@@ -1081,7 +1081,7 @@ def _cmd_import_priors(args: argparse.Namespace) -> int:
     if logging.getLogger().level > logging.DEBUG:
         # One INFO line per DIMSE message drowns the per-study report.
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    from xca_gateway.consumer_cli import ExchangeError, check_reachable
+    from xca_gateway.consumer.commands import ExchangeError, check_reachable
     from xca_gateway.protocol.credentials import check_key_pair
 
     try:

@@ -2,7 +2,7 @@
 
 An order placer or RIS sends ORM^O01 (or OMI^O23, IHE SWF.b) over MLLP; the gateway answers
 with an original-mode ACK at once and schedules an import of the patient's foreign priors into
-the local PACS (:mod:`xca_gateway.import_priors`, in-process through this gateway's initiating
+the local PACS (:mod:`xca_gateway.doors.import_priors`, in-process through this gateway's initiating
 side), so that they are there when the radiologist reads the new study.
 
 * The ACK never waits for the import: AA when the order is accepted (a job queued, or one for
@@ -32,7 +32,7 @@ side), so that they are there when the radiologist reads the new study.
 
 MLLP uses the ``hl7`` package's asyncio server (``hl7.mllp.start_hl7_server``) and its raw
 ``readblock()`` / ``writeblock()``: the message is parsed with ``hl7.parse`` after the
-header was read by hand (:mod:`xca_gateway.hl7v2`, sans I/O), so that even a message hl7
+header was read by hand (:mod:`xca_gateway.doors.hl7v2`, sans I/O), so that even a message hl7
 cannot parse gets a correct ACK.
 
 Configuration (``[prefetch]``)::
@@ -69,7 +69,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xca_gateway.hl7v2 import (
+from xca_gateway.doors.hl7v2 import (
     APPLICATION_INTERNAL_ERROR,
     UNKNOWN_KEY_IDENTIFIER,
     AckError,
@@ -94,7 +94,7 @@ from xca_gateway.settings import ConfigError, is_loopback_host
 
 if TYPE_CHECKING:
     from xca_gateway.app.gateway import Gateway
-    from xca_gateway.import_priors import ImportReport, StudyImport
+    from xca_gateway.doors.import_priors import ImportReport, StudyImport
     from xca_gateway.xds.kos import InstanceRef
 
 log = logging.getLogger(__name__)
@@ -642,7 +642,7 @@ class Prefetcher:
             reset_current_caller(token)
 
     async def _run_job(self, job: PrefetchJob) -> JobResult:
-        from xca_gateway.import_priors import (
+        from xca_gateway.doors.import_priors import (
             Demographics,
             InProcessFederation,
             PacsStore,
@@ -701,7 +701,7 @@ class Prefetcher:
         if not audit.config.enabled:
             return
         from xca_gateway.audit.messages import Node
-        from xca_gateway.import_priors import import_audit_messages
+        from xca_gateway.doors.import_priors import import_audit_messages
 
         audit.record(
             import_audit_messages(

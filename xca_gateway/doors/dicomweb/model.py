@@ -1,7 +1,7 @@
 """The federation's studies as DICOM datasets, sans I/O: QIDO-RS matching and the answers.
 
 The KOS manifests found for a patient are merged into one :class:`StudyEntity` per study;
-:func:`search` matches a :class:`~xca_gateway.dicomweb.qido.QidoQuery` against them at the
+:func:`search` matches a :class:`~xca_gateway.doors.dicomweb.qido.QidoQuery` against them at the
 study, series or instance level and projects the attributes to return; :func:`to_dicom_json`
 and :func:`metadata_json` write the PS3.18 Annex F JSON model (metadata without bulk data), and
 :func:`part_header` / :func:`closing_delimiter` frame instances as multipart/related.
@@ -17,9 +17,9 @@ from typing import Any
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 
-from xca_gateway.dicomweb.negotiation import PREFIX
-from xca_gateway.dicomweb.qido import RANGE_KEYS, QidoQuery, split_values
-from xca_gateway.federation_view import StudyManifest
+from xca_gateway.doors.dicomweb.negotiation import PREFIX
+from xca_gateway.doors.dicomweb.qido import RANGE_KEYS, QidoQuery, split_values
+from xca_gateway.doors.federation import StudyManifest
 from xca_gateway.xds.kos import InstanceRef
 
 # Binary values above this size are left out of metadata (no bulk data resource is served).

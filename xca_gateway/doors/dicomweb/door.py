@@ -1,7 +1,7 @@
 """The DICOMweb front door's I/O: the HTTP(S) server, the federation, the streamed answers.
 
 :class:`DicomWebFrontDoor` serves QIDO-RS and WADO-RS for one gateway: it reads the request,
-asks the federation (:mod:`xca_gateway.federation_view`) for the patient's studies or a RAD-69
+asks the federation (:mod:`xca_gateway.doors.federation`) for the patient's studies or a RAD-69
 retrieve, and streams instances (multipart/related) or metadata (JSON) part by part as they
 arrive; the decisions are the sans-IO modules' (negotiation, qido, model, audit).
 """
@@ -25,17 +25,17 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from xca_gateway.audit import messages as m
-from xca_gateway.consumer import ConsumerError
-from xca_gateway.dicomweb.audit import RetrieveAudit, audit_query
-from xca_gateway.dicomweb.config import DicomWebFrontConfig
-from xca_gateway.dicomweb.model import (
+from xca_gateway.consumer.imaging import ConsumerError
+from xca_gateway.doors.dicomweb.audit import RetrieveAudit, audit_query
+from xca_gateway.doors.dicomweb.config import DicomWebFrontConfig
+from xca_gateway.doors.dicomweb.model import (
     closing_delimiter,
     metadata_json,
     part_header,
     search,
     to_dicom_json,
 )
-from xca_gateway.dicomweb.negotiation import (
+from xca_gateway.doors.dicomweb.negotiation import (
     ANY_TRANSFER_SYNTAX,
     DICOM_JSON,
     PREFIX,
@@ -49,8 +49,8 @@ from xca_gateway.dicomweb.negotiation import (
     retrieve_failure,
     warning_header,
 )
-from xca_gateway.dicomweb.qido import cx_safe, parse_qido
-from xca_gateway.federation_view import (
+from xca_gateway.doors.dicomweb.qido import cx_safe, parse_qido
+from xca_gateway.doors.federation import (
     FederationError,
     FederationView,
     StudyManifest,

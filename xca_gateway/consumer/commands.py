@@ -2,7 +2,7 @@
 
 ``query`` sends a stored query (ITI-18 to a community's initiating gateway, or with
 ``--responding`` ITI-38 to its responding gateway, as a peer would) built by
-:mod:`xca_gateway.xds_query` and prints the answer as a table or JSON. ``retrieve`` fetches
+:mod:`xca_gateway.consumer.xds_query` and prints the answer as a table or JSON. ``retrieve`` fetches
 documents (ITI-43, or ITI-39 with ``--responding``) and writes them to files.
 
 The target and the certificate come from a demo's ``endpoints.json`` (``--endpoints FILE
@@ -28,8 +28,8 @@ from urllib.parse import urlsplit
 import httpx
 from lxml import etree
 
-from xca_gateway import xds_query
-from xca_gateway.endpoints_file import EndpointsError, EndpointsFile
+from xca_gateway.consumer import xds_query
+from xca_gateway.consumer.endpoints_file import EndpointsError, EndpointsFile
 from xca_gateway.protocol import mtom
 from xca_gateway.protocol.credentials import CredentialError, check_key_pair
 from xca_gateway.protocol.namespaces import SOAP12, Action

@@ -1,7 +1,7 @@
 """The federation as the front doors see it: a patient's studies and their instances.
 
-The DIMSE front door (:mod:`xca_gateway.dicom_front`) and the DICOMweb front door
-(:mod:`xca_gateway.dicomweb`) answer from the same view of the XCA-I federation, reached
+The DIMSE front door (:mod:`xca_gateway.doors.dimse`) and the DICOMweb front door
+(:mod:`xca_gateway.doors.dicomweb`) answer from the same view of the XCA-I federation, reached
 through the community's own initiating gateway in-process (no HTTP round trip to ourselves):
 
 * a patient's studies are the KOS manifests an ITI-18 FindDocuments finds (fanned out as ITI-38
@@ -21,7 +21,7 @@ through the community's own initiating gateway in-process (no HTTP round trip to
   :class:`~xca_gateway.imaging.retrieve.ImagingRetrieval` read instance by instance; closing it
   releases the sources (files, peer responses) of instances never read.
 
-The import of priors (:mod:`xca_gateway.import_priors`) uses the same view inside a gateway.
+The import of priors (:mod:`xca_gateway.doors.import_priors`) uses the same view inside a gateway.
 
 Everything here is async and runs on the gateway's event loop; the DIMSE door calls it from
 pynetdicom's threads through ``asyncio.run_coroutine_threadsafe``.
@@ -45,7 +45,7 @@ from pydicom.errors import InvalidDicomError
 
 from xca_gateway.audit.messages import PatientRef
 from xca_gateway.audit.patients import PatientMemory
-from xca_gateway.consumer import (
+from xca_gateway.consumer.imaging import (
     Manifest,
     find_manifests_request,
     imaging_request_from_kos,
@@ -312,7 +312,7 @@ def imaging_request_for(
     """The RAD-69 request for the instances ``wanted`` (SOP Instance UIDs; None = all) of
     ``studies``, each instance once even when two manifests reference it.
 
-    Raises :class:`xca_gateway.consumer.ConsumerError` when a manifest names no source."""
+    Raises :class:`xca_gateway.consumer.imaging.ConsumerError` when a manifest names no source."""
     documents: list[DocumentRequest] = []
     seen: set[str] = set()
     for study in studies:

@@ -15,8 +15,8 @@ from datetime import datetime
 
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 
-from xca_gateway.dicomweb.negotiation import Level, Route, bad_request, uid_segment
-from xca_gateway.federation_view import patient_cx
+from xca_gateway.doors.dicomweb.negotiation import Level, Route, bad_request, uid_segment
+from xca_gateway.doors.federation import patient_cx
 
 # ----------------------------------------------------------------------------- QIDO-RS query
 

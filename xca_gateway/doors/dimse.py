@@ -18,7 +18,7 @@ federation through the community's own initiating gateway, in-process:
   sent, so a truncated or malformed one from a source is reported as a failed sub-operation
   and never half-stored.
 
-Who may call: DICOM TLS by default (:mod:`xca_gateway.dicom_tls`), and every association is
+Who may call: DICOM TLS by default (:mod:`xca_gateway.doors.dicom_tls`), and every association is
 admitted by the gateway's door guard on its calling AE title tied to the certificate (or, in
 plain DIMSE on loopback, the address); the admitted principal is the current caller of every
 federation call made for it.
@@ -30,7 +30,7 @@ AE to the requester (C-GET) or the move destination (C-MOVE), its outcome from t
 sub-operations as the destination answered them.
 
 The federation logic (manifests, the study cache, RAD-69 in-process) is shared with the
-DICOMweb front door in :mod:`xca_gateway.federation_view`. pynetdicom runs the associations in
+DICOMweb front door in :mod:`xca_gateway.doors.federation`. pynetdicom runs the associations in
 its own threads; the federation calls run on the gateway's asyncio loop through
 ``asyncio.run_coroutine_threadsafe``.
 """
@@ -76,22 +76,10 @@ from pynetdicom.status import STATUS_WARNING as STATUS_WARNING_CATEGORY
 
 from xca_gateway.audit import messages as m
 from xca_gateway.audit.trail import AuditTrail
-from xca_gateway.consumer import (
-    ConsumerError,
-)
-from xca_gateway.dicom_instance import decode_instance
-from xca_gateway.dicom_negotiation import (
-    NATIVE_SYNTAXES,
-    STORAGE_SYNTAXES,
-    move_contexts,
-    outgoing_syntax,
-    request_syntaxes,
-    syntaxes_by_sop_class,
-    take_requestor_order,
-)
-from xca_gateway.dicom_tls import TlsAssociationServer, association_identity
-from xca_gateway.dicomweb.model import StudyEntity, study_entities
-from xca_gateway.federation_view import (
+from xca_gateway.consumer.imaging import ConsumerError
+from xca_gateway.doors.dicom_tls import TlsAssociationServer, association_identity
+from xca_gateway.doors.dicomweb.model import StudyEntity, study_entities
+from xca_gateway.doors.federation import (
     FederationError,
     FederationView,
     StudyManifest,
@@ -102,6 +90,16 @@ from xca_gateway.federation_view import (
     patient_cx,
 )
 from xca_gateway.imaging import transfer_syntax as ts
+from xca_gateway.imaging.dicom_negotiation import (
+    NATIVE_SYNTAXES,
+    STORAGE_SYNTAXES,
+    move_contexts,
+    outgoing_syntax,
+    request_syntaxes,
+    syntaxes_by_sop_class,
+    take_requestor_order,
+)
+from xca_gateway.imaging.instance import decode_instance
 from xca_gateway.imaging.request import DocumentRequest, RetrieveImagingDocumentSetRequest
 from xca_gateway.protocol.tls import HandshakeFailure, gateway_client_context, server_context
 from xca_gateway.security.callers import Door, Principal, set_current_caller

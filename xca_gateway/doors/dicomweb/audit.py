@@ -13,13 +13,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from xca_gateway.audit import messages as m
-from xca_gateway.dicomweb.negotiation import DicomWebError
-from xca_gateway.federation_view import StudyManifest, audit_patients, manifest_patient
+from xca_gateway.doors.dicomweb.negotiation import DicomWebError
+from xca_gateway.doors.federation import StudyManifest, audit_patients, manifest_patient
 from xca_gateway.protocol.http_server import Request
 from xca_gateway.xds.kos import InstanceRef
 
 if TYPE_CHECKING:
-    from xca_gateway.dicomweb.door import DicomWebFrontDoor
+    from xca_gateway.doors.dicomweb.door import DicomWebFrontDoor
 
 log = logging.getLogger(__name__)
 

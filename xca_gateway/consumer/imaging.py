@@ -425,8 +425,8 @@ def add_retrieve_study_command(subparsers: Any) -> None:
 
 
 def _cmd_retrieve_study(args: argparse.Namespace) -> int:
-    from xca_gateway.consumer_cli import ExchangeError, check_reachable
-    from xca_gateway.endpoints_file import EndpointsError, EndpointsFile
+    from xca_gateway.consumer.commands import ExchangeError, check_reachable
+    from xca_gateway.consumer.endpoints_file import EndpointsError, EndpointsFile
     from xca_gateway.protocol.credentials import CredentialError, check_key_pair
 
     try:
