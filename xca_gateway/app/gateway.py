@@ -85,7 +85,7 @@ class Gateway:
         self.https = HttpServer(
             self.soap,
             ssl_context=server_context(config.tls),
-            on_handshake_failure=self._on_handshake_failure,
+            on_handshake_failure=self.on_handshake_failure,
             timeouts=ServerTimeouts.for_gateway(config),
             limits=ConnectionLimits.for_gateway(config),
             on_refused=self.connection_refused,
@@ -150,7 +150,7 @@ class Gateway:
         # The DIMSE front door (C-FIND / C-GET / C-MOVE over the federation), when configured.
         self.dicom_front = (
             DicomFrontDoor(
-                DicomFrontServices.of(self, on_handshake_failure=self._on_handshake_failure),
+                DicomFrontServices.of(self, on_handshake_failure=self.on_handshake_failure),
                 config.dicom,
             )
             if config.dicom is not None
@@ -164,9 +164,7 @@ class Gateway:
 
         # The DICOMweb front door (QIDO-RS / WADO-RS over the federation), when configured.
         self.dicomweb_front = (
-            DicomWebFrontDoor(
-                self, config.dicomweb, on_handshake_failure=self._on_handshake_failure
-            )
+            DicomWebFrontDoor(self, config.dicomweb, on_handshake_failure=self.on_handshake_failure)
             if config.dicomweb is not None
             else None
         )
@@ -535,7 +533,7 @@ class Gateway:
         """Listeners report connections refused at accept (per-source and global caps)."""
         self.metrics.connections_refused.labels(listener, reason).inc()
 
-    def _on_handshake_failure(self, failure: HandshakeFailure) -> None:
+    def on_handshake_failure(self, failure: HandshakeFailure) -> None:
         self.handshake_failures.append(failure)
         self.metrics.handshake_failures.labels(failure.reason).inc()
         for listener in self._handshake_listeners:

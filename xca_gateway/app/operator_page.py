@@ -20,11 +20,12 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -32,10 +33,47 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
 from xca_gateway import __version__
+from xca_gateway.app.admin import AdminApp
+from xca_gateway.app.config import GatewayConfig
+from xca_gateway.audit.trail import AuditTrail
+from xca_gateway.initiating.query import InitiatingGateway
+from xca_gateway.metrics import GatewayMetrics
 from xca_gateway.protocol.http_server import Request, Response
+from xca_gateway.protocol.peer_client import PeerClient
+from xca_gateway.protocol.tls import HandshakeFailure
+from xca_gateway.security.guard import DoorGuard
 
-if TYPE_CHECKING:
-    from xca_gateway.app.gateway import Gateway
+
+class ObservedGateway(Protocol):
+    """What the page reads of its gateway (:class:`xca_gateway.app.gateway.Gateway`)."""
+
+    @property
+    def config(self) -> GatewayConfig: ...
+
+    @property
+    def peer_client(self) -> PeerClient: ...
+
+    @property
+    def initiating(self) -> InitiatingGateway: ...
+
+    @property
+    def audit(self) -> AuditTrail: ...
+
+    @property
+    def guard(self) -> DoorGuard: ...
+
+    @property
+    def handshake_failures(self) -> deque[HandshakeFailure]: ...
+
+    @property
+    def base_url(self) -> str: ...
+
+    @property
+    def admin_app(self) -> AdminApp: ...
+
+    @property
+    def metrics(self) -> GatewayMetrics: ...
+
 
 WARNING_DAYS = 30
 MAX_ERROR_CHARS = 200
@@ -182,7 +220,7 @@ class PeerCallLog:
 class OperatorPage:
     """Collects the status of one gateway and serves it (an admin app for ``/``)."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: ObservedGateway) -> None:
         self.gateway = gateway
         self.started = time.time()
         self.calls = PeerCallLog()
@@ -450,7 +488,7 @@ class OperatorCollector:
         yield expiry
 
 
-def install_operator_page(gateway: Gateway) -> OperatorPage:
+def install_operator_page(gateway: ObservedGateway) -> OperatorPage:
     """Serve the page on the gateway's admin port and export its metrics."""
     page = OperatorPage(gateway)
     gateway.admin_app.index = page

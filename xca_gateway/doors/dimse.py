@@ -108,7 +108,7 @@ from xca_gateway.settings import TlsConfig, is_loopback_host
 from xca_gateway.xds.kos import InstanceRef
 
 if TYPE_CHECKING:
-    from xca_gateway.app.gateway import Gateway
+    from xca_gateway.doors.ports import DoorHost
 
 log = logging.getLogger(__name__)
 
@@ -815,7 +815,7 @@ class DicomFrontServices:
     @classmethod
     def of(
         cls,
-        gateway: Gateway,
+        gateway: DoorHost,
         *,
         on_handshake_failure: Callable[[HandshakeFailure], None] | None = None,
     ) -> DicomFrontServices:

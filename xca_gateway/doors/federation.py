@@ -64,7 +64,7 @@ from xca_gateway.xds.ebrs import RegistryError, adhoc_query_response
 from xca_gateway.xds.kos import InstanceRef, kos_from_bytes, kos_references
 
 if TYPE_CHECKING:
-    from xca_gateway.app.gateway import Gateway
+    from xca_gateway.doors.ports import InitiatingSide
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +342,7 @@ class FederationView:
 
     def __init__(
         self,
-        gateway: Gateway,
+        gateway: InitiatingSide,
         *,
         max_cached_studies: int = DEFAULT_MAX_CACHED_STUDIES,
         timeout: float = DEFAULT_TIMEOUT,

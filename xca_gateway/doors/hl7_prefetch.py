@@ -93,8 +93,8 @@ from xca_gateway.security.guard import identity_from_peer
 from xca_gateway.settings import ConfigError, is_loopback_host
 
 if TYPE_CHECKING:
-    from xca_gateway.app.gateway import Gateway
     from xca_gateway.doors.import_priors import ImportReport, StudyImport
+    from xca_gateway.doors.ports import DoorHost
     from xca_gateway.xds.kos import InstanceRef
 
 log = logging.getLogger(__name__)
@@ -341,7 +341,7 @@ class _PrefetchMetrics:
 class Prefetcher:
     """The MLLP listener, the job queue and its workers, for one gateway."""
 
-    def __init__(self, gateway: Gateway, config: PrefetchConfig) -> None:
+    def __init__(self, gateway: DoorHost, config: PrefetchConfig) -> None:
         self.gateway = gateway
         self.config = config
         community = gateway.config.community
@@ -477,7 +477,7 @@ class Prefetcher:
                     self.gateway.config.tls.handshake_timeout,
                     self.gateway.config.server.hello_timeout,
                 ),
-                on_failure=self.gateway._on_handshake_failure,
+                on_failure=self.gateway.on_handshake_failure,
             )
         except asyncio.CancelledError:
             if not displaced:

@@ -67,9 +67,9 @@ from xca_gateway.xds.kos import InstanceRef, is_valid_uid, kos_from_bytes, kos_r
 from xca_gateway.xds.patient_id import PatientId, parse_patient_id
 
 if TYPE_CHECKING:
-    from xca_gateway.app.gateway import Gateway
     from xca_gateway.audit.messages import AuditContext, AuditMessage, Node
     from xca_gateway.audit.trail import AuditTrail
+    from xca_gateway.doors.ports import InitiatingSide
 
 log = logging.getLogger(__name__)
 
@@ -432,7 +432,7 @@ class InProcessFederation:
     """A gateway's own initiating side, called in-process (no HTTPS round trip): the
     :class:`~xca_gateway.doors.federation.FederationView` the front doors use."""
 
-    def __init__(self, gateway: Gateway, view: FederationView | None = None) -> None:
+    def __init__(self, gateway: InitiatingSide, view: FederationView | None = None) -> None:
         self.view = view or FederationView(gateway)
 
     async def find(self, patient_id: str) -> tuple[list[PriorManifest], list[RegistryError]]:

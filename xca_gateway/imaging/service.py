@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from xca_gateway.imaging.config import ImagingConfig, SourceConfig
 from xca_gateway.imaging.dicomweb import DicomwebSource
 from xca_gateway.imaging.dimse import DimseSettings, DimseSource
 from xca_gateway.imaging.filesystem import FilesystemSource
 from xca_gateway.imaging.rad69_source import Rad69Source
+from xca_gateway.imaging.request import RetrieveImagingDocumentSetRequest
+from xca_gateway.imaging.retrieve import ImagingRetrieval
 from xca_gateway.imaging.sources import ImagingSource
 from xca_gateway.protocol.peer_client import PeerClient
 from xca_gateway.settings import ConfigError
 
-if TYPE_CHECKING:
-    from xca_gateway.imaging.request import RetrieveImagingDocumentSetRequest
-    from xca_gateway.imaging.retrieve import ImagingRetrieval
-    from xca_gateway.initiating.imaging import InitiatingImagingGateway
+
+class Rad69Router(Protocol):
+    """What answers a RAD-69 in-process: the Initiating Imaging Gateway
+    (:class:`xca_gateway.initiating.imaging.InitiatingImagingGateway`), a layer above."""
+
+    async def retrieve(self, request: RetrieveImagingDocumentSetRequest) -> ImagingRetrieval: ...
 
 
 def build_source(
@@ -82,7 +86,7 @@ class ImagingService:
     """The configured sources of one gateway, started and stopped with it, and its Initiating
     Imaging Gateway (set by :func:`xca_gateway.app.gateway.install_imaging`)."""
 
-    initiating: InitiatingImagingGateway | None = None
+    initiating: Rad69Router | None = None
 
     def __init__(
         self,

@@ -29,7 +29,7 @@ import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import h11
 
@@ -39,9 +39,18 @@ from xca_gateway.protocol.tls import (
     HandshakeFailure,
     describe_handshake_error,
 )
+from xca_gateway.settings import ServerConfig, TlsConfig
 
-if TYPE_CHECKING:
-    from xca_gateway.app.config import GatewayConfig
+
+class ListenerSettings(Protocol):
+    """The parts of a gateway's configuration that time its HTTPS listeners."""
+
+    @property
+    def server(self) -> ServerConfig: ...
+
+    @property
+    def tls(self) -> TlsConfig: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +169,7 @@ class ServerTimeouts:
     body_grace: float = 10.0
 
     @classmethod
-    def for_gateway(cls, config: GatewayConfig) -> ServerTimeouts:
+    def for_gateway(cls, config: ListenerSettings) -> ServerTimeouts:
         """The timeouts of every HTTPS listener of a gateway, from ``[server]`` and ``[tls]``."""
         server = config.server
         return cls(
@@ -198,7 +207,7 @@ class ConnectionLimits:
     max_handshakes_per_source: int = 8
 
     @classmethod
-    def for_gateway(cls, config: GatewayConfig) -> ConnectionLimits:
+    def for_gateway(cls, config: ListenerSettings) -> ConnectionLimits:
         server = config.server
         return cls(
             max_connections=server.max_connections,

@@ -10,18 +10,28 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from xca_gateway.audit import messages as m
 from xca_gateway.doors.dicomweb.negotiation import DicomWebError
 from xca_gateway.doors.federation import StudyManifest, audit_patients, manifest_patient
+from xca_gateway.doors.ports import DoorHost
 from xca_gateway.protocol.http_server import Request
 from xca_gateway.xds.kos import InstanceRef
 
-if TYPE_CHECKING:
-    from xca_gateway.doors.dicomweb.door import DicomWebFrontDoor
-
 log = logging.getLogger(__name__)
+
+
+class AuditedDoor(Protocol):
+    """What the audit of a request needs of the door that served it
+    (:class:`xca_gateway.doors.dicomweb.door.DicomWebFrontDoor`)."""
+
+    @property
+    def gateway(self) -> DoorHost: ...
+
+    @property
+    def base_url(self) -> str: ...
+
 
 # Audit event types (IHE Transactions code system). The imaging retrieve pattern (RAD TF-3
 # 4.69.4.1.4, as IPF's Rad69 audit strategies implement it): the serving side of a retrieve
@@ -112,7 +122,7 @@ class RetrieveAudit:
     """The audit record(s) of one WADO-RS request, written when it ends."""
 
     def __init__(
-        self, door: DicomWebFrontDoor, request: Request, study_uid: str, patients: list[str]
+        self, door: AuditedDoor, request: Request, study_uid: str, patients: list[str]
     ) -> None:
         self.door = door
         self.request = request
@@ -196,7 +206,7 @@ def _requester(request: Request) -> m.Node:
 
 
 def audit_query(
-    door: DicomWebFrontDoor,
+    door: AuditedDoor,
     request: Request,
     patient: str | None,
     outcome: m.EventOutcome,

@@ -73,7 +73,7 @@ from xca_gateway.security.callers import Door
 from xca_gateway.security.guard import identity_from_peer
 
 if TYPE_CHECKING:
-    from xca_gateway.app.gateway import Gateway
+    from xca_gateway.doors.ports import DoorHost
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class DicomWebFrontDoor:
 
     def __init__(
         self,
-        gateway: Gateway,
+        gateway: DoorHost,
         config: DicomWebFrontConfig,
         *,
         on_handshake_failure: Callable[[HandshakeFailure], None] | None = None,
