@@ -10,7 +10,17 @@ from pathlib import Path
 
 from xca_gateway import __version__
 from xca_gateway.app.serve import serve
-from xca_gateway.tools.import_manifests import registry_from_config
+from xca_gateway.arr.app import add_arr_command
+from xca_gateway.consumer.commands import add_consumer_commands
+from xca_gateway.consumer.imaging import add_retrieve_study_command
+from xca_gateway.doors.import_priors import add_import_priors_command
+from xca_gateway.protocol.credentials import CredentialError
+from xca_gateway.protocol.http_server import ListenError
+from xca_gateway.security.consent.admin import add_consent_command
+from xca_gateway.security.dev_pki import init_dev_pki
+from xca_gateway.settings import ConfigError
+from xca_gateway.tools.demo import run_demo
+from xca_gateway.tools.import_manifests import add_import_command, registry_from_config
 
 
 def _setup_logging(level: str) -> None:
@@ -24,10 +34,6 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from xca_gateway.protocol.credentials import CredentialError
-    from xca_gateway.protocol.http_server import ListenError
-    from xca_gateway.settings import ConfigError
-
     try:
         return asyncio.run(serve(Path(args.config)))
     except ConfigError as exc:
@@ -43,8 +49,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_certs_init(args: argparse.Namespace) -> int:
-    from xca_gateway.security.dev_pki import init_dev_pki
-
     names = [n.strip() for n in args.communities.split(",") if n.strip()]
     try:
         pki = init_dev_pki(Path(args.dir), names, force=args.force)
@@ -62,8 +66,6 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from xca_gateway.tools.demo import run_demo
-
     return run_demo(
         Path(args.workdir),
         communities=args.communities,
@@ -132,13 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
         "0 (default) lets the OS choose free ports",
     )
     demo.set_defaults(func=cmd_demo)
-
-    from xca_gateway.arr.app import add_arr_command
-    from xca_gateway.consumer.commands import add_consumer_commands
-    from xca_gateway.consumer.imaging import add_retrieve_study_command
-    from xca_gateway.doors.import_priors import add_import_priors_command
-    from xca_gateway.security.consent.admin import add_consent_command
-    from xca_gateway.tools.import_manifests import add_import_command
 
     add_import_command(sub, open_registry=registry_from_config)
     add_arr_command(sub)

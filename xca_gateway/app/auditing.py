@@ -27,8 +27,17 @@ from xca_gateway.audit.patients import (
 )
 from xca_gateway.audit.trail import AuditTrail, soap_requester
 from xca_gateway.protocol.namespaces import RIM, RS, Action
-from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
+from xca_gateway.protocol.soap_service import CURRENT_REQUEST, Handler, SoapRequest, SoapResponse
+from xca_gateway.registry.model import (
+    Kind,
+    ObjectFilter,
+    ValueAttribute,
+    ValueCondition,
+    load_element,
+)
 from xca_gateway.security.callers import Role, current_caller
+from xca_gateway.security.policy import current_authorization
+from xca_gateway.security.xua import audit_purposes_of_use, audit_requestor
 from xca_gateway.xds import ebrim
 
 log = logging.getLogger(__name__)
@@ -115,7 +124,6 @@ def _context_patients(context: Mapping[str, Any] | None) -> Mapping[str, m.Patie
 
 def _current_request_context() -> Mapping[str, Any] | None:
     """The context of the SOAP request being served, if an outbound call is made for one."""
-    from xca_gateway.protocol.soap_service import CURRENT_REQUEST
 
     request = CURRENT_REQUEST.get()
     return request.context if request is not None else None
@@ -402,8 +410,6 @@ class TransactionAuditor:
 def _identity(request: SoapRequest) -> dict[str, Any]:
     """The human requestor (alias<user@issuer>) and purposes of use of a validated XUA
     assertion, when the authorization gate established one for this request."""
-    from xca_gateway.security.policy import current_authorization
-    from xca_gateway.security.xua import audit_purposes_of_use, audit_requestor
 
     auth = current_authorization()
     if auth is None or auth.assertion is None:
@@ -433,14 +439,6 @@ class RegistryPatients:
     async def lookup(
         self, document_uids: Sequence[str], study_uids: Sequence[str]
     ) -> dict[str, m.PatientRef]:
-        from xca_gateway.registry.model import (
-            Kind,
-            ObjectFilter,
-            ValueAttribute,
-            ValueCondition,
-            load_element,
-        )
-
         store = getattr(self.registry, "store", None)
         if store is None:
             return {}

@@ -11,8 +11,22 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from xca_gateway.audit.config import parse_audit_config
+from xca_gateway.doors.dicomweb import parse_dicomweb_front_config
+from xca_gateway.doors.dimse import parse_dicom_front_config
+from xca_gateway.doors.hl7_prefetch import parse_prefetch_config
+from xca_gateway.imaging.config import parse_imaging_config
+from xca_gateway.initiating.patient_mapping import (
+    PatientMappingConfig,
+    parse_patient_mapping_config,
+)
+from xca_gateway.registry import parse_registry_config
+from xca_gateway.repository import parse_repository_config
+from xca_gateway.security.consent.service import parse_consent_config
+from xca_gateway.security.policy import parse_policy_config
+from xca_gateway.security.xua import parse_xua_config
 from xca_gateway.settings import (
     PATIENT_ID_SOURCES,
     AdminConfig,
@@ -31,10 +45,6 @@ from xca_gateway.settings import (
     validate_oid,
 )
 
-if TYPE_CHECKING:
-    from xca_gateway.initiating.patient_mapping import PatientMappingConfig
-
-
 # Sections whose schema lives with the module that uses them (validated when it starts).
 EXTRA_SECTIONS = (
     "registry",
@@ -51,8 +61,6 @@ EXTRA_SECTIONS = (
 
 
 def _default_patient_mapping() -> PatientMappingConfig:
-    from xca_gateway.initiating.patient_mapping import PatientMappingConfig
-
     return PatientMappingConfig()
 
 
@@ -273,26 +281,15 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
     initiating = _build(InitiatingConfig, _table(data, "initiating"), "initiating")
     if initiating.peer_deadline <= 0 or initiating.overall_deadline <= 0:
         raise ConfigError("[initiating] deadlines must be positive")
-    from xca_gateway.initiating.patient_mapping import parse_patient_mapping_config
 
     patient_mapping = parse_patient_mapping_config(
         _table(data, "patient_mapping"), base_dir, data_dir=storage.data_dir, peers=peers
     )
 
-    from xca_gateway.audit.config import parse_audit_config
-    from xca_gateway.imaging.config import parse_imaging_config
-    from xca_gateway.registry import parse_registry_config
-    from xca_gateway.repository import parse_repository_config  # it imports this module
-
     registry = parse_registry_config(_table(data, "registry"), base_dir, storage.data_dir)
     repository = parse_repository_config(data.get("repository"), base_dir, storage.data_dir)
     imaging = parse_imaging_config(data.get("imaging", {}), base_dir, storage.data_dir)
     audit = parse_audit_config(_table(data, "audit"), base_dir, storage.data_dir, tls)
-    from xca_gateway.doors.dicomweb import parse_dicomweb_front_config
-    from xca_gateway.doors.dimse import parse_dicom_front_config
-    from xca_gateway.security.consent.service import parse_consent_config
-    from xca_gateway.security.policy import parse_policy_config
-    from xca_gateway.security.xua import parse_xua_config
 
     try:
         dicom = (
@@ -306,7 +303,6 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
         xua = parse_xua_config(_table(data, "xua"), base_dir)
         policy = parse_policy_config(_table(data, "policy"), base_dir) if "policy" in data else None
         consent = parse_consent_config(_table(data, "consent"), base_dir, storage.data_dir)
-        from xca_gateway.doors.hl7_prefetch import parse_prefetch_config
 
         prefetch = (
             parse_prefetch_config(_table(data, "prefetch"), base_dir)

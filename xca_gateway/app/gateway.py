@@ -16,9 +16,22 @@ from typing import Any
 
 from xca_gateway.app import diagnostics
 from xca_gateway.app.admin import AdminApp
+from xca_gateway.app.auditing import (
+    OutboundCall,
+    RegistryPatients,
+    TransactionAuditor,
+    local_caller_requestor,
+)
 from xca_gateway.app.config import GatewayConfig
+from xca_gateway.app.operator_page import install_operator_page
+from xca_gateway.audit.patients import PatientMemory
+from xca_gateway.audit.trail import AuditTrail
+from xca_gateway.doors.dicomweb import DicomWebFrontDoor
+from xca_gateway.doors.dimse import DicomFrontDoor, DicomFrontServices
+from xca_gateway.doors.hl7_prefetch import Prefetcher
 from xca_gateway.imaging.config import ImagingConfig
 from xca_gateway.imaging.service import ImagingService
+from xca_gateway.initiating.imaging import InitiatingImagingGateway
 from xca_gateway.initiating.patient_mapping import PatientIdMapper
 from xca_gateway.initiating.query import InitiatingGateway, iti18_handler
 from xca_gateway.initiating.retrieve import InitiatingRetrieve
@@ -36,11 +49,30 @@ from xca_gateway.protocol.http_server import (
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.peer_client import PeerClient
 from xca_gateway.protocol.soap import SoapFault, build_fault
-from xca_gateway.protocol.soap_service import Operation, SoapEndpoint, SoapService
+from xca_gateway.protocol.soap_service import CURRENT_REQUEST, Operation, SoapEndpoint, SoapService
 from xca_gateway.protocol.tls import HandshakeFailure, gateway_client_context, server_context
+from xca_gateway.registry import RegistryAction, open_registry
 from xca_gateway.security.callers import AccessDecision, Door, soap_door
+from xca_gateway.security.consent.admin import ConsentAdminApp, ConsentChange, consent_change_audit
+from xca_gateway.security.consent.guard import ConsentGuard
+from xca_gateway.security.consent.service import ConsentService
 from xca_gateway.security.guard import DoorGuard, access_denied_message, identity_from_peer
+from xca_gateway.security.operators import AdminAccessError, AdminGate, load_operator_tokens
+from xca_gateway.security.policy import (
+    AccessPolicy,
+    AuthorizationGate,
+    PolicyStore,
+    refusal_audit_message,
+)
+from xca_gateway.security.xua import XuaOutbound, XuaValidator
+from xca_gateway.settings import ConfigError
 from xca_gateway.transactions import TRANSACTIONS, iti45, iti55, unavailable_handler
+from xca_gateway.transactions.iti18 import iti18_handler as registry_iti18_handler
+from xca_gateway.transactions.iti38 import iti38_handler
+from xca_gateway.transactions.iti39 import iti39_handler
+from xca_gateway.transactions.iti42 import iti42_handler
+from xca_gateway.transactions.iti43 import RemoteRepositories, iti43_handler, retrieve_documents
+from xca_gateway.transactions.rad75 import rad75_handler
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +158,6 @@ class Gateway:
             Operation(Action.ITI18, "ITI-18", iti18_handler(self.initiating))
         )
         self._wire_repository()
-        from xca_gateway.audit.patients import PatientMemory
 
         # The patients of the documents and studies that went through this gateway (query
         # answers, manifests read by the front doors), for the retrieve audits that follow.
@@ -135,7 +166,6 @@ class Gateway:
         self.imaging = install_imaging(self, config.imaging)
         self._wire_audit()
         self._wire_authorization()
-        from xca_gateway.security.consent.service import ConsentService
 
         # Patient consent (opt-in/opt-out), checked by the responding handlers; managed with
         # `xca-gateway consent ...` and the admin port's /consent API (operators only).
@@ -145,7 +175,6 @@ class Gateway:
             self.admin_app.mount("/consent", self._consent_admin(self.consent))
         self._started = False
         self.registry: Any = None
-        from xca_gateway.doors.dimse import DicomFrontDoor, DicomFrontServices
 
         # The DIMSE front door (C-FIND / C-GET / C-MOVE over the federation), when configured.
         self.dicom_front = (
@@ -156,11 +185,9 @@ class Gateway:
             if config.dicom is not None
             else None
         )
-        from xca_gateway.doors.hl7_prefetch import Prefetcher
 
         # HL7 v2 orders (MLLP) prefetch the patient's foreign priors into the PACS, in-process.
         self.prefetch = Prefetcher(self, config.prefetch) if config.prefetch is not None else None
-        from xca_gateway.doors.dicomweb import DicomWebFrontDoor
 
         # The DICOMweb front door (QIDO-RS / WADO-RS over the federation), when configured.
         self.dicomweb_front = (
@@ -168,7 +195,6 @@ class Gateway:
             if config.dicomweb is not None
             else None
         )
-        from xca_gateway.app.operator_page import install_operator_page
 
         # The operator page on the admin port (/, /status.json) and its metrics.
         self.operator_page = install_operator_page(self)
@@ -192,10 +218,6 @@ class Gateway:
 
     async def _open_registry(self) -> None:
         """The community's registry answers ITI-38 for peers, ITI-18 locally, takes ITI-42."""
-        from xca_gateway.registry import RegistryAction, open_registry
-        from xca_gateway.transactions.iti18 import iti18_handler as registry_iti18_handler
-        from xca_gateway.transactions.iti38 import iti38_handler
-        from xca_gateway.transactions.iti42 import iti42_handler
 
         cfg = self.config
         home = cfg.community.home_community_id
@@ -243,7 +265,6 @@ class Gateway:
     def _audit_patients_from(self, registry: Any) -> None:
         """Retrieves of this community's documents and studies find their patient in its
         registry (for the audit record), before the handler runs."""
-        from xca_gateway.app.auditing import RegistryPatients
 
         lookup = RegistryPatients(registry)
         for key, action, imaging in (
@@ -265,7 +286,6 @@ class Gateway:
 
     def _guard_consent(self, registry: Any) -> None:
         """Patient consent wraps the responding handlers (ITI-38, ITI-39, RAD-75)."""
-        from xca_gateway.security.consent.guard import ConsentGuard
 
         assert self.consent is not None
         guard = ConsentGuard(self.consent, registry, self.config.community.home_community_id)
@@ -280,12 +300,6 @@ class Gateway:
 
     def _wire_audit(self) -> None:
         """ATNA: every served request and every outbound call is audited, both sides."""
-        from xca_gateway.app.auditing import (
-            OutboundCall,
-            TransactionAuditor,
-            local_caller_requestor,
-        )
-        from xca_gateway.audit.trail import AuditTrail
 
         self.audit = AuditTrail(self.config.audit, self.metrics)
         if not self.config.audit.enabled:
@@ -319,14 +333,6 @@ class Gateway:
         names gets nothing (deny-by-default); each door admits only the roles of
         :data:`xca_gateway.security.callers.ACCESS`.
         """
-        from xca_gateway.protocol.soap_service import CURRENT_REQUEST
-        from xca_gateway.security.policy import (
-            AccessPolicy,
-            AuthorizationGate,
-            PolicyStore,
-            refusal_audit_message,
-        )
-        from xca_gateway.security.xua import XuaOutbound, XuaValidator
 
         cfg = self.config
         store = (
@@ -437,13 +443,6 @@ class Gateway:
     def _consent_admin(self, consent: Any) -> Any:
         """The /consent admin API: Host checked and operator tokens (:mod:`xca_gateway.app.admin`),
         refusals audited once by the door guard, each change audited as 110110."""
-        from xca_gateway.security.consent.admin import (
-            ConsentAdminApp,
-            ConsentChange,
-            consent_change_audit,
-        )
-        from xca_gateway.security.operators import AdminAccessError, AdminGate, load_operator_tokens
-        from xca_gateway.settings import ConfigError
 
         token_file = self.config.consent.admin_token_file
         try:
@@ -478,12 +477,6 @@ class Gateway:
 
     def _wire_repository(self) -> None:
         """The community's document repository: ITI-39 for peers, ITI-43 locally and routed."""
-        from xca_gateway.transactions.iti39 import iti39_handler
-        from xca_gateway.transactions.iti43 import (
-            RemoteRepositories,
-            iti43_handler,
-            retrieve_documents,
-        )
 
         config = self.config
         home = config.community.home_community_id
@@ -625,10 +618,6 @@ def install_imaging(gateway: Gateway, config: ImagingConfig) -> ImagingService:
     Returns the service whose ``start()``/``stop()`` must run with the gateway's own; its
     ``retrieve()`` is RAD-69 in-process, the same path ``/ig/rad69`` takes.
     """
-    from xca_gateway.initiating.imaging import InitiatingImagingGateway
-    from xca_gateway.protocol.namespaces import Action
-    from xca_gateway.protocol.soap_service import Operation
-    from xca_gateway.transactions.rad75 import rad75_handler
 
     home = gateway.config.community.home_community_id
     service = ImagingService(config, peer_client=gateway.peer_client, home_community_id=home)

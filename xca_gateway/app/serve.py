@@ -9,6 +9,10 @@ import signal
 import socket
 from pathlib import Path
 
+from xca_gateway.app.config import load_config
+from xca_gateway.app.gateway import Gateway, ListenSockets
+from xca_gateway.protocol.credentials import check_key_pair
+
 log = logging.getLogger("xca_gateway")
 
 LISTEN_FDS_ENV = "XCA_GATEWAY_LISTEN_FDS"
@@ -25,10 +29,6 @@ def _inherited_sockets() -> dict[str, socket.socket]:
 
 
 async def serve(config_path: Path) -> int:
-    from xca_gateway.app.config import load_config
-    from xca_gateway.app.gateway import Gateway, ListenSockets
-    from xca_gateway.protocol.credentials import check_key_pair
-
     config = load_config(config_path)
     # Our own certificate: a missing, mismatched or expired one is said now, in one line,
     # not as an OpenSSL error (or as every peer refusing us later).

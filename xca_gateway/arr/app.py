@@ -113,7 +113,12 @@ from xca_gateway.arr.web import (
 )
 from xca_gateway.audit.messages import security_alert_node_authentication
 from xca_gateway.protocol.http_server import HttpServer, Request, Response, ServerTimeouts
-from xca_gateway.protocol.tls import HandshakeFailure, enable_certificate_capture, server_context
+from xca_gateway.protocol.tls import (
+    HandshakeFailure,
+    certificate_info,
+    enable_certificate_capture,
+    server_context,
+)
 from xca_gateway.security.callers import (
     AccessDecision,
     CallerRule,
@@ -1077,7 +1082,6 @@ def demo_callers(
 ) -> list[dict[str, Any]]:
     """The demo's ``[[arr.access.callers]]``: each audit source's certificate (by fingerprint)
     bound to its AuditSourceIDs, and the audit consumer."""
-    from xca_gateway.protocol.tls import certificate_info
 
     by_cert: dict[str, list[str]] = {}
     names: dict[str, str] = {}
@@ -1287,8 +1291,6 @@ def create_officer(
     """Add (or replace) an officer account in the repository's store."""
     fingerprint = None
     if certificate is not None:
-        from xca_gateway.protocol.tls import certificate_info
-
         fingerprint = certificate_info(certificate.read_bytes()).fingerprint_sha256
     officer = new_officer(username, password, fingerprint, display_name)
     if officer.password_hash is None and officer.certificate_fingerprint is None:

@@ -34,8 +34,9 @@ from xca_gateway.protocol import mtom
 from xca_gateway.protocol.credentials import CredentialError, check_key_pair
 from xca_gateway.protocol.namespaces import SOAP12, Action
 from xca_gateway.protocol.soap import build_envelope, element_content, read_fault, serialize
-from xca_gateway.protocol.tls import client_context
+from xca_gateway.protocol.tls import client_context, describe_handshake_error
 from xca_gateway.protocol.xmlsafe import XmlLimits, parse_xml
+from xca_gateway.security.xua import Ce, XuaIdentity, issue_assertion, wsse_security_header
 from xca_gateway.transactions.iti43 import (
     DocumentRequest,
     RetrieveDocumentSetRequest,
@@ -186,7 +187,6 @@ def resolve_target(args: argparse.Namespace, kind: str) -> Target:
 def _xua_header(endpoints: EndpointsFile, caller: Any, audience: str) -> etree._Element:
     """A WS-Security header with an assertion from the demo's identity provider for a user of
     the calling community (the attributes endpoints.json names)."""
-    from xca_gateway.security.xua import Ce, XuaIdentity, issue_assertion, wsse_security_header
 
     xua = endpoints.data["xua"]
     attributes = xua.get("attributes") or {}
@@ -257,7 +257,6 @@ def describe_connection_error(exc: BaseException, host: str, port: int) -> str:
                     "the gateway refused our client certificate in the TLS handshake "
                     f"({reason.lower().replace('_', ' ')})"
                 )
-            from xca_gateway.protocol.tls import describe_handshake_error
 
             return f"TLS handshake failed: {describe_handshake_error(error)[0]}"
         if isinstance(error, ConnectionRefusedError):

@@ -24,6 +24,8 @@ from typing import Any
 import httpx
 from lxml import etree
 
+from xca_gateway.consumer.commands import ExchangeError, check_reachable
+from xca_gateway.consumer.endpoints_file import EndpointsError, EndpointsFile
 from xca_gateway.imaging.request import (
     DocumentRequest,
     RetrieveImagingDocumentSetRequest,
@@ -31,6 +33,7 @@ from xca_gateway.imaging.request import (
 )
 from xca_gateway.imaging.transfer_syntax import LOSSLESS_AS_STORED
 from xca_gateway.protocol import mtom
+from xca_gateway.protocol.credentials import CredentialError, check_key_pair
 from xca_gateway.protocol.namespaces import QUERY, RIM, SOAP12, XDSB, XOP, Action
 from xca_gateway.protocol.soap import build_envelope, element_content, read_fault, serialize
 from xca_gateway.protocol.tls import client_context
@@ -425,10 +428,6 @@ def add_retrieve_study_command(subparsers: Any) -> None:
 
 
 def _cmd_retrieve_study(args: argparse.Namespace) -> int:
-    from xca_gateway.consumer.commands import ExchangeError, check_reachable
-    from xca_gateway.consumer.endpoints_file import EndpointsError, EndpointsFile
-    from xca_gateway.protocol.credentials import CredentialError, check_key_pair
-
     try:
         if args.endpoints:
             endpoints = EndpointsFile.load(Path(args.endpoints))

@@ -56,7 +56,7 @@ from collections.abc import (
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -89,6 +89,7 @@ from xca_gateway.doors.federation import (
     manifest_patient,
     patient_cx,
 )
+from xca_gateway.doors.ports import DoorHost
 from xca_gateway.imaging import transfer_syntax as ts
 from xca_gateway.imaging.dicom_negotiation import (
     NATIVE_SYNTAXES,
@@ -106,9 +107,6 @@ from xca_gateway.security.callers import Door, Principal, set_current_caller
 from xca_gateway.security.guard import DoorGuard
 from xca_gateway.settings import TlsConfig, is_loopback_host
 from xca_gateway.xds.kos import InstanceRef
-
-if TYPE_CHECKING:
-    from xca_gateway.doors.ports import DoorHost
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from lxml import etree
 from pydicom.dataset import Dataset
@@ -51,6 +51,7 @@ from xca_gateway.consumer.imaging import (
     imaging_request_from_kos,
     manifests_from_response,
 )
+from xca_gateway.doors.ports import InitiatingSide
 from xca_gateway.imaging.request import (
     DocumentRequest,
     InvalidImagingRequest,
@@ -62,9 +63,6 @@ from xca_gateway.security.callers import Principal, current_caller
 from xca_gateway.xds import ebrim
 from xca_gateway.xds.ebrs import RegistryError, adhoc_query_response
 from xca_gateway.xds.kos import InstanceRef, kos_from_bytes, kos_references
-
-if TYPE_CHECKING:
-    from xca_gateway.doors.ports import InitiatingSide
 
 log = logging.getLogger(__name__)
 

@@ -67,8 +67,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from xca_gateway.audit.messages import Node
 from xca_gateway.doors.hl7v2 import (
     APPLICATION_INTERNAL_ERROR,
     UNKNOWN_KEY_IDENTIFIER,
@@ -81,6 +82,17 @@ from xca_gateway.doors.hl7v2 import (
     parse_order,
     read_header,
 )
+from xca_gateway.doors.import_priors import (
+    Demographics,
+    ImportReport,
+    InProcessFederation,
+    PacsStore,
+    PriorSelection,
+    StudyImport,
+    import_audit_messages,
+    import_priors,
+)
+from xca_gateway.doors.ports import DoorHost
 from xca_gateway.protocol.http_server import ConnectionGate, ConnectionLimits, PeerInfo, tls_accept
 from xca_gateway.protocol.tls import server_context
 from xca_gateway.security.callers import (
@@ -91,11 +103,7 @@ from xca_gateway.security.callers import (
 )
 from xca_gateway.security.guard import identity_from_peer
 from xca_gateway.settings import ConfigError, is_loopback_host
-
-if TYPE_CHECKING:
-    from xca_gateway.doors.import_priors import ImportReport, StudyImport
-    from xca_gateway.doors.ports import DoorHost
-    from xca_gateway.xds.kos import InstanceRef
+from xca_gateway.xds.kos import InstanceRef
 
 log = logging.getLogger(__name__)
 
@@ -642,14 +650,6 @@ class Prefetcher:
             reset_current_caller(token)
 
     async def _run_job(self, job: PrefetchJob) -> JobResult:
-        from xca_gateway.doors.import_priors import (
-            Demographics,
-            InProcessFederation,
-            PacsStore,
-            PriorSelection,
-            import_priors,
-        )
-
         cfg = self.config
         store = PacsStore(
             cfg.pacs_host,
@@ -700,8 +700,6 @@ class Prefetcher:
         audit = self.gateway.audit
         if not audit.config.enabled:
             return
-        from xca_gateway.audit.messages import Node
-        from xca_gateway.doors.import_priors import import_audit_messages
 
         audit.record(
             import_audit_messages(

@@ -29,12 +29,30 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import httpx
 from lxml import etree
 from pydicom.dataset import Dataset
 
+from xca_gateway.audit.config import AuditConfig, AuditDestination
+from xca_gateway.audit.messages import (
+    DETAIL_XCA_HOME_COMMUNITY_ID,
+    AuditContext,
+    AuditMessage,
+    EventId,
+    EventIdentification,
+    EventOutcome,
+    ImagingInstanceReference,
+    Node,
+    RoleId,
+    patient_object,
+    study_objects,
+    system_participant,
+)
+from xca_gateway.audit.trail import AuditTrail
+from xca_gateway.consumer.commands import ExchangeError, check_reachable
+from xca_gateway.consumer.endpoints_file import EndpointsFile
 from xca_gateway.consumer.imaging import (
     EXPLICIT_VR_LITTLE_ENDIAN,
     Consumer,
@@ -48,6 +66,7 @@ from xca_gateway.consumer.imaging import (
     manifests_from_response,
 )
 from xca_gateway.doors.federation import FederationError, FederationView, event_modalities
+from xca_gateway.doors.ports import InitiatingSide
 from xca_gateway.doors.reconcile import (
     Reconciliation,
     ReconciliationError,
@@ -58,18 +77,15 @@ from xca_gateway.imaging import transfer_syntax as ts
 from xca_gateway.imaging.instance import decode_instance
 from xca_gateway.imaging.request import RetrieveImagingDocumentSetRequest
 from xca_gateway.imaging.retrieve import InstanceTooLarge
+from xca_gateway.progress import ProgressLine
 from xca_gateway.protocol import mtom
+from xca_gateway.protocol.credentials import check_key_pair
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.tls import client_context
 from xca_gateway.transactions.iti43 import same_community
 from xca_gateway.xds.ebrs import RegistryError, parse_registry_errors
 from xca_gateway.xds.kos import InstanceRef, is_valid_uid, kos_from_bytes, kos_references
 from xca_gateway.xds.patient_id import PatientId, parse_patient_id
-
-if TYPE_CHECKING:
-    from xca_gateway.audit.messages import AuditContext, AuditMessage, Node
-    from xca_gateway.audit.trail import AuditTrail
-    from xca_gateway.doors.ports import InitiatingSide
 
 log = logging.getLogger(__name__)
 
@@ -279,18 +295,6 @@ def import_audit_messages(
     the study with its SOP classes and instances. As for the other retrieves (A.5.2), stored
     and failed instances get one message each.
     """
-    from xca_gateway.audit.messages import (
-        DETAIL_XCA_HOME_COMMUNITY_ID,
-        AuditMessage,
-        EventId,
-        EventIdentification,
-        EventOutcome,
-        ImagingInstanceReference,
-        RoleId,
-        patient_object,
-        study_objects,
-        system_participant,
-    )
 
     known = dict(refs or {})
     home = study.manifest.home_community_id
@@ -639,8 +643,6 @@ class PriorsProgressLine:
         self._line: Any = None
 
     def study_started(self, study: StudyImport) -> None:
-        from xca_gateway.progress import ProgressLine
-
         self.study_finished(study)
         home = study.manifest.home_community_id
         label = f"{self.names.get(home, home)} …{study.study_instance_uid[-10:]}"
@@ -927,8 +929,6 @@ class _Target:
 
 def _target(args: argparse.Namespace) -> _Target:
     if args.endpoints:
-        from xca_gateway.consumer.endpoints_file import EndpointsFile
-
         endpoints = EndpointsFile.load(Path(args.endpoints))
         community = endpoints.community(args.community)
         audit = (endpoints.data.get("auditRepository") or {}).get("syslogTls")
@@ -962,8 +962,6 @@ async def _open_audit(target: _Target, args: argparse.Namespace) -> AuditTrail |
     spec = None if args.no_audit else (args.audit or target.audit)
     if spec is None:
         return None
-    from xca_gateway.audit.config import AuditConfig, AuditDestination
-    from xca_gateway.audit.trail import AuditTrail
 
     transport, host, port = parse_audit_target(spec)
     spool = Path(
@@ -996,8 +994,6 @@ async def _open_audit(target: _Target, args: argparse.Namespace) -> AuditTrail |
 
 
 async def _run_import(args: argparse.Namespace, target: _Target) -> ImportReport:
-    from xca_gateway.audit.messages import Node
-
     pacs_host, pacs_port = parse_host_port(args.pacs, "--pacs")
     prefixes = parse_accession_prefixes(args.accession_prefix, args.accession_prefix_map)
     selection = PriorSelection(
@@ -1081,8 +1077,6 @@ def _cmd_import_priors(args: argparse.Namespace) -> int:
     if logging.getLogger().level > logging.DEBUG:
         # One INFO line per DIMSE message drowns the per-study report.
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    from xca_gateway.consumer.commands import ExchangeError, check_reachable
-    from xca_gateway.protocol.credentials import check_key_pair
 
     try:
         target = _target(args)

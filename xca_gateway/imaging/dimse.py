@@ -36,6 +36,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from xca_gateway.imaging.dicom_negotiation import take_requestor_order
 from xca_gateway.imaging.request import RetrieveImagingDocumentSetRequest
 from xca_gateway.imaging.sources import (
     DEFAULT_CHUNK,
@@ -492,7 +493,5 @@ class DimseRetrieval(Retrieval):
 
 def _take_requestor_order(event: Any) -> None:
     from pynetdicom._globals import ALL_TRANSFER_SYNTAXES
-
-    from xca_gateway.imaging.dicom_negotiation import take_requestor_order
 
     take_requestor_order(event.assoc, ALL_TRANSFER_SYNTAXES)

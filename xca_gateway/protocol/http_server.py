@@ -37,6 +37,7 @@ from xca_gateway.protocol.tls import (
     HANDSHAKE_CAPTURE,
     HandshakeCapture,
     HandshakeFailure,
+    certificate_info,
     describe_handshake_error,
 )
 from xca_gateway.settings import ServerConfig, TlsConfig
@@ -473,7 +474,6 @@ def peer_certificate(ssl_object: Any) -> PeerCertificate | None:
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     if not der:
         return None
-    from xca_gateway.protocol.tls import certificate_info
 
     info = certificate_info(der)
     return PeerCertificate(

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from lxml import etree
 
+from xca_gateway.protocol.mtom import cid_from_href
 from xca_gateway.protocol.namespaces import (
     SOAP11,
     SOAP12,
@@ -343,7 +344,6 @@ def xop_includes(root: etree._Element) -> list[etree._Element]:
 
 def check_xop_references(root: etree._Element, attachments: Mapping[str, object]) -> None:
     """Every xop:Include must point at a part of the message (else a Sender fault)."""
-    from xca_gateway.protocol.mtom import cid_from_href
 
     for include in xop_includes(root):
         href = include.get("href") or ""
@@ -357,7 +357,6 @@ def element_content(
     element: etree._Element, attachments: Mapping[str, AttachmentLike]
 ) -> AttachmentLike | bytes:
     """Return the bytes of a base64Binary element, whether inline or an XOP attachment."""
-    from xca_gateway.protocol.mtom import cid_from_href
 
     include = element.find(f"{{{XOP}}}Include")
     if include is not None:

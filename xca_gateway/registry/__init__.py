@@ -26,6 +26,7 @@ from xca_gateway.protocol.peer_client import PeerClient
 from xca_gateway.registry.local import LocalRegistry
 from xca_gateway.registry.model import QueryResult, RegistryAction
 from xca_gateway.registry.remote import RemoteRegistry
+from xca_gateway.registry.sqlite_store import SqliteRegistryStore
 from xca_gateway.settings import ConfigError, validate_oid
 from xca_gateway.xds.ebrs import RegistryError
 
@@ -177,8 +178,6 @@ async def open_registry(
             timeout=config.remote_timeout,
         )
     if config.backend == "sqlite":
-        from xca_gateway.registry.sqlite_store import SqliteRegistryStore
-
         sqlite_store = await asyncio.to_thread(
             SqliteRegistryStore, config.sqlite_path, workers=config.pool_size
         )
@@ -187,6 +186,7 @@ async def open_registry(
             max_results=config.max_results,
             patient_id_domains=config.patient_id_domains,
         )
+    # local: the PostgreSQL driver (psycopg and its pool) loads only where a deployment uses it
     from xca_gateway.registry.postgres_store import PostgresRegistryStore
 
     postgres_store = await asyncio.to_thread(

@@ -27,8 +27,24 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from xca_gateway.audit.messages import (
+    ActiveParticipant,
+    AuditContext,
+    AuditMessage,
+    CodedValue,
+    EventId,
+    EventIdentification,
+    EventOutcome,
+    HumanRequestor,
+    Node,
+    ObjectRole,
+    ObjectType,
+    ParticipantObject,
+    ParticipantObjectIdType,
+    user_authentication,
+)
 from xca_gateway.protocol.http_server import PeerInfo
 from xca_gateway.protocol.namespaces import ResponseStatus
 from xca_gateway.protocol.soap_service import Operation, SoapRequest, SoapResponse
@@ -58,9 +74,6 @@ from xca_gateway.xds.ebrs import (
     adhoc_query_response,
     retrieve_document_set_response,
 )
-
-if TYPE_CHECKING:
-    from xca_gateway.audit.messages import AuditContext, AuditMessage
 
 log = logging.getLogger(__name__)
 
@@ -771,21 +784,6 @@ def refusal_audit_message(
     claimed user; policy refusals a Security Alert (110113) of type "Use of Restricted Function"
     (DICOM CID 401 110132) naming the peer, the XUA user if any, and the reason.
     """
-    from xca_gateway.audit.messages import (
-        ActiveParticipant,
-        AuditMessage,
-        CodedValue,
-        EventId,
-        EventIdentification,
-        EventOutcome,
-        HumanRequestor,
-        Node,
-        ObjectRole,
-        ObjectType,
-        ParticipantObject,
-        ParticipantObjectIdType,
-        user_authentication,
-    )
 
     peer = refusal.peer
     subject = peer.certificate.subject if peer.certificate else None

@@ -32,7 +32,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -56,13 +56,11 @@ from signxml.exceptions import (
 )
 from signxml.verifier import SignatureConfiguration
 
+from xca_gateway.audit.messages import CodedValue, HumanRequestor
 from xca_gateway.protocol.namespaces import SOAP12, WSSE
 from xca_gateway.protocol.soap import SoapFault
+from xca_gateway.protocol.soap_service import SoapRequest
 from xca_gateway.security.callers import Role, current_caller
-
-if TYPE_CHECKING:
-    from xca_gateway.audit.messages import CodedValue, HumanRequestor
-    from xca_gateway.protocol.soap_service import SoapRequest
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +254,6 @@ def audit_user_name(assertion: XuaAssertion) -> str:
 
 def audit_requestor(assertion: XuaAssertion) -> HumanRequestor:
     """The human-requestor ActiveParticipant of the audit module, roles included."""
-    from xca_gateway.audit.messages import HumanRequestor
 
     name = audit_user_name(assertion)
     return HumanRequestor(name, name, tuple(_audit_code(c) for c in assertion.roles))
@@ -268,8 +265,6 @@ def audit_purposes_of_use(assertion: XuaAssertion) -> tuple[CodedValue, ...]:
 
 
 def _audit_code(ce: Ce) -> CodedValue:
-    from xca_gateway.audit.messages import CodedValue
-
     return CodedValue(
         ce.code,
         ce.code_system_name or ce.code_system or "",

@@ -27,7 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from xca_gateway.app.serve import LISTEN_FDS_ENV
+from xca_gateway.arr.app import prepare_demo
+from xca_gateway.security.dev_pki import init_dev_pki, issue_client_certificate
 from xca_gateway.security.operators import write_operator_token_file
+from xca_gateway.tools.dicom_samples import (
+    DEFAULT_PATIENTS,
+    generate_community_samples,
+    local_patient_id,
+)
+from xca_gateway.tools.import_manifests import import_with_config, registry_from_config
 
 log = logging.getLogger(__name__)
 
@@ -347,11 +355,6 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _seed(community: DemoCommunity, data_dir: Path) -> list[dict[str, str]]:
     """Sample studies at the community's imaging source; returns samplePatients entries."""
-    from xca_gateway.tools.dicom_samples import (
-        DEFAULT_PATIENTS,
-        generate_community_samples,
-        local_patient_id,
-    )
 
     images = data_dir / "images"
     marker = data_dir / "samples.json"
@@ -391,8 +394,6 @@ def _register_samples(config_path: Path, images: Path) -> None:
     """Register the sample studies: KOS manifests in the repository, metadata in the registry,
     patients in the directory (idempotent: a restarted demo skips what is registered)."""
     import asyncio
-
-    from xca_gateway.tools.import_manifests import import_with_config, registry_from_config
 
     report = asyncio.run(
         import_with_config(config_path, [images], registry_from_config, progress=False)
@@ -436,8 +437,6 @@ class Demo:
     def prepare(
         self,
     ) -> tuple[dict[str, Any], list[tuple[DemoCommunity, socket.socket, socket.socket]]]:
-        from xca_gateway.security.dev_pki import init_dev_pki, issue_client_certificate
-
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.endpoints_file.unlink(missing_ok=True)
         pki = init_dev_pki(self.workdir / "certs", [*(c.name for c in self.communities), "arr"])
@@ -477,7 +476,6 @@ class Demo:
             + "\n",
         )
         # One Audit Record Repository for the region; every community audits to it.
-        from xca_gateway.arr.app import prepare_demo
 
         arr_pair = pki.communities["arr"]
         self.arr = prepare_demo(

@@ -34,6 +34,10 @@ from lxml import etree
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from xca_gateway.app.config import load_config
+from xca_gateway.patients.directory import PatientDirectory
+from xca_gateway.progress import ProgressLine
+from xca_gateway.registry import open_registry
 from xca_gateway.repository import DocumentExists, DocumentRepository
 from xca_gateway.settings import CommunityConfig, ConfigError
 from xca_gateway.xds import ebrim
@@ -216,8 +220,6 @@ class _Progress:
     """The import's progress on ``stream`` (count, rate, time left), or nothing without one."""
 
     def __init__(self, label: str, total: int, stream: TextIO | None, unit: str) -> None:
-        from xca_gateway.progress import ProgressLine
-
         self._line = (
             ProgressLine(label, total, unit=unit, stream=stream) if stream is not None else None
         )
@@ -419,7 +421,6 @@ class ImportSettings:
 
 def load_import_settings(config_path: Path) -> ImportSettings:
     """The parts of a gateway configuration file the importer needs."""
-    from xca_gateway.app.config import load_config
 
     config = load_config(config_path)
     if config.repository is None:
@@ -438,7 +439,6 @@ async def import_with_config(
 ) -> ImportReport:
     """Import ``paths`` into the repository, registry and patient directory a gateway
     configuration file names (the CLI, and the demo's seeding)."""
-    from xca_gateway.patients.directory import PatientDirectory
 
     settings = load_import_settings(config_path)
     patients = PatientDirectory(settings.patients_db) if settings.patients_db else None
@@ -522,8 +522,6 @@ def add_import_command(
 @contextlib.asynccontextmanager
 async def registry_from_config(config_path: Path) -> AsyncIterator[Any]:
     """The registry a configuration file names (for `xca-gateway import`)."""
-    from xca_gateway.app.config import load_config
-    from xca_gateway.registry import open_registry
 
     registry = await open_registry(load_config(config_path).registry)
     try:

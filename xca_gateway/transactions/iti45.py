@@ -24,10 +24,11 @@ import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from lxml import etree
 
+from xca_gateway.patients.xref import CrossReferenceTable
+from xca_gateway.protocol.peer_client import PeerClient
 from xca_gateway.protocol.soap import SoapFault
 from xca_gateway.protocol.soap_service import (
     Handler,
@@ -57,10 +58,6 @@ from xca_gateway.transactions.hl7v3 import (
     transmission_wrapper,
 )
 from xca_gateway.xds.patient_id import PatientId
-
-if TYPE_CHECKING:
-    from xca_gateway.patients.xref import CrossReferenceTable
-    from xca_gateway.protocol.peer_client import PeerClient
 
 log = logging.getLogger(__name__)
 

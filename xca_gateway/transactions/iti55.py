@@ -30,7 +30,6 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from lxml import etree
 
@@ -42,6 +41,8 @@ from xca_gateway.patients.directory import (
     normalize_birth_date,
     normalize_gender,
 )
+from xca_gateway.patients.xref import CrossReferenceTable
+from xca_gateway.protocol.peer_client import PeerClient
 from xca_gateway.protocol.soap import SoapFault
 from xca_gateway.protocol.soap_service import (
     Handler,
@@ -80,10 +81,6 @@ from xca_gateway.transactions.hl7v3 import (
     transmission_wrapper,
 )
 from xca_gateway.xds.patient_id import PatientId
-
-if TYPE_CHECKING:
-    from xca_gateway.patients.xref import CrossReferenceTable
-    from xca_gateway.protocol.peer_client import PeerClient
 
 log = logging.getLogger(__name__)
 

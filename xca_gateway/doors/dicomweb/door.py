@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING
+from typing import IO
 from urllib.parse import parse_qsl
 
 from pydicom import dcmread
@@ -58,6 +58,7 @@ from xca_gateway.doors.federation import (
     imaging_request_for,
     patient_cx,
 )
+from xca_gateway.doors.ports import DoorHost
 from xca_gateway.imaging import transfer_syntax as ts
 from xca_gateway.imaging.retrieve import ImagingRetrieval
 from xca_gateway.protocol.http_server import (
@@ -71,9 +72,6 @@ from xca_gateway.protocol.http_server import (
 from xca_gateway.protocol.tls import HandshakeFailure, server_context
 from xca_gateway.security.callers import Door
 from xca_gateway.security.guard import identity_from_peer
-
-if TYPE_CHECKING:
-    from xca_gateway.doors.ports import DoorHost
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from xca_gateway.audit import messages as m
+from xca_gateway.audit.messages import AuditContext, AuditMessage
 from xca_gateway.protocol.http_server import BodyTooLarge, Request, Response
+from xca_gateway.security.callers import Principal
 from xca_gateway.security.consent.service import (
     ANY,
     MODES,
@@ -30,11 +33,7 @@ from xca_gateway.security.consent.service import (
     normalize_patient_id,
     parse_consent_config,
 )
-
-if TYPE_CHECKING:
-    from xca_gateway.audit.messages import AuditContext, AuditMessage
-    from xca_gateway.security.callers import Principal
-    from xca_gateway.security.operators import AdminGate
+from xca_gateway.security.operators import AdminAccessError, AdminGate, read_operator_token
 
 
 def _load_from_gateway_config(path: Path) -> ConsentConfig:
@@ -69,7 +68,6 @@ def _via_api(args: argparse.Namespace) -> int:
     """``set`` / ``revoke`` through the running gateway's admin API: authenticated with the
     operator's token from ``[consent] admin_token_file``, and audited by the gateway (110110)
     under the operator's name."""
-    from xca_gateway.security.operators import AdminAccessError, read_operator_token
 
     path = Path(args.config)
     try:
@@ -314,7 +312,6 @@ def consent_change_audit(
     rule's scope and the mode before and after as details), the operator named by their token
     the requestor, the gateway's admin API the application that made the change.
     """
-    from xca_gateway.audit import messages as m
 
     rule = change.after or change.before
     assert rule is not None

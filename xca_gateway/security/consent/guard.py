@@ -18,6 +18,7 @@ from typing import Any
 
 from lxml import etree
 
+from xca_gateway.imaging.request import parse_retrieve_imaging_request
 from xca_gateway.protocol.namespaces import QUERY, RIM, RS, XDSB, XDSI, ErrorSeverity
 from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.registry.model import (
@@ -38,6 +39,11 @@ from xca_gateway.security.consent.enforcement import (
 )
 from xca_gateway.security.consent.service import ConsentService
 from xca_gateway.security.policy import current_authorization
+from xca_gateway.transactions import TRANSACTIONS
+from xca_gateway.transactions.iti43 import (
+    build_retrieve_document_set_response,
+    parse_retrieve_document_set_request,
+)
 from xca_gateway.xds import ebrim
 from xca_gateway.xds.ebrs import RegistryError, adhoc_query_response, status_for
 
@@ -116,8 +122,6 @@ class ConsentGuard:
     # ------------------------------------------------------------------ ITI-39
 
     def iti39(self, handler: Handler) -> Handler:
-        from xca_gateway.transactions.iti43 import parse_retrieve_document_set_request
-
         async def handle(request: SoapRequest) -> SoapResponse:
             parsed = parse_retrieve_document_set_request(request.payload)
             uids = tuple(d.document_unique_id for d in parsed.documents)
@@ -145,8 +149,6 @@ class ConsentGuard:
     # ------------------------------------------------------------------ RAD-75
 
     def rad75(self, handler: Handler) -> Handler:
-        from xca_gateway.imaging.request import parse_retrieve_imaging_request
-
         async def handle(request: SoapRequest) -> SoapResponse:
             try:
                 parsed = parse_retrieve_imaging_request(request.payload)
@@ -185,14 +187,12 @@ class ConsentGuard:
         self, request: SoapRequest, handler: Handler, errors: list[RegistryError]
     ) -> SoapResponse:
         """Run the handler for what remains (if anything) and add the refusals to its answer."""
-        from xca_gateway.transactions.iti43 import build_retrieve_document_set_response
 
         remaining = list(request.payload.iter(f"{{{XDSB}}}DocumentRequest")) or list(
             request.payload.iter(f"{{{XDSI}}}DocumentRequest")
         )
         if not remaining:
             spec_action = request.envelope.addressing.action
-            from xca_gateway.transactions import TRANSACTIONS
 
             spec = next(t for t in TRANSACTIONS if t.action == spec_action)
             payload = build_retrieve_document_set_response(
