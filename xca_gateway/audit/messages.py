@@ -290,9 +290,11 @@ class AuditMessage:
         out = _XmlOut()
         out.start("AuditMessage", ())
         _event_xml(out, self.event)
+        # Participants and the audit source repeat from record to record (this system, its
+        # peers): their XML is rendered once and reused.
         for participant in self.participants:
-            _participant_xml(out, participant)
-        _source_xml(out, self.source)
+            out.raw(_participant_fragment(participant))
+        out.raw(_source_fragment(self.source))
         for obj in self.objects:
             _object_xml(out, obj)
         out.end("AuditMessage")
@@ -382,6 +384,9 @@ class _XmlOut:
     def getvalue(self) -> bytes:
         return "".join(self._parts).encode("utf-8")
 
+    def text(self) -> str:
+        return "".join(self._parts)
+
 
 @functools.lru_cache(maxsize=4096)
 def _coded_xml(tag: str, value: CodedValue) -> str:
@@ -400,18 +405,21 @@ def _coded_attrs(value: CodedValue) -> Attrs:
     )
 
 
-def _event_xml(out: _XmlOut, event: EventIdentification) -> None:
-    out.start(
-        "EventIdentification",
-        (
-            ("EventActionCode", event.action),
-            ("EventDateTime", format_datetime(event.date_time)),
-            ("EventOutcomeIndicator", str(int(event.outcome))),
-        ),
+@functools.lru_cache(maxsize=256)
+def _event_codes(event_id: CodedValue, type_codes: tuple[CodedValue, ...]) -> str:
+    return _coded_xml("EventID", event_id) + "".join(
+        _coded_xml("EventTypeCode", code) for code in type_codes
     )
-    out.raw(_coded_xml("EventID", event.event_id))
-    for code in event.type_codes:
-        out.raw(_coded_xml("EventTypeCode", code))
+
+
+def _event_xml(out: _XmlOut, event: EventIdentification) -> None:
+    # The date and outcome are plain ASCII digits; the action code one letter of a Literal.
+    action = "" if event.action is None else f' EventActionCode="{_attr(event.action)}"'
+    out.raw(
+        f"<EventIdentification{action} EventDateTime="
+        f'"{format_datetime(event.date_time)}" EventOutcomeIndicator="{int(event.outcome)}">'
+    )
+    out.raw(_event_codes(event.event_id, event.type_codes))
     if event.outcome_description is not None:
         out.text_element("EventOutcomeDescription", event.outcome_description)
     for purpose in event.purposes_of_use:
@@ -441,6 +449,20 @@ def _participant_xml(out: _XmlOut, p: ActiveParticipant) -> None:
     out.end("ActiveParticipant")
 
 
+@functools.lru_cache(maxsize=4096)
+def _participant_fragment(p: ActiveParticipant) -> str:
+    out = _XmlOut()
+    _participant_xml(out, p)
+    return out.text()
+
+
+@functools.lru_cache(maxsize=64)
+def _source_fragment(source: AuditSource) -> str:
+    out = _XmlOut()
+    _source_xml(out, source)
+    return out.text()
+
+
 def _source_xml(out: _XmlOut, source: AuditSource) -> None:
     attrs = (
         ("AuditEnterpriseSiteID", source.enterprise_site_id),
@@ -463,16 +485,19 @@ def _source_xml(out: _XmlOut, source: AuditSource) -> None:
 
 
 def _object_xml(out: _XmlOut, obj: ParticipantObject) -> None:
-    out.start(
-        "ParticipantObjectIdentification",
-        (
-            ("ParticipantObjectID", obj.object_id),
-            ("ParticipantObjectTypeCode", _opt_int(obj.type_code)),
-            ("ParticipantObjectTypeCodeRole", _opt_int(obj.type_code_role)),
-            ("ParticipantObjectDataLifeCycle", _opt_int(obj.data_life_cycle)),
-            ("ParticipantObjectSensitivity", obj.sensitivity),
-        ),
-    )
+    parts = ["<ParticipantObjectIdentification"]
+    if obj.object_id is not None:
+        parts.append(f' ParticipantObjectID="{_attr(obj.object_id)}"')
+    if obj.type_code is not None:
+        parts.append(f' ParticipantObjectTypeCode="{int(obj.type_code)}"')
+    if obj.type_code_role is not None:
+        parts.append(f' ParticipantObjectTypeCodeRole="{int(obj.type_code_role)}"')
+    if obj.data_life_cycle is not None:
+        parts.append(f' ParticipantObjectDataLifeCycle="{int(obj.data_life_cycle)}"')
+    if obj.sensitivity is not None:
+        parts.append(f' ParticipantObjectSensitivity="{_attr(obj.sensitivity)}"')
+    parts.append(">")
+    out.raw("".join(parts))
     out.raw(_coded_xml("ParticipantObjectIDTypeCode", obj.id_type_code))
     if obj.query is not None:
         # base64 needs no escaping.
@@ -484,10 +509,6 @@ def _object_xml(out: _XmlOut, obj: ParticipantObject) -> None:
     if obj.description is not None:
         _description_xml(out, obj.description)
     out.end("ParticipantObjectIdentification")
-
-
-def _opt_int(value: int | None) -> str | None:
-    return None if value is None else str(int(value))
 
 
 def _description_xml(out: _XmlOut, d: DicomObjectDescription) -> None:
@@ -515,8 +536,9 @@ def format_datetime(value: datetime) -> str:
     """xs:dateTime in UTC with milliseconds, e.g. ``2026-01-15T10:22:33.123Z``."""
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    value = value.astimezone(UTC)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    # isoformat is C and truncates to milliseconds as the DICOM examples do; strftime was a
+    # tenth of an audit record's serialisation.
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat("T", "milliseconds") + "Z"
 
 
 @functools.lru_cache(maxsize=1024)

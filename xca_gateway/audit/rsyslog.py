@@ -179,6 +179,11 @@ action(type="omfile" file={_quote(self.output)} template="rawjson")
         self._process = None
 
     @property
+    def pid(self) -> int | None:
+        """rsyslogd's process id while it runs (it runs in the foreground, ``-n``)."""
+        return self._process.pid if self.running and self._process is not None else None
+
+    @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 

@@ -33,6 +33,7 @@ import re
 import struct
 import threading
 import zlib
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,7 @@ class Spool:
         max_bytes: int = 1024 * 1024 * 1024,
         warn_bytes: int | None = None,
         segment_bytes: int = 16 * 1024 * 1024,
+        tail_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self.directory = directory
         self.destinations = tuple(destinations)
@@ -151,6 +153,11 @@ class Spool:
         self._fd: int | None = None
         self._alarm = False
         self._closed = False
+        # The newest committed records, kept in memory too: a sender keeping up reads them
+        # from here, not back from the file (a read and a CRC check per record otherwise).
+        self._tail: deque[Record] = deque()
+        self._tail_bytes = 0
+        self.tail_limit = tail_bytes
         self.truncated_bytes = 0
         self._open()
 
@@ -294,7 +301,31 @@ class Spool:
             self._size += len(data)
             self._next_seq += len(chunks)
             self._update_alarm()
+            if self.tail_limit > 0:
+                tail = self._tail
+                for index, payload in enumerate(payloads[: len(chunks)]):
+                    tail.append(Record(seq + index, payload))
+                    self._tail_bytes += len(payload)
+                while self._tail_bytes > self.tail_limit and tail:
+                    self._tail_bytes -= len(tail.popleft().payload)
         return len(chunks)
+
+    def _from_tail(self, next_seq: int, max_records: int, max_bytes: int) -> list[Record] | None:
+        """Committed records from ``next_seq`` on, if the in-memory tail still holds it."""
+        with self._lock:
+            tail = self._tail
+            if not tail or next_seq < tail[0].seq or next_seq >= self._next_seq:
+                return None
+            start = next_seq - tail[0].seq
+            records: list[Record] = []
+            used = 0
+            for index in range(start, min(len(tail), start + max_records)):
+                record = tail[index]
+                records.append(record)
+                used += len(record.payload)
+                if used >= max_bytes:
+                    break
+            return records
 
     def _rotate(self, first_seq: int) -> None:
         segment = self._create_segment(first_seq)
@@ -450,6 +481,12 @@ class SpoolReader:
             # Records below the oldest segment were deleted (acknowledged everywhere).
             self._next = segments[0].first_seq
             self._segment_first = None
+        recent = self._spool._from_tail(self._next, max_records, max_bytes)
+        if recent:
+            self._next = recent[-1].seq + 1
+            # The file position no longer matches: found again if a later read needs the file.
+            self._segment_first = None
+            return recent
         records: list[Record] = []
         used = 0
         while self._next < committed_next and len(records) < max_records and used < max_bytes:

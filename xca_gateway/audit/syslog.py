@@ -8,6 +8,7 @@ audit message.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,7 +52,7 @@ def format_timestamp(value: datetime) -> str:
     """RFC 3339 timestamp with microseconds in UTC (RFC 5424 allows up to six digits)."""
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat("T", "microseconds") + "Z"
 
 
 def format_message(
@@ -66,18 +67,25 @@ def format_message(
     facility: int = FACILITY_AUTHPRIV,
 ) -> bytes:
     """One RFC 5424 SYSLOG-MSG carrying an XML audit message (as bytes, UTF-8)."""
-    header = " ".join(
-        (
-            f"<{priority(outcome, facility)}>1",
-            format_timestamp(timestamp),
-            header_field(hostname, _MAX_HOSTNAME),
-            header_field(app_name, _MAX_APP_NAME),
-            header_field(procid, _MAX_PROCID),
-            header_field(msgid, _MAX_MSGID),
-            "-",
-        )
+    head = b"<%d>1 " % priority(outcome, facility)
+    stamp = format_timestamp(timestamp).encode("ascii")
+    return head + stamp + _header_tail(hostname, app_name, procid, msgid) + xml
+
+
+@functools.lru_cache(maxsize=64)
+def _header_tail(
+    hostname: str | None, app_name: str | None, procid: str | None, msgid: str
+) -> bytes:
+    """The header after the timestamp, through the BOM: the same for every message of one
+    process (checked and rendered once, not per record)."""
+    fields = (
+        header_field(hostname, _MAX_HOSTNAME),
+        header_field(app_name, _MAX_APP_NAME),
+        header_field(procid, _MAX_PROCID),
+        header_field(msgid, _MAX_MSGID),
+        "-",
     )
-    return header.encode("ascii") + b" " + BOM + xml
+    return (" " + " ".join(fields) + " ").encode("ascii") + BOM
 
 
 def frame(message: bytes) -> bytes:
