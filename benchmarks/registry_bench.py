@@ -5,11 +5,24 @@
     python benchmarks/registry_bench.py --backend postgresql --url postgresql://u@host/db
 
 Every submission is one SubmissionSet with 10 DocumentEntries of one patient (half of them
-XDS-I.b KOS manifests), sent through the registration path a Register Document Set-b takes
-(XML bytes -> safe parse -> ITI-42 validation -> store), in transactions of ``--batch``
-submissions. One probe patient gets 20 entries; FindDocuments for that patient is then timed
+XDS-I.b KOS manifests). ``--loader register`` sends every one through the registration path a
+Register Document Set-b takes (XML bytes -> safe parse -> ITI-42 validation -> store), in
+transactions of ``--batch`` submissions: ~800 entries/s, 3.5 hours for 10 M. ``--loader copy``
+(the default on PostgreSQL) renders the rows of each submission from the rows the registration
+path produced for one real submission (same columns, codes, values and canonical XML, with the
+submission's own ids, patient, times and codes put in), streams them with COPY into tables
+stripped of their indexes and constraints, then rebuilds those exactly as the store declared
+them. The probe patient's two submissions always go through the real registration path, after
+the bulk load. One probe patient gets 20 entries; FindDocuments for that patient is then timed
 through the full stored query path (parse, plan, SQL, LeafClass XML), as p50/p99 over
-``--queries`` runs, plain and with code and time filters, LeafClass and ObjectRef.
+``--queries`` runs, plain and with code and time filters, LeafClass and ObjectRef; the plan
+PostgreSQL chose for it is printed (EXPLAIN ANALYZE).
+
+    python benchmarks/registry_bench.py --backend postgresql --entries 10000000
+
+10 M entries (1 M submissions: 21 M registry objects, 71 M coded values, 20 M slot values) take
+about 45 GB of disk in the private server's data directory, under the system temp directory
+(``TMPDIR``), and CPU time in the order of an hour on two cores.
 """
 
 from __future__ import annotations
@@ -20,6 +33,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -28,13 +42,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from xca_gateway.protocol.xmlsafe import XmlLimits, parse_xml
 from xca_gateway.registry import LocalRegistry, open_registry, parse_registry_config
-from xca_gateway.registry.submit import parse_submission
+from xca_gateway.registry.submit import RegistryContext, parse_submission, plan_registration
 from xca_gateway.xds import ebrim
 
 AUTHORITY = "1.3.6.1.4.1.21367.13.20.9999"
@@ -124,31 +139,42 @@ def patient_id(index: int) -> str:
     return f"P{index:07d}^^^&{AUTHORITY}&ISO"
 
 
-def submission_bytes(index: int, patients: int, per_submission: int) -> bytes:
+def submission_patient(index: int, patients: int) -> int:
     # Submission 1 goes to patient 0 as well: the probe patient has two submissions.
-    patient = 0 if index == 1 else index % patients
-    pid = patient_id(patient).replace("&", "&amp;")
+    return 0 if index == 1 else index % patients
+
+
+def entry_fields(index: int, d: int, per_submission: int) -> dict[str, str]:
+    """What differs between the DocumentEntries of the corpus: entry ``d`` of submission
+    ``index`` (the rest depends on ``d``'s parity: KOS manifest or report)."""
+    n = index * per_submission + d
+    year = 2015 + n % 10
+    return {
+        "unique": f"{ROOT}.1.{n}",
+        "study": f"{ROOT}.2.{n}",
+        "created": f"{year}{1 + n % 12:02d}{1 + n % 28:02d}{n % 24:02d}1500",
+        "hash": f"{n:040x}",
+        "size": str(1000 + n % 5000),
+        "author": str(n % 500),
+        "modality": _MODALITIES[n % len(_MODALITIES)],
+    }
+
+
+def submission_bytes(index: int, patients: int, per_submission: int) -> bytes:
+    pid = patient_id(submission_patient(index, patients)).replace("&", "&amp;")
     documents = []
     for d in range(per_submission):
-        n = index * per_submission + d
         kos = d % 2 == 0
-        year = 2015 + n % 10
         documents.append(
             _DE.format(
                 n=d,
                 pid=pid,
-                unique=f"{ROOT}.1.{n}",
-                study=f"{ROOT}.2.{n}",
                 mime="application/dicom" if kos else "text/xml",
                 format=ebrim.KOS_FORMAT_CODE if kos else "urn:ihe:rad:TEXT",
                 format_scheme=ebrim.DICOM_UID_REGISTRY if kos else "1.3.6.1.4.1.19376.1.2.3",
                 klass="IMAGES" if kos else "REPORTS",
                 title="Imaging manifest" if kos else "Radiology report",
-                created=f"{year}{1 + n % 12:02d}{1 + n % 28:02d}{n % 24:02d}1500",
-                hash=f"{n:040x}",
-                size=1000 + n % 5000,
-                author=n % 500,
-                modality=_MODALITIES[n % len(_MODALITIES)],
+                **entry_fields(index, d, per_submission),
             )
         )
     return _REQUEST.format(
@@ -270,6 +296,264 @@ async def random_patients(registry: LocalRegistry, args: argparse.Namespace) -> 
     }
 
 
+# ----------------------------------------------------------------------- bulk load (COPY)
+
+# Template submission: its numbers make every value it substitutes a unique string.
+_TEMPLATE_INDEX = 7_777_777
+# The ids the registration gave the objects (scheme and node UUIDs are constants of XDS).
+_ID = re.compile(r' id="(urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"')
+_OBJECT_COLUMNS = (
+    "seq, uuid, kind, object_type, status, patient_id, unique_id, lid, creation_time, "
+    "service_start, service_stop, availability, submission_time, source_id, last_update, "
+    "source_uuid, target_uuid, hash, xml"
+)
+_OBJECT_TYPES = ["bigint", *["text"] * 17, "bytea"]
+_BULK_TABLES = ("registry_object", "object_code", "object_value")
+
+
+def _fmt(text: str, subs: list[tuple[str, str]]) -> str:
+    """``text`` as a str.format template: each ``old`` of ``subs`` becomes ``{name}``."""
+    text = text.replace("{", "{{").replace("}", "}}")
+    for old, name in sorted(subs, key=lambda sub: -len(sub[0])):
+        text = text.replace(old, "{" + name + "}")
+    return text
+
+
+class SubmissionRows:
+    """The rows the registration path writes for one submission, as templates: rendering
+    them for submission ``index`` gives what registering that submission would have written
+    (own entryUUIDs and ids, patient, uniqueIds, times, codes), without parsing, validating
+    or planning it again."""
+
+    def __init__(self, patients: int, per_submission: int) -> None:
+        self.patients = patients
+        self.per = per_submission
+        t = _TEMPLATE_INDEX
+        request = parse_xml(submission_bytes(t, patients, per_submission), _LIMITS)
+        plan = plan_registration(parse_submission(request, now="20250101120000"), RegistryContext())
+        pid = patient_id(submission_patient(t, patients))
+        uuids: dict[str, str] = {}
+        common = [(pid, "pid"), (pid.replace("&", "&amp;"), "pidx"), (f"{ROOT}.3.{t}", "ss")]
+        uniques = {entry_fields(t, d, per_submission)["unique"]: d for d in range(per_submission)}
+        self.objects: list[tuple[int | None, list[str | None], str]] = []
+        self.codes: list[tuple[int, int | None, str, str, str]] = []
+        self.values: list[tuple[int, int | None, str, str]] = []
+        for k, obj in enumerate(plan.inserts):
+            xml = obj.xml().decode("utf-8")
+            for found in _ID.findall(xml):
+                uuids.setdefault(found, f"g{len(uuids)}")
+            subs = common + [(u, name) for u, name in uuids.items()]
+            d = uniques.get(obj.unique_id or "")
+            if d is not None:
+                fields = entry_fields(t, d, per_submission)
+                subs += [(fields[name], name) for name in ("unique", "study", "created", "hash")]
+                # Short values only with their context: "270" is in a scheme UUID too.
+                subs += [
+                    (f"^Author{fields['author']}^Dr", "author_person"),
+                    (f"<rim:Value>{fields['size']}</rim:Value>", "size_value"),
+                    (f'nodeRepresentation="{fields["modality"]}"', "modality_node"),
+                    (f'value="{fields["modality"]}"/>', "modality_name"),
+                ]
+            row: list[str | None] = [
+                obj.uuid,
+                obj.kind.value,
+                obj.object_type,
+                obj.status,
+                obj.patient_id,
+                obj.unique_id,
+                obj.lid,
+                obj.creation_time,
+                obj.service_start,
+                obj.service_stop,
+                obj.availability,
+                obj.submission_time,
+                obj.source_id,
+                obj.last_update,
+                obj.source_uuid,
+                obj.target_uuid,
+                obj.hash,
+            ]
+            self.objects.append(
+                (d, [None if v is None else _fmt(v, subs) for v in row], _fmt(xml, subs))
+            )
+            for attribute, code in obj.codes:
+                event = d is not None and attribute.value == "eventCodeList"
+                value = "{modality}" if event else _fmt(code.code, subs)
+                self.codes.append((k, d, attribute.value, value, code.scheme or ""))
+            for value_attribute, value in obj.values:
+                self.values.append((k, d, value_attribute.value, _fmt(value, subs)))
+        self.uuid_names = list(uuids.values())
+
+    def render(
+        self, index: int, first_seq: int, level: int
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        pid = patient_id(submission_patient(index, self.patients))
+        common = {"pid": pid, "pidx": pid.replace("&", "&amp;"), "ss": f"{ROOT}.3.{index}"}
+        # Deterministic version-4-shaped UUIDs: submission index and position within it.
+        common.update(
+            (name, f"urn:uuid:{index:08x}-{k:04x}-4000-8000-000000000000")
+            for k, name in enumerate(self.uuid_names)
+        )
+        per_entry: list[dict[str, str]] = []
+        for d in range(self.per):
+            fields = entry_fields(index, d, self.per)
+            fields["author_person"] = f"^Author{fields['author']}^Dr"
+            fields["size_value"] = f"<rim:Value>{fields['size']}</rim:Value>"
+            fields["modality_node"] = f'nodeRepresentation="{fields["modality"]}"'
+            fields["modality_name"] = f'value="{fields["modality"]}"/>'
+            per_entry.append(common | fields)
+        objects = []
+        for k, (d, row, xml) in enumerate(self.objects):
+            values = common if d is None else per_entry[d]
+            objects.append(
+                (
+                    first_seq + k,
+                    *[None if v is None else v.format_map(values) for v in row],
+                    zlib.compress(xml.format_map(values).encode("utf-8"), level),
+                )
+            )
+        codes = [
+            (first_seq + k, attr, code.format_map(common if d is None else per_entry[d]), scheme)
+            for k, d, attr, code, scheme in self.codes
+        ]
+        slot_values = [
+            (first_seq + k, attr, value.format_map(common if d is None else per_entry[d]))
+            for k, d, attr, value in self.values
+        ]
+        return objects, codes, slot_values
+
+
+def _indexes(conn: Any) -> tuple[list[tuple[str, str, str]], list[tuple[str, str]]]:
+    """The constraints (table, name, definition) and the other indexes (name, definition)
+    of the bulk-loaded tables, as the store created them."""
+    constraints = conn.execute(
+        "SELECT c.conrelid::regclass::text, c.conname, pg_get_constraintdef(c.oid) "
+        "FROM pg_constraint c WHERE c.conrelid::regclass::text = ANY(%s) "
+        "AND c.contype IN ('p', 'u') ORDER BY c.conname",
+        [list(_BULK_TABLES)],
+    ).fetchall()
+    names = {name for _table, name, _definition in constraints}
+    indexes = conn.execute(
+        "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = ANY(%s) ORDER BY indexname",
+        [list(_BULK_TABLES)],
+    ).fetchall()
+    return constraints, [(name, d) for name, d in indexes if name not in names]
+
+
+def bulk_load(url: str, args: argparse.Namespace) -> dict[str, float]:
+    """Submissions 2.. through COPY (the probe patient's 0 and 1 are registered afterwards)."""
+    import psycopg
+
+    submissions = args.entries // args.per_submission
+    rows = SubmissionRows(args.patients, args.per_submission)
+    per_submission_objects = len(rows.objects)
+    started = time.perf_counter()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SET maintenance_work_mem = '1GB'")
+        constraints, indexes = _indexes(conn)
+        for table, name, _definition in constraints:
+            conn.execute(f"ALTER TABLE {table} DROP CONSTRAINT {name}")
+        for name, _definition in indexes:
+            conn.execute(f"DROP INDEX {name}")
+        # Sequence numbers after the bulk load's go to the registrations that follow it.
+        first = int(conn.execute("SELECT nextval('registry_object_seq')").fetchone()[0])
+        level = args.compress_level
+        last_report = started
+        chunk = 1000
+        for start in range(2, submissions, chunk):
+            objects: list[tuple[Any, ...]] = []
+            codes: list[tuple[Any, ...]] = []
+            values: list[tuple[Any, ...]] = []
+            for index in range(start, min(submissions, start + chunk)):
+                o, c, v = rows.render(index, first + index * per_submission_objects, level)
+                objects += o
+                codes += c
+                values += v
+            with conn.transaction(), conn.cursor() as cur:
+                with cur.copy(
+                    f"COPY registry_object ({_OBJECT_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+                ) as copy:
+                    copy.set_types(_OBJECT_TYPES)
+                    for row in objects:
+                        copy.write_row(row)
+                with cur.copy(
+                    "COPY object_code (seq, attr, code, scheme) FROM STDIN (FORMAT BINARY)"
+                ) as copy:
+                    copy.set_types(["bigint", "text", "text", "text"])
+                    for row in codes:
+                        copy.write_row(row)
+                with cur.copy(
+                    "COPY object_value (seq, attr, value) FROM STDIN (FORMAT BINARY)"
+                ) as copy:
+                    copy.set_types(["bigint", "text", "text"])
+                    for row in values:
+                        copy.write_row(row)
+            now = time.perf_counter()
+            if now - last_report > 30:
+                done = (start + chunk) * args.per_submission
+                print(f"  copied {done} entries, {done / (now - started):.0f}/s", file=sys.stderr)
+                last_report = now
+        copied = time.perf_counter()
+        conn.execute(
+            "SELECT setval('registry_object_seq', %s)",
+            [first + (submissions + 1) * per_submission_objects],
+        )
+        for table, name, definition in constraints:
+            conn.execute(f"ALTER TABLE {table} ADD CONSTRAINT {name} {definition}")
+        for _name, definition in indexes:
+            conn.execute(definition)
+        indexed = time.perf_counter()
+        conn.execute("VACUUM ANALYZE")
+        analysed = time.perf_counter()
+    loaded = max(0, submissions - 2) * args.per_submission
+    return {
+        "copy_seconds": copied - started,
+        "index_seconds": indexed - copied,
+        "vacuum_analyze_seconds": analysed - indexed,
+        "entries_per_second": loaded / (analysed - started),
+    }
+
+
+async def register_probe(registry: LocalRegistry, args: argparse.Namespace) -> None:
+    """The probe patient's submissions (0 and 1) through the real registration path."""
+    batch = [
+        parse_submission(
+            parse_xml(submission_bytes(index, args.patients, args.per_submission), _LIMITS),
+            now="20250101120000",
+        )
+        for index in (0, 1)
+    ]
+    await registry.store.register_many(batch)
+
+
+async def explain(url: str, registry: LocalRegistry, request: Any) -> list[str]:
+    """PostgreSQL's plan (EXPLAIN ANALYZE, BUFFERS) of the SQL that selects FindDocuments'
+    entries, as the store sent it."""
+    store: Any = registry.store
+    captured: list[tuple[str, list[Any]]] = []
+    fetch = store._fetch
+
+    def spy(cur: Any, text: str, params: list[Any], with_xml: bool) -> Any:
+        captured.append((text, params))
+        return fetch(cur, text, params, with_xml)
+
+    store._fetch = spy
+    try:
+        await registry.stored_query(request)
+    finally:
+        del store._fetch
+    text, params = next((c for c in captured if "o.patient_id" in c[0]), captured[0])
+    return await asyncio.to_thread(_explain_sql, url, text, params)
+
+
+def _explain_sql(url: str, text: str, params: list[Any]) -> list[str]:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS) {text}", params).fetchall()
+    return [str(row[0]) for row in rows]
+
+
 @contextlib.contextmanager
 def temporary_postgres() -> Iterator[str]:
     """A private PostgreSQL server (initdb in a temp dir) for the run."""
@@ -385,7 +669,11 @@ async def bench(args: argparse.Namespace, url: str, workdir: Path) -> dict[str, 
             f"loading {args.entries} entries over {args.patients} patients ({args.backend})",
             file=sys.stderr,
         )
-        loaded = await load(registry, args)
+        if args.loader == "copy":
+            loaded = await asyncio.to_thread(bulk_load, url, args)
+            await register_probe(registry, args)
+        else:
+            loaded = await load(registry, args)
         counts = await registry.store.counts()
         probe = patient_id(0)
         report: dict[str, Any] = {
@@ -407,6 +695,10 @@ async def bench(args: argparse.Namespace, url: str, workdir: Path) -> dict[str, 
             args.queries,
             20,
         )
+        if args.backend == "postgresql":
+            report["find_documents_plan"] = await explain(
+                url, registry, find_documents(probe, filtered=False)
+            )
         report["single_submission_entries_per_second"] = round(
             await single_submit_rate(registry, args, 50), 1
         )
@@ -427,6 +719,19 @@ def main() -> None:
     parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--url", help="postgresql://... of an existing (empty) database")
     parser.add_argument("--dir", type=Path, help="directory for the SQLite file (default: temp)")
+    parser.add_argument(
+        "--loader",
+        choices=("register", "copy"),
+        help="register: every submission through ITI-42 registration (SQLite's default); "
+        "copy: rows rendered from one registered submission, COPY, indexes rebuilt "
+        "(PostgreSQL's default)",
+    )
+    parser.add_argument(
+        "--compress-level",
+        type=int,
+        default=1,
+        help="zlib level of the copied XML (the store writes 6: 7%% smaller, 2.4x the CPU)",
+    )
     parser.add_argument("--batch", type=int, default=50, help="submissions per load transaction")
     parser.add_argument("--per-submission", type=int, default=10, help="entries per submission")
     parser.add_argument("--queries", type=int, default=200, help="timed FindDocuments runs")
@@ -435,6 +740,9 @@ def main() -> None:
     # SIGTERM unwinds like Ctrl-C, so a private PostgreSQL server is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.patients = args.patients or max(2, args.entries // args.per_submission)
+    args.loader = args.loader or ("copy" if args.backend == "postgresql" else "register")
+    if args.loader == "copy" and args.backend != "postgresql":
+        parser.error("--loader copy is for PostgreSQL")
     if args.entries < 2 * args.per_submission:
         parser.error("--entries must cover at least two submissions")
     workdir = args.dir or Path(tempfile.mkdtemp(prefix="registry-bench-"))
@@ -458,8 +766,8 @@ def main() -> None:
         return
     print(json.dumps(report, indent=2))
     p50 = report["find_documents"]["p50_ms"]
-    verdict = "meets" if p50 <= 20 else "misses"
-    print(f"FindDocuments p50 {p50} ms: {verdict} the 20 ms target")
+    verdict = "meets" if p50 <= 5 else "misses"
+    print(f"FindDocuments p50 {p50} ms: {verdict} the 5 ms target")
 
 
 if __name__ == "__main__":
