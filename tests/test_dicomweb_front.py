@@ -278,9 +278,25 @@ def test_routes() -> None:
     assert parse_route("/dicomweb/studies/1.2/series/3.4/instances/5.6/metadata") == Route(
         "metadata", "IMAGE", "1.2", "3.4", "5.6"
     )
-    assert parse_route("/dicomweb/studies/1.2/rendered") == Route(
-        "unsupported", "STUDY", "1.2", detail="rendered"
+    assert parse_route("/dicomweb/studies/1.2/rendered") == Route("rendered", "STUDY", "1.2")
+    assert parse_route("/dicomweb/studies/1.2/series/3.4/thumbnail") == Route(
+        "thumbnail", "SERIES", "1.2", "3.4"
     )
+    assert parse_route("/dicomweb/studies/1.2/series/3.4/instances/5.6/frames/2,1/rendered") == (
+        Route("rendered", "IMAGE", "1.2", "3.4", "5.6", frames=(2, 1))
+    )
+    assert parse_route("/dicomweb/studies/1.2/series/3.4/instances/5.6/frames/1") == Route(
+        "unsupported", "IMAGE", "1.2", "3.4", "5.6", detail="frames"
+    )
+    assert parse_route("/dicomweb/studies/1.2/bulkdata") == Route(
+        "unsupported", "STUDY", "1.2", detail="bulkdata"
+    )
+    for bad_frames in ("0", "x", "1,-2", "1,,2"):
+        with pytest.raises(DicomWebError) as caught:
+            parse_route(
+                f"/dicomweb/studies/1.2/series/3.4/instances/5.6/frames/{bad_frames}/rendered"
+            )
+        assert caught.value.status == 400, bad_frames
     for unknown in ("/", "/dicomweb", "/dicomweb/patients", "/dicomweb/studies/1.2/x"):
         assert parse_route(unknown) is None
     with pytest.raises(DicomWebError) as caught:
@@ -733,6 +749,129 @@ def test_retrieve_streams_with_bounded_memory(web: Web) -> None:
 # ----------------------------------------------------------------------------- bad input
 
 
+# ----------------------------------------------------------------------------- rendered
+
+
+def rendered_parts(response: requests.Response, media_type: str) -> list[bytes]:
+    content_type = response.headers["content-type"]
+    assert content_type.startswith(f'multipart/related; type="{media_type}"'), content_type
+    boundary = content_type.rsplit("boundary=", 1)[1].strip('"').encode()
+    segments = (b"\r\n" + response.content).split(b"\r\n--" + boundary)
+    assert segments[0] == b"" and segments[-1] == b"--\r\n"
+    bodies = []
+    for segment in segments[1:-1]:
+        head, _, body = segment[2:].partition(b"\r\n\r\n")
+        assert head.decode().lower() == f"content-type: {media_type}"
+        bodies.append(body)
+    return bodies
+
+
+def png_pixels(data: bytes) -> Any:
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def test_rendered_instance_from_another_community_is_the_source_image_losslessly(
+    web: Web,
+) -> None:
+    from xca_gateway.imaging.rendering import RenderOptions, render_frame
+
+    alice = local_patient_id(0, 0)
+    session = web.session()
+    session.get(f"{web.url}/studies", params={"PatientID": alice}).raise_for_status()
+    for study in (
+        next(s for s in web.peer_studies if s.patient_id == local_patient_id(1, 0)),
+        # The RLE Lossless study: decoded at the gateway.
+        next(s for s in web.studies if s.transfer_syntax_uid == "1.2.840.10008.1.2.5"),
+    ):
+        session.get(f"{web.url}/studies", params={"PatientID": study.patient_id}).raise_for_status()
+        source = study.files[0]
+        ds = dcmread(source)
+        url = (
+            f"{web.url}/studies/{study.study_instance_uid}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}"
+        )
+        response = session.get(f"{url}/rendered")
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "image/png"
+        pixels = png_pixels(response.content)
+        assert pixels.shape == (ds.Rows, ds.Columns) and pixels.min() != pixels.max()
+        assert (pixels == png_pixels(render_frame(ds, 0, RenderOptions()))).all()
+        windowed = session.get(f"{url}/rendered", params={"window": "0,4000,linear"})
+        assert windowed.status_code == 200
+        assert not (png_pixels(windowed.content) == pixels).all()
+        jpeg = session.get(
+            f"{url}/rendered", params={"quality": "50"}, headers={"accept": "image/jpeg"}
+        )
+        assert jpeg.headers["content-type"] == "image/jpeg"
+        assert jpeg.content.startswith(b"\xff\xd8")
+        frame = session.get(f"{url}/frames/1/rendered", params={"viewport": "32,32"})
+        assert png_pixels(frame.content).shape[0] == 32
+
+
+def test_thumbnails_of_study_series_and_instance(web: Web) -> None:
+    study = next(s for s in web.peer_studies if s.patient_id == local_patient_id(1, 0))
+    session = web.session()
+    session.get(
+        f"{web.url}/studies", params={"PatientID": local_patient_id(0, 0)}
+    ).raise_for_status()
+    series = study.series_instance_uids[0]
+    for path in (
+        f"/studies/{study.study_instance_uid}/thumbnail",
+        f"/studies/{study.study_instance_uid}/series/{series}/thumbnail",
+    ):
+        response = session.get(f"{web.url}{path}")
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "image/png"
+        pixels = png_pixels(response.content)
+        assert max(pixels.shape) == 128 and pixels.min() != pixels.max()
+    small = session.get(
+        f"{web.url}/studies/{study.study_instance_uid}/thumbnail", params={"viewport": "40,40"}
+    )
+    assert max(png_pixels(small.content).shape) == 40
+
+
+def test_rendered_series_and_study_are_multipart_one_image_per_frame(web: Web) -> None:
+    study = web.studies[1]
+    session = web.session()
+    session.get(f"{web.url}/studies", params={"PatientID": study.patient_id}).raise_for_status()
+    series = study.series_instance_uids[0]
+    in_series = [f for f in study.files if str(dcmread(f).SeriesInstanceUID) == series]
+    response = session.get(f"{web.url}/studies/{study.study_instance_uid}/series/{series}/rendered")
+    assert response.status_code == 200
+    parts = rendered_parts(response, "image/png")
+    assert len(parts) == len(in_series)
+    everything = session.get(
+        f"{web.url}/studies/{study.study_instance_uid}/rendered",
+        headers={"accept": "image/jpeg"},
+    )
+    assert len(rendered_parts(everything, "image/jpeg")) == len(study.files)
+
+
+def test_rendered_requests_that_cannot_be_answered(web: Web) -> None:
+    study = web.studies[0]
+    session = web.session()
+    session.get(f"{web.url}/studies", params={"PatientID": study.patient_id}).raise_for_status()
+    ds = dcmread(study.files[0], stop_before_pixels=True)
+    url = (
+        f"{web.url}/studies/{study.study_instance_uid}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}"
+    )
+    gif = session.get(f"{url}/rendered", headers={"accept": "image/gif"})
+    assert gif.status_code == 406 and "image/png" in gif.json()["message"]
+    beyond = session.get(f"{url}/frames/2/rendered")
+    assert beyond.status_code == 404 and "frame 2" in beyond.json()["message"]
+    bad = session.get(f"{url}/rendered", params={"window": "40,nope"})
+    assert bad.status_code == 400 and "window" in bad.json()["message"]
+    unknown = session.get(
+        f"{web.url}/studies/{study.study_instance_uid}/series/{ds.SeriesInstanceUID}"
+        "/instances/2.999.1/rendered"
+    )
+    assert unknown.status_code == 404
+
+
 def test_bad_requests_get_clear_statuses(web: Web) -> None:
     session = web.session()
     alice = local_patient_id(0, 0)
@@ -763,7 +902,7 @@ def test_bad_requests_get_clear_statuses(web: Web) -> None:
         ).status_code
         == 404
     )
-    assert get(f"/studies/{study.study_instance_uid}/rendered").status_code == 406
+    assert get(f"/studies/{study.study_instance_uid}/bulkdata").status_code == 406
     assert (
         get(f"/studies/{study.study_instance_uid}", headers={"accept": "image/jpeg"}).status_code
         == 406

@@ -50,6 +50,11 @@ from xca_gateway.doors.dicomweb.negotiation import (
     warning_header,
 )
 from xca_gateway.doors.dicomweb.qido import cx_safe, parse_qido
+from xca_gateway.doors.dicomweb.rendered import (
+    image_refs,
+    parse_rendered,
+    thumbnail_instance,
+)
 from xca_gateway.doors.federation import (
     FederationError,
     FederationView,
@@ -60,6 +65,14 @@ from xca_gateway.doors.federation import (
 )
 from xca_gateway.doors.ports import DoorHost
 from xca_gateway.imaging import transfer_syntax as ts
+from xca_gateway.imaging.rendering import (
+    FrameOutOfRange,
+    NotRenderable,
+    RenderOptions,
+    frame_count,
+    render_frame,
+)
+from xca_gateway.imaging.request import RetrieveImagingDocumentSetRequest
 from xca_gateway.imaging.retrieve import ImagingRetrieval
 from xca_gateway.protocol.http_server import (
     BodyTooLarge,
@@ -72,6 +85,7 @@ from xca_gateway.protocol.http_server import (
 from xca_gateway.protocol.tls import HandshakeFailure, server_context
 from xca_gateway.security.callers import Door
 from xca_gateway.security.guard import identity_from_peer
+from xca_gateway.xds.kos import InstanceRef
 
 log = logging.getLogger(__name__)
 
@@ -169,11 +183,13 @@ class DicomWebFrontDoor:
                 raise DicomWebError(
                     406,
                     f"{route.detail} resources are not served: only DICOM instances "
-                    f'(multipart/related; type="application/dicom") and metadata '
-                    f"({DICOM_JSON})",
+                    f'(multipart/related; type="application/dicom"), metadata '
+                    f"({DICOM_JSON}) and rendered images (image/png, image/jpeg)",
                 )
             if route.kind == "search":
                 response = await self._search(request, route)
+            elif route.kind in ("rendered", "thumbnail"):
+                response = await self._render(request, route)
             else:
                 response = await self._retrieve(request, route)
         except DicomWebError as exc:
@@ -313,9 +329,9 @@ class DicomWebFrontDoor:
 
     # -- WADO-RS
 
-    async def _retrieve(self, request: Request, route: Route) -> Response:
-        assert route.study is not None
-        pairs = self._pairs(request)
+    def _patient(self, pairs: Sequence[tuple[str, str]], *, others: bool) -> str | None:
+        """The patient a retrieve names (PatientID with IssuerOfPatientID, our extension), as
+        a CX; other parameters are refused unless ``others`` (rendered parameters)."""
         pid: str | None = None
         issuer: str | None = None
         for key, value in pairs:
@@ -323,22 +339,25 @@ class DicomWebFrontDoor:
                 pid = cx_safe(value.strip(), "PatientID") or None
             elif key in ("IssuerOfPatientID", "00100021"):
                 issuer = value.strip() or None
-            elif key.lower() not in ("accept", "charset"):
+            elif not others and key.lower() not in ("accept", "charset"):
                 raise bad_request(f"unsupported query parameter {key[:80]!r} for a retrieve")
         if issuer is not None and not re.fullmatch(r"[0-2](\.(0|[1-9][0-9]*))+", issuer):
             raise bad_request(
                 "IssuerOfPatientID must be the OID of the patient's assigning authority"
             )
-        accept = self._accept(request, pairs)
-        metadata = route.kind == "metadata"
-        # Metadata: whatever is stored (no transcoding just to read a header).
-        syntaxes: tuple[str, ...] = ANY_TRANSFER_SYNTAX
-        if metadata:
-            negotiate_json(accept)
-        else:
-            syntaxes = negotiate_transfer_syntaxes(accept)
-        patient = patient_cx(pid, issuer, self.local_authority) if pid else None
-        audit = RetrieveAudit(self, request, route.study, [patient] if patient else [])
+        return patient_cx(pid, issuer, self.local_authority) if pid else None
+
+    async def _federated(
+        self,
+        route: Route,
+        patient: str | None,
+        audit: RetrieveAudit,
+        syntaxes: Sequence[str],
+        select: Callable[[list[InstanceRef]], list[InstanceRef]] | None = None,
+    ) -> tuple[RetrieveImagingDocumentSetRequest, ImagingRetrieval]:
+        """The instances a route names (narrowed by ``select``), opened as a RAD-69 through the
+        initiating gateway; at least one instance is coming. Audits a failure before raising."""
+        assert route.study is not None
         try:
             studies, _ = await self._studies(patient, [route.study], retrieve=True)
             matching = [s for s in studies if route.study in s.study_instance_uids]
@@ -356,6 +375,8 @@ class DicomWebFrontDoor:
             if not refs:
                 what = f"instance {route.instance}" if route.instance else f"series {route.series}"
                 raise DicomWebError(404, f"{what} not found in study {route.study}")
+            if select is not None:
+                refs = select(refs)
             try:
                 imaging = imaging_request_for(
                     matching, {r.sop_instance_uid for r in refs}, syntaxes
@@ -375,16 +396,55 @@ class DicomWebFrontDoor:
             error = retrieve_failure(retrieval.errors)
             audit.failed_before_streaming(error)
             raise error
-        headers: list[tuple[str, str]] = []
+        return imaging, retrieval
+
+    def _completion(
+        self,
+        audit: RetrieveAudit,
+        retrieval: ImagingRetrieval,
+        delivery: _Delivery,
+        missing: list[str],
+    ) -> Callable[[bool], None]:
+        def complete(ok: bool) -> None:
+            audit.completed(ok, delivery.delivered, missing)
+            # A body the server never started has not closed the retrieval's sources.
+            task = asyncio.ensure_future(retrieval.aclose())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+        return complete
+
+    @staticmethod
+    def _missing_warning(
+        retrieval: ImagingRetrieval, imaging: RetrieveImagingDocumentSetRequest
+    ) -> list[tuple[str, str]]:
         missing = retrieval.missing
-        if missing:
-            first = retrieval.errors[0].code_context if retrieval.errors else "not returned"
-            headers.append(
-                warning_header(
-                    f"{len(missing)} of {len(imaging.documents)} instances could not be "
-                    f"retrieved: {first}"
-                )
+        if not missing:
+            return []
+        first = retrieval.errors[0].code_context if retrieval.errors else "not returned"
+        return [
+            warning_header(
+                f"{len(missing)} of {len(imaging.documents)} instances could not be "
+                f"retrieved: {first}"
             )
+        ]
+
+    async def _retrieve(self, request: Request, route: Route) -> Response:
+        assert route.study is not None
+        pairs = self._pairs(request)
+        patient = self._patient(pairs, others=False)
+        accept = self._accept(request, pairs)
+        metadata = route.kind == "metadata"
+        # Metadata: whatever is stored (no transcoding just to read a header).
+        syntaxes: tuple[str, ...] = ANY_TRANSFER_SYNTAX
+        if metadata:
+            negotiate_json(accept)
+        else:
+            syntaxes = negotiate_transfer_syntaxes(accept)
+        audit = RetrieveAudit(self, request, route.study, [patient] if patient else [])
+        imaging, retrieval = await self._federated(route, patient, audit, syntaxes)
+        headers = self._missing_warning(retrieval, imaging)
+        missing = retrieval.missing
         delivery = _Delivery()
         body: AsyncIterator[bytes]
         if metadata:
@@ -400,15 +460,131 @@ class DicomWebFrontDoor:
                 ),
             )
             body = self._multipart_body(retrieval, boundary, delivery)
-
-        def complete(ok: bool) -> None:
-            audit.completed(ok, delivery.delivered, missing)
-            # A body the server never started has not closed the retrieval's sources.
-            task = asyncio.ensure_future(retrieval.aclose())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
-
+        complete = self._completion(audit, retrieval, delivery, missing)
         return Response(206 if missing else 200, headers, body, on_complete=complete)
+
+    # -- WADO-RS rendered and thumbnail resources
+
+    async def _render(self, request: Request, route: Route) -> Response:
+        """A rendered or thumbnail resource: instances fetched through the federation like a
+        retrieve (as stored, any syntax this gateway decodes), decoded and rendered here in a
+        thread, one instance at a time, never kept."""
+        assert route.study is not None
+        pairs = self._pairs(request)
+        patient = self._patient(pairs, others=True)
+        asked = parse_rendered(route, pairs, self._accept(request, pairs))
+        options = asked.options
+        instance_level = route.level == "IMAGE"
+        if route.kind == "thumbnail" and not instance_level:
+            select = _pick_thumbnail
+        elif instance_level:
+            select = _only_images
+        else:
+            select = _images_of
+        audit = RetrieveAudit(self, request, route.study, [patient] if patient else [])
+        imaging, retrieval = await self._federated(
+            route, patient, audit, ANY_TRANSFER_SYNTAX, select
+        )
+        headers = [warning_header(w) for w in asked.warnings]
+        headers += self._missing_warning(retrieval, imaging)
+        missing = retrieval.missing
+        delivery = _Delivery()
+        complete = self._completion(audit, retrieval, delivery, missing)
+        single = route.kind == "thumbnail" or (instance_level and len(route.frames) <= 1)
+        if not single:
+            boundary = uuid.uuid4().hex
+            headers.insert(
+                0,
+                (
+                    "content-type",
+                    f'multipart/related; type="{options.media_type}"; boundary={boundary}',
+                ),
+            )
+            body = self._rendered_body(retrieval, route, options, boundary, delivery)
+            return Response(206 if missing else 200, headers, body, on_complete=complete)
+        # One image: rendered before answering, so that an instance without an image or a
+        # frame out of range gets its status (406 / 404), not a cut body.
+        try:
+            ds = await self._read_instance(retrieval, 0)
+            frame = route.frames[0] - 1 if route.frames else 0
+            try:
+                if not route.frames and frame_count(ds) > 1 and route.kind == "rendered":
+                    raise NotRenderable("a multi-frame instance: name its frames (/frames/{list})")
+                image = await asyncio.to_thread(render_frame, ds, frame, options)
+            except NotRenderable as exc:
+                raise DicomWebError(
+                    406, f"instance {retrieval.uids[0]} cannot be rendered: {exc}"
+                ) from None
+            except FrameOutOfRange as exc:
+                raise DicomWebError(404, f"instance {retrieval.uids[0]}: {exc}") from None
+        except DicomWebError as exc:
+            await retrieval.aclose()
+            audit.failed_before_streaming(exc)
+            raise
+        except _InstanceError as exc:
+            await retrieval.aclose()
+            error = DicomWebError(502, str(exc))
+            audit.failed_before_streaming(error)
+            raise error from None
+        delivery.delivered.append(retrieval.uids[0])
+        headers.insert(0, ("content-type", options.media_type))
+        return Response(200, headers, image, on_complete=complete)
+
+    async def _rendered_body(
+        self,
+        retrieval: ImagingRetrieval,
+        route: Route,
+        options: RenderOptions,
+        boundary: str,
+        delivery: _Delivery,
+    ) -> AsyncIterator[bytes]:
+        """Every asked frame (all, when none is named) of every instance, one part each, in
+        arrival order; an instance without an image is left out (a study holds reports too)."""
+        first = True
+        try:
+            for index, uid in enumerate(retrieval.uids):
+                ds = await self._read_instance(retrieval, index)
+                try:
+                    count = frame_count(ds)
+                except NotRenderable:
+                    log.info("rendered %s: instance %s has no image, left out", route.study, uid)
+                    continue
+                frames = [f - 1 for f in route.frames] or list(range(count))
+                for frame in frames:
+                    try:
+                        image = await asyncio.to_thread(render_frame, ds, frame, options)
+                    except FrameOutOfRange as exc:
+                        raise _InstanceError(f"instance {uid}: {exc}") from None
+                    except NotRenderable as exc:
+                        log.info("rendered %s: instance %s left out: %s", route.study, uid, exc)
+                        break
+                    yield part_header(boundary, options.media_type, first=first)
+                    first = False
+                    yield image
+                delivery.delivered.append(uid)
+            yield closing_delimiter(boundary, empty=first)
+        finally:
+            await retrieval.aclose()
+
+    async def _read_instance(self, retrieval: ImagingRetrieval, index: int) -> Dataset:
+        """Instance ``index`` of the retrieval, whole (pixels included), through a spool."""
+        uid = retrieval.uids[index]
+        chunks = retrieval.take(index)
+        spool_dir = self.gateway.config.limits.spool_dir
+        try:
+            with tempfile.SpooledTemporaryFile(
+                max_size=_HEADER_SPOOL_MEMORY, dir=str(spool_dir) if spool_dir else None
+            ) as spool:
+                size = 0
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > _HEADER_SPOOL_MEMORY:
+                        await asyncio.to_thread(spool.write, chunk)  # on disk by now
+                    else:
+                        spool.write(chunk)
+                return await asyncio.to_thread(_parse_instance, spool, uid)
+        finally:
+            await close_body(chunks)
 
     async def _multipart_body(
         self, retrieval: ImagingRetrieval, boundary: str, delivery: _Delivery
@@ -493,3 +669,38 @@ def _parse_header(spool: IO[bytes], uid: str) -> Dataset:
     if str(ds.get("SOPInstanceUID", "")) != uid:
         raise _InstanceError(f"instance {uid}: the source sent {ds.get('SOPInstanceUID')}")
     return ds
+
+
+def _parse_instance(spool: IO[bytes], uid: str) -> Dataset:
+    spool.seek(0)
+    try:
+        ds = dcmread(spool)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, AttributeError) as exc:
+        raise _InstanceError(f"instance {uid} is not valid DICOM: {exc}") from None
+    if str(ds.get("SOPInstanceUID", "")) != uid:
+        raise _InstanceError(f"instance {uid}: the source sent {ds.get('SOPInstanceUID')}")
+    return ds
+
+
+def _images_of(refs: list[InstanceRef]) -> list[InstanceRef]:
+    images = image_refs(refs)
+    if not images:
+        raise DicomWebError(406, "nothing here can be rendered: no image instances")
+    return images
+
+
+def _only_images(refs: list[InstanceRef]) -> list[InstanceRef]:
+    if not image_refs(refs):
+        raise DicomWebError(
+            406,
+            f"instance {refs[0].sop_instance_uid} is not an image (SOP class "
+            f"{refs[0].sop_class_uid}): it cannot be rendered",
+        )
+    return refs
+
+
+def _pick_thumbnail(refs: list[InstanceRef]) -> list[InstanceRef]:
+    chosen = thumbnail_instance(refs)
+    if chosen is None:
+        raise DicomWebError(406, "no image instance to make a thumbnail of")
+    return [chosen]

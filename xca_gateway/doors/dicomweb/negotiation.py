@@ -89,19 +89,25 @@ def retrieve_failure(errors: Sequence[RegistryError]) -> DicomWebError:
 
 @dataclass(frozen=True)
 class Route:
-    """What a request path names (PS3.18 10.4 / 10.6 resources)."""
+    """What a request path names (PS3.18 10.4 / 10.6 resources).
 
-    kind: Literal["search", "retrieve", "metadata", "unsupported"]
+    ``rendered`` and ``thumbnail`` routes of an instance may name ``frames`` (1-based, in the
+    order asked)."""
+
+    kind: Literal["search", "retrieve", "metadata", "rendered", "thumbnail", "unsupported"]
     level: Level
     study: str | None = None
     series: str | None = None
     instance: str | None = None
     detail: str = ""
+    frames: tuple[int, ...] = ()
 
 
 Level = Literal["STUDY", "SERIES", "IMAGE"]
 _LEVEL_OF: dict[str, Level] = {"studies": "STUDY", "series": "SERIES", "instances": "IMAGE"}
-_UNSUPPORTED_TAILS = frozenset({"rendered", "thumbnail", "frames", "bulkdata", "pixeldata"})
+# Bulk data (frames as octet streams, bulkdata URIs) is not served: instances and renderings are.
+_UNSUPPORTED_TAILS = frozenset({"frames", "bulkdata", "pixeldata"})
+_MAX_FRAMES_LISTED = 1000
 
 
 def uid_segment(value: str, what: str) -> str:
@@ -110,10 +116,54 @@ def uid_segment(value: str, what: str) -> str:
     return value
 
 
+def frame_list(value: str) -> tuple[int, ...]:
+    """A PS3.18 frame list ("1,3,5"): positive integers, each once, in the order asked."""
+    frames: list[int] = []
+    for item in value.split(","):
+        item = item.strip()
+        if not item.isdigit() or int(item) < 1 or len(item) > 9:
+            raise bad_request(f"frame number {item[:20]!r} is not a positive integer")
+        if int(item) not in frames:
+            frames.append(int(item))
+    if len(frames) > _MAX_FRAMES_LISTED:
+        raise bad_request(f"at most {_MAX_FRAMES_LISTED} frames per request")
+    return tuple(frames)
+
+
+def _tail(
+    rest: list[str],
+    level: Level,
+    study: str,
+    series: str | None = None,
+    instance: str | None = None,
+) -> Route | None:
+    """The resource below a study, series or instance: metadata, rendered, thumbnail..."""
+    head = rest[0]
+    if rest in (["rendered"], ["thumbnail"]):
+        return Route(head, level, study, series, instance)  # type: ignore[arg-type]
+    if rest == ["metadata"]:
+        return Route("metadata", level, study, series, instance)
+    if (
+        head == "frames"
+        and instance is not None
+        and len(rest) == 3
+        and rest[2]
+        in (
+            "rendered",
+            "thumbnail",
+        )
+    ):
+        frames = frame_list(rest[1])
+        return Route(rest[2], level, study, series, instance, frames=frames)  # type: ignore[arg-type]
+    if head in _UNSUPPORTED_TAILS:
+        return Route("unsupported", level, study, series, instance, detail=head)
+    return None
+
+
 def parse_route(path: str) -> Route | None:
     """The resource of a path below ``/dicomweb``; None if there is none (404).
 
-    Raises DicomWebError(400) for a malformed UID in the path."""
+    Raises DicomWebError(400) for a malformed UID or frame list in the path."""
     if path != PREFIX and not path.startswith(PREFIX + "/"):
         return None
     segments = [unquote(s) for s in path[len(PREFIX) :].strip("/").split("/") if s]
@@ -129,35 +179,27 @@ def parse_route(path: str) -> Route | None:
     rest = segments[2:]
     if not rest:
         return Route("retrieve", "STUDY", study)
-    if rest[0] in _UNSUPPORTED_TAILS:
-        return Route("unsupported", "STUDY", study, detail=rest[0])
-    if rest == ["metadata"]:
-        return Route("metadata", "STUDY", study)
     if rest in (["series"], ["instances"]):
         return Route("search", _LEVEL_OF[rest[0]], study)
     if rest[0] != "series":
+        return _tail(rest, "STUDY", study)
+    if len(rest) < 2:
         return None
     series = uid_segment(rest[1], "SeriesInstanceUID")
     rest = rest[2:]
     if not rest:
         return Route("retrieve", "SERIES", study, series)
-    if rest[0] in _UNSUPPORTED_TAILS:
-        return Route("unsupported", "SERIES", study, series, detail=rest[0])
-    if rest == ["metadata"]:
-        return Route("metadata", "SERIES", study, series)
     if rest == ["instances"]:
         return Route("search", "IMAGE", study, series)
     if rest[0] != "instances":
+        return _tail(rest, "SERIES", study, series)
+    if len(rest) < 2:
         return None
     instance = uid_segment(rest[1], "SOPInstanceUID")
     rest = rest[2:]
     if not rest:
         return Route("retrieve", "IMAGE", study, series, instance)
-    if rest[0] in _UNSUPPORTED_TAILS:
-        return Route("unsupported", "IMAGE", study, series, instance, detail=rest[0])
-    if rest == ["metadata"]:
-        return Route("metadata", "IMAGE", study, series, instance)
-    return None
+    return _tail(rest, "IMAGE", study, series, instance)
 
 
 # ----------------------------------------------------------------------------- Accept
