@@ -66,6 +66,8 @@ _PATIENT_STUDY_KEYWORDS = (
     "AccessionNumber",
     "ReferringPhysicianName",
     "StudyID",
+    # Type 3, but what a clinician reads first in a study list (IID launch page).
+    "StudyDescription",
 )
 # Type 2 attributes of the Patient / General Study modules: must be present, possibly empty.
 _TYPE2_KEYWORDS = frozenset(
