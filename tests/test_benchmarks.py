@@ -32,7 +32,15 @@ from xca_gateway.security.policy import AccessPolicy, PeerIdentity, PolicyStore,
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 # The benchmarks whose gateways / repository are checked below (every one that starts one).
-COVERED = {"fanout", "audit_latency", "mtom_roundtrip", "imaging_bench", "arr_bench", "isolation"}
+COVERED = {
+    "fanout",
+    "audit_latency",
+    "mtom_roundtrip",
+    "imaging_bench",
+    "arr_bench",
+    "isolation",
+    "viewer_bench",
+}
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +73,7 @@ def bench_pki(bench: dict[str, ModuleType], tmp_path_factory: pytest.TempPathFac
         *bench["imaging_bench"].HOMES,
         *bench["arr_bench"].COMMUNITIES,
         *bench["isolation"].COMMUNITIES,
+        *bench["viewer_bench"].COMMUNITIES,
     ]
     return init_dev_pki(tmp_path_factory.mktemp("bench") / "certs", communities)
 
@@ -204,3 +213,16 @@ def test_isolation(bench: dict[str, ModuleType], bench_pki: DevPki, tmp_path: Pa
     assert policy.decide(PeerIdentity.from_peer(_peer(beta)), "ITI-38", None).allowed
     assert _admitted(directory, client, Door.INITIATING)
     assert not _admitted(directory, client, Door.XCA)
+
+
+def test_viewer_bench(bench: dict[str, ModuleType], bench_pki: DevPki, tmp_path: Path) -> None:
+    module = bench["viewer_bench"]
+    ports = {"alpha": 1, "beta": 2, "dicomweb": 3}
+    alpha = _from_toml(module.gateway_config_toml(bench_pki, "alpha", tmp_path, ports), tmp_path)
+    beta = _from_toml(module.gateway_config_toml(bench_pki, "beta", tmp_path, ports), tmp_path)
+    assert alpha.dicomweb is not None and beta.imaging.sources[0].kind == "dicomweb"
+    client, gateways = bench_pki.client.cert, bench_pki.communities
+    # the viewer (consumer) -> alpha's DICOMweb door; alpha -> beta /xca/* as its peer gateway
+    assert _admitted(_policy(alpha).caller_directory(), client, Door.DICOMWEB)
+    assert _admitted(_policy(beta).caller_directory(), gateways["alpha"].cert, Door.XCA)
+    assert not _admitted(_policy(beta).caller_directory(), client, Door.XCA)
