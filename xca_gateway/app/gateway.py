@@ -16,14 +16,14 @@ from typing import Any
 
 from xca_gateway.app import diagnostics
 from xca_gateway.app.admin import AdminApp
-from xca_gateway.app.auditing import (
+from xca_gateway.app.config import GatewayConfig
+from xca_gateway.app.operator_page import install_operator_page
+from xca_gateway.app.transaction_audit import (
     OutboundCall,
     RegistryPatients,
     TransactionAuditor,
     local_caller_requestor,
 )
-from xca_gateway.app.config import GatewayConfig
-from xca_gateway.app.operator_page import install_operator_page
 from xca_gateway.audit.patients import PatientMemory
 from xca_gateway.audit.trail import AuditTrail
 from xca_gateway.doors.dicomweb import DicomWebFrontDoor

@@ -36,9 +36,9 @@ import os
 import re
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from lxml import etree
@@ -589,6 +589,24 @@ class AuditContext:
     def local_node(self, user_id: str, network_access_point: str | None = None) -> Node:
         """This system, e.g. ``user_id`` = our endpoint URL for the transaction."""
         return Node(user_id, network_access_point or self.host, self.process_id)
+
+
+@dataclass(frozen=True)
+class Parties:
+    """Who took part in one exchange, as every record of it names them (DICOM PS3.15 A.5.3):
+    the requesting and the responding system, the people a system acted for (XUA user, the
+    local caller of an outbound call), their purposes of use, and why it did not succeed."""
+
+    requester: Node
+    responder: Node
+    human_requestors: Sequence[HumanRequestor] = ()
+    purposes_of_use: Sequence[CodedValue] = ()
+    outcome_description: str | None = None
+    # One time for every record of the exchange (None: now).
+    when: datetime | None = None
+
+    def as_keywords(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def remote_node(

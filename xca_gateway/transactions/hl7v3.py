@@ -395,3 +395,33 @@ def require_query_by_parameter(payload: etree._Element, interaction: str) -> etr
             query_response_code="QE",
         )
     return qbp
+
+
+# ---------------------------------------- audit records (ITI-45, ITI-55)
+
+
+@dataclass(frozen=True)
+class AuditedQuery:
+    """What the record of an HL7 v3 query names of it: the queryId extension, the
+    queryByParameter element and the patient ids it gives."""
+
+    query_id: str | None
+    query: bytes
+    patient_ids: list[str]
+
+
+def audited_query(payload: etree._Element) -> AuditedQuery:
+    query = payload.find(f".//{{{HL7}}}queryByParameter")
+    if query is None:
+        return AuditedQuery(None, etree.tostring(payload), [])
+    query_id = query.find(f"{{{HL7}}}queryId")
+    patients = [
+        f"{v.get('extension')}^^^&{v.get('root')}&ISO"
+        for v in query.iter(f"{{{HL7}}}value")
+        if v.get("root") and v.get("extension")
+    ]
+    return AuditedQuery(
+        query_id.get("extension") if query_id is not None else None,
+        etree.tostring(query),
+        patients,
+    )

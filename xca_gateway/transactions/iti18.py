@@ -8,12 +8,14 @@ route follow-up queries and retrieves through an Initiating Gateway.
 
 from __future__ import annotations
 
+from xca_gateway.audit import messages as m
+from xca_gateway.audit.exchange import Exchange
 from xca_gateway.protocol.namespaces import Action, ResponseStatus
 from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.registry import Registry
 from xca_gateway.xds.ebrs import adhoc_query_response
 
-__all__ = ["iti18_handler", "outcome_of"]
+__all__ = ["audit_called", "audit_served", "iti18_handler", "outcome_of"]
 
 
 def outcome_of(status: str) -> str:
@@ -34,3 +36,43 @@ def iti18_handler(registry: Registry, *, home_community_id: str) -> Handler:
         return SoapResponse(payload, Action.ITI18_RESPONSE, outcome=outcome_of(result.status))
 
     return handle
+
+
+# ---------------------------------------- audit record (ITI TF-2a 3.18.5)
+
+
+def audit_served(ctx: m.AuditContext, exchange: Exchange) -> list[m.AuditMessage]:
+    """ITI-18 answered here as the Document Registry (the registry endpoint, or the Initiating
+    Gateway answering its local consumers); the community asked is this one."""
+    exchange.remember_answer()
+    q = exchange.stored_query()
+    return [
+        m.iti18_query(
+            ctx,
+            side="registry",
+            query_id=q.query_id,
+            query=q.query,
+            home_community_id=q.home_community_id or exchange.community,
+            patient_ids=q.patient_ids,
+            outcome=exchange.outcome,
+            **exchange.parties.as_keywords(),
+        )
+    ]
+
+
+def audit_called(ctx: m.AuditContext, exchange: Exchange) -> list[m.AuditMessage]:
+    """ITI-18 asked of a registry of this community, as its Document Consumer."""
+    exchange.remember_answer()
+    q = exchange.stored_query()
+    return [
+        m.iti18_query(
+            ctx,
+            side="consumer",
+            query_id=q.query_id,
+            query=q.query,
+            home_community_id=q.home_community_id,
+            patient_ids=q.patient_ids,
+            outcome=exchange.outcome,
+            **exchange.parties.as_keywords(),
+        )
+    ]

@@ -12,9 +12,12 @@ the registry does not know gets an empty Success or XDSUnknownPatientId, by loca
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Literal
 
 from lxml import etree
 
+from xca_gateway.audit import messages as m
+from xca_gateway.audit.exchange import Exchange
 from xca_gateway.protocol.namespaces import QUERY, RIM, Action, ResponseStatus
 from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.registry import QueryResult, Registry
@@ -27,7 +30,7 @@ from xca_gateway.transactions.iti18 import outcome_of
 from xca_gateway.xds.ebrim import ErrorCode
 from xca_gateway.xds.ebrs import RegistryError, adhoc_query_response
 
-__all__ = ["check_cross_gateway_query", "iti38_handler"]
+__all__ = ["audit_called", "audit_served", "check_cross_gateway_query", "iti38_handler"]
 
 
 def check_cross_gateway_query(
@@ -93,3 +96,36 @@ async def _unknown_patient(
         ResponseStatus.FAILURE,
         [RegistryError(ErrorCode.UNKNOWN_PATIENT_ID, f"patient {patient_id} is not known here")],
     )
+
+
+# ---------------------------------------- audit record (ITI TF-2b 3.38.5)
+
+
+def audit_served(ctx: m.AuditContext, exchange: Exchange) -> list[m.AuditMessage]:
+    """ITI-38 answered here, as the Responding Gateway."""
+    return _audit(ctx, exchange, "responding")
+
+
+def audit_called(ctx: m.AuditContext, exchange: Exchange) -> list[m.AuditMessage]:
+    """ITI-38 asked of a peer community, as the Initiating Gateway."""
+    return _audit(ctx, exchange, "initiating")
+
+
+def _audit(
+    ctx: m.AuditContext, exchange: Exchange, side: Literal["initiating", "responding"]
+) -> list[m.AuditMessage]:
+    # The answer's DocumentEntries name the patients of the retrieves that follow.
+    exchange.remember_answer()
+    q = exchange.stored_query()
+    return [
+        m.iti38_query(
+            ctx,
+            side=side,
+            query_id=q.query_id,
+            query=q.query,
+            home_community_id=q.home_community_id or exchange.community,
+            patient_ids=q.patient_ids,
+            outcome=exchange.outcome,
+            **exchange.parties.as_keywords(),
+        )
+    ]

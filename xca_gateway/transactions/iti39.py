@@ -10,8 +10,10 @@ RegistryError our homeCommunityId as location, relayed ones included (ITI39-012)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+from xca_gateway.audit import messages as m
+from xca_gateway.audit.exchange import Exchange
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.repository import DocumentRepository
@@ -27,7 +29,7 @@ from xca_gateway.transactions.iti43 import (
 )
 from xca_gateway.xds.ebrs import RegistryError
 
-__all__ = ["check_home_community", "iti39_handler"]
+__all__ = ["audit_called", "audit_served", "check_home_community", "iti39_handler"]
 
 
 def check_home_community(
@@ -82,3 +84,32 @@ def iti39_handler(
         )
 
     return handle
+
+
+# ---------------------------------------- audit records (ITI TF-2b 3.39.5)
+
+
+def audit_served(ctx: m.AuditContext, exchange: Exchange) -> Sequence[m.AuditMessage]:
+    """ITI-39 answered here, as the Responding Gateway: one record per outcome and patient."""
+    delivered, failed, patients = exchange.documents()
+    return m.iti39_retrieve(
+        ctx,
+        side="responding",
+        documents=delivered,
+        failed=failed,
+        patients=patients,
+        **exchange.parties.as_keywords(),
+    )
+
+
+def audit_called(ctx: m.AuditContext, exchange: Exchange) -> Sequence[m.AuditMessage]:
+    """ITI-39 asked of another system, as the Initiating Gateway."""
+    delivered, failed, patients = exchange.documents()
+    return m.iti39_retrieve(
+        ctx,
+        side="initiating",
+        documents=delivered,
+        failed=failed,
+        patients=patients,
+        **exchange.parties.as_keywords(),
+    )

@@ -12,13 +12,23 @@ from collections.abc import Iterable
 
 from lxml import etree
 
-from xca_gateway.protocol.namespaces import RS, ErrorSeverity
+from xca_gateway.audit import messages as m
+from xca_gateway.audit.exchange import Exchange
+from xca_gateway.protocol.namespaces import RIM, RS, ErrorSeverity
 from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.registry import Registry, RegistryAction
 from xca_gateway.transactions.iti18 import outcome_of
+from xca_gateway.xds import ebrim
 from xca_gateway.xds.ebrs import RegistryError, status_for
 
-__all__ = ["ITI42_ACTION", "ITI42_RESPONSE_ACTION", "iti42_handler", "registry_response"]
+__all__ = [
+    "ITI42_ACTION",
+    "ITI42_RESPONSE_ACTION",
+    "audit_served",
+    "iti42_handler",
+    "registry_response",
+    "submission",
+]
 
 ITI42_ACTION = RegistryAction.ITI42
 ITI42_RESPONSE_ACTION = RegistryAction.ITI42_RESPONSE
@@ -51,3 +61,34 @@ def iti42_handler(registry: Registry) -> Handler:
         )
 
     return handle
+
+
+# ---------------------------------------- audit record (ITI TF-2b 3.42.5)
+
+
+def submission(payload: etree._Element) -> tuple[str, str | None]:
+    """(submission set uniqueId, its patient id) of a SubmitObjectsRequest."""
+    unique_id, patient = "", None
+    for package in payload.iter(f"{{{RIM}}}RegistryPackage"):
+        for ext in package.iter(f"{{{RIM}}}ExternalIdentifier"):
+            scheme = ext.get("identificationScheme")
+            if scheme == ebrim.SS_UNIQUE_ID:
+                unique_id = ext.get("value", "")
+            elif scheme == ebrim.SS_PATIENT_ID:
+                patient = ext.get("value")
+    return unique_id, patient
+
+
+def audit_served(ctx: m.AuditContext, exchange: Exchange) -> list[m.AuditMessage]:
+    """ITI-42 registered here, as the Document Registry."""
+    unique_id, patient = submission(exchange.request)
+    return [
+        m.iti42_register(
+            ctx,
+            side="registry",
+            submission_set_unique_id=unique_id or "unknown",
+            patient_id=patient,
+            outcome=exchange.outcome,
+            **exchange.parties.as_keywords(),
+        )
+    ]

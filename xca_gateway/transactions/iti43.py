@@ -21,6 +21,8 @@ from typing import Protocol
 
 from lxml import etree
 
+from xca_gateway.audit import messages as m
+from xca_gateway.audit.exchange import Exchange
 from xca_gateway.protocol import mtom
 from xca_gateway.protocol.namespaces import RS, XDSB, XOP, Action, ResponseStatus
 from xca_gateway.protocol.peer_client import PeerError, SoapReply
@@ -48,6 +50,8 @@ __all__ = [
     "RetrieveDocumentSetResponse",
     "RetrieveResult",
     "RetrievedDocument",
+    "audit_called",
+    "audit_served",
     "build_retrieve_document_set_request",
     "build_retrieve_document_set_response",
     "iti43_handler",
@@ -640,3 +644,34 @@ def iti43_handler(
         )
 
     return handle
+
+
+# ---------------------------------------- audit records (ITI TF-2b 3.43.5)
+
+
+def audit_served(ctx: m.AuditContext, exchange: Exchange) -> Sequence[m.AuditMessage]:
+    """ITI-43 answered here, as the Document Repository (the Initiating Gateway to its local
+    consumers too): one record per outcome and patient."""
+    delivered, failed, patients = exchange.documents()
+    return m.iti43_retrieve(
+        ctx,
+        side="repository",
+        documents=delivered,
+        failed=failed,
+        patients=patients,
+        **exchange.parties.as_keywords(),
+    )
+
+
+def audit_called(ctx: m.AuditContext, exchange: Exchange) -> Sequence[m.AuditMessage]:
+    """ITI-43 asked of another system, as the Document Consumer (a Responding Gateway relaying
+    ITI-39, an Initiating Gateway retrieving locally)."""
+    delivered, failed, patients = exchange.documents()
+    return m.iti43_retrieve(
+        ctx,
+        side="consumer",
+        documents=delivered,
+        failed=failed,
+        patients=patients,
+        **exchange.parties.as_keywords(),
+    )

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 from lxml import etree
 
+from xca_gateway.audit import messages as m
+from xca_gateway.audit.exchange import Exchange
 from xca_gateway.patients.xref import CrossReferenceTable
 from xca_gateway.protocol.peer_client import PeerClient
 from xca_gateway.protocol.soap import SoapFault
@@ -47,6 +49,7 @@ from xca_gateway.transactions.hl7v3 import (
     add_acknowledgement,
     add_ii,
     add_query_ack,
+    audited_query,
     ii_patient,
     patient_ii,
     q,
@@ -373,3 +376,38 @@ def endpoint(handler: Handler, path: str = PATH) -> SoapEndpoint:
     ep = SoapEndpoint(path=path, name="iti45", operations={})
     ep.add(Operation(ACTION, TRANSACTION, handler))
     return ep
+
+
+# ---------------------------------------- audit record (ITI TF-2b 3.45.5)
+
+
+def audit_served(ctx: m.AuditContext, exchange: Exchange) -> list[m.AuditMessage]:
+    """ITI-45 answered here, as the Patient Identifier Cross-reference Manager."""
+    q = audited_query(exchange.request)
+    return [
+        m.iti45_query(
+            ctx,
+            side="manager",
+            query_id=q.query_id,
+            query=q.query,
+            patient_ids=q.patient_ids,
+            outcome=exchange.outcome,
+            **exchange.parties.as_keywords(),
+        )
+    ]
+
+
+def audit_called(ctx: m.AuditContext, exchange: Exchange) -> list[m.AuditMessage]:
+    """ITI-45 asked of another system, as the Patient Identifier Cross-reference Consumer."""
+    q = audited_query(exchange.request)
+    return [
+        m.iti45_query(
+            ctx,
+            side="consumer",
+            query_id=q.query_id,
+            query=q.query,
+            patient_ids=q.patient_ids,
+            outcome=exchange.outcome,
+            **exchange.parties.as_keywords(),
+        )
+    ]

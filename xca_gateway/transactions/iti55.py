@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 from lxml import etree
 
+from xca_gateway.audit import messages as m
+from xca_gateway.audit.exchange import Exchange
 from xca_gateway.patients.directory import (
     MATCH_THRESHOLD,
     Demographics,
@@ -64,6 +66,7 @@ from xca_gateway.transactions.hl7v3 import (
     add_ii,
     add_name,
     add_query_ack,
+    audited_query,
     ii_patient,
     oid_of,
     patient_ii,
@@ -647,3 +650,38 @@ def endpoint(handler: Handler, path: str = PATH) -> SoapEndpoint:
     ep = SoapEndpoint(path=path, name="iti55", operations={})
     ep.add(Operation(ACTION, TRANSACTION, handler))
     return ep
+
+
+# ---------------------------------------- audit record (ITI TF-2b 3.55.5)
+
+
+def audit_served(ctx: m.AuditContext, exchange: Exchange) -> list[m.AuditMessage]:
+    """ITI-55 answered here, as the Responding Gateway."""
+    q = audited_query(exchange.request)
+    return [
+        m.iti55_query(
+            ctx,
+            side="responding",
+            query_id=q.query_id,
+            query=q.query,
+            patient_ids=q.patient_ids,
+            outcome=exchange.outcome,
+            **exchange.parties.as_keywords(),
+        )
+    ]
+
+
+def audit_called(ctx: m.AuditContext, exchange: Exchange) -> list[m.AuditMessage]:
+    """ITI-55 asked of another system, as the Initiating Gateway."""
+    q = audited_query(exchange.request)
+    return [
+        m.iti55_query(
+            ctx,
+            side="initiating",
+            query_id=q.query_id,
+            query=q.query,
+            patient_ids=q.patient_ids,
+            outcome=exchange.outcome,
+            **exchange.parties.as_keywords(),
+        )
+    ]

@@ -19,8 +19,10 @@ routing to other communities), e.g. for a community whose gateway also fronts it
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+from xca_gateway.audit import messages as m
+from xca_gateway.audit.exchange import Exchange
 from xca_gateway.imaging.request import (
     DocumentRequest,
 )
@@ -35,7 +37,7 @@ from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.transactions.rad75 import local_routes, parse_or_fault
 from xca_gateway.xds.ebrs import RegistryError
 
-__all__ = ["imaging_document_source_handler"]
+__all__ = ["audit_called", "audit_served", "imaging_document_source_handler"]
 
 
 def imaging_document_source_handler(
@@ -79,3 +81,34 @@ def imaging_document_source_handler(
         )
 
     return handle
+
+
+# ---------------------------------------- audit records (RAD TF-3 4.69.4.1.4)
+
+
+def audit_served(ctx: m.AuditContext, exchange: Exchange) -> Sequence[m.AuditMessage]:
+    """RAD-69 answered here, as the Imaging Document Source (the Initiating Imaging Gateway to
+    its local consumers too): one record per outcome and patient."""
+    delivered, failed, patients = exchange.instances()
+    return m.rad69_retrieve(
+        ctx,
+        side="imaging_document_source",
+        instances=delivered,
+        failed=failed,
+        patients=patients,
+        **exchange.parties.as_keywords(),
+    )
+
+
+def audit_called(ctx: m.AuditContext, exchange: Exchange) -> Sequence[m.AuditMessage]:
+    """RAD-69 asked of another system, as the Imaging Document Consumer (a Responding Imaging
+    Gateway calling its local source)."""
+    delivered, failed, patients = exchange.instances()
+    return m.rad69_retrieve(
+        ctx,
+        side="consumer",
+        instances=delivered,
+        failed=failed,
+        patients=patients,
+        **exchange.parties.as_keywords(),
+    )

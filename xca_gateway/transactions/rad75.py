@@ -10,8 +10,10 @@ its HomeCommunityId (RAD75-005).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+from xca_gateway.audit import messages as m
+from xca_gateway.audit.exchange import Exchange
 from xca_gateway.imaging.request import (
     DocumentRequest,
     InvalidImagingRequest,
@@ -36,7 +38,14 @@ from xca_gateway.protocol.soap import SoapFault
 from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.xds.ebrs import RegistryError
 
-__all__ = ["local_routes", "parse_or_fault", "rad75_handler", "source_route"]
+__all__ = [
+    "audit_called",
+    "audit_served",
+    "local_routes",
+    "parse_or_fault",
+    "rad75_handler",
+    "source_route",
+]
 
 
 def parse_or_fault(request: SoapRequest, max_documents: int) -> RetrieveImagingDocumentSetRequest:
@@ -116,3 +125,33 @@ def rad75_handler(
         )
 
     return handle
+
+
+# ---------------------------------------- audit records (RAD TF-3 4.75.4.1.4)
+
+
+def audit_served(ctx: m.AuditContext, exchange: Exchange) -> Sequence[m.AuditMessage]:
+    """RAD-75 answered here, as the Responding Imaging Gateway: one record per outcome and
+    patient."""
+    delivered, failed, patients = exchange.instances()
+    return m.rad75_retrieve(
+        ctx,
+        side="responding",
+        instances=delivered,
+        failed=failed,
+        patients=patients,
+        **exchange.parties.as_keywords(),
+    )
+
+
+def audit_called(ctx: m.AuditContext, exchange: Exchange) -> Sequence[m.AuditMessage]:
+    """RAD-75 asked of another system, as the Initiating Imaging Gateway."""
+    delivered, failed, patients = exchange.instances()
+    return m.rad75_retrieve(
+        ctx,
+        side="initiating",
+        instances=delivered,
+        failed=failed,
+        patients=patients,
+        **exchange.parties.as_keywords(),
+    )
