@@ -37,7 +37,7 @@ from xca_gateway.protocol.soap_service import Operation, SoapEndpoint
 from xca_gateway.registry import LocalRegistry
 from xca_gateway.registry.builder import study_reference_id
 from xca_gateway.security.dev_pki import DevPki
-from xca_gateway.transactions.iti18 import iti18_handler
+from xca_gateway.transactions.iti18 import registry_stored_query_handler
 from xca_gateway.xds import ebrim
 from xca_gateway.xds.ebrim import ErrorCode, StoredQueryId
 
@@ -58,7 +58,11 @@ def node(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Regi
         small = LocalRegistry(started.registry.store, max_results=3)
         endpoint = SoapEndpoint(SMALL, "small", {}, door="registry-query")
         endpoint.add(
-            Operation(Action.ITI18, "ITI-18", iti18_handler(small, home_community_id=started.home))
+            Operation(
+                Action.ITI18,
+                "ITI-18",
+                registry_stored_query_handler(small, home_community_id=started.home),
+            )
         )
         started.gateway.soap.endpoints[SMALL] = endpoint
         yield started

@@ -46,7 +46,7 @@ from xca_gateway.registry.builder import (
     kos_document_entry,
 )
 from xca_gateway.security.dev_pki import DevPki
-from xca_gateway.transactions.iti18 import iti18_handler
+from xca_gateway.transactions.iti18 import registry_stored_query_handler
 from xca_gateway.transactions.iti38 import iti38_handler
 from xca_gateway.transactions.iti42 import iti42_handler
 from xca_gateway.xds.ebrim import ErrorCode, StoredQueryId
@@ -99,7 +99,7 @@ class RegistryNode:
 
     def install(self, unknown_patient: str) -> None:
         gateway, registry, home = self.gateway, self.registry, self.home
-        query = iti18_handler(registry, home_community_id=home)
+        query = registry_stored_query_handler(registry, home_community_id=home)
         gateway.endpoints["iti18"].add(Operation(Action.ITI18, "ITI-18", query))
         gateway.endpoints["iti38"].add(
             Operation(

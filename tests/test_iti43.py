@@ -44,9 +44,9 @@ from xca_gateway.transactions.iti43 import (
     RetrieveDocumentSetRequest,
     build_retrieve_document_set_request,
     build_retrieve_document_set_response,
-    iti43_handler,
     parse_retrieve_document_set_request,
     parse_retrieve_document_set_response,
+    repository_retrieve_handler,
     retrieve_documents,
 )
 from xca_gateway.xds.ebrs import RegistryError
@@ -238,7 +238,7 @@ def serve_iti43(
     remote: RemoteRepositories | None = None,
 ) -> str:
     home = gateway.config.community.home_community_id
-    handler = iti43_handler(repositories, home_community_id=home, remote=remote)
+    handler = repository_retrieve_handler(repositories, home_community_id=home, remote=remote)
     gateway.endpoints["iti43"].add(Operation(Action.ITI43, "ITI-43", handler))
     return gateway.endpoint_urls()["iti43"]
 

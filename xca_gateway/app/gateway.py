@@ -33,9 +33,8 @@ from xca_gateway.imaging.config import ImagingConfig
 from xca_gateway.imaging.service import ImagingService
 from xca_gateway.initiating.imaging import InitiatingImagingGateway
 from xca_gateway.initiating.patient_mapping import PatientIdMapper
-from xca_gateway.initiating.query import InitiatingGateway, iti18_handler
-from xca_gateway.initiating.retrieve import InitiatingRetrieve
-from xca_gateway.initiating.retrieve import iti43_handler as initiating_iti43_handler
+from xca_gateway.initiating.query import InitiatingGateway, initiating_query_handler
+from xca_gateway.initiating.retrieve import InitiatingRetrieve, initiating_retrieve_handler
 from xca_gateway.metrics import GatewayMetrics
 from xca_gateway.patients.directory import PatientDirectory
 from xca_gateway.patients.xref import CrossReferenceTable
@@ -67,11 +66,15 @@ from xca_gateway.security.policy import (
 from xca_gateway.security.xua import XuaOutbound, XuaValidator
 from xca_gateway.settings import ConfigError
 from xca_gateway.transactions import TRANSACTIONS, iti45, iti55, unavailable_handler
-from xca_gateway.transactions.iti18 import iti18_handler as registry_iti18_handler
+from xca_gateway.transactions.iti18 import registry_stored_query_handler
 from xca_gateway.transactions.iti38 import iti38_handler
 from xca_gateway.transactions.iti39 import iti39_handler
 from xca_gateway.transactions.iti42 import iti42_handler
-from xca_gateway.transactions.iti43 import RemoteRepositories, iti43_handler, retrieve_documents
+from xca_gateway.transactions.iti43 import (
+    RemoteRepositories,
+    repository_retrieve_handler,
+    retrieve_documents,
+)
 from xca_gateway.transactions.rad75 import rad75_handler
 
 log = logging.getLogger(__name__)
@@ -155,7 +158,7 @@ class Gateway:
             metrics=self.metrics,
         )
         self.endpoints["iti18"].add(
-            Operation(Action.ITI18, "ITI-18", iti18_handler(self.initiating))
+            Operation(Action.ITI18, "ITI-18", initiating_query_handler(self.initiating))
         )
         self._wire_repository()
 
@@ -237,7 +240,9 @@ class Gateway:
                 "/registry/iti18",
                 "registry-iti18",
                 Operation(
-                    Action.ITI18, "ITI-18", registry_iti18_handler(registry, home_community_id=home)
+                    Action.ITI18,
+                    "ITI-18",
+                    registry_stored_query_handler(registry, home_community_id=home),
                 ),
             ),
             (
@@ -500,7 +505,9 @@ class Gateway:
                 Operation(
                     Action.ITI43,
                     "ITI-43",
-                    iti43_handler(repositories, home_community_id=home, remote=remote),
+                    repository_retrieve_handler(
+                        repositories, home_community_id=home, remote=remote
+                    ),
                 )
             )
             self.endpoints["repository-iti43"] = repository_endpoint
@@ -516,7 +523,7 @@ class Gateway:
             self.initiating, local_retrieve=local_retrieve, local_repositories=local_ids
         )
         self.endpoints["iti43"].add(
-            Operation(Action.ITI43, "ITI-43", initiating_iti43_handler(self.retrieving))
+            Operation(Action.ITI43, "ITI-43", initiating_retrieve_handler(self.retrieving))
         )
 
     def add_handshake_listener(self, listener: Callable[[HandshakeFailure], None]) -> None:

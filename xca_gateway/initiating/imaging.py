@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from xca_gateway.audit.patients import CONTEXT_INSTANCES
-from xca_gateway.imaging.remote import open_remote_retrieve
 from xca_gateway.imaging.request import (
     DocumentRequest,
     RetrieveImagingDocumentSetRequest,
@@ -20,34 +19,12 @@ from xca_gateway.imaging.retrieve import (
     open_retrieval,
     soap_response,
 )
-from xca_gateway.imaging.sources import ImagingSource, Retrieval, rejected_errors
+from xca_gateway.imaging.sources import ImagingSource, rejected_errors
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.peer_client import PeerClient
 from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
-from xca_gateway.transactions.rad75 import local_routes, parse_or_fault
+from xca_gateway.transactions.rad75 import local_routes, parse_or_fault, peer_route
 from xca_gateway.xds.ebrs import RegistryError
-
-
-def peer_route(
-    peer_client: PeerClient, home_community_id: str, url: str, *, timeout: float | None = None
-) -> Route:
-    """RAD-75 to the Responding Imaging Gateway of ``home_community_id``."""
-    what = f"community {home_community_id}"
-
-    async def open_(request: RetrieveImagingDocumentSetRequest) -> Retrieval:
-        return await open_remote_retrieve(
-            peer_client, url, request, action=Action.RAD75, what=what, timeout=timeout
-        )
-
-    def unavailable(reason: str, count: int) -> RegistryError:
-        return RegistryError(
-            "XDSUnavailableCommunity",
-            f"community {home_community_id} did not answer the retrieve: {reason} "
-            f"({count} instance(s) not retrieved)",
-            location=home_community_id,
-        )
-
-    return Route(what, open_, unavailable, home_community_id)
 
 
 class InitiatingImagingGateway:

@@ -11,12 +11,11 @@ overall deadline; a peer that is down, slow, refuses TLS or faults becomes an
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lxml import etree
 
@@ -33,25 +32,19 @@ from xca_gateway.registry.stored_query import (
     parse_stored_query,
 )
 from xca_gateway.settings import InitiatingConfig, PeerConfig
+from xca_gateway.transactions.iti38 import (
+    CommunityAnswer,
+    QueryRequest,
+    read_peer_answer,
+    request_for_peer,
+)
 from xca_gateway.xds.ebrim import ErrorCode, StoredQueryId
-from xca_gateway.xds.ebrs import RegistryError, adhoc_query_response, parse_registry_errors
+from xca_gateway.xds.ebrs import RegistryError, adhoc_query_response
 from xca_gateway.xds.patient_id import PatientId, PatientIdError, parse_patient_id
 
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------- request analysis
-
-
-@dataclass
-class QueryRequest:
-    """What the fan-out needs to know about an AdhocQueryRequest."""
-
-    element: etree._Element
-    query_id: str
-    return_type: str
-    home: str | None
-    patient_parameter: str | None
-    patient_id: PatientId | None
 
 
 class QueryRejected(Exception):
@@ -123,33 +116,7 @@ def analyse_query(
     )
 
 
-def request_for_peer(
-    request: QueryRequest, patient: PatientId | None, home: str | None
-) -> etree._Element:
-    """A copy of the consumer's request with the peer's patient id (and home, if targeted)."""
-    element = copy.deepcopy(request.element)
-    adhoc = element.find(f"{{{RIM}}}AdhocQuery")
-    assert adhoc is not None
-    if home is not None:
-        adhoc.set("home", home)
-    if patient is not None and request.patient_parameter is not None:
-        for slot in adhoc.iterfind(f"{{{RIM}}}Slot"):
-            if slot.get("name") == request.patient_parameter:
-                for value in slot.iterfind(f"{{{RIM}}}ValueList/{{{RIM}}}Value"):
-                    value.text = patient.quoted
-    return element
-
-
 # ---------------------------------------------------------------------------- merge
-
-
-@dataclass
-class CommunityAnswer:
-    home_community_id: str
-    name: str
-    objects: list[etree._Element] = field(default_factory=list)
-    errors: list[RegistryError] = field(default_factory=list)
-    responded: bool = False
 
 
 @dataclass
@@ -157,46 +124,6 @@ class QueryOutcome:
     status: str
     errors: list[RegistryError]
     objects: list[etree._Element]
-
-
-def read_peer_answer(answer: CommunityAnswer, payload: etree._Element) -> None:
-    """Fold a peer's AdhocQueryResponse into ``answer`` (errors keep or get its location)."""
-    if payload.tag != f"{{{QUERY}}}AdhocQueryResponse":
-        answer.errors.append(
-            RegistryError(
-                "XDSUnavailableCommunity",
-                f"{answer.name} answered {etree.QName(payload).localname}, not a query response",
-                location=answer.home_community_id,
-            )
-        )
-        return
-    answer.responded = True
-    for error in parse_registry_errors(payload):
-        if error.location:
-            answer.errors.append(error)
-        else:
-            answer.errors.append(
-                RegistryError(
-                    error.error_code, error.code_context, answer.home_community_id, error.severity
-                )
-            )
-    object_list = payload.find(f"{{{RIM}}}RegistryObjectList")
-    missing_home = 0
-    objects = object_list.iterchildren("{*}*") if object_list is not None else iter(())
-    for obj in objects:  # elements only, not comments
-        if not obj.get("home"):
-            missing_home += 1
-            continue
-        answer.objects.append(obj)
-    if missing_home:
-        # ITI38-019: objects from a Responding Gateway must carry its homeCommunityId.
-        answer.errors.append(
-            RegistryError(
-                "XDSMissingHomeCommunityId",
-                f"{answer.name} returned {missing_home} object(s) without a home attribute",
-                location=answer.home_community_id,
-            )
-        )
 
 
 def merge(
@@ -473,7 +400,7 @@ def get_documents_request(entry_uuids: Sequence[str], home: str) -> etree._Eleme
     return root
 
 
-def iti18_handler(gateway: InitiatingGateway) -> Handler:
+def initiating_query_handler(gateway: InitiatingGateway) -> Handler:
     """ITI-18 at the initiating endpoint: answered by the fan-out."""
 
     async def handle(request: SoapRequest) -> SoapResponse:

@@ -12,12 +12,12 @@ from xca_gateway.initiating.query import InitiatingGateway
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.settings import PeerConfig
+from xca_gateway.transactions.iti39 import cross_gateway_retrieve
 from xca_gateway.transactions.iti43 import (
     DocumentRequest,
     RetrievedDocument,
     RetrieveResult,
     parse_retrieve_document_set_request,
-    retrieve_from,
     retrieve_response,
     same_community,
 )
@@ -136,24 +136,17 @@ class InitiatingRetrieve:
                 ]
             )
         assert peer.iti39 is not None
-        documents, errors = await retrieve_from(
+        return await cross_gateway_retrieve(
             self.gateway.peer_client,
             peer.iti39,
             docs,
-            source=f"community {peer.name}",
-            peer_label=peer.name,
-            location=peer.home_community_id,
-            override_location=False,
-            deadline=self.gateway.config.peer_deadline,
-            action=Action.ITI39,
-            transaction="ITI-39",
-            unavailable_code="XDSUnavailableCommunity",
+            peer_name=peer.name,
             home_community_id=peer.home_community_id,
+            deadline=self.gateway.config.peer_deadline,
         )
-        return RetrieveResult(documents=list(documents.values()), errors=errors)
 
 
-def iti43_handler(retriever: InitiatingRetrieve) -> Handler:
+def initiating_retrieve_handler(retriever: InitiatingRetrieve) -> Handler:
     """ITI-43 at the initiating endpoint: routed by HomeCommunityId, answered as one MTOM."""
 
     async def handle(request: SoapRequest) -> SoapResponse:

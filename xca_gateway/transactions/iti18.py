@@ -15,7 +15,7 @@ from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.registry import Registry
 from xca_gateway.xds.ebrs import adhoc_query_response
 
-__all__ = ["audit_called", "audit_served", "iti18_handler", "outcome_of"]
+__all__ = ["audit_called", "audit_served", "outcome_of", "registry_stored_query_handler"]
 
 
 def outcome_of(status: str) -> str:
@@ -26,7 +26,7 @@ def outcome_of(status: str) -> str:
     return "failure"
 
 
-def iti18_handler(registry: Registry, *, home_community_id: str) -> Handler:
+def registry_stored_query_handler(registry: Registry, *, home_community_id: str) -> Handler:
     async def handle(request: SoapRequest) -> SoapResponse:
         result = await registry.stored_query(request.payload)
         for obj in result.objects:

@@ -1,17 +1,23 @@
-"""ITI-38 Cross Gateway Query, responding side: a peer community queries our registry.
+"""ITI-38 Cross Gateway Query, both sides, and its audit record.
 
-Before the stored query runs (ITI TF-2 3.38.4.1.3): ``AdhocQuery/@home``, when given, must be
-our homeCommunityId (XDSUnknownCommunity), and the id-based queries, which carry no patient
-id, must give it (XDSMissingHomeCommunityId, ITI38-001/-012). FindX without a patient id is a
-missing parameter of the stored query itself. Every returned object gets ``home`` set to our
-homeCommunityId (3.38.1) and every RegistryError our homeCommunityId as its location. A patient
-the registry does not know gets an empty Success or XDSUnknownPatientId, by local policy
-(ITI38-008).
+Initiating side: :func:`request_for_peer` turns a local consumer's query into the one a peer
+community gets (its patient id, ``home`` when targeted), :func:`read_peer_answer` folds the
+peer's answer in, checking ITI38-019; the fan-out to every peer and the merge are the
+Initiating Gateway's (:mod:`xca_gateway.initiating.query`).
+
+Responding side: a peer community queries our registry. Before the stored query runs (ITI TF-2
+3.38.4.1.3): ``AdhocQuery/@home``, when given, must be our homeCommunityId
+(XDSUnknownCommunity), and the id-based queries, which carry no patient id, must give it
+(XDSMissingHomeCommunityId, ITI38-001/-012). FindX without a patient id is a missing parameter
+of the stored query itself. Every returned object gets ``home`` set to our homeCommunityId
+(3.38.1) and every RegistryError our homeCommunityId as its location. A patient the registry
+does not know gets an empty Success or XDSUnknownPatientId, by local policy (ITI38-008).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import copy
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from lxml import etree
@@ -28,9 +34,103 @@ from xca_gateway.registry.stored_query import (
 )
 from xca_gateway.transactions.iti18 import outcome_of
 from xca_gateway.xds.ebrim import ErrorCode
-from xca_gateway.xds.ebrs import RegistryError, adhoc_query_response
+from xca_gateway.xds.ebrs import RegistryError, adhoc_query_response, parse_registry_errors
+from xca_gateway.xds.patient_id import PatientId
 
-__all__ = ["audit_called", "audit_served", "check_cross_gateway_query", "iti38_handler"]
+__all__ = [
+    "CommunityAnswer",
+    "QueryRequest",
+    "audit_called",
+    "audit_served",
+    "check_cross_gateway_query",
+    "iti38_handler",
+    "read_peer_answer",
+    "request_for_peer",
+]
+
+
+# ---------------------------------------- initiating side
+
+
+@dataclass
+class QueryRequest:
+    """What the fan-out needs to know about an AdhocQueryRequest."""
+
+    element: etree._Element
+    query_id: str
+    return_type: str
+    home: str | None
+    patient_parameter: str | None
+    patient_id: PatientId | None
+
+
+def request_for_peer(
+    request: QueryRequest, patient: PatientId | None, home: str | None
+) -> etree._Element:
+    """A copy of the consumer's request with the peer's patient id (and home, if targeted)."""
+    element = copy.deepcopy(request.element)
+    adhoc = element.find(f"{{{RIM}}}AdhocQuery")
+    assert adhoc is not None
+    if home is not None:
+        adhoc.set("home", home)
+    if patient is not None and request.patient_parameter is not None:
+        for slot in adhoc.iterfind(f"{{{RIM}}}Slot"):
+            if slot.get("name") == request.patient_parameter:
+                for value in slot.iterfind(f"{{{RIM}}}ValueList/{{{RIM}}}Value"):
+                    value.text = patient.quoted
+    return element
+
+
+@dataclass
+class CommunityAnswer:
+    home_community_id: str
+    name: str
+    objects: list[etree._Element] = field(default_factory=list)
+    errors: list[RegistryError] = field(default_factory=list)
+    responded: bool = False
+
+
+def read_peer_answer(answer: CommunityAnswer, payload: etree._Element) -> None:
+    """Fold a peer's AdhocQueryResponse into ``answer`` (errors keep or get its location)."""
+    if payload.tag != f"{{{QUERY}}}AdhocQueryResponse":
+        answer.errors.append(
+            RegistryError(
+                "XDSUnavailableCommunity",
+                f"{answer.name} answered {etree.QName(payload).localname}, not a query response",
+                location=answer.home_community_id,
+            )
+        )
+        return
+    answer.responded = True
+    for error in parse_registry_errors(payload):
+        if error.location:
+            answer.errors.append(error)
+        else:
+            answer.errors.append(
+                RegistryError(
+                    error.error_code, error.code_context, answer.home_community_id, error.severity
+                )
+            )
+    object_list = payload.find(f"{{{RIM}}}RegistryObjectList")
+    missing_home = 0
+    objects = object_list.iterchildren("{*}*") if object_list is not None else iter(())
+    for obj in objects:  # elements only, not comments
+        if not obj.get("home"):
+            missing_home += 1
+            continue
+        answer.objects.append(obj)
+    if missing_home:
+        # ITI38-019: objects from a Responding Gateway must carry its homeCommunityId.
+        answer.errors.append(
+            RegistryError(
+                "XDSMissingHomeCommunityId",
+                f"{answer.name} returned {missing_home} object(s) without a home attribute",
+                location=answer.home_community_id,
+            )
+        )
+
+
+# ---------------------------------------- responding side
 
 
 def check_cross_gateway_query(

@@ -1,6 +1,10 @@
-"""ITI-39 Cross Gateway Retrieve, responding side.
+"""ITI-39 Cross Gateway Retrieve, both sides, and its audit records.
 
-A peer community's initiating gateway asks for documents of our community. Every
+Initiating side: :func:`cross_gateway_retrieve` asks one peer community's Responding Gateway
+for documents and gets them ready to re-stream; which documents go to which community is the
+Initiating Gateway's decision (:mod:`xca_gateway.initiating.retrieve`).
+
+Responding side: a peer community's initiating gateway asks for documents of our community. Every
 DocumentRequest must carry our homeCommunityId (ITI39-001/-005: missing is
 XDSMissingHomeCommunityId, another one XDSUnknownCommunity); the documents come from the
 embedded repository or, by repositoryUniqueId, from a remote XDS repository of our community
@@ -21,15 +25,59 @@ from xca_gateway.transactions.iti43 import (
     XDS_MISSING_HOME_COMMUNITY_ID,
     XDS_UNKNOWN_COMMUNITY,
     DocumentRequest,
+    PeerCaller,
     RemoteRepositories,
+    RetrieveResult,
     parse_retrieve_document_set_request,
     retrieve_documents,
+    retrieve_from,
     retrieve_response,
     same_community,
 )
 from xca_gateway.xds.ebrs import RegistryError
 
-__all__ = ["audit_called", "audit_served", "check_home_community", "iti39_handler"]
+__all__ = [
+    "audit_called",
+    "audit_served",
+    "check_home_community",
+    "cross_gateway_retrieve",
+    "iti39_handler",
+]
+
+
+# ---------------------------------------- initiating side
+
+
+async def cross_gateway_retrieve(
+    peer_client: PeerCaller,
+    url: str,
+    documents: Sequence[DocumentRequest],
+    *,
+    peer_name: str,
+    home_community_id: str,
+    deadline: float | None,
+) -> RetrieveResult:
+    """ITI-39 to the Responding Gateway of community ``home_community_id`` at ``url``. A peer
+    that does not answer gives XDSUnavailableCommunity for its documents; the errors it
+    returns keep their own location."""
+    found, errors = await retrieve_from(
+        peer_client,
+        url,
+        documents,
+        source=f"community {peer_name}",
+        peer_label=peer_name,
+        location=home_community_id,
+        override_location=False,
+        deadline=deadline,
+        action=Action.ITI39,
+        transaction="ITI-39",
+        unavailable_code="XDSUnavailableCommunity",
+        home_community_id=home_community_id,
+    )
+    return RetrieveResult(documents=list(found.values()), errors=errors)
+
+
+# ---------------------------------------- responding side
 
 
 def check_home_community(

@@ -54,9 +54,9 @@ __all__ = [
     "audit_served",
     "build_retrieve_document_set_request",
     "build_retrieve_document_set_response",
-    "iti43_handler",
     "parse_retrieve_document_set_request",
     "parse_retrieve_document_set_response",
+    "repository_retrieve_handler",
     "retrieve_documents",
     "retrieve_response",
     "same_community",
@@ -601,7 +601,7 @@ def retrieve_response(
 # --------------------------------------------------------------------------------- handler
 
 
-def iti43_handler(
+def repository_retrieve_handler(
     repositories: Mapping[str, DocumentRepository],
     *,
     home_community_id: str,

@@ -1,11 +1,15 @@
-"""RAD-75 Cross Gateway Retrieve Imaging Document Set, Responding Imaging Gateway side.
+"""RAD-75 Cross Gateway Retrieve Imaging Document Set, both sides, and its audit records.
 
-A peer community's Initiating Imaging Gateway asks for SOP instances; each DocumentRequest is
-routed by RepositoryUniqueId to the configured Imaging Document Source of this community (RAD-69
-to an XDS-I.b source, C-GET/C-MOVE to a PACS, WADO-RS to a VNA, or local files), and the
-instances are streamed back as one MTOM response (RAD75-002/-003). Every RegistryError carries
-this community's homeCommunityId as location (RAD75-004, as ITI39-012), every DocumentResponse
-its HomeCommunityId (RAD75-005).
+Initiating Imaging Gateway: :func:`peer_route` is the RAD-75 to one peer community's Responding
+Imaging Gateway, streamed (:mod:`xca_gateway.imaging.remote`); which instances go to which
+community is decided by :mod:`xca_gateway.initiating.imaging`.
+
+Responding Imaging Gateway: a peer community's Initiating Imaging Gateway asks for SOP
+instances; each DocumentRequest is routed by RepositoryUniqueId to the configured Imaging
+Document Source of this community (RAD-69 to an XDS-I.b source, C-GET/C-MOVE to a PACS, WADO-RS
+to a VNA, or local files), and the instances are streamed back as one MTOM response
+(RAD75-002/-003). Every RegistryError carries this community's homeCommunityId as location
+(RAD75-004, as ITI39-012), every DocumentResponse its HomeCommunityId (RAD75-005).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Mapping, Sequence
 
 from xca_gateway.audit import messages as m
 from xca_gateway.audit.exchange import Exchange
+from xca_gateway.imaging.remote import open_remote_retrieve
 from xca_gateway.imaging.request import (
     DocumentRequest,
     InvalidImagingRequest,
@@ -29,11 +34,13 @@ from xca_gateway.imaging.retrieve import (
 )
 from xca_gateway.imaging.sources import (
     ImagingSource,
+    Retrieval,
     rejected_errors,
     source_unavailable_error,
     unknown_repository_error,
 )
 from xca_gateway.protocol.namespaces import Action
+from xca_gateway.protocol.peer_client import PeerClient
 from xca_gateway.protocol.soap import SoapFault
 from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.xds.ebrs import RegistryError
@@ -43,9 +50,38 @@ __all__ = [
     "audit_served",
     "local_routes",
     "parse_or_fault",
+    "peer_route",
     "rad75_handler",
     "source_route",
 ]
+
+
+# ---------------------------------------- initiating side
+
+
+def peer_route(
+    peer_client: PeerClient, home_community_id: str, url: str, *, timeout: float | None = None
+) -> Route:
+    """RAD-75 to the Responding Imaging Gateway of ``home_community_id``."""
+    what = f"community {home_community_id}"
+
+    async def open_(request: RetrieveImagingDocumentSetRequest) -> Retrieval:
+        return await open_remote_retrieve(
+            peer_client, url, request, action=Action.RAD75, what=what, timeout=timeout
+        )
+
+    def unavailable(reason: str, count: int) -> RegistryError:
+        return RegistryError(
+            "XDSUnavailableCommunity",
+            f"community {home_community_id} did not answer the retrieve: {reason} "
+            f"({count} instance(s) not retrieved)",
+            location=home_community_id,
+        )
+
+    return Route(what, open_, unavailable, home_community_id)
+
+
+# ---------------------------------------- responding side
 
 
 def parse_or_fault(request: SoapRequest, max_documents: int) -> RetrieveImagingDocumentSetRequest:
