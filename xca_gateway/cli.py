@@ -8,7 +8,6 @@ import logging
 import sys
 from pathlib import Path
 
-from xca_gateway import __version__
 from xca_gateway.app.serve import serve
 from xca_gateway.arr.app import add_arr_command
 from xca_gateway.consumer.commands import add_consumer_commands
@@ -21,6 +20,7 @@ from xca_gateway.security.dev_pki import init_dev_pki
 from xca_gateway.settings import ConfigError
 from xca_gateway.tools.demo import run_demo
 from xca_gateway.tools.import_manifests import add_import_command, registry_from_config
+from xca_gateway.version import __version__
 
 
 def _setup_logging(level: str) -> None:

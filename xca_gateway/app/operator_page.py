@@ -32,7 +32,6 @@ from cryptography import x509
 from jinja2 import Environment, PackageLoader, select_autoescape
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
-from xca_gateway import __version__
 from xca_gateway.app.admin import AdminApp
 from xca_gateway.app.config import GatewayConfig
 from xca_gateway.audit.trail import AuditTrail
@@ -42,6 +41,7 @@ from xca_gateway.protocol.http_server import Request, Response
 from xca_gateway.protocol.peer_client import PeerClient
 from xca_gateway.protocol.tls import HandshakeFailure
 from xca_gateway.security.guard import DoorGuard
+from xca_gateway.version import __version__
 
 
 class ObservedGateway(Protocol):

@@ -26,7 +26,6 @@ Each search is audited as a Query (110112, RAD-129 "QIDO-RS Query") and each ret
 audit trail when one is configured.
 """
 
-from xca_gateway.doors.dicomweb.audit import qido_audit, wado_audit
 from xca_gateway.doors.dicomweb.config import (
     ConfigError,
     DicomWebFrontConfig,
@@ -45,6 +44,7 @@ from xca_gateway.doors.dicomweb.negotiation import (
     retrieve_failure,
 )
 from xca_gateway.doors.dicomweb.qido import QidoQuery, parse_qido
+from xca_gateway.doors.dicomweb.qido_wado_audit import qido_audit, wado_audit
 
 __all__ = [
     "ANY_TRANSFER_SYNTAX",

@@ -26,7 +26,6 @@ from pydicom.errors import InvalidDicomError
 
 from xca_gateway.audit import messages as m
 from xca_gateway.consumer.imaging import ConsumerError
-from xca_gateway.doors.dicomweb.audit import RetrieveAudit, audit_query
 from xca_gateway.doors.dicomweb.config import DicomWebFrontConfig
 from xca_gateway.doors.dicomweb.model import (
     closing_delimiter,
@@ -50,6 +49,7 @@ from xca_gateway.doors.dicomweb.negotiation import (
     warning_header,
 )
 from xca_gateway.doors.dicomweb.qido import cx_safe, parse_qido
+from xca_gateway.doors.dicomweb.qido_wado_audit import RetrieveAudit, audit_query
 from xca_gateway.doors.dicomweb.rendered import (
     image_refs,
     parse_rendered,

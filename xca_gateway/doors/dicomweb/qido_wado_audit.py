@@ -1,4 +1,4 @@
-"""The audit records of the DICOMweb front door (ATNA, DICOM PS3.15 A.5).
+"""The audit records of the DICOMweb front door: QIDO-RS (RAD-129) and WADO-RS (RAD-107).
 
 :func:`qido_audit` and :func:`wado_audit` build the messages (pure); :func:`audit_query` and
 :class:`RetrieveAudit` write them to the gateway's audit trail when a request ends, and never
