@@ -1,20 +1,26 @@
 """Initiating-gateway fan-out: total time vs. the slowest peer, deadlines, throughput.
 
 A "peer farm" process runs N responding endpoints over mutual TLS, each answering ITI-38 after
-its own latency (spread evenly between 10 ms and 500 ms). An ``xca-gateway serve`` process is
-the initiating gateway, peered with all of them. Both run deny-by-default (bench_policy): the
-gateway admits the consumer (dev PKI ``client``) as a local consumer on /ig/iti18, the farm
-admits the gateway's certificate as a peer gateway on /xca/iti38, and the direct calls to the
-farm are made with that peer certificate. Everything is measured side by side in one run:
+its own latency (spread evenly over ``--spread``, 10 ms to 200 ms). An ``xca-gateway serve``
+process is the initiating gateway, peered with all of them. Both run deny-by-default
+(bench_policy): the gateway admits the consumer (dev PKI ``client``) as a local consumer on
+/ig/iti18, the farm admits the gateway's certificate as a peer gateway on /xca/iti38, and the
+direct calls to the farm are made with that peer certificate. Everything is measured side by
+side in one run:
 
-* for N = 1, 5, 10, 20: median time of one ITI-18 through the gateway / median time of one
-  direct ITI-38 to the slowest peer (target ≤ 1.05: bounded by the slowest, never the sum);
+* for N = 1, 5, 10, 20, 50, 100: median time of one ITI-18 through the gateway / median time
+  of one direct ITI-38 to the slowest peer (target ≤ 1.02: bounded by the slowest, never the
+  sum), with the spread of the ratios over the repeats;
+* memory per query in flight: ``--inflight`` concurrent ITI-18 through a gateway with
+  ``--inflight-peers`` peers (each answering after 1 s): the gateway's peak RSS minus its RSS
+  before, per query and per peer request;
 * with one black-holed peer and a 2 s deadline: answer time − deadline (target ≤ 100 ms);
 * queries/s of concurrent consumers through the gateway vs. straight to one peer, with the CPU
   milliseconds per query of the gateway and of the peer (wall-clock q/s on a shared machine
   depends on what else runs; CPU per query says what each hop costs).
 
-    python benchmarks/fanout.py [--repeat 5] [--concurrency 20] [--seconds 5]
+    python benchmarks/fanout.py [--repeat 9] [--sizes 1,5,10,20,50,100] [--spread 10,200]
+                                [--inflight 50] [--concurrency 20] [--seconds 5]
 """
 
 from __future__ import annotations
@@ -60,7 +66,13 @@ def farm_policy() -> dict[str, Any]:
 
 
 def gateway_config_toml(
-    pki: DevPki, work: Path, port: int, admin: int, peers: list[dict[str, Any]], deadline: float
+    pki: DevPki,
+    work: Path,
+    port: int,
+    admin: int,
+    peers: list[dict[str, Any]],
+    deadline: float,
+    max_connections: int = 100,
 ) -> str:
     """The initiating gateway's configuration, peered with ``peers`` (home, url)."""
     lines = [
@@ -76,7 +88,8 @@ def gateway_config_toml(
         f'trust_store = "{pki.ca}"',
         f'[storage]\ndata_dir = "{work / f"ig{port}"}"',
         f"[initiating]\npeer_deadline = {deadline}\noverall_deadline = {deadline}",
-        f"[outbound]\nmax_keepalive_connections = 100\nrequest_timeout = {deadline}",
+        f"[outbound]\nmax_keepalive_connections = 100\nrequest_timeout = {deadline}\n"
+        f"max_connections = {max_connections}",
         policy_toml(gateway_policy()),
     ]
     for i, entry in enumerate(peers):
@@ -212,10 +225,14 @@ class Bench:
         peers: list[dict[str, Any]] = json.loads(line)
         return peers
 
-    def gateway(self, peers: list[dict[str, Any]], deadline: float) -> str:
+    def gateway(
+        self, peers: list[dict[str, Any]], deadline: float, max_connections: int = 100
+    ) -> str:
         port, admin = _free_port(), _free_port()
         config = self.work / f"ig{port}.toml"
-        config.write_text(gateway_config_toml(self.pki, self.work, port, admin, peers, deadline))
+        config.write_text(
+            gateway_config_toml(self.pki, self.work, port, admin, peers, deadline, max_connections)
+        )
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -239,6 +256,9 @@ class Bench:
         return f"https://127.0.0.1:{port}/ig/iti18"
 
     def timed(self, client: httpx.Client, url: str, body: bytes, repeat: int) -> float:
+        return statistics.median(self.times(client, url, body, repeat))
+
+    def times(self, client: httpx.Client, url: str, body: bytes, repeat: int) -> list[float]:
         times = []
         for _ in range(repeat):
             started = time.perf_counter()
@@ -247,7 +267,39 @@ class Bench:
             )
             times.append(time.perf_counter() - started)
             assert response.status_code == 200, response.text[:300]
-        return statistics.median(times)
+        return times
+
+
+def _rss(proc: subprocess.Popen[bytes]) -> int:
+    """Resident set size of a child, in bytes (VmRSS)."""
+    for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+async def _inflight(
+    ctx: Any, url: str, body: bytes, count: int, proc: subprocess.Popen[bytes]
+) -> tuple[int, float]:
+    """Peak RSS of ``proc`` while ``count`` queries are in flight at once, and their time."""
+    peak = 0
+    async with httpx.AsyncClient(
+        verify=ctx, timeout=60, limits=httpx.Limits(max_connections=count)
+    ) as client:
+
+        async def one() -> None:
+            r = await client.post(
+                url, content=body, headers={"content-type": "application/soap+xml"}
+            )
+            assert r.status_code == 200 and ResponseStatus.SUCCESS in r.text, r.text[-1500:]
+
+        started = time.perf_counter()
+        queries = asyncio.gather(*(one() for _ in range(count)))
+        while not queries.done():
+            peak = max(peak, _rss(proc))
+            await asyncio.sleep(0.01)
+        await queries
+    return peak, time.perf_counter() - started
 
 
 def _cpu_seconds(proc: subprocess.Popen[bytes]) -> float:
@@ -295,8 +347,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--sizes", default="1,5,10,20")
+    parser.add_argument("--repeat", type=int, default=9)
+    parser.add_argument("--sizes", default="1,5,10,20,50,100")
+    parser.add_argument("--spread", default="10,200", help="peer latencies, ms: lowest,highest")
+    parser.add_argument(
+        "--inflight", type=int, default=10, help="concurrent queries of the memory phase (0: none)"
+    )
+    parser.add_argument("--inflight-peers", type=int, default=20, help="peers of the memory phase")
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--farm", nargs=2, help=argparse.SUPPRESS)
@@ -312,32 +369,76 @@ def main() -> int:
                 "fan-out: total time through the initiating gateway / "
                 "direct time to the slowest peer"
             )
-            print(f"{'peers':>6} {'slowest direct':>15} {'via gateway':>12} {'ratio':>7}")
+            print(
+                f"{'peers':>6} {'slowest direct':>15} {'via gateway':>12} {'ratio':>7} "
+                f"{'ratio min-max':>14} {'gateway CPU':>11} {'farm CPU':>10}   (per query; "
+                f"the farm plays every peer, load average {os.getloadavg()[0]:.1f})"
+            )
+            low, high = (float(x) / 1000 for x in args.spread.split(","))
             with (
                 httpx.Client(verify=bench.ctx, timeout=30) as client,
                 httpx.Client(verify=bench.peer_ctx, timeout=30) as direct_client,
             ):
                 for n in [int(x) for x in args.sizes.split(",")]:
                     latencies = (
-                        [0.010 + 0.490 * i / max(1, n - 1) for i in range(n)] if n > 1 else [0.5]
+                        [low + (high - low) * i / (n - 1) for i in range(n)] if n > 1 else [high]
                     )
                     peers = bench.farm(latencies)
                     for p in peers:
                         p["url"] = f"https://127.0.0.1:{p['port']}/xca/iti38"
                     url = bench.gateway(peers, deadline=5.0)
+                    farm_proc, gateway_proc = bench.procs[-2], bench.procs[-1]
                     slowest = max(peers, key=lambda p: p["latency"])
                     # Warm-up (connections to every peer); every peer admitted the gateway.
-                    warm = client.post(
-                        url, content=_query(), headers={"content-type": "application/soap+xml"}
-                    )
-                    assert ResponseStatus.SUCCESS in warm.text, warm.text[:1000]
+                    for _ in range(2):
+                        warm = client.post(
+                            url, content=_query(), headers={"content-type": "application/soap+xml"}
+                        )
+                        assert ResponseStatus.SUCCESS in warm.text, warm.text[:1000]
                     bench.timed(direct_client, slowest["url"], _query("iti38"), 1)
-                    direct = bench.timed(
-                        direct_client, slowest["url"], _query("iti38"), args.repeat
+                    # Alternating, so that both sides of each ratio see the same load.
+                    directs, vias = [], []
+                    gateway_cpu = farm_cpu = 0.0
+                    for _ in range(args.repeat):
+                        directs += bench.times(direct_client, slowest["url"], _query("iti38"), 1)
+                        cpu = _cpu_seconds(gateway_proc), _cpu_seconds(farm_proc)
+                        vias += bench.times(client, url, _query(), 1)
+                        gateway_cpu += _cpu_seconds(gateway_proc) - cpu[0]
+                        farm_cpu += _cpu_seconds(farm_proc) - cpu[1]
+                    ratios = sorted(v / d for v, d in zip(vias, directs, strict=True))
+                    direct, via = statistics.median(directs), statistics.median(vias)
+                    print(
+                        f"{n:>6} {direct * 1e3:>13.1f}ms {via * 1e3:>10.1f}ms "
+                        f"{statistics.median(ratios):>7.3f} {ratios[0]:>6.3f}-{ratios[-1]:.3f} "
+                        f"{gateway_cpu / args.repeat * 1e3:>9.1f}ms "
+                        f"{farm_cpu / args.repeat * 1e3:>8.1f}ms"
                     )
-                    via = bench.timed(client, url, _query(), args.repeat)
-                    ratio = via / direct
-                    print(f"{n:>6} {direct * 1e3:>13.1f}ms {via * 1e3:>10.1f}ms {ratio:>7.3f}")
+                    bench.close()
+                    bench.procs.clear()
+
+                if args.inflight:
+                    fan = args.inflight_peers
+                    peers = bench.farm([1.0] * fan)
+                    for p in peers:
+                        p["url"] = f"https://127.0.0.1:{p['port']}/xca/iti38"
+                    url = bench.gateway(peers, deadline=30.0, max_connections=fan * args.inflight)
+                    gateway = bench.procs[-1]
+                    # Twice, so that the connections to every peer exist; the second is measured.
+                    asyncio.run(_inflight(bench.ctx, url, _query(), args.inflight, gateway))
+                    before = _rss(gateway)
+                    peak, took = asyncio.run(
+                        _inflight(bench.ctx, url, _query(), args.inflight, gateway)
+                    )
+                    delta = peak - before
+                    print(
+                        f"\nmemory in flight: {args.inflight} concurrent ITI-18 x {fan} peers "
+                        f"(1 s each; {fan * args.inflight} TLS connections to the peers), "
+                        f"answered in {took:.2f} s: gateway RSS {before / 2**20:.0f} -> "
+                        f"{peak / 2**20:.0f} MB, {delta / args.inflight / 1024:.0f} KB per query "
+                        f"in flight, {delta / args.inflight / fan / 1024:.1f} KB per peer request"
+                    )
+                    bench.close()
+                    bench.procs.clear()
 
                 peers = bench.farm([0.010 + 0.1 * i for i in range(4)])
                 for p in peers:
@@ -347,7 +448,9 @@ def main() -> int:
                     "url": f"https://127.0.0.1:{_black_hole()}/xca/iti38",
                 }
                 url = bench.gateway([*peers, hole], deadline=2.0)
-                elapsed = bench.timed(client, url, _query(), args.repeat)
+                # Only while the peer's circuit breaker is closed (3 failures open it; then the
+                # gateway answers at once without asking the black hole).
+                elapsed = bench.timed(client, url, _query(), min(args.repeat, 3))
                 print(
                     f"\nblack-holed peer, 2 s deadline: answer after {elapsed:.3f} s, "
                     f"{(elapsed - 2.0) * 1000:.0f} ms past the deadline"
