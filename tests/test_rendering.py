@@ -261,3 +261,23 @@ def test_thumbnail_is_the_middle_image_of_the_first_series() -> None:
     chosen = thumbnail_instance(refs)
     assert chosen is not None and chosen.sop_instance_uid == "2"
     assert thumbnail_instance([ref("9", "0", KOS)]) is None
+
+
+def test_jpeg_2000_lossless_stored_instances_render_like_native(tmp_path: Path) -> None:
+    from pydicom.uid import JPEG2000Lossless
+
+    native = sample(tmp_path / "a")
+    compressed = sample(tmp_path / "b")
+    compressed.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg", generate_instance_uid=False)
+    assert compressed.file_meta.TransferSyntaxUID == JPEG2000Lossless
+    reread = dcmread(io.BytesIO(_to_bytes(compressed)))
+    assert np.array_equal(
+        decoded(render_frame(reread, 0, RenderOptions())),
+        decoded(render_frame(native, 0, RenderOptions())),
+    )
+
+
+def _to_bytes(ds: Dataset) -> bytes:
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()

@@ -1,0 +1,115 @@
+"""A clinician in a real Chromium (Debian's, driven by Playwright) against ``xca-gateway demo``:
+signs in at the demo's authorization server, opens the IID launch URL for alice (studies in
+every community), sees every community's studies, opens one held by another community and finds
+an image drawn on the viewer's canvas. Screenshots are written to ``docs/`` (viewer-list.png,
+viewer-image.png)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+
+from xca_gateway.tools.dicom_samples import local_patient_id
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+CHROMIUM = Path("/usr/bin/chromium")
+ARC = "1.3.6.1.4.1.21367.13"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    workdir = tmp_path_factory.mktemp("viewer-demo")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xca_gateway", "demo", "--workdir", str(workdir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    endpoints = workdir / "endpoints.json"
+    try:
+        deadline = time.monotonic() + 120
+        while not endpoints.exists() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.1)
+        if not endpoints.exists():
+            process.kill()
+            out = process.communicate(timeout=10)[0].decode(errors="replace")
+            pytest.fail(f"demo did not write endpoints.json:\n{out}")
+        data: dict[str, Any] = json.loads(endpoints.read_text())
+        if "clinicians" not in data or "viewer" not in data["communities"][0]:
+            pytest.skip("the demo has no web door and clinicians yet (contract.md, Viewer)")
+        yield data
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+
+
+def test_a_clinician_sees_every_communitys_studies_and_an_image(demo: dict[str, Any]) -> None:
+    if not CHROMIUM.exists():
+        pytest.skip("Debian chromium is not installed (/usr/bin/chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    communities = demo["communities"]
+    assert len(communities) >= 3
+    home = communities[0]
+    clinician = next(c for c in demo["clinicians"] if c["community"] == home["name"])
+    # alice, in the home community's own patient identifier domain.
+    alice = f"{local_patient_id(0, 0)}^^^&{ARC}.20.1000&ISO"
+    launch = (
+        home["viewer"]["launch"] + "?" + urlencode({"requestType": "PATIENT", "patientID": alice})
+    )
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"],
+        )
+        try:
+            # The demo's certificates come from its own development CA.
+            context = browser.new_context(
+                ignore_https_errors=True, viewport={"width": 1400, "height": 900}
+            )
+            page = context.new_page()
+            page.goto(launch)
+            # Not signed in: the web door sends the browser to the authorization server.
+            page.fill("#username", clinician["username"])
+            page.fill("#password", clinician["password"])
+            page.click("#sign-in")
+            rows = page.locator("#studies tbody tr")
+            sync_api.expect(rows.first).to_be_visible(timeout=60_000)
+            listed = set(page.locator("#studies td.community").all_inner_texts())
+            names = {c["name"] for c in communities}
+            assert listed == names, listed
+            DOCS.mkdir(exist_ok=True)
+            page.screenshot(path=str(DOCS / "viewer-list.png"), full_page=True)
+            # Open a study another community holds.
+            other = rows.filter(has_not_text=home["name"]).first
+            other.locator("a.open").click()
+            page.wait_for_function(
+                "document.getElementById('image').dataset.drawn >= '1'", timeout=60_000
+            )
+            sync_api.expect(page.locator(".series img").first).to_be_visible()
+            stats = page.evaluate(
+                """() => {
+                    const c = document.getElementById('image');
+                    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                    const seen = new Set();
+                    for (let i = 0; i < d.length; i += 4) seen.add(d[i]);
+                    return {width: c.width, height: c.height, values: seen.size};
+                }"""
+            )
+            assert stats["width"] > 100 and stats["values"] > 16, stats
+            page.screenshot(path=str(DOCS / "viewer-image.png"))
+        finally:
+            browser.close()
