@@ -872,6 +872,86 @@ def test_rendered_requests_that_cannot_be_answered(web: Web) -> None:
     assert unknown.status_code == 404
 
 
+# ----------------------------------------------------------------------------- IID launch
+
+
+def launch_page(web: Web, query: str, recorded: list[dict[str, Any]]) -> Any:
+    """The IID launch page (doors/viewer) over alpha's federation view, as a clinician, run on
+    alpha's loop (the web door mounts it; here the machine door's view stands in)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from xca_gateway.doors.viewer.pages import ViewerPages
+    from xca_gateway.protocol.http_server import PeerInfo, Request
+    from xca_gateway.security.callers import (
+        Identity,
+        Principal,
+        Role,
+        reset_current_caller,
+        set_current_caller,
+    )
+
+    door = web.alpha.dicomweb_front
+    assert door is not None
+    clinician = Principal(
+        "Dr Alpha", frozenset({Role.LOCAL_CONSUMER}), Identity(address="127.0.0.1")
+    )
+
+    def record(request: Any, who: Principal, **fields: Any) -> None:
+        recorded.append({"clinician": who.name, **fields})
+
+    async def body() -> Any:
+        if False:  # pragma: no cover - an empty body
+            yield b""
+
+    async def run() -> Any:
+        pages = ViewerPages(SimpleNamespace(gateway=web.alpha, dicomweb=door), record)
+        request = Request("GET", f"/iid?{query}", [], PeerInfo("127.0.0.1", 1), body(), "https")
+        token = set_current_caller(clinician)
+        try:
+            return await pages.launch(request, clinician)
+        finally:
+            reset_current_caller(token)
+
+    loop = next(t.loop for t in web.threads if t.gateway is web.alpha)
+    return asyncio.run_coroutine_threadsafe(run(), loop).result(60)
+
+
+def test_iid_launch_lists_every_communitys_studies_and_opens_one(web: Web) -> None:
+    from urllib.parse import urlencode
+
+    from xca_gateway.audit import messages as m
+
+    alice = f"{local_patient_id(0, 0)}^^^&{AUTHORITY}&ISO"
+    recorded: list[dict[str, Any]] = []
+    page = launch_page(web, urlencode({"requestType": "PATIENT", "patientID": alice}), recorded)
+    assert page.status == 200
+    html = page.body.decode()
+    assert html.count('<tr data-study="') == len(web.alice_studies())
+    assert '<td class="community">alpha</td>' in html
+    assert '<td class="community">beta</td>' in html
+    assert recorded[-1]["outcome"] == m.EventOutcome.SUCCESS
+    assert set(recorded[-1]["study_uids"]) == web.alice_studies()
+    peer_study = next(s for s in web.peer_studies if s.patient_id == local_patient_id(1, 0))
+    opened = launch_page(
+        web,
+        urlencode(
+            {
+                "requestType": "STUDY",
+                "patientID": alice,
+                "studyUID": peer_study.study_instance_uid,
+            }
+        ),
+        recorded,
+    )
+    assert opened.status == 303
+    assert dict(opened.headers)["location"] == f"/viewer/?study={peer_study.study_instance_uid}"
+    bad = launch_page(web, urlencode({"requestType": "SERIES", "patientID": alice}), recorded)
+    assert bad.status == 400 and "requestType must be PATIENT or STUDY" in bad.body.decode()
+    assert recorded[-1]["outcome"] == m.EventOutcome.MINOR_FAILURE
+    assert all(r["clinician"] == "Dr Alpha" for r in recorded) and len(recorded) == 3
+
+
 def test_bad_requests_get_clear_statuses(web: Web) -> None:
     session = web.session()
     alice = local_patient_id(0, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
@@ -154,3 +155,39 @@ def test_filters_select_the_studies_asked_for() -> None:
     assert chosen(mostRecentResults="1") == ["2.3"]
     study = parse({"requestType": "STUDY", "patientID": "P", "accessionNumber": "ACC2"})
     assert [r.study_uid for r in select_studies(rows, study)] == ["2.2"]
+
+
+def test_viewer_assets_are_served_with_a_strict_policy() -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from xca_gateway.doors.viewer.pages import ViewerPages
+    from xca_gateway.protocol.http_server import PeerInfo, Request
+
+    community = SimpleNamespace(
+        name="north", home_community_id="urn:oid:1.1", patient_id_assigning_authority=LOCAL
+    )
+    host = SimpleNamespace(
+        gateway=SimpleNamespace(config=SimpleNamespace(community=community, peers=())),
+        dicomweb=None,
+    )
+    pages = ViewerPages(host)  # type: ignore[arg-type]
+
+    async def nothing() -> Any:
+        return
+        yield b""
+
+    def get(path: str, method: str = "GET") -> Any:
+        request = Request(method, path, [], PeerInfo("127.0.0.1", 1), nothing(), "https")
+        return asyncio.run(pages.assets(request))
+
+    index = get("/viewer/")
+    headers = dict(index.headers)
+    assert index.status == 200 and headers["content-type"].startswith("text/html")
+    assert b'<canvas id="image"' in index.body and b"/viewer/viewer.js" in index.body
+    assert "script-src 'self'" in headers["content-security-policy"]
+    script = get("/viewer/viewer.js")
+    assert script.status == 200 and b"/rendered" in script.body
+    assert get("/viewer/viewer.css").status == 200
+    assert get("/viewer/../pages.py").status == 404
+    assert get("/viewer/", "POST").status == 405
