@@ -54,6 +54,7 @@ from xca_gateway.audit import messages as am
 from xca_gateway.audit.syslog import format_message, frame
 from xca_gateway.protocol.tls import client_context
 from xca_gateway.security.dev_pki import DevPki, init_dev_pki
+from xca_gateway.transactions import iti38, iti39, rad75
 
 PASSWORD = "benchmark-officer-pw"
 # alpha's certificate sends the records, which report as AuditSourceID bench-gw.
@@ -91,39 +92,32 @@ def build_messages(count: int, patients: int, seed: int = 1) -> list[bytes]:
         kind = i % 3
         if kind == 0:
             msgs: tuple[am.AuditMessage, ...] = (
-                am.iti38_query(
+                iti38.query_audit(
                     ctx,
+                    am.Parties(requester=peer, responder=local, human_requestors=user, when=now),
                     side="responding",
-                    requester=peer,
-                    responder=local,
                     query_id="urn:uuid:14d4debf-8f97-4251-9a74-a90016b0af0d",
                     query=b"<query:AdhocQueryRequest>...</query:AdhocQueryRequest>" * 4,
                     home_community_id="urn:oid:1.3.6.1.4.1.21367.13.70.2",
                     patient_ids=[pid],
-                    human_requestors=user,
-                    when=now,
                 ),
             )
         elif kind == 1:
-            msgs = am.iti39_retrieve(
+            msgs = iti39.retrieve_audit(
                 ctx,
+                am.Parties(requester=peer, responder=local, human_requestors=user, when=now),
                 side="responding",
-                requester=peer,
-                responder=local,
                 documents=[
                     am.DocumentReference(f"1.2.3.{i}.{n}", "1.2.3.80.1", "urn:oid:1.2.3.70.1")
                     for n in range(2)
                 ],
                 patient_id=pid,
-                human_requestors=user,
-                when=now,
             )
         else:
-            msgs = am.rad75_retrieve(
+            msgs = rad75.retrieve_audit(
                 ctx,
+                am.Parties(requester=peer, responder=local, human_requestors=user, when=now),
                 side="responding",
-                requester=peer,
-                responder=local,
                 instances=[
                     am.ImagingInstanceReference(
                         f"1.2.3.9.{i}",
@@ -134,8 +128,6 @@ def build_messages(count: int, patients: int, seed: int = 1) -> list[bytes]:
                     for n in range(5)
                 ],
                 patient_id=pid,
-                human_requestors=user,
-                when=now,
             )
         message = msgs[0]
         out.append(

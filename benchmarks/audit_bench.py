@@ -37,24 +37,27 @@ from xca_gateway.audit.rsyslog import RsyslogRepository, gtls_available, rsyslog
 from xca_gateway.audit.trail import AuditTrail
 from xca_gateway.security.dev_pki import init_dev_pki
 from xca_gateway.settings import TlsConfig
+from xca_gateway.transactions import iti38
 
 BASE = datetime(2026, 1, 1, tzinfo=UTC)
 _ID = re.compile(rb'ParticipantObjectID="urn:uuid:bench-(\d+)-(\d{12})"')
 
 
 def _event(ctx: m.AuditContext, run: int, n: int) -> m.AuditMessage:
-    return m.iti38_query(
+    return iti38.query_audit(
         ctx,
+        m.Parties(
+            requester=m.remote_node("127.0.0.1", certificate_subject="CN=beta.xca-gateway.test"),
+            responder=ctx.local_node("https://alpha.xca-gateway.test:8443/xca/iti38"),
+            when=BASE + timedelta(microseconds=n),
+        ),
         side="responding",
-        requester=m.remote_node("127.0.0.1", certificate_subject="CN=beta.xca-gateway.test"),
-        responder=ctx.local_node("https://alpha.xca-gateway.test:8443/xca/iti38"),
         query_id=f"urn:uuid:bench-{run}-{n:012d}",
         query=b'<query:AdhocQueryRequest xmlns:query="urn:oasis:names:tc:ebxml-regrep:xsd:'
         b'query:3.0"><rim:AdhocQuery id="urn:uuid:14d4debf-8f97-4251-9a74-a90016b0af0d"/>'
         b"</query:AdhocQueryRequest>" * 4,
         home_community_id="urn:oid:1.3.6.1.4.1.21367.13.70.2",
         patient_ids=[f"P{n}^^^&1.3.6.1.4.1.21367.13.20.1000&ISO"],
-        when=BASE + timedelta(microseconds=n),
     )
 
 

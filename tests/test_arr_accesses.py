@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from xca_gateway.arr.accesses import AccessRecord, group_accesses
 from xca_gateway.arr.parse import parse_record, patient_key
 from xca_gateway.audit import messages as am
+from xca_gateway.transactions import iti18, iti38, iti39, rad69, rad75
 
 ARC = "1.3.6.1.4.1.21367.13"
 NORTH, SOUTH, EAST = (f"urn:oid:{ARC}.70.{i}" for i in (1, 2, 3))
@@ -43,41 +44,43 @@ def query_flow(at: float, patient: str = ALICE_N) -> list[am.AuditMessage]:
     """A consumer's ITI-18 at north, fanned out to south and east."""
     q = {"query_id": "urn:uuid:q", "query": b"<q/>"}
     out = [
-        am.iti38_query(
+        iti38.query_audit(
             ctx(name),
+            am.Parties(
+                requester=NORTH_AS_PEER,
+                responder=ctx(name).local_node(f"https://{name}/xca/iti38"),
+                when=seconds(at),
+            ),
             side="responding",
-            requester=NORTH_AS_PEER,
-            responder=ctx(name).local_node(f"https://{name}/xca/iti38"),
             patient_ids=[pid],
             home_community_id=home,
-            when=seconds(at),
-            **q,  # type: ignore[arg-type]
+            **q,
         )
         for name, pid, home in (("south", ALICE_S, SOUTH), ("east", ALICE_E, EAST))
     ]
     out += [
-        am.iti38_query(
+        iti38.query_audit(
             ctx("north"),
+            am.Parties(
+                requester=NORTH_IG,
+                responder=am.endpoint_node(f"https://{name}/xca/iti38"),
+                human_requestors=ON_BEHALF,
+                when=seconds(at + 0.1),
+            ),
             side="initiating",
-            requester=NORTH_IG,
-            responder=am.endpoint_node(f"https://{name}/xca/iti38"),
             patient_ids=[pid],
             home_community_id=home,
-            human_requestors=ON_BEHALF,
-            when=seconds(at + 0.1),
-            **q,  # type: ignore[arg-type]
+            **q,
         )
         for name, pid, home in (("south", ALICE_S, SOUTH), ("east", ALICE_E, EAST))
     ]
     out.append(
-        am.iti18_query(
+        iti18.query_audit(
             ctx("north"),
+            am.Parties(requester=VIEWER, responder=NORTH_IG, when=seconds(at + 0.2)),
             side="registry",
-            requester=VIEWER,
-            responder=NORTH_IG,
             patient_ids=[patient],
-            when=seconds(at + 0.2),
-            **q,  # type: ignore[arg-type]
+            **q,
         )
     )
     return out
@@ -87,37 +90,39 @@ def study_flow(at: float) -> list[am.AuditMessage]:
     """A consumer's RAD-69 at north for a study in south (4 instances, one lost)."""
     study = instances(f"{ARC}.90.2.1", SOUTH, 4)
     out = list(
-        am.rad75_retrieve(
+        rad75.retrieve_audit(
             ctx("south"),
+            am.Parties(
+                requester=NORTH_AS_PEER,
+                responder=ctx("south").local_node("https://south/xca/rad75"),
+                when=seconds(at),
+            ),
             side="responding",
-            requester=NORTH_AS_PEER,
-            responder=ctx("south").local_node("https://south/xca/rad75"),
             instances=study[:3],
             failed=study[3:],
             patient_id=ALICE_S,
-            when=seconds(at),
         )
     )
-    out += am.rad75_retrieve(
+    out += rad75.retrieve_audit(
         ctx("north"),
+        am.Parties(
+            requester=NORTH_IG,
+            responder=am.endpoint_node("https://south/xca/rad75"),
+            human_requestors=ON_BEHALF,
+            when=seconds(at + 0.1),
+        ),
         side="initiating",
-        requester=NORTH_IG,
-        responder=am.endpoint_node("https://south/xca/rad75"),
         instances=study[:3],
         failed=study[3:],
         patient_id=ALICE_S,
-        human_requestors=ON_BEHALF,
-        when=seconds(at + 0.1),
     )
-    out += am.rad69_retrieve(
+    out += rad69.retrieve_audit(
         ctx("north"),
+        am.Parties(requester=VIEWER, responder=NORTH_IG, when=seconds(at + 0.2)),
         side="imaging_document_source",
-        requester=VIEWER,
-        responder=NORTH_IG,
         instances=study[:3],
         failed=study[3:],
         patients={i.sop_instance_uid: am.PatientRef(ALICE_S, "Lindqvist^Alice") for i in study},
-        when=seconds(at + 0.2),
     )
     return out
 
@@ -127,23 +132,27 @@ def c_get_flow(at: float) -> list[am.AuditMessage]:
     manifest fetch first, then RAD-75 to east."""
     out = query_flow(at)[:4]  # the ITI-38 legs, no ITI-18 (in-process)
     study = instances(f"{ARC}.90.3.1", EAST, 2)
-    out += am.iti39_retrieve(
+    out += iti39.retrieve_audit(
         ctx("north"),
+        am.Parties(
+            requester=NORTH_IG,
+            responder=am.endpoint_node("https://east/xca/iti39"),
+            when=seconds(at + 1),
+        ),
         side="initiating",
-        requester=NORTH_IG,
-        responder=am.endpoint_node("https://east/xca/iti39"),
         documents=[am.DocumentReference("1.2.3.kos", "1.2.3", EAST)],
         patient_id=ALICE_E,
-        when=seconds(at + 1),
     )
-    out += am.rad75_retrieve(
+    out += rad75.retrieve_audit(
         ctx("north"),
+        am.Parties(
+            requester=NORTH_IG,
+            responder=am.endpoint_node("https://east/xca/rad75"),
+            when=seconds(at + 2),
+        ),
         side="initiating",
-        requester=NORTH_IG,
-        responder=am.endpoint_node("https://east/xca/rad75"),
         instances=study,
         patient_id=ALICE_E,
-        when=seconds(at + 2),
     )
     out.append(
         am.instances_transferred(

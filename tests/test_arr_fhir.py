@@ -29,6 +29,7 @@ from xca_gateway.audit.syslog import format_message, frame
 from xca_gateway.audit.trail import AuditTrail
 from xca_gateway.protocol.tls import client_context
 from xca_gateway.security.dev_pki import DevPki
+from xca_gateway.transactions import iti38, rad75
 
 CTX = am.AuditContext(am.AuditSource("north-gw", "1.3.6.1.4.1.21367.13.70.1"), host="north")
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -44,31 +45,35 @@ def arr_pki(pki: DevPki) -> DevPki:
 def _message(i: int) -> bytes:
     patient = f"F{i % 3}^^^&1.3.6.1.4.1.21367.13.20.1000&ISO"
     if i % 2:
-        messages = am.rad75_retrieve(
+        messages = rad75.retrieve_audit(
             CTX,
+            am.Parties(
+                requester=am.remote_node(f"10.1.0.{i % 4}", certificate_subject="CN=south"),
+                responder=CTX.local_node("https://north/xca/rad75"),
+                human_requestors=[am.xua_requestor(f"dr{i % 2}", "idp.example.org")],
+                when=NOW - timedelta(minutes=i),
+            ),
             side="responding",
-            requester=am.remote_node(f"10.1.0.{i % 4}", certificate_subject="CN=south"),
-            responder=CTX.local_node("https://north/xca/rad75"),
             instances=[am.ImagingInstanceReference(f"1.2.9.{i}", f"1.2.9.{i}.1", f"1.2.9.{i}.1.1")],
             failed=[am.ImagingInstanceReference("1.2.9.99", "1.2.9.99.1", "1.2.9.99.1.1")]
             if i % 5 == 0
             else (),
             patient_id=patient,
-            human_requestors=[am.xua_requestor(f"dr{i % 2}", "idp.example.org")],
-            when=NOW - timedelta(minutes=i),
         )
     else:
         messages = (
-            am.iti38_query(
+            iti38.query_audit(
                 CTX,
+                am.Parties(
+                    requester=am.remote_node(f"10.1.0.{i % 4}", certificate_subject="CN=south"),
+                    responder=CTX.local_node("https://north/xca/iti38"),
+                    when=NOW - timedelta(minutes=i),
+                ),
                 side="responding",
-                requester=am.remote_node(f"10.1.0.{i % 4}", certificate_subject="CN=south"),
-                responder=CTX.local_node("https://north/xca/iti38"),
                 query_id="urn:uuid:14d4debf-8f97-4251-9a74-a90016b0af0d",
                 query=b"<AdhocQueryRequest/>",
                 home_community_id="urn:oid:1.3.6.1.4.1.21367.13.70.2",
                 patient_ids=[patient],
-                when=NOW - timedelta(minutes=i),
             ),
         )
     return b"".join(

@@ -28,6 +28,7 @@ from xca_gateway.arr.store import EventFilter, SqliteAuditStore
 from xca_gateway.arr.web import PatientXref, hash_password, verify_password
 from xca_gateway.audit import messages as am
 from xca_gateway.audit.syslog import format_message, frame
+from xca_gateway.transactions import iti38
 
 PATIENT = "C01-1001^^^&1.3.6.1.4.1.21367.13.20.1000&ISO"
 CTX = am.AuditContext(am.AuditSource("north-gw", "1.3.6.1.4.1.21367.13.70.1"), host="gw1")
@@ -65,18 +66,20 @@ RFC3881_MESSAGE = b"""<?xml version="1.0" encoding="UTF-8"?>
 
 
 def dicom_query(outcome: am.EventOutcome = am.EventOutcome.SUCCESS) -> am.AuditMessage:
-    return am.iti38_query(
+    return iti38.query_audit(
         CTX,
+        am.Parties(
+            requester=am.remote_node("10.0.0.5", certificate_subject="CN=south"),
+            responder=CTX.local_node("https://north.example.org/xca/iti38"),
+            human_requestors=[am.xua_requestor("dr.who", "idp.example.org", "drwho")],
+            when=datetime(2026, 1, 15, 10, 22, 33, 123000, tzinfo=UTC),
+        ),
         side="responding",
-        requester=am.remote_node("10.0.0.5", certificate_subject="CN=south"),
-        responder=CTX.local_node("https://north.example.org/xca/iti38"),
         query_id="urn:uuid:14d4debf-8f97-4251-9a74-a90016b0af0d",
         query=b"<AdhocQueryRequest/>",
         home_community_id="urn:oid:1.3.6.1.4.1.21367.13.70.2",
         patient_ids=[PATIENT],
-        human_requestors=[am.xua_requestor("dr.who", "idp.example.org", "drwho")],
         outcome=outcome,
-        when=datetime(2026, 1, 15, 10, 22, 33, 123000, tzinfo=UTC),
     )
 
 
@@ -272,17 +275,19 @@ def _records(n: int) -> list[bytes]:
     out = []
     base = datetime(2026, 1, 1, tzinfo=UTC)
     for i in range(n):
-        message = am.iti38_query(
+        message = iti38.query_audit(
             CTX,
+            am.Parties(
+                requester=am.remote_node(f"10.0.0.{i % 3}"),
+                responder=CTX.local_node("https://north/xca/iti38"),
+                human_requestors=[am.xua_requestor(f"user{i % 2}", "idp")],
+                when=base + timedelta(hours=i),
+            ),
             side="responding",
-            requester=am.remote_node(f"10.0.0.{i % 3}"),
-            responder=CTX.local_node("https://north/xca/iti38"),
             query_id="q",
             query=b"<q/>",
             patient_ids=[f"P{i % 4}^^^&1.2.3&ISO"],
-            human_requestors=[am.xua_requestor(f"user{i % 2}", "idp")],
             outcome=am.EventOutcome.SUCCESS if i % 5 else am.EventOutcome.SERIOUS_FAILURE,
-            when=base + timedelta(hours=i),
         )
         out.append(syslog(message))
     return out

@@ -21,6 +21,7 @@ from xca_gateway.audit import messages as am
 from xca_gateway.audit.syslog import format_message, frame
 from xca_gateway.protocol.tls import client_context
 from xca_gateway.security.dev_pki import init_dev_pki
+from xca_gateway.transactions import iti38
 
 CTX = am.AuditContext(am.AuditSource("pg-gw"), host="pg")
 
@@ -45,18 +46,20 @@ def database(postgres_dsn: str) -> Iterator[str]:
 
 
 def syslog_message(i: int) -> bytes:
-    message = am.iti38_query(
+    message = iti38.query_audit(
         CTX,
+        am.Parties(
+            requester=am.remote_node(f"10.2.0.{i % 3}"),
+            responder=CTX.local_node("https://pg/xca/iti38"),
+            human_requestors=[am.xua_requestor(f"user{i % 2}", "idp")],
+            when=datetime(2026, 1, 1, tzinfo=UTC) + timedelta(hours=i),
+        ),
         side="responding",
-        requester=am.remote_node(f"10.2.0.{i % 3}"),
-        responder=CTX.local_node("https://pg/xca/iti38"),
         query_id="q",
         query=b"<q/>",
         home_community_id="urn:oid:1.2.3.70.9",
         patient_ids=[f"PG{i % 4}^^^&1.2.3&ISO"],
-        human_requestors=[am.xua_requestor(f"user{i % 2}", "idp")],
         outcome=am.EventOutcome.SUCCESS if i % 5 else am.EventOutcome.SERIOUS_FAILURE,
-        when=datetime(2026, 1, 1, tzinfo=UTC) + timedelta(hours=i),
     )
     return format_message(
         message.to_xml(),

@@ -30,6 +30,7 @@ from xca_gateway.audit.syslog import format_message, frame
 from xca_gateway.audit.trail import AuditTrail
 from xca_gateway.protocol.tls import certificate_info, client_context
 from xca_gateway.security.dev_pki import DevPki, init_dev_pki
+from xca_gateway.transactions import iti38
 
 CTX = am.AuditContext(am.AuditSource("alpha-gw", "1.3.6.1.4.1.21367.13.70.1"), host="alpha")
 
@@ -84,11 +85,13 @@ def arr_factory(arr_pki: DevPki, tmp_path: Path) -> Iterator[Factory]:
 
 def query_message(patient: str, n: int = 0, *, source: str | None = None) -> bytes:
     ctx = CTX if source is None else am.AuditContext(am.AuditSource(source), host="forger")
-    message = am.iti38_query(
+    message = iti38.query_audit(
         ctx,
+        am.Parties(
+            requester=am.remote_node("10.0.0.7", certificate_subject="CN=beta"),
+            responder=ctx.local_node("https://alpha.example.org/xca/iti38"),
+        ),
         side="responding",
-        requester=am.remote_node("10.0.0.7", certificate_subject="CN=beta"),
-        responder=ctx.local_node("https://alpha.example.org/xca/iti38"),
         query_id=f"urn:uuid:q{n}",
         query=b"<AdhocQueryRequest/>",
         patient_ids=[patient],
@@ -174,11 +177,13 @@ def test_our_audit_trail_delivers_over_tls_and_udp(
         await trail.start()
         for i in range(30):
             trail.record(
-                am.iti38_query(
+                iti38.query_audit(
                     trail.context,
+                    am.Parties(
+                        requester=am.remote_node("10.0.0.9", certificate_subject="CN=beta"),
+                        responder=trail.context.local_node("https://alpha/xca/iti38"),
+                    ),
                     side="responding",
-                    requester=am.remote_node("10.0.0.9", certificate_subject="CN=beta"),
-                    responder=trail.context.local_node("https://alpha/xca/iti38"),
                     query_id="q",
                     query=b"<q/>",
                     patient_ids=[f"T{i % 3}^^^&1.2.3&ISO"],

@@ -26,6 +26,7 @@ from xca_gateway.audit.syslog import format_message
 from xca_gateway.protocol.tls import client_context
 from xca_gateway.security.dev_pki import DevPki, init_dev_pki
 from xca_gateway.tools.dicom_samples import local_patient_id
+from xca_gateway.transactions import iti38, rad69, rad75
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -68,26 +69,32 @@ def demo_like_events() -> list[bytes]:
             when = now - timedelta(days=k * 10 + c, hours=k)
             out.append(
                 _syslog(
-                    am.iti38_query(
+                    iti38.query_audit(
                         ctx,
+                        am.Parties(
+                            requester=requester,
+                            responder=ctx.local_node(f"https://{name}/xca/iti38"),
+                            human_requestors=user,
+                            when=when,
+                        ),
                         side="responding",
-                        requester=requester,
-                        responder=ctx.local_node(f"https://{name}/xca/iti38"),
                         query_id="urn:uuid:14d4debf-8f97-4251-9a74-a90016b0af0d",
                         query=b"<AdhocQueryRequest/>",
                         home_community_id=f"urn:oid:{ARC}.70.{c + 1}",
                         patient_ids=[demo_patient(c)],
-                        human_requestors=user,
-                        when=when,
                     ),
                     name,
                 )
             )
-            for m in am.rad75_retrieve(
+            for m in rad75.retrieve_audit(
                 ctx,
+                am.Parties(
+                    requester=requester,
+                    responder=ctx.local_node(f"https://{name}/xca/rad75"),
+                    human_requestors=user,
+                    when=when + timedelta(seconds=5),
+                ),
                 side="responding",
-                requester=requester,
-                responder=ctx.local_node(f"https://{name}/xca/rad75"),
                 instances=[
                     am.ImagingInstanceReference(
                         f"{ARC}.90.{c + 1}.1",
@@ -107,18 +114,18 @@ def demo_like_events() -> list[bytes]:
                     )
                 ],
                 patient_id=demo_patient(c),
-                human_requestors=user,
-                when=when + timedelta(seconds=5),
             ):
                 out.append(_syslog(m, name))
         # Someone else (bob) too, so that a search narrows things down.
         out.append(
             _syslog(
-                am.iti38_query(
+                iti38.query_audit(
                     ctx,
+                    am.Parties(
+                        requester=am.remote_node("127.0.0.9"),
+                        responder=ctx.local_node(f"https://{name}/xca/iti38"),
+                    ),
                     side="responding",
-                    requester=am.remote_node("127.0.0.9"),
-                    responder=ctx.local_node(f"https://{name}/xca/iti38"),
                     query_id="q",
                     query=b"<q/>",
                     patient_ids=[demo_patient(c, 1)],
@@ -445,17 +452,19 @@ def test_report_finds_the_person_by_name_in_the_officers_zone(
     ctx = am.AuditContext(am.AuditSource("north-gateway"), host="north")
     evil = "O'Brien^<script>alert(1)</script>"
     when = datetime(2026, 7, 1, 12, 0, tzinfo=UTC)
-    for msg in am.rad69_retrieve(
+    for msg in rad69.retrieve_audit(
         ctx,
+        am.Parties(
+            requester=am.remote_node("127.0.0.7", certificate_subject="CN=viewer"),
+            responder=ctx.local_node("https://north/ig/rad69"),
+            when=when,
+        ),
         side="imaging_document_source",
-        requester=am.remote_node("127.0.0.7", certificate_subject="CN=viewer"),
-        responder=ctx.local_node("https://north/ig/rad69"),
         instances=[
             am.ImagingInstanceReference("9.1", "9.1.1", f"9.1.1.{i}", "1.2.840.10008.5.1.4.1.1.2")
             for i in range(3)
         ],
         patients={f"9.1.1.{i}": am.PatientRef("EVIL-1^^^&1.2.9&ISO", evil) for i in range(3)},
-        when=when,
     ):
         repo.ingestor.submit_record_bytes(_syslog(msg, "north"), "127.0.0.1", "tls")
     thread.flush()

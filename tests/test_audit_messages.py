@@ -6,12 +6,14 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from lxml import etree
 
 from xca_gateway.audit import messages as m
 from xca_gateway.audit.validate import AuditSchemaError, schema_errors, validate
+from xca_gateway.transactions import iti18, iti38, iti39, iti42, iti43, iti45, iti55, rad69, rad75
 
 WHEN = datetime(2026, 1, 15, 10, 22, 33, 123456, tzinfo=UTC)
 CTX = m.AuditContext(
@@ -45,78 +47,61 @@ INSTANCES = (
 
 def _all_messages() -> dict[str, m.AuditMessage]:
     """One message (or more) from every builder, each side, with every optional part."""
-    common_query = dict(
-        requester=IG,
-        responder=RG,
+    asked = m.Parties(IG, RG, human_requestors=[USER], purposes_of_use=[PURPOSE], when=WHEN)
+    common_query: dict[str, Any] = dict(
         query_id="urn:uuid:14d4debf-8f97-4251-9a74-a90016b0af0d",
         query=QUERY,
         patient_ids=[PATIENT],
-        human_requestors=[USER],
-        purposes_of_use=[PURPOSE],
-        when=WHEN,
     )
     out: dict[str, m.AuditMessage] = {}
     for side in ("initiating", "responding"):
-        out[f"iti38-{side}"] = m.iti38_query(CTX, side=side, home_community_id=HCID, **common_query)  # type: ignore[arg-type]
-        out[f"iti55-{side}"] = m.iti55_query(CTX, side=side, home_community_id=HCID, **common_query)  # type: ignore[arg-type]
+        out[f"iti38-{side}"] = iti38.query_audit(
+            CTX, asked, side=side, home_community_id=HCID, **common_query
+        )
+        out[f"iti55-{side}"] = iti55.query_audit(
+            CTX, asked, side=side, home_community_id=HCID, **common_query
+        )
         for i, msg in enumerate(
-            m.iti39_retrieve(
+            iti39.retrieve_audit(
                 CTX,
+                m.Parties(requester=IG, responder=RG, human_requestors=[USER], when=WHEN),
                 side=side,
-                requester=IG,
-                responder=RG,
                 documents=[DOC],
                 failed=[DOC2],
                 patient_id=PATIENT,
-                human_requestors=[USER],
-                when=WHEN,
             )
         ):
             out[f"iti39-{side}-{i}"] = msg
         for i, msg in enumerate(
-            m.rad75_retrieve(
+            rad75.retrieve_audit(
                 CTX,
+                m.Parties(requester=IG, responder=RG, when=WHEN),
                 side=side,
-                requester=IG,
-                responder=RG,
                 instances=INSTANCES[:3],
                 failed=INSTANCES[3:],
                 patient_id=PATIENT,
-                when=WHEN,
             )
         ):
             out[f"rad75-{side}-{i}"] = msg
     for side in ("consumer", "registry"):
-        out[f"iti18-{side}"] = m.iti18_query(CTX, side=side, **common_query)  # type: ignore[arg-type]
+        out[f"iti18-{side}"] = iti18.query_audit(CTX, asked, side=side, **common_query)
     for side in ("consumer", "manager"):
-        out[f"iti45-{side}"] = m.iti45_query(CTX, side=side, **common_query)  # type: ignore[arg-type]
+        out[f"iti45-{side}"] = iti45.query_audit(CTX, asked, side=side, **common_query)
     for side in ("consumer", "repository"):
-        out[f"iti43-{side}"] = m.iti43_retrieve(
-            CTX,
-            side=side,
-            requester=IG,
-            responder=RG,
-            documents=[DOC, DOC2],
-            when=WHEN,  # type: ignore[arg-type]
+        out[f"iti43-{side}"] = iti43.retrieve_audit(
+            CTX, m.Parties(requester=IG, responder=RG, when=WHEN), side=side, documents=[DOC, DOC2]
         )[0]
     for side in ("consumer", "imaging_document_source"):
-        out[f"rad69-{side}"] = m.rad69_retrieve(
-            CTX,
-            side=side,
-            requester=IG,
-            responder=RG,
-            instances=INSTANCES,
-            when=WHEN,  # type: ignore[arg-type]
+        out[f"rad69-{side}"] = rad69.retrieve_audit(
+            CTX, m.Parties(requester=IG, responder=RG, when=WHEN), side=side, instances=INSTANCES
         )[0]
     for side in ("repository", "registry"):
-        out[f"iti42-{side}"] = m.iti42_register(
+        out[f"iti42-{side}"] = iti42.register_audit(
             CTX,
+            m.Parties(requester=IG, responder=RG, when=WHEN),
             side=side,
-            requester=IG,
-            responder=RG,  # type: ignore[arg-type]
             submission_set_unique_id="1.2.3.4.5.6",
             patient_id=PATIENT,
-            when=WHEN,
         )
     out["app-start"] = m.application_activity(
         CTX, event="start", application_id="https://alpha.example", launcher="root", when=WHEN
@@ -259,21 +244,21 @@ def test_query_participants_and_objects() -> None:
 
 
 def test_machine_requestor_without_human() -> None:
-    msg = m.iti38_query(CTX, side="initiating", requester=IG, responder=RG, query_id="q", query=b"")
+    msg = iti38.query_audit(
+        CTX, m.Parties(requester=IG, responder=RG), side="initiating", query_id="q", query=b""
+    )
     assert [p.user_is_requestor for p in msg.participants] == [True, False]
     # No patient in the query: only the query object.
     assert [o.type_code_role for o in msg.objects] == [m.ObjectRole.QUERY]
 
 
 def test_retrieve_splits_successes_and_failures() -> None:
-    ok, failed = m.iti39_retrieve(
+    ok, failed = iti39.retrieve_audit(
         CTX,
+        m.Parties(requester=IG, responder=RG, outcome_description="XDSDocumentUniqueIdError"),
         side="initiating",
-        requester=IG,
-        responder=RG,
         documents=[DOC],
         failed=[DOC2],
-        outcome_description="XDSDocumentUniqueIdError",
     )
     # No patient given: each record says so with a Patient participant without id.
     assert [o.object_id for o in ok.objects] == [None, DOC.document_unique_id]
@@ -294,11 +279,10 @@ def test_retrieve_splits_successes_and_failures() -> None:
         "ihe:homeCommunityID": HCID.encode(),
     }
     # Nothing delivered at all: one failure message.
-    (only,) = m.iti43_retrieve(
+    (only,) = iti43.retrieve_audit(
         CTX,
+        m.Parties(requester=IG, responder=RG),
         side="repository",
-        requester=IG,
-        responder=RG,
         documents=[],
         failed=[DOC],
         failure_outcome=m.EventOutcome.MAJOR_FAILURE,
@@ -327,16 +311,16 @@ def test_imaging_retrieve_study_objects() -> None:
         "ihe:homeCommunityID",
     ]
     # RAD-75 uses the XCA home community detail name.
-    rad75 = MESSAGES["rad75-responding-0"].objects[1]
-    assert m.DETAIL_XCA_HOME_COMMUNITY_ID in dict(rad75.details)
+    cross_gateway = MESSAGES["rad75-responding-0"].objects[1]
+    assert m.DETAIL_XCA_HOME_COMMUNITY_ID in dict(cross_gateway.details)
     el = MESSAGES["rad75-responding-0"].to_element()
     assert el.find(".//ParticipantObjectContainsStudy/StudyIDs").get("UID") == "1.2.3.9"  # type: ignore[union-attr]
 
 
 def test_large_study_lists_counts_not_every_instance() -> None:
     many = [m.ImagingInstanceReference("1.2.3", "1.2.3.1", f"1.2.3.1.{i}", CT) for i in range(2000)]
-    (msg,) = m.rad69_retrieve(
-        CTX, side="imaging_document_source", requester=IG, responder=RG, instances=many
+    (msg,) = rad69.retrieve_audit(
+        CTX, m.Parties(requester=IG, responder=RG), side="imaging_document_source", instances=many
     )
     assert schema_errors(msg) == []
     (sop_class,) = msg.objects[1].description.sop_classes  # type: ignore[union-attr]
@@ -406,8 +390,8 @@ def test_outcome_for_registry_status() -> None:
 @pytest.mark.parametrize(
     "call",
     [
-        lambda: m.iti38_query(
-            CTX, side="consumer", requester=IG, responder=RG, query_id="q", query=b""
+        lambda: iti38.query_audit(
+            CTX, m.Parties(requester=IG, responder=RG), side="consumer", query_id="q", query=b""
         ),  # type: ignore[arg-type]
         lambda: m.application_activity(CTX, event="restart", application_id="x"),  # type: ignore[arg-type]
     ],
@@ -537,8 +521,8 @@ def test_malformed_document_requests_are_still_named_in_the_retrieve_audit() -> 
     ]
     delivered, failed = extract.split_documents(requested, [])
     assert (delivered, failed) == ([], requested)
-    (message,) = m.iti39_retrieve(
-        CTX, side="responding", requester=IG, responder=RG, documents=[], failed=failed
+    (message,) = iti39.retrieve_audit(
+        CTX, m.Parties(requester=IG, responder=RG), side="responding", documents=[], failed=failed
     )
     assert schema_errors(message) == []
     objects = message.to_element().findall("ParticipantObjectIdentification")
@@ -560,8 +544,12 @@ def test_malformed_document_requests_are_still_named_in_the_retrieve_audit() -> 
     (instance,) = extract.requested_instances(imaging)
     assert instance.sop_instance_uid == "" and instance.study_instance_uid == ""
     assert instance.problem == "empty studyInstanceUID; DocumentRequest without DocumentUniqueId"
-    (message,) = m.rad75_retrieve(
-        CTX, side="responding", requester=IG, responder=RG, instances=[], failed=[instance]
+    (message,) = rad75.retrieve_audit(
+        CTX,
+        m.Parties(requester=IG, responder=RG),
+        side="responding",
+        instances=[],
+        failed=[instance],
     )
     assert schema_errors(message) == []
     _patient, study = message.to_element().findall("ParticipantObjectIdentification")
@@ -574,11 +562,10 @@ def test_every_retrieve_record_names_its_patient() -> None:
     1, IDTypeCode 2) and its name; the default patient for what the mapping does not name."""
     alice = m.PatientRef("A1^^^&1.2.3&ISO", "Doe^Alice")
     bob = m.PatientRef("B1^^^&1.2.3&ISO")
-    records = m.rad75_retrieve(
+    records = rad75.retrieve_audit(
         CTX,
+        m.Parties(requester=IG, responder=RG),
         side="initiating",
-        requester=IG,
-        responder=RG,
         instances=INSTANCES[:3],
         failed=INSTANCES[3:],
         patients={"1.2.3.9.1.1": alice, "1.2.3.9.1.2": alice, "1.2.3.8.1.1": bob},

@@ -35,6 +35,7 @@ from xca_gateway.metrics import GatewayMetrics
 from xca_gateway.protocol.tls import certificate_info, client_context
 from xca_gateway.security.dev_pki import DevPki
 from xca_gateway.settings import ConfigError, TlsConfig
+from xca_gateway.transactions import iti38
 
 BASE = datetime(2026, 1, 15, 10, 0, tzinfo=UTC)
 
@@ -92,15 +93,17 @@ def _config(
 
 def _query(ctx: m.AuditContext, n: int) -> m.AuditMessage:
     """A distinct, recognisable audit message per number."""
-    return m.iti38_query(
+    return iti38.query_audit(
         ctx,
+        m.Parties(
+            requester=m.remote_node("127.0.0.1", certificate_subject="CN=beta"),
+            responder=ctx.local_node("https://alpha.example/xca/iti38"),
+            when=BASE + timedelta(milliseconds=n),
+        ),
         side="responding",
-        requester=m.remote_node("127.0.0.1", certificate_subject="CN=beta"),
-        responder=ctx.local_node("https://alpha.example/xca/iti38"),
         query_id=f"urn:uuid:00000000-0000-0000-0000-{n:012d}",
         query=b"<AdhocQueryRequest/>" * 20,
         patient_ids=[f"P{n}^^^&1.2.3&ISO"],
-        when=BASE + timedelta(milliseconds=n),
     )
 
 
@@ -207,6 +210,7 @@ from pathlib import Path
 from xca_gateway.audit import AuditTrail, parse_audit_config
 from xca_gateway.audit import messages as m
 from xca_gateway.settings import TlsConfig
+from xca_gateway.transactions import iti38
 
 args = json.loads(sys.argv[1])
 tls = TlsConfig(Path(args["cert"]), Path(args["key"]), Path(args["ca"]))
@@ -214,14 +218,17 @@ config = parse_audit_config(args["audit"], Path(args["base"]), Path(args["base"]
 base = datetime(2026, 1, 15, 10, 0, tzinfo=UTC)
 
 def query(ctx, n):
-    return m.iti38_query(
-        ctx, side="responding",
-        requester=m.remote_node("127.0.0.1", certificate_subject="CN=beta"),
-        responder=ctx.local_node("https://alpha.example/xca/iti38"),
+    return iti38.query_audit(
+        ctx,
+        m.Parties(
+            requester=m.remote_node("127.0.0.1", certificate_subject="CN=beta"),
+            responder=ctx.local_node("https://alpha.example/xca/iti38"),
+            when=base + timedelta(milliseconds=n),
+        ),
+        side="responding",
         query_id=f"urn:uuid:00000000-0000-0000-0000-{n:012d}",
         query=b"<AdhocQueryRequest/>" * 20,
         patient_ids=[f"P{n}^^^&1.2.3&ISO"],
-        when=base + timedelta(milliseconds=n),
     )
 
 async def main():
@@ -542,11 +549,12 @@ async def test_a_handler_audits_a_real_iti38_request(
         response = await inner(request)
         query = extract.stored_query(request.payload)
         trail.record(
-            m.iti38_query(
+            iti38.query_audit(
                 trail.context,
+                m.Parties(
+                    requester=soap_requester(request), responder=trail.local_node(endpoint_url)
+                ),
                 side="responding",
-                requester=soap_requester(request),
-                responder=trail.local_node(endpoint_url),
                 query_id=query.query_id,
                 query=query.query,
                 home_community_id=query.home_community_id,

@@ -1,13 +1,16 @@
 """DICOM PS3.15 Annex A.5 audit messages (ATNA ITI-20) as the IHE frameworks shape them.
 
-Sans-IO: frozen dataclasses for the message model with a ``to_xml()`` builder, plus one builder
-function per IHE transaction and side. The field values follow ITI TF-2 / RAD TF-3 audit
-sections (cross-checked against IPF's audit strategies and dcm4che's audit
+Sans-IO: frozen dataclasses for the message model with a ``to_xml()`` builder, the participant
+and object helpers, and the shapes the transactions share (:func:`query_message`,
+:func:`document_retrieve_messages`, :func:`imaging_retrieve_messages`, who took part as one
+:class:`Parties`); each IHE transaction's own record, per side, is built in its module
+(``xca_gateway.transactions.iti38.query_audit`` and so on). The field values follow ITI TF-2 /
+RAD TF-3 audit sections (cross-checked against IPF's audit strategies and dcm4che's audit
 messages): queries are EventID 110112 "Query"; retrieves are 110107 "Import" on the side that
-receives the documents and 110106 "Export" on the side that hands them out; imaging retrieves are
-110104 "DICOM Instances Transferred" on both ends (PS3.15 A.5.3.4 describes one transfer between
-two Application Entities, reported by each: action R by the sender, C by the receiver, which
-holds no copy before), so that an audit repository can pair the two records.
+receives the documents and 110106 "Export" on the side that hands them out; imaging retrieves
+are 110104 "DICOM Instances Transferred" on both ends (PS3.15 A.5.3.4 describes one transfer
+between two Application Entities, reported by each: action R by the sender, C by the receiver,
+which holds no copy before), so that an audit repository can pair the two records.
 
 Participants. Queries name the requester as Source (110153) and the responder as Destination
 (110152). Retrieves name them the other way round: the Source is where the documents come from
@@ -16,8 +19,8 @@ RAD-75 define it. The local system carries its process id as AlternativeUserID; 
 carries its TLS certificate subject as UserName. XUA users become "human requestor" participants
 named ``alias<user@issuer>`` (ITI TF-2 3.40.4.2).
 
-A.5.2: when some documents of a retrieve succeed and others fail, the retrieve builders return
-one message for the successes (outcome 0) and one for the failures.
+A.5.2: when some documents of a retrieve succeed and others fail, the retrieve records are one
+message for the successes (outcome 0) and one for the failures.
 
 Every retrieve record names its patient (ParticipantObjectTypeCode 1, role 1, the CX id and,
 when seen, the name): A.5.3.4 allows one patient per record, so a retrieve spanning several
@@ -36,9 +39,9 @@ import os
 import re
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
 from lxml import etree
@@ -339,7 +342,7 @@ def _text(value: str) -> str:
     return _TEXT_SPECIAL.sub(lambda m: _ESCAPES[m.group()], _x(value))
 
 
-def _utf8(value: str) -> bytes:
+def utf8(value: str) -> bytes:
     """UTF-8 of a value that may hold lone surrogates (replaced, as in the XML)."""
     return _x(value).encode("utf-8")
 
@@ -605,9 +608,6 @@ class Parties:
     # One time for every record of the exchange (None: now).
     when: datetime | None = None
 
-    def as_keywords(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
 
 def remote_node(
     address: str | None,
@@ -697,7 +697,7 @@ def _human_participants(humans: Sequence[HumanRequestor]) -> list[ActiveParticip
     ]
 
 
-def _participants(
+def active_participants(
     source: Node,
     destination: Node,
     requester: Node,
@@ -746,7 +746,7 @@ def unknown_patient_object(reason: str = PATIENT_NOT_KNOWN) -> ParticipantObject
         id_type_code=ParticipantObjectIdType.PATIENT_NUMBER,
         type_code=ObjectType.PERSON,
         type_code_role=ObjectRole.PATIENT,
-        details=((DETAIL_PATIENT_NOT_KNOWN, _utf8(reason)),),
+        details=((DETAIL_PATIENT_NOT_KNOWN, utf8(reason)),),
     )
 
 
@@ -800,7 +800,7 @@ def _unique(values: Iterable[str | None]) -> list[str]:
     return list(dict.fromkeys(v for v in values if v))
 
 
-def _message(
+def audit_message(
     ctx: AuditContext,
     *,
     event_id: CodedValue,
@@ -832,196 +832,43 @@ def _message(
 # --------------------------------------------------------------------------- queries
 
 
-def _query(
+def query_message(
     ctx: AuditContext,
     transaction: CodedValue,
+    parties: Parties,
     *,
-    requester: Node,
-    responder: Node,
     query_id: str | None,
     query: bytes,
     details: Sequence[tuple[str, bytes]],
     patient_ids: Sequence[str],
-    human_requestors: Sequence[HumanRequestor],
-    purposes_of_use: Sequence[CodedValue],
     outcome: EventOutcome,
-    outcome_description: str | None,
-    when: datetime | None,
 ) -> AuditMessage:
+    """A transaction's query record (EventID 110112 "Query", action E): the requester is the
+    Source, the responder the Destination; the patients the query names, then the query
+    itself (ParticipantObjectQuery) with ``details``."""
     objects = [patient_object(p) for p in _unique(patient_ids)]
     objects.append(query_object(transaction, query_id, query, details))
-    return _message(
+    return audit_message(
         ctx,
         event_id=EventId.QUERY,
         action="E",
         type_code=transaction,
         outcome=outcome,
-        when=when,
-        outcome_description=outcome_description,
-        purposes_of_use=purposes_of_use,
-        participants=_participants(requester, responder, requester, human_requestors),
+        when=parties.when,
+        outcome_description=parties.outcome_description,
+        purposes_of_use=parties.purposes_of_use,
+        participants=active_participants(
+            parties.requester, parties.responder, parties.requester, parties.human_requestors
+        ),
         objects=objects,
     )
 
 
-def _stored_query_details(home_community_id: str | None, encoding: str) -> list[tuple[str, bytes]]:
-    details = [(DETAIL_QUERY_ENCODING, _utf8(encoding))]
+def stored_query_details(home_community_id: str | None, encoding: str) -> list[tuple[str, bytes]]:
+    details = [(DETAIL_QUERY_ENCODING, utf8(encoding))]
     if home_community_id:
-        details.append((DETAIL_XCA_HOME_COMMUNITY_ID, _utf8(home_community_id)))
+        details.append((DETAIL_XCA_HOME_COMMUNITY_ID, utf8(home_community_id)))
     return details
-
-
-def iti38_query(
-    ctx: AuditContext,
-    *,
-    side: Literal["initiating", "responding"],
-    requester: Node,
-    responder: Node,
-    query_id: str | None,
-    query: bytes,
-    home_community_id: str | None = None,
-    patient_ids: Sequence[str] = (),
-    human_requestors: Sequence[HumanRequestor] = (),
-    purposes_of_use: Sequence[CodedValue] = (),
-    outcome: EventOutcome = EventOutcome.SUCCESS,
-    outcome_description: str | None = None,
-    encoding: str = "UTF-8",
-    when: datetime | None = None,
-) -> AuditMessage:
-    """ITI-38 Cross Gateway Query, audited by the Initiating or the Responding Gateway.
-
-    Both sides audit the same shape (the IG as a Document Consumer, the RG as a Document
-    Registry, ITI38-027), with the requester (IG) as Source and the responder (RG) as
-    Destination. ``query`` is the whole serialized AdhocQueryRequest, ``query_id`` the stored
-    query UUID, ``patient_ids`` the $XDSDocumentEntryPatientId values.
-    """
-    _check_side(side, ("initiating", "responding"))
-    return _query(
-        ctx,
-        EventTypeCode.ITI38,
-        requester=requester,
-        responder=responder,
-        query_id=query_id,
-        query=query,
-        details=_stored_query_details(home_community_id, encoding),
-        patient_ids=patient_ids,
-        human_requestors=human_requestors,
-        purposes_of_use=purposes_of_use,
-        outcome=outcome,
-        outcome_description=outcome_description,
-        when=when,
-    )
-
-
-def iti18_query(
-    ctx: AuditContext,
-    *,
-    side: Literal["consumer", "registry"],
-    requester: Node,
-    responder: Node,
-    query_id: str | None,
-    query: bytes,
-    home_community_id: str | None = None,
-    patient_ids: Sequence[str] = (),
-    human_requestors: Sequence[HumanRequestor] = (),
-    purposes_of_use: Sequence[CodedValue] = (),
-    outcome: EventOutcome = EventOutcome.SUCCESS,
-    outcome_description: str | None = None,
-    encoding: str = "UTF-8",
-    when: datetime | None = None,
-) -> AuditMessage:
-    """ITI-18 Registry Stored Query: the Initiating Gateway audits it as the registry its local
-    consumers call; a Responding Gateway audits its call to the local registry as a consumer."""
-    _check_side(side, ("consumer", "registry"))
-    return _query(
-        ctx,
-        EventTypeCode.ITI18,
-        requester=requester,
-        responder=responder,
-        query_id=query_id,
-        query=query,
-        details=_stored_query_details(home_community_id, encoding),
-        patient_ids=patient_ids,
-        human_requestors=human_requestors,
-        purposes_of_use=purposes_of_use,
-        outcome=outcome,
-        outcome_description=outcome_description,
-        when=when,
-    )
-
-
-def iti55_query(
-    ctx: AuditContext,
-    *,
-    side: Literal["initiating", "responding"],
-    requester: Node,
-    responder: Node,
-    query_id: str | None,
-    query: bytes,
-    home_community_id: str | None = None,
-    patient_ids: Sequence[str] = (),
-    human_requestors: Sequence[HumanRequestor] = (),
-    purposes_of_use: Sequence[CodedValue] = (),
-    outcome: EventOutcome = EventOutcome.SUCCESS,
-    outcome_description: str | None = None,
-    when: datetime | None = None,
-) -> AuditMessage:
-    """ITI-55 Cross Gateway Patient Discovery (XCPD).
-
-    ``query`` is the HL7v3 queryByParameter element, ``query_id`` its queryId. The Initiating
-    Gateway lists no patients; the Responding Gateway lists the patient ids it matched.
-    """
-    _check_side(side, ("initiating", "responding"))
-    details = [(DETAIL_HOME_COMMUNITY_ID, _utf8(home_community_id))] if home_community_id else []
-    return _query(
-        ctx,
-        EventTypeCode.ITI55,
-        requester=requester,
-        responder=responder,
-        query_id=query_id,
-        query=query,
-        details=details,
-        patient_ids=patient_ids if side == "responding" else (),
-        human_requestors=human_requestors,
-        purposes_of_use=purposes_of_use,
-        outcome=outcome,
-        outcome_description=outcome_description,
-        when=when,
-    )
-
-
-def iti45_query(
-    ctx: AuditContext,
-    *,
-    side: Literal["consumer", "manager"],
-    requester: Node,
-    responder: Node,
-    query_id: str | None,
-    query: bytes,
-    patient_ids: Sequence[str] = (),
-    human_requestors: Sequence[HumanRequestor] = (),
-    purposes_of_use: Sequence[CodedValue] = (),
-    outcome: EventOutcome = EventOutcome.SUCCESS,
-    outcome_description: str | None = None,
-    when: datetime | None = None,
-) -> AuditMessage:
-    """ITI-45 PIXV3 Query (Patient Identifier Cross-reference Consumer / Manager)."""
-    _check_side(side, ("consumer", "manager"))
-    return _query(
-        ctx,
-        EventTypeCode.ITI45,
-        requester=requester,
-        responder=responder,
-        query_id=query_id,
-        query=query,
-        details=(),
-        patient_ids=patient_ids,
-        human_requestors=human_requestors,
-        purposes_of_use=purposes_of_use,
-        outcome=outcome,
-        outcome_description=outcome_description,
-        when=when,
-    )
 
 
 # --------------------------------------------------------------------------- document retrieves
@@ -1042,9 +889,9 @@ def document_object(
 ) -> ParticipantObject:
     details: list[tuple[str, bytes]] = []
     if doc.repository_unique_id:
-        details.append((DETAIL_REPOSITORY_UNIQUE_ID, _utf8(doc.repository_unique_id)))
+        details.append((DETAIL_REPOSITORY_UNIQUE_ID, utf8(doc.repository_unique_id)))
     if doc.home_community_id:
-        details.append((home_community_detail, _utf8(doc.home_community_id)))
+        details.append((home_community_detail, utf8(doc.home_community_id)))
     return ParticipantObject(
         object_id=doc.document_unique_id,
         id_type_code=ParticipantObjectIdType.REPORT_NUMBER,
@@ -1067,28 +914,27 @@ def _outcome_groups(
     return groups
 
 
-def _document_retrieve(
+def document_retrieve_messages(
     ctx: AuditContext,
     transaction: CodedValue,
+    parties: Parties,
     *,
     exporting: bool,
-    requester: Node,
-    responder: Node,
     documents: Sequence[DocumentReference],
     failed: Sequence[DocumentReference],
     failure_outcome: EventOutcome,
     patient_id: str | None,
     patients: Mapping[str, PatientRef] | None,
-    human_requestors: Sequence[HumanRequestor],
-    purposes_of_use: Sequence[CodedValue],
-    outcome_description: str | None,
-    when: datetime | None,
 ) -> tuple[AuditMessage, ...]:
+    """A document retrieve's records: Export (R) by the side that hands the documents out,
+    Import (C) by the side that receives them; one per outcome (A.5.2) and patient."""
     messages = []
     # One time for every record of the request (A.5.2 splits), so that they read as one.
-    when = _now(when)
+    when = _now(parties.when)
     # Retrieves name the document holder Source and the requester Destination.
-    participants = _participants(responder, requester, requester, human_requestors)
+    participants = active_participants(
+        parties.responder, parties.requester, parties.requester, parties.human_requestors
+    )
     default = PatientRef(patient_id) if patient_id else None
     for outcome, group in _outcome_groups(documents, failed, failure_outcome):
         # One record per patient (ITI TF-2: Patient 0..1), so that each names its own.
@@ -1096,94 +942,20 @@ def _document_retrieve(
             objects = patient_objects([patient])
             objects.extend(document_object(d) for d in docs)
             messages.append(
-                _message(
+                audit_message(
                     ctx,
                     event_id=EventId.EXPORT if exporting else EventId.IMPORT,
                     action="R" if exporting else "C",
                     type_code=transaction,
                     outcome=outcome,
                     when=when,
-                    outcome_description=outcome_description if outcome else None,
-                    purposes_of_use=purposes_of_use,
+                    outcome_description=parties.outcome_description if outcome else None,
+                    purposes_of_use=parties.purposes_of_use,
                     participants=participants,
                     objects=objects,
                 )
             )
     return tuple(messages)
-
-
-def iti39_retrieve(
-    ctx: AuditContext,
-    *,
-    side: Literal["initiating", "responding"],
-    requester: Node,
-    responder: Node,
-    documents: Sequence[DocumentReference],
-    failed: Sequence[DocumentReference] = (),
-    failure_outcome: EventOutcome = EventOutcome.SERIOUS_FAILURE,
-    patient_id: str | None = None,
-    patients: Mapping[str, PatientRef] | None = None,
-    human_requestors: Sequence[HumanRequestor] = (),
-    purposes_of_use: Sequence[CodedValue] = (),
-    outcome_description: str | None = None,
-    when: datetime | None = None,
-) -> tuple[AuditMessage, ...]:
-    """ITI-39 Cross Gateway Retrieve: Import (C) on the Initiating Gateway, Export (R) on the
-    Responding Gateway. ``documents`` were delivered, ``failed`` were asked for and not."""
-    _check_side(side, ("initiating", "responding"))
-    return _document_retrieve(
-        ctx,
-        EventTypeCode.ITI39,
-        exporting=side == "responding",
-        requester=requester,
-        responder=responder,
-        documents=documents,
-        failed=failed,
-        failure_outcome=failure_outcome,
-        patient_id=patient_id,
-        patients=patients,
-        human_requestors=human_requestors,
-        purposes_of_use=purposes_of_use,
-        outcome_description=outcome_description,
-        when=when,
-    )
-
-
-def iti43_retrieve(
-    ctx: AuditContext,
-    *,
-    side: Literal["consumer", "repository"],
-    requester: Node,
-    responder: Node,
-    documents: Sequence[DocumentReference],
-    failed: Sequence[DocumentReference] = (),
-    failure_outcome: EventOutcome = EventOutcome.SERIOUS_FAILURE,
-    patient_id: str | None = None,
-    patients: Mapping[str, PatientRef] | None = None,
-    human_requestors: Sequence[HumanRequestor] = (),
-    purposes_of_use: Sequence[CodedValue] = (),
-    outcome_description: str | None = None,
-    when: datetime | None = None,
-) -> tuple[AuditMessage, ...]:
-    """ITI-43 Retrieve Document Set: Import (C) by the consumer, Export (R) by the repository
-    (the Initiating Gateway answers its local consumers as a repository)."""
-    _check_side(side, ("consumer", "repository"))
-    return _document_retrieve(
-        ctx,
-        EventTypeCode.ITI43,
-        exporting=side == "repository",
-        requester=requester,
-        responder=responder,
-        documents=documents,
-        failed=failed,
-        failure_outcome=failure_outcome,
-        patient_id=patient_id,
-        patients=patients,
-        human_requestors=human_requestors,
-        purposes_of_use=purposes_of_use,
-        outcome_description=outcome_description,
-        when=when,
-    )
 
 
 # --------------------------------------------------------------------------- imaging retrieves
@@ -1230,11 +1002,11 @@ def study_objects(
         )
         details: list[tuple[str, bytes]] = []
         for series in _unique(i.series_instance_uid for i in members):
-            details.append((DETAIL_SERIES_INSTANCE_UID, _utf8(series)))
+            details.append((DETAIL_SERIES_INSTANCE_UID, utf8(series)))
         for repo in _unique(i.repository_unique_id for i in members):
-            details.append((DETAIL_REPOSITORY_UNIQUE_ID, _utf8(repo)))
+            details.append((DETAIL_REPOSITORY_UNIQUE_ID, utf8(repo)))
         for hcid in _unique(i.home_community_id for i in members):
-            details.append((home_community_detail, _utf8(hcid)))
+            details.append((home_community_detail, utf8(hcid)))
         problems = "; ".join(_unique(i.problem for i in members))
         objects.append(
             ParticipantObject(
@@ -1252,27 +1024,26 @@ def study_objects(
     return objects
 
 
-def _imaging_retrieve(
+def imaging_retrieve_messages(
     ctx: AuditContext,
     transaction: CodedValue,
+    parties: Parties,
     *,
     serving: bool,
     home_community_detail: str,
-    requester: Node,
-    responder: Node,
     instances: Sequence[ImagingInstanceReference],
     failed: Sequence[ImagingInstanceReference],
     failure_outcome: EventOutcome,
     patient_id: str | None,
     patients: Mapping[str, PatientRef] | None,
-    human_requestors: Sequence[HumanRequestor],
-    purposes_of_use: Sequence[CodedValue],
-    outcome_description: str | None,
-    when: datetime | None,
 ) -> tuple[AuditMessage, ...]:
+    """An imaging retrieve's records, "DICOM Instances Transferred" by both ends (A.5.3.4):
+    one per outcome (A.5.2) and patient, the studies with their SOP classes."""
     messages = []
-    when = _now(when)  # one time for every record of the request (A.5.2 splits)
-    participants = _participants(responder, requester, requester, human_requestors)
+    when = _now(parties.when)  # one time for every record of the request (A.5.2 splits)
+    participants = active_participants(
+        parties.responder, parties.requester, parties.requester, parties.human_requestors
+    )
     default = PatientRef(patient_id) if patient_id else None
     for outcome, group in _outcome_groups(instances, failed, failure_outcome):
         # A.5.3.4 names exactly one patient per record: one record per patient.
@@ -1280,7 +1051,7 @@ def _imaging_retrieve(
             objects = patient_objects([patient])
             objects.extend(study_objects(members, home_community_detail=home_community_detail))
             messages.append(
-                _message(
+                audit_message(
                     ctx,
                     # Both ends of the transfer (A.5.3.4); the action is the receiver's: C, as
                     # it held no copy, or R when the record comes from the sender.
@@ -1289,91 +1060,13 @@ def _imaging_retrieve(
                     type_code=transaction,
                     outcome=outcome,
                     when=when,
-                    outcome_description=outcome_description if outcome else None,
-                    purposes_of_use=purposes_of_use,
+                    outcome_description=parties.outcome_description if outcome else None,
+                    purposes_of_use=parties.purposes_of_use,
                     participants=participants,
                     objects=objects,
                 )
             )
     return tuple(messages)
-
-
-def rad69_retrieve(
-    ctx: AuditContext,
-    *,
-    side: Literal["consumer", "imaging_document_source"],
-    requester: Node,
-    responder: Node,
-    instances: Sequence[ImagingInstanceReference],
-    failed: Sequence[ImagingInstanceReference] = (),
-    failure_outcome: EventOutcome = EventOutcome.SERIOUS_FAILURE,
-    patient_id: str | None = None,
-    patients: Mapping[str, PatientRef] | None = None,
-    human_requestors: Sequence[HumanRequestor] = (),
-    purposes_of_use: Sequence[CodedValue] = (),
-    outcome_description: str | None = None,
-    when: datetime | None = None,
-) -> tuple[AuditMessage, ...]:
-    """RAD-69 Retrieve Imaging Document Set: "DICOM Instances Transferred" by both ends, R by
-    the Imaging Document Source (the Initiating Imaging Gateway to its consumers), C by the
-    consumer (a Responding Imaging Gateway calling its local source)."""
-    _check_side(side, ("consumer", "imaging_document_source"))
-    return _imaging_retrieve(
-        ctx,
-        EventTypeCode.RAD69,
-        serving=side == "imaging_document_source",
-        home_community_detail=DETAIL_HOME_COMMUNITY_ID,
-        requester=requester,
-        responder=responder,
-        instances=instances,
-        failed=failed,
-        failure_outcome=failure_outcome,
-        patient_id=patient_id,
-        patients=patients,
-        human_requestors=human_requestors,
-        purposes_of_use=purposes_of_use,
-        outcome_description=outcome_description,
-        when=when,
-    )
-
-
-def rad75_retrieve(
-    ctx: AuditContext,
-    *,
-    side: Literal["initiating", "responding"],
-    requester: Node,
-    responder: Node,
-    instances: Sequence[ImagingInstanceReference],
-    failed: Sequence[ImagingInstanceReference] = (),
-    failure_outcome: EventOutcome = EventOutcome.SERIOUS_FAILURE,
-    patient_id: str | None = None,
-    patients: Mapping[str, PatientRef] | None = None,
-    human_requestors: Sequence[HumanRequestor] = (),
-    purposes_of_use: Sequence[CodedValue] = (),
-    outcome_description: str | None = None,
-    when: datetime | None = None,
-) -> tuple[AuditMessage, ...]:
-    """RAD-75 Cross Gateway Retrieve Imaging Document Set: "DICOM Instances Transferred" by
-    both gateways (PS3.15 A.5.3.4), R by the Responding Imaging Gateway, C by the Initiating
-    one, so that the two records of one transfer pair up."""
-    _check_side(side, ("initiating", "responding"))
-    return _imaging_retrieve(
-        ctx,
-        EventTypeCode.RAD75,
-        serving=side == "responding",
-        home_community_detail=DETAIL_XCA_HOME_COMMUNITY_ID,
-        requester=requester,
-        responder=responder,
-        instances=instances,
-        failed=failed,
-        failure_outcome=failure_outcome,
-        patient_id=patient_id,
-        patients=patients,
-        human_requestors=human_requestors,
-        purposes_of_use=purposes_of_use,
-        outcome_description=outcome_description,
-        when=when,
-    )
 
 
 # --------------------------------------------------------------------------- DICOM services
@@ -1397,7 +1090,7 @@ def dicom_query(
     Source, the responder the Destination; the object queried is the SOP class (110181, role
     Report) with the identifier dataset as ParticipantObjectQuery and its transfer syntax as a
     detail. DICOM gives no EventTypeCode (``type_code`` for a profile that names one)."""
-    details = [(DETAIL_TRANSFER_SYNTAX, _utf8(transfer_syntax))] if transfer_syntax else []
+    details = [(DETAIL_TRANSFER_SYNTAX, utf8(transfer_syntax))] if transfer_syntax else []
     objects = [patient_object(p) for p in _unique(patient_ids)]
     objects.append(
         ParticipantObject(
@@ -1409,7 +1102,7 @@ def dicom_query(
             details=tuple(details),
         )
     )
-    return _message(
+    return audit_message(
         ctx,
         event_id=EventId.QUERY,
         action="E",
@@ -1418,7 +1111,7 @@ def dicom_query(
         when=when,
         outcome_description=outcome_description,
         purposes_of_use=(),
-        participants=_participants(requester, responder, requester, ()),
+        participants=active_participants(requester, responder, requester, ()),
         objects=objects,
     )
 
@@ -1443,7 +1136,7 @@ def instances_transferred(
     did (C-MOVE). Objects: the patients (the "not known" participant when none is known) and
     the study with its SOP classes and instances (the bare study when ``instances`` is
     empty)."""
-    participants = list(_participants(source, destination, requester or destination, ()))
+    participants = list(active_participants(source, destination, requester or destination, ()))
     if requester is not None:  # C-MOVE: a third system asked for the transfer
         participants.append(system_participant(requester, None, True))
     objects = patient_objects(as_patient(p) for p in patient_ids)
@@ -1459,7 +1152,7 @@ def instances_transferred(
                 description=DicomObjectDescription(study_uids=(study_uid,)),
             )
         )
-    return _message(
+    return audit_message(
         ctx,
         event_id=EventId.DICOM_INSTANCES_TRANSFERRED,
         action="R",
@@ -1474,47 +1167,6 @@ def instances_transferred(
 
 
 # --------------------------------------------------------------------------- ITI-42
-
-
-def iti42_register(
-    ctx: AuditContext,
-    *,
-    side: Literal["repository", "registry"],
-    requester: Node,
-    responder: Node,
-    submission_set_unique_id: str,
-    patient_id: str | None,
-    human_requestors: Sequence[HumanRequestor] = (),
-    purposes_of_use: Sequence[CodedValue] = (),
-    outcome: EventOutcome = EventOutcome.SUCCESS,
-    outcome_description: str | None = None,
-    when: datetime | None = None,
-) -> AuditMessage:
-    """ITI-42 Register Document Set-b: Export (R) by the repository, Import (C) by the
-    registry; one Submission Set participant (role Job) and the patient."""
-    _check_side(side, ("repository", "registry"))
-    exporting = side == "repository"
-    objects = [patient_object(patient_id)] if patient_id else []
-    objects.append(
-        ParticipantObject(
-            object_id=submission_set_unique_id,
-            id_type_code=ParticipantObjectIdType.XDS_SUBMISSION_SET,
-            type_code=ObjectType.SYSTEM_OBJECT,
-            type_code_role=ObjectRole.JOB,
-        )
-    )
-    return _message(
-        ctx,
-        event_id=EventId.EXPORT if exporting else EventId.IMPORT,
-        action="R" if exporting else "C",
-        type_code=EventTypeCode.ITI42,
-        outcome=outcome,
-        when=when,
-        outcome_description=outcome_description,
-        purposes_of_use=purposes_of_use,
-        participants=_participants(requester, responder, requester, human_requestors),
-        objects=objects,
-    )
 
 
 # --------------------------------------------------------------------------- security, lifecycle
@@ -1535,7 +1187,7 @@ def application_activity(
     ``application_id`` names the gateway (e.g. its base URL or AE title); ``launcher`` the user
     or process that started or stopped it.
     """
-    _check_side(event, ("start", "stop"))
+    check_side(event, ("start", "stop"))
     participants = [
         ActiveParticipant(
             user_id=application_id,
@@ -1553,7 +1205,7 @@ def application_activity(
                 role_id_codes=(RoleId.APPLICATION_LAUNCHER,),
             )
         )
-    return _message(
+    return audit_message(
         ctx,
         event_id=EventId.APPLICATION_ACTIVITY,
         action="E",
@@ -1603,9 +1255,9 @@ def security_alert_node_authentication(
         alternative_user_id=reporter.alternative_user_id,
         network_access_point_id=reporter.network_access_point,
     )
-    details: list[tuple[str, bytes]] = [(DETAIL_ALERT_DESCRIPTION, _utf8(reason))]
+    details: list[tuple[str, bytes]] = [(DETAIL_ALERT_DESCRIPTION, utf8(reason))]
     if certificate_subject:
-        details.append((DETAIL_UNVERIFIED_CERTIFICATE_SUBJECT, _utf8(certificate_subject)))
+        details.append((DETAIL_UNVERIFIED_CERTIFICATE_SUBJECT, utf8(certificate_subject)))
     subject = ParticipantObject(
         object_id=node_id,
         id_type_code=ParticipantObjectIdType.NODE_ID,
@@ -1613,7 +1265,7 @@ def security_alert_node_authentication(
         type_code_role=ObjectRole.SECURITY_RESOURCE,
         details=tuple(details),
     )
-    return _message(
+    return audit_message(
         ctx,
         event_id=EventId.SECURITY_ALERT,
         action="E",
@@ -1644,7 +1296,7 @@ def user_authentication(
     X-Service Provider and ``user_node`` the system that presented the assertion. A rejected
     assertion is a Login with a failure outcome and the reason as description.
     """
-    _check_side(event, ("login", "logout"))
+    check_side(event, ("login", "logout"))
     participants = [
         ActiveParticipant(
             user_id=user.user_id,
@@ -1661,7 +1313,7 @@ def user_authentication(
             network_access_point_id=authenticator.network_access_point,
         ),
     ]
-    return _message(
+    return audit_message(
         ctx,
         event_id=EventId.USER_AUTHENTICATION,
         action="E",
@@ -1675,6 +1327,6 @@ def user_authentication(
     )
 
 
-def _check_side(value: str, allowed: tuple[str, ...]) -> None:
+def check_side(value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")

@@ -8,6 +8,9 @@ route follow-up queries and retrieves through an Initiating Gateway.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Literal
+
 from xca_gateway.audit import messages as m
 from xca_gateway.audit.exchange import Exchange
 from xca_gateway.protocol.namespaces import Action, ResponseStatus
@@ -15,7 +18,13 @@ from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.registry import Registry
 from xca_gateway.xds.ebrs import adhoc_query_response
 
-__all__ = ["audit_called", "audit_served", "outcome_of", "registry_stored_query_handler"]
+__all__ = [
+    "audit_called",
+    "audit_served",
+    "outcome_of",
+    "query_audit",
+    "registry_stored_query_handler",
+]
 
 
 def outcome_of(status: str) -> str:
@@ -41,21 +50,48 @@ def registry_stored_query_handler(registry: Registry, *, home_community_id: str)
 # ---------------------------------------- audit record (ITI TF-2a 3.18.5)
 
 
+def query_audit(
+    ctx: m.AuditContext,
+    parties: m.Parties,
+    *,
+    side: Literal["consumer", "registry"],
+    query_id: str | None,
+    query: bytes,
+    home_community_id: str | None = None,
+    patient_ids: Sequence[str] = (),
+    outcome: m.EventOutcome = m.EventOutcome.SUCCESS,
+    encoding: str = "UTF-8",
+) -> m.AuditMessage:
+    """ITI-18 Registry Stored Query: the Initiating Gateway audits it as the registry its local
+    consumers call; a Responding Gateway audits its call to the local registry as a consumer."""
+    m.check_side(side, ("consumer", "registry"))
+    return m.query_message(
+        ctx,
+        m.EventTypeCode.ITI18,
+        parties,
+        query_id=query_id,
+        query=query,
+        details=m.stored_query_details(home_community_id, encoding),
+        patient_ids=patient_ids,
+        outcome=outcome,
+    )
+
+
 def audit_served(ctx: m.AuditContext, exchange: Exchange) -> list[m.AuditMessage]:
     """ITI-18 answered here as the Document Registry (the registry endpoint, or the Initiating
     Gateway answering its local consumers); the community asked is this one."""
     exchange.remember_answer()
     q = exchange.stored_query()
     return [
-        m.iti18_query(
+        query_audit(
             ctx,
+            exchange.parties,
             side="registry",
             query_id=q.query_id,
             query=q.query,
             home_community_id=q.home_community_id or exchange.community,
             patient_ids=q.patient_ids,
             outcome=exchange.outcome,
-            **exchange.parties.as_keywords(),
         )
     ]
 
@@ -65,14 +101,14 @@ def audit_called(ctx: m.AuditContext, exchange: Exchange) -> list[m.AuditMessage
     exchange.remember_answer()
     q = exchange.stored_query()
     return [
-        m.iti18_query(
+        query_audit(
             ctx,
+            exchange.parties,
             side="consumer",
             query_id=q.query_id,
             query=q.query,
             home_community_id=q.home_community_id,
             patient_ids=q.patient_ids,
             outcome=exchange.outcome,
-            **exchange.parties.as_keywords(),
         )
     ]

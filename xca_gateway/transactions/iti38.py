@@ -17,6 +17,7 @@ does not know gets an empty Success or XDSUnknownPatientId, by local policy (ITI
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -44,6 +45,7 @@ __all__ = [
     "audit_served",
     "check_cross_gateway_query",
     "iti38_handler",
+    "query_audit",
     "read_peer_answer",
     "request_for_peer",
 ]
@@ -201,6 +203,38 @@ async def _unknown_patient(
 # ---------------------------------------- audit record (ITI TF-2b 3.38.5)
 
 
+def query_audit(
+    ctx: m.AuditContext,
+    parties: m.Parties,
+    *,
+    side: Literal["initiating", "responding"],
+    query_id: str | None,
+    query: bytes,
+    home_community_id: str | None = None,
+    patient_ids: Sequence[str] = (),
+    outcome: m.EventOutcome = m.EventOutcome.SUCCESS,
+    encoding: str = "UTF-8",
+) -> m.AuditMessage:
+    """ITI-38 Cross Gateway Query, audited by the Initiating or the Responding Gateway.
+
+    Both sides audit the same shape (the IG as a Document Consumer, the RG as a Document
+    Registry, ITI38-027), with the requester (IG) as Source and the responder (RG) as
+    Destination. ``query`` is the whole serialized AdhocQueryRequest, ``query_id`` the stored
+    query UUID, ``patient_ids`` the $XDSDocumentEntryPatientId values.
+    """
+    m.check_side(side, ("initiating", "responding"))
+    return m.query_message(
+        ctx,
+        m.EventTypeCode.ITI38,
+        parties,
+        query_id=query_id,
+        query=query,
+        details=m.stored_query_details(home_community_id, encoding),
+        patient_ids=patient_ids,
+        outcome=outcome,
+    )
+
+
 def audit_served(ctx: m.AuditContext, exchange: Exchange) -> list[m.AuditMessage]:
     """ITI-38 answered here, as the Responding Gateway."""
     return _audit(ctx, exchange, "responding")
@@ -218,14 +252,14 @@ def _audit(
     exchange.remember_answer()
     q = exchange.stored_query()
     return [
-        m.iti38_query(
+        query_audit(
             ctx,
+            exchange.parties,
             side=side,
             query_id=q.query_id,
             query=q.query,
             home_community_id=q.home_community_id or exchange.community,
             patient_ids=q.patient_ids,
             outcome=exchange.outcome,
-            **exchange.parties.as_keywords(),
         )
     ]

@@ -15,6 +15,7 @@ RegistryError our homeCommunityId as location, relayed ones included (ITI39-012)
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 from xca_gateway.audit import messages as m
 from xca_gateway.audit.exchange import Exchange
@@ -42,6 +43,7 @@ __all__ = [
     "check_home_community",
     "cross_gateway_retrieve",
     "iti39_handler",
+    "retrieve_audit",
 ]
 
 
@@ -137,27 +139,54 @@ def iti39_handler(
 # ---------------------------------------- audit records (ITI TF-2b 3.39.5)
 
 
+def retrieve_audit(
+    ctx: m.AuditContext,
+    parties: m.Parties,
+    *,
+    side: Literal["initiating", "responding"],
+    documents: Sequence[m.DocumentReference],
+    failed: Sequence[m.DocumentReference] = (),
+    failure_outcome: m.EventOutcome = m.EventOutcome.SERIOUS_FAILURE,
+    patient_id: str | None = None,
+    patients: Mapping[str, m.PatientRef] | None = None,
+) -> tuple[m.AuditMessage, ...]:
+    """ITI-39 Cross Gateway Retrieve: Import (C) on the Initiating Gateway, Export (R) on the
+    Responding Gateway. ``documents`` were delivered, ``failed`` were asked for and not."""
+    m.check_side(side, ("initiating", "responding"))
+    return m.document_retrieve_messages(
+        ctx,
+        m.EventTypeCode.ITI39,
+        parties,
+        exporting=side == "responding",
+        documents=documents,
+        failed=failed,
+        failure_outcome=failure_outcome,
+        patient_id=patient_id,
+        patients=patients,
+    )
+
+
 def audit_served(ctx: m.AuditContext, exchange: Exchange) -> Sequence[m.AuditMessage]:
     """ITI-39 answered here, as the Responding Gateway: one record per outcome and patient."""
     delivered, failed, patients = exchange.documents()
-    return m.iti39_retrieve(
+    return retrieve_audit(
         ctx,
+        exchange.parties,
         side="responding",
         documents=delivered,
         failed=failed,
         patients=patients,
-        **exchange.parties.as_keywords(),
     )
 
 
 def audit_called(ctx: m.AuditContext, exchange: Exchange) -> Sequence[m.AuditMessage]:
     """ITI-39 asked of another system, as the Initiating Gateway."""
     delivered, failed, patients = exchange.documents()
-    return m.iti39_retrieve(
+    return retrieve_audit(
         ctx,
+        exchange.parties,
         side="initiating",
         documents=delivered,
         failed=failed,
         patients=patients,
-        **exchange.parties.as_keywords(),
     )

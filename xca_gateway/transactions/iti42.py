@@ -9,6 +9,7 @@ nothing.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Literal
 
 from lxml import etree
 
@@ -26,6 +27,7 @@ __all__ = [
     "ITI42_RESPONSE_ACTION",
     "audit_served",
     "iti42_handler",
+    "register_audit",
     "registry_response",
     "submission",
 ]
@@ -79,16 +81,54 @@ def submission(payload: etree._Element) -> tuple[str, str | None]:
     return unique_id, patient
 
 
+def register_audit(
+    ctx: m.AuditContext,
+    parties: m.Parties,
+    *,
+    side: Literal["repository", "registry"],
+    submission_set_unique_id: str,
+    patient_id: str | None,
+    outcome: m.EventOutcome = m.EventOutcome.SUCCESS,
+) -> m.AuditMessage:
+    """ITI-42 Register Document Set-b: Export (R) by the repository, Import (C) by the
+    registry; one Submission Set participant (role Job) and the patient."""
+    m.check_side(side, ("repository", "registry"))
+    exporting = side == "repository"
+    objects = [m.patient_object(patient_id)] if patient_id else []
+    objects.append(
+        m.ParticipantObject(
+            object_id=submission_set_unique_id,
+            id_type_code=m.ParticipantObjectIdType.XDS_SUBMISSION_SET,
+            type_code=m.ObjectType.SYSTEM_OBJECT,
+            type_code_role=m.ObjectRole.JOB,
+        )
+    )
+    return m.audit_message(
+        ctx,
+        event_id=m.EventId.EXPORT if exporting else m.EventId.IMPORT,
+        action="R" if exporting else "C",
+        type_code=m.EventTypeCode.ITI42,
+        outcome=outcome,
+        when=parties.when,
+        outcome_description=parties.outcome_description,
+        purposes_of_use=parties.purposes_of_use,
+        participants=m.active_participants(
+            parties.requester, parties.responder, parties.requester, parties.human_requestors
+        ),
+        objects=objects,
+    )
+
+
 def audit_served(ctx: m.AuditContext, exchange: Exchange) -> list[m.AuditMessage]:
     """ITI-42 registered here, as the Document Registry."""
     unique_id, patient = submission(exchange.request)
     return [
-        m.iti42_register(
+        register_audit(
             ctx,
+            exchange.parties,
             side="registry",
             submission_set_unique_id=unique_id or "unknown",
             patient_id=patient,
             outcome=exchange.outcome,
-            **exchange.parties.as_keywords(),
         )
     ]

@@ -17,7 +17,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from lxml import etree
 
@@ -57,6 +57,7 @@ __all__ = [
     "parse_retrieve_document_set_request",
     "parse_retrieve_document_set_response",
     "repository_retrieve_handler",
+    "retrieve_audit",
     "retrieve_documents",
     "retrieve_response",
     "same_community",
@@ -649,17 +650,44 @@ def repository_retrieve_handler(
 # ---------------------------------------- audit records (ITI TF-2b 3.43.5)
 
 
+def retrieve_audit(
+    ctx: m.AuditContext,
+    parties: m.Parties,
+    *,
+    side: Literal["consumer", "repository"],
+    documents: Sequence[m.DocumentReference],
+    failed: Sequence[m.DocumentReference] = (),
+    failure_outcome: m.EventOutcome = m.EventOutcome.SERIOUS_FAILURE,
+    patient_id: str | None = None,
+    patients: Mapping[str, m.PatientRef] | None = None,
+) -> tuple[m.AuditMessage, ...]:
+    """ITI-43 Retrieve Document Set: Import (C) by the consumer, Export (R) by the repository
+    (the Initiating Gateway answers its local consumers as a repository)."""
+    m.check_side(side, ("consumer", "repository"))
+    return m.document_retrieve_messages(
+        ctx,
+        m.EventTypeCode.ITI43,
+        parties,
+        exporting=side == "repository",
+        documents=documents,
+        failed=failed,
+        failure_outcome=failure_outcome,
+        patient_id=patient_id,
+        patients=patients,
+    )
+
+
 def audit_served(ctx: m.AuditContext, exchange: Exchange) -> Sequence[m.AuditMessage]:
     """ITI-43 answered here, as the Document Repository (the Initiating Gateway to its local
     consumers too): one record per outcome and patient."""
     delivered, failed, patients = exchange.documents()
-    return m.iti43_retrieve(
+    return retrieve_audit(
         ctx,
+        exchange.parties,
         side="repository",
         documents=delivered,
         failed=failed,
         patients=patients,
-        **exchange.parties.as_keywords(),
     )
 
 
@@ -667,11 +695,11 @@ def audit_called(ctx: m.AuditContext, exchange: Exchange) -> Sequence[m.AuditMes
     """ITI-43 asked of another system, as the Document Consumer (a Responding Gateway relaying
     ITI-39, an Initiating Gateway retrieving locally)."""
     delivered, failed, patients = exchange.documents()
-    return m.iti43_retrieve(
+    return retrieve_audit(
         ctx,
+        exchange.parties,
         side="consumer",
         documents=delivered,
         failed=failed,
         patients=patients,
-        **exchange.parties.as_keywords(),
     )

@@ -24,6 +24,7 @@ import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from lxml import etree
 
@@ -381,18 +382,42 @@ def endpoint(handler: Handler, path: str = PATH) -> SoapEndpoint:
 # ---------------------------------------- audit record (ITI TF-2b 3.45.5)
 
 
+def query_audit(
+    ctx: m.AuditContext,
+    parties: m.Parties,
+    *,
+    side: Literal["consumer", "manager"],
+    query_id: str | None,
+    query: bytes,
+    patient_ids: Sequence[str] = (),
+    outcome: m.EventOutcome = m.EventOutcome.SUCCESS,
+) -> m.AuditMessage:
+    """ITI-45 PIXV3 Query (Patient Identifier Cross-reference Consumer / Manager)."""
+    m.check_side(side, ("consumer", "manager"))
+    return m.query_message(
+        ctx,
+        m.EventTypeCode.ITI45,
+        parties,
+        query_id=query_id,
+        query=query,
+        details=(),
+        patient_ids=patient_ids,
+        outcome=outcome,
+    )
+
+
 def audit_served(ctx: m.AuditContext, exchange: Exchange) -> list[m.AuditMessage]:
     """ITI-45 answered here, as the Patient Identifier Cross-reference Manager."""
     q = audited_query(exchange.request)
     return [
-        m.iti45_query(
+        query_audit(
             ctx,
+            exchange.parties,
             side="manager",
             query_id=q.query_id,
             query=q.query,
             patient_ids=q.patient_ids,
             outcome=exchange.outcome,
-            **exchange.parties.as_keywords(),
         )
     ]
 
@@ -401,13 +426,13 @@ def audit_called(ctx: m.AuditContext, exchange: Exchange) -> list[m.AuditMessage
     """ITI-45 asked of another system, as the Patient Identifier Cross-reference Consumer."""
     q = audited_query(exchange.request)
     return [
-        m.iti45_query(
+        query_audit(
             ctx,
+            exchange.parties,
             side="consumer",
             query_id=q.query_id,
             query=q.query,
             patient_ids=q.patient_ids,
             outcome=exchange.outcome,
-            **exchange.parties.as_keywords(),
         )
     ]

@@ -30,6 +30,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from lxml import etree
 
@@ -655,18 +656,48 @@ def endpoint(handler: Handler, path: str = PATH) -> SoapEndpoint:
 # ---------------------------------------- audit record (ITI TF-2b 3.55.5)
 
 
+def query_audit(
+    ctx: m.AuditContext,
+    parties: m.Parties,
+    *,
+    side: Literal["initiating", "responding"],
+    query_id: str | None,
+    query: bytes,
+    home_community_id: str | None = None,
+    patient_ids: Sequence[str] = (),
+    outcome: m.EventOutcome = m.EventOutcome.SUCCESS,
+) -> m.AuditMessage:
+    """ITI-55 Cross Gateway Patient Discovery (XCPD).
+
+    ``query`` is the HL7v3 queryByParameter element, ``query_id`` its queryId. The Initiating
+    Gateway lists no patients; the Responding Gateway lists the patient ids it matched.
+    """
+    m.check_side(side, ("initiating", "responding"))
+    details = [(m.DETAIL_HOME_COMMUNITY_ID, m.utf8(home_community_id))] if home_community_id else []
+    return m.query_message(
+        ctx,
+        m.EventTypeCode.ITI55,
+        parties,
+        query_id=query_id,
+        query=query,
+        details=details,
+        patient_ids=patient_ids if side == "responding" else (),
+        outcome=outcome,
+    )
+
+
 def audit_served(ctx: m.AuditContext, exchange: Exchange) -> list[m.AuditMessage]:
     """ITI-55 answered here, as the Responding Gateway."""
     q = audited_query(exchange.request)
     return [
-        m.iti55_query(
+        query_audit(
             ctx,
+            exchange.parties,
             side="responding",
             query_id=q.query_id,
             query=q.query,
             patient_ids=q.patient_ids,
             outcome=exchange.outcome,
-            **exchange.parties.as_keywords(),
         )
     ]
 
@@ -675,13 +706,13 @@ def audit_called(ctx: m.AuditContext, exchange: Exchange) -> list[m.AuditMessage
     """ITI-55 asked of another system, as the Initiating Gateway."""
     q = audited_query(exchange.request)
     return [
-        m.iti55_query(
+        query_audit(
             ctx,
+            exchange.parties,
             side="initiating",
             query_id=q.query_id,
             query=q.query,
             patient_ids=q.patient_ids,
             outcome=exchange.outcome,
-            **exchange.parties.as_keywords(),
         )
     ]

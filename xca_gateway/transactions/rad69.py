@@ -20,6 +20,7 @@ routing to other communities), e.g. for a community whose gateway also fronts it
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 from xca_gateway.audit import messages as m
 from xca_gateway.audit.exchange import Exchange
@@ -37,7 +38,7 @@ from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.transactions.rad75 import local_routes, parse_or_fault
 from xca_gateway.xds.ebrs import RegistryError
 
-__all__ = ["audit_called", "audit_served", "imaging_document_source_handler"]
+__all__ = ["audit_called", "audit_served", "imaging_document_source_handler", "retrieve_audit"]
 
 
 def imaging_document_source_handler(
@@ -86,17 +87,46 @@ def imaging_document_source_handler(
 # ---------------------------------------- audit records (RAD TF-3 4.69.4.1.4)
 
 
+def retrieve_audit(
+    ctx: m.AuditContext,
+    parties: m.Parties,
+    *,
+    side: Literal["consumer", "imaging_document_source"],
+    instances: Sequence[m.ImagingInstanceReference],
+    failed: Sequence[m.ImagingInstanceReference] = (),
+    failure_outcome: m.EventOutcome = m.EventOutcome.SERIOUS_FAILURE,
+    patient_id: str | None = None,
+    patients: Mapping[str, m.PatientRef] | None = None,
+) -> tuple[m.AuditMessage, ...]:
+    """RAD-69 Retrieve Imaging Document Set: "DICOM Instances Transferred" by both ends, R by
+    the Imaging Document Source (the Initiating Imaging Gateway to its consumers), C by the
+    consumer (a Responding Imaging Gateway calling its local source)."""
+    m.check_side(side, ("consumer", "imaging_document_source"))
+    return m.imaging_retrieve_messages(
+        ctx,
+        m.EventTypeCode.RAD69,
+        parties,
+        serving=side == "imaging_document_source",
+        home_community_detail=m.DETAIL_HOME_COMMUNITY_ID,
+        instances=instances,
+        failed=failed,
+        failure_outcome=failure_outcome,
+        patient_id=patient_id,
+        patients=patients,
+    )
+
+
 def audit_served(ctx: m.AuditContext, exchange: Exchange) -> Sequence[m.AuditMessage]:
     """RAD-69 answered here, as the Imaging Document Source (the Initiating Imaging Gateway to
     its local consumers too): one record per outcome and patient."""
     delivered, failed, patients = exchange.instances()
-    return m.rad69_retrieve(
+    return retrieve_audit(
         ctx,
+        exchange.parties,
         side="imaging_document_source",
         instances=delivered,
         failed=failed,
         patients=patients,
-        **exchange.parties.as_keywords(),
     )
 
 
@@ -104,11 +134,11 @@ def audit_called(ctx: m.AuditContext, exchange: Exchange) -> Sequence[m.AuditMes
     """RAD-69 asked of another system, as the Imaging Document Consumer (a Responding Imaging
     Gateway calling its local source)."""
     delivered, failed, patients = exchange.instances()
-    return m.rad69_retrieve(
+    return retrieve_audit(
         ctx,
+        exchange.parties,
         side="consumer",
         instances=delivered,
         failed=failed,
         patients=patients,
-        **exchange.parties.as_keywords(),
     )

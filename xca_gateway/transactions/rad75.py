@@ -15,6 +15,7 @@ to a VNA, or local files), and the instances are streamed back as one MTOM respo
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 from xca_gateway.audit import messages as m
 from xca_gateway.audit.exchange import Exchange
@@ -52,6 +53,7 @@ __all__ = [
     "parse_or_fault",
     "peer_route",
     "rad75_handler",
+    "retrieve_audit",
     "source_route",
 ]
 
@@ -166,28 +168,57 @@ def rad75_handler(
 # ---------------------------------------- audit records (RAD TF-3 4.75.4.1.4)
 
 
+def retrieve_audit(
+    ctx: m.AuditContext,
+    parties: m.Parties,
+    *,
+    side: Literal["initiating", "responding"],
+    instances: Sequence[m.ImagingInstanceReference],
+    failed: Sequence[m.ImagingInstanceReference] = (),
+    failure_outcome: m.EventOutcome = m.EventOutcome.SERIOUS_FAILURE,
+    patient_id: str | None = None,
+    patients: Mapping[str, m.PatientRef] | None = None,
+) -> tuple[m.AuditMessage, ...]:
+    """RAD-75 Cross Gateway Retrieve Imaging Document Set: "DICOM Instances Transferred" by
+    both gateways (PS3.15 A.5.3.4), R by the Responding Imaging Gateway, C by the Initiating
+    one, so that the two records of one transfer pair up."""
+    m.check_side(side, ("initiating", "responding"))
+    return m.imaging_retrieve_messages(
+        ctx,
+        m.EventTypeCode.RAD75,
+        parties,
+        serving=side == "responding",
+        home_community_detail=m.DETAIL_XCA_HOME_COMMUNITY_ID,
+        instances=instances,
+        failed=failed,
+        failure_outcome=failure_outcome,
+        patient_id=patient_id,
+        patients=patients,
+    )
+
+
 def audit_served(ctx: m.AuditContext, exchange: Exchange) -> Sequence[m.AuditMessage]:
     """RAD-75 answered here, as the Responding Imaging Gateway: one record per outcome and
     patient."""
     delivered, failed, patients = exchange.instances()
-    return m.rad75_retrieve(
+    return retrieve_audit(
         ctx,
+        exchange.parties,
         side="responding",
         instances=delivered,
         failed=failed,
         patients=patients,
-        **exchange.parties.as_keywords(),
     )
 
 
 def audit_called(ctx: m.AuditContext, exchange: Exchange) -> Sequence[m.AuditMessage]:
     """RAD-75 asked of another system, as the Initiating Imaging Gateway."""
     delivered, failed, patients = exchange.instances()
-    return m.rad75_retrieve(
+    return retrieve_audit(
         ctx,
+        exchange.parties,
         side="initiating",
         instances=delivered,
         failed=failed,
         patients=patients,
-        **exchange.parties.as_keywords(),
     )
