@@ -238,3 +238,22 @@ def test_screenshot_in_chromium(alpha: Gateway, pki: DevPki, tmp_path: Path) -> 
     target = REPO / "docs" / "operator-page.png"
     if os.environ.get("XCA_UPDATE_DOCS") or not target.exists():
         shutil.copyfile(shot, target)
+
+
+def test_page_answers_only_a_host_that_names_the_admin_listener(alpha: Gateway) -> None:
+    # The page shows what peers said and who was refused: a DNS-rebinding web page (whose name
+    # the browser sends as Host) must not read it; probes and Prometheus are not concerned.
+    refused_before = alpha.guard.refused
+    for path in ("/", "/status.json"):
+        rebinding = httpx.get(
+            alpha.admin_url + path, headers={"host": f"evil.example:{alpha.admin.port}"}
+        )
+        assert rebinding.status_code == 403
+        assert "peer" not in rebinding.text
+    assert alpha.guard.refused == refused_before + 2
+    assert httpx.get(alpha.admin_url + "/status.json").status_code == 200
+    named = httpx.get(alpha.admin_url + "/", headers={"host": f"localhost:{alpha.admin.port}"})
+    assert named.status_code == 200
+    for path in ("/healthz", "/metrics"):
+        probe = httpx.get(alpha.admin_url + path, headers={"host": "evil.example"})
+        assert probe.status_code == 200

@@ -2,7 +2,8 @@
 
 It is bound to loopback only (enforced by the configuration loader). ``/healthz``, ``/readyz``
 and ``/metrics`` carry no PHI and need no credentials (probes and Prometheus call them). APIs
-mounted below it that read or change state (``/consent``) pass an :class:`AdminGate` first:
+mounted below it that read or change state (``/consent``) pass an :class:`AdminGate` first (and
+the operator page, ``/`` and ``/status.json``, the Host check of the first point):
 
 * the ``Host`` header must name this listener (its own host:port, or localhost / 127.0.0.1 /
   [::1] with its port): a web page the operator's browser opened cannot reach the API through a
@@ -28,6 +29,8 @@ from collections.abc import Callable
 
 from xca_gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from xca_gateway.protocol.http_server import App, Request, Response
+from xca_gateway.security.callers import AccessDecision, Door, Identity
+from xca_gateway.security.operators import host_allowed
 
 
 class AdminApp:
@@ -36,10 +39,17 @@ class AdminApp:
         metrics: GatewayMetrics,
         readiness: Callable[[], dict[str, bool]],
         ports: Callable[[], dict[str, int]] | None = None,
+        *,
+        listener: Callable[[], tuple[str, int]] | None = None,
+        on_refusal: Callable[[AccessDecision, str], None] | None = None,
     ) -> None:
         self.metrics = metrics
         self.readiness = readiness
         self.ports = ports
+        # The admin listener's configured host and bound port: the operator page answers only a
+        # Host header that names it (see _foreign_host).
+        self.listener = listener
+        self.on_refusal = on_refusal
         self.mounts: dict[str, App] = {}
         # The operator page (xca_gateway.app.operator_page): GET / (HTML) and /status.json.
         self.index: App | None = None
@@ -67,5 +77,36 @@ class AdminApp:
         if request.path == "/metrics":
             return Response(200, [("content-type", CONTENT_TYPE)], self.metrics.render())
         if self.index is not None and request.path in ("/", "/status.json"):
-            return await self.index(request)
+            refused = self._foreign_host(request)
+            return refused if refused is not None else await self.index(request)
         return Response(404, [("content-type", "text/plain")], b"not found\n")
+
+    def _foreign_host(self, request: Request) -> Response | None:
+        """403 when the Host header does not name this listener.
+
+        The operator page shows what peers said in their faults and who was refused, which may
+        name a patient or a person: a web page the operator's browser opened must not read it
+        through a DNS name it rebinds to 127.0.0.1 (the browser then sends that name as Host).
+        Probes and Prometheus (/healthz, /readyz, /metrics) carry no such text and skip it.
+        """
+        if self.listener is None:
+            return None
+        host = next((v for k, v in request.headers if k == "host"), None)
+        listener_host, port = self.listener()
+        if host_allowed(host, listener_host, port):
+            return None
+        if self.on_refusal is not None:
+            reason = (
+                f"Host header {(host or '')[:100]!r} does not name this admin listener "
+                "(a DNS-rebinding web page sends its own name)"
+            )
+            decision = AccessDecision(
+                False, Door.ADMIN, Identity(address=request.peer.address), None, reason
+            )
+            self.on_refusal(decision, request.path)
+        return Response(
+            403,
+            [("content-type", "text/plain")],
+            b"the Host header does not name this admin listener\n",
+            close=True,
+        )

@@ -126,7 +126,13 @@ class Gateway:
             on_refused=self.connection_refused,
             max_header_bytes=config.limits.max_header_bytes,
         )
-        self.admin_app = AdminApp(self.metrics, self.readiness, lambda: self.listening())
+        self.admin_app = AdminApp(
+            self.metrics,
+            self.readiness,
+            lambda: self.listening(),
+            listener=lambda: (self.config.admin.host, self.admin.port),
+            on_refusal=lambda decision, resource: self.guard.refuse(decision, resource),
+        )
         self.admin = HttpServer(self.admin_app, ssl_context=None)
         self.peer_client = PeerClient(
             gateway_client_context(config.tls), config.outbound, self.metrics
