@@ -253,6 +253,18 @@ def test_unknown_instances_and_a_dead_pacs_are_reported(
     assert set(got.documents) == {d.document_unique_id for d in docs}
 
 
+def test_a_few_instances_of_a_series_are_resolved_one_by_one(
+    chain: Chain, pacs: Pacs, pki: DevPki
+) -> None:
+    """A viewer fetching images one at a time: each is matched by SOPInstanceUID at the
+    DICOMweb source instead of listing the whole series, with the same answers."""
+    docs = documents_for(pacs.study, ORTHANC_WEB, chain.beta_home)
+    for wanted in (docs[:1], docs[1:3]):
+        got = post_retrieve(pki, chain.url, Action.RAD69, wanted)
+        assert got.response.status == ResponseStatus.SUCCESS
+        assert set(got.documents) == {d.document_unique_id for d in wanted}
+
+
 def test_orthanc_killed_mid_study(
     imaging_gateways: Callable[..., Gateway], tmp_path: Path, pki: DevPki
 ) -> None:

@@ -1,8 +1,10 @@
 """Imaging Document Source backed by DICOMweb: QIDO-RS to resolve, WADO-RS to retrieve (a VNA).
 
 Resolve: one QIDO-RS query per requested series (``/studies/{st}/series/{se}/instances``, paged)
-tells which SOP instances exist. QIDO-RS does not reliably return the stored transfer syntax
-(Orthanc omits it), so the syntax is settled per instance while streaming:
+tells which SOP instances exist; a request for a few instances of a series (up to four) asks
+for each by ``SOPInstanceUID`` instead of listing the series. QIDO-RS does not reliably return
+the stored transfer syntax (Orthanc omits it), so the syntax is settled per instance while
+streaming:
 
 1. ``GET .../instances/{sop}`` with ``transfer-syntax=*`` (as stored). The file meta at the
    start of the part names the stored syntax: if it was requested, the bytes are relayed as they
@@ -62,6 +64,8 @@ log = logging.getLogger(__name__)
 _SOP_INSTANCE_UID = "00080018"
 _REFUSED = frozenset({400, 406, 415, 500, 501})  # "cannot produce that transfer syntax"
 _MAX_QIDO_BYTES = 64 * 1024 * 1024  # one page of QIDO-RS JSON
+# Up to this many instances of one series are resolved one by one (SOPInstanceUID matching).
+_SINGLE_LOOKUPS_UP_TO = 4
 
 
 def accept_header(transfer_syntax: str) -> str:
@@ -141,13 +145,18 @@ class DicomwebSource(ImagingSource):
             f"{doc.series_instance_uid}/instances/{doc.document_unique_id}"
         )
 
-    async def series_instances(self, study: str, series: str) -> set[str]:
-        """SOP Instance UIDs of one series (QIDO-RS, paged)."""
+    async def series_instances(
+        self, study: str, series: str, sop_instance_uid: str | None = None
+    ) -> set[str]:
+        """SOP Instance UIDs of one series (QIDO-RS, paged), or whether one instance of it
+        exists (matching on SOPInstanceUID)."""
         url = f"{self.base_url}/studies/{study}/series/{series}/instances"
         found: set[str] = set()
         offset = 0
         for _page in range(10_000):  # bounded: 10M instances at the default page size
             params = {"limit": str(self.page_size), "offset": str(offset)}
+            if sop_instance_uid is not None:
+                params["SOPInstanceUID"] = sop_instance_uid
             try:
                 response = await self._get(f"{url}?{urlencode(params)}", "application/dicom+json")
                 try:
@@ -183,17 +192,31 @@ class DicomwebSource(ImagingSource):
         return found
 
     async def open(self, request: RetrieveImagingDocumentSetRequest) -> Retrieval:
-        series_keys = list(
-            dict.fromkeys((d.study_instance_uid, d.series_instance_uid) for d in request.documents)
-        )
+        asked: dict[tuple[str, str], list[str]] = {}
+        for d in request.documents:
+            asked.setdefault((d.study_instance_uid, d.series_instance_uid), []).append(
+                d.document_unique_id
+            )
+        # A series asked for all or most of its instances is listed in one query; a few
+        # instances of a large series (a viewer fetching images one by one) are asked for by
+        # SOP Instance UID, so each retrieve costs the source one small match rather than a
+        # listing of the whole series.
+        keys: list[tuple[str, str, str | None]] = []
+        for (study, series), uids in asked.items():
+            if len(uids) <= _SINGLE_LOOKUPS_UP_TO:
+                keys.extend((study, series, uid) for uid in dict.fromkeys(uids))
+            else:
+                keys.append((study, series, None))
         limiter = asyncio.Semaphore(4)
 
-        async def query(key: tuple[str, str]) -> set[str]:
+        async def query(key: tuple[str, str, str | None]) -> set[str]:
             async with limiter:
                 return await self.series_instances(*key)
 
-        results = await asyncio.gather(*(query(key) for key in series_keys))
-        present = dict(zip(series_keys, results, strict=True))
+        results = await asyncio.gather(*(query(key) for key in keys))
+        present: dict[tuple[str, str], set[str]] = {}
+        for (study, series, _), found in zip(keys, results, strict=True):
+            present.setdefault((study, series), set()).update(found)
         planned: list[PlannedInstance] = []
         errors: list[RegistryError] = []
         for doc in request.documents:
