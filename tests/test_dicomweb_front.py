@@ -8,11 +8,15 @@ the bytes on the wire matter. Alpha audits over syslog UDP to a socket the test 
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
 import socket
 import ssl
+import tempfile
 import tracemalloc
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -48,6 +52,7 @@ from xca_gateway.doors.dicomweb import (
     search,
     to_dicom_json,
 )
+from xca_gateway.doors.dicomweb import door as dicomweb_door
 from xca_gateway.doors.federation import StudyManifest
 from xca_gateway.imaging.transfer_syntax import TRANSFER_SYNTAX_ERROR
 from xca_gateway.security.dev_pki import CertPair, DevPki, issue_client_certificate
@@ -744,6 +749,52 @@ def test_retrieve_streams_with_bounded_memory(web: Web) -> None:
     # Everything the test process allocated meanwhile (gateways included) stayed far below
     # the study: instances pass through in chunks.
     assert peak < study_bytes / 3, (peak, study_bytes)
+
+
+def test_an_instance_header_spooled_to_disk_is_sealed(
+    web: Web, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No plaintext PHI on disk: the metadata of an instance larger than the header spool's
+    memory is parsed from an encrypted, unnamed spool. Read through /proc while it is on
+    disk: no marker; afterwards nothing is left in the spool directory."""
+    door = web.alpha.dicomweb_front
+    assert door is not None
+    marker = f"PATIENT-SECRET-{uuid.uuid4()}"
+    ds = dcmread(web.big.files[0])
+    ds.PatientName = marker
+    ds.PixelData = (marker.encode() * (len(ds.PixelData) // len(marker) + 1))[: len(ds.PixelData)]
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    threshold = 64 * 1024
+    monkeypatch.setattr(dicomweb_door, "_HEADER_SPOOL_MEMORY", threshold)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # no spool_dir: TMPDIR
+    seen_on_disk: list[bytes] = []
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for offset in range(0, len(data), 16 * 1024):
+            if offset > 2 * threshold and not seen_on_disk:
+                seen_on_disk.extend(_open_files_under(tmp_path))
+            yield data[offset : offset + 16 * 1024]
+
+    parsed = asyncio.run(door._read_header(chunks(), str(ds.SOPInstanceUID)))
+    assert str(parsed.PatientName) == marker  # parsed from the spool
+    assert seen_on_disk, "the instance was not spooled to disk"
+    assert all(len(content) > threshold for content in seen_on_disk)
+    assert all(marker.encode() not in content for content in seen_on_disk)
+    assert not list(tmp_path.iterdir())  # the spool never had a name
+
+
+def _open_files_under(directory: Path) -> list[bytes]:
+    """The contents of this process's open files (named or not) in ``directory``."""
+    found = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            if os.readlink(fd).startswith(str(directory)):
+                found.append(fd.read_bytes())
+        except OSError:
+            continue
+    return found
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -12,12 +12,11 @@ import asyncio
 import json
 import logging
 import re
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, cast
 from urllib.parse import parse_qsl
 
 from pydicom import dcmread
@@ -74,6 +73,7 @@ from xca_gateway.imaging.rendering import (
 )
 from xca_gateway.imaging.request import RetrieveImagingDocumentSetRequest
 from xca_gateway.imaging.retrieve import ImagingRetrieval
+from xca_gateway.protocol.encrypted_spool import EncryptedSpool
 from xca_gateway.protocol.http_server import (
     BodyTooLarge,
     ConnectionLimits,
@@ -645,7 +645,9 @@ class DicomWebFrontDoor:
 
     async def _read_header(self, chunks: AsyncIterator[bytes], uid: str) -> Dataset:
         spool_dir = self.gateway.config.limits.spool_dir
-        with tempfile.SpooledTemporaryFile(
+        # Patient data: past the memory threshold the instance goes to an unnamed file,
+        # AES-GCM sealed under a key that lives only in this spool (encrypted_spool.py).
+        with EncryptedSpool(
             max_size=_HEADER_SPOOL_MEMORY, dir=str(spool_dir) if spool_dir else None
         ) as spool:
             size = 0
@@ -655,7 +657,7 @@ class DicomWebFrontDoor:
                     await asyncio.to_thread(spool.write, chunk)  # on disk by now
                 else:
                     spool.write(chunk)
-            return await asyncio.to_thread(_parse_header, spool, uid)
+            return await asyncio.to_thread(_parse_header, cast(IO[bytes], spool), uid)
 
 
 def _parse_header(spool: IO[bytes], uid: str) -> Dataset:
