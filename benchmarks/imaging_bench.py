@@ -228,6 +228,20 @@ async def serve(spec: dict[str, Any]) -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     await gateway.start()
     Path(spec["ready"]).write_text(str(os.getpid()))
+    traces = os.environ.get("IMAGING_BENCH_TRACEMALLOC")
+    if traces:  # developer aid: what holds memory at the peak (largest of periodic snapshots)
+        import tracemalloc
+
+        tracemalloc.start(12)
+        best = 0
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.25)
+            size = tracemalloc.get_traced_memory()[0]
+            if size > best:
+                best = size
+                snapshot = tracemalloc.take_snapshot()
+                snapshot.dump(f"{traces}/{spec['role']}.snapshot")
     await stop.wait()
     await gateway.stop()
 
