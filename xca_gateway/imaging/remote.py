@@ -180,6 +180,8 @@ async def open_remote_retrieve(
         _observe(peer_client, url, action, request_payload, None, str(exc))
         raise
     _observe(peer_client, url, action, request_payload, retrieval.reply_payload, None)
+    # The reply's tree (kilobytes per instance) is not kept while the instances stream.
+    retrieval.reply_payload = None
     return retrieval
 
 

@@ -31,7 +31,7 @@ class InvalidImagingResponse(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per instance in flight
 class DocumentResponse:
     home_community_id: str | None
     repository_unique_id: str

@@ -199,7 +199,7 @@ async def _part_body(
         await retrieval.aclose()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per instance in flight
 class RetrievedInstance:
     """One instance an open retrieve will deliver: what was asked, and the community holding it
     (as the DocumentResponse names it)."""
@@ -228,7 +228,7 @@ class ImagingRetrieval:
         self,
         request: RetrieveImagingDocumentSetRequest,
         instances: Sequence[RetrievedInstance],
-        bodies: Sequence[AsyncGenerator[bytes, None]],
+        body: Callable[[int], AsyncGenerator[bytes, None]],
         errors: Sequence[RegistryError],
         streams: _Streams,
         observed: InstanceObservations | None = None,
@@ -238,8 +238,10 @@ class ImagingRetrieval:
         self.errors = list(errors)
         # Filled as the bodies are read: each series' patient and each instance's SOP class.
         self.observed = observed if observed is not None else InstanceObservations()
-        self._bodies = list(bodies)
-        self._taken: set[int] = set()
+        # Bodies are made when taken: a generator per instance of a 20,000-instance study
+        # waiting its turn would cost more memory than the rest of its bookkeeping.
+        self._body = body
+        self._taken = bytearray(len(self.instances))
         self._streams = streams
 
     @property
@@ -269,10 +271,14 @@ class ImagingRetrieval:
 
     def take(self, index: int) -> AsyncGenerator[bytes, None]:
         """The body of instance ``index`` as async chunks (the caller closes it)."""
-        if index in self._taken:
+        if self._taken[index]:
             raise RuntimeError(f"instance {index} was already taken")
-        self._taken.add(index)
-        return self._bodies[index]
+        self._taken[index] = 1
+        return self._body(index)
+
+    def lazy_body(self, index: int) -> LazyBody:
+        """The body of instance ``index``, taken only when iterated (for a response's parts)."""
+        return LazyBody(self, index)
 
     async def read(self, index: int, limit: int | None = None) -> bytes:
         """Instance ``index`` read completely. Past ``limit`` bytes the rest is still read (so
@@ -293,11 +299,30 @@ class ImagingRetrieval:
         return bytes(data)
 
     async def aclose(self) -> None:
-        for index, body in enumerate(self._bodies):
-            if index not in self._taken:
-                self._taken.add(index)
-                await body.aclose()
+        for index in range(len(self._taken)):
+            self._taken[index] = 1  # never made, nothing to close
         await self._streams.aclose()
+
+
+class LazyBody:
+    """An instance's body as a response part: the stream is made when the writer gets to it."""
+
+    __slots__ = ("_index", "_retrieval", "_stream")
+
+    def __init__(self, retrieval: ImagingRetrieval, index: int) -> None:
+        self._retrieval = retrieval
+        self._index = index
+        self._stream: AsyncGenerator[bytes, None] | None = None
+
+    def __aiter__(self) -> AsyncGenerator[bytes, None]:
+        self._stream = self._retrieval.take(self._index)
+        return self._stream
+
+    async def aclose(self) -> None:
+        if self._stream is not None:
+            await self._stream.aclose()
+        elif not self._retrieval._taken[self._index]:
+            self._retrieval._taken[self._index] = 1
 
 
 async def open_retrieval(
@@ -355,18 +380,20 @@ async def open_retrieval(
         if error_location is not None:
             all_errors = [dataclasses.replace(e, location=error_location) for e in all_errors]
         observed = InstanceObservations()
-        bodies = [
+
+        def body(index: int) -> AsyncGenerator[bytes, None]:
+            retrieval, instance, last = plan[index]
             # The very last body closes everything when the retrieve completes normally.
-            _part_body(
-                streams, retrieval, instance, idle_timeout, last, i == len(plan) - 1, observed
+            last_overall = index == len(plan) - 1
+            return _part_body(
+                streams, retrieval, instance, idle_timeout, last, last_overall, observed
             )
-            for i, (retrieval, instance, last) in enumerate(plan)
-        ]
-        if bodies:
+
+        if plan:
             streams.start_watchdog()
         else:
             await streams.aclose()
-        return ImagingRetrieval(request, instances, bodies, all_errors, streams, observed)
+        return ImagingRetrieval(request, instances, body, all_errors, streams, observed)
     except BaseException:
         await streams.aclose()
         raise
@@ -390,7 +417,7 @@ def soap_response(retrieval: ImagingRetrieval, *, response_action: str) -> SoapR
                 content_id=content_id,
             )
         )
-        parts.append(mtom.OutgoingPart(content_id, DICOM_MIME_TYPE, retrieval.take(index)))
+        parts.append(mtom.OutgoingPart(content_id, DICOM_MIME_TYPE, retrieval.lazy_body(index)))
     status = retrieval.status
     payload = build_retrieve_response(status, retrieval.errors, documents)
     outcome = {

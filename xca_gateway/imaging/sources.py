@@ -57,7 +57,7 @@ class InstanceStreamError(Exception):
     """An instance could not be delivered after the response had started (phase 2)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per instance in flight
 class PlannedInstance:
     document: DocumentRequest
     # Syntax the instance will be delivered in, when known in advance.

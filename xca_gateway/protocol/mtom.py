@@ -732,7 +732,7 @@ class MtomRequestReader:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)  # one per instance of a streamed imaging response
 class OutgoingPart:
     content_id: str  # without <>
     content_type: str
