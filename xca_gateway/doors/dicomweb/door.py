@@ -572,7 +572,8 @@ class DicomWebFrontDoor:
         chunks = retrieval.take(index)
         spool_dir = self.gateway.config.limits.spool_dir
         try:
-            with tempfile.SpooledTemporaryFile(
+            # Patient data: sealed past the memory threshold, as in _read_header.
+            with EncryptedSpool(
                 max_size=_HEADER_SPOOL_MEMORY, dir=str(spool_dir) if spool_dir else None
             ) as spool:
                 size = 0
@@ -582,7 +583,7 @@ class DicomWebFrontDoor:
                         await asyncio.to_thread(spool.write, chunk)  # on disk by now
                     else:
                         spool.write(chunk)
-                return await asyncio.to_thread(_parse_instance, spool, uid)
+                return await asyncio.to_thread(_parse_instance, cast(IO[bytes], spool), uid)
         finally:
             await close_body(chunks)
 
