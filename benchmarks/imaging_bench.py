@@ -605,7 +605,7 @@ def print_cpu(result: dict[str, Any]) -> None:
             f"{name} {value:.2f}"
             + (f" ({_spread([s[name] for s in samples])})" if len(samples) > 1 else "")
             for name, value in result[f"{leg}_cpu"].items()
-            if value > 0.005 or name in ("alpha", "nginx", "consumer")
+            if value > 0.005 or name == "consumer"  # only the processes the leg went through
         )
         print(f"  CPU s/GB {label:9s} {text}", flush=True)
 
