@@ -17,6 +17,7 @@ from xca_gateway.audit.config import parse_audit_config
 from xca_gateway.doors.dicomweb import parse_dicomweb_front_config
 from xca_gateway.doors.dimse import parse_dicom_front_config
 from xca_gateway.doors.hl7_prefetch import parse_prefetch_config
+from xca_gateway.doors.web.config import parse_web_config
 from xca_gateway.imaging.config import parse_imaging_config
 from xca_gateway.initiating.patient_mapping import (
     PatientMappingConfig,
@@ -57,6 +58,7 @@ EXTRA_SECTIONS = (
     "dicom",
     "prefetch",
     "dicomweb",
+    "web",
 )
 
 
@@ -101,6 +103,9 @@ class GatewayConfig:
     prefetch: Any = None
     # [dicomweb] (xca_gateway.doors.dicomweb.DicomWebFrontConfig): QIDO-RS/WADO-RS, when present.
     dicomweb: Any = None
+    # [web] (xca_gateway.doors.web.config.WebConfig): the browser door (IUA tokens), when
+    # enabled.
+    web: Any = None
 
     @property
     def base_dir(self) -> Path:
@@ -300,6 +305,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
             if "dicomweb" in data
             else None
         )
+        web = parse_web_config(_table(data, "web"), base_dir) if "web" in data else None
         xua = parse_xua_config(_table(data, "xua"), base_dir)
         policy = parse_policy_config(_table(data, "policy"), base_dir) if "policy" in data else None
         consent = parse_consent_config(_table(data, "consent"), base_dir, storage.data_dir)
@@ -326,6 +332,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
         dicom=dicom,
         prefetch=prefetch,
         dicomweb=dicomweb,
+        web=web,
         community=community,
         tls=tls,
         storage=storage,

@@ -29,6 +29,7 @@ from xca_gateway.audit.trail import AuditTrail
 from xca_gateway.doors.dicomweb import DicomWebFrontDoor
 from xca_gateway.doors.dimse import DicomFrontDoor, DicomFrontServices
 from xca_gateway.doors.hl7_prefetch import Prefetcher
+from xca_gateway.doors.web.door import WebDoor
 from xca_gateway.imaging.config import ImagingConfig
 from xca_gateway.imaging.service import ImagingService
 from xca_gateway.initiating.imaging import InitiatingImagingGateway
@@ -86,6 +87,9 @@ class ListenSockets:
 
     https: socket.socket | None = None
     admin: socket.socket | None = None
+    # The web door's: its URL must be known before start (the authorization server redirects
+    # browsers back to it).
+    web: socket.socket | None = None
 
 
 class Gateway:
@@ -202,6 +206,18 @@ class Gateway:
         self.dicomweb_front = (
             DicomWebFrontDoor(self, config.dicomweb, on_handshake_failure=self.on_handshake_failure)
             if config.dicomweb is not None
+            else None
+        )
+
+        # The web door (browsers: clinicians with IUA bearer tokens), when [web] is enabled.
+        self.web_door = (
+            WebDoor(
+                self,
+                config.web,
+                dicomweb=config.dicomweb,
+                on_handshake_failure=self.on_handshake_failure,
+            )
+            if config.web is not None
             else None
         )
 
@@ -557,6 +573,8 @@ class Gateway:
             ports["mllp"] = self.prefetch.port
         if self.dicomweb_front is not None and self._started:
             ports["dicomweb"] = self.dicomweb_front.port
+        if self.web_door is not None and self._started:
+            ports["web"] = self.web_door.port
         return ports
 
     async def start(self, sockets: ListenSockets | None = None) -> None:
@@ -579,6 +597,9 @@ class Gateway:
         if self.dicomweb_front is not None:
             with listen_errors("[dicomweb] port", cfg.dicomweb.host, cfg.dicomweb.port):
                 await self.dicomweb_front.start()
+        if self.web_door is not None:
+            with listen_errors("[web] port", cfg.web.host, cfg.web.port):
+                await self.web_door.start(sock=sockets.web)
         self._started = True
         log.info(
             "gateway %s (%s) serving on %s, admin on http://%s:%d",
@@ -597,6 +618,8 @@ class Gateway:
             await self.dicom_front.stop()
         if self.dicomweb_front is not None:
             await self.dicomweb_front.stop()
+        if self.web_door is not None:
+            await self.web_door.stop()
         await self.https.close()
         await self.imaging.stop()
         await self.admin.close()

@@ -39,7 +39,11 @@ async def serve(config_path: Path) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await gateway.start(ListenSockets(https=inherited.get("https"), admin=inherited.get("admin")))
+    await gateway.start(
+        ListenSockets(
+            https=inherited.get("https"), admin=inherited.get("admin"), web=inherited.get("web")
+        )
+    )
     try:
         await stop.wait()
     finally:

@@ -86,7 +86,7 @@ def local_caller_requestor() -> m.HumanRequestor | None:
     principal = current_caller()
     if principal is None or principal.has(Role.PEER_GATEWAY):
         return None
-    return m.HumanRequestor(user_id=principal.user_id, user_name=principal.name)
+    return m.HumanRequestor(user_id=principal.user_id, user_name=principal.audit_user_name)
 
 
 class TransactionAuditor:

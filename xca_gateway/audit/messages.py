@@ -1130,13 +1130,16 @@ def instances_transferred(
     type_code: CodedValue | None = None,
     home_community_detail: str = DETAIL_HOME_COMMUNITY_ID,
     when: datetime | None = None,
+    human_requestors: Sequence[HumanRequestor] = (),
 ) -> AuditMessage:
     """DICOM PS3.15 A.5.3.4 "DICOM Instances Transferred" (110104, R) by the system that sent
     them (``source``) to ``destination``, which asked for them unless a third ``requester``
     did (C-MOVE). Objects: the patients (the "not known" participant when none is known) and
     the study with its SOP classes and instances (the bare study when ``instances`` is
     empty)."""
-    participants = list(active_participants(source, destination, requester or destination, ()))
+    participants = list(
+        active_participants(source, destination, requester or destination, human_requestors)
+    )
     if requester is not None:  # C-MOVE: a third system asked for the transfer
         participants.append(system_participant(requester, None, True))
     objects = patient_objects(as_patient(p) for p in patient_ids)

@@ -225,7 +225,7 @@ class InMemoryStudyAccess:
 
 def _caller_key(caller: Principal | None) -> str | None:
     """Grants are per principal name; a request without a caller gets none and grants none."""
-    return caller.name if caller is not None else None
+    return caller.key if caller is not None else None
 
 
 # ----------------------------------------------------------------------------- sans-IO

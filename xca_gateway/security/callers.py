@@ -38,6 +38,8 @@ class Role(enum.StrEnum):
     SECURITY_OFFICER = "security-officer"
     # An operator of the gateway: the admin API (consent changes).
     OPERATOR = "operator"
+    # A person who looks at images in a browser (web door), authenticated by an IUA token.
+    CLINICIAN = "clinician"
 
 
 # The community's own systems (local-only endpoints such as /registry/iti18).
@@ -62,6 +64,7 @@ class Door(enum.StrEnum):
     SYSLOG = "syslog"  # ARR: ITI-20 audit record ingest
     ITI81 = "iti81"  # ARR: FHIR AuditEvent search and raw messages
     ADMIN = "admin"  # gateway admin API that changes state (consent)
+    WEB = "web"  # browser door: IID launch, viewer, DICOMweb with IUA bearer tokens
 
 
 # The one access table. README's "Who may call what" is generated from it (see
@@ -80,6 +83,7 @@ ACCESS: Mapping[Door, frozenset[Role]] = {
     Door.SYSLOG: frozenset({Role.AUDIT_SOURCE}),
     Door.ITI81: frozenset({Role.AUDIT_CONSUMER, Role.SECURITY_OFFICER}),
     Door.ADMIN: frozenset({Role.OPERATOR}),
+    Door.WEB: frozenset({Role.CLINICIAN}),
 }
 
 # SOAP endpoint paths → door. A path not listed here is refused (deny-by-default).
@@ -113,7 +117,9 @@ class Identity:
 
     ``certificate_*`` come from a TLS client certificate that chained to the trust store;
     ``ae_title`` is a DICOM calling AE title (an identity only together with a certificate or an
-    address bound to it); ``address`` is the TCP peer address.
+    address bound to it); ``address`` is the TCP peer address. ``token_*`` name a person whose
+    bearer token (IHE IUA) was verified: its issuer (``iss``), subject (``sub``) and the
+    display name the token gives (``name``).
     """
 
     address: str | None = None
@@ -122,12 +128,23 @@ class Identity:
     san_dns: tuple[str, ...] = ()
     san_uri: tuple[str, ...] = ()
     ae_title: str | None = None
+    token_issuer: str | None = None
+    token_subject: str | None = None
+    person_name: str | None = None
 
     @property
     def has_certificate(self) -> bool:
         return self.certificate_fingerprint is not None
 
+    @property
+    def is_person(self) -> bool:
+        """A user authenticated by a verified token, not a system by its certificate."""
+        return self.token_subject is not None and self.token_issuer is not None
+
     def describe(self) -> str:
+        if self.is_person:
+            who = f"{self.person_name or ''}<{self.token_subject}@{self.token_issuer}>"
+            return f"{who} from {self.address}" if self.address else who
         who = self.certificate_subject or (
             f"AE {self.ae_title}" if self.ae_title else "no certificate"
         )
@@ -139,7 +156,8 @@ class CallerRule:
     """One ``[[policy.callers]]`` (or ``[[policy.peers]]``) entry: how to recognise a principal.
 
     A certificate matches by SHA-256 fingerprint, RFC 4514 subject, DNS SAN or URI SAN. A DIMSE
-    association matches by calling AE title *and* a certificate or address of this entry.
+    association matches by calling AE title *and* a certificate or address of this entry. A
+    person matches by the issuer of the token that was verified for them (``token_issuers``).
     """
 
     name: str
@@ -154,6 +172,8 @@ class CallerRule:
     # Source addresses that identify this principal where no certificate is presented (plain
     # DIMSE / MLLP / UDP syslog on loopback only).
     addresses: frozenset[str] = frozenset()
+    # Authorization servers (token "iss") whose users this entry names (web door).
+    token_issuers: frozenset[str] = frozenset()
 
     def matches_certificate(self, identity: Identity) -> bool:
         if not identity.has_certificate:
@@ -170,6 +190,9 @@ class CallerRule:
         return bool(self.home_community_id and self.home_community_id in identity.san_uri)
 
     def matches(self, identity: Identity) -> bool:
+        if identity.is_person:
+            # A browser has no certificate: the verified token alone says who the user is.
+            return identity.token_issuer in self.token_issuers
         if identity.ae_title is not None:
             # DIMSE: the AE title alone proves nothing; it must belong to this entry, and the
             # association must come with this entry's certificate or from one of its addresses.
@@ -185,7 +208,10 @@ class CallerRule:
 
 @dataclass(frozen=True)
 class Principal:
-    """A recognised caller: a name, its roles, and (for peer gateways) its community."""
+    """A recognised caller: a name, its roles, and (for peer gateways) its community.
+
+    For a person (:attr:`Identity.is_person`) the name is the display name the token gives.
+    """
 
     name: str
     roles: frozenset[Role]
@@ -196,9 +222,32 @@ class Principal:
         return bool(self.roles & set(roles))
 
     @property
+    def is_person(self) -> bool:
+        return self.identity.is_person
+
+    @property
     def user_id(self) -> str:
-        """How audit records name this caller: its verified certificate subject, else the name."""
+        """How audit records name this caller: a person's token subject, else the verified
+        certificate subject, else the name."""
+        if self.identity.is_person:
+            assert self.identity.token_subject is not None
+            return self.identity.token_subject
         return self.identity.certificate_subject or self.name
+
+    @property
+    def key(self) -> str:
+        """Unique among callers (display names of people are not): ``sub@iss`` for a person."""
+        if self.identity.is_person:
+            return f"{self.identity.token_subject}@{self.identity.token_issuer}"
+        return self.name
+
+    @property
+    def audit_user_name(self) -> str:
+        """The ATNA UserName: ``name<sub@iss>`` for a person, the form ITI TF-2 3.40.4.2 gives
+        an XUA user (so audit readers tell people from systems); else the principal's name."""
+        if self.identity.is_person:
+            return f"{self.identity.person_name or ''}<{self.key}>"
+        return self.name
 
 
 @dataclass(frozen=True)
@@ -215,6 +264,10 @@ class CallerDirectory:
             return None
         first = matching[0]
         roles = frozenset(role for rule in matching for role in rule.roles)
+        if identity.is_person:
+            # A person is named as the token names them, not as the entry that admits them.
+            name = identity.person_name or identity.token_subject or first.name
+            return Principal(name, roles, identity, first.home_community_id)
         return Principal(first.name, roles, identity, first.home_community_id)
 
     def with_rules(self, extra: Iterable[CallerRule]) -> CallerDirectory:
@@ -245,7 +298,9 @@ def decide(directory: CallerDirectory, identity: Identity, door: Door) -> Access
     principal = directory.identify(identity)
     if principal is None:
         reason = (
-            "the caller's certificate is not known to this community's access policy"
+            "the token's issuer is not named by this community's access policy"
+            if identity.is_person
+            else "the caller's certificate is not known to this community's access policy"
             if identity.has_certificate
             else "the caller presented no certificate and is not a known local system"
         )
@@ -298,6 +353,7 @@ DOOR_ENDPOINTS: Mapping[Door, str] = {
     Door.SYSLOG: "ARR syslog (ITI-20)",
     Door.ITI81: "ARR `/fhir` (ITI-81), raw messages",
     Door.ADMIN: "admin `/consent/...`",
+    Door.WEB: "web port (browser: IID launch, viewer, DICOMweb with IUA tokens)",
 }
 
 

@@ -22,6 +22,7 @@ CALLER_KEYS = frozenset(
         "certificate_fingerprints",
         "certificate_dns_names",
         "certificate_uris",
+        "token_issuers",
         "ae_titles",
         "addresses",
     }
@@ -88,6 +89,7 @@ def parse_caller_rule(
         certificate_uris=strings("certificate_uris"),
         ae_titles=strings("ae_titles"),
         addresses=strings("addresses"),
+        token_issuers=strings("token_issuers"),
     )
     if not (
         rule.certificate_subjects
@@ -95,6 +97,9 @@ def parse_caller_rule(
         or rule.certificate_dns_names
         or rule.certificate_uris
         or rule.addresses
+        or rule.token_issuers
     ):
-        raise error(f"{what}: name the caller by certificate or (loopback) addresses")
+        raise error(
+            f"{what}: name the caller by certificate, (loopback) addresses or token_issuers"
+        )
     return rule

@@ -199,6 +199,8 @@ class XuaIdentity:
     name_id: str
     name_id_format: str = NAMEID_UNSPECIFIED
     sp_provided_id: str | None = None
+    # SAML NameQualifier: the domain that named the subject (a person's IUA token issuer).
+    name_qualifier: str | None = None
     subject_id: str | None = None
     organization: str | None = None
     organization_id: str | None = None
@@ -361,6 +363,8 @@ def build_assertion(
     subject = etree.SubElement(assertion, f"{{{SAML}}}Subject")
     name_id = etree.SubElement(subject, f"{{{SAML}}}NameID")
     name_id.set("Format", identity.name_id_format)
+    if identity.name_qualifier:
+        name_id.set("NameQualifier", identity.name_qualifier)
     if identity.sp_provided_id:
         name_id.set("SPProvidedID", identity.sp_provided_id)
     name_id.text = identity.name_id
@@ -1380,6 +1384,19 @@ class XuaOutbound:
             # Never a confused deputy: the assertion names the local system the request came
             # from (verified by TLS and the access policy), not the gateway.
             principal = current_caller()
+            if principal is not None and principal.is_person:
+                # A clinician at the web door: the token's subject as the NameID, qualified
+                # by the authorization server that named them, their name as subject-id.
+                base = self.identity or XuaIdentity(name_id=principal.user_id)
+                return replace(
+                    base,
+                    name_id=principal.user_id,
+                    name_id_format=NAMEID_UNSPECIFIED,
+                    name_qualifier=principal.identity.token_issuer,
+                    subject_id=principal.name,
+                    # How the authorization server authenticated them is its business.
+                    authn_context_class=AC_UNSPECIFIED,
+                )
             if principal is not None and not principal.has(Role.PEER_GATEWAY):
                 base = self.identity or XuaIdentity(name_id=principal.user_id)
                 return replace(

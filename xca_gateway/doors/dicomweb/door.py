@@ -113,9 +113,12 @@ class DicomWebFrontDoor:
         config: DicomWebFrontConfig,
         *,
         on_handshake_failure: Callable[[HandshakeFailure], None] | None = None,
+        base_url: Callable[[], str] | None = None,
     ) -> None:
         self.gateway = gateway
         self.config = config
+        # Another listener that serves this door's resources (the web door) names its own base.
+        self._base_url = base_url
         self.local_authority = gateway.config.community.patient_id_assigning_authority
         self.view = FederationView(gateway, study_access_seconds=config.study_access_seconds)
         self.server = HttpServer(
@@ -139,6 +142,8 @@ class DicomWebFrontDoor:
     @property
     def base_url(self) -> str:
         """Where the door is reached (the service root is this plus ``/dicomweb``)."""
+        if self._base_url is not None:
+            return self._base_url()
         if self.config.public_base_url:
             return self.config.public_base_url
         host = self.config.host
@@ -159,11 +164,17 @@ class DicomWebFrontDoor:
 
     async def __call__(self, request: Request) -> Response:
         started = time.monotonic()
-        transaction = "DICOMweb"
         refused = self._admit(request)
         if refused is not None:
-            self._count(transaction, refused, started)
+            self._count("DICOMweb", refused, started)
             return refused
+        return await self.handle(request)
+
+    async def handle(self, request: Request) -> Response:
+        """A QIDO-RS / WADO-RS request of a caller some door admitted already (this one by
+        its certificate, the web door by a clinician's token): the current caller is set."""
+        started = time.monotonic()
+        transaction = "DICOMweb"
         try:
             try:
                 await request.read(_MAX_REQUEST_BODY)  # GET has none; lets keep-alive go on

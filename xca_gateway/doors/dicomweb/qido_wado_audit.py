@@ -17,6 +17,7 @@ from xca_gateway.doors.dicomweb.negotiation import DicomWebError
 from xca_gateway.doors.federation import StudyManifest, audit_patients, manifest_patient
 from xca_gateway.doors.ports import DoorHost
 from xca_gateway.protocol.http_server import Request
+from xca_gateway.security.callers import current_caller
 from xca_gateway.xds.kos import InstanceRef
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,11 @@ def qido_audit(
     patient_id: str | None,
     outcome: m.EventOutcome,
     outcome_description: str | None = None,
+    human_requestors: Sequence[m.HumanRequestor] = (),
 ) -> m.AuditMessage:
     """QIDO-RS as a Query (110112, E): the requester is the Source, we the Destination; the
-    request target (path and query) is the ParticipantObjectQuery."""
+    request target (path and query) is the ParticipantObjectQuery. A person who asked (a
+    clinician at the web door) is the requestor then, the browser's machine only its Source."""
     objects = [m.patient_object(patient_id)] if patient_id else []
     objects.append(
         m.query_object(
@@ -73,7 +76,16 @@ def qido_audit(
             outcome_description=outcome_description,
         ),
         participants=(
-            m.system_participant(requester, m.RoleId.SOURCE, True),
+            m.system_participant(requester, m.RoleId.SOURCE, not human_requestors),
+            *(
+                m.ActiveParticipant(
+                    user_id=h.user_id,
+                    user_is_requestor=True,
+                    user_name=h.user_name,
+                    role_id_codes=h.roles,
+                )
+                for h in human_requestors
+            ),
             m.system_participant(responder, m.RoleId.DESTINATION, False),
         ),
         source=ctx.audit_source,
@@ -92,6 +104,7 @@ def wado_audit(
     patient_ids: Sequence[str | m.PatientRef],
     failure_outcome: m.EventOutcome = m.EventOutcome.SERIOUS_FAILURE,
     outcome_description: str | None = None,
+    human_requestors: Sequence[m.HumanRequestor] = (),
 ) -> list[m.AuditMessage]:
     """WADO-RS as "DICOM Instances Transferred" (110104, R): we are the Source, the requester
     the Destination. One message for what was delivered, one for what failed (DICOM A.5.2)."""
@@ -113,6 +126,7 @@ def wado_audit(
             outcome=outcome,
             outcome_description=outcome_description if outcome else None,
             type_code=WADO_RS_RETRIEVE,
+            human_requestors=human_requestors,
         )
         for outcome, group in groups
     ]
@@ -129,6 +143,8 @@ class RetrieveAudit:
         self.study_uid = study_uid
         self.patients: list[str | m.PatientRef] = list(patients)
         self.references: dict[str, m.ImagingInstanceReference] = {}
+        # Taken now: the record is written when the body is sent, maybe in another context.
+        self.humans = human_requestors()
 
     def name_patients(self, studies: Sequence[StudyManifest]) -> None:
         """The patients of the record from the manifests found: the caller's id with the name
@@ -193,10 +209,21 @@ class RetrieveAudit:
                     patient_ids=self.patients,
                     failure_outcome=failure_outcome,
                     outcome_description=description,
+                    human_requestors=self.humans,
                 )
             )
         except Exception:  # an audit failure must not touch the transaction
             log.exception("building the WADO-RS audit record failed")
+
+
+def human_requestors() -> tuple[m.HumanRequestor, ...]:
+    """The person the current request is for (a clinician admitted by the web door), as the
+    human requestor of its records (ITI TF-2 3.40.4.2 form: ``name<sub@iss>``); none for a
+    system caller, which its machine participant names already."""
+    principal = current_caller()
+    if principal is None or not principal.is_person:
+        return ()
+    return (m.HumanRequestor(principal.user_id, principal.audit_user_name),)
 
 
 def _requester(request: Request) -> m.Node:
@@ -225,6 +252,7 @@ def audit_query(
                 patient_id=patient,
                 outcome=outcome,
                 outcome_description=description,
+                human_requestors=human_requestors(),
             )
         )
     except Exception:
