@@ -157,7 +157,7 @@ class TransactionAuditor:
             responder=self.trail.local_node(self.base_url() + request.endpoint.path),
             # Why something was withheld (consent) when nothing failed outright.
             outcome_description=error or request.context.get("audit_outcome_description"),
-            **_identity(),
+            **_identity(request),
         )
         exchange = Exchange(
             request=request.payload,
@@ -207,11 +207,13 @@ class TransactionAuditor:
         return audit(self.ctx, exchange)
 
 
-def _identity() -> dict[str, Any]:
+def _identity(request: SoapRequest) -> dict[str, Any]:
     """The human requestor (alias<user@issuer>) and purposes of use of a validated XUA
-    assertion, when the authorization gate established one for this request."""
+    assertion, when the authorization gate established one for this request (kept on the
+    request: the record is written once the answer went out, from the connection's context,
+    where the handler's context variables are not set)."""
 
-    auth = current_authorization()
+    auth = request.context.get("authorization") or current_authorization()
     if auth is None or auth.assertion is None:
         return {}
     return {

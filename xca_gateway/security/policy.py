@@ -753,7 +753,11 @@ class AuthorizationGate:
             return refusal_response(
                 operation, code, f"access denied: {decision.reason}", self.home_community_id
             )
-        _CURRENT.set(Authorization(peer, transaction, assertion, decision))
+        authorization = Authorization(peer, transaction, assertion, decision)
+        _CURRENT.set(authorization)
+        # Also on the request: its audit record is written when the answer has been sent,
+        # from the connection's context, where this task's context variables are not set.
+        request.context["authorization"] = authorization
         return None
 
     def protect(self, operation: Operation) -> Operation:

@@ -456,11 +456,12 @@ class WebDoor:
         login = self.sessions.take_login(params.get("state", ""), cookies.get(LOGIN_COOKIE))
         clear_login = ("set-cookie", clear_cookie(LOGIN_COOKIE))
         if login is None:
+            # The browser's own login cookie stays: a forged callback (another site's link)
+            # must not break the sign-in this browser has under way.
             return self._login_failed(
                 request,
                 "this sign-in is unknown, was used already, has expired, or began in another "
                 "browser; start again",
-                clear_login,
             )
         if "error" in params:
             return self._login_failed(
