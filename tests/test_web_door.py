@@ -63,6 +63,7 @@ from xca_gateway.tools.auth_server import (
     AuthServerState,
     Client,
     Clinician,
+    server_context,
     signing_key,
     write_state,
 )
@@ -273,8 +274,6 @@ class AuthServerThread:
         write_state(directory, self.state)
         self.app = AuthServer(self.state, signing_key(directory))
         pair = pki.communities["gamma"]
-        from xca_gateway.tools.auth_server import server_context
-
         self.server = HttpServer(self.app, ssl_context=server_context(pair.cert, pair.key))
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
