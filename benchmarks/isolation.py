@@ -2,10 +2,11 @@
 
 One ``xca-gateway serve`` process (community alpha; its registry holds 20 documents of the
 queried patient; it audits to a UDP syslog collector run here). A legitimate peer gateway
-(beta's certificate, from 127.0.0.1) sends ITI-38 Cross Gateway Queries one after another, each
-on a new TLS connection. Its latency is measured in pairs of phases: quiet, then while an
-attacker process (from loopback addresses of its own, with the trusted client certificate where
-the attack needs one) runs one worst case of issue #16:
+(beta's certificate, from 127.0.0.1) sends ITI-38 Cross Gateway Queries one after another, in
+two client processes at once: one opens a new TLS connection per request (accept and handshake
+included), the other keeps its connection alive (what a peer gateway's pool does). An attacker
+process (from loopback addresses of its own, with the trusted client certificate where the
+attack needs one) runs one worst case of issue #16:
 
 * attribute bomb: 4 senders, 60,000 attributes on one element (650 KB, to the ITI-18 query
   endpoint) and 200,000 (2.3 MB, to the ITI-43 retrieve endpoint, whose body limit is large);
@@ -15,16 +16,23 @@ the attack needs one) runs one worst case of issue #16:
 * body slowloris: 200 connections announcing 1 MB and sending one byte per second;
 * all of the above at once;
 
-and, as a control, a process that only burns one core: on a small shared machine the attackers'
-own CPU use slows everything down, and the control shows how much of a ratio that alone gives.
+and, as a control, a process that only burns a core.
 
-Printed per attack: requests, failures, p50/p99, p99 under attack / p99 of the quiet phase just
-before (target <= 2.0), the gateway's peak RSS, Security Alerts raised (metric) and the audit
-records they became (aggregated per source and kind). Everything is bounded: each phase lasts
-``--seconds``, the client sends at most one request per ``--interval``, attackers stop by
-themselves after their phase.
+Method, robust to the background load of a small shared machine: per attack, ``--rounds``
+pairs of quiet and attacked windows of ``--window`` seconds alternate in ABBA order (quiet,
+attack, attack, quiet, ...), so both kinds of window see the same background. The attacker is
+started and stopped through a pipe; stopping closes every connection it holds, so a quiet
+window is quiet. The gateway is pinned to CPU 0, the clients and the attackers (at nice 19) to
+CPU 1 (``--no-pin`` to not): the attackers' own work must not count as the gateway's, and what
+they make the gateway do still runs on the gateway's core. The control shows what is left of
+that effect.
 
-    python benchmarks/isolation.py [--seconds 15] [--interval 0.05] [--attacks bomb,flood,...]
+Printed per attack and client: samples, failures, p50/p99 quiet and attacked, p99 under
+attack / p99 quiet (target <= 2.0) with the control's ratio beside it, the gateway's peak RSS,
+Security Alerts raised (metric) and the audit records they became (aggregated per source and
+kind). Everything is bounded: windows, rounds, one request per ``--interval`` per client.
+
+    python benchmarks/isolation.py [--window 6] [--rounds 4] [--attacks bomb,flood,...]
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import socket
 import ssl
@@ -41,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,21 +131,13 @@ def element_flood(size: int, action: str) -> bytes:
 
 
 async def _post_loop(
-    url: str,
-    bodies: list[bytes],
-    ctx: ssl.SSLContext,
-    source: str,
-    deadline: float,
-    tally: dict[str, int],
+    url: str, body: bytes, ctx: ssl.SSLContext, source: str, tally: dict[str, int]
 ) -> None:
     import httpx
 
     transport = httpx.AsyncHTTPTransport(verify=ctx, local_address=source)
     async with httpx.AsyncClient(transport=transport, timeout=60) as client:
-        index = 0
-        while time.monotonic() < deadline:
-            body = bodies[index % len(bodies)]
-            index += 1
+        while True:
             try:
                 response = await client.post(
                     url, content=body, headers={"content-type": "application/soap+xml"}
@@ -146,8 +148,8 @@ async def _post_loop(
             tally[key] = tally.get(key, 0) + 1
 
 
-async def _idle_loop(port: int, source: str, deadline: float, tally: dict[str, int]) -> None:
-    while time.monotonic() < deadline:
+async def _idle_loop(port: int, source: str, tally: dict[str, int]) -> None:
+    while True:
         try:
             reader, writer = await asyncio.open_connection(
                 "127.0.0.1", port, local_addr=(source, 0)
@@ -157,10 +159,11 @@ async def _idle_loop(port: int, source: str, deadline: float, tally: dict[str, i
             await asyncio.sleep(1)
             continue
         tally["opened"] = tally.get("opened", 0) + 1
-        with contextlib.suppress(OSError, TimeoutError):
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+        try:
+            with contextlib.suppress(OSError):
                 await reader.read(1)  # never send anything; wait for the server to hang up
-        writer.transport.abort()
+        finally:
+            writer.transport.abort()
         await asyncio.sleep(1)
 
 
@@ -170,10 +173,9 @@ async def _slow_loop(
     ctx: ssl.SSLContext,
     head: bytes,
     drip: bytes,
-    deadline: float,
     tally: dict[str, int],
 ) -> None:
-    while time.monotonic() < deadline:
+    while True:
         try:
             reader, writer = await asyncio.open_connection(
                 "127.0.0.1", port, local_addr=(source, 0), ssl=ctx, server_hostname="localhost"
@@ -186,7 +188,7 @@ async def _slow_loop(
         started = time.monotonic()
         try:
             writer.write(head)
-            while time.monotonic() < deadline:
+            while True:
                 writer.write(drip)
                 await writer.drain()
                 try:
@@ -205,58 +207,128 @@ async def _slow_loop(
         await asyncio.sleep(1)
 
 
-async def attack(name: str, port: int, certs: Path, seconds: float) -> dict[str, int]:
+async def _burn() -> None:
+    while True:
+        sum(range(100_000))  # a few milliseconds, then let the loop read its commands
+        await asyncio.sleep(0)
+
+
+def attack_loops(name: str, port: int, certs: Path, tally: dict[str, int]) -> list[Any]:
+    """The coroutines of one attack; they run until cancelled."""
     from xca_gateway.protocol.namespaces import Action
     from xca_gateway.protocol.tls import client_context
 
     ctx = client_context(certs / "ca.pem", certs / "client.pem", certs / "client.key")
-    deadline = time.monotonic() + seconds
     base = f"https://127.0.0.1:{port}"
-    tally: dict[str, int] = {}
-    tasks: list[Any] = []
     if name == "cpu":
-        while time.monotonic() < deadline:
-            sum(range(100_000))
-        return {"burned s": int(seconds)}
+        return [_burn()]
     if name == "bomb":
         bodies = [attribute_bomb(60_000, Action.ITI18), attribute_bomb(200_000, Action.ITI43)]
-        for i in range(4):
-            url = f"{base}/ig/iti18" if i % 2 == 0 else f"{base}/ig/iti43"
-            body = bodies[0] if i % 2 == 0 else bodies[1]
-            tasks.append(_post_loop(url, [body], ctx, SOURCES[name][0], deadline, tally))
-    elif name == "flood":
+        return [
+            _post_loop(
+                f"{base}/ig/iti18" if i % 2 == 0 else f"{base}/ig/iti43",
+                bodies[i % 2],
+                ctx,
+                SOURCES[name][0],
+                tally,
+            )
+            for i in range(4)
+        ]
+    if name == "flood":
         body = element_flood(15_600_000, Action.ITI43)
-        for _ in range(4):
-            tasks.append(
-                _post_loop(f"{base}/ig/iti43", [body], ctx, SOURCES[name][0], deadline, tally)
-            )
-    elif name in ("idle", "idle10"):
+        return [
+            _post_loop(f"{base}/ig/iti43", body, ctx, SOURCES[name][0], tally) for _ in range(4)
+        ]
+    if name in ("idle", "idle10"):
         sources = SOURCES[name]
-        for i in range(1000):
-            tasks.append(_idle_loop(port, sources[i % len(sources)], deadline, tally))
-    elif name == "headers":
+        return [_idle_loop(port, sources[i % len(sources)], tally) for i in range(1000)]
+    if name == "headers":
         head = b"POST /ig/iti18 HTTP/1.1\r\nHost: localhost\r\n"
-        for _ in range(200):
-            tasks.append(
-                _slow_loop(port, SOURCES[name][0], ctx, head, b"X-Slow: 1\r\n", deadline, tally)
-            )
-    elif name == "body":
+        return [
+            _slow_loop(port, SOURCES[name][0], ctx, head, b"X-Slow: 1\r\n", tally)
+            for _ in range(200)
+        ]
+    if name == "body":
         head = (
             b"POST /ig/iti18 HTTP/1.1\r\nHost: localhost\r\n"
             b"Content-Type: application/soap+xml\r\nContent-Length: 1000000\r\n\r\n<"
         )
-        for _ in range(200):
-            tasks.append(_slow_loop(port, SOURCES[name][0], ctx, head, b" ", deadline, tally))
-    await asyncio.gather(*tasks)
-    return tally
+        return [_slow_loop(port, SOURCES[name][0], ctx, head, b" ", tally) for _ in range(200)]
+    if name == "all":
+        return [
+            loop
+            for each in ATTACKS
+            if each not in ("all", "idle10", "cpu")
+            for loop in attack_loops(each, port, certs, tally)
+        ]
+    raise ValueError(name)
 
 
-def attacker_main(args: argparse.Namespace) -> int:
-    # One event loop per attacker process; the parent may also stop it with SIGTERM.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    tally = asyncio.run(attack(args.attack, args.port, Path(args.certs), args.seconds))
-    print(json.dumps(tally), flush=True)
-    return 0
+async def _commands() -> AsyncIterator[str]:
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line:
+            return
+        yield line.strip()
+
+
+async def attacker(name: str, port: int, certs: Path) -> None:
+    """One attacker, driven from stdin: ``start`` opens its connections, ``stop`` closes every
+    one of them (a quiet window is quiet) and answers the window's tally as JSON."""
+    tasks: list[asyncio.Task[None]] = []
+    tally: dict[str, int] = {}
+    async for command in _commands():
+        if command == "start" and not tasks:
+            tally = {}
+            tasks = [asyncio.ensure_future(c) for c in attack_loops(name, port, certs, tally)]
+            print("started", flush=True)
+        elif command == "stop":
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            tasks = []
+            print(json.dumps(tally), flush=True)
+        elif command == "quit":
+            break
+
+
+async def legitimate_client(url: str, body: bytes, certs: Path, keepalive: bool) -> None:
+    """The legitimate peer gateway (beta), driven from stdin: ``measure <seconds>
+    <interval>`` sends ITI-38s one after another and answers their latencies as JSON."""
+    import httpx
+
+    from xca_gateway.protocol.tls import client_context
+
+    ctx = client_context(certs / "ca.pem", certs / "beta.pem", certs / "beta.key")
+    limits = httpx.Limits(max_keepalive_connections=1 if keepalive else 0)
+    headers = {"content-type": "application/soap+xml"}
+    async with httpx.AsyncClient(verify=ctx, timeout=30, limits=limits) as client:
+        async for command in _commands():
+            if not command.startswith("measure"):
+                break
+            _, seconds, interval = command.split()
+            latencies: list[float] = []
+            errors: dict[str, int] = {}
+            deadline = time.monotonic() + float(seconds)
+            while time.monotonic() < deadline:
+                started = time.perf_counter()
+                try:
+                    response = await client.post(url, content=body, headers=headers)
+                    ok = (
+                        response.status_code == 200
+                        and b"ResponseStatusType:Success" in response.content
+                    )
+                    reason = f"HTTP {response.status_code}"
+                except httpx.HTTPError as exc:
+                    ok, reason = False, type(exc).__name__
+                elapsed = time.perf_counter() - started
+                if ok:
+                    latencies.append(elapsed)
+                else:
+                    errors[reason] = errors.get(reason, 0) + 1
+                await asyncio.sleep(max(0.0, float(interval) - elapsed))
+            print(json.dumps({"latencies": latencies, "errors": errors}), flush=True)
 
 
 # ------------------------------------------------------------------------------- the gateway
@@ -379,18 +451,24 @@ class RssSampler:
         self._thread.join(5)
 
 
-# ------------------------------------------------------------------------------ legit client
+# ---------------------------------------------------------------------------- orchestration
+
+MODES = {"new": "new TLS connection per request", "keepalive": "kept-alive connection"}
 
 
 @dataclass
-class Phase:
-    name: str
+class Samples:
     latencies: list[float] = field(default_factory=list)
-    failures: int = 0
     errors: dict[str, int] = field(default_factory=dict)
-    rss_peak: int = 0
-    alerts_raised: float = 0
-    tally: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def failures(self) -> int:
+        return sum(self.errors.values())
+
+    def add(self, answer: dict[str, Any]) -> None:
+        self.latencies += answer["latencies"]
+        for key, value in answer["errors"].items():
+            self.errors[key] = self.errors.get(key, 0) + value
 
     def p(self, q: float) -> float:
         ordered = sorted(self.latencies)
@@ -399,114 +477,178 @@ class Phase:
         return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def measure(
-    phase: Phase, url: str, body: bytes, ctx: ssl.SSLContext, seconds: float, interval: float
-) -> None:
-    """ITI-38, one after another, each on a new connection (accept and handshake included)."""
-    import httpx
+@dataclass
+class Result:
+    name: str
+    quiet: dict[str, Samples] = field(default_factory=lambda: {m: Samples() for m in MODES})
+    under: dict[str, Samples] = field(default_factory=lambda: {m: Samples() for m in MODES})
+    rss_quiet: int = 0
+    rss_under: int = 0
+    alerts_raised: float = 0
+    tally: dict[str, int] = field(default_factory=dict)
 
-    headers = {"content-type": "application/soap+xml"}
-    deadline = time.monotonic() + seconds
-    with httpx.Client(
-        verify=ctx, timeout=30, limits=httpx.Limits(max_keepalive_connections=0)
-    ) as client:
-        while time.monotonic() < deadline:
-            started = time.perf_counter()
-            try:
-                response = client.post(url, content=body, headers=headers)
-                ok = (
-                    response.status_code == 200
-                    and b"ResponseStatusType:Success" in response.content
-                )
-                reason = f"HTTP {response.status_code}"
-            except httpx.HTTPError as exc:
-                ok, reason = False, type(exc).__name__
-            elapsed = time.perf_counter() - started
-            if ok:
-                phase.latencies.append(elapsed)
-            else:
-                phase.failures += 1
-                phase.errors[reason] = phase.errors.get(reason, 0) + 1
-            time.sleep(max(0.0, interval - elapsed))
+    def ratio(self, mode: str) -> float:
+        return self.under[mode].p(99) / self.quiet[mode].p(99)
 
 
-def start_attackers(
-    name: str, port: int, certs: Path, seconds: float
-) -> list[subprocess.Popen[bytes]]:
-    names = [a for a in ATTACKS if a not in ("all", "idle10", "cpu")] if name == "all" else [name]
-    return [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(HERE),
-                "--attack",
-                n,
-                "--port",
-                str(port),
-                "--certs",
-                str(certs),
-                "--attack-seconds",
-                str(seconds),
-            ],
+class Child:
+    """A helper process of this script driven by lines on its stdin, answering one line each."""
+
+    def __init__(self, args: list[str], cpus: set[int] | None, nice: int = 0) -> None:
+        def setup() -> None:  # in the child, before exec: what its threads inherit
+            if cpus is not None:
+                os.sched_setaffinity(0, cpus)
+            if nice:
+                os.nice(nice)
+
+        self.process = subprocess.Popen(
+            [sys.executable, str(HERE), *args],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=setup,
         )
-        for n in names
-    ]
 
+    def send(self, command: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
 
-def stop_attackers(processes: list[subprocess.Popen[bytes]]) -> dict[str, int]:
-    tally: dict[str, int] = {}
-    for process in processes:
+    def answer(self) -> str:
+        assert self.process.stdout is not None
+        return self.process.stdout.readline().strip()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.send("quit")
         try:
-            out, _ = process.communicate(timeout=30)
+            self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            process.kill()
-            out, _ = process.communicate()
-        with contextlib.suppress(ValueError, IndexError):
-            for key, value in json.loads(out.decode().strip().splitlines()[-1]).items():
-                tally[key] = tally.get(key, 0) + value
-    return tally
+            self.process.kill()
+            self.process.wait()
+
+
+def _measure(clients: dict[str, Child], seconds: float, interval: float) -> dict[str, Any]:
+    for client in clients.values():
+        client.send(f"measure {seconds} {interval}")
+    return {mode: json.loads(client.answer()) for mode, client in clients.items()}
+
+
+def run_attack(
+    name: str,
+    args: argparse.Namespace,
+    clients: dict[str, Child],
+    https: int,
+    certs: Path,
+    rss: RssSampler,
+    admin: int,
+    attacker_cpus: set[int] | None,
+) -> Result:
+    """Quiet and attacked windows alternating (quiet, attack, attack, quiet, ...) for
+    ``--rounds`` rounds: both see the same background load of the machine."""
+    result = Result(name)
+    attacker = Child(
+        ["--attack", name, "--port", str(https), "--certs", str(certs)], attacker_cpus, nice=19
+    )
+    raised = metric(admin, "xca_gateway_audit_security_alerts_total")
+    try:
+        for window in range(2 * args.rounds):
+            attacked = window % 4 in (1, 2)
+            if attacked:
+                attacker.send("start")
+                attacker.answer()
+                time.sleep(args.warmup)
+            rss.reset()
+            answers = _measure(clients, args.window, args.interval)
+            for mode, answer in answers.items():
+                (result.under if attacked else result.quiet)[mode].add(answer)
+            if attacked:
+                result.rss_under = max(result.rss_under, rss.peak)
+                attacker.send("stop")
+                for key, value in json.loads(attacker.answer()).items():
+                    result.tally[key] = result.tally.get(key, 0) + value
+                time.sleep(args.settle)  # the gateway ends what the attacker left behind
+            else:
+                result.rss_quiet = max(result.rss_quiet, rss.peak)
+    finally:
+        attacker.close()
+    result.alerts_raised = metric(admin, "xca_gateway_audit_security_alerts_total") - raised
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--seconds", type=float, default=15.0, help="length of every phase")
+    parser.add_argument("--window", type=float, default=6.0, help="seconds of every window")
+    parser.add_argument("--rounds", type=int, default=4, help="quiet/attack pairs per attack")
     parser.add_argument("--interval", type=float, default=0.05, help="pause between requests")
-    parser.add_argument("--warmup", type=float, default=3.0, help="attack running before measuring")
+    parser.add_argument(
+        "--warmup", type=float, default=0.5, help="attack running before its window is measured"
+    )
+    parser.add_argument(
+        "--settle", type=float, default=1.0, help="pause after an attack stops, before measuring"
+    )
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--documents", type=int, default=20)
-    # Internal: run one attacker.
+    parser.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="do not pin the gateway to CPU 0 and the clients and attackers to CPU 1",
+    )
+    # Internal: run one attacker or one legitimate client.
     parser.add_argument("--attack", help=argparse.SUPPRESS)
+    parser.add_argument("--client", choices=sorted(MODES), help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--patient", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--certs", help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--attack-seconds", dest="seconds_attack", type=float, help=argparse.SUPPRESS
-    )
     args = parser.parse_args(argv)
     if args.attack:
-        args.seconds = args.seconds_attack
-        return attacker_main(args)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        asyncio.run(attacker(args.attack, args.port, Path(args.certs)))
+        return 0
+    if args.client:
+        asyncio.run(
+            legitimate_client(
+                args.url, query(args.patient), Path(args.certs), args.client == "keepalive"
+            )
+        )
+        return 0
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     unknown = set(attacks) - set(ATTACKS)
     if unknown:
         parser.error(f"unknown attack(s): {', '.join(sorted(unknown))}")
+    if "cpu" in attacks:  # the control first: its ratio is printed beside every other
+        attacks.remove("cpu")
+        attacks.insert(0, "cpu")
     import httpx
 
-    from xca_gateway.protocol.tls import client_context
     from xca_gateway.security.dev_pki import init_dev_pki
 
+    # The gateway gets CPU 0 to itself (its worker threads inherit it), the legitimate
+    # clients and the attackers share CPU 1, the attackers at the lowest priority: an attacker
+    # on another machine does not take CPU from the gateway nor from its legitimate callers,
+    # and here its own work (thousands of sockets, TLS handshakes) would otherwise weigh on
+    # both. What the attack makes the gateway do still runs on the gateway's core.
+    pin = args.pin and len(os.sched_getaffinity(0)) >= 2
+    gateway_cpus = {0} if pin else None
+    others = {1} if pin else None
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        pki = init_dev_pki(work / "certs", COMMUNITIES)
+        certs = work / "certs"
+        init_dev_pki(certs, COMMUNITIES)
         patient = asyncio.run(preload_registry(work, args.documents))
         collector = Collector()
         https, admin = _free_port(), _free_port()
         config = work / "alpha.toml"
-        config.write_text(
-            gateway_config_toml(work / "certs", work / "data", https, admin, collector.port)
-        )
+        config.write_text(gateway_config_toml(certs, work / "data", https, admin, collector.port))
+
+        def pin_gateway() -> None:
+            if gateway_cpus is not None:
+                os.sched_setaffinity(0, gateway_cpus)
+
         gateway = subprocess.Popen(
             [
                 sys.executable,
@@ -517,10 +659,14 @@ def main(argv: list[str] | None = None) -> int:
                 "serve",
                 "--config",
                 str(config),
-            ]
+            ],
+            preexec_fn=pin_gateway,
         )
         rss: RssSampler | None = None
-        phases: list[tuple[Phase, Phase]] = []
+        clients: dict[str, Child] = {}
+        results: list[Result] = []
+        started = time.monotonic()
+        load = os.getloadavg()[0]
         try:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
@@ -529,39 +675,32 @@ def main(argv: list[str] | None = None) -> int:
                         break
                 time.sleep(0.2)
             rss = RssSampler(gateway.pid)
-            beta = pki.communities["beta"]
-            ctx = client_context(pki.ca, beta.cert, beta.key)
             url = f"https://127.0.0.1:{https}/xca/iti38"
-            body = query(patient)
-            measure(Phase("warm-up"), url, body, ctx, 2.0, args.interval)
-            for name in attacks:
-                quiet = Phase("quiet")
-                rss.reset()
-                measure(quiet, url, body, ctx, args.seconds, args.interval)
-                quiet.rss_peak = rss.peak
-                under = Phase(name)
-                raised = metric(admin, "xca_gateway_audit_security_alerts_total")
-                attackers = start_attackers(name, https, work / "certs", args.warmup + args.seconds)
-                time.sleep(args.warmup)
-                rss.reset()
-                measure(under, url, body, ctx, args.seconds, args.interval)
-                under.rss_peak = rss.peak
-                under.tally = stop_attackers(attackers)
-                under.alerts_raised = (
-                    metric(admin, "xca_gateway_audit_security_alerts_total") - raised
+            for mode in MODES:
+                clients[mode] = Child(
+                    ["--client", mode, "--url", url, "--patient", patient, "--certs", str(certs)],
+                    others,
                 )
-                phases.append((quiet, under))
+            _measure(clients, 2.0, args.interval)  # warm-up
+            for name in attacks:
+                result = run_attack(name, args, clients, https, certs, rss, admin, others)
+                results.append(result)
                 print(
-                    f"  {LABELS[name]}: p99 {under.p(99) * 1000:.1f} ms, "
-                    f"quiet {quiet.p(99) * 1000:.1f} ms, "
-                    f"{under.failures} failures, attack {under.tally}",
+                    f"  {LABELS[name]}: "
+                    + ", ".join(
+                        f"{mode} p99 {result.quiet[mode].p(99) * 1000:.1f} -> "
+                        f"{result.under[mode].p(99) * 1000:.1f} ms ({result.ratio(mode):.2f})"
+                        for mode in MODES
+                    )
+                    + f"; attack {result.tally}",
                     file=sys.stderr,
                     flush=True,
                 )
-                time.sleep(2.0)
             raised_total = metric(admin, "xca_gateway_audit_security_alerts_total")
             aggregated = metric(admin, "xca_gateway_audit_security_alerts_aggregated_total")
         finally:
+            for client in clients.values():
+                client.close()
             if rss is not None:
                 rss.close()
             gateway.send_signal(signal.SIGTERM)
@@ -571,33 +710,58 @@ def main(argv: list[str] | None = None) -> int:
                 gateway.kill()
             time.sleep(0.5)  # the last datagrams (repeat records written on stop)
             collector.close()
-    report(phases, raised_total, aggregated, collector)
+    load = max(load, os.getloadavg()[0])
+    report(
+        results, raised_total, aggregated, collector, args, pin, time.monotonic() - started, load
+    )
     return 0
 
 
 def report(
-    phases: list[tuple[Phase, Phase]], raised: float, aggregated: float, collector: Collector
+    results: list[Result],
+    raised: float,
+    aggregated: float,
+    collector: Collector,
+    args: argparse.Namespace,
+    pinned: bool,
+    seconds: float,
+    load: float,
 ) -> None:
+    control = next((r for r in results if r.name == "cpu"), None)
     print()
     print(
-        "| attack | requests | failures | p50 quiet / attack (ms) | p99 quiet / attack (ms) "
-        "| p99 ratio | gateway RSS peak (MB) | Security Alerts raised |"
+        f"{args.rounds} rounds of quiet and attacked windows of {args.window:g} s per attack "
+        f"(ABBA order), a request at most every {args.interval * 1000:g} ms per client; "
+        + ("gateway on CPU 0, clients and attackers (nice 19) on CPU 1; " if pinned else "")
+        + f"{seconds:.0f} s, load average up to {load:.1f}"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print()
+    print(
+        "| attack | legitimate client | samples quiet / attack | failures "
+        "| p50 quiet / attack (ms) | p99 quiet / attack (ms) | p99 ratio | control's ratio "
+        "| gateway RSS peak (MB) | Security Alerts raised |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     worst = 0.0
     failures = 0
-    for quiet, under in phases:
-        ratio = under.p(99) / quiet.p(99)
-        worst = max(worst, ratio)
-        failures += under.failures + quiet.failures
-        print(
-            f"| {LABELS[under.name]} | {len(under.latencies) + under.failures} "
-            f"| {under.failures}{' ' + str(under.errors) if under.errors else ''} "
-            f"| {quiet.p(50) * 1000:.1f} / {under.p(50) * 1000:.1f} "
-            f"| {quiet.p(99) * 1000:.1f} / {under.p(99) * 1000:.1f} | {ratio:.2f} "
-            f"| {quiet.rss_peak / 2**20:.0f} / {under.rss_peak / 2**20:.0f} "
-            f"| {under.alerts_raised:.0f} |"
-        )
+    for result in results:
+        for mode, label in MODES.items():
+            quiet, under = result.quiet[mode], result.under[mode]
+            ratio = result.ratio(mode)
+            if result.name != "cpu":
+                worst = max(worst, ratio)
+            failures += quiet.failures + under.failures
+            errors = {**quiet.errors, **under.errors}
+            print(
+                f"| {LABELS[result.name]} | {label} "
+                f"| {len(quiet.latencies)} / {len(under.latencies)} "
+                f"| {quiet.failures + under.failures}{' ' + str(errors) if errors else ''} "
+                f"| {quiet.p(50) * 1000:.1f} / {under.p(50) * 1000:.1f} "
+                f"| {quiet.p(99) * 1000:.1f} / {under.p(99) * 1000:.1f} | {ratio:.2f} "
+                f"| {control.ratio(mode) if control else float('nan'):.2f} "
+                f"| {result.rss_quiet / 2**20:.0f} / {result.rss_under / 2**20:.0f} "
+                f"| {result.alerts_raised:.0f} |"
+            )
     print()
     print(
         f"worst p99 ratio {worst:.2f} (target <= 2.0), legitimate failures {failures} (target 0); "
