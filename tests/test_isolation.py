@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -30,6 +31,7 @@ from xca_gateway.audit.messages import (
     security_alert_node_authentication,
 )
 from xca_gateway.audit.rsyslog import RsyslogRepository
+from xca_gateway.protocol.handshake_schedule import HandshakeLimits, HandshakeSchedule
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.tls import client_context
 from xca_gateway.protocol.xmlsafe import (
@@ -602,3 +604,106 @@ def test_an_attribute_bomb_is_refused_from_its_markup_before_a_tree_is_built() -
         check_markup(count_markup(attribute_bomb(60_000)), XmlLimits())
     # A real message: a few attributes per element.
     check_markup(count_markup(soap12(Action.ITI18, ADHOC_QUERY)), XmlLimits())
+
+
+# ------------------------------------------------------------ handshakes: rate and fairness
+
+
+def _schedule(**limits: Any) -> HandshakeSchedule:
+    return HandshakeSchedule(HandshakeLimits(**limits), now=0.0)
+
+
+def test_a_source_starts_its_burst_then_handshakes_at_its_rate() -> None:
+    schedule = _schedule(per_source_rate=2.0, per_source_burst=3.0, per_source_concurrency=100)
+    for i in range(6):
+        schedule.enqueue(f"a{i}", "10.0.0.1", now=0.0)
+    assert schedule.grants(0.0) == ["a0", "a1", "a2"]  # the burst
+    assert schedule.waiting("10.0.0.1") == 3
+    assert schedule.next_grant_at(0.0) == 0.5  # one token every 1/rate s
+    assert schedule.grants(0.4) == []
+    assert schedule.grants(0.5) == ["a3"]
+    assert schedule.grants(1.5) == ["a4", "a5"]
+    # Another source has a bucket of its own.
+    schedule.enqueue("b0", "10.0.0.2", now=1.5)
+    assert schedule.grants(1.5) == ["b0"]
+
+
+def test_waiting_sources_are_served_in_turn_not_first_come() -> None:
+    schedule = _schedule(rate=1.0, burst=1.0, per_source_burst=100.0, per_source_concurrency=100)
+    for i in range(100):
+        schedule.enqueue(f"flood{i}", "10.0.0.1", now=0.0)
+    assert schedule.grants(0.0) == ["flood0"]  # all sources' bucket is empty now
+    schedule.enqueue("peer", "10.0.0.9", now=0.0)
+    assert schedule.grants(1.0) == ["flood1"]
+    assert schedule.grants(2.0) == ["peer"]  # the next turn, not after 98 more
+    assert schedule.grants(3.0) == ["flood2"]
+
+
+def test_a_source_at_its_concurrency_waits_for_a_handshake_to_end() -> None:
+    schedule = _schedule(per_source_concurrency=2)
+    for i in range(3):
+        schedule.enqueue(f"a{i}", "10.0.0.1", now=0.0)
+    assert schedule.grants(0.0) == ["a0", "a1"]
+    assert schedule.next_grant_at(0.0) is None  # tokens are not what it lacks
+    schedule.finished("10.0.0.1", now=0.1)
+    assert schedule.grants(0.1) == ["a2"]
+
+
+def test_a_connection_giving_up_leaves_the_queue_and_idle_sources_are_forgotten() -> None:
+    schedule = _schedule(per_source_rate=1.0, per_source_burst=1.0)
+    schedule.enqueue("a0", "10.0.0.1", now=0.0)
+    schedule.enqueue("a1", "10.0.0.1", now=0.0)
+    assert schedule.grants(0.0) == ["a0"]
+    schedule.cancel("a1", "10.0.0.1", now=0.2)
+    assert schedule.waiting("10.0.0.1") == 0 and schedule.next_grant_at(0.2) is None
+    schedule.finished("10.0.0.1", now=0.3)
+    assert schedule.sources == 1  # its bucket is not full again: a reconnect gets no new burst
+    schedule.sweep(now=5.0)
+    assert schedule.sources == 0
+
+
+def test_a_source_over_its_handshake_rate_waits_unread_and_is_cut_at_the_deadline(
+    gateway_factory: Callable[..., Gateway], pki: DevPki
+) -> None:
+    gateway = gateway_factory(
+        "alpha",
+        server={"handshake_rate_per_source": 0.001, "handshake_burst_per_source": 2},
+        tls={"handshake_timeout": 1.0},
+    )
+    gate = gateway.https.gate
+    ctx = client_context(pki.ca, pki.client.cert, pki.client.key)
+    for _ in range(2):  # the burst: two full handshakes
+        with _raw(gateway.https.port) as raw, ctx.wrap_socket(raw, server_hostname="localhost"):
+            pass
+    with _raw(gateway.https.port) as third:
+        third.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello
+        assert wait_for(lambda: gate.waiting_or_holding("handshake", "127.0.0.2") == 1)
+        assert _ask(gateway, pki) == 200  # 127.0.0.1 has a bucket of its own
+        assert _closed_by_server(third)  # never handshaked, cut at tls.handshake_timeout
+    assert wait_for(
+        lambda: any("too many TLS handshakes" in f.reason for f in gateway.handshake_failures)
+    )
+    assert gate.waiting_or_holding("handshake", "127.0.0.2") == 0
+
+
+def test_a_peer_handshakes_in_its_turn_not_behind_a_flood_of_one_source(
+    gateway_factory: Callable[..., Gateway], pki: DevPki
+) -> None:
+    """All sources together start 4 handshakes a second; 30 stalled ones from 127.0.0.2 take
+    the first 4 and queue. Another source's client is granted the next turn but one, while the
+    flood still queues (first come, first served it would wait for all 26)."""
+    gateway = gateway_factory(
+        "alpha", server={"handshake_rate": 4.0, "max_handshakes_per_source": 100}
+    )
+    gate = gateway.https.gate
+    flood = [_raw(gateway.https.port) for _ in range(30)]
+    try:
+        for sock in flood:
+            sock.sendall(b"\x16\x03\x01")
+        assert wait_for(lambda: gate.waiting_or_holding("handshake", "127.0.0.2") == 30)
+        assert _ask(gateway, pki) == 200
+        schedule = gate._schedule
+        assert schedule is not None and schedule.waiting("127.0.0.2") > 0
+    finally:
+        for sock in flood:
+            sock.close()

@@ -86,6 +86,15 @@ class ServerConfig:
     # Request bodies over 64 KiB read at once per source (the others wait their turn unread), so
     # one source streaming many large bodies cannot take the event loop from everyone else.
     max_large_bodies_per_source: int = 1
+    # TLS handshakes started per second from one source (a token bucket holding
+    # handshake_burst_per_source), and from all sources together: the excess waits unread
+    # (within tls.handshake_timeout), sources served in turn, so a burst of connections from
+    # one source cannot take the event loop from everyone else's handshakes and requests.
+    # TLS handshakes in progress at once per source (the others wait their turn, unread).
+    max_handshakes_per_source: int = 8
+    handshake_rate_per_source: float = 25.0
+    handshake_burst_per_source: int = 50
+    handshake_rate: float = 400.0
     # One absolute deadline for a request head (request line and headers), from the end of the
     # handshake or, on a kept-alive connection, from the head's first byte.
     header_timeout: float = 15.0
@@ -96,6 +105,14 @@ class ServerConfig:
     # bytes/s, else 408.
     min_body_rate: float = 1024.0
     body_grace: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.handshake_rate_per_source <= 0 or self.handshake_rate <= 0:
+            raise ConfigError("[server] handshake rates must be positive")
+        if self.handshake_burst_per_source < 1 or self.max_handshakes_per_source < 1:
+            raise ConfigError(
+                "[server] handshake_burst_per_source and max_handshakes_per_source must be >= 1"
+            )
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import h11
 
+from xca_gateway.protocol.handshake_schedule import HandshakeLimits, HandshakeSchedule
 from xca_gateway.protocol.tls import (
     HANDSHAKE_CAPTURE,
     HandshakeCapture,
@@ -206,6 +207,12 @@ class ConnectionLimits:
     # tls.handshake_timeout): a source opening hundreds of connections at once gets a few
     # turns of the event loop per round for its handshakes, not hundreds.
     max_handshakes_per_source: int = 8
+    # TLS handshakes started per second per source (a token bucket holding a burst of them),
+    # and by all sources together: the excess waits unread, sources served round-robin
+    # (see handshake_schedule).
+    handshake_rate_per_source: float = 25.0
+    handshake_burst_per_source: int = 50
+    handshake_rate: float = 400.0
 
     @classmethod
     def for_gateway(cls, config: ListenerSettings) -> ConnectionLimits:
@@ -216,6 +223,20 @@ class ConnectionLimits:
             max_pending_handshakes=server.max_pending_handshakes,
             hello_timeout=server.hello_timeout,
             max_large_bodies_per_source=server.max_large_bodies_per_source,
+            max_handshakes_per_source=server.max_handshakes_per_source,
+            handshake_rate_per_source=server.handshake_rate_per_source,
+            handshake_burst_per_source=server.handshake_burst_per_source,
+            handshake_rate=server.handshake_rate,
+        )
+
+    def handshake_limits(self) -> HandshakeLimits:
+        return HandshakeLimits(
+            per_source_concurrency=self.max_handshakes_per_source,
+            per_source_rate=self.handshake_rate_per_source,
+            per_source_burst=float(self.handshake_burst_per_source),
+            rate=self.handshake_rate,
+            # A second's worth: a burst of many sources at once is spread like a flood.
+            burst=max(1.0, self.handshake_rate),
         )
 
 
@@ -289,6 +310,10 @@ class ConnectionGate:
         # (kind, source) -> [its turns (a semaphore), connections holding or waiting for one].
         self._turns: dict[tuple[str, str], list[Any]] = {}
         self._logged: dict[str, float] = {}
+        # Handshakes: who starts next (created on first use: it needs the running loop's clock).
+        self._schedule: HandshakeSchedule | None = None
+        self._wake: asyncio.TimerHandle | None = None
+        self._swept = 0.0
 
     def admit(self, address: str) -> str | None:
         """Count a new connection in, or return why it is refused."""
@@ -346,8 +371,60 @@ class ConnectionGate:
 
     def waiting_or_holding(self, kind: str, source: str) -> int:
         """Connections of ``source`` holding or waiting for a turn at ``kind``."""
+        if kind == "handshake":
+            schedule = self._schedule
+            if schedule is None:
+                return 0
+            return schedule.waiting(source) + schedule.in_progress(source)
         entry = self._turns.get((kind, source))
         return int(entry[1]) if entry is not None else 0
+
+    async def acquire_handshake(self, source: str) -> None:
+        """Wait, unread, until ``source`` may start a TLS handshake (its rate, its handshakes
+        in progress, all sources' rate; sources in turn). Cancel the wait to give up."""
+        loop = asyncio.get_running_loop()
+        if self._schedule is None:
+            self._schedule = HandshakeSchedule(self.limits.handshake_limits(), loop.time())
+        granted: asyncio.Future[None] = loop.create_future()
+        self._schedule.enqueue((granted, source), source, loop.time())
+        self._grant()
+        try:
+            await granted
+        except BaseException:
+            if granted.done() and not granted.cancelled():
+                self.release_handshake(source)  # granted as it was given up
+            else:
+                self._schedule.cancel((granted, source), source, loop.time())
+                self._grant()
+            raise
+
+    def release_handshake(self, source: str) -> None:
+        """A granted handshake ended, either way."""
+        if self._schedule is not None:
+            self._schedule.finished(source, asyncio.get_running_loop().time())
+            self._grant()
+
+    def _grant(self) -> None:
+        schedule = self._schedule
+        assert schedule is not None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for key in schedule.grants(now):
+            assert isinstance(key, tuple)
+            waiter, source = key
+            if waiter.done():  # given up, its task not yet told: hand the turn back
+                schedule.finished(source, now)
+            else:
+                waiter.set_result(None)
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
+        at = schedule.next_grant_at(now)
+        if at is not None:
+            self._wake = loop.call_at(at, self._grant)
+        if now - self._swept > 10.0:
+            self._swept = now
+            schedule.sweep(now)
 
     def pending(self, key: object, drop: Callable[[], None]) -> None:
         """``key`` starts waiting for its handshake; ``drop`` ends it if it is displaced.
@@ -697,12 +774,13 @@ class HttpServer:
                 return None
             source = source_of(address)
             try:
+                # Unread until granted: the source's rate and turns, and the other sources'.
                 async with asyncio.timeout(self.timeouts.handshake):
-                    await self.gate.acquire_turn("handshake", source)
+                    await self.gate.acquire_handshake(source)
             except TimeoutError:
                 self._report(
                     HandshakeFailure(
-                        address, port, "too many TLS handshakes from this source at once"
+                        address, port, "too many TLS handshakes from this source (rate or at once)"
                     )
                 )
                 writer.transport.abort()
@@ -715,7 +793,7 @@ class HttpServer:
                     on_failure=self.on_handshake_failure,
                 )
             finally:
-                self.gate.release_turn("handshake", source)
+                self.gate.release_handshake(source)
         except asyncio.CancelledError:
             if not pending.displaced:
                 raise
