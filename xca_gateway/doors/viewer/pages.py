@@ -14,7 +14,7 @@ asking the federation again for each request.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Protocol
@@ -254,3 +254,27 @@ class ViewerPages:
             *_SECURITY_HEADERS,
         ]
         return Response(status, headers, body)
+
+
+class WebPages(PageHost, Protocol):
+    """A door that mounts pages (the web door, ``xca_gateway.doors.web.door.WebDoor``)."""
+
+    def add_page(
+        self, path_prefix: str, handler: Callable[[Request, Principal], Awaitable[Response]]
+    ) -> None: ...
+
+    def add_public(
+        self, path_prefix: str, handler: Callable[[Request], Awaitable[Response]]
+    ) -> None: ...
+
+
+LAUNCH_PATH = "/iid"
+
+
+def install_viewer(door: WebPages, record_launch: LaunchRecorder | None = None) -> ViewerPages:
+    """Mount the IID launch (``/iid``, for signed-in clinicians) and the viewer's files
+    (``/viewer/``, public: they hold no data) on ``door``."""
+    pages = ViewerPages(door, record_launch)
+    door.add_page(LAUNCH_PATH, pages.launch)
+    door.add_public(VIEWER_PREFIX, pages.assets)
+    return pages
