@@ -96,9 +96,8 @@ def test_a_clinician_sees_every_communitys_studies_and_an_image(demo: dict[str, 
             # Open a study another community holds.
             other = rows.filter(has_not_text=home["name"]).first
             other.locator("a.open").click()
-            page.wait_for_function(
-                "document.getElementById('image').dataset.drawn >= '1'", timeout=60_000
-            )
+            # (a locator, not wait_for_function: the viewer's CSP forbids eval)
+            page.locator("#image[data-drawn]").wait_for(state="attached", timeout=60_000)
             sync_api.expect(page.locator(".series img").first).to_be_visible()
             stats = page.evaluate(
                 """() => {
