@@ -8,6 +8,7 @@ whose back end is not configured answers with a standards-shaped Failure.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import socket
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from xca_gateway.audit.trail import AuditTrail
 from xca_gateway.doors.dicomweb import DicomWebFrontDoor
 from xca_gateway.doors.dimse import DicomFrontDoor, DicomFrontServices
 from xca_gateway.doors.hl7_prefetch import Prefetcher
+from xca_gateway.doors.viewer.pages import install_viewer
+from xca_gateway.doors.web.audit import record_launch
 from xca_gateway.doors.web.door import WebDoor
 from xca_gateway.imaging.config import ImagingConfig
 from xca_gateway.imaging.service import ImagingService
@@ -220,6 +223,9 @@ class Gateway:
             if config.web is not None
             else None
         )
+        if self.web_door is not None:
+            # What the clinician sees: the IID launch (/iid) and the viewer (/viewer/).
+            install_viewer(self.web_door, functools.partial(record_launch, self.web_door))
 
         # The operator page on the admin port (/, /status.json) and its metrics.
         self.operator_page = install_operator_page(self)
