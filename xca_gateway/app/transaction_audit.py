@@ -55,7 +55,8 @@ SERVED: Mapping[str, AuditOf] = {
     "RAD-75": rad75.audit_served,
 }
 
-# A call this gateway made, by its wsa:Action.
+# A call this gateway made, by its wsa:Action. (An ITI-42 to a remote registry has no record yet:
+# iti42 builds only the registry's side.)
 CALLED: Mapping[str, AuditOf] = {
     Action.ITI18: iti18.audit_called,
     Action.ITI38: iti38.audit_called,
