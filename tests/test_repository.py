@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -261,3 +266,46 @@ def test_repository_config_full(tmp_path: Path) -> None:
 def test_repository_config_errors(tmp_path: Path, table: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_repository_config(table, tmp_path, tmp_path)
+
+
+def test_abandoned_writes_are_removed_when_the_repository_opens(tmp_path: Path) -> None:
+    # A writer killed mid-write leaves its patient's document in tmp/: a real process is
+    # SIGKILLed while it holds an unfinished write, and the next open removes the leftover; a
+    # live writer's file (locked) and a fresh one (its writer may not hold the lock yet) stay.
+    directory = tmp_path / "repo"
+    DocumentRepository(directory, REPO_ID)
+    tmp = directory / "tmp"
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from xca_gateway.repository import DocumentRepository\n"
+        f"repo = DocumentRepository(Path({str(directory)!r}), {REPO_ID!r})\n"
+        "def chunks():\n"
+        "    yield b'PATIENT-DOCUMENT-MARKER' * 10000  # past the file's buffer\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(60)\n"
+        "    yield b'never'\n"
+        "repo.store('1.2.3.killed', chunks(), mime_type='text/plain')\n"
+    )
+    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout is not None
+    assert writer.stdout.readline().strip() == "writing"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=30)
+    (killed,) = tmp.glob("in-*.part")
+    assert b"PATIENT-DOCUMENT-MARKER" in killed.read_bytes()
+
+    live = tmp / "in-live.part"
+    live.write_bytes(b"in progress")
+    fresh = tmp / "in-fresh.part"
+    fresh.write_bytes(b"just created")
+    old = time.time() - 3600
+    for path in (killed, live):
+        os.utime(path, (old, old))
+    with open(live, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        reopened = DocumentRepository(directory, REPO_ID)
+    assert reopened.abandoned_writes_removed == 1
+    assert not killed.exists()
+    assert live.exists() and fresh.exists()
+    assert "1.2.3.killed" not in reopened

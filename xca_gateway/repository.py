@@ -4,13 +4,20 @@ Layout under the repository directory::
 
     objects/<k[:2]>/<k>.json            commit record: uniqueId, mimeType, size, SHA-1, data file
     objects/<k[:2]>/<k>.<token>.data    the document bytes
-    tmp/                                writes in progress (same filesystem, so rename is atomic)
+    tmp/                                writes in progress (same filesystem, so rename is atomic),
+                                        each locked (flock) by its writer while it lives
 
 ``k`` is the SHA-256 of the documentUniqueId, so any uniqueId (OIDs, ``oid^extension``) maps
 to a safe file name. A write streams into ``tmp/`` while hashing, is fsynced, renamed to a
 fresh ``.data`` file and only then committed by atomically replacing the ``.json`` record,
 which names its data file. Readers go through the record, so they see the old document or
 the new one, never a mix. XDS puts the SHA-1 of the document (hex) in the ``hash`` slot.
+
+A write in progress holds its patient's document in ``tmp/``; a writer killed mid-write (or a
+machine that lost power) leaves it behind. Opening the repository removes such leftovers: a
+``tmp/`` file whose writer is gone (no lock on it) and that nobody wrote to for a minute. Other
+processes sharing the directory (an import running beside the gateway) keep theirs: they hold
+the lock.
 
 Reads stream in chunks and re-check size and SHA-1 on the way: a damaged file fails the
 stream before its last chunk is released, so a truncated answer cannot pass as complete.
@@ -25,9 +32,12 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
+import tempfile
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -55,6 +65,8 @@ _RECORD_VERSION = 1
 # documentUniqueId is an OID (64) or, for some sources, oid^extension; be generous but bounded.
 _MAX_UNIQUE_ID = 256
 _MIME_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(\s*;[^\x00-\x1f\x7f]*)?$")
+
+log = logging.getLogger(__name__)
 
 
 class DocumentExists(FileExistsError):
@@ -154,6 +166,14 @@ class DocumentRepository:
         self._objects.mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
         self._lock_path = self.directory / ".lock"
+        self.abandoned_writes_removed = _remove_abandoned_writes(self._tmp)
+        if self.abandoned_writes_removed:
+            log.warning(
+                "repository %s: removed %d abandoned write(s) from %s",
+                repository_unique_id,
+                self.abandoned_writes_removed,
+                self._tmp,
+            )
 
     def __repr__(self) -> str:
         return f"DocumentRepository({str(self.directory)!r}, {self.repository_unique_id!r})"
@@ -336,10 +356,39 @@ class DocumentRepository:
         return True
 
 
-def _mkstemp(directory: Path) -> tuple[int, str]:
-    import tempfile
+# A tmp/ file younger than this is never removed: its writer may not hold its lock yet.
+_ABANDONED_AFTER = 60.0
 
-    return tempfile.mkstemp(dir=directory, prefix="in-", suffix=".part")
+
+def _mkstemp(directory: Path) -> tuple[int, str]:
+    fd, name = tempfile.mkstemp(dir=directory, prefix="in-", suffix=".part")
+    # Held until the writer closes the file (or dies): tells _remove_abandoned_writes it lives.
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd, name
+
+
+def _remove_abandoned_writes(directory: Path, now: float | None = None) -> int:
+    """Remove the ``tmp/`` files of writers that are gone; the number removed."""
+    now = time.time() if now is None else now
+    removed = 0
+    for path in directory.glob("in-*.part"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            if now - os.fstat(fd).st_mtime < _ABANDONED_AFTER:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live writer (this process or another) holds it
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _chunks(content: bytes | Iterable[bytes] | IO[bytes], size: int) -> Iterator[bytes]:
