@@ -138,35 +138,37 @@ def gateway_config_toml(
 
 
 def start_orthanc(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """Orthanc on free ports; tried again on new ports if another process took one meanwhile."""
     if not (os.path.exists(ORTHANC) and os.path.exists(DICOMWEB_PLUGIN)):
         sys.exit("needs Orthanc and its DICOMweb plugin (apt-get install orthanc orthanc-dicomweb)")
     import json
 
-    http_port = free_port()
     storage = workdir / "orthanc-db"
     storage.mkdir(parents=True, exist_ok=True)
-    config = {
-        "Name": "viewer-bench",
-        "StorageDirectory": str(storage),
-        "IndexDirectory": str(storage),
-        "HttpPort": http_port,
-        "DicomPort": free_port(),
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "HttpCompressionEnabled": False,
-        "Plugins": [DICOMWEB_PLUGIN],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (workdir / "orthanc.json").write_text(json.dumps(config))
-    log = (workdir / "orthanc.log").open("wb")
-    process = subprocess.Popen(
-        [ORTHANC, str(workdir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
-    )
-    log.close()
-    if not wait_port(http_port):
-        process.kill()
-        sys.exit(f"Orthanc did not start: {(workdir / 'orthanc.log').read_text()[-2000:]}")
-    return process, http_port
+    for _attempt in range(3):
+        http_port = free_port()
+        config = {
+            "Name": "viewer-bench",
+            "StorageDirectory": str(storage),
+            "IndexDirectory": str(storage),
+            "HttpPort": http_port,
+            "DicomPort": free_port(),
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "HttpCompressionEnabled": False,
+            "Plugins": [DICOMWEB_PLUGIN],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        }
+        (workdir / "orthanc.json").write_text(json.dumps(config))
+        log = (workdir / "orthanc.log").open("wb")
+        process = subprocess.Popen(
+            [ORTHANC, str(workdir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        if wait_port(http_port) and process.poll() is None:
+            return process, http_port
+        stop(process)
+    sys.exit(f"Orthanc did not start: {(workdir / 'orthanc.log').read_text()[-2000:]}")
 
 
 def start_gateway(workdir: Path, name: str, config: Path, port: int) -> subprocess.Popen[bytes]:
