@@ -19,11 +19,12 @@ from xca_gateway.imaging.retrieve import (
     open_retrieval,
     soap_response,
 )
+from xca_gateway.imaging.routing import local_routes, parse_or_fault
 from xca_gateway.imaging.sources import ImagingSource, rejected_errors
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.peer_client import PeerClient
 from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
-from xca_gateway.transactions.rad75 import local_routes, parse_or_fault, peer_route
+from xca_gateway.transactions.rad75 import peer_route
 from xca_gateway.xds.ebrs import RegistryError
 
 

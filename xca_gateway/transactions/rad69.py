@@ -1,9 +1,9 @@
 """RAD-69 Retrieve Imaging Document Set: Initiating Imaging Gateway and Imaging Document Source.
 
-Initiating Imaging Gateway (:class:`InitiatingImagingGateway`, endpoint ``/ig/rad69``, and
-in-process through its ``retrieve``): a local Imaging Document Consumer (or a front door of
-this gateway) asks for SOP instances anywhere in the federation. DocumentRequests are split
-by HomeCommunityId (RAD TF-3 4.69.4.1.3, Initiating Imaging Gateway):
+Initiating Imaging Gateway (:class:`~xca_gateway.initiating.imaging.InitiatingImagingGateway`,
+endpoint ``/ig/rad69``, and in-process through its ``retrieve``): a local Imaging Document
+Consumer (or a front door of this gateway) asks for SOP instances anywhere in the federation.
+DocumentRequests are split by HomeCommunityId (RAD TF-3 4.69.4.1.3, Initiating Imaging Gateway):
 
 * own community, or none given (RAD69-002: only needed for other communities): by
   RepositoryUniqueId to the configured local Imaging Document Sources;
@@ -14,7 +14,9 @@ by HomeCommunityId (RAD TF-3 4.69.4.1.3, Initiating Imaging Gateway):
 
 All answers are merged into one streamed MTOM response; the errors relayed from peers keep their
 location. :func:`imaging_document_source_handler` is the plain Imaging Document Source (no
-routing to other communities), e.g. for a community whose gateway also fronts its PACS.
+routing to other communities), e.g. for a community whose gateway also fronts its PACS. The
+consumer side, a RAD-69 to an XDS-I.b source of this community, is an imaging source
+(:mod:`xca_gateway.imaging.rad69_source`). The audit records of both sides are built here.
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ from xca_gateway.imaging.retrieve import (
     DEFAULT_IDLE_TIMEOUT,
     respond,
 )
+from xca_gateway.imaging.routing import local_routes, parse_or_fault
 from xca_gateway.imaging.sources import ImagingSource, rejected_errors
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
-from xca_gateway.transactions.rad75 import local_routes, parse_or_fault
 from xca_gateway.xds.ebrs import RegistryError
 
 __all__ = ["audit_called", "audit_served", "imaging_document_source_handler", "retrieve_audit"]

@@ -22,9 +22,7 @@ from xca_gateway.audit.exchange import Exchange
 from xca_gateway.imaging.remote import open_remote_retrieve
 from xca_gateway.imaging.request import (
     DocumentRequest,
-    InvalidImagingRequest,
     RetrieveImagingDocumentSetRequest,
-    parse_retrieve_imaging_request,
 )
 from xca_gateway.imaging.retrieve import (
     DEFAULT_ABANDON_TIMEOUT,
@@ -33,29 +31,18 @@ from xca_gateway.imaging.retrieve import (
     Route,
     respond,
 )
+from xca_gateway.imaging.routing import local_routes, parse_or_fault
 from xca_gateway.imaging.sources import (
     ImagingSource,
     Retrieval,
     rejected_errors,
-    source_unavailable_error,
-    unknown_repository_error,
 )
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.peer_client import PeerClient
-from xca_gateway.protocol.soap import SoapFault
 from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.xds.ebrs import RegistryError
 
-__all__ = [
-    "audit_called",
-    "audit_served",
-    "local_routes",
-    "parse_or_fault",
-    "peer_route",
-    "rad75_handler",
-    "retrieve_audit",
-    "source_route",
-]
+__all__ = ["audit_called", "audit_served", "peer_route", "rad75_handler", "retrieve_audit"]
 
 
 # ---------------------------------------- initiating side
@@ -84,43 +71,6 @@ def peer_route(
 
 
 # ---------------------------------------- responding side
-
-
-def parse_or_fault(request: SoapRequest, max_documents: int) -> RetrieveImagingDocumentSetRequest:
-    """The parsed request; a SOAP Sender fault only for XML/schema breakage."""
-    try:
-        return parse_retrieve_imaging_request(request.payload, max_documents=max_documents)
-    except InvalidImagingRequest as exc:
-        raise SoapFault.sender(f"invalid RetrieveImagingDocumentSetRequest: {exc.reason}") from None
-
-
-def source_route(source: ImagingSource, home_community_id: str | None) -> Route:
-    repository = source.repository_unique_id
-
-    def unavailable(reason: str, count: int) -> RegistryError:
-        return source_unavailable_error(repository, reason, count)
-
-    return Route(source.describe(), source.open, unavailable, home_community_id)
-
-
-def local_routes(
-    documents: list[DocumentRequest],
-    sources: Mapping[str, ImagingSource],
-    home_community_id: str | None,
-) -> tuple[list[tuple[Route, list[DocumentRequest]]], list[RegistryError]]:
-    """Group documents by RepositoryUniqueId; unknown repositories become errors."""
-    groups: dict[str, list[DocumentRequest]] = {}
-    for doc in documents:
-        groups.setdefault(doc.repository_unique_id, []).append(doc)
-    routes: list[tuple[Route, list[DocumentRequest]]] = []
-    errors: list[RegistryError] = []
-    for repository, docs in groups.items():
-        source = sources.get(repository)
-        if source is None:
-            errors.append(unknown_repository_error(repository, len(docs)))
-        else:
-            routes.append((source_route(source, home_community_id), docs))
-    return routes, errors
 
 
 def rad75_handler(
