@@ -20,6 +20,7 @@ instance from Orthanc (WADO-RS) and streams it back; alpha decodes and renders i
 
     python benchmarks/viewer_bench.py                  # 200 instances, 5 rounds
     python benchmarks/viewer_bench.py --instances 50 --rounds 3
+    python benchmarks/viewer_bench.py --instances 6 --rounds 1 --rle   # smoke (tests run it)
 """
 
 from __future__ import annotations
@@ -233,6 +234,9 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--rle", action="store_true", help="store the study RLE Lossless compressed at Orthanc"
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="viewer-bench-"))
     pki = init_dev_pki(workdir / "certs", COMMUNITIES)
@@ -253,6 +257,7 @@ def main() -> None:
         rows=512,
         columns=512,
         seed=11,
+        transfer_syntax_uid="1.2.840.10008.1.2.5" if args.rle else "1.2.840.10008.1.2.1",
     )
     processes: list[subprocess.Popen[bytes]] = []
     try:

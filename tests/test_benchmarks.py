@@ -226,3 +226,33 @@ def test_viewer_bench(bench: dict[str, ModuleType], bench_pki: DevPki, tmp_path:
     assert _admitted(_policy(alpha).caller_directory(), client, Door.DICOMWEB)
     assert _admitted(_policy(beta).caller_directory(), gateways["alpha"].cert, Door.XCA)
     assert not _admitted(_policy(beta).caller_directory(), client, Door.XCA)
+
+
+def test_viewer_bench_renders_from_a_real_orthanc() -> None:
+    """The benchmark end to end on a small RLE Lossless study: Orthanc (DICOMweb) behind beta,
+    alpha's DICOMweb door renders each image (decoding RLE); both paths answer every image."""
+    import os
+    import subprocess
+
+    if not (
+        os.path.exists("/usr/sbin/Orthanc")
+        and os.path.exists("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+    ):
+        pytest.skip("orthanc-dicomweb is not installed (CI installs it)")
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "viewer_bench.py"),
+            "--instances",
+            "6",
+            "--rounds",
+            "1",
+            "--rle",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=BENCHMARKS,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "ratio gateway/direct: first image" in done.stdout
