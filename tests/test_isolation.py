@@ -707,3 +707,51 @@ def test_a_peer_handshakes_in_its_turn_not_behind_a_flood_of_one_source(
     finally:
         for sock in flood:
             sock.close()
+
+
+def test_a_client_whose_hello_is_there_is_not_displaced_as_silent() -> None:
+    """A burst of accepts fills the pool before any connection's task has run: the socket
+    itself says who has spoken."""
+    from xca_gateway.protocol.http_server import ConnectionGate, ConnectionLimits
+
+    gate = ConnectionGate(ConnectionLimits(max_pending_handshakes=2))
+    dropped: list[str] = []
+    gate.pending("client", lambda: dropped.append("client"), lambda: True)
+    gate.pending("idle-1", lambda: dropped.append("idle-1"), lambda: False)
+    gate.pending("idle-2", lambda: dropped.append("idle-2"), lambda: False)
+    assert dropped == ["idle-1"]  # the older client's ClientHello was waiting in its socket
+    gate.pending("idle-3", lambda: dropped.append("idle-3"), lambda: False)
+    assert dropped == ["idle-1", "idle-2"]
+
+
+def test_has_spoken_sees_unread_bytes_on_a_paused_socket() -> None:
+    from xca_gateway.protocol.http_server import _has_spoken
+
+    async def scenario() -> list[bool]:
+        accepted: asyncio.Queue[asyncio.Transport] = asyncio.Queue()
+
+        class Paused(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                assert isinstance(transport, asyncio.Transport)
+                transport.pause_reading()
+                accepted.put_nowait(transport)
+
+        server = await asyncio.get_running_loop().create_server(Paused, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        transport = await accepted.get()
+        seen = [_has_spoken(transport)]
+        writer.write(b"\x16\x03\x01")
+        await writer.drain()
+        for _ in range(500):  # bounded: until the bytes are in the server's socket
+            if _has_spoken(transport):
+                break
+            await asyncio.sleep(0.01)
+        seen.append(_has_spoken(transport))
+        writer.close()
+        transport.abort()
+        server.close()
+        await server.wait_closed()
+        return seen
+
+    assert asyncio.run(scenario()) == [False, True]

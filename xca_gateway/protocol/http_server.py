@@ -24,6 +24,7 @@ import errno
 import ipaddress
 import logging
 import os
+import select
 import socket
 import ssl
 import time
@@ -307,6 +308,7 @@ class ConnectionGate:
         # their handshake that have sent nothing yet, and those that have.
         self._pending: dict[object, Callable[[], None]] = {}
         self._speaking: dict[object, Callable[[], None]] = {}
+        self._probes: dict[object, Callable[[], bool]] = {}
         # (kind, source) -> [its turns (a semaphore), connections holding or waiting for one].
         self._turns: dict[tuple[str, str], list[Any]] = {}
         self._logged: dict[str, float] = {}
@@ -426,28 +428,47 @@ class ConnectionGate:
             self._swept = now
             schedule.sweep(now)
 
-    def pending(self, key: object, drop: Callable[[], None]) -> None:
+    def pending(
+        self,
+        key: object,
+        drop: Callable[[], None],
+        has_spoken: Callable[[], bool] | None = None,
+    ) -> None:
         """``key`` starts waiting for its handshake; ``drop`` ends it if it is displaced.
 
         A full pool displaces its oldest *silent* connection (it has sent nothing yet) before
         any that is handshaking: a client whose handshake is slow on a busy machine is not
-        pushed out by a flood of sockets that never speak.
+        pushed out by a flood of sockets that never speak. ``has_spoken`` looks at the socket
+        itself: a burst of accepts displaces before any connection's task has run, and a
+        client whose ClientHello is already there must not pass for silent then.
         """
         while self.pending_handshakes >= self.limits.max_pending_handshakes:
-            pool = self._pending if self._pending else self._speaking
-            oldest = next(iter(pool))
+            if self._pending:
+                oldest = next(iter(self._pending))
+                probe = self._probes.pop(oldest, None)
+                if probe is not None and probe():
+                    self.speaking(oldest)  # each connection is looked at once at most
+                    continue
+                pool = self._pending
+            else:
+                pool = self._speaking
+                oldest = next(iter(pool))
             displaced = pool.pop(oldest)
             self._refuse("max_pending_handshakes", "oldest pending handshake")
             displaced()
         self._pending[key] = drop
+        if has_spoken is not None:
+            self._probes[key] = has_spoken
 
     def speaking(self, key: object) -> None:
         """``key`` has sent its first bytes: displaced only when no silent one is left."""
+        self._probes.pop(key, None)
         drop = self._pending.pop(key, None)
         if drop is not None:
             self._speaking[key] = drop
 
     def settled(self, key: object) -> None:
+        self._probes.pop(key, None)
         self._pending.pop(key, None)
         self._speaking.pop(key, None)
 
@@ -540,6 +561,16 @@ async def wait_readable(transport: asyncio.BaseTransport, timeout: float) -> boo
             loop.remove_reader(fd)
     finally:
         os.close(fd)
+
+
+def _has_spoken(transport: asyncio.Transport) -> bool:
+    """Whether the peer has sent something (or closed) that is not read yet; no waiting."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or transport.is_closing():
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class RequestBodyTooSlow(Exception):
@@ -714,7 +745,7 @@ class HttpServer:
         if self.ssl_context is not None:
             # In the bounded pool from the accept on (a burst of connections displaces older
             # silent ones at once, before a task has run for any of them).
-            self.gate.pending(pending, pending.drop)
+            self.gate.pending(pending, pending.drop, lambda: _has_spoken(transport))
         try:
             loop = asyncio.get_running_loop()
             reader = asyncio.StreamReader(loop=loop)
