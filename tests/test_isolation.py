@@ -10,6 +10,7 @@ import asyncio
 import base64
 import dataclasses
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -755,3 +756,45 @@ def test_has_spoken_sees_unread_bytes_on_a_paused_socket() -> None:
         return seen
 
     assert asyncio.run(scenario()) == [False, True]
+
+
+def _query_on_tls(
+    port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None
+) -> tuple[str, ssl.SSLSession | None, bool]:
+    """One ITI-18 on a new TLS connection offering ``session``: the status line, the session
+    to offer next time (its ticket arrives with the answer) and whether it was resumed."""
+    body = soap12(Action.ITI18, ADHOC_QUERY)
+    head = (
+        f"POST /ig/iti18 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+        f"Content-Type: application/soap+xml\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+        tls.sendall(head + body)
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+        return answer.split(b"\r\n", 1)[0].decode().strip(), tls.session, tls.session_reused
+
+
+def test_a_returning_client_resumes_its_session_and_is_still_itself(
+    gateway: Gateway, pki: DevPki
+) -> None:
+    """The resumed handshake skips the signature and the chain verification; the caller is
+    still identified by the certificate of the session (the /ig door admits it by its URI)."""
+    ctx = client_context(pki.ca, pki.client.cert, pki.client.key)
+    status, session, resumed = _query_on_tls(gateway.https.port, ctx, None)
+    assert (status, resumed) == ("HTTP/1.1 200", False)
+    for _ in range(2):  # one ticket per connection is enough to resume again and again
+        status, session, resumed = _query_on_tls(gateway.https.port, ctx, session)
+        assert (status, resumed) == ("HTTP/1.1 200", True)
+
+
+def test_no_session_tickets_means_a_full_handshake_every_time(
+    gateway_factory: Callable[..., Gateway], pki: DevPki
+) -> None:
+    gateway = gateway_factory("alpha", tls={"session_tickets": 0})
+    ctx = client_context(pki.ca, pki.client.cert, pki.client.key)
+    status, session, _ = _query_on_tls(gateway.https.port, ctx, None)
+    status, _, resumed = _query_on_tls(gateway.https.port, ctx, session)
+    assert (status, resumed) == ("HTTP/1.1 200", False)

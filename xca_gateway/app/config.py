@@ -244,6 +244,8 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
     tls = _build(TlsConfig, tls_t, "tls")
     if tls.minimum_version not in ("1.2", "1.3"):
         raise ConfigError('tls.minimum_version must be "1.2" or "1.3" (BCP195 TLS 1.2 floor)')
+    if not 0 <= tls.session_tickets <= 16:
+        raise ConfigError("tls.session_tickets must be between 0 and 16")
 
     limits_t = dict(_table(data, "limits"))
     if "spool_dir" in limits_t:

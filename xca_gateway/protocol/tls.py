@@ -40,6 +40,10 @@ def server_context(cfg: TlsConfig) -> ssl.SSLContext:
     ctx.verify_mode = ssl.CERT_REQUIRED
     _load_crls(ctx, cfg.crl_file)
     enable_certificate_capture(ctx)
+    # OpenSSL sends two tickets by default: half the cost for the same resumption.
+    ctx.num_tickets = cfg.session_tickets
+    if not cfg.session_tickets:
+        ctx.options |= ssl.OP_NO_TICKET  # nor TLS 1.2 tickets
     return ctx
 
 
