@@ -32,7 +32,7 @@ attack / p99 quiet (target <= 2.0) with the control's ratio beside it, the gatew
 Security Alerts raised (metric) and the audit records they became (aggregated per source and
 kind). Everything is bounded: windows, rounds, one request per ``--interval`` per client.
 
-    python benchmarks/isolation.py [--window 6] [--rounds 4] [--attacks bomb,flood,...]
+    python benchmarks/isolation.py [--window 3] [--rounds 8] [--attacks bomb,flood,...]
 """
 
 from __future__ import annotations
@@ -580,8 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--window", type=float, default=6.0, help="seconds of every window")
-    parser.add_argument("--rounds", type=int, default=4, help="quiet/attack pairs per attack")
+    parser.add_argument("--window", type=float, default=3.0, help="seconds of every window")
+    parser.add_argument("--rounds", type=int, default=8, help="quiet/attack pairs per attack")
     parser.add_argument("--interval", type=float, default=0.05, help="pause between requests")
     parser.add_argument(
         "--warmup", type=float, default=0.5, help="attack running before its window is measured"
