@@ -67,6 +67,20 @@ from xca_gateway.xds.kos import build_kos, kos_references, kos_to_bytes
 
 EXPLICIT = "1.2.840.10008.1.2.1"
 BIG_PATIENT = "BIG-1"
+MULTI_PATIENT = "MULTI-1"
+
+
+def make_multiframe(path: Path, frames: int) -> None:
+    """Rewrite a single-frame native instance as ``frames`` frames, frame k = (k+1) x pixels."""
+    import numpy as np
+
+    ds = dcmread(path)
+    pixels = ds.pixel_array.astype(np.uint16)
+    ds.NumberOfFrames = frames
+    ds.PixelData = np.stack([pixels // (k + 1) for k in range(frames)]).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
 # Extra callers (client certificates from the dev PKI's CA): two more local consumers, an
 # interface engine (a local system, but not a consumer) and a trusted certificate the access
 # policy does not name.
@@ -108,6 +122,7 @@ class Web:
     studies: list[SampleStudy]  # alpha's own
     peer_studies: list[SampleStudy]  # beta's
     big: SampleStudy  # a larger study of BIG_PATIENT at alpha
+    multi: SampleStudy  # MULTI_PATIENT's one multi-frame instance at alpha
     audit: AuditInbox
     threads: list[GatewayThread] = field(default_factory=list)
 
@@ -166,6 +181,23 @@ def web(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
             columns=512,
             seed=7,
         )
+        # One multi-frame instance (three different frames) of another patient, for renderings.
+        multi = generate_study(
+            tmp / "alpha" / "images" / "multi",
+            patient=SamplePatient("max", "Ram", "Max", "19800101", "M"),
+            patient_id=MULTI_PATIENT,
+            issuer_oid=AUTHORITY,
+            modality="CT",
+            body_part="HEAD",
+            study_date=date(2024, 6, 7),
+            institution="Alpha",
+            accession_number="MUL0001",
+            uid_root=f"{ARC}.90.78",
+            series_count=1,
+            instances_per_series=1,
+            seed=8,
+        )
+        make_multiframe(multi.files[0], frames=3)
         extra = f"""
 [patient_mapping]
 xref_csv = "{xref}"
@@ -197,6 +229,7 @@ port = 0
             studies,
             beta_studies,
             big,
+            multi,
             audit,
             threads,
         )
@@ -899,6 +932,32 @@ def test_rendered_series_and_study_are_multipart_one_image_per_frame(web: Web) -
         headers={"accept": "image/jpeg"},
     )
     assert len(rendered_parts(everything, "image/jpeg")) == len(study.files)
+
+
+def test_a_multiframe_instance_renders_every_frame_or_the_frames_asked_for(web: Web) -> None:
+    study = web.multi
+    session = web.session()
+    session.get(f"{web.url}/studies", params={"PatientID": MULTI_PATIENT}).raise_for_status()
+    ds = dcmread(study.files[0], stop_before_pixels=True)
+    url = (
+        f"{web.url}/studies/{study.study_instance_uid}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}"
+    )
+    every = session.get(f"{url}/rendered")
+    assert every.status_code == 200, every.text
+    parts = rendered_parts(every, "image/png")
+    assert len(parts) == 3
+    frames = [png_pixels(p) for p in parts]
+    assert not (frames[0] == frames[2]).all()
+    second = session.get(f"{url}/frames/2/rendered")
+    assert second.headers["content-type"] == "image/png"
+    assert (png_pixels(second.content) == frames[1]).all()
+    two = session.get(f"{url}/frames/3,1/rendered")
+    assert [
+        (png_pixels(p) == f).all()
+        for p, f in zip(rendered_parts(two, "image/png"), (frames[2], frames[0]), strict=True)
+    ] == [True, True]
+    assert session.get(f"{url}/frames/4/rendered").status_code == 404
 
 
 def test_rendered_requests_that_cannot_be_answered(web: Web) -> None:

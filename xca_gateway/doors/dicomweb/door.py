@@ -515,12 +515,12 @@ class DicomWebFrontDoor:
             return Response(206 if missing else 200, headers, body, on_complete=complete)
         # One image: rendered before answering, so that an instance without an image or a
         # frame out of range gets its status (406 / 404), not a cut body.
+        frames = 1
         try:
             ds = await self._read_instance(retrieval, 0)
             frame = route.frames[0] - 1 if route.frames else 0
             try:
-                if not route.frames and frame_count(ds) > 1 and route.kind == "rendered":
-                    raise NotRenderable("a multi-frame instance: name its frames (/frames/{list})")
+                frames = frame_count(ds)
                 image = await asyncio.to_thread(render_frame, ds, frame, options)
             except NotRenderable as exc:
                 raise DicomWebError(
@@ -537,9 +537,43 @@ class DicomWebFrontDoor:
             error = DicomWebError(502, str(exc))
             audit.failed_before_streaming(error)
             raise error from None
+        if route.kind == "rendered" and not route.frames and frames > 1:
+            # A multi-frame instance: every frame, the first already rendered.
+            boundary = uuid.uuid4().hex
+            headers.insert(
+                0,
+                (
+                    "content-type",
+                    f'multipart/related; type="{options.media_type}"; boundary={boundary}',
+                ),
+            )
+            body = self._frames_body(ds, image, frames, options, boundary, retrieval, delivery)
+            return Response(200, headers, body, on_complete=complete)
         delivery.delivered.append(retrieval.uids[0])
         headers.insert(0, ("content-type", options.media_type))
         return Response(200, headers, image, on_complete=complete)
+
+    async def _frames_body(
+        self,
+        ds: Dataset,
+        first: bytes,
+        frames: int,
+        options: RenderOptions,
+        boundary: str,
+        retrieval: ImagingRetrieval,
+        delivery: _Delivery,
+    ) -> AsyncIterator[bytes]:
+        try:
+            image = first
+            for frame in range(frames):
+                if frame:
+                    image = await asyncio.to_thread(render_frame, ds, frame, options)
+                yield part_header(boundary, options.media_type, first=frame == 0)
+                yield image
+            yield closing_delimiter(boundary, empty=False)
+            delivery.delivered.append(retrieval.uids[0])
+        finally:
+            await retrieval.aclose()
 
     async def _rendered_body(
         self,
