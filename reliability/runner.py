@@ -254,11 +254,14 @@ def running_demo(workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[
 
 
 def demo_children(process: subprocess.Popen[bytes]) -> dict[str, psutil.Process]:
-    """The demo's direct children by name: one gateway per community and the repository."""
+    """The demo's direct children by name: one gateway per community, the repository and
+    the authorization server."""
     found: dict[str, psutil.Process] = {}
     for child in psutil.Process(process.pid).children():
         cmdline = child.cmdline()
-        if "serve" in cmdline and "--config" in cmdline:
+        if "xca_gateway.tools.auth_server" in cmdline:
+            found["authorization server"] = child
+        elif "serve" in cmdline and "--config" in cmdline:
             name = Path(cmdline[cmdline.index("--config") + 1]).parent.name
             found["audit record repository" if name == "arr" else f"{name} gateway"] = child
         else:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import psutil
@@ -462,6 +465,9 @@ def test_demo_banner_says_where_to_look_and_what_to_try(
     arr = data["auditRepository"]
     assert f"{arr['ui']}/login" in text
     assert arr["officer"]["username"] in text and arr["officer"]["password"] in text
+    for clinician in data["clinicians"]:
+        assert clinician["username"] in text and clinician["password"] in text
+    assert data["communities"][0]["viewer"]["launch"] + "?requestType=PATIENT" in text
     [command] = [line.strip() for line in text.splitlines() if "xca-gateway query" in line]
     assert command.startswith("xca-gateway query --endpoints ")
     # The first command to try works as printed.
@@ -485,11 +491,55 @@ def test_second_demo_on_a_workdir_in_use_is_refused(
     assert (workdir / "endpoints.json").is_file()
 
 
+def test_demo_web_door_signs_in_a_demo_clinician_and_serves_data(
+    demo: tuple[subprocess.Popen[bytes], Path],
+) -> None:
+    """contract.md "Viewer": each community's web door and launch URL, the demo authorization
+    server and its clinicians; a clinician signs in with code + PKCE (httpx, as a browser
+    would) and reads the federation through the web door with the session."""
+    _, workdir = demo
+    data = _endpoints(workdir)
+    server = data["authorizationServer"]
+    assert set(server) >= {"issuer", "authorizationEndpoint", "tokenEndpoint", "jwksUri"}
+    names = [c["name"] for c in data["communities"]]
+    assert sorted(c["community"] for c in data["clinicians"]) == sorted(names)
+    for c in data["communities"]:
+        assert c["webUrl"].startswith("https://127.0.0.1:")
+        assert c["launchUrl"].startswith(c["webUrl"] + "/iid?") and "{patientID}" in c["launchUrl"]
+        assert c["viewer"]["launch"] == c["webUrl"] + "/iid"
+    north = data["communities"][0]
+    clinician = next(c for c in data["clinicians"] if c["community"] == north["name"])
+    patient = north["samplePatients"][0]["id"].split("^")[0]
+    context = ssl.create_default_context(cafile=data["ca"])
+    with httpx.Client(verify=context, timeout=60, trust_env=False) as browser:
+        assert browser.get(f"{north['webUrl']}/dicomweb/studies").status_code == 401
+        start = browser.get(f"{north['webUrl']}/login", params={"next": "/"})
+        assert start.status_code == 303
+        authorize = start.headers["location"]
+        assert authorize.startswith(server["authorizationEndpoint"])
+        page = browser.get(authorize)
+        hidden = dict(re.findall(r'name="([^"]+)" value="([^"]*)"', page.text))
+        hidden = {k: v.replace("&amp;", "&") for k, v in hidden.items()}
+        login = browser.post(
+            server["authorizationEndpoint"],
+            data={**hidden, "username": clinician["username"], "password": clinician["password"]},
+        )
+        assert login.status_code == 303
+        callback = login.headers["location"]
+        assert parse_qs(urlsplit(callback).query)["code"]
+        signed_in = browser.get(callback)
+        assert signed_in.status_code == 303 and signed_in.headers["location"] == "/"
+        answer = browser.get(f"{north['webUrl']}/dicomweb/studies", params={"PatientID": patient})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()
+
+
 def test_demo_stops_cleanly_on_sigterm(demo: tuple[subprocess.Popen[bytes], Path]) -> None:
     process, workdir = demo
     parent = psutil.Process(process.pid)
-    # One gateway per community and the audit record repository (with its workers).
-    assert len(parent.children()) == 3 + 1
+    # One gateway per community, the audit record repository (with its workers) and the
+    # authorization server.
+    assert len(parent.children()) == 3 + 1 + 1
     children = parent.children(recursive=True)
     os.kill(process.pid, signal.SIGTERM)
     assert process.wait(timeout=30) == 0
@@ -518,7 +568,8 @@ def test_killed_demo_leaves_no_stray_gateways(tmp_path: Path) -> None:
         while not (tmp_path / "endpoints.json").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         parent = psutil.Process(process.pid)
-        assert len(parent.children()) == 2 + 1  # two gateways and the audit repository
+        # two gateways, the audit repository and the authorization server
+        assert len(parent.children()) == 2 + 1 + 1
         children = parent.children(recursive=True)
         process.kill()  # SIGKILL: no chance to clean up, the kernel must take the children down
         process.wait(10)

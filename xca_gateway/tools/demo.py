@@ -25,11 +25,18 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from xca_gateway.app.serve import LISTEN_FDS_ENV
 from xca_gateway.arr.app import prepare_demo
 from xca_gateway.security.dev_pki import init_dev_pki, issue_client_certificate
 from xca_gateway.security.operators import write_operator_token_file
+from xca_gateway.tools.auth_server import (
+    AuthServerState,
+    Client,
+    demo_clinicians,
+    write_state,
+)
 from xca_gateway.tools.dicom_samples import (
     DEFAULT_PATIENTS,
     generate_community_samples,
@@ -153,6 +160,7 @@ def community_config_toml(
     dicomweb_port: int = 0,
     identities: DemoIdentities | None = None,
     policy: str | None = None,
+    web: DemoWeb | None = None,
 ) -> str:
     """The TOML configuration of one demo community; ``peers`` gives each peer's base URL.
 
@@ -215,6 +223,8 @@ def community_config_toml(
     if xref_csv:
         lines += ["[patient_mapping]", f"xref_csv = {_q(xref_csv)}", ""]
     lines += [policy] if policy is not None else _policy_toml(community, peers, identities)
+    if web is not None:
+        lines += web.toml(community)
     if identities is not None:
         lines += _xua_toml(community, peers, identities)
         lines += [
@@ -238,6 +248,42 @@ def community_config_toml(
             "",
         ]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class DemoWeb:
+    """A community's web door and the demo authorization server whose clinicians it admits."""
+
+    issuer: str  # the authorization server's base URL (its "iss")
+    base_url: str  # the web door's (its "aud" too)
+    port: int
+
+    def toml(self, community: DemoCommunity) -> list[str]:
+        issuer = self.issuer
+        return [
+            "# The web door: clinicians in a browser, with IUA tokens of the demo's",
+            "# authorization server (endpoints.json authorizationServer, clinicians).",
+            "[web]",
+            "enabled = true",
+            'host = "127.0.0.1"',
+            f"port = {self.port}",
+            "",
+            "[web.iua]",
+            f"issuer = {_q(issuer)}",
+            f"jwks_uri = {_q(issuer + '/jwks')}",
+            f"authorization_endpoint = {_q(issuer + '/authorize')}",
+            f"token_endpoint = {_q(issuer + '/token')}",
+            f"client_id = {_q(community.name + '-web')}",
+            f"audience = {_q(self.base_url)}",
+            'scopes = ["dicomweb.read"]',
+            "",
+            "# The authorization server's users are this community's clinicians.",
+            "[[policy.callers]]",
+            'name = "demo clinicians"',
+            'roles = ["clinician"]',
+            f"token_issuers = [{_q(issuer)}]",
+            "",
+        ]
 
 
 def _policy_toml(
@@ -433,13 +479,19 @@ class Demo:
         self.processes: list[subprocess.Popen[bytes]] = []
         self.endpoints_file = self.workdir / "endpoints.json"
         self.arr: Any = None  # the demo's Audit Record Repository (xca_gateway.arr)
+        self.auth_dir = self.workdir / "auth"
+        self.auth_socket: socket.socket | None = None
+        self.auth_pair: Any = None
+        self.web_sockets: dict[str, socket.socket] = {}
 
     def prepare(
         self,
     ) -> tuple[dict[str, Any], list[tuple[DemoCommunity, socket.socket, socket.socket]]]:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.endpoints_file.unlink(missing_ok=True)
-        pki = init_dev_pki(self.workdir / "certs", [*(c.name for c in self.communities), "arr"])
+        pki = init_dev_pki(
+            self.workdir / "certs", [*(c.name for c in self.communities), "arr", "auth"]
+        )
         idp = issue_client_certificate(pki, "demo-idp")
         identities = {}
         for c in self.communities:
@@ -457,7 +509,38 @@ class Demo:
             https_port = self.base_port + 10 * c.index if self.base_port else 0
             admin_port = https_port + 1 if self.base_port else 0
             bound.append((c, _bind(https_port), _bind(admin_port)))
+            self.web_sockets[c.name] = _bind(https_port + 4 if self.base_port else 0)
         base_urls = {c.name: f"https://127.0.0.1:{h.getsockname()[1]}" for c, h, _ in bound}
+        # The demo authorization server (IUA): its clinicians sign in at each web door.
+        self.auth_socket = _bind(
+            self.base_port + 10 * len(self.communities) + 8 if self.base_port else 0
+        )
+        issuer = f"https://127.0.0.1:{self.auth_socket.getsockname()[1]}"
+        webs = {
+            c.name: DemoWeb(
+                issuer,
+                f"https://127.0.0.1:{self.web_sockets[c.name].getsockname()[1]}",
+                self.web_sockets[c.name].getsockname()[1],
+            )
+            for c in self.communities
+        }
+        clinicians = demo_clinicians([c.name for c in self.communities], self.auth_dir)
+        write_state(
+            self.auth_dir,
+            AuthServerState(
+                issuer=issuer,
+                clinicians=tuple(clinicians),
+                clients=tuple(
+                    Client(
+                        f"{c.name}-web",
+                        (webs[c.name].base_url + "/oauth/callback",),
+                        webs[c.name].base_url,
+                    )
+                    for c in self.communities
+                ),
+            ),
+        )
+        self.auth_pair = pki.communities["auth"]
         samples = {}
         for c in self.communities:
             (self.workdir / c.name / "data").mkdir(parents=True, exist_ok=True)
@@ -506,6 +589,7 @@ class Demo:
                 dicom_port=self.base_port + 10 * c.index + 2 if self.base_port else 0,
                 dicomweb_port=self.base_port + 10 * c.index + 3 if self.base_port else 0,
                 identities=identities[c.name],
+                web=webs[c.name],
             )
             config += "\n" + self.arr.audit_destinations_toml(f"{c.name}-gateway")
             _write_atomic(cdir / "gateway.toml", config)
@@ -536,6 +620,11 @@ class Demo:
                         "tokenFile": str(operators),
                     },
                     "identities": identities[c.name].to_json(),
+                    # The web door (browsers, IUA tokens): the IID launch (RAD-106) and data.
+                    "webUrl": webs[c.name].base_url,
+                    "launchUrl": webs[c.name].base_url
+                    + "/iid?requestType=PATIENT&patientID={patientID}",
+                    "viewer": {"launch": webs[c.name].base_url + "/iid"},
                 }
             )
         pj = pki.to_json()
@@ -559,6 +648,13 @@ class Demo:
                 },
             },
             "auditRepository": self.arr.endpoints_json(),
+            "authorizationServer": {
+                "issuer": issuer,
+                "authorizationEndpoint": issuer + "/authorize",
+                "tokenEndpoint": issuer + "/token",
+                "jwksUri": issuer + "/jwks",
+            },
+            "clinicians": [c.to_json() for c in clinicians],
         }
         return endpoints, bound
 
@@ -578,9 +674,39 @@ class Demo:
             )
             log_file.close()
             self.arr.close_sockets()
+        if self.auth_socket is not None:
+            log_file = (self.auth_dir / "auth-server.log").open("ab")
+            fd = self.auth_socket.fileno()
+            self.processes.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "xca_gateway.tools.auth_server",
+                        "--dir",
+                        str(self.auth_dir),
+                        "--certificate",
+                        str(self.auth_pair.cert),
+                        "--private-key",
+                        str(self.auth_pair.key),
+                        "--fd",
+                        str(fd),
+                    ],
+                    pass_fds=(fd,),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=_die_with_parent,
+                )
+            )
+            log_file.close()
+            self.auth_socket.close()
         for c, https, admin in bound:
             env = dict(os.environ)
-            env[LISTEN_FDS_ENV] = f"https={https.fileno()},admin={admin.fileno()}"
+            web = self.web_sockets[c.name]
+            env[LISTEN_FDS_ENV] = (
+                f"https={https.fileno()},admin={admin.fileno()},web={web.fileno()}"
+            )
             log_file = (self.workdir / c.name / "gateway.log").open("ab")
             process = subprocess.Popen(
                 [
@@ -592,7 +718,7 @@ class Demo:
                     str(self.workdir / c.name / "gateway.toml"),
                 ],
                 env=env,
-                pass_fds=(https.fileno(), admin.fileno()),
+                pass_fds=(https.fileno(), admin.fileno(), web.fileno()),
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -600,15 +726,18 @@ class Demo:
             )
             log_file.close()
             self.processes.append(process)
-        for _, https, admin in bound:
+        for c, https, admin in bound:
             https.close()
             admin.close()
+            self.web_sockets[c.name].close()
 
     def wait_ready(self, endpoints: dict[str, Any]) -> bool:
         deadline = time.monotonic() + READY_TIMEOUT
         pending = [c["admin"] for c in endpoints["communities"]]
         if self.arr is not None:
             pending.append(self.arr.ui_url)
+        if endpoints.get("authorizationServer"):
+            pending.append(endpoints["authorizationServer"]["issuer"])
         while pending and time.monotonic() < deadline:
             for process in self.processes:
                 if process.poll() is not None:
@@ -704,6 +833,12 @@ def banner(endpoints: dict[str, Any], endpoints_file: Path) -> str:
             )
     first = endpoints["communities"][0]
     patient = (first.get("samplePatients") or [{}])[0].get("id", "ID")
+    clinicians = endpoints.get("clinicians") or []
+    if clinicians and first.get("viewer"):
+        query = urlencode({"requestType": "PATIENT", "patientID": patient})
+        lines.append("  clinicians (IID launch and viewer in a browser; trust the demo CA):")
+        lines.append(f"    {first['viewer']['launch']}?{query}")
+        lines += [f"    {c['community']:<8} {c['username']} / {c['password']}" for c in clinicians]
     lines.append("  try:")
     lines.append(
         f"    xca-gateway query --endpoints {endpoints_file} --community {first['name']} "
