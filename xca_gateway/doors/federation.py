@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -314,8 +315,8 @@ def imaging_request_for(
     documents: list[DocumentRequest] = []
     seen: set[str] = set()
     for study in studies:
-        full = imaging_request_from_kos(
-            study.kos_bytes, study.manifest.home_community_id, transfer_syntaxes
+        full = _request_from_kos(
+            study.kos_bytes, study.manifest.home_community_id, tuple(transfer_syntaxes)
         )
         for doc in full.documents:
             uid = doc.document_unique_id
@@ -323,6 +324,16 @@ def imaging_request_for(
                 seen.add(uid)
                 documents.append(doc)
     return RetrieveImagingDocumentSetRequest(tuple(documents), tuple(transfer_syntaxes))
+
+
+@functools.lru_cache(maxsize=32)
+def _request_from_kos(
+    kos_bytes: bytes, home_community_id: str, transfer_syntaxes: tuple[str, ...]
+) -> RetrieveImagingDocumentSetRequest:
+    """A manifest's whole RAD-69 request, parsed once: a viewer asks for one image of a study at
+    a time, and reading a 200-reference KOS again for each took longer than the source's answer
+    (the request is immutable; the bytes hash once)."""
+    return imaging_request_from_kos(kos_bytes, home_community_id, transfer_syntaxes)
 
 
 async def close_body(body: object) -> None:
