@@ -1,4 +1,8 @@
-"""The IHE transactions the gateway serves, one module per transaction as they are built.
+"""The IHE transactions, one module per transaction, named after it: the request made to one
+peer (initiating side, where the gateway makes it), the handler that answers (responding side)
+and the audit records of both (``audit_served`` / ``audit_called``, dispatched by
+:mod:`xca_gateway.app.transaction_audit`). Fan-out and routing across peers are the actors'
+(:mod:`xca_gateway.initiating`).
 
 This package's root holds what all of them share: the table of transactions (name, wsa:Action,
 endpoint path, side) and the answer given while a transaction has no back end configured, a
