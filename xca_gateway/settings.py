@@ -111,6 +111,14 @@ class ServerConfig:
     # bytes/s, else 408.
     min_body_rate: float = 1024.0
     body_grace: float = 10.0
+    # PROXY protocol v2 (HAProxy ``send-proxy-v2``): every connection must start with the
+    # header, read before the TLS handshake, and only from ``proxy_sources`` (the balancers'
+    # addresses or networks); the address it carries is the caller's for audit records,
+    # per-source limits and the access policy's ``addresses``.
+    proxy_protocol: bool = False
+    proxy_sources: tuple[str, ...] = ()
+    # SIGTERM: stop accepting, let requests in flight finish for at most this many seconds.
+    drain_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if self.handshake_rate_per_source <= 0 or self.handshake_rate <= 0:
@@ -142,6 +150,17 @@ class LimitsConfig:
     max_header_bytes: int = 64 * 1024
     spool_threshold: int = 1024 * 1024
     spool_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class SharedConfig:
+    """``[shared]``: the database replicas of one community share (``postgresql://...``).
+
+    Absent: every store stays in-process (one gateway). Present: the consent rules, the XUA
+    replay cache and the front doors' study access live there, so that every replica decides
+    alike."""
+
+    database: str | None = None
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ so a configuration directory can be moved as a whole."""
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import tomllib
 import types
 import typing
@@ -39,6 +41,7 @@ from xca_gateway.settings import (
     OutboundConfig,
     PeerConfig,
     ServerConfig,
+    SharedConfig,
     StorageConfig,
     TlsConfig,
     is_loopback_host,
@@ -80,6 +83,7 @@ class GatewayConfig:
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     initiating: InitiatingConfig = field(default_factory=InitiatingConfig)
     patient_mapping: PatientMappingConfig = field(default_factory=_default_patient_mapping)
+    shared: SharedConfig = field(default_factory=SharedConfig)
     # Sections owned by other modules (registry, repository, imaging, audit), parsed there.
     extra: dict[str, Any] = field(default_factory=dict)
     # [registry] (xca_gateway.registry.RegistryConfig): embedded SQLite by default.
@@ -209,6 +213,21 @@ def _check_loopback(host: str, what: str) -> None:
         raise ConfigError(f"{what} must bind a loopback address (it is plain HTTP), not {host!r}")
 
 
+def _check_proxy(server: ServerConfig) -> ServerConfig:
+    """``proxy_sources`` are networks; a PROXY listener with none would admit no one."""
+    sources = tuple(server.proxy_sources)
+    for item in sources:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"[server] proxy_sources: {item!r} is not an address or network"
+            ) from None
+    if server.proxy_protocol and not sources:
+        raise ConfigError("[server] proxy_protocol = true needs proxy_sources (the balancers)")
+    return dataclasses.replace(server, proxy_sources=sources)
+
+
 def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None) -> GatewayConfig:
     known_sections = {
         "community",
@@ -222,6 +241,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
         "diagnostics",
         "initiating",
         "patient_mapping",
+        "shared",
         *EXTRA_SECTIONS,
     }
     unknown = set(data) - known_sections
@@ -322,8 +342,17 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
+    server = _build(ServerConfig, _table(data, "server"), "server")
+    server = _check_proxy(server)
+    shared = _build(SharedConfig, _table(data, "shared"), "shared")
+    if shared.database is not None and not shared.database.startswith(
+        ("postgresql://", "postgres://")
+    ):
+        raise ConfigError("[shared] database must be a postgresql:// URL")
+
     return GatewayConfig(
         path=path,
+        shared=shared,
         registry=registry,
         repository=repository,
         imaging=imaging,
@@ -338,7 +367,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
         community=community,
         tls=tls,
         storage=storage,
-        server=_build(ServerConfig, _table(data, "server"), "server"),
+        server=server,
         limits=limits,
         admin=admin,
         outbound=_build(OutboundConfig, _table(data, "outbound"), "outbound"),

@@ -7,6 +7,7 @@ whose back end is not configured answers with a standards-shaped Failure.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import functools
 import logging
@@ -30,6 +31,7 @@ from xca_gateway.audit.trail import AuditTrail
 from xca_gateway.doors.dicomweb import DicomWebFrontDoor
 from xca_gateway.doors.dimse import DicomFrontDoor, DicomFrontServices
 from xca_gateway.doors.hl7_prefetch import Prefetcher
+from xca_gateway.doors.study_access_store import PostgresStudyAccess
 from xca_gateway.doors.viewer.pages import install_viewer
 from xca_gateway.doors.web.audit import record_launch
 from xca_gateway.doors.web.door import WebDoor
@@ -51,6 +53,7 @@ from xca_gateway.protocol.http_server import (
 )
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.peer_client import PeerClient
+from xca_gateway.protocol.shared_db import SharedDatabase
 from xca_gateway.protocol.soap import SoapFault, build_fault
 from xca_gateway.protocol.soap_service import CURRENT_REQUEST, Operation, SoapEndpoint, SoapService
 from xca_gateway.protocol.tls import HandshakeFailure, gateway_client_context, server_context
@@ -58,6 +61,7 @@ from xca_gateway.registry import RegistryAction, open_registry
 from xca_gateway.security.callers import AccessDecision, Door, soap_door
 from xca_gateway.security.consent.admin import ConsentAdminApp, ConsentChange, consent_change_audit
 from xca_gateway.security.consent.guard import ConsentGuard
+from xca_gateway.security.consent.postgres_store import PostgresConsentStore
 from xca_gateway.security.consent.service import ConsentService
 from xca_gateway.security.guard import DoorGuard, access_denied_message, identity_from_peer
 from xca_gateway.security.operators import AdminAccessError, AdminGate, load_operator_tokens
@@ -67,6 +71,7 @@ from xca_gateway.security.policy import (
     PolicyStore,
     refusal_audit_message,
 )
+from xca_gateway.security.replay_store import PostgresReplayCache
 from xca_gateway.security.xua import XuaOutbound, XuaValidator
 from xca_gateway.settings import ConfigError
 from xca_gateway.transactions import TRANSACTIONS, iti45, iti55, unavailable_handler
@@ -111,6 +116,11 @@ class Gateway:
         self.patients = PatientDirectory(
             mapping.directory or config.storage.data_dir / "patients.sqlite3"
         )
+        # The database the replicas of this community share, when [shared] names one.
+        self.shared: SharedDatabase | None = (
+            SharedDatabase(config.shared.database) if config.shared.database else None
+        )
+        self.draining = False
         self.endpoints = self._build_endpoints()
         if mapping.xcpd_responder:
             self.endpoints["iti55"] = iti55.endpoint(
@@ -187,7 +197,11 @@ class Gateway:
         # `xca-gateway consent ...` and the admin port's /consent API (operators only).
         self.consent: ConsentService | None = None
         if config.consent.enabled:
-            self.consent = ConsentService.open(config.consent)
+            self.consent = (
+                ConsentService(PostgresConsentStore(self.shared), config.consent)
+                if self.shared is not None
+                else ConsentService.open(config.consent)
+            )
             self.admin_app.mount("/consent", self._consent_admin(self.consent))
         self._started = False
         self.registry: Any = None
@@ -226,6 +240,16 @@ class Gateway:
         if self.web_door is not None:
             # What the clinician sees: the IID launch (/iid) and the viewer (/viewer/).
             install_viewer(self.web_door, functools.partial(record_launch, self.web_door))
+
+        # Replicas: a study found through one is granted to its caller on all.
+        if self.shared is not None:
+            access = PostgresStudyAccess(self.shared)
+            if self.dicom_front is not None:
+                self.dicom_front.view.access = access
+            if self.dicomweb_front is not None:
+                self.dicomweb_front.view.access = access
+            if self.web_door is not None:
+                self.web_door.dicomweb.view.access = access
 
         # The operator page on the admin port (/, /status.json) and its metrics.
         self.operator_page = install_operator_page(self)
@@ -435,7 +459,13 @@ class Gateway:
 
         self.gate: AuthorizationGate | None = AuthorizationGate(
             store,
-            XuaValidator(cfg.xua, default_audiences=audiences) if cfg.xua.enabled else None,
+            XuaValidator(
+                cfg.xua,
+                default_audiences=audiences,
+                replay_cache=PostgresReplayCache(self.shared) if self.shared else None,
+            )
+            if cfg.xua.enabled
+            else None,
             home_community_id=cfg.community.home_community_id,
             on_refusal=refused,
         )
@@ -568,7 +598,24 @@ class Gateway:
             listener(failure)
 
     def readiness(self) -> dict[str, bool]:
-        return {"https": self._started, "admin": self._started}
+        """``/readyz``: a balancer takes a replica out of rotation while it drains or cannot
+        reach the shared database (it would decide alone on consent and replays)."""
+        checks = {
+            "https": self._started,
+            "admin": self._started,
+            "accepting": not self.draining,
+        }
+        if self.shared is not None:
+            checks["shared_database"] = self.shared.healthy
+        return checks
+
+    async def _probe_shared(self) -> None:
+        """Keep ``/readyz``'s view of the shared database fresh (a probe every 2 s, off the
+        event loop), so that the endpoint itself never waits on the database."""
+        assert self.shared is not None
+        while True:
+            await asyncio.to_thread(self.shared.probe, 2.0)
+            await asyncio.sleep(2.0)
 
     def listening(self) -> dict[str, int]:
         """Ports chosen at start-up (the DICOM port may be 0 = any in the configuration)."""
@@ -606,6 +653,9 @@ class Gateway:
         if self.web_door is not None:
             with listen_errors("[web] port", cfg.web.host, cfg.web.port):
                 await self.web_door.start(sock=sockets.web)
+
+        if self.shared is not None:
+            self._probe_task: asyncio.Task[None] | None = asyncio.create_task(self._probe_shared())
         self._started = True
         log.info(
             "gateway %s (%s) serving on %s, admin on http://%s:%d",
@@ -616,8 +666,18 @@ class Gateway:
             self.admin.port,
         )
 
+    async def drain(self, deadline: float) -> None:
+        """SIGTERM: leave the balancer's rotation (``/readyz`` 503), stop accepting, let the
+        requests in flight finish within ``deadline`` seconds. :meth:`stop` follows."""
+        self.draining = True
+        log.info("draining: no new connections, %g s for requests in flight", deadline)
+        await self.https.drain(deadline)
+
     async def stop(self) -> None:
         self._started = False
+        probe = getattr(self, "_probe_task", None)
+        if probe is not None:
+            probe.cancel()
         if self.prefetch is not None:
             await self.prefetch.stop()
         if self.dicom_front is not None:
@@ -638,6 +698,8 @@ class Gateway:
         if self.consent is not None:
             self.consent.close()
         await self.audit.stop()
+        if self.shared is not None:
+            self.shared.close()
 
     @property
     def base_url(self) -> str:

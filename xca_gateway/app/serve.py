@@ -46,6 +46,9 @@ async def serve(config_path: Path) -> int:
     )
     try:
         await stop.wait()
+        # Drain: out of the balancer's rotation, no new connections, requests in flight
+        # finish within [server] drain_timeout; stop() then flushes the audit spool.
+        await gateway.drain(config.server.drain_timeout)
     finally:
         log.info("stopping gateway %s", config.community.name)
         await gateway.stop()

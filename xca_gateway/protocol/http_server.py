@@ -691,6 +691,9 @@ class HttpServer:
         self.server_header = server_header.encode()
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        # Connections inside a request (head read, answer not yet sent): what a drain waits for.
+        self._busy: set[asyncio.Task[None]] = set()
+        self.draining = False
 
     @property
     def max_connections(self) -> int:
@@ -734,6 +737,29 @@ class HttpServer:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+    async def drain(self, deadline: float) -> int:
+        """Stop accepting; close idle connections; give requests in flight ``deadline``
+        seconds to finish (each connection closes after its answer), then cut the rest.
+        Returns how many requests were cut."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for task in self._connections - self._busy:
+            task.cancel()
+        busy = set(self._busy)
+        cut = 0
+        if busy:
+            _, pending = await asyncio.wait(busy, timeout=deadline)
+            cut = len(pending)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        idle = set(self._connections)
+        if idle:
+            await asyncio.wait(idle, timeout=1.0)
+        return cut
 
     def _accepted(self, transport: asyncio.Transport) -> None:
         peer = transport.get_extra_info("peername")
@@ -870,8 +896,14 @@ class HttpServer:
                     return
                 if not isinstance(event, h11.Request):
                     return
-                keep_going = await self._handle_request(conn, event, reader, writer, peer)
-                if not keep_going:
+                task = asyncio.current_task()
+                assert task is not None
+                self._busy.add(task)
+                try:
+                    keep_going = await self._handle_request(conn, event, reader, writer, peer)
+                finally:
+                    self._busy.discard(task)
+                if not keep_going or self.draining:
                     return
         except h11.RemoteProtocolError as exc:
             await self._send_simple_error(conn, writer, exc.error_status_hint, str(exc))

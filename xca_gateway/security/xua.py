@@ -32,7 +32,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -468,6 +468,19 @@ def wsse_security_header(
 # --------------------------------------------------------------------------- replay cache
 
 
+class ReplayCheckUnavailable(Exception):
+    """A shared replay cache could not be asked (its database is unreachable)."""
+
+
+class ReplayGuard(Protocol):
+    """Where assertion IDs are remembered: this process (:class:`ReplayCache`) or the database
+    the replicas share (:class:`xca_gateway.security.replay_store.PostgresReplayCache`)."""
+
+    def check_and_add(
+        self, issuer: str, assertion_id: str, expires: datetime, now: datetime
+    ) -> bool: ...
+
+
 class ReplayCache:
     """Assertion IDs seen, each kept until its assertion expires; bounded in size.
 
@@ -875,7 +888,7 @@ def validate_assertion(
     audience: str | Collection[str],
     clock_skew: timedelta = timedelta(minutes=1),
     now: datetime | None = None,
-    replay_cache: ReplayCache | None = None,
+    replay_cache: ReplayGuard | None = None,
     required_attributes: Collection[str] = DEFAULT_REQUIRED_ATTRIBUTES,
     max_lifetime: timedelta | None = None,
     subject_confirmation_methods: Collection[str] = (
@@ -998,10 +1011,18 @@ def validate_assertion(
         )
 
     # 7. Replay, last: only a fully valid assertion occupies the cache.
-    if replay_cache is not None and not replay_cache.check_and_add(
-        assertion.issuer, assertion.id, assertion.not_on_or_after + clock_skew, now
-    ):
-        raise refuse(WsseFault.FAILED_AUTHENTICATION, "assertion has already been used (replay)")
+    if replay_cache is not None:
+        try:
+            fresh = replay_cache.check_and_add(
+                assertion.issuer, assertion.id, assertion.not_on_or_after + clock_skew, now
+            )
+        except ReplayCheckUnavailable as exc:
+            # Fail closed: an assertion whose first use cannot be recorded is not accepted.
+            raise refuse(WsseFault.INVALID_SECURITY, f"replay check unavailable: {exc}") from None
+        if not fresh:
+            raise refuse(
+                WsseFault.FAILED_AUTHENTICATION, "assertion has already been used (replay)"
+            )
     return assertion
 
 
@@ -1209,7 +1230,13 @@ def parse_xua_config(table: dict[str, Any], base_dir: Path) -> XuaConfig:
 class XuaValidator:
     """The responding side's validator built from :class:`XuaConfig` (certificates loaded once)."""
 
-    def __init__(self, config: XuaConfig, *, default_audiences: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        config: XuaConfig,
+        *,
+        default_audiences: Iterable[str] = (),
+        replay_cache: ReplayGuard | None = None,
+    ) -> None:
         self.config = config
         self.audiences = tuple(config.audiences) or tuple(default_audiences)
         if config.enabled and not self.audiences:
@@ -1219,7 +1246,10 @@ class XuaValidator:
             certs = self.trusted.setdefault(issuer.issuer, [])
             for path in issuer.certificates:
                 certs.extend(load_certificates(path))
-        self.replay_cache = ReplayCache(config.replay_cache_size) if config.reject_replay else None
+        # A shared store (replicas) when given; else this process's own memory.
+        self.replay_cache: ReplayGuard | None = None
+        if config.reject_replay:
+            self.replay_cache = replay_cache or ReplayCache(config.replay_cache_size)
 
     def trusted_issuer(self, issuer: str) -> TrustedIssuer | None:
         """The configured entry of an identity provider (which communities it may vouch for)."""

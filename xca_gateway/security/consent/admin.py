@@ -30,6 +30,7 @@ from xca_gateway.security.consent.service import (
     ConsentError,
     ConsentRule,
     ConsentService,
+    ConsentStoreUnavailable,
     normalize_patient_id,
     parse_consent_config,
 )
@@ -404,7 +405,7 @@ class ConsentAdminApp:
             return _json(413, {"error": f"body larger than {_MAX_BODY} bytes"})
         except ValueError as exc:  # ConsentError included: bad input, never a traceback
             return _json(400, {"error": str(exc)})
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, ConsentStoreUnavailable) as exc:
             return _json(503, {"error": f"consent store unavailable: {exc}"})
 
     def _changed(self, change: ConsentChange) -> None:

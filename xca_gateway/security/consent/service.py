@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 from xca_gateway.xds.patient_id import PatientIdError, parse_patient_id
 
@@ -33,6 +33,10 @@ ANY = "*"
 
 class ConsentError(ValueError):
     pass
+
+
+class ConsentStoreUnavailable(Exception):
+    """The store could not be read or written (a shared database out of reach)."""
 
 
 class DocumentCode(NamedTuple):
@@ -179,6 +183,81 @@ CREATE TABLE IF NOT EXISTS consent_event (
     actor TEXT
 );
 """
+
+
+class ConsentRules(Protocol):
+    """What the service, the CLI and the admin API ask of a consent store: the embedded
+    SQLite one (:class:`ConsentStore`) or the database replicas share
+    (:class:`xca_gateway.security.consent.postgres_store.PostgresConsentStore`). Both read
+    through on every decision: a change made through one replica applies on all at once."""
+
+    def close(self) -> None: ...
+
+    def set(
+        self,
+        patient_id: str,
+        mode: str,
+        *,
+        community: str = ANY,
+        class_code: str = ANY,
+        confidentiality_code: str = ANY,
+        note: str | None = None,
+        actor: str | None = None,
+    ) -> ConsentRule: ...
+
+    def change(
+        self,
+        patient_id: str,
+        mode: str,
+        *,
+        community: str = ANY,
+        class_code: str = ANY,
+        confidentiality_code: str = ANY,
+        note: str | None = None,
+        actor: str | None = None,
+    ) -> tuple[ConsentRule | None, ConsentRule]: ...
+
+    def revoke(
+        self,
+        patient_id: str,
+        *,
+        community: str | None = None,
+        class_code: str | None = None,
+        confidentiality_code: str | None = None,
+        actor: str | None = None,
+    ) -> int: ...
+
+    def revoke_rules(
+        self,
+        patient_id: str,
+        *,
+        community: str | None = None,
+        class_code: str | None = None,
+        confidentiality_code: str | None = None,
+        actor: str | None = None,
+    ) -> list[ConsentRule]: ...
+
+    def rules_for(self, patient_id: str) -> list[ConsentRule]: ...
+
+    def list_rules(self, limit: int = 1000, offset: int = 0) -> list[ConsentRule]: ...
+
+    def history(self, patient_id: str) -> list[dict[str, Any]]: ...
+
+
+def rule_key(
+    patient_id: str, community: str, class_code: str, confidentiality_code: str
+) -> tuple[str, str, str, str]:
+    """The checked, canonical primary key of a rule (every store's)."""
+    return (
+        normalize_patient_id(patient_id),
+        _check_community(community),
+        _check_pattern(class_code, "class_code"),
+        _check_pattern(confidentiality_code, "confidentiality_code"),
+    )
+
+
+def now_text() -> str:
+    return _now()
 
 
 def _now() -> str:
@@ -446,8 +525,8 @@ DocumentClassification = tuple[CodeLike | None, CodeLike | Sequence[CodeLike] | 
 class ConsentService:
     """Store + configured default mode: what the responding handlers ask."""
 
-    def __init__(self, store: ConsentStore, config: ConsentConfig) -> None:
-        self.store = store
+    def __init__(self, store: ConsentRules, config: ConsentConfig) -> None:
+        self.store: ConsentRules = store
         self.config = config
 
     @classmethod
