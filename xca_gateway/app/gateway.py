@@ -53,6 +53,7 @@ from xca_gateway.protocol.http_server import (
 )
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.peer_client import PeerClient
+from xca_gateway.protocol.proxy_protocol import ProxySources
 from xca_gateway.protocol.shared_db import SharedDatabase
 from xca_gateway.protocol.soap import SoapFault, build_fault
 from xca_gateway.protocol.soap_service import CURRENT_REQUEST, Operation, SoapEndpoint, SoapService
@@ -142,6 +143,11 @@ class Gateway:
             limits=ConnectionLimits.for_gateway(config),
             on_refused=self.connection_refused,
             max_header_bytes=config.limits.max_header_bytes,
+            proxy=(
+                ProxySources.parse(config.server.proxy_sources)
+                if config.server.proxy_protocol
+                else None
+            ),
         )
         self.admin_app = AdminApp(
             self.metrics,

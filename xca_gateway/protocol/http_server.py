@@ -35,6 +35,14 @@ from typing import Any, Protocol
 import h11
 
 from xca_gateway.protocol.handshake_schedule import HandshakeLimits, HandshakeSchedule
+from xca_gateway.protocol.proxy_protocol import (
+    FIXED_LENGTH,
+    ProxyHeader,
+    ProxyProtocolError,
+    ProxySources,
+    header_length,
+    parse_header,
+)
 from xca_gateway.protocol.tls import (
     HANDSHAKE_CAPTURE,
     HandshakeCapture,
@@ -602,6 +610,7 @@ async def tls_accept(
     *,
     timeout: float,
     on_failure: Callable[[HandshakeFailure], None] | None,
+    peer: tuple[str, int] | None = None,
 ) -> PeerInfo | None:
     """Run the server side of the TLS handshake on an accepted connection.
 
@@ -610,7 +619,8 @@ async def tls_accept(
     server of the gateway (HTTPS, MLLP) accepts plain TCP and calls this, so that refused
     handshakes reach the audit trail, which a server started with ``ssl=`` never tells.
     """
-    address, port = writer.get_extra_info("peername")[:2]
+    # ``peer``: the client a PROXY protocol header named (else the TCP peer).
+    address, port = peer or writer.get_extra_info("peername")[:2]
     capture = HandshakeCapture()
     HANDSHAKE_CAPTURE.set(capture)  # this connection's task context only
     try:
@@ -680,8 +690,13 @@ class HttpServer:
         limits: ConnectionLimits | None = None,
         on_refused: Callable[[str, str], None] | None = None,
         name: str = "https",
+        proxy: ProxySources | None = None,
     ) -> None:
         self.app = app
+        # PROXY protocol v2: connections come from these balancers, each starting with the
+        # header that names its client (read before the TLS handshake).
+        self.proxy = proxy
+        self.name = name
         self.ssl_context = ssl_context
         self.on_handshake_failure = on_handshake_failure
         self.timeouts = timeouts or ServerTimeouts()
@@ -764,14 +779,28 @@ class HttpServer:
     def _accepted(self, transport: asyncio.Transport) -> None:
         peer = transport.get_extra_info("peername")
         address = str(peer[0]) if peer else "?"
+        pending = _Pending()
+        if self.proxy is not None:
+            # The balancer's address says nothing of the caller: admission (per-source caps,
+            # pending handshakes) waits for the header's address, read in the task.
+            if not self.proxy.allows(address):
+                self._refuse_proxy(
+                    address, int(peer[1]) if peer else 0, "not a configured balancer"
+                )
+                transport.abort()
+                return
+            self._start(transport, address, pending)
+            return
         if self.gate.admit(address) is not None:
             transport.abort()
             return
-        pending = _Pending()
         if self.ssl_context is not None:
             # In the bounded pool from the accept on (a burst of connections displaces older
             # silent ones at once, before a task has run for any of them).
             self.gate.pending(pending, pending.drop, lambda: _has_spoken(transport))
+        self._start(transport, address, pending)
+
+    def _start(self, transport: asyncio.Transport, address: str, pending: _Pending) -> None:
         try:
             loop = asyncio.get_running_loop()
             reader = asyncio.StreamReader(loop=loop)
@@ -783,8 +812,69 @@ class HttpServer:
         except Exception:
             log.exception("accepting a connection failed")
             self.gate.settled(pending)
-            self.gate.release(address)
+            if self.proxy is None:
+                self.gate.release(address)
             transport.abort()
+
+    def _refuse_proxy(self, address: str, port: int, reason: str) -> None:
+        """A connection refused on a PROXY listener: counted, logged and audited once (as a
+        refused handshake: the caller never reached TLS)."""
+        if self.gate.on_refused is not None:
+            try:
+                self.gate.on_refused(self.name, "proxy_protocol")
+            except Exception:
+                log.exception("refusal callback failed")
+        self._report(HandshakeFailure(address, port, f"PROXY protocol: {reason}"))
+
+    async def _proxied_peer(self, writer: asyncio.StreamWriter) -> tuple[str, int] | None:
+        """Read the PROXY v2 header (exactly its bytes, from the paused socket, so that the
+        ClientHello after it stays for TLS); the client's (address, port), or None after the
+        refusal is reported and the connection aborted."""
+        address, port = writer.get_extra_info("peername")[:2]
+        sock = writer.transport.get_extra_info("socket")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.hello_timeout
+        data = b""
+        header: ProxyHeader | None = None
+        reason = ""
+        raw = socket.socket(fileno=os.dup(sock.fileno()))
+        try:
+            raw.setblocking(False)
+            while header is None:
+                try:
+                    wanted = header_length(data) or FIXED_LENGTH
+                except ProxyProtocolError as exc:
+                    reason = str(exc)
+                    break
+                if len(data) >= wanted:
+                    try:
+                        header = parse_header(data)
+                    except ProxyProtocolError as exc:
+                        reason = str(exc)
+                        break
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0 or not await wait_readable(writer.transport, remaining):
+                    reason = f"no complete header within {self.limits.hello_timeout:g} s"
+                    break
+                try:
+                    chunk = raw.recv(wanted - len(data))
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    reason = f"connection failed: {exc}"
+                    break
+                if not chunk:
+                    reason = "connection closed inside the header" if data else "no header"
+                    break
+                data += chunk
+        finally:
+            raw.close()  # the duplicate only: the connection stays with its transport
+        if header is None:
+            self._refuse_proxy(address, port, reason)
+            writer.transport.abort()
+            return None
+        return header.source or (address, port)
 
     async def _on_connect(
         self,
@@ -797,8 +887,20 @@ class HttpServer:
         assert task is not None
         pending.task = task
         self._connections.add(task)
+        admitted: str | None = address if self.proxy is None else None
+        peer: tuple[str, int] | None = None
         try:
-            await self._serve_connection(reader, writer, pending)
+            if self.proxy is not None:
+                peer = await self._proxied_peer(writer)
+                if peer is None:
+                    return
+                if self.gate.admit(peer[0]) is not None:
+                    writer.transport.abort()
+                    return
+                admitted = peer[0]
+                if self.ssl_context is not None:
+                    self.gate.pending(pending, pending.drop, lambda: _has_spoken(writer.transport))
+            await self._serve_connection(reader, writer, pending, peer)
         except asyncio.CancelledError:
             writer.transport.abort()
         except Exception:  # a connection must never take the server down
@@ -806,11 +908,17 @@ class HttpServer:
             writer.transport.abort()
         finally:
             self.gate.settled(pending)
-            self.gate.release(address)
+            if admitted is not None:
+                self.gate.release(admitted)
             self._connections.discard(task)
 
-    async def _handshake(self, writer: asyncio.StreamWriter, pending: _Pending) -> PeerInfo | None:
-        address, port = writer.get_extra_info("peername")[:2]
+    async def _handshake(
+        self,
+        writer: asyncio.StreamWriter,
+        pending: _Pending,
+        peer: tuple[str, int] | None = None,
+    ) -> PeerInfo | None:
+        address, port = peer or writer.get_extra_info("peername")[:2]
         if self.ssl_context is None:
             writer.transport.resume_reading()  # type: ignore[attr-defined]
             return PeerInfo(address=address, port=port)
@@ -848,6 +956,7 @@ class HttpServer:
                     self.ssl_context,
                     timeout=self.timeouts.handshake,
                     on_failure=self.on_handshake_failure,
+                    peer=peer,
                 )
             finally:
                 self.gate.release_handshake(source)
@@ -881,9 +990,13 @@ class HttpServer:
                 log.exception("handshake failure callback failed")
 
     async def _serve_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pending: _Pending
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        pending: _Pending,
+        proxied: tuple[str, int] | None = None,
     ) -> None:
-        peer = await self._handshake(writer, pending)
+        peer = await self._handshake(writer, pending, proxied)
         if peer is None:
             return
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
