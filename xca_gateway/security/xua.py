@@ -1249,7 +1249,9 @@ class XuaValidator:
         # A shared store (replicas) when given; else this process's own memory.
         self.replay_cache: ReplayGuard | None = None
         if config.reject_replay:
-            self.replay_cache = replay_cache or ReplayCache(config.replay_cache_size)
+            self.replay_cache = (
+                replay_cache if replay_cache is not None else ReplayCache(config.replay_cache_size)
+            )
 
     def trusted_issuer(self, issuer: str) -> TrustedIssuer | None:
         """The configured entry of an identity provider (which communities it may vouch for)."""
