@@ -578,3 +578,72 @@ def test_killed_demo_leaves_no_stray_gateways(tmp_path: Path) -> None:
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_demo_with_replicas_runs_each_community_behind_haproxy(tmp_path: Path) -> None:
+    """``--replicas 2``: endpoints.json is unchanged for clients (the public URLs are the
+    balancer's), each community lists its replicas' admin URLs, every replica is ready, a
+    cross-community query through the balancers works, and SIGTERM stops every process
+    (HAProxy and PostgreSQL included)."""
+    from lxml import etree
+
+    from tests.test_initiating import find_documents
+    from tests.test_server import soap12
+    from xca_gateway.protocol.namespaces import QUERY, RIM, SOAP12, Action
+
+    workdir = tmp_path / "demo"
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "xca_gateway", "demo", "--workdir", str(workdir)),
+            *("--communities", "2", "--replicas", "2"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        endpoints = workdir / "endpoints.json"
+        deadline = time.monotonic() + 180
+        while not endpoints.exists() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        if not endpoints.exists():
+            process.kill()
+            out = process.communicate(timeout=10)[0].decode(errors="replace")
+            pytest.fail(f"demo did not write endpoints.json:\n{out}")
+        data = _endpoints(workdir)
+        for community in data["communities"]:
+            assert len(community["replicas"]) == 2
+            assert community["admin"] == community["replicas"][0]
+            for admin in community["replicas"]:
+                assert httpx.get(admin + "/readyz", timeout=10).status_code == 200
+        ctx = client_context(
+            Path(data["ca"]), Path(data["client"]["cert"]), Path(data["client"]["key"])
+        )
+        north = data["communities"][0]
+        alice = next(p["id"] for p in north["samplePatients"] if p["crossCommunityKey"] == "alice")
+        homes: set[str | None] = set()
+        for _ in range(2):  # round robin: each of north's replicas answers once
+            with httpx.Client(verify=ctx, timeout=60) as client:
+                response = client.post(
+                    north["endpoints"]["iti18"],
+                    content=soap12(Action.ITI18, find_documents(alice)),
+                    headers={"content-type": "application/soap+xml"},
+                )
+            assert response.status_code == 200
+            payload = etree.fromstring(response.content).find(
+                f"{{{SOAP12}}}Body/{{{QUERY}}}AdhocQueryResponse"
+            )
+            assert payload is not None
+            homes = {o.get("home") for o in payload.iter(f"{{{RIM}}}ExtrinsicObject")}
+            assert homes == {c["homeCommunityId"] for c in data["communities"]}
+        parent = psutil.Process(process.pid)
+        children = parent.children(recursive=True)
+        names = [p.name() for p in children]
+        assert names.count("haproxy") >= 2 and "postgres" in names
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        _gone, alive = psutil.wait_procs(children, timeout=20)
+        assert not alive, f"stray processes: {alive}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)

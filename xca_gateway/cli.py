@@ -66,10 +66,14 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.replicas < 1:
+        print("xca-gateway demo: --replicas must be at least 1", file=sys.stderr)
+        return 2
     return run_demo(
         Path(args.workdir),
         communities=args.communities,
         base_port=args.base_port,
+        replicas=args.replicas,
     )
 
 
@@ -132,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="first port to use (community i uses base+10*i and base+10*i+1); "
         "0 (default) lets the OS choose free ports",
+    )
+    demo.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="gateways per community (default 1); N > 1 runs them behind one HAProxy on the "
+        "community's port, sharing a private PostgreSQL the demo starts (initdb in WORKDIR)",
     )
     demo.set_defaults(func=cmd_demo)
 

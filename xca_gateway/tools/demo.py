@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -43,6 +44,14 @@ from xca_gateway.tools.dicom_samples import (
     local_patient_id,
 )
 from xca_gateway.tools.import_manifests import import_with_config, registry_from_config
+from xca_gateway.tools.replicas import (
+    Backend,
+    Haproxy,
+    PrivatePostgres,
+    ReplicaSetupError,
+    haproxy_config,
+    replica_config_toml,
+)
 
 log = logging.getLogger(__name__)
 
@@ -472,8 +481,17 @@ def _ready(admin_url: str) -> bool:
 
 
 class Demo:
-    def __init__(self, workdir: Path, count: int, base_port: int) -> None:
+    def __init__(self, workdir: Path, count: int, base_port: int, replicas: int = 1) -> None:
+        if replicas < 1:
+            raise ValueError("replicas must be at least 1")
         self.workdir = workdir.resolve()
+        # N > 1: each community is N gateways behind one HAProxy on its public port, sharing
+        # a private PostgreSQL cluster the demo starts (initdb in the workdir).
+        self.replicas = replicas
+        self.postgres: PrivatePostgres | None = None
+        self.balancers: list[Haproxy] = []
+        # community name -> its replicas' (config, https socket, admin socket)
+        self.replica_sockets: dict[str, list[tuple[Path, socket.socket, socket.socket]]] = {}
         self.communities = [DemoCommunity(i, n) for i, n in enumerate(community_names(count))]
         self.base_port = base_port
         self.processes: list[subprocess.Popen[bytes]] = []
@@ -573,6 +591,9 @@ class Demo:
             # <community>-gateway AuditSourceIDs, and an auditConsumer certificate searches.
             pki=pki,
         )
+        if self.replicas > 1:
+            self.postgres = PrivatePostgres(self.workdir / "postgres")
+            self.postgres.start()
         communities_json = []
         for c, https, admin in bound:
             cdir = self.workdir / c.name
@@ -596,7 +617,13 @@ class Demo:
             operators = cdir / "operators"
             if not operators.exists():  # a restarted demo keeps the token it handed out
                 write_operator_token_file(operators, DEMO_OPERATOR)
-            _register_samples(cdir / "gateway.toml", cdir / "data" / "images")
+            admin_url = f"http://127.0.0.1:{admin.getsockname()[1]}"
+            replica_admins: list[str] = []
+            if self.replicas > 1:
+                replica_admins = self._prepare_replicas(c, cdir, config, https, base_urls[c.name])
+                admin_url = replica_admins[0]
+            else:
+                _register_samples(cdir / "gateway.toml", cdir / "data" / "images")
             base = base_urls[c.name]
             communities_json.append(
                 {
@@ -612,10 +639,10 @@ class Demo:
                         "iti43": f"{base}/ig/iti43",
                         "rad69": f"{base}/ig/rad69",
                     },
-                    "admin": f"http://127.0.0.1:{admin.getsockname()[1]}",
+                    "admin": admin_url,
                     # The consent admin API: Authorization: Bearer <token from tokenFile>.
                     "consentAdmin": {
-                        "url": f"http://127.0.0.1:{admin.getsockname()[1]}/consent",
+                        "url": f"{admin_url}/consent",
                         "operator": DEMO_OPERATOR,
                         "tokenFile": str(operators),
                     },
@@ -625,6 +652,7 @@ class Demo:
                     "launchUrl": webs[c.name].base_url
                     + "/iid?requestType=PATIENT&patientID={patientID}",
                     "viewer": {"launch": webs[c.name].base_url + "/iid"},
+                    **({"replicas": replica_admins} if replica_admins else {}),
                 }
             )
         pj = pki.to_json()
@@ -657,6 +685,85 @@ class Demo:
             "clinicians": [c.to_json() for c in clinicians],
         }
         return endpoints, bound
+
+    def _prepare_replicas(
+        self,
+        community: DemoCommunity,
+        cdir: Path,
+        config: str,
+        public: socket.socket,
+        public_url: str,
+    ) -> list[str]:
+        """The community's N replica configurations and its HAProxy configuration; returns
+        the replicas' admin URLs. The public socket (bound already) goes to HAProxy."""
+        assert self.postgres is not None
+        database = self.postgres.database_url(community.name)
+        backends: list[Backend] = []
+        replicas: list[tuple[Path, socket.socket, socket.socket]] = []
+        for i in range(1, self.replicas + 1):
+            rdir = cdir / f"replica-{i}"
+            rdir.mkdir(exist_ok=True)
+            https, admin = _bind(0), _bind(0)
+            https_port, admin_port = https.getsockname()[1], admin.getsockname()[1]
+            # Front-door ports are per replica: any free port (each replica reports its own).
+            text = re.sub(
+                r"(?m)^(\[(?:dicom|dicomweb|web)\]\n(?:(?!\[).*\n)*?)port = \d+$",
+                r"\1port = 0",
+                config,
+            )
+            text = replica_config_toml(
+                text,
+                https_port=https_port,
+                admin_port=admin_port,
+                data_dir=rdir / "data",
+                database_url=database,
+                public_base_url=public_url,
+                shared_images=cdir / "data" / "images",
+                shared_repository=cdir / "data" / "repository",
+            )
+            # Beside the community's own file: its relative paths (operator tokens, XUA
+            # material) resolve against the same directory.
+            path = cdir / f"replica-{i}.toml"
+            _write_atomic(path, text)
+            replicas.append((path, https, admin))
+            backends.append(Backend(f"replica-{i}", https_port, admin_port))
+        # The registry and repository are the replicas' shared ones: register once.
+        _register_samples(replicas[0][0], cdir / "data" / "images")
+        self.replica_sockets[community.name] = replicas
+        haproxy_cfg = cdir / "haproxy.cfg"
+        _write_atomic(
+            haproxy_cfg,
+            haproxy_config(public.getsockname()[1], backends, public_fd=public.fileno()),
+        )
+        self.balancers.append(
+            Haproxy(haproxy_cfg, public.getsockname()[1], pass_fds=(public.fileno(),))
+        )
+        return [f"http://127.0.0.1:{b.admin_port}" for b in backends]
+
+    def _start_gateway(
+        self,
+        config: Path,
+        https: socket.socket,
+        admin: socket.socket,
+        log_path: Path,
+        *,
+        web: socket.socket | None = None,
+    ) -> None:
+        env = dict(os.environ)
+        fds = {"https": https, "admin": admin, **({"web": web} if web is not None else {})}
+        env[LISTEN_FDS_ENV] = ",".join(f"{name}={sock.fileno()}" for name, sock in fds.items())
+        log_file = log_path.open("ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "xca_gateway", "serve", "--config", str(config)],
+            env=env,
+            pass_fds=tuple(sock.fileno() for sock in fds.values()),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+        log_file.close()
+        self.processes.append(process)
 
     def start(self, bound: list[tuple[DemoCommunity, socket.socket, socket.socket]]) -> None:
         if self.arr is not None:
@@ -702,30 +809,29 @@ class Demo:
             log_file.close()
             self.auth_socket.close()
         for c, https, admin in bound:
-            env = dict(os.environ)
             web = self.web_sockets[c.name]
-            env[LISTEN_FDS_ENV] = (
-                f"https={https.fileno()},admin={admin.fileno()},web={web.fileno()}"
-            )
-            log_file = (self.workdir / c.name / "gateway.log").open("ab")
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "xca_gateway",
-                    "serve",
-                    "--config",
-                    str(self.workdir / c.name / "gateway.toml"),
-                ],
-                env=env,
-                pass_fds=(https.fileno(), admin.fileno(), web.fileno()),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-            )
-            log_file.close()
-            self.processes.append(process)
+            replicas = self.replica_sockets.get(c.name)
+            if not replicas:
+                cdir = self.workdir / c.name
+                self._start_gateway(
+                    cdir / "gateway.toml", https, admin, cdir / "gateway.log", web=web
+                )
+                continue
+            # The web door's socket goes to the first replica (the others take any port).
+            for index, (config, r_https, r_admin) in enumerate(replicas):
+                self._start_gateway(
+                    config,
+                    r_https,
+                    r_admin,
+                    config.with_suffix(".log"),
+                    web=web if index == 0 else None,
+                )
+                r_https.close()
+                r_admin.close()
+        for balancer in self.balancers:
+            balancer.start()
+            if balancer.process is not None:
+                self.processes.append(balancer.process)
         for c, https, admin in bound:
             https.close()
             admin.close()
@@ -733,7 +839,9 @@ class Demo:
 
     def wait_ready(self, endpoints: dict[str, Any]) -> bool:
         deadline = time.monotonic() + READY_TIMEOUT
-        pending = [c["admin"] for c in endpoints["communities"]]
+        pending = [
+            url for c in endpoints["communities"] for url in c.get("replicas") or [c["admin"]]
+        ]
         if self.arr is not None:
             pending.append(self.arr.ui_url)
         if endpoints.get("authorizationServer"):
@@ -782,6 +890,8 @@ class Demo:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=5)
+        if self.postgres is not None:
+            self.postgres.stop()
         self.endpoints_file.unlink(missing_ok=True)
 
 
@@ -848,20 +958,20 @@ def banner(endpoints: dict[str, Any], endpoints_file: Path) -> str:
     return "\n".join(lines)
 
 
-def run_demo(workdir: Path, *, communities: int = 3, base_port: int = 0) -> int:
+def run_demo(workdir: Path, *, communities: int = 3, base_port: int = 0, replicas: int = 1) -> int:
     try:
         lock = lock_workdir(workdir)
     except WorkdirInUse as exc:
         print(f"xca-gateway demo: {exc}", file=sys.stderr)
         return 2
     try:
-        return _run_demo(workdir, communities=communities, base_port=base_port)
+        return _run_demo(workdir, communities=communities, base_port=base_port, replicas=replicas)
     finally:
         os.close(lock)
 
 
-def _run_demo(workdir: Path, *, communities: int, base_port: int) -> int:
-    demo = Demo(workdir, communities, base_port)
+def _run_demo(workdir: Path, *, communities: int, base_port: int, replicas: int = 1) -> int:
+    demo = Demo(workdir, communities, base_port, replicas)
     stop_requested = False
 
     def request_stop(signum: int, frame: object) -> None:
@@ -871,7 +981,11 @@ def _run_demo(workdir: Path, *, communities: int, base_port: int) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
-        endpoints, bound = demo.prepare()
+        try:
+            endpoints, bound = demo.prepare()
+        except (ReplicaSetupError, subprocess.CalledProcessError) as exc:
+            print(f"xca-gateway demo: cannot start the replicas' services: {exc}", file=sys.stderr)
+            return 1
         demo.start(bound)
         if not demo.wait_ready(endpoints):
             print(

@@ -15,11 +15,14 @@ What ``xca-gateway demo --replicas N`` and the replica tests start, all on loopb
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +64,21 @@ def _run_as_postgres(paths: list[Path]) -> list[str]:
     ]
 
 
+def _others_may_enter(path: Path) -> bool:
+    """Whether every existing ancestor of ``path`` lets other accounts traverse it."""
+    for parent in [path, *path.parents]:
+        if parent.exists() and not parent.stat().st_mode & 0o001:
+            return False
+    return True
+
+
+def die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when the launcher dies, however it dies."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -85,6 +103,12 @@ class PrivatePostgres:
         bindir = _postgres_bindir()
         if bindir is None:
             raise ReplicaSetupError("PostgreSQL is not installed (Debian package postgresql)")
+        if os.geteuid() == 0 and not _others_may_enter(self.directory):
+            # As root, the cluster runs as 'postgres', which cannot enter a private work
+            # directory (a 0700 temporary directory): it goes under /tmp, noted in the workdir.
+            note = self.directory.parent / "postgres-location.txt"
+            self.directory = Path(tempfile.mkdtemp(prefix="xca-gateway-pg-"))
+            note.write_text(f"{self.directory}\n")
         data, sockets = self.directory / "data", self.directory / "sockets"
         self.directory.mkdir(parents=True, exist_ok=True)
         sockets.mkdir(exist_ok=True)
@@ -160,6 +184,19 @@ class PrivatePostgres:
                     raise ReplicaSetupError("postgres did not accept connections") from None
                 time.sleep(0.2)
 
+    def database_url(self, name: str) -> str:
+        """The URL of database ``name`` in this cluster, created if it does not exist."""
+        import psycopg  # local: the optional PostgreSQL driver, only when replicas are asked for
+
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,62}", name):
+            raise ReplicaSetupError(f"not a database name: {name!r}")
+        admin_url = f"postgresql://{self.user}@127.0.0.1:{self.port}/postgres"
+        with psycopg.connect(admin_url, connect_timeout=5, autocommit=True) as conn:
+            found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
+            if found is None:
+                conn.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{name}"
+
     def stop(self) -> None:
         if self.process is None:
             return
@@ -170,6 +207,8 @@ class PrivatePostgres:
             self.process.kill()
             self.process.wait(10)
         self.process = None
+        if self.directory.name.startswith("xca-gateway-pg-"):
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -187,11 +226,14 @@ def haproxy_config(
     *,
     stats_port: int | None = None,
     direct_ports: dict[str, int] | None = None,
+    public_fd: int | None = None,
 ) -> str:
     """HAProxy in TCP mode: ``public_port`` balanced over ``backends``.
 
     ``direct_ports`` (replica name -> port) adds a frontend per replica that reaches only it,
     through the same PROXY protocol path (tests use them to say which replica answers).
+    ``public_fd``: a listening socket HAProxy inherits (``bind fd@N``) instead of binding
+    ``public_port`` itself (the demo binds every port before it writes a configuration).
     """
     checks = "check inter 500ms fall 2 rise 2"
     lines = [
@@ -209,7 +251,9 @@ def haproxy_config(
         "    option redispatch",
         "",
         "frontend community",
-        f"    bind 127.0.0.1:{public_port}",
+        f"    bind fd@{public_fd}"
+        if public_fd is not None
+        else f"    bind 127.0.0.1:{public_port}",
         "    default_backend replicas",
         "",
         "backend replicas",
@@ -252,19 +296,28 @@ class Haproxy:
     config_path: Path
     public_port: int
     process: subprocess.Popen[bytes] | None = None
+    pass_fds: tuple[int, ...] = ()
 
     def start(self) -> None:
         binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
         if not Path(binary).exists():
             raise ReplicaSetupError("HAProxy is not installed (Debian package haproxy)")
         check = subprocess.run(
-            [binary, "-c", "-q", "-f", str(self.config_path)], capture_output=True, timeout=30
+            [binary, "-c", "-q", "-f", str(self.config_path)],
+            capture_output=True,
+            timeout=30,
+            pass_fds=self.pass_fds,
         )
         if check.returncode != 0:
             raise ReplicaSetupError(f"haproxy config refused: {check.stderr.decode()[-2000:]}")
         log = (self.config_path.parent / "haproxy.log").open("ab")
         self.process = subprocess.Popen(
-            [binary, "-db", "-f", str(self.config_path)], stdout=log, stderr=subprocess.STDOUT
+            [binary, "-db", "-f", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            pass_fds=self.pass_fds,
+            preexec_fn=die_with_parent,
         )
         log.close()
         deadline = time.monotonic() + START_TIMEOUT
@@ -301,6 +354,7 @@ def replica_config_toml(
     balancers: tuple[str, ...] = ("127.0.0.1/32",),
     public_base_url: str | None = None,
     shared_images: Path | None = None,
+    shared_repository: Path | None = None,
 ) -> str:
     """One community's configuration (as ``xca-gateway demo`` writes it) for one replica.
 
@@ -308,7 +362,8 @@ def replica_config_toml(
     survive its own crash); the registry and the state the replicas must agree on go to the
     shared database; its HTTPS port takes connections from the balancers only, each starting
     with a PROXY v2 header. ``public_base_url`` is the balancer's address: what peers and
-    audit records name. ``shared_images``: the imaging source's files, one copy for all.
+    audit records name. ``shared_images``, ``shared_repository``: the imaging source's files
+    and the repository's documents, one copy for all (a shared file system in production).
     """
     text = community_toml
     text = re.sub(
@@ -332,6 +387,13 @@ def replica_config_toml(
         text = re.sub(r"(?m)^\[registry\]$", f'[registry]\nurl = "{database_url}"', text, count=1)
     else:
         shared += f'\n[registry]\nurl = "{database_url}"\n'
+    if shared_repository is not None and re.search(r"(?m)^\[repository\]$", text):
+        text = re.sub(
+            r"(?m)^\[repository\]$",
+            f'[repository]\ndirectory = "{shared_repository}"',
+            text,
+            count=1,
+        )
     if shared_images is not None:
         text = text.replace(
             'kind = "filesystem"\n', f'kind = "filesystem"\npath = "{shared_images}"\n', 1
