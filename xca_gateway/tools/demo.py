@@ -490,6 +490,7 @@ class Demo:
         self.replicas = replicas
         self.postgres: PrivatePostgres | None = None
         self.balancers: list[Haproxy] = []
+        self._public_sockets: list[socket.socket] = []
         # community name -> its replicas' (config, https socket, admin socket)
         self.replica_sockets: dict[str, list[tuple[Path, socket.socket, socket.socket]]] = {}
         self.communities = [DemoCommunity(i, n) for i, n in enumerate(community_names(count))]
@@ -828,14 +829,23 @@ class Demo:
                 )
                 r_https.close()
                 r_admin.close()
+        self._public_sockets = [https for _, https, _ in bound]
+        for c, https, admin in bound:
+            admin.close()
+            self.web_sockets[c.name].close()
+            if not self.balancers:
+                https.close()
+
+    def start_balancers(self) -> None:
+        """HAProxy in front of each community, once its replicas are ready: it takes servers
+        as up when it starts, and the public sockets it inherits were listening (connections
+        queued) all along."""
         for balancer in self.balancers:
             balancer.start()
             if balancer.process is not None:
                 self.processes.append(balancer.process)
-        for c, https, admin in bound:
+        for https in self._public_sockets:
             https.close()
-            admin.close()
-            self.web_sockets[c.name].close()
 
     def wait_ready(self, endpoints: dict[str, Any]) -> bool:
         deadline = time.monotonic() + READY_TIMEOUT
@@ -992,6 +1002,11 @@ def _run_demo(workdir: Path, *, communities: int, base_port: int, replicas: int 
                 "xca-gateway demo: gateways did not become ready; see */gateway.log",
                 file=sys.stderr,
             )
+            return 1
+        try:
+            demo.start_balancers()
+        except ReplicaSetupError as exc:
+            print(f"xca-gateway demo: cannot start HAProxy: {exc}", file=sys.stderr)
             return 1
         demo.add_dicom_ports(endpoints)
         _write_atomic(demo.endpoints_file, json.dumps(endpoints, indent=2) + "\n")
