@@ -40,6 +40,7 @@ COVERED = {
     "arr_bench",
     "isolation",
     "viewer_bench",
+    "replicas_bench",
 }
 
 
@@ -74,6 +75,7 @@ def bench_pki(bench: dict[str, ModuleType], tmp_path_factory: pytest.TempPathFac
         *bench["arr_bench"].COMMUNITIES,
         *bench["isolation"].COMMUNITIES,
         *bench["viewer_bench"].COMMUNITIES,
+        *bench["replicas_bench"].COMMUNITIES,
     ]
     return init_dev_pki(tmp_path_factory.mktemp("bench") / "certs", communities)
 
@@ -150,6 +152,23 @@ def test_audit_latency(
     assert policy.decide(PeerIdentity.from_peer(_peer(south)), "ITI-38", None).allowed
     for door in (Door.XCA, Door.INITIATING):
         assert not _admitted(policy.caller_directory(), bench_pki.client.cert, door)
+
+
+def test_replicas_bench(bench: dict[str, ModuleType], bench_pki: DevPki, tmp_path: Path) -> None:
+    module = bench["replicas_bench"]
+    text = module.gateway_config_toml(
+        bench_pki.dir.parent, "r1", 1, 2, "postgresql://u@127.0.0.1:5432/x", 3
+    )
+    config = _from_toml(text, tmp_path)
+    # A replica: PROXY v2 from the balancer only, the shared database, the balancer's URL.
+    assert config.server.proxy_protocol and config.server.proxy_sources == ("127.0.0.1/32",)
+    assert config.shared.database == "postgresql://u@127.0.0.1:5432/x"
+    assert config.server.public_base_url == "https://127.0.0.1:3"
+    policy = _policy(config)
+    south = bench_pki.communities[module.REQUESTER.name].cert
+    assert _admitted(policy.caller_directory(), south, Door.XCA)
+    assert policy.decide(PeerIdentity.from_peer(_peer(south)), "ITI-38", None).allowed
+    assert not _admitted(policy.caller_directory(), bench_pki.client.cert, Door.XCA)
 
 
 def test_mtom_roundtrip(bench: dict[str, ModuleType], bench_pki: DevPki, tmp_path: Path) -> None:
