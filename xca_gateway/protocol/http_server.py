@@ -899,7 +899,9 @@ class HttpServer:
                     return
                 admitted = peer[0]
                 if self.ssl_context is not None:
-                    self.gate.pending(pending, pending.drop, lambda: _has_spoken(writer.transport))
+                    transport = writer.transport
+                    assert isinstance(transport, asyncio.Transport)
+                    self.gate.pending(pending, pending.drop, lambda: _has_spoken(transport))
             await self._serve_connection(reader, writer, pending, peer)
         except asyncio.CancelledError:
             writer.transport.abort()
