@@ -27,6 +27,7 @@ from xca_gateway.protocol.soap_service import CURRENT_REQUEST, Handler, SoapRequ
 from xca_gateway.registry.model import (
     Kind,
     ObjectFilter,
+    RegistryAction,
     ValueAttribute,
     ValueCondition,
     load_element,
@@ -55,8 +56,7 @@ SERVED: Mapping[str, AuditOf] = {
     "RAD-75": rad75.audit_served,
 }
 
-# A call this gateway made, by its wsa:Action. (An ITI-42 to a remote registry has no record yet:
-# iti42 builds only the registry's side.)
+# A call this gateway made, by its wsa:Action.
 CALLED: Mapping[str, AuditOf] = {
     Action.ITI18: iti18.audit_called,
     Action.ITI38: iti38.audit_called,
@@ -66,6 +66,7 @@ CALLED: Mapping[str, AuditOf] = {
     iti55.ACTION: iti55.audit_called,
     Action.RAD69: rad69.audit_called,
     Action.RAD75: rad75.audit_called,
+    RegistryAction.ITI42: iti42.audit_called,
 }
 
 

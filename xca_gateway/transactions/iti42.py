@@ -132,3 +132,19 @@ def audit_served(ctx: m.AuditContext, exchange: Exchange) -> list[m.AuditMessage
             outcome=exchange.outcome,
         )
     ]
+
+
+def audit_called(ctx: m.AuditContext, exchange: Exchange) -> list[m.AuditMessage]:
+    """ITI-42 sent to a remote Document Registry: this gateway's repository exports the
+    submission set (Export, EventActionCode R)."""
+    unique_id, patient = submission(exchange.request)
+    return [
+        register_audit(
+            ctx,
+            exchange.parties,
+            side="repository",
+            submission_set_unique_id=unique_id or "unknown",
+            patient_id=patient,
+            outcome=exchange.outcome,
+        )
+    ]
