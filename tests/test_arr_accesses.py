@@ -6,7 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 from xca_gateway.arr.accesses import AccessRecord, group_accesses
 from xca_gateway.arr.parse import parse_record, patient_key
+from xca_gateway.arr.web import what_text
 from xca_gateway.audit import messages as am
+from xca_gateway.doors.web.audit import IID_LAUNCH, instances_accessed_message
 from xca_gateway.transactions import iti18, iti38, iti39, rad69, rad75
 
 ARC = "1.3.6.1.4.1.21367.13"
@@ -217,3 +219,49 @@ def test_a_leg_without_its_primary_is_an_access_of_its_own() -> None:
     assert access.label == "RAD-75" and access.communities == [SOUTH]
     assert access.outcome == 4 and access.instances == 3
     assert access.user == "CN=north.xca-gateway.test"
+
+
+CLINICIAN = am.HumanRequestor("dr-north", "Dr North Clinician<dr-north@https://127.0.0.1:8448>")
+BROWSER = am.remote_node("127.0.0.7")
+WEB = ctx("north").local_node("https://north:8445/iid")
+
+
+def test_a_clinicians_launch_and_study_view_are_accesses_naming_them() -> None:
+    """The web door's records (doors/web/audit.py): an IID launch (110103 with RAD-106) whose
+    search fanned out to south, and a study south holds shown to the clinician (110103)."""
+    study = f"{ARC}.90.2.1"
+    launch_search = query_flow(0)[:1]  # south answering north's search
+    launch = instances_accessed_message(
+        ctx("north"),
+        clinician=CLINICIAN,
+        browser=BROWSER,
+        door=WEB,
+        patients=[am.PatientRef(ALICE_N, None)],
+        study_uids=[],
+        type_code=IID_LAUNCH,
+        when=seconds(1),
+    )
+    view = instances_accessed_message(
+        ctx("north"),
+        clinician=CLINICIAN,
+        browser=BROWSER,
+        door=WEB,
+        patients=[am.PatientRef(ALICE_S, "Lindqvist^Alice")],
+        study_uids=[study],
+        communities={study: SOUTH},
+        when=seconds(5),
+    )
+    accesses = group_accesses(records([*launch_search, launch, view]), person_of=alice)
+    assert [(a.kind, a.label) for a in accesses] == [
+        ("view", "Study viewed (110103)"),
+        ("launch", "IID launch (RAD-106)"),
+    ]
+    viewed, launched = accesses
+    assert viewed.user == launched.user == CLINICIAN.user_name
+    assert viewed.node == launched.node == "127.0.0.7"
+    assert viewed.studies == {study} and viewed.communities == [SOUTH]
+    assert viewed.patients == {ALICE_S: "Lindqvist^Alice"} and viewed.outcome == 0
+    assert what_text(viewed) == f"viewed study {study}"
+    # The launch's search is part of it: the community that answered is named.
+    assert len(launched.leg_ids) == 1 and launched.communities == [SOUTH]
+    assert what_text(launched) == "launch: the patient's studies listed"

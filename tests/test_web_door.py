@@ -678,6 +678,13 @@ def test_the_clinician_reaches_the_peers_audit_through_xua_and_views_are_audited
     assert wait_for(lambda: bool(beta_naming()), timeout=15), "beta never named the clinician"
     types = {t.get("csd-code") for r in beta_naming() for t in r.iter("EventTypeCode")}
     assert types & {"ITI-38", "RAD-75", "ITI-39"}
+    # The peer names the person as alpha does (name<sub@iss>: subject-id, NameID and its
+    # NameQualifier); the assertion's own issuer stays in the UserID (ITI TF-2 3.40.4.2).
+    person = f"{live.clinician.name}<{subject}@{live.auth.issuer}>"
+    for record in beta_naming():
+        [human] = [p for p in record.iter("ActiveParticipant") if subject in str(p.get("UserName"))]
+        assert human.get("UserName") == person
+        assert human.get("UserID") == f"<{subject}@{XUA_ISSUER}>"
 
     def views() -> list[etree._Element]:
         return [
@@ -701,3 +708,14 @@ def test_the_clinician_reaches_the_peers_audit_through_xua_and_views_are_audited
         if o.get("ParticipantObjectTypeCodeRole") == "1"
     ]
     assert patients and patients[0]
+    # The study's object names the community holding it (beta), for the officer's report.
+    [viewed] = [
+        o
+        for o in view.iter("ParticipantObjectIdentification")
+        if o.get("ParticipantObjectID") == study.study_instance_uid
+    ]
+    details = {
+        d.get("type"): base64.b64decode(d.get("value", "")).decode()
+        for d in viewed.iter("ParticipantObjectDetail")
+    }
+    assert details == {"urn:ihe:iti:xca:2010:homeCommunityId": f"urn:oid:{ARC}.70.2"}

@@ -7,7 +7,8 @@ query and manifest fetches (ITI-38, ITI-39). The officer asks "who looked at thi
 images, from where, and when", so the report shows one row per *access*:
 
 * the entry point of a request is its *primary* record: ITI-18, ITI-43 (served), RAD-69
-  (served), a DIMSE C-FIND / C-GET / C-MOVE, a QIDO-RS or WADO-RS, an import;
+  (served), a DIMSE C-FIND / C-GET / C-MOVE, a QIDO-RS or WADO-RS, an import, a clinician's
+  IID launch (RAD-106) or a study a clinician viewed (both DICOM Instances Accessed, 110103);
 * the federation legs (ITI-38, ITI-39, RAD-75, ITI-55, a relayed ITI-43 or RAD-69) attach to the
   nearest primary recorded at or after them for the same person (resolved through the
   cross-reference table) that accepts them, preferring the same user and the same studies or
@@ -35,6 +36,12 @@ DOCUMENT_RETRIEVE = "document retrieve"
 STUDY_RETRIEVE = "study retrieve"
 IMPORT = "import"
 REGISTER = "register"
+# A clinician in a browser (the web door): an IID launch (RAD-106) lists the patient's studies,
+# a view is a study shown to them (DICOM Instances Accessed, 110103, action R, no transaction).
+LAUNCH = "launch"
+VIEW = "view"
+LAUNCH_LABEL = "IID launch (RAD-106)"
+VIEW_LABEL = "Study viewed (110103)"
 
 # A leg is recorded before its primary (which is written once the answer went out), by at
 # most this much (the gateways' request timeouts are shorter); and after it by clock skew only.
@@ -110,6 +117,12 @@ def kind_of(record: AuditRecord) -> Role | None:
         return None
     if transaction is None and event == "110107":
         return Role(IMPORT, "Import", True)
+    if event == "110103" and action == "R":
+        # DICOM Instances Accessed, read: the web door's records of what a person was shown.
+        if transaction == "RAD-106":
+            return Role(LAUNCH, LAUNCH_LABEL, True)
+        if transaction is None:
+            return Role(VIEW, VIEW_LABEL, True)
     return None
 
 
@@ -121,6 +134,11 @@ _ACCEPTS: dict[str, frozenset[str]] = {
     STUDY_RETRIEVE: frozenset({"RAD-75", "RAD-69"}),
     IMPORT: frozenset(),
     REGISTER: frozenset(),
+    # The launch's search of the federation: queries out, manifests fetched.
+    LAUNCH: frozenset({"ITI-38", "ITI-55", "ITI-45", "ITI-39", "ITI-43"}),
+    # A view's images came through the door's WADO-RS (its own access, which takes the legs);
+    # the view names the community holding the study itself.
+    VIEW: frozenset(),
 }
 _DOOR_RETRIEVES = frozenset({"C-GET", "C-MOVE", "WADO-RS"})
 _DOOR_EXTRA = frozenset({"ITI-38", "ITI-55", "ITI-45", "ITI-39", "ITI-43"})

@@ -39,8 +39,10 @@ from xca_gateway.arr.access import is_unauthenticated
 from xca_gateway.arr.accesses import (
     DOCUMENT_RETRIEVE,
     IMPORT,
+    LAUNCH,
     QUERY,
     STUDY_RETRIEVE,
+    VIEW,
     Access,
     AccessRecord,
     group_accesses,
@@ -635,6 +637,17 @@ def what_text(access: Access) -> str:
         return n(len(access.documents), "document") if access.documents else "no document"
     if access.kind == QUERY:
         return "query"
+    if access.kind == VIEW:
+        # A person was shown these studies (the web door records one per study and session).
+        if len(access.studies) == 1:
+            return f"viewed study {next(iter(access.studies))}"
+        return f"viewed {len(access.studies)} studies" if access.studies else "nothing shown"
+    if access.kind == LAUNCH:
+        # An EHR opened the image display in the patient's context (the studies it named).
+        count = len(access.studies)
+        if count:
+            return f"launch naming {count} {'study' if count == 1 else 'studies'}"
+        return "launch: the patient's studies listed"
     return access.kind
 
 

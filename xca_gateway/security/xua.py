@@ -240,6 +240,8 @@ class XuaAssertion:
     attributes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # SHA-256 fingerprint (hex) of the certificate the signature verified with; None if unsigned.
     signer_fingerprint: str | None = None
+    # NameID/@NameQualifier: the domain that named the subject (a person's IUA token issuer).
+    name_qualifier: str | None = None
 
     @property
     def user_name(self) -> str:
@@ -249,16 +251,35 @@ class XuaAssertion:
         return bool(self.attributes.get(name))
 
 
-def audit_user_name(assertion: XuaAssertion) -> str:
-    """``alias<user@issuer>``: the ATNA UserName of an XUA user (ITI TF-2 3.40.4.2)."""
+def audit_user_id(assertion: XuaAssertion) -> str:
+    """``alias<user@issuer>`` exactly as ITI TF-2 3.40.4.2 spells it (IPF-XUA too): alias the
+    NameID's SPProvidedID, user the NameID, issuer the assertion's Issuer."""
     return f"{assertion.sp_provided_id or ''}<{assertion.name_id}@{assertion.issuer}>"
+
+
+def audit_user_name(assertion: XuaAssertion) -> str:
+    """``alias<user@issuer>``: the ATNA UserName of an XUA user (ITI TF-2 3.40.4.2).
+
+    When the NameID has a NameQualifier, the subject was named by that domain (a clinician's
+    IUA token issuer, qualified so by the initiating gateway that issued the assertion for
+    them) and the assertion's Issuer only vouches for it: ``user@NameQualifier`` is then who
+    the person is, with the subject-id attribute (their name) as the alias when there is no
+    SPProvidedID. This is the form the initiating side's records give the same person
+    (``Principal.audit_user_name``: ``name<sub@iss>``), so the officer finds one person on both
+    sides; the spec's exact form stays in the UserID (:func:`audit_user_id`)."""
+    if assertion.name_qualifier:
+        alias = assertion.sp_provided_id or assertion.subject_id or ""
+        return f"{alias}<{assertion.name_id}@{assertion.name_qualifier}>"
+    return audit_user_id(assertion)
 
 
 def audit_requestor(assertion: XuaAssertion) -> HumanRequestor:
     """The human-requestor ActiveParticipant of the audit module, roles included."""
-
-    name = audit_user_name(assertion)
-    return HumanRequestor(name, name, tuple(_audit_code(c) for c in assertion.roles))
+    return HumanRequestor(
+        audit_user_id(assertion),
+        audit_user_name(assertion),
+        tuple(_audit_code(c) for c in assertion.roles),
+    )
 
 
 def audit_purposes_of_use(assertion: XuaAssertion) -> tuple[CodedValue, ...]:
@@ -704,6 +725,7 @@ def parse_assertion(element: etree._Element) -> XuaAssertion:
         name_id=name_id,
         name_id_format=name_id_el.get("Format"),
         sp_provided_id=name_id_el.get("SPProvidedID") or None,
+        name_qualifier=name_id_el.get("NameQualifier") or None,
         subject_confirmation_methods=methods,
         audiences=tuple(audiences),
         not_before=not_before,

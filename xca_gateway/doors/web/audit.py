@@ -17,7 +17,7 @@ trail and never let an audit failure touch the request.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -81,9 +81,13 @@ def instances_accessed_message(
     outcome: m.EventOutcome = m.EventOutcome.SUCCESS,
     outcome_description: str | None = None,
     when: datetime | None = None,
+    communities: Mapping[str, str] | None = None,
 ) -> m.AuditMessage:
     """DICOM Instances Accessed (110103, R): who looked (the clinician, the requestor; the
-    browser's address on its machine participant), at which patient's studies, through us."""
+    browser's address on its machine participant), at which patient's studies, through us.
+    ``communities``: the homeCommunityId holding each study (by UID), as a detail of the
+    study's object, the way XCA records name the community of a document: the officer's
+    report says in which community the viewed study is."""
     objects = m.patient_objects(patients)
     objects.extend(
         m.ParticipantObject(
@@ -91,6 +95,11 @@ def instances_accessed_message(
             id_type_code=m.ParticipantObjectIdType.STUDY_INSTANCE_UID,
             type_code=m.ObjectType.SYSTEM_OBJECT,
             type_code_role=m.ObjectRole.REPORT,
+            details=(
+                ((m.DETAIL_XCA_HOME_COMMUNITY_ID, community.encode()),)
+                if (community := (communities or {}).get(uid))
+                else ()
+            ),
             description=m.DicomObjectDescription(study_uids=(uid,)),
         )
         for uid in dict.fromkeys(study_uids)
@@ -102,7 +111,9 @@ def instances_accessed_message(
             user_name=clinician.user_name,
             role_id_codes=clinician.roles,
         ),
-        m.system_participant(browser, None, False),
+        # The browser asked on the person's behalf: a requestor too (A.5.3.3 lets every
+        # participant that manipulated the data be one), so the record says where from.
+        m.system_participant(browser, None, True),
         m.system_participant(door, None, False),
     )
     return m.AuditMessage(
@@ -161,10 +172,11 @@ def record_study_viewed(
     *,
     study_uid: str,
     patient: m.PatientRef | None,
+    community: str | None = None,
 ) -> None:
     """One study displayed to ``clinician`` (110103). The web door calls it for each WADO-RS
     study retrieve that succeeded, once per session and study; a page that shows a study by
-    other means calls it too."""
+    other means calls it too. ``community``: the homeCommunityId that holds the study."""
     _record_access(
         door,
         request,
@@ -174,6 +186,7 @@ def record_study_viewed(
         type_code=None,
         outcome=m.EventOutcome.SUCCESS,
         description=None,
+        communities={study_uid: community} if community else None,
     )
 
 
@@ -212,6 +225,7 @@ def _record_access(
     type_code: m.CodedValue | None,
     outcome: m.EventOutcome,
     description: str | None,
+    communities: Mapping[str, str] | None = None,
 ) -> None:
     trail = door.gateway.audit
     if not trail.config.enabled:
@@ -228,6 +242,7 @@ def _record_access(
                 type_code=type_code,
                 outcome=outcome,
                 outcome_description=description,
+                communities=communities,
             )
         )
     except Exception:  # an audit failure must not touch the request

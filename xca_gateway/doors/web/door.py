@@ -615,7 +615,14 @@ class WebDoor:
                 self._viewed.popitem(last=False)
         studies = self.dicomweb.view.cached([study], principal)
         patient = manifest_patient(studies[0].header) if studies else None
-        record_study_viewed(self, request, principal, study_uid=study, patient=patient)
+        record_study_viewed(
+            self,
+            request,
+            principal,
+            study_uid=study,
+            patient=patient,
+            community=studies[0].manifest.home_community_id if studies else None,
+        )
 
 
 def _claimed() -> str:
