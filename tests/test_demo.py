@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -10,7 +12,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -510,28 +512,152 @@ def test_demo_web_door_signs_in_a_demo_clinician_and_serves_data(
     north = data["communities"][0]
     clinician = next(c for c in data["clinicians"] if c["community"] == north["name"])
     patient = north["samplePatients"][0]["id"].split("^")[0]
-    context = ssl.create_default_context(cafile=data["ca"])
-    with httpx.Client(verify=context, timeout=60, trust_env=False) as browser:
+    with _browser(data) as browser:
         assert browser.get(f"{north['webUrl']}/dicomweb/studies").status_code == 401
-        start = browser.get(f"{north['webUrl']}/login", params={"next": "/"})
-        assert start.status_code == 303
-        authorize = start.headers["location"]
-        assert authorize.startswith(server["authorizationEndpoint"])
-        page = browser.get(authorize)
-        hidden = dict(re.findall(r'name="([^"]+)" value="([^"]*)"', page.text))
-        hidden = {k: v.replace("&amp;", "&") for k, v in hidden.items()}
-        login = browser.post(
-            server["authorizationEndpoint"],
-            data={**hidden, "username": clinician["username"], "password": clinician["password"]},
-        )
-        assert login.status_code == 303
-        callback = login.headers["location"]
-        assert parse_qs(urlsplit(callback).query)["code"]
-        signed_in = browser.get(callback)
-        assert signed_in.status_code == 303 and signed_in.headers["location"] == "/"
+        _sign_in(browser, data, north, clinician)
         answer = browser.get(f"{north['webUrl']}/dicomweb/studies", params={"PatientID": patient})
         assert answer.status_code == 200, answer.text
         assert answer.json()
+
+
+def _browser(data: dict[str, Any]) -> httpx.Client:
+    context = ssl.create_default_context(cafile=data["ca"])
+    return httpx.Client(verify=context, timeout=60, trust_env=False)
+
+
+def _sign_in(
+    browser: httpx.Client,
+    data: dict[str, Any],
+    community: dict[str, Any],
+    clinician: dict[str, str],
+) -> None:
+    """The code + PKCE login at the community's web door, as a browser does it."""
+    server = data["authorizationServer"]
+    start = browser.get(f"{community['webUrl']}/login", params={"next": "/"})
+    assert start.status_code == 303
+    authorize = start.headers["location"]
+    assert authorize.startswith(server["authorizationEndpoint"])
+    page = browser.get(authorize)
+    hidden = dict(re.findall(r'name="([^"]+)" value="([^"]*)"', page.text))
+    hidden = {k: v.replace("&amp;", "&") for k, v in hidden.items()}
+    login = browser.post(
+        server["authorizationEndpoint"],
+        data={**hidden, "username": clinician["username"], "password": clinician["password"]},
+    )
+    assert login.status_code == 303
+    callback = login.headers["location"]
+    assert parse_qs(urlsplit(callback).query)["code"]
+    signed_in = browser.get(callback)
+    assert signed_in.status_code == 303 and signed_in.headers["location"] == "/"
+
+
+def _audit_events(data: dict[str, Any], **params: str) -> list[dict[str, Any]]:
+    """ITI-81 at the demo's repository, as its audit consumer."""
+    arr = data["auditRepository"]
+    pair = arr["auditConsumer"]
+    context = client_context(Path(data["ca"]), Path(pair["cert"]), Path(pair["key"]))
+    with httpx.Client(verify=context, timeout=60, trust_env=False) as client:
+        answer = client.get(
+            arr["fhir"] + "/AuditEvent",
+            params={"date": "ge2000-01-01", **params, "_count": "100"},
+        )
+    assert answer.status_code == 200, answer.text
+    return [e["resource"] for e in answer.json().get("entry", [])]
+
+
+def _settled(fetch: Callable[[], list[dict[str, Any]]], at_least: int = 1) -> list[dict[str, Any]]:
+    """What ``fetch`` finds once it found ``at_least`` and then nothing more for a moment (the
+    gateways' audit spools deliver within a second; a duplicate would arrive as soon)."""
+    found: list[dict[str, Any]] = []
+    for _ in range(300):
+        found = fetch()
+        if len(found) >= at_least:
+            break
+        time.sleep(0.1)
+    time.sleep(2)
+    return fetch()
+
+
+def test_the_officers_report_names_the_clinician_who_launched_and_viewed(
+    demo: tuple[subprocess.Popen[bytes], Path],
+) -> None:
+    """Issue 23: north's clinician opens the IID launch for alice and views a study south holds.
+    The launch and the view are audited once each (110103, the clinician and the patient); the
+    peer's records name the clinician as north's do; and the officer's patient access report
+    lists "Dr North Clinician viewed alice's study in south" (CSV, as the page shows it)."""
+    _, workdir = demo
+    data = _endpoints(workdir)
+    north, south = data["communities"][0], data["communities"][1]
+    clinician = next(c for c in data["clinicians"] if c["community"] == north["name"])
+    issuer = data["authorizationServer"]["issuer"]
+    person = f"{clinician['name']}<{clinician['username']}@{issuer}>"
+    alice = next(p["id"] for p in north["samplePatients"] if p["crossCommunityKey"] == "alice")
+    with _browser(data) as browser:
+        _sign_in(browser, data, north, clinician)
+        launch = browser.get(
+            north["viewer"]["launch"], params={"requestType": "PATIENT", "patientID": alice}
+        )
+        assert launch.status_code == 200, launch.text
+        rows = re.findall(
+            r'<tr data-study="([^"]+)">\s*<td class="community">([^<]*)</td>', launch.text
+        )
+        study = next(uid for uid, where in rows if where == south["name"])
+        for _ in range(2):  # the viewer fetches a study piece by piece: one view
+            shown = browser.get(f"{north['webUrl']}/dicomweb/studies/{study}/metadata")
+            assert shown.status_code == 200, shown.text
+    user_key = f"{clinician['username']}@{issuer}"
+    launches = _settled(
+        lambda: _audit_events(data, agent=user_key, subtype="RAD-106", source="north-gateway")
+    )
+    views = _settled(
+        lambda: [
+            e
+            for e in _audit_events(data, agent=user_key, type="110103", entity=study)
+            if not e.get("subtype")
+        ]
+    )
+    assert len(launches) == 1 and len(views) == 1, (launches, views)
+    for event in (*launches, *views):
+        names = {a.get("name") for a in event["agent"] if a["requestor"]}
+        assert person in names, names
+        # The patient (role 1): north's id at the launch, the manifest's (south's) at the view.
+        patients = [
+            e["what"]["identifier"]["value"]
+            for e in event["entity"]
+            if e.get("role", {}).get("code") == "1"
+        ]
+        assert patients and patients[0].startswith("C0"), event["entity"]
+    # South served north's RAD-75 for the view: its record names the same person.
+    at_south = _settled(lambda: _audit_events(data, agent=user_key, source="south-gateway"))
+    assert at_south
+    for event in at_south:
+        assert person in {a.get("name") for a in event["agent"]}, event["agent"]
+    # The officer's report (the repository's UI, signed in as the demo officer).
+    arr = data["auditRepository"]
+    with _browser(data) as officer:
+        page = officer.get(arr["ui"] + "/login")
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert token is not None
+        signed_in = officer.post(
+            arr["ui"] + "/login",
+            data={
+                "csrf": token.group(1),
+                "username": arr["officer"]["username"],
+                "password": arr["officer"]["password"],
+            },
+        )
+        assert signed_in.status_code == 303, signed_in.text
+        report = officer.get(arr["ui"] + "/report.csv", params={"patient": alice})
+        assert report.status_code == 200, report.text
+    rows_csv = list(csv.DictReader(io.StringIO(report.text)))
+    viewed = [r for r in rows_csv if r["access"] == "view"]
+    assert len(viewed) == 1, rows_csv
+    assert viewed[0]["user"] == person
+    assert viewed[0]["community"] == south["name"]
+    assert viewed[0]["what"] == f"viewed study {study}"
+    assert viewed[0]["user_address"] == "127.0.0.1"
+    launched = [r for r in rows_csv if r["access"] == "launch"]
+    assert len(launched) == 1 and launched[0]["user"] == person
 
 
 def test_demo_stops_cleanly_on_sigterm(demo: tuple[subprocess.Popen[bytes], Path]) -> None:
