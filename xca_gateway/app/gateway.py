@@ -26,6 +26,7 @@ from xca_gateway.app.transaction_audit import (
     TransactionAuditor,
     local_caller_requestor,
 )
+from xca_gateway.audit.exchange import ImagingFacts
 from xca_gateway.audit.patients import PatientMemory
 from xca_gateway.audit.trail import AuditTrail
 from xca_gateway.doors.dicomweb import DicomWebFrontDoor
@@ -382,8 +383,16 @@ class Gateway:
             )
         )
         self.peer_client.observers.append(
-            lambda url, action, request, reply, error: auditor.called(
-                OutboundCall(url, action, request, reply, error, local_caller_requestor())
+            lambda url, action, request, reply, error, facts: auditor.called(
+                OutboundCall(
+                    url,
+                    action,
+                    request,
+                    reply,
+                    error,
+                    local_caller_requestor(),
+                    facts if isinstance(facts, ImagingFacts) else None,
+                )
             )
         )
 

@@ -209,7 +209,9 @@ class PeerCallLog:
         self.last_success: dict[str, float] = {}
         self.last_error: dict[str, tuple[float, str]] = {}
 
-    def __call__(self, url: str, action: str, request: Any, reply: Any, error: str | None) -> None:
+    def __call__(
+        self, url: str, action: str, request: Any, reply: Any, error: str | None, facts: Any
+    ) -> None:
         origin = urlsplit(url).netloc
         if error is None:
             self.last_success[origin] = time.time()

@@ -19,7 +19,12 @@ from lxml import etree
 
 from xca_gateway.audit import extract
 from xca_gateway.audit import messages as m
-from xca_gateway.audit.exchange import Exchange, context_patients, exchange_outcome
+from xca_gateway.audit.exchange import (
+    Exchange,
+    ImagingFacts,
+    context_patients,
+    exchange_outcome,
+)
 from xca_gateway.audit.patients import CONTEXT_PATIENTS, PatientMemory, entry_patients
 from xca_gateway.audit.trail import AuditTrail, soap_requester
 from xca_gateway.protocol.namespaces import Action
@@ -81,6 +86,8 @@ class OutboundCall:
     error: str | None = None
     # The verified local caller the gateway made this call for (None: the gateway's own call).
     on_behalf_of: m.HumanRequestor | None = None
+    # An imaging retrieve sent and read without trees: its instances.
+    imaging: ImagingFacts | None = None
 
 
 def local_caller_requestor() -> m.HumanRequestor | None:
@@ -205,6 +212,7 @@ class TransactionAuditor:
             community=self.peer_communities.get(call.url),
             context=serving.context if serving is not None else {},
             memory=self.patients,
+            imaging=call.imaging,
         )
         return audit(self.ctx, exchange)
 

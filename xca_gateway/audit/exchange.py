@@ -12,7 +12,7 @@ that the builders stay short.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,7 @@ from xca_gateway.protocol.namespaces import RS
 
 __all__ = [
     "Exchange",
+    "ImagingFacts",
     "StoredQueryFacts",
     "context_patients",
     "exchange_outcome",
@@ -57,6 +58,17 @@ class StoredQueryFacts:
 
 
 @dataclass(frozen=True)
+class ImagingFacts:
+    """A RAD-69 / RAD-75 exchange as compact records, for when its messages were never trees
+    (a 20,000-instance retrieve is read and written element by element): every instance the
+    request asked for, and the SOP Instance UIDs the response listed (None: read them from
+    the response element). Called only when the record is built."""
+
+    requested: Callable[[], Iterable[ImagingInstanceReference]]
+    returned: Callable[[], Iterable[str]] | None = None
+
+
+@dataclass(frozen=True)
 class Exchange:
     """One request and its answer (or failure), seen on either side of a transaction."""
 
@@ -74,6 +86,9 @@ class Exchange:
     context: Mapping[str, Any] = field(default_factory=dict)
     # What this gateway learnt from earlier answers (query answers, manifests).
     memory: PatientMemory = field(default_factory=PatientMemory)
+    # An imaging retrieve read and written without trees: its instances (``request`` and
+    # ``response`` are then the payload elements without them).
+    imaging: ImagingFacts | None = None
 
     def remember_answer(self) -> None:
         """The patients of the DocumentEntries in a query answer, for the retrieves that
@@ -126,7 +141,12 @@ class Exchange:
         known = context_patients(self.context)
         requested: list[ImagingInstanceReference] = []
         patients: dict[str, PatientRef] = {}
-        for ref in extract.requested_instances(self.request):
+        asked = (
+            self.imaging.requested()
+            if self.imaging is not None
+            else extract.requested_instances(self.request)
+        )
+        for ref in asked:
             sop, study = ref.sop_instance_uid, ref.study_instance_uid
             sop_class = ref.sop_class_uid or classes.get(sop) or self.memory.sop_class(sop)
             requested.append(
@@ -140,8 +160,14 @@ class Exchange:
             )
             if patient is not None:
                 patients[sop] = patient
-        returned = extract.returned_documents(self.response) if self.response is not None else []
-        delivered, failed = extract.split_instances(requested, returned)
+        if self.imaging is not None and self.imaging.returned is not None:
+            got = set(self.imaging.returned())
+        elif self.response is not None:
+            got = {d.document_unique_id for d in extract.returned_documents(self.response)}
+        else:
+            got = set()
+        delivered = [i for i in requested if i.sop_instance_uid in got]
+        failed = [i for i in requested if i.sop_instance_uid not in got]
         if self.error is not None:
             delivered, failed = [], [*delivered, *failed]
         return delivered, failed, patients

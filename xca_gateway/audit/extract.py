@@ -122,6 +122,24 @@ def returned_documents(retrieve_response: etree._Element) -> list[DocumentRefere
     return [d for d in docs if d is not None]
 
 
+def requested_instance(
+    study_uid: str, series_uid: str, document_request: etree._Element
+) -> ImagingInstanceReference:
+    """What one DocumentRequest of a RAD-69 / RAD-75 request asked for, malformed or not."""
+    doc = _asked(document_request)
+    problem = doc.problem
+    if not study_uid:
+        problem = "; ".join(filter(None, ("empty studyInstanceUID", problem)))
+    return ImagingInstanceReference(
+        study_instance_uid=study_uid,
+        series_instance_uid=series_uid,
+        sop_instance_uid=doc.document_unique_id,
+        repository_unique_id=doc.repository_unique_id,
+        home_community_id=doc.home_community_id,
+        problem=problem,
+    )
+
+
 def requested_instances(imaging_request: etree._Element) -> list[ImagingInstanceReference]:
     """The instances of a RAD-69 / RAD-75 RetrieveImagingDocumentSetRequest."""
     found: list[ImagingInstanceReference] = []
@@ -132,20 +150,7 @@ def requested_instances(imaging_request: etree._Element) -> list[ImagingInstance
         for series in _children(study, "SeriesRequest"):
             series_uid = (series.get("seriesInstanceUID") or "").strip()
             for request in _children(series, "DocumentRequest"):
-                doc = _asked(request)
-                problem = doc.problem
-                if not study_uid:
-                    problem = "; ".join(filter(None, ("empty studyInstanceUID", problem)))
-                found.append(
-                    ImagingInstanceReference(
-                        study_instance_uid=study_uid,
-                        series_instance_uid=series_uid,
-                        sop_instance_uid=doc.document_unique_id,
-                        repository_unique_id=doc.repository_unique_id,
-                        home_community_id=doc.home_community_id,
-                        problem=problem,
-                    )
-                )
+                found.append(requested_instance(study_uid, series_uid, request))
     return found
 
 

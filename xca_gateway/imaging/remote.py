@@ -15,21 +15,26 @@ sent yet) or to :class:`InstanceStreamError` (mid-stream).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import ssl
 from collections.abc import AsyncIterator, Sequence
 
 from lxml import etree
 
+from xca_gateway.audit.exchange import ImagingFacts
 from xca_gateway.imaging.request import (
     DocumentRequest,
     RetrieveImagingDocumentSetRequest,
-    build_retrieve_imaging_request,
+    requested_references,
+    retrieve_imaging_request_shell,
+    write_retrieve_imaging_request,
 )
 from xca_gateway.imaging.response import (
+    DocumentResponse,
     InvalidImagingResponse,
     RetrieveResponse,
-    parse_retrieve_response,
+    RetrieveResponseReader,
 )
 from xca_gateway.imaging.sources import (
     InstanceStreamError,
@@ -43,8 +48,9 @@ from xca_gateway.protocol.http_client import RelayConnectError, RelayError, Rela
 from xca_gateway.protocol.mtom import Finished, MtomError, PartData, PartEnd, PartStart
 from xca_gateway.protocol.multipart import MultipartStream, TruncatedMultipart
 from xca_gateway.protocol.peer_client import PeerClient, PeerError
-from xca_gateway.protocol.soap import build_envelope, read_fault, serialize
-from xca_gateway.protocol.xmlsafe import XmlRejected, parse_xml_async
+from xca_gateway.protocol.soap import build_envelope, read_fault, serialize_around
+from xca_gateway.protocol.xmlsafe import XmlLimits, XmlRejected
+from xca_gateway.protocol.xmlstream import PrunedXmlParser, in_soap_body
 from xca_gateway.xds.ebrs import RegistryError
 
 log = logging.getLogger(__name__)
@@ -162,14 +168,21 @@ async def open_remote_retrieve(
     max_reorder_bytes: int = 64 * 1024 * 1024,
 ) -> RemoteRetrieval:
     """Send ``request`` to ``url`` and return once the reply's root part has been read;
-    the client's observers (audit) hear of the call either way."""
-    request_payload = build_retrieve_imaging_request(request)
+    the client's observers (audit) hear of the call either way.
+
+    Neither message is ever a tree: the request is written straight to bytes and the reply's
+    root part parsed as it arrives, each DocumentResponse planned and dropped (a 20,000-
+    instance retrieve keeps a few hundred bytes per instance, not kilobytes). The observers get
+    the payload elements without their instances and the instances as :class:`ImagingFacts`.
+    """
+    shell = retrieve_imaging_request_shell()
+    requested = ImagingFacts(lambda: requested_references(request))
     try:
         retrieval = await _open_remote_retrieve(
             peer_client,
             url,
             request,
-            request_payload,
+            shell,
             action=action,
             what=what,
             timeout=timeout,
@@ -177,10 +190,13 @@ async def open_remote_retrieve(
             max_reorder_bytes=max_reorder_bytes,
         )
     except SourceUnavailable as exc:
-        _observe(peer_client, url, action, request_payload, None, str(exc))
+        _observe(peer_client, url, action, shell, None, str(exc), requested)
         raise
-    _observe(peer_client, url, action, request_payload, retrieval.reply_payload, None)
-    # The reply's tree (kilobytes per instance) is not kept while the instances stream.
+    planned = retrieval.planned
+    facts = ImagingFacts(
+        requested.requested, lambda: (p.document.document_unique_id for p in planned)
+    )
+    _observe(peer_client, url, action, shell, retrieval.reply_payload, None, facts)
     retrieval.reply_payload = None
     return retrieval
 
@@ -189,7 +205,7 @@ async def _open_remote_retrieve(
     peer_client: PeerClient,
     url: str,
     request: RetrieveImagingDocumentSetRequest,
-    request_payload: etree._Element,
+    shell: etree._Element,
     *,
     action: str,
     what: str,
@@ -203,18 +219,21 @@ async def _open_remote_retrieve(
     error, or sends an unreadable root part.
     """
     provider = peer_client.header_provider  # e.g. the outbound XUA assertion
-    extra = provider(url, action, request_payload) if provider is not None else ()
+    extra = provider(url, action, shell) if provider is not None else ()
     envelope = build_envelope(
-        request_payload, action=action, to=url, reply_to_anonymous=True, extra_headers=extra
+        shell, action=action, to=url, reply_to_anonymous=True, extra_headers=extra
     )
-    writer = mtom.MtomWriter(serialize(envelope), action=action)  # IHE: MTOM both ways
+    head, tail = serialize_around(envelope, shell)
+    root = itertools.chain((head,), write_retrieve_imaging_request(request), (tail,))
+    writer = mtom.MtomWriter(root, action=action)  # IHE: MTOM both ways
     body = b"".join(writer.iter_bytes())
+    content_type = writer.content_type
+    del writer, root, envelope
     response: RelayResponse | None = None
     try:
         async with asyncio.timeout(timeout or peer_client.outbound.request_timeout):
-            response = await peer_client.relay.post(
-                url, body, [("content-type", writer.content_type)]
-            )
+            response = await peer_client.relay.post(url, body, [("content-type", content_type)])
+            del body  # sent: not kept while the reply is read
             try:
                 peer_client.check_pin_der(url, response.peer_certificate)
             except PeerError as exc:
@@ -250,13 +269,37 @@ def _observe(
     request: etree._Element,
     reply: etree._Element | None,
     error: str | None,
+    facts: ImagingFacts,
 ) -> None:
     """Tell the client's observers (audit) about this call, as PeerClient.call does."""
     for observer in peer_client.observers:
         try:
-            observer(url, action, request, reply, error)
+            observer(url, action, request, reply, error, facts)
         except Exception:
             log.exception("outbound call observer failed")
+
+
+# The reply's root part is parsed this much at a time, yielding to the event loop between.
+_PARSE_SLICE = 64 * 1024
+
+
+class _RootReader:
+    """The reply's root part, parsed as it arrives (sans-IO: bytes in, plan out): each
+    DocumentResponse is planned (:class:`Planner`) and dropped from the tree."""
+
+    def __init__(self, limits: XmlLimits, requested: Sequence[DocumentRequest]) -> None:
+        self.planner = Planner(requested)
+        self.reader = RetrieveResponseReader(self.planner.add)
+        self.parser = PrunedXmlParser(limits, in_soap_body(self.reader.take, SOAP12_BODY))
+
+    async def feed(self, data: bytes) -> None:
+        if len(data) <= _PARSE_SLICE:
+            self.parser.feed(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(data), _PARSE_SLICE):
+            self.parser.feed(view[start : start + _PARSE_SLICE])
+            await asyncio.sleep(0)
 
 
 async def _read_root(
@@ -271,37 +314,43 @@ async def _read_root(
     content_type = response.headers.get("content-type", "")
     parts: MultipartStream | None = None
     early: dict[str, bytes] = {}
-    if mtom.is_mtom(content_type):
-        try:
-            _mtype, params = mtom.parse_content_type(content_type)
-            boundary = params.get("boundary") or ""
-            start = (params.get("start") or "").strip().strip("<>") or None
-            parts = MultipartStream(
-                response.aiter_raw(RELAY_CHUNK), boundary, max_parts=len(request.documents) + 8
-            )
-            root_bytes: bytes | None = None
-            early_total = 0
-            while root_bytes is None:
-                headers = await parts.next_part()
-                if headers is None:
-                    raise SourceUnavailable("MTOM reply without its root part")
-                if start is None or headers.content_id == start:
-                    root_bytes = await parts.read_part(limits.max_bytes)
-                elif headers.content_id is not None:
-                    data = await parts.read_part(max_reorder_bytes - early_total)
-                    early[headers.content_id] = data
-                    early_total += len(data)
-        except (MtomError, TruncatedMultipart) as exc:
-            raise SourceUnavailable(f"malformed MTOM reply: {exc}") from None
-    else:
-        buffer = bytearray()
-        async for chunk in response.aiter_raw():
-            buffer += chunk
-            if len(buffer) > limits.max_bytes:
-                raise SourceUnavailable("reply larger than the XML limit")
-        root_bytes = bytes(buffer)
+    root = _RootReader(limits, request.documents)
     try:
-        envelope = await parse_xml_async(root_bytes, limits)
+        if mtom.is_mtom(content_type):
+            try:
+                _mtype, params = mtom.parse_content_type(content_type)
+                boundary = params.get("boundary") or ""
+                start = (params.get("start") or "").strip().strip("<>") or None
+                parts = MultipartStream(
+                    response.aiter_raw(RELAY_CHUNK),
+                    boundary,
+                    max_parts=len(request.documents) + 8,
+                )
+                early_total = 0
+                while True:
+                    headers = await parts.next_part()
+                    if headers is None:
+                        raise SourceUnavailable("MTOM reply without its root part")
+                    if start is None or headers.content_id == start:
+                        break
+                    if headers.content_id is not None:
+                        data = await parts.read_part(max_reorder_bytes - early_total)
+                        early[headers.content_id] = data
+                        early_total += len(data)
+                while True:
+                    event = await parts.next_event()
+                    if isinstance(event, PartData):
+                        await root.feed(event.data)
+                    elif isinstance(event, PartEnd):
+                        break
+                    else:
+                        raise TruncatedMultipart("MIME part did not end")
+            except (MtomError, TruncatedMultipart) as exc:
+                raise SourceUnavailable(f"malformed MTOM reply: {exc}") from None
+        else:
+            async for chunk in response.aiter_raw():
+                await root.feed(chunk)
+        envelope = root.parser.close()
     except XmlRejected as exc:
         raise SourceUnavailable(
             f"HTTP {response.status_code}, unreadable reply: {exc.reason}"
@@ -314,16 +363,16 @@ async def _read_root(
     if payload is None or response.status_code >= 400:
         raise SourceUnavailable(f"HTTP {response.status_code} without a SOAP payload")
     try:
-        parsed = parse_retrieve_response(payload)
+        _status, errors = root.reader.finish(payload)
     except InvalidImagingResponse as exc:
         raise SourceUnavailable(f"invalid response: {exc.reason}") from None
-    planned = plan_from_response(parsed, request.documents)
+    planned = root.planner.planned
     if not planned:
         await response.aclose()  # nothing to relay: free the connection now
         parts = None
     retrieval = RemoteRetrieval(
         planned,
-        list(parsed.errors),
+        list(errors),
         reply_payload=payload,
         response=response,
         parts=parts,
@@ -338,43 +387,55 @@ async def _read_root(
     return retrieval
 
 
-def plan_from_response(
-    parsed: RetrieveResponse, requested: Sequence[DocumentRequest]
-) -> list[PlannedInstance]:
-    """One planned instance per DocumentResponse that answers a requested instance.
+class Planner:
+    """One planned instance per DocumentResponse that answers a requested instance, added
+    as the responses are read.
 
     Documents nobody asked for, duplicates and documents whose MIME part another response
     already claimed are dropped; a consumer only ever receives what it requested.
     """
-    by_uid: dict[str, DocumentRequest] = {}
-    for request in requested:
-        by_uid.setdefault(request.document_unique_id, request)
-    planned: list[PlannedInstance] = []
-    seen_uids: set[str] = set()
-    seen_cids: set[str] = set()
-    for doc in parsed.documents:
-        wanted = by_uid.get(doc.document_unique_id)
-        if wanted is None or doc.document_unique_id in seen_uids:
+
+    def __init__(self, requested: Sequence[DocumentRequest]) -> None:
+        self.by_uid: dict[str, DocumentRequest] = {}
+        for request in requested:
+            self.by_uid.setdefault(request.document_unique_id, request)
+        self.planned: list[PlannedInstance] = []
+        self._seen_uids: set[str] = set()
+        self._seen_cids: set[str] = set()
+
+    def add(self, doc: DocumentResponse) -> None:
+        wanted = self.by_uid.get(doc.document_unique_id)
+        if wanted is None or doc.document_unique_id in self._seen_uids:
             log.warning("ignoring unrequested or duplicate document %s", doc.document_unique_id)
-            continue
+            return
         if wanted.repository_unique_id != doc.repository_unique_id:
             log.warning(
                 "ignoring %s from unexpected repository %s",
                 doc.document_unique_id,
                 doc.repository_unique_id,
             )
-            continue
+            return
         handle: str | bytes
         if doc.content_id is not None:
-            if doc.content_id in seen_cids:
-                continue
-            seen_cids.add(doc.content_id)
+            if doc.content_id in self._seen_cids:
+                return
+            self._seen_cids.add(doc.content_id)
             handle = doc.content_id
         else:
             assert doc.inline is not None
             handle = doc.inline
-        seen_uids.add(doc.document_unique_id)
-        planned.append(
+        self._seen_uids.add(doc.document_unique_id)
+        # The request's own record and strings: the response's copies are dropped.
+        self.planned.append(
             PlannedInstance(wanted, None, home_community_id=doc.home_community_id, handle=handle)
         )
-    return planned
+
+
+def plan_from_response(
+    parsed: RetrieveResponse, requested: Sequence[DocumentRequest]
+) -> list[PlannedInstance]:
+    """:class:`Planner` over a response read as a whole."""
+    planner = Planner(requested)
+    for doc in parsed.documents:
+        planner.add(doc)
+    return planner.planned

@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from xml.sax.saxutils import escape, quoteattr
 
 from lxml import etree
 
+from xca_gateway.audit.extract import requested_instance
+from xca_gateway.audit.messages import ImagingInstanceReference
 from xca_gateway.protocol.namespaces import XDSB, XDSI
+from xca_gateway.protocol.xmlstream import walk_tree
 
 __all__ = [
     "DOCUMENT_UNIQUE_ID_ERROR",
@@ -57,6 +61,8 @@ class InvalidImagingRequest(ValueError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+        # Every instance the refused request asked for, for its audit record (when known).
+        self.requested: tuple[ImagingInstanceReference, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)  # one per instance: 20,000 in a large study
@@ -200,45 +206,183 @@ def parse_retrieve_imaging_request(
 ) -> RetrieveImagingDocumentSetRequest:
     """Read a RetrieveImagingDocumentSetRequest element. Schema breakage raises
     InvalidImagingRequest; bad identifier values become rejected DocumentRequests."""
-    if _local(payload) != "RetrieveImagingDocumentSetRequest":
-        raise InvalidImagingRequest(
-            f"expected RetrieveImagingDocumentSetRequest, got {etree.QName(payload).localname}"
-        )
-    documents: list[DocumentRequest] = []
-    studies = _children(payload, "StudyRequest")
-    if not studies:
-        raise InvalidImagingRequest("at least one StudyRequest is required")
-    for study in studies:
-        study_uid = _attribute(study, "studyInstanceUID", "StudyRequest")
-        series_list = _children(study, "SeriesRequest")
-        if not series_list:
-            raise InvalidImagingRequest(f"StudyRequest {study_uid[:80]!r} has no SeriesRequest")
-        for series in series_list:
-            series_uid = _attribute(series, "seriesInstanceUID", "SeriesRequest")
-            requests = _children(series, "DocumentRequest")
-            if not requests:
-                raise InvalidImagingRequest(
-                    f"SeriesRequest {series_uid[:80]!r} has no DocumentRequest"
-                )
-            for request in requests:
-                where = f"DocumentRequest in series {series_uid[:80]!r}"
-                repository = _text(request, "RepositoryUniqueId", required=True, where=where)
-                document = _text(request, "DocumentUniqueId", required=True, where=where)
-                home = _text(request, "HomeCommunityId", required=False, where=where)
-                documents.append(
-                    DocumentRequest(study_uid, series_uid, repository, document, home or None)
-                )
-                if len(documents) > max_documents:
+    reader = RetrieveImagingRequestReader(max_documents=max_documents)
+    walk_tree(payload, reader.take)
+    result = reader.finish(payload)
+    if isinstance(result, InvalidImagingRequest):
+        raise result
+    return result
+
+
+class RetrieveImagingRequestReader:
+    """Reads a RetrieveImagingDocumentSetRequest element by element, as
+    :class:`~xca_gateway.protocol.xmlstream.PrunedXmlParser` hands them over (``take``; depth
+    1 = a child of the payload), into compact :class:`DocumentRequest` records: each
+    DocumentRequest, SeriesRequest and StudyRequest is consumed when complete, so a request
+    of 20,000 instances never exists as a tree. Identifiers repeated across instances
+    (study, series, repository, community) are kept once.
+
+    :meth:`finish` returns the request, or the :class:`InvalidImagingRequest` that parsing
+    would have raised, carrying (``requested``) every instance the request asked for, for its
+    audit record.
+    """
+
+    def __init__(self, *, max_documents: int = 100_000) -> None:
+        self.max_documents = max_documents
+        self.documents: list[DocumentRequest] = []
+        self.error: InvalidImagingRequest | None = None
+        # After a schema error: what each DocumentRequest asked for, as its audit names it.
+        self._asked: list[ImagingInstanceReference] | None = None
+        self._shared: dict[str, str] = {}
+        self._series_documents = 0
+        self._study_series = 0
+        self._studies = 0
+
+    def _share(self, value: str) -> str:
+        return self._shared.setdefault(value, value)
+
+    def _fail(self, reason: str) -> None:
+        if self.error is None:
+            self.error = InvalidImagingRequest(reason)
+            self._asked = [instance_reference(d) for d in self.documents]
+            self.documents = []
+
+    def take(self, element: etree._Element, depth: int) -> bool:
+        name = _local(element)
+        if depth == 3 and name == "DocumentRequest":
+            series = element.getparent()
+            study = series.getparent() if series is not None else None
+            if series is None or study is None or _local(series) != "SeriesRequest":
+                return False
+            if _local(study) != "StudyRequest":
+                return False
+            self._series_documents += 1
+            self._document(element, series, study)
+            return True
+        if depth == 2 and name == "SeriesRequest":
+            where = "SeriesRequest"
+            try:
+                series_uid = _attribute(element, "seriesInstanceUID", where)
+                if not self._series_documents:
                     raise InvalidImagingRequest(
-                        f"more than {max_documents} DocumentRequests in one request"
+                        f"SeriesRequest {series_uid[:80]!r} has no DocumentRequest"
                     )
-    syntax_lists = _children(payload, "TransferSyntaxUIDList")
-    if len(syntax_lists) != 1:
-        raise InvalidImagingRequest("exactly one TransferSyntaxUIDList is required")
-    syntaxes = [(e.text or "").strip() for e in _children(syntax_lists[0], "TransferSyntaxUID")]
-    if not syntaxes:
-        raise InvalidImagingRequest("TransferSyntaxUIDList needs at least one TransferSyntaxUID")
-    return screen_documents(documents, syntaxes)
+            except InvalidImagingRequest as exc:
+                self._fail(exc.reason)
+            self._series_documents = 0
+            self._study_series += 1
+            return True
+        if depth == 1 and name == "StudyRequest":
+            try:
+                study_uid = _attribute(element, "studyInstanceUID", "StudyRequest")
+                if not self._study_series:
+                    raise InvalidImagingRequest(
+                        f"StudyRequest {study_uid[:80]!r} has no SeriesRequest"
+                    )
+            except InvalidImagingRequest as exc:
+                self._fail(exc.reason)
+            self._study_series = 0
+            self._studies += 1
+            return True
+        return False
+
+    def _document(
+        self, element: etree._Element, series: etree._Element, study: etree._Element
+    ) -> None:
+        if self._asked is not None:  # the request is refused: only its audit is left to feed
+            if len(self._asked) <= self.max_documents:
+                self._asked.append(
+                    requested_instance(
+                        (study.get("studyInstanceUID") or "").strip(),
+                        (series.get("seriesInstanceUID") or "").strip(),
+                        element,
+                    )
+                )
+            return
+        share = self._share
+        try:
+            study_uid = share(_attribute(study, "studyInstanceUID", "StudyRequest"))
+            series_uid = share(_attribute(series, "seriesInstanceUID", "SeriesRequest"))
+            where = f"DocumentRequest in series {series_uid[:80]!r}"
+            repository = _text(element, "RepositoryUniqueId", required=True, where=where)
+            document = _text(element, "DocumentUniqueId", required=True, where=where)
+            home = _text(element, "HomeCommunityId", required=False, where=where)
+            if len(self.documents) >= self.max_documents:
+                raise InvalidImagingRequest(
+                    f"more than {self.max_documents} DocumentRequests in one request"
+                )
+        except InvalidImagingRequest as exc:
+            self._fail(exc.reason)
+            self._document(element, series, study)
+            return
+        self.documents.append(
+            DocumentRequest(
+                study_uid, series_uid, share(repository), document, share(home) if home else None
+            )
+        )
+
+    def finish(
+        self, payload: etree._Element
+    ) -> RetrieveImagingDocumentSetRequest | InvalidImagingRequest:
+        """The request read from ``payload`` (what is left of it), or why it is refused."""
+        try:
+            if _local(payload) != "RetrieveImagingDocumentSetRequest":
+                raise InvalidImagingRequest(
+                    "expected RetrieveImagingDocumentSetRequest, got "
+                    f"{etree.QName(payload).localname}"
+                )
+            if self.error is not None:
+                raise self.error
+            if not self._studies:
+                raise InvalidImagingRequest("at least one StudyRequest is required")
+            syntax_lists = _children(payload, "TransferSyntaxUIDList")
+            if len(syntax_lists) != 1:
+                raise InvalidImagingRequest("exactly one TransferSyntaxUIDList is required")
+            syntaxes = [
+                (e.text or "").strip() for e in _children(syntax_lists[0], "TransferSyntaxUID")
+            ]
+            if not syntaxes:
+                raise InvalidImagingRequest(
+                    "TransferSyntaxUIDList needs at least one TransferSyntaxUID"
+                )
+        except InvalidImagingRequest as exc:
+            refused = exc if exc is self.error else InvalidImagingRequest(exc.reason)
+            refused.requested = tuple(
+                self._asked
+                if self._asked is not None
+                else [instance_reference(d) for d in self.documents]
+            )
+            return refused
+        request = screen_documents(self.documents, syntaxes)
+        self.documents = []
+        return request
+
+
+def instance_reference(doc: DocumentRequest) -> ImagingInstanceReference:
+    """What a DocumentRequest asked for, as the audit record names it (as
+    :func:`xca_gateway.audit.extract.requested_instances` reads it from the XML)."""
+    problem = None
+    if not doc.study_instance_uid:
+        problem = "empty studyInstanceUID"
+    if not doc.document_unique_id:
+        empty = "DocumentRequest with an empty DocumentUniqueId"
+        problem = f"{problem}; {empty}" if problem else empty
+    return ImagingInstanceReference(
+        study_instance_uid=doc.study_instance_uid,
+        series_instance_uid=doc.series_instance_uid,
+        sop_instance_uid=doc.document_unique_id,
+        repository_unique_id=doc.repository_unique_id or None,
+        home_community_id=doc.home_community_id or None,
+        problem=problem,
+    )
+
+
+def requested_references(
+    request: RetrieveImagingDocumentSetRequest,
+) -> Iterator[ImagingInstanceReference]:
+    """Every instance ``request`` asked for (rejected ones included), for its audit record."""
+    for doc in request.requested:
+        yield instance_reference(doc)
 
 
 def check_retrieve_imaging_request(
@@ -295,6 +439,77 @@ def build_retrieve_imaging_request(
     for uid in request.transfer_syntax_uids:
         etree.SubElement(syntax_list, f"{{{XDSI}}}TransferSyntaxUID").text = uid
     return root
+
+
+# Characters XML 1.0 cannot carry (lxml refuses them in a tree too).
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+# Bytes handed to the writer at a time.
+WRITE_CHUNK = 64 * 1024
+
+
+def retrieve_imaging_request_shell() -> etree._Element:
+    """The RetrieveImagingDocumentSetRequest element without children, declaring the prefixes
+    :func:`write_retrieve_imaging_request` writes them with."""
+    return etree.Element(
+        f"{{{XDSI}}}RetrieveImagingDocumentSetRequest", nsmap={"iherad": XDSI, "xdsb": XDSB}
+    )
+
+
+def xml_text(value: str) -> str:
+    """``value`` as XML character data (ValueError for characters XML cannot carry)."""
+    if _NOT_XML.search(value):
+        raise ValueError("All strings must be XML compatible")
+    return escape(value)
+
+
+def _xml_attribute(value: str) -> str:
+    if _NOT_XML.search(value):
+        raise ValueError("All strings must be XML compatible")
+    return quoteattr(value)
+
+
+def write_retrieve_imaging_request(
+    request: RetrieveImagingDocumentSetRequest,
+) -> Iterator[bytes]:
+    """The children of :func:`retrieve_imaging_request_shell` for ``request``, written
+    straight to bytes: what :func:`build_retrieve_imaging_request` builds as a tree (the same
+    grouping by study and series, order kept), without the tree."""
+    studies: dict[str, dict[str, list[DocumentRequest]]] = {}
+    for doc in request.documents:
+        studies.setdefault(doc.study_instance_uid, {}).setdefault(
+            doc.series_instance_uid, []
+        ).append(doc)
+    out: list[str] = []
+    size = 0
+    for study_uid, series_map in studies.items():
+        out.append(f"<iherad:StudyRequest studyInstanceUID={_xml_attribute(study_uid)}>")
+        for series_uid, docs in series_map.items():
+            out.append(f"<iherad:SeriesRequest seriesInstanceUID={_xml_attribute(series_uid)}>")
+            for doc in docs:
+                out.append("<iherad:DocumentRequest>")
+                if doc.home_community_id:
+                    out.append(
+                        f"<xdsb:HomeCommunityId>{xml_text(doc.home_community_id)}"
+                        "</xdsb:HomeCommunityId>"
+                    )
+                out.append(
+                    f"<xdsb:RepositoryUniqueId>{xml_text(doc.repository_unique_id)}"
+                    "</xdsb:RepositoryUniqueId><xdsb:DocumentUniqueId>"
+                    f"{xml_text(doc.document_unique_id)}</xdsb:DocumentUniqueId>"
+                    "</iherad:DocumentRequest>"
+                )
+                size += 200
+                if size >= WRITE_CHUNK:
+                    yield "".join(out).encode("utf-8")
+                    out.clear()
+                    size = 0
+            out.append("</iherad:SeriesRequest>")
+        out.append("</iherad:StudyRequest>")
+    out.append("<iherad:TransferSyntaxUIDList>")
+    for uid in request.transfer_syntax_uids:
+        out.append(f"<iherad:TransferSyntaxUID>{xml_text(uid)}</iherad:TransferSyntaxUID>")
+    out.append("</iherad:TransferSyntaxUIDList>")
+    yield "".join(out).encode("utf-8")
 
 
 def group_in_order(

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from lxml import etree
 
+from xca_gateway.imaging.request import WRITE_CHUNK, xml_text
 from xca_gateway.protocol.mtom import cid_from_href
 from xca_gateway.protocol.namespaces import RS, XDSB, XOP
+from xca_gateway.protocol.xmlstream import walk_tree
 from xca_gateway.xds.ebrs import (
     RegistryError,
     parse_registry_errors,
@@ -55,52 +57,90 @@ def _child_text(element: etree._Element, name: str) -> str | None:
     return (found.text or "").strip() or None
 
 
-def parse_retrieve_response(payload: etree._Element) -> RetrieveResponse:
-    if payload.tag != f"{{{XDSB}}}RetrieveDocumentSetResponse":
-        raise InvalidImagingResponse(f"unexpected response element {payload.tag}")
-    registry_response = payload.find(f"{{{RS}}}RegistryResponse")
-    if registry_response is None:
-        raise InvalidImagingResponse("RetrieveDocumentSetResponse without rs:RegistryResponse")
-    status = registry_response.get("status") or ""
-    if not status:
-        raise InvalidImagingResponse("rs:RegistryResponse without status")
-    errors = tuple(parse_registry_errors(registry_response))
-    documents: list[DocumentResponse] = []
-    for element in payload.iterfind(f"{{{XDSB}}}DocumentResponse"):
-        repository = _child_text(element, "RepositoryUniqueId")
-        document_uid = _child_text(element, "DocumentUniqueId")
-        if not repository or not document_uid:
-            raise InvalidImagingResponse(
-                "DocumentResponse without RepositoryUniqueId or DocumentUniqueId"
-            )
-        document = element.find(f"{{{XDSB}}}Document")
-        if document is None:
-            raise InvalidImagingResponse(f"DocumentResponse {document_uid} without Document")
-        include = document.find(f"{{{XOP}}}Include")
-        content_id: str | None = None
-        inline: bytes | None = None
-        if include is not None:
-            href = include.get("href") or ""
-            if not href.startswith("cid:"):
-                raise InvalidImagingResponse("xop:Include href must be a cid: URL")
-            content_id = cid_from_href(href)
-        else:
-            try:
-                inline = base64.b64decode("".join((document.text or "").split()), validate=True)
-            except (binascii.Error, ValueError):
-                raise InvalidImagingResponse(
-                    f"Document of {document_uid} is not valid base64"
-                ) from None
-        documents.append(
-            DocumentResponse(
-                home_community_id=_child_text(element, "HomeCommunityId"),
-                repository_unique_id=repository,
-                document_unique_id=document_uid,
-                mime_type=_child_text(element, "mimeType") or DICOM_MIME_TYPE,
-                content_id=content_id,
-                inline=inline,
-            )
+def document_response(element: etree._Element) -> DocumentResponse:
+    """One DocumentResponse element as a compact record (InvalidImagingResponse if broken)."""
+    repository = _child_text(element, "RepositoryUniqueId")
+    document_uid = _child_text(element, "DocumentUniqueId")
+    if not repository or not document_uid:
+        raise InvalidImagingResponse(
+            "DocumentResponse without RepositoryUniqueId or DocumentUniqueId"
         )
+    document = element.find(f"{{{XDSB}}}Document")
+    if document is None:
+        raise InvalidImagingResponse(f"DocumentResponse {document_uid} without Document")
+    include = document.find(f"{{{XOP}}}Include")
+    content_id: str | None = None
+    inline: bytes | None = None
+    if include is not None:
+        href = include.get("href") or ""
+        if not href.startswith("cid:"):
+            raise InvalidImagingResponse("xop:Include href must be a cid: URL")
+        content_id = cid_from_href(href)
+    else:
+        try:
+            inline = base64.b64decode("".join((document.text or "").split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidImagingResponse(
+                f"Document of {document_uid} is not valid base64"
+            ) from None
+    return DocumentResponse(
+        home_community_id=_child_text(element, "HomeCommunityId"),
+        repository_unique_id=repository,
+        document_unique_id=document_uid,
+        mime_type=_child_text(element, "mimeType") or DICOM_MIME_TYPE,
+        content_id=content_id,
+        inline=inline,
+    )
+
+
+class RetrieveResponseReader:
+    """Reads a RetrieveDocumentSetResponse element by element, as
+    :class:`~xca_gateway.protocol.xmlstream.PrunedXmlParser` hands them over: each
+    DocumentResponse (a child of the payload, at ``depth``) goes to ``on_document`` as a
+    compact record and is dropped from the tree; :meth:`finish` reads the status and
+    RegistryErrors from what is left. The first broken DocumentResponse is kept in ``error``
+    (raised by :meth:`finish`) and stops the reading of the others."""
+
+    def __init__(self, on_document: Callable[[DocumentResponse], None], *, depth: int = 1) -> None:
+        self._on_document = on_document
+        self._depth = depth
+        self.error: InvalidImagingResponse | None = None
+        self.count = 0
+
+    def take(self, element: etree._Element, depth: int) -> bool:
+        if depth != self._depth or element.tag != _DOCUMENT_RESPONSE:
+            return False
+        if self.error is None:
+            try:
+                self._on_document(document_response(element))
+                self.count += 1
+            except InvalidImagingResponse as exc:
+                self.error = exc
+        return True
+
+    def finish(self, payload: etree._Element) -> tuple[str, tuple[RegistryError, ...]]:
+        """(status, RegistryErrors) of the response; raises InvalidImagingResponse."""
+        if payload.tag != f"{{{XDSB}}}RetrieveDocumentSetResponse":
+            raise InvalidImagingResponse(f"unexpected response element {payload.tag}")
+        registry_response = payload.find(f"{{{RS}}}RegistryResponse")
+        if registry_response is None:
+            raise InvalidImagingResponse("RetrieveDocumentSetResponse without rs:RegistryResponse")
+        status = registry_response.get("status") or ""
+        if not status:
+            raise InvalidImagingResponse("rs:RegistryResponse without status")
+        if self.error is not None:
+            raise self.error
+        return status, tuple(parse_registry_errors(registry_response))
+
+
+_DOCUMENT_RESPONSE = f"{{{XDSB}}}DocumentResponse"
+
+
+def parse_retrieve_response(payload: etree._Element) -> RetrieveResponse:
+    documents: list[DocumentResponse] = []
+    reader = RetrieveResponseReader(documents.append)
+    walk_tree(payload, reader.take)
+    status, errors = reader.finish(payload)
     return RetrieveResponse(status, errors, tuple(documents))
 
 
@@ -123,3 +163,51 @@ def build_retrieve_response(
             "href", f"cid:{doc.content_id}"
         )
     return root
+
+
+def retrieve_response_shell(status: str, errors: Iterable[RegistryError]) -> etree._Element:
+    """The response element with its status and RegistryErrors, declaring the prefixes
+    :func:`write_document_responses` writes its DocumentResponses with."""
+    root = retrieve_document_set_response(status, errors)
+    if root.prefix != "xdsb":  # pragma: no cover - ebrs declares it so
+        raise ValueError("RetrieveDocumentSetResponse must use the xdsb prefix")
+    return root
+
+
+def _attribute_text(value: str) -> str:
+    return xml_text(value).replace('"', "&quot;")
+
+
+_INCLUDE = f'<xop:Include xmlns:xop="{XOP}" href="cid:'
+
+
+def write_document_responses(documents: Iterable[DocumentResponse]) -> Iterator[bytes]:
+    """The DocumentResponses :func:`build_retrieve_response` would append to the shell,
+    written straight to bytes in chunks: a 20,000-instance response root is never a tree."""
+    out: list[str] = []
+    size = 0
+    for doc in documents:
+        if doc.content_id is None:
+            raise ValueError("imaging responses carry documents as MTOM parts")
+        piece = (
+            "<xdsb:DocumentResponse>"
+            + (
+                f"<xdsb:HomeCommunityId>{xml_text(doc.home_community_id)}</xdsb:HomeCommunityId>"
+                if doc.home_community_id
+                else ""
+            )
+            + f"<xdsb:RepositoryUniqueId>{xml_text(doc.repository_unique_id)}"
+            "</xdsb:RepositoryUniqueId>"
+            f"<xdsb:DocumentUniqueId>{xml_text(doc.document_unique_id)}</xdsb:DocumentUniqueId>"
+            f"<xdsb:mimeType>{xml_text(doc.mime_type)}</xdsb:mimeType>"
+            f'<xdsb:Document>{_INCLUDE}{_attribute_text(doc.content_id)}"/>'
+            "</xdsb:Document></xdsb:DocumentResponse>"
+        )
+        out.append(piece)
+        size += len(piece)
+        if size >= WRITE_CHUNK:
+            yield "".join(out).encode("utf-8")
+            out.clear()
+            size = 0
+    if out:
+        yield "".join(out).encode("utf-8")

@@ -757,7 +757,7 @@ class MtomWriter:
 
     def __init__(
         self,
-        root_xml: bytes,
+        root_xml: bytes | Iterable[bytes],
         *,
         action: str | None = None,
         boundary: str | None = None,
@@ -785,9 +785,15 @@ class MtomWriter:
             f"start={_quote('<' + self.root_content_id + '>')}; "
             f"start-info={_quote(start_info)}; boundary={_quote(b)}"
         )
-        self._root_header = self._part_head(root_ct, self.root_content_id, {}, first=True) + bytes(
-            root_xml
-        )
+        head = self._part_head(root_ct, self.root_content_id, {}, first=True)
+        # A root given in pieces (written straight to bytes, e.g. 20,000 DocumentResponses)
+        # is streamed as it is produced, never joined.
+        self._root_chunks: Iterable[bytes] = ()
+        if isinstance(root_xml, bytes | bytearray | memoryview):
+            self._root_header = head + bytes(root_xml)
+        else:
+            self._root_header = head
+            self._root_chunks = root_xml
 
     def add_part(self, part: OutgoingPart) -> None:
         cid = _normalize_cid(part.content_id)
@@ -806,6 +812,8 @@ class MtomWriter:
 
     def content_length(self) -> int | None:
         """Total body length if every part body is ``bytes`` (else None: use chunked)."""
+        if self._root_chunks:
+            return None
         total = len(self._root_header) + len(self._close_delimiter())
         for part in self._parts:
             if not isinstance(part.body, bytes | bytearray | memoryview):
@@ -813,8 +821,15 @@ class MtomWriter:
             total += len(self._head_for(part)) + len(part.body)
         return total
 
+    def _root_rest(self) -> Iterator[bytes]:
+        chunks, self._root_chunks = self._root_chunks, ()
+        for chunk in chunks:
+            if chunk:
+                yield chunk
+
     def iter_bytes(self) -> Iterator[bytes]:
         yield self._root_header
+        yield from self._root_rest()
         for part in self._parts:
             yield self._head_for(part)
             body = part.body
@@ -832,6 +847,8 @@ class MtomWriter:
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         try:
             yield self._root_header
+            for chunk in self._root_rest():
+                yield chunk
             for part in self._parts:
                 yield self._head_for(part)
                 body = part.body

@@ -35,8 +35,12 @@ from xca_gateway.settings import OutboundConfig
 
 # (url, action, payload) -> SOAP header blocks to add to an outbound request.
 HeaderProvider = Callable[[str, str, etree._Element], Sequence[etree._Element]]
-# (url, action, request payload, reply payload or None, error or None), after every call.
-CallObserver = Callable[[str, str, etree._Element, etree._Element | None, str | None], None]
+# (url, action, request payload, reply payload or None, error or None, facts or None), after
+# every call. Facts: what a caller that never built its messages as trees (a streamed imaging
+# retrieve) says about them instead (an ``xca_gateway.audit.exchange.ImagingFacts``).
+CallObserver = Callable[
+    [str, str, etree._Element, etree._Element | None, str | None, object | None], None
+]
 
 
 # Submissions must not be sent twice, so they never go over a pooled connection that might
@@ -183,7 +187,7 @@ class PeerClient:
         finally:
             for observer in self.observers:
                 try:
-                    observer(url, action, payload, reply.payload if reply else None, error)
+                    observer(url, action, payload, reply.payload if reply else None, error, None)
                 except Exception:  # an observer (audit) must never break the call
                     logging.getLogger(__name__).exception("outbound call observer failed")
             if self.metrics is not None and peer:

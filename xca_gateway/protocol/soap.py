@@ -247,6 +247,27 @@ def serialize(element: etree._Element) -> bytes:
     return etree.tostring(element, xml_declaration=True, encoding="UTF-8")
 
 
+# Where a payload's streamed children go in its serialised envelope.
+_STREAM_MARKER = "xca-gateway:streamed-children"
+
+
+def serialize_around(envelope: etree._Element, holder: etree._Element) -> tuple[bytes, bytes]:
+    """``envelope`` serialised and cut where children written straight to bytes go: after
+    ``holder``'s own children (a retrieve's DocumentResponses, 20,000 of them, are not built
+    as a tree). The streamed children use the prefixes ``holder`` (or its ancestors)
+    declares."""
+    marker = etree.Comment(_STREAM_MARKER)
+    holder.append(marker)
+    try:
+        xml = serialize(envelope)
+    finally:
+        holder.remove(marker)
+    head, found, tail = xml.partition(f"<!--{_STREAM_MARKER}-->".encode())
+    if not found:  # pragma: no cover - the comment is always serialised
+        raise ValueError("holder is not inside the envelope")
+    return head, tail
+
+
 def build_fault(fault: SoapFault, *, relates_to: str | None = None) -> tuple[bytes, str]:
     """Return (body, content type) for ``fault``."""
     if fault.soap11:
