@@ -1,0 +1,189 @@
+"""Pull parsing with pruning (issue 22): the limits of xmlsafe hold, consumed elements are gone,
+and the byte writers produce what the tree builders build."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from lxml import etree
+
+from xca_gateway.imaging.remote import Planner
+from xca_gateway.imaging.request import (
+    DocumentRequest,
+    InvalidImagingRequest,
+    RetrieveImagingDocumentSetRequest,
+    RetrieveImagingRequestReader,
+    build_retrieve_imaging_request,
+    parse_retrieve_imaging_request,
+    requested_references,
+    retrieve_imaging_request_shell,
+    write_retrieve_imaging_request,
+)
+from xca_gateway.imaging.response import (
+    DocumentResponse,
+    RetrieveResponseReader,
+    build_retrieve_response,
+    parse_retrieve_response,
+    retrieve_response_shell,
+    write_document_responses,
+)
+from xca_gateway.protocol.namespaces import SOAP12, ResponseStatus
+from xca_gateway.protocol.soap import build_envelope, serialize_around
+from xca_gateway.protocol.xmlsafe import XmlLimits, XmlRejected
+from xca_gateway.protocol.xmlstream import PrunedXmlParser, in_soap_body
+from xca_gateway.xds.ebrs import RegistryError
+
+BODY = f"{{{SOAP12}}}Body"
+
+
+def _feed(parser: PrunedXmlParser, data: bytes, size: int = 7) -> etree._Element:
+    for start in range(0, len(data), size):
+        parser.feed(data[start : start + size])
+    return parser.close()
+
+
+def _never(element: etree._Element, depth: int) -> bool:
+    return False
+
+
+@pytest.mark.parametrize(
+    ("document", "reason"),
+    [
+        (b'<!DOCTYPE a [<!ENTITY x "y">]><a>&x;</a>', "DTD"),
+        (b"<a>" + b"<b/>" * 50 + b"</a>", "more than 20 elements"),
+        (b"<a>" * 12 + b"</a>" * 12, "deeper than 10"),
+        (b"<a " + b" ".join(b'x%d="1"' % i for i in range(9)) + b"/>", "more than 8 attributes"),
+        (b'<a x="' + b"v" * 100 + b'"/>', "attribute value too large"),
+        (b"<a>" + b"t" * 200 + b"</a>", "text node too large"),
+        (b"<a><b></a>", "malformed"),
+        (b"", "empty"),
+        (b"x" * 5000, "larger than 4096"),
+    ],
+)
+def test_hostile_xml_is_refused_as_it_arrives(document: bytes, reason: str) -> None:
+    limits = XmlLimits(
+        max_bytes=4096,
+        max_depth=10,
+        max_elements=20,
+        max_attributes=8,
+        max_attribute_bytes=64,
+        max_text_bytes=128,
+    )
+    with pytest.raises(XmlRejected, match=reason):
+        _feed(PrunedXmlParser(limits, _never), document)
+
+
+def test_taken_elements_leave_the_tree_and_the_rest_stays() -> None:
+    seen: list[str] = []
+
+    def take(element: etree._Element, depth: int) -> bool:
+        if depth == 1 and element.tag == "item":
+            seen.append(element.get("n") or "")
+            return True
+        return False
+
+    parser = PrunedXmlParser(XmlLimits(), take)
+    doc = b"<list><head>h</head>" + b"".join(b'<item n="%d"><x/></item>' % i for i in range(50))
+    root = _feed(parser, doc + b"<tail/></list>")
+    assert seen == [str(i) for i in range(50)]
+    assert [child.tag for child in root] == ["head", "tail"]
+    assert parser.taken == 50
+
+
+DOCS = tuple(
+    DocumentRequest(
+        f"1.2.3.{i // 6}",
+        f"1.2.3.{i // 6}.{i // 3}",
+        "1.3.6.1.4.1.21367.13.71.2.1",
+        f"1.2.3.4.5.{i}",
+        "urn:oid:1.2.3&<4>" if i % 2 else None,
+    )
+    for i in range(12)
+)
+
+
+def _request_envelope(request: RetrieveImagingDocumentSetRequest) -> bytes:
+    shell = retrieve_imaging_request_shell()
+    envelope = build_envelope(shell, action="urn:x", to="https://peer/")
+    head, tail = serialize_around(envelope, shell)
+    return b"".join(itertools.chain((head,), write_retrieve_imaging_request(request), (tail,)))
+
+
+def test_written_request_is_the_built_one_and_reads_back_compactly() -> None:
+    request = RetrieveImagingDocumentSetRequest(DOCS, ("1.2.840.10008.1.2.1", "1.2"))
+    wire = _request_envelope(request)
+    tree = etree.fromstring(wire)
+    payload = tree.find(BODY)[0]  # type: ignore[index]
+    built = build_retrieve_imaging_request(request)
+    assert etree.tostring(payload, method="c14n", exclusive=True) == etree.tostring(
+        built, method="c14n", exclusive=True
+    )
+
+    reader = RetrieveImagingRequestReader()
+    parser = PrunedXmlParser(XmlLimits(), in_soap_body(reader.take, BODY))
+    skeleton = _feed(parser, wire, 97)
+    payload = skeleton.find(BODY)[0]  # type: ignore[index]
+    assert [c.tag for c in payload] == [built[-1].tag]  # only the TransferSyntaxUIDList left
+    parsed = reader.finish(payload)
+    assert parsed == parse_retrieve_imaging_request(built)
+    assert isinstance(parsed, RetrieveImagingDocumentSetRequest)
+    assert parsed.documents == DOCS
+    # Identifiers repeated across instances are one string.
+    assert len({id(d.repository_unique_id) for d in parsed.documents}) == 1
+
+
+def test_a_refused_streamed_request_still_names_its_instances_for_the_audit() -> None:
+    request = RetrieveImagingDocumentSetRequest(DOCS[:4], ("1.2",))
+    wire = _request_envelope(request).replace(
+        b"<iherad:TransferSyntaxUIDList>", b"<x:y xmlns:x='u'>", 1
+    )
+    wire = wire.replace(b"</iherad:TransferSyntaxUIDList>", b"</x:y>")
+    reader = RetrieveImagingRequestReader()
+    skeleton = _feed(PrunedXmlParser(XmlLimits(), in_soap_body(reader.take, BODY)), wire)
+    refused = reader.finish(skeleton.find(BODY)[0])  # type: ignore[index]
+    assert isinstance(refused, InvalidImagingRequest)
+    assert "TransferSyntaxUIDList" in refused.reason
+    assert refused.requested == tuple(requested_references(request))
+
+
+def test_header_blocks_are_never_taken_for_payload_elements() -> None:
+    taken: list[int] = []
+
+    def take(element: etree._Element, depth: int) -> bool:
+        taken.append(depth)
+        return False
+
+    wire = (
+        f'<s:Envelope xmlns:s="{SOAP12}"><s:Header><a><b><c/></b></a></s:Header>'
+        "<s:Body><p><q><r/></q></p></s:Body></s:Envelope>"
+    ).encode()
+    _feed(PrunedXmlParser(XmlLimits(), in_soap_body(take, BODY)), wire)
+    assert taken == [2, 1]  # r and q, counted from the payload p
+
+
+def test_written_document_responses_are_the_built_ones() -> None:
+    docs = [
+        DocumentResponse(
+            "urn:oid:1.2" if i % 2 else None, "1.3.6", f"1.2.3.{i}", "application/dicom", f"{i}@x"
+        )
+        for i in range(40)
+    ]
+    errors = [RegistryError("XDSDocumentUniqueIdError", "not found: 9", location="1.2.3.9")]
+    shell = retrieve_response_shell(ResponseStatus.PARTIAL_SUCCESS, errors)
+    envelope = build_envelope(shell, action="urn:y")
+    head, tail = serialize_around(envelope, shell)
+    wire = b"".join([head, *write_document_responses(docs), tail])
+    payload = etree.fromstring(wire).find(BODY)[0]  # type: ignore[index]
+    built = build_retrieve_response(ResponseStatus.PARTIAL_SUCCESS, errors, docs)
+    assert parse_retrieve_response(payload) == parse_retrieve_response(built)
+
+    planner = Planner(
+        [DocumentRequest("1.2", "1.2.1", "1.3.6", f"1.2.3.{i}") for i in range(0, 40, 2)]
+    )
+    reader = RetrieveResponseReader(planner.add)
+    skeleton = _feed(PrunedXmlParser(XmlLimits(), in_soap_body(reader.take, BODY)), wire, 1000)
+    payload = skeleton.find(BODY)[0]  # type: ignore[index]
+    assert len(payload) == 1  # the RegistryResponse; every DocumentResponse consumed
+    assert reader.finish(payload) == (ResponseStatus.PARTIAL_SUCCESS, tuple(errors))
+    assert [p.handle for p in planner.planned] == [f"{i}@x" for i in range(0, 40, 2)]
