@@ -133,6 +133,7 @@ class Served:
     payload: etree._Element
     path: str
     context: dict[str, Any] = field(default_factory=dict)
+    parsed: object = None
 
     @property
     def endpoint(self) -> Any:

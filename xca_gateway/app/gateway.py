@@ -37,6 +37,7 @@ from xca_gateway.doors.viewer.pages import install_viewer
 from xca_gateway.doors.web.audit import record_launch
 from xca_gateway.doors.web.door import WebDoor
 from xca_gateway.imaging.config import ImagingConfig
+from xca_gateway.imaging.request import IMAGING_REQUEST, RetrieveImagingRequestReader
 from xca_gateway.imaging.service import ImagingService
 from xca_gateway.initiating.imaging import InitiatingImagingGateway
 from xca_gateway.initiating.patient_mapping import PatientIdMapper
@@ -136,6 +137,12 @@ class Gateway:
         if mapping.pix_responder:
             self.endpoints["iti45"] = iti45.endpoint(iti45.iti45_handler(self.xref))
         self.soap = SoapService(list(self.endpoints.values()), config.limits, self.metrics)
+        # RAD-69 / RAD-75 requests are read element by element into compact records, never
+        # as a tree (issue 22: 20,000 instances in one request).
+        max_documents = getattr(config.imaging, "max_documents", 100_000)
+        self.soap.payload_readers[IMAGING_REQUEST] = lambda: RetrieveImagingRequestReader(
+            max_documents=max_documents
+        )
         self.https = HttpServer(
             self.soap,
             ssl_context=server_context(config.tls),

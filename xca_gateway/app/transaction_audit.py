@@ -11,8 +11,9 @@ Recording never raises into a clinical transaction.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from lxml import etree
@@ -20,6 +21,7 @@ from lxml import etree
 from xca_gateway.audit import extract
 from xca_gateway.audit import messages as m
 from xca_gateway.audit.exchange import (
+    CONTEXT_RETURNED_INSTANCES,
     Exchange,
     ImagingFacts,
     context_patients,
@@ -27,6 +29,11 @@ from xca_gateway.audit.exchange import (
 )
 from xca_gateway.audit.patients import CONTEXT_PATIENTS, PatientMemory, entry_patients
 from xca_gateway.audit.trail import AuditTrail, soap_requester
+from xca_gateway.imaging.request import (
+    InvalidImagingRequest,
+    RetrieveImagingDocumentSetRequest,
+    requested_references,
+)
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.soap_service import CURRENT_REQUEST, Handler, SoapRequest, SoapResponse
 from xca_gateway.registry.model import (
@@ -177,6 +184,7 @@ class TransactionAuditor:
             community=self._own_community(request),
             context=request.context,
             memory=self.patients,
+            imaging=served_imaging(request) if transaction in IMAGING_TRANSACTIONS else None,
         )
         return audit(self.ctx, exchange)
 
@@ -215,6 +223,33 @@ class TransactionAuditor:
             imaging=call.imaging,
         )
         return audit(self.ctx, exchange)
+
+
+IMAGING_TRANSACTIONS = frozenset({"RAD-69", "RAD-75"})
+
+
+def served_imaging(request: SoapRequest) -> ImagingFacts:
+    """The instances of a RAD-69 / RAD-75 served here, from the compact records the request
+    was read into (its payload element no longer holds them) and the instances the streamed
+    response listed (the handler's context); from the elements where there are none."""
+    parsed = request.parsed
+    requested: Callable[[], Iterable[m.ImagingInstanceReference]]
+    if isinstance(parsed, RetrieveImagingDocumentSetRequest):
+        requested = partial(requested_references, parsed)
+    elif isinstance(parsed, InvalidImagingRequest):
+        requested = partial(iter, parsed.requested)
+    else:
+        requested = partial(extract.requested_instances, request.payload)
+    returned = request.context.get(CONTEXT_RETURNED_INSTANCES)
+    return ImagingFacts(requested, returned if callable(returned) else None)
+
+
+def requested_imaging_studies(request: SoapRequest) -> list[str]:
+    """The Study Instance UIDs a RAD-69 / RAD-75 request asks for."""
+    parsed = request.parsed
+    if isinstance(parsed, RetrieveImagingDocumentSetRequest):
+        return list(dict.fromkeys(d.study_instance_uid for d in parsed.requested))
+    return [i.study_instance_uid for i in served_imaging(request).requested()]
 
 
 def _identity(request: SoapRequest) -> dict[str, Any]:
@@ -291,10 +326,7 @@ class RegistryPatients:
         async def handle(request: SoapRequest) -> SoapResponse:
             try:
                 if imaging:
-                    studies = [
-                        i.study_instance_uid for i in extract.requested_instances(request.payload)
-                    ]
-                    found = await self.lookup((), studies)
+                    found = await self.lookup((), requested_imaging_studies(request))
                 else:
                     uids = [
                         d.document_unique_id for d in extract.requested_documents(request.payload)

@@ -36,6 +36,7 @@ from xca_gateway.audit.patients import (
 from xca_gateway.protocol.namespaces import RS
 
 __all__ = [
+    "CONTEXT_RETURNED_INSTANCES",
     "Exchange",
     "ImagingFacts",
     "StoredQueryFacts",
@@ -45,6 +46,10 @@ __all__ = [
 ]
 
 _HL7 = "urn:hl7-org:v3"
+
+# Request context: () -> the SOP Instance UIDs a streamed imaging response listed (its
+# payload element does not hold its DocumentResponses).
+CONTEXT_RETURNED_INSTANCES = "imaging_returned_instances"
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from xca_gateway.protocol.xmlstream import walk_tree
 
 __all__ = [
     "DOCUMENT_UNIQUE_ID_ERROR",
+    "IMAGING_REQUEST",
     "UNKNOWN_REPOSITORY_ID",
     "DocumentRequest",
     "InvalidImagingRequest",
@@ -48,6 +49,8 @@ __all__ = [
 ]
 
 _NAMESPACES = (XDSI, XDSB)
+# The payload element :class:`RetrieveImagingRequestReader` reads, as senders name it.
+IMAGING_REQUEST = f"{{{XDSI}}}RetrieveImagingDocumentSetRequest"
 # DICOM UIDs and ISO OIDs: dotted decimal, at most 64 characters (PS3.5 9.1).
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MAX_UID_LENGTH = 64

@@ -22,13 +22,20 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from xca_gateway.audit.exchange import CONTEXT_RETURNED_INSTANCES
 from xca_gateway.audit.patients import CONTEXT_INSTANCES, InstanceObservations
 from xca_gateway.imaging.request import DocumentRequest, RetrieveImagingDocumentSetRequest
-from xca_gateway.imaging.response import DICOM_MIME_TYPE, DocumentResponse, build_retrieve_response
+from xca_gateway.imaging.response import (
+    DICOM_MIME_TYPE,
+    DocumentResponse,
+    retrieve_response_shell,
+    write_document_responses,
+)
 from xca_gateway.imaging.sources import (
     InstanceStreamError,
     PlannedInstance,
@@ -38,7 +45,7 @@ from xca_gateway.imaging.sources import (
 )
 from xca_gateway.protocol import mtom
 from xca_gateway.protocol.namespaces import ResponseStatus
-from xca_gateway.protocol.soap_service import SoapResponse
+from xca_gateway.protocol.soap_service import SoapResponse, StreamedChildren
 from xca_gateway.xds.ebrs import RegistryError, status_for
 
 log = logging.getLogger(__name__)
@@ -399,32 +406,52 @@ async def open_retrieval(
         raise
 
 
-def soap_response(retrieval: ImagingRetrieval, *, response_action: str) -> SoapResponse:
-    """The streaming MTOM response of an opened retrieve: the root part (DocumentResponses,
-    RegistryErrors, status), then one part per instance pulled from its route only when the
-    HTTP writer gets to it."""
-    documents: list[DocumentResponse] = []
-    parts: list[mtom.OutgoingPart] = []
-    for index, instance in enumerate(retrieval.instances):
-        doc = instance.document
-        content_id = mtom.make_content_id()
-        documents.append(
-            DocumentResponse(
+def soap_response(
+    retrieval: ImagingRetrieval,
+    *,
+    response_action: str,
+    context: dict[str, Any] | None = None,
+) -> SoapResponse:
+    """The streaming MTOM response of an opened retrieve: the root part (status,
+    RegistryErrors, then the DocumentResponses written straight to bytes as it is sent), then
+    one part per instance pulled from its route only when the HTTP writer gets to it.
+    ``context`` (the SOAP request's) learns what the audit record needs: the instances'
+    headers as they stream, and which instances the response listed."""
+    # Content-IDs made from one random token and the index: nothing kept per instance.
+    token = uuid.uuid4().hex
+    parts = [
+        mtom.OutgoingPart(
+            f"{index}.{token}@xca-gateway", DICOM_MIME_TYPE, retrieval.lazy_body(index)
+        )
+        for index in range(len(retrieval.instances))
+    ]
+
+    def documents() -> Iterator[DocumentResponse]:
+        for index, instance in enumerate(retrieval.instances):
+            doc = instance.document
+            yield DocumentResponse(
                 home_community_id=instance.home_community_id,
                 repository_unique_id=doc.repository_unique_id,
                 document_unique_id=doc.document_unique_id,
                 mime_type=DICOM_MIME_TYPE,
-                content_id=content_id,
+                content_id=f"{index}.{token}@xca-gateway",
             )
-        )
-        parts.append(mtom.OutgoingPart(content_id, DICOM_MIME_TYPE, retrieval.lazy_body(index)))
+
     status = retrieval.status
-    payload = build_retrieve_response(status, retrieval.errors, documents)
+    payload = retrieve_response_shell(status, retrieval.errors)
+    streamed = StreamedChildren(
+        len(retrieval.instances), lambda: write_document_responses(documents())
+    )
+    if context is not None:
+        context[CONTEXT_INSTANCES] = retrieval.observed
+        context[CONTEXT_RETURNED_INSTANCES] = lambda: retrieval.uids
     outcome = {
         ResponseStatus.SUCCESS: "success",
         ResponseStatus.PARTIAL_SUCCESS: "partial",
     }.get(status, "failure")
-    return SoapResponse(payload, response_action, parts=parts, mtom=True, outcome=outcome)
+    return SoapResponse(
+        payload, response_action, parts=parts, mtom=True, outcome=outcome, streamed=streamed
+    )
 
 
 async def respond(
@@ -451,10 +478,8 @@ async def respond(
         idle_timeout=idle_timeout,
         abandon_timeout=abandon_timeout,
     )
-    if context is not None:
-        context[CONTEXT_INSTANCES] = retrieval.observed
     try:
-        return soap_response(retrieval, response_action=response_action)
+        return soap_response(retrieval, response_action=response_action, context=context)
     except BaseException:
         await retrieval.aclose()
         raise

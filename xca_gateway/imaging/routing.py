@@ -30,8 +30,18 @@ __all__ = ["local_routes", "parse_or_fault", "source_route"]
 
 
 def parse_or_fault(request: SoapRequest, max_documents: int) -> RetrieveImagingDocumentSetRequest:
-    """The parsed request; a SOAP Sender fault only for XML/schema breakage."""
+    """The parsed request (read as it arrived, see ``SoapRequest.parsed``, or from the
+    payload element); a SOAP Sender fault only for XML/schema breakage."""
+    parsed = request.parsed
     try:
+        if isinstance(parsed, InvalidImagingRequest):
+            raise parsed
+        if isinstance(parsed, RetrieveImagingDocumentSetRequest):
+            if len(parsed.documents) + len(parsed.rejected) > max_documents:
+                raise InvalidImagingRequest(
+                    f"more than {max_documents} DocumentRequests in one request"
+                )
+            return parsed
         return parse_retrieve_imaging_request(request.payload, max_documents=max_documents)
     except InvalidImagingRequest as exc:
         raise SoapFault.sender(f"invalid RetrieveImagingDocumentSetRequest: {exc.reason}") from None

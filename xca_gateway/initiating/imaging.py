@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from xca_gateway.audit.patients import CONTEXT_INSTANCES
 from xca_gateway.imaging.request import (
     DocumentRequest,
     RetrieveImagingDocumentSetRequest,
@@ -113,8 +112,9 @@ class InitiatingImagingGateway:
         parsed = parse_or_fault(request, self.max_documents)
         retrieval = await self._open(parsed)
         # The audit names the patients the instances' headers name as they stream.
-        request.context[CONTEXT_INSTANCES] = retrieval.observed
-        return soap_response(retrieval, response_action=Action.RAD69_RESPONSE)
+        return soap_response(
+            retrieval, response_action=Action.RAD69_RESPONSE, context=request.context
+        )
 
 
 def rad69_handler(

@@ -8,12 +8,14 @@ registered for the endpoint path. Whatever goes wrong becomes a SOAP fault, neve
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from lxml import etree
 
@@ -26,6 +28,7 @@ from xca_gateway.protocol.http_server import (
     Response,
     source_of,
 )
+from xca_gateway.protocol.namespaces import SOAP12
 from xca_gateway.protocol.soap import (
     Envelope,
     SoapFault,
@@ -35,6 +38,7 @@ from xca_gateway.protocol.soap import (
     check_xop_references,
     parse_envelope,
     serialize,
+    serialize_around,
 )
 from xca_gateway.protocol.xmlsafe import (
     FairParser,
@@ -44,9 +48,13 @@ from xca_gateway.protocol.xmlsafe import (
     XmlRejected,
     check_markup,
 )
+from xca_gateway.protocol.xmlstream import PrunedXmlParser, in_soap_body
 from xca_gateway.settings import LimitsConfig
 
 log = logging.getLogger(__name__)
+
+# A payload read element by element is parsed this much at a time between event-loop turns.
+_PARSE_SLICE = 64 * 1024
 
 # Transactions whose requests are queries: their endpoints take bodies up to
 # ``limits.max_query_bytes`` instead of ``limits.max_request_bytes``.
@@ -63,10 +71,24 @@ class SoapRequest:
     # Filled by the authorizer and handlers for later layers (e.g. the XUA identity, the
     # policy decision, audit details).
     context: dict[str, Any] = field(default_factory=dict)
+    # The payload as compact records, when a :class:`PayloadReader` read it element by
+    # element (its elements are then gone from ``payload``): what the reader's ``finish``
+    # returned, e.g. the request or why it is refused.
+    parsed: object | None = None
 
     @property
     def payload(self) -> etree._Element:
         return self.envelope.payload
+
+
+@dataclass(frozen=True)
+class StreamedChildren:
+    """Children of a response payload written straight to bytes, after the payload element's
+    own children: a retrieve's DocumentResponses, one per instance, are never a tree.
+    ``chunks`` is called once, when the response is sent; ``count`` says how many."""
+
+    count: int
+    chunks: Callable[[], Iterator[bytes]]
 
 
 @dataclass
@@ -78,6 +100,20 @@ class SoapResponse:
     mtom: bool = False
     # For metrics and audit: success | partial | failure.
     outcome: str = "success"
+    # More children of ``payload``, written as bytes (observers see ``payload`` without them).
+    streamed: StreamedChildren | None = None
+
+
+class PayloadReader(Protocol):
+    """Reads one kind of request payload element by element as it is parsed (see
+    :class:`~xca_gateway.protocol.xmlstream.PrunedXmlParser`): ``take`` gets each complete
+    element inside the payload (depth 1 = a child of the payload) and returns True for what
+    it consumed; ``finish`` gets what is left of the payload and returns the compact result
+    (:attr:`SoapRequest.parsed`)."""
+
+    def take(self, element: etree._Element, depth: int) -> bool: ...
+
+    def finish(self, payload: etree._Element) -> object: ...
 
 
 Handler = Callable[[SoapRequest], Awaitable[SoapResponse]]
@@ -150,6 +186,10 @@ class SoapService:
         )
         # Large messages are parsed off the event loop, one at a time per source address.
         self.parser = FairParser()
+        # Payloads read element by element instead of as a tree, by payload element (Clark
+        # notation): the requests of many instances (RAD-69/RAD-75), whose trees would cost
+        # more than everything else kept per instance.
+        self.payload_readers: dict[str, Callable[[], PayloadReader]] = {}
 
     def body_limit(self, endpoint: SoapEndpoint) -> int:
         """The largest request body ``endpoint`` reads: small for queries, large otherwise.
@@ -183,7 +223,7 @@ class SoapService:
         soap_request: SoapRequest | None = None
         try:
             try:
-                envelope, attachments = await self._read(request, self.body_limit(endpoint))
+                envelope, attachments, parsed = await self._read(request, self.body_limit(endpoint))
             except RequestBodyTooSlow as exc:
                 raise SoapFault.sender(f"{exc}: too slow", http_status=408) from None
             relates_to = envelope.addressing.message_id
@@ -191,7 +231,9 @@ class SoapService:
             if operation is None:
                 raise action_not_supported(envelope.addressing.action)
             transaction = operation.transaction
-            soap_request = SoapRequest(envelope, attachments, request.peer, endpoint, request)
+            soap_request = SoapRequest(
+                envelope, attachments, request.peer, endpoint, request, parsed=parsed
+            )
             CURRENT_REQUEST.set(soap_request)
             try:
                 refusal = None
@@ -231,7 +273,7 @@ class SoapService:
 
     async def _read(
         self, request: Request, body_limit: int
-    ) -> tuple[Envelope, dict[str, mtom.Attachment]]:
+    ) -> tuple[Envelope, dict[str, mtom.Attachment], object | None]:
         limits = self.limits
         length = request.content_length
         if length is not None and length > body_limit:
@@ -252,6 +294,7 @@ class SoapService:
             root_bytes = message.root
             attachments = dict(message.attachments)
             http_action = message.action
+            del message  # its root bytes are dropped once parsed
         elif media_type in ("application/soap+xml", "text/xml"):
             root_bytes, count = await self._read_xml(request, min(limits.max_xml_bytes, body_limit))
             http_action = params.get("action")
@@ -261,10 +304,18 @@ class SoapService:
                 "(MTOM/XOP)",
                 http_status=415,
             )
+        reader = self._reader_for(root_bytes)
         try:
-            root = await self.parser.parse(
-                root_bytes, self.xml_limits, count=count, source=source_of(request.peer.address)
-            )
+            if reader is not None:
+                root = await self._parse_pruned(root_bytes, *reader)
+            else:
+                root = await self.parser.parse(
+                    root_bytes,
+                    self.xml_limits,
+                    count=count,
+                    source=source_of(request.peer.address),
+                )
+            del root_bytes
             envelope = parse_envelope(root, http_action=_usable_action(http_action))
             if media_type == "text/xml" and envelope is not None:
                 # text/xml is the SOAP 1.1 binding; a SOAP 1.2 envelope must not use it.
@@ -276,7 +327,31 @@ class SoapService:
         except SoapFault:
             _close_attachments(attachments)
             raise
-        return envelope, attachments
+        parsed = None
+        if reader is not None and envelope.payload.tag == reader[0]:
+            parsed = reader[1].finish(envelope.payload)
+        return envelope, attachments, parsed
+
+    def _reader_for(self, root_bytes: bytes) -> tuple[str, PayloadReader] | None:
+        """A payload reader when the message may hold a payload one reads (a cheap look for
+        its local name; the reader only takes elements under a payload of its tag)."""
+        for tag, factory in self.payload_readers.items():
+            if tag.rpartition("}")[2].encode() in root_bytes:
+                return tag, factory()
+        return None
+
+    async def _parse_pruned(self, data: bytes, tag: str, reader: PayloadReader) -> etree._Element:
+        """The envelope with the payload's elements handed to ``reader`` as they complete,
+        parsed on the event loop a slice at a time (Python sees every element anyway)."""
+        parser = PrunedXmlParser(
+            self.xml_limits, in_soap_body(reader.take, f"{{{SOAP12}}}Body", payload_tag=tag)
+        )
+        view = memoryview(data)
+        for start in range(0, len(data), _PARSE_SLICE):
+            parser.feed(view[start : start + _PARSE_SLICE])
+            if start + _PARSE_SLICE < len(data):
+                await asyncio.sleep(0)
+        return parser.close()
 
     async def _read_xml(self, request: Request, limit: int) -> tuple[bytes, MarkupCount]:
         """The SOAP message, its markup counted as it arrives: a flood of elements is refused
@@ -338,7 +413,12 @@ class SoapService:
         soap_request: SoapRequest,
     ) -> Response:
         envelope = build_envelope(result.payload, action=result.action, relates_to=relates_to)
-        xml = serialize(envelope)
+        root: bytes | Iterable[bytes]
+        if result.streamed is not None:
+            head, tail = serialize_around(envelope, result.payload)
+            root = itertools.chain((head,), result.streamed.chunks(), (tail,))
+        else:
+            root = serialize(envelope)
         metrics = self.metrics
 
         def complete(ok: bool) -> None:
@@ -349,7 +429,7 @@ class SoapService:
             metrics.latency.labels(transaction).observe(time.monotonic() - started)
 
         if result.mtom or result.parts:
-            writer = mtom.MtomWriter(xml, action=result.action)
+            writer = mtom.MtomWriter(root, action=result.action)
             for part in result.parts:
                 writer.add_part(part)
             counter = metrics.bytes_sent.labels(transaction)
@@ -366,6 +446,7 @@ class SoapService:
             return Response(
                 200, [("content-type", writer.content_type)], body(), on_complete=complete
             )
+        xml = root if isinstance(root, bytes) else b"".join(root)
         metrics.bytes_sent.labels(transaction).inc(len(xml))
         content_type = f'application/soap+xml; charset=UTF-8; action="{result.action}"'
         return Response(200, [("content-type", content_type)], xml, on_complete=complete)

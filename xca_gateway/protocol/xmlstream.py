@@ -174,9 +174,10 @@ class PrunedXmlParser:
                 parent.remove(consumed)
 
 
-def in_soap_body(take: Take, body_tag: str) -> Take:
-    """``take`` for the elements inside the payload of a SOAP envelope, with their depth
-    counted from the payload (its children are 1); anything else (header blocks) is left."""
+def in_soap_body(take: Take, body_tag: str, *, payload_tag: str | None = None) -> Take:
+    """``take`` for the elements inside the payload of a SOAP envelope (of ``payload_tag``,
+    if given), with their depth counted from the payload (its children are 1); anything else
+    (header blocks, another payload) is left."""
 
     def take_in_body(element: etree._Element, depth: int) -> bool:
         if depth < 3:
@@ -186,6 +187,8 @@ def in_soap_body(take: Take, body_tag: str) -> Take:
             payload = payload.getparent() if payload is not None else None
         body = payload.getparent() if payload is not None else None
         if body is None or body.tag != body_tag:
+            return False
+        if payload_tag is not None and payload is not None and payload.tag != payload_tag:
             return False
         return take(element, depth - 2)
 

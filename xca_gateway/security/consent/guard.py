@@ -12,13 +12,17 @@ transaction's audit record.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 from lxml import etree
 
-from xca_gateway.imaging.request import parse_retrieve_imaging_request
+from xca_gateway.imaging.request import (
+    RetrieveImagingDocumentSetRequest,
+    parse_retrieve_imaging_request,
+)
 from xca_gateway.protocol.namespaces import QUERY, RIM, RS, XDSB, XDSI, ErrorSeverity
 from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
 from xca_gateway.registry.model import (
@@ -150,10 +154,15 @@ class ConsentGuard:
 
     def rad75(self, handler: Handler) -> Handler:
         async def handle(request: SoapRequest) -> SoapResponse:
-            try:
-                parsed = parse_retrieve_imaging_request(request.payload)
-            except ValueError:
-                return await handler(request)  # the handler answers malformed requests
+            parsed: object = request.parsed
+            if not isinstance(parsed, RetrieveImagingDocumentSetRequest):
+                if parsed is not None:
+                    return await handler(request)  # the handler answers malformed requests
+                try:
+                    parsed = parse_retrieve_imaging_request(request.payload)
+                except ValueError:
+                    return await handler(request)
+            assert isinstance(parsed, RetrieveImagingDocumentSetRequest)
             studies: dict[str, list[DocumentFacts]] = {}
             for study in {d.study_instance_uid for d in parsed.documents}:
                 reference = f"{study}^^^^{ebrim.REFERENCE_ID_STUDY_INSTANCE_UID}"
@@ -173,6 +182,18 @@ class ConsentGuard:
             if not decision.refused:
                 return await handler(request)
             refused_studies = {d.study_instance_uid for d in decision.refused}
+            if request.parsed is not None:  # read as it arrived: the records are the request
+                request.parsed = dataclasses.replace(
+                    parsed,
+                    documents=tuple(
+                        d for d in parsed.documents if d.study_instance_uid not in refused_studies
+                    ),
+                    rejected=tuple(
+                        r
+                        for r in parsed.rejected
+                        if r.document.study_instance_uid not in refused_studies
+                    ),
+                )
             for element in list(request.payload.iter(f"{{{XDSI}}}StudyRequest")):
                 if element.get("studyInstanceUID") in refused_studies:
                     parent = element.getparent()
@@ -188,9 +209,11 @@ class ConsentGuard:
     ) -> SoapResponse:
         """Run the handler for what remains (if anything) and add the refusals to its answer."""
 
-        remaining = list(request.payload.iter(f"{{{XDSB}}}DocumentRequest")) or list(
-            request.payload.iter(f"{{{XDSI}}}DocumentRequest")
-        )
+        remaining: Sequence[object] = list(
+            request.payload.iter(f"{{{XDSB}}}DocumentRequest")
+        ) or list(request.payload.iter(f"{{{XDSI}}}DocumentRequest"))
+        if isinstance(request.parsed, RetrieveImagingDocumentSetRequest):
+            remaining = request.parsed.requested
         if not remaining:
             spec_action = request.envelope.addressing.action
 
@@ -204,6 +227,8 @@ class ConsentGuard:
         if registry_response is not None:
             own = _registry_errors(registry_response)
             delivered = len(response.payload.findall(f"{{{XDSB}}}DocumentResponse"))
+            if response.streamed is not None:
+                delivered += response.streamed.count
             merged = own + errors
             replacement = build_retrieve_document_set_response(
                 status_for(merged, results=delivered), merged, []
