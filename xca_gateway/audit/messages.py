@@ -961,7 +961,7 @@ def document_retrieve_messages(
 # --------------------------------------------------------------------------- imaging retrieves
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per instance of a retrieve's record, 20,000 at times
 class ImagingInstanceReference:
     """One DICOM instance of a RAD-69 / RAD-75 request (StudyRequest/SeriesRequest/Document)."""
 

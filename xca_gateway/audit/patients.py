@@ -272,6 +272,7 @@ class InstanceObservations:
 
     def __init__(self) -> None:
         self.sop_classes: dict[str, str] = {}
+        self._classes: dict[str, str] = {}
         # Series Instance UID -> its patient; SOP Instance UID -> its series.
         self._series_patients: dict[str, PatientRef] = {}
         self._series_of: dict[str, str] = {}
@@ -282,7 +283,10 @@ class InstanceObservations:
     def record(self, sop_instance_uid: str, series_instance_uid: str, facts: InstanceFacts) -> None:
         self._series_of[sop_instance_uid] = series_instance_uid
         if facts.sop_class_uid:
-            self.sop_classes[sop_instance_uid] = facts.sop_class_uid
+            # A handful of SOP classes per study: one string each, not one per instance.
+            self.sop_classes[sop_instance_uid] = self._classes.setdefault(
+                facts.sop_class_uid, facts.sop_class_uid
+            )
         if facts.patient is not None:
             self._series_patients.setdefault(series_instance_uid, facts.patient)
 

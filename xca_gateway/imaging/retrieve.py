@@ -419,12 +419,12 @@ def soap_response(
     headers as they stream, and which instances the response listed."""
     # Content-IDs made from one random token and the index: nothing kept per instance.
     token = uuid.uuid4().hex
-    parts = [
-        mtom.OutgoingPart(
-            f"{index}.{token}@xca-gateway", DICOM_MIME_TYPE, retrieval.lazy_body(index)
-        )
-        for index in range(len(retrieval.instances))
-    ]
+
+    def parts() -> Iterator[mtom.OutgoingPart]:
+        for index in range(len(retrieval.instances)):
+            yield mtom.OutgoingPart(
+                f"{index}.{token}@xca-gateway", DICOM_MIME_TYPE, retrieval.lazy_body(index)
+            )
 
     def documents() -> Iterator[DocumentResponse]:
         for index, instance in enumerate(retrieval.instances):
@@ -440,7 +440,7 @@ def soap_response(
     status = retrieval.status
     payload = retrieve_response_shell(status, retrieval.errors)
     streamed = StreamedChildren(
-        len(retrieval.instances), lambda: write_document_responses(documents())
+        len(retrieval.instances), lambda: write_document_responses(documents()), parts
     )
     if context is not None:
         context[CONTEXT_INSTANCES] = retrieval.observed
@@ -449,9 +449,7 @@ def soap_response(
         ResponseStatus.SUCCESS: "success",
         ResponseStatus.PARTIAL_SUCCESS: "partial",
     }.get(status, "failure")
-    return SoapResponse(
-        payload, response_action, parts=parts, mtom=True, outcome=outcome, streamed=streamed
-    )
+    return SoapResponse(payload, response_action, mtom=True, outcome=outcome, streamed=streamed)
 
 
 async def respond(

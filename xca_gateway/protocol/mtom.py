@@ -774,6 +774,8 @@ class MtomWriter:
         )
         self._parts: list[OutgoingPart] = []
         self._ids = {self.root_content_id}
+        self._lazy: list[Iterable[OutgoingPart]] = []
+        self._current: OutgoingPart | None = None  # the lazily made part being written
 
         start_info = SOAP12_MEDIA_TYPE
         root_ct = f'{XOP_MEDIA_TYPE}; charset=UTF-8; type="{SOAP12_MEDIA_TYPE}"'
@@ -796,6 +798,25 @@ class MtomWriter:
             self._root_chunks = root_xml
 
     def add_part(self, part: OutgoingPart) -> None:
+        self._ids.add(self._check_part(part))
+        self._parts.append(part)
+
+    def add_parts(self, parts: Iterable[OutgoingPart]) -> None:
+        """Parts made only when the writer gets to them, after those added one by one:
+        nothing is kept per part (a response of 20,000 instances). Each is checked as it
+        comes; the producer keeps their Content-IDs distinct."""
+        self._lazy.append(parts)
+
+    def _each_part(self) -> Iterator[OutgoingPart]:
+        yield from self._parts
+        for parts in self._lazy:
+            for part in parts:
+                if self._check_part(part) == self.root_content_id:
+                    raise ValueError(f"duplicate Content-ID {part.content_id!r}")
+                self._current = part
+                yield part
+
+    def _check_part(self, part: OutgoingPart) -> str:
         cid = _normalize_cid(part.content_id)
         if cid is None:
             raise ValueError("empty Content-ID")
@@ -807,12 +828,11 @@ class MtomWriter:
             if name.lower() in _RESERVED_PART_HEADERS or not _is_token(name):
                 raise ValueError(f"invalid extra MIME header name {name!r}")
             _check_header_value(value)
-        self._ids.add(cid)
-        self._parts.append(part)
+        return cid
 
     def content_length(self) -> int | None:
         """Total body length if every part body is ``bytes`` (else None: use chunked)."""
-        if self._root_chunks:
+        if self._root_chunks or self._lazy:
             return None
         total = len(self._root_header) + len(self._close_delimiter())
         for part in self._parts:
@@ -830,7 +850,7 @@ class MtomWriter:
     def iter_bytes(self) -> Iterator[bytes]:
         yield self._root_header
         yield from self._root_rest()
-        for part in self._parts:
+        for part in self._each_part():
             yield self._head_for(part)
             body = part.body
             if isinstance(body, bytes | bytearray | memoryview):
@@ -849,7 +869,7 @@ class MtomWriter:
             yield self._root_header
             for chunk in self._root_rest():
                 yield chunk
-            for part in self._parts:
+            for part in self._each_part():
                 yield self._head_for(part)
                 body = part.body
                 if isinstance(body, bytes | bytearray | memoryview):
@@ -867,7 +887,8 @@ class MtomWriter:
         finally:
             # Left early (client gone, a part failed): close every part body now, so sources
             # (files, upstream connections) are released at once rather than by the GC.
-            await _close_bodies(self._parts)
+            current = [self._current] if self._current is not None else []
+            await _close_bodies([*self._parts, *current])
 
     def _close_delimiter(self) -> bytes:
         return b"\r\n--" + self.boundary.encode("ascii") + b"--\r\n"

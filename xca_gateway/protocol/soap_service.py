@@ -89,6 +89,8 @@ class StreamedChildren:
 
     count: int
     chunks: Callable[[], Iterator[bytes]]
+    # The MIME parts they reference, made one by one as they are sent (after ``parts``).
+    parts: Callable[[], Iterable[mtom.OutgoingPart]] | None = None
 
 
 @dataclass
@@ -432,6 +434,8 @@ class SoapService:
             writer = mtom.MtomWriter(root, action=result.action)
             for part in result.parts:
                 writer.add_part(part)
+            if result.streamed is not None and result.streamed.parts is not None:
+                writer.add_parts(result.streamed.parts())
             counter = metrics.bytes_sent.labels(transaction)
 
             async def body() -> AsyncIterator[bytes]:
