@@ -45,8 +45,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from pydantic import Field
+
+from xca_gateway.schema import HttpsUrl, Oid, PathText, Section
 from xca_gateway.settings import ConfigError, validate_oid
-from xca_gateway.xds.metadata import ManifestOptions, parse_manifest_options
+from xca_gateway.xds.metadata import ManifestOptions, ManifestSection, parse_manifest_options
 
 __all__ = [
     "CHUNK_SIZE",
@@ -449,6 +452,38 @@ class RepositoryConfig:
 
     def open(self) -> DocumentRepository:
         return DocumentRepository(self.directory, self.repository_unique_id)
+
+
+class RemoteRepositorySection(Section):
+    """Another XDS Document Repository of this community, reached with ITI-43."""
+
+    repository_unique_id: Oid = Field(
+        description="Its repositoryUniqueId.", examples=["1.3.6.1.4.1.21367.13.80.9"]
+    )
+    url: HttpsUrl = Field(
+        description="Its ITI-43 endpoint (mutual TLS).",
+        examples=["https://repo2.north.example.org/iti43"],
+    )
+
+
+class RepositorySection(Section):
+    """The community's XDS Document Repository (embedded). Imaging manifests (KOS) of
+    imported studies live here."""
+
+    repository_unique_id: Oid = Field(
+        description="Its repositoryUniqueId.", examples=["1.3.6.1.4.1.21367.13.80.1"]
+    )
+    directory: PathText | None = Field(
+        None,
+        description="Where documents are stored (default: <data_dir>/repository).",
+        examples=["../data/north/repository"],
+    )
+    remote: list[RemoteRepositorySection] = Field(
+        [], description="Other XDS repositories of this community, reached with ITI-43."
+    )
+    manifest: ManifestSection = Field(
+        ManifestSection(), description="XDS metadata of imported studies' manifests."
+    )
 
 
 _REPOSITORY_KEYS = frozenset({"repository_unique_id", "directory", "remote", "manifest"})

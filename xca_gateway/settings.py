@@ -9,6 +9,26 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from xca_gateway.schema import (
+    Bytes,
+    Count,
+    HomeCommunityId,
+    HttpsUrl,
+    HttpUrl,
+    Matches,
+    NonEmpty,
+    NonNegativeSeconds,
+    Oid,
+    PathText,
+    Port,
+    Range,
+    Seconds,
+    Section,
+)
 
 # BCP195 (RFC 7525) TLS 1.2 suites, as required at IHE Connectathons (ITI-19); TLS 1.3 suites
 # are OpenSSL's defaults, all of which are AEAD.
@@ -223,3 +243,293 @@ class StorageConfig:
 class DiagnosticsConfig:
     # An echo action for MTOM throughput and memory benchmarks; never enable on a live node.
     echo: bool = False
+
+
+# --------------------------------------------------------------------------- schema
+# The sections above as the configuration file states them (validated before anything is
+# built; the dataclasses are made from them). Descriptions and examples are what the reference
+# conf/gateway.toml and the README table say (both generated: xca-gateway config reference).
+
+
+class CommunitySection(Section):
+    """This community: its name, homeCommunityId and patient identifier domain."""
+
+    name: NonEmpty = Field(
+        description="Human-readable name, used in logs and metrics.", examples=["north"]
+    )
+    home_community_id: HomeCommunityId = Field(
+        description=(
+            "This community's homeCommunityId. Peers route to us by it; every object we return"
+            " carries it as `home`, every RegistryError as `location`."
+        ),
+        examples=["urn:oid:1.3.6.1.4.1.21367.13.70.1"],
+    )
+    patient_id_assigning_authority: Oid = Field(
+        description="OID of the patient identifier domain (assigning authority) of this community.",
+        examples=["1.3.6.1.4.1.21367.13.20.1000"],
+    )
+
+
+class ServerSection(Section):
+    """The HTTPS (mutual TLS) listener of both sides: responding endpoints /xca/iti38,
+    /xca/iti39, /xca/rad75 for peer communities; initiating endpoints /ig/iti18, /ig/iti43,
+    /ig/rad69 for local consumers. No caller stalls the others: connections are counted per
+    source at accept, before TLS, and every phase of a request has a deadline."""
+
+    host: NonEmpty = Field("127.0.0.1", description="Address to listen on.")
+    port: Port = Field(8443, description="TCP port (0: any free port).")
+    public_base_url: HttpUrl | None = Field(
+        None,
+        description=(
+            "URL peers and audit records use for us when it differs from https://host:port"
+            " (a proxy, NAT)."
+        ),
+        examples=["https://gw.north.example.org:8443"],
+    )
+    max_connections: Count = Field(1000, description="Connections at once, from everyone.")
+    max_connections_per_source: Count = Field(
+        256,
+        description=(
+            "Connections at once from one address (IPv6: one /64), counted at accept, before TLS."
+        ),
+    )
+    max_pending_handshakes: Count = Field(
+        256,
+        description=(
+            "Connections accepted and not through the TLS handshake yet; when full, the oldest"
+            " (an idle or stalled socket) is dropped for the newcomer."
+        ),
+    )
+    hello_timeout: Seconds = Field(
+        5.0,
+        description=(
+            "Seconds for a new connection's ClientHello to start (tls.handshake_timeout bounds"
+            " the rest); then the connection is dropped and reported."
+        ),
+    )
+    max_large_bodies_per_source: Count = Field(
+        1,
+        description=(
+            "Request bodies over 64 KiB read at once per source; its others wait their turn"
+            " unread, so one source streaming many large bodies cannot take the event loop."
+        ),
+    )
+    header_timeout: Seconds = Field(
+        15.0,
+        description=(
+            "One deadline for a whole request head (request line and headers), not one per read:"
+            " a trickled header block is cut off."
+        ),
+    )
+    body_timeout: Seconds = Field(60.0, description="Seconds between two chunks of a request body.")
+    keepalive_timeout: Seconds = Field(
+        75.0, description="Seconds a kept-alive connection waits for its next request."
+    )
+    handler_timeout: Seconds = Field(300.0, description="Seconds for a handler's answer.")
+    min_body_rate: Annotated[float, Range(0)] = Field(
+        1024.0,
+        description=(
+            "Slow-body (slowloris) defence: after body_grace seconds a request body must average"
+            " at least this many bytes/s, else it is answered 408 and the connection closed."
+        ),
+    )
+    body_grace: NonNegativeSeconds = Field(
+        10.0, description="Seconds before min_body_rate applies to a request body."
+    )
+
+
+class TlsSection(Section):
+    """ATNA ITI-19 node authentication: TLS 1.2 floor, BCP195 suites, client certificate
+    required and verified against trust_store. The certificate is the server certificate and,
+    towards peers, the client certificate (it needs serverAuth and clientAuth usage)."""
+
+    certificate: PathText = Field(
+        description="PEM certificate (chain) of this gateway.", examples=["../certs/north.pem"]
+    )
+    private_key: PathText = Field(
+        description="PEM private key of the certificate.", examples=["../certs/north.key"]
+    )
+    trust_store: PathText = Field(
+        description="PEM bundle of the CAs whose certificates we accept (peers, local systems).",
+        examples=["../certs/ca.pem"],
+    )
+    minimum_version: Literal["1.2", "1.3"] = Field(
+        "1.2", description="Lowest TLS version (BCP195: TLS 1.2 floor)."
+    )
+    ciphers: NonEmpty = Field(
+        BCP195_CIPHERS,
+        description=(
+            "OpenSSL names of the TLS 1.2 suites; the default is the four BCP195 AEAD suites."
+        ),
+    )
+    handshake_timeout: Seconds = Field(
+        10.0,
+        description=(
+            "A peer that has not finished the handshake after this many seconds is dropped."
+        ),
+    )
+    crl_file: PathText | None = Field(
+        None,
+        description=(
+            "PEM file of certificate revocation lists of the trust store's CAs: revoked peer"
+            " certificates are refused at the handshake, inbound and outbound."
+        ),
+        examples=["../certs/crl.pem"],
+    )
+
+
+class LimitsSection(Section):
+    """Hostile input is refused cheaply: the HTTP body (all MTOM parts included), the XML of
+    the SOAP envelope (counted from its markup, before any tree is built), its nesting depth
+    and attribute sizes, and the number of MIME parts."""
+
+    max_request_bytes: Bytes = Field(
+        1024 * 1024 * 1024,
+        description=(
+            "Bodies of retrieves and registrations (ITI-39, RAD-75, ITI-43, RAD-69, ITI-42)."
+        ),
+    )
+    max_query_bytes: Bytes = Field(
+        1024 * 1024,
+        description=(
+            "Bodies of queries (ITI-18, ITI-38, ITI-45, ITI-55): refused from Content-Length when"
+            " larger."
+        ),
+    )
+    max_xml_bytes: Bytes = Field(16 * 1024 * 1024, description="XML of one SOAP envelope.")
+    max_xml_depth: Count = Field(100, description="Nesting depth of the XML.")
+    max_xml_elements: Count = Field(
+        1_000_000,
+        description=(
+            "Elements of one message (and as many attributes in all), counted from its markup."
+        ),
+    )
+    max_xml_attributes: Count = Field(256, description="Attributes of one element.")
+    max_xml_namespaces: Count = Field(
+        256, description="Distinct namespace declarations of one message."
+    )
+    max_xml_text_bytes: Bytes = Field(8 * 1024 * 1024, description="One text node.")
+    max_attribute_bytes: Bytes = Field(64 * 1024, description="One attribute value.")
+    max_mime_parts: Count = Field(1000, description="MIME parts of one MTOM message.")
+    max_header_bytes: Bytes = Field(64 * 1024, description="HTTP or MIME part headers.")
+    spool_threshold: Annotated[int, Range(0)] = Field(
+        1024 * 1024,
+        description="MTOM attachments larger than this are spooled to a temporary file.",
+    )
+    spool_dir: PathText | None = Field(
+        None,
+        description="Directory of those temporary files (default: the system temp directory).",
+        examples=["/var/tmp/xca-gateway"],
+    )
+
+
+class AdminSection(Section):
+    """The plain-HTTP admin port: the operator page (/), /healthz, /readyz, /metrics
+    (Prometheus), the /consent API. Loopback only: any other address is refused."""
+
+    host: NonEmpty = Field("127.0.0.1", description="A loopback address.")
+    port: Port = Field(9090, description="TCP port (0: any free port).")
+
+
+class OutboundSection(Section):
+    """The shared HTTPS client towards peer communities (mutual TLS with our certificate)."""
+
+    connect_timeout: Seconds = Field(5.0, description="Seconds to connect (TCP and TLS).")
+    request_timeout: Seconds = Field(30.0, description="Seconds for one exchange.")
+    max_connections: Count = Field(100, description="Connections at once.")
+    max_keepalive_connections: Annotated[int, Range(0)] = Field(
+        20, description="Idle connections kept for reuse."
+    )
+
+
+class StorageSection(Section):
+    """Where this community's embedded registry, repository, imaging and audit data live."""
+
+    data_dir: PathText = Field("data", description="The data directory.")
+
+
+class DiagnosticsSection(Section):
+    """Diagnostics for benchmarks. Never on a live node."""
+
+    echo: bool = Field(False, description="An MTOM echo operation at /diagnostics/echo.")
+
+
+class InitiatingSection(Section):
+    """The fan-out of a consumer's ITI-18 to every peer (ITI-38) and the routing of ITI-43
+    (ITI-39) and RAD-69 (RAD-75). Total time is bounded by the slowest live peer and by
+    overall_deadline."""
+
+    peer_deadline: Seconds = Field(10.0, description="Deadline of one peer's ITI-38 exchange.")
+    overall_deadline: Seconds = Field(15.0, description="Deadline of the whole fan-out.")
+    query_local_community: bool = Field(
+        True, description="Ask our own registry too, so a consumer sees one merged view."
+    )
+    breaker_failures: Count = Field(
+        3,
+        description=(
+            "Circuit breaker: a peer failing this many times in a row is answered at once as"
+            " XDSUnavailableCommunity while a background probe watches it..."
+        ),
+    )
+    breaker_open_seconds: Seconds = Field(30.0, description="...for this many seconds.")
+    follow_up_batch: Count = Field(
+        50,
+        description=(
+            "ObjectRefs a peer returns to a LeafClass query are fetched with GetDocuments in "
+            "batches of this size."
+        ),
+    )
+
+
+class PeerSection(Section):
+    """A peer community: its homeCommunityId and responding endpoints."""
+
+    name: NonEmpty = Field(description="Name of the peer, in logs and metrics.", examples=["south"])
+    home_community_id: HomeCommunityId = Field(
+        description="The peer's homeCommunityId.", examples=["urn:oid:1.3.6.1.4.1.21367.13.70.2"]
+    )
+    iti38: HttpUrl | None = Field(
+        None,
+        description="Its Responding Gateway's Cross Gateway Query (ITI-38) endpoint.",
+        examples=["https://127.0.0.1:8453/xca/iti38"],
+    )
+    iti39: HttpUrl | None = Field(
+        None,
+        description="Its Cross Gateway Retrieve (ITI-39) endpoint.",
+        examples=["https://127.0.0.1:8453/xca/iti39"],
+    )
+    rad75: HttpUrl | None = Field(
+        None,
+        description="Its Cross Gateway Retrieve Imaging Document Set (RAD-75) endpoint.",
+        examples=["https://127.0.0.1:8453/xca/rad75"],
+    )
+    xcpd: HttpsUrl | None = Field(
+        None,
+        description='Its XCPD (ITI-55) Responding Gateway, for patient_id_sources "xcpd".',
+        examples=["https://127.0.0.1:8453/xca/iti55"],
+    )
+    patient_id_assigning_authority: Oid | None = Field(
+        None,
+        description="The peer's patient identifier domain (absent: it shares ours).",
+        examples=["1.3.6.1.4.1.21367.13.20.2000"],
+    )
+    patient_id_sources: list[Literal["xref", "pix", "xcpd"]] = Field(
+        ["xref"],
+        description=(
+            "Where to find the peer's id for our patient, in order of preference: the"
+            " cross-reference table, a PIX Manager (ITI-45), XCPD (ITI-55)."
+        ),
+    )
+    certificate_sha256: (
+        Annotated[
+            str, Matches(r"([0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2}", "a SHA-256 (64 hex digits)")
+        ]
+        | None
+    ) = Field(
+        None,
+        description=(
+            "Pin the peer's certificate (SHA-256 of its DER, hex) to this community: on our calls"
+            " to it, any other certificate, even one the trust store accepts, is refused."
+        ),
+        examples=["3f1c" + "0" * 56 + "a0e9"],
+    )

@@ -9,44 +9,54 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xca_gateway.audit.config import parse_audit_config
+from pydantic import Field, ValidationError
+
+from xca_gateway.audit.config import AuditSection, parse_audit_config
 from xca_gateway.doors.dicomweb import parse_dicomweb_front_config
-from xca_gateway.doors.dimse import parse_dicom_front_config
-from xca_gateway.doors.hl7_prefetch import parse_prefetch_config
+from xca_gateway.doors.dicomweb.config import DicomWebSection
+from xca_gateway.doors.dimse import DicomSection, parse_dicom_front_config
+from xca_gateway.doors.hl7_prefetch import PrefetchSection, parse_prefetch_config
 from xca_gateway.doors.web.config import parse_web_config
-from xca_gateway.imaging.config import parse_imaging_config
+from xca_gateway.imaging.config import ImagingSection, parse_imaging_config
 from xca_gateway.initiating.patient_mapping import (
     PatientMappingConfig,
+    PatientMappingSection,
     parse_patient_mapping_config,
 )
-from xca_gateway.registry import parse_registry_config
-from xca_gateway.repository import parse_repository_config
-from xca_gateway.security.consent.service import parse_consent_config
-from xca_gateway.security.policy import parse_policy_config
-from xca_gateway.security.xua import parse_xua_config
+from xca_gateway.registry import RegistrySection, parse_registry_config
+from xca_gateway.repository import RepositorySection, parse_repository_config
+from xca_gateway.schema import Section, error_lines
+from xca_gateway.security.consent.service import ConsentSection, parse_consent_config
+from xca_gateway.security.policy import PolicySection, parse_policy_config
+from xca_gateway.security.xua import XuaSection, parse_xua_config
 from xca_gateway.settings import (
-    PATIENT_ID_SOURCES,
     AdminConfig,
+    AdminSection,
     CommunityConfig,
+    CommunitySection,
     ConfigError,
     DiagnosticsConfig,
+    DiagnosticsSection,
     InitiatingConfig,
+    InitiatingSection,
     LimitsConfig,
+    LimitsSection,
     OutboundConfig,
+    OutboundSection,
     PeerConfig,
+    PeerSection,
     ServerConfig,
+    ServerSection,
     SharedConfig,
     StorageConfig,
+    StorageSection,
     TlsConfig,
+    TlsSection,
     is_loopback_host,
-    validate_home_community_id,
-    validate_oid,
 )
 
 # Sections whose schema lives with the module that uses them (validated when it starts).
@@ -122,83 +132,45 @@ class GatewayConfig:
         return f"https://{self.server.host}:{self.server.port}"
 
 
-def _table(data: dict[str, Any], name: str) -> dict[str, Any]:
-    value = data.get(name, {})
-    if not isinstance(value, dict):
-        raise ConfigError(f"[{name}] must be a table")
-    return value
+class GatewayFile(Section):
+    """The configuration file of one community gateway (xca-gateway serve --config FILE).
+    Relative paths are resolved against the file's own directory."""
+
+    community: CommunitySection = Field(description=CommunitySection.__doc__)
+    server: ServerSection = Field(ServerSection(), description=ServerSection.__doc__)
+    tls: TlsSection = Field(description=TlsSection.__doc__)
+    limits: LimitsSection = Field(LimitsSection(), description=LimitsSection.__doc__)
+    admin: AdminSection = Field(AdminSection(), description=AdminSection.__doc__)
+    outbound: OutboundSection = Field(OutboundSection(), description=OutboundSection.__doc__)
+    storage: StorageSection = Field(StorageSection(), description=StorageSection.__doc__)
+    diagnostics: DiagnosticsSection = Field(
+        DiagnosticsSection(), description=DiagnosticsSection.__doc__
+    )
+    initiating: InitiatingSection = Field(
+        InitiatingSection(), description=InitiatingSection.__doc__
+    )
+    patient_mapping: PatientMappingSection = Field(
+        PatientMappingSection(), description=PatientMappingSection.__doc__
+    )
+    registry: RegistrySection = Field(RegistrySection(), description=RegistrySection.__doc__)
+    repository: RepositorySection | None = Field(None, description=RepositorySection.__doc__)
+    imaging: ImagingSection = Field(ImagingSection(), description=ImagingSection.__doc__)
+    audit: AuditSection = Field(AuditSection(), description=AuditSection.__doc__)
+    xua: XuaSection = Field(XuaSection(), description=XuaSection.__doc__)
+    policy: PolicySection | None = Field(None, description=PolicySection.__doc__)
+    consent: ConsentSection = Field(ConsentSection(), description=ConsentSection.__doc__)
+    dicom: DicomSection | None = Field(None, description=DicomSection.__doc__)
+    dicomweb: DicomWebSection | None = Field(None, description=DicomWebSection.__doc__)
+    prefetch: PrefetchSection | None = Field(None, description=PrefetchSection.__doc__)
+    peers: list[PeerSection] = Field([], description=PeerSection.__doc__)
 
 
-def _describe(value: Any) -> str:
-    if isinstance(value, bool):
-        return f"{str(value).lower()} (a boolean)"
-    if isinstance(value, str):
-        return f"the string {value!r}"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list | tuple):
-        return "an array"
-    return repr(value)
-
-
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-
-
-def _type_problem(value: Any, expected: Any) -> str | None:
-    """Why ``value`` (from TOML) does not fit the annotation ``expected``; None if it does.
-    TOML has types: a port written "8443" is a string and refused, not silently converted."""
-    origin = typing.get_origin(expected)
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(expected) if a is not type(None)]
-        problems = [_type_problem(value, a) for a in options]
-        return None if any(p is None for p in problems) else problems[0]
-    if origin in (tuple, list):
-        if not isinstance(value, list | tuple):
-            return f"expected an array, got {_describe(value)}"
-        inner = next(iter(typing.get_args(expected)), None)
-        for item in value:
-            problem = _type_problem(item, inner) if inner not in (None, Ellipsis) else None
-            if problem is not None:
-                return f"in the array: {problem}"
-        return None
-    if expected is Path:
-        ok = isinstance(value, str | Path)
-        return None if ok else f"expected a path string, got {_describe(value)}"
-    if expected is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-    elif expected is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif expected in (bool, str):
-        ok = isinstance(value, expected)
-    else:
-        return None  # a type this check does not know: the section's own code checks it
-    if not ok:
-        return f"expected {_TYPE_NAMES[expected]}, got {_describe(value)}"
-    if expected in (int, float) and value < 0:
-        return f"must not be negative, got {value}"
-    return None
-
-
-def _check_types(cls: type[Any], table: dict[str, Any], section: str) -> None:
-    hints = typing.get_type_hints(cls)
-    for key, value in table.items():
-        problem = _type_problem(value, hints.get(key))
-        if problem is None and key.endswith("port") and isinstance(value, int) and value > 65535:
-            problem = f"must be 0..65535, got {value}"
-        if problem is not None:
-            raise ConfigError(f"[{section}] {key}: {problem}")
-
-
-def _build(cls: type[Any], table: dict[str, Any], section: str, **extra: Any) -> Any:
-    known = set(cls.__dataclass_fields__)
-    unknown = set(table) - known
-    if unknown:
-        raise ConfigError(f"[{section}] unknown key(s): {', '.join(sorted(unknown))}")
-    _check_types(cls, table, section)
+def validate_file(data: Any) -> GatewayFile:
+    """The whole file through the schema: every problem, one line each (section and key)."""
     try:
-        return cls(**{**table, **extra})
-    except TypeError as exc:
-        raise ConfigError(f"[{section}] {exc}") from None
+        return GatewayFile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(error_lines(exc, data, GatewayFile))) from None
 
 
 def _path(base: Path, value: Any, what: str) -> Path:
@@ -228,86 +200,56 @@ def _check_proxy(server: ServerConfig) -> ServerConfig:
     return dataclasses.replace(server, proxy_sources=sources)
 
 
+def _table(data: dict[str, Any], name: str) -> dict[str, Any]:
+    value = data.get(name, {})
+    return value if isinstance(value, dict) else {}
+
+
 def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None) -> GatewayConfig:
-    known_sections = {
-        "community",
-        "tls",
-        "server",
-        "limits",
-        "admin",
-        "outbound",
-        "peers",
-        "storage",
-        "diagnostics",
-        "initiating",
-        "patient_mapping",
-        "shared",
-        *EXTRA_SECTIONS,
-    }
-    unknown = set(data) - known_sections
-    if unknown:
-        raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))}")
+    schema = validate_file(data)
 
-    community = _build(CommunityConfig, _table(data, "community"), "community")
-    validate_home_community_id(community.home_community_id, "community.home_community_id")
-    validate_oid(
-        community.patient_id_assigning_authority, "community.patient_id_assigning_authority"
+    community = CommunityConfig(**schema.community.model_dump())
+    tls = TlsConfig(
+        **{
+            **schema.tls.model_dump(),
+            "certificate": _path(base_dir, schema.tls.certificate, "tls.certificate"),
+            "private_key": _path(base_dir, schema.tls.private_key, "tls.private_key"),
+            "trust_store": _path(base_dir, schema.tls.trust_store, "tls.trust_store"),
+            "crl_file": (
+                _path(base_dir, schema.tls.crl_file, "tls.crl_file")
+                if schema.tls.crl_file is not None
+                else None
+            ),
+        }
     )
-
-    tls_t = dict(_table(data, "tls"))
-    for key in ("certificate", "private_key", "trust_store"):
-        if key not in tls_t:
-            raise ConfigError(f"[tls] {key} is required")
-        tls_t[key] = _path(base_dir, tls_t[key], f"tls.{key}")
-    if "crl_file" in tls_t:
-        tls_t["crl_file"] = _path(base_dir, tls_t["crl_file"], "tls.crl_file")
-    tls = _build(TlsConfig, tls_t, "tls")
-    if tls.minimum_version not in ("1.2", "1.3"):
-        raise ConfigError('tls.minimum_version must be "1.2" or "1.3" (BCP195 TLS 1.2 floor)')
-    if not 0 <= tls.session_tickets <= 16:
-        raise ConfigError("tls.session_tickets must be between 0 and 16")
-
-    limits_t = dict(_table(data, "limits"))
-    if "spool_dir" in limits_t:
-        limits_t["spool_dir"] = _path(base_dir, limits_t["spool_dir"], "limits.spool_dir")
-    limits = _build(LimitsConfig, limits_t, "limits")
-
-    admin = _build(AdminConfig, _table(data, "admin"), "admin")
+    limits = LimitsConfig(
+        **{
+            **schema.limits.model_dump(),
+            "spool_dir": (
+                _path(base_dir, schema.limits.spool_dir, "limits.spool_dir")
+                if schema.limits.spool_dir is not None
+                else None
+            ),
+        }
+    )
+    admin = AdminConfig(**schema.admin.model_dump())
     _check_loopback(admin.host, "admin.host")
+    storage = StorageConfig(_path(base_dir, schema.storage.data_dir, "storage.data_dir"))
 
-    storage_t = dict(_table(data, "storage"))
-    storage_t["data_dir"] = _path(base_dir, storage_t.get("data_dir", "data"), "storage.data_dir")
-    storage = _build(StorageConfig, storage_t, "storage")
-
-    peers_raw = data.get("peers", [])
-    if not isinstance(peers_raw, list):
-        raise ConfigError("[[peers]] must be an array of tables")
     peers = tuple(
-        _build(
-            PeerConfig,
-            {**p, "patient_id_sources": tuple(p.get("patient_id_sources", ["xref"]))},
-            "peers",
-        )
-        for p in peers_raw
+        PeerConfig(**{**peer.model_dump(), "patient_id_sources": tuple(peer.patient_id_sources)})
+        for peer in schema.peers
     )
     seen: set[str] = {community.home_community_id}
-    for peer in peers:
-        validate_home_community_id(peer.home_community_id, f"peers[{peer.name}].home_community_id")
-        if peer.patient_id_assigning_authority is not None:
-            validate_oid(
-                peer.patient_id_assigning_authority, f"peers[{peer.name}] assigning authority"
-            )
-        unsupported = set(peer.patient_id_sources) - PATIENT_ID_SOURCES
-        if unsupported:
-            names = ", ".join(sorted(unsupported))
-            raise ConfigError(f"peers[{peer.name}].patient_id_sources: not supported: {names}")
+    for index, peer in enumerate(peers):
         if peer.home_community_id in seen:
-            raise ConfigError(f"duplicate homeCommunityId {peer.home_community_id}")
+            raise ConfigError(
+                f"[peers[{index}]] home_community_id: {peer.home_community_id} is listed twice"
+                " (or is our own)"
+            )
         seen.add(peer.home_community_id)
 
-    initiating = _build(InitiatingConfig, _table(data, "initiating"), "initiating")
-    if initiating.peer_deadline <= 0 or initiating.overall_deadline <= 0:
-        raise ConfigError("[initiating] deadlines must be positive")
+    initiating = InitiatingConfig(**schema.initiating.model_dump())
 
     patient_mapping = parse_patient_mapping_config(
         _table(data, "patient_mapping"), base_dir, data_dir=storage.data_dir, peers=peers
@@ -342,13 +284,8 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
-    server = _build(ServerConfig, _table(data, "server"), "server")
-    server = _check_proxy(server)
-    shared = _build(SharedConfig, _table(data, "shared"), "shared")
-    if shared.database is not None and not shared.database.startswith(
-        ("postgresql://", "postgres://")
-    ):
-        raise ConfigError("[shared] database must be a postgresql:// URL")
+    server = _check_proxy(ServerConfig(**schema.server.model_dump()))
+    shared = SharedConfig(**schema.shared.model_dump())
 
     return GatewayConfig(
         path=path,
@@ -370,9 +307,9 @@ def parse_config(data: dict[str, Any], base_dir: Path, path: Path | None = None)
         server=server,
         limits=limits,
         admin=admin,
-        outbound=_build(OutboundConfig, _table(data, "outbound"), "outbound"),
+        outbound=OutboundConfig(**schema.outbound.model_dump()),
         peers=peers,
-        diagnostics=_build(DiagnosticsConfig, _table(data, "diagnostics"), "diagnostics"),
+        diagnostics=DiagnosticsConfig(**schema.diagnostics.model_dump()),
         initiating=initiating,
         patient_mapping=patient_mapping,
         extra={k: data[k] for k in EXTRA_SECTIONS if k in data},

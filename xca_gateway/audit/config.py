@@ -22,9 +22,22 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
 
 from xca_gateway.audit.spool import DESTINATION_NAME
+from xca_gateway.schema import (
+    Bytes,
+    Count,
+    Matches,
+    NonEmpty,
+    NonNegativeSeconds,
+    PathText,
+    PeerPort,
+    Seconds,
+    Section,
+)
 from xca_gateway.settings import ConfigError, TlsConfig
 
 DEFAULT_PORTS = {"tls": 6514, "udp": 514}
@@ -85,6 +98,136 @@ class AuditConfig:
         if self.warn_spool_bytes is not None:
             return self.warn_spool_bytes
         return self.max_spool_bytes * 8 // 10
+
+
+class AuditDestinationSection(Section):
+    """An audit record repository (ATNA ITI-20) to send every record to."""
+
+    name: (
+        Annotated[
+            str, Matches(DESTINATION_NAME.pattern.strip("^$"), "letters, digits, '.', '_' or '-'")
+        ]
+        | None
+    ) = Field(
+        None,
+        description="Its name in metrics and the spool (default: arr1, arr2, ...).",
+        examples=["arr"],
+    )
+    transport: Literal["tls", "udp"] = Field(
+        "tls", description="tls: RFC 5425 (mutual TLS, our [tls] certificate); udp: RFC 5426."
+    )
+    host: NonEmpty = Field(description="Its address.", examples=["arr.example.org"])
+    port: PeerPort | None = Field(
+        None, description="Its port (default: 6514 for tls, 514 for udp).", examples=[6514]
+    )
+    certificate: PathText | None = Field(
+        None, description="TLS: our certificate (default: [tls]).", examples=["../certs/north.pem"]
+    )
+    private_key: PathText | None = Field(
+        None, description="TLS: its key (default: [tls]).", examples=["../certs/north.key"]
+    )
+    trust_store: PathText | None = Field(
+        None,
+        description="TLS: CAs of the repository (default: [tls]).",
+        examples=["../certs/ca.pem"],
+    )
+    server_name: NonEmpty | None = Field(
+        None,
+        description="Name checked against the repository's certificate (default: host).",
+        examples=["arr.example.org"],
+    )
+    check_hostname: bool = Field(True, description="Check that name.")
+    minimum_version: Literal["1.2", "1.3"] | None = Field(
+        None, description="TLS: lowest version (default: [tls]).", examples=["1.2"]
+    )
+    ciphers: NonEmpty | None = Field(
+        None,
+        description="TLS: OpenSSL names of the TLS 1.2 suites (default: [tls]).",
+        examples=["ECDHE-RSA-AES128-GCM-SHA256"],
+    )
+    connect_timeout: Seconds = Field(5.0, description="Seconds to connect.")
+    write_timeout: Seconds = Field(
+        30.0,
+        description="A write the repository does not take within this time breaks the connection.",
+    )
+
+
+class AuditSection(Section):
+    """ATNA (ITI-20): every transaction, both sides, as DICOM audit messages over syslog.
+    Records go through a durable spool first and are replayed when a repository comes back."""
+
+    enabled: bool | None = Field(
+        None,
+        description="Send audit records (default: when destinations are given).",
+        examples=[True],
+    )
+    destinations: list[AuditDestinationSection] = Field(
+        [], description="The audit record repositories."
+    )
+    spool_dir: PathText | None = Field(
+        None,
+        description="The spool (default: <data_dir>/audit-spool).",
+        examples=["../data/north/audit-spool"],
+    )
+    max_spool_bytes: Bytes = Field(
+        1024 * 1024 * 1024, description="Most bytes spooled; beyond, records are dropped (counted)."
+    )
+    warn_spool_bytes: Bytes | None = Field(
+        None,
+        description="Spool alarm threshold (default: 80 % of max_spool_bytes).",
+        examples=[858993459],
+    )
+    segment_bytes: Bytes | None = Field(
+        None,
+        description=(
+            "Bytes of one spool segment, at most a quarter of max_spool_bytes (default:"
+            " max_spool_bytes / 8, 64 KiB..16 MiB)."
+        ),
+        examples=[16 * 1024 * 1024],
+    )
+    app_name: NonEmpty = Field("xca-gateway", description="Syslog APP-NAME.")
+    audit_source_id: NonEmpty | None = Field(
+        None,
+        description="AuditSourceIdentification of our records (default: this host's name).",
+        examples=["north-gateway"],
+    )
+    enterprise_site_id: NonEmpty | None = Field(
+        None, description="AuditEnterpriseSiteID.", examples=["1.3.6.1.4.1.21367.13.70.1"]
+    )
+    hostname: NonEmpty | None = Field(
+        None,
+        description="Syslog HOSTNAME and our NetworkAccessPointID (default: this host's name).",
+        examples=["gw.north.example.org"],
+    )
+    queue_size: Count = Field(10000, description="Records waiting for the writer thread.")
+    queue_block_seconds: Seconds = Field(
+        1.0, description="A full queue blocks a record this long, then drops it (counted)."
+    )
+    ack_delay: Seconds = Field(
+        0.5,
+        description=(
+            "Records written to a TLS connection count as delivered once it has stayed healthy"
+            " this long (RFC 5425 has no acknowledgements)."
+        ),
+    )
+    ack_persist_interval: Seconds = Field(
+        0.5, description="Seconds between two writes of the delivered mark."
+    )
+    reconnect_min: Seconds = Field(0.5, description="First delay before reconnecting.")
+    reconnect_max: Seconds = Field(30.0, description="Longest delay before reconnecting.")
+    drain_timeout: Seconds = Field(
+        5.0,
+        description=(
+            "On stop, seconds to send what is spooled before leaving it for the next start."
+        ),
+    )
+    alert_window: NonNegativeSeconds = Field(
+        60.0,
+        description=(
+            "Security Alerts of one kind from one source within this many seconds are one record,"
+            " plus one with the count of the others when the window closes (0: one per alert)."
+        ),
+    )
 
 
 def _path(base: Path, value: Any, what: str) -> Path:

@@ -58,6 +58,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pydantic import Field
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts, evt
@@ -103,6 +104,7 @@ from xca_gateway.imaging.dicom_negotiation import (
 from xca_gateway.imaging.instance import decode_instance
 from xca_gateway.imaging.request import DocumentRequest, RetrieveImagingDocumentSetRequest
 from xca_gateway.protocol.tls import HandshakeFailure, gateway_client_context, server_context
+from xca_gateway.schema import AeTitle, NonEmpty, PeerPort, Port, Section
 from xca_gateway.security.callers import Door, Principal, set_current_caller
 from xca_gateway.security.guard import DoorGuard
 from xca_gateway.settings import TlsConfig, is_loopback_host
@@ -212,6 +214,35 @@ class DicomFrontConfig:
     def destination(self, ae_title: str) -> DicomDestination | None:
         wanted = ae_title.strip()
         return next((d for d in self.destinations if d.ae_title == wanted), None)
+
+
+class DicomDestinationSection(Section):
+    """A C-MOVE destination (the AE table): where a workstation's C-MOVE sends instances."""
+
+    ae_title: AeTitle = Field(description="Its AE title.", examples=["WORKSTATION1"])
+    host: NonEmpty = Field(
+        "127.0.0.1",
+        description="Its address (checked against its TLS certificate).",
+        examples=["ws1.north.example.org"],
+    )
+    port: PeerPort = Field(description="Its port.", examples=[2762])
+    tls: bool = Field(True, description="DICOM TLS; false only for a loopback destination.")
+
+
+class DicomSection(Section):
+    """The DICOM front door: C-FIND / C-GET / C-MOVE SCP over the federation, for PACS
+    workstations. Who may associate: [[policy.callers]] with the local-consumer role naming
+    the calling AE titles, tied to the certificate (or, plain DIMSE on loopback, the address);
+    any other calling AE gets A-ASSOCIATE-RJ and a Security Alert."""
+
+    ae_title: AeTitle = Field("XCA-GATEWAY", description="Our AE title.")
+    host: NonEmpty = Field("127.0.0.1", description="Address to listen on.")
+    port: Port = Field(11112, description="DICOM port (0: any free port).")
+    tls: bool = Field(
+        True,
+        description="DICOM TLS (PS3.15 Annex B, mutual, with [tls]); false only on loopback.",
+    )
+    destinations: list[DicomDestinationSection] = Field([], description="The C-MOVE AE table.")
 
 
 def _ae_title(value: Any, where: str) -> str:

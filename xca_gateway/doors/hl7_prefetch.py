@@ -67,7 +67,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from xca_gateway.audit.messages import Node
 from xca_gateway.doors.hl7v2 import (
@@ -95,6 +97,17 @@ from xca_gateway.doors.import_priors import (
 from xca_gateway.doors.ports import DoorHost
 from xca_gateway.protocol.http_server import ConnectionGate, ConnectionLimits, PeerInfo, tls_accept
 from xca_gateway.protocol.tls import server_context
+from xca_gateway.schema import (
+    AeTitle,
+    Matches,
+    NonEmpty,
+    NonNegativeSeconds,
+    PeerPort,
+    Port,
+    Range,
+    Seconds,
+    Section,
+)
 from xca_gateway.security.callers import (
     Door,
     Principal,
@@ -155,6 +168,70 @@ class PrefetchConfig:
     # MSH-3 / MSH-4 of our ACKs (facility default: the community's name).
     application: str = "XCA-GATEWAY"
     facility: str | None = None
+
+
+class PrefetchSection(Section):
+    """HL7 v2 ORM^O01 / OMI^O23 over MLLP: fetch the patient's foreign priors into the local
+    PACS (reconciled: local patient id, prefixed accession number) ahead of the exam. Only
+    callers with the interface-engine role in [policy] may send orders: by certificate over
+    TLS, or (plain MLLP on loopback) by address."""
+
+    host: NonEmpty = Field("127.0.0.1", description="Address of the MLLP listener.")
+    port: Port = Field(2575, description="Its port (0: any free port).")
+    tls: bool = Field(True, description="MLLP over mutual TLS; false only on loopback.")
+    pacs_host: NonEmpty = Field("127.0.0.1", description="The local PACS.")
+    pacs_port: PeerPort = Field(description="Its DICOM port.", examples=[4242])
+    pacs_ae_title: AeTitle = Field(description="Its AE title.", examples=["ORTHANC"])
+    calling_ae_title: AeTitle = Field("XCA-PREFETCH", description="Our AE title towards it.")
+    pacs_timeout: Seconds = Field(30.0, description="DIMSE timeouts towards the PACS.")
+    accession_prefixes: dict[
+        str, Annotated[str, Matches(r"[^\\]{0,15}", "a prefix (< 16 characters)")]
+    ] = Field(
+        {},
+        description=(
+            "Accession number prefix per community (homeCommunityId = prefix, < 16 characters)."
+        ),
+        examples=[{"urn:oid:1.3.6.1.4.1.21367.13.70.2": "SOUTH-"}],
+    )
+    lookback_days: Annotated[int, Range(0, 100_000)] | None = Field(
+        None, description="Only priors of the last so many days (default: all).", examples=[1825]
+    )
+    match_modality: bool = Field(False, description="Only priors of the ordered modality.")
+    max_queue: Annotated[int, Range(1, 1_000_000)] = Field(100, description="Jobs waiting.")
+    workers: Annotated[int, Range(1, 64)] = Field(1, description="Jobs at once.")
+    dedupe_seconds: NonNegativeSeconds = Field(
+        300.0, description="A repeated order within this many seconds is one job."
+    )
+    local_namespaces: list[NonEmpty] = Field(
+        [], description="Assigning authorities of our own patient ids in orders."
+    )
+    accept_unqualified_ids: bool = Field(
+        True, description="Take a PID-3 without assigning authority as ours."
+    )
+    reconcile_demographics: bool = Field(
+        True, description="Write the local patient's demographics into fetched instances."
+    )
+    order_controls: list[NonEmpty] = Field(
+        ["NW", "XO"], description="ORC-1 order controls that start a prefetch."
+    )
+    max_message_bytes: Annotated[int, Range(1024, 1 << 30)] = Field(
+        1024 * 1024, description="Largest HL7 message."
+    )
+    idle_timeout: Seconds = Field(300.0, description="Seconds between two messages.")
+    max_connections: Annotated[int, Range(1, 10_000)] = Field(
+        16, description="MLLP connections at once."
+    )
+    max_connections_per_source: Annotated[int, Range(1, 10_000)] = Field(
+        4, description="...from one address, counted at accept, before TLS."
+    )
+    first_message_timeout: Seconds = Field(
+        30.0, description="Seconds a new connection has to send its first message."
+    )
+    job_timeout: Seconds = Field(3600.0, description="Seconds one prefetch job may take.")
+    application: NonEmpty = Field("XCA-GATEWAY", description="MSH-3 of our ACKs.")
+    facility: NonEmpty | None = Field(
+        None, description="MSH-4 of our ACKs (default: the community's name).", examples=["NORTH"]
+    )
 
 
 def _ae(value: Any, where: str) -> str:

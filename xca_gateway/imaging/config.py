@@ -40,8 +40,26 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import Field
+
+from xca_gateway.schema import (
+    AeTitle,
+    Bytes,
+    Count,
+    HttpsUrl,
+    HttpUrl,
+    NonEmpty,
+    NonNegativeSeconds,
+    Oid,
+    PathText,
+    PeerPort,
+    Port,
+    Range,
+    Seconds,
+    Section,
+)
 from xca_gateway.settings import ConfigError, validate_oid
 
 KINDS = ("filesystem", "dimse", "dicomweb", "rad69")
@@ -65,6 +83,121 @@ class ImagingConfig:
     abandon_timeout: float = 120.0
     max_instance_bytes: int = 1024 * 1024 * 1024
     max_documents: int = 100_000
+
+
+_SOURCE_ID = Field(
+    description="repositoryUniqueId of the Imaging Document Source (RAD-69 routes by it).",
+    examples=["1.3.6.1.4.1.21367.13.81.1"],
+)
+
+
+class FilesystemSourceSection(Section):
+    """DICOM files in a directory (the embedded demo source)."""
+
+    repository_unique_id: Oid = _SOURCE_ID
+    kind: Literal["filesystem"] = Field(description="The kind of source.")
+    path: PathText = Field("images", description="The directory, relative to the data directory.")
+    rescan_interval: NonNegativeSeconds = Field(
+        10.0, description="Seconds between two scans of the directory for new files."
+    )
+
+
+class DimseSourceSection(Section):
+    """A PACS that speaks only DIMSE (C-FIND, then C-GET or C-MOVE)."""
+
+    repository_unique_id: Oid = _SOURCE_ID
+    kind: Literal["dimse"] = Field(description="The kind of source.")
+    host: NonEmpty = Field(description="The PACS's address.", examples=["127.0.0.1"])
+    port: PeerPort = Field(description="Its DICOM port.", examples=[4242])
+    called_ae_title: AeTitle = Field(description="Its AE title.", examples=["ORTHANC"])
+    calling_ae_title: AeTitle = Field("XCAGW", description="Our AE title towards it.")
+    mode: Literal["c-get", "c-move"] = Field("c-get", description="How instances are fetched.")
+    move_destination_ae_title: AeTitle | None = Field(
+        None,
+        description="C-MOVE: the AE title of our storage SCP, as the PACS knows it.",
+        examples=["XCAGW-STORE"],
+    )
+    storage_scp_host: NonEmpty = Field(
+        "127.0.0.1", description="C-MOVE: where our storage SCP listens."
+    )
+    storage_scp_port: Port = Field(0, description="C-MOVE: its port (0: any free port).")
+    acse_timeout: Seconds = Field(30.0, description="Seconds for association set-up.")
+    dimse_timeout: Seconds = Field(120.0, description="Seconds for a DIMSE response.")
+    network_timeout: Seconds = Field(60.0, description="Seconds of network silence.")
+    max_pdu: Annotated[int, Range(0)] = Field(
+        0, description="Maximum PDU length we receive (0: unlimited)."
+    )
+    sop_classes: list[Oid] = Field(
+        [], description="SOP Classes to ask for (empty: the usual storage classes)."
+    )
+
+
+class DicomwebSourceSection(Section):
+    """A VNA or PACS with DICOMweb (QIDO-RS, WADO-RS)."""
+
+    repository_unique_id: Oid = _SOURCE_ID
+    kind: Literal["dicomweb"] = Field(description="The kind of source.")
+    base_url: HttpUrl = Field(
+        description="Its DICOMweb base URL.", examples=["http://127.0.0.1:8042/dicom-web"]
+    )
+    ca_file: PathText | None = Field(
+        None, description="CAs to verify an https source with.", examples=["../certs/vna-ca.pem"]
+    )
+    client_cert: PathText | None = Field(
+        None, description="Client certificate for it.", examples=["../certs/north.pem"]
+    )
+    client_key: PathText | None = Field(
+        None, description="...and its key.", examples=["../certs/north.key"]
+    )
+    headers: dict[str, str] = Field(
+        {},
+        description="HTTP headers of every request (e.g. authorization).",
+    )
+    timeout: Seconds = Field(30.0, description="Seconds for one request.")
+
+
+class Rad69SourceSection(Section):
+    """An XDS-I.b Imaging Document Source (RAD-69 over mutual TLS)."""
+
+    repository_unique_id: Oid = _SOURCE_ID
+    kind: Literal["rad69"] = Field(description="The kind of source.")
+    url: HttpsUrl = Field(
+        description="Its RAD-69 endpoint.", examples=["https://pacs.example.org/xdsi/rad69"]
+    )
+    timeout: Seconds | None = Field(
+        None, description="Seconds for one request (default: [outbound]).", examples=[60.0]
+    )
+
+
+SourceSection = Annotated[
+    FilesystemSourceSection | DimseSourceSection | DicomwebSourceSection | Rad69SourceSection,
+    Field(discriminator="kind"),
+]
+
+
+class ImagingSection(Section):
+    """The community's Imaging Document Sources (RAD-69 / RAD-75), one per repositoryUniqueId,
+    and the deadlines of a retrieve that streams from them."""
+
+    sources: list[SourceSection] = Field(
+        [], description="The sources; kind filesystem, dimse, dicomweb or rad69."
+    )
+    open_timeout: Seconds = Field(
+        30.0,
+        description="Seconds to resolve a request at every source (C-FIND, QIDO-RS, RAD-69 root).",
+    )
+    idle_timeout: Seconds = Field(
+        60.0, description="A source silent this long in the middle of an instance fails it."
+    )
+    abandon_timeout: Seconds = Field(
+        120.0,
+        description=(
+            "Sources of a response nobody reads any more are released after this many seconds"
+            " (keep it above [server] body_timeout)."
+        ),
+    )
+    max_instance_bytes: Bytes = Field(1024 * 1024 * 1024, description="Largest instance.")
+    max_documents: Count = Field(100_000, description="Most instances of one retrieve.")
 
 
 _COMMON = {"repository_unique_id", "kind"}

@@ -28,11 +28,14 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from xca_gateway.patients.directory import MATCH_THRESHOLD, PatientDirectory
 from xca_gateway.patients.xref import CrossReferenceTable
 from xca_gateway.protocol.peer_client import PeerClient, PeerError
+from xca_gateway.schema import HttpsUrl, NonNegativeSeconds, PathText, Range, Seconds, Section
 from xca_gateway.settings import ConfigError, PeerConfig
 from xca_gateway.transactions import iti45, iti55
 from xca_gateway.xds.patient_id import PatientId
@@ -263,6 +266,49 @@ class PatientMappingConfig:
     xcpd_learn_correlations: bool = True
     # Filled in by parse_patient_mapping_config: peer assigning authority → XCPD endpoint.
     xcpd_peers: dict[str, XcpdPeer] = field(default_factory=dict)
+
+
+class PatientMappingSection(Section):
+    """How a consumer's local patient id becomes each peer's id (per peer, see [[peers]]
+    patient_id_sources): a cross-reference table loaded from CSV (one person per line, all
+    their CX ids), a PIX Manager (ITI-45), XCPD (ITI-55, [[peers]] xcpd); and the XCPD and PIX
+    answers we give from our own tables."""
+
+    xref_csv: PathText | None = Field(
+        None,
+        description="CSV file of cross-referenced patient ids, loaded at start-up.",
+        examples=["../data/xref.csv"],
+    )
+    pix_manager: HttpsUrl | None = Field(
+        None,
+        description='PIXV3 Query (ITI-45) endpoint, for peers with source "pix".',
+        examples=["https://pix.example.org/pix/iti45"],
+    )
+    directory: PathText | None = Field(
+        None,
+        description=(
+            "SQLite file of the local patient directory (default: <data_dir>/patients.sqlite3)."
+        ),
+        examples=["../data/north/patients.sqlite3"],
+    )
+    deadline: Seconds = Field(10.0, description="Deadline of one PIX / XCPD exchange.")
+    xcpd_minimum_score: Annotated[int, Range(0, 100)] = Field(
+        MATCH_THRESHOLD,
+        description="An XCPD match with a lower queryMatchObservation is no answer.",
+    )
+    negative_cache_seconds: NonNegativeSeconds = Field(
+        30.0, description="How long a PIX / XCPD 'not known' is remembered (0: never)."
+    )
+    pix_responder: bool = Field(
+        False, description="Answer PIXV3 queries (ITI-45) at /pix/iti45 from the table."
+    )
+    xcpd_responder: bool = Field(
+        True, description="Answer XCPD (ITI-55) at /xca/iti55 from the patient directory."
+    )
+    xcpd_learn_correlations: bool = Field(
+        True,
+        description="Record the ids of initiating communities' matched XCPD requests in the table.",
+    )
 
 
 def parse_patient_mapping_config(

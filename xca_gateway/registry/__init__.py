@@ -18,15 +18,17 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from lxml import etree
+from pydantic import Field
 
 from xca_gateway.protocol.peer_client import PeerClient
 from xca_gateway.registry.local import LocalRegistry
 from xca_gateway.registry.model import QueryResult, RegistryAction
 from xca_gateway.registry.remote import RemoteRegistry
 from xca_gateway.registry.sqlite_store import SqliteRegistryStore
+from xca_gateway.schema import Count, HttpsUrl, NonEmpty, Oid, Seconds, Section
 from xca_gateway.settings import ConfigError, validate_oid
 from xca_gateway.xds.ebrs import RegistryError
 
@@ -36,6 +38,7 @@ __all__ = [
     "Registry",
     "RegistryAction",
     "RegistryConfig",
+    "RegistrySection",
     "RemoteRegistry",
     "open_registry",
     "parse_registry_config",
@@ -86,6 +89,45 @@ class RegistryConfig:
     @property
     def sqlite_path(self) -> Path:
         return Path(self.url[len("sqlite:///") :])
+
+
+class RegistrySection(Section):
+    """The community's XDS Document Registry: embedded (SQLite, the default; PostgreSQL, which
+    several replicas can share) or an existing registry reached with ITI-18."""
+
+    url: NonEmpty | None = Field(
+        None,
+        description=(
+            "sqlite:///path (default: <data_dir>/registry.sqlite3), postgresql://user@host/db, or"
+            " the https:// ITI-18 endpoint of an existing registry (same as remote_iti18)."
+        ),
+        examples=["postgresql://xca@127.0.0.1:5432/registry"],
+    )
+    max_results: Count = Field(1000, description="Most entries one stored query returns.")
+    remote_iti18: HttpsUrl | None = Field(
+        None,
+        description="An existing registry's ITI-18 endpoint: answer from it, not from a store.",
+        examples=["https://registry.north.example.org/iti18"],
+    )
+    remote_iti42: HttpsUrl | None = Field(
+        None,
+        description="...and its ITI-42 endpoint, to forward registrations.",
+        examples=["https://registry.north.example.org/iti42"],
+    )
+    remote_timeout: Seconds = Field(30.0, description="Seconds for one exchange with it.")
+    unknown_patient: Literal["empty", "error"] = Field(
+        "empty",
+        description=(
+            "ITI-38 for a patient the registry does not know (ITI38-008): an empty Success or"
+            " an error (XDSUnknownPatientId)."
+        ),
+    )
+    pool_size: Count = Field(
+        4, description="Database connections / worker threads of an embedded store."
+    )
+    patient_id_domains: list[Oid] = Field(
+        [], description="Assigning authorities whose patient ids ITI-42 accepts; empty: any."
+    )
 
 
 _KEYS = {

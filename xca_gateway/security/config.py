@@ -9,8 +9,11 @@ names its extra keys and reads them itself.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import Field
+
+from xca_gateway.schema import HomeCommunityId, NonEmpty, OneOf, OneOrMany, Section, Strings
 from xca_gateway.security.callers import CallerRule, Role, normalize_fingerprint
 
 CALLER_KEYS = frozenset(
@@ -27,6 +30,43 @@ CALLER_KEYS = frozenset(
         "addresses",
     }
 )
+
+
+RoleName = Annotated[str, OneOf(tuple(role.value for role in Role))]
+
+
+class CallerSection(Section):
+    """A system that may call the gateway (other than a peer gateway): its roles, and how it
+    is recognised: by certificate (subject, SHA-256 fingerprint, DNS or URI SAN), or, for plain
+    listeners on loopback, by address; a DICOM caller also by its calling AE titles."""
+
+    name: NonEmpty | None = Field(
+        None, description="Its name in logs and audit records.", examples=["reading-room-1"]
+    )
+    roles: Annotated[list[RoleName], Field(min_length=1), OneOrMany()] = Field(
+        description="Its roles (at least one).", examples=[["local-consumer"]]
+    )
+    home_community_id: HomeCommunityId | None = Field(
+        None,
+        description="The community it belongs to.",
+        examples=["urn:oid:1.3.6.1.4.1.21367.13.70.1"],
+    )
+    certificate_subjects: Strings = Field([], description="Certificate subjects (RFC 4514).")
+    certificate_fingerprints: Strings = Field(
+        [], description="SHA-256 fingerprints of its certificates (hex)."
+    )
+    certificate_dns_names: Strings = Field(
+        [], description="DNS names of its certificate.", examples=[["ws1.north.example.org"]]
+    )
+    certificate_uris: Strings = Field([], description="URI SANs of its certificate.")
+    ae_titles: Strings = Field(
+        [],
+        description="Calling AE titles it may use (DIMSE), tied to its certificate or address.",
+        examples=[["WORKSTATION1"]],
+    )
+    addresses: Strings = Field(
+        [], description="Addresses it calls from (plain listeners on loopback only)."
+    )
 
 
 class CallerConfigError(ValueError):

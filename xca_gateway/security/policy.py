@@ -29,6 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import Field
+
 from xca_gateway.audit.messages import (
     ActiveParticipant,
     AuditContext,
@@ -48,6 +50,14 @@ from xca_gateway.audit.messages import (
 from xca_gateway.protocol.http_server import PeerInfo
 from xca_gateway.protocol.namespaces import ResponseStatus
 from xca_gateway.protocol.soap_service import Operation, SoapRequest, SoapResponse
+from xca_gateway.schema import (
+    HomeCommunityId,
+    NonEmpty,
+    NonNegativeSeconds,
+    PathText,
+    Section,
+    Strings,
+)
 from xca_gateway.security.callers import (
     CallerDirectory,
     CallerRule,
@@ -55,7 +65,7 @@ from xca_gateway.security.callers import (
     Principal,
     Role,
 )
-from xca_gateway.security.config import parse_caller_rule
+from xca_gateway.security.config import CallerSection, parse_caller_rule
 from xca_gateway.security.xua import (
     Ce,
     WsseFault,
@@ -323,6 +333,59 @@ def _strings(value: Any, what: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise PolicyError(f"{what} must be a list of strings")
     return tuple(value)
+
+
+class PolicyPeerSection(Section):
+    """A peer gateway that may call the responding side, and what it may do there."""
+
+    name: NonEmpty | None = Field(None, description="Its name in logs.", examples=["south"])
+    home_community_id: HomeCommunityId | None = Field(
+        None, description="Its homeCommunityId.", examples=["urn:oid:1.3.6.1.4.1.21367.13.70.2"]
+    )
+    certificate_subjects: Strings = Field([], description="Certificate subjects (RFC 4514).")
+    certificate_fingerprints: Strings = Field(
+        [], description="SHA-256 fingerprints of its certificates (hex)."
+    )
+    certificate_dns_names: Strings = Field(
+        [], description="DNS names of its certificate.", examples=[["south.xca-gateway.test"]]
+    )
+    transactions: Strings | None = Field(
+        None,
+        description="Transactions it may call (default: every responding transaction).",
+        examples=[["ITI-38", "ITI-39", "RAD-75"]],
+    )
+    purposes_of_use: Strings = Field(
+        [], description="Purposes of use its XUA assertion must state (empty: any)."
+    )
+    roles: Strings = Field([], description="Roles its XUA assertion must state (empty: any).")
+    require_xua: bool | None = Field(
+        None,
+        description="Its requests must carry a valid XUA assertion (default: the section's).",
+        examples=[True],
+    )
+    xua_exempt: bool = Field(False, description="Exempt from require_xua.")
+
+
+class PolicySection(Section):
+    """The access policy of every door. Absent: every peer whose certificate chains to the
+    trust store may call every responding transaction. Present: deny by default; peers in
+    [[policy.peers]], every other system in [[policy.callers]] with its roles. The file is
+    re-read when it changes (no connection is dropped)."""
+
+    default: Literal["deny", "allow"] = Field(
+        "deny", description="What a caller no entry names gets."
+    )
+    require_xua: bool = Field(False, description="Peers' requests must carry XUA assertions.")
+    peers: list[PolicyPeerSection] = Field([], description="Peer gateways.")
+    callers: list[CallerSection] = Field([], description="Every other system that calls us.")
+    file: PathText | None = Field(
+        None,
+        description="Rules live in this TOML file instead (a [policy] table or its keys), watched.",
+        examples=["policy.toml"],
+    )
+    reload_interval: NonNegativeSeconds = Field(
+        1.0, description="Seconds between two checks of the file for changes."
+    )
 
 
 _RULE_KEYS = {

@@ -32,13 +32,14 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from lxml import etree
+from pydantic import Field
 from signxml import (  # type: ignore[attr-defined]
     CanonicalizationMethod,
     DigestAlgorithm,
@@ -60,6 +61,16 @@ from xca_gateway.audit.messages import CodedValue, HumanRequestor
 from xca_gateway.protocol.namespaces import SOAP12, WSSE
 from xca_gateway.protocol.soap import SoapFault
 from xca_gateway.protocol.soap_service import SoapRequest
+from xca_gateway.schema import (
+    NonEmpty,
+    NonNegativeSeconds,
+    OneOrMany,
+    PathText,
+    Range,
+    Seconds,
+    Section,
+    Strings,
+)
 from xca_gateway.security.callers import Role, current_caller
 
 log = logging.getLogger(__name__)
@@ -1109,6 +1120,152 @@ class XuaConfig:
 
 class XuaConfigError(ValueError):
     pass
+
+
+class CeSection(Section):
+    """A coded value (CE) of an assertion attribute."""
+
+    INLINE = True
+
+    code: NonEmpty = Field(description="The code.")
+    code_system: NonEmpty | None = Field(None, description="Its code system (OID).")
+    display_name: NonEmpty | None = Field(None, description="Its display name.")
+    code_system_name: NonEmpty | None = Field(None, description="Its code system's name.")
+
+
+class XuaIdentitySection(Section):
+    """Whom the assertions we issue speak for (the X-Service User)."""
+
+    name_id: NonEmpty = Field(description="Subject NameID.", examples=["dr.smith"])
+    name_id_format: NonEmpty = Field(NAMEID_UNSPECIFIED, description="Its format.")
+    sp_provided_id: NonEmpty | None = Field(None, description="SPProvidedID.", examples=["north"])
+    subject_id: NonEmpty | None = Field(
+        None, description="subject-id attribute.", examples=["Dr. Jane Smith"]
+    )
+    organization: NonEmpty | None = Field(
+        None, description="organization attribute.", examples=["North Hospital"]
+    )
+    organization_id: NonEmpty | None = Field(
+        None,
+        description="organization-id attribute.",
+        examples=["urn:oid:1.3.6.1.4.1.21367.13.40.1"],
+    )
+    home_community_id: NonEmpty | None = Field(
+        None,
+        description="homeCommunityId attribute.",
+        examples=["urn:oid:1.3.6.1.4.1.21367.13.70.1"],
+    )
+    roles: list[str | CeSection] = Field(
+        [],
+        description="Subject roles: 'system|code' strings or {code, code_system, display_name}.",
+        examples=[["2.16.840.1.113883.6.96|309343006"]],
+    )
+    purposes_of_use: list[str | CeSection] = Field(
+        [],
+        description="Purposes of use, the same way.",
+        examples=[["2.16.840.1.113883.3.18.7.1|TREATMENT"]],
+    )
+    resource_id: NonEmpty | None = Field(None, description="resource-id attribute.", examples=["x"])
+    authn_context_class: NonEmpty = Field(AC_X509, description="AuthnContextClassRef.")
+    subject_confirmation_method: NonEmpty = Field(
+        CM_BEARER, description="SubjectConfirmation method."
+    )
+
+
+class XuaOutboundSection(Section):
+    """Outbound XUA on ITI-38/39 and RAD-75: no assertion, the consumer's assertion forwarded,
+    or one we sign for the identity below, the trusted headers or the verified caller."""
+
+    mode: Literal["off", "passthrough", "issue", "passthrough_or_issue"] = Field(
+        "off",
+        description=(
+            "off; passthrough (forward the consumer's assertion); issue (sign our own);"
+            " passthrough_or_issue (forward if present, else issue)."
+        ),
+    )
+    issuer: NonEmpty | None = Field(
+        None,
+        description="saml:Issuer of assertions we sign (default: our base URL).",
+        examples=["https://gw.north.example.org:8443"],
+    )
+    lifetime: Seconds = Field(300.0, description="Seconds an issued assertion is valid.")
+    signing_key: PathText | None = Field(
+        None, description="Signing key (default: the [tls] key).", examples=["../certs/north.key"]
+    )
+    signing_certificate: PathText | None = Field(
+        None,
+        description="Its certificate (default: the [tls] certificate).",
+        examples=["../certs/north.pem"],
+    )
+    audience: NonEmpty = Field(
+        "endpoint",
+        description=(
+            "endpoint: the peer's endpoint URL; home_community_id: the peer's homeCommunityId;"
+            " anything else: that URI."
+        ),
+    )
+    identity_source: Literal["config", "header", "caller"] = Field(
+        "config",
+        description=(
+            "Whom issued assertions speak for: the identity table; X-XUA-* headers of a trusted"
+            " local consumer (falling back to the table); the verified local caller."
+        ),
+    )
+    trusted_header_clients: Strings = Field(
+        [],
+        description="Consumers that may state the user in headers: certificate SHA-256 or subject.",
+    )
+    identity: XuaIdentitySection | None = Field(
+        None, description="The identity of issued assertions."
+    )
+
+
+class TrustedIssuerSection(Section):
+    """An identity provider whose assertions we accept."""
+
+    issuer: NonEmpty = Field(
+        description="Its saml:Issuer.", examples=["https://idp.south.example.org"]
+    )
+    certificates: Annotated[list[PathText], Field(min_length=1), OneOrMany()] = Field(
+        description="Its signing certificates (PEM files).", examples=[["../certs/south-idp.pem"]]
+    )
+    communities: Strings = Field(
+        [],
+        description="homeCommunityIds of the peers whose users it may vouch for (empty: any).",
+    )
+
+
+class XuaSection(Section):
+    """XUA (ITI-40): validate the SAML assertions of peers' requests (whether one is required
+    is access policy, [policy] require_xua), and add assertions to ours."""
+
+    enabled: bool = Field(False, description="Validate assertions of inbound requests.")
+    audiences: Strings = Field(
+        [],
+        description="URIs we answer to (default: our base URL and endpoints).",
+        examples=[["https://gw.north.example.org:8443/xca/iti38"]],
+    )
+    trusted_issuers: list[TrustedIssuerSection] = Field(
+        [], description="Identity providers we trust."
+    )
+    clock_skew: NonNegativeSeconds = Field(60.0, description="Seconds of clock skew tolerated.")
+    max_lifetime: Seconds = Field(
+        8 * 3600.0, description="Longest validity an assertion may state."
+    )
+    reject_replay: bool = Field(True, description="Refuse an assertion seen before.")
+    replay_cache_size: Annotated[int, Range(1)] = Field(
+        100_000, description="Assertions remembered for that."
+    )
+    required_attributes: Strings = Field(
+        list(DEFAULT_REQUIRED_ATTRIBUTES), description="Attributes an assertion must carry."
+    )
+    subject_confirmation_methods: Strings = Field(
+        [CM_BEARER, CM_HOLDER_OF_KEY, CM_SENDER_VOUCHES],
+        description="SubjectConfirmation methods accepted.",
+    )
+    outbound: XuaOutboundSection = Field(
+        XuaOutboundSection(), description="XUA on our outbound requests."
+    )
 
 
 def _path(base: Path, value: Any, what: str) -> Path:

@@ -21,10 +21,12 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from lxml import etree
+from pydantic import Field
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from xca_gateway.protocol.namespaces import LCM, RIM
+from xca_gateway.schema import NonEmpty, Oid, Section
 from xca_gateway.xds import ebrim
 
 __all__ = [
@@ -189,6 +191,95 @@ class ManifestOptions:
 
     def tz(self) -> tzinfo | None:
         return ZoneInfo(self.timezone) if self.timezone else None
+
+
+class CodeSection(Section):
+    """A coded value of XDS metadata."""
+
+    INLINE = True
+
+    code: NonEmpty = Field(description="The code.")
+    scheme: NonEmpty = Field(description="codingScheme: the OID of the code system.")
+    display_name: NonEmpty = Field(description="Its display name.")
+
+
+def _code(name: str, description: str) -> Any:
+    default = getattr(ManifestOptions(), name)
+    return Field(
+        CodeSection(code=default.code, scheme=default.scheme, display_name=default.display_name),
+        description=description,
+    )
+
+
+class ManifestSection(Section):
+    """XDS metadata of the imaging manifests (KOS) made of imported studies: the affinity
+    domain's codes, the author, and where the KOS says the images are retrieved."""
+
+    class_code: CodeSection = _code("class_code", "classCode of the manifests.")
+    type_code: CodeSection = _code("type_code", "typeCode of the manifests.")
+    practice_setting_code: CodeSection = _code("practice_setting_code", "practiceSettingCode.")
+    healthcare_facility_type_code: CodeSection = _code(
+        "healthcare_facility_type_code", "healthcareFacilityTypeCode."
+    )
+    confidentiality_code: CodeSection = _code("confidentiality_code", "confidentialityCode.")
+    content_type_code: CodeSection = _code(
+        "content_type_code", "contentTypeCode of the submission set."
+    )
+    format_code: CodeSection = _code("format_code", "formatCode (the KOS format).")
+    language_code: NonEmpty = Field("en-US", description="languageCode.")
+    author_institution: NonEmpty | None = Field(
+        None,
+        description="authorInstitution name (default: the DICOM InstitutionName).",
+        examples=["North Hospital"],
+    )
+    author_institution_oid: Oid | None = Field(
+        None, description="Its OID.", examples=["1.3.6.1.4.1.21367.13.40.1"]
+    )
+    author_person: NonEmpty | None = Field(
+        None,
+        description=(
+            "authorPerson as an XCN (default: PerformingPhysicianName, OperatorsName, then a"
+            " device)."
+        ),
+        examples=["^Smith^Jane"],
+    )
+    source_id: Oid | None = Field(
+        None,
+        description="XDSSubmissionSet.sourceId (default: the repositoryUniqueId).",
+        examples=["1.3.6.1.4.1.21367.13.80.1"],
+    )
+    timezone: NonEmpty | None = Field(
+        None,
+        description=(
+            "IANA time zone of DICOM dates/times without TimezoneOffsetFromUTC (default: this"
+            " host's)."
+        ),
+        examples=["Europe/Berlin"],
+    )
+    accession_number_issuer: Oid | None = Field(
+        None,
+        description=(
+            "Assigning authority of accession numbers when the DICOM carries no issuer"
+            " (default: the community's patient identifier domain)."
+        ),
+        examples=["1.3.6.1.4.1.21367.13.20.1000"],
+    )
+    imaging_source_id: Oid | None = Field(
+        None,
+        description=(
+            "Where the KOS says the instances are retrieved: the RAD-69 Imaging Document"
+            " Source (default: the repositoryUniqueId)."
+        ),
+        examples=["1.3.6.1.4.1.21367.13.81.1"],
+    )
+    retrieve_ae_title: NonEmpty | None = Field(
+        None, description="...a DICOM AE title to retrieve them from.", examples=["PACS"]
+    )
+    retrieve_url: NonEmpty | None = Field(
+        None,
+        description="...a WADO-RS URL to retrieve them from.",
+        examples=["https://pacs.north.example.org/dicom-web"],
+    )
 
 
 _CODE_FIELDS = frozenset(

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
+from xca_gateway.schema import Count, HttpUrl, NonEmpty, Port, Seconds, Section
 from xca_gateway.settings import is_loopback_host
 
 DEFAULT_PORT = 8444
@@ -35,6 +38,31 @@ class DicomWebFrontConfig:
     # How long a caller may name a study its own search found by UID alone (WADO-RS, QIDO-RS
     # below a study); other callers, or later, must name the patient.
     study_access_seconds: float = 3600.0
+
+
+class DicomWebSection(Section):
+    """The DICOMweb front door: QIDO-RS / WADO-RS over the federation (mutual TLS with
+    [tls]). Only callers with the local-consumer role in [policy] pass (403 and a Security
+    Alert else)."""
+
+    host: NonEmpty = Field("127.0.0.1", description="Address to listen on.")
+    port: Port = Field(DEFAULT_PORT, description="TCP port (0: any free port).")
+    tls: bool = Field(True, description="Mutual TLS; false only on a loopback address.")
+    public_base_url: HttpUrl | None = Field(
+        None,
+        description="Base of the RetrieveURLs in QIDO-RS answers (default: https://host:port).",
+        examples=["https://gw.north.example.org:8444/dicomweb"],
+    )
+    max_results: Count = Field(
+        1000, description="Most matches one QIDO-RS answer carries (limit/offset page on)."
+    )
+    study_access_seconds: Seconds = Field(
+        3600.0,
+        description=(
+            "How long a caller's search lets it name a study it found by UID alone (WADO-RS);"
+            " others, or later, must name the patient."
+        ),
+    )
 
 
 def parse_dicomweb_front_config(

@@ -24,6 +24,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol
 
+from pydantic import Field
+
+from xca_gateway.schema import PathText, Section
 from xca_gateway.xds.patient_id import PatientIdError, parse_patient_id
 
 ConsentMode = Literal["opt-in", "opt-out"]
@@ -475,6 +478,36 @@ class ConsentConfig:
 
     def mode_for(self, community: str) -> ConsentMode:
         return self.peer_modes.get(community, self.default_mode)
+
+
+class ConsentSection(Section):
+    """Patient consent: opt-in / opt-out per patient, per community, per class or
+    confidentiality code, managed with `xca-gateway consent ...` and the admin port's /consent
+    API."""
+
+    enabled: bool = Field(False, description="Enforce consent on the responding side.")
+    database: PathText | None = Field(
+        None,
+        description="SQLite file of the consents (default: <data_dir>/consent.sqlite3).",
+        examples=["../data/north/consent.sqlite3"],
+    )
+    default_mode: ConsentMode = Field(
+        "opt-out", description="What a patient without a consent record gets."
+    )
+    peer_modes: dict[str, ConsentMode] = Field(
+        {},
+        description="default_mode per requesting community (homeCommunityId = mode).",
+        examples=[{"urn:oid:1.3.6.1.4.1.21367.13.70.2": "opt-in"}],
+    )
+    admin_token_file: PathText | None = Field(
+        None,
+        description=(
+            "Operators of the /consent API: 'operator-name token' per line (tokens of 32+"
+            " characters), mode 0600; each change is audited under the operator's name. Absent:"
+            " the API refuses every request."
+        ),
+        examples=["/etc/xca-gateway/consent-operators"],
+    )
 
 
 def parse_consent_config(
