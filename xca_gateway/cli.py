@@ -1,4 +1,4 @@
-"""Command line: ``xca-gateway serve | certs init | demo``."""
+"""Command line: ``xca-gateway serve | certs init | demo | config ...`` and the others."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from xca_gateway.app import config_reference
+from xca_gateway.app.config import load_config
 from xca_gateway.app.serve import serve
 from xca_gateway.arr.app import add_arr_command
 from xca_gateway.consumer.commands import add_consumer_commands
@@ -37,7 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(serve(Path(args.config)))
     except ConfigError as exc:
-        print(f"xca-gateway: configuration error: {exc}", file=sys.stderr)
+        _config_error(exc)
         return 2
     except (CredentialError, ListenError) as exc:
         # One line: the configuration file, the key and file or port, and what is wrong.
@@ -46,6 +48,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"xca-gateway: {exc}", file=sys.stderr)
         return 1
+
+
+def _config_error(exc: ConfigError) -> None:
+    # One line per problem, each naming the file, the section and the key.
+    for line in str(exc).splitlines():
+        print(f"xca-gateway: configuration error: {line}", file=sys.stderr)
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    for name in args.config:
+        try:
+            load_config(Path(name))
+        except ConfigError as exc:
+            _config_error(exc)
+            return 2
+        print(f"{Path(name).resolve()}: ok")
+    return 0
 
 
 def cmd_certs_init(args: argparse.Namespace) -> int:
@@ -145,6 +164,31 @@ def build_parser() -> argparse.ArgumentParser:
         "community's port, sharing a private PostgreSQL the demo starts (initdb in WORKDIR)",
     )
     demo.set_defaults(func=cmd_demo)
+
+    config = sub.add_parser(
+        "config",
+        help="check configuration files; generate the reference",
+        description="The configuration schema: check files against it, or regenerate what it "
+        "generates (conf/gateway.toml, the README's configuration table, "
+        "docs/gateway.schema.json).",
+    )
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    check = config_sub.add_parser(
+        "check",
+        help="check configuration files without starting anything",
+        description="Load each file as `serve` would (schema, paths, cross-checks) and report "
+        "every problem, one line each.",
+    )
+    check.add_argument("config", nargs="+", metavar="FILE", help="TOML configuration file")
+    check.set_defaults(func=cmd_config_check)
+    reference = config_sub.add_parser(
+        "reference",
+        help="regenerate the reference configuration, README table and JSON Schema",
+        description="Write conf/gateway.toml, the README's configuration table and "
+        "docs/gateway.schema.json from the schema (run in the repository).",
+    )
+    config_reference.add_arguments(reference)
+    reference.set_defaults(func=config_reference.run)
 
     add_import_command(sub, open_registry=registry_from_config)
     add_arr_command(sub)

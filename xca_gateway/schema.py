@@ -181,7 +181,7 @@ NonEmpty = Annotated[str, Matches(r"(?s).*\S.*", "a non-empty string")]
 PathText = Annotated[str, Matches(r"(?s).*\S.*", "a path")]
 Oid = Annotated[str, Matches(OID_PATTERN, "an OID")]
 HomeCommunityId = Annotated[str, Matches(f"urn:oid:{OID_PATTERN}", "urn:oid:<OID>")]
-HttpsUrl = Annotated[str, Matches(r"https://\S+", "an https:// URL (mutual TLS)")]
+HttpsUrl = Annotated[str, Matches(r"https://\S+", "an https:// URL")]
 HttpUrl = Annotated[str, Matches(r"https?://\S+", "an http(s) URL")]
 # PS3.5 AE VR: 1-16 characters, no backslash, not only spaces.
 AeTitle = Annotated[
