@@ -23,6 +23,7 @@ from typing import Annotated, Any, ClassVar
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Field,
     GetCoreSchemaHandler,
     GetJsonSchemaHandler,
     ValidationError,
@@ -177,8 +178,8 @@ NonNegativeSeconds = Annotated[float, Range(0)]
 Count = Annotated[int, Range(1)]
 NonNegativeCount = Annotated[int, Range(0)]
 Bytes = Annotated[int, Range(1)]
-NonEmpty = Annotated[str, Matches(r"(?s).*\S.*", "a non-empty string")]
-PathText = Annotated[str, Matches(r"(?s).*\S.*", "a path")]
+NonEmpty = Annotated[str, Field(min_length=1), Matches(r"(?s).*\S.*", "a non-blank string")]
+PathText = Annotated[str, Field(min_length=1), Matches(r"(?s).*\S.*", "a path")]
 Oid = Annotated[str, Matches(OID_PATTERN, "an OID")]
 HomeCommunityId = Annotated[str, Matches(f"urn:oid:{OID_PATTERN}", "urn:oid:<OID>")]
 HttpsUrl = Annotated[str, Matches(r"https://\S+", "an https:// URL")]
@@ -228,6 +229,8 @@ def _reason(error: Mapping[str, Any], known: Sequence[str]) -> str:
         return f"expected {_EXPECTED[kind]}, got {describe_value(value)}"
     if kind == "int_from_float":
         return f"expected an integer, got {value!r}"
+    if kind == "string_too_short":
+        return "must not be empty"
     if kind == "too_short":
         return f"must name at least {ctx.get('min_length', 1)}"
     if kind == "missing":

@@ -329,4 +329,4 @@ def load_config(path: Path) -> GatewayConfig:
         return parse_config(data, path.parent, path)
     except ConfigError as exc:
         # Every error names the file (and, from the sections, the section and key).
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError("\n".join(f"{path}: {line}" for line in str(exc).splitlines())) from None

@@ -121,7 +121,7 @@ def allowed(field: FieldInfo) -> str:
     for item in metadata:
         if isinstance(item, Range):
             notes.append(item.describe())
-        elif isinstance(item, Matches) and item.what not in ("a non-empty string", "a path"):
+        elif isinstance(item, Matches) and item.what not in ("a non-blank string", "a path"):
             notes.append(each + item.what)
         elif isinstance(item, OneOf):
             notes.append("one of " + ", ".join(_value(v) for v in item.values))
