@@ -26,6 +26,7 @@ from xca_gateway.audit.config import (
 from xca_gateway.doors.dicomweb.config import DicomWebFrontConfig, DicomWebSection
 from xca_gateway.doors.dimse import DicomFrontConfig, DicomSection
 from xca_gateway.doors.hl7_prefetch import PrefetchConfig, PrefetchSection
+from xca_gateway.doors.web.config import IuaConfig, IuaSection, WebConfig, WebSection
 from xca_gateway.imaging.config import ImagingConfig, ImagingSection
 from xca_gateway.initiating.patient_mapping import PatientMappingConfig, PatientMappingSection
 from xca_gateway.registry import RegistryConfig, RegistrySection
@@ -187,6 +188,8 @@ _RUNTIME: list[tuple[type[Section], type[Any]]] = [
     (DicomSection, DicomFrontConfig),
     (DicomWebSection, DicomWebFrontConfig),
     (PrefetchSection, PrefetchConfig),
+    (WebSection, WebConfig),
+    (IuaSection, IuaConfig),
 ]
 
 

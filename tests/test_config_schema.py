@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 
 from xca_gateway.app.config import load_config, parse_config
+from xca_gateway.security.callers import Role
 from xca_gateway.settings import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 NORTH = REPO / "conf" / "north.toml"
+ROLES = ", ".join(repr(role.value) for role in Role)
 
 
 def _base() -> dict[str, Any]:
@@ -86,9 +88,7 @@ def _problems(data: dict[str, Any]) -> list[str]:
         ),
         (
             lambda d: d.update(policy={"callers": [{"name": "ris", "roles": "ris"}]}),
-            "[policy.callers[0]] roles: must be one of 'peer-gateway', 'local-consumer', "
-            "'local-repository', 'pacs', 'interface-engine', 'audit-source', 'audit-consumer', "
-            "'security-officer', 'operator', got 'ris'",
+            f"[policy.callers[0]] roles: must be one of {ROLES}, got 'ris'",
         ),
         (
             lambda d: d.update(xua={"outbound": {"identity": {"name_id": "x", "roles": [3]}}}),

@@ -175,6 +175,7 @@ Port = Annotated[int, Range(0, 65535)]  # 0: any free port, for listeners
 PeerPort = Annotated[int, Range(1, 65535)]  # a port to connect to
 Seconds = Annotated[float, Range(positive=True)]
 NonNegativeSeconds = Annotated[float, Range(0)]
+Rate = Annotated[float, Range(positive=True)]  # per second
 Count = Annotated[int, Range(1)]
 NonNegativeCount = Annotated[int, Range(0)]
 Bytes = Annotated[int, Range(1)]

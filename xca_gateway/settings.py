@@ -26,6 +26,7 @@ from xca_gateway.schema import (
     PathText,
     Port,
     Range,
+    Rate,
     Seconds,
     Section,
 )
@@ -313,6 +314,26 @@ class ServerSection(Section):
             "Request bodies over 64 KiB read at once per source; its others wait their turn"
             " unread, so one source streaming many large bodies cannot take the event loop."
         ),
+    )
+    max_handshakes_per_source: Count = Field(
+        8,
+        description=(
+            "TLS handshakes in progress at once per source; the others wait their turn, unread"
+            " (until [tls] handshake_timeout), waiting sources served in turn."
+        ),
+    )
+    handshake_rate_per_source: Rate = Field(
+        25.0,
+        description=(
+            "TLS handshakes started per second from one source (a token bucket), so a burst"
+            " from one source cannot take the event loop from everyone else."
+        ),
+    )
+    handshake_burst_per_source: Count = Field(
+        50, description="Handshakes one source may save up in that bucket."
+    )
+    handshake_rate: Rate = Field(
+        400.0, description="TLS handshakes started per second from all sources together."
     )
     header_timeout: Seconds = Field(
         15.0,

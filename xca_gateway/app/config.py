@@ -20,7 +20,7 @@ from xca_gateway.doors.dicomweb import parse_dicomweb_front_config
 from xca_gateway.doors.dicomweb.config import DicomWebSection
 from xca_gateway.doors.dimse import DicomSection, parse_dicom_front_config
 from xca_gateway.doors.hl7_prefetch import PrefetchSection, parse_prefetch_config
-from xca_gateway.doors.web.config import parse_web_config
+from xca_gateway.doors.web.config import WebSection, parse_web_config
 from xca_gateway.imaging.config import ImagingSection, parse_imaging_config
 from xca_gateway.initiating.patient_mapping import (
     PatientMappingConfig,
@@ -162,6 +162,7 @@ class GatewayFile(Section):
     dicom: DicomSection | None = Field(None, description=DicomSection.__doc__)
     dicomweb: DicomWebSection | None = Field(None, description=DicomWebSection.__doc__)
     prefetch: PrefetchSection | None = Field(None, description=PrefetchSection.__doc__)
+    web: WebSection | None = Field(None, description=WebSection.__doc__)
     peers: list[PeerSection] = Field([], description=PeerSection.__doc__)
 
 

@@ -67,6 +67,13 @@ class CallerSection(Section):
     addresses: Strings = Field(
         [], description="Addresses it calls from (plain listeners on loopback only)."
     )
+    token_issuers: Strings = Field(
+        [],
+        description=(
+            "A person at the web door: the issuers of the verified tokens (IUA) it matches."
+        ),
+        examples=[["https://auth.north.example.org"]],
+    )
 
 
 class CallerConfigError(ValueError):

@@ -8,9 +8,24 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from xca_gateway.doors.web.iua import ALLOWED_ALGORITHMS, DEFAULT_ALGORITHMS, TokenRules
+from xca_gateway.schema import (
+    Count,
+    HttpsUrl,
+    HttpUrl,
+    NonEmpty,
+    OneOf,
+    PathText,
+    Port,
+    Range,
+    Seconds,
+    Section,
+    Strings,
+)
 
 DEFAULT_PORT = 8445
 _URL = re.compile(r"^https?://[^/\s?#]+(/\S*)?$")
@@ -61,6 +76,83 @@ class WebConfig:
     session_seconds: float = 8 * 3600.0
     # Most sessions (and pending logins) held at once; the oldest go first.
     max_sessions: int = 10_000
+
+
+Algorithm = Annotated[str, OneOf(tuple(sorted(ALLOWED_ALGORITHMS)))]
+
+
+class IuaSection(Section):
+    """The authorization server whose tokens (IUA, RFC 9068 JWT access tokens) the web door
+    accepts, and what a token needs."""
+
+    issuer: NonEmpty = Field(
+        description="The authorization server (its 'iss').",
+        examples=["https://auth.north.example.org"],
+    )
+    jwks_uri: HttpUrl = Field(
+        description="Its signing keys (JWKS).",
+        examples=["https://auth.north.example.org/jwks"],
+    )
+    authorization_endpoint: HttpUrl = Field(
+        description="Where browsers log in (code flow with PKCE).",
+        examples=["https://auth.north.example.org/authorize"],
+    )
+    token_endpoint: HttpUrl = Field(
+        description="Where the door redeems the code.",
+        examples=["https://auth.north.example.org/token"],
+    )
+    client_id: NonEmpty = Field(
+        description="This gateway's OAuth client id.", examples=["xca-gateway-north"]
+    )
+    audience: NonEmpty = Field(
+        description="The 'aud' tokens for this gateway carry.",
+        examples=["https://gw.north.example.org:8445"],
+    )
+    scopes: Annotated[list[NonEmpty], Field(min_length=1)] = Field(
+        ["dicomweb.read"], description="Scopes a token must have."
+    )
+    algorithms: Annotated[list[Algorithm], Field(min_length=1)] = Field(
+        list(DEFAULT_ALGORITHMS), description="Signature algorithms accepted (asymmetric only)."
+    )
+    leeway_seconds: Annotated[float, Range(0, 300)] = Field(
+        30.0, description="Clock skew tolerated on exp / nbf / iat."
+    )
+    trust_store: PathText | None = Field(
+        None,
+        description="CAs of the authorization server's HTTPS (default: the [tls] trust store).",
+        examples=["../certs/auth-ca.pem"],
+    )
+    request_scopes: Strings | None = Field(
+        None,
+        description="Scopes the login asks for (default: openid and the accepted scopes).",
+        examples=[["openid", "dicomweb.read"]],
+    )
+
+
+class WebSection(Section):
+    """The web door: browsers (the IID launch, the viewer, DICOMweb) authenticated with IUA
+    tokens of the authorization server in [web.iua]; callers are people matched by token issuer
+    in [[policy.callers]]."""
+
+    enabled: bool = Field(True, description="Build the door (false: the section is ignored).")
+    host: NonEmpty = Field("127.0.0.1", description="Address to listen on.")
+    port: Port = Field(DEFAULT_PORT, description="TCP port (0: any free port).")
+    public_url: HttpsUrl | None = Field(
+        None,
+        description=(
+            "How browsers reach the door (redirect_uri, RetrieveURLs; default https://host:port)."
+        ),
+        examples=["https://viewer.north.example.org"],
+    )
+    session_seconds: Seconds = Field(
+        8 * 3600.0, description="Longest a browser session lasts (never longer than its token)."
+    )
+    max_sessions: Count = Field(
+        10_000, description="Sessions (and pending logins) held at once; the oldest go first."
+    )
+    iua: IuaSection | None = Field(
+        None, description="The authorization server (required when the door is enabled)."
+    )
 
 
 def _url(table: dict[str, Any], key: str, what: str) -> str:
