@@ -233,3 +233,25 @@ def test_audit_destination_defaults() -> None:
     fields = {f.name: f.default for f in dataclasses.fields(AuditDestination)}
     for name in ("check_hostname", "connect_timeout", "write_timeout"):
         assert AuditDestinationSection.model_fields[name].default == fields[name]
+
+
+@pytest.mark.parametrize(
+    ("section", "runtime"),
+    [
+        (ServerSection, ServerConfig),
+        (TlsSection, TlsConfig),
+        (LimitsSection, LimitsConfig),
+        (AdminSection, AdminConfig),
+        (OutboundSection, OutboundConfig),
+        (DiagnosticsSection, DiagnosticsConfig),
+        (InitiatingSection, InitiatingConfig),
+        (PeerSection, PeerConfig),
+    ],
+    ids=lambda c: c.__name__,
+)
+def test_core_sections_have_a_key_for_every_runtime_field(
+    section: type[Section], runtime: type[Any]
+) -> None:
+    # These dataclasses are built from their section (ServerConfig(**section.model_dump())): a
+    # field added to one must be added to the other (and the reference regenerated).
+    assert set(section.model_fields) == {f.name for f in dataclasses.fields(runtime)}

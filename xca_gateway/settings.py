@@ -389,6 +389,15 @@ class TlsSection(Section):
             "A peer that has not finished the handshake after this many seconds is dropped."
         ),
     )
+    session_tickets: Annotated[int, Range(0, 16)] = Field(
+        1,
+        description=(
+            "TLS 1.3 session tickets sent per full handshake: a returning client resumes without"
+            " the certificate signature and chain verification, keeping its verified identity."
+            " 0: every connection makes a full handshake (a revoked certificate cannot resume a"
+            " session then)."
+        ),
+    )
     crl_file: PathText | None = Field(
         None,
         description=(
