@@ -29,6 +29,7 @@ from xca_gateway.schema import (
     Rate,
     Seconds,
     Section,
+    Strings,
 )
 
 # BCP195 (RFC 7525) TLS 1.2 suites, as required at IHE Connectathons (ITI-19); TLS 1.3 suites
@@ -347,6 +348,24 @@ class ServerSection(Section):
         75.0, description="Seconds a kept-alive connection waits for its next request."
     )
     handler_timeout: Seconds = Field(300.0, description="Seconds for a handler's answer.")
+    proxy_protocol: bool = Field(
+        False,
+        description=(
+            "PROXY protocol v2 (HAProxy send-proxy-v2): every connection must start with the"
+            " header, read before the TLS handshake, and only from proxy_sources; the address it"
+            " carries is the caller's for audit records, per-source limits and the access"
+            " policy's addresses."
+        ),
+    )
+    proxy_sources: Strings = Field(
+        [],
+        description="The balancers' addresses or networks (required with proxy_protocol).",
+        examples=[["127.0.0.1", "10.0.0.0/24"]],
+    )
+    drain_timeout: Seconds = Field(
+        30.0,
+        description="On SIGTERM: stop accepting, let requests in flight finish this many seconds.",
+    )
     min_body_rate: Annotated[float, Range(0)] = Field(
         1024.0,
         description=(
@@ -508,6 +527,19 @@ class InitiatingSection(Section):
             "ObjectRefs a peer returns to a LeafClass query are fetched with GetDocuments in "
             "batches of this size."
         ),
+    )
+
+
+class SharedSection(Section):
+    """The database the replicas of one community share (several gateways behind one
+    balancer). Absent: every store stays in-process (one gateway). Present: the consent rules,
+    the XUA replay cache and the front doors' study access live there, so that every replica
+    decides alike."""
+
+    database: Annotated[str, Matches(r"postgres(ql)?://\S+", "a postgresql:// URL")] | None = Field(
+        None,
+        description="The shared PostgreSQL.",
+        examples=["postgresql://xca@db.north.example.org:5432/xca"],
     )
 
 

@@ -52,6 +52,7 @@ from xca_gateway.settings import (
     ServerConfig,
     ServerSection,
     SharedConfig,
+    SharedSection,
     StorageConfig,
     StorageSection,
     TlsConfig,
@@ -163,6 +164,7 @@ class GatewayFile(Section):
     dicomweb: DicomWebSection | None = Field(None, description=DicomWebSection.__doc__)
     prefetch: PrefetchSection | None = Field(None, description=PrefetchSection.__doc__)
     web: WebSection | None = Field(None, description=WebSection.__doc__)
+    shared: SharedSection = Field(SharedSection(), description=SharedSection.__doc__)
     peers: list[PeerSection] = Field([], description=PeerSection.__doc__)
 
 
