@@ -798,3 +798,63 @@ def test_no_session_tickets_means_a_full_handshake_every_time(
     status, session, _ = _query_on_tls(gateway.https.port, ctx, None)
     status, _, resumed = _query_on_tls(gateway.https.port, ctx, session)
     assert (status, resumed) == ("HTTP/1.1 200", False)
+
+
+def test_connections_over_the_caps_are_reset_at_the_accept_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Refused before the event loop makes a transport or a task of them: a flood over the
+    per-source cap costs a syscall each, and the connection within the cap is served."""
+    from xca_gateway.protocol.http_server import ConnectionLimits, HttpServer, Request, Response
+
+    made: list[str] = []
+    accepted = HttpServer._accepted
+
+    def counting(self: HttpServer, transport: asyncio.Transport) -> None:
+        made.append(str(transport.get_extra_info("peername")[0]))
+        accepted(self, transport)
+
+    monkeypatch.setattr(HttpServer, "_accepted", counting)
+
+    async def app(request: Request) -> Response:
+        return Response(200, body=b"ok")
+
+    async def scenario() -> tuple[list[bool], bytes]:
+        server = HttpServer(
+            app, ssl_context=None, limits=ConnectionLimits(max_connections_per_source=1)
+        )
+        await server.start("127.0.0.1", 0)
+        try:
+            held = await asyncio.open_connection(
+                "127.0.0.1", server.port, local_addr=("127.0.0.2", 0)
+            )
+            for _ in range(500):  # bounded: until the held one is admitted
+                if server.active_connections == 1:
+                    break
+                await asyncio.sleep(0.01)
+            refused = []
+            for _ in range(5):
+                try:  # reset at once, maybe before the client saw its connect through
+                    reader, writer = await asyncio.open_connection(
+                        "127.0.0.1", server.port, local_addr=("127.0.0.2", 0)
+                    )
+                except ConnectionError:
+                    refused.append(True)
+                    continue
+                try:
+                    refused.append(await reader.read(10) == b"")
+                except ConnectionError:
+                    refused.append(True)
+                writer.transport.abort()
+            held[1].write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = await held[0].read()
+            held[1].close()
+            assert server.gate.refused == {"max_connections_per_source": 5}
+            return refused, answer
+        finally:
+            await server.close()
+
+    refused, answer = asyncio.run(scenario())
+    assert refused == [True] * 5
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert made == ["127.0.0.2"]  # the five never became transports

@@ -19,6 +19,7 @@ and may answer with an async iterable, sent with chunked transfer encoding.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import ipaddress
@@ -27,6 +28,7 @@ import os
 import select
 import socket
 import ssl
+import struct
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -286,6 +288,11 @@ class _QuietLog:
 
 
 _handshake_log = _QuietLog()
+# A connection let through at the accept is admitted a few turns of the loop later; one never
+# admitted (its transport could not be made) stops counting after this many seconds.
+_SCREENED_FOR = 5.0
+# Connections refused in one call of accept() at most, so that a flood cannot hold the loop.
+_REFUSALS_PER_ACCEPT = 256
 # Above this many bytes a request body is "large": the rest of it is read in its source's turn.
 LARGE_BODY_BYTES = 64 * 1024
 
@@ -317,6 +324,9 @@ class ConnectionGate:
         self._pending: dict[object, Callable[[], None]] = {}
         self._speaking: dict[object, Callable[[], None]] = {}
         self._probes: dict[object, Callable[[], bool]] = {}
+        # Connections let through at the accept (screen) and not yet admitted, by source.
+        self._screened: dict[str, collections.deque[float]] = {}
+        self._screened_total = 0
         # (kind, source) -> [its turns (a semaphore), connections holding or waiting for one].
         self._turns: dict[tuple[str, str], list[Any]] = {}
         self._logged: dict[str, float] = {}
@@ -325,9 +335,41 @@ class ConnectionGate:
         self._wake: asyncio.TimerHandle | None = None
         self._swept = 0.0
 
+    def screen(self, address: str) -> bool:
+        """At the accept itself, before the event loop makes a transport and a task of the
+        connection: False if :meth:`admit` would refuse it (counted and logged here), so a
+        flood of connections over the caps costs a few microseconds each, not a turn of the
+        loop each. A connection let through is counted until :meth:`admit` takes it over."""
+        source = source_of(address)
+        now = time.monotonic()
+        screened = self._screened.setdefault(source, collections.deque())
+        while screened and now - screened[0] > _SCREENED_FOR:
+            screened.popleft()  # never admitted (the transport failed): not counted for ever
+            self._screened_total -= 1
+        if self.active + self._screened_total >= self.limits.max_connections:
+            reason = "max_connections"
+        elif (
+            self.by_source.get(source, 0) + len(screened) >= self.limits.max_connections_per_source
+        ):
+            reason = "max_connections_per_source"
+        else:
+            screened.append(now)
+            self._screened_total += 1
+            return True
+        if not screened:
+            del self._screened[source]
+        self._refuse(reason, address)
+        return False
+
     def admit(self, address: str) -> str | None:
         """Count a new connection in, or return why it is refused."""
         source = source_of(address)
+        screened = self._screened.get(source)
+        if screened:
+            screened.popleft()
+            self._screened_total -= 1
+            if not screened:
+                del self._screened[source]
         if self.active >= self.limits.max_connections:
             reason = "max_connections"
         elif self.by_source.get(source, 0) >= self.limits.max_connections_per_source:
@@ -657,6 +699,41 @@ async def tls_accept(
     )
 
 
+class _ScreeningSocket(socket.socket):
+    """A listening socket whose accept() resets, there and then, the connections its gate
+    refuses: the event loop never makes a transport nor a task of them."""
+
+    __slots__ = ()
+    gate: ConnectionGate  # set on the class made for each listener
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        for _ in range(_REFUSALS_PER_ACCEPT):
+            conn, addr = super().accept()  # BlockingIOError: none left, the loop carries on
+            if self.gate.screen(str(addr[0]) if addr else "?"):
+                return conn, addr
+            with contextlib.suppress(OSError):
+                # RST rather than FIN: nothing to linger over, no TIME_WAIT kept.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+        raise BlockingIOError  # enough for one turn of the loop; the rest on the next
+
+
+def _screen_accepts(server: asyncio.Server, gate: ConnectionGate) -> None:
+    """Have ``server``'s listening sockets screen their accepts with ``gate``.
+
+    asyncio accepts with the listening socket's own accept(), which a subclass may extend;
+    the server's socket objects are reached through a private attribute. Best effort, like
+    the certificate capture: without it, refusals happen one turn later, at more cost.
+    """
+    screening = type("ScreeningSocket", (_ScreeningSocket,), {"__slots__": (), "gate": gate})
+    for sock in getattr(server, "_sockets", None) or ():
+        if type(sock) is socket.socket:
+            try:
+                sock.__class__ = screening
+            except TypeError:  # pragma: no cover - depends on the Python build
+                log.info("connection screening at accept is not available on this Python")
+
+
 class _AcceptProtocol(asyncio.Protocol):
     """Holds a fresh connection, not reading, until the server has admitted it."""
 
@@ -739,6 +816,7 @@ class HttpServer:
             self._server = await loop.create_server(
                 lambda: _AcceptProtocol(self), host, port, backlog=1024, reuse_address=True
             )
+        _screen_accepts(self._server, self.gate)
 
     async def close(self, grace: float = 5.0) -> None:
         if self._server is not None:
