@@ -120,9 +120,9 @@ class ServerConfig:
     # one source cannot take the event loop from everyone else's handshakes and requests.
     # TLS handshakes in progress at once per source (the others wait their turn, unread).
     max_handshakes_per_source: int = 8
-    handshake_rate_per_source: float = 25.0
-    handshake_burst_per_source: int = 50
-    handshake_rate: float = 400.0
+    handshake_rate_per_source: float = 200.0
+    handshake_burst_per_source: int = 400
+    handshake_rate: float = 1000.0
     # One absolute deadline for a request head (request line and headers), from the end of the
     # handshake or, on a kept-alive connection, from the head's first byte.
     header_timeout: float = 15.0
@@ -324,17 +324,17 @@ class ServerSection(Section):
         ),
     )
     handshake_rate_per_source: Rate = Field(
-        25.0,
+        200.0,
         description=(
             "TLS handshakes started per second from one source (a token bucket), so a burst"
             " from one source cannot take the event loop from everyone else."
         ),
     )
     handshake_burst_per_source: Count = Field(
-        50, description="Handshakes one source may save up in that bucket."
+        400, description="Handshakes one source may save up in that bucket."
     )
     handshake_rate: Rate = Field(
-        400.0, description="TLS handshakes started per second from all sources together."
+        1000.0, description="TLS handshakes started per second from all sources together."
     )
     header_timeout: Seconds = Field(
         15.0,

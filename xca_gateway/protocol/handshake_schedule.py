@@ -67,11 +67,11 @@ class TokenBucket:
 class HandshakeLimits:
     # Per source: handshakes in progress at once, started per second, and saved up.
     per_source_concurrency: int = 8
-    per_source_rate: float = 25.0
-    per_source_burst: float = 50.0
+    per_source_rate: float = 200.0
+    per_source_burst: float = 400.0
     # All sources together: handshakes started per second, and saved up.
-    rate: float = 400.0
-    burst: float = 400.0
+    rate: float = 1000.0
+    burst: float = 1000.0
 
 
 class _Source:

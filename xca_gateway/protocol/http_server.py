@@ -221,9 +221,9 @@ class ConnectionLimits:
     # TLS handshakes started per second per source (a token bucket holding a burst of them),
     # and by all sources together: the excess waits unread, sources served round-robin
     # (see handshake_schedule).
-    handshake_rate_per_source: float = 25.0
-    handshake_burst_per_source: int = 50
-    handshake_rate: float = 400.0
+    handshake_rate_per_source: float = 200.0
+    handshake_burst_per_source: int = 400
+    handshake_rate: float = 1000.0
 
     @classmethod
     def for_gateway(cls, config: ListenerSettings) -> ConnectionLimits:
