@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_config
-from xca_gateway.protocol.http_server import HttpServer, Request, Response
+from xca_gateway.protocol.http_server import ConnectionLimits, HttpServer, Request, Response
 from xca_gateway.protocol.proxy_protocol import (
     SIGNATURE,
     ProxyProtocolError,
@@ -197,3 +197,32 @@ async def test_only_the_configured_balancers_may_connect(listener: Listener) -> 
         await asyncio.sleep(0.02)
     assert [f.address for f in listener.failures] == ["127.0.0.2"]
     assert "not a configured balancer" in listener.failures[0].reason
+
+
+async def test_the_balancer_is_not_one_source_capped_at_the_accept(
+    pki: DevPki, tmp_path: Path
+) -> None:
+    """Behind a balancer every connection comes from its address: the per-source cap applies
+    to the callers its header names, never to the balancer at the accept."""
+
+    async def app(request: Request) -> Response:
+        return Response(200, body=request.peer.address.encode())
+
+    server = HttpServer(
+        app,
+        ssl_context=server_context(make_config(pki, tmp_path).tls),
+        proxy=ProxySources.parse(["127.0.0.1/32"]),
+        limits=ConnectionLimits(max_connections_per_source=1),
+    )
+    await server.start("127.0.0.1", 0)
+    try:
+        port = server.port
+        callers = [f"127.0.0.{70 + i}" for i in range(3)]
+        answers = [
+            await _get(pki, port, build_header((caller, 40001), ("127.0.0.1", port)))
+            for caller in callers
+        ]
+        assert answers == [caller.encode() for caller in callers]
+        assert server.gate.refused == {}
+    finally:
+        await server.close(1.0)

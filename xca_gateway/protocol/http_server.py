@@ -816,7 +816,10 @@ class HttpServer:
             self._server = await loop.create_server(
                 lambda: _AcceptProtocol(self), host, port, backlog=1024, reuse_address=True
             )
-        _screen_accepts(self._server, self.gate)
+        if self.proxy is None:
+            # Behind a balancer the socket's address is the balancer's: admission waits for
+            # the PROXY header's address.
+            _screen_accepts(self._server, self.gate)
 
     async def close(self, grace: float = 5.0) -> None:
         if self._server is not None:
