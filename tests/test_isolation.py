@@ -485,17 +485,19 @@ def test_large_bodies_of_one_source_are_read_one_at_a_time(gateway: Gateway, pki
 
 
 def test_a_source_has_a_few_handshakes_at_once_and_others_are_served(
-    gateway: Gateway, pki: DevPki
+    gateway_factory: Callable[..., Gateway], pki: DevPki
 ) -> None:
     """Ten stalled handshakes from one address: eight hold its turns, two wait unread, and
     another source's client is served meanwhile."""
+    gateway = gateway_factory("alpha", server={"max_handshakes_per_source": 8})
     gate = gateway.https.gate
     stalled = [_raw(gateway.https.port) for _ in range(10)]
     try:
         for sock in stalled:
             sock.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello, then nothing
         assert wait_for(lambda: gate.waiting_or_holding("handshake", "127.0.0.2") == 10)
-        assert gate.limits.max_handshakes_per_source == 8
+        schedule = gate._schedule
+        assert schedule is not None and schedule.in_progress("127.0.0.2") == 8
         assert _ask(gateway, pki) == 200
     finally:
         for sock in stalled:

@@ -119,7 +119,7 @@ class ServerConfig:
     # (within tls.handshake_timeout), sources served in turn, so a burst of connections from
     # one source cannot take the event loop from everyone else's handshakes and requests.
     # TLS handshakes in progress at once per source (the others wait their turn, unread).
-    max_handshakes_per_source: int = 8
+    max_handshakes_per_source: int = 64
     handshake_rate_per_source: float = 200.0
     handshake_burst_per_source: int = 400
     handshake_rate: float = 1000.0
@@ -317,7 +317,7 @@ class ServerSection(Section):
         ),
     )
     max_handshakes_per_source: Count = Field(
-        8,
+        64,
         description=(
             "TLS handshakes in progress at once per source; the others wait their turn, unread"
             " (until [tls] handshake_timeout), waiting sources served in turn."
