@@ -156,3 +156,28 @@ def test_the_shared_and_proxy_keys_are_checked(tmp_path: Path) -> None:
     ):
         with pytest.raises(ConfigError, match=message):
             parse_config(_config(bad), tmp_path)
+
+
+def test_the_consent_cli_writes_the_shared_rules_when_the_gateway_has_replicas(
+    database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_consent import _cli
+
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[consent]\nenabled = true\n\n[shared]\ndatabase = "{database_url}"\n')
+    argv = ["consent", "set", "--config", str(config), "--patient", PATIENT, "--mode", "opt-out"]
+    assert _cli(argv) == 0
+    capsys.readouterr()
+    # What every replica reads, not a local file beside the configuration.
+    db = SharedDatabase(database_url, max_size=1)
+    try:
+        assert [r.mode for r in PostgresConsentStore(db).rules_for(PATIENT)] == ["opt-out"]
+    finally:
+        db.close()
+    assert not (tmp_path / "data" / "consent.sqlite3").exists()
+    # An unreachable shared database is one line on stderr, exit 2, no traceback.
+    config.write_text(
+        '[consent]\nenabled = true\n\n[shared]\ndatabase = "postgresql://u@127.0.0.1:1/x"\n'
+    )
+    assert _cli(argv) == 2
+    assert "shared database unreachable" in capsys.readouterr().err

@@ -56,7 +56,7 @@ from xca_gateway.protocol.http_server import (
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.peer_client import PeerClient
 from xca_gateway.protocol.proxy_protocol import ProxySources
-from xca_gateway.protocol.shared_db import SharedDatabase
+from xca_gateway.protocol.shared_db import SharedDatabase, SharedDatabaseError
 from xca_gateway.protocol.soap import SoapFault, build_fault
 from xca_gateway.protocol.soap_service import CURRENT_REQUEST, Operation, SoapEndpoint, SoapService
 from xca_gateway.protocol.tls import HandshakeFailure, gateway_client_context, server_context
@@ -120,9 +120,12 @@ class Gateway:
             mapping.directory or config.storage.data_dir / "patients.sqlite3"
         )
         # The database the replicas of this community share, when [shared] names one.
-        self.shared: SharedDatabase | None = (
-            SharedDatabase(config.shared.database) if config.shared.database else None
-        )
+        self.shared: SharedDatabase | None = None
+        if config.shared.database:
+            try:
+                self.shared = SharedDatabase(config.shared.database)
+            except SharedDatabaseError as exc:
+                raise ConfigError(f"[shared] database: {exc}") from None
         self.draining = False
         self.endpoints = self._build_endpoints()
         if mapping.xcpd_responder:

@@ -21,6 +21,9 @@ from psycopg_pool import ConnectionPool
 
 log = logging.getLogger(__name__)
 
+# Seconds a statement waits for a pooled connection (or a new one) before it fails: short, as
+# statements are issued from the event loop.
+STATEMENT_CHECKOUT_TIMEOUT = 2.0
 # Serializes schema creation when several replicas start at once (an arbitrary constant).
 _SCHEMA_LOCK = 0x58434153
 
@@ -46,7 +49,11 @@ class SharedDatabase:
             # A connection broken by a database restart is found and replaced before use.
             check=ConnectionPool.check_connection,
         )
-        self._pool.open(wait=True, timeout=connect_timeout)
+        try:
+            self._pool.open(wait=True, timeout=connect_timeout)
+        except psycopg.Error as exc:  # PoolTimeout included: nothing answered in time
+            self._pool.close()
+            raise SharedDatabaseError(f"shared database unreachable: {exc}") from exc
         self._healthy = True
         self._lock = threading.Lock()
 
@@ -54,8 +61,16 @@ class SharedDatabase:
     def transaction(self) -> Iterator[psycopg.Cursor[Any]]:
         """A cursor in one transaction: committed when the block ends, rolled back on error.
         Database failures surface as :class:`SharedDatabaseError`."""
+        if not self._healthy:
+            # Known down (the last probe or statement failed): answer at once rather than
+            # hold the caller, often the event loop, for a connection timeout per request.
+            # The probe behind /readyz (every 2 s) marks it healthy again.
+            raise SharedDatabaseError("shared database unreachable (last probe failed)")
         try:
-            with self._pool.connection() as connection, connection.cursor() as cur:
+            with (
+                self._pool.connection(timeout=STATEMENT_CHECKOUT_TIMEOUT) as connection,
+                connection.cursor() as cur,
+            ):
                 yield cur
         except psycopg.Error as exc:  # PoolTimeout (no connection in time) is one too
             if isinstance(exc, psycopg.OperationalError):

@@ -22,7 +22,9 @@ from typing import Any, Literal
 from xca_gateway.audit import messages as m
 from xca_gateway.audit.messages import AuditContext, AuditMessage
 from xca_gateway.protocol.http_server import BodyTooLarge, Request, Response
+from xca_gateway.protocol.shared_db import SharedDatabase, SharedDatabaseError
 from xca_gateway.security.callers import Principal
+from xca_gateway.security.consent.postgres_store import PostgresConsentStore
 from xca_gateway.security.consent.service import (
     ANY,
     MODES,
@@ -51,6 +53,14 @@ def _load_from_gateway_config(path: Path) -> ConsentConfig:
     data_dir = Path(str(data_dir_value)).expanduser()
     data_dir = data_dir if data_dir.is_absolute() else (base / data_dir).resolve()
     return parse_consent_config(dict(data.get("consent", {})), base, data_dir)
+
+
+def _shared_database(path: Path) -> str | None:
+    """``[shared] database`` of the gateway configuration, if it names one."""
+    with path.open("rb") as fh:
+        shared = tomllib.load(fh).get("shared", {})
+    database = shared.get("database") if isinstance(shared, dict) else None
+    return database if isinstance(database, str) and database else None
 
 
 def _rule_json(rule: ConsentRule) -> dict[str, Any]:
@@ -140,8 +150,22 @@ def cmd_consent(args: argparse.Namespace) -> int:
         return _via_api(args)
     try:
         config = _load_from_gateway_config(Path(args.config))
-        service = ConsentService.open(config)
-    except (ConsentError, OSError, sqlite3.Error) as exc:
+        shared = _shared_database(Path(args.config))
+        if shared is not None:
+            # Replicas: the rules every replica reads are in the shared database, not in a
+            # local file no replica would see.
+            service = ConsentService(
+                PostgresConsentStore(SharedDatabase(shared, max_size=1), owns_database=True), config
+            )
+        else:
+            service = ConsentService.open(config)
+    except (
+        ConsentError,
+        ConsentStoreUnavailable,
+        SharedDatabaseError,
+        OSError,
+        sqlite3.Error,
+    ) as exc:
         print(f"xca-gateway: {exc}", file=sys.stderr)
         return 2
     try:

@@ -58,15 +58,19 @@ def _rule(row: dict[str, Any]) -> ConsentRule:
 class PostgresConsentStore:
     """:class:`~xca_gateway.security.consent.service.ConsentRules` on the shared database."""
 
-    def __init__(self, database: SharedDatabase) -> None:
+    def __init__(self, database: SharedDatabase, *, owns_database: bool = False) -> None:
         self.database = database
+        # The CLI opens a database for this store alone; a gateway shares its own.
+        self.owns_database = owns_database
         try:
             database.create_schema(SCHEMA)
         except SharedDatabaseError as exc:
             raise ConsentStoreUnavailable(str(exc)) from None
 
     def close(self) -> None:
-        """The pool belongs to the gateway (other stores share it)."""
+        """Closes the database only if it is this store's own (else the gateway's)."""
+        if self.owns_database:
+            self.database.close()
 
     def _run(self, statements: Any) -> Any:
         try:
