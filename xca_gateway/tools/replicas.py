@@ -235,7 +235,10 @@ def haproxy_config(
     ``public_fd``: a listening socket HAProxy inherits (``bind fd@N``) instead of binding
     ``public_port`` itself (the demo binds every port before it writes a configuration).
     """
-    checks = "check inter 500ms fall 2 rise 2"
+    # A check answered late is a failed one: on a loaded machine the admin port may take a
+    # moment, so the check gets seconds, not the interval, and three misses mark a replica
+    # down (a killed one refuses at once: down within about 3 s, its connections redispatched).
+    checks = "check inter 1s fall 3 rise 2"
     lines = [
         "global",
         "    maxconn 4096",
@@ -246,6 +249,7 @@ def haproxy_config(
         # Long enough for a large study streamed by RAD-69 (the gateway has its own deadlines).
         "    timeout client 300s",
         "    timeout server 300s",
+        "    timeout check 5s",
         # A replica that refuses the connection (killed, draining): try another.
         "    retries 3",
         "    option redispatch",
