@@ -322,9 +322,7 @@ async def _read_root(
                 boundary = params.get("boundary") or ""
                 start = (params.get("start") or "").strip().strip("<>") or None
                 parts = MultipartStream(
-                    response.aiter_raw(RELAY_CHUNK),
-                    boundary,
-                    max_parts=len(request.documents) + 8,
+                    response.aiter_reads(), boundary, max_parts=len(request.documents) + 8
                 )
                 early_total = 0
                 while True:

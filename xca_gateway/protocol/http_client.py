@@ -38,6 +38,13 @@ __all__ = [
 # stream buffer is allowed to hold READ_SIZE before the transport pauses.
 READ_SIZE = 1024 * 1024
 _MAX_HEADER_BYTES = 64 * 1024
+# A long body (past BULK_AFTER bytes) is handed on in pieces of about GATHER_BYTES: the
+# transport delivers what one TCP segment carried (~60 KB on loopback), and each piece costs
+# the relay the same Python work downstream whatever its size. Data that does not reach
+# GATHER_BYTES is handed on GATHER_WAIT seconds after its first byte arrived.
+BULK_AFTER = 1024 * 1024
+GATHER_BYTES = 256 * 1024
+GATHER_WAIT = 0.002
 
 
 class RelayError(Exception):
@@ -90,6 +97,8 @@ class _Reader(asyncio.Protocol):
         self._eof = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._want = 0  # bytes the pending read would like to gather before waking
+        self._gather: asyncio.TimerHandle | None = None
         self._paused = False
         self._can_write = asyncio.Event()
         self._can_write.set()
@@ -103,7 +112,10 @@ class _Reader(asyncio.Protocol):
         if self._size > self.HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
-        self._wake()
+        if self._size >= self._want:
+            self._wake()
+        elif self._gather is None and self._waiter is not None:
+            self._gather = asyncio.get_running_loop().call_later(GATHER_WAIT, self._wake)
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -131,6 +143,9 @@ class _Reader(asyncio.Protocol):
             raise ConnectionResetError("connection closed while sending")
 
     def _wake(self) -> None:
+        gather, self._gather = self._gather, None
+        if gather is not None:
+            gather.cancel()
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -139,8 +154,21 @@ class _Reader(asyncio.Protocol):
     def at_eof(self) -> bool:
         return self._eof and not self._chunks
 
-    async def read(self) -> bytes:
-        """Everything received so far (waiting for something); b"" at a clean EOF."""
+    async def read(self, want: int = 0) -> bytes:
+        """Everything received so far (waiting for something); b"" at a clean EOF. With
+        ``want``, waits for that many bytes or GATHER_WAIT after the first one came."""
+        if want and self._size < want and not self._eof and self._error is None:
+            self._want = want
+            if self._chunks:
+                self._gather = asyncio.get_running_loop().call_later(GATHER_WAIT, self._wake)
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._want = 0
+                if self._gather is not None:
+                    self._gather.cancel()
+                    self._gather = None
         while not self._chunks:
             if self._error is not None:
                 raise self._error
@@ -292,17 +320,56 @@ class RelayResponse:
         decoder = self._decoder
         if connection is None:
             return
+        received = 0
         try:
             data, self._initial = self._initial, b""
             while not decoder.done:
                 if not data:
-                    data = await connection.reader.read()
+                    data = await connection.reader.read(
+                        GATHER_BYTES if received >= BULK_AFTER else 0
+                    )
+                    received += len(data)
                     if not data:
                         decoder.eof()
                         break
                 for piece in decoder.feed(data):
                     yield cast(bytes, piece)
                 data = b""
+        except ssl.SSLError as exc:
+            await self.aclose()
+            raise RelayError(f"TLS failed: {exc}", tls=True) from None
+        except OSError as exc:
+            await self.aclose()
+            raise RelayError(f"connection failed: {exc!r}") from None
+        except RelayError:
+            await self.aclose()
+            raise
+        if decoder.done:
+            self._release()
+
+    async def aiter_reads(self) -> AsyncIterator[list[memoryview]]:
+        """The body as it arrives: per socket read, its body pieces (memoryviews of the
+        received buffer, between chunk-size lines), for a parser to join in one copy."""
+        connection = self._connection
+        decoder = self._decoder
+        if connection is None:
+            return
+        received = 0
+        try:
+            data, self._initial = self._initial, b""
+            while not decoder.done:
+                if not data:
+                    data = await connection.reader.read(
+                        GATHER_BYTES if received >= BULK_AFTER else 0
+                    )
+                    if not data:
+                        decoder.eof()
+                        break
+                    received += len(data)
+                pieces = decoder.feed(data)
+                data = b""
+                if pieces:
+                    yield pieces
         except ssl.SSLError as exc:
             await self.aclose()
             raise RelayError(f"TLS failed: {exc}", tls=True) from None

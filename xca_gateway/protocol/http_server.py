@@ -1235,30 +1235,49 @@ class HttpServer:
             headers.append(("connection", "close"))
         if isinstance(response.body, bytes | bytearray):
             headers.append(("content-length", str(len(response.body))))
-        writer.write(conn.send(h11.Response(status_code=response.status, headers=headers)) or b"")
+        head = conn.send(h11.Response(status_code=response.status, headers=headers)) or b""
+        writer.write(head)
+        end = b""
         if isinstance(response.body, bytes | bytearray):
             if response.body:
                 writer.write(conn.send(h11.Data(data=response.body)) or b"")
         else:
+            # h11 chose the framing: chunked (HTTP/1.1) is done here, without an h11 event
+            # and a join per chunk; h11 still writes the last-chunk.
+            chunked = b"\r\ntransfer-encoding: chunked\r\n" in head.lower()
             try:
-                await self._stream_body(conn, writer, response.body)
+                end = await self._stream_body(conn, writer, response.body, chunked=chunked)
             finally:
                 # Whatever happened, release the producer now (files, upstream connections).
                 aclose = getattr(response.body, "aclose", None)
                 if aclose is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(aclose(), 5.0)
-        writer.write(conn.send(h11.EndOfMessage()) or b"")
+        writer.write(end + (conn.send(h11.EndOfMessage()) or b""))
         await asyncio.wait_for(writer.drain(), self.timeouts.body)
 
     async def _stream_body(
-        self, conn: h11.Connection, writer: asyncio.StreamWriter, body: AsyncIterable[bytes]
-    ) -> None:
+        self,
+        conn: h11.Connection,
+        writer: asyncio.StreamWriter,
+        body: AsyncIterable[bytes],
+        *,
+        chunked: bool,
+    ) -> bytes:
+        """Write ``body``; returns what must precede the last-chunk (the CRLF ending the
+        final chunk's data, held back so that it travels with the next chunk-size line)."""
         transport = writer.transport
+        pending = b""  # CRLF closing the previous chunk's data
         try:
             async for chunk in body:
                 if chunk:
-                    writer.write(conn.send(h11.Data(data=chunk)) or b"")
+                    if chunked:
+                        # Two TLS writes, no copy of the chunk (a relay's chunks are
+                        # memoryviews of what it received).
+                        transport.writelines((pending + b"%x\r\n" % len(chunk), chunk))
+                        pending = b"\r\n"
+                    else:  # h11 keeps count (a declared length, or until close)
+                        transport.write(conn.send(h11.Data(data=chunk)) or b"")
                     # Backpressure: once the socket's buffer passes the high-water mark, wait
                     # for the reader, so a slow consumer slows the producer instead of the
                     # response piling up in memory. Checking the buffer first keeps the
@@ -1280,6 +1299,7 @@ class HttpServer:
             log.warning("response body failed mid-stream, aborting connection: %r", exc)
             writer.transport.abort()
             raise ConnectionAbortedError("response body failed") from exc
+        return pending
 
     async def _send_simple_error(
         self, conn: h11.Connection, writer: asyncio.StreamWriter, status: int, message: str

@@ -211,6 +211,7 @@ class PartStart(MultipartEvent):
 
 @dataclass(slots=True, frozen=True)
 class PartData(MultipartEvent):
+    # bytes from feed(); a read-only memoryview (bytes-like) from feed_views()
     data: bytes
 
 
@@ -299,7 +300,8 @@ class MultipartParser:
         self._delim = b"\n--" + boundary.encode("ascii")
         self._keep = len(self._delim) + 1  # delimiter plus its CR
         # A virtual leading LF lets a body that starts directly with --boundary match _delim.
-        self._buf = bytearray(b"\n")
+        # What is kept between feeds: a delimiter's worth inside a body, an unfinished header.
+        self._buf = b"\n"
         self._state = _State.PREAMBLE
         self._error = ""
         self._parts = 0
@@ -315,27 +317,32 @@ class MultipartParser:
         return self._parts
 
     def feed(self, data: bytes) -> list[MultipartEvent]:
+        """Events for ``data``; PartData holds bytes of its own."""
+        events = self.feed_views((data,))
+        return [PartData(bytes(e.data)) if isinstance(e, PartData) else e for e in events]
+
+    def feed_views(self, pieces: Iterable[bytes | memoryview]) -> list[MultipartEvent]:
+        """Events for the concatenation of ``pieces`` (e.g. the body pieces of one socket
+        read, joined here with the kept tail in one copy). PartData holds read-only
+        memoryviews of that joined buffer: a relay passes a part's bytes on without copying
+        them again."""
         if self._state is _State.ERROR:
             raise MtomError(self._error)
         if self._state is _State.DONE:
             return []  # epilogue
-        if not data:
+        buf = b"".join((self._buf, *pieces))
+        if len(buf) == len(self._buf):
             return []
-        buf = self._buf
-        buf += data
         events: list[MultipartEvent] = []
         try:
-            with memoryview(buf) as mv:
-                pos = self._run(buf, mv, events)
+            pos = self._run(buf, memoryview(buf), events)
         except MtomError as exc:
             self._state = _State.ERROR
             self._error = exc.reason
-            buf.clear()
+            self._buf = b""
             raise
-        if self.finished:  # _run() may have moved the state
-            buf.clear()
-        else:
-            del buf[:pos]
+        # _run() may have moved the state to DONE
+        self._buf = b"" if self.finished else buf[pos:]
         return events
 
     def close(self) -> list[MultipartEvent]:
@@ -347,13 +354,13 @@ class MultipartParser:
                 self._error = "multipart body has no boundary delimiter"
             else:
                 self._error = "multipart body ended without close delimiter"
-            self._buf.clear()
+            self._buf = b""
             raise MtomError(self._error)
         return []
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _delimiter_kind(self, buf: bytearray, end: int) -> str | None:
+    def _delimiter_kind(self, buf: bytes, end: int) -> str | None:
         """Classify what follows a matched ``LF--boundary`` ending at ``end``.
 
         Returns "close", "part", "none" (boundary was only a prefix of other text), or None when
@@ -370,7 +377,7 @@ class MultipartParser:
             return "part"
         return "none"
 
-    def _run(self, buf: bytearray, mv: memoryview, events: list[MultipartEvent]) -> int:
+    def _run(self, buf: bytes, mv: memoryview, events: list[MultipartEvent]) -> int:
         pos = 0
         delim = self._delim
         n = len(buf)
@@ -387,10 +394,10 @@ class MultipartParser:
                     if kind is None:
                         # Delimiter not decidable yet; flush what is certainly body.
                         if body_end > pos:
-                            events.append(PartData(bytes(mv[pos:body_end])))
+                            events.append(PartData(cast(bytes, mv[pos:body_end])))
                         return body_end
                     if body_end > pos:
-                        events.append(PartData(bytes(mv[pos:body_end])))
+                        events.append(PartData(cast(bytes, mv[pos:body_end])))
                     events.append(PartEnd())
                     pos = idx + len(delim)
                     if kind == "close":
@@ -402,7 +409,7 @@ class MultipartParser:
                 else:
                     safe = n - self._keep
                     if safe > pos:
-                        events.append(PartData(bytes(mv[pos:safe])))
+                        events.append(PartData(cast(bytes, mv[pos:safe])))
                         return safe
                     return pos
             elif state is _State.AFTER_BOUNDARY:
@@ -876,9 +883,10 @@ class MtomWriter:
                     if body:
                         yield bytes(body)
                 elif isinstance(body, AsyncIterable):
+                    # Bytes-like chunks (memoryviews of a relayed reply) go on uncopied.
                     async for chunk in body:
                         if chunk:
-                            yield chunk if isinstance(chunk, bytes) else bytes(chunk)
+                            yield chunk
                 else:
                     for chunk in body:
                         if chunk:

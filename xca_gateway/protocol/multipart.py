@@ -1,17 +1,18 @@
 """Pull-style reading of a streamed multipart body (MTOM replies, WADO-RS responses).
 
 Wraps the push parser :class:`xca_gateway.protocol.mtom.MultipartParser` around an async byte
-iterator
-(an httpx response): callers pull one event at a time, so nothing is read from the socket before
-it is needed and back-pressure reaches the sender. Part bodies sent base64-encoded (allowed in
-MIME, seen from some SOAP stacks) are decoded on the fly.
+iterator (a relay reply): callers pull one event at a time, so nothing is read from the socket
+before it is needed and back-pressure reaches the sender. Part bodies sent base64-encoded
+(allowed in MIME, seen from some SOAP stacks) are decoded on the fly. PartData are read-only
+memoryviews of the received bytes (see ``MultipartParser.feed_views``).
 """
 
 from __future__ import annotations
 
 import binascii
 import collections
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from typing import cast
 
 from xca_gateway.protocol.mtom import (
     Finished,
@@ -34,7 +35,7 @@ class _Base64:
         self._rest = b""
 
     def feed(self, data: bytes) -> bytes:
-        data = self._rest + data.translate(None, b" \t\r\n")
+        data = self._rest + bytes(data).translate(None, b" \t\r\n")
         cut = len(data) - len(data) % 4
         self._rest = data[cut:]
         try:
@@ -48,9 +49,17 @@ class _Base64:
 
 
 class MultipartStream:
-    """Events of a multipart body, pulled from ``chunks`` on demand."""
+    """Events of a multipart body, pulled from ``chunks`` on demand. An item of ``chunks`` may
+    be a list of pieces (``RelayResponse.aiter_reads``: what one socket read carried), parsed
+    as one."""
 
-    def __init__(self, chunks: AsyncIterator[bytes], boundary: str, *, max_parts: int) -> None:
+    def __init__(
+        self,
+        chunks: AsyncIterator[bytes] | AsyncIterator[list[memoryview]],
+        boundary: str,
+        *,
+        max_parts: int,
+    ) -> None:
         self._chunks = chunks
         self._parser = MultipartParser(boundary, max_parts=max_parts)
         self._pending: collections.deque[MultipartEvent] = collections.deque()
@@ -67,7 +76,9 @@ class MultipartStream:
             except StopAsyncIteration:
                 self._parser.close()  # raises MtomError if the close delimiter is missing
                 raise TruncatedMultipart("multipart body ended early") from None
-            self._pending.extend(self._parser.feed(chunk))
+            pieces: Iterable[bytes | memoryview]
+            pieces = chunk if isinstance(chunk, list) else (cast(bytes, chunk),)
+            self._pending.extend(self._parser.feed_views(pieces))
         event = self._pending.popleft()
         if isinstance(event, PartStart):
             encoding = event.headers.headers.get("content-transfer-encoding", "binary")
