@@ -697,3 +697,53 @@ def test_cxf_style_message() -> None:
             att = msg.attachments[cid_from_href(href)]
             assert att.content_type == "application/dicom"
             assert att.read_all() == dicom
+
+
+@pytest.mark.parametrize("cut", [1, 7, 64, 1000, 100_000])
+def test_feed_views_gives_the_same_parts_as_feed_as_views(cut: int) -> None:
+    boundary = "b0undary"
+    body = bytes(range(256)) * 40
+    wire = (
+        b"--b0undary\r\nContent-ID: <root>\r\n\r\n<root/>"
+        b"\r\n--b0undary\r\nContent-ID: <i1>\r\n\r\n" + body + b"\r\n--b0undary--\r\n"
+    )
+
+    def run(views: bool) -> list[tuple[str, bytes]]:
+        parser = MultipartParser(boundary)
+        out: list[tuple[str, bytes]] = []
+        for pos in range(0, len(wire), cut):
+            piece = wire[pos : pos + cut]
+            # Pieces of one read may come split (chunk-size lines removed between them).
+            events = (
+                parser.feed_views([piece[: len(piece) // 2], memoryview(piece)[len(piece) // 2 :]])
+                if views
+                else parser.feed(piece)
+            )
+            for event in events:
+                if isinstance(event, PartData):
+                    assert isinstance(event.data, memoryview if views else bytes)
+                    out.append(("data", bytes(event.data)))
+                else:
+                    out.append((type(event).__name__, b""))
+        return out
+
+    def merged(events: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        result: list[tuple[str, bytes]] = []
+        for kind, data in events:
+            if result and kind == "data" and result[-1][0] == "data":
+                result[-1] = ("data", result[-1][1] + data)
+            else:
+                result.append((kind, data))
+        return result
+
+    expected = [
+        ("PartStart", b""),
+        ("data", b"<root/>"),
+        ("PartEnd", b""),
+        ("PartStart", b""),
+        ("data", body),
+        ("PartEnd", b""),
+        ("Finished", b""),
+    ]
+    assert merged(run(views=False)) == expected
+    assert merged(run(views=True)) == expected

@@ -289,3 +289,28 @@ async def test_get_sends_no_body_framing_and_streams_the_reply(pki: DevPki) -> N
     finally:
         await client.aclose()
         await server.close()
+
+
+async def test_read_by_read_pieces_of_a_long_body_join_to_the_body(pki: DevPki) -> None:
+    # 600 small chunks (past BULK_AFTER, where reads are gathered): each item is what one
+    # socket read carried, as views between the chunk-size lines; the connection is reused.
+    app = StreamingApp()
+    server = HttpServer(app, ssl_context=server_tls(pki))
+    await server.start()
+    client = RelayClient(client_tls(pki))
+    try:
+        url = f"https://127.0.0.1:{server.port}/echo"
+        payload = hashlib.sha256(b"relay").digest() * 256  # 8 KiB
+        for _ in range(2):
+            response = await client.post(url, payload, [("x-times", "600")])
+            data = bytearray()
+            async for pieces in response.aiter_reads():
+                assert pieces and all(isinstance(p, memoryview) for p in pieces)
+                for piece in pieces:
+                    data += piece
+            await response.aclose()
+            assert bytes(data) == payload * 600
+        assert len(set(app.peers)) == 1
+    finally:
+        await client.aclose()
+        await server.close()
