@@ -22,7 +22,7 @@ import contextlib
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import h11
@@ -83,16 +83,24 @@ def _origin(url: str) -> tuple[_Origin, str]:
     return _Origin(parts.scheme, parts.hostname, port), target
 
 
-class _Reader(asyncio.Protocol):
-    """Collects what the (TLS) transport delivers, as the bytes objects it made: no stream
-    buffer to copy through. Reading pauses above HIGH_WATER so a slow downstream consumer
-    slows the peer instead of filling memory."""
+class _Reader(asyncio.BufferedProtocol):
+    """Receives into buffers of its own (``asyncio.BufferedProtocol``: the TLS transport
+    decrypts record after record straight into them, no bytes object per record and no join)
+    and hands out memoryviews of what arrived. A buffer is never written twice, so views stay
+    valid; it is dropped once its views are. Reading pauses above HIGH_WATER so a slow
+    downstream consumer slows the peer instead of filling memory."""
 
     HIGH_WATER = 2 * READ_SIZE
+    BUFFER = 256 * 1024  # one TLS read's worth (what asyncio's TLS transport reads at most)
+    MIN_SPACE = 16 * 1024  # less room than a TLS record's plaintext: take a new buffer
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffer = bytearray(0)
+        self._view = memoryview(self._buffer)
+        self._filled = 0
+        # Received and not yet read: (buffer view, start, end), contiguous ranges merged.
+        self._chunks: collections.deque[list[Any]] = collections.deque()
         self._size = 0
         self._eof = False
         self._error: BaseException | None = None
@@ -106,9 +114,23 @@ class _Reader(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
-    def data_received(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._size += len(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        del sizehint  # the TLS transport hints the ciphertext it holds, not what is coming
+        if len(self._buffer) - self._filled < self.MIN_SPACE:
+            self._buffer = bytearray(self.BUFFER)
+            self._view = memoryview(self._buffer)
+            self._filled = 0
+        return self._view[self._filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        start, self._filled = self._filled, self._filled + nbytes
+        chunks = self._chunks
+        last = chunks[-1] if chunks else None
+        if last is not None and last[0] is self._view and last[2] == start:
+            last[2] = self._filled  # contiguous with what is still unread
+        else:
+            chunks.append([self._view, start, self._filled])
+        self._size += nbytes
         if self._size > self.HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
@@ -154,9 +176,9 @@ class _Reader(asyncio.Protocol):
     def at_eof(self) -> bool:
         return self._eof and not self._chunks
 
-    async def read(self, want: int = 0) -> bytes:
-        """Everything received so far (waiting for something); b"" at a clean EOF. With
-        ``want``, waits for that many bytes or GATHER_WAIT after the first one came."""
+    async def read(self, want: int = 0) -> list[memoryview]:
+        """Everything received so far as views (waiting for something); [] at a clean EOF.
+        With ``want``, waits for that many bytes or GATHER_WAIT after the first one came."""
         if want and self._size < want and not self._eof and self._error is None:
             self._want = want
             if self._chunks:
@@ -173,18 +195,16 @@ class _Reader(asyncio.Protocol):
             if self._error is not None:
                 raise self._error
             if self._eof:
-                return b""
+                return []
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
-        # Several small pieces are joined: fewer, larger chunks cost less downstream.
-        chunks = self._chunks
-        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
+        views = [view[start:end] for view, start, end in self._chunks]
+        self._chunks.clear()
         self._size = 0
         if self._paused and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
-        return data
+        return views
 
 
 class _BodyDecoder:
@@ -200,10 +220,14 @@ class _BodyDecoder:
         self.done = not chunked and length == 0
         self.leftover = b""
 
-    def feed(self, data: bytes) -> list[memoryview]:
+    def feed(self, data: bytes | memoryview) -> list[memoryview]:
         out: list[memoryview] = []
-        view = memoryview(data)
-        pos, n = 0, len(data)
+        view = data if isinstance(data, memoryview) else memoryview(data)
+        pos, n = 0, len(view)
+        if self.done:
+            if n:  # more after the end of the body (e.g. a second piece of the same read)
+                self.leftover += bytes(view)
+            return out
         while pos < n and not self.done:
             if self._state == "data":
                 if self._until_close:
@@ -220,14 +244,17 @@ class _BodyDecoder:
                     else:
                         self.done = True
             else:
-                nl = data.find(b"\n", pos)
-                end = n if nl < 0 else nl + 1
+                # A chunk-size line, a CRLF or a trailer: searched in a small copy (views
+                # have no find()).
+                window = bytes(view[pos : pos + 256])
+                nl = window.find(b"\n")
+                end = pos + (len(window) if nl < 0 else nl + 1)
                 self._line += view[pos:end]
                 pos = end
                 if len(self._line) > 4096:
                     raise RelayError("malformed chunked body: line too long")
                 if nl < 0:
-                    break
+                    continue
                 line = bytes(self._line).rstrip(b"\r\n")
                 self._line.clear()
                 self._line_done(line)
@@ -322,19 +349,21 @@ class RelayResponse:
             return
         received = 0
         try:
-            data, self._initial = self._initial, b""
+            reads: list[memoryview] = [memoryview(self._initial)] if self._initial else []
+            self._initial = b""
             while not decoder.done:
-                if not data:
-                    data = await connection.reader.read(
+                if not reads:
+                    reads = await connection.reader.read(
                         GATHER_BYTES if received >= BULK_AFTER else 0
                     )
-                    received += len(data)
-                    if not data:
+                    if not reads:
                         decoder.eof()
                         break
-                for piece in decoder.feed(data):
-                    yield cast(bytes, piece)
-                data = b""
+                    received += sum(len(r) for r in reads)
+                for data in reads:
+                    for piece in decoder.feed(data):
+                        yield cast(bytes, piece)
+                reads = []
         except ssl.SSLError as exc:
             await self.aclose()
             raise RelayError(f"TLS failed: {exc}", tls=True) from None
@@ -356,18 +385,19 @@ class RelayResponse:
             return
         received = 0
         try:
-            data, self._initial = self._initial, b""
+            reads: list[memoryview] = [memoryview(self._initial)] if self._initial else []
+            self._initial = b""
             while not decoder.done:
-                if not data:
-                    data = await connection.reader.read(
+                if not reads:
+                    reads = await connection.reader.read(
                         GATHER_BYTES if received >= BULK_AFTER else 0
                     )
-                    if not data:
+                    if not reads:
                         decoder.eof()
                         break
-                    received += len(data)
-                pieces = decoder.feed(data)
-                data = b""
+                    received += sum(len(r) for r in reads)
+                pieces = [piece for data in reads for piece in decoder.feed(data)]
+                reads = []
                 if pieces:
                     yield pieces
         except ssl.SSLError as exc:
@@ -566,7 +596,7 @@ class RelayClient:
             # straight from the received buffers.
             pending = b""
             while True:
-                data = await connection.reader.read()
+                data = b"".join(await connection.reader.read())
                 if not data:
                     if not received_any:
                         raise _StaleConnection("EOF")
