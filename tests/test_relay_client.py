@@ -14,6 +14,7 @@ from xca_gateway.protocol.http_client import (
     RelayConnectError,
     RelayError,
     _BodyDecoder,
+    _Reader,
 )
 from xca_gateway.protocol.http_server import HttpServer, Request, Response, ServerTimeouts
 from xca_gateway.protocol.peer_client import PeerClient, PeerError
@@ -311,6 +312,40 @@ async def test_read_by_read_pieces_of_a_long_body_join_to_the_body(pki: DevPki) 
             await response.aclose()
             assert bytes(data) == payload * 600
         assert len(set(app.peers)) == 1
+    finally:
+        await client.aclose()
+        await server.close()
+
+
+async def test_receive_buffers_grow_with_the_body_and_go_when_the_connection_idles(
+    pki: DevPki,
+) -> None:
+    # A fan-out holds a hundred replies at once: small replies get small buffers, and a
+    # pooled idle connection holds none.
+    app = StreamingApp()
+    server = HttpServer(app, ssl_context=server_tls(pki))
+    await server.start()
+    client = RelayClient(client_tls(pki))
+    try:
+        url = f"https://127.0.0.1:{server.port}/echo"
+        response = await client.post(url, b"x" * 1000, [("x-times", "1")])
+        sizes = set()
+        async for _piece in response.aiter_raw():
+            connection = response._connection
+            assert connection is not None
+            sizes.add(len(connection.reader._buffer))
+        await response.aclose()
+        assert sizes == {_Reader.SMALL_BUFFER}
+        payload = bytes(range(256)) * 1024
+        response = await client.post(url, payload, [("x-times", "12")])
+        sizes = set()
+        async for _piece in response.aiter_raw():
+            if response._connection is not None:
+                sizes.add(len(response._connection.reader._buffer))
+        await response.aclose()
+        assert _Reader.BUFFER in sizes
+        (idle,) = client._idle.values()
+        assert len(idle) == 1 and len(idle[0].reader._buffer) == 0
     finally:
         await client.aclose()
         await server.close()

@@ -91,14 +91,18 @@ class _Reader(asyncio.BufferedProtocol):
     downstream consumer slows the peer instead of filling memory."""
 
     HIGH_WATER = 2 * READ_SIZE
-    BUFFER = 256 * 1024  # one TLS read's worth (what asyncio's TLS transport reads at most)
-    MIN_SPACE = 16 * 1024  # less room than a TLS record's plaintext: take a new buffer
+    # Buffers grow with what the connection carries: a SOAP reply (a fan-out holds a
+    # hundred at once) gets 8 KiB ones, a long body 256 KiB ones (one TLS read's worth).
+    SMALL_BUFFER = 8 * 1024
+    BUFFER = 256 * 1024
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self._buffer = bytearray(0)
         self._view = memoryview(self._buffer)
         self._filled = 0
+        self._min_free = 1  # less room than this left: take a new buffer
+        self._received = 0  # since the last release()
         # Received and not yet read: (buffer view, start, end), contiguous ranges merged.
         self._chunks: collections.deque[list[Any]] = collections.deque()
         self._size = 0
@@ -116,14 +120,25 @@ class _Reader(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         del sizehint  # the TLS transport hints the ciphertext it holds, not what is coming
-        if len(self._buffer) - self._filled < self.MIN_SPACE:
-            self._buffer = bytearray(self.BUFFER)
+        if len(self._buffer) - self._filled < self._min_free:
+            size = self.BUFFER if self._received >= BULK_AFTER else self.SMALL_BUFFER
+            self._buffer = bytearray(size)
             self._view = memoryview(self._buffer)
             self._filled = 0
+            self._min_free = size // 16  # 16 KiB at full size: a TLS record's plaintext
         return self._view[self._filled :]
+
+    def release(self) -> None:
+        """Drop the receive buffer (the connection goes idle in the pool)."""
+        self._buffer = bytearray(0)
+        self._view = memoryview(self._buffer)
+        self._filled = 0
+        self._min_free = 1
+        self._received = 0
 
     def buffer_updated(self, nbytes: int) -> None:
         start, self._filled = self._filled, self._filled + nbytes
+        self._received += nbytes
         chunks = self._chunks
         last = chunks[-1] if chunks else None
         if last is not None and last[0] is self._view and last[2] == start:
@@ -456,6 +471,7 @@ class RelayClient:
         if self._closed or len(idle) >= self._max_idle or not connection.reusable():
             connection.close()
             return
+        connection.reader.release()
         idle.append(connection)
 
     def _take(self, origin: _Origin) -> _Connection | None:
