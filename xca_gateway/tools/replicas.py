@@ -158,6 +158,8 @@ class PrivatePostgres:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
         )
         log.close()
         self._wait_and_create()
@@ -200,7 +202,9 @@ class PrivatePostgres:
     def stop(self) -> None:
         if self.process is None:
             return
-        self.process.terminate()
+        # Fast shutdown (SIGINT): connected sessions are ended, not waited for (SIGTERM's
+        # "smart" shutdown would wait on any client still connected).
+        self.process.send_signal(signal.SIGINT)
         try:
             self.process.wait(30)
         except subprocess.TimeoutExpired:
