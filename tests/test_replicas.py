@@ -114,6 +114,11 @@ class Replica:
         """Audit records this replica committed to its spool, over all its lives."""
         return Spool(self.data / "audit-spool", ["arr"]).last_seq
 
+    def unacknowledged(self) -> int:
+        """Records still in this (stopped) replica's spool that the ARR has not acknowledged:
+        kept on disk, they leave at the replica's next start."""
+        return Spool(self.data / "audit-spool", ["arr"]).pending("arr")
+
 
 @dataclass
 class Community:
@@ -477,20 +482,27 @@ def test_kill_9_of_one_replica_under_load(community: Community) -> None:
     assert victim.terminate() == 0
     assert c.replicas[1].terminate() == 0
     expected = sum(r.spooled() for r in c.replicas)
+    kept = sum(r.unacknowledged() for r in c.replicas)
     found: set[bytes] = set()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        found = {parse_message(m).msg for m in c.arr.messages()}
+        # A record is its whole syslog message (its header's timestamp has microseconds): two
+        # workers' identical queries in one millisecond have the same XML, not the same message;
+        # a record resent after an outage is the same bytes again.
+        found = set(c.arr.messages())
         if len(found) >= expected:
             break
         time.sleep(0.2)
-    # Known gap (issue 21, to close): a replica's last record (its own stop) can still be in
-    # its spool when the stop's flush window ends on a loaded machine; it leaves at the next
-    # start. At most one such record per replica; every other one must be at the ARR.
-    assert expected - len(c.replicas) <= len(found) <= expected
+    # Nothing is lost: every record is at the ARR, or (on a loaded machine, a replica's own
+    # stop record when the stop's flush window ended first) still unacknowledged in its
+    # replica's durable spool, to leave at the next start. An acknowledgement not yet made
+    # durable at exit only makes a record counted as kept that the ARR already has.
+    assert kept <= len(c.replicas), f"{kept} records left unacknowledged in the spools"
+    assert expected - kept <= len(found) <= expected, (expected, kept, len(found))
     # The figures, for the record (pytest -s shows them).
     print(
         f"kill -9 under load: {tally.ok} served ({tally.complete_studies} complete studies), "
         f"{failed} failed in flight on the killed replica, {tally.after_kill_ok} served after "
-        f"the kill; audit records: {expected} spooled, {len(found)} distinct at the ARR"
+        f"the kill; audit records: {expected} spooled, {len(found)} distinct at the ARR, "
+        f"{kept} still in the spools"
     )
