@@ -214,6 +214,15 @@ def test_imaging_retrieve_is_audited_on_both_gateways(
         "<xdsi:TransferSyntaxUID>1.2.840.10008.1.2.1</xdsi:TransferSyntaxUID>"
         "</xdsi:TransferSyntaxUIDList></xdsi:RetrieveImagingDocumentSetRequest>"
     )
+    # Issue 22: no per-instance XML is kept as a tree on either side of alpha; the records
+    # below still name every instance (fed from the compact records).
+    kept: list[etree._Element] = []
+    alpha.soap.observers.append(
+        lambda request, _t, payload, _f, _d: kept.extend([request.payload, payload])
+    )
+    alpha.peer_client.observers.append(
+        lambda _u, _a, sent, reply, _e, _f: kept.extend([sent, reply])
+    )
     with consumer(pki) as client:
         response = client.post(
             alpha.endpoint_urls()["rad69"],
@@ -221,6 +230,11 @@ def test_imaging_retrieve_is_audited_on_both_gateways(
             headers={"content-type": "application/soap+xml"},
         )
     assert response.status_code == 200
+    assert response.content.count(b"DocumentResponse>") == 2 * len(study.files)
+    assert len(kept) == 4 and all(e is not None for e in kept)
+    for element in kept:
+        names = {etree.QName(e).localname for e in element.iter() if isinstance(e.tag, str)}
+        assert not names & {"DocumentRequest", "StudyRequest", "DocumentResponse"}, names
     # Two application starts, then RAD-69 (alpha serving), RAD-75 (alpha initiating) and
     # RAD-75 (beta responding).
     roots = records(rsyslog, 5)
