@@ -16,6 +16,7 @@ from xca_gateway.app.gateway import Gateway
 from xca_gateway.audit.rsyslog import RsyslogRepository, gtls_available, rsyslogd_path
 from xca_gateway.audit.syslog import parse_message
 from xca_gateway.audit.validate import schema_errors
+from xca_gateway.imaging import remote
 from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.tls import client_context
 from xca_gateway.security.dev_pki import DevPki
@@ -159,9 +160,17 @@ def test_refused_handshake_is_a_security_alert(
     assert "127.0.0.1" in text
 
 
+@pytest.mark.parametrize("streamed_request", [False, True])
 def test_imaging_retrieve_is_audited_on_both_gateways(
-    gateway_factory: Callable[..., Gateway], pki: DevPki, rsyslog: RsyslogRepository, tmp_path: Path
+    gateway_factory: Callable[..., Gateway],
+    pki: DevPki,
+    rsyslog: RsyslogRepository,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    streamed_request: bool,
 ) -> None:
+    if streamed_request:  # the RAD-75 written as it is sent, as for a large study
+        monkeypatch.setattr(remote, "STREAMED_REQUEST_DOCUMENTS", 0)
     from datetime import date
 
     import pydicom
@@ -231,13 +240,13 @@ def test_imaging_retrieve_is_audited_on_both_gateways(
         )
     assert response.status_code == 200
     assert response.content.count(b"DocumentResponse>") == 2 * len(study.files)
+    # Two application starts, then RAD-69 (alpha serving), RAD-75 (alpha initiating) and
+    # RAD-75 (beta responding).
+    roots = records(rsyslog, 5)  # written once the observers ran
     assert len(kept) == 4 and all(e is not None for e in kept)
     for element in kept:
         names = {etree.QName(e).localname for e in element.iter() if isinstance(e.tag, str)}
         assert not names & {"DocumentRequest", "StudyRequest", "DocumentResponse"}, names
-    # Two application starts, then RAD-69 (alpha serving), RAD-75 (alpha initiating) and
-    # RAD-75 (beta responding).
-    roots = records(rsyslog, 5)
     imaging = sorted((event(r)[1], event(r)[2]) for r in roots if event(r)[1].startswith("RAD-"))
     assert imaging == [("RAD-69", "0"), ("RAD-75", "0"), ("RAD-75", "0")]
     # PS3.15 A.5.3.4: one transfer, "DICOM Instances Transferred" (110104) at both ends of each
