@@ -11,10 +11,7 @@ import base64
 import csv
 import hashlib
 import io
-import json
 import ssl
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,6 +23,7 @@ import httpx
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
+from tests.demo_process import running_demo
 from xca_gateway.protocol.tls import client_context
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,33 +35,8 @@ SENDER = "urn:xca-gateway:arr:authenticated-sender"
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    workdir = tmp_path_factory.mktemp("arr-demo")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "xca_gateway", "demo", "--workdir", str(workdir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    endpoints = workdir / "endpoints.json"
-    try:
-        deadline = time.monotonic() + 90
-        while not endpoints.exists() and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.1)
-        if not endpoints.exists():
-            process.kill()
-            out = process.communicate(timeout=10)[0].decode(errors="replace")
-            pytest.fail(f"demo did not write endpoints.json:\n{out}")
-        data: dict[str, Any] = json.loads(endpoints.read_text())
-        if "auditRepository" not in data:
-            pytest.skip("the demo does not run the audit record repository yet (demo.py wiring)")
+    with running_demo(tmp_path_factory.mktemp("arr-demo")) as data:
         yield data
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
 
 
 def consumer(data: dict[str, Any]) -> httpx.Client:

@@ -18,12 +18,9 @@ import base64
 import csv
 import hashlib
 import io
-import json
 import os
 import shutil
 import ssl
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -36,6 +33,7 @@ import httpx
 import pydicom
 import pytest
 
+from tests.demo_process import running_demo
 from xca_gateway.consumer.imaging import retrieve_study
 from xca_gateway.protocol.tls import certificate_info, client_context
 
@@ -48,32 +46,8 @@ ZONE = "Europe/Zurich"
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    workdir = tmp_path_factory.mktemp("officer-demo")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "xca_gateway", "demo", "--workdir", str(workdir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    endpoints = workdir / "endpoints.json"
-    try:
-        deadline = time.monotonic() + 120
-        while not endpoints.exists() and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.1)
-        if not endpoints.exists():
-            process.kill()
-            out = process.communicate(timeout=10)[0].decode(errors="replace")
-            pytest.fail(f"demo did not write endpoints.json:\n{out}")
-        data: dict[str, Any] = json.loads(endpoints.read_text())
-        data["workdir"] = str(workdir)
+    with running_demo(tmp_path_factory.mktemp("officer-demo")) as data:
         yield data
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
 
 
 def alice(data: dict[str, Any], community: int) -> str:

@@ -7,12 +7,8 @@ working tree clean."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +16,7 @@ from urllib.parse import urlencode
 
 import pytest
 
+from tests.demo_process import running_demo
 from xca_gateway.tools.dicom_samples import local_patient_id
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,33 +27,8 @@ ARC = "1.3.6.1.4.1.21367.13"
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    workdir = tmp_path_factory.mktemp("viewer-demo")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "xca_gateway", "demo", "--workdir", str(workdir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    endpoints = workdir / "endpoints.json"
-    try:
-        deadline = time.monotonic() + 120
-        while not endpoints.exists() and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.1)
-        if not endpoints.exists():
-            process.kill()
-            out = process.communicate(timeout=10)[0].decode(errors="replace")
-            pytest.fail(f"demo did not write endpoints.json:\n{out}")
-        data: dict[str, Any] = json.loads(endpoints.read_text())
-        if "clinicians" not in data or "viewer" not in data["communities"][0]:
-            pytest.skip("the demo has no web door and clinicians yet (contract.md, Viewer)")
+    with running_demo(tmp_path_factory.mktemp("viewer-demo")) as data:
         yield data
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
 
 
 def keep(shot: Path) -> None:
