@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -44,6 +45,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -216,7 +218,7 @@ def percentile(samples: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-async def load(registry: LocalRegistry, args: argparse.Namespace) -> dict[str, float]:
+async def load(registry: LocalRegistry, args: argparse.Namespace) -> dict[str, Any]:
     per = args.per_submission
     submissions = args.entries // per
     started = time.perf_counter()
@@ -241,7 +243,10 @@ async def load(registry: LocalRegistry, args: argparse.Namespace) -> dict[str, f
     if pending is not None:
         await pending
     elapsed = time.perf_counter() - started
-    return {"seconds": elapsed, "entries_per_second": submissions * per / elapsed}
+    return {
+        "seconds": round(elapsed, 1),
+        "entries_per_second": round(submissions * per / elapsed, 1),
+    }
 
 
 async def single_submit_rate(
@@ -384,9 +389,8 @@ class SubmissionRows:
                 self.values.append((k, d, value_attribute.value, _fmt(value, subs)))
         self.uuid_names = list(uuids.values())
 
-    def render(
-        self, index: int, first_seq: int, level: int
-    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    def _fields(self, index: int) -> tuple[dict[str, str], list[dict[str, str]]]:
+        """What submission ``index`` puts in the templates: common to it, and per entry."""
         pid = patient_id(submission_patient(index, self.patients))
         common = {"pid": pid, "pidx": pid.replace("&", "&amp;"), "ss": f"{ROOT}.3.{index}"}
         # Deterministic version-4-shaped UUIDs: submission index and position within it.
@@ -402,6 +406,34 @@ class SubmissionRows:
             fields["modality_node"] = f'nodeRepresentation="{fields["modality"]}"'
             fields["modality_name"] = f'value="{fields["modality"]}"/>'
             per_entry.append(common | fields)
+        return common, per_entry
+
+    def render(
+        self, index: int, first_seq: int, level: int
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        common, per_entry = self._fields(index)
+        objects = self.render_objects(index, first_seq, level, common, per_entry)
+        codes = [
+            (first_seq + k, attr, code.format_map(common if d is None else per_entry[d]), scheme)
+            for k, d, attr, code, scheme in self.codes
+        ]
+        slot_values = [
+            (first_seq + k, attr, value.format_map(common if d is None else per_entry[d]))
+            for k, d, attr, value in self.values
+        ]
+        return objects, codes, slot_values
+
+    def render_objects(
+        self,
+        index: int,
+        first_seq: int,
+        level: int,
+        common: dict[str, str] | None = None,
+        per_entry: list[dict[str, str]] | None = None,
+    ) -> list[tuple[Any, ...]]:
+        """The registry_object rows of submission ``index`` (what render() gives first)."""
+        if common is None or per_entry is None:
+            common, per_entry = self._fields(index)
         objects = []
         for k, (d, row, xml) in enumerate(self.objects):
             values = common if d is None else per_entry[d]
@@ -412,15 +444,7 @@ class SubmissionRows:
                     zlib.compress(xml.format_map(values).encode("utf-8"), level),
                 )
             )
-        codes = [
-            (first_seq + k, attr, code.format_map(common if d is None else per_entry[d]), scheme)
-            for k, d, attr, code, scheme in self.codes
-        ]
-        slot_values = [
-            (first_seq + k, attr, value.format_map(common if d is None else per_entry[d]))
-            for k, d, attr, value in self.values
-        ]
-        return objects, codes, slot_values
+        return objects
 
 
 def _indexes(conn: Any) -> tuple[list[tuple[str, str, str]], list[tuple[str, str]]]:
@@ -440,77 +464,216 @@ def _indexes(conn: Any) -> tuple[list[tuple[str, str, str]], list[tuple[str, str
     return constraints, [(name, d) for name, d in indexes if name not in names]
 
 
-def bulk_load(url: str, args: argparse.Namespace) -> dict[str, float]:
-    """Submissions 2.. through COPY (the probe patient's 0 and 1 are registered afterwards)."""
+# The placeholders of the code and value templates, as PostgreSQL expressions of the entry's
+# number in the corpus ({n}), computing what entry_fields() and render() put in.
+_SQL_FIELDS = {
+    "modality": "(ARRAY["
+    + ", ".join(f"'{m}'" for m in _MODALITIES)
+    + "])[mod({n}, "
+    + f"{len(_MODALITIES)}) + 1]",
+    "study": f"'{ROOT}.2.' || {{n}}",
+    "author_person": "'^Author' || mod({n}, 500) || '^Dr'",
+}
+_PLACEHOLDER = re.compile(r"\{(\w*)\}")
+# The tables generated in SQL: the template column (with placeholders) and the columns.
+_GENERATED = {
+    "object_code": ("code", ("attr", "code", "scheme")),
+    "object_value": ("value", ("attr", "value")),
+}
+# Submissions per COPY transaction (objects), per INSERT ... SELECT (codes, values).
+_COPY_CHUNK = 1000
+_SQL_CHUNK = 20_000
+# Disk a loaded entry takes (tables, indexes, sort files of the index builds; the 1 M run
+# took 4.6 GB) and the margin kept free.
+_BYTES_PER_ENTRY = 5000
+_DISK_MARGIN = 10 * 1024**3
+
+
+def _template_rows(rows: SubmissionRows, table: str) -> list[tuple[Any, ...]]:
+    """``table``'s template rows (position, k, d, columns...), checked computable in SQL: a
+    per-entry row may hold the placeholders of _SQL_FIELDS, a submission-level one none."""
+    source = rows.codes if table == "object_code" else rows.values
+    templates = []
+    for position, (k, d, *columns) in enumerate(source):
+        for column in columns:
+            names = set(_PLACEHOLDER.findall(column))
+            if (
+                "{{" in column
+                or "}}" in column
+                or names - (set() if d is None else set(_SQL_FIELDS))
+            ):
+                raise ValueError(f"{table} template {column!r} is not computed in SQL")
+        templates.append((position, k, d, *columns))
+    return templates
+
+
+def generated_rows_sql(table: str, first_seq: int, per_objects: int, per: int) -> str:
+    """INSERT ... SELECT of ``table``'s rows for submissions %(lo)s to %(hi)s (inclusive): the
+    template rows (bench_<table>) crossed with the submission numbers, placeholders replaced,
+    in the order COPY wrote them (by submission, then template row)."""
+    templated, columns = _GENERATED[table]
+    n = f"(s.i * {per} + t.d)"
+    expression = f"t.{templated}"
+    for name, sql in _SQL_FIELDS.items():
+        expression = f"replace({expression}, '{{{name}}}', {sql.format(n=n)})"
+    values = [
+        f"CASE WHEN strpos(t.{c}, '{{') = 0 THEN t.{c} ELSE {expression} END"
+        if c == templated
+        else f"t.{c}"
+        for c in columns
+    ]
+    return (
+        f"INSERT INTO {table} (seq, {', '.join(columns)}) "
+        f"SELECT {first_seq} + s.i * {per_objects} + t.k, {', '.join(values)} "
+        "FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) AS s(i) "
+        f"CROSS JOIN bench_{table} t ORDER BY s.i, t.position"
+    )
+
+
+def _create_templates(conn: Any, rows: SubmissionRows) -> None:
+    for table, (_templated, columns) in _GENERATED.items():
+        conn.execute(f"DROP TABLE IF EXISTS bench_{table}")
+        conn.execute(
+            f"CREATE TABLE bench_{table} (position int, k int, d int, "
+            + ", ".join(f"{c} text" for c in columns)
+            + ")"
+        )
+        with conn.cursor().copy(f"COPY bench_{table} FROM STDIN") as copy:
+            for row in _template_rows(rows, table):
+                copy.write_row(row)
+
+
+# One bulk-load worker process's state: its connection and templates (set by _worker_start).
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_start(url: str, patients: int, per: int, first_seq: int, level: int) -> None:
+    import psycopg
+
+    rows = SubmissionRows(patients, per)
+    _WORKER.update(
+        conn=psycopg.connect(url, autocommit=True),
+        rows=rows,
+        first=first_seq,
+        level=level,
+        sql={t: generated_rows_sql(t, first_seq, len(rows.objects), per) for t in _GENERATED},
+    )
+
+
+def _worker_task(kind: str, lo: int, hi: int) -> tuple[str, int, float]:
+    """Load submissions lo..hi-1: their registry_object rows rendered here and streamed by
+    COPY, or their code/value rows generated in the server. Returns (kind, count, CPU s)."""
+    started = time.process_time()
+    conn = _WORKER["conn"]
+    if kind == "registry_object":
+        rows: SubmissionRows = _WORKER["rows"]
+        per_objects = len(rows.objects)
+        for start in range(lo, hi, _COPY_CHUNK):
+            with (
+                conn.transaction(),
+                conn.cursor() as cur,
+                cur.copy(
+                    f"COPY registry_object ({_OBJECT_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+                ) as copy,
+            ):
+                copy.set_types(_OBJECT_TYPES)
+                for index in range(start, min(hi, start + _COPY_CHUNK)):
+                    for row in rows.render_objects(
+                        index, _WORKER["first"] + index * per_objects, _WORKER["level"]
+                    ):
+                        copy.write_row(row)
+    else:
+        for start in range(lo, hi, _SQL_CHUNK):
+            conn.execute(_WORKER["sql"][kind], {"lo": start, "hi": min(hi, start + _SQL_CHUNK) - 1})
+    return kind, hi - lo, time.process_time() - started
+
+
+def bulk_load(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Submissions 2.. (the probe patient's 0 and 1 are registered afterwards), into UNLOGGED
+    tables stripped of their indexes and constraints: registry_object rows rendered in
+    ``--workers`` processes (the XML is compressed, as the store writes it) and streamed by
+    COPY on one connection each; object_code and object_value rows generated inside
+    PostgreSQL from the template rows, by the same workers' connections, interleaved."""
     import psycopg
 
     submissions = args.entries // args.per_submission
     rows = SubmissionRows(args.patients, args.per_submission)
-    per_submission_objects = len(rows.objects)
+    per_objects = len(rows.objects)
     started = time.perf_counter()
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("SET maintenance_work_mem = '1GB'")
+        conn.execute(f"SET maintenance_work_mem = '{args.maintenance_work_mem}'")
         constraints, indexes = _indexes(conn)
         for table, name, _definition in constraints:
             conn.execute(f"ALTER TABLE {table} DROP CONSTRAINT {name}")
         for name, _definition in indexes:
             conn.execute(f"DROP INDEX {name}")
+        for table in _BULK_TABLES:
+            conn.execute(f"ALTER TABLE {table} SET UNLOGGED")
+        _create_templates(conn, rows)
         # Sequence numbers after the bulk load's go to the registrations that follow it.
         first = int(conn.execute("SELECT nextval('registry_object_seq')").fetchone()[0])
-        level = args.compress_level
+        tasks = []
+        step = max(_COPY_CHUNK, _SQL_CHUNK)
+        for lo in range(2, submissions, step):
+            hi = min(submissions, lo + step)
+            tasks += [(t, lo, hi) for t in ("registry_object", *_GENERATED)]
+        done = {t: 0 for t in _BULK_TABLES}
+        cpu = {t: 0.0 for t in _BULK_TABLES}
         last_report = started
-        chunk = 1000
-        for start in range(2, submissions, chunk):
-            objects: list[tuple[Any, ...]] = []
-            codes: list[tuple[Any, ...]] = []
-            values: list[tuple[Any, ...]] = []
-            for index in range(start, min(submissions, start + chunk)):
-                o, c, v = rows.render(index, first + index * per_submission_objects, level)
-                objects += o
-                codes += c
-                values += v
-            with conn.transaction(), conn.cursor() as cur:
-                with cur.copy(
-                    f"COPY registry_object ({_OBJECT_COLUMNS}) FROM STDIN (FORMAT BINARY)"
-                ) as copy:
-                    copy.set_types(_OBJECT_TYPES)
-                    for row in objects:
-                        copy.write_row(row)
-                with cur.copy(
-                    "COPY object_code (seq, attr, code, scheme) FROM STDIN (FORMAT BINARY)"
-                ) as copy:
-                    copy.set_types(["bigint", "text", "text", "text"])
-                    for row in codes:
-                        copy.write_row(row)
-                with cur.copy(
-                    "COPY object_value (seq, attr, value) FROM STDIN (FORMAT BINARY)"
-                ) as copy:
-                    copy.set_types(["bigint", "text", "text"])
-                    for row in values:
-                        copy.write_row(row)
-            now = time.perf_counter()
-            if now - last_report > 30:
-                done = (start + chunk) * args.per_submission
-                print(f"  copied {done} entries, {done / (now - started):.0f}/s", file=sys.stderr)
-                last_report = now
+        # spawn: the caller runs this in a thread; a forked child would inherit its locks.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            args.workers,
+            mp_context=context,
+            initializer=_worker_start,
+            initargs=(url, args.patients, args.per_submission, first, args.compress_level),
+        ) as pool:
+            futures = [pool.submit(_worker_task, *task) for task in tasks]
+            for future in as_completed(futures):
+                kind, count, seconds = future.result()
+                done[kind] += count
+                cpu[kind] += seconds
+                now = time.perf_counter()
+                if now - last_report > 30:
+                    rate = done["registry_object"] * args.per_submission / (now - started)
+                    print(
+                        "  submissions loaded: "
+                        + ", ".join(f"{t} {c}" for t, c in done.items())
+                        + f" ({rate:.0f} entries/s; {os.getloadavg()[0]:.1f} load average)",
+                        file=sys.stderr,
+                    )
+                    last_report = now
         copied = time.perf_counter()
+        for table in _GENERATED:
+            conn.execute(f"DROP TABLE bench_{table}")
         conn.execute(
             "SELECT setval('registry_object_seq', %s)",
-            [first + (submissions + 1) * per_submission_objects],
+            [first + (submissions + 1) * per_objects],
         )
         for table, name, definition in constraints:
             conn.execute(f"ALTER TABLE {table} ADD CONSTRAINT {name} {definition}")
         for _name, definition in indexes:
             conn.execute(definition)
         indexed = time.perf_counter()
-        conn.execute("VACUUM ANALYZE")
+        if args.set_logged:
+            for table in _BULK_TABLES:
+                conn.execute(f"ALTER TABLE {table} SET LOGGED")
+        logged = time.perf_counter()
+        # The code and value probes may be index-only scans: their visibility map is set.
+        for table in _GENERATED:
+            conn.execute(f"VACUUM (ANALYZE) {table}")
+        conn.execute("ANALYZE registry_object")
         analysed = time.perf_counter()
     loaded = max(0, submissions - 2) * args.per_submission
     return {
-        "copy_seconds": copied - started,
-        "index_seconds": indexed - copied,
-        "vacuum_analyze_seconds": analysed - indexed,
-        "entries_per_second": loaded / (analysed - started),
+        "copy_seconds": round(copied - started, 1),
+        "entries_per_second": round(loaded / (copied - started)),
+        "index_seconds": round(indexed - copied, 1),
+        "set_logged_seconds": round(logged - indexed, 1) if args.set_logged else None,
+        "vacuum_analyze_seconds": round(analysed - logged, 1),
+        "total_seconds": round(analysed - started, 1),
+        "worker_cpu_seconds": {t: round(s, 1) for t, s in cpu.items()},
+        "tables": "logged" if args.set_logged else "unlogged",
     }
 
 
@@ -554,9 +717,33 @@ def _explain_sql(url: str, text: str, params: list[Any]) -> list[str]:
     return [str(row[0]) for row in rows]
 
 
+# The private server's settings: no durability (it is thrown away), room for the index
+# builds, and no autovacuum racing the timed queries (the load vacuums what it needs).
+_PRIVATE_SERVER = (
+    "shared_buffers=1GB",
+    "max_wal_size=4GB",
+    "fsync=off",
+    "full_page_writes=off",
+    "synchronous_commit=off",
+    "autovacuum=off",
+    "max_parallel_maintenance_workers=2",
+)
+
+
 @contextlib.contextmanager
-def temporary_postgres() -> Iterator[str]:
-    """A private PostgreSQL server (initdb in a temp dir) for the run."""
+def temporary_postgres(need_bytes: int = 0) -> Iterator[str]:
+    """A private PostgreSQL server (initdb in a temp dir) for the run, refused unless the temp
+    directory has ``need_bytes`` + a 10 GB margin free; its directory is removed at the end.
+    Being private and thrown away, it runs without durability (fsync, full-page writes and
+    synchronous commit off), which the benchmark says in its output."""
+    temp = Path(tempfile.gettempdir())
+    free = shutil.disk_usage(temp).free
+    if free < need_bytes + _DISK_MARGIN:
+        raise SystemExit(
+            f"not enough disk under {temp}: {free / 1e9:.1f} GB free, the run needs about "
+            f"{need_bytes / 1e9:.1f} GB + {_DISK_MARGIN / 1e9:.1f} GB margin "
+            "(set TMPDIR to a larger file system, or load fewer --entries)"
+        )
     bindir = next(
         (
             p
@@ -619,10 +806,7 @@ def temporary_postgres() -> Iterator[str]:
                 "127.0.0.1",
                 "-k",
                 str(sockets),
-                "-c",
-                "shared_buffers=512MB",
-                "-c",
-                "max_wal_size=4GB",
+                *(f"-c{setting}" for setting in _PRIVATE_SERVER),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -680,7 +864,7 @@ async def bench(args: argparse.Namespace, url: str, workdir: Path) -> dict[str, 
             "backend": args.backend,
             "entries": counts["DocumentEntry"],
             "patients": args.patients,
-            "load": {k: round(v, 1) for k, v in loaded.items()},
+            "load": loaded,
         }
         report["find_documents"] = await latency(
             registry, find_documents(probe, filtered=False), args.queries, 20
@@ -732,6 +916,20 @@ def main() -> None:
         default=1,
         help="zlib level of the copied XML (the store writes 6: 7%% smaller, 2.4x the CPU)",
     )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="bulk-load worker processes (default 2)"
+    )
+    parser.add_argument(
+        "--maintenance-work-mem",
+        default="2GB",
+        help="for the index builds after the bulk load (default 2GB)",
+    )
+    parser.add_argument(
+        "--set-logged",
+        action="store_true",
+        help="ALTER TABLE ... SET LOGGED after the bulk load (writes every table through the "
+        "WAL again; by default the benchmark's tables stay UNLOGGED)",
+    )
     parser.add_argument("--batch", type=int, default=50, help="submissions per load transaction")
     parser.add_argument("--per-submission", type=int, default=10, help="entries per submission")
     parser.add_argument("--queries", type=int, default=200, help="timed FindDocuments runs")
@@ -756,8 +954,9 @@ def main() -> None:
         elif args.url:
             report = asyncio.run(bench(args, args.url, workdir))
         else:
-            with temporary_postgres() as url:
+            with temporary_postgres(args.entries * _BYTES_PER_ENTRY) as url:
                 report = asyncio.run(bench(args, url, workdir))
+                report["server_settings"] = list(_PRIVATE_SERVER)
     finally:
         if args.dir is None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -21,8 +21,9 @@ from types import ModuleType
 
 import pytest
 
-from tests.postgres import _bindir
+from tests.postgres import PostgresServer, _bindir
 from xca_gateway.protocol.xmlsafe import parse_xml
+from xca_gateway.registry.postgres_store import PostgresRegistryStore
 from xca_gateway.registry.submit import RegistryContext, parse_submission, plan_registration
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -96,6 +97,70 @@ def test_copied_rows_are_what_registration_writes(
     assert [v[1:] for v in values] == [
         (a.value, value) for obj in plan.inserts for a, value in obj.values
     ]
+
+
+def test_generated_rows_are_what_registration_writes(
+    bench: ModuleType, postgres_server: PostgresServer
+) -> None:
+    """The code and value rows the bulk load generates inside PostgreSQL (template rows
+    crossed with submission numbers) equal registration's, for submissions spread over the
+    corpus (first, small and large numbers, every modality and author residue)."""
+    import psycopg
+
+    database = postgres_server.create_database()
+    url = postgres_server.url(database)
+    try:
+        PostgresRegistryStore(url, workers=1).close_sync()
+        patients, first = 1000, 100
+        rows = bench.SubmissionRows(patients, 10)
+        per_objects = len(rows.objects)
+        indexes = [2, 3, 5, 123456, 999999]
+        with psycopg.connect(url, autocommit=True) as conn:
+            bench._create_templates(conn, rows)
+            for table in ("object_code", "object_value"):
+                sql = bench.generated_rows_sql(table, first, per_objects, 10)
+                for index in indexes:
+                    conn.execute(sql, {"lo": index, "hi": index})
+            codes = conn.execute(
+                "SELECT seq, attr, code, scheme FROM object_code ORDER BY seq, ctid"
+            ).fetchall()
+            values = conn.execute(
+                "SELECT seq, attr, value FROM object_value ORDER BY seq, ctid"
+            ).fetchall()
+        expected_codes: list[tuple[object, ...]] = []
+        expected_values: list[tuple[object, ...]] = []
+        for index in indexes:
+            seq = first + index * per_objects
+            _objects, rendered_codes, rendered_values = rows.render(index, seq, 1)
+            assert len(rendered_codes) == 71 and len(rendered_values) == 20
+            expected_codes += rendered_codes
+            expected_values += rendered_values
+            # And straight against the registration of that submission.
+            request = parse_xml(bench.submission_bytes(index, patients, 10), bench._LIMITS)
+            plan = plan_registration(
+                parse_submission(request, now="20250101120000"), RegistryContext()
+            )
+            generated = [c[1:] for c in codes if seq <= c[0] < seq + per_objects]
+            assert generated == [
+                (a.value, code.code, code.scheme or "")
+                for obj in plan.inserts
+                for a, code in obj.codes
+            ]
+            assert [v[1:] for v in values if seq <= v[0] < seq + per_objects] == [
+                (a.value, value) for obj in plan.inserts for a, value in obj.values
+            ]
+        assert [tuple(c) for c in codes] == expected_codes
+        assert [tuple(v) for v in values] == expected_values
+    finally:
+        postgres_server.drop_database(database)
+
+
+def test_a_template_sql_cannot_compute_is_refused(bench: ModuleType) -> None:
+    rows = bench.SubmissionRows(1000, 10)
+    k, d, attr, _value = rows.values[0]
+    rows.values[0] = (k, d, attr, "{unique}")
+    with pytest.raises(ValueError, match="not computed in SQL"):
+        bench._template_rows(rows, "object_value")
 
 
 @pytest.mark.skipif(_bindir() is None, reason="PostgreSQL server binaries are not installed")
