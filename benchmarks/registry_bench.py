@@ -644,6 +644,7 @@ def bulk_load(url: str, args: argparse.Namespace) -> dict[str, Any]:
                     )
                     last_report = now
         copied = time.perf_counter()
+        print(f"  loaded in {copied - started:.0f} s; rebuilding the indexes", file=sys.stderr)
         for table in _GENERATED:
             conn.execute(f"DROP TABLE bench_{table}")
         conn.execute(
@@ -655,6 +656,7 @@ def bulk_load(url: str, args: argparse.Namespace) -> dict[str, Any]:
         for _name, definition in indexes:
             conn.execute(definition)
         indexed = time.perf_counter()
+        print(f"  indexes rebuilt in {indexed - copied:.0f} s", file=sys.stderr)
         if args.set_logged:
             for table in _BULK_TABLES:
                 conn.execute(f"ALTER TABLE {table} SET LOGGED")
@@ -887,6 +889,7 @@ async def bench(args: argparse.Namespace, url: str, workdir: Path) -> dict[str, 
             await single_submit_rate(registry, args, 50), 1
         )
         report["database_bytes"] = database_size(registry, args.backend, url)
+        report["load_average"] = [round(x, 1) for x in os.getloadavg()]
         return report
     finally:
         await registry.close()
