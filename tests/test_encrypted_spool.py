@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import ssl
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -173,8 +174,13 @@ spool_threshold = 65536
         assert marker not in _disk_bytes(tmp_path)
     finally:
         if process.poll() is None:
+            # SIGTERM drains (up to drain_timeout); on a loaded machine that can pass 10 s.
             process.terminate()
-            process.wait(timeout=10)
+            try:
+                process.wait(timeout=45)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
 
 
 def _open_spool_files(pid: int, spool_dir: Path) -> list[bytes]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -28,6 +29,7 @@ from xca_gateway.protocol.mtom import (
     make_content_id,
     parse_content_type,
 )
+from xca_gateway.protocol.multipart import MultipartStream
 
 ENVELOPE = (
     b'<?xml version="1.0" encoding="UTF-8"?>'
@@ -747,3 +749,51 @@ def test_feed_views_gives_the_same_parts_as_feed_as_views(cut: int) -> None:
     ]
     assert merged(run(views=False)) == expected
     assert merged(run(views=True)) == expected
+
+
+def _drain_case(tail: list[bytes], max_bytes: int) -> tuple[list[bytes], Exception | None]:
+    """Read the one wanted part of a reply, then drain it; what the source had left to give."""
+    body = [
+        b"--b\r\nContent-ID: <one>\r\n\r\nFIRST\r\n",
+        b"--b\r\nContent-ID: <two>\r\n\r\nSECOND",
+        b"\r\n--b--\r\n",
+        *tail,
+    ]
+    left = list(body)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while left:
+            yield left.pop(0)
+
+    async def run() -> Exception | None:
+        parts = MultipartStream(chunks(), "b", max_parts=8)
+        headers = await parts.next_part()
+        assert headers is not None and headers.content_id == "one"
+        data = b""
+        while not isinstance(event := await parts.next_event(), PartEnd):
+            assert isinstance(event, PartData)
+            data += event.data
+        assert data == b"FIRST"
+        try:
+            await parts.drain(max_bytes)
+        except Exception as exc:
+            return exc
+        return None
+
+    return left, asyncio.run(run())
+
+
+def test_drain_reads_the_reply_to_its_end() -> None:
+    # The relay's last wanted part ended: the unreferenced part, the close delimiter and
+    # what follows it on the connection are read, so the sender's write completes.
+    left, error = _drain_case([b"epilogue"], max_bytes=1024)
+    assert error is None
+    assert left == []
+
+
+def test_drain_is_bounded() -> None:
+    left, error = _drain_case([b"x" * 100, b"y" * 100], max_bytes=120)
+    assert isinstance(error, MtomError)
+    assert left == []  # stopped at the piece that passed the bound
+    left, error = _drain_case([b"x" * 100, b"y" * 100, b"z"], max_bytes=120)
+    assert isinstance(error, MtomError) and left == [b"z"]

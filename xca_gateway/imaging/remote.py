@@ -61,6 +61,10 @@ STREAMED_REQUEST_DOCUMENTS = 1000
 # Relay in large pieces: per-chunk costs (generators, HTTP framing, TLS records, drain) and
 # not the bytes dominate a relaying gateway's CPU time. Memory: one chunk per open reply.
 RELAY_CHUNK = 1024 * 1024
+# What a reply may still carry after its last wanted part (unreferenced parts, the close
+# delimiter, the end of the HTTP body), and how long it may take to send it.
+FINISH_BYTES = 1024 * 1024
+FINISH_SECONDS = 2.0
 
 
 class RemoteRetrieval(Retrieval):
@@ -145,6 +149,20 @@ class RemoteRetrieval(Retrieval):
                 return
             elif isinstance(event, PartStart | Finished):  # pragma: no cover - parser order
                 raise InstanceStreamError(f"{self._what}: part <{content_id}> did not end")
+
+    async def finish(self) -> None:
+        # Without this the reply's tail (close delimiter, last chunk) is cut off by closing
+        # the connection: the peer's write fails and its audit says "response not delivered"
+        # for a study that was delivered whole. Bounded: a peer holding its tail costs at most
+        # FINISH_SECONDS before the connection is closed anyway.
+        parts = self._parts
+        if parts is None or self._closed or self._early:
+            return
+        try:
+            async with asyncio.timeout(FINISH_SECONDS):
+                await parts.drain(FINISH_BYTES)
+        except (TimeoutError, MtomError, TruncatedMultipart, RelayError, OSError) as exc:
+            log.debug("%s: reply tail not read: %r", self._what, exc)
 
     async def aclose(self) -> None:
         if self._closed:

@@ -200,6 +200,8 @@ async def _part_body(
         await chunks.aclose()
         if size:
             observed.record(uid, doc.series_instance_uid, sniffer.finish())
+    if last_overall or last_of_retrieval:
+        await retrieval.finish()
     if last_overall:
         await streams.aclose()
     elif last_of_retrieval:

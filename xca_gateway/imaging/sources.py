@@ -80,6 +80,10 @@ class Retrieval(abc.ABC):
     def stream(self, instance: PlannedInstance) -> AsyncIterator[bytes]:
         """The bytes of one planned instance, in plan order; raise InstanceStreamError."""
 
+    async def finish(self) -> None:  # noqa: B027 - optional hook
+        """Every planned instance was streamed: read what the source still sends (bounded),
+        so its side of the exchange completes; never raises."""
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections and associations; idempotent, safe mid-stream."""
 

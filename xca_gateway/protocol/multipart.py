@@ -112,6 +112,24 @@ class MultipartStream:
             else:
                 raise TruncatedMultipart("MIME part did not end")
 
+    async def drain(self, max_bytes: int) -> None:
+        """Read past the close delimiter to the end of ``chunks``, at most ``max_bytes`` more.
+
+        A relay reads what follows the last part it wanted (the close delimiter, the end of
+        the HTTP body) so the sender's write completes and the connection can be reused.
+        Raises MtomError past ``max_bytes``; TruncatedMultipart if the body ends early."""
+        seen = 0
+        while not self.finished:
+            event = await self.next_event()
+            if isinstance(event, PartData):
+                seen += len(event.data)
+                if seen > max_bytes:
+                    raise MtomError(f"more than {max_bytes} bytes after the last part wanted")
+        async for chunk in self._chunks:
+            seen += sum(len(c) for c in chunk) if isinstance(chunk, list) else len(chunk)
+            if seen > max_bytes:
+                raise MtomError(f"more than {max_bytes} bytes after the close delimiter")
+
     async def next_part(self) -> PartHeaders | None:
         """Skip to the next PartStart; None at the close delimiter."""
         while True:
