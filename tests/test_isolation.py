@@ -12,13 +12,14 @@ import dataclasses
 import socket
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from lxml import etree
 
-from tests.conftest import wait_for
+from tests.conftest import make_config, wait_for
 from tests.test_gateway_audit import event, records
 from tests.test_gateway_audit import rsyslog as rsyslog_repository
 from tests.test_server import ADHOC_QUERY, consumer, fault_of, post, soap12
@@ -810,13 +811,13 @@ def test_connections_over_the_caps_are_reset_at_the_accept_itself(
     from xca_gateway.protocol.http_server import ConnectionLimits, HttpServer, Request, Response
 
     made: list[str] = []
-    accepted = HttpServer._accepted
+    connect = HttpServer._connect
 
-    def counting(self: HttpServer, transport: asyncio.Transport) -> None:
-        made.append(str(transport.get_extra_info("peername")[0]))
-        accepted(self, transport)
+    def counting(self: HttpServer, sock: socket.socket, address: str, pending: Any) -> None:
+        made.append(address)
+        connect(self, sock, address, pending)
 
-    monkeypatch.setattr(HttpServer, "_accepted", counting)
+    monkeypatch.setattr(HttpServer, "_connect", counting)
 
     async def app(request: Request) -> Response:
         return Response(200, body=b"ok")
@@ -860,3 +861,73 @@ def test_connections_over_the_caps_are_reset_at_the_accept_itself(
     assert refused == [True] * 5
     assert answer.startswith(b"HTTP/1.1 200")
     assert made == ["127.0.0.2"]  # the five never became transports
+
+
+def test_silent_connections_wait_as_bare_sockets_and_are_displaced_without_a_task(
+    monkeypatch: pytest.MonkeyPatch, pki: DevPki, tmp_path: Path
+) -> None:
+    """A flood of sockets that never speak (from many sources, each within its cap) churns
+    the pool of pending handshakes: those displaced and those timed out never became a
+    transport or a task, were reported as refusals, and a real client still gets in."""
+    from xca_gateway.protocol.http_server import ConnectionLimits, HttpServer, Request, Response
+    from xca_gateway.protocol.tls import HandshakeFailure, server_context
+
+    made: list[str] = []
+    connect = HttpServer._connect
+
+    def counting(self: HttpServer, sock: socket.socket, address: str, pending: Any) -> None:
+        made.append(address)
+        connect(self, sock, address, pending)
+
+    monkeypatch.setattr(HttpServer, "_connect", counting)
+    failures: list[HandshakeFailure] = []
+
+    async def app(request: Request) -> Response:
+        return Response(200, body=b"ok")
+
+    async def scenario() -> tuple[str, int]:
+        server = HttpServer(
+            app,
+            ssl_context=server_context(make_config(pki, tmp_path).tls),
+            on_handshake_failure=failures.append,
+            limits=ConnectionLimits(max_pending_handshakes=4, hello_timeout=0.5),
+        )
+        await server.start("127.0.0.1", 0)
+        idle = []
+        try:
+            for i in range(20):
+                idle.append(
+                    await asyncio.open_connection(
+                        "127.0.0.1", server.port, local_addr=(f"127.0.2.{1 + i % 5}", 0)
+                    )
+                )
+            for _ in range(500):  # bounded: until the 16 displaced are counted
+                if server.gate.refused.get("max_pending_handshakes") == 16:
+                    break
+                await asyncio.sleep(0.01)
+            assert server.gate.pending_handshakes == 4
+            assert made == [] and not server._connections
+            ctx = client_context(pki.ca, pki.client.cert, pki.client.key)
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", server.port, ssl=ctx, server_hostname="localhost"
+            )
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = (await reader.read()).split(b"\r\n", 1)[0].decode()
+            writer.close()
+            for _ in range(500):  # bounded: until the last idle sockets time out
+                if server.gate.pending_handshakes == 0 and server.active_connections == 0:
+                    break
+                await asyncio.sleep(0.01)
+            return answer, server.active_connections
+        finally:
+            for _, w in idle:
+                w.transport.abort()
+            await server.close()
+
+    answer, active = asyncio.run(scenario())
+    assert (answer.split()[:2], active) == (["HTTP/1.1", "200"], 0)
+    assert made == ["127.0.0.1"]  # only the client that spoke
+    reasons = [f.reason for f in failures]
+    # 16 displaced by the flood, one more by the client; the last three timed out.
+    assert reasons.count("dropped before its handshake ended: too many pending handshakes") == 17
+    assert reasons.count("no TLS ClientHello within 0.5 s") == 3

@@ -7,8 +7,10 @@ upgraded with ``start_tls`` under our control, and a failed handshake becomes a
 :class:`~xca_gateway.protocol.tls.HandshakeFailure` callback.
 
 No caller can stall the others (:class:`ConnectionLimits`): a connection is admitted at accept,
-before a byte is read, against a global cap and a cap per source address; the ClientHello must
-start within a short ``hello_timeout``; connections still before the end of their handshake are
+before a byte is read, against a global cap and a cap per source address (a few accepts per
+turn of the event loop, by our own accept rather than asyncio's); a silent TLS connection waits
+as a bare socket (no transport, no task) and its ClientHello must start within a short
+``hello_timeout``; connections still before the end of their handshake are
 a bounded pool in which a newcomer displaces the oldest (an idle socket is always older than a
 handshake in progress); a request head has one absolute deadline, not one per read.
 
@@ -19,7 +21,6 @@ and may answer with an async iterable, sent with chunked transfer encoding.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import errno
 import ipaddress
@@ -288,11 +289,13 @@ class _QuietLog:
 
 
 _handshake_log = _QuietLog()
-# A connection let through at the accept is admitted a few turns of the loop later; one never
-# admitted (its transport could not be made) stops counting after this many seconds.
-_SCREENED_FOR = 5.0
-# Connections refused in one call of accept() at most, so that a flood cannot hold the loop.
-_REFUSALS_PER_ACCEPT = 256
+# Connections taken from a listening socket per turn of the event loop: a burst of thousands
+# is spread over many turns, with every other caller's work in between, instead of one turn
+# that makes a transport and a task of each (asyncio's own accept takes up to the backlog).
+_ACCEPTS_PER_TURN = 16
+# Silent connections whose hello_timeout ended, dropped per turn of the loop (the rest on the
+# next turns): a flood that arrived at once must not be reported in one long turn either.
+_EXPIRIES_PER_TURN = 32
 # Above this many bytes a request body is "large": the rest of it is read in its source's turn.
 LARGE_BODY_BYTES = 64 * 1024
 
@@ -324,9 +327,6 @@ class ConnectionGate:
         self._pending: dict[object, Callable[[], None]] = {}
         self._speaking: dict[object, Callable[[], None]] = {}
         self._probes: dict[object, Callable[[], bool]] = {}
-        # Connections let through at the accept (screen) and not yet admitted, by source.
-        self._screened: dict[str, collections.deque[float]] = {}
-        self._screened_total = 0
         # (kind, source) -> [its turns (a semaphore), connections holding or waiting for one].
         self._turns: dict[tuple[str, str], list[Any]] = {}
         self._logged: dict[str, float] = {}
@@ -335,41 +335,9 @@ class ConnectionGate:
         self._wake: asyncio.TimerHandle | None = None
         self._swept = 0.0
 
-    def screen(self, address: str) -> bool:
-        """At the accept itself, before the event loop makes a transport and a task of the
-        connection: False if :meth:`admit` would refuse it (counted and logged here), so a
-        flood of connections over the caps costs a few microseconds each, not a turn of the
-        loop each. A connection let through is counted until :meth:`admit` takes it over."""
-        source = source_of(address)
-        now = time.monotonic()
-        screened = self._screened.setdefault(source, collections.deque())
-        while screened and now - screened[0] > _SCREENED_FOR:
-            screened.popleft()  # never admitted (the transport failed): not counted for ever
-            self._screened_total -= 1
-        if self.active + self._screened_total >= self.limits.max_connections:
-            reason = "max_connections"
-        elif (
-            self.by_source.get(source, 0) + len(screened) >= self.limits.max_connections_per_source
-        ):
-            reason = "max_connections_per_source"
-        else:
-            screened.append(now)
-            self._screened_total += 1
-            return True
-        if not screened:
-            del self._screened[source]
-        self._refuse(reason, address)
-        return False
-
     def admit(self, address: str) -> str | None:
         """Count a new connection in, or return why it is refused."""
         source = source_of(address)
-        screened = self._screened.get(source)
-        if screened:
-            screened.popleft()
-            self._screened_total -= 1
-            if not screened:
-                del self._screened[source]
         if self.active >= self.limits.max_connections:
             reason = "max_connections"
         elif self.by_source.get(source, 0) >= self.limits.max_connections_per_source:
@@ -550,13 +518,40 @@ class ConnectionGate:
 
 
 class _Pending:
-    """A connection in the pool of pending handshakes, from its accept on."""
+    """A connection in the pool of pending handshakes, from its accept on.
 
-    __slots__ = ("displaced", "task")
+    A TLS connection starts as a bare accepted socket (``sock``) watched for its first byte
+    (the lobby): no transport, no task, no buffers, so a flood of sockets that never speak,
+    displaced or timed out by the thousand, costs an accept, an epoll registration and a
+    reset each. The first byte makes it a transport and a task (``sock`` None from then on).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = (
+        "address",
+        "admitted",
+        "displaced",
+        "heard",
+        "made",
+        "port",
+        "since",
+        "sock",
+        "task",
+    )
+
+    def __init__(
+        self, sock: socket.socket | None = None, address: str = "?", port: int = 0
+    ) -> None:
         self.task: asyncio.Task[None] | None = None
         self.displaced = False
+        self.sock = sock
+        self.address = address
+        self.port = port
+        self.since = 0.0
+        # Its first bytes were seen in the lobby: no need to wait for them again.
+        self.heard = False
+        # A transport owns the socket; the address counted in at the gate (to release).
+        self.made = False
+        self.admitted: str | None = None
 
     def drop(self) -> None:
         self.displaced = True
@@ -618,9 +613,25 @@ def _has_spoken(transport: asyncio.Transport) -> bool:
     sock = transport.get_extra_info("socket")
     if sock is None or transport.is_closing():
         return False
+    return _readable_now(sock.fileno())
+
+
+def _readable_now(fd: int) -> bool:
     poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
+    poller.register(fd, select.POLLIN)
     return bool(poller.poll(0))
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with RST rather than FIN: nothing to linger over, no TIME_WAIT kept."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+# accept() errors after which the listener rests a moment (as asyncio's own accept does):
+# out of descriptors or memory, accepting again at once would only spin.
+_ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class RequestBodyTooSlow(Exception):
@@ -699,53 +710,14 @@ async def tls_accept(
     )
 
 
-class _ScreeningSocket(socket.socket):
-    """A listening socket whose accept() resets, there and then, the connections its gate
-    refuses: the event loop never makes a transport nor a task of them."""
-
-    __slots__ = ()
-    gate: ConnectionGate  # set on the class made for each listener
-
-    def accept(self) -> tuple[socket.socket, Any]:
-        for _ in range(_REFUSALS_PER_ACCEPT):
-            conn, addr = super().accept()  # BlockingIOError: none left, the loop carries on
-            if self.gate.screen(str(addr[0]) if addr else "?"):
-                return conn, addr
-            with contextlib.suppress(OSError):
-                # RST rather than FIN: nothing to linger over, no TIME_WAIT kept.
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            conn.close()
-        raise BlockingIOError  # enough for one turn of the loop; the rest on the next
-
-
-def _screen_accepts(server: asyncio.Server, gate: ConnectionGate) -> None:
-    """Have ``server``'s listening sockets screen their accepts with ``gate``.
-
-    asyncio accepts with the listening socket's own accept(), which a subclass may extend;
-    the server's socket objects are reached through a private attribute. Best effort, like
-    the certificate capture: without it, refusals happen one turn later, at more cost.
-    """
-    screening = type("ScreeningSocket", (_ScreeningSocket,), {"__slots__": (), "gate": gate})
-    for sock in getattr(server, "_sockets", None) or ():
-        if type(sock) is socket.socket:
-            try:
-                sock.__class__ = screening
-            except TypeError:  # pragma: no cover - depends on the Python build
-                log.info("connection screening at accept is not available on this Python")
-
-
 class _AcceptProtocol(asyncio.Protocol):
-    """Holds a fresh connection, not reading, until the server has admitted it."""
-
-    def __init__(self, server: HttpServer) -> None:
-        self.server = server
+    """Holds a fresh transport, not reading, until the connection's task takes it over."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Called before the transport first reads: paused here, nothing is read until the
-        # connection is admitted, and the ClientHello is left in the socket for TLS.
+        # Called before the transport first reads: paused here, the ClientHello (or the PROXY
+        # header) is left in the socket for the connection's task.
         assert isinstance(transport, asyncio.Transport)
         transport.pause_reading()
-        self.server._accepted(transport)
 
     def data_received(self, data: bytes) -> None:  # pragma: no cover - paused until replaced
         raise AssertionError("read before admission")
@@ -782,6 +754,12 @@ class HttpServer:
         self.max_header_bytes = max_header_bytes
         self.server_header = server_header.encode()
         self._server: asyncio.Server | None = None
+        # Our own descriptors of the server's listening sockets, accepted from by
+        # _accept_some (asyncio's server is made with start_serving=False).
+        self._listeners: list[socket.socket] = []
+        # The lobby: silent TLS connections (bare sockets), oldest first; see _Pending.
+        self._lobby: dict[_Pending, None] = {}
+        self._lobby_timer: asyncio.TimerHandle | None = None
         self._connections: set[asyncio.Task[None]] = set()
         # Connections inside a request (head read, answer not yet sent): what a drain waits for.
         self._busy: set[asyncio.Task[None]] = set()
@@ -808,22 +786,47 @@ class HttpServer:
         self, host: str = "127.0.0.1", port: int = 0, *, sock: socket.socket | None = None
     ) -> None:
         loop = asyncio.get_running_loop()
+        # asyncio binds (addresses, options) but does not serve: its accept takes up to the
+        # backlog per turn of the loop and makes a transport and a task of each connection
+        # before anything can refuse it. _accept_some takes a few per turn and decides first.
         if sock is not None:
             self._server = await loop.create_server(
-                lambda: _AcceptProtocol(self), sock=sock, backlog=1024
+                _AcceptProtocol, sock=sock, backlog=1024, start_serving=False
             )
         else:
             self._server = await loop.create_server(
-                lambda: _AcceptProtocol(self), host, port, backlog=1024, reuse_address=True
+                _AcceptProtocol,
+                host,
+                port,
+                backlog=1024,
+                reuse_address=True,
+                start_serving=False,
             )
-        if self.proxy is None:
-            # Behind a balancer the socket's address is the balancer's: admission waits for
-            # the PROXY header's address.
-            _screen_accepts(self._server, self.gate)
+        for listening in self._server.sockets:
+            # A descriptor of our own (the server closes its own on close()).
+            own = socket.socket(fileno=os.dup(listening.fileno()))
+            own.setblocking(False)
+            own.listen(1024)  # asyncio listens only when it serves
+            self._listeners.append(own)
+            loop.add_reader(own.fileno(), self._accept_some, own)
 
-    async def close(self, grace: float = 5.0) -> None:
+    def _stop_listening(self) -> None:
+        loop = asyncio.get_running_loop()
+        for own in self._listeners:
+            loop.remove_reader(own.fileno())
+            own.close()
+        self._listeners = []
         if self._server is not None:
             self._server.close()
+        if self._lobby_timer is not None:
+            self._lobby_timer.cancel()
+            self._lobby_timer = None
+        for pending in list(self._lobby):
+            self.gate.settled(pending)
+            self._discard(pending, None)
+
+    async def close(self, grace: float = 5.0) -> None:
+        self._stop_listening()
         if self._connections:
             _, pending = await asyncio.wait(self._connections, timeout=grace)
             for task in pending:
@@ -839,8 +842,7 @@ class HttpServer:
         seconds to finish (each connection closes after its answer), then cut the rest.
         Returns how many requests were cut."""
         self.draining = True
-        if self._server is not None:
-            self._server.close()
+        self._stop_listening()
         for task in self._connections - self._busy:
             task.cancel()
         busy = set(self._busy)
@@ -857,45 +859,164 @@ class HttpServer:
             await asyncio.wait(idle, timeout=1.0)
         return cut
 
-    def _accepted(self, transport: asyncio.Transport) -> None:
-        peer = transport.get_extra_info("peername")
-        address = str(peer[0]) if peer else "?"
-        pending = _Pending()
+    def _accept_some(self, listening: socket.socket) -> None:
+        """The listening socket is readable: accept a few connections and decide on each."""
+        for _ in range(_ACCEPTS_PER_TURN):
+            try:
+                conn, addr = listening.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_RESOURCE_ERRORS and listening in self._listeners:
+                    _handshake_log.warning(
+                        "accept", "%s: cannot accept connections: %s", self.name, exc
+                    )
+                    loop = asyncio.get_running_loop()
+                    loop.remove_reader(listening.fileno())
+                    loop.call_later(1.0, self._resume_accepting, listening)
+                return  # e.g. ECONNABORTED: the next turn goes on
+            try:
+                self._arrived(conn, addr)
+            except Exception:  # one connection must never stop the listener
+                log.exception("accepting a connection failed")
+                _reset(conn)
+
+    def _resume_accepting(self, listening: socket.socket) -> None:
+        if listening in self._listeners:
+            asyncio.get_running_loop().add_reader(listening.fileno(), self._accept_some, listening)
+
+    def _arrived(self, conn: socket.socket, addr: Any) -> None:
+        """A connection just accepted: refused (reset, no transport, no task), started, or
+        put in the lobby to wait for its first byte."""
+        address = str(addr[0]) if isinstance(addr, tuple) else "?"
+        port = int(addr[1]) if isinstance(addr, tuple) and len(addr) > 1 else 0
+        conn.setblocking(False)
         if self.proxy is not None:
             # The balancer's address says nothing of the caller: admission (per-source caps,
             # pending handshakes) waits for the header's address, read in the task.
             if not self.proxy.allows(address):
-                self._refuse_proxy(
-                    address, int(peer[1]) if peer else 0, "not a configured balancer"
-                )
-                transport.abort()
+                self._refuse_proxy(address, port, "not a configured balancer")
+                _reset(conn)
                 return
-            self._start(transport, address, pending)
+            self._connect(conn, address, _Pending(address=address, port=port))
             return
         if self.gate.admit(address) is not None:
-            transport.abort()
+            _reset(conn)
             return
-        if self.ssl_context is not None:
-            # In the bounded pool from the accept on (a burst of connections displaces older
-            # silent ones at once, before a task has run for any of them).
-            self.gate.pending(pending, pending.drop, lambda: _has_spoken(transport))
-        self._start(transport, address, pending)
+        if self.ssl_context is None:
+            self._connect(conn, address, _Pending(address=address, port=port))
+            return
+        pending = _Pending(conn, address, port)
+        # In the bounded pool from the accept on: a burst displaces older silent ones at once.
+        fd = conn.fileno()
+        self.gate.pending(
+            pending,
+            lambda: self._displace(pending),
+            lambda: pending.sock is None or _readable_now(fd),
+        )
+        loop = asyncio.get_running_loop()
+        pending.since = loop.time()
+        self._lobby[pending] = None
+        loop.add_reader(fd, self._heard, pending)
+        if self._lobby_timer is None:
+            self._lobby_timer = loop.call_at(
+                pending.since + self.limits.hello_timeout, self._expire_lobby
+            )
 
-    def _start(self, transport: asyncio.Transport, address: str, pending: _Pending) -> None:
+    def _heard(self, pending: _Pending) -> None:
+        """A lobby socket has sent its first bytes (or closed): it becomes a connection."""
+        sock = self._leave_lobby(pending)
+        if sock is None:
+            return
+        pending.heard = True
+        self.gate.speaking(pending)
+        self._connect(sock, pending.address, pending)
+
+    def _leave_lobby(self, pending: _Pending) -> socket.socket | None:
+        sock, pending.sock = pending.sock, None
+        if sock is not None:
+            self._lobby.pop(pending, None)
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+        return sock
+
+    def _discard(self, pending: _Pending, reason: str | None) -> None:
+        """End a lobby connection: reset, counted out, reported (``reason``) as a refusal."""
+        sock = self._leave_lobby(pending)
+        if sock is None:
+            return
+        _reset(sock)
+        self.gate.release(pending.address)
+        if reason is not None:
+            self._report(HandshakeFailure(pending.address, pending.port, reason))
+
+    def _displace(self, pending: _Pending) -> None:
+        """The pool of pending handshakes is full and ``pending`` is its oldest."""
+        if pending.sock is not None:
+            self._discard(
+                pending, "dropped before its handshake ended: too many pending handshakes"
+            )
+        else:
+            pending.drop()
+
+    def _expire_lobby(self) -> None:
+        """Drop the lobby's sockets silent for hello_timeout (oldest first, a few per turn)."""
+        self._lobby_timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        timeout = self.limits.hello_timeout
+        for _ in range(_EXPIRIES_PER_TURN):
+            oldest = next(iter(self._lobby), None)
+            if oldest is None:
+                return
+            if oldest.since + timeout > now:
+                self._lobby_timer = loop.call_at(oldest.since + timeout, self._expire_lobby)
+                return
+            self.gate.settled(oldest)
+            self._discard(oldest, f"no TLS ClientHello within {timeout:g} s")
+        if self._lobby:
+            self._lobby_timer = loop.call_at(now, self._expire_lobby)  # after other work
+
+    def _connect(self, sock: socket.socket, address: str, pending: _Pending) -> None:
+        """Make a connection's task: its transport (paused, nothing read), then serving."""
+        pending.admitted = address if self.proxy is None else None
+        task = asyncio.get_running_loop().create_task(self._run_connection(sock, pending))
+        pending.task = task
+        self._connections.add(task)
+        # Cleanup in a callback: a task cancelled (displaced) before its first step never
+        # runs its coroutine's finally.
+        task.add_done_callback(lambda done: self._connection_ended(done, sock, pending))
+
+    def _connection_ended(
+        self, task: asyncio.Task[None], sock: socket.socket, pending: _Pending
+    ) -> None:
+        self._connections.discard(task)
+        self.gate.settled(pending)
+        if pending.admitted is not None:
+            self.gate.release(pending.admitted)
+            pending.admitted = None
+        if not pending.made:  # no transport owns the socket
+            sock.close()
+
+    async def _run_connection(self, sock: socket.socket, pending: _Pending) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            loop = asyncio.get_running_loop()
+            transport, _ = await loop.connect_accepted_socket(_AcceptProtocol, sock)
+            pending.made = True
             reader = asyncio.StreamReader(loop=loop)
+            # With a callback, the protocol is the server side (what start_tls looks at); a
+            # plain function's result is not made a task.
+            made: list[asyncio.StreamWriter] = []
             protocol = asyncio.StreamReaderProtocol(
-                reader, lambda r, w: self._on_connect(r, w, address, pending), loop=loop
+                reader, lambda _, writer: made.append(writer), loop=loop
             )
             transport.set_protocol(protocol)
-            protocol.connection_made(transport)  # starts _on_connect as a task
-        except Exception:
+            protocol.connection_made(transport)
+            writer = made[0]
+            await self._on_connect(reader, writer, pending)
+        except asyncio.CancelledError:
+            pass  # displaced before its transport was made, or the server closing
+        except Exception:  # a connection must never take the server down
             log.exception("accepting a connection failed")
-            self.gate.settled(pending)
-            if self.proxy is None:
-                self.gate.release(address)
-            transport.abort()
 
     def _refuse_proxy(self, address: str, port: int, reason: str) -> None:
         """A connection refused on a PROXY listener: counted, logged and audited once (as a
@@ -958,17 +1079,8 @@ class HttpServer:
         return header.source or (address, port)
 
     async def _on_connect(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        address: str,
-        pending: _Pending,
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pending: _Pending
     ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        pending.task = task
-        self._connections.add(task)
-        admitted: str | None = address if self.proxy is None else None
         peer: tuple[str, int] | None = None
         try:
             if self.proxy is not None:
@@ -978,7 +1090,7 @@ class HttpServer:
                 if self.gate.admit(peer[0]) is not None:
                     writer.transport.abort()
                     return
-                admitted = peer[0]
+                pending.admitted = peer[0]
                 if self.ssl_context is not None:
                     transport = writer.transport
                     assert isinstance(transport, asyncio.Transport)
@@ -989,11 +1101,6 @@ class HttpServer:
         except Exception:  # a connection must never take the server down
             log.exception("connection handler failed")
             writer.transport.abort()
-        finally:
-            self.gate.settled(pending)
-            if admitted is not None:
-                self.gate.release(admitted)
-            self._connections.discard(task)
 
     async def _handshake(
         self,
@@ -1010,7 +1117,9 @@ class HttpServer:
         try:
             if pending.displaced:  # displaced before its task first ran
                 raise asyncio.CancelledError
-            readable = await wait_readable(writer.transport, self.limits.hello_timeout)
+            readable = pending.heard or await wait_readable(
+                writer.transport, self.limits.hello_timeout
+            )
             self.gate.speaking(pending)
             if not readable:
                 self._report(
