@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 from lxml import etree
 
 from xca_gateway.consumer import xds_query
@@ -242,6 +241,9 @@ def check_reachable(url: str, ctx: ssl.SSLContext, timeout: float = CONNECT_TIME
 
 def describe_connection_error(exc: BaseException, host: str, port: int) -> str:
     """One line for why a connection failed: refused, timed out, TLS (whose certificate)."""
+    # local: the CLI's HTTPS client (httpx, ~6 MB of RSS) loads only in the commands that call
+    import httpx
+
     chain: list[BaseException] = []
     current: BaseException | None = exc
     while current is not None and current not in chain:
@@ -312,6 +314,9 @@ def soap_exchange(
     out: Any = None,
 ) -> Exchange:
     """POST one SOAP 1.2 request; the response's body payload (MTOM read, attachments kept)."""
+    # local: the CLI's HTTPS client (httpx, ~6 MB of RSS) loads only in the commands that call
+    import httpx
+
     out = out or sys.stderr
     envelope = request_envelope(target, payload)
     if raw:

@@ -19,9 +19,8 @@ import uuid
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from lxml import etree
 
 from xca_gateway.consumer.commands import ExchangeError, check_reachable
@@ -42,6 +41,9 @@ from xca_gateway.xds import ebrim
 from xca_gateway.xds.ebrs import RegistryError, parse_registry_errors
 from xca_gateway.xds.kos import kos_from_bytes, kos_references, kos_retrieve_locations
 from xca_gateway.xds.patient_id import parse_patient_id
+
+if TYPE_CHECKING:
+    import httpx
 
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
@@ -379,6 +381,9 @@ async def retrieve_study(
 ) -> list[RetrieveReport]:
     """The whole consumer flow; one report per manifest fetched. By default the instances
     are written as stored (native or lossless compressed), else converted to native."""
+    # local: the CLI's HTTPS client (httpx, ~6 MB of RSS) loads only in the commands that call
+    import httpx
+
     ctx = client_context(ca, cert, key)
     async with httpx.AsyncClient(verify=ctx, timeout=httpx.Timeout(300, connect=10)) as client:
         consumer = Consumer(client, gateway, progress=progress)
@@ -428,6 +433,9 @@ def add_retrieve_study_command(subparsers: Any) -> None:
 
 
 def _cmd_retrieve_study(args: argparse.Namespace) -> int:
+    # local: the CLI's HTTPS client (httpx, ~6 MB of RSS) loads only in the commands that call
+    import httpx
+
     try:
         if args.endpoints:
             endpoints = EndpointsFile.load(Path(args.endpoints))

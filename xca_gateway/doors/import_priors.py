@@ -31,7 +31,6 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-import httpx
 from lxml import etree
 from pydicom.dataset import Dataset
 
@@ -77,7 +76,6 @@ from xca_gateway.imaging import transfer_syntax as ts
 from xca_gateway.imaging.instance import decode_instance
 from xca_gateway.imaging.request import RetrieveImagingDocumentSetRequest
 from xca_gateway.imaging.retrieve import InstanceTooLarge
-from xca_gateway.progress import ProgressLine
 from xca_gateway.protocol import mtom
 from xca_gateway.protocol.credentials import check_key_pair
 from xca_gateway.protocol.namespaces import Action
@@ -396,6 +394,9 @@ class HttpsFederation(Consumer):
         sink: InstanceSink,
         max_instance_bytes: int,
     ) -> RetrieveOutcome:
+        # local: the CLI's HTTPS client (httpx, ~6 MB of RSS): this federation's client is one
+        import httpx
+
         outcome = RetrieveOutcome()
         index: Rad69Root | None = None
         delivered: set[str] = set()
@@ -646,6 +647,9 @@ class PriorsProgressLine:
         self.study_finished(study)
         home = study.manifest.home_community_id
         label = f"{self.names.get(home, home)} …{study.study_instance_uid[-10:]}"
+        # local: the CLI's progress line (rich, ~3 MB of RSS) is drawn only on a terminal
+        from xca_gateway.progress import ProgressLine
+
         self._line = ProgressLine(
             label, study.requested, unit="instances", stream=self.stream, transient=True
         )
@@ -717,12 +721,14 @@ async def import_priors(
                     progress,
                 )
             except Exception as exc:  # one study's failure must not stop the others
-                expected = (ConsumerError, httpx.HTTPError, ValueError, mtom.MtomError)
+                expected = (ConsumerError, ValueError, mtom.MtomError)
                 log.warning(
                     "prior %s not imported: %s",
                     manifest.document_unique_id,
                     exc,
-                    exc_info=not isinstance(exc, expected),
+                    # An HTTPS transport error (httpx: the CLI's federation only, so httpx is
+                    # not imported here for the test) is expected too: no traceback.
+                    exc_info=not isinstance(exc, expected) and not _from_httpx(exc),
                 )
                 study.errors.append(RegistryError("XDSRepositoryError", str(exc)))
                 done = {r.sop_instance_uid for r in study.stored} | {
@@ -994,6 +1000,9 @@ async def _open_audit(target: _Target, args: argparse.Namespace) -> AuditTrail |
 
 
 async def _run_import(args: argparse.Namespace, target: _Target) -> ImportReport:
+    # local: the CLI's HTTPS client (httpx, ~6 MB of RSS) loads only in the commands that call
+    import httpx
+
     pacs_host, pacs_port = parse_host_port(args.pacs, "--pacs")
     prefixes = parse_accession_prefixes(args.accession_prefix, args.accession_prefix_map)
     selection = PriorSelection(
@@ -1056,7 +1065,15 @@ async def _run_import(args: argparse.Namespace, target: _Target) -> ImportReport
             await audit.stop(application_activity_events=False, drain_timeout=0.1)
 
 
+def _from_httpx(exc: BaseException) -> bool:
+    """An error of the CLI's HTTPS client (one of ``httpx.HTTPError``)."""
+    return type(exc).__module__.partition(".")[0] == "httpx"
+
+
 def _host(url: str) -> str | None:
+    # local: the CLI's HTTPS client (httpx, ~6 MB of RSS) loads only in the commands that call
+    import httpx
+
     return httpx.URL(url).host or None
 
 
@@ -1074,6 +1091,9 @@ def _print_study(study: StudyImport) -> None:
 
 
 def _cmd_import_priors(args: argparse.Namespace) -> int:
+    # local: the CLI's HTTPS client (httpx, ~6 MB of RSS) loads only in the commands that call
+    import httpx
+
     if logging.getLogger().level > logging.DEBUG:
         # One INFO line per DIMSE message drowns the per-study report.
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)

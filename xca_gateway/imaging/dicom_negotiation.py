@@ -17,11 +17,12 @@ is received in the syntax it proposed first (usually the one it stores).
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRBigEndian
-from pynetdicom import build_context
-from pynetdicom.presentation import PresentationContext
+
+if TYPE_CHECKING:
+    from pynetdicom.presentation import PresentationContext
 
 from xca_gateway.imaging import transfer_syntax as ts
 
@@ -121,6 +122,9 @@ def outgoing_syntax(stored: str, accepted: Sequence[str]) -> str | None:
 def move_contexts(sop_classes: Iterable[str]) -> list[PresentationContext]:
     """The presentation contexts a C-MOVE proposes to its destination: per SOP class one with
     the native syntaxes and one per common compressed syntax (these while they fit in 128)."""
+    # local: pynetdicom (~7 MB of RSS) loads only where DIMSE is used (a C-MOVE here)
+    from pynetdicom import build_context
+
     classes = list(dict.fromkeys(sop_classes))
     contexts = [build_context(c, list(NATIVE_SYNTAXES)) for c in classes]
     for syntax in MOVE_COMPRESSED_SYNTAXES:

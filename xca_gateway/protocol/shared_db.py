@@ -14,10 +14,10 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
-from psycopg_pool import ConnectionPool
+if TYPE_CHECKING:
+    import psycopg
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,11 @@ class SharedDatabase:
     """A psycopg connection pool and the schema of each shared store."""
 
     def __init__(self, conninfo: str, *, max_size: int = 8, connect_timeout: float = 10.0) -> None:
+        # local: the PostgreSQL driver and its pool (~8 MB of RSS) load only where a
+        # deployment has a shared database
+        import psycopg
+        from psycopg_pool import ConnectionPool
+
         self.conninfo = conninfo
         self.connect_timeout = connect_timeout
         self._pool = ConnectionPool(
@@ -66,6 +71,9 @@ class SharedDatabase:
             # hold the caller, often the event loop, for a connection timeout per request.
             # The probe behind /readyz (every 2 s) marks it healthy again.
             raise SharedDatabaseError("shared database unreachable (last probe failed)")
+        # local: loaded by __init__ already (a dictionary look-up), kept out of module level
+        import psycopg
+
         try:
             with (
                 self._pool.connection(timeout=STATEMENT_CHECKOUT_TIMEOUT) as connection,

@@ -29,10 +29,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, urlencode
 
-import httpx
 import jwt
 
 from xca_gateway.audit import messages as m
@@ -75,6 +74,9 @@ from xca_gateway.protocol.http_server import (
 )
 from xca_gateway.protocol.tls import HandshakeFailure, server_context
 from xca_gateway.security.callers import Door, Identity, Principal
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,9 @@ class KeySource:
         self.fetches = 0
 
     async def _fetch(self) -> None:
+        # local: httpx (~6 MB of RSS) loads at the first call to the authorization server
+        import httpx
+
         self.fetches += 1
         try:
             async with self._client() as client:
@@ -300,6 +305,9 @@ class WebDoor:
             await self.server.close()
 
     def _auth_client(self) -> httpx.AsyncClient:
+        # local: httpx (~6 MB of RSS) loads at the first call to the authorization server
+        import httpx
+
         return httpx.AsyncClient(verify=self._auth_context, timeout=_AUTH_SERVER_TIMEOUT)
 
     # -- HTTP
@@ -517,6 +525,9 @@ class WebDoor:
     async def _exchange(self, code: str, verifier: str) -> str:
         """The authorization code for an access token at the token endpoint (RFC 6749 §4.1.3
         with the PKCE verifier, RFC 7636 §4.5)."""
+        # local: httpx (~6 MB of RSS) loads at the first call to the authorization server
+        import httpx
+
         form = {
             "grant_type": "authorization_code",
             "code": code,

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from psycopg.rows import dict_row
-
 from xca_gateway.protocol.shared_db import SharedDatabase, SharedDatabaseError
 from xca_gateway.security.consent.service import (
     ANY,
@@ -73,6 +71,9 @@ class PostgresConsentStore:
             self.database.close()
 
     def _run(self, statements: Any) -> Any:
+        # local: psycopg loads only with a shared database (SharedDatabase opened it already)
+        from psycopg.rows import dict_row
+
         try:
             with self.database.transaction() as cur:
                 cur.row_factory = dict_row

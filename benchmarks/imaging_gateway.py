@@ -1,0 +1,144 @@
+"""One gateway process of ``imaging_bench.py`` (source, responding or initiating).
+
+A script of its own so that the process imports what a gateway imports and nothing of the
+benchmark's client (httpx, psutil, the study generator): its peak RSS is the gateway's.
+
+    python benchmarks/imaging_gateway.py SPEC.json    # started by imaging_bench.py
+    IMAGING_BENCH_PROFILE=/tmp/prof ...               # cProfile each gateway process
+    IMAGING_BENCH_TRACEMALLOC=/tmp/dir ...            # what holds memory at the peak
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPOSITORY = "1.3.6.1.4.1.21367.13.71.2.1"
+HOMES = {
+    "alpha": "urn:oid:1.3.6.1.4.1.21367.13.70.1",
+    "beta": "urn:oid:1.3.6.1.4.1.21367.13.70.2",
+    "gamma": "urn:oid:1.3.6.1.4.1.21367.13.70.3",
+}
+
+
+async def serve(spec: dict[str, Any]) -> None:
+    """Child process: one gateway in the role given by ``spec``, until SIGTERM."""
+    import logging
+
+    from xca_gateway.app.config import parse_config
+    from xca_gateway.app.gateway import Gateway
+    from xca_gateway.imaging.filesystem import FilesystemSource
+    from xca_gateway.imaging.rad69_source import Rad69Source
+    from xca_gateway.initiating.imaging import rad69_handler
+    from xca_gateway.protocol.namespaces import Action
+    from xca_gateway.protocol.soap_service import Operation
+    from xca_gateway.transactions.rad69 import imaging_document_source_handler
+    from xca_gateway.transactions.rad75 import rad75_handler
+
+    logging.basicConfig(level=logging.WARNING)
+    gateway = Gateway(parse_config(spec["config"], Path(spec["base"])))
+    role = spec["role"]
+    if role == "source":
+        source: Any = FilesystemSource(REPOSITORY, Path(spec["images"]))
+        if spec.get("rate"):
+            source = _Paced(source, float(spec["rate"]))
+        handler = imaging_document_source_handler(
+            {REPOSITORY: source}, home_community_id=HOMES["beta"]
+        )
+        gateway.endpoints["rad69"].add(Operation(Action.RAD69, "RAD-69", handler))
+    elif role == "responding":
+        source = Rad69Source(
+            REPOSITORY,
+            spec["source_url"],
+            peer_client=gateway.peer_client,
+            home_community_id=HOMES["beta"],
+        )
+        handler = rad75_handler({REPOSITORY: source}, home_community_id=HOMES["beta"])
+        gateway.endpoints["rad75"].add(Operation(Action.RAD75, "RAD-75", handler))
+    else:
+        handler = rad69_handler(
+            {},
+            home_community_id=HOMES["alpha"],
+            peers={HOMES["beta"]: spec["peer_url"]},
+            peer_client=gateway.peer_client,
+        )
+        gateway.endpoints["rad69"].add(Operation(Action.RAD69, "RAD-69", handler))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await gateway.start()
+    Path(spec["ready"]).write_text(str(os.getpid()))
+    traces = os.environ.get("IMAGING_BENCH_TRACEMALLOC")
+    if traces:  # developer aid: what holds memory at the peak (largest of periodic snapshots)
+        import tracemalloc
+
+        tracemalloc.start(12)
+        best = 0
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.25)
+            size = tracemalloc.get_traced_memory()[0]
+            if size > best:
+                best = size
+                snapshot = tracemalloc.take_snapshot()
+                snapshot.dump(f"{traces}/{spec['role']}.snapshot")
+    await stop.wait()
+    await gateway.stop()
+
+
+class _Paced:
+    """An imaging source that delivers at most ``rate`` bytes/s (a PACS/VNA behind its disks
+    and network), wrapped around the filesystem source."""
+
+    def __init__(self, inner: Any, rate: float) -> None:
+        self.inner, self.rate = inner, rate
+        self.repository_unique_id = inner.repository_unique_id
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def open(self, request: Any) -> Any:
+        retrieval = await self.inner.open(request)
+        rate = self.rate
+        started = time.monotonic()
+        sent = 0
+        original = retrieval.stream
+
+        async def paced(instance: Any) -> Any:
+            nonlocal sent
+            async for chunk in original(instance):
+                sent += len(chunk)
+                ahead = sent / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+                yield chunk
+
+        retrieval.stream = paced
+        return retrieval
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    profile = os.environ.get("IMAGING_BENCH_PROFILE")
+    if profile:  # developer aid: cProfile a gateway process
+        import cProfile
+
+        cProfile.runctx(
+            "asyncio.run(serve(spec))",
+            globals(),
+            {"spec": spec, "asyncio": asyncio, "serve": serve},
+            f"{profile}.{Path(sys.argv[1]).stem}",
+        )
+        return
+    asyncio.run(serve(spec))
+
+
+if __name__ == "__main__":
+    main()
