@@ -172,6 +172,28 @@ def test_query_endpoints_take_small_bodies_and_retrieves_large_ones(
     assert "ActionNotSupported" in " ".join(fault_of(response)[1])
 
 
+def test_a_body_refused_part_way_costs_its_source_handshakes(
+    gateway_factory: Callable[..., Gateway], pki: DevPki
+) -> None:
+    """The refused body's connection closes; the caller pays for the next one, so a bomb
+    resent over and over gets a few new connections a second, not all the loop can make."""
+    gateway = gateway_factory(
+        "alpha",
+        limits={"max_query_bytes": 20_000},
+        server={"handshake_burst_per_source": 100, "refused_body_penalty": 30},
+    )
+    urls = gateway.endpoint_urls()
+    with consumer(pki) as client:
+        assert post(client, urls["iti18"], soap12(Action.ITI18, ADHOC_QUERY)).status_code == 200
+        schedule = gateway.https.gate._schedule
+        assert schedule is not None
+        before = schedule.tokens("127.0.0.1", now=0.0)
+        assert post(client, urls["iti18"], attribute_bomb(20_000)).status_code == 413
+    # 30 taken, at most a few regained since (200/s, the clock of the schedule's loop).
+    assert schedule.tokens("127.0.0.1", now=0.0) <= before - 30 + 1
+    assert _ask(gateway, pki) == 200  # paid in waiting, not refused
+
+
 # ------------------------------------------------------------------------ connections
 
 
@@ -630,6 +652,18 @@ def test_a_source_starts_its_burst_then_handshakes_at_its_rate() -> None:
     # Another source has a bucket of its own.
     schedule.enqueue("b0", "10.0.0.2", now=1.5)
     assert schedule.grants(1.5) == ["b0"]
+
+
+def test_a_penalized_source_waits_until_its_bucket_has_paid_the_penalty() -> None:
+    schedule = _schedule(per_source_rate=10.0, per_source_burst=10.0)
+    schedule.penalize("10.0.0.1", 25, now=0.0)
+    assert schedule.tokens("10.0.0.1", now=0.0) == -10.0  # no lower than minus its burst
+    schedule.enqueue("a0", "10.0.0.1", now=0.0)
+    schedule.enqueue("b0", "10.0.0.2", now=0.0)
+    assert schedule.grants(0.0) == ["b0"]  # another source is not concerned
+    assert schedule.next_grant_at(0.0) == pytest.approx(1.1)  # 11 tokens at 10/s
+    assert schedule.grants(1.0) == []
+    assert schedule.grants(1.1) == ["a0"]
 
 
 def test_waiting_sources_are_served_in_turn_not_first_come() -> None:

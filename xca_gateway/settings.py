@@ -21,6 +21,7 @@ from xca_gateway.schema import (
     HttpUrl,
     Matches,
     NonEmpty,
+    NonNegativeCount,
     NonNegativeSeconds,
     Oid,
     PathText,
@@ -123,6 +124,10 @@ class ServerConfig:
     handshake_rate_per_source: float = 200.0
     handshake_burst_per_source: int = 400
     handshake_rate: float = 1000.0
+    # Handshakes a source's bucket pays when one of its request bodies is refused part-way
+    # (a bomb, a flood, over a limit): refused over and over, it reconnects a few times a
+    # second instead of as fast as the event loop would handshake it.
+    refused_body_penalty: int = 50
     # One absolute deadline for a request head (request line and headers), from the end of the
     # handshake or, on a kept-alive connection, from the head's first byte.
     header_timeout: float = 15.0
@@ -335,6 +340,16 @@ class ServerSection(Section):
     )
     handshake_rate: Rate = Field(
         1000.0, description="TLS handshakes started per second from all sources together."
+    )
+    refused_body_penalty: NonNegativeCount = Field(
+        50,
+        description=(
+            "Handshakes taken from a source's bucket when one of its request bodies is refused"
+            " part-way (an XML bomb or flood, a body over its limit): each one costs the"
+            " connection it closes, so a source refused over and over gets"
+            " handshake_rate_per_source / refused_body_penalty new connections a second"
+            " (4 at the defaults); 0: no penalty."
+        ),
     )
     header_timeout: Seconds = Field(
         15.0,

@@ -109,6 +109,18 @@ class HandshakeSchedule:
             self._ring.append(source)
         entry.queue.append(key)
 
+    def penalize(self, source: str, handshakes: float, now: float) -> None:
+        """Take ``handshakes`` tokens from ``source``'s bucket (it may go below zero, down to
+        minus its burst): what its misbehaviour cost, paid in waiting for its next ones."""
+        entry = self._sources.get(source)
+        if entry is None:
+            bucket = TokenBucket.full(
+                self.limits.per_source_rate, self.limits.per_source_burst, now
+            )
+            entry = self._sources[source] = _Source(bucket)
+        entry.bucket.refill(now)
+        entry.bucket.tokens = max(-entry.bucket.burst, entry.bucket.tokens - handshakes)
+
     def cancel(self, key: Hashable, source: str, now: float) -> None:
         """A queued connection gives up (timed out, displaced, closed) before its grant."""
         entry = self._sources.get(source)
@@ -164,6 +176,14 @@ class HandshakeSchedule:
         if not candidates:
             return None
         return max(min(candidates), self._global.next_token_at(now))
+
+    def tokens(self, source: str, now: float) -> float:
+        """Handshakes ``source`` may start now (below zero: it is paying a penalty)."""
+        entry = self._sources.get(source)
+        if entry is None:
+            return self.limits.per_source_burst
+        entry.bucket.refill(now)
+        return entry.bucket.tokens
 
     def waiting(self, source: str) -> int:
         entry = self._sources.get(source)

@@ -225,6 +225,9 @@ class ConnectionLimits:
     handshake_rate_per_source: float = 200.0
     handshake_burst_per_source: int = 400
     handshake_rate: float = 1000.0
+    # Handshake tokens a source pays when a request body of its is refused part-way (the
+    # connection closes, and a bomb would otherwise be resent at once on a new one).
+    refused_body_penalty: int = 50
 
     @classmethod
     def for_gateway(cls, config: ListenerSettings) -> ConnectionLimits:
@@ -239,6 +242,7 @@ class ConnectionLimits:
             handshake_rate_per_source=server.handshake_rate_per_source,
             handshake_burst_per_source=server.handshake_burst_per_source,
             handshake_rate=server.handshake_rate,
+            refused_body_penalty=server.refused_body_penalty,
         )
 
     def handshake_limits(self) -> HandshakeLimits:
@@ -417,6 +421,15 @@ class ConnectionGate:
                 self._schedule.cancel((granted, source), source, loop.time())
                 self._grant()
             raise
+
+    def penalize(self, source: str) -> None:
+        """``source``'s request body was refused part-way: its next handshakes wait."""
+        if self.limits.refused_body_penalty <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        if self._schedule is None:
+            self._schedule = HandshakeSchedule(self.limits.handshake_limits(), loop.time())
+        self._schedule.penalize(source, self.limits.refused_body_penalty, loop.time())
 
     def release_handshake(self, source: str) -> None:
         """A granted handshake ended, either way."""
@@ -1316,6 +1329,9 @@ class HttpServer:
             return False
         finally:
             slot.release()  # a body refused part-way is not read further
+        if not body_done and response.status >= 400:
+            # Refused part-way: the connection closes, and the caller pays for the next one.
+            self.gate.penalize(source)
 
         ok = False
         try:
