@@ -14,7 +14,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -23,6 +22,7 @@ import pytest
 
 from tests.postgres import PostgresServer, _bindir
 from xca_gateway.protocol.xmlsafe import parse_xml
+from xca_gateway.registry.packing import unpack
 from xca_gateway.registry.postgres_store import PostgresRegistryStore
 from xca_gateway.registry.submit import RegistryContext, parse_submission, plan_registration
 
@@ -57,7 +57,7 @@ def test_copied_rows_are_what_registration_writes(
         real_ids.update(dict.fromkeys(bench._ID.findall(obj.xml().decode())))
     copied_ids: dict[str, None] = {}
     for row in objects:
-        copied_ids.update(dict.fromkeys(bench._ID.findall(zlib.decompress(row[-1]).decode())))
+        copied_ids.update(dict.fromkeys(bench._ID.findall(unpack(row[-1]).decode())))
     assert len(real_ids) == len(copied_ids) == len(set(copied_ids))
     renamed = dict(zip(real_ids, copied_ids, strict=True))
 
@@ -90,7 +90,7 @@ def test_copied_rows_are_what_registration_writes(
         ]
         assert row[0] == seq
         assert list(row[1:-1]) == [same_ids(c) for c in columns]
-        assert zlib.decompress(row[-1]).decode() == same_ids(obj.xml().decode())
+        assert unpack(row[-1]).decode() == same_ids(obj.xml().decode())
     assert [c[1:] for c in codes] == [
         (a.value, code.code, code.scheme or "") for obj in plan.inserts for a, code in obj.codes
     ]

@@ -1,7 +1,8 @@
 """The SQL registry store shared by SQLite and PostgreSQL.
 
 Schema: one row per registry object in ``registry_object`` (kind, status, patient id, uniqueId,
-times, association ends, and the zlib-compressed canonical XML), coded attributes as
+times, association ends, and the canonical XML, zlib-compressed with the XDS
+vocabulary as preset dictionary: packing.py), coded attributes as
 ``(attribute, code, scheme)`` rows in ``object_code``, authors and referenceIdList values in
 ``object_value``. FindDocuments for a patient is one index range on
 ``(patient_id, kind, status)`` with EXISTS probes on the code and value indexes.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -31,6 +31,7 @@ from xca_gateway.registry.model import (
     load_element,
     set_slot,
 )
+from xca_gateway.registry.packing import pack, unpack
 from xca_gateway.registry.submit import (
     RegistrationPlan,
     RegistryContext,
@@ -135,11 +136,12 @@ class Dialect:
 
 
 def compress(xml: bytes) -> bytes:
-    return zlib.compress(xml, 6)
+    # zlib with the XDS vocabulary as preset dictionary: half the bytes of plain zlib.
+    return pack(xml)
 
 
 def decompress(blob: bytes | memoryview) -> bytes:
-    return zlib.decompress(bytes(blob))
+    return unpack(blob)
 
 
 def _row(row: Sequence[Any], with_xml: bool) -> StoredObject:
