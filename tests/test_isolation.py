@@ -235,8 +235,13 @@ def test_connections_per_source_are_capped_before_the_handshake(
     held = [_raw(port) for _ in range(3)]
     try:
         assert wait_for(lambda: gateway.https.active_connections == 3)
-        with _raw(port) as fourth:
-            assert _closed_by_server(fourth)  # refused at accept: nothing read, no handshake
+        try:  # reset at the accept, maybe before the client saw its connect through
+            fourth = _raw(port)
+        except ConnectionError:
+            pass
+        else:
+            with fourth:
+                assert _closed_by_server(fourth)  # refused at accept: nothing read, no handshake
         assert _refused(gateway, "max_connections_per_source") == 1
         assert _ask(gateway, pki) == 200  # another source is served meanwhile
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -44,6 +45,10 @@ async def serve(config_path: Path) -> int:
             https=inherited.get("https"), admin=inherited.get("admin"), web=inherited.get("web")
         )
     )
+    # What start-up built (modules, WSDLs, schemas, the configuration) lives as long as the
+    # process: out of the collector's sight, a full collection walks what requests made
+    # instead of a few hundred thousand more objects (tens of ms of a stalled event loop).
+    gc.freeze()
     try:
         await stop.wait()
         # Drain: out of the balancer's rotation, no new connections, requests in flight

@@ -938,9 +938,22 @@ class HttpServer:
 
     def _heard(self, pending: _Pending) -> None:
         """A lobby socket has sent its first bytes (or closed): it becomes a connection."""
-        sock = self._leave_lobby(pending)
+        sock = pending.sock
         if sock is None:
             return
+        try:
+            first = sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return  # nothing after all: keep waiting
+        except OSError:
+            first = b""
+        if not first:
+            # Closed (or reset) without a byte: nothing to hand to TLS, nothing to report
+            # (an attacker closing a thousand idle sockets must not cost a thousand tasks).
+            self.gate.settled(pending)
+            self._discard(pending, None)
+            return
+        self._leave_lobby(pending)
         pending.heard = True
         self.gate.speaking(pending)
         self._connect(sock, pending.address, pending)
