@@ -28,7 +28,8 @@ they make the gateway do still runs on the gateway's core. The control shows wha
 that effect.
 
 Printed per attack and client: samples, failures, p50/p99 quiet and attacked, p99 under
-attack / p99 quiet (target <= 2.0) with the control's ratio beside it, the gateway's peak RSS,
+attack / p99 quiet (target <= 2.0) with the control's ratio beside it, the gateway's peak RSS
+and its RSS before the attack and after it (what a flood leaves behind),
 Security Alerts raised (metric) and the audit records they became (aggregated per source and
 kind). Everything is bounded: windows, rounds, one request per ``--interval`` per client.
 
@@ -446,6 +447,12 @@ class RssSampler:
     def reset(self) -> None:
         self.peak = 0
 
+    def now(self) -> int:
+        try:
+            return int(self.process.memory_info().rss)
+        except Exception:
+            return 0
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
@@ -484,6 +491,10 @@ class Result:
     under: dict[str, Samples] = field(default_factory=lambda: {m: Samples() for m in MODES})
     rss_quiet: int = 0
     rss_under: int = 0
+    # The gateway's RSS before the attack's first window and after its last (settled): what a
+    # flood leaves behind.
+    rss_before: int = 0
+    rss_after: int = 0
     alerts_raised: float = 0
     tally: dict[str, int] = field(default_factory=dict)
 
@@ -551,6 +562,7 @@ def run_attack(
         ["--attack", name, "--port", str(https), "--certs", str(certs)], attacker_cpus, nice=19
     )
     raised = metric(admin, "xca_gateway_audit_security_alerts_total")
+    result.rss_before = rss.now()
     try:
         for window in range(2 * args.rounds):
             attacked = window % 4 in (1, 2)
@@ -572,6 +584,8 @@ def run_attack(
                 result.rss_quiet = max(result.rss_quiet, rss.peak)
     finally:
         attacker.close()
+    time.sleep(args.settle)
+    result.rss_after = rss.now()
     result.alerts_raised = metric(admin, "xca_gateway_audit_security_alerts_total") - raised
     return result
 
@@ -692,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{result.under[mode].p(99) * 1000:.1f} ms ({result.ratio(mode):.2f})"
                         for mode in MODES
                     )
+                    + f"; RSS {result.rss_before / 2**20:.0f} -> {result.rss_after / 2**20:.0f} MB"
                     + f"; attack {result.tally}",
                     file=sys.stderr,
                     flush=True,
@@ -739,9 +754,10 @@ def report(
     print(
         "| attack | legitimate client | samples quiet / attack | failures "
         "| p50 quiet / attack (ms) | p99 quiet / attack (ms) | p99 ratio | control's ratio "
-        "| gateway RSS peak (MB) | Security Alerts raised |"
+        "| gateway RSS peak quiet / attack (MB) | RSS before -> after (MB) "
+        "| Security Alerts raised |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     worst = 0.0
     failures = 0
     for result in results:
@@ -760,6 +776,7 @@ def report(
                 f"| {quiet.p(99) * 1000:.1f} / {under.p(99) * 1000:.1f} | {ratio:.2f} "
                 f"| {control.ratio(mode) if control else float('nan'):.2f} "
                 f"| {result.rss_quiet / 2**20:.0f} / {result.rss_under / 2**20:.0f} "
+                f"| {result.rss_before / 2**20:.0f} -> {result.rss_after / 2**20:.0f} "
                 f"| {result.alerts_raised:.0f} |"
             )
     print()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -970,3 +971,31 @@ def test_silent_connections_wait_as_bare_sockets_and_are_displaced_without_a_tas
     # 16 displaced by the flood, one more by the client; the last three timed out.
     assert reasons.count("dropped before its handshake ended: too many pending handshakes") == 17
     assert reasons.count("no TLS ClientHello within 0.5 s") == 3
+
+
+def test_the_heap_is_trimmed_once_rss_has_grown_past_where_it_settled() -> None:
+    """After a flood, glibc keeps the freed pages; the trimmer gives them back once RSS has
+    grown by ``growth`` since it last settled, and not again until it grows once more."""
+    from xca_gateway.app.heap import keep_heap_trimmed, resident_bytes
+
+    assert resident_bytes() > 0
+    trims: list[int] = []
+
+    async def scenario() -> None:
+        task = asyncio.create_task(
+            keep_heap_trimmed(interval=0.01, growth=8 * 2**20, trim=lambda: trims.append(1))
+        )
+        await asyncio.sleep(0.05)
+        assert trims == []  # nothing grew
+        ballast = bytearray(os.urandom(1024)) * (16 * 1024)  # 16 MiB, touched
+        for _ in range(200):  # bounded: until the trimmer saw it
+            if trims:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert trims == [1]  # once: RSS settled where it is now
+        del ballast
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())

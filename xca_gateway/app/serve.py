@@ -12,6 +12,7 @@ from pathlib import Path
 
 from xca_gateway.app.config import load_config
 from xca_gateway.app.gateway import Gateway, ListenSockets
+from xca_gateway.app.heap import keep_heap_trimmed
 from xca_gateway.protocol.credentials import check_key_pair
 
 log = logging.getLogger("xca_gateway")
@@ -49,12 +50,14 @@ async def serve(config_path: Path) -> int:
     # process: out of the collector's sight, a full collection walks what requests made
     # instead of a few hundred thousand more objects (tens of ms of a stalled event loop).
     gc.freeze()
+    trimmer = asyncio.create_task(keep_heap_trimmed())
     try:
         await stop.wait()
         # Drain: out of the balancer's rotation, no new connections, requests in flight
         # finish within [server] drain_timeout; stop() then flushes the audit spool.
         await gateway.drain(config.server.drain_timeout)
     finally:
+        trimmer.cancel()
         log.info("stopping gateway %s", config.community.name)
         await gateway.stop()
     return 0
