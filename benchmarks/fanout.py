@@ -35,17 +35,25 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from xml.sax.saxutils import escape
 
 import httpx
 from bench_policy import consumer, peer, policy, policy_toml
+from lxml import etree
 
-from xca_gateway.protocol.namespaces import ResponseStatus
-from xca_gateway.protocol.tls import client_context
+from xca_gateway.protocol.http_server import PeerInfo, peer_certificate
+from xca_gateway.protocol.namespaces import RIM, Action, ResponseStatus
+from xca_gateway.protocol.soap import build_envelope, serialize
+from xca_gateway.protocol.tls import client_context, server_context
+from xca_gateway.security.callers import Door
 from xca_gateway.security.dev_pki import DevPki, init_dev_pki
-from xca_gateway.settings import LimitsConfig
+from xca_gateway.security.guard import DoorGuard, identity_from_peer
+from xca_gateway.security.policy import parse_access_policy
+from xca_gateway.settings import TlsConfig
+from xca_gateway.xds.ebrs import adhoc_query_response
 
 HERE = Path(__file__).resolve()
 ARC = "1.3.6.1.4.1.21367.13"
@@ -111,67 +119,145 @@ def _free_port() -> int:
 # ------------------------------------------------------------------------------- peer farm
 
 
-async def _farm(certs: Path, latencies: list[float]) -> None:
-    import uuid
+class _FarmPeer:
+    """One simulated responding gateway: its latency and its answer, rendered once.
 
-    from lxml import etree
+    The farm plays every peer in one process, so whatever it spends per request delays the
+    peers that answer next, the slowest one included, and that delay would count as the
+    gateway's. So a farm peer does as little as a server can: requests are framed by their
+    Content-Length, the caller is admitted once per connection (what mutual TLS proved about
+    it does not change on a kept-alive connection), and the answer, a Success
+    AdhocQueryResponse with one DocumentEntry of the peer's community, is the same bytes every
+    time. ``late`` collects, per answer, how long past ``latency`` after the request's last
+    byte it was written: the farm's own lateness, reported next to every figure.
+    """
 
-    from xca_gateway.metrics import GatewayMetrics
-    from xca_gateway.protocol.http_server import HttpServer, Request, Response
-    from xca_gateway.protocol.namespaces import RIM, Action
-    from xca_gateway.protocol.soap import SoapFault, build_fault
-    from xca_gateway.protocol.soap_service import (
-        Operation,
-        SoapEndpoint,
-        SoapRequest,
-        SoapResponse,
-        SoapService,
+    def __init__(self, index: int, latency: float) -> None:
+        self.latency = latency
+        self.home = f"urn:oid:{ARC}.70.{100 + index}"
+        self.answer = _farm_answer(self.home, index)
+        self.late: list[float] = []
+
+
+def _farm_answer(home: str, index: int) -> bytes:
+    """The HTTP response a farm peer sends to every ITI-38: one DocumentEntry of ``home``."""
+    entry = etree.Element(
+        f"{{{RIM}}}ExtrinsicObject", id=f"urn:uuid:00000000-0000-4000-8000-{index:012d}"
     )
-    from xca_gateway.protocol.tls import server_context
-    from xca_gateway.security.callers import Door
-    from xca_gateway.security.guard import DoorGuard, identity_from_peer
-    from xca_gateway.security.policy import parse_access_policy
-    from xca_gateway.settings import TlsConfig
-    from xca_gateway.xds.ebrs import adhoc_query_response
+    entry.set("home", home)
+    payload = adhoc_query_response(ResponseStatus.SUCCESS, [], [entry])
+    body = serialize(build_envelope(payload, action=Action.ITI38_RESPONSE))
+    content_type = f'application/soap+xml; charset=UTF-8; action="{Action.ITI38_RESPONSE}"'
+    return _http(200, body, content_type)
 
+
+def _http(status: int, body: bytes, content_type: str = "text/plain", close: bool = False) -> bytes:
+    reason = {200: "OK", 400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed"}
+    head = [
+        f"HTTP/1.1 {status} {reason.get(status, '')}",
+        f"content-type: {content_type}",
+        f"content-length: {len(body)}",
+        *(["connection: close"] if close else []),
+    ]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+class _FarmConnection(asyncio.Protocol):
+    """A kept-alive connection to a farm peer: answers each ITI-38 after the peer's latency."""
+
+    def __init__(self, peer: _FarmPeer, admit: Callable[[PeerInfo], bool]) -> None:
+        self.peer = peer
+        self.admit = admit
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.allowed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        host, port = transport.get_extra_info("peername")[:2]
+        certificate = peer_certificate(transport.get_extra_info("ssl_object"))
+        self.allowed = self.admit(PeerInfo(host, port, certificate))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+            lines = bytes(self.buffer[:end]).lower().split(b"\r\n")
+            length = 0
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip() == b"content-length":
+                    length = int(value)
+            if len(self.buffer) < end + 4 + length:
+                return
+            body = bytes(self.buffer[end + 4 : end + 4 + length])
+            del self.buffer[: end + 4 + length]
+            self._request(lines[0], body)
+
+    def _request(self, request_line: bytes, body: bytes) -> None:
+        assert self.transport is not None
+        if not self.allowed:
+            self.transport.write(_http(403, b"not a peer gateway\n", close=True))
+            self.transport.close()
+        elif not request_line.startswith(b"post /xca/iti38 "):
+            self.transport.write(_http(405, b"POST /xca/iti38 only\n"))
+        elif Action.ITI38.encode() not in body:
+            self.transport.write(_http(400, b"not a Cross Gateway Query\n"))
+        else:
+            loop = asyncio.get_running_loop()
+            due = loop.time() + self.peer.latency
+            loop.call_at(due, self._answer, due)
+
+    def _answer(self, due: float) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(self.peer.answer)
+        self.peer.late.append(asyncio.get_running_loop().time() - due)
+
+
+async def _farm(certs: Path, latencies: list[float]) -> None:
+    """Serve one farm peer per latency; print their ports, then answer ``late PORT`` lines
+    on stdin with the lateness (ms) of that peer's answers since the last ask."""
     tls = TlsConfig(certs / "peer.pem", certs / "peer.key", certs / "ca.pem")
+    context = server_context(tls)
     # A responding gateway's door check: peer gateways only, as the gateway's own admission.
     directory = parse_access_policy(farm_policy()).caller_directory()
     guard = DoorGuard(lambda: directory)
 
-    def admission(request: Request, endpoint: SoapEndpoint) -> Response | None:
-        decision = guard.admit(identity_from_peer(request.peer), Door.XCA, resource=endpoint.path)
-        if decision.allowed:
-            return None
-        body, content_type = build_fault(
-            SoapFault.sender(f"access denied: {decision.reason}", http_status=403)
-        )
-        return Response(403, [("content-type", content_type)], body, close=True)
+    def admit(peer: PeerInfo) -> bool:
+        return guard.admit(identity_from_peer(peer), Door.XCA, resource="/xca/iti38").allowed
 
+    loop = asyncio.get_running_loop()
+    by_port: dict[int, _FarmPeer] = {}
     servers = []
     for index, latency in enumerate(latencies):
-        home = f"urn:oid:{ARC}.70.{100 + index}"
+        farm_peer = _FarmPeer(index, latency)
 
-        def make(latency: float, home: str) -> Any:
-            async def handle(request: SoapRequest) -> SoapResponse:
-                await asyncio.sleep(latency)
-                entry = etree.Element(f"{{{RIM}}}ExtrinsicObject", id=f"urn:uuid:{uuid.uuid4()}")
-                entry.set("home", home)
-                payload = adhoc_query_response(ResponseStatus.SUCCESS, [], [entry])
-                return SoapResponse(payload, Action.ITI38_RESPONSE)
+        def protocol(farm_peer: _FarmPeer = farm_peer) -> _FarmConnection:
+            return _FarmConnection(farm_peer, admit)
 
-            return handle
-
-        endpoint = SoapEndpoint("/xca/iti38", "iti38", {})
-        endpoint.add(Operation(Action.ITI38, "ITI-38", make(latency, home)))
-        server = HttpServer(
-            SoapService([endpoint], LimitsConfig(), GatewayMetrics(), admission=admission),
-            ssl_context=server_context(tls),
-        )
-        await server.start("127.0.0.1", 0)
-        servers.append({"home": home, "port": server.port, "latency": latency})
+        server = await loop.create_server(protocol, "127.0.0.1", 0, ssl=context, backlog=1024)
+        port = int(server.sockets[0].getsockname()[1])
+        by_port[port] = farm_peer
+        servers.append({"home": farm_peer.home, "port": port, "latency": latency})
     print(json.dumps(servers), flush=True)
-    await asyncio.Event().wait()
+    finished = asyncio.Event()
+
+    def command() -> None:
+        line = sys.stdin.readline()
+        if not line:
+            finished.set()  # the driver is gone
+            return
+        words = line.split()
+        farm_peer = by_port.get(int(words[1])) if len(words) == 2 else None
+        late = farm_peer.late if farm_peer is not None else []
+        print(json.dumps([round(x * 1e3, 3) for x in late]), flush=True)
+        late.clear()
+
+    loop.add_reader(sys.stdin.fileno(), command)
+    await finished.wait()
 
 
 # ------------------------------------------------------------------------------- driver
@@ -217,6 +303,7 @@ class Bench:
     def farm(self, latencies: list[float]) -> list[dict[str, Any]]:
         proc = subprocess.Popen(
             [sys.executable, str(HERE), "--farm", str(self.work / "certs"), json.dumps(latencies)],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
         self.procs.append(proc)
@@ -224,6 +311,15 @@ class Bench:
         line = proc.stdout.readline()
         peers: list[dict[str, Any]] = json.loads(line)
         return peers
+
+    @staticmethod
+    def farm_late(farm: subprocess.Popen[bytes], port: int) -> list[float]:
+        """How late (ms) the farm peer at ``port`` wrote its answers since the last ask."""
+        assert farm.stdin is not None and farm.stdout is not None
+        farm.stdin.write(f"late {port}\n".encode())
+        farm.stdin.flush()
+        late: list[float] = json.loads(farm.stdout.readline())
+        return late
 
     def gateway(
         self, peers: list[dict[str, Any]], deadline: float, max_connections: int = 100
@@ -371,8 +467,9 @@ def main() -> int:
             )
             print(
                 f"{'peers':>6} {'slowest direct':>15} {'via gateway':>12} {'ratio':>7} "
-                f"{'ratio min-max':>14} {'gateway CPU':>11} {'farm CPU':>10}   (per query; "
-                f"the farm plays every peer, load average {os.getloadavg()[0]:.1f})"
+                f"{'ratio min-max':>14} {'farm late':>15} {'gateway CPU':>11} {'farm CPU':>10}"
+                f"   (medians; farm late: the slowest peer's answer past its latency, direct / "
+                f"via; CPU per query; load average {os.getloadavg()[0]:.1f})"
             )
             low, high = (float(x) / 1000 for x in args.spread.split(","))
             with (
@@ -397,20 +494,25 @@ def main() -> int:
                         assert ResponseStatus.SUCCESS in warm.text, warm.text[:1000]
                     bench.timed(direct_client, slowest["url"], _query("iti38"), 1)
                     # Alternating, so that both sides of each ratio see the same load.
+                    bench.farm_late(farm_proc, slowest["port"])
                     directs, vias = [], []
+                    late_direct, late_via = [], []
                     gateway_cpu = farm_cpu = 0.0
                     for _ in range(args.repeat):
                         directs += bench.times(direct_client, slowest["url"], _query("iti38"), 1)
+                        late_direct += bench.farm_late(farm_proc, slowest["port"])
                         cpu = _cpu_seconds(gateway_proc), _cpu_seconds(farm_proc)
                         vias += bench.times(client, url, _query(), 1)
                         gateway_cpu += _cpu_seconds(gateway_proc) - cpu[0]
                         farm_cpu += _cpu_seconds(farm_proc) - cpu[1]
+                        late_via += bench.farm_late(farm_proc, slowest["port"])
                     ratios = sorted(v / d for v, d in zip(vias, directs, strict=True))
                     direct, via = statistics.median(directs), statistics.median(vias)
+                    late = f"{statistics.median(late_direct):.2f}/{statistics.median(late_via):.2f}"
                     print(
                         f"{n:>6} {direct * 1e3:>13.1f}ms {via * 1e3:>10.1f}ms "
                         f"{statistics.median(ratios):>7.3f} {ratios[0]:>6.3f}-{ratios[-1]:.3f} "
-                        f"{gateway_cpu / args.repeat * 1e3:>9.1f}ms "
+                        f"{late:>13}ms {gateway_cpu / args.repeat * 1e3:>9.1f}ms "
                         f"{farm_cpu / args.repeat * 1e3:>8.1f}ms"
                     )
                     bench.close()
