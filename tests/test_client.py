@@ -156,3 +156,44 @@ def test_pinned_peer_certificates(gateway_factory: Callable[..., Gateway], pki: 
     refused = [e for e in errors(payload) if e.get("location") == home]
     assert [e["errorCode"] for e in refused] == ["XDSUnavailableCommunity"]
     assert "pinned" in refused[0]["codeContext"]
+
+
+async def test_a_shared_request_is_serialised_once_and_addressed_per_call(
+    gateway_factory: Callable[..., Gateway], pki: DevPki
+) -> None:
+    """A fan-out's request: the same payload to every peer, each call with its own wsa:To and
+    wsa:MessageID; a call with header blocks of its own (XUA) still gets them."""
+    from xca_gateway.protocol.peer_client import SharedRequest
+    from xca_gateway.protocol.soap_service import Operation, SoapRequest
+
+    beta, gamma = gateway_factory("beta"), gateway_factory("gamma")
+    seen: list[tuple[str | None, str | None, bytes, list[str]]] = []
+
+    async def record(request: SoapRequest, operation: Operation) -> None:
+        tokens = [t.text or "" for t in request.envelope.header_blocks("urn:test", "Token")]
+        addressing = request.envelope.addressing
+        c14n = etree.tostring(request.payload, method="c14n", exclusive=True)
+        seen.append((addressing.to, addressing.message_id, c14n, tokens))
+
+    beta.soap.authorizer = gamma.soap.authorizer = record
+    original = etree.fromstring(ADHOC_QUERY)
+    expected = etree.tostring(original, method="c14n", exclusive=True)
+    shared = SharedRequest(original, Action.ITI38)
+    urls = [beta.endpoint_urls()["iti38"], gamma.endpoint_urls()["iti38"]]
+    client = _client(pki)
+    try:
+        for url in urls:
+            reply = await client.call(url, shared, Action.ITI38)
+            assert reply.payload.tag == f"{{{QUERY}}}AdhocQueryResponse"
+        token = etree.Element("{urn:test}Token")
+        token.text = "dr.smith"
+        client.set_header_provider(lambda url, action, body: [token])
+        await client.call(urls[0], shared, Action.ITI38)
+    finally:
+        await client.aclose()
+    assert [s[0] for s in seen] == [*urls, urls[0]]
+    assert len({s[1] for s in seen}) == 3  # a MessageID of its own per call
+    assert all(s[2] == expected for s in seen)
+    assert [s[3] for s in seen] == [[], [], ["dr.smith"]]
+    # The payload the observers (audit) see is the request sent, whole.
+    assert etree.tostring(shared.payload, method="c14n", exclusive=True) == expected

@@ -23,8 +23,13 @@ from xca_gateway.initiating.health import PeerHealth
 from xca_gateway.initiating.patient_mapping import PatientIdMapper
 from xca_gateway.metrics import GatewayMetrics
 from xca_gateway.protocol.namespaces import QUERY, RIM, Action, ErrorSeverity, ResponseStatus
-from xca_gateway.protocol.peer_client import PeerClient, PeerError
-from xca_gateway.protocol.soap_service import Handler, SoapRequest, SoapResponse
+from xca_gateway.protocol.peer_client import PeerClient, PeerError, SharedRequest
+from xca_gateway.protocol.soap_service import (
+    Handler,
+    SoapRequest,
+    SoapResponse,
+    StreamedChildren,
+)
 from xca_gateway.registry.stored_query import (
     ID_BASED_QUERIES,
     QUERIES,
@@ -36,6 +41,7 @@ from xca_gateway.transactions.iti38 import (
     CommunityAnswer,
     QueryRequest,
     read_peer_answer,
+    render_objects,
     request_for_peer,
 )
 from xca_gateway.xds.ebrim import ErrorCode, StoredQueryId
@@ -124,25 +130,29 @@ class QueryOutcome:
     status: str
     errors: list[RegistryError]
     objects: list[etree._Element]
+    # Peers' objects serialised as their answers arrived (``query(render=True)``), after
+    # ``objects`` in the answer.
+    rendered: list[bytes] = dataclasses.field(default_factory=list)
 
 
 def merge(
     answers: Sequence[CommunityAnswer], extra_errors: Sequence[RegistryError] = ()
 ) -> QueryOutcome:
     objects = [o for a in answers for o in a.objects]
+    rendered = [r for a in answers for r in a.rendered]
     errors = [*extra_errors, *(e for a in answers for e in a.errors)]
     hard_errors = [e for e in errors if e.severity == ErrorSeverity.ERROR]
     if not hard_errors:
         status = ResponseStatus.SUCCESS
-    elif objects or any(a.responded and not _failed(a) for a in answers):
+    elif objects or rendered or any(a.responded and not _failed(a) for a in answers):
         status = ResponseStatus.PARTIAL_SUCCESS
     else:
         status = ResponseStatus.FAILURE
-    return QueryOutcome(status, errors, objects)
+    return QueryOutcome(status, errors, objects, rendered)
 
 
 def _failed(answer: CommunityAnswer) -> bool:
-    return any(e.severity == ErrorSeverity.ERROR for e in answer.errors) and not answer.objects
+    return any(e.severity == ErrorSeverity.ERROR for e in answer.errors) and not answer.has_objects
 
 
 # ---------------------------------------------------------------------------- circuit breaker
@@ -187,7 +197,12 @@ class InitiatingGateway:
         if self._probes:
             await asyncio.wait(list(self._probes.values()), timeout=2)
 
-    async def query(self, element: etree._Element) -> QueryOutcome:
+    async def query(self, element: etree._Element, *, render: bool = False) -> QueryOutcome:
+        """Fan ``element`` (a consumer's AdhocQueryRequest) out and merge the answers.
+
+        With ``render``, each peer's objects are serialised as its answer arrives and come
+        back as bytes (:attr:`QueryOutcome.rendered`), for a caller that only sends them on.
+        """
         known = set(self.peers)
         if self.local_query is not None:
             known.add(self.home_community_id)
@@ -204,12 +219,20 @@ class InitiatingGateway:
         targets.sort(key=lambda h: -self.health[h].latency if h in self.health else 0.0)
         extra: list[RegistryError] = []
         jobs: list[Awaitable[CommunityAnswer | None]] = []
-        if self.local_query is not None and (request.home in (None, self.home_community_id)):
-            jobs.append(self._ask_local(request))
+        # Peers asked with the same patient id get the same request, serialised once.
+        shared: dict[str | None, SharedRequest] = {}
         for home in targets:
             if home != self.home_community_id:
-                jobs.append(self._map_and_ask(self.peers[home], request, deadline, extra))
+                peer = self.peers[home]
+                jobs.append(self._map_and_ask(peer, request, deadline, extra, shared, render))
+        # Our own registry last: its query runs on the event loop for a while before its first
+        # await, and the peers' requests (the slowest peer's first) must not wait for it.
+        local = self.local_query is not None and request.home in (None, self.home_community_id)
+        if local:
+            jobs.append(self._ask_local(request))
         answers = await asyncio.gather(*jobs)
+        if local:  # our community's objects first in the answer
+            answers = [answers[-1], *answers[:-1]]
         return merge([a for a in answers if a is not None], extra)
 
     async def _map_and_ask(
@@ -218,6 +241,8 @@ class InitiatingGateway:
         request: QueryRequest,
         deadline: float,
         warnings: list[RegistryError],
+        shared: dict[str | None, SharedRequest],
+        render: bool,
     ) -> CommunityAnswer | None:
         """Map the patient for this peer (maybe a PIX or XCPD round trip), then query it.
 
@@ -241,8 +266,15 @@ class InitiatingGateway:
                 )
                 return None
             patient = mapping.patient_id
-        payload = request_for_peer(request, patient, request.home)
-        return await self._ask_peer(peer, payload, deadline, request.return_type)
+        key = str(patient) if patient is not None else None
+        payload = shared.get(key)
+        if payload is None:
+            payload = SharedRequest(request_for_peer(request, patient, request.home), Action.ITI38)
+            shared[key] = payload
+        answer = await self._ask_peer(peer, payload, deadline, request.return_type)
+        if render:
+            render_objects(answer)
+        return answer
 
     async def _ask_local(self, request: QueryRequest) -> CommunityAnswer:
         assert self.local_query is not None
@@ -263,7 +295,11 @@ class InitiatingGateway:
         return answer
 
     async def _ask_peer(
-        self, peer: PeerConfig, payload: etree._Element, deadline: float, return_type: str
+        self,
+        peer: PeerConfig,
+        payload: etree._Element | SharedRequest,
+        deadline: float,
+        return_type: str,
     ) -> CommunityAnswer:
         answer = CommunityAnswer(peer.home_community_id, peer.name)
         health = self.health[peer.home_community_id]
@@ -404,13 +440,24 @@ def initiating_query_handler(gateway: InitiatingGateway) -> Handler:
     """ITI-18 at the initiating endpoint: answered by the fan-out."""
 
     async def handle(request: SoapRequest) -> SoapResponse:
-        outcome = await gateway.query(request.payload)
+        outcome = await gateway.query(request.payload, render=True)
         payload = adhoc_query_response(outcome.status, outcome.errors, outcome.objects)
         label = {
             ResponseStatus.SUCCESS: "success",
             ResponseStatus.PARTIAL_SUCCESS: "partial",
         }.get(outcome.status, "failure")
-        return SoapResponse(payload, Action.ITI18_RESPONSE, outcome=label)
+        rendered = outcome.rendered
+        # The peers' objects go out as the bytes they were serialised to on arrival.
+        streamed = (
+            StreamedChildren(
+                len(rendered),
+                lambda: iter(rendered),
+                holder=payload.find(f"{{{RIM}}}RegistryObjectList"),
+            )
+            if rendered
+            else None
+        )
+        return SoapResponse(payload, Action.ITI18_RESPONSE, outcome=label, streamed=streamed)
 
     return handle
 

@@ -38,6 +38,8 @@ __all__ = [
 # stream buffer is allowed to hold READ_SIZE before the transport pauses.
 READ_SIZE = 1024 * 1024
 _MAX_HEADER_BYTES = 64 * 1024
+# A request body up to this size goes out in the same write as its head (copied once).
+_JOIN_BELOW = 64 * 1024
 # A long body (past BULK_AFTER bytes) is handed on in pieces of about GATHER_BYTES: the
 # transport delivers what one TCP segment carried (~60 KB on loopback), and each piece costs
 # the relay the same Python work downstream whatever its size. Data that does not reach
@@ -596,11 +598,14 @@ class RelayClient:
         received_any = False
         transport = connection.transport
         try:
-            transport.write(conn.send(request) or b"")
+            head = conn.send(request) or b""
             if isinstance(body, bytes):
-                if body:
+                # One write: one TLS record and one send() for a small request, not two.
+                transport.write(head + body if len(body) <= _JOIN_BELOW else head)
+                if len(body) > _JOIN_BELOW:
                     transport.write(body)
             else:
+                transport.write(head)
                 async for chunk in body:
                     if chunk:
                         transport.write(b"%x\r\n" % len(chunk))

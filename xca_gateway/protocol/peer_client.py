@@ -11,6 +11,7 @@ MTOM limits as inbound requests.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import logging
 import ssl
@@ -29,7 +30,14 @@ from xca_gateway.protocol.http_client import (
     RelayError,
     RelayResponse,
 )
-from xca_gateway.protocol.soap import Fault, build_envelope, read_fault, serialize
+from xca_gateway.protocol.soap import (
+    EnvelopeTemplate,
+    Fault,
+    build_envelope,
+    envelope_template,
+    read_fault,
+    serialize,
+)
 from xca_gateway.protocol.xmlsafe import XmlLimits, XmlRejected, parse_xml_async
 from xca_gateway.settings import OutboundConfig
 
@@ -73,6 +81,19 @@ class SoapReply:
     def close(self) -> None:
         for attachment in self.attachments.values():
             attachment.file.close()
+
+
+class SharedRequest:
+    """One request payload for many peers (a fan-out's ITI-38): its envelope is serialised
+    once, each call fills in only its wsa:MessageID and wsa:To. A call with header blocks of
+    its own (an XUA assertion for that peer) builds its envelope from a copy instead."""
+
+    def __init__(self, payload: etree._Element, action: str) -> None:
+        self.payload = copy.deepcopy(payload)  # kept out of the template's envelope
+        self.action = action
+        self.template: EnvelopeTemplate = envelope_template(
+            payload, action=action, reply_to_anonymous=True
+        )
 
 
 class PeerClient:
@@ -130,7 +151,7 @@ class PeerClient:
     async def call(
         self,
         url: str,
-        payload: etree._Element,
+        payload: etree._Element | SharedRequest,
         action: str,
         *,
         peer: str = "",
@@ -144,15 +165,22 @@ class PeerClient:
 
         ``extra_headers`` are SOAP header blocks to add, e.g. a WS-Security header with an
         XUA assertion; a header provider installed with :meth:`set_header_provider` adds its
-        blocks to every call.
+        blocks to every call. A :class:`SharedRequest` is sent from its template unless
+        there are such blocks.
         """
+        shared = payload if isinstance(payload, SharedRequest) else None
+        request = payload.payload if isinstance(payload, SharedRequest) else payload
         headers_out = [*extra_headers]
         if self.header_provider is not None:
-            headers_out.extend(self.header_provider(url, action, payload))
-        envelope = build_envelope(
-            payload, action=action, to=url, reply_to_anonymous=True, extra_headers=headers_out
-        )
-        xml = serialize(envelope)
+            headers_out.extend(self.header_provider(url, action, request))
+        if shared is not None and not headers_out and shared.action == action:
+            xml = shared.template.render(url)
+        else:
+            body = copy.deepcopy(request) if shared is not None else request
+            envelope = build_envelope(
+                body, action=action, to=url, reply_to_anonymous=True, extra_headers=headers_out
+            )
+            xml = serialize(envelope)
         headers: dict[str, str]
         content: bytes | AsyncIterator[bytes]
         if use_mtom or parts:
@@ -187,7 +215,7 @@ class PeerClient:
         finally:
             for observer in self.observers:
                 try:
-                    observer(url, action, payload, reply.payload if reply else None, error, None)
+                    observer(url, action, request, reply.payload if reply else None, error, None)
                 except Exception:  # an observer (audit) must never break the call
                     logging.getLogger(__name__).exception("outbound call observer failed")
             if self.metrics is not None and peer:

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from xml.sax.saxutils import escape as xml_escape
 
 from lxml import etree
 
@@ -245,6 +246,56 @@ def build_envelope(
 
 def serialize(element: etree._Element) -> bytes:
     return etree.tostring(element, xml_declaration=True, encoding="UTF-8")
+
+
+# Where a template's per-call values go (the header blocks precede the Body, so the first
+# occurrence of each marker is ours whatever the payload holds).
+_MESSAGE_ID_MARKER = "urn:xca-gateway:template:message-id"
+_TO_MARKER = "urn:xca-gateway:template:to"
+
+
+@dataclass(frozen=True)
+class EnvelopeTemplate:
+    """A request envelope serialised once for many endpoints (a fan-out): only wsa:MessageID
+    and wsa:To differ from one call to the next, and they are filled into the bytes."""
+
+    head: bytes
+    middle: bytes
+    tail: bytes
+
+    def render(self, to: str, message_id: str | None = None) -> bytes:
+        return b"".join(
+            (
+                self.head,
+                xml_escape(message_id or new_message_id()).encode(),
+                self.middle,
+                xml_escape(to).encode(),
+                self.tail,
+            )
+        )
+
+
+def envelope_template(
+    payload: etree._Element,
+    *,
+    action: str,
+    reply_to_anonymous: bool = False,
+    extra_headers: Iterable[etree._Element] = (),
+) -> EnvelopeTemplate:
+    """:func:`build_envelope` + :func:`serialize` once; ``render`` gives each call's bytes.
+
+    ``payload`` is moved into the template's envelope, as :func:`build_envelope` does."""
+    envelope = build_envelope(
+        payload,
+        action=action,
+        message_id=_MESSAGE_ID_MARKER,
+        to=_TO_MARKER,
+        reply_to_anonymous=reply_to_anonymous,
+        extra_headers=extra_headers,
+    )
+    head, _, rest = serialize(envelope).partition(_MESSAGE_ID_MARKER.encode())
+    middle, _, tail = rest.partition(_TO_MARKER.encode())
+    return EnvelopeTemplate(head, middle, tail)
 
 
 # Where a payload's streamed children go in its serialised envelope.

@@ -93,6 +93,10 @@ class StreamedChildren:
     chunks: Callable[[], Iterator[bytes]]
     # The MIME parts they reference, made one by one as they are sent (after ``parts``).
     parts: Callable[[], Iterable[mtom.OutgoingPart]] | None = None
+    # The element (in the payload) they are children of, when not the payload itself: the
+    # RegistryObjectList of a fan-out's answer, whose peers' objects were serialised as
+    # each answer arrived.
+    holder: etree._Element | None = None
 
 
 @dataclass
@@ -419,7 +423,8 @@ class SoapService:
         envelope = build_envelope(result.payload, action=result.action, relates_to=relates_to)
         root: bytes | Iterable[bytes]
         if result.streamed is not None:
-            head, tail = serialize_around(envelope, result.payload)
+            holder = result.streamed.holder
+            head, tail = serialize_around(envelope, result.payload if holder is None else holder)
             root = itertools.chain((head,), result.streamed.chunks(), (tail,))
         else:
             root = serialize(envelope)

@@ -47,6 +47,7 @@ __all__ = [
     "iti38_handler",
     "query_audit",
     "read_peer_answer",
+    "render_objects",
     "request_for_peer",
 ]
 
@@ -90,6 +91,30 @@ class CommunityAnswer:
     objects: list[etree._Element] = field(default_factory=list)
     errors: list[RegistryError] = field(default_factory=list)
     responded: bool = False
+    # The objects as bytes once :func:`render_objects` serialised them (then ``objects`` is
+    # empty): a fan-out's answer is their concatenation.
+    rendered: list[bytes] = field(default_factory=list)
+
+    @property
+    def has_objects(self) -> bool:
+        return bool(self.objects or self.rendered)
+
+
+def render_objects(answer: CommunityAnswer) -> None:
+    """Serialise ``answer``'s objects now, as the peer's answer arrives, and drop their trees.
+
+    Done per peer while the others are still answering, this leaves the fan-out's response,
+    after the slowest peer, a concatenation of bytes instead of a tree of every peer's
+    objects to move and serialise. Each object's RegistryObjectList is detached from the
+    reply first, so that an object declares only the namespaces it uses (not the envelope's).
+    """
+    for obj in answer.objects:
+        holder = obj.getparent()
+        reply = holder.getparent() if holder is not None else None
+        if holder is not None and reply is not None:
+            reply.remove(holder)
+        answer.rendered.append(etree.tostring(obj, with_tail=False))
+    answer.objects = []
 
 
 def read_peer_answer(answer: CommunityAnswer, payload: etree._Element) -> None:
