@@ -14,7 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 
 from lxml import etree
@@ -218,7 +218,7 @@ class InitiatingGateway:
         targets = [request.home] if request.home else [*self.peers]
         targets.sort(key=lambda h: -self.health[h].latency if h in self.health else 0.0)
         extra: list[RegistryError] = []
-        jobs: list[Awaitable[CommunityAnswer | None]] = []
+        jobs: list[Coroutine[object, object, CommunityAnswer | None]] = []
         # Peers asked with the same patient id get the same request, serialised once.
         shared: dict[str | None, SharedRequest] = {}
         for home in targets:
@@ -230,7 +230,7 @@ class InitiatingGateway:
         local = self.local_query is not None and request.home in (None, self.home_community_id)
         if local:
             jobs.append(self._ask_local(request))
-        answers = await asyncio.gather(*jobs)
+        answers = await _run_slowest_first(jobs)
         if local:  # our community's objects first in the answer
             answers = [answers[-1], *answers[:-1]]
         return merge([a for a in answers if a is not None], extra)
@@ -417,6 +417,25 @@ class InitiatingGateway:
             health.success()
             if self.metrics is not None:
                 self.metrics.peer_up.labels(peer.name).set(1)
+
+
+async def _run_slowest_first(
+    jobs: Sequence[Coroutine[object, object, CommunityAnswer | None]],
+) -> list[CommunityAnswer | None]:
+    """``asyncio.gather`` of ``jobs``, the first of which (the slowest peer's) is started
+    before the others are made tasks: its request then leaves before the event loop spends a
+    few hundred microseconds on the other hundred tasks."""
+    if not jobs:
+        return []
+    first = asyncio.ensure_future(jobs[0])
+    try:
+        await asyncio.sleep(0)  # the first job runs up to its first wait (its request sent)
+    except BaseException:
+        first.cancel()
+        for job in jobs[1:]:
+            job.close()
+        raise
+    return list(await asyncio.gather(first, *jobs[1:]))
 
 
 def get_documents_request(entry_uuids: Sequence[str], home: str) -> etree._Element:

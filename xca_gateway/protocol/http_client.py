@@ -38,6 +38,8 @@ __all__ = [
 # stream buffer is allowed to hold READ_SIZE before the transport pauses.
 READ_SIZE = 1024 * 1024
 _MAX_HEADER_BYTES = 64 * 1024
+# Request events kept for reuse (see RelayClient._request_event), at most.
+_MAX_REQUEST_EVENTS = 4096
 # A request body up to this size goes out in the same write as its head (copied once).
 _JOIN_BELOW = 64 * 1024
 # A long body (past BULK_AFTER bytes) is handed on in pieces of about GATHER_BYTES: the
@@ -467,6 +469,7 @@ class RelayClient:
         self._max_idle = max_idle_per_origin
         self._idle: dict[_Origin, collections.deque[_Connection]] = {}
         self._closed = False
+        self._request_events: dict[tuple[str, str, tuple[tuple[str, str], ...]], h11.Request] = {}
 
     def _put(self, origin: _Origin, connection: _Connection) -> None:
         idle = self._idle.setdefault(origin, collections.deque())
@@ -590,10 +593,10 @@ class RelayClient:
             framing = [("content-length", str(len(body)))]
         else:
             framing = []  # a GET says nothing of a body it does not have (RFC 9110 8.6)
-        request = h11.Request(
-            method=method,
-            target=target,
-            headers=[("host", origin.netloc), *framing, ("user-agent", "xca-gateway"), *headers],
+        request = self._request_event(
+            method,
+            target,
+            (("host", origin.netloc), *framing, ("user-agent", "xca-gateway"), *headers),
         )
         received_any = False
         transport = connection.transport
@@ -674,6 +677,21 @@ class RelayClient:
         except BaseException:
             connection.close()
             raise
+
+    def _request_event(
+        self, method: str, target: str, headers: tuple[tuple[str, str], ...]
+    ) -> h11.Request:
+        """The h11 request event, made once per method, target and headers: h11 validates
+        every header of a new event (a fan-out sends the same few heads again and again, and
+        this was a tenth of its CPU). Events are immutable, so one serves every connection."""
+        key = (method, target, headers)
+        event = self._request_events.get(key)
+        if event is None:
+            if len(self._request_events) >= _MAX_REQUEST_EVENTS:
+                self._request_events.clear()
+            event = h11.Request(method=method, target=target, headers=list(headers))
+            self._request_events[key] = event
+        return event
 
     async def aclose(self) -> None:
         self._closed = True
