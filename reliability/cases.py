@@ -561,17 +561,19 @@ def _stream(target: Target, path: str, body: bytes) -> str:
     return f"{status} Sender" if b"Sender" in rest else f"{status} ?"
 
 
-def _idle_connections_then_query(target: Target) -> str:
-    """1,000 connections from another address that never send a ClientHello; meanwhile a
-    query from ours is answered (per-source cap at accept, pending handshakes bounded)."""
+def _idle_connections_then_query(target: Target, sources: int = 1) -> str:
+    """1,000 connections from other addresses that never send a ClientHello; meanwhile a
+    query from ours is answered (per-source cap at accept, pending handshakes bounded: from
+    10 addresses each within its cap, the silent ones displace each other)."""
     host, port = target.host_port()
     idle: list[socket.socket] = []
     try:
-        for _ in range(1000):
+        for i in range(1000):
+            source = "127.0.0.2" if sources == 1 else f"127.0.3.{1 + i % sources}"
             try:
                 idle.append(
                     socket.create_connection(
-                        (host, port), timeout=IO_TIMEOUT, source_address=("127.0.0.2", 0)
+                        (host, port), timeout=IO_TIMEOUT, source_address=(source, 0)
                     )
                 )
             except OSError:
@@ -686,6 +688,11 @@ def isolation_cases() -> list[Case]:
             "1,000 idle pre-handshake connections, then a query",
             "200 AdhocQueryResponse",
             _idle_connections_then_query,
+        ),
+        case(
+            "1,000 idle pre-handshake connections from 10 addresses, then a query",
+            "200 AdhocQueryResponse",
+            lambda t: _idle_connections_then_query(t, sources=10),
         ),
         case("1,000 AuthorPerson values in one query", "200 Success", _many_author_values),
     ]
