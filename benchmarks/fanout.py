@@ -5,12 +5,17 @@ its own latency (spread evenly over ``--spread``, 10 ms to 200 ms). An ``xca-gat
 process is the initiating gateway, peered with all of them. Both run deny-by-default
 (bench_policy): the gateway admits the consumer (dev PKI ``client``) as a local consumer on
 /ig/iti18, the farm admits the gateway's certificate as a peer gateway on /xca/iti38, and the
-direct calls to the farm are made with that peer certificate. Everything is measured side by
-side in one run:
+direct calls to the farm are made with that peer certificate. The farm is one process playing
+every peer, so it is made cheap per request (answers rendered once, requests framed by their
+Content-Length, the caller admitted once per connection): its own work would otherwise delay
+the slowest peer's answer, through the gateway more than direct, and count as the gateway's.
+Everything is measured side by side in one run:
 
 * for N = 1, 5, 10, 20, 50, 100: median time of one ITI-18 through the gateway / median time
   of one direct ITI-38 to the slowest peer (target ≤ 1.02: bounded by the slowest, never the
-  sum), with the spread of the ratios over the repeats;
+  sum), direct and via calls alternated, with the spread of the ratios over the repeats, and
+  how late the farm wrote the slowest peer's answer (past the latency it simulates: time the
+  farm, not the gateway, added), direct and via;
 * memory per query in flight: ``--inflight`` concurrent ITI-18 through a gateway with
   ``--inflight-peers`` peers (each answering after 1 s): the gateway's peak RSS minus its RSS
   before, per query and per peer request;
