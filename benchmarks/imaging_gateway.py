@@ -6,6 +6,7 @@ benchmark's client (httpx, psutil, the study generator): its peak RSS is the gat
     python benchmarks/imaging_gateway.py SPEC.json    # started by imaging_bench.py
     IMAGING_BENCH_PROFILE=/tmp/prof ...               # cProfile each gateway process
     IMAGING_BENCH_TRACEMALLOC=/tmp/dir ...            # what holds memory at the peak
+    IMAGING_BENCH_RSS=/tmp/dir ...                    # each new RSS high and the code there
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ async def serve(spec: dict[str, Any]) -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     await gateway.start()
     Path(spec["ready"]).write_text(str(os.getpid()))
+    samples = os.environ.get("IMAGING_BENCH_RSS")
+    if samples:  # developer aid: where the RSS peak is reached (what the loop was running)
+        _sample_rss(Path(samples) / f"{spec['role']}.rss", stop)
     traces = os.environ.get("IMAGING_BENCH_TRACEMALLOC")
     if traces:  # developer aid: what holds memory at the peak (largest of periodic snapshots)
         import tracemalloc
@@ -91,6 +95,38 @@ async def serve(spec: dict[str, Any]) -> None:
                 snapshot.dump(f"{traces}/{spec['role']}.snapshot")
     await stop.wait()
     await gateway.stop()
+
+
+def _sample_rss(path: Path, stop: asyncio.Event) -> None:
+    """Every 10 ms in a thread: the RSS, and at each new high the event loop thread's stack
+    (the gateway's frames), written to ``path``."""
+    import threading
+    import traceback
+
+    main = threading.main_thread().ident
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def run() -> None:
+        high = 0
+        started = time.monotonic()
+        with path.open("w") as out:
+            while not stop.is_set():
+                with open("/proc/self/statm") as statm:
+                    rss = int(statm.read().split()[1]) * page
+                if rss > high + 256 * 1024:
+                    high = rss
+                    frame = sys._current_frames().get(main or 0)
+                    stack = [
+                        f"{Path(f.filename).name}:{f.lineno}:{f.name}"
+                        for f in (traceback.extract_stack(frame) if frame else [])
+                        if "xca_gateway" in f.filename
+                    ][-6:]
+                    where = " < ".join(reversed(stack))
+                    out.write(f"{time.monotonic() - started:8.2f} {rss / 1e6:7.1f} {where}\n")
+                    out.flush()
+                time.sleep(0.01)
+
+    threading.Thread(target=run, name="rss-sampler", daemon=True).start()
 
 
 class _Paced:
