@@ -774,3 +774,48 @@ def test_outbound_issues_for_the_user_named_by_a_trusted_local_consumer(signer: 
     assert forwarded is not None
     name_id = forwarded.find(f".//{{{SAML}}}NameID")
     assert name_id is not None and name_id.text == IDENTITY.name_id
+
+
+async def test_validate_async_awaits_a_replay_cache_behind_io(
+    signer: Signer, tmp_path: Path
+) -> None:
+    """A shared replay cache is awaited (its blocking method is never called on the event
+    loop); one that cannot answer refuses the assertion as InvalidSecurity, naming the user."""
+    from xca_gateway.security.xua import ReplayCheckUnavailable
+
+    class SharedCache:
+        def __init__(self) -> None:
+            self.seen: set[tuple[str, str]] = set()
+            self.down = False
+
+        def check_and_add(self, *args: object) -> bool:
+            raise AssertionError("blocking replay check called from async code")
+
+        async def check_and_add_async(
+            self, issuer: str, assertion_id: str, expires: object, now: object
+        ) -> bool:
+            if self.down:
+                raise ReplayCheckUnavailable("shared database did not answer within 8.0 s")
+            fresh = (issuer, assertion_id) not in self.seen
+            self.seen.add((issuer, assertion_id))
+            return fresh
+
+    (tmp_path / "idp.pem").write_bytes(signer.cert)
+    config = parse_xua_config(
+        {"enabled": True, "trusted_issuers": [{"issuer": ISSUER, "certificates": "idp.pem"}]},
+        tmp_path,
+    )
+    cache = SharedCache()
+    validator = XuaValidator(config, default_audiences=[AUDIENCE], replay_cache=cache)
+    element = issue(signer)
+    accepted = await validator.validate_async(on_the_wire(copy.deepcopy(element)))
+    assert accepted.name_id == "dr.smith" and len(cache.seen) == 1
+    with pytest.raises(XuaError) as replay:
+        await validator.validate_async(on_the_wire(copy.deepcopy(element)))
+    assert replay.value.fault_code == WsseFault.FAILED_AUTHENTICATION
+    cache.down = True
+    with pytest.raises(XuaError) as unavailable:
+        await validator.validate_async(on_the_wire(issue(signer)))
+    assert unavailable.value.fault_code == WsseFault.INVALID_SECURITY
+    assert "replay check unavailable" in unavailable.value.reason
+    assert unavailable.value.assertion is not None  # the audit names the claimed user

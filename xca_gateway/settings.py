@@ -188,6 +188,7 @@ class SharedConfig:
     alike."""
 
     database: str | None = None
+    statement_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -555,6 +556,14 @@ class SharedSection(Section):
         None,
         description="The shared PostgreSQL.",
         examples=["postgresql://xca@db.north.example.org:5432/xca"],
+    )
+    statement_timeout: Seconds = Field(
+        5.0,
+        description=(
+            "Longest a shared-database statement may run (lock waits included); a request"
+            " needing the database waits at most this plus 3 s, then is refused (fail closed:"
+            " consent unknown withholds, a replay check unavailable refuses the assertion)."
+        ),
     )
 
 

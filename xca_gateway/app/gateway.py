@@ -123,7 +123,9 @@ class Gateway:
         self.shared: SharedDatabase | None = None
         if config.shared.database:
             try:
-                self.shared = SharedDatabase(config.shared.database)
+                self.shared = SharedDatabase(
+                    config.shared.database, statement_timeout=config.shared.statement_timeout
+                )
             except SharedDatabaseError as exc:
                 raise ConfigError(f"[shared] database: {exc}") from None
         self.draining = False
@@ -639,7 +641,7 @@ class Gateway:
         event loop), so that the endpoint itself never waits on the database."""
         assert self.shared is not None
         while True:
-            await asyncio.to_thread(self.shared.probe, 2.0)
+            await self.shared.probe_async(2.0)
             await asyncio.sleep(2.0)
 
     def listening(self) -> dict[str, int]:

@@ -38,7 +38,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from lxml import etree
 from pydicom.dataset import Dataset
@@ -68,6 +68,7 @@ from xca_gateway.xds.kos import InstanceRef, kos_from_bytes, kos_references
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "AsyncStudyAccessStore",
     "FederationError",
     "FederationView",
     "FetchedManifests",
@@ -75,6 +76,7 @@ __all__ = [
     "ManifestsFound",
     "StudiesFound",
     "StudyAccessStore",
+    "StudyAccessUnavailable",
     "StudyGrant",
     "StudyManifest",
     "audit_patients",
@@ -101,10 +103,18 @@ DEFAULT_MAX_STUDY_GRANTS = 100_000
 class FederationError(Exception):
     """The federation could not answer (a failed query, no answer in time)."""
 
-    def __init__(self, message: str, *, timeout: bool = False) -> None:
+    def __init__(self, message: str, *, timeout: bool = False, unavailable: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.timeout = timeout
+        # A store this gateway needs is down (the replicas' shared database): 503, not 502.
+        self.unavailable = unavailable
+
+    @property
+    def http_status(self) -> int:
+        """What an HTTP front door answers: 504 (no answer in time), 503 (this gateway cannot
+        decide now), else 502 (the federation failed)."""
+        return 504 if self.timeout else 503 if self.unavailable else 502
 
 
 @dataclass(frozen=True)
@@ -185,6 +195,26 @@ class StudyAccessStore(Protocol):
     ) -> list[StudyGrant]:
         """The principal's grants still valid at ``now`` for these studies (in the order
         asked, each study once)."""
+        ...
+
+
+class StudyAccessUnavailable(Exception):
+    """A shared grant store could not be read (unreachable, or no answer in time)."""
+
+
+@runtime_checkable
+class AsyncStudyAccessStore(StudyAccessStore, Protocol):
+    """A grant store behind I/O (a shared database): the front doors await these instead of
+    blocking the event loop on :meth:`grant` / :meth:`granted`."""
+
+    async def grant_async(self, grants: Sequence[StudyGrant]) -> None:
+        """:meth:`grant`; a grant that cannot be recorded is logged, not raised."""
+        ...
+
+    async def granted_async(
+        self, principal: str, study_instance_uids: Sequence[str], now: float
+    ) -> list[StudyGrant]:
+        """:meth:`granted`, raising :class:`StudyAccessUnavailable` when unknown."""
         ...
 
 
@@ -397,7 +427,7 @@ class FederationView:
             for ref in study.references:
                 memory.learn_sop_class(ref.sop_instance_uid, ref.sop_class_uid)
 
-    def grant(
+    async def grant(
         self, caller: Principal | None, patient_id: str, studies: Iterable[StudyManifest]
     ) -> None:
         """Let ``caller`` name these studies, found by its search for ``patient_id``, alone."""
@@ -406,13 +436,25 @@ class FederationView:
             return
         expires = self.clock() + self.study_access_seconds
         uids = dict.fromkeys(uid for study in studies for uid in study.study_instance_uids)
-        self.access.grant([StudyGrant(key, uid, patient_id, expires) for uid in uids])
+        grants = [StudyGrant(key, uid, patient_id, expires) for uid in uids]
+        if isinstance(self.access, AsyncStudyAccessStore):
+            await self.access.grant_async(grants)
+        else:
+            self.access.grant(grants)
 
-    def _granted(self, uids: Sequence[str], caller: Principal | None) -> list[StudyGrant]:
+    async def _granted(self, uids: Sequence[str], caller: Principal | None) -> list[StudyGrant]:
+        """May raise :class:`FederationError` (unavailable) when a shared store is down."""
         key = _caller_key(caller)
         if key is None:
             return []
-        return self.access.granted(key, uids, self.clock())
+        if not isinstance(self.access, AsyncStudyAccessStore):
+            return self.access.granted(key, uids, self.clock())
+        try:
+            return await self.access.granted_async(key, uids, self.clock())
+        except StudyAccessUnavailable as exc:
+            raise FederationError(
+                f"study access could not be checked: {exc}", unavailable=True
+            ) from None
 
     def _from_cache(self, uids: Iterable[str]) -> list[StudyManifest]:
         with self._lock:
@@ -420,15 +462,20 @@ class FederationView:
         unique: dict[int, StudyManifest] = {id(s): s for s in found}
         return list(unique.values())
 
-    def cached(
+    async def cached(
         self, study_instance_uids: Iterable[str], caller: Principal | None = None
     ) -> list[StudyManifest]:
         """Cached manifests of these studies that ``caller`` (default: the current caller)
         found by its own search (each once, in the order asked); nothing for studies only
         another caller found, nor when there is no caller."""
         caller = caller if caller is not None else current_caller()
-        granted = self._granted(list(study_instance_uids), caller)
+        granted = await self._granted(list(study_instance_uids), caller)
         return self._from_cache(g.study_instance_uid for g in granted)
+
+    def cached_manifests(self, study_instance_uids: Iterable[str]) -> list[StudyManifest]:
+        """Cached manifests of these studies, whoever found them: for what was already served
+        to a granted caller (its audit names the patient), never to decide access."""
+        return self._from_cache(study_instance_uids)
 
     async def studies_by_uid(
         self, study_instance_uids: Sequence[str], caller: Principal | None = None
@@ -437,7 +484,7 @@ class FederationView:
         or found through another replica) is looked up again through the patient its grant
         records. May raise :class:`FederationError` then."""
         caller = caller if caller is not None else current_caller()
-        granted = self._granted(study_instance_uids, caller)
+        granted = await self._granted(study_instance_uids, caller)
         uids = [g.study_instance_uid for g in granted]
         studies = self._from_cache(uids)
         have = {uid for s in studies for uid in s.study_instance_uids}
@@ -463,7 +510,7 @@ class FederationView:
         :class:`FederationError`."""
         caller = caller if caller is not None else current_caller()
         found = await self._studies_of_patient(patient_id)
-        self.grant(caller, patient_id, found.studies)
+        await self.grant(caller, patient_id, found.studies)
         return found
 
     async def _studies_of_patient(self, patient_id: str) -> StudiesFound:

@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Sequence
 
-from xca_gateway.doors.federation import StudyGrant
+from xca_gateway.doors.federation import StudyAccessUnavailable, StudyGrant
 from xca_gateway.protocol.shared_db import SharedDatabase, SharedDatabaseError
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,9 @@ class PostgresStudyAccess:
     """:class:`~xca_gateway.doors.federation.StudyAccessStore` on the shared database.
 
     A database out of reach grants nothing and finds nothing: the caller names the patient
-    again (served correctly), never a study it was not granted."""
+    again (served correctly), never a study it was not granted. The front doors use the async
+    methods (the database's threads, its deadline); a lookup that cannot be answered there is
+    :class:`StudyAccessUnavailable` (a 503), not "not granted" (a 404 would mislead)."""
 
     def __init__(self, database: SharedDatabase) -> None:
         self.database = database
@@ -62,21 +64,43 @@ class PostgresStudyAccess:
         except SharedDatabaseError as exc:
             log.warning("study access not recorded: %s", exc)
 
+    async def grant_async(self, grants: Sequence[StudyGrant]) -> None:
+        if not grants:
+            return
+        try:
+            await self.database.run(self.grant, grants)
+        except SharedDatabaseError as exc:  # no answer in time
+            log.warning("study access not recorded: %s", exc)
+
     def granted(
+        self, principal: str, study_instance_uids: Sequence[str], now: float
+    ) -> list[StudyGrant]:
+        try:
+            return self._granted(principal, study_instance_uids, now)
+        except SharedDatabaseError as exc:
+            log.warning("study access not read: %s", exc)
+            return []
+
+    async def granted_async(
+        self, principal: str, study_instance_uids: Sequence[str], now: float
+    ) -> list[StudyGrant]:
+        try:
+            return await self.database.run(self._granted, principal, study_instance_uids, now)
+        except SharedDatabaseError as exc:
+            log.warning("study access not read: %s", exc)
+            raise StudyAccessUnavailable(str(exc)) from None
+
+    def _granted(
         self, principal: str, study_instance_uids: Sequence[str], now: float
     ) -> list[StudyGrant]:
         uids = list(dict.fromkeys(study_instance_uids))
         if not uids:
             return []
-        try:
-            with self.database.transaction() as cur:
-                cur.execute(
-                    "SELECT study_instance_uid, patient_id, expires_at FROM study_access "
-                    "WHERE principal = %s AND study_instance_uid = ANY(%s) AND expires_at > %s",
-                    [principal, uids, now],
-                )
-                rows = {r[0]: StudyGrant(principal, r[0], r[1], float(r[2])) for r in cur}
-        except SharedDatabaseError as exc:
-            log.warning("study access not read: %s", exc)
-            return []
+        with self.database.transaction() as cur:
+            cur.execute(
+                "SELECT study_instance_uid, patient_id, expires_at FROM study_access "
+                "WHERE principal = %s AND study_instance_uid = ANY(%s) AND expires_at > %s",
+                [principal, uids, now],
+            )
+            rows = {r[0]: StudyGrant(principal, r[0], r[1], float(r[2])) for r in cur}
         return [rows[u] for u in uids if u in rows]

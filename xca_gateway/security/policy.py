@@ -747,7 +747,7 @@ class AuthorizationGate:
             present = find_assertion(header) is not None
             if present and self.validator is not None:
                 cert = request.peer.certificate
-                assertion = self.validator.validate(
+                assertion = await self.validator.validate_async(
                     header, peer_certificate_der=cert.der if cert is not None else None
                 )
         except XuaError as exc:

@@ -63,6 +63,16 @@ class PostgresReplayCache:
             raise ReplayCheckUnavailable(str(exc)) from None
         return fresh
 
+    async def check_and_add_async(
+        self, issuer: str, assertion_id: str, expires: datetime, now: datetime
+    ) -> bool:
+        """:meth:`check_and_add` off the event loop, within the database's deadline."""
+        try:
+            return await self.database.run(self.check_and_add, issuer, assertion_id, expires, now)
+        except SharedDatabaseError as exc:  # no answer in time (a refusal comes as the other)
+            log.warning("XUA replay check failed: %s", exc)
+            raise ReplayCheckUnavailable(str(exc)) from None
+
     def __len__(self) -> int:
         with self.database.transaction() as cur:
             cur.execute("SELECT count(*) FROM xua_replay")

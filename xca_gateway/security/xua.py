@@ -32,7 +32,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -509,6 +509,16 @@ class ReplayGuard(Protocol):
     the replicas share (:class:`xca_gateway.security.replay_store.PostgresReplayCache`)."""
 
     def check_and_add(
+        self, issuer: str, assertion_id: str, expires: datetime, now: datetime
+    ) -> bool: ...
+
+
+@runtime_checkable
+class AsyncReplayGuard(ReplayGuard, Protocol):
+    """A replay cache behind I/O (a shared database): async callers await this instead of
+    blocking the event loop on :meth:`check_and_add`."""
+
+    async def check_and_add_async(
         self, issuer: str, assertion_id: str, expires: datetime, now: datetime
     ) -> bool: ...
 
@@ -1046,17 +1056,31 @@ def validate_assertion(
     # 7. Replay, last: only a fully valid assertion occupies the cache.
     if replay_cache is not None:
         try:
-            fresh = replay_cache.check_and_add(
-                assertion.issuer, assertion.id, assertion.not_on_or_after + clock_skew, now
-            )
+            fresh = replay_cache.check_and_add(*replay_key(assertion, clock_skew, now))
         except ReplayCheckUnavailable as exc:
-            # Fail closed: an assertion whose first use cannot be recorded is not accepted.
-            raise refuse(WsseFault.INVALID_SECURITY, f"replay check unavailable: {exc}") from None
+            raise replay_unavailable(assertion, exc) from None
         if not fresh:
-            raise refuse(
-                WsseFault.FAILED_AUTHENTICATION, "assertion has already been used (replay)"
-            )
+            raise replayed(assertion)
     return assertion
+
+
+def replay_key(
+    assertion: XuaAssertion, clock_skew: timedelta, now: datetime
+) -> tuple[str, str, datetime, datetime]:
+    """What a replay cache records: issuer, ID, kept until expiry (+ skew), at ``now``."""
+    assert assertion.not_on_or_after is not None  # validated before the replay step
+    return assertion.issuer, assertion.id, assertion.not_on_or_after + clock_skew, now
+
+
+def replay_unavailable(assertion: XuaAssertion, exc: Exception) -> XuaError:
+    # Fail closed: an assertion whose first use cannot be recorded is not accepted.
+    return XuaError(WsseFault.INVALID_SECURITY, f"replay check unavailable: {exc}", assertion)
+
+
+def replayed(assertion: XuaAssertion) -> XuaError:
+    return XuaError(
+        WsseFault.FAILED_AUTHENTICATION, "assertion has already been used (replay)", assertion
+    )
 
 
 # --------------------------------------------------------------------------- configuration
@@ -1451,6 +1475,38 @@ class XuaValidator:
         peer_certificate_der: bytes | None = None,
         now: datetime | None = None,
     ) -> XuaAssertion:
+        return self._validate(envelope_header, peer_certificate_der, now, self.replay_cache)
+
+    async def validate_async(
+        self,
+        envelope_header: etree._Element | None,
+        *,
+        peer_certificate_der: bytes | None = None,
+        now: datetime | None = None,
+    ) -> XuaAssertion:
+        """:meth:`validate` for the event loop: a replay cache behind I/O (the replicas'
+        shared database) is awaited, never waited on."""
+        cache = self.replay_cache
+        if not isinstance(cache, AsyncReplayGuard):
+            return self._validate(envelope_header, peer_certificate_der, now, cache)
+        now = (now or datetime.now(UTC)).astimezone(UTC)
+        assertion = self._validate(envelope_header, peer_certificate_der, now, None)
+        key = replay_key(assertion, timedelta(seconds=self.config.clock_skew), now)
+        try:
+            fresh = await cache.check_and_add_async(*key)
+        except ReplayCheckUnavailable as exc:
+            raise replay_unavailable(assertion, exc) from None
+        if not fresh:
+            raise replayed(assertion)
+        return assertion
+
+    def _validate(
+        self,
+        envelope_header: etree._Element | None,
+        peer_certificate_der: bytes | None,
+        now: datetime | None,
+        replay_cache: ReplayGuard | None,
+    ) -> XuaAssertion:
         cfg = self.config
         return validate_assertion(
             envelope_header,
@@ -1458,7 +1514,7 @@ class XuaValidator:
             audience=self.audiences,
             clock_skew=timedelta(seconds=cfg.clock_skew),
             now=now,
-            replay_cache=self.replay_cache,
+            replay_cache=replay_cache,
             required_attributes=cfg.required_attributes,
             max_lifetime=(
                 timedelta(seconds=cfg.max_lifetime) if cfg.max_lifetime is not None else None

@@ -266,14 +266,14 @@ class DicomWebFrontDoor:
             try:
                 found = await self.view.studies_of_patient(patient_id)
             except FederationError as exc:
-                raise DicomWebError(504 if exc.timeout else 502, exc.message) from None
+                raise DicomWebError(exc.http_status, exc.message) from None
             return found.studies, found.warnings
         if not study_uids:
             raise bad_request("a PatientID is required: XDS queries are per patient")
         try:
             known = await self.view.studies_by_uid(study_uids)
         except FederationError as exc:
-            raise DicomWebError(504 if exc.timeout else 502, exc.message) from None
+            raise DicomWebError(exc.http_status, exc.message) from None
         if not known:
             hint = (
                 "search for the patient's studies first (QIDO-RS with PatientID) or add "
@@ -398,7 +398,7 @@ class DicomWebFrontDoor:
             try:
                 retrieval = await self.view.retrieve(imaging)
             except FederationError as exc:
-                raise DicomWebError(504 if exc.timeout else 502, exc.message) from None
+                raise DicomWebError(exc.http_status, exc.message) from None
         except DicomWebError as exc:
             audit.failed_before_streaming(exc)
             raise

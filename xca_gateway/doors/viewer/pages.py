@@ -169,7 +169,7 @@ class ViewerPages:
                 request,
                 clinician,
                 LaunchOutcome(
-                    504 if exc.timeout else 502,
+                    exc.http_status,
                     asked.patient_id,
                     (),
                     m.EventOutcome.SERIOUS_FAILURE,
@@ -177,7 +177,7 @@ class ViewerPages:
                 ),
             )
             context["error"] = f"The federation could not be searched: {exc.message}"
-            return self._page(504 if exc.timeout else 502, context)
+            return self._page(exc.http_status, context)
         rows = select_studies(study_rows(found.studies, self.community_names), asked)
         outcome = self._outcome(asked, [r.study_uid for r in rows], found.warnings)
         self._audit(request, clinician, outcome)

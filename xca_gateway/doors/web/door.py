@@ -624,7 +624,7 @@ class WebDoor:
             self._viewed[key] = now + _VIEWED_SECONDS
             while len(self._viewed) > _VIEWED_MAX:
                 self._viewed.popitem(last=False)
-        studies = self.dicomweb.view.cached([study], principal)
+        studies = self.dicomweb.view.cached_manifests([study])
         patient = manifest_patient(studies[0].header) if studies else None
         record_study_viewed(
             self,

@@ -4,7 +4,6 @@ JSON API."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import getpass
 import json
 import sqlite3
@@ -459,7 +458,7 @@ class ConsentAdminApp:
                 return _json(400, {"error": "patient and community are required"})
             confs = [c for c in [param("confidentiality_code")] if c]
             verdict = (
-                await asyncio.to_thread(
+                await store.offload(
                     self.service.verdicts_for_documents,
                     patient,
                     community,
@@ -472,14 +471,14 @@ class ConsentAdminApp:
                 return _json(405, {"error": "GET only"})
             limit = min(int(param("limit") or 1000), 10_000)
             offset = int(param("offset") or 0)
-            rules = await asyncio.to_thread(store.list_rules, limit, offset)
+            rules = await store.offload(store.list_rules, limit, offset)
             return _json(200, {"rules": [_rule_json(r) for r in rules]})
         if not path.startswith(_PREFIX + "/"):
             return _json(404, {"error": "not found"})
         patient = urllib.parse.unquote(path[len(_PREFIX) + 1 :])
         if request.method == "GET":
-            rules = await asyncio.to_thread(store.rules_for, patient)
-            history = await asyncio.to_thread(store.history, patient)
+            rules = await store.offload(store.rules_for, patient)
+            history = await store.offload(store.history, patient)
             return _json(
                 200,
                 {
@@ -507,7 +506,7 @@ class ConsentAdminApp:
                 return _json(400, {"error": f"unknown field(s): {', '.join(sorted(unknown))}"})
             if not all(isinstance(v, str) for v in data.values()):
                 return _json(400, {"error": "fields must be strings"})
-            before, rule = await asyncio.to_thread(
+            before, rule = await store.offload(
                 lambda: store.change(
                     patient,
                     data["mode"],
@@ -521,7 +520,7 @@ class ConsentAdminApp:
             self._changed(ConsentChange(operator, rule.patient_id, before, rule, resource))
             return _json(200, {"rule": _rule_json(rule)})
         if request.method == "DELETE":
-            revoked = await asyncio.to_thread(
+            revoked = await store.offload(
                 lambda: store.revoke_rules(
                     patient,
                     community=param("community"),

@@ -197,6 +197,18 @@ class QueryFilter:
         )
 
 
+def query_patients(objects: Iterable[etree._Element]) -> set[str | None]:
+    """The patients whose consent :func:`filter_query_objects` will ask about (to read their
+    rules first)."""
+    patients: set[str | None] = set()
+    for obj in objects:
+        if obj.tag == _EXTRINSIC_OBJECT:
+            patients.add(_external_id(obj, [ebrim.DE_PATIENT_ID]))
+        elif obj.tag == _REGISTRY_PACKAGE:
+            patients.add(_external_id(obj, _PACKAGE_PATIENT_SCHEMES))
+    return patients
+
+
 def filter_query_objects(
     objects: Sequence[etree._Element],
     decision_fn: DecisionFn,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from lxml import etree
@@ -40,6 +40,7 @@ from xca_gateway.security.consent.enforcement import (
     filter_document_requests,
     filter_imaging_requests,
     filter_query_objects,
+    query_patients,
 )
 from xca_gateway.security.consent.service import ConsentService
 from xca_gateway.security.policy import current_authorization
@@ -78,9 +79,14 @@ class ConsentGuard:
         self.registry = registry
         self.home = home_community_id
 
-    def _decide(self, community: str) -> DecisionFn:
+    async def _decide(self, community: str, patients: Iterable[str | None]) -> DecisionFn:
+        """The decision for these patients' documents: their rules are read first, off the
+        event loop (a shared database may be slow); unreadable rules withhold everything."""
+        rules = await self.consent.rules_of(patients)
+
         def decide(patient: str | None, docs: Sequence[Any]) -> Sequence[Any]:
-            return self.consent.verdicts_for_documents(patient, community, docs)
+            known = None if rules is None else rules.get(patient or "", [])
+            return self.consent.verdicts_with(known, patient, community, docs)
 
         return decide
 
@@ -106,7 +112,7 @@ class ConsentGuard:
             objects = list(object_list.iterchildren("{*}*")) if object_list is not None else []
             filtered = filter_query_objects(
                 objects,
-                self._decide(requesting_community(request)),
+                await self._decide(requesting_community(request), query_patients(objects)),
                 home_community_id=self.home,
             )
             if wanted == "ObjectRef":
@@ -134,7 +140,7 @@ class ConsentGuard:
             decision = filter_document_requests(
                 list(parsed.documents),
                 metadata,
-                self._decide(requesting_community(request)),
+                await self._decide(requesting_community(request), (f.patient_id for f in facts)),
                 home_community_id=self.home,
             )
             if not decision.refused:
@@ -173,10 +179,11 @@ class ConsentGuard:
                         values=(ValueCondition(ValueAttribute.REFERENCE_ID, (reference,)),),
                     )
                 )
+            patients = (f.patient_id for facts in studies.values() for f in facts)
             decision = filter_imaging_requests(
                 list(parsed.documents),
                 {k: v for k, v in studies.items() if v},
-                self._decide(requesting_community(request)),
+                await self._decide(requesting_community(request), patients),
                 home_community_id=self.home,
             )
             if not decision.refused:

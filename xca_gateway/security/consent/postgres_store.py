@@ -9,7 +9,8 @@ two replicas changing the same rule at once both leave a true history.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from xca_gateway.protocol.shared_db import SharedDatabase, SharedDatabaseError
 from xca_gateway.security.consent.service import (
@@ -36,6 +37,8 @@ SCHEMA = [
     " confidentiality_code TEXT NOT NULL, mode TEXT, note TEXT, actor TEXT)",
     "CREATE INDEX IF NOT EXISTS consent_event_patient ON consent_event (patient_id, seq)",
 ]
+
+T = TypeVar("T")
 
 _WHERE_KEY = "patient_id = %s AND community = %s AND class_code = %s AND confidentiality_code = %s"
 
@@ -69,6 +72,14 @@ class PostgresConsentStore:
         """Closes the database only if it is this store's own (else the gateway's)."""
         if self.owns_database:
             self.database.close()
+
+    async def offload(self, call: Callable[..., T], *args: Any) -> T:
+        # The shared database's own threads, within its deadline: a stalled database holds
+        # the requests that need consent, and no other.
+        try:
+            return await self.database.run(call, *args)
+        except SharedDatabaseError as exc:
+            raise ConsentStoreUnavailable(str(exc)) from None
 
     def _run(self, statements: Any) -> Any:
         # local: psycopg loads only with a shared database (SharedDatabase opened it already)

@@ -16,19 +16,24 @@ Codes in rules are ``code`` (any coding scheme) or ``scheme|code``.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
 from pydantic import Field
 
 from xca_gateway.schema import PathText, Section
 from xca_gateway.xds.patient_id import PatientIdError, parse_patient_id
 
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 ConsentMode = Literal["opt-in", "opt-out"]
 MODES: tuple[ConsentMode, ...] = ("opt-in", "opt-out")
 ANY = "*"
@@ -196,6 +201,11 @@ class ConsentRules(Protocol):
 
     def close(self) -> None: ...
 
+    async def offload(self, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)``, blocking on this store, run where it cannot hold the event loop
+        (and, for a database, within its deadline: :class:`ConsentStoreUnavailable` else)."""
+        ...
+
     def set(
         self,
         patient_id: str,
@@ -286,6 +296,10 @@ class ConsentStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    async def offload(self, call: Callable[..., T], *args: Any) -> T:
+        # A local file: a worker thread is enough (SQLite's own busy timeout bounds it).
+        return await asyncio.to_thread(call, *args)
 
     def set(
         self,
@@ -582,9 +596,40 @@ class ConsentService:
         A document whose patient is unknown or unparseable is withheld: consent cannot be
         established for it.
         """
+        rules = self.store.rules_for(patient) if patient else []
+        return self.verdicts_with(rules, patient, requesting_community, documents)
+
+    async def rules_of(self, patients: Iterable[str | None]) -> dict[str, list[ConsentRule]] | None:
+        """The rules of each of these patients, read off the event loop; None when the store
+        cannot be read (unreachable, or no answer in time): consent is then unknown."""
+        wanted = [p for p in dict.fromkeys(patients) if p]
+        if not wanted:
+            return {}
+
+        def read() -> dict[str, list[ConsentRule]]:
+            return {p: self.store.rules_for(p) for p in wanted}
+
+        try:
+            return await self.store.offload(read)
+        except (ConsentStoreUnavailable, sqlite3.Error) as exc:
+            log.warning("consent rules could not be read: %s", exc)
+            return None
+
+    def verdicts_with(
+        self,
+        rules: Sequence[ConsentRule] | None,
+        patient: str | None,
+        requesting_community: str,
+        documents: Sequence[DocumentClassification],
+    ) -> list[Verdict]:
+        """:meth:`verdicts_for_documents` on rules already read (pure). ``rules`` None means
+        consent is unknown (the store could not be read): every document is withheld, as for
+        a document whose patient is unknown."""
         if not patient:
             return [Verdict(False, "document has no patient id")] * len(documents)
-        rules = self.store.rules_for(patient)
+        if rules is None:
+            reason = "consent could not be established (consent store unavailable)"
+            return [Verdict(False, reason)] * len(documents)
         mode = self.config.mode_for(requesting_community)
         verdicts = []
         for class_code, confidentiality in documents:
