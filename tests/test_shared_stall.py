@@ -100,7 +100,7 @@ async def test_a_locked_consent_table_holds_only_the_query_that_needs_consent(
         repository={"repository_unique_id": REPOSITORY, "manifest": {"imaging_source_id": SOURCE}},
         imaging={"sources": [{"repository_unique_id": SOURCE, "kind": "filesystem"}]},
         consent={"enabled": True, "default_mode": "opt-out"},
-        shared={"database": database_url, "statement_timeout": 3.0},
+        shared={"database": database_url, "statement_timeout": 5.0},
         audit={
             "audit_source_id": "beta-stall",
             "destinations": [
@@ -243,7 +243,7 @@ async def test_a_stopped_database_server_is_refused_after_the_deadline_and_not_r
                 await asyncio.sleep(0)
                 ticks += 1
             assert ticks == 10 and not check.done()
-            with pytest.raises(ReplayCheckUnavailable, match="did not answer within"):
+            with pytest.raises(ReplayCheckUnavailable):
                 await asyncio.wait_for(check, POLL * POLLS)
             assert db.healthy is False
             # Known down: a grant lookup is refused at once, as a 503 for the front doors.

@@ -180,7 +180,10 @@ class FilesystemRetrieval(Retrieval):
         target = instance.transfer_syntax_uid
         try:
             if target == stored.transfer_syntax_uid:
-                with stored.path.open("rb") as fh:
+                # The open too, not only the reads: on a network file system (the shared
+                # image directory of replicas) it is a round trip that may stall.
+                fh = await asyncio.to_thread(stored.path.open, "rb")
+                with fh:
                     while True:
                         chunk = await asyncio.to_thread(fh.read, self.chunk_size)
                         if not chunk:
