@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 
 import h11
 
+from xca_gateway.protocol.tls_socket import open_tls_connection
+
 __all__ = [
     "RelayClient",
     "RelayConnectError",
@@ -493,22 +495,32 @@ class RelayClient:
         if origin.scheme == "https" and context is None:
             raise RelayConnectError("https URL but no TLS context", tls=True)
         loop = asyncio.get_running_loop()
+        transport: asyncio.BaseTransport
+        protocol: asyncio.BaseProtocol
         try:
             async with asyncio.timeout(self._connect_timeout):
-                transport, reader = await loop.create_connection(
-                    _Reader,
-                    origin.host,
-                    origin.port,
-                    ssl=context,
-                    server_hostname=origin.host if context is not None else None,
-                )
+                if context is not None:
+                    # TLS on the socket itself (tls_socket): no memory BIOs, no asyncio TLS
+                    # layers per socket event on the connection a relay's bytes come in by.
+                    transport, protocol = await open_tls_connection(
+                        _Reader,
+                        origin.host,
+                        origin.port,
+                        ssl_context=context,
+                        server_hostname=origin.host,
+                    )
+                else:
+                    transport, protocol = await loop.create_connection(
+                        _Reader, origin.host, origin.port
+                    )
         except ssl.SSLError as exc:
             raise RelayConnectError(f"TLS handshake failed: {exc}", tls=True) from None
         except TimeoutError:
             raise RelayConnectError("connect timed out", tls=False) from None
         except OSError as exc:
             raise RelayConnectError(f"cannot connect: {exc}", tls=False) from None
-        return _Connection(transport, reader)
+        assert isinstance(transport, asyncio.Transport) and isinstance(protocol, _Reader)
+        return _Connection(transport, protocol)
 
     async def post(
         self,

@@ -48,6 +48,7 @@ from xca_gateway.protocol.proxy_protocol import (
 )
 from xca_gateway.protocol.tls import (
     HANDSHAKE_CAPTURE,
+    NATIVE_TLS,
     HandshakeCapture,
     HandshakeFailure,
     certificate_info,
@@ -713,6 +714,10 @@ async def tls_accept(
         writer.transport.abort()
         return None
     ssl_object = writer.get_extra_info("ssl_object")
+    if ssl_object is not None:
+        # The capture's message callback ran for every record of every response (~65,000
+        # per GB relayed); after the handshake it has nothing to capture.
+        NATIVE_TLS.quiet(ssl_object)
     cipher = ssl_object.cipher() if ssl_object is not None else None
     return PeerInfo(
         address=address,

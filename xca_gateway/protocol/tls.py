@@ -6,9 +6,12 @@ configured trust store; TLS 1.0/1.1 and non-AEAD suites are refused.
 
 from __future__ import annotations
 
+import _ssl
 import contextvars
+import ctypes
 import logging
 import ssl
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -191,6 +194,89 @@ def enable_certificate_capture(ctx: ssl.SSLContext) -> None:
         )
     except (AttributeError, TypeError):  # pragma: no cover - depends on the Python build
         log.info("TLS certificate capture of refused peers is not available on this Python")
+
+
+# --- OpenSSL calls the ssl module does not expose ------------------------------------------
+
+# CPython's connection object behind SSLSocket and SSLObject (private: looked up, and absent
+# means none of this, not a failure).
+_NATIVE_SOCKET: type | None = getattr(_ssl, "_SSLSocket", None)
+
+
+class NativeTls:
+    """A few per-connection OpenSSL settings the ssl module lacks, on CPython: read-ahead
+    (see ``tls_socket``) and switching the message callback off once a handshake is done.
+
+    The connection's ``SSL *`` is read from CPython's ``_ssl._SSLSocket`` object (its fields
+    after the object header: the socket's weak reference, the ``SSL *``, the context), and
+    only trusted when the field after it holds the connection's own context object. Any
+    mismatch, another build or another Python: :meth:`pointer` is None and the connection
+    keeps OpenSSL's defaults.
+    """
+
+    _SSL_CTRL_GET_READ_AHEAD = 40
+    _SSL_CTRL_SET_READ_AHEAD = 41
+
+    def __init__(self) -> None:
+        self.available = False
+        try:
+            if sys.implementation.name != "cpython" or _NATIVE_SOCKET is None:
+                return
+            library = ctypes.CDLL(_ssl.__file__)  # its symbols and its libssl's
+            self._ctrl = library.SSL_ctrl
+            self._ctrl.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p)
+            self._ctrl.restype = ctypes.c_long
+            self._buffer_len = library.SSL_set_default_read_buffer_len
+            self._buffer_len.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+            self._buffer_len.restype = None
+            self._has_pending = library.SSL_has_pending
+            self._has_pending.argtypes = (ctypes.c_void_p,)
+            self._has_pending.restype = ctypes.c_int
+            self._msg_callback = library.SSL_set_msg_callback
+            self._msg_callback.argtypes = (ctypes.c_void_p, ctypes.c_void_p)
+            self._msg_callback.restype = None
+            self._head = object.__basicsize__  # PyObject_HEAD
+            self._word = ctypes.sizeof(ctypes.c_void_p)
+            self.available = _NATIVE_SOCKET.__basicsize__ >= self._head + 3 * self._word
+        except (AttributeError, OSError, TypeError):  # pragma: no cover - other builds
+            self.available = False
+
+    def pointer(self, connection: ssl.SSLSocket | ssl.SSLObject) -> int | None:
+        """The connection's ``SSL *``, or None."""
+        native = getattr(connection, "_sslobj", None)
+        if not self.available or native is None or type(native) is not _NATIVE_SOCKET:
+            return None
+        base = id(native) + self._head
+        ssl_pointer = ctypes.c_void_p.from_address(base + self._word).value
+        context = ctypes.c_void_p.from_address(base + 2 * self._word).value
+        if not ssl_pointer or context != id(connection.context):
+            return None
+        return ssl_pointer
+
+    def read_ahead(self, ssl_pointer: int, buffer_bytes: int) -> None:
+        """OpenSSL reads the socket ahead into a buffer of ``buffer_bytes``; before the
+        handshake (the buffer is sized when first used)."""
+        self._buffer_len(ssl_pointer, buffer_bytes)
+        self._ctrl(ssl_pointer, self._SSL_CTRL_SET_READ_AHEAD, 1, None)
+
+    def reading_ahead(self, ssl_pointer: int) -> bool:
+        return bool(self._ctrl(ssl_pointer, self._SSL_CTRL_GET_READ_AHEAD, 0, None))
+
+    def has_pending(self, ssl_pointer: int) -> bool:
+        """Whether OpenSSL holds received bytes (decrypted or not) no socket event announces."""
+        return bool(self._has_pending(ssl_pointer))
+
+    def quiet(self, connection: ssl.SSLSocket | ssl.SSLObject) -> bool:
+        """No more message callbacks on this connection (see :func:`enable_certificate_capture`:
+        after the handshake there is nothing to capture, and the callback runs per record)."""
+        ssl_pointer = self.pointer(connection)
+        if ssl_pointer is None:
+            return False
+        self._msg_callback(ssl_pointer, None)
+        return True
+
+
+NATIVE_TLS = NativeTls()
 
 
 def describe_handshake_error(exc: BaseException) -> tuple[str, str | None]:
