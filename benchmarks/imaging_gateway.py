@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -75,6 +76,7 @@ async def serve(spec: dict[str, Any]) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     await gateway.start()
+    gc.freeze()  # as xca-gateway serve does: full collections do not walk start-up's objects
     Path(spec["ready"]).write_text(str(os.getpid()))
     samples = os.environ.get("IMAGING_BENCH_RSS")
     if samples:  # developer aid: where the RSS peak is reached (what the loop was running)
