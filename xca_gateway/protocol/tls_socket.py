@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # What one readable event decrypts at most before letting other callbacks run.
 _READ_PER_EVENT = 1024 * 1024
+# close() with unsent data: how long the peer has to take it before the socket is cut.
+_CLOSE_TIMEOUT = 30.0
 # OpenSSL's own receive buffer with read-ahead: one recv() brings many TLS records. Without
 # read-ahead OpenSSL reads the socket record by record, two recv() per 16 KiB (the 5-byte
 # header, then the rest): measured, those system calls cost the relay hop more than asyncio's
@@ -231,7 +233,8 @@ class TlsSocketTransport(asyncio.Transport):
                 self._writer(True)
             except OSError as exc:  # ssl.SSLError included
                 if filled:
-                    protocol.buffer_updated(filled)
+                    with contextlib.suppress(Exception):  # failing anyway: the error wins
+                        protocol.buffer_updated(filled)
                 self._fatal(exc)
                 return
             if filled:
@@ -327,12 +330,12 @@ class TlsSocketTransport(asyncio.Transport):
     def _write_ready(self) -> None:
         if self._read_wants_write:
             self._read_wants_write = False
-            if not self._retry and not self._write_buffer:
+            if self._retry is None and not self._write_buffer:
                 self._writer(False)
             if self._reading:
                 self._read()
-            if self._lost:
-                return
+            if self._lost or self._read_wants_write:
+                return  # lost, or the read wants the socket writable again: still watched
         while self._retry is not None or self._write_buffer:
             piece = self._retry if self._retry is not None else self._write_buffer.popleft()
             self._retry = piece
@@ -402,6 +405,8 @@ class TlsSocketTransport(asyncio.Transport):
         self._reader(False)
         if self._retry is None and not self._write_buffer:
             self._shutdown()
+        else:  # a peer that never reads what is left does not keep the socket for ever
+            self._loop.call_later(_CLOSE_TIMEOUT, self._force_close, None)
 
     def abort(self) -> None:
         self._force_close(None)
