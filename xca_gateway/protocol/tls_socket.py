@@ -204,6 +204,8 @@ class TlsSocketTransport(asyncio.Transport):
                 return
         if self._reading:
             self._read()
+        elif not self._write_wants_read:
+            self._reader(False)  # watched only for the write: no spinning on unread data
 
     def _read(self) -> None:
         protocol, read = self._protocol, self._read_into
