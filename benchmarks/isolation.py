@@ -335,7 +335,9 @@ async def legitimate_client(url: str, body: bytes, certs: Path, keepalive: bool)
 # ------------------------------------------------------------------------------- the gateway
 
 
-def gateway_config_toml(certs: Path, data: Path, https: int, admin: int, syslog: int) -> str:
+def gateway_config_toml(
+    certs: Path, data: Path, https: int, admin: int, syslog: int, server: list[str] | None = None
+) -> str:
     """Community alpha; beta's gateway is its peer (/xca/*), the consumer (the attacker's
     certificate) a local consumer (/ig/*); audit records go to the collector over UDP."""
     access = policy(callers=[consumer()], peers=[peer("beta", BETA_HOME)])
@@ -348,6 +350,7 @@ patient_id_assigning_authority = "{AUTHORITY}"
 [server]
 host = "127.0.0.1"
 port = {https}
+{chr(10).join(server or [])}
 
 [admin]
 host = "127.0.0.1"
@@ -606,6 +609,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--documents", type=int, default=20)
     parser.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [server] setting of the gateway (TOML), e.g. max_handshakes_per_source=16",
+    )
+    parser.add_argument(
         "--no-pin",
         dest="pin",
         action="store_false",
@@ -657,7 +667,11 @@ def main(argv: list[str] | None = None) -> int:
         collector = Collector()
         https, admin = _free_port(), _free_port()
         config = work / "alpha.toml"
-        config.write_text(gateway_config_toml(certs, work / "data", https, admin, collector.port))
+        config.write_text(
+            gateway_config_toml(
+                certs, work / "data", https, admin, collector.port, server=args.server
+            )
+        )
 
         def pin_gateway() -> None:
             if gateway_cpus is not None:

@@ -120,7 +120,7 @@ class ServerConfig:
     # (within tls.handshake_timeout), sources served in turn, so a burst of connections from
     # one source cannot take the event loop from everyone else's handshakes and requests.
     # TLS handshakes in progress at once per source (the others wait their turn, unread).
-    max_handshakes_per_source: int = 64
+    max_handshakes_per_source: int = 16
     handshake_rate_per_source: float = 200.0
     handshake_burst_per_source: int = 400
     handshake_rate: float = 1000.0
@@ -323,10 +323,13 @@ class ServerSection(Section):
         ),
     )
     max_handshakes_per_source: Count = Field(
-        64,
+        16,
         description=(
             "TLS handshakes in progress at once per source; the others wait their turn, unread"
-            " (until [tls] handshake_timeout), waiting sources served in turn."
+            " (until [tls] handshake_timeout), waiting sources served in turn. Each turn of the"
+            " event loop runs a step of every handshake in progress: a burst of hundreds from"
+            " one source would hold every other caller for that many steps (on one core more"
+            " at once do not go faster)."
         ),
     )
     handshake_rate_per_source: Rate = Field(

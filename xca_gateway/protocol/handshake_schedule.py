@@ -66,7 +66,7 @@ class TokenBucket:
 @dataclass(frozen=True)
 class HandshakeLimits:
     # Per source: handshakes in progress at once, started per second, and saved up.
-    per_source_concurrency: int = 64
+    per_source_concurrency: int = 16
     per_source_rate: float = 200.0
     per_source_burst: float = 400.0
     # All sources together: handshakes started per second, and saved up.

@@ -219,7 +219,7 @@ class ConnectionLimits:
     # TLS handshakes in progress at once per source (the others wait, unread, within
     # tls.handshake_timeout): a source opening hundreds of connections at once gets a few
     # turns of the event loop per round for its handshakes, not hundreds.
-    max_handshakes_per_source: int = 64
+    max_handshakes_per_source: int = 16
     # TLS handshakes started per second per source (a token bucket holding a burst of them),
     # and by all sources together: the excess waits unread, sources served round-robin
     # (see handshake_schedule).
