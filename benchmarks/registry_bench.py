@@ -891,6 +891,14 @@ async def bench(args: argparse.Namespace, url: str, workdir: Path) -> dict[str, 
         else:
             loaded = await load(registry, args)
         counts = await registry.store.counts()
+        if args.wait_for is not None:
+            # Load on a busy machine, time the queries once it is quiet.
+            print(f"loaded; the queries wait for {args.wait_for} to exist", file=sys.stderr)
+            deadline = time.monotonic() + args.wait_timeout
+            while not args.wait_for.exists():
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{args.wait_for} did not appear in {args.wait_timeout} s")
+                await asyncio.sleep(1)
         probe = patient_id(0)
         report: dict[str, Any] = {
             "backend": args.backend,
@@ -968,6 +976,15 @@ def main() -> None:
     parser.add_argument("--per-submission", type=int, default=10, help="entries per submission")
     parser.add_argument("--queries", type=int, default=200, help="timed FindDocuments runs")
     parser.add_argument("--json", action="store_true", help="print the report as JSON only")
+    parser.add_argument(
+        "--wait-for",
+        type=Path,
+        help="after the load, wait until this file exists before timing the queries (load "
+        "while the machine is busy, time once it is quiet)",
+    )
+    parser.add_argument(
+        "--wait-timeout", type=float, default=7200, help="seconds --wait-for waits at most"
+    )
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so a private PostgreSQL server is stopped too.
     signal.signal(signal.SIGTERM, _stop)
