@@ -56,15 +56,29 @@ from collections.abc import (
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import Field
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+from pynetdicom.status import STATUS_FAILURE, STORAGE_SERVICE_CLASS_STATUS
+from pynetdicom.status import STATUS_SUCCESS as STATUS_SUCCESS_CATEGORY
+from pynetdicom.status import STATUS_WARNING as STATUS_WARNING_CATEGORY
 
 from xca_gateway.audit import messages as m
 from xca_gateway.audit.trail import AuditTrail
 from xca_gateway.consumer.imaging import ConsumerError
+from xca_gateway.doors.dicom_tls import TlsAssociationServer, association_identity
 from xca_gateway.doors.dicomweb.model import StudyEntity, study_entities
 from xca_gateway.doors.federation import (
     FederationError,
@@ -95,11 +109,6 @@ from xca_gateway.security.callers import Door, Principal, set_current_caller
 from xca_gateway.security.guard import DoorGuard
 from xca_gateway.settings import TlsConfig, is_loopback_host
 from xca_gateway.xds.kos import InstanceRef
-
-# pynetdicom (~7 MB of RSS) and the door's TLS server built on it load with the door (a
-# configured [dicom] section), not with the configuration models this module also holds.
-if TYPE_CHECKING:
-    from xca_gateway.doors.dicom_tls import TlsAssociationServer
 
 log = logging.getLogger(__name__)
 
@@ -747,9 +756,6 @@ class _Transfer:
         # C-GET: the C-STOREs go back on the requester's association.
         self._assoc = assoc
         if assoc is not None:
-            # local: pynetdicom loads with the door (DicomFrontDoor imported it already)
-            from pynetdicom import evt
-
             assoc.bind(evt.EVT_DIMSE_RECV, self.on_dimse)
 
     def on_dimse(self, event: Any) -> None:
@@ -774,10 +780,6 @@ class _Transfer:
 
     def stored(self, uid: str) -> bool:
         """Whether the C-STORE of ``uid`` succeeded, as pynetdicom counts sub-operations."""
-        # local: pynetdicom loads with the door (DicomFrontDoor imported it already)
-        from pynetdicom.status import STATUS_FAILURE, STORAGE_SERVICE_CLASS_STATUS
-        from pynetdicom.status import STATUS_SUCCESS as STATUS_SUCCESS_CATEGORY
-        from pynetdicom.status import STATUS_WARNING as STATUS_WARNING_CATEGORY
 
         status = self.responses.get(uid)
         if status is None:
@@ -790,9 +792,6 @@ class _Transfer:
             return
         self._finished = True
         if self._assoc is not None:
-            # local: pynetdicom loads with the door (DicomFrontDoor imported it already)
-            from pynetdicom import evt
-
             self._assoc.unbind(evt.EVT_DIMSE_RECV, self.on_dimse)
         trail = self.door.audit
         if not trail.config.enabled or not (self.documents or self.refused):
@@ -872,17 +871,6 @@ class DicomFrontDoor:
     """
 
     def __init__(self, services: DicomFrontServices, config: DicomFrontConfig) -> None:
-        # local: pynetdicom (~7 MB of RSS) loads only in a gateway with a [dicom] door
-        from pynetdicom import AE, StoragePresentationContexts
-        from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-            PatientRootQueryRetrieveInformationModelFind,
-            PatientRootQueryRetrieveInformationModelGet,
-            PatientRootQueryRetrieveInformationModelMove,
-            StudyRootQueryRetrieveInformationModelFind,
-            StudyRootQueryRetrieveInformationModelGet,
-            StudyRootQueryRetrieveInformationModelMove,
-            Verification,
-        )
 
         self.services = services
         self.config = config
@@ -949,11 +937,6 @@ class DicomFrontDoor:
         )
 
     def _make_server(self) -> TlsAssociationServer:
-        # local: pynetdicom loads with the door (__init__ imported it already)
-        from pynetdicom import evt
-
-        # local: the door's TLS association server is pynetdicom's (loaded with the door)
-        from xca_gateway.doors.dicom_tls import TlsAssociationServer
 
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
@@ -988,11 +971,6 @@ class DicomFrontDoor:
     # -- admission (EVT_REQUESTED, in the association's thread, before negotiation)
 
     def _on_requested(self, event: Any) -> None:
-        # local: pynetdicom loads with the door (__init__ imported it already)
-        from pynetdicom import evt
-
-        # local: the door's TLS association server is pynetdicom's (loaded with the door)
-        from xca_gateway.doors.dicom_tls import association_identity
 
         assoc = event.assoc
         try:
@@ -1307,8 +1285,6 @@ class DicomFrontDoor:
             transfer.finish()  # if the association ended the retrieve half-way
 
     def _on_move(self, event: Any) -> Iterator[Any]:
-        # local: pynetdicom loads with the door (__init__ imported it already)
-        from pynetdicom import StoragePresentationContexts, evt
 
         caller = self._caller(event)
         destination = self.config.destination(str(event.move_destination or ""))

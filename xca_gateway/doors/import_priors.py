@@ -76,6 +76,7 @@ from xca_gateway.imaging import transfer_syntax as ts
 from xca_gateway.imaging.instance import decode_instance
 from xca_gateway.imaging.request import RetrieveImagingDocumentSetRequest
 from xca_gateway.imaging.retrieve import InstanceTooLarge
+from xca_gateway.progress import ProgressLine
 from xca_gateway.protocol import mtom
 from xca_gateway.protocol.credentials import check_key_pair
 from xca_gateway.protocol.namespaces import Action
@@ -647,8 +648,6 @@ class PriorsProgressLine:
         self.study_finished(study)
         home = study.manifest.home_community_id
         label = f"{self.names.get(home, home)} …{study.study_instance_uid[-10:]}"
-        # local: the CLI's progress line (rich, ~3 MB of RSS) is drawn only on a terminal
-        from xca_gateway.progress import ProgressLine
 
         self._line = ProgressLine(
             label, study.requested, unit="instances", stream=self.stream, transient=True

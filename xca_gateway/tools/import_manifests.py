@@ -36,6 +36,7 @@ from pydicom.errors import InvalidDicomError
 
 from xca_gateway.app.config import load_config
 from xca_gateway.patients.directory import PatientDirectory
+from xca_gateway.progress import ProgressLine
 from xca_gateway.registry import open_registry
 from xca_gateway.repository import DocumentExists, DocumentRepository
 from xca_gateway.settings import CommunityConfig, ConfigError
@@ -219,8 +220,6 @@ class _Progress:
     """The import's progress on ``stream`` (count, rate, time left), or nothing without one."""
 
     def __init__(self, label: str, total: int, stream: TextIO | None, unit: str) -> None:
-        # local: rich (~1-3 MB of RSS) loads for an import that shows a line, not in ``serve``
-        from xca_gateway.progress import ProgressLine
 
         self._line = (
             ProgressLine(label, total, unit=unit, stream=stream) if stream is not None else None
