@@ -52,3 +52,18 @@ def test_function_local_imports_of_the_package_say_why() -> None:
                     if not above.startswith("# local:"):
                         unexplained.append(f"{path.relative_to(ROOT)}:{inner.lineno}")
     assert unexplained == []
+
+
+def test_no_imports_of_the_package_under_type_checking() -> None:
+    # An import only a type checker sees is still an edge of the import graph: a circle
+    # or an upward import hidden from the layers contract.
+    hidden = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                for inner in ast.walk(node):
+                    if isinstance(inner, ast.ImportFrom) and (
+                        inner.level or (inner.module or "").startswith("xca_gateway")
+                    ):
+                        hidden.append(f"{path.relative_to(ROOT)}:{inner.lineno}")
+    assert hidden == []
