@@ -364,38 +364,9 @@ class RelayResponse:
 
         Pieces are memoryviews of received buffers (bytes-like, not copied)."""
         del chunk_size
-        connection = self._connection
-        decoder = self._decoder
-        if connection is None:
-            return
-        received = 0
-        try:
-            reads: list[memoryview] = [memoryview(self._initial)] if self._initial else []
-            self._initial = b""
-            while not decoder.done:
-                if not reads:
-                    reads = await connection.reader.read(
-                        GATHER_BYTES if received >= BULK_AFTER else 0
-                    )
-                    if not reads:
-                        decoder.eof()
-                        break
-                    received += sum(len(r) for r in reads)
-                for data in reads:
-                    for piece in decoder.feed(data):
-                        yield cast(bytes, piece)
-                reads = []
-        except ssl.SSLError as exc:
-            await self.aclose()
-            raise RelayError(f"TLS failed: {exc}", tls=True) from None
-        except OSError as exc:
-            await self.aclose()
-            raise RelayError(f"connection failed: {exc!r}") from None
-        except RelayError:
-            await self.aclose()
-            raise
-        if decoder.done:
-            self._release()
+        async for pieces in self.aiter_reads():
+            for piece in pieces:
+                yield cast(bytes, piece)
 
     async def aiter_reads(self) -> AsyncIterator[list[memoryview]]:
         """The body as it arrives: per socket read, its body pieces (memoryviews of the
