@@ -40,6 +40,7 @@ gateway's peak RSS (VmHWM) and its slope per instance in flight (targets <= 150 
     python benchmarks/imaging_bench.py --sizes 1G --source-rate 0 --instances ""  # hop only
     python benchmarks/imaging_bench.py --sizes "" --instances 1000,20000           # memory only
     IMAGING_BENCH_PYSPY=/tmp/spy python benchmarks/imaging_bench.py ...  # py-spy the hops
+    IMAGING_BENCH_PERF=/tmp/perf python benchmarks/imaging_bench.py ...  # perf: alpha vs nginx
 """
 
 from __future__ import annotations
@@ -377,6 +378,32 @@ def _spy(workdir: Path, leg: str, children: list[Child]) -> list[subprocess.Pope
     return spies
 
 
+def _perf(workdir: Path, leg: str, children: list[Child]) -> list[subprocess.Popen[bytes]]:
+    """Developer aid (IMAGING_BENCH_PERF=<dir>): Linux perf samples the relaying process of
+    the leg (alpha in "through", nginx's worker in "nginx"), kernel included, so the two hops
+    can be compared function by function (``perf report -i FILE --no-children``)."""
+    out = os.environ.get("IMAGING_BENCH_PERF")
+    name = {"through": "alpha", "nginx": "nginx"}.get(leg)
+    if not out or name is None:
+        return []
+    pids = []
+    for child in children:
+        if child.name == name:
+            pids.append(child.process.pid)
+            if name == "nginx":  # the worker does the relaying, not the master
+                listed = subprocess.run(
+                    ["pgrep", "-P", str(child.process.pid)], capture_output=True, text=True
+                )
+                pids = [int(p) for p in listed.stdout.split()] or pids
+    target = Path(out) / f"{name}-{workdir.name}-{time.monotonic_ns()}.data"
+    graph = os.environ.get("IMAGING_BENCH_PERF_GRAPH", "fp")  # "dwarf,16384": libc callers too
+    command = ["perf", "record", "-q", "--call-graph", graph, "-F", "999", "-o", str(target)]
+    command += ["-p", ",".join(str(p) for p in pids)]
+    spies = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    time.sleep(1.0)
+    return spies
+
+
 def _unspy(spies: list[subprocess.Popen[bytes]]) -> None:
     for spy in spies:
         spy.send_signal(signal.SIGINT)
@@ -444,7 +471,7 @@ def run_size(
                 legs.append(("nginx", nginx.url, Action.RAD75))
             for _ in range(repeat):
                 for leg, url, action in legs:
-                    spies = _spy(workdir, leg, children)
+                    spies = _spy(workdir, leg, children) + _perf(workdir, leg, children)
                     before = [c.cpu_seconds() for c in children]
                     got, payload, seconds, consumer_cpu = retrieve(client, url, docs, action)
                     after = [c.cpu_seconds() for c in children]
