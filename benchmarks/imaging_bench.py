@@ -192,6 +192,17 @@ class Child:
                 total += times.user + times.system
         return total
 
+    def minor_faults(self) -> int:
+        """Page faults so far (no I/O) of the process and its children: pages a process maps
+        afresh (a new buffer's zeroed pages), which a relay reusing its memory does not."""
+        total = 0
+        proc = psutil.Process(self.process.pid)
+        for p in [proc, *proc.children(recursive=True)]:
+            with contextlib.suppress(OSError, psutil.NoSuchProcess, IndexError, ValueError):
+                stat = Path(f"/proc/{p.pid}/stat").read_text()
+                total += int(stat.rpartition(")")[2].split()[7])  # field 10, minflt
+        return total
+
     def peak_rss(self) -> int:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -459,6 +470,7 @@ def run_size(
         gb = on_disk / 1e9
         runs: dict[str, list[dict[str, float]]] = {"direct": [], "through": [], "nginx": []}
         speeds: dict[str, list[float]] = {"direct": [], "through": [], "nginx": []}
+        faults: dict[str, list[dict[str, float]]] = {"direct": [], "through": [], "nginx": []}
         with httpx.Client(verify=context, timeout=httpx.Timeout(600.0)) as client:
             warm = docs[: min(len(docs), 20)]
             retrieve(client, initiating.url, warm)  # warm-up: imports, pools, TLS sessions
@@ -473,8 +485,12 @@ def run_size(
                 for leg, url, action in legs:
                     spies = _spy(workdir, leg, children) + _perf(workdir, leg, children)
                     before = [c.cpu_seconds() for c in children]
+                    faulted = [c.minor_faults() for c in children]
                     got, payload, seconds, consumer_cpu = retrieve(client, url, docs, action)
                     after = [c.cpu_seconds() for c in children]
+                    faulted = [c.minor_faults() - f for c, f in zip(children, faulted, strict=True)]
+                    names = [c.name for c in children]
+                    faults[leg].append({n: f / gb for n, f in zip(names, faulted, strict=True)})
                     _unspy(spies)
                     if got != len(docs) or payload != on_disk:
                         raise RuntimeError(f"{leg}: {got} instances, {payload} of {on_disk} B")
@@ -513,6 +529,10 @@ def run_size(
             pairs = zip(runs["through"], runs["nginx"], strict=True)
             result["hop_ratios"] = [t["alpha"] / n["nginx"] for t, n in pairs]
             result["hop_ratio"] = _median(result["hop_ratios"])
+            result["hop_faults"] = {
+                "alpha": _median([f["alpha"] for f in faults["through"]]),
+                "nginx": _median([f["nginx"] for f in faults["nginx"]]),
+            }
         return result
     finally:
         for child in reversed(children):
@@ -600,6 +620,11 @@ def main() -> None:
                 f"  relay hop CPU s/GB: gateway (alpha) {result['through_cpu']['alpha']:.2f}, "
                 f"nginx {result['nginx_cpu']['nginx']:.2f}: ratio {result['hop_ratio']:.2f}"
                 + (f" ({_spread(result['hop_ratios'])})" if args.repeat > 1 else ""),
+                flush=True,
+            )
+            print(
+                f"  page faults per GB relayed: alpha {result['hop_faults']['alpha']:,.0f}, "
+                f"nginx {result['hop_faults']['nginx']:,.0f}",
                 flush=True,
             )
             print(

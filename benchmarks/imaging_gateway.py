@@ -36,6 +36,7 @@ async def serve(spec: dict[str, Any]) -> None:
 
     from xca_gateway.app.config import parse_config
     from xca_gateway.app.gateway import Gateway
+    from xca_gateway.app.heap import tune_allocator
     from xca_gateway.imaging.filesystem import FilesystemSource
     from xca_gateway.imaging.rad69_source import Rad69Source
     from xca_gateway.initiating.imaging import rad69_handler
@@ -45,6 +46,7 @@ async def serve(spec: dict[str, Any]) -> None:
     from xca_gateway.transactions.rad75 import rad75_handler
 
     logging.basicConfig(level=logging.WARNING)
+    tune_allocator()  # as xca-gateway serve does
     gateway = Gateway(parse_config(spec["config"], Path(spec["base"])))
     role = spec["role"]
     if role == "source":

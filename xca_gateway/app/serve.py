@@ -12,7 +12,7 @@ from pathlib import Path
 
 from xca_gateway.app.config import load_config
 from xca_gateway.app.gateway import Gateway, ListenSockets
-from xca_gateway.app.heap import keep_heap_trimmed
+from xca_gateway.app.heap import keep_heap_trimmed, tune_allocator
 from xca_gateway.protocol.credentials import check_key_pair
 
 log = logging.getLogger("xca_gateway")
@@ -31,6 +31,7 @@ def _inherited_sockets() -> dict[str, socket.socket]:
 
 
 async def serve(config_path: Path) -> int:
+    tune_allocator()
     config = load_config(config_path)
     # Our own certificate: a missing, mismatched or expired one is said now, in one line,
     # not as an OpenSSL error (or as every peer refusing us later).
