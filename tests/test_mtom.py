@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from xca_gateway.protocol.http_client import ReadPieces
 from xca_gateway.protocol.mtom import (
     Attachment,
     Finished,
@@ -797,3 +799,156 @@ def test_drain_is_bounded() -> None:
     assert left == []  # stopped at the piece that passed the bound
     left, error = _drain_case([b"x" * 100, b"y" * 100, b"z"], max_bytes=120)
     assert isinstance(error, MtomError) and left == [b"z"]
+
+
+# --- in-place parsing of split input ----------------------------------------------------------
+
+
+def _random_multipart(rng: random.Random, boundary: bytes) -> bytes:
+    """A body whose parts are full of near-delimiters, with CRLF or bare LF framing,
+    transport padding, folded headers, a preamble and an epilogue, sometimes malformed."""
+    nl = rng.choice([b"\r\n", b"\n"])
+    near = [
+        b"\r\n--" + boundary[:-1],
+        b"\n--" + boundary + b"-x",
+        b"\r\r\n--" + boundary + b"X",
+        b"--" + boundary,
+        b"\r",
+        b"\n",
+        b"\r\n",
+        b"\r\n--",
+    ]
+    out = [rng.choice([b"", b"preamble" + nl, b"x" * rng.randint(0, 300) + nl])]
+    for i in range(rng.randint(1, 6)):
+        out.append(b"--" + boundary + rng.choice([b"", b" \t", b"  "]) + nl)
+        out.append(b"Content-ID: <p%d@x>" % i + nl)
+        if rng.random() < 0.3:
+            out.append(b"X-Folded: a" + nl + b"  b" + nl)
+        out.append(nl)
+        body = [rng.randbytes(rng.randint(0, 400)) if rng.random() < 0.5 else rng.choice(near)]
+        for _ in range(rng.randint(0, 12)):
+            near_or_random = rng.choice(near) if rng.random() < 0.5 else None
+            body.append(near_or_random or rng.randbytes(rng.randint(0, 60)))
+        out.append(b"".join(body) + nl)
+    if rng.random() < 0.1:
+        out.append(b"--" + boundary + b" junk" + nl)  # refused
+    out.append(b"--" + boundary + b"--" + rng.choice([b"", nl + b"epilogue"]))
+    return b"".join(out)
+
+
+def _outcome(run: Any) -> tuple[list[tuple[str, bytes]], str | None]:
+    """Merged events (adjacent data joined) and the error reason, if any."""
+    merged: list[tuple[str, bytes]] = []
+
+    def add(events: list[MultipartEvent]) -> None:
+        for event in events:
+            if isinstance(event, PartData):
+                data = bytes(event.data)
+                assert data  # no empty data events
+                if merged and merged[-1][0] == "data":
+                    merged[-1] = ("data", merged[-1][1] + data)
+                else:
+                    merged.append(("data", data))
+            elif isinstance(event, PartStart):
+                merged.append(("start", repr(event.headers).encode()))
+            else:
+                merged.append((type(event).__name__, b""))
+
+    try:
+        run(add)
+    except MtomError as exc:
+        return [], exc.reason  # events before the error depend on where the input was cut
+    return merged, None
+
+
+def _cuts(rng: random.Random, body: bytes, boundary: bytes) -> list[int]:
+    """Cut points: random ones, and ones inside or around every delimiter and header end."""
+    cuts = {rng.randint(0, len(body)) for _ in range(rng.randint(0, 12))}
+    at = body.find(b"--" + boundary)
+    while at >= 0:
+        cuts.update(at + k for k in rng.sample(range(-2, len(boundary) + 5), 3))
+        at = body.find(b"--" + boundary, at + 1)
+    at = body.find(b"\n\n")
+    if at >= 0:
+        cuts.update((at, at + 1))
+    return sorted(c for c in cuts if 0 <= c <= len(body))
+
+
+def _parse_one_shot(boundary: str, body: bytes, add: Any) -> None:
+    parser = MultipartParser(boundary, max_parts=5)
+    add(parser.feed(body))
+    add(parser.close())
+
+
+def _parse_split(boundary: str, pieces: list[bytes], rng: random.Random, add: Any) -> None:
+    """Reads of 1-4 pieces, each a range of a larger buffer (bytes the parser must not look
+    at around it: near-delimiters), sometimes with empty pieces or as memoryviews."""
+    parser = MultipartParser(boundary, max_parts=5)
+    i = 0
+    while i < len(pieces):
+        count = rng.randint(1, 4)
+        spans: list[tuple[bytes | bytearray, int, int]] = []
+        for piece in pieces[i : i + count]:
+            pad = rng.randbytes(rng.randint(0, 3)) + b"\r\n--" + boundary.encode()
+            buffer = bytearray(pad + piece + pad) if rng.random() < 0.5 else pad + piece
+            spans.append((buffer, len(pad), len(pad) + len(piece)))
+            if rng.random() < 0.1:
+                spans.append((buffer, 0, 0))  # empty piece
+        i += count
+        if rng.random() < 0.3:
+            add(parser.feed_views([memoryview(b)[s:e] for b, s, e in spans]))
+        else:
+            add(parser.feed_spans(spans))
+    add(parser.close())
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_split_parsing_equals_one_shot(seed: int) -> None:
+    # Any split of the input (inside delimiters, between CR and LF, inside the close
+    # delimiter's "--" and header blocks, one-byte and empty pieces, several per read) gives
+    # the events and data of parsing the whole body at once; errors too.
+    rng = random.Random(seed)
+    for _ in range(150):
+        boundary = rng.choice([b"b", b"MIMEBoundary_" + rng.randbytes(8).hex().encode()])
+        body = _random_multipart(rng, boundary)
+        expected = _outcome(functools.partial(_parse_one_shot, boundary.decode(), body))
+        cuts = _cuts(rng, body, boundary)
+        if rng.random() < 0.2:  # one-byte pieces around a random spot
+            spot = rng.randint(0, len(body))
+            cuts = sorted({*cuts, *range(spot, min(len(body), spot + 80))})
+        pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+        split = functools.partial(_parse_split, boundary.decode(), pieces, rng)
+        assert _outcome(split) == expected, (seed, body, cuts)
+
+
+def test_multipart_stream_over_reads_of_receive_buffers() -> None:
+    # What RelayResponse.aiter_reads yields: per read, ranges of receive buffers (one range
+    # is searched in place, several are joined); the parts come out whole and in order.
+    boundary = "MIMEBoundary_" + "a" * 32
+    payloads = nasty_payloads(boundary)
+    _, body = build(payloads, boundary=boundary)
+    rng = random.Random(7)
+    reads: list[ReadPieces] = []
+    pos = 0
+    while pos < len(body):
+        spans: list[tuple[bytes | bytearray, int, int]] = []
+        for _ in range(rng.choice([1, 1, 3])):
+            size = rng.randint(1, 70_000)
+            buffer = bytearray(b"\r\n--" + boundary.encode() + body[pos : pos + size] + b"--")
+            spans.append((buffer, len(boundary) + 4, len(buffer) - 2))
+            pos += size
+        reads.append(ReadPieces(spans))
+
+    async def chunks() -> AsyncIterator[ReadPieces]:
+        for read in reads:
+            yield read
+
+    async def run() -> list[tuple[str | None, bytes]]:
+        parts = MultipartStream(chunks(), boundary, max_parts=10)
+        out = []
+        while (headers := await parts.next_part()) is not None:
+            out.append((headers.content_id, await parts.read_part(1 << 20)))
+        return out
+
+    got = asyncio.run(run())
+    assert got[1:] == list(payloads.items())

@@ -27,9 +27,11 @@ from urllib.parse import urlsplit
 
 import h11
 
+from xca_gateway.protocol.mtom import BufferSpan
 from xca_gateway.protocol.tls_socket import open_tls_connection
 
 __all__ = [
+    "ReadPieces",
     "RelayClient",
     "RelayConnectError",
     "RelayError",
@@ -109,7 +111,7 @@ class _Reader(asyncio.BufferedProtocol):
         self._filled = 0
         self._min_free = 1  # less room than this left: take a new buffer
         self._received = 0  # since the last release()
-        # Received and not yet read: (buffer view, start, end), contiguous ranges merged.
+        # Received and not yet read: [buffer, start, end], contiguous ranges merged.
         self._chunks: collections.deque[list[Any]] = collections.deque()
         self._size = 0
         self._eof = False
@@ -147,10 +149,10 @@ class _Reader(asyncio.BufferedProtocol):
         self._received += nbytes
         chunks = self._chunks
         last = chunks[-1] if chunks else None
-        if last is not None and last[0] is self._view and last[2] == start:
+        if last is not None and last[0] is self._buffer and last[2] == start:
             last[2] = self._filled  # contiguous with what is still unread
         else:
-            chunks.append([self._view, start, self._filled])
+            chunks.append([self._buffer, start, self._filled])
         self._size += nbytes
         if self._size > self.HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
@@ -200,6 +202,10 @@ class _Reader(asyncio.BufferedProtocol):
     async def read(self, want: int = 0) -> list[memoryview]:
         """Everything received so far as views (waiting for something); [] at a clean EOF.
         With ``want``, waits for that many bytes or GATHER_WAIT after the first one came."""
+        return [memoryview(buf)[start:end] for buf, start, end in await self.read_spans(want)]
+
+    async def read_spans(self, want: int = 0) -> list[BufferSpan]:
+        """As :meth:`read`, as ranges of the receive buffers: ``(buffer, start, end)``."""
         if want and self._size < want and not self._eof and self._error is None:
             self._want = want
             if self._chunks:
@@ -219,13 +225,13 @@ class _Reader(asyncio.BufferedProtocol):
                 return []
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
-        views = [view[start:end] for view, start, end in self._chunks]
+        spans: list[BufferSpan] = [(buf, start, end) for buf, start, end in self._chunks]
         self._chunks.clear()
         self._size = 0
         if self._paused and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
-        return views
+        return spans
 
 
 class _BodyDecoder:
@@ -242,21 +248,26 @@ class _BodyDecoder:
         self.leftover = b""
 
     def feed(self, data: bytes | memoryview) -> list[memoryview]:
-        out: list[memoryview] = []
-        view = data if isinstance(data, memoryview) else memoryview(data)
-        pos, n = 0, len(view)
+        """Body pieces of ``data`` as memoryviews of it (a view is copied once first)."""
+        buf = data if isinstance(data, bytes) else bytes(data)
+        view = memoryview(buf)
+        return [view[start:end] for _, start, end in self.feed_span(buf, 0, len(buf))]
+
+    def feed_span(self, buf: bytes | bytearray, pos: int, n: int) -> list[BufferSpan]:
+        """Body ranges of ``buf[pos:n]``, in ``buf`` (no copies)."""
+        out: list[BufferSpan] = []
         if self.done:
-            if n:  # more after the end of the body (e.g. a second piece of the same read)
-                self.leftover += bytes(view)
+            if n > pos:  # more after the end of the body (e.g. a second piece of the same read)
+                self.leftover += buf[pos:n]
             return out
         while pos < n and not self.done:
             if self._state == "data":
                 if self._until_close:
-                    out.append(view[pos:])
+                    out.append((buf, pos, n))
                     return out
                 assert self._remaining is not None
                 take = min(self._remaining, n - pos)
-                out.append(view[pos : pos + take])
+                out.append((buf, pos, pos + take))
                 pos += take
                 self._remaining -= take
                 if self._remaining == 0:
@@ -265,12 +276,12 @@ class _BodyDecoder:
                     else:
                         self.done = True
             else:
-                # A chunk-size line, a CRLF or a trailer: searched in a small copy (views
-                # have no find()).
-                window = bytes(view[pos : pos + 256])
-                nl = window.find(b"\n")
-                end = pos + (len(window) if nl < 0 else nl + 1)
-                self._line += view[pos:end]
+                # A chunk-size line, a CRLF or a trailer, searched where it lies.
+                nl = buf.find(b"\n", pos, min(n, pos + 4097))
+                end = n if nl < 0 else nl + 1
+                if nl < 0 and end - pos > 4096:
+                    raise RelayError("malformed chunked body: line too long")
+                self._line += buf[pos:end]
                 pos = end
                 if len(self._line) > 4096:
                     raise RelayError("malformed chunked body: line too long")
@@ -280,7 +291,7 @@ class _BodyDecoder:
                 self._line.clear()
                 self._line_done(line)
         if self.done and pos < n:
-            self.leftover = bytes(view[pos:])
+            self.leftover = bytes(buf[pos:n])
         return out
 
     def _line_done(self, line: bytes) -> None:
@@ -329,6 +340,17 @@ class _Connection:
             self.transport.close()
 
 
+class ReadPieces(list[memoryview]):
+    """What one socket read carried of a body: its pieces as memoryviews, and ``spans``,
+    the same pieces as ranges of the receive buffers (``MultipartParser.feed_spans``)."""
+
+    __slots__ = ("spans",)
+
+    def __init__(self, spans: list[BufferSpan]) -> None:
+        super().__init__(memoryview(buf)[start:end] for buf, start, end in spans)
+        self.spans = spans
+
+
 class RelayResponse:
     """A reply whose body is read on demand; close it (``aclose``) when done."""
 
@@ -368,27 +390,39 @@ class RelayResponse:
             for piece in pieces:
                 yield cast(bytes, piece)
 
-    async def aiter_reads(self) -> AsyncIterator[list[memoryview]]:
+    async def aiter_reads(self) -> AsyncIterator[ReadPieces]:
         """The body as it arrives: per socket read, its body pieces (memoryviews of the
-        received buffer, between chunk-size lines), for a parser to join in one copy."""
+        received buffers, between chunk-size lines); ``spans`` gives the same pieces as
+        ranges of those buffers, for a parser that searches them in place."""
+        async for spans in self.aiter_spans():
+            yield ReadPieces(spans)
+
+    async def aiter_spans(self) -> AsyncIterator[list[BufferSpan]]:
+        """The body as it arrives: per socket read, its body pieces as ranges of the
+        received buffers, ``(buffer, start, end)``. A buffer is never written again once
+        handed out."""
         connection = self._connection
         decoder = self._decoder
         if connection is None:
             return
         received = 0
         try:
-            reads: list[memoryview] = [memoryview(self._initial)] if self._initial else []
+            reads: list[BufferSpan] = (
+                [(self._initial, 0, len(self._initial))] if self._initial else []
+            )
             self._initial = b""
             while not decoder.done:
                 if not reads:
-                    reads = await connection.reader.read(
+                    reads = await connection.reader.read_spans(
                         GATHER_BYTES if received >= BULK_AFTER else 0
                     )
                     if not reads:
                         decoder.eof()
                         break
-                    received += sum(len(r) for r in reads)
-                pieces = [piece for data in reads for piece in decoder.feed(data)]
+                    for _, start, end in reads:
+                        received += end - start
+                feed = decoder.feed_span
+                pieces = [piece for buf, start, end in reads for piece in feed(buf, start, end)]
                 reads = []
                 if pieces:
                     yield pieces

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import binascii
 import enum
+import re
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from xca_gateway.protocol.encrypted_spool import EncryptedSpool
 
 __all__ = [
     "Attachment",
+    "BufferSpan",
     "Finished",
     "MtomError",
     "MtomMessage",
@@ -68,8 +70,15 @@ class MtomError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
+# RFC 2045 token: printable US-ASCII except SPACE and tspecials. One compiled match instead
+# of a per-character loop: part headers are parsed once per relayed instance.
+_TOKEN = re.compile(
+    "[" + re.escape("".join(chr(c) for c in range(33, 127) if chr(c) not in _TSPECIALS)) + "]+"
+)
+
+
 def _is_token(s: str) -> bool:
-    return bool(s) and all(33 <= ord(c) < 127 and c not in _TSPECIALS for c in s)
+    return _TOKEN.fullmatch(s) is not None
 
 
 def parse_content_type(value: str) -> tuple[str, dict[str, str]]:
@@ -225,6 +234,10 @@ class Finished(MultipartEvent):
     """The close delimiter was seen; anything after it (epilogue) is discarded."""
 
 
+# A range of a buffer, ``(buffer, start, end)``: searched in place (``find`` with bounds).
+BufferSpan = tuple[bytes | bytearray, int, int]
+
+
 class _State(enum.Enum):
     PREAMBLE = enum.auto()
     AFTER_BOUNDARY = enum.auto()
@@ -273,9 +286,11 @@ class MultipartParser:
     """Push-style ``multipart/*`` body parser.
 
     ``feed()`` returns events as soon as they can be decided; part data is emitted in pieces
-    whose boundaries depend on chunking, but the concatenation does not. Only a tail of
-    ``len(boundary) + 4`` bytes is retained between calls while inside a part body, so memory
-    stays bounded and every byte is searched a constant number of times.
+    whose boundaries depend on chunking, but the concatenation does not. Each piece of input
+    is searched in place; only bytes that may begin a delimiter (at most ``len(boundary) + 4``,
+    inside a body) or an unfinished header block are kept between pieces and stitched to the
+    first bytes of the next one, so memory stays bounded and every byte is searched a constant
+    number of times.
     """
 
     def __init__(
@@ -298,9 +313,12 @@ class MultipartParser:
         self.max_preamble_bytes = max_preamble_bytes
         # Searching for LF--boundary (dropping a preceding CR) accepts CRLF and bare LF alike.
         self._delim = b"\n--" + boundary.encode("ascii")
-        self._keep = len(self._delim) + 1  # delimiter plus its CR
+        # Bytes of the next piece stitched to a kept tail: enough to decide a delimiter that
+        # begins in the tail (delimiter, "--", CR); more only while the tail cannot be used.
+        self._seam = len(self._delim) + 4
         # A virtual leading LF lets a body that starts directly with --boundary match _delim.
-        # What is kept between feeds: a delimiter's worth inside a body, an unfinished header.
+        # What is kept between pieces: a delimiter's beginning inside a body, an unfinished
+        # header block or boundary line.
         self._buf = b"\n"
         self._state = _State.PREAMBLE
         self._error = ""
@@ -316,33 +334,51 @@ class MultipartParser:
     def part_count(self) -> int:
         return self._parts
 
-    def feed(self, data: bytes) -> list[MultipartEvent]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[MultipartEvent]:
         """Events for ``data``; PartData holds bytes of its own."""
-        events = self.feed_views((data,))
+        if isinstance(data, memoryview):
+            data = bytes(data)  # a view: searched with bytes.find
+        events = self.feed_spans(((data, 0, len(data)),))
         return [PartData(bytes(e.data)) if isinstance(e, PartData) else e for e in events]
 
     def feed_views(self, pieces: Iterable[bytes | memoryview]) -> list[MultipartEvent]:
         """Events for the concatenation of ``pieces`` (e.g. the body pieces of one socket
-        read, joined here with the kept tail in one copy). PartData holds read-only
-        memoryviews of that joined buffer: a relay passes a part's bytes on without copying
-        them again."""
+        read). PartData holds read-only memoryviews: of the pieces if they are bytes, else of
+        one join of them (a view does not tell where it lies in its object, so it cannot be
+        searched in place: see :meth:`feed_spans`)."""
+        pieces = list(pieces)
+        spans: list[BufferSpan] = []
+        for piece in pieces:
+            if not isinstance(piece, bytes):
+                joined = b"".join(pieces)
+                return self.feed_spans(((joined, 0, len(joined)),))
+            spans.append((piece, 0, len(piece)))
+        return self.feed_spans(spans)
+
+    def feed_spans(self, spans: Iterable[BufferSpan]) -> list[MultipartEvent]:
+        """Events for the concatenation of ``spans``: ``(buffer, start, end)``, e.g. the body
+        ranges of one socket read in the receive buffers. Each range is searched where it lies
+        (no join); PartData holds read-only memoryviews of the buffers, so a relay passes a
+        part's bytes on without copying them. The caller must not change a buffer's bytes
+        while such views are alive."""
         if self._state is _State.ERROR:
             raise MtomError(self._error)
         if self._state is _State.DONE:
             return []  # epilogue
-        buf = b"".join((self._buf, *pieces))
-        if len(buf) == len(self._buf):
-            return []
         events: list[MultipartEvent] = []
         try:
-            pos = self._run(buf, memoryview(buf), events)
+            for buf, start, end in spans:
+                if start < end:
+                    self._feed_span(buf, start, end, events)
+                    if self.finished:  # the rest is epilogue
+                        break
         except MtomError as exc:
             self._state = _State.ERROR
             self._error = exc.reason
             self._buf = b""
             raise
-        # _run() may have moved the state to DONE
-        self._buf = b"" if self.finished else buf[pos:]
+        if self.finished:
+            self._buf = b""
         return events
 
     def close(self) -> list[MultipartEvent]:
@@ -360,35 +396,84 @@ class MultipartParser:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _delimiter_kind(self, buf: bytes, end: int) -> str | None:
-        """Classify what follows a matched ``LF--boundary`` ending at ``end``.
+    def _feed_span(
+        self, buf: bytes | bytearray, start: int, end: int, events: list[MultipartEvent]
+    ) -> None:
+        tail = self._buf
+        while tail:
+            # What was kept is stitched to the first bytes of this span (a small copy): a
+            # delimiter or a header block may straddle the two.
+            take = min(end - start, max(self._seam, len(tail)))
+            seam = tail + buf[start : start + take]
+            used = self._run(seam, memoryview(seam), 0, len(seam), events)
+            if self._state is _State.DONE:
+                return
+            if used >= len(tail):  # the rest of the seam is this span's: searched in place
+                start += used - len(tail)
+                tail = b""
+            else:  # still undecided (e.g. a long header block): stitch more
+                tail = seam[used:]
+                start += take
+                if start == end:
+                    break
+        if start == end:
+            self._buf = tail
+            return
+        view = memoryview(buf)
+        if isinstance(buf, bytearray):
+            view = view.toreadonly()
+        used = self._run(buf, view, start, end, events)
+        if self._state is not _State.DONE:
+            self._buf = bytes(view[used:end])
+
+    def _delimiter_kind(self, buf: bytes | bytearray, end: int, n: int) -> str | None:
+        """Classify what follows a matched ``LF--boundary`` ending at ``end`` (data ends at
+        ``n``).
 
         Returns "close", "part", "none" (boundary was only a prefix of other text), or None when
         more data is needed to decide.
         """
-        if end >= len(buf):
+        if end >= n:
             return None
         c = buf[end]
         if c == 0x2D:  # '-'
-            if end + 1 >= len(buf):
+            if end + 1 >= n:
                 return None
             return "close" if buf[end + 1] == 0x2D else "none"
         if c in b" \t\r\n":
             return "part"
         return "none"
 
-    def _run(self, buf: bytes, mv: memoryview, events: list[MultipartEvent]) -> int:
-        pos = 0
+    def _hold_from(self, buf: bytes | bytearray, pos: int, n: int) -> int:
+        """Where a delimiter (with its CR) may begin in the last bytes of ``buf[pos:n]``, which
+        holds no whole delimiter: ``n`` when none can, as with most reads of binary data, so
+        nothing is kept back and the next piece is searched in place."""
         delim = self._delim
-        n = len(buf)
+        i = buf.find(b"\n", max(pos, n - len(delim) + 1), n)
+        while i >= 0:
+            if buf.startswith(delim[: n - i], i, n):
+                return i - 1 if i > pos and buf[i - 1] == 0x0D else i
+            i = buf.find(b"\n", i + 1, n)
+        return n - 1 if n > pos and buf[n - 1] == 0x0D else n
+
+    def _run(
+        self,
+        buf: bytes | bytearray,
+        mv: memoryview,
+        pos: int,
+        n: int,
+        events: list[MultipartEvent],
+    ) -> int:
+        """Parse ``buf[pos:n]``; returns where the undecided rest begins."""
+        delim = self._delim
         while True:
             state = self._state
             if state is _State.BODY:
-                idx = buf.find(delim, pos)
+                idx = buf.find(delim, pos, n)
                 while idx >= 0:
-                    kind = self._delimiter_kind(buf, idx + len(delim))
+                    kind = self._delimiter_kind(buf, idx + len(delim), n)
                     if kind == "none":
-                        idx = buf.find(delim, idx + 1)
+                        idx = buf.find(delim, idx + 1, n)
                         continue
                     body_end = idx - 1 if idx > pos and buf[idx - 1] == 0x0D else idx
                     if kind is None:
@@ -407,13 +492,13 @@ class MultipartParser:
                     self._state = _State.AFTER_BOUNDARY
                     break
                 else:
-                    safe = n - self._keep
+                    safe = self._hold_from(buf, pos, n)
                     if safe > pos:
                         events.append(PartData(cast(bytes, mv[pos:safe])))
                         return safe
                     return pos
             elif state is _State.AFTER_BOUNDARY:
-                nl = buf.find(b"\n", pos)
+                nl = buf.find(b"\n", pos, n)
                 if nl < 0:
                     pad = bytes(mv[pos:n])
                     if pad.strip(b" \t\r") or n - pos > _MAX_PADDING:
@@ -453,11 +538,11 @@ class MultipartParser:
                 pos = body_start
                 self._state = _State.BODY
             elif state is _State.PREAMBLE:
-                idx = buf.find(delim, pos)
+                idx = buf.find(delim, pos, n)
                 while idx >= 0:
-                    kind = self._delimiter_kind(buf, idx + len(delim))
+                    kind = self._delimiter_kind(buf, idx + len(delim), n)
                     if kind == "none":
-                        idx = buf.find(delim, idx + 1)
+                        idx = buf.find(delim, idx + 1, n)
                         continue
                     self._count_preamble(idx - pos)
                     if kind is None:
@@ -470,10 +555,10 @@ class MultipartParser:
                     self._state = _State.AFTER_BOUNDARY
                     break
                 else:
-                    safe = max(pos, n - self._keep)
+                    safe = self._hold_from(buf, pos, n)
                     self._count_preamble(safe - pos)
                     return safe
-            else:  # pragma: no cover - DONE/ERROR are handled by feed()
+            else:  # pragma: no cover - DONE/ERROR are handled by feed_spans()
                 return n
 
     def _count_preamble(self, nbytes: int) -> None:

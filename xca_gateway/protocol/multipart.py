@@ -14,6 +14,7 @@ import collections
 from collections.abc import AsyncIterator, Iterable
 from typing import cast
 
+from xca_gateway.protocol.http_client import ReadPieces
 from xca_gateway.protocol.mtom import (
     Finished,
     MtomError,
@@ -51,7 +52,7 @@ class _Base64:
 class MultipartStream:
     """Events of a multipart body, pulled from ``chunks`` on demand. An item of ``chunks`` may
     be a list of pieces (``RelayResponse.aiter_reads``: what one socket read carried), parsed
-    as one."""
+    as one; a ``ReadPieces`` is searched in place in the receive buffers."""
 
     def __init__(
         self,
@@ -76,6 +77,12 @@ class MultipartStream:
             except StopAsyncIteration:
                 self._parser.close()  # raises MtomError if the close delimiter is missing
                 raise TruncatedMultipart("multipart body ended early") from None
+            if isinstance(chunk, ReadPieces) and len(chunk.spans) == 1:
+                # Searched in place in the receive buffer. A read of several pieces (chunk
+                # framing between them) is joined below: each PartData costs the relay more
+                # Python work downstream than copying the read once.
+                self._pending.extend(self._parser.feed_spans(chunk.spans))
+                continue
             pieces: Iterable[bytes | memoryview]
             pieces = chunk if isinstance(chunk, list) else (cast(bytes, chunk),)
             self._pending.extend(self._parser.feed_views(pieces))
