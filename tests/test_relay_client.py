@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from xca_gateway.protocol.http_client import (
+    BULK_AFTER,
     RelayClient,
     RelayConnectError,
     RelayError,
@@ -53,6 +54,36 @@ def test_body_pieces_are_views_of_the_received_buffer_not_copies() -> None:
     data = b"x" * 1000
     pieces = _BodyDecoder(length=1000, chunked=False).feed(data)
     assert len(pieces) == 1 and pieces[0].obj is data
+
+
+async def test_receive_buffers_are_reused_only_when_nothing_refers_to_them() -> None:
+    # Full-size buffers are recycled instead of zeroing fresh ones, but never while a view
+    # (a PartData downstream), an unread range or a span of one is alive: bytes handed out
+    # stay what was received.
+    reader = _Reader()
+    kept: list[tuple[memoryview, bytes]] = []
+    reused = 0
+    for i in range(400):  # 128 small buffers before BULK_AFTER, then full-size ones
+        view = reader.get_buffer(-1)
+        reused += len(view) == _Reader.BUFFER and any(view[:32])  # a fresh one is zeroed
+        data = hashlib.sha256(b"%d" % i).digest() * (len(view) // 32)
+        view[: len(data)] = data
+        del view
+        reader.buffer_updated(len(data))
+        spans = await reader.read_spans()
+        for buf, start, end in spans:
+            piece = memoryview(buf)[start:end]
+            if i % 7 == 0:  # still held downstream
+                kept.append((piece, bytes(piece)))
+        del spans, buf, piece
+        if i % 11 == 0:
+            kept = kept[len(kept) // 2 :]
+    for view, content in kept:
+        assert bytes(view) == content
+    assert reader._received > BULK_AFTER
+    assert reused > 200
+    reader.release()
+    assert reader._spare == []
 
 
 @pytest.mark.parametrize(
