@@ -106,7 +106,7 @@ class _Reader(asyncio.BufferedProtocol):
     BUFFER = 256 * 1024
     # Full-size buffers kept for reuse once nothing refers to them any more: a fresh one is
     # zeroed (memset) and its pages faulted in, for every 256 KiB received.
-    SPARE_BUFFERS = 4
+    SPARE_BUFFERS = HIGH_WATER // BUFFER
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -374,6 +374,13 @@ class ReadPieces(list[memoryview]):
         super().__init__(memoryview(buf)[start:end] for buf, start, end in spans)
         self.spans = spans
 
+    def release(self) -> None:
+        """Forget the pieces once parsed: the reply's generators still hold this read while
+        its consumer works on it, and a receive buffer is reused only once nothing refers
+        to it."""
+        self.spans.clear()
+        self.clear()
+
 
 class RelayResponse:
     """A reply whose body is read on demand; close it (``aclose``) when done."""
@@ -443,13 +450,12 @@ class RelayResponse:
                     if not reads:
                         decoder.eof()
                         break
-                    for _, start, end in reads:
-                        received += end - start
+                    received += sum(end - start for _, start, end in reads)
                 feed = decoder.feed_span
                 pieces = [piece for buf, start, end in reads for piece in feed(buf, start, end)]
                 reads = []
                 if pieces:
-                    yield pieces
+                    yield pieces  # the same list as ReadPieces.spans: see release()
         except ssl.SSLError as exc:
             await self.aclose()
             raise RelayError(f"TLS failed: {exc}", tls=True) from None

@@ -77,11 +77,15 @@ class MultipartStream:
             except StopAsyncIteration:
                 self._parser.close()  # raises MtomError if the close delimiter is missing
                 raise TruncatedMultipart("multipart body ended early") from None
-            if isinstance(chunk, ReadPieces) and len(chunk.spans) == 1:
-                # Searched in place in the receive buffer. A read of several pieces (chunk
-                # framing between them) is joined below: each PartData costs the relay more
+            if isinstance(chunk, ReadPieces):
+                # One piece is searched in place in the receive buffer. A read of several
+                # (chunk framing between them) is joined: each PartData costs the relay more
                 # Python work downstream than copying the read once.
-                self._pending.extend(self._parser.feed_spans(chunk.spans))
+                if len(chunk.spans) == 1:
+                    self._pending.extend(self._parser.feed_spans(chunk.spans))
+                else:
+                    self._pending.extend(self._parser.feed_views(chunk))
+                chunk.release()
                 continue
             pieces: Iterable[bytes | memoryview]
             pieces = chunk if isinstance(chunk, list) else (cast(bytes, chunk),)
