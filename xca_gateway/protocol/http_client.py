@@ -152,7 +152,7 @@ class _Reader(asyncio.BufferedProtocol):
         downstream, the transport's), no unread range and no span of it is held. Its old
         bytes are never seen: only what the transport writes next is handed out."""
         spare = self._spare
-        for i in range(len(spare)):
+        for i in range(len(spare) - 1, -1, -1):  # the latest freed: likeliest in the cache
             # References: the list's and the argument's. Any view holds one more (through
             # its managed buffer), as does a [buffer, start, end] range.
             if sys.getrefcount(spare[i]) == 2:
