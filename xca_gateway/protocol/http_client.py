@@ -430,8 +430,8 @@ class RelayResponse:
 
     async def aiter_spans(self) -> AsyncIterator[list[BufferSpan]]:
         """The body as it arrives: per socket read, its body pieces as ranges of the
-        received buffers, ``(buffer, start, end)``. A buffer is never written again once
-        handed out."""
+        received buffers, ``(buffer, start, end)``. A buffer is written again only once
+        nothing refers to it (no span, no view of it)."""
         connection = self._connection
         decoder = self._decoder
         if connection is None:
