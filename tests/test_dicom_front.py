@@ -13,7 +13,6 @@ import base64
 import contextlib
 import dataclasses
 import io
-import shutil
 import socket
 import ssl
 import subprocess
@@ -42,6 +41,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from tests.audit_inbox import AuditInbox
 from tests.communities import ARC, seed_community
 from tests.conftest import GatewayThread, policy_for_tests, policy_toml, wait_for
+from tests.dcmtk import dcmtk, find_dcmtk
 from xca_gateway.app.config import load_config
 from xca_gateway.app.gateway import Gateway
 from xca_gateway.audit import messages as m
@@ -226,11 +226,12 @@ port = {store_tls_port}
             dataclasses.replace(alpha.dicom_front.config, tls=False),
         )
         asyncio.run_coroutine_threadsafe(plain.start(), threads[1].loop).result(15)
-        if shutil.which("storescp"):
+        storescp = find_dcmtk("storescp")
+        if storescp is not None:
             storescps.append(
                 subprocess.Popen(
                     [
-                        *("storescp", "+B", "+xa", "-aet", STORE_AE),
+                        *(storescp, "+B", "+xa", "-aet", STORE_AE),
                         *("-od", str(store_dir), str(store_port)),
                     ],
                     stdout=subprocess.DEVNULL,
@@ -242,7 +243,7 @@ port = {store_tls_port}
             storescps.append(
                 subprocess.Popen(
                     [
-                        "storescp",
+                        storescp,
                         *(
                             "+tls",
                             str(pki.communities["beta"].key),
@@ -268,9 +269,9 @@ port = {store_tls_port}
             alpha,
         )
     finally:
-        for storescp in storescps:
-            storescp.terminate()
-            storescp.wait(10)
+        for process in storescps:
+            process.terminate()
+            process.wait(10)
         if plain is not None:
             asyncio.run_coroutine_threadsafe(plain.stop(), threads[-1].loop).result(15)
         for thread in reversed(threads):
@@ -800,12 +801,11 @@ def test_c_find_matches_modalities(front: Front) -> None:
 
 
 def test_findscu(front: Front) -> None:
-    if shutil.which("findscu") is None:
-        pytest.skip("dcmtk findscu is not installed")
+    findscu = dcmtk("findscu")
     alice = front.studies[0]
     result = subprocess.run(
         [
-            "findscu",
+            findscu,
             *front.dcmtk_tls(),
             "-S",
             "-aet",
@@ -1114,15 +1114,14 @@ def test_c_get_with_pynetdicom_returns_identical_instances(front: Front) -> None
 
 
 def test_getscu(front: Front, tmp_path: Path) -> None:
-    if shutil.which("getscu") is None:
-        pytest.skip("dcmtk getscu is not installed")
+    getscu = dcmtk("getscu")
     # Alice's study in beta, asked for with her alpha id: ITI-18 → ITI-38, RAD-69 → RAD-75.
     study = next(s for s in front.peer_studies if s.patient_id == local_patient_id(1, 0))
     out = tmp_path / "get"
     out.mkdir()
     result = subprocess.run(
         [
-            "getscu",
+            getscu,
             "-P",
             "-aec",
             FRONT_AE,
@@ -1153,12 +1152,12 @@ def test_getscu(front: Front, tmp_path: Path) -> None:
 
 
 def test_movescu_to_storescp(front: Front) -> None:
-    if shutil.which("movescu") is None or shutil.which("storescp") is None:
-        pytest.skip("dcmtk movescu/storescp are not installed")
+    movescu = dcmtk("movescu")
+    dcmtk("storescp")  # the move destination the front fixture started
     study = front.studies[1]
     result = subprocess.run(
         [
-            "movescu",
+            movescu,
             "-S",
             "-aet",
             "AUDIT-MOVE",
@@ -1200,8 +1199,7 @@ def test_movescu_to_storescp(front: Front) -> None:
 def test_c_move_over_dicom_tls_to_a_tls_destination(front: Front) -> None:
     """DICOM TLS at both ends: the workstation's C-MOVE reaches the door with its certificate,
     the door opens the association to the destination with the gateway's certificate."""
-    if shutil.which("storescp") is None:
-        pytest.skip("dcmtk storescp is not installed")
+    dcmtk("storescp")  # the move destination the front fixture started
     study = front.studies[3]
     assoc = associate(front, StudyRootQueryRetrieveInformationModelMove, ae_title="AUDIT-MOVE-TLS")
     try:
@@ -1343,14 +1341,13 @@ def test_c_get_refuses_an_instance_the_scu_accepted_no_syntax_for(front: Front) 
 
 @pytest.mark.parametrize("compressed", [False, True])
 def test_getscu_receives_the_source_bytes(front: Front, tmp_path: Path, compressed: bool) -> None:
-    if shutil.which("getscu") is None:
-        pytest.skip("dcmtk getscu is not installed")
+    getscu = dcmtk("getscu")
     study = compressed_study(front.peer_studies) if compressed else front.peer_studies[0]
     out = tmp_path / "get"
     out.mkdir()
     result = subprocess.run(
         [
-            *("getscu", "-S", "+B", *(["+xr"] if compressed else [])),
+            *(getscu, "-S", "+B", *(["+xr"] if compressed else [])),
             *("-aec", FRONT_AE, "-od", str(out)),
             *(
                 "-k",
@@ -1379,8 +1376,7 @@ def test_c_move_sends_compressed_instances_as_stored(front: Front) -> None:
     """The C-MOVE proposes native and compressed contexts for the study's SOP class; the
     destination (storescp, every syntax, bit-preserving) accepted RLE: the instances arrive
     compressed, byte for byte, over DICOM TLS."""
-    if shutil.which("storescp") is None:
-        pytest.skip("dcmtk storescp is not installed")
+    dcmtk("storescp")  # the move destination the front fixture started
     study = compressed_study(front.peer_studies)
     assoc = associate(front, StudyRootQueryRetrieveInformationModelMove, ae_title="AUDIT-MOVE-TLS")
     try:

@@ -22,6 +22,7 @@ from lxml import etree
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
+from tests.dcmtk import dcmtk
 from tests.test_server import consumer, soap12
 from xca_gateway.app.gateway import Gateway
 from xca_gateway.imaging.request import (
@@ -322,7 +323,7 @@ class DcmqrscpProcess:
 
 @contextlib.contextmanager
 def dcmqrscp(workdir: Path) -> Iterator[DcmqrscpProcess]:
-    binary = require_binary("dcmqrscp")
+    binary = dcmtk("dcmqrscp")
     port, move_port = free_port(), free_port()
     storage = workdir / "dcmqrscp-db"
     storage.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from pydicom.dataset import Dataset
 from tests.audit_inbox import AuditInbox
 from tests.communities import ARC, seed_community
 from tests.conftest import GatewayThread, wait_for
+from tests.dcmtk import dcmtk
 from tests.test_imaging_support import OrthancProcess, free_port, orthanc
 from xca_gateway.app.config import load_config
 from xca_gateway.app.gateway import Gateway
@@ -375,14 +375,13 @@ def test_compressed_prior_is_converted_for_a_pacs_that_refuses_it(
     """dcmtk's storescp takes native syntaxes only: alice's RLE study at beta comes from the
     federation as stored, the PACS refuses it compressed, and it is stored native instead,
     the same pixels (RLE is lossless); Orthanc, which takes RLE, got it as stored (above)."""
-    if shutil.which("storescp") is None:
-        pytest.skip("dcmtk storescp is not installed")
+    storescp = dcmtk("storescp")
     compressed = next(s for s in fed.beta_of(ALICE) if s.transfer_syntax_uid == RLE_LOSSLESS)
     out = tmp_path / "pacs"
     out.mkdir()
     port = free_port()
     pacs = subprocess.Popen(
-        ["storescp", "-aet", "NATIVEPACS", "-od", str(out), str(port)],
+        [storescp, "-aet", "NATIVEPACS", "-od", str(out), str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

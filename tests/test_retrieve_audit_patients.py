@@ -12,7 +12,6 @@ and name Alice as its patient (ParticipantObjectTypeCode 1, role 1, a CX id of h
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from tests.communities import ARC, seed_community
 from tests.conftest import GatewayThread
+from tests.dcmtk import dcmtk
 from xca_gateway.app.config import load_config
 from xca_gateway.app.gateway import Gateway
 from xca_gateway.audit import messages as m
@@ -95,8 +95,7 @@ port = {arr.tls_port}
 def fed(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     if rsyslogd_path() is None or not gtls_available():
         pytest.skip("rsyslog with its TLS driver (rsyslog-gnutls) is not installed")
-    if shutil.which("storescp") is None:
-        pytest.skip("dcmtk storescp is not installed")
+    storescp_binary = dcmtk("storescp")
     tmp = tmp_path_factory.mktemp("retrieve-audit")
     (tmp / "arr").mkdir()
     arr = RsyslogRepository(
@@ -109,7 +108,7 @@ def fed(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Feder
     store_dir.mkdir()
     store_port = free_port()
     storescp = subprocess.Popen(
-        ["storescp", "-aet", STORE_AE, "-od", str(store_dir), str(store_port)],
+        [storescp_binary, "-aet", STORE_AE, "-od", str(store_dir), str(store_port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
