@@ -37,15 +37,16 @@ from xca_gateway.imaging.response import (
     RetrieveResponseReader,
 )
 from xca_gateway.imaging.sources import (
+    BytesReader,
+    InstanceReader,
     InstanceStreamError,
     PlannedInstance,
     Retrieval,
     SourceUnavailable,
-    chunked,
 )
 from xca_gateway.protocol import mtom
 from xca_gateway.protocol.http_client import RelayConnectError, RelayError, RelayResponse
-from xca_gateway.protocol.mtom import Finished, MtomError, PartData, PartEnd, PartStart
+from xca_gateway.protocol.mtom import MtomError, PartData, PartEnd
 from xca_gateway.protocol.multipart import MultipartStream, TruncatedMultipart
 from xca_gateway.protocol.peer_client import PeerClient, PeerError
 from xca_gateway.protocol.soap import build_envelope, read_fault, serialize_around
@@ -93,29 +94,25 @@ class RemoteRetrieval(Retrieval):
         self._wanted = {p.handle for p in planned if isinstance(p.handle, str)}
         self._closed = False
 
-    async def stream(self, instance: PlannedInstance) -> AsyncIterator[bytes]:
+    def reader(self, instance: PlannedInstance) -> InstanceReader:
         handle = instance.handle
         if isinstance(handle, bytes):  # inline base64 document
-            async for chunk in chunked(handle):
-                yield chunk
-            return
+            return BytesReader(handle)
         assert isinstance(handle, str)
-        try:
-            early = self._early.pop(handle, None)
-            if early is not None:
-                self._early_bytes -= len(early)
-                self._wanted.discard(handle)
-                async for chunk in chunked(early):
-                    yield chunk
-                return
-            async for chunk in self._read_until(handle):
-                yield chunk
-        except (MtomError, TruncatedMultipart) as exc:
-            raise InstanceStreamError(f"{self._what}: broken MTOM reply: {exc}") from None
-        except (RelayError, ssl.SSLError, OSError) as exc:
-            raise InstanceStreamError(f"{self._what}: connection failed: {exc!r}") from None
+        early = self._early.pop(handle, None)
+        if early is not None:
+            self._early_bytes -= len(early)
+            self._wanted.discard(handle)
+            return BytesReader(early)
+        return _PartReader(self, handle)
 
-    async def _read_until(self, content_id: str) -> AsyncIterator[bytes]:
+    async def stream(self, instance: PlannedInstance) -> AsyncIterator[bytes]:
+        reader = self.reader(instance)
+        while chunk := await reader.read():
+            yield chunk
+
+    async def _seek(self, content_id: str) -> MultipartStream:
+        """Read up to the start of part ``content_id``, keeping wanted parts that come first."""
         parts = self._parts
         if parts is None:
             raise InstanceStreamError(f"{self._what}: reply has no MIME part <{content_id}>")
@@ -132,23 +129,7 @@ class RemoteRetrieval(Retrieval):
                 self._early_bytes += len(data)
             # Parts nobody referenced are skipped by next_part().
         self._wanted.discard(content_id)
-        size = 0
-        while True:
-            event = await parts.next_event()
-            if isinstance(event, PartData):
-                size += len(event.data)
-                if size > self._max_part_bytes:
-                    raise InstanceStreamError(
-                        f"{self._what}: part <{content_id}> exceeds {self._max_part_bytes} bytes"
-                    )
-                if event.data:
-                    yield event.data
-            elif isinstance(event, PartEnd):
-                if size == 0:
-                    raise InstanceStreamError(f"{self._what}: part <{content_id}> is empty")
-                return
-            elif isinstance(event, PartStart | Finished):  # pragma: no cover - parser order
-                raise InstanceStreamError(f"{self._what}: part <{content_id}> did not end")
+        return parts
 
     async def finish(self) -> None:
         # Without this the reply's tail (close delimiter, last chunk) is cut off by closing
@@ -174,6 +155,56 @@ class RemoteRetrieval(Retrieval):
                 await self._response.aclose()
             except Exception:  # pragma: no cover - closing a broken connection
                 log.debug("closing %s reply failed", self._what, exc_info=True)
+
+
+class _PartReader(InstanceReader):
+    """One instance's MIME part of the reply, piece by piece as the socket delivered it: one
+    coroutine call per piece between the relay client and the gateway's response."""
+
+    __slots__ = ("_content_id", "_parts", "_retrieval", "_size")
+
+    def __init__(self, retrieval: RemoteRetrieval, content_id: str) -> None:
+        self._retrieval = retrieval
+        self._content_id = content_id
+        self._parts: MultipartStream | None = None  # once at the part's start
+        self._size = 0
+
+    async def read(self) -> bytes:
+        retrieval = self._retrieval
+        try:
+            parts = self._parts
+            if parts is None:
+                if self._size < 0:
+                    return b""
+                parts = self._parts = await retrieval._seek(self._content_id)
+            while True:
+                event = await parts.next_event()
+                if isinstance(event, PartData):
+                    data = event.data
+                    if not data:
+                        continue
+                    self._size += len(data)
+                    if self._size > retrieval._max_part_bytes:
+                        raise InstanceStreamError(
+                            f"{retrieval._what}: part <{self._content_id}> exceeds "
+                            f"{retrieval._max_part_bytes} bytes"
+                        )
+                    return data
+                if isinstance(event, PartEnd):
+                    if self._size == 0:
+                        raise InstanceStreamError(
+                            f"{retrieval._what}: part <{self._content_id}> is empty"
+                        )
+                    self._parts, self._size = None, -1  # ended
+                    return b""
+                # A PartStart or Finished before the part ended: not the parser's order.
+                raise InstanceStreamError(  # pragma: no cover
+                    f"{retrieval._what}: part <{self._content_id}> did not end"
+                )
+        except (MtomError, TruncatedMultipart) as exc:
+            raise InstanceStreamError(f"{retrieval._what}: broken MTOM reply: {exc}") from None
+        except (RelayError, ssl.SSLError, OSError) as exc:
+            raise InstanceStreamError(f"{retrieval._what}: connection failed: {exc!r}") from None
 
 
 async def open_remote_retrieve(

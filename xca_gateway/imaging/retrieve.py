@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xca_gateway.audit.exchange import CONTEXT_RETURNED_INSTANCES
-from xca_gateway.audit.patients import CONTEXT_INSTANCES, InstanceObservations
+from xca_gateway.audit.patients import CONTEXT_INSTANCES, HeaderSniffer, InstanceObservations
 from xca_gateway.imaging.request import DocumentRequest, RetrieveImagingDocumentSetRequest
 from xca_gateway.imaging.response import (
     DICOM_MIME_TYPE,
@@ -37,11 +37,12 @@ from xca_gateway.imaging.response import (
     write_document_responses,
 )
 from xca_gateway.imaging.sources import (
+    IdleWatch,
+    InstanceReader,
     InstanceStreamError,
     PlannedInstance,
     Retrieval,
     SourceUnavailable,
-    with_idle_timeout,
 )
 from xca_gateway.protocol import mtom
 from xca_gateway.protocol.namespaces import ResponseStatus
@@ -77,14 +78,24 @@ class _Streams:
     is longer than that.
     """
 
-    def __init__(self, retrievals: Sequence[Retrieval], abandon_timeout: float) -> None:
+    def __init__(
+        self,
+        retrievals: Sequence[Retrieval],
+        abandon_timeout: float,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    ) -> None:
         self.retrievals = list(retrievals)
         self.abandon_timeout = abandon_timeout
+        self.idle_timeout = idle_timeout
         self._closed = False
+        # Since when the HTTP writer has had the last piece and not asked for the next; None
+        # while a source read is pending (set by the instance readers, per piece).
         self._waiting_since: float | None = time.monotonic()
         self._watchdog: asyncio.Task[None] | None = None
-        # Instance streams in progress (suspended while the writer waits for the consumer).
-        self.active: set[AsyncGenerator[bytes, None]] = set()
+        # The sources' idle timeout: one timer for the whole response (made at its first read).
+        self._idle: IdleWatch | None = None
+        # Instance readers in progress (suspended while the writer waits for the consumer).
+        self.active: set[_InstanceReader] = set()
 
     @property
     def closed(self) -> bool:
@@ -93,13 +104,11 @@ class _Streams:
     def start_watchdog(self) -> None:
         self._watchdog = asyncio.get_running_loop().create_task(self._watch())
 
-    def pulling(self) -> None:
-        """A source read is in progress (its own idle timeout applies)."""
-        self._waiting_since = None
-
-    def handed_over(self) -> None:
-        """A chunk went to the HTTP writer; now waiting for it to ask for more."""
-        self._waiting_since = time.monotonic()
+    def idle_watch(self) -> IdleWatch:
+        watch = self._idle
+        if watch is None:
+            watch = self._idle = IdleWatch(asyncio.get_running_loop(), self.idle_timeout)
+        return watch
 
     async def _watch(self) -> None:
         interval = min(1.0, self.abandon_timeout / 4)
@@ -121,9 +130,11 @@ class _Streams:
         if self._closed:
             return
         self._closed = True
-        for chunks in list(self.active):
+        if self._idle is not None:
+            self._idle.close()
+        for reader in list(self.active):
             try:
-                await chunks.aclose()  # e.g. closes the file or reply it was reading
+                await reader.aclose()  # e.g. closes the file or reply it was reading
             except RuntimeError:  # running right now: it fails on its next read instead
                 log.debug("instance stream busy while closing", exc_info=True)
             except Exception:
@@ -156,56 +167,170 @@ async def _open_route(
         return route.unavailable(f"internal error ({type(exc).__name__})", count)
 
 
-async def _part_body(
-    streams: _Streams,
-    retrieval: Retrieval,
-    instance: PlannedInstance,
-    idle_timeout: float,
-    last_of_retrieval: bool,
-    last_overall: bool,
-    observed: InstanceObservations,
-) -> AsyncGenerator[bytes, None]:
-    doc = instance.document
-    uid = doc.document_unique_id
-    size = 0
-    chunks = with_idle_timeout(retrieval.stream(instance), idle_timeout, uid)
-    streams.active.add(chunks)
-    # The audit names the patient the instance's own header names (read as it passes).
-    sniffer = observed.sniffer(doc.series_instance_uid)
-    try:
+# What an _InstanceReader is doing.
+_NEW, _READING, _ENDED, _CLOSED = range(4)
+
+
+class _InstanceReader(mtom.PartReader):
+    """One instance's body in a response: its pieces pulled from its route's reader, under the
+    sources' idle timeout, past the audit's header sniffer; the route finished and released
+    after its last instance. One coroutine call per piece, nothing made per piece.
+
+    An :class:`InstanceStreamError` (or any failure, or closing the reader before its end)
+    closes every route of the response: the instances after it are lost.
+    """
+
+    __slots__ = (
+        "_instance",
+        "_last_of_retrieval",
+        "_last_overall",
+        "_observed",
+        "_retrieval",
+        "_size",
+        "_sniffer",
+        "_sniffing",
+        "_source",
+        "_state",
+        "_streams",
+        "_task",
+        "_watch",
+    )
+
+    def __init__(
+        self,
+        streams: _Streams,
+        retrieval: Retrieval,
+        instance: PlannedInstance,
+        observed: InstanceObservations,
+        *,
+        last_of_retrieval: bool,
+        last_overall: bool,
+    ) -> None:
+        self._streams = streams
+        self._retrieval = retrieval
+        self._instance = instance
+        self._observed = observed
+        self._last_of_retrieval = last_of_retrieval
+        self._last_overall = last_overall
+        self._state = _NEW
+        self._size = 0
+        # Set by the first read (see _start).
+        self._source: InstanceReader | None = None
+        self._sniffer: HeaderSniffer | None = None
+        self._sniffing = False
+        self._task: asyncio.Task[Any] | None = None
+        self._watch: IdleWatch | None = None
+
+    def _start(self) -> tuple[InstanceReader, IdleWatch]:
+        streams = self._streams
         if streams.closed:
             raise InstanceStreamError("the response was abandoned")
-        streams.pulling()
-        async for chunk in chunks:
-            size += len(chunk)
-            if not sniffer.done:
-                sniffer.feed(chunk)
-            streams.handed_over()
-            yield chunk
-            streams.pulling()
-        if streams.closed:  # closed under us: what was sent is not the whole instance
-            raise InstanceStreamError(f"instance {uid}: the response was abandoned")
-        if size == 0:
-            raise InstanceStreamError(f"instance {uid}: the source sent no data")
-    except InstanceStreamError as exc:
-        log.warning("aborting imaging response mid-stream: %s", exc)
-        await streams.aclose()
-        raise
-    except BaseException:
-        # Consumer gone (GeneratorExit/cancellation) or a bug: release every route.
-        await streams.aclose()
-        raise
-    finally:
-        streams.active.discard(chunks)
-        await chunks.aclose()
-        if size:
-            observed.record(uid, doc.series_instance_uid, sniffer.finish())
-    if last_overall or last_of_retrieval:
-        await retrieval.finish()
-    if last_overall:
-        await streams.aclose()
-    elif last_of_retrieval:
-        await retrieval.aclose()
+        self._state = _READING
+        streams.active.add(self)
+        # The audit names the patient the instance's own header names (read as it passes).
+        self._sniffer = self._observed.sniffer(self._instance.document.series_instance_uid)
+        self._sniffing = True
+        # The task reading it, for the idle timeout to cancel: looked up once per instance.
+        self._task = asyncio.current_task()
+        watch = self._watch = streams.idle_watch()
+        source = self._source = self._retrieval.reader(self._instance)
+        return source, watch
+
+    async def read(self) -> bytes:
+        streams = self._streams
+        state = self._state
+        try:
+            if state == _READING:
+                source, watch = self._source, self._watch
+                assert source is not None and watch is not None
+                if streams.closed:  # closed under us: what was sent is not the whole instance
+                    raise InstanceStreamError(f"instance {self._uid}: the response was abandoned")
+            elif state == _NEW:
+                source, watch = self._start()
+            elif state == _ENDED:
+                return b""
+            else:
+                raise InstanceStreamError(f"instance {self._uid}: the response was abandoned")
+            streams._waiting_since = None  # a source read is pending: its idle timeout applies
+            watch.since = time.monotonic()
+            watch.task = task = self._task
+            try:
+                chunk = await source.read()
+            except asyncio.CancelledError:
+                if watch.timed_out(task):
+                    raise InstanceStreamError(
+                        f"{self._uid}: no data for {watch.timeout:g} s"
+                    ) from None
+                raise
+            finally:
+                watch.task = None
+            if chunk:
+                self._size += len(chunk)
+                if self._sniffing:
+                    sniffer = self._sniffer
+                    assert sniffer is not None
+                    sniffer.feed(chunk)
+                    self._sniffing = not sniffer.done
+                # Handed to the HTTP writer: now waiting for it to ask for more.
+                streams._waiting_since = time.monotonic()
+                return chunk
+            if streams.closed:
+                raise InstanceStreamError(f"instance {self._uid}: the response was abandoned")
+            if self._size == 0:
+                raise InstanceStreamError(f"instance {self._uid}: the source sent no data")
+        except InstanceStreamError as exc:
+            log.warning("aborting imaging response mid-stream: %s", exc)
+            await self._abort()
+            raise
+        except BaseException:
+            # Cancelled, or a bug: release every route.
+            await self._abort()
+            raise
+        await self._release(_ENDED)
+        retrieval = self._retrieval
+        if self._last_overall or self._last_of_retrieval:
+            await retrieval.finish()
+        if self._last_overall:
+            await streams.aclose()
+        elif self._last_of_retrieval:
+            await retrieval.aclose()
+        return b""
+
+    @property
+    def _uid(self) -> str:
+        return self._instance.document.document_unique_id
+
+    async def aclose(self) -> None:
+        """Closed before its end (the consumer went away, or the response is released):
+        every route is released, and a later read fails."""
+        await self._abort()
+
+    async def _abort(self) -> None:
+        if self._state >= _ENDED:
+            return
+        self._streams.active.discard(self)
+        try:
+            await self._streams.aclose()
+        finally:
+            await self._release(_CLOSED)
+
+    async def _release(self, state: int) -> None:
+        """Once per instance, however it ended: close its source, record what was seen."""
+        if self._state >= _ENDED:
+            return
+        self._state = state
+        self._streams.active.discard(self)
+        source, self._source = self._source, None
+        try:
+            if source is not None:
+                await source.aclose()
+        finally:
+            sniffer = self._sniffer
+            if self._size and sniffer is not None:
+                doc = self._instance.document
+                self._observed.record(
+                    doc.document_unique_id, doc.series_instance_uid, sniffer.finish()
+                )
 
 
 @dataclass(frozen=True, slots=True)  # one per instance in flight
@@ -237,7 +362,7 @@ class ImagingRetrieval:
         self,
         request: RetrieveImagingDocumentSetRequest,
         instances: Sequence[RetrievedInstance],
-        body: Callable[[int], AsyncGenerator[bytes, None]],
+        body: Callable[[int], _InstanceReader],
         errors: Sequence[RegistryError],
         streams: _Streams,
         observed: InstanceObservations | None = None,
@@ -280,14 +405,15 @@ class ImagingRetrieval:
 
     def take(self, index: int) -> AsyncGenerator[bytes, None]:
         """The body of instance ``index`` as async chunks (the caller closes it)."""
+        return _chunks(self.reader(index))
+
+    def reader(self, index: int) -> mtom.PartReader:
+        """The body of instance ``index`` as a reader (the caller closes it), for a response's
+        part: nothing is read from the route before its first ``read``."""
         if self._taken[index]:
             raise RuntimeError(f"instance {index} was already taken")
         self._taken[index] = 1
         return self._body(index)
-
-    def lazy_body(self, index: int) -> LazyBody:
-        """The body of instance ``index``, taken only when iterated (for a response's parts)."""
-        return LazyBody(self, index)
 
     async def read(self, index: int, limit: int | None = None) -> bytes:
         """Instance ``index`` read completely. Past ``limit`` bytes the rest is still read (so
@@ -313,25 +439,12 @@ class ImagingRetrieval:
         await self._streams.aclose()
 
 
-class LazyBody:
-    """An instance's body as a response part: the stream is made when the writer gets to it."""
-
-    __slots__ = ("_index", "_retrieval", "_stream")
-
-    def __init__(self, retrieval: ImagingRetrieval, index: int) -> None:
-        self._retrieval = retrieval
-        self._index = index
-        self._stream: AsyncGenerator[bytes, None] | None = None
-
-    def __aiter__(self) -> AsyncGenerator[bytes, None]:
-        self._stream = self._retrieval.take(self._index)
-        return self._stream
-
-    async def aclose(self) -> None:
-        if self._stream is not None:
-            await self._stream.aclose()
-        elif not self._retrieval._taken[self._index]:
-            self._retrieval._taken[self._index] = 1
+async def _chunks(reader: mtom.PartReader) -> AsyncGenerator[bytes, None]:
+    try:
+        while chunk := await reader.read():
+            yield chunk
+    finally:
+        await reader.aclose()
 
 
 async def open_retrieval(
@@ -367,7 +480,7 @@ async def open_retrieval(
                     await result.aclose()
         raise
     retrievals = [r for r in opened if isinstance(r, Retrieval)]
-    streams = _Streams(retrievals, abandon_timeout)
+    streams = _Streams(retrievals, abandon_timeout, idle_timeout)
     try:
         all_errors = list(errors)
         instances: list[RetrievedInstance] = []
@@ -390,12 +503,16 @@ async def open_retrieval(
             all_errors = [dataclasses.replace(e, location=error_location) for e in all_errors]
         observed = InstanceObservations()
 
-        def body(index: int) -> AsyncGenerator[bytes, None]:
+        def body(index: int) -> _InstanceReader:
             retrieval, instance, last = plan[index]
             # The very last body closes everything when the retrieve completes normally.
-            last_overall = index == len(plan) - 1
-            return _part_body(
-                streams, retrieval, instance, idle_timeout, last, last_overall, observed
+            return _InstanceReader(
+                streams,
+                retrieval,
+                instance,
+                observed,
+                last_of_retrieval=last,
+                last_overall=index == len(plan) - 1,
             )
 
         if plan:
@@ -425,7 +542,7 @@ def soap_response(
     def parts() -> Iterator[mtom.OutgoingPart]:
         for index in range(len(retrieval.instances)):
             yield mtom.OutgoingPart(
-                f"{index}.{token}@xca-gateway", DICOM_MIME_TYPE, retrieval.lazy_body(index)
+                f"{index}.{token}@xca-gateway", DICOM_MIME_TYPE, retrieval.reader(index)
             )
 
     def documents() -> Iterator[DocumentResponse]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,10 @@ from xca_gateway.imaging.transfer_syntax import TRANSFER_SYNTAX_ERROR
 from xca_gateway.xds.ebrs import RegistryError
 
 __all__ = [
+    "BytesReader",
+    "IdleWatch",
     "ImagingSource",
+    "InstanceReader",
     "InstanceStreamError",
     "PlannedInstance",
     "Retrieval",
@@ -79,6 +83,11 @@ class Retrieval(abc.ABC):
     @abc.abstractmethod
     def stream(self, instance: PlannedInstance) -> AsyncIterator[bytes]:
         """The bytes of one planned instance, in plan order; raise InstanceStreamError."""
+
+    def reader(self, instance: PlannedInstance) -> InstanceReader:
+        """:meth:`stream` as an :class:`InstanceReader`; sources that can read their pieces
+        without a generator (a relayed reply) override it."""
+        return _StreamReader(self.stream(instance))
 
     async def finish(self) -> None:  # noqa: B027 - optional hook
         """Every planned instance was streamed: read what the source still sends (bounded),
@@ -168,60 +177,125 @@ def source_unavailable_error(repository_unique_id: str, reason: str, count: int)
 # ------------------------------------------------------------------------------ utilities
 
 
-class _IdleWatch:
-    """One loop timer per stream instead of an ``asyncio.timeout`` per chunk (a timer armed and
-    cancelled ~17,000 times per GB relayed). Progress only stamps a time; the timer, when it
-    comes due, re-arms itself from the latest stamp, or cancels the task that has been waiting
-    on the source for ``timeout`` seconds."""
+class IdleWatch:
+    """The idle timeout of the reads from a source: one loop timer for a whole response rather
+    than an ``asyncio.timeout`` per chunk (a timer armed and cancelled ~17,000 times per GB
+    relayed) or a timer per instance. A read stamps when it started and which task waits on
+    it (:meth:`waiting`, :meth:`done`); the timer, when it comes due, re-arms itself from the
+    latest stamp, or cancels the task that has been waiting on the source for ``timeout``
+    seconds. :meth:`timed_out` tells that cancellation from any other."""
 
     __slots__ = ("cancelling", "fired", "handle", "loop", "since", "task", "timeout")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         self.loop = loop
         self.timeout = timeout
-        self.since = 0.0  # when the pending read started
+        self.since = 0.0  # when the pending read started (time.monotonic)
         self.task: asyncio.Task[Any] | None = None  # set while a read is pending
         self.fired = False
         self.cancelling = 0
-        self.handle = loop.call_at(loop.time() + timeout, self._due)
+        self.handle: asyncio.TimerHandle | None = loop.call_later(timeout, self._due)
 
     def _due(self) -> None:
-        now = self.loop.time()
         task = self.task
+        idle = time.monotonic() - self.since
         if task is None:  # waiting on the consumer, not the source: not idle
-            self.handle = self.loop.call_at(now + self.timeout, self._due)
-        elif now - self.since < self.timeout:
-            self.handle = self.loop.call_at(self.since + self.timeout, self._due)
+            self.handle = self.loop.call_later(self.timeout, self._due)
+        elif idle < self.timeout:
+            self.handle = self.loop.call_later(self.timeout - idle, self._due)
         elif not task.done():
+            self.handle = None
             self.fired = True
             self.cancelling = task.cancelling()
             task.cancel()
+
+    def timed_out(self, task: asyncio.Task[Any] | None) -> bool:
+        """Whether the CancelledError ``task`` got while reading is this watch's doing (then
+        the cancellation is taken back: the task goes on, e.g. to abort the response)."""
+        return self.fired and task is not None and task.uncancel() <= self.cancelling
+
+    def close(self) -> None:
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            handle.cancel()
 
 
 async def with_idle_timeout(
     iterator: AsyncIterator[bytes], timeout: float, what: str
 ) -> AsyncGenerator[bytes, None]:
     """Re-yield ``iterator`` but fail if the source goes quiet for ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    watch = _IdleWatch(loop, timeout)
+    watch = IdleWatch(asyncio.get_running_loop(), timeout)
     try:
         while True:
-            watch.since = loop.time()
+            watch.since = time.monotonic()
             watch.task = task = asyncio.current_task()
             try:
                 chunk = await anext(iterator)
             except StopAsyncIteration:
                 return
             except asyncio.CancelledError:
-                if watch.fired and task is not None and task.uncancel() <= watch.cancelling:
+                if watch.timed_out(task):
                     raise InstanceStreamError(f"{what}: no data for {timeout:g} s") from None
                 raise
             finally:
                 watch.task = None
             yield chunk
     finally:
-        watch.handle.cancel()
+        watch.close()
         aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class InstanceReader(abc.ABC):
+    """One planned instance's bytes pulled piece by piece (:meth:`Retrieval.reader`): a
+    coroutine call per piece instead of a stack of async generators (each of which costs an
+    object per step and, for the event loop's finalizer hooks, a weak reference per stream)."""
+
+    __slots__ = ()
+
+    @abc.abstractmethod
+    async def read(self) -> bytes:
+        """The next piece (bytes-like, never empty); ``b""`` once the instance ended. Raises
+        InstanceStreamError."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release what the reader holds (e.g. the source's file); idempotent."""
+
+
+class BytesReader(InstanceReader):
+    """An instance already in memory (inline base64, a part that came early), in pieces."""
+
+    __slots__ = ("_data", "_pos", "_size")
+
+    def __init__(self, data: bytes, size: int = DEFAULT_CHUNK) -> None:
+        self._data = data
+        self._pos = 0
+        self._size = size
+
+    async def read(self) -> bytes:
+        pos = self._pos
+        self._pos = pos + self._size
+        return self._data[pos : pos + self._size]
+
+
+class _StreamReader(InstanceReader):
+    __slots__ = ("_chunks",)
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._chunks = chunks
+
+    async def read(self) -> bytes:
+        while True:
+            try:
+                chunk = await anext(self._chunks)
+            except StopAsyncIteration:
+                return b""
+            if chunk:
+                return chunk
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._chunks, "aclose", None)
         if aclose is not None:
             await aclose()
 

@@ -12,11 +12,12 @@ W3C XOP 1.0 and SOAP 1.2 MTOM.
 
 from __future__ import annotations
 
+import abc
 import binascii
 import enum
 import re
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import IO, cast
@@ -38,6 +39,7 @@ __all__ = [
     "PartData",
     "PartEnd",
     "PartHeaders",
+    "PartReader",
     "PartStart",
     "cid_from_href",
     "is_mtom",
@@ -824,11 +826,27 @@ class MtomRequestReader:
 # --------------------------------------------------------------------------------------------
 
 
+class PartReader(abc.ABC):
+    """A part body pulled piece by piece: one coroutine call per piece, where an async
+    iterator costs an object per step and, as an async generator, a weak reference of the
+    event loop's per generator (a relayed study: a part per instance, pieces of 256 KiB)."""
+
+    __slots__ = ()
+
+    @abc.abstractmethod
+    async def read(self) -> bytes:
+        """The next piece (bytes-like, never empty); ``b""`` at the end of the body."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Called once the writer is done with the body, read to its end or not."""
+
+
 @dataclass(slots=True)  # one per instance of a streamed imaging response
 class OutgoingPart:
     content_id: str  # without <>
     content_type: str
-    body: bytes | Iterable[bytes] | AsyncIterable[bytes]
+    body: bytes | Iterable[bytes] | AsyncIterable[bytes] | PartReader
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -948,7 +966,7 @@ class MtomWriter:
             if isinstance(body, bytes | bytearray | memoryview):
                 if body:
                     yield bytes(body)
-            elif isinstance(body, AsyncIterable):
+            elif isinstance(body, AsyncIterable | PartReader):
                 raise TypeError(f"part <{part.content_id}> has an async body; use aiter_bytes()")
             else:
                 for chunk in body:
@@ -956,28 +974,56 @@ class MtomWriter:
                         yield chunk if isinstance(chunk, bytes) else bytes(chunk)
         yield self._close_delimiter()
 
-    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+    async def aiter_bytes(
+        self, count: Callable[[int], None] | None = None, count_every: int = 1024 * 1024
+    ) -> AsyncIterator[bytes]:
+        """The body, as its parts' bodies produce it. ``count`` is told the bytes written so
+        far in steps of about ``count_every`` (and the rest at the end): a metric, updated as
+        the body streams without a call per piece."""
+        counted = len(self._root_header)  # written and not told to count yet
         try:
             yield self._root_header
             for chunk in self._root_rest():
+                counted += len(chunk)
                 yield chunk
             for part in self._each_part():
-                yield self._head_for(part)
+                head = self._head_for(part)
+                counted += len(head)
+                yield head
                 body = part.body
-                if isinstance(body, bytes | bytearray | memoryview):
+                if isinstance(body, PartReader):
+                    # The relay's path: bytes-like pieces (memoryviews of a relayed reply) go
+                    # on uncopied, one call each.
+                    read = body.read
+                    while chunk := await read():
+                        counted += len(chunk)
+                        yield chunk
+                        if counted >= count_every and count is not None:
+                            count(counted)
+                            counted = 0
+                elif isinstance(body, bytes | bytearray | memoryview):
                     if body:
+                        counted += len(body)
                         yield bytes(body)
                 elif isinstance(body, AsyncIterable):
-                    # Bytes-like chunks (memoryviews of a relayed reply) go on uncopied.
                     async for chunk in body:
                         if chunk:
+                            counted += len(chunk)
                             yield chunk
                 else:
                     for chunk in body:
                         if chunk:
+                            counted += len(chunk)
                             yield chunk if isinstance(chunk, bytes) else bytes(chunk)
-            yield self._close_delimiter()
+                if counted >= count_every and count is not None:
+                    count(counted)
+                    counted = 0
+            close = self._close_delimiter()
+            counted += len(close)
+            yield close
         finally:
+            if counted and count is not None:
+                count(counted)
             # Left early (client gone, a part failed): close every part body now, so sources
             # (files, upstream connections) are released at once rather than by the GC.
             current = [self._current] if self._current is not None else []
