@@ -7,11 +7,19 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from lxml import etree
 
 from xca_gateway.imaging.request import DocumentRequest, RetrieveImagingDocumentSetRequest
+from xca_gateway.imaging.response import (
+    DICOM_MIME_TYPE,
+    DocumentResponse,
+    InvalidImagingResponse,
+    document_response,
+)
 from xca_gateway.imaging.retrieve import ImagingRetrieval, Route, open_retrieval
 from xca_gateway.imaging.sources import InstanceStreamError, PlannedInstance, Retrieval
 from xca_gateway.protocol import mtom
+from xca_gateway.protocol.namespaces import XDSB, XOP
 from xca_gateway.xds.ebrs import RegistryError
 
 DOCS = tuple(DocumentRequest("1.2", "1.2.3", "1.9", f"1.2.3.{n}") for n in range(3))
@@ -148,3 +156,25 @@ async def test_a_writer_left_early_releases_the_routes() -> None:
             break
     await chunks.aclose()  # type: ignore[attr-defined]
     assert source.closed and retrieval.closed
+
+
+def test_a_document_response_is_read_from_the_first_child_of_each_name() -> None:
+    element = etree.fromstring(
+        f'<x:DocumentResponse xmlns:x="{XDSB}" xmlns:xop="{XOP}">'
+        "<x:HomeCommunityId> urn:oid:1.2 </x:HomeCommunityId>"
+        "<x:RepositoryUniqueId>1.9</x:RepositoryUniqueId><!-- a comment -->"
+        "<x:DocumentUniqueId>1.2.3</x:DocumentUniqueId>"
+        "<x:DocumentUniqueId>1.2.4</x:DocumentUniqueId>"
+        '<x:Document><xop:Include href="cid:a%40b"/></x:Document></x:DocumentResponse>'
+    )
+    assert document_response(element) == DocumentResponse(
+        home_community_id="urn:oid:1.2",
+        repository_unique_id="1.9",
+        document_unique_id="1.2.3",
+        mime_type=DICOM_MIME_TYPE,
+        content_id="a@b",
+    )
+    document = element[-1]
+    element.remove(document)
+    with pytest.raises(InvalidImagingResponse, match=r"1\.2\.3 without Document"):
+        document_response(element)

@@ -347,7 +347,10 @@ class _RootReader:
     def __init__(self, limits: XmlLimits, requested: Sequence[DocumentRequest]) -> None:
         self.planner = Planner(requested)
         self.reader = RetrieveResponseReader(self.planner.add)
-        self.parser = PrunedXmlParser(limits, in_soap_body(self.reader.take, SOAP12_BODY))
+        self.parser = PrunedXmlParser(
+            limits,
+            in_soap_body(self.reader.take, SOAP12_BODY, max_depth=1),  # DocumentResponse
+        )
 
     async def feed(self, data: bytes) -> None:
         if len(data) <= _PARSE_SLICE:

@@ -120,29 +120,52 @@ def is_uid(value: str) -> bool:
     return len(value) <= MAX_UID_LENGTH and bool(_UID.match(value))
 
 
+# Local names by Clark tag: a request names a handful of tags thousands of times (a QName
+# per element and look-up was a third of the request's parse). Bounded: tags are untrusted.
+_LOCAL_NAMES: dict[str, str] = {}
+_MAX_LOCAL_NAMES = 256
+
+
 def _local(element: etree._Element) -> str | None:
     tag: object = element.tag
     if not isinstance(tag, str):
         return None  # comment or processing instruction
-    qname = etree.QName(tag)
-    return qname.localname if qname.namespace in _NAMESPACES else f"{{{qname.namespace}}}?"
+    name = _LOCAL_NAMES.get(tag)
+    if name is None:
+        qname = etree.QName(tag)
+        name = qname.localname if qname.namespace in _NAMESPACES else f"{{{qname.namespace}}}?"
+        if len(_LOCAL_NAMES) < _MAX_LOCAL_NAMES:
+            _LOCAL_NAMES[tag] = name
+    return name
 
 
 def _children(element: etree._Element, name: str) -> list[etree._Element]:
     return [child for child in element if _local(child) == name]
 
 
-def _text(element: etree._Element, name: str, *, required: bool, where: str) -> str:
-    """The trimmed text of child ``name``; "" when empty or (optional and) absent. A missing
-    required child or a repeated one breaks the schema."""
-    found = _children(element, name)
-    if len(found) > 1:
-        raise InvalidImagingRequest(f"{where}: more than one {name}")
-    if not found:
-        if required:
-            raise InvalidImagingRequest(f"{where}: {name} is missing")
-        return ""
-    return (found[0].text or "").strip()
+_DOCUMENT_FIELDS = ("RepositoryUniqueId", "DocumentUniqueId", "HomeCommunityId")
+
+
+def _document_texts(element: etree._Element, where: str) -> tuple[str, str, str]:
+    """(RepositoryUniqueId, DocumentUniqueId, HomeCommunityId) of a DocumentRequest, in one
+    look at its children; the errors, and their order, of :func:`_text` for each."""
+    found: dict[str, list[etree._Element]] = {}
+    for child in element:
+        name = _local(child)
+        if name in _DOCUMENT_FIELDS:
+            found.setdefault(name, []).append(child)
+    texts = []
+    for name in _DOCUMENT_FIELDS:
+        children = found.get(name, ())
+        if len(children) > 1:
+            raise InvalidImagingRequest(f"{where}: more than one {name}")
+        if not children:
+            if name != "HomeCommunityId":
+                raise InvalidImagingRequest(f"{where}: {name} is missing")
+            texts.append("")
+        else:
+            texts.append((children[0].text or "").strip())
+    return texts[0], texts[1], texts[2]
 
 
 def _attribute(element: etree._Element, name: str, where: str) -> str:
@@ -250,7 +273,12 @@ class RetrieveImagingRequestReader:
             self._asked = [instance_reference(d) for d in self.documents]
             self.documents = []
 
+    # Nothing deeper than a DocumentRequest is taken (its children are read with it).
+    max_depth = 3
+
     def take(self, element: etree._Element, depth: int) -> bool:
+        if depth > 3:
+            return False
         name = _local(element)
         if depth == 3 and name == "DocumentRequest":
             series = element.getparent()
@@ -307,9 +335,7 @@ class RetrieveImagingRequestReader:
             study_uid = share(_attribute(study, "studyInstanceUID", "StudyRequest"))
             series_uid = share(_attribute(series, "seriesInstanceUID", "SeriesRequest"))
             where = f"DocumentRequest in series {series_uid[:80]!r}"
-            repository = _text(element, "RepositoryUniqueId", required=True, where=where)
-            document = _text(element, "DocumentUniqueId", required=True, where=where)
-            home = _text(element, "HomeCommunityId", required=False, where=where)
+            repository, document, home = _document_texts(element, where)
             if len(self.documents) >= self.max_documents:
                 raise InvalidImagingRequest(
                     f"more than {self.max_documents} DocumentRequests in one request"

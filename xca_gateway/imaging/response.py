@@ -50,25 +50,41 @@ class RetrieveResponse:
     documents: tuple[DocumentResponse, ...]
 
 
-def _child_text(element: etree._Element, name: str) -> str | None:
-    found = element.find(f"{{{XDSB}}}{name}")
-    if found is None:
-        return None
-    return (found.text or "").strip() or None
+_HOME_COMMUNITY_ID = f"{{{XDSB}}}HomeCommunityId"
+_REPOSITORY_UNIQUE_ID = f"{{{XDSB}}}RepositoryUniqueId"
+_DOCUMENT_UNIQUE_ID = f"{{{XDSB}}}DocumentUniqueId"
+_MIME_TYPE = f"{{{XDSB}}}mimeType"
+_DOCUMENT = f"{{{XDSB}}}Document"
+_INCLUDE_TAG = f"{{{XOP}}}Include"
+_RESPONSE_FIELDS = frozenset(
+    {_HOME_COMMUNITY_ID, _REPOSITORY_UNIQUE_ID, _DOCUMENT_UNIQUE_ID, _MIME_TYPE, _DOCUMENT}
+)
 
 
 def document_response(element: etree._Element) -> DocumentResponse:
     """One DocumentResponse element as a compact record (InvalidImagingResponse if broken)."""
-    repository = _child_text(element, "RepositoryUniqueId")
-    document_uid = _child_text(element, "DocumentUniqueId")
+    # The first child of each name, in one look at the children (a find() per name was the
+    # most of a relayed response root's parse).
+    first: dict[str, etree._Element] = {}
+    for child in element:
+        tag = child.tag
+        if tag in _RESPONSE_FIELDS and tag not in first:
+            first[tag] = child
+
+    def text(tag: str) -> str | None:
+        found = first.get(tag)
+        return None if found is None else (found.text or "").strip() or None
+
+    repository = text(_REPOSITORY_UNIQUE_ID)
+    document_uid = text(_DOCUMENT_UNIQUE_ID)
     if not repository or not document_uid:
         raise InvalidImagingResponse(
             "DocumentResponse without RepositoryUniqueId or DocumentUniqueId"
         )
-    document = element.find(f"{{{XDSB}}}Document")
+    document = first.get(_DOCUMENT)
     if document is None:
         raise InvalidImagingResponse(f"DocumentResponse {document_uid} without Document")
-    include = document.find(f"{{{XOP}}}Include")
+    include = document.find(_INCLUDE_TAG)
     content_id: str | None = None
     inline: bytes | None = None
     if include is not None:
@@ -84,10 +100,10 @@ def document_response(element: etree._Element) -> DocumentResponse:
                 f"Document of {document_uid} is not valid base64"
             ) from None
     return DocumentResponse(
-        home_community_id=_child_text(element, "HomeCommunityId"),
+        home_community_id=text(_HOME_COMMUNITY_ID),
         repository_unique_id=repository,
         document_unique_id=document_uid,
-        mime_type=_child_text(element, "mimeType") or DICOM_MIME_TYPE,
+        mime_type=text(_MIME_TYPE) or DICOM_MIME_TYPE,
         content_id=content_id,
         inline=inline,
     )

@@ -117,7 +117,11 @@ class PayloadReader(Protocol):
     :class:`~xca_gateway.protocol.xmlstream.PrunedXmlParser`): ``take`` gets each complete
     element inside the payload (depth 1 = a child of the payload) and returns True for what
     it consumed; ``finish`` gets what is left of the payload and returns the compact result
-    (:attr:`SoapRequest.parsed`)."""
+    (:attr:`SoapRequest.parsed`). ``max_depth``: the deepest element ``take`` consumes
+    (deeper ones are not handed to it), or None."""
+
+    @property
+    def max_depth(self) -> int | None: ...
 
     def take(self, element: etree._Element, depth: int) -> bool: ...
 
@@ -351,9 +355,10 @@ class SoapService:
     async def _parse_pruned(self, data: bytes, tag: str, reader: PayloadReader) -> etree._Element:
         """The envelope with the payload's elements handed to ``reader`` as they complete,
         parsed on the event loop a slice at a time (Python sees every element anyway)."""
-        parser = PrunedXmlParser(
-            self.xml_limits, in_soap_body(reader.take, f"{{{SOAP12}}}Body", payload_tag=tag)
+        take = in_soap_body(
+            reader.take, f"{{{SOAP12}}}Body", payload_tag=tag, max_depth=reader.max_depth
         )
+        parser = PrunedXmlParser(self.xml_limits, take)
         view = memoryview(data)
         for start in range(0, len(data), _PARSE_SLICE):
             parser.feed(view[start : start + _PARSE_SLICE])

@@ -174,13 +174,17 @@ class PrunedXmlParser:
                 parent.remove(consumed)
 
 
-def in_soap_body(take: Take, body_tag: str, *, payload_tag: str | None = None) -> Take:
+def in_soap_body(
+    take: Take, body_tag: str, *, payload_tag: str | None = None, max_depth: int | None = None
+) -> Take:
     """``take`` for the elements inside the payload of a SOAP envelope (of ``payload_tag``,
     if given), with their depth counted from the payload (its children are 1); anything else
-    (header blocks, another payload) is left."""
+    (header blocks, another payload) is left. Elements deeper than ``max_depth`` (what
+    ``take`` never consumes, e.g. the children of a DocumentRequest) are not looked at."""
+    deepest = 1 << 30 if max_depth is None else max_depth + 2
 
     def take_in_body(element: etree._Element, depth: int) -> bool:
-        if depth < 3:
+        if depth < 3 or depth > deepest:
             return False
         payload: etree._Element | None = element
         for _ in range(depth - 2):
