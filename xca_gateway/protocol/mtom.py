@@ -153,8 +153,11 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+_HEADER_BREAK = re.compile("[\r\n\0]")
+
+
 def _check_header_value(value: str) -> str:
-    if any(c in value for c in "\r\n\0"):
+    if _HEADER_BREAK.search(value):
         raise ValueError(f"CR/LF/NUL in MIME header value {value!r}")
     return value
 
@@ -917,14 +920,17 @@ class MtomWriter:
         comes; the producer keeps their Content-IDs distinct."""
         self._lazy.append(parts)
 
-    def _each_part(self) -> Iterator[OutgoingPart]:
-        yield from self._parts
+    def _each_part(self) -> Iterator[tuple[OutgoingPart, bytes]]:
+        """Each part with its head (a lazily made part's Content-ID normalised once)."""
+        for part in self._parts:
+            yield part, self._head_for(part)
         for parts in self._lazy:
             for part in parts:
-                if self._check_part(part) == self.root_content_id:
+                cid = self._check_part(part)
+                if cid == self.root_content_id:
                     raise ValueError(f"duplicate Content-ID {part.content_id!r}")
                 self._current = part
-                yield part
+                yield part, self._part_head(part.content_type, cid, part.headers, first=False)
 
     def _check_part(self, part: OutgoingPart) -> str:
         cid = _normalize_cid(part.content_id)
@@ -960,8 +966,8 @@ class MtomWriter:
     def iter_bytes(self) -> Iterator[bytes]:
         yield self._root_header
         yield from self._root_rest()
-        for part in self._each_part():
-            yield self._head_for(part)
+        for part, head in self._each_part():
+            yield head
             body = part.body
             if isinstance(body, bytes | bytearray | memoryview):
                 if body:
@@ -986,8 +992,7 @@ class MtomWriter:
             for chunk in self._root_rest():
                 counted += len(chunk)
                 yield chunk
-            for part in self._each_part():
-                head = self._head_for(part)
+            for part, head in self._each_part():
                 counted += len(head)
                 yield head
                 body = part.body
