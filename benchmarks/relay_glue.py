@@ -32,6 +32,7 @@ from xca_gateway.imaging.request import DocumentRequest, RetrieveImagingDocument
 from xca_gateway.imaging.retrieve import Route, respond
 from xca_gateway.imaging.sources import PlannedInstance
 from xca_gateway.metrics import GatewayMetrics
+from xca_gateway.protocol.http_client import ReadPieces
 from xca_gateway.protocol.multipart import MultipartStream
 from xca_gateway.protocol.soap_service import SoapService
 from xca_gateway.settings import LimitsConfig
@@ -78,10 +79,10 @@ def reply(count: int, size: int) -> tuple[bytes, str, list[DocumentRequest]]:
     return b"".join(pieces), boundary, docs
 
 
-async def reads(data: bytes) -> AsyncIterator[list[memoryview]]:
-    view = memoryview(data)
+async def reads(data: bytes) -> AsyncIterator[ReadPieces]:
+    """``data`` as the relay client hands a body on: a read per READ bytes, as spans."""
     for start in range(0, len(data), READ):
-        yield [view[start : start + READ]]
+        yield ReadPieces([(data, start, min(start + READ, len(data)))])
 
 
 class Reply:
