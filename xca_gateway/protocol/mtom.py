@@ -526,7 +526,9 @@ class MultipartParser:
                     start = pos + max(0, self._hdr_scanned - 2)
                     limit = min(n, pos + self.max_part_header_bytes + 3)
                     i1 = buf.find(b"\n\r\n", start, limit)
-                    i2 = buf.find(b"\n\n", start, limit)
+                    # A bare-LF end counts only before the CRLF one: not searched for past it
+                    # (into the part's body) when headers end in CRLF, as they mostly do.
+                    i2 = buf.find(b"\n\n", start, limit if i1 < 0 else i1 + 1)
                     if i1 < 0 and i2 < 0:
                         if n - pos > self.max_part_header_bytes:
                             raise MtomError("MIME part headers too large")
