@@ -258,6 +258,9 @@ class _Reader(asyncio.BufferedProtocol):
         return spans
 
 
+_MAX_LINE = 4096  # a chunk-size or trailer line, its LF included
+
+
 class _BodyDecoder:
     """HTTP/1.1 message body framing (RFC 9112 6-7), sans-IO: Content-Length, chunked, or
     until-close. ``feed`` returns body pieces as memoryviews of the input (no copies)."""
@@ -299,15 +302,23 @@ class _BodyDecoder:
                         self._state = "crlf"
                     else:
                         self.done = True
+            elif self._state == "crlf" and not self._line and buf[pos : pos + 2] == b"\r\n":
+                pos += 2  # the end of a chunk's data, whole in this piece: the common case
+                self._state = "size"
             else:
                 # A chunk-size line, a CRLF or a trailer, searched where it lies.
-                nl = buf.find(b"\n", pos, min(n, pos + 4097))
-                end = n if nl < 0 else nl + 1
-                if nl < 0 and end - pos > 4096:
+                nl = buf.find(b"\n", pos, min(n, pos + _MAX_LINE))
+                if nl >= 0 and not self._line:  # the whole line is here: no collecting
+                    line = bytes(buf[pos:nl]).rstrip(b"\r")
+                    pos = nl + 1
+                    self._line_done(line)
+                    continue
+                if nl < 0 and n - pos >= _MAX_LINE:
                     raise RelayError("malformed chunked body: line too long")
+                end = n if nl < 0 else nl + 1
                 self._line += buf[pos:end]
                 pos = end
-                if len(self._line) > 4096:
+                if len(self._line) > _MAX_LINE:
                     raise RelayError("malformed chunked body: line too long")
                 if nl < 0:
                     continue
