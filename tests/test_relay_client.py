@@ -56,16 +56,13 @@ def test_body_pieces_are_views_of_the_received_buffer_not_copies() -> None:
     assert len(pieces) == 1 and pieces[0].obj is data
 
 
-async def test_receive_buffers_are_reused_only_when_nothing_refers_to_them() -> None:
-    # Full-size buffers are recycled instead of zeroing fresh ones, but never while a view
-    # (a PartData downstream), an unread range or a span of one is alive: bytes handed out
-    # stay what was received.
+async def test_bytes_handed_out_stay_what_was_received() -> None:
+    # A receive buffer is never written again: views held downstream (a PartData on its
+    # way to the consumer) keep the bytes they were given while more arrives.
     reader = _Reader()
     kept: list[tuple[memoryview, bytes]] = []
-    reused = 0
     for i in range(400):  # 128 small buffers before BULK_AFTER, then full-size ones
         view = reader.get_buffer(-1)
-        reused += len(view) == _Reader.BUFFER and any(view[:32])  # a fresh one is zeroed
         data = hashlib.sha256(b"%d" % i).digest() * (len(view) // 32)
         view[: len(data)] = data
         del view
@@ -81,9 +78,6 @@ async def test_receive_buffers_are_reused_only_when_nothing_refers_to_them() -> 
     for view, content in kept:
         assert bytes(view) == content
     assert reader._received > BULK_AFTER
-    assert reused > 200
-    reader.release()
-    assert reader._spare == []
 
 
 @pytest.mark.parametrize(

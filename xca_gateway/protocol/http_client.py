@@ -20,7 +20,6 @@ import asyncio
 import collections
 import contextlib
 import ssl
-import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -95,8 +94,8 @@ def _origin(url: str) -> tuple[_Origin, str]:
 class _Reader(asyncio.BufferedProtocol):
     """Receives into buffers of its own (``asyncio.BufferedProtocol``: the TLS transport
     decrypts record after record straight into them, no bytes object per record and no join)
-    and hands out memoryviews of what arrived. A buffer is written again only once nothing
-    refers to it any more, so views stay valid. Reading pauses above HIGH_WATER so a slow
+    and hands out memoryviews of what arrived. A buffer is never written twice, so views stay
+    valid; it is dropped once its views are. Reading pauses above HIGH_WATER so a slow
     downstream consumer slows the peer instead of filling memory."""
 
     HIGH_WATER = 2 * READ_SIZE
@@ -104,9 +103,9 @@ class _Reader(asyncio.BufferedProtocol):
     # hundred at once) gets 8 KiB ones, a long body 256 KiB ones (one TLS read's worth).
     SMALL_BUFFER = 8 * 1024
     BUFFER = 256 * 1024
-    # Full-size buffers kept for reuse once nothing refers to them any more: a fresh one is
-    # zeroed (memset) and its pages faulted in, for every 256 KiB received.
-    SPARE_BUFFERS = HIGH_WATER // BUFFER
+    # Buffers are not recycled: reusing one once nothing referred to it any more (tried
+    # 2026-12-05) saved its memset and page faults, but SSL_read's copy into a cold buffer
+    # took about as much longer, and the relay hop measured no cheaper.
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -115,7 +114,6 @@ class _Reader(asyncio.BufferedProtocol):
         self._filled = 0
         self._min_free = 1  # less room than this left: take a new buffer
         self._received = 0  # since the last release()
-        self._spare: list[bytearray] = []  # filled full-size buffers, oldest first
         # Received and not yet read: [buffer, start, end], contiguous ranges merged.
         self._chunks: collections.deque[list[Any]] = collections.deque()
         self._size = 0
@@ -135,33 +133,14 @@ class _Reader(asyncio.BufferedProtocol):
         del sizehint  # the TLS transport hints the ciphertext it holds, not what is coming
         if len(self._buffer) - self._filled < self._min_free:
             size = self.BUFFER if self._received >= BULK_AFTER else self.SMALL_BUFFER
-            retired = self._buffer
-            self._buffer = (self._unused_spare() if size == self.BUFFER else None) or bytearray(
-                size
-            )
+            self._buffer = bytearray(size)
             self._view = memoryview(self._buffer)
-            if len(retired) == self.BUFFER and len(self._spare) < self.SPARE_BUFFERS:
-                self._spare.append(retired)
-            del retired
             self._filled = 0
             self._min_free = size // 16  # 16 KiB at full size: a TLS record's plaintext
         return self._view[self._filled :]
 
-    def _unused_spare(self) -> bytearray | None:
-        """A spare buffer that nothing else refers to: no view of it is alive (a PartData
-        downstream, the transport's), no unread range and no span of it is held. Its old
-        bytes are never seen: only what the transport writes next is handed out."""
-        spare = self._spare
-        for i in range(len(spare) - 1, -1, -1):  # the latest freed: likeliest in the cache
-            # References: the list's and the argument's. Any view holds one more (through
-            # its managed buffer), as does a [buffer, start, end] range.
-            if sys.getrefcount(spare[i]) == 2:
-                return spare.pop(i)
-        return None
-
     def release(self) -> None:
-        """Drop the receive buffers (the connection goes idle in the pool)."""
-        self._spare.clear()
+        """Drop the receive buffer (the connection goes idle in the pool)."""
         self._buffer = bytearray(0)
         self._view = memoryview(self._buffer)
         self._filled = 0
@@ -387,8 +366,8 @@ class ReadPieces(list[memoryview]):
 
     def release(self) -> None:
         """Forget the pieces once parsed: the reply's generators still hold this read while
-        its consumer works on it, and a receive buffer is reused only once nothing refers
-        to it."""
+        its consumer works on it, and the receive buffers can go as soon as nothing else
+        refers to them."""
         self.spans.clear()
         self.clear()
 
@@ -441,8 +420,7 @@ class RelayResponse:
 
     async def aiter_spans(self) -> AsyncIterator[list[BufferSpan]]:
         """The body as it arrives: per socket read, its body pieces as ranges of the
-        received buffers, ``(buffer, start, end)``. A buffer is written again only once
-        nothing refers to it (no span, no view of it)."""
+        received buffers, ``(buffer, start, end)``. A buffer is never written twice."""
         connection = self._connection
         decoder = self._decoder
         if connection is None:
