@@ -1,7 +1,9 @@
 """One gateway process of ``imaging_bench.py`` (source, responding or initiating).
 
 A script of its own so that the process imports what a gateway imports and nothing of the
-benchmark's client (httpx, psutil, the study generator): its peak RSS is the gateway's.
+benchmark's client (httpx, psutil, the study generator): its peak RSS is the gateway's. (The
+client imports this module for its constants, and with it the gateway: that costs the client
+only start-up time.)
 
     python benchmarks/imaging_gateway.py SPEC.json    # started by imaging_bench.py
     IMAGING_BENCH_PROFILE=/tmp/prof ...               # cProfile each gateway process
@@ -15,12 +17,24 @@ import asyncio
 import contextlib
 import gc
 import json
+import logging
 import os
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from xca_gateway.app.config import parse_config
+from xca_gateway.app.gateway import Gateway
+from xca_gateway.app.heap import tune_allocator
+from xca_gateway.imaging.filesystem import FilesystemSource
+from xca_gateway.imaging.rad69_source import Rad69Source
+from xca_gateway.initiating.imaging import rad69_handler
+from xca_gateway.protocol.namespaces import Action
+from xca_gateway.protocol.soap_service import Operation
+from xca_gateway.transactions.rad69 import imaging_document_source_handler
+from xca_gateway.transactions.rad75 import rad75_handler
 
 REPOSITORY = "1.3.6.1.4.1.21367.13.71.2.1"
 HOMES = {
@@ -32,19 +46,6 @@ HOMES = {
 
 async def serve(spec: dict[str, Any]) -> None:
     """Child process: one gateway in the role given by ``spec``, until SIGTERM."""
-    import logging
-
-    from xca_gateway.app.config import parse_config
-    from xca_gateway.app.gateway import Gateway
-    from xca_gateway.app.heap import tune_allocator
-    from xca_gateway.imaging.filesystem import FilesystemSource
-    from xca_gateway.imaging.rad69_source import Rad69Source
-    from xca_gateway.initiating.imaging import rad69_handler
-    from xca_gateway.protocol.namespaces import Action
-    from xca_gateway.protocol.soap_service import Operation
-    from xca_gateway.transactions.rad69 import imaging_document_source_handler
-    from xca_gateway.transactions.rad75 import rad75_handler
-
     logging.basicConfig(level=logging.WARNING)
     tune_allocator()  # as xca-gateway serve does
     gateway = Gateway(parse_config(spec["config"], Path(spec["base"])))

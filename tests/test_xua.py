@@ -31,6 +31,7 @@ from xca_gateway.security.xua import (
     SAML,
     Ce,
     ReplayCache,
+    ReplayCheckUnavailable,
     WsseFault,
     XuaAttribute,
     XuaConfigError,
@@ -781,7 +782,6 @@ async def test_validate_async_awaits_a_replay_cache_behind_io(
 ) -> None:
     """A shared replay cache is awaited (its blocking method is never called on the event
     loop); one that cannot answer refuses the assertion as InvalidSecurity, naming the user."""
-    from xca_gateway.security.xua import ReplayCheckUnavailable
 
     class SharedCache:
         def __init__(self) -> None:
