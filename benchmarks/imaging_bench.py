@@ -99,14 +99,41 @@ def free_port() -> int:
 MEMORY_INSTANCE_SIZE = 512
 
 
-def _side(instance_size: int) -> int:
+def pixel_side(instance_size: int) -> int:
     return max(8, int((instance_size // 2) ** 0.5))
 
 
 def instance_count(total: int, instance_size: int) -> int:
     """How many instances of ``instance_size`` make a study of ~``total`` bytes."""
-    side = _side(instance_size)
+    side = pixel_side(instance_size)
     return max(1, total // (side * side * 2))
+
+
+def bench_instance(study: str, series: str, sop: str, number: int, side: int) -> Dataset:
+    """One Secondary Capture instance, ``side`` x ``side`` random 16-bit pixels, file meta
+    included (Part 10)."""
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = sop
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.PatientID = "BENCH"
+    ds.PatientName = "Bench^Mark"
+    ds.Modality = "OT"
+    ds.InstanceNumber = number
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = os.urandom(side * side * 2)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(ds.SOPClassUID)
+    meta.MediaStorageSOPInstanceUID = UID(sop)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    return ds
 
 
 def generate_study(root: Path, count: int, instance_size: int) -> list[DocumentRequest]:
@@ -114,31 +141,11 @@ def generate_study(root: Path, count: int, instance_size: int) -> list[DocumentR
     study, series = str(generate_uid()), str(generate_uid())
     folder = root / study / series
     folder.mkdir(parents=True, exist_ok=True)
-    side = _side(instance_size)
+    side = pixel_side(instance_size)
     docs = []
     for number in range(count):
         sop = str(generate_uid())
-        ds = Dataset()
-        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-        ds.SOPInstanceUID = sop
-        ds.StudyInstanceUID = study
-        ds.SeriesInstanceUID = series
-        ds.PatientID = "BENCH"
-        ds.PatientName = "Bench^Mark"
-        ds.Modality = "OT"
-        ds.InstanceNumber = number + 1
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = ds.Columns = side
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 0
-        ds.PixelData = os.urandom(side * side * 2)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = UID(ds.SOPClassUID)
-        meta.MediaStorageSOPInstanceUID = UID(sop)
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta = meta
+        ds = bench_instance(study, series, sop, number + 1, side)
         ds.save_as(folder / f"{sop}.dcm", enforce_file_format=True)
         docs.append(DocumentRequest(study, series, REPOSITORY, sop, HOMES["beta"]))
     return docs

@@ -22,10 +22,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from pydicom.dataset import Dataset, FileMetaDataset
+from imaging_bench import bench_instance, pixel_side
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from xca_gateway.imaging.remote import RemoteRetrieval
 from xca_gateway.imaging.request import DocumentRequest, RetrieveImagingDocumentSetRequest
@@ -43,23 +43,9 @@ ACTION = "urn:ihe:rad:2009:RetrieveImagingDocumentSetResponse"
 
 
 def instance_bytes(study: str, series: str, sop: str, size: int) -> bytes:
-    ds = Dataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    ds.SOPInstanceUID = sop
-    ds.StudyInstanceUID = study
-    ds.SeriesInstanceUID = series
-    ds.PatientID = "BENCH"
-    ds.PatientName = "Bench^Mark"
-    ds.Modality = "OT"
-    ds.BitsAllocated = 8
-    ds.PixelData = b"\x5a" * size
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(ds.SOPClassUID)
-    meta.MediaStorageSOPInstanceUID = UID(sop)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
+    """The imaging benchmark's instance (about ``size`` bytes of pixels), as Part 10 bytes."""
     out = DicomBytesIO()
-    dcmwrite(out, ds, enforce_file_format=True)
+    dcmwrite(out, bench_instance(study, series, sop, 1, pixel_side(size)), enforce_file_format=True)
     return out.getvalue()
 
 
