@@ -305,7 +305,6 @@ http {{
 def start_nginx(workdir: Path, pki: DevPki, upstream: str, buffer: str) -> Child:
     """nginx in alpha's place: alpha's certificate toward the consumer and toward beta (which
     admits it as the peer gateway), relaying RAD-75 to beta's ``/xca/rad75``."""
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     port = free_port()
     upstream_port = int(upstream.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
     (workdir / "nginx-tmp").mkdir(exist_ok=True)
@@ -321,20 +320,31 @@ def start_nginx(workdir: Path, pki: DevPki, upstream: str, buffer: str) -> Child
             buffer=buffer,
         )
     )
-    log = (workdir / "nginx.log").open("wb")
-    process = subprocess.Popen([nginx, "-c", str(conf), "-p", str(workdir)], stdout=log, stderr=log)
-    log.close()
+    process = run_nginx(conf, workdir, port, workdir / "nginx-error.log")
+    return Child("nginx", process, f"https://127.0.0.1:{port}/xca/rad75")
+
+
+def run_nginx(conf: Path, workdir: Path, port: int, error_log: Path) -> subprocess.Popen[bytes]:
+    """Start nginx on ``conf`` and wait (20 s at most) until it accepts on ``port``; else
+    raise with what it logged."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    output = workdir / f"{conf.stem}.log"
+    with output.open("wb") as log:
+        process = subprocess.Popen(
+            [nginx, "-c", str(conf), "-p", str(workdir)], stdout=log, stderr=log
+        )
     deadline = time.monotonic() + 20
     while True:
         if process.poll() is not None or time.monotonic() > deadline:
-            logs = [workdir / "nginx.log", workdir / "nginx-error.log"]
-            error = "".join(p.read_text(errors="replace") for p in logs if p.exists())
+            error = "".join(
+                p.read_text(errors="replace") for p in (output, error_log) if p.exists()
+            )
+            process.kill()
             raise RuntimeError(f"nginx did not start: {error[-2000:]}")
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
-                break
+                return process
         time.sleep(0.05)
-    return Child("nginx", process, f"https://127.0.0.1:{port}/xca/rad75")
 
 
 # ------------------------------------------------------------------------------ consumer

@@ -27,17 +27,16 @@ import contextlib
 import multiprocessing
 import os
 import selectors
-import shutil
 import socket
 import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
+from imaging_bench import free_port, run_nginx
 
 from xca_gateway.protocol.tls import NATIVE_TLS
 from xca_gateway.security.dev_pki import DevPki, init_dev_pki
@@ -234,12 +233,9 @@ stream {{
 
 
 def start_nginx(work: Path, pki: DevPki, upstream_port: int) -> tuple[subprocess.Popen[bytes], int]:
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not STREAM_MODULE.exists():
         raise SystemExit(f"{STREAM_MODULE} missing: apt-get install libnginx-mod-stream")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     alpha = pki.communities["alpha"]
     conf = work / "nginx-stream.conf"
     conf.write_text(
@@ -253,15 +249,7 @@ def start_nginx(work: Path, pki: DevPki, upstream_port: int) -> tuple[subprocess
             ca=pki.ca,
         )
     )
-    process = subprocess.Popen([nginx, "-c", str(conf), "-p", str(work)])
-    deadline = time.monotonic() + 20
-    while True:
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("nginx (stream) did not start")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return process, port
-        time.sleep(0.05)
+    return run_nginx(conf, work, port, work / "nginx-stream-error.log"), port
 
 
 def download(pki: DevPki, port: int, size: int) -> None:
