@@ -279,3 +279,17 @@ def test_viewer_bench_renders_from_a_real_orthanc() -> None:
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "ratio gateway/direct: first image" in done.stdout
+
+
+def test_xml_per_instance_measures_each_step_over_every_instance() -> None:
+    """``benchmarks/xml_per_instance.py`` run small: each of the four XML steps of a relayed
+    retrieve handles every instance (the benchmark asserts the counts) and gets a figure."""
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_xml_per_instance", BENCHMARKS / "xml_per_instance.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    costs = module.measure(40, 1)
+    assert set(costs) == {"request", "forward", "root", "response"}
+    assert all(us > 0 for us in costs.values())

@@ -187,3 +187,110 @@ def test_written_document_responses_are_the_built_ones() -> None:
     assert len(payload) == 1  # the RegistryResponse; every DocumentResponse consumed
     assert reader.finish(payload) == (ResponseStatus.PARTIAL_SUCCESS, tuple(errors))
     assert [p.handle for p in planner.planned] == [f"{i}@x" for i in range(0, 40, 2)]
+
+
+# Limits small enough to break in a few bytes; every element named "item" is taken.
+SMALL = XmlLimits(
+    max_bytes=1 << 20,
+    max_depth=6,
+    max_elements=10_000,
+    max_attributes=8,
+    max_attribute_bytes=64,
+    max_text_bytes=128,
+)
+
+
+def _take_items(element: etree._Element, depth: int) -> bool:
+    return depth == 1 and element.tag == "item"
+
+
+def _items(inside: bytes, *, many: int = 40, prolog: bytes = b"") -> bytes:
+    """A list of ``many`` items, the middle one holding ``inside``."""
+    items = [b'<item n="%d"><x>v</x></item>' % i for i in range(many)]
+    items[many // 2] = b"<item>" + inside + b"</item>"
+    return prolog + b"<list><head/>" + b"".join(items) + b"</list>"
+
+
+HOSTILE_INSIDE = [
+    (b"<a><b><c><d><e/></d></c></b></a>", "deeper than 6"),
+    (b"<a " + b" ".join(b'x%d="1"' % i for i in range(9)) + b"/>", "more than 8 attributes"),
+    (b'<a x="' + b"v" * 100 + b'"/>', "attribute value too large"),
+    (b"<a>" + b"t" * 200 + b"</a>", "text node too large"),
+    (b"<a><![CDATA[" + b"<" * 200 + b"]]></a>", "text node too large"),
+    (b"<a>" + b"&amp;" * 140 + b"</a>", "text node too large"),
+]
+
+
+@pytest.mark.parametrize("tags", [None, ("item",)])
+@pytest.mark.parametrize("size", [7, 64, 100_000])
+@pytest.mark.parametrize(("inside", "reason"), HOSTILE_INSIDE)
+def test_limits_hold_inside_taken_elements(
+    inside: bytes, reason: str, size: int, tags: tuple[str, ...] | None
+) -> None:
+    taken: list[int] = []
+
+    def take(element: etree._Element, depth: int) -> bool:
+        taken.append(depth)
+        return _take_items(element, depth)
+
+    parser = PrunedXmlParser(SMALL, take, tags=tags)
+    with pytest.raises(XmlRejected, match=reason):
+        _feed(parser, _items(inside), size)
+    # Refused before the element breaking the limit was handed over.
+    assert len([d for d in taken if d == 1]) <= 20
+
+
+@pytest.mark.parametrize(("inside", "reason"), HOSTILE_INSIDE[1:4])
+def test_limits_hold_in_a_utf16_document(inside: bytes, reason: str) -> None:
+    # A "<" byte is no "<" character in UTF-16: the byte screen must not vouch for it.
+    document = _items(inside).decode().encode("utf-16")
+    parser = PrunedXmlParser(SMALL, _take_items, tags=("item",))
+    with pytest.raises(XmlRejected, match=reason):
+        _feed(parser, document, 1000)
+
+
+def test_tags_keep_other_elements_out_of_python_and_the_skeleton_keeps_them() -> None:
+    seen: list[tuple[str, int]] = []
+
+    def take(element: etree._Element, depth: int) -> bool:
+        seen.append((str(element.tag), depth))
+        return depth == 1
+
+    parser = PrunedXmlParser(XmlLimits(), take, tags=("item",))
+    root = _feed(parser, _items(b"<x>y</x>", many=10), 13)
+    assert seen == [("item", 1)] * 10
+    assert [child.tag for child in root] == ["head"]
+    assert parser.taken == 10
+
+
+@pytest.mark.parametrize("size", [1, 5, 64, 4096])
+def test_the_byte_screen_finds_every_run_that_may_hold_too_much(size: int) -> None:
+    from xca_gateway.protocol.xmlstream import _RunScreen
+
+    def suspect(document: bytes) -> bool:
+        screen = _RunScreen(SMALL)  # runs over 64 bytes, or with more than 8 "="
+        for start in range(0, len(document), size):
+            screen.feed(document[start : start + size])
+        return screen.suspect
+
+    plain = _items(b"<a>" + b"t" * 60 + b"</a>", many=200)
+    assert not suspect(plain)
+    attributes = b"a" + b"".join(b' x%d=""' % i for i in range(9))  # 9 in 55 bytes
+    for run in (b"t" * 65, attributes, b" " * 30 + b"t" * 35):
+        for where in (0, 1, 50, len(plain) - 8, len(plain) - 1):
+            assert suspect(plain[:where] + b"<" + run + b"<" + plain[where:]), (run, where)
+    # A run's end in the document's last bytes counts too.
+    assert suspect(b"<a>" + b"t" * 65)
+
+
+def test_prologs_whose_lt_bytes_may_not_be_markup() -> None:
+    from xca_gateway.protocol.xmlsafe import lt_is_markup
+
+    assert lt_is_markup(b"<a/>")
+    assert lt_is_markup(b"\xef\xbb\xbf<?xml version='1.0' encoding='UTF-8'?><a/>")
+    assert lt_is_markup(b'<?xml version="1.0" encoding="ISO-8859-1"?><a/>')
+    assert not lt_is_markup("<a/>".encode("utf-16"))
+    assert not lt_is_markup("<a/>".encode("utf-16-le"))
+    assert not lt_is_markup("<a/>".encode("utf-16-be"))
+    assert not lt_is_markup(b'<?xml version="1.0" encoding="UTF-16"?><a/>')
+    assert not lt_is_markup(b'<?xml version="1.0" encoding="Shift_JIS"?><a/>')

@@ -350,6 +350,7 @@ class _RootReader:
         self.parser = PrunedXmlParser(
             limits,
             in_soap_body(self.reader.take, SOAP12_BODY, max_depth=1),  # DocumentResponse
+            tags=self.reader.tags,
         )
 
     async def feed(self, data: bytes) -> None:

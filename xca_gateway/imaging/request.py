@@ -146,9 +146,30 @@ def _children(element: etree._Element, name: str) -> list[etree._Element]:
 _DOCUMENT_FIELDS = ("RepositoryUniqueId", "DocumentUniqueId", "HomeCommunityId")
 
 
-def _document_texts(element: etree._Element, where: str) -> tuple[str, str, str]:
+_DOCUMENT_SLOTS = {name: slot for slot, name in enumerate(_DOCUMENT_FIELDS)}
+
+
+def _document_texts(element: etree._Element, series_uid: str) -> tuple[str, str, str]:
     """(RepositoryUniqueId, DocumentUniqueId, HomeCommunityId) of a DocumentRequest, in one
-    look at its children; the errors, and their order, of :func:`_text` for each."""
+    look at its children (each child's tag and text read once)."""
+    texts: list[str | None] = [None, None, None]
+    broken = False
+    slots = _DOCUMENT_SLOTS
+    for child in element:
+        slot = slots.get(_local(child) or "")
+        if slot is not None:
+            if texts[slot] is not None:
+                broken = True
+            texts[slot] = (child.text or "").strip()
+    repository, document, home = texts
+    if broken or repository is None or document is None:
+        _check_document_fields(element, f"DocumentRequest in series {series_uid[:80]!r}")
+    return repository or "", document or "", home or ""
+
+
+def _check_document_fields(element: etree._Element, where: str) -> tuple[str, str, str]:
+    """:func:`_document_texts` the long way, for a broken DocumentRequest: the errors, and
+    their order, of :func:`_text` for each field."""
     found: dict[str, list[etree._Element]] = {}
     for child in element:
         name = _local(child)
@@ -253,9 +274,20 @@ class RetrieveImagingRequestReader:
     audit record.
     """
 
+    # The only elements taken (for PrunedXmlParser's ``tags``), in either namespace.
+    tags = tuple(
+        f"{{{namespace}}}{name}"
+        for namespace in _NAMESPACES
+        for name in ("DocumentRequest", "SeriesRequest", "StudyRequest")
+    )
+
     def __init__(self, *, max_documents: int = 100_000) -> None:
         self.max_documents = max_documents
         self.documents: list[DocumentRequest] = []
+        # The SeriesRequest of the last DocumentRequest read and its (study, series) UIDs,
+        # or the error they raise: read once per series, not per instance.
+        self._series: etree._Element | None = None
+        self._series_uids: tuple[str, str] | InvalidImagingRequest = ("", "")
         self.error: InvalidImagingRequest | None = None
         # After a schema error: what each DocumentRequest asked for, as its audit names it.
         self._asked: list[ImagingInstanceReference] | None = None
@@ -282,13 +314,18 @@ class RetrieveImagingRequestReader:
         name = _local(element)
         if depth == 3 and name == "DocumentRequest":
             series = element.getparent()
-            study = series.getparent() if series is not None else None
-            if series is None or study is None or _local(series) != "SeriesRequest":
+            if series is None:
                 return False
-            if _local(study) != "StudyRequest":
-                return False
+            if series is not self._series:
+                study = series.getparent()
+                if study is None or _local(series) != "SeriesRequest":
+                    return False
+                if _local(study) != "StudyRequest":
+                    return False
+                self._series = series
+                self._series_uids = self._uids(series, study)
             self._series_documents += 1
-            self._document(element, series, study)
+            self._document(element, series)
             return True
         if depth == 2 and name == "SeriesRequest":
             where = "SeriesRequest"
@@ -317,14 +354,25 @@ class RetrieveImagingRequestReader:
             return True
         return False
 
-    def _document(
-        self, element: etree._Element, series: etree._Element, study: etree._Element
-    ) -> None:
+    def _uids(
+        self, series: etree._Element, study: etree._Element
+    ) -> tuple[str, str] | InvalidImagingRequest:
+        """(studyInstanceUID, seriesInstanceUID) of a series' DocumentRequests, or why not."""
+        try:
+            return (
+                self._share(_attribute(study, "studyInstanceUID", "StudyRequest")),
+                self._share(_attribute(series, "seriesInstanceUID", "SeriesRequest")),
+            )
+        except InvalidImagingRequest as exc:
+            return exc
+
+    def _document(self, element: etree._Element, series: etree._Element) -> None:
         if self._asked is not None:  # the request is refused: only its audit is left to feed
             if len(self._asked) <= self.max_documents:
+                study = series.getparent()
                 self._asked.append(
                     requested_instance(
-                        (study.get("studyInstanceUID") or "").strip(),
+                        (study.get("studyInstanceUID") or "").strip() if study is not None else "",
                         (series.get("seriesInstanceUID") or "").strip(),
                         element,
                     )
@@ -332,17 +380,18 @@ class RetrieveImagingRequestReader:
             return
         share = self._share
         try:
-            study_uid = share(_attribute(study, "studyInstanceUID", "StudyRequest"))
-            series_uid = share(_attribute(series, "seriesInstanceUID", "SeriesRequest"))
-            where = f"DocumentRequest in series {series_uid[:80]!r}"
-            repository, document, home = _document_texts(element, where)
+            uids = self._series_uids
+            if isinstance(uids, InvalidImagingRequest):
+                raise InvalidImagingRequest(uids.reason)
+            study_uid, series_uid = uids
+            repository, document, home = _document_texts(element, series_uid)
             if len(self.documents) >= self.max_documents:
                 raise InvalidImagingRequest(
                     f"more than {self.max_documents} DocumentRequests in one request"
                 )
         except InvalidImagingRequest as exc:
             self._fail(exc.reason)
-            self._document(element, series, study)
+            self._document(element, series)
             return
         self.documents.append(
             DocumentRequest(

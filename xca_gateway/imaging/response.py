@@ -56,42 +56,53 @@ _DOCUMENT_UNIQUE_ID = f"{{{XDSB}}}DocumentUniqueId"
 _MIME_TYPE = f"{{{XDSB}}}mimeType"
 _DOCUMENT = f"{{{XDSB}}}Document"
 _INCLUDE_TAG = f"{{{XOP}}}Include"
-_RESPONSE_FIELDS = frozenset(
-    {_HOME_COMMUNITY_ID, _REPOSITORY_UNIQUE_ID, _DOCUMENT_UNIQUE_ID, _MIME_TYPE, _DOCUMENT}
-)
+
+
+# Where each field's text goes in document_response's look at the children.
+_FIELD_SLOTS = {
+    _HOME_COMMUNITY_ID: 0,
+    _REPOSITORY_UNIQUE_ID: 1,
+    _DOCUMENT_UNIQUE_ID: 2,
+    _MIME_TYPE: 3,
+}
 
 
 def document_response(element: etree._Element) -> DocumentResponse:
     """One DocumentResponse element as a compact record (InvalidImagingResponse if broken)."""
     # The first child of each name, in one look at the children (a find() per name was the
-    # most of a relayed response root's parse).
-    first: dict[str, etree._Element] = {}
+    # most of a relayed response root's parse); a tag is built per child, so once.
+    texts: list[str | None] = [None, None, None, None]
+    document: etree._Element | None = None
+    slots = _FIELD_SLOTS
     for child in element:
         tag = child.tag
-        if tag in _RESPONSE_FIELDS and tag not in first:
-            first[tag] = child
-
-    def text(tag: str) -> str | None:
-        found = first.get(tag)
-        return None if found is None else (found.text or "").strip() or None
-
-    repository = text(_REPOSITORY_UNIQUE_ID)
-    document_uid = text(_DOCUMENT_UNIQUE_ID)
+        slot = slots.get(tag) if isinstance(tag, str) else None
+        if slot is not None:
+            if texts[slot] is None:  # the first of its name ("" once seen)
+                texts[slot] = (child.text or "").strip()
+        elif document is None and tag == _DOCUMENT:
+            document = child
+    home, repository, document_uid, mime_type = texts
     if not repository or not document_uid:
         raise InvalidImagingResponse(
             "DocumentResponse without RepositoryUniqueId or DocumentUniqueId"
         )
-    document = first.get(_DOCUMENT)
     if document is None:
         raise InvalidImagingResponse(f"DocumentResponse {document_uid} without Document")
-    include = document.find(_INCLUDE_TAG)
+    include = None
+    for child in document:
+        if child.tag == _INCLUDE_TAG:
+            include = child
+            break
     content_id: str | None = None
     inline: bytes | None = None
     if include is not None:
         href = include.get("href") or ""
         if not href.startswith("cid:"):
             raise InvalidImagingResponse("xop:Include href must be a cid: URL")
-        content_id = cid_from_href(href)
+        # What cid_from_href makes of a plain one, without its unquoting.
+        plain = "%" not in href and not href[-1:].isspace()
+        content_id = href[4:] if plain else cid_from_href(href)
     else:
         try:
             inline = base64.b64decode("".join((document.text or "").split()), validate=True)
@@ -100,12 +111,7 @@ def document_response(element: etree._Element) -> DocumentResponse:
                 f"Document of {document_uid} is not valid base64"
             ) from None
     return DocumentResponse(
-        home_community_id=text(_HOME_COMMUNITY_ID),
-        repository_unique_id=repository,
-        document_unique_id=document_uid,
-        mime_type=text(_MIME_TYPE) or DICOM_MIME_TYPE,
-        content_id=content_id,
-        inline=inline,
+        home or None, repository, document_uid, mime_type or DICOM_MIME_TYPE, content_id, inline
     )
 
 
@@ -116,6 +122,9 @@ class RetrieveResponseReader:
     compact record and is dropped from the tree; :meth:`finish` reads the status and
     RegistryErrors from what is left. The first broken DocumentResponse is kept in ``error``
     (raised by :meth:`finish`) and stops the reading of the others."""
+
+    # The only elements taken (for PrunedXmlParser's ``tags``).
+    tags = (f"{{{XDSB}}}DocumentResponse",)
 
     def __init__(self, on_document: Callable[[DocumentResponse], None], *, depth: int = 1) -> None:
         self._on_document = on_document

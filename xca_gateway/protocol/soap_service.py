@@ -13,7 +13,7 @@ import contextvars
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -122,6 +122,11 @@ class PayloadReader(Protocol):
 
     @property
     def max_depth(self) -> int | None: ...
+
+    @property
+    def tags(self) -> Collection[str] | None:
+        """The elements ``take`` may consume (Clark names; the others never reach Python),
+        or None for every element."""
 
     def take(self, element: etree._Element, depth: int) -> bool: ...
 
@@ -358,7 +363,7 @@ class SoapService:
         take = in_soap_body(
             reader.take, f"{{{SOAP12}}}Body", payload_tag=tag, max_depth=reader.max_depth
         )
-        parser = PrunedXmlParser(self.xml_limits, take)
+        parser = PrunedXmlParser(self.xml_limits, take, tags=reader.tags)
         view = memoryview(data)
         for start in range(0, len(data), _PARSE_SLICE):
             parser.feed(view[start : start + _PARSE_SLICE])

@@ -109,6 +109,25 @@ def check_no_dtd(data: bytes) -> None:
             return
 
 
+# Encodings in which every byte 0x3C is a ``<`` and a character takes at least one byte.
+_LT_IS_LT = re.compile(r"^(utf-?8|us-ascii|ascii|iso[-_]?8859-\d+|latin-?1|windows-125\d)$")
+_ENCODING_DECLARATION = re.compile(rb"""^<\?xml[^>]*?\sencoding\s*=\s*["']([A-Za-z0-9._-]+)["']""")
+
+
+def lt_is_markup(prolog: bytes) -> bool:
+    """True when every ``<`` byte of a document starting with ``prolog`` is a ``<``
+    character (UTF-8, ASCII and its 8-bit supersets), so that byte scans can bound its text:
+    no UTF-16/32 or EBCDIC, whose characters may contain the byte 0x3C."""
+    if prolog.startswith(codecs.BOM_UTF8):
+        prolog = prolog[3:]
+    elif prolog[:1] != b"<" and prolog[:1].strip():
+        return False  # a UTF-16/32 BOM or encoding, EBCDIC: not for a byte scan
+    if prolog[1:2] == b"\x00":
+        return False
+    match = _ENCODING_DECLARATION.match(prolog.lstrip())
+    return match is None or bool(_LT_IS_LT.match(match.group(1).decode("ascii").lower()))
+
+
 @dataclass
 class MarkupCount:
     """Upper bounds of what a document will build, from its bytes alone.

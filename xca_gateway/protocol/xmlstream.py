@@ -9,20 +9,29 @@ strings) and the element is removed from the tree. What remains is a *skeleton*:
 its header and the payload element with whatever was not taken (status, RegistryErrors, the
 TransferSyntaxUIDList), which the usual tree functions read as before.
 
+Python sees only the elements a reader may take (``tags``: lxml matches the end events in C),
+not every start and end: a relayed retrieve's XML cost some 20 us per instance when each of
+its elements went through Python.
+
 The defences are those of :mod:`xca_gateway.protocol.xmlsafe`, applied as the bytes arrive: the
 byte limit; no DTD (the prolog is scanned before libxml2 sees the document, and libxml2 runs
-without entity resolution, DTD loading or network); the markup counted in each chunk before it
-is parsed, so an element or attribute flood is refused before anything is built; depth,
-attributes per element and attribute size checked on each start tag (the attribute count
-first: reading many attribute values from Python is quadratic), text size on each end tag, and
-the skeleton checked once more at the end with xmlsafe's XPath walk. The parser is plain
-bookkeeping over bytes fed to it (sans-IO): callers feed chunks from a socket, a buffer, or
-(:func:`walk_tree`) run the same reader over a tree built elsewhere.
+without entity resolution, DTD loading or network, with its own depth and size caps); the
+markup counted in each chunk before it is parsed, so an element or attribute flood is refused
+before anything is built. The per-element limits hold for every element, taken or not: the
+skeleton is checked at the end with xmlsafe's XPath walk, and each element handed to ``take``
+is checked before it is (its depth, with one XPath walk per feed). Its attribute count,
+attribute and text sizes need no walk while the bytes show they cannot break them
+(:class:`_RunScreen`: no ``<``-free run of bytes long enough to hold a too large text or
+attribute value, or too many attributes); from the first run that might, every element is
+checked with XPath too. The parser is plain bookkeeping over bytes fed to it (sans-IO):
+callers feed chunks from a socket, a buffer, or (:func:`walk_tree`) run the same reader over
+a tree built elsewhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from lxml import etree
@@ -35,12 +44,16 @@ from xca_gateway.protocol.xmlsafe import (
     _violation,
     check_markup,
     check_no_dtd,
+    lt_is_markup,
 )
 
 __all__ = ["PrunedXmlParser", "Take", "in_soap_body", "local_name", "walk_tree"]
 
 # The prolog is inspected before libxml2 sees a byte (what check_no_dtd reads).
 _PROLOG_BYTES = 8192
+# Elements checked by one XPath call: libxml2 merges the node sets of several context nodes
+# with a duplicate check quadratic in their size.
+_CHECK_GROUP = 32
 
 # Called with each complete element and its depth (the root is 0, its children 1); True: the
 # element was consumed and is removed from the tree.
@@ -55,26 +68,90 @@ def local_name(element: etree._Element) -> str:
     return tag.rpartition("}")[2]
 
 
-class PrunedXmlParser:
-    """Feed bytes, get the skeleton tree from :meth:`close`; raises :class:`XmlRejected`."""
+class _RunScreen:
+    """Tells, from the bytes alone, when an element *may* break the attribute or text limits.
 
-    def __init__(self, limits: XmlLimits, take: Take) -> None:
+    A text node or an attribute value holds no raw ``<`` (CDATA sections aside), nor does a
+    start tag; so a text or attribute value longer than L characters needs a run of more than
+    L bytes without ``<``, and an element with more than A attributes a run holding more than
+    A ``=`` (and at least 5 bytes per attribute, `` a=""``). Runs that long are found with a
+    ``find`` per block of half their length, not a look at every ``<``. ``suspect`` is set by
+    the first such run, CDATA section, or encoding in which a ``<`` byte may be part of
+    another character; the elements ending after it are then checked one by one.
+    """
+
+    def __init__(self, limits: XmlLimits) -> None:
+        self.longest = min(limits.max_text_bytes, limits.max_attribute_bytes)
+        self.attributes = limits.max_attributes
+        shortest = min(self.longest + 1, 5 * (self.attributes + 1))
+        self._block = max(1, shortest // 2)
+        self.suspect = False
+        self._run = 0  # bytes since the last "<" (the run the next chunk continues)
+        self._equals = 0  # "=" in that run
+
+    def _long_run(self, length: int, equals: int) -> None:
+        if length > self.longest or equals > self.attributes:
+            self.suspect = True
+
+    def feed(self, chunk: bytes) -> None:
+        if self.suspect:
+            return
+        first = chunk.find(b"<")
+        if first < 0:
+            self._run += len(chunk)
+            self._equals += chunk.count(b"=")
+            self._long_run(self._run, self._equals)
+            return
+        self._long_run(self._run + first, self._equals + chunk.count(b"=", 0, first))
+        last = chunk.rfind(b"<")
+        # Any run of 2 * block - 1 bytes or more holds a whole block: a block without "<"
+        # is looked at as the run around it.
+        block = self._block
+        pos = first + 1
+        while pos + block <= last:
+            if chunk.find(b"<", pos, pos + block) >= 0:
+                pos += block
+                continue
+            begin = chunk.rfind(b"<", 0, pos)
+            end = chunk.find(b"<", pos + block)
+            self._long_run(end - begin - 1, chunk.count(b"=", begin, end))
+            pos = end + 1
+        self._run = len(chunk) - last - 1
+        self._equals = chunk.count(b"=", last)
+        self._long_run(self._run, self._equals)  # so far
+
+
+class PrunedXmlParser:
+    """Feed bytes, get the skeleton tree from :meth:`close`; raises :class:`XmlRejected`.
+
+    ``tags`` (Clark names): the only elements ``take`` may consume; the others never reach
+    Python. None: every element is handed to ``take``."""
+
+    def __init__(
+        self, limits: XmlLimits, take: Take, *, tags: Collection[str] | None = None
+    ) -> None:
         self.limits = limits
         self._take = take
+        options: dict[str, Any] = {} if tags is None else {"tag": list(tags)}
         self._parser = etree.XMLPullParser(
-            events=("start", "end"),
+            events=("end",),
             resolve_entities=False,
             load_dtd=False,
             dtd_validation=False,
             no_network=True,
             huge_tree=False,
             remove_blank_text=False,
+            **options,
         )
         self._counter = MarkupCounter()
+        self._screen = _RunScreen(limits)
         self._namespaces: set[bytes] = set()
+        self._tail = b""  # the last bytes fed, for a "<![" across two chunks
         self._head: bytearray | None = bytearray()
         self._size = 0
-        self._depth = 0
+        # The parent of the last element seen and its depth: siblings cost no walk up.
+        self._parent: object = self
+        self._parent_depth = 0
         # The last consumed element: removed once the parser has moved past it (removing the
         # element of the current end event would be removing under libxml2's feet).
         self._consumed: etree._Element | None = None
@@ -93,7 +170,8 @@ class PrunedXmlParser:
             if len(self._head) < _PROLOG_BYTES:
                 return
             chunk, self._head = bytes(self._head), None
-            check_no_dtd(chunk)
+            self._prolog(chunk)
+        self._screen.feed(chunk)
         self._parse(chunk)
 
     def close(self) -> etree._Element:
@@ -102,7 +180,8 @@ class PrunedXmlParser:
             head, self._head = bytes(self._head), None
             if not head.strip():
                 raise XmlRejected("empty XML document")
-            check_no_dtd(head)
+            self._prolog(head)
+            self._screen.feed(head)
             self._parse(head)
         try:
             root = self._parser.close()
@@ -118,10 +197,20 @@ class PrunedXmlParser:
             raise XmlRejected(reason)
         return root
 
+    def _prolog(self, head: bytes) -> None:
+        check_no_dtd(head)
+        if not lt_is_markup(head):
+            self._screen.suspect = True
+
     def _count(self, chunk: bytes) -> None:
         self._counter.feed(chunk)
         count = self._counter.count
         check_markup(count, self.limits)
+        # A CDATA section may hold a raw "<" in character data (memchr for "!" first: a
+        # message rarely has one).
+        if (b"!" in chunk and b"<![" in chunk) or b"<![" in self._tail + chunk[:2]:
+            self._screen.suspect = True
+        self._tail = chunk[-2:]
         if count.xmlns > 64:  # as xmlsafe: distinct declarations only looked at when many
             for match in _NAMESPACE_DECLARATION.finditer(chunk):
                 self._namespaces.add(match.group(0))
@@ -137,34 +226,56 @@ class PrunedXmlParser:
             raise XmlRejected(f"malformed XML: {exc.msg}") from None
         self._handle_events()
 
+    def _depth_of(self, element: etree._Element) -> int:
+        parent = element.getparent()
+        if parent is None:
+            return 0
+        if parent is self._parent:
+            return self._parent_depth + 1
+        if element is self._parent:
+            depth = self._parent_depth
+        else:
+            depth = 1
+            above = parent.getparent()
+            while above is not None:  # at most libxml2's 256 levels
+                depth += 1
+                above = above.getparent()
+        self._parent, self._parent_depth = parent, depth - 1
+        return depth
+
     def _handle_events(self) -> None:
-        limits = self.limits
         events: Iterable[tuple[str, Any]] = self._parser.read_events()
-        for event, element in events:
-            if event == "start":
-                self._depth += 1
-                if self._depth > limits.max_depth:
-                    raise XmlRejected(f"XML nesting deeper than {limits.max_depth}")
-                attributes = len(element.attrib)  # a C count; values only when few
-                if attributes > limits.max_attributes:
-                    raise XmlRejected(
-                        f"XML element with more than {limits.max_attributes} attributes"
-                    )
-                if attributes and any(
-                    len(v) > limits.max_attribute_bytes for v in element.values()
-                ):
-                    raise XmlRejected("XML attribute value too large")
-                continue
-            depth = self._depth
-            self._depth -= 1
-            text = element.text
-            if text is not None and len(text) > limits.max_text_bytes:
-                raise XmlRejected("XML text node too large")
-            if self._take(element, depth - 1):
+        depth_of = self._depth_of
+        batch = [(element, depth_of(element)) for _event, element in events]
+        if not batch:
+            return
+        self._check(batch)
+        take = self._take
+        for element, depth in batch:
+            if take(element, depth):
                 self.taken += 1
                 self._drop_consumed()
                 element.clear()  # and its tail: a removed element takes its tail along
                 self._consumed = element
+
+    def _check(self, batch: list[tuple[etree._Element, int]]) -> None:
+        """The limits, for the elements ``take`` is about to see (and may remove)."""
+        limits = self.limits
+        by_depth: dict[int, list[etree._Element]] = {}
+        for element, depth in batch:
+            if depth >= limits.max_depth:  # the root is at depth 0 and nesting level 1
+                raise XmlRejected(f"XML nesting deeper than {limits.max_depth}")
+            by_depth.setdefault(depth, []).append(element)
+        suspect = self._screen.suspect
+        for depth, elements in by_depth.items():
+            checks = _subtree_checks(limits, depth)
+            if not suspect:
+                checks = checks[:1]  # the depth; the bytes rule the rest out
+            for start in range(0, len(elements), _CHECK_GROUP):
+                group: list[Any] = elements[start : start + _CHECK_GROUP]  # a node-set
+                for check, reason in checks:
+                    if check(group[0], b=group):
+                        raise XmlRejected(reason)
 
     def _drop_consumed(self) -> None:
         consumed, self._consumed = self._consumed, None
@@ -172,6 +283,45 @@ class PrunedXmlParser:
             parent = consumed.getparent()
             if parent is not None:
                 parent.remove(consumed)
+
+
+# Compiled once per limits, depth and thread (a compiled XPath is not shared between threads).
+_compiled = threading.local()
+
+
+def _subtree_checks(limits: XmlLimits, depth: int) -> list[tuple[etree.XPath, str]]:
+    """xmlsafe's limits as XPath over the subtrees of the elements ``$b`` (at ``depth``):
+    the nesting first, then attributes per element, attribute and text sizes."""
+    cache: dict[tuple[XmlLimits, int], list[tuple[etree.XPath, str]]] | None = getattr(
+        _compiled, "checks", None
+    )
+    if cache is None:
+        cache = _compiled.checks = {}
+    checks = cache.get((limits, depth))
+    if checks is None:
+        checks = cache[(limits, depth)] = [
+            (etree.XPath(f"boolean({path})"), reason)
+            for path, reason in (
+                (
+                    "$b" + "/*" * (limits.max_depth - depth),
+                    f"XML nesting deeper than {limits.max_depth}",
+                ),
+                (
+                    f"$b/descendant-or-self::*[@*[{int(limits.max_attributes) + 1}]]",
+                    f"XML element with more than {limits.max_attributes} attributes",
+                ),
+                (
+                    "$b/descendant-or-self::*/@*"
+                    f"[string-length() > {int(limits.max_attribute_bytes)}]",
+                    "XML attribute value too large",
+                ),
+                (
+                    f"$b/descendant::text()[string-length() > {int(limits.max_text_bytes)}]",
+                    "XML text node too large",
+                ),
+            )
+        ]
+    return checks
 
 
 def in_soap_body(
@@ -182,19 +332,31 @@ def in_soap_body(
     (header blocks, another payload) is left. Elements deeper than ``max_depth`` (what
     ``take`` never consumes, e.g. the children of a DocumentRequest) are not looked at."""
     deepest = 1 << 30 if max_depth is None else max_depth + 2
+    # The verdict for the last parent: siblings (thousands of DocumentRequests in a series)
+    # share it.
+    last_parent: object = None
+    last_verdict = False
 
-    def take_in_body(element: etree._Element, depth: int) -> bool:
-        if depth < 3 or depth > deepest:
-            return False
-        payload: etree._Element | None = element
+    def in_payload(parent: etree._Element, depth: int) -> bool:
+        """Whether ``parent`` (at ``depth``) is in the payload of the Body."""
+        payload: etree._Element | None = parent
         for _ in range(depth - 2):
             payload = payload.getparent() if payload is not None else None
         body = payload.getparent() if payload is not None else None
         if body is None or body.tag != body_tag:
             return False
-        if payload_tag is not None and payload is not None and payload.tag != payload_tag:
+        return payload_tag is None or (payload is not None and payload.tag == payload_tag)
+
+    def take_in_body(element: etree._Element, depth: int) -> bool:
+        nonlocal last_parent, last_verdict
+        if depth < 3 or depth > deepest:
             return False
-        return take(element, depth - 2)
+        parent = element.getparent()
+        if parent is None:
+            return False
+        if parent is not last_parent:
+            last_parent, last_verdict = parent, in_payload(parent, depth - 1)
+        return last_verdict and take(element, depth - 2)
 
     return take_in_body
 
