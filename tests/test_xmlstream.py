@@ -294,3 +294,21 @@ def test_prologs_whose_lt_bytes_may_not_be_markup() -> None:
     assert not lt_is_markup("<a/>".encode("utf-16-be"))
     assert not lt_is_markup(b'<?xml version="1.0" encoding="UTF-16"?><a/>')
     assert not lt_is_markup(b'<?xml version="1.0" encoding="Shift_JIS"?><a/>')
+
+
+@pytest.mark.parametrize("record", [DocumentRequest, DocumentResponse])
+def test_per_instance_records_set_every_field_and_stay_frozen(record: type) -> None:
+    import dataclasses
+    import pickle
+
+    fields = dataclasses.fields(record)
+    values = tuple(f"v{i}" for i in range(len(fields)))
+    made = record(*values)
+    assert dataclasses.astuple(made) == values
+    assert made == record(**{f.name: v for f, v in zip(fields, values, strict=True)})
+    assert hash(made) == hash(record(*values))
+    assert pickle.loads(pickle.dumps(made)) == made
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.document_unique_id = "x"
+    changed = dataclasses.replace(made, document_unique_id="x")
+    assert changed.document_unique_id == "x" and changed != made

@@ -51,8 +51,8 @@ __all__ = ["PrunedXmlParser", "Take", "in_soap_body", "local_name", "walk_tree"]
 
 # The prolog is inspected before libxml2 sees a byte (what check_no_dtd reads).
 _PROLOG_BYTES = 8192
-# Elements checked by one XPath call: libxml2 merges the node sets of several context nodes
-# with a duplicate check quadratic in their size.
+# Elements checked by one XPath call along the descendant axis: libxml2 merges the node sets
+# of several context nodes with a duplicate check quadratic in their size.
 _CHECK_GROUP = 32
 
 # Called with each complete element and its depth (the root is 0, its children 1); True: the
@@ -268,11 +268,14 @@ class PrunedXmlParser:
             by_depth.setdefault(depth, []).append(element)
         suspect = self._screen.suspect
         for depth, elements in by_depth.items():
-            checks = _subtree_checks(limits, depth)
+            (deeper, reason), *checks = _subtree_checks(limits, depth)
+            nodes: list[Any] = elements  # an XPath node-set
+            if deeper(elements[0], b=nodes):  # child steps only: no duplicates to merge
+                raise XmlRejected(reason)
             if not suspect:
-                checks = checks[:1]  # the depth; the bytes rule the rest out
+                continue  # the bytes rule the rest out
             for start in range(0, len(elements), _CHECK_GROUP):
-                group: list[Any] = elements[start : start + _CHECK_GROUP]  # a node-set
+                group = nodes[start : start + _CHECK_GROUP]
                 for check, reason in checks:
                     if check(group[0], b=group):
                         raise XmlRejected(reason)
