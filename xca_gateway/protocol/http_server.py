@@ -73,6 +73,12 @@ _READ_SIZE = 256 * 1024
 _LINGER_SECONDS = 1.0
 # Bytes queued in the transport before a streamed response waits for the reader.
 _DRAIN_ABOVE = 1024 * 1024
+# A chunked body's pieces are gathered while its producer has more at hand, up to this much,
+# and go out as one HTTP chunk in one transport write (see ChunkBatch, _ChunkedWriter).
+GATHER_BYTES = 256 * 1024
+# Pieces shorter than this (a MIME part's head, a delimiter) are copied into the bytes before
+# them, the framing included, instead of being a TLS record of their own.
+SMALL_PIECE = 2048
 # What a refused body may still send while our answer reaches its client (then reset): enough
 # for a client to notice the answer, too little to keep the event loop decrypting a flood.
 _LINGER_BYTES = 1024 * 1024
@@ -168,6 +174,91 @@ class Response:
 
 
 App = Callable[[Request], Awaitable[Response]]
+
+Buffer = bytes | bytearray | memoryview
+
+
+class ChunkBatch:
+    """The pieces of a chunked body gathered for one write, framed as ONE HTTP chunk. Sans-IO.
+
+    Each buffer handed to asyncio's TLS transport is an ``SSLObject.write`` of its own (a TLS
+    record at least) and each ``writelines`` a ``send``: a relay writing a chunk-size line, a
+    part head and a piece per call paid four records and two sends per instance. Here small
+    pieces are copied together with the framing before them into one buffer, large ones (a
+    relay's pieces: memoryviews of what it received) are passed on uncopied, and the whole
+    batch is one chunk, so the receiver also parses one chunk-size line per batch.
+    """
+
+    __slots__ = ("_buffers", "_lead", "_small", "size")
+
+    def __init__(self) -> None:
+        self._buffers: list[Buffer] = []  # after the lead: large pieces and joined small ones
+        self._lead = bytearray()  # small pieces before the first large one
+        self._small = self._lead  # where the next small piece goes
+        self.size = 0
+
+    def add(self, piece: Buffer) -> None:
+        """Gather ``piece`` (non-empty). A large piece is kept as it is: its producer must
+        not change it afterwards."""
+        n = len(piece)
+        self.size += n
+        if n < SMALL_PIECE:
+            self._small += piece
+        else:
+            self._buffers.append(piece)
+            self._small = bytearray()
+            self._buffers.append(self._small)
+
+    def take(self, before: bytes) -> list[Buffer]:
+        """The batch as one chunk after ``before`` (the CRLF ending the previous chunk's
+        data, or nothing), without its own closing CRLF; the batch is empty afterwards."""
+        head = bytearray(before)
+        head += b"%x\r\n" % self.size
+        head += self._lead
+        out: list[Buffer] = [head]
+        out.extend(b for b in self._buffers if b)
+        self._buffers = []
+        self._lead = self._small = bytearray()
+        self.size = 0
+        return out
+
+
+class _ChunkedWriter:
+    """A chunked body's writes: pieces gathered (:class:`ChunkBatch`) while the producer
+    yields them without waiting, written when it is about to wait (a callback at the event
+    loop's next turn, which comes only once the writing task is suspended) or once
+    :data:`GATHER_BYTES` are gathered. Nothing is held back while the producer waits, so this
+    adds no latency; a relay's pieces of one socket read go out in one ``send``."""
+
+    __slots__ = ("_batch", "_loop", "_scheduled", "_transport", "closed", "pending")
+
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
+        self._transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._batch = ChunkBatch()
+        self._scheduled = False
+        self.pending = b""  # the CRLF ending the last chunk written
+        self.closed = False  # done (or failed): a scheduled write does nothing
+
+    def add(self, piece: Buffer) -> None:
+        batch = self._batch
+        batch.add(piece)
+        if batch.size >= GATHER_BYTES:
+            self.flush()
+        elif not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._scheduled = False
+        if not self.closed and not self._transport.is_closing():
+            self.flush()
+
+    def flush(self) -> None:
+        batch = self._batch
+        if batch.size:
+            self._transport.writelines(batch.take(self.pending))
+            self.pending = b"\r\n"
 
 
 @dataclass(frozen=True)
@@ -1410,15 +1501,12 @@ class HttpServer:
         """Write ``body``; returns what must precede the last-chunk (the CRLF ending the
         final chunk's data, held back so that it travels with the next chunk-size line)."""
         transport = writer.transport
-        pending = b""  # CRLF closing the previous chunk's data
+        chunks = _ChunkedWriter(transport) if chunked else None
         try:
             async for chunk in body:
                 if chunk:
-                    if chunked:
-                        # Two TLS writes, no copy of the chunk (a relay's chunks are
-                        # memoryviews of what it received).
-                        transport.writelines((pending + b"%x\r\n" % len(chunk), chunk))
-                        pending = b"\r\n"
+                    if chunks is not None:
+                        chunks.add(chunk)
                     else:  # h11 keeps count (a declared length, or until close)
                         transport.write(conn.send(h11.Data(data=chunk)) or b"")
                     # Backpressure: once the socket's buffer passes the high-water mark, wait
@@ -1430,8 +1518,12 @@ class HttpServer:
                         # connection would silently discard the rest of the study).
                         raise ConnectionResetError("client disconnected during the response")
                     if transport.get_write_buffer_size() > _DRAIN_ABOVE:
+                        if chunks is not None:
+                            chunks.flush()
                         async with asyncio.timeout(self.timeouts.body):
                             await writer.drain()
+            if chunks is not None:
+                chunks.flush()
         except (ConnectionError, TimeoutError, ssl.SSLError):
             writer.transport.abort()
             raise
@@ -1442,7 +1534,10 @@ class HttpServer:
             log.warning("response body failed mid-stream, aborting connection: %r", exc)
             writer.transport.abort()
             raise ConnectionAbortedError("response body failed") from exc
-        return pending
+        finally:
+            if chunks is not None:
+                chunks.closed = True  # a write still scheduled (after a failure) is dropped
+        return chunks.pending if chunks is not None else b""
 
     async def _send_simple_error(
         self, conn: h11.Connection, writer: asyncio.StreamWriter, status: int, message: str
