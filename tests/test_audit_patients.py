@@ -10,6 +10,7 @@ from lxml import etree
 from xca_gateway.audit.messages import PatientRef
 from xca_gateway.audit.patients import (
     HeaderSniffer,
+    InstanceFacts,
     InstanceObservations,
     PatientMemory,
     entry_patients,
@@ -114,6 +115,22 @@ def test_header_facts_from_the_first_bytes_of_a_stream(tmp_path: Path) -> None:
     junk = HeaderSniffer()
     junk.feed(b"not dicom" * 1000)
     assert junk.finish().patient is None
+
+
+def test_sop_class_read_from_views_of_a_relay_buffer_however_cut(tmp_path: Path) -> None:
+    """The SOP class sniff reads a relay's pieces (views into its receive buffer) in place:
+    same answer whether the file meta group comes in the first piece or spread over many."""
+    data = _instance(tmp_path)
+    received = memoryview(bytearray(b"head" + data + b"tail"))[4:-4]
+    assert meta_sop_class(received) == CT
+    for cut in (1, 7, 131, 132, 140, 200, 1000, len(data)):
+        sniffer = HeaderSniffer(want_patient=False)
+        for start in range(0, len(data), cut):
+            sniffer.feed(received[start : start + cut])
+        assert sniffer.finish() == InstanceFacts(None, CT), cut
+    not_part10 = HeaderSniffer(want_patient=False)
+    not_part10.feed(memoryview(b"\0" * 128 + b"DICX" + data[132:]))
+    assert not_part10.done and not_part10.finish() == InstanceFacts(None, None)
 
 
 def test_observations_name_each_series_once(tmp_path: Path) -> None:

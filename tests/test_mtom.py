@@ -294,6 +294,38 @@ def test_writer_streams_chunks_without_concatenation() -> None:
     assert w.content_length() is None
 
 
+def test_lazily_made_parts_have_the_heads_of_parts_added_one_by_one() -> None:
+    specs = [
+        ("<1.tok@xca-gateway>", "application/dicom", {}),
+        ("2.tok@xca-gateway", "application/dicom", {}),
+        (" 3.tok@h\u00e9te ", "application/octet-stream", {}),
+        ("4.tok@x", "application/dicom", {"X-Extra": "1"}),
+        ("5.tok@x", "application/dicom", {}),
+    ]
+    one_by_one = MtomWriter(ENVELOPE, boundary="b0", root_content_id="root@x")
+    lazy = MtomWriter(ENVELOPE, boundary="b0", root_content_id="root@x")
+    for cid, content_type, headers in specs:
+        one_by_one.add_part(OutgoingPart(cid, content_type, b"x", headers))
+    lazy.add_parts(OutgoingPart(cid, ct, b"x", headers) for cid, ct, headers in specs)
+    expected = list(one_by_one.iter_bytes())
+    assert list(lazy.iter_bytes()) == expected
+    assert expected[3] == b"\r\n--b0\r\nContent-Type: application/dicom\r\n" + (
+        b"Content-Transfer-Encoding: binary\r\nContent-ID: <2.tok@xca-gateway>\r\n\r\n"
+    )
+    # Checked as they come, as add_part checks them.
+    for cid, content_type in [
+        ("<root@x>", "application/dicom"),
+        ("a@x\r\nX-Evil: 1", "application/dicom"),
+        ("a@x", "application/dicom\r\nX-Evil: 1"),
+        ("<>", "application/dicom"),
+    ]:
+        w = MtomWriter(ENVELOPE, root_content_id="root@x")
+        w.add_parts([OutgoingPart("ok@x", "application/dicom", b"1")])
+        w.add_parts([OutgoingPart(cid, content_type, b"2")])
+        with pytest.raises(ValueError):
+            list(w.iter_bytes())
+
+
 def test_writer_content_length() -> None:
     w, body = build({"a@x": b"x" * 1000, "b@x": b"yz"})
     assert w.content_length() == len(body)

@@ -20,6 +20,7 @@ saw it cannot tell: the audit record then says "patient not known to this node".
 from __future__ import annotations
 
 import io
+import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
@@ -182,37 +183,42 @@ _LONG_VRS = frozenset(
 )
 
 
-def meta_sop_class(data: bytes) -> str | object | None:
+_ELEMENT_HEAD = struct.Struct("<HH2sH")  # group, element, VR, a 2-byte length
+_LONG_LENGTH = struct.Struct("<I")
+
+
+def meta_sop_class(data: bytes | bytearray | memoryview) -> str | object | None:
     """MediaStorageSOPClassUID from a Part 10 file meta group (explicit VR little endian,
-    PS3.10 7.1): cheap enough for every instance. ``_MORE`` while the group is incomplete,
-    None when the bytes are not Part 10."""
-    if len(data) < 132:
+    PS3.10 7.1): cheap enough for every instance, read where it lies (``data`` may be a view
+    of a relay's receive buffer: only the UID is copied). ``_MORE`` while the group is
+    incomplete, None when the bytes are not Part 10."""
+    end = len(data)
+    if end < 132:
         return _MORE
     if data[128:132] != b"DICM":
         return None
     pos = 132
+    unpack = _ELEMENT_HEAD.unpack_from
     while True:
-        if len(data) < pos + 8:
+        if end < pos + 8:
             return _MORE
-        group = int.from_bytes(data[pos : pos + 2], "little")
-        element = int.from_bytes(data[pos + 2 : pos + 4], "little")
+        group, element, vr, length = unpack(data, pos)
         if group != 0x0002:
             return None
-        vr = data[pos + 4 : pos + 6]
         if vr in _LONG_VRS:
-            if len(data) < pos + 12:
+            if end < pos + 12:
                 return _MORE
-            length = int.from_bytes(data[pos + 8 : pos + 12], "little")
+            (length,) = _LONG_LENGTH.unpack_from(data, pos + 8)
             pos += 12
         else:
-            length = int.from_bytes(data[pos + 6 : pos + 8], "little")
             pos += 8
         if length == 0xFFFFFFFF:
             return None
         if element == 0x0002:
-            if len(data) < pos + length:
+            if end < pos + length:
                 return _MORE
-            return data[pos : pos + length].rstrip(b"\x00 ").decode("ascii", "replace") or None
+            uid = bytes(data[pos : pos + length]).rstrip(b"\x00 ")
+            return uid.decode("ascii", "replace") or None
         pos += length
 
 
@@ -234,9 +240,16 @@ class HeaderSniffer:
     def done(self) -> bool:
         return self.facts is not None
 
-    def feed(self, chunk: bytes) -> InstanceFacts | None:
+    def feed(self, chunk: bytes | bytearray | memoryview) -> InstanceFacts | None:
         if self.facts is not None:
             return self.facts
+        if not self.want_patient and not self._buffer:
+            # Nearly always: the instance's first piece holds its whole file meta group,
+            # read in place instead of copied into the buffer.
+            sop_class = meta_sop_class(chunk)
+            if sop_class is not _MORE:
+                self.facts = InstanceFacts(None, sop_class if isinstance(sop_class, str) else None)
+                return self.facts
         limit = MAX_SNIFF_BYTES if self.want_patient else _MAX_META_BYTES
         room = limit - len(self._buffer)
         self._buffer += chunk[:room]

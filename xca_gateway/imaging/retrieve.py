@@ -230,9 +230,10 @@ class _InstanceReader(mtom.PartReader):
         # The audit names the patient the instance's own header names (read as it passes).
         self._sniffer = self._observed.sniffer(self._instance.document.series_instance_uid)
         self._sniffing = True
-        # The task reading it, for the idle timeout to cancel: looked up once per instance.
-        self._task = asyncio.current_task()
         watch = self._watch = streams.idle_watch()
+        # The task reading it, for the idle timeout to cancel: looked up once per instance,
+        # with the loop given (else asyncio asks for it, a getpid() system call each time).
+        self._task = asyncio.current_task(watch.loop)
         source = self._source = self._retrieval.reader(self._instance)
         return source, watch
 
