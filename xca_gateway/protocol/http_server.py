@@ -74,8 +74,9 @@ _LINGER_SECONDS = 1.0
 # Bytes queued in the transport before a streamed response waits for the reader.
 _DRAIN_ABOVE = 1024 * 1024
 # A chunked body's pieces are gathered while its producer has more at hand, up to this much,
-# and go out as one HTTP chunk in one transport write (see ChunkBatch, _ChunkedWriter).
-GATHER_BYTES = 256 * 1024
+# and go out as one HTTP chunk in one transport write (see ChunkBatch, _ChunkedWriter). Above
+# a relay's reads (about 256 KiB), so that one read's pieces are one write.
+GATHER_BYTES = 512 * 1024
 # Pieces shorter than this (a MIME part's head, a delimiter) are copied into the bytes before
 # them, the framing included, instead of being a TLS record of their own.
 SMALL_PIECE = 2048
