@@ -312,3 +312,34 @@ def test_per_instance_records_set_every_field_and_stay_frozen(record: type) -> N
         made.document_unique_id = "x"
     changed = dataclasses.replace(made, document_unique_id="x")
     assert changed.document_unique_id == "x" and changed != made
+
+
+def test_nesting_past_libxml2s_own_cap_gets_the_nesting_reason() -> None:
+    # Nobody looks at these elements before libxml2 stops at 256 levels: still our limit.
+    document = b"<a>" * 300 + b"</a>" * 300
+    parser = PrunedXmlParser(XmlLimits(max_depth=100), _never, tags=("item",))
+    with pytest.raises(XmlRejected, match="nesting deeper than 100"):
+        _feed(parser, document, 4096)
+
+
+@pytest.mark.parametrize("size", [4096, 65536])
+def test_a_namespace_flood_is_refused_once_declarations_are_no_longer_counted(size: int) -> None:
+    from xca_gateway.protocol.xmlsafe import MarkupCounter
+
+    # The first 64 declarations are the same one (counted, then no longer), then a flood.
+    same = b"".join(b'<i xmlns:p="urn:same"/>' for _ in range(80))
+    flood = b"".join(b'<i xmlns:p="urn:%d"/>' % i for i in range(300))
+    document = b"<list>" + same + flood + b"</list>"
+    with pytest.raises(XmlRejected, match="more than 256 namespaces"):
+        _feed(PrunedXmlParser(XmlLimits(), _never), document, size)
+    counter = MarkupCounter(xmlns_up_to=64)
+    for start in range(0, len(document), size):
+        counter.feed(document[start : start + size])
+    everything = MarkupCounter()
+    everything.feed(document)
+    assert counter.count.xmlns > 64  # the rest was not counted
+    assert (counter.count.opens, counter.count.closes, counter.count.equals) == (
+        everything.count.opens,
+        everything.count.closes,
+        everything.count.equals,
+    )

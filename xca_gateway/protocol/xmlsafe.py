@@ -165,22 +165,33 @@ class MarkupCounter:
     rest of it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, xmlns_up_to: int | None = None) -> None:
+        # Past this many, namespace declarations are no longer counted: a caller that then
+        # examines them one by one needs no more (a relayed reply declares one per instance).
+        self._xmlns_up_to = xmlns_up_to
         self.count = MarkupCount()
         self._tail = b""
 
     def feed(self, chunk: bytes) -> None:
         count = self.count
-        count.add(chunk, 0, len(chunk))
+        up_to = self._xmlns_up_to
+        xmlns = up_to is None or count.xmlns <= up_to
+        if xmlns:
+            count.add(chunk, 0, len(chunk))
+        else:
+            count.opens += chunk.count(b"<")
+            count.closes += chunk.count(b"</")
+            count.equals += chunk.count(b"=")
         if self._tail:
             # Patterns that start in the previous chunk and end in this one (neither pattern
             # can overlap itself, so counts subtract).
             head = chunk[:4]
             joined = self._tail + head
             count.closes += joined.count(b"</") - self._tail.count(b"</") - head.count(b"</")
-            count.xmlns += (
-                joined.count(b"xmlns") - self._tail.count(b"xmlns") - head.count(b"xmlns")
-            )
+            if xmlns:
+                count.xmlns += (
+                    joined.count(b"xmlns") - self._tail.count(b"xmlns") - head.count(b"xmlns")
+                )
         self._tail = (self._tail + chunk)[-4:] if len(chunk) < 4 else chunk[-4:]
 
 

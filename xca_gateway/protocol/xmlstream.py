@@ -30,6 +30,7 @@ a tree built elsewhere.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
@@ -37,7 +38,7 @@ from typing import Any
 from lxml import etree
 
 from xca_gateway.protocol.xmlsafe import (
-    _NAMESPACE_DECLARATION,
+    _FEW_NAMESPACE_DECLARATIONS,
     MarkupCounter,
     XmlLimits,
     XmlRejected,
@@ -49,6 +50,8 @@ from xca_gateway.protocol.xmlsafe import (
 
 __all__ = ["PrunedXmlParser", "Take", "in_soap_body", "local_name", "walk_tree"]
 
+# xmlsafe's namespace declaration, whole (findall: no Python per declaration).
+_DECLARATION = re.compile(rb"""xmlns(?::[^\s=/>]+)?\s*=\s*(?:"[^"]*"|'[^']*')""")
 # The prolog is inspected before libxml2 sees a byte (what check_no_dtd reads).
 _PROLOG_BYTES = 8192
 # Elements checked by one XPath call along the descendant axis: libxml2 merges the node sets
@@ -143,7 +146,7 @@ class PrunedXmlParser:
             remove_blank_text=False,
             **options,
         )
-        self._counter = MarkupCounter()
+        self._counter = MarkupCounter(xmlns_up_to=_FEW_NAMESPACE_DECLARATIONS)
         self._screen = _RunScreen(limits)
         self._namespaces: set[bytes] = set()
         self._tail = b""  # the last bytes fed, for a "<![" across two chunks
@@ -186,7 +189,7 @@ class PrunedXmlParser:
         try:
             root = self._parser.close()
         except etree.XMLSyntaxError as exc:
-            raise XmlRejected(f"malformed XML: {exc.msg}") from None
+            raise self._malformed(exc) from None
         self._handle_events()
         self._drop_consumed()
         docinfo: Any = root.getroottree().docinfo
@@ -211,20 +214,25 @@ class PrunedXmlParser:
         if (b"!" in chunk and b"<![" in chunk) or b"<![" in self._tail + chunk[:2]:
             self._screen.suspect = True
         self._tail = chunk[-2:]
-        if count.xmlns > 64:  # as xmlsafe: distinct declarations only looked at when many
-            for match in _NAMESPACE_DECLARATION.finditer(chunk):
-                self._namespaces.add(match.group(0))
-                if len(self._namespaces) > self.limits.max_namespaces:
-                    raise XmlRejected(
-                        f"XML document declares more than {self.limits.max_namespaces} namespaces"
-                    )
+        if count.xmlns > _FEW_NAMESPACE_DECLARATIONS:  # as xmlsafe: looked at when many
+            self._namespaces.update(_DECLARATION.findall(chunk))  # bounded by the chunk
+            if len(self._namespaces) > self.limits.max_namespaces:
+                raise XmlRejected(
+                    f"XML document declares more than {self.limits.max_namespaces} namespaces"
+                )
 
     def _parse(self, chunk: bytes) -> None:
         try:
             self._parser.feed(chunk)
         except etree.XMLSyntaxError as exc:
-            raise XmlRejected(f"malformed XML: {exc.msg}") from None
+            raise self._malformed(exc) from None
         self._handle_events()
+
+    def _malformed(self, exc: etree.XMLSyntaxError) -> XmlRejected:
+        # libxml2 stops at 256 levels of elements nobody looked at yet: that is our limit.
+        if exc.msg.startswith("Excessive depth") and self.limits.max_depth < 256:
+            return XmlRejected(f"XML nesting deeper than {self.limits.max_depth}")
+        return XmlRejected(f"malformed XML: {exc.msg}")
 
     def _depth_of(self, element: etree._Element) -> int:
         parent = element.getparent()
