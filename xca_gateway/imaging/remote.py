@@ -46,7 +46,7 @@ from xca_gateway.imaging.sources import (
 )
 from xca_gateway.protocol import mtom
 from xca_gateway.protocol.http_client import RelayConnectError, RelayError, RelayResponse
-from xca_gateway.protocol.mtom import MtomError, PartData, PartEnd
+from xca_gateway.protocol.mtom import Finished, MtomError, PartData, PartEnd, PartStart
 from xca_gateway.protocol.multipart import MultipartStream, TruncatedMultipart
 from xca_gateway.protocol.peer_client import PeerClient, PeerError
 from xca_gateway.protocol.soap import build_envelope, read_fault, serialize_around
@@ -117,17 +117,19 @@ class RemoteRetrieval(Retrieval):
         if parts is None:
             raise InstanceStreamError(f"{self._what}: reply has no MIME part <{content_id}>")
         while True:
-            headers = await parts.next_part()
-            if headers is None:
+            # next_part() without its coroutine when the part's start was in the last read.
+            event = parts.poll() or await parts.next_event()
+            if isinstance(event, Finished):
                 raise InstanceStreamError(f"{self._what}: MIME part <{content_id}> never came")
-            cid = headers.content_id
+            if not isinstance(event, PartStart):
+                continue  # the rest of a part nobody referenced
+            cid = event.headers.content_id
             if cid == content_id:
                 break
             if cid is not None and cid in self._wanted:
                 data = await parts.read_part(self._max_reorder_bytes - self._early_bytes)
                 self._early[cid] = data
                 self._early_bytes += len(data)
-            # Parts nobody referenced are skipped by next_part().
         self._wanted.discard(content_id)
         return parts
 
@@ -178,7 +180,8 @@ class _PartReader(InstanceReader):
                     return b""
                 parts = self._parts = await retrieval._seek(self._content_id)
             while True:
-                event = await parts.next_event()
+                # Mostly the event is already parsed: no coroutine for it.
+                event = parts.poll() or await parts.next_event()
                 if isinstance(event, PartData):
                     data = event.data
                     if not data:

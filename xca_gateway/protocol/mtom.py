@@ -239,6 +239,10 @@ class Finished(MultipartEvent):
     """The close delimiter was seen; anything after it (epilogue) is discarded."""
 
 
+# Events without fields are immutable: one of each serves every part.
+_PART_END = PartEnd()
+_FINISHED = Finished()
+
 # A range of a buffer, ``(buffer, start, end)``: searched in place (``find`` with bounds).
 BufferSpan = tuple[bytes | bytearray, int, int]
 
@@ -252,7 +256,41 @@ class _State(enum.Enum):
     ERROR = enum.auto()
 
 
-def _parse_header_block(block: bytes) -> PartHeaders:
+# Header lines already parsed, by their text (CR included): a relay meets the same few lines
+# (Content-Type, Content-Transfer-Encoding) in every part, and this spares their split, case
+# folding and token check; Content-ID lines, unique per part, still find their name here.
+# Emptied when full: a peer sending ever new lines costs the lookups, not memory.
+_HEADER_LINES: dict[str, tuple[str, str]] = {}
+_HEADER_NAMES: dict[str, str] = {}
+_HEADER_CACHE_MAX = 256
+_HEADER_LINE_CHARS = 200
+
+
+def _header_line(raw: str) -> tuple[str, str]:
+    """``(lower-cased name, stripped value)`` of a header line that is not a folded one."""
+    parsed = _HEADER_LINES.get(raw)
+    if parsed is not None:
+        return parsed
+    name_raw, sep, val = raw.partition(":")
+    name = _HEADER_NAMES.get(name_raw) if sep else None
+    if name is None:
+        name = name_raw.strip().lower()
+        if not sep or _TOKEN.fullmatch(name) is None:
+            line = raw.rstrip("\r")
+            raise MtomError(f"malformed MIME part header line {line[:80]!r}")
+        if len(name_raw) <= _HEADER_LINE_CHARS:
+            if len(_HEADER_NAMES) >= _HEADER_CACHE_MAX:
+                _HEADER_NAMES.clear()
+            _HEADER_NAMES[name_raw] = name
+    parsed = (name, val.strip())  # the CR of the line's end goes with the other whitespace
+    if name != "content-id" and len(raw) <= _HEADER_LINE_CHARS:
+        if len(_HEADER_LINES) >= _HEADER_CACHE_MAX:
+            _HEADER_LINES.clear()
+        _HEADER_LINES[raw] = parsed
+    return parsed
+
+
+def _parse_header_block(block: bytes | bytearray) -> PartHeaders:
     try:
         text = block.decode("utf-8")
     except UnicodeDecodeError:
@@ -260,19 +298,16 @@ def _parse_header_block(block: bytes) -> PartHeaders:
     headers: dict[str, str] = {}
     last: str | None = None
     for raw in text.split("\n"):
-        line = raw.rstrip("\r")
-        if not line:
-            continue
-        if line[0] in " \t":  # obsolete folding
-            if last is None:
-                raise MtomError("MIME part header starts with a continuation line")
-            headers[last] = f"{headers[last]} {line.strip()}"
-            continue
-        name, sep, val = line.partition(":")
-        name = name.strip().lower()
-        if not sep or not _is_token(name):
-            raise MtomError(f"malformed MIME part header line {line[:80]!r}")
-        val = val.strip()
+        if not raw or raw[0] in " \t\r":
+            line = raw.rstrip("\r")
+            if not line:
+                continue
+            if line[0] in " \t":  # obsolete folding
+                if last is None:
+                    raise MtomError("MIME part header starts with a continuation line")
+                headers[last] = f"{headers[last]} {line.strip()}"
+                continue
+        name, val = _header_line(raw)
         if name in headers:
             if name in ("content-id", "content-type", "content-transfer-encoding"):
                 raise MtomError(f"duplicate {name} header in MIME part")
@@ -471,12 +506,22 @@ class MultipartParser:
     ) -> int:
         """Parse ``buf[pos:n]``; returns where the undecided rest begins."""
         delim = self._delim
+        dlen = len(delim)
         while True:
             state = self._state
             if state is _State.BODY:
                 idx = buf.find(delim, pos, n)
                 while idx >= 0:
-                    kind = self._delimiter_kind(buf, idx + len(delim), n)
+                    # What follows LF--boundary (as _delimiter_kind, inline: once per part).
+                    end = idx + dlen
+                    c = buf[end] if end < n else -1
+                    if c == 0x2D:  # '-'
+                        after = buf[end + 1] if end + 1 < n else -1
+                        kind = None if after < 0 else "close" if after == 0x2D else "none"
+                    elif c < 0:
+                        kind = None
+                    else:
+                        kind = "part" if c in b" \t\r\n" else "none"
                     if kind == "none":
                         idx = buf.find(delim, idx + 1, n)
                         continue
@@ -488,11 +533,11 @@ class MultipartParser:
                         return body_end
                     if body_end > pos:
                         events.append(PartData(cast(bytes, mv[pos:body_end])))
-                    events.append(PartEnd())
-                    pos = idx + len(delim)
+                    events.append(_PART_END)
+                    pos = end
                     if kind == "close":
                         self._state = _State.DONE
-                        events.append(Finished())
+                        events.append(_FINISHED)
                         return n
                     self._state = _State.AFTER_BOUNDARY
                     break
@@ -509,7 +554,9 @@ class MultipartParser:
                     if pad.strip(b" \t\r") or n - pos > _MAX_PADDING:
                         raise MtomError("invalid characters after multipart boundary")
                     return pos
-                if bytes(mv[pos:nl]).strip(b" \t\r"):
+                # Mostly the line ends right after the boundary: no padding to look at.
+                padded = nl - pos > 1 or (nl > pos and buf[pos] != 0x0D)
+                if padded and bytes(mv[pos:nl]).strip(b" \t\r"):
                     raise MtomError("invalid characters after multipart boundary")
                 self._parts += 1
                 if self._parts > self.max_parts:
@@ -520,11 +567,15 @@ class MultipartParser:
             elif state is _State.HEADERS:
                 if n == pos or (n - pos == 1 and buf[pos] == 0x0D):
                     return pos
-                if buf[pos] == 0x0A or (buf[pos] == 0x0D and buf[pos + 1] == 0x0A):
-                    hdr_end, body_start = pos, pos + (1 if buf[pos] == 0x0A else 2)
+                first = buf[pos]
+                if first == 0x0A or (first == 0x0D and buf[pos + 1] == 0x0A):
+                    hdr_end, body_start = pos, pos + (1 if first == 0x0A else 2)
                 else:
-                    start = pos + max(0, self._hdr_scanned - 2)
-                    limit = min(n, pos + self.max_part_header_bytes + 3)
+                    scanned = self._hdr_scanned
+                    start = pos + scanned - 2 if scanned > 2 else pos
+                    limit = pos + self.max_part_header_bytes + 3
+                    if limit > n:
+                        limit = n
                     i1 = buf.find(b"\n\r\n", start, limit)
                     # A bare-LF end counts only before the CRLF one: not searched for past it
                     # (into the part's body) when headers end in CRLF, as they mostly do.
@@ -540,8 +591,8 @@ class MultipartParser:
                         hdr_end, body_start = i1 + 1, i1 + 3
                 if hdr_end - pos > self.max_part_header_bytes:
                     raise MtomError("MIME part headers too large")
-                headers = _parse_header_block(bytes(mv[pos:hdr_end]))
-                events.append(PartStart(headers))
+                # A slice of the buffer itself (bytes or a bytearray copy), decoded at once.
+                events.append(PartStart(_parse_header_block(buf[pos:hdr_end])))
                 pos = body_start
                 self._state = _State.BODY
             elif state is _State.PREAMBLE:
@@ -557,7 +608,7 @@ class MultipartParser:
                     pos = idx + len(delim)
                     if kind == "close":  # no parts at all
                         self._state = _State.DONE
-                        events.append(Finished())
+                        events.append(_FINISHED)
                         return n
                     self._state = _State.AFTER_BOUNDARY
                     break

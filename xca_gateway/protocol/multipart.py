@@ -90,21 +90,36 @@ class MultipartStream:
             pieces: Iterable[bytes | memoryview]
             pieces = chunk if isinstance(chunk, list) else (cast(bytes, chunk),)
             self._pending.extend(self._parser.feed_views(pieces))
-        event = self._pending.popleft()
-        if isinstance(event, PartStart):
-            encoding = event.headers.headers.get("content-transfer-encoding", "binary")
-            encoding = encoding.strip().lower()
-            if encoding == "base64":
-                self._b64 = _Base64()
-            elif encoding not in ("binary", "8bit", "7bit"):
-                raise MtomError(f"unsupported Content-Transfer-Encoding {encoding[:40]!r}")
+        return self._deliver(self._pending.popleft())
+
+    def poll(self) -> MultipartEvent | None:
+        """The next event if the last read already gave it (no await: one read carries
+        several events, and a relay takes each as it comes), else None: then await
+        :meth:`next_event`."""
+        if self._pending:
+            return self._deliver(self._pending.popleft())
+        return None
+
+    def _deliver(self, event: MultipartEvent) -> MultipartEvent:
+        if isinstance(event, PartData):
+            if self._b64 is not None:
+                return PartData(self._b64.feed(event.data))
+        elif isinstance(event, PartStart):
+            encoding = event.headers.headers.get("content-transfer-encoding")
+            if encoding is None:
+                self._b64 = None  # binary, as MTOM sends it
             else:
+                encoding = encoding.strip().lower()
+                if encoding == "base64":
+                    self._b64 = _Base64()
+                elif encoding not in ("binary", "8bit", "7bit"):
+                    raise MtomError(f"unsupported Content-Transfer-Encoding {encoding[:40]!r}")
+                else:
+                    self._b64 = None
+        elif isinstance(event, PartEnd):
+            if self._b64 is not None:
+                self._b64.close()
                 self._b64 = None
-        elif isinstance(event, PartData) and self._b64 is not None:
-            return PartData(self._b64.feed(event.data))
-        elif isinstance(event, PartEnd) and self._b64 is not None:
-            self._b64.close()
-            self._b64 = None
         elif isinstance(event, Finished):
             self.finished = True
         return event
@@ -113,7 +128,7 @@ class MultipartStream:
         """The rest of the current part's body (after its PartStart), at most ``limit`` bytes."""
         data = bytearray()
         while True:
-            event = await self.next_event()
+            event = self.poll() or await self.next_event()
             if isinstance(event, PartData):
                 data += event.data
                 if len(data) > limit:
@@ -131,7 +146,7 @@ class MultipartStream:
         Raises MtomError past ``max_bytes``; TruncatedMultipart if the body ends early."""
         seen = 0
         while not self.finished:
-            event = await self.next_event()
+            event = self.poll() or await self.next_event()
             if isinstance(event, PartData):
                 seen += len(event.data)
                 if seen > max_bytes:
@@ -144,7 +159,7 @@ class MultipartStream:
     async def next_part(self) -> PartHeaders | None:
         """Skip to the next PartStart; None at the close delimiter."""
         while True:
-            event = await self.next_event()
+            event = self.poll() or await self.next_event()
             if isinstance(event, PartStart):
                 return event.headers
             if isinstance(event, Finished):
