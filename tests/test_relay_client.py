@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 import ssl
 from collections.abc import AsyncIterator
 
@@ -92,6 +93,54 @@ async def test_bytes_handed_out_stay_what_was_received() -> None:
 def test_malformed_chunked_bodies_are_refused(wire: bytes) -> None:
     with pytest.raises(RelayError):
         _BodyDecoder(length=None, chunked=True).feed(wire)
+
+
+def _chunked_wire(rng: random.Random) -> tuple[bytes, bytes | None]:
+    """A chunked body (sizes in either case, leading zeros, extensions, trailers) and its
+    payload; sometimes with one framing byte changed (payload None)."""
+    payload, wire = bytearray(), bytearray()
+    for _ in range(rng.randint(0, 8)):
+        data = rng.randbytes(rng.choice([1, 2, 15, 16, 300, 5000]))
+        size = rng.choice(["%x", "%X", "00%x"]) % len(data)
+        extension = rng.choice([b"", b"", b";name=value", b" ;x"])
+        wire += size.encode() + extension + b"\r\n" + data + b"\r\n"
+        payload += data
+    wire += rng.choice([b"0\r\n\r\n", b"000\r\nTrailer: x\r\n\r\n", b"0;e\r\n\r\n"])
+    if rng.random() < 0.3:  # framing damaged: a size digit, a CR or an LF changed
+        framing = [i for i, c in enumerate(wire) if c in b"0123456789abcdefABCDEF\r\n"]
+        at = rng.choice(framing)
+        wire[at] = rng.choice(b"0x_;zF\r\n ")
+        return bytes(wire), None
+    return bytes(wire), bytes(payload)
+
+
+def _decoded(wire: bytes, cuts: list[int]) -> tuple[bytes, bool] | str:
+    decoder = _BodyDecoder(length=None, chunked=True)
+    out = bytearray()
+    try:
+        for start, end in zip([0, *cuts], [*cuts, len(wire)], strict=True):
+            # Each piece a range of a larger buffer, as the relay client's receive buffers.
+            buffer = b"\r\n7\r\n" + wire + b"\r\n5\r\n"
+            for buf, a, b in decoder.feed_span(buffer, start + 5, end + 5):
+                out += buf[a:b]
+    except RelayError:
+        return "refused"  # which complaint comes first depends on where the cuts fall
+    return bytes(out), decoder.done
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_chunk_heads_read_whole_or_cut_anywhere_give_the_same_answers(seed: int) -> None:
+    # Whole pieces take the one-match path for a chunk's CRLF and the next size line; one-byte
+    # pieces never can: both must agree, on sound and on damaged framing alike.
+    rng = random.Random(seed)
+    for _ in range(400):
+        wire, payload = _chunked_wire(rng)
+        whole = _decoded(wire, [])
+        assert _decoded(wire, list(range(1, len(wire)))) == whole
+        cuts = sorted(rng.sample(range(1, len(wire)), min(len(wire) - 1, 5)))
+        assert _decoded(wire, cuts) == whole
+        if payload is not None:
+            assert whole == (payload, True)
 
 
 def test_eof_before_the_end_is_an_error_except_for_until_close_bodies() -> None:
