@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
@@ -293,3 +294,16 @@ def test_xml_per_instance_measures_each_step_over_every_instance() -> None:
     costs = module.measure(40, 1)
     assert set(costs) == {"request", "forward", "root", "response"}
     assert all(us > 0 for us in costs.values())
+
+
+def test_write_path_streams_every_instance_to_a_real_tls_client() -> None:
+    """``benchmarks/write_path.py`` run small: the gateway's server streams the MTOM body to a
+    client process over TLS, which checks the terminating chunk; a CPU figure is printed."""
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "write_path.py"), "--total", "4M", "--repeat", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"write path: 64 x 64K: server CPU s/GB median \d+\.\d+", out.stdout)
