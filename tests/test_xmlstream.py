@@ -314,6 +314,31 @@ def test_per_instance_records_set_every_field_and_stay_frozen(record: type) -> N
     assert changed.document_unique_id == "x" and changed != made
 
 
+def test_a_namespace_flood_cut_inside_every_declaration_is_refused() -> None:
+    # Each chunk ends in the middle of a declaration: none is whole in one chunk.
+    same = b"".join(b'<i xmlns:p="urn:same"/>' for _ in range(80))
+    declarations = [b'<i xmlns:p="urn:%d"/>' % i for i in range(300)]
+    pieces = [b"<list>" + same]
+    for declaration in declarations:
+        cut = declaration.index(b"urn:") + 2
+        pieces[-1] += declaration[:cut]
+        pieces.append(declaration[cut:])
+    pieces[-1] += b"</list>"
+    parser = PrunedXmlParser(XmlLimits(), _never)
+    with pytest.raises(XmlRejected, match="more than 256 namespaces"):
+        for piece in pieces:
+            parser.feed(piece)
+        parser.close()
+
+
+def test_a_few_namespaces_cut_across_chunks_are_accepted() -> None:
+    # The same declarations over and over, each cut by a chunk: counted once each.
+    declarations = [b'<i xmlns:p="urn:%d"/>' % (i % 10) for i in range(400)]
+    document = b"<list>" + b"".join(declarations) + b"</list>"
+    root = _feed(PrunedXmlParser(XmlLimits(), _never), document, 11)
+    assert len(root) == 400
+
+
 def test_nesting_past_libxml2s_own_cap_gets_the_nesting_reason() -> None:
     # Nobody looks at these elements before libxml2 stops at 256 levels: still our limit.
     document = b"<a>" * 300 + b"</a>" * 300

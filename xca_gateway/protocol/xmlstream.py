@@ -150,6 +150,10 @@ class PrunedXmlParser:
         self._screen = _RunScreen(limits)
         self._namespaces: set[bytes] = set()
         self._tail = b""  # the last bytes fed, for a "<![" across two chunks
+        # Once declarations are collected: the previous chunk from its last "<" (a start tag
+        # it may have cut).
+        self._tag_tail = b""
+        self._tail_bound = limits.max_attribute_bytes + 1024
         self._head: bytearray | None = bytearray()
         self._size = 0
         # The parent of the last element seen and its depth: siblings cost no walk up.
@@ -215,11 +219,18 @@ class PrunedXmlParser:
             self._screen.suspect = True
         self._tail = chunk[-2:]
         if count.xmlns > _FEW_NAMESPACE_DECLARATIONS:  # as xmlsafe: looked at when many
-            self._namespaces.update(_DECLARATION.findall(chunk))  # bounded by the chunk
+            # A declaration the previous chunk cut is whole in what followed its last "<" and
+            # this chunk (a set: one found twice counts once).
+            scan = self._tag_tail + chunk if self._tag_tail else chunk
+            self._namespaces.update(_DECLARATION.findall(scan))  # bounded by the chunk
             if len(self._namespaces) > self.limits.max_namespaces:
                 raise XmlRejected(
                     f"XML document declares more than {self.limits.max_namespaces} namespaces"
                 )
+            # Kept bounded: a declaration longer than this misses the count only if cut, and
+            # each such costs the document more than max_bytes / max_namespaces.
+            keep = scan[scan.rfind(b"<") :]
+            self._tag_tail = keep[-self._tail_bound :]
 
     def _parse(self, chunk: bytes) -> None:
         try:
