@@ -30,8 +30,8 @@ from xca_gateway.imaging.response import (
 )
 from xca_gateway.protocol.namespaces import SOAP12, ResponseStatus
 from xca_gateway.protocol.soap import build_envelope, serialize_around
-from xca_gateway.protocol.xmlsafe import XmlLimits, XmlRejected
-from xca_gateway.protocol.xmlstream import PrunedXmlParser, in_soap_body
+from xca_gateway.protocol.xmlsafe import MarkupCounter, XmlLimits, XmlRejected, lt_is_markup
+from xca_gateway.protocol.xmlstream import PrunedXmlParser, _RunScreen, in_soap_body
 from xca_gateway.xds.ebrs import RegistryError
 
 BODY = f"{{{SOAP12}}}Body"
@@ -265,8 +265,6 @@ def test_tags_keep_other_elements_out_of_python_and_the_skeleton_keeps_them() ->
 
 @pytest.mark.parametrize("size", [1, 5, 64, 4096])
 def test_the_byte_screen_finds_every_run_that_may_hold_too_much(size: int) -> None:
-    from xca_gateway.protocol.xmlstream import _RunScreen
-
     def suspect(document: bytes) -> bool:
         screen = _RunScreen(SMALL)  # runs over 64 bytes, or with more than 8 "="
         for start in range(0, len(document), size):
@@ -284,8 +282,6 @@ def test_the_byte_screen_finds_every_run_that_may_hold_too_much(size: int) -> No
 
 
 def test_prologs_whose_lt_bytes_may_not_be_markup() -> None:
-    from xca_gateway.protocol.xmlsafe import lt_is_markup
-
     assert lt_is_markup(b"<a/>")
     assert lt_is_markup(b"\xef\xbb\xbf<?xml version='1.0' encoding='UTF-8'?><a/>")
     assert lt_is_markup(b'<?xml version="1.0" encoding="ISO-8859-1"?><a/>')
@@ -349,8 +345,6 @@ def test_nesting_past_libxml2s_own_cap_gets_the_nesting_reason() -> None:
 
 @pytest.mark.parametrize("size", [4096, 65536])
 def test_a_namespace_flood_is_refused_once_declarations_are_no_longer_counted(size: int) -> None:
-    from xca_gateway.protocol.xmlsafe import MarkupCounter
-
     # The first 64 declarations are the same one (counted, then no longer), then a flood.
     same = b"".join(b'<i xmlns:p="urn:same"/>' for _ in range(80))
     flood = b"".join(b'<i xmlns:p="urn:%d"/>' % i for i in range(300))
