@@ -8,6 +8,7 @@ from pathlib import Path
 from tests.conftest import policy_toml
 from xca_gateway.security.dev_pki import DevPki
 from xca_gateway.tools.dicom_samples import SampleStudy, generate_community_samples
+from xca_gateway.tools.import_manifests import import_with_config, registry_from_config
 
 ARC = "1.3.6.1.4.1.21367.13"
 
@@ -16,7 +17,6 @@ def seed_community(
     tmp: Path, pki: DevPki, name: str, index: int, extra: str = ""
 ) -> tuple[Path, list[SampleStudy]]:
     """A community as the demo builds it: sample studies imported into registry/repository."""
-    from xca_gateway.tools.import_manifests import import_with_config, registry_from_config
 
     pair = pki.communities[name]
     data = tmp / name

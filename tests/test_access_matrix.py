@@ -28,6 +28,9 @@ import pytest
 from lxml import etree
 
 from tests.test_initiating import find_documents
+from xca_gateway.arr.store import EventFilter, open_store
+from xca_gateway.audit.messages import AuditContext, AuditSource, application_activity
+from xca_gateway.audit.syslog import format_message, frame
 from xca_gateway.protocol.namespaces import SOAP12, WSA, Action
 from xca_gateway.protocol.tls import certificate_info, client_context
 from xca_gateway.security.callers import ACCESS, Door, Role, access_table_markdown
@@ -181,7 +184,6 @@ def request_body(door: Door, data: dict[str, Any]) -> str:
 
 def security_alerts(workdir: Path) -> list[etree._Element]:
     """Every Use-of-Restricted-Function / Node-Authentication alert the demo ARR stored."""
-    from xca_gateway.arr.store import EventFilter, open_store
 
     store = open_store(workdir / "arr" / "data" / "arr.sqlite3")
     rows = store.search(EventFilter(), limit=100_000)
@@ -364,10 +366,6 @@ def test_syslog_door_for_every_role(demo: tuple[dict[str, Any], Path]) -> None:
     """ITI-20 over syslog-TLS to the ARR: only audit sources' records are stored, each with its
     authenticated sender; every other certificate is refused and audited once."""
     from datetime import UTC, datetime
-
-    from xca_gateway.arr.store import EventFilter, open_store
-    from xca_gateway.audit.messages import AuditContext, AuditSource, application_activity
-    from xca_gateway.audit.syslog import format_message, frame
 
     data, workdir = demo
     host, port = data["auditRepository"]["syslogTls"].rsplit(":", 1)

@@ -16,10 +16,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from xca_gateway.arr.app import arr_config_toml, load_arr_config
+from xca_gateway.arr.access import parse_access
+from xca_gateway.arr.app import arr_config_toml, load_arr_config, prepare_demo
 from xca_gateway.arr.store import SqliteAuditStore
+from xca_gateway.audit import parse_audit_config
+from xca_gateway.audit.trail import AuditTrail
 from xca_gateway.protocol.tls import client_context
+from xca_gateway.security.callers import Identity, Role
 from xca_gateway.security.dev_pki import DevPki, init_dev_pki
+from xca_gateway.settings import ConfigError, TlsConfig
 
 
 @pytest.fixture(scope="module")
@@ -205,11 +210,6 @@ def test_demo_support_runs_a_repository_the_gateways_audit_to(tmp_path: Path) ->
     import os
     import tomllib
 
-    from xca_gateway.arr.app import prepare_demo
-    from xca_gateway.audit import parse_audit_config
-    from xca_gateway.audit.trail import AuditTrail
-    from xca_gateway.settings import TlsConfig
-
     pki = init_dev_pki(tmp_path / "certs", ["north", "arr"])
     plan = prepare_demo(
         tmp_path / "arr",
@@ -298,9 +298,6 @@ def test_demo_support_runs_a_repository_the_gateways_audit_to(tmp_path: Path) ->
 def test_access_configuration_uses_the_caller_entry_keys(tmp_path: Path) -> None:
     """[[arr.access.callers]] takes the keys of [[policy.callers]] (one parser) plus
     audit_source_ids; mistakes are configuration errors, not a repository open to all."""
-    from xca_gateway.arr.access import parse_access
-    from xca_gateway.security.callers import Identity, Role
-    from xca_gateway.settings import ConfigError
 
     access = parse_access(
         {

@@ -24,6 +24,9 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 
 from tests.demo_process import running_demo
+from tests.test_initiating import find_documents
+from tests.test_server import soap12
+from xca_gateway.protocol.namespaces import Action
 from xca_gateway.protocol.tls import client_context
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,10 +62,6 @@ def alice(data: dict[str, Any], community: int) -> str:
 
 
 def run_consumer_query(data: dict[str, Any]) -> None:
-    from tests.test_initiating import find_documents
-    from tests.test_server import soap12
-    from xca_gateway.protocol.namespaces import Action
-
     north = data["communities"][0]
     with consumer(data) as client:
         response = client.post(

@@ -18,17 +18,21 @@ from fhir.resources.R4B.auditevent import AuditEvent
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 
+import xca_gateway.arr.app as arr_app
 from tests.conftest import wait_for
+from tests.test_server import ADHOC_QUERY, consumer, post, soap12
 from xca_gateway.app.gateway import Gateway
 from xca_gateway.arr.app import AuditRecordRepository
 from xca_gateway.arr.harness import RepositoryThread, dev_config
 from xca_gateway.arr.store import EventFilter
+from xca_gateway.arr.web import new_officer
 from xca_gateway.audit import messages as am
 from xca_gateway.audit.config import AuditConfig, AuditDestination
 from xca_gateway.audit.syslog import format_message, frame
 from xca_gateway.audit.trail import AuditTrail
-from xca_gateway.protocol.tls import client_context
-from xca_gateway.security.dev_pki import DevPki
+from xca_gateway.protocol.namespaces import Action
+from xca_gateway.protocol.tls import certificate_info, client_context
+from xca_gateway.security.dev_pki import DevPki, issue_client_certificate
 from xca_gateway.transactions import iti38, rad75
 
 CTX = am.AuditContext(am.AuditSource("north-gw", "1.3.6.1.4.1.21367.13.70.1"), host="north")
@@ -203,7 +207,6 @@ def test_exact_counts_past_the_estimate_cap(
     loaded: AuditRecordRepository, arr_pki: DevPki, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ordinary searches stop counting at a cap; _summary=count and _total=accurate do not."""
-    import xca_gateway.arr.app as arr_app
 
     monkeypatch.setattr(arr_app, "_ESTIMATE_CAP", 20)  # 33 stored events: past the cap
     base = loaded.fhir_base + "/AuditEvent"
@@ -387,8 +390,6 @@ def test_a_gateway_configured_with_audit_reports_its_transactions(
 ) -> None:
     """A gateway whose [audit] names the repository: a peer's ITI-38 is audited by the
     gateway and found again by patient through ITI-81."""
-    from tests.test_server import ADHOC_QUERY, consumer, post, soap12
-    from xca_gateway.protocol.namespaces import Action
 
     repo, thread = arr
     assert repo.syslog_tls is not None
@@ -440,9 +441,6 @@ def test_iti81_and_raw_messages_are_for_audit_consumers_and_officers_only(
     """A trusted certificate is not enough: only the listed audit consumer, a listed officer
     certificate and officers' registered certificates search; everyone else gets a 403
     OperationOutcome and exactly one Security Alert naming the verified subject."""
-    from xca_gateway.arr.web import new_officer
-    from xca_gateway.protocol.tls import certificate_info
-    from xca_gateway.security.dev_pki import issue_client_certificate
 
     auditor = issue_client_certificate(arr_pki, "audit-consumer")
     access = {

@@ -12,6 +12,8 @@ from fhir.resources.R4B.auditevent import AuditEvent
 from fhir.resources.R4B.bundle import Bundle
 
 from xca_gateway.arr import render
+from xca_gateway.arr import store as st
+from xca_gateway.arr.app import parse_arr_config
 from xca_gateway.arr.fhir import FhirError, audit_event, parse_search, search_bundle
 from xca_gateway.arr.parse import (
     FLAG_NO_XML,
@@ -25,9 +27,10 @@ from xca_gateway.arr.parse import (
 )
 from xca_gateway.arr.receiver import FrameReader, TokenBucket
 from xca_gateway.arr.store import EventFilter, SqliteAuditStore
-from xca_gateway.arr.web import PatientXref, hash_password, verify_password
+from xca_gateway.arr.web import PatientXref, ReviewUI, UiSettings, hash_password, verify_password
 from xca_gateway.audit import messages as am
 from xca_gateway.audit.syslog import format_message, frame
+from xca_gateway.settings import ConfigError
 from xca_gateway.transactions import iti38
 
 PATIENT = "C01-1001^^^&1.3.6.1.4.1.21367.13.20.1000&ISO"
@@ -433,7 +436,6 @@ def test_bar_chart_is_plain_svg() -> None:
         title="t",
     )
     assert chart.total == 3 and len(chart.bars) == 1
-    from xca_gateway.arr.web import ReviewUI, UiSettings
 
     ui = ReviewUI(None, UiSettings(), None)  # type: ignore[arg-type]
     svg = ui.chart_svg(chart)
@@ -446,9 +448,6 @@ def test_bar_chart_is_plain_svg() -> None:
 
 
 def test_arr_configuration(tmp_path: Path) -> None:
-    from xca_gateway.arr.app import parse_arr_config
-    from xca_gateway.settings import ConfigError
-
     tls = {"certificate": "c.pem", "private_key": "k.pem", "trust_store": "ca.pem"}
     config = parse_arr_config(
         {
@@ -491,7 +490,6 @@ def legacy_schema(schema: str) -> str:
 
 def legacy_insert(record_raw: bytes, placeholder: str = "?") -> tuple[str, tuple[object, ...]]:
     """An INSERT of one record as the earlier version wrote it (no sender_identity)."""
-    from xca_gateway.arr import store as st
 
     values = st.event_values(parse_record(record_raw, sender="10.0.0.1", transport="tls"), 1)
     columns = st._INSERT_EVENT_COLUMNS.replace(", sender_identity", "")
@@ -502,8 +500,6 @@ def legacy_insert(record_raw: bytes, placeholder: str = "?") -> tuple[str, tuple
 
 def test_a_database_from_before_the_sender_column_is_migrated(tmp_path: Path) -> None:
     import sqlite3
-
-    from xca_gateway.arr import store as st
 
     path = tmp_path / "old.sqlite3"
     old, new = _records(2)

@@ -14,6 +14,8 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.postgres import PostgresServer
+from tests.test_arr_parse import legacy_insert, legacy_schema
+from xca_gateway.arr import store as st
 from xca_gateway.arr.harness import RepositoryThread, dev_config
 from xca_gateway.arr.parse import parse_record
 from xca_gateway.arr.store import EventFilter, PostgresAuditStore
@@ -127,9 +129,6 @@ def test_repository_on_postgres_with_parse_workers(database: str, tmp_path: Path
 
 def test_a_database_from_before_the_sender_column_is_migrated(database: str) -> None:
     import psycopg
-
-    from tests.test_arr_parse import legacy_insert, legacy_schema
-    from xca_gateway.arr import store as st
 
     old, new = syslog_message(1), syslog_message(2)
     with psycopg.connect(database, autocommit=True) as conn:

@@ -21,15 +21,18 @@ from typing import Any
 import pytest
 
 from tests.conftest import wait_for
-from xca_gateway.arr.app import AuditRecordRepository
+from xca_gateway.arr.app import AuditRecordRepository, create_officer, parse_arr_config
+from xca_gateway.arr.fhir import EXT_AUTHENTICATED_SENDER, EXT_FLAGS, audit_event
 from xca_gateway.arr.harness import RepositoryThread, dev_config
 from xca_gateway.arr.store import EventFilter
 from xca_gateway.audit import messages as am
 from xca_gateway.audit.config import AuditConfig, AuditDestination
+from xca_gateway.audit.rsyslog import free_port, gtls_available, rsyslogd_path
 from xca_gateway.audit.syslog import format_message, frame
 from xca_gateway.audit.trail import AuditTrail
 from xca_gateway.protocol.tls import certificate_info, client_context
 from xca_gateway.security.dev_pki import DevPki, init_dev_pki
+from xca_gateway.settings import ConfigError
 from xca_gateway.transactions import iti38
 
 CTX = am.AuditContext(am.AuditSource("alpha-gw", "1.3.6.1.4.1.21367.13.70.1"), host="alpha")
@@ -260,7 +263,6 @@ def test_rsyslog_relays_to_the_repository_over_mutual_tls(
     arr_factory: Factory, arr_pki: DevPki, tmp_path: Path
 ) -> None:
     """rsyslogd (gnutls) as a third-party IHE actor's syslog client: octet-counted TLS."""
-    from xca_gateway.audit.rsyslog import free_port, gtls_available, rsyslogd_path
 
     binary = rsyslogd_path()
     if binary is None or not gtls_available():
@@ -526,8 +528,6 @@ def test_an_audit_source_reporting_as_another_is_stored_flagged_and_shown(
 
     import httpx
 
-    from xca_gateway.arr.app import create_officer
-
     repo, thread = arr_factory(access=bound_access(["alpha-gw"]))
     assert repo.syslog_tls is not None
     create_officer(repo.config, "olga", "a long enough password")
@@ -560,7 +560,6 @@ def test_an_audit_source_reporting_as_another_is_stored_flagged_and_shown(
     assert stored_forged is not None
     assert "north-gateway" in (stored_forged.record().problem or "")
     assert "audit-source-unbound" in stored_forged.record().flags
-    from xca_gateway.arr.fhir import EXT_AUTHENTICATED_SENDER, EXT_FLAGS, audit_event
 
     extensions = {
         x["url"]: x["valueString"]
@@ -600,9 +599,6 @@ def test_an_audit_source_reporting_as_another_is_stored_flagged_and_shown(
 
 
 def test_udp_syslog_is_off_unless_enabled(arr_factory: Factory, tmp_path: Path) -> None:
-    from xca_gateway.arr.app import parse_arr_config
-    from xca_gateway.settings import ConfigError
-
     tls = {"certificate": "a.pem", "private_key": "a.key", "trust_store": "ca.pem"}
     assert parse_arr_config({"tls": tls}, tmp_path).syslog_udp is None
     with pytest.raises(ConfigError, match="udp_enabled"):

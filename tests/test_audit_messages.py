@@ -11,8 +11,11 @@ from typing import Any
 import pytest
 from lxml import etree
 
+from xca_gateway.audit import extract
 from xca_gateway.audit import messages as m
 from xca_gateway.audit.validate import AuditSchemaError, schema_errors, validate
+from xca_gateway.protocol.namespaces import QUERY as QUERY_NS
+from xca_gateway.protocol.namespaces import RIM, XDSB, XDSI, ResponseStatus
 from xca_gateway.transactions import iti18, iti38, iti39, iti42, iti43, iti45, iti55, rad69, rad75
 
 WHEN = datetime(2026, 1, 15, 10, 22, 33, 123456, tzinfo=UTC)
@@ -379,8 +382,6 @@ def test_hostile_strings_still_make_valid_xml() -> None:
 
 
 def test_outcome_for_registry_status() -> None:
-    from xca_gateway.protocol.namespaces import ResponseStatus
-
     assert m.outcome_for_registry_status(ResponseStatus.SUCCESS) == 0
     assert m.outcome_for_registry_status(ResponseStatus.PARTIAL_SUCCESS) == 4
     assert m.outcome_for_registry_status(ResponseStatus.FAILURE) == 8
@@ -427,11 +428,8 @@ def test_requester_and_endpoint_nodes() -> None:
 
 
 def test_extract_stored_query() -> None:
-    from xca_gateway.audit import extract
-    from xca_gateway.protocol.namespaces import QUERY, RIM
-
     request = etree.fromstring(
-        f"""<q:AdhocQueryRequest xmlns:q="{QUERY}" xmlns:rim="{RIM}">
+        f"""<q:AdhocQueryRequest xmlns:q="{QUERY_NS}" xmlns:rim="{RIM}">
       <rim:AdhocQuery id="urn:uuid:14d4debf-8f97-4251-9a74-a90016b0af0d" home="{HCID}">
         <rim:Slot name="$XDSDocumentEntryPatientId">
           <rim:ValueList><rim:Value>'{PATIENT.replace("&", "&amp;")}'</rim:Value></rim:ValueList>
@@ -446,13 +444,10 @@ def test_extract_stored_query() -> None:
     assert found.query_id == "urn:uuid:14d4debf-8f97-4251-9a74-a90016b0af0d"
     assert found.home_community_id == HCID
     assert found.patient_ids == (PATIENT,)
-    assert etree.fromstring(found.query).tag == f"{{{QUERY}}}AdhocQueryRequest"
+    assert etree.fromstring(found.query).tag == f"{{{QUERY_NS}}}AdhocQueryRequest"
 
 
 def test_extract_retrieve_documents_and_split() -> None:
-    from xca_gateway.audit import extract
-    from xca_gateway.protocol.namespaces import XDSB, XDSI
-
     def doc_request(tag: str, uid: str) -> str:
         return (
             f"<{tag}><b:HomeCommunityId>{HCID}</b:HomeCommunityId>"
@@ -503,9 +498,6 @@ def test_extract_retrieve_documents_and_split() -> None:
 
 
 def test_malformed_document_requests_are_still_named_in_the_retrieve_audit() -> None:
-    from xca_gateway.audit import extract
-    from xca_gateway.protocol.namespaces import XDSB, XDSI
-
     request = etree.fromstring(
         f'<b:RetrieveDocumentSetRequest xmlns:b="{XDSB}">'
         f"<b:DocumentRequest><b:HomeCommunityId>{HCID}</b:HomeCommunityId>"

@@ -24,18 +24,21 @@ from lxml import etree
 
 from tests.conftest import wait_for
 from tests.test_audit_messages import MESSAGES
+from tests.test_server import ADHOC_QUERY, consumer, post, soap12
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.audit import AuditConfig, parse_audit_config
+from xca_gateway.audit import AuditConfig, extract, parse_audit_config
 from xca_gateway.audit import messages as m
 from xca_gateway.audit.rsyslog import RsyslogRepository, gtls_available, rsyslogd_path
 from xca_gateway.audit.syslog import parse_message
-from xca_gateway.audit.trail import AuditTrail
+from xca_gateway.audit.trail import AuditTrail, soap_requester
 from xca_gateway.audit.validate import schema_errors
 from xca_gateway.metrics import GatewayMetrics
+from xca_gateway.protocol.namespaces import Action
+from xca_gateway.protocol.soap_service import Operation, SoapRequest, SoapResponse
 from xca_gateway.protocol.tls import certificate_info, client_context
 from xca_gateway.security.dev_pki import DevPki
 from xca_gateway.settings import ConfigError, TlsConfig
-from xca_gateway.transactions import iti38
+from xca_gateway.transactions import TRANSACTIONS, iti38, unavailable_handler
 
 BASE = datetime(2026, 1, 15, 10, 0, tzinfo=UTC)
 
@@ -533,10 +536,6 @@ async def test_a_handler_audits_a_real_iti38_request(
 ) -> None:
     """The wiring pattern: a responding-side handler audits what it answered, with the
     requester's certificate subject and address, the query and the patient."""
-    from xca_gateway.audit import extract
-    from xca_gateway.audit.trail import soap_requester
-    from xca_gateway.protocol.soap_service import Operation, SoapRequest, SoapResponse
-    from xca_gateway.transactions import TRANSACTIONS, unavailable_handler
 
     gateway = gateway_factory("alpha")
     trail = AuditTrail(_config(pki, tmp_path, rsyslog))
@@ -567,9 +566,6 @@ async def test_a_handler_audits_a_real_iti38_request(
         return response
 
     gateway.endpoints["iti38"].add(Operation(spec.action, spec.name, audited))
-
-    from tests.test_server import ADHOC_QUERY, consumer, post, soap12
-    from xca_gateway.protocol.namespaces import Action
 
     def call() -> int:
         with consumer(pki) as client:
