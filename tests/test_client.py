@@ -9,11 +9,14 @@ from collections.abc import Callable
 import pytest
 from lxml import etree
 
+from tests.test_initiating import ask, errors, find_documents
 from tests.test_server import ADHOC_QUERY
 from xca_gateway.app.gateway import Gateway
 from xca_gateway.metrics import GatewayMetrics
 from xca_gateway.protocol.namespaces import QUERY, Action, ResponseStatus
-from xca_gateway.protocol.peer_client import PeerClient, PeerError
+from xca_gateway.protocol.peer_client import PeerClient, PeerError, SharedRequest
+from xca_gateway.protocol.soap import SoapFault
+from xca_gateway.protocol.soap_service import Operation, SoapRequest
 from xca_gateway.protocol.tls import client_context
 from xca_gateway.security.dev_pki import DevPki
 from xca_gateway.settings import OutboundConfig
@@ -100,8 +103,6 @@ async def test_header_provider_and_authorizer_see_the_same_header(
     gateway_factory: Callable[..., Gateway], pki: DevPki
 ) -> None:
     """Outbound header blocks (e.g. WS-Security/XUA) reach the peer's authorizer."""
-    from xca_gateway.protocol.soap import SoapFault
-    from xca_gateway.protocol.soap_service import Operation, SoapRequest
 
     beta = gateway_factory("beta")
     seen: list[str] = []
@@ -137,8 +138,6 @@ def test_pinned_peer_certificates(gateway_factory: Callable[..., Gateway], pki: 
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    from tests.test_initiating import ask, errors, find_documents
-
     beta = gateway_factory("beta")
     beta_der = x509.load_pem_x509_certificate(
         pki.communities["beta"].cert.read_bytes()
@@ -163,8 +162,6 @@ async def test_a_shared_request_is_serialised_once_and_addressed_per_call(
 ) -> None:
     """A fan-out's request: the same payload to every peer, each call with its own wsa:To and
     wsa:MessageID; a call with header blocks of its own (XUA) still gets them."""
-    from xca_gateway.protocol.peer_client import SharedRequest
-    from xca_gateway.protocol.soap_service import Operation, SoapRequest
 
     beta, gamma = gateway_factory("beta"), gateway_factory("gamma")
     seen: list[tuple[str | None, str | None, bytes, list[str]]] = []

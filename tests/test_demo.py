@@ -21,8 +21,15 @@ import httpx
 import psutil
 import pytest
 
+from tests.test_initiating import find_documents
+from tests.test_mtom_server import read_mtom
+from tests.test_server import soap12
 from xca_gateway.app.config import load_config
+from xca_gateway.protocol.namespaces import QUERY, RIM, RS, SOAP12, XDSB, XDSI, Action
+from xca_gateway.protocol.soap import element_content
 from xca_gateway.protocol.tls import client_context
+from xca_gateway.security.operators import read_operator_token
+from xca_gateway.tools.demo import DemoCommunity
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -184,10 +191,6 @@ def test_demo_consumer_query_reaches_every_community(
     """A consumer's ITI-18 at one community fans out to the others with their patient ids."""
     from lxml import etree
 
-    from tests.test_initiating import find_documents
-    from tests.test_server import soap12
-    from xca_gateway.protocol.namespaces import QUERY, RIM, RS, SOAP12, Action
-
     _, workdir = demo
     data = _endpoints(workdir)
     ctx = client_context(
@@ -229,12 +232,6 @@ def test_demo_images_travel_across_communities(
     """RAD-69 at north for a study held by south's imaging source: RAD-75 across, streamed."""
     import pydicom
     from lxml import etree
-
-    from tests.test_mtom_server import read_mtom
-    from tests.test_server import soap12
-    from xca_gateway.protocol.namespaces import RS, XDSB, XDSI, Action
-    from xca_gateway.protocol.soap import element_content
-    from xca_gateway.tools.demo import DemoCommunity
 
     _, workdir = demo
     data = _endpoints(workdir)
@@ -422,8 +419,6 @@ def test_demo_consent_admin_api_takes_the_operator_token(
     """endpoints.json names each community's consent API, its operator and token file; the
     token opens it, nothing else does."""
     import urllib.parse
-
-    from xca_gateway.security.operators import read_operator_token
 
     _, workdir = demo
     for community in _endpoints(workdir)["communities"]:
@@ -712,10 +707,6 @@ def test_demo_with_replicas_runs_each_community_behind_haproxy(tmp_path: Path) -
     cross-community query through the balancers works, and SIGTERM stops every process
     (HAProxy and PostgreSQL included)."""
     from lxml import etree
-
-    from tests.test_initiating import find_documents
-    from tests.test_server import soap12
-    from xca_gateway.protocol.namespaces import QUERY, RIM, SOAP12, Action
 
     workdir = tmp_path / "demo"
     process = subprocess.Popen(

@@ -74,6 +74,7 @@ from xca_gateway.imaging.transfer_syntax import (
     transcode,
 )
 from xca_gateway.protocol.tls import client_context
+from xca_gateway.security.callers import current_caller
 from xca_gateway.security.dev_pki import CertPair, DevPki
 from xca_gateway.tools.dicom_samples import (
     MODALITY_SOP_CLASSES,
@@ -1034,7 +1035,6 @@ def test_a_study_named_alone_is_served_only_to_the_caller_whose_search_found_it(
 def test_the_association_caller_is_the_current_caller_downstream(front: Front) -> None:
     """While a C-FIND runs on the gateway's loop, the local caller the association was
     admitted as is the current caller (what the initiating side audits and asserts)."""
-    from xca_gateway.security.callers import current_caller
 
     door = front.gateway.dicom_front
     assert door is not None

@@ -30,10 +30,11 @@ from pydicom.dataset import Dataset
 
 from tests.audit_inbox import AuditInbox
 from tests.communities import ARC, seed_community
-from tests.conftest import GatewayThread, policy_for_tests, policy_toml, wait_for
+from tests.conftest import GatewayThread, make_config, policy_for_tests, policy_toml, wait_for
 from tests.test_dicom_front import AUTHORITY
 from xca_gateway.app.config import load_config
 from xca_gateway.app.gateway import Gateway
+from xca_gateway.audit import messages as audit_messages
 from xca_gateway.audit.validate import schema_errors
 from xca_gateway.consumer.imaging import Manifest
 from xca_gateway.doors.dicomweb import (
@@ -48,14 +49,28 @@ from xca_gateway.doors.dicomweb import (
     parse_dicomweb_front_config,
     parse_qido,
     parse_route,
+    qido_audit,
     retrieve_failure,
     search,
     to_dicom_json,
+    wado_audit,
 )
 from xca_gateway.doors.dicomweb import door as dicomweb_door
-from xca_gateway.doors.federation import StudyManifest
+from xca_gateway.doors.federation import InMemoryStudyAccess, StudyGrant, StudyManifest
+from xca_gateway.doors.viewer.pages import ViewerPages
+from xca_gateway.imaging.rendering import RenderOptions, render_frame
 from xca_gateway.imaging.transfer_syntax import TRANSFER_SYNTAX_ERROR
+from xca_gateway.protocol.http_server import PeerInfo, Request
+from xca_gateway.security.callers import (
+    Identity,
+    Principal,
+    Role,
+    current_caller,
+    reset_current_caller,
+    set_current_caller,
+)
 from xca_gateway.security.dev_pki import CertPair, DevPki, issue_client_certificate
+from xca_gateway.settings import ConfigError as GatewayConfigError
 from xca_gateway.tools.dicom_samples import (
     SamplePatient,
     SampleStudy,
@@ -296,9 +311,6 @@ def test_config_parses_and_rejects_bad_tables() -> None:
 def test_config_section_is_wired_into_the_gateway_configuration(
     pki: DevPki, tmp_path: Path
 ) -> None:
-    from tests.conftest import make_config
-    from xca_gateway.settings import ConfigError as GatewayConfigError
-
     config = make_config(pki, tmp_path, dicomweb={"port": 0})
     assert config.dicomweb is not None and config.dicomweb.tls
     with pytest.raises(GatewayConfigError, match="loopback"):
@@ -538,8 +550,6 @@ def test_retrieve_failure_statuses() -> None:
 
 
 def test_study_access_is_per_principal_and_expires() -> None:
-    from xca_gateway.doors.federation import InMemoryStudyAccess, StudyGrant
-
     store = InMemoryStudyAccess(max_grants=3)
     store.grant(
         [
@@ -564,11 +574,8 @@ def test_study_access_is_per_principal_and_expires() -> None:
 
 
 def test_audit_messages_follow_the_imaging_pattern() -> None:
-    from xca_gateway.audit import messages as m
-    from xca_gateway.doors.dicomweb import qido_audit, wado_audit
-
-    ctx = m.AuditContext(m.AuditSource("gw"))
-    client = m.remote_node("10.0.0.9", certificate_subject="CN=viewer")
+    ctx = audit_messages.AuditContext(audit_messages.AuditSource("gw"))
+    client = audit_messages.remote_node("10.0.0.9", certificate_subject="CN=viewer")
     us = ctx.local_node("https://gw:8444/dicomweb/studies")
     query = qido_audit(
         ctx,
@@ -576,7 +583,7 @@ def test_audit_messages_follow_the_imaging_pattern() -> None:
         responder=us,
         target="/dicomweb/studies?PatientID=P1",
         patient_id="P1^^^&2.999&ISO",
-        outcome=m.EventOutcome.SUCCESS,
+        outcome=audit_messages.EventOutcome.SUCCESS,
     )
     assert not schema_errors(query)
     root = query.to_element()
@@ -585,7 +592,9 @@ def test_audit_messages_follow_the_imaging_pattern() -> None:
         "RAD-129",
     ]
     refs = [
-        m.ImagingInstanceReference("1.2", "1.2.3", f"1.2.3.{i}", "1.2.840.10008.5.1.4.1.1.2")
+        audit_messages.ImagingInstanceReference(
+            "1.2", "1.2.3", f"1.2.3.{i}", "1.2.840.10008.5.1.4.1.1.2"
+        )
         for i in range(3)
     ]
     delivered, failed = wado_audit(
@@ -623,7 +632,7 @@ def test_audit_messages_follow_the_imaging_pattern() -> None:
     assert not schema_errors(nothing)
     # No patient known: the record says so, then names the bare study.
     patient, study = nothing.objects
-    assert (patient.object_id, patient.type_code_role) == (None, m.ObjectRole.PATIENT)
+    assert (patient.object_id, patient.type_code_role) == (None, audit_messages.ObjectRole.PATIENT)
     assert study.object_id == "1.2"
 
 
@@ -860,8 +869,6 @@ def png_pixels(data: bytes) -> Any:
 def test_rendered_instance_from_another_community_is_the_source_image_losslessly(
     web: Web,
 ) -> None:
-    from xca_gateway.imaging.rendering import RenderOptions, render_frame
-
     alice = local_patient_id(0, 0)
     session = web.session()
     session.get(f"{web.url}/studies", params={"PatientID": alice}).raise_for_status()
@@ -991,16 +998,6 @@ def launch_page(web: Web, query: str, recorded: list[dict[str, Any]]) -> Any:
     import asyncio
     from types import SimpleNamespace
 
-    from xca_gateway.doors.viewer.pages import ViewerPages
-    from xca_gateway.protocol.http_server import PeerInfo, Request
-    from xca_gateway.security.callers import (
-        Identity,
-        Principal,
-        Role,
-        reset_current_caller,
-        set_current_caller,
-    )
-
     door = web.alpha.dicomweb_front
     assert door is not None
     clinician = Principal(
@@ -1030,8 +1027,6 @@ def launch_page(web: Web, query: str, recorded: list[dict[str, Any]]) -> Any:
 def test_iid_launch_lists_every_communitys_studies_and_opens_one(web: Web) -> None:
     from urllib.parse import urlencode
 
-    from xca_gateway.audit import messages as m
-
     alice = f"{local_patient_id(0, 0)}^^^&{AUTHORITY}&ISO"
     recorded: list[dict[str, Any]] = []
     page = launch_page(web, urlencode({"requestType": "PATIENT", "patientID": alice}), recorded)
@@ -1040,7 +1035,7 @@ def test_iid_launch_lists_every_communitys_studies_and_opens_one(web: Web) -> No
     assert html.count('<tr data-study="') == len(web.alice_studies())
     assert '<td class="community">alpha</td>' in html
     assert '<td class="community">beta</td>' in html
-    assert recorded[-1]["outcome"] == m.EventOutcome.SUCCESS
+    assert recorded[-1]["outcome"] == audit_messages.EventOutcome.SUCCESS
     assert set(recorded[-1]["study_uids"]) == web.alice_studies()
     peer_study = next(s for s in web.peer_studies if s.patient_id == local_patient_id(1, 0))
     opened = launch_page(
@@ -1058,7 +1053,7 @@ def test_iid_launch_lists_every_communitys_studies_and_opens_one(web: Web) -> No
     assert dict(opened.headers)["location"] == f"/viewer/?study={peer_study.study_instance_uid}"
     bad = launch_page(web, urlencode({"requestType": "SERIES", "patientID": alice}), recorded)
     assert bad.status == 400 and "requestType must be PATIENT or STUDY" in bad.body.decode()
-    assert recorded[-1]["outcome"] == m.EventOutcome.MINOR_FAILURE
+    assert recorded[-1]["outcome"] == audit_messages.EventOutcome.MINOR_FAILURE
     assert all(r["clinician"] == "Dr Alpha" for r in recorded) and len(recorded) == 3
 
 
@@ -1194,7 +1189,6 @@ def test_only_local_consumers_pass_the_door_and_each_refusal_is_audited_once(web
 def test_the_admitted_consumer_is_the_current_caller_of_its_request(web: Web) -> None:
     """The initiating side runs with the door's principal as the current caller (so it can act
     for it and audit it), not with the gateway's own identity."""
-    from xca_gateway.security.callers import current_caller
 
     seen: list[str | None] = []
     initiating = web.alpha.initiating

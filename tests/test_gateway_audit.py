@@ -11,15 +11,16 @@ import pytest
 from lxml import etree
 
 from tests.test_initiating import find_documents
-from tests.test_server import consumer, soap12
+from tests.test_server import _handshake, consumer, soap12
 from xca_gateway.app.gateway import Gateway
 from xca_gateway.audit.rsyslog import RsyslogRepository, gtls_available, rsyslogd_path
 from xca_gateway.audit.syslog import parse_message
 from xca_gateway.audit.validate import schema_errors
 from xca_gateway.imaging import remote
-from xca_gateway.protocol.namespaces import Action
+from xca_gateway.protocol.namespaces import XDSB, XDSI, Action
 from xca_gateway.protocol.tls import client_context
 from xca_gateway.security.dev_pki import DevPki
+from xca_gateway.tools.dicom_samples import DEFAULT_PATIENTS, generate_study
 
 
 @pytest.fixture
@@ -148,7 +149,6 @@ def test_refused_handshake_is_a_security_alert(
 ) -> None:
     alpha = audited(gateway_factory, rsyslog, tmp_path, "alpha")
     ctx = client_context(pki.ca, pki.expired_client.cert, pki.expired_client.key)
-    from tests.test_server import _handshake
 
     with pytest.raises((ssl.SSLError, OSError)):
         _handshake(alpha.https.port, ctx)
@@ -174,9 +174,6 @@ def test_imaging_retrieve_is_audited_on_both_gateways(
     from datetime import date
 
     import pydicom
-
-    from xca_gateway.protocol.namespaces import XDSB, XDSI
-    from xca_gateway.tools.dicom_samples import DEFAULT_PATIENTS, generate_study
 
     source_id = "1.3.6.1.4.1.21367.13.81.2"
     study = generate_study(
@@ -309,8 +306,6 @@ def _named_objects(root: etree._Element) -> list[tuple[str | None, str | None]]:
 def test_retrieve_audits_name_malformed_document_requests(
     gateway_factory: Callable[..., Gateway], pki: DevPki, rsyslog: RsyslogRepository, tmp_path: Path
 ) -> None:
-    from xca_gateway.protocol.namespaces import XDSB, XDSI
-
     beta = audited(gateway_factory, rsyslog, tmp_path, "beta")
     alpha = audited(gateway_factory, rsyslog, tmp_path, "alpha")
     beta_home = beta.config.community.home_community_id

@@ -16,7 +16,7 @@ import pytest
 from lxml import etree
 
 from tests.audit_inbox import AuditInbox
-from tests.conftest import wait_for
+from tests.conftest import make_config, wait_for
 from tests.test_client import _client
 from tests.test_consent import _cli
 from xca_gateway.app.gateway import Gateway
@@ -26,6 +26,7 @@ from xca_gateway.registry import open_registry
 from xca_gateway.repository import DocumentRepository
 from xca_gateway.security.dev_pki import DevPki
 from xca_gateway.security.operators import write_operator_token_file
+from xca_gateway.settings import ConfigError
 from xca_gateway.tools.dicom_samples import DEFAULT_PATIENTS, generate_study
 from xca_gateway.tools.import_manifests import import_studies
 
@@ -287,9 +288,6 @@ def test_consent_admin_api_is_authenticated_host_checked_and_audited(
 def test_a_gateway_refuses_to_start_with_a_token_file_others_can_read(
     pki: DevPki, tmp_path: Path
 ) -> None:
-    from tests.conftest import make_config
-    from xca_gateway.settings import ConfigError
-
     operators = tmp_path / "operators"
     write_operator_token_file(operators, "ops-anna")
     operators.chmod(0o644)

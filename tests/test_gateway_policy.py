@@ -13,11 +13,14 @@ from typing import Any
 
 from lxml import etree
 
+from tests.test_client import _client
 from tests.test_initiating import find_documents
 from tests.test_server import ADHOC_QUERY, consumer, soap12
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.protocol.namespaces import QUERY, RS, SOAP12, Action
+from xca_gateway.protocol.namespaces import QUERY, RS, SOAP12, XDSB, Action
 from xca_gateway.security.dev_pki import DevPki
+from xca_gateway.security.operators import write_operator_token_file
+from xca_gateway.security.policy import current_authorization
 
 IDENTITY = {
     "name_id": "dr.smith",
@@ -104,8 +107,6 @@ def test_xua_and_policy_from_configuration(
     original = beta.endpoints["iti38"].operations[Action.ITI38]
 
     async def spy(request: Any) -> Any:
-        from xca_gateway.security.policy import current_authorization
-
         auth = current_authorization()
         seen.append({"user": auth.assertion.user_name if auth and auth.assertion else None})
         return await original.handler(request)
@@ -162,8 +163,6 @@ async def test_transactions_not_allowed_for_a_peer_are_refused(
             ]
         },
     )
-    from tests.test_client import _client
-    from xca_gateway.protocol.namespaces import XDSB
 
     client = _client(pki)
     retrieve = etree.fromstring(
@@ -190,8 +189,6 @@ def test_consent_admin_api_on_the_admin_port(
     import urllib.parse
 
     import httpx
-
-    from xca_gateway.security.operators import write_operator_token_file
 
     token = write_operator_token_file(tmp_path / "operators", "ops-anna")
     gateway = gateway_factory(

@@ -17,6 +17,8 @@ from xca_gateway.doors.viewer.iid import (
     select_studies,
     study_rows,
 )
+from xca_gateway.doors.viewer.pages import ViewerPages
+from xca_gateway.protocol.http_server import PeerInfo, Request
 from xca_gateway.xds.kos import InstanceRef
 
 LOCAL = "1.2.3.4"
@@ -160,9 +162,6 @@ def test_filters_select_the_studies_asked_for() -> None:
 def test_viewer_assets_are_served_with_a_strict_policy() -> None:
     import asyncio
     from types import SimpleNamespace
-
-    from xca_gateway.doors.viewer.pages import ViewerPages
-    from xca_gateway.protocol.http_server import PeerInfo, Request
 
     community = SimpleNamespace(
         name="north", home_community_id="urn:oid:1.1", patient_id_assigning_authority=LOCAL

@@ -21,6 +21,7 @@ from xca_gateway.imaging.response import (
     parse_retrieve_response,
 )
 from xca_gateway.protocol.namespaces import XDSB, XDSI, ResponseStatus
+from xca_gateway.protocol.wsdl import wsdl_path
 from xca_gateway.xds.ebrs import RegistryError
 
 DOCS = (
@@ -53,8 +54,6 @@ def test_build_is_schema_shaped_and_round_trips() -> None:
 
 def test_built_request_reads_back_through_the_wsdl_schema() -> None:
     import zeep
-
-    from xca_gateway.protocol.wsdl import wsdl_path
 
     client = zeep.Client(str(wsdl_path("rad69")))
     request = RetrieveImagingDocumentSetRequest(DOCS, ("1.2.840.10008.1.2.1",))

@@ -449,8 +449,6 @@ def test_unreachable_pacs_fails_fast(fed: Federation) -> None:
 
 
 def test_pacs_that_is_up_is_echoed_first(fed: Federation) -> None:
-    from xca_gateway.doors.import_priors import PacsStore
-
     PacsStore("127.0.0.1", fed.orthanc.dicom_port, fed.orthanc.ae_title, timeout=10).echo()
 
 

@@ -21,6 +21,7 @@ from xml.sax.saxutils import escape
 import pytest
 from lxml import etree
 
+from tests.conftest import GatewayThread, make_config, wait_for
 from tests.test_server import consumer, soap12
 from xca_gateway.app.gateway import Gateway
 from xca_gateway.protocol.namespaces import (
@@ -324,7 +325,6 @@ def test_breaker_probe_brings_back_a_peer_only_with_its_pinned_certificate(
 ) -> None:
     """The background probe of an open breaker closes it once the peer answers over mutual
     TLS, but not while the peer presents a certificate other than the one pinned for it."""
-    from tests.conftest import GatewayThread, make_config, wait_for
 
     beta_thread = GatewayThread(make_config(pki, tmp_path, "beta"))
     beta = beta_thread.__enter__()

@@ -23,12 +23,16 @@ import httpx
 import pytest
 from lxml import etree
 
+import xca_gateway.protocol.xmlsafe as xmlsafe
 from tests.conftest import make_config, wait_for
 from tests.test_gateway_audit import event, records
 from tests.test_gateway_audit import rsyslog as rsyslog_repository
+from tests.test_prefetch import ALICE, MllpClient, his_tls, local_cx, msa, order
 from tests.test_server import ADHOC_QUERY, consumer, fault_of, post, soap12
 from xca_gateway.app.gateway import Gateway
-from xca_gateway.audit.alerts import REPEAT_COUNT, AlertAggregator
+from xca_gateway.app.heap import keep_heap_trimmed, resident_bytes
+from xca_gateway.arr.web import SelfAudit
+from xca_gateway.audit.alerts import REPEAT_COUNT, AlertAggregator, alert_source
 from xca_gateway.audit.messages import (
     ActiveParticipant,
     AuditContext,
@@ -38,13 +42,22 @@ from xca_gateway.audit.messages import (
 )
 from xca_gateway.audit.rsyslog import RsyslogRepository
 from xca_gateway.protocol.handshake_schedule import HandshakeLimits, HandshakeSchedule
+from xca_gateway.protocol.http_server import (
+    ConnectionGate,
+    ConnectionLimits,
+    HttpServer,
+    Request,
+    Response,
+    _has_spoken,
+)
 from xca_gateway.protocol.namespaces import Action
-from xca_gateway.protocol.tls import client_context
+from xca_gateway.protocol.tls import HandshakeFailure, client_context, server_context
 from xca_gateway.protocol.xmlsafe import (
     INLINE_PARSE_BYTES,
     MarkupCounter,
     XmlLimits,
     XmlRejected,
+    check_markup,
     count_markup,
     parse_xml,
     parse_xml_async,
@@ -442,8 +455,6 @@ def _detail(root: etree._Element, name: str) -> str | None:
 
 
 def test_callers_behind_one_address_are_separate_sources() -> None:
-    from xca_gateway.audit.alerts import alert_source
-
     assert alert_source(_alert("192.0.2.1", port=1)) == alert_source(_alert("192.0.2.1", port=2))
     assert alert_source(_alert("192.0.2.1")) == "192.0.2.1"
     # A verified caller (e.g. refused at a door after its handshake) is its own source.
@@ -457,8 +468,6 @@ def test_callers_behind_one_address_are_separate_sources() -> None:
 
 
 def test_large_parses_of_one_source_run_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    import xca_gateway.protocol.xmlsafe as xmlsafe
-
     running: dict[str, int] = {}
     peak: dict[str, int] = {}
     real = xmlsafe.parse_xml_async
@@ -543,8 +552,6 @@ def test_a_source_has_a_few_handshakes_at_once_and_others_are_served(
 def test_mllp_connections_per_source_and_the_first_message_deadline(
     gateway_factory: Callable[..., Gateway], pki: DevPki, silent_port: int
 ) -> None:
-    from tests.test_prefetch import ALICE, MllpClient, his_tls, local_cx, msa, order
-
     gateway = gateway_factory(
         "alpha",
         prefetch={
@@ -586,7 +593,6 @@ def test_mllp_connections_per_source_and_the_first_message_deadline(
 def test_the_audit_record_repository_aggregates_its_own_alerts() -> None:
     """The ARR's own trail (refused handshakes and callers at its doors): one record per burst
     at once, one more with the count when the window closes (here: on stop)."""
-    from xca_gateway.arr.web import SelfAudit
 
     stored: list[bytes] = []
     trail = SelfAudit(
@@ -608,8 +614,6 @@ def test_the_audit_record_repository_aggregates_its_own_alerts() -> None:
 
 
 def test_a_full_pool_displaces_silent_connections_before_handshaking_ones() -> None:
-    from xca_gateway.protocol.http_server import ConnectionGate, ConnectionLimits
-
     gate = ConnectionGate(ConnectionLimits(max_pending_handshakes=3))
     dropped: list[str] = []
 
@@ -633,8 +637,6 @@ def test_a_full_pool_displaces_silent_connections_before_handshaking_ones() -> N
 
 
 def test_an_attribute_bomb_is_refused_from_its_markup_before_a_tree_is_built() -> None:
-    from xca_gateway.protocol.xmlsafe import check_markup
-
     with pytest.raises(XmlRejected, match="more than 256 attributes per element"):
         check_markup(count_markup(attribute_bomb(60_000)), XmlLimits())
     # A real message: a few attributes per element.
@@ -759,7 +761,6 @@ def test_a_peer_handshakes_in_its_turn_not_behind_a_flood_of_one_source(
 def test_a_client_whose_hello_is_there_is_not_displaced_as_silent() -> None:
     """A burst of accepts fills the pool before any connection's task has run: the socket
     itself says who has spoken."""
-    from xca_gateway.protocol.http_server import ConnectionGate, ConnectionLimits
 
     gate = ConnectionGate(ConnectionLimits(max_pending_handshakes=2))
     dropped: list[str] = []
@@ -772,8 +773,6 @@ def test_a_client_whose_hello_is_there_is_not_displaced_as_silent() -> None:
 
 
 def test_has_spoken_sees_unread_bytes_on_a_paused_socket() -> None:
-    from xca_gateway.protocol.http_server import _has_spoken
-
     async def scenario() -> list[bool]:
         accepted: asyncio.Queue[asyncio.Transport] = asyncio.Queue()
 
@@ -851,7 +850,6 @@ def test_connections_over_the_caps_are_reset_at_the_accept_itself(
 ) -> None:
     """Refused before the event loop makes a transport or a task of them: a flood over the
     per-source cap costs a syscall each, and the connection within the cap is served."""
-    from xca_gateway.protocol.http_server import ConnectionLimits, HttpServer, Request, Response
 
     made: list[str] = []
     connect = HttpServer._connect
@@ -912,8 +910,6 @@ def test_silent_connections_wait_as_bare_sockets_and_are_displaced_without_a_tas
     """A flood of sockets that never speak (from many sources, each within its cap) churns
     the pool of pending handshakes: those displaced and those timed out never became a
     transport or a task, were reported as refusals, and a real client still gets in."""
-    from xca_gateway.protocol.http_server import ConnectionLimits, HttpServer, Request, Response
-    from xca_gateway.protocol.tls import HandshakeFailure, server_context
 
     made: list[str] = []
     connect = HttpServer._connect
@@ -979,7 +975,6 @@ def test_silent_connections_wait_as_bare_sockets_and_are_displaced_without_a_tas
 def test_the_heap_is_trimmed_once_rss_has_grown_past_where_it_settled() -> None:
     """After a flood, glibc keeps the freed pages; the trimmer gives them back once RSS has
     grown by ``growth`` since it last settled, and not again until it grows once more."""
-    from xca_gateway.app.heap import keep_heap_trimmed, resident_bytes
 
     assert resident_bytes() > 0
     trims: list[int] = []

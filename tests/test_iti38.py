@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
+from tests import test_registry_submit
 from tests.postgres import PostgresServer
 from tests.test_iti18 import POSITIVE, Slots
 from tests.test_iti42 import (
@@ -200,10 +201,11 @@ def test_responding_side_on_a_remote_registry(
         assert codes(payload) == [ErrorCode.REGISTRY_ERROR]
         assert errors_of(payload)[0].get("location") == beta.home
         # Registrations are forwarded (ITI-42) to the remote registry.
-        from tests.test_registry_submit import doc, request
 
         forwarded = Iti42Client(pki, beta.url(REGISTRY_ITI42)).register(
-            request([doc("Fwd", patient=PID_B)], patient=PID_B)
+            test_registry_submit.request(
+                [test_registry_submit.doc("Fwd", patient=PID_B)], patient=PID_B
+            )
         )
         assert forwarded.status == ResponseStatus.SUCCESS
     finally:

@@ -27,7 +27,7 @@ from tests.test_iti43 import (
     request_body,
     serve_iti43,
 )
-from tests.test_server import soap12
+from tests.test_server import consumer, fault_of, soap12
 from xca_gateway.app.gateway import Gateway
 from xca_gateway.protocol.namespaces import XDSB, Action, ResponseStatus
 from xca_gateway.protocol.soap_service import Operation
@@ -167,8 +167,6 @@ def test_zeep_service_call(alpha: Community, pki: DevPki) -> None:
 
 
 def test_wrong_payload_is_a_sender_fault(alpha: Community, pki: DevPki) -> None:
-    from tests.test_server import consumer, fault_of
-
     bad = f'<xdsb:RetrieveDocumentSetRequest xmlns:xdsb="{XDSB}"/>'
     with consumer(pki) as client:
         response = client.post(
