@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from xca_gateway.protocol import mtom as mtom_module
+from xca_gateway.protocol.encrypted_spool import EncryptedSpool
 from xca_gateway.protocol.http_client import ReadPieces
 from xca_gateway.protocol.mtom import (
     Attachment,
@@ -565,9 +567,6 @@ def test_reader_limits(limits: dict[str, int], reason: str) -> None:
 
 
 def test_reader_closes_spools_on_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from xca_gateway.protocol import mtom as mtom_module
-    from xca_gateway.protocol.encrypted_spool import EncryptedSpool
-
     created: list[EncryptedSpool] = []
 
     def tracking(*args: Any, **kwargs: Any) -> EncryptedSpool:

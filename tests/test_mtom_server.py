@@ -16,6 +16,7 @@ from xca_gateway.app.gateway import Gateway
 from xca_gateway.protocol import mtom
 from xca_gateway.protocol.namespaces import RS, SOAP12, XDSB, XOP, Action, ResponseStatus
 from xca_gateway.protocol.soap import build_envelope, serialize
+from xca_gateway.protocol.soap_service import Operation, SoapEndpoint, SoapRequest, SoapResponse
 from xca_gateway.security.dev_pki import DevPki
 
 
@@ -148,7 +149,6 @@ def test_config_limits_reach_the_mtom_reader(pki: DevPki, tmp_path) -> None:  # 
 
 def test_a_producer_failing_mid_stream_aborts_the_response(gateway: Gateway, pki: DevPki) -> None:
     """A truncated MTOM response must never look complete (e.g. a source dying mid-study)."""
-    from xca_gateway.protocol.soap_service import Operation, SoapEndpoint, SoapRequest, SoapResponse
 
     async def dying_source() -> AsyncIterator[bytes]:
         yield b"x" * 100_000

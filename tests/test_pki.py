@@ -22,7 +22,13 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from xca_gateway.protocol.tls import CertificateInfo, certificate_info
-from xca_gateway.security.dev_pki import CertPair, DevPki, init_dev_pki, load_dev_pki
+from xca_gateway.security.dev_pki import (
+    CertPair,
+    DevPki,
+    init_dev_pki,
+    issue_client_certificate,
+    load_dev_pki,
+)
 
 COMMUNITIES = ("alpha", "beta", "gamma-2")
 
@@ -451,9 +457,6 @@ def test_tls_client_rejects_wrong_hostname(pki: DevPki, listener: socket.socket)
 
 
 def test_an_extra_client_certificate_is_issued_once_from_the_dev_ca(tmp_path: Path) -> None:
-    from xca_gateway.protocol.tls import certificate_info
-    from xca_gateway.security.dev_pki import init_dev_pki, issue_client_certificate
-
     pki = init_dev_pki(tmp_path / "pki", ["north"])
     pair = issue_client_certificate(pki, "north-consumer")
     info = certificate_info(pair.cert.read_bytes())

@@ -40,6 +40,7 @@ from xca_gateway.doors.hl7_prefetch import JobResult, Prefetcher, parse_prefetch
 from xca_gateway.doors.hl7v2 import AckError, Header, build_ack, parse_order
 from xca_gateway.doors.hl7v2 import local_patient_id as order_patient
 from xca_gateway.protocol.tls import client_context
+from xca_gateway.security.callers import current_caller
 from xca_gateway.security.dev_pki import DevPki, issue_client_certificate
 from xca_gateway.settings import ConfigError
 from xca_gateway.tools.dicom_samples import local_patient_id
@@ -412,7 +413,6 @@ def test_mllp_needs_a_trusted_client_certificate(setup: Setup, pki: DevPki) -> N
 def test_the_job_runs_as_the_interface_engine_that_sent_the_order(setup: Setup) -> None:
     """The import acts for the admitted sender (the current caller of the worker's task), so
     the initiating side and its audit records name it, not the gateway itself."""
-    from xca_gateway.security.callers import current_caller
 
     seen: list[str | None] = []
     initiating = setup.fed.alpha.initiating

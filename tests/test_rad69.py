@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from tests.conftest import wait_for
+from tests.conftest import make_config, wait_for
 from tests.test_imaging_support import (
     EXPLICIT,
     documents_for,
@@ -474,7 +474,6 @@ def test_consumer_disconnecting_mid_stream_releases_everything(
 @contextlib.contextmanager
 def fake_peer(pki: DevPki, tmp_path: Path, reply: Callable[[bytes], bytes]) -> Iterator[str]:
     """A TLS server with gamma's certificate that answers every request with ``reply``."""
-    from tests.conftest import make_config
 
     context: ssl.SSLContext = server_context(make_config(pki, tmp_path, "gamma").tls)
     listener = socket.socket()

@@ -387,7 +387,6 @@ def test_request_built_by_zeep_from_the_rad75_wsdl_is_understood(
         )
     assert response.status_code == 200
     assert isinstance(response, httpx.Response)
-    from tests.test_imaging_support import read_retrieve_reply
 
     got = read_retrieve_reply(200, response.headers["content-type"], response.content)
     assert got.response.status == ResponseStatus.SUCCESS

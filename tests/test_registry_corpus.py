@@ -43,6 +43,7 @@ from xca_gateway.registry.builder import (
 )
 from xca_gateway.registry.model import Code, load_element
 from xca_gateway.xds import ebrim
+from xca_gateway.xds.ebrs import adhoc_query_response
 
 AUTHORITY = "1.3.6.1.4.1.21367.13.20.1000"
 PID_A = f"A-1^^^&{AUTHORITY}&ISO"
@@ -394,6 +395,4 @@ def test_symbolic_ids_get_uuids_and_top_level_classifications_are_nested(tmp_pat
 
 
 def _response(result: QueryResult) -> etree._Element:
-    from xca_gateway.xds.ebrs import adhoc_query_response
-
     return adhoc_query_response(result.status, result.errors, result.objects)

@@ -16,6 +16,7 @@ from tests.postgres import PostgresServer
 from tests.test_registry_corpus import (
     ACCESSION,
     APPROVED,
+    BY_UUID,
     DEPRECATED,
     KOS_FORMAT,
     PID_A,
@@ -468,8 +469,6 @@ def test_get_associations(registry: LocalRegistry) -> None:
 
 
 def BY(uid: str | None) -> str:
-    from tests.test_registry_corpus import BY_UUID
-
     return BY_UUID.get(uid or "", uid or "")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.test_registry_corpus import APPROVED, PID_A, adhoc, listed, quoted
-from xca_gateway.protocol.namespaces import ErrorSeverity
+from xca_gateway.protocol.namespaces import QUERY, ErrorSeverity
 from xca_gateway.registry.model import (
     Code,
     CodeAttribute,
@@ -208,8 +208,6 @@ def test_plans_of_composite_queries() -> None:
 
 def test_request_shape_errors() -> None:
     from lxml import etree
-
-    from xca_gateway.protocol.namespaces import QUERY
 
     with pytest.raises(StoredQueryError) as caught:
         parse_stored_query(etree.Element(f"{{{QUERY}}}SomethingElse"))

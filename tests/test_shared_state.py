@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.postgres import PostgresServer
+from tests.test_consent import _cli
 from xca_gateway.app.config import parse_config
 from xca_gateway.doors.federation import StudyGrant
 from xca_gateway.doors.study_access_store import PostgresStudyAccess
@@ -161,8 +162,6 @@ def test_the_shared_and_proxy_keys_are_checked(tmp_path: Path) -> None:
 def test_the_consent_cli_writes_the_shared_rules_when_the_gateway_has_replicas(
     database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tests.test_consent import _cli
-
     config = tmp_path / "gateway.toml"
     config.write_text(f'[consent]\nenabled = true\n\n[shared]\ndatabase = "{database_url}"\n')
     argv = ["consent", "set", "--config", str(config), "--patient", PATIENT, "--mode", "opt-out"]
