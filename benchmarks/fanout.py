@@ -50,7 +50,7 @@ from bench_policy import consumer, peer, policy, policy_toml
 from lxml import etree
 
 from xca_gateway.protocol.http_server import PeerInfo, peer_certificate
-from xca_gateway.protocol.namespaces import RIM, Action, ResponseStatus
+from xca_gateway.protocol.namespaces import QUERY, RIM, SOAP12, WSA, Action, ResponseStatus
 from xca_gateway.protocol.soap import build_envelope, serialize
 from xca_gateway.protocol.tls import client_context, server_context
 from xca_gateway.security.callers import Door
@@ -269,8 +269,6 @@ async def _farm(certs: Path, latencies: list[float]) -> None:
 
 
 def _query(action_query: str = "iti18", home: str | None = None) -> bytes:
-    from xca_gateway.protocol.namespaces import QUERY, RIM, SOAP12, WSA, Action
-
     action = Action.ITI18 if action_query == "iti18" else Action.ITI38
     home_attr = f' home="{home}"' if home else ""
     return f"""<?xml version="1.0" encoding="UTF-8"?>

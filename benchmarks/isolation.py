@@ -59,6 +59,12 @@ from typing import Any
 from bench_policy import consumer, peer, policy, policy_toml
 from registry_bench import AUTHORITY, patient_id, submission_bytes
 
+from xca_gateway.protocol.namespaces import QUERY, RIM, Action
+from xca_gateway.protocol.tls import client_context
+from xca_gateway.protocol.xmlsafe import parse_xml
+from xca_gateway.registry import LocalRegistry, open_registry, parse_registry_config
+from xca_gateway.security.dev_pki import init_dev_pki
+
 HERE = Path(__file__).resolve()
 COMMUNITIES = ["alpha", "beta"]
 ALPHA_HOME = "urn:oid:1.3.6.1.4.1.21367.13.70.1"
@@ -104,8 +110,6 @@ def envelope(action: str, body: str, header_attributes: str = "") -> bytes:
 
 
 def query(patient: str) -> bytes:
-    from xca_gateway.protocol.namespaces import QUERY, RIM, Action
-
     return envelope(
         Action.ITI38,
         f'<query:AdhocQueryRequest xmlns:query="{QUERY}" xmlns:rim="{RIM}">'
@@ -216,8 +220,6 @@ async def _burn() -> None:
 
 def attack_loops(name: str, port: int, certs: Path, tally: dict[str, int]) -> list[Any]:
     """The coroutines of one attack; they run until cancelled."""
-    from xca_gateway.protocol.namespaces import Action
-    from xca_gateway.protocol.tls import client_context
 
     ctx = client_context(certs / "ca.pem", certs / "client.pem", certs / "client.key")
     base = f"https://127.0.0.1:{port}"
@@ -299,8 +301,6 @@ async def legitimate_client(url: str, body: bytes, certs: Path, keepalive: bool)
     <interval>`` sends ITI-38s one after another and answers their latencies as JSON."""
     import httpx
 
-    from xca_gateway.protocol.tls import client_context
-
     ctx = client_context(certs / "ca.pem", certs / "beta.pem", certs / "beta.key")
     limits = httpx.Limits(max_keepalive_connections=1 if keepalive else 0)
     headers = {"content-type": "application/soap+xml"}
@@ -377,8 +377,6 @@ port = {syslog}
 
 async def preload_registry(work: Path, documents: int) -> str:
     """The patient's documents, registered before the gateway starts (same SQLite file)."""
-    from xca_gateway.protocol.xmlsafe import parse_xml
-    from xca_gateway.registry import LocalRegistry, open_registry, parse_registry_config
 
     registry = await open_registry(parse_registry_config({}, work, work / "data"))
     assert isinstance(registry, LocalRegistry)
@@ -648,8 +646,6 @@ def main(argv: list[str] | None = None) -> int:
         attacks.remove("cpu")
         attacks.insert(0, "cpu")
     import httpx
-
-    from xca_gateway.security.dev_pki import init_dev_pki
 
     # The gateway gets CPU 0 to itself (its worker threads inherit it), the legitimate
     # clients and the attackers share CPU 1, the attackers at the lowest priority: an attacker

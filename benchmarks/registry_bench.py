@@ -56,6 +56,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from xca_gateway.protocol.namespaces import QUERY, RIM
 from xca_gateway.protocol.xmlsafe import XmlLimits, parse_xml
 from xca_gateway.registry import LocalRegistry, open_registry, parse_registry_config
 from xca_gateway.registry.packing import pack
@@ -194,8 +195,6 @@ def submission_bytes(index: int, patients: int, per_submission: int) -> bytes:
 
 def find_documents(pid: str, *, filtered: bool, return_type: str = "LeafClass") -> Any:
     from lxml import etree
-
-    from xca_gateway.protocol.namespaces import QUERY, RIM
 
     request = etree.Element(f"{{{QUERY}}}AdhocQueryRequest", nsmap={"query": QUERY, "rim": RIM})
     etree.SubElement(request, f"{{{QUERY}}}ResponseOption", returnType=return_type)
