@@ -14,7 +14,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -1004,26 +1003,14 @@ def test_the_allocator_keeps_relay_buffers_instead_of_mapping_them_anew() -> Non
     allocated again by the thousand) are reused from the heap: no new pages, no page faults.
     At glibc's defaults the heap's top is handed back once the buffers are freed and taken
     again for the next ones, faulting its pages in anew each time."""
-    probe = textwrap.dedent(
-        """
-        import resource, sys
-        from xca_gateway.app.heap import tune_allocator
-        tuned = sys.argv[1] == "tuned" and tune_allocator()
-        def faults():
-            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        buffers = [bytearray(2**20) for _ in range(4)]
-        del buffers
-        before = faults()
-        for _ in range(20):
-            buffers = [bytearray(2**20) for _ in range(4)]  # zeroed: every page touched
-            del buffers
-        print(tuned, (faults() - before) / 20)
-        """
-    )
 
     def per_round(mode: str) -> tuple[str, float]:
         out = subprocess.run(
-            [sys.executable, "-c", probe, mode], capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "tests.heap_probe", mode],
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert out.returncode == 0, out.stderr
         tuned, faults = out.stdout.split()

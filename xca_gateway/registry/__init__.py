@@ -26,6 +26,7 @@ from pydantic import Field
 from xca_gateway.protocol.peer_client import PeerClient
 from xca_gateway.registry.local import LocalRegistry
 from xca_gateway.registry.model import QueryResult, RegistryAction
+from xca_gateway.registry.postgres_store import PostgresRegistryStore
 from xca_gateway.registry.remote import RemoteRegistry
 from xca_gateway.registry.sqlite_store import SqliteRegistryStore
 from xca_gateway.schema import Count, HttpsUrl, NonEmpty, Oid, Seconds, Section
@@ -228,9 +229,6 @@ async def open_registry(
             max_results=config.max_results,
             patient_id_domains=config.patient_id_domains,
         )
-    # local: the PostgreSQL driver (psycopg and its pool) loads only where a deployment uses it
-    from xca_gateway.registry.postgres_store import PostgresRegistryStore
-
     postgres_store = await asyncio.to_thread(
         PostgresRegistryStore, config.url, workers=config.pool_size
     )

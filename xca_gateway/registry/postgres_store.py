@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
-
-import psycopg
-import psycopg.errors
-from psycopg_pool import ConnectionPool
+from typing import TYPE_CHECKING, Any
 
 from xca_gateway.registry.sql import SCHEMA_VERSION, Dialect, SqlRegistryStore, schema
+
+if TYPE_CHECKING:
+    import psycopg
 
 # Serializes schema creation when several replicas start at once (an arbitrary constant).
 _SCHEMA_LOCK = 0x58434152
@@ -58,7 +57,13 @@ class PostgresRegistryStore(SqlRegistryStore):
     dialect = PostgresDialect()
 
     def __init__(self, conninfo: str, *, workers: int = 4, connect_timeout: float = 30.0) -> None:
+        # local: the PostgreSQL driver and its pool load only where a deployment keeps its
+        # registry on PostgreSQL (the module itself is imported by every gateway)
+        import psycopg.errors
+        from psycopg_pool import ConnectionPool
+
         super().__init__(workers)
+        self._unique_violation = psycopg.errors.UniqueViolation
         self._pool = ConnectionPool(
             conninfo,
             min_size=1,
@@ -99,7 +104,7 @@ class PostgresRegistryStore(SqlRegistryStore):
         return sorted(int(row[0]) for row in cur.fetchall())
 
     def _is_unique_violation(self, exc: BaseException) -> bool:
-        return isinstance(exc, psycopg.errors.UniqueViolation)
+        return isinstance(exc, self._unique_violation)
 
     def _close_connections(self) -> None:
         self._pool.close()
