@@ -977,26 +977,18 @@ class MtomWriter:
         """Each part with its head (a lazily made part's Content-ID normalised once)."""
         for part in self._parts:
             yield part, self._head_for(part)
-        ids = self._ids  # the root's and those of the parts added one by one
         # The head of a lazily made part without extra headers, up to its Content-ID, by
-        # content type (checked once): a relayed study's 20,000 parts share one.
+        # content type: a relayed study's 20,000 parts share one.
         starts: dict[str, bytes] = {}
         for parts in self._lazy:
             for part in parts:
+                cid = self._check_part(part)
                 if part.headers:
-                    cid = self._check_part(part)
-                    head = self._part_head(part.content_type, cid, part.headers, first=False)
+                    head = self._part_head(part.content_type, cid, part.headers)
                 else:
-                    normal = _normalize_cid(part.content_id)
-                    if normal is None:
-                        raise ValueError("empty Content-ID")
-                    if normal in ids:
-                        raise ValueError(f"duplicate Content-ID {normal!r}")
-                    cid = _check_header_value(normal)
                     start = starts.get(part.content_type)
                     if start is None:
-                        start = self._part_head(_check_header_value(part.content_type), "", {})
-                        start = start[: -len(b">\r\n\r\n")]
+                        start = self._head_start(part.content_type)
                         if len(starts) < 16:
                             starts[part.content_type] = start
                     head = start + cid.encode("utf-8") + b">\r\n\r\n"
@@ -1113,17 +1105,20 @@ class MtomWriter:
         assert cid is not None
         return self._part_head(part.content_type, cid, part.headers, first=False)
 
+    def _head_start(self, content_type: str, *, first: bool = False) -> bytes:
+        """A part's head up to its Content-ID's value."""
+        lead = "--" if first else "\r\n--"
+        return (
+            f"{lead}{self.boundary}\r\nContent-Type: {content_type}\r\n"
+            "Content-Transfer-Encoding: binary\r\nContent-ID: <"
+        ).encode()
+
     def _part_head(
         self, content_type: str, content_id: str, extra: dict[str, str], *, first: bool = False
     ) -> bytes:
-        lines = [
-            ("--" if first else "\r\n--") + self.boundary,
-            f"Content-Type: {content_type}",
-            "Content-Transfer-Encoding: binary",
-            f"Content-ID: <{content_id}>",
-        ]
-        lines.extend(f"{k}: {v}" for k, v in extra.items())
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+        rest = "".join(f"\r\n{k}: {v}" for k, v in extra.items())
+        tail = f"{content_id}>{rest}\r\n\r\n".encode()
+        return self._head_start(content_type, first=first) + tail
 
 
 async def _close_bodies(parts: Iterable[OutgoingPart]) -> None:
