@@ -324,6 +324,35 @@ def start_nginx(workdir: Path, pki: DevPki, upstream: str, buffer: str) -> Child
     return Child("nginx", process, f"https://127.0.0.1:{port}/xca/rad75")
 
 
+def start_stream_relay(workdir: Path, pki: DevPki, upstream: str) -> Child:
+    """The Python floor (``stream_relay.py``) in alpha's place: alpha's certificate on both
+    sides, bytes relayed to beta unread."""
+    port = free_port()
+    upstream_port = int(upstream.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+    ready = workdir / "floor.ready"
+    alpha = pki.communities["alpha"]
+    log = (workdir / "floor.log").open("wb")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("stream_relay.py")),
+            *("--port", str(port), "--upstream-port", str(upstream_port)),
+            *("--cert", str(alpha.cert), "--key", str(alpha.key), "--ca", str(pki.ca)),
+            *("--ready", str(ready)),
+        ],
+        stdout=log,
+        stderr=log,
+    )
+    log.close()
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"stream relay did not start: {(workdir / 'floor.log').read_text()}")
+        time.sleep(0.05)
+    return Child("floor", process, f"https://127.0.0.1:{port}/xca/rad75")
+
+
 def run_nginx(conf: Path, workdir: Path, port: int, error_log: Path) -> subprocess.Popen[bytes]:
     """Start nginx on ``conf`` and wait (20 s at most) until it accepts on ``port``; else
     raise with what it logged."""
@@ -408,10 +437,11 @@ def _spy(workdir: Path, leg: str, children: list[Child]) -> list[subprocess.Pope
 
 def _perf(workdir: Path, leg: str, children: list[Child]) -> list[subprocess.Popen[bytes]]:
     """Developer aid (IMAGING_BENCH_PERF=<dir>): Linux perf samples the relaying process of
-    the leg (alpha in "through", nginx's worker in "nginx"), kernel included, so the two hops
-    can be compared function by function (``perf report -i FILE --no-children``)."""
+    the leg (alpha in "through", nginx's worker in "nginx", the stream relay in "floor"),
+    kernel included, so the hops can be compared function by function (``perf report -i FILE
+    --no-children``)."""
     out = os.environ.get("IMAGING_BENCH_PERF")
-    name = {"through": "alpha", "nginx": "nginx"}.get(leg)
+    name = {"through": "alpha", "nginx": "nginx", "floor": "floor"}.get(leg)
     if not out or name is None:
         return []
     pids = []
@@ -452,6 +482,7 @@ def run_size(
     repeat: int = 1,
     nginx_buffer: str | None = None,
     through_only: bool = False,
+    floor: bool = False,
 ) -> dict[str, Any]:
     """One study of ``count`` instances, fresh gateways: ``repeat`` times direct, through both
     gateways and (with ``nginx_buffer``) through nginx in alpha's place; CPU per process."""
@@ -483,21 +514,30 @@ def run_size(
         if nginx_buffer is not None:
             nginx = start_nginx(workdir, pki, responding.url, nginx_buffer)
             children.append(nginx)
+        relay = None
+        if floor and nginx is not None:
+            relay = start_stream_relay(workdir, pki, responding.url)
+            children.append(relay)
         context = client_context(pki.ca, pki.client.cert, pki.client.key)
         gb = on_disk / 1e9
-        runs: dict[str, list[dict[str, float]]] = {"direct": [], "through": [], "nginx": []}
-        speeds: dict[str, list[float]] = {"direct": [], "through": [], "nginx": []}
-        faults: dict[str, list[dict[str, float]]] = {"direct": [], "through": [], "nginx": []}
+        leg_names = ("direct", "through", "nginx", "floor")
+        runs: dict[str, list[dict[str, float]]] = {leg: [] for leg in leg_names}
+        speeds: dict[str, list[float]] = {leg: [] for leg in leg_names}
+        faults: dict[str, list[dict[str, float]]] = {leg: [] for leg in leg_names}
         with httpx.Client(verify=context, timeout=httpx.Timeout(600.0)) as client:
             warm = docs[: min(len(docs), 20)]
             retrieve(client, initiating.url, warm)  # warm-up: imports, pools, TLS sessions
             if nginx is not None:
                 retrieve(client, nginx.url, warm, Action.RAD75)
+            if relay is not None:
+                retrieve(client, relay.url, warm, Action.RAD75)
             legs: list[tuple[str, str, str]] = [("through", initiating.url, Action.RAD69)]
             if not through_only:
                 legs.insert(0, ("direct", source.url, Action.RAD69))
             if nginx is not None:
                 legs.append(("nginx", nginx.url, Action.RAD75))
+            if relay is not None:
+                legs.append(("floor", relay.url, Action.RAD75))
             for _ in range(repeat):
                 for leg, url, action in legs:
                     spies = _spy(workdir, leg, children) + _perf(workdir, leg, children)
@@ -518,7 +558,9 @@ def run_size(
         result: dict[str, Any] = {
             "instances": len(docs),
             "bytes": on_disk,
-            "rss": {child.name: child.peak_rss() for child in children if child is not nginx},
+            "rss": {
+                child.name: child.peak_rss() for child in children if child not in (nginx, relay)
+            },
             "cores": os.cpu_count() or 1,
             "repeat": repeat,
         }
@@ -538,7 +580,9 @@ def run_size(
             # their own hosts, as deployed) a pipeline runs at the pace of its costliest
             # stage, which gives the projected ratio.
             direct = {k: v for k, v in result["direct_cpu"].items() if k in ("gamma", "consumer")}
-            through = {k: v for k, v in result["through_cpu"].items() if k != "nginx"}
+            through = {
+                k: v for k, v in result["through_cpu"].items() if k not in ("nginx", "floor")
+            }
             result["projected_ratio"] = max(direct.values()) / max(through.values())
         if nginx is not None:
             # The hop: alpha relaying beta's RAD-75 reply (as RAD-69) vs. nginx relaying the
@@ -550,6 +594,12 @@ def run_size(
                 "alpha": _median([f["alpha"] for f in faults["through"]]),
                 "nginx": _median([f["nginx"] for f in faults["nginx"]]),
             }
+        if relay is not None:
+            # The floor: the same reply through a Python relay that only does TLS, paired
+            # with nginx's leg of the same repetition.
+            pairs = zip(runs["floor"], runs["nginx"], strict=True)
+            result["floor_ratios"] = [f["floor"] / n["nginx"] for f, n in pairs]
+            result["floor_ratio"] = _median(result["floor_ratios"])
         return result
     finally:
         for child in reversed(children):
@@ -561,7 +611,12 @@ def _spread(values: list[float]) -> str:
 
 
 def print_cpu(result: dict[str, Any]) -> None:
-    for leg, label in (("direct", "direct"), ("through", "through"), ("nginx", "nginx hop")):
+    for leg, label in (
+        ("direct", "direct"),
+        ("through", "through"),
+        ("nginx", "nginx hop"),
+        ("floor", "floor hop"),
+    ):
         if f"{leg}_cpu" not in result:
             continue
         samples = result[f"{leg}_cpu_samples"]
@@ -594,6 +649,12 @@ def main() -> None:
         help="nginx proxy_buffer_size of the anchor (its read size from the upstream)",
     )
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also relay the reply through stream_relay.py (TLS in Python, nothing else) in "
+        "alpha's place: the part of the hop's ratio that TLS in a Python loop explains",
+    )
+    parser.add_argument(
         "--instances",
         default="1000,20000",
         help="instance counts of the memory runs (small instances, through both gateways); "
@@ -622,6 +683,7 @@ def main() -> None:
                 instance_size,
                 repeat=args.repeat,
                 nginx_buffer=args.nginx_buffer,
+                floor=args.floor,
             )
             results.append(result)
             print(
@@ -639,6 +701,15 @@ def main() -> None:
                 + (f" ({_spread(result['hop_ratios'])})" if args.repeat > 1 else ""),
                 flush=True,
             )
+            if "floor_ratio" in result:
+                floor_cpu = result["floor_cpu"]["floor"]
+                print(
+                    f"  floor (TLS only, in Python) CPU s/GB {floor_cpu:.2f}: floor / nginx "
+                    f"{result['floor_ratio']:.2f}"
+                    + (f" ({_spread(result['floor_ratios'])})" if args.repeat > 1 else "")
+                    + f"; gateway / floor {result['through_cpu']['alpha'] / floor_cpu:.2f}",
+                    flush=True,
+                )
             print(
                 f"  page faults per GB relayed: alpha {result['hop_faults']['alpha']:,.0f}, "
                 f"nginx {result['hop_faults']['nginx']:,.0f}",
