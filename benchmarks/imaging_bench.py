@@ -324,14 +324,15 @@ def start_nginx(workdir: Path, pki: DevPki, upstream: str, buffer: str) -> Child
     return Child("nginx", process, f"https://127.0.0.1:{port}/xca/rad75")
 
 
-def start_stream_relay(workdir: Path, pki: DevPki, upstream: str) -> Child:
+def start_stream_relay(workdir: Path, pki: DevPki, upstream: str, *, frame: bool = False) -> Child:
     """The Python floor (``stream_relay.py``) in alpha's place: alpha's certificate on both
-    sides, bytes relayed to beta unread."""
+    sides, bytes relayed to beta unread; with ``frame``, each reply decoded and re-framed."""
+    name = "frame" if frame else "floor"
     port = free_port()
     upstream_port = int(upstream.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
-    ready = workdir / "floor.ready"
+    ready = workdir / f"{name}.ready"
     alpha = pki.communities["alpha"]
-    log = (workdir / "floor.log").open("wb")
+    log = (workdir / f"{name}.log").open("wb")
     process = subprocess.Popen(
         [
             sys.executable,
@@ -339,6 +340,7 @@ def start_stream_relay(workdir: Path, pki: DevPki, upstream: str) -> Child:
             *("--port", str(port), "--upstream-port", str(upstream_port)),
             *("--cert", str(alpha.cert), "--key", str(alpha.key), "--ca", str(pki.ca)),
             *("--ready", str(ready)),
+            *(["--frame"] if frame else []),
         ],
         stdout=log,
         stderr=log,
@@ -348,9 +350,11 @@ def start_stream_relay(workdir: Path, pki: DevPki, upstream: str) -> Child:
     while not ready.exists():
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            raise RuntimeError(f"stream relay did not start: {(workdir / 'floor.log').read_text()}")
+            raise RuntimeError(
+                f"{name} relay did not start: {(workdir / f'{name}.log').read_text()}"
+            )
         time.sleep(0.05)
-    return Child("floor", process, f"https://127.0.0.1:{port}/xca/rad75")
+    return Child(name, process, f"https://127.0.0.1:{port}/xca/rad75")
 
 
 def run_nginx(conf: Path, workdir: Path, port: int, error_log: Path) -> subprocess.Popen[bytes]:
@@ -441,7 +445,7 @@ def _perf(workdir: Path, leg: str, children: list[Child]) -> list[subprocess.Pop
     kernel included, so the hops can be compared function by function (``perf report -i FILE
     --no-children``)."""
     out = os.environ.get("IMAGING_BENCH_PERF")
-    name = {"through": "alpha", "nginx": "nginx", "floor": "floor"}.get(leg)
+    name = {"through": "alpha", "nginx": "nginx", "floor": "floor", "frame": "frame"}.get(leg)
     if not out or name is None:
         return []
     pids = []
@@ -483,6 +487,7 @@ def run_size(
     nginx_buffer: str | None = None,
     through_only: bool = False,
     floor: bool = False,
+    frame: bool = False,
 ) -> dict[str, Any]:
     """One study of ``count`` instances, fresh gateways: ``repeat`` times direct, through both
     gateways and (with ``nginx_buffer``) through nginx in alpha's place; CPU per process."""
@@ -514,13 +519,15 @@ def run_size(
         if nginx_buffer is not None:
             nginx = start_nginx(workdir, pki, responding.url, nginx_buffer)
             children.append(nginx)
-        relay = None
+        relays: dict[str, Child] = {}
         if floor and nginx is not None:
-            relay = start_stream_relay(workdir, pki, responding.url)
-            children.append(relay)
+            relays["floor"] = start_stream_relay(workdir, pki, responding.url)
+        if frame and nginx is not None:
+            relays["frame"] = start_stream_relay(workdir, pki, responding.url, frame=True)
+        children.extend(relays.values())
         context = client_context(pki.ca, pki.client.cert, pki.client.key)
         gb = on_disk / 1e9
-        leg_names = ("direct", "through", "nginx", "floor")
+        leg_names = ("direct", "through", "nginx", "floor", "frame")
         runs: dict[str, list[dict[str, float]]] = {leg: [] for leg in leg_names}
         speeds: dict[str, list[float]] = {leg: [] for leg in leg_names}
         faults: dict[str, list[dict[str, float]]] = {leg: [] for leg in leg_names}
@@ -529,15 +536,15 @@ def run_size(
             retrieve(client, initiating.url, warm)  # warm-up: imports, pools, TLS sessions
             if nginx is not None:
                 retrieve(client, nginx.url, warm, Action.RAD75)
-            if relay is not None:
+            for relay in relays.values():
                 retrieve(client, relay.url, warm, Action.RAD75)
             legs: list[tuple[str, str, str]] = [("through", initiating.url, Action.RAD69)]
             if not through_only:
                 legs.insert(0, ("direct", source.url, Action.RAD69))
             if nginx is not None:
                 legs.append(("nginx", nginx.url, Action.RAD75))
-            if relay is not None:
-                legs.append(("floor", relay.url, Action.RAD75))
+            for name, relay in relays.items():
+                legs.append((name, relay.url, Action.RAD75))
             for _ in range(repeat):
                 for leg, url, action in legs:
                     spies = _spy(workdir, leg, children) + _perf(workdir, leg, children)
@@ -559,7 +566,9 @@ def run_size(
             "instances": len(docs),
             "bytes": on_disk,
             "rss": {
-                child.name: child.peak_rss() for child in children if child not in (nginx, relay)
+                child.name: child.peak_rss()
+                for child in children
+                if child is not nginx and child.name not in relays
             },
             "cores": os.cpu_count() or 1,
             "repeat": repeat,
@@ -581,7 +590,9 @@ def run_size(
             # stage, which gives the projected ratio.
             direct = {k: v for k, v in result["direct_cpu"].items() if k in ("gamma", "consumer")}
             through = {
-                k: v for k, v in result["through_cpu"].items() if k not in ("nginx", "floor")
+                k: v
+                for k, v in result["through_cpu"].items()
+                if k not in ("nginx", "floor", "frame")
             }
             result["projected_ratio"] = max(direct.values()) / max(through.values())
         if nginx is not None:
@@ -594,12 +605,12 @@ def run_size(
                 "alpha": _median([f["alpha"] for f in faults["through"]]),
                 "nginx": _median([f["nginx"] for f in faults["nginx"]]),
             }
-        if relay is not None:
-            # The floor: the same reply through a Python relay that only does TLS, paired
-            # with nginx's leg of the same repetition.
-            pairs = zip(runs["floor"], runs["nginx"], strict=True)
-            result["floor_ratios"] = [f["floor"] / n["nginx"] for f, n in pairs]
-            result["floor_ratio"] = _median(result["floor_ratios"])
+        for name in relays:
+            # The floor (a Python relay that only does TLS) and the framing relay: the same
+            # reply, each paired with nginx's leg of the same repetition.
+            pairs = zip(runs[name], runs["nginx"], strict=True)
+            result[f"{name}_ratios"] = [f[name] / n["nginx"] for f, n in pairs]
+            result[f"{name}_ratio"] = _median(result[f"{name}_ratios"])
         return result
     finally:
         for child in reversed(children):
@@ -616,6 +627,7 @@ def print_cpu(result: dict[str, Any]) -> None:
         ("through", "through"),
         ("nginx", "nginx hop"),
         ("floor", "floor hop"),
+        ("frame", "frame hop"),
     ):
         if f"{leg}_cpu" not in result:
             continue
@@ -655,6 +667,13 @@ def main() -> None:
         "alpha's place: the part of the hop's ratio that TLS in a Python loop explains",
     )
     parser.add_argument(
+        "--frame",
+        action="store_true",
+        help="also relay the reply through stream_relay.py --frame (TLS, HTTP framing, MIME "
+        "parts, the audit's SOP class, own part heads, all in the read callback) in alpha's "
+        "place: what the hop could cost without tasks and generators on the byte path",
+    )
+    parser.add_argument(
         "--instances",
         default="1000,20000",
         help="instance counts of the memory runs (small instances, through both gateways); "
@@ -684,6 +703,7 @@ def main() -> None:
                 repeat=args.repeat,
                 nginx_buffer=args.nginx_buffer,
                 floor=args.floor,
+                frame=args.frame,
             )
             results.append(result)
             print(
@@ -701,13 +721,15 @@ def main() -> None:
                 + (f" ({_spread(result['hop_ratios'])})" if args.repeat > 1 else ""),
                 flush=True,
             )
-            if "floor_ratio" in result:
-                floor_cpu = result["floor_cpu"]["floor"]
+            for name, what in (("floor", "TLS only"), ("frame", "TLS + framing")):
+                if f"{name}_ratio" not in result:
+                    continue
+                cost = result[f"{name}_cpu"][name]
                 print(
-                    f"  floor (TLS only, in Python) CPU s/GB {floor_cpu:.2f}: floor / nginx "
-                    f"{result['floor_ratio']:.2f}"
-                    + (f" ({_spread(result['floor_ratios'])})" if args.repeat > 1 else "")
-                    + f"; gateway / floor {result['through_cpu']['alpha'] / floor_cpu:.2f}",
+                    f"  {name} ({what}, in Python) CPU s/GB {cost:.2f}: {name} / nginx "
+                    f"{result[f'{name}_ratio']:.2f}"
+                    + (f" ({_spread(result[f'{name}_ratios'])})" if args.repeat > 1 else "")
+                    + f"; gateway / {name} {result['through_cpu']['alpha'] / cost:.2f}",
                     flush=True,
                 )
             print(

@@ -12,11 +12,19 @@ asyncio. Each side's TLS is done the way the gateway does it:
 
 Its CPU per GB against nginx's HTTP proxy, relaying the same reply from the same beta, is what
 a hop whose loop is Python pays for TLS alone; the gateway's HTTP, MIME, XML, audit and asyncio
-layers come on top. One thread per connection (httpx keeps connections across legs), one
-selector loop per thread.
+layers come on top.
+
+``--frame`` (``imaging_bench.py --frame``) adds the least of those layers a gateway cannot
+drop, done where the bytes arrive, in the read callback: beta's HTTP framing decoded, its MIME
+parts found, each instance's SOP class read for the audit, the parts sent on under a boundary
+and part heads of the relay's own (:class:`_Framer`). What that costs over the floor is the
+price of parsing the stream in Python at all; what the gateway costs over it is its asyncio
+tasks and generators, the root part's XML and the audit record.
+
+One thread per connection (httpx keeps connections across legs), one selector loop per thread.
 
     python benchmarks/stream_relay.py --port P --upstream-port U --cert C --key K --ca CA \
-        --ready FILE
+        --ready FILE [--frame]
 """
 
 from __future__ import annotations
@@ -31,6 +39,15 @@ import sys
 import threading
 from pathlib import Path
 
+from xca_gateway.audit.patients import HeaderSniffer
+from xca_gateway.protocol.http_client import _BodyDecoder
+from xca_gateway.protocol.mtom import (
+    Finished,
+    MultipartParser,
+    PartData,
+    PartStart,
+    parse_content_type,
+)
 from xca_gateway.protocol.tls import NATIVE_TLS
 
 PIECE = 256 * 1024
@@ -51,6 +68,100 @@ def _contexts(cert: Path, key: Path, ca: Path) -> tuple[ssl.SSLContext, ssl.SSLC
     return inbound, outbound
 
 
+class _Framer:
+    """``--frame``: what a relay must do to each reply beyond TLS, done in the read callback
+    itself (no tasks, no generators): beta's HTTP framing decoded, its MIME parts found
+    (the gateway's ``MultipartParser``), each instance's SOP class read for the audit (the
+    gateway's ``HeaderSniffer``), and the parts sent on under a boundary and part heads of
+    the relay's own, one HTTP chunk per read. Not done: the root part's XML (read and
+    rewritten by the gateway, ``xml_per_instance.py`` measures it) and the audit record."""
+
+    BOUNDARY = "MIMEBoundary_relay0123456789abcdef0123456789ab"
+
+    def __init__(self) -> None:
+        self._head = bytearray()
+        self._decoder: _BodyDecoder | None = None
+        self._parser: MultipartParser | None = None
+        self._sniffer: HeaderSniffer | None = None
+        self._first = True
+        self.instances = 0
+
+    def feed(self, buf: bytearray, n: int) -> list[bytes | memoryview]:
+        """What goes to the consumer for ``buf[:n]`` (views of ``buf`` among them)."""
+        out: list[bytes | memoryview] = []
+        start = 0
+        while start < n:
+            if self._decoder is None:
+                start = self._read_head(buf, start, n, out)
+                continue
+            assert self._parser is not None
+            body: list[bytes | memoryview] = []
+            for event in self._parser.feed_spans(self._decoder.feed_span(buf, start, n)):
+                if isinstance(event, PartData):
+                    if self._sniffer is not None and not self._sniffer.done:
+                        self._sniffer.feed(event.data)
+                    body.append(event.data)
+                elif isinstance(event, PartStart):
+                    headers = event.headers
+                    lead = "" if self._first else "\r\n"
+                    self._first = False
+                    body.append(
+                        f"{lead}--{self.BOUNDARY}\r\ncontent-type: {headers.content_type}\r\n"
+                        f"content-transfer-encoding: binary\r\n"
+                        f"content-id: <{headers.content_id}>\r\n\r\n".encode()
+                    )
+                    if self._parser.part_count > 1:
+                        self._sniffer = HeaderSniffer(want_patient=False)
+                        self.instances += 1
+                elif isinstance(event, Finished):
+                    body.append(f"\r\n--{self.BOUNDARY}--\r\n".encode())
+            size = sum(len(piece) for piece in body)
+            if size:
+                out.append(b"%x\r\n" % size)
+                out.extend(body)
+                out.append(b"\r\n")
+            start = n
+            if self._decoder.done:  # the reply is whole: the next one starts afresh
+                out.append(b"0\r\n\r\n")
+                leftover = self._decoder.leftover
+                self._decoder = self._parser = self._sniffer = None
+                self._first = True
+                if leftover:
+                    out.extend(self.feed(bytearray(leftover), len(leftover)))
+        return out
+
+    def _read_head(self, buf: bytearray, start: int, n: int, out: list[bytes | memoryview]) -> int:
+        self._head += buf[start:n]
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._head) > 65536:
+                raise OSError("reply head too long")
+            return n
+        lines = bytes(self._head[:end]).decode("latin-1").split("\r\n")
+        rest = len(self._head) - end - 4  # body bytes that came with the head
+        self._head = bytearray()
+        headers = {
+            k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])
+        }
+        status = lines[0].split(" ", 2)[1]
+        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        length = None if chunked else int(headers.get("content-length", "0"))
+        self._decoder = _BodyDecoder(length=length, chunked=chunked)
+        media, params = parse_content_type(headers.get("content-type", "text/plain"))
+        if status != "200" or "boundary" not in params:
+            raise OSError(f"reply {status} {media}: not relayed by --frame")
+        self._parser = MultipartParser(params["boundary"], max_parts=100_000)
+        content_type = (
+            f'multipart/related; type="application/xop+xml"; boundary="{self.BOUNDARY}"; '
+            f'start-info="application/soap+xml"'
+        )
+        out.append(
+            f"HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\n"
+            f"transfer-encoding: chunked\r\n\r\n".encode()
+        )
+        return n - rest
+
+
 class _Pair:
     """One consumer connection and its connection to beta."""
 
@@ -61,6 +172,7 @@ class _Pair:
         outgoing: ssl.MemoryBIO,
         incoming: ssl.MemoryBIO,
         up: ssl.SSLSocket,
+        framer: _Framer | None = None,
     ) -> None:
         self.down, self.tls, self.outgoing, self.incoming, self.up = (
             down,
@@ -77,6 +189,7 @@ class _Pair:
         self.to_up = bytearray()
         self.up_retry: bytes | None = None  # SSL_write is retried with the same bytes
         self.up_eof = self.down_eof = False
+        self.framer = framer
 
     # consumer -> beta (the request: small)
     def from_down(self) -> None:
@@ -135,7 +248,13 @@ class _Pair:
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 self.up_eof = True
             if filled:
-                self.tls.write(view[:filled])
+                if self.framer is None:
+                    self.tls.write(view[:filled])
+                else:
+                    # A TLS write per piece: joining them first (one record run per read,
+                    # a copy of every byte) measured the same.
+                    for piece in self.framer.feed(self.buffer, filled):
+                        self.tls.write(piece)
                 self._queue_outgoing()
                 self.to_consumer()
             if filled < PIECE or self.up_eof:
@@ -186,7 +305,11 @@ def _handshake_down(
 
 
 def relay(
-    down: socket.socket, inbound: ssl.SSLContext, outbound: ssl.SSLContext, upstream_port: int
+    down: socket.socket,
+    inbound: ssl.SSLContext,
+    outbound: ssl.SSLContext,
+    upstream_port: int,
+    frame: bool = False,
 ) -> None:
     down.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     down.settimeout(30)
@@ -201,7 +324,7 @@ def relay(
         if pointer is not None:
             NATIVE_TLS.read_ahead(pointer, PIECE)
         up.do_handshake()
-        pair = _Pair(down, *handshaken, up)
+        pair = _Pair(down, *handshaken, up, _Framer() if frame else None)
         up.setblocking(False)
         down.setblocking(False)
         pair.drain_down()
@@ -258,10 +381,14 @@ def _watch(selector: selectors.BaseSelector, sock: socket.socket, now: int, want
 
 
 def _serve_one(
-    raw: socket.socket, inbound: ssl.SSLContext, outbound: ssl.SSLContext, upstream_port: int
+    raw: socket.socket,
+    inbound: ssl.SSLContext,
+    outbound: ssl.SSLContext,
+    upstream_port: int,
+    frame: bool,
 ) -> None:
     try:
-        relay(raw, inbound, outbound, upstream_port)
+        relay(raw, inbound, outbound, upstream_port, frame)
     except OSError as exc:  # this connection only: say why
         print(f"stream relay: {exc!r}", file=sys.stderr, flush=True)
     finally:
@@ -276,6 +403,9 @@ def main() -> None:
     parser.add_argument("--key", type=Path, required=True)
     parser.add_argument("--ca", type=Path, required=True)
     parser.add_argument("--ready", type=Path, required=True)
+    parser.add_argument(
+        "--frame", action="store_true", help="decode and re-frame each reply (see _Framer)"
+    )
     args = parser.parse_args()
     inbound, outbound = _contexts(args.cert, args.key, args.ca)
     with socket.create_server(("127.0.0.1", args.port)) as listener:
@@ -283,7 +413,9 @@ def main() -> None:
         while True:
             raw, _ = listener.accept()
             threading.Thread(
-                target=_serve_one, args=(raw, inbound, outbound, args.upstream_port), daemon=True
+                target=_serve_one,
+                args=(raw, inbound, outbound, args.upstream_port, args.frame),
+                daemon=True,
             ).start()
 
 
